@@ -1,0 +1,9 @@
+//! snapfw's copy-on-write snapshot engine.
+//!
+//! A `no_std` + `alloc`, sans-I/O crate: it takes volume requests and I/O completions and
+//! returns the I/O it wants issued. The on-disk format is Linux dm-snapshot's persistent
+//! exception store (see `shared/docs/dm-snapshot-format.md`).
+#![cfg_attr(not(test), no_std)]
+#![forbid(unsafe_code)]
+
+extern crate alloc;
