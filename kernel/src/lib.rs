@@ -3,3 +3,7 @@
 #![cfg_attr(not(test), no_std)]
 
 extern crate alloc;
+
+pub mod cmdline;
+pub mod console;
+pub mod json;

@@ -1,0 +1,1 @@
+//! Argument tokenizing and typed parsing for console commands.

@@ -1,0 +1,3 @@
+//! The serial console: line editor, argument parsing, commands.
+pub mod args;
+pub mod editor;

@@ -1,0 +1,1 @@
+//! A tiny JSON writer for `--json` output.
