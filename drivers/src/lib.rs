@@ -1,5 +1,9 @@
 //! snapfw's device drivers. The kernel supplies port I/O, MMIO mapping and DMA memory
 //! through the HAL traits declared here; the drivers never depend on the kernel.
 #![cfg_attr(not(test), no_std)]
+#![deny(unsafe_code)]
 
 extern crate alloc;
+
+#[allow(unsafe_code)]
+pub mod hal;
