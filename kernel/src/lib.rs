@@ -1,9 +1,34 @@
-//! snapfw kernel. Pure logic (console parsing, line editing, command line) builds and is
-//! tested on the host; the hardware modules build only for `x86_64-unknown-none`.
+//! snapfw kernel. Pure logic (console parsing, line editing, command line, ACPI tables,
+//! frame bitmap) builds and is tested on the host; the hardware modules build only for
+//! `x86_64-unknown-none`.
 #![cfg_attr(not(test), no_std)]
 
 extern crate alloc;
 
+pub mod acpi;
 pub mod cmdline;
 pub mod console;
+pub mod frames;
 pub mod json;
+pub mod ring;
+
+#[cfg(target_os = "none")]
+pub mod arch;
+#[cfg(target_os = "none")]
+pub mod build_info;
+#[cfg(target_os = "none")]
+pub mod executor;
+#[cfg(target_os = "none")]
+pub mod logger;
+#[cfg(target_os = "none")]
+pub mod memory;
+#[cfg(target_os = "none")]
+pub mod power;
+#[cfg(target_os = "none")]
+pub mod serial;
+#[cfg(target_os = "none")]
+pub mod shell;
+#[cfg(target_os = "none")]
+pub mod start;
+#[cfg(target_os = "none")]
+pub mod time;

@@ -1,0 +1,91 @@
+//! Local APIC (Intel SDM vol. 3A ch. 11) in xAPIC mode: enable, end-of-interrupt, and the
+//! periodic timer that drives the kernel's tick (deadlines, hold-time bounds). The timer's
+//! rate is calibrated against the PIT at boot.
+
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use super::{cpu, interrupts, pit};
+
+const IA32_APIC_BASE: u32 = 0x1B;
+const REG_ID: usize = 0x20;
+const REG_EOI: usize = 0xB0;
+const REG_SVR: usize = 0xF0;
+const REG_LVT_TIMER: usize = 0x320;
+const REG_TIMER_INITIAL: usize = 0x380;
+const REG_TIMER_CURRENT: usize = 0x390;
+const REG_TIMER_DIVIDE: usize = 0x3E0;
+
+/// Timer interrupts per second.
+pub const TICK_HZ: u64 = 100;
+
+static BASE: AtomicU64 = AtomicU64::new(0xFEE0_0000);
+static TICKS: AtomicU64 = AtomicU64::new(0);
+static TIMER_HZ: AtomicU64 = AtomicU64::new(0);
+
+fn read(reg: usize) -> u32 {
+    let base = BASE.load(Ordering::Relaxed) as usize;
+    // SAFETY: the APIC register page is identity-mapped (first 4 GiB) and `reg` is one of
+    // the architectural 16-byte aligned register offsets.
+    unsafe { core::ptr::read_volatile((base + reg) as *const u32) }
+}
+
+fn write(reg: usize, value: u32) {
+    let base = BASE.load(Ordering::Relaxed) as usize;
+    // SAFETY: as for `read`.
+    unsafe { core::ptr::write_volatile((base + reg) as *mut u32, value) }
+}
+
+/// Enables the local APIC at `base` (from the MADT, or the MSR when 0).
+pub fn init(base: u64) {
+    let msr = cpu::rdmsr(IA32_APIC_BASE);
+    let base = if base != 0 { base } else { msr & 0xFFFF_F000 };
+    BASE.store(base, Ordering::Relaxed);
+    cpu::wrmsr(IA32_APIC_BASE, msr | (1 << 11));
+    write(REG_SVR, 0x100 | interrupts::SPURIOUS_VECTOR as u32);
+}
+
+/// This CPU's APIC ID, for MSI and IOAPIC destinations.
+pub fn id() -> u8 {
+    (read(REG_ID) >> 24) as u8
+}
+
+/// Signals end of interrupt.
+pub fn end_of_interrupt() {
+    write(REG_EOI, 0);
+}
+
+fn on_tick(_vector: u8) {
+    TICKS.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Calibrates the timer against the PIT and starts it periodic at [`TICK_HZ`].
+/// Returns the measured TSC frequency (Hz) from the same window.
+pub fn start_timer() -> u64 {
+    write(REG_TIMER_DIVIDE, 0x3); // divide by 16
+    write(REG_LVT_TIMER, 1 << 16); // masked, one-shot
+    write(REG_TIMER_INITIAL, u32::MAX);
+    let tsc0 = cpu::rdtsc();
+    let elapsed_us = pit::wait_ms(10);
+    let tsc1 = cpu::rdtsc();
+    let counted = u32::MAX - read(REG_TIMER_CURRENT);
+    write(REG_TIMER_INITIAL, 0);
+    let elapsed_us = elapsed_us.max(1);
+    let apic_hz = counted as u64 * 1_000_000 / elapsed_us;
+    let tsc_hz = (tsc1 - tsc0) * 1_000_000 / elapsed_us;
+    TIMER_HZ.store(apic_hz, Ordering::Relaxed);
+    interrupts::register(interrupts::TIMER_VECTOR, on_tick);
+    let initial = (apic_hz / TICK_HZ).clamp(1, u32::MAX as u64) as u32;
+    write(REG_LVT_TIMER, (1 << 17) | interrupts::TIMER_VECTOR as u32); // periodic
+    write(REG_TIMER_INITIAL, initial);
+    tsc_hz
+}
+
+/// Timer ticks since the timer started.
+pub fn ticks() -> u64 {
+    TICKS.load(Ordering::Relaxed)
+}
+
+/// The timer's input clock after the divider, in Hz.
+pub fn timer_hz() -> u64 {
+    TIMER_HZ.load(Ordering::Relaxed)
+}

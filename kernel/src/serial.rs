@@ -1,0 +1,179 @@
+//! 16550 UART on COM1: interrupt-driven receive into a ring, buffered transmit drained by
+//! the transmit-holding-register-empty interrupt. The console and the log share it.
+//!
+//! Register map (PC16550D datasheet): RBR/THR +0, IER +1, IIR/FCR +2, LCR +3, MCR +4,
+//! LSR +5. OUT2 in MCR gates the interrupt line on PCs.
+
+use core::fmt;
+
+use crate::arch::cpu::{self, inb, outb};
+use crate::ring::ByteRing;
+
+/// COM1.
+pub const COM1: u16 = 0x3F8;
+/// COM1's ISA IRQ.
+pub const COM1_IRQ: u8 = 4;
+
+const IER_RX: u8 = 0x01;
+const IER_THRE: u8 = 0x02;
+const LSR_DATA: u8 = 0x01;
+const LSR_THRE: u8 = 0x20;
+
+struct Uart {
+    base: u16,
+    rx: ByteRing<1024>,
+    tx: ByteRing<16384>,
+    rx_dropped: u64,
+    interrupts: u64,
+}
+
+static UART: spin::Mutex<Uart> = spin::Mutex::new(Uart {
+    base: COM1,
+    rx: ByteRing::new(),
+    tx: ByteRing::new(),
+    rx_dropped: 0,
+    interrupts: 0,
+});
+
+/// Programs the UART for `baud`, 8N1, FIFOs on, receive interrupt enabled.
+pub fn init(base: u16, baud: u32) {
+    let divisor = (115_200 / baud.clamp(50, 115_200)).max(1) as u16;
+    cpu::without_interrupts(|| {
+        let mut u = UART.lock();
+        u.base = base;
+        outb(base + 1, 0x00);
+        outb(base + 3, 0x80); // DLAB
+        outb(base, divisor as u8);
+        outb(base + 1, (divisor >> 8) as u8);
+        outb(base + 3, 0x03); // 8N1
+        outb(base + 2, 0xC7); // FIFO on, clear, 14-byte trigger
+        outb(base + 4, 0x0B); // DTR, RTS, OUT2
+        outb(base + 1, IER_RX);
+    });
+}
+
+impl Uart {
+    /// Moves queued bytes into the transmit FIFO (16 bytes when THR is empty).
+    fn pump(&mut self) {
+        if inb(self.base + 5) & LSR_THRE != 0 {
+            for _ in 0..16 {
+                match self.tx.pop() {
+                    Some(b) => outb(self.base, b),
+                    None => break,
+                }
+            }
+        }
+        let ier = if self.tx.is_empty() {
+            IER_RX
+        } else {
+            IER_RX | IER_THRE
+        };
+        outb(self.base + 1, ier);
+    }
+
+    /// Sends everything queued by polling; used when the ring is full and in a panic.
+    fn drain_polled(&mut self) {
+        while let Some(b) = self.tx.pop() {
+            let mut spins = 0u32;
+            while inb(self.base + 5) & LSR_THRE == 0 && spins < 1_000_000 {
+                spins += 1;
+            }
+            outb(self.base, b);
+        }
+    }
+}
+
+/// The UART interrupt: take received bytes, refill the transmit FIFO.
+pub fn on_interrupt(_vector: u8) {
+    let mut u = UART.lock();
+    u.interrupts += 1;
+    let base = u.base;
+    let mut budget = 4096;
+    while inb(base + 5) & LSR_DATA != 0 && budget > 0 {
+        let b = inb(base);
+        if !u.rx.push(b) {
+            u.rx_dropped += 1;
+        }
+        budget -= 1;
+    }
+    u.pump();
+    crate::executor::wake();
+}
+
+/// Queues bytes for transmission. When the ring is full, the oldest queued bytes are sent
+/// by polling first, so output is never lost and never reordered.
+pub fn write_bytes(bytes: &[u8]) {
+    cpu::without_interrupts(|| {
+        let mut u = UART.lock();
+        for &b in bytes {
+            if !u.tx.push(b) {
+                u.drain_polled();
+                u.tx.push(b);
+            }
+        }
+        u.pump();
+    });
+}
+
+/// Takes one received byte.
+pub fn read_byte() -> Option<u8> {
+    cpu::without_interrupts(|| UART.lock().rx.pop())
+}
+
+/// Bytes dropped because the receive ring was full, and UART interrupts taken.
+pub fn counters() -> (u64, u64) {
+    cpu::without_interrupts(|| {
+        let u = UART.lock();
+        (u.rx_dropped, u.interrupts)
+    })
+}
+
+/// A writer for the console and log.
+pub struct SerialWriter;
+
+impl fmt::Write for SerialWriter {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        write_bytes(s.as_bytes());
+        Ok(())
+    }
+}
+
+/// A writer for exception and panic reports: flushes the ring, then polls the UART
+/// directly, and works even if the UART lock is held by the interrupted code.
+pub struct EmergencyWriter {
+    base: u16,
+}
+
+impl EmergencyWriter {
+    /// Takes over the UART.
+    pub fn new() -> Self {
+        cpu::disable_interrupts();
+        let base = match UART.try_lock() {
+            Some(mut u) => {
+                u.drain_polled();
+                u.base
+            }
+            None => COM1,
+        };
+        EmergencyWriter { base }
+    }
+}
+
+impl Default for EmergencyWriter {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Write for EmergencyWriter {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        for b in s.bytes() {
+            let mut spins = 0u32;
+            while inb(self.base + 5) & LSR_THRE == 0 && spins < 1_000_000 {
+                spins += 1;
+            }
+            outb(self.base, b);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,144 @@
+//! Bring-up, in order: early serial, descriptor tables, boot information, ACPI, memory,
+//! command line and log, interrupt controllers and timer, then the main loop.
+
+use core::fmt::Write;
+
+use boot::multiboot::{self, BootInfo};
+
+use crate::arch::{apic, cpu, gdt, interrupts, ioapic, pic};
+use crate::cmdline::CmdLine;
+use crate::memory::IdentityMemory;
+use crate::{acpi, memory, power, serial, shell, time};
+
+static BOOT_INFO: spin::Once<BootInfo> = spin::Once::new();
+static CMDLINE: spin::Once<CmdLine> = spin::Once::new();
+
+/// The boot information, once parsed.
+pub fn boot_info() -> Option<&'static BootInfo> {
+    BOOT_INFO.get()
+}
+
+/// The parsed kernel command line.
+pub fn cmdline() -> Option<&'static CmdLine> {
+    CMDLINE.get()
+}
+
+fn fatal(args: core::fmt::Arguments) -> ! {
+    let mut out = serial::EmergencyWriter::new();
+    let _ = write!(out, "\r\nsnapfw: fatal: {args}\r\n");
+    power::fail_stop()
+}
+
+/// The kernel proper; `kernel_main` in the binary calls this with what the loader passed.
+pub fn start(magic: u32, info: u32) -> ! {
+    time::mark_boot();
+    serial::init(serial::COM1, 115_200);
+    gdt::init();
+    interrupts::init();
+    interrupts::set_exception_hook(power::fail_stop);
+
+    let boot = match multiboot::parse(magic, info as u64, &IdentityMemory) {
+        Ok(b) => BOOT_INFO.call_once(|| b),
+        Err(e) => fatal(format_args!("{e}")),
+    };
+
+    // ACPI before the heap: a Multiboot 2 RSDP copy lives in loader memory we may reuse.
+    let rsdp = boot.rsdp.or_else(|| acpi::find_rsdp(&IdentityMemory));
+    let acpi_result = rsdp
+        .ok_or(acpi::AcpiError::NoRsdp)
+        .and_then(|r| acpi::parse(&IdentityMemory, r));
+
+    let heap = match memory::init(boot) {
+        Ok(h) => h,
+        Err(e) => fatal(format_args!("{e}")),
+    };
+    let cmdline = CMDLINE.call_once(|| CmdLine::parse(boot.cmdline()));
+    power::set_testing(cmdline.testing);
+    if let Some(console) = &cmdline.console {
+        serial::init(console.io_base(), console.baud_or_default());
+    }
+    crate::logger::init(cmdline.loglevel.unwrap_or(log::LevelFilter::Info));
+
+    log::info!(
+        "snapfw {} ({}) booted by {} ({:?}), heap {} MiB",
+        env!("CARGO_PKG_VERSION"),
+        crate::build_info::GIT_COMMIT,
+        if boot.loader_name().is_empty() {
+            "unknown loader"
+        } else {
+            boot.loader_name()
+        },
+        boot.protocol,
+        heap >> 20
+    );
+    for warning in cmdline.warnings() {
+        log::warn!("command line: {warning}");
+    }
+    if boot.cmdline_truncated {
+        log::warn!(
+            "command line longer than {} bytes was cut",
+            multiboot::CMDLINE_MAX
+        );
+    }
+
+    let acpi_info = match acpi_result {
+        Ok(info) => {
+            for bad in &info.bad_tables[..info.bad_table_count] {
+                log::warn!(
+                    "ACPI table {} has a bad checksum; skipped",
+                    core::str::from_utf8(bad).unwrap_or("????")
+                );
+            }
+            info
+        }
+        Err(e) => {
+            log::warn!("{e}; using legacy defaults (APIC 0xFEE00000, IOAPIC 0xFEC00000)");
+            acpi::AcpiInfo::default()
+        }
+    };
+
+    pic::disable();
+    apic::init(acpi_info.local_apic);
+    let (ioapic_base, gsi_base) = acpi_info
+        .ioapics()
+        .first()
+        .map(|i| (i.address, i.gsi_base))
+        .unwrap_or((0xFEC0_0000, 0));
+    ioapic::init(ioapic_base, gsi_base);
+    let (gsi, active_low, level) = acpi_info.isa_irq(serial::COM1_IRQ);
+    match interrupts::allocate_vector() {
+        Some(vector) => {
+            interrupts::register(vector, serial::on_interrupt);
+            ioapic::route(gsi, vector, apic::id(), active_low, level);
+        }
+        None => log::error!("no interrupt vector left for the UART"),
+    }
+    power::set_acpi(acpi_info);
+
+    let tsc_hz = apic::start_timer();
+    time::set_tsc_hz(tsc_hz);
+    log::debug!(
+        "TSC {} MHz, APIC timer {} kHz",
+        tsc_hz / 1_000_000,
+        apic::timer_hz() / 1000
+    );
+    cpu::enable_interrupts();
+    shell::run()
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo) -> ! {
+    let mut out = serial::EmergencyWriter::new();
+    let _ = write!(out, "\r\n*** KERNEL PANIC");
+    if let Some(location) = info.location() {
+        let _ = write!(
+            out,
+            " at {}:{}:{}",
+            location.file(),
+            location.line(),
+            location.column()
+        );
+    }
+    let _ = write!(out, ": {}\r\n*** system halted\r\n", info.message());
+    power::fail_stop()
+}
