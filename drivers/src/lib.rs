@@ -7,3 +7,4 @@ extern crate alloc;
 
 #[allow(unsafe_code)]
 pub mod hal;
+pub mod pci;

@@ -283,7 +283,6 @@ mod tests {
         assert_eq!(ecam.read16(addr, 0x106), 0x1234);
         assert_eq!(ecam.read8(addr, 0x105), 0x56);
         let index = ((1 << 20) | (2 << 15) | (1 << 12) | 0x104) / 4;
-        drop(ecam);
         assert_eq!(memory[index], 0x1234_5678);
         let window = unsafe_window(&mut memory);
         let ecam = EcamConfigAccess::new(window, 4, 5);

@@ -91,7 +91,7 @@ impl MmioRegion {
     }
 
     fn pointer(&self, offset: usize, width: usize) -> Result<*mut u8, HalError> {
-        if offset % width != 0 {
+        if !offset.is_multiple_of(width) {
             return Err(HalError::Misaligned { offset });
         }
         match offset.checked_add(width) {
@@ -178,7 +178,6 @@ mod tests {
         assert!(sub.read32(8).is_err());
         assert!(region.subregion(12, 8).is_err());
         assert!(region.subregion(usize::MAX, 2).is_err());
-        drop((region, sub));
         assert_eq!(memory[1], 0xaabb_ccdd);
         assert_eq!(memory[2], 0x1122_0000);
     }
