@@ -7,3 +7,7 @@
 #![forbid(unsafe_code)]
 
 extern crate alloc;
+
+pub mod format;
+pub mod store;
+pub mod table;

@@ -1,0 +1,431 @@
+//! On-disk layout of Linux dm-snapshot's persistent exception store, version 1.
+//!
+//! Pure encode/decode and geometry, no I/O. See `shared/docs/dm-snapshot-format.md`
+//! ("Chunk 0: header", "Exception records and areas"); the loader that walks a whole store is
+//! in [`crate::store`]. Everything here mirrors Linux `dm-snap-persistent.c`: little-endian
+//! fields, `epa = chunk_sectors * 512 / 16` records per metadata area, area `k` at chunk
+//! `1 + k * (epa + 1)`, a record with `new_chunk == 0` ends the table.
+//!
+//! The *binding record* is snapfw's own: it lives in chunk 0 right after the 16-byte header
+//! (bytes Linux leaves zero and never reads), names the snapshot and its origin, and carries a
+//! checksum so random bytes are never mistaken for a binding.
+
+/// Bytes per sector.
+pub const SECTOR_BYTES: usize = 512;
+/// `"SnAp"` read as a little-endian `u32`.
+pub const SNAP_MAGIC: u32 = 0x7041_6E53;
+/// The only store version Linux (and snapfw) accepts.
+pub const SNAPSHOT_DISK_VERSION: u32 = 1;
+/// Bytes of the header at the start of chunk 0.
+pub const HEADER_BYTES: usize = 16;
+/// Bytes of one exception record.
+pub const RECORD_BYTES: usize = 16;
+/// Largest chunk size Linux accepts, in sectors (2^21).
+pub const MAX_CHUNK_SECTORS: u32 = 1 << 21;
+/// Smallest chunk size snapfw creates stores with (a store must hold its header and a record).
+pub const MIN_CHUNK_SECTORS: u32 = 1;
+
+/// The 16-byte header in chunk 0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header {
+    /// `SNAP_MAGIC`, or 0 for "new store".
+    pub magic: u32,
+    /// 1 usable, 0 invalidated for good.
+    pub valid: u32,
+    /// Must be 1.
+    pub version: u32,
+    /// Chunk size in sectors.
+    pub chunk_sectors: u32,
+}
+
+impl Header {
+    /// A valid header for a store with the given chunk size.
+    pub fn new(chunk_sectors: u32) -> Self {
+        Header {
+            magic: SNAP_MAGIC,
+            valid: 1,
+            version: SNAPSHOT_DISK_VERSION,
+            chunk_sectors,
+        }
+    }
+
+    /// Decodes the header from the first 16 bytes of `bytes`; `None` if `bytes` is shorter.
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
+        Some(Header {
+            magic: read_u32(bytes, 0)?,
+            valid: read_u32(bytes, 4)?,
+            version: read_u32(bytes, 8)?,
+            chunk_sectors: read_u32(bytes, 12)?,
+        })
+    }
+
+    /// Encodes into the first 16 bytes of `out` (which must hold at least 16 bytes).
+    pub fn encode(&self, out: &mut [u8]) {
+        write_u32(out, 0, self.magic);
+        write_u32(out, 4, self.valid);
+        write_u32(out, 8, self.version);
+        write_u32(out, 12, self.chunk_sectors);
+    }
+}
+
+/// One exception: origin chunk `old_chunk` is preserved in COW chunk `new_chunk`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Record {
+    /// Chunk index on the origin.
+    pub old_chunk: u64,
+    /// Chunk index on the COW device; 0 terminates the table.
+    pub new_chunk: u64,
+}
+
+impl Record {
+    /// Decodes record `index` of an area buffer; `None` past the end of `area`.
+    pub fn decode(area: &[u8], index: usize) -> Option<Self> {
+        let at = index.checked_mul(RECORD_BYTES)?;
+        Some(Record {
+            old_chunk: read_u64(area, at)?,
+            new_chunk: read_u64(area, at.checked_add(8)?)?,
+        })
+    }
+
+    /// Encodes as record `index` of an area buffer. Returns false if it does not fit.
+    pub fn encode(&self, area: &mut [u8], index: usize) -> bool {
+        let at = index * RECORD_BYTES;
+        if at + RECORD_BYTES > area.len() {
+            return false;
+        }
+        area[at..at + 8].copy_from_slice(&self.old_chunk.to_le_bytes());
+        area[at + 8..at + 16].copy_from_slice(&self.new_chunk.to_le_bytes());
+        true
+    }
+}
+
+/// Geometry of a store with a given chunk size: where areas are, which chunks are metadata.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Geometry {
+    /// Chunk size in sectors (a power of two).
+    pub chunk_sectors: u32,
+    /// Records per metadata area: `chunk_sectors * 512 / 16`.
+    pub exceptions_per_area: u64,
+}
+
+impl Geometry {
+    /// Geometry for a power-of-two chunk size in `1..=MAX_CHUNK_SECTORS`; `None` otherwise.
+    pub fn new(chunk_sectors: u32) -> Option<Self> {
+        if chunk_sectors == 0
+            || !chunk_sectors.is_power_of_two()
+            || chunk_sectors > MAX_CHUNK_SECTORS
+        {
+            return None;
+        }
+        Some(Geometry {
+            chunk_sectors,
+            exceptions_per_area: u64::from(chunk_sectors) * SECTOR_BYTES as u64
+                / RECORD_BYTES as u64,
+        })
+    }
+
+    /// Bytes per chunk.
+    pub fn chunk_bytes(&self) -> usize {
+        self.chunk_sectors as usize * SECTOR_BYTES
+    }
+
+    /// Distance in chunks between consecutive metadata areas.
+    pub fn stride(&self) -> u64 {
+        self.exceptions_per_area + 1
+    }
+
+    /// Chunk index of metadata area `area`.
+    pub fn area_chunk(&self, area: u64) -> u64 {
+        1 + area.saturating_mul(self.stride())
+    }
+
+    /// Whether COW chunk `chunk` holds the header or a metadata area.
+    pub fn is_metadata_chunk(&self, chunk: u64) -> bool {
+        chunk == 0 || chunk % self.stride() == 1
+    }
+
+    /// The chunk after `chunk` that can hold data (skips a metadata area, as Linux's
+    /// `skip_metadata` does).
+    pub fn next_data_chunk(&self, chunk: u64) -> u64 {
+        let mut next = chunk + 1;
+        if next % self.stride() == 1 {
+            next += 1;
+        }
+        next
+    }
+
+    /// Sector of chunk `chunk`.
+    pub fn chunk_sector(&self, chunk: u64) -> u64 {
+        chunk.saturating_mul(u64::from(self.chunk_sectors))
+    }
+
+    /// The metadata area that describes data chunk `chunk`.
+    pub fn area_of_data_chunk(&self, chunk: u64) -> u64 {
+        (chunk.saturating_sub(1)) / self.stride()
+    }
+}
+
+/// Most bytes of a snapshot name in a binding.
+pub const BINDING_NAME_BYTES: usize = 64;
+/// Most bytes of an origin serial number in a binding.
+pub const BINDING_SERIAL_BYTES: usize = 40;
+/// Magic at the start of the binding record: `"snapfwB1"`.
+pub const BINDING_MAGIC: [u8; 8] = *b"snapfwB1";
+/// Bytes the binding occupies after the header.
+pub const BINDING_BYTES: usize =
+    8 + 1 + BINDING_NAME_BYTES + 1 + BINDING_SERIAL_BYTES + 8 + 4 + 8 + 4;
+/// Byte offset of the binding record in chunk 0.
+pub const BINDING_OFFSET: usize = HEADER_BYTES;
+
+/// snapfw's binding record: which snapshot this store is and which origin it belongs to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Binding {
+    /// Snapshot name (UTF-8 not required; at most 64 bytes).
+    pub name: BoundedBytes<BINDING_NAME_BYTES>,
+    /// Origin device serial number (at most 40 bytes).
+    pub origin_serial: BoundedBytes<BINDING_SERIAL_BYTES>,
+    /// Origin capacity in sectors.
+    pub origin_sectors: u64,
+    /// Chunk size in sectors (the header's, repeated so a binding can be checked on its own).
+    pub chunk_sectors: u32,
+    /// Creation time, seconds since the Unix epoch (as the caller's clock tells).
+    pub created_unix_seconds: u64,
+}
+
+/// A byte string of at most `N` bytes, stored inline.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct BoundedBytes<const N: usize> {
+    len: u8,
+    bytes: [u8; N],
+}
+
+impl<const N: usize> core::fmt::Debug for BoundedBytes<N> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match core::str::from_utf8(self.as_bytes()) {
+            Ok(s) => write!(f, "{s:?}"),
+            Err(_) => write!(f, "{:?}", self.as_bytes()),
+        }
+    }
+}
+
+impl<const N: usize> BoundedBytes<N> {
+    /// `None` if `bytes` is longer than `N` (or than 255).
+    pub fn new(bytes: &[u8]) -> Option<Self> {
+        if bytes.len() > N || bytes.len() > 255 {
+            return None;
+        }
+        let mut out = [0u8; N];
+        out[..bytes.len()].copy_from_slice(bytes);
+        Some(BoundedBytes {
+            len: bytes.len() as u8,
+            bytes: out,
+        })
+    }
+
+    /// The stored bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len).min(N)]
+    }
+}
+
+/// Why chunk 0's bytes after the header are not a binding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BindingError {
+    /// All zero: a store made by Linux or never bound.
+    Absent,
+    /// Something else is there (no magic, bad lengths or bad checksum).
+    Corrupt,
+}
+
+impl Binding {
+    /// Encodes at `BINDING_OFFSET` of chunk 0 (`chunk0` must be at least 512 bytes).
+    pub fn encode(&self, chunk0: &mut [u8]) {
+        let mut buf = [0u8; BINDING_BYTES];
+        let mut at = 0;
+        buf[at..at + 8].copy_from_slice(&BINDING_MAGIC);
+        at += 8;
+        let name = self.name.as_bytes();
+        buf[at] = name.len() as u8;
+        at += 1;
+        buf[at..at + name.len()].copy_from_slice(name);
+        at += BINDING_NAME_BYTES;
+        let serial = self.origin_serial.as_bytes();
+        buf[at] = serial.len() as u8;
+        at += 1;
+        buf[at..at + serial.len()].copy_from_slice(serial);
+        at += BINDING_SERIAL_BYTES;
+        buf[at..at + 8].copy_from_slice(&self.origin_sectors.to_le_bytes());
+        at += 8;
+        buf[at..at + 4].copy_from_slice(&self.chunk_sectors.to_le_bytes());
+        at += 4;
+        buf[at..at + 8].copy_from_slice(&self.created_unix_seconds.to_le_bytes());
+        at += 8;
+        let sum = crc32c(&buf[..at]);
+        buf[at..at + 4].copy_from_slice(&sum.to_le_bytes());
+        chunk0[BINDING_OFFSET..BINDING_OFFSET + BINDING_BYTES].copy_from_slice(&buf);
+    }
+
+    /// Decodes the binding from chunk 0 (at least its first sector).
+    pub fn decode(chunk0: &[u8]) -> Result<Self, BindingError> {
+        let buf = chunk0
+            .get(BINDING_OFFSET..BINDING_OFFSET + BINDING_BYTES)
+            .ok_or(BindingError::Corrupt)?;
+        if buf.iter().all(|&b| b == 0) {
+            return Err(BindingError::Absent);
+        }
+        if buf[..8] != BINDING_MAGIC {
+            return Err(BindingError::Corrupt);
+        }
+        let sum_at = BINDING_BYTES - 4;
+        let stored = read_u32(buf, sum_at).ok_or(BindingError::Corrupt)?;
+        if crc32c(&buf[..sum_at]) != stored {
+            return Err(BindingError::Corrupt);
+        }
+        let mut at = 8;
+        let name_len = usize::from(buf[at]);
+        at += 1;
+        let name = buf
+            .get(at..at + name_len.min(BINDING_NAME_BYTES + 1))
+            .and_then(BoundedBytes::new)
+            .ok_or(BindingError::Corrupt)?;
+        at += BINDING_NAME_BYTES;
+        let serial_len = usize::from(buf[at]);
+        at += 1;
+        let origin_serial = buf
+            .get(at..at + serial_len.min(BINDING_SERIAL_BYTES + 1))
+            .and_then(BoundedBytes::new)
+            .ok_or(BindingError::Corrupt)?;
+        at += BINDING_SERIAL_BYTES;
+        let origin_sectors = read_u64(buf, at).ok_or(BindingError::Corrupt)?;
+        at += 8;
+        let chunk_sectors = read_u32(buf, at).ok_or(BindingError::Corrupt)?;
+        at += 4;
+        let created_unix_seconds = read_u64(buf, at).ok_or(BindingError::Corrupt)?;
+        Ok(Binding {
+            name,
+            origin_serial,
+            origin_sectors,
+            chunk_sectors,
+            created_unix_seconds,
+        })
+    }
+}
+
+/// CRC-32C (Castagnoli), bitwise; only used for the small binding record.
+pub fn crc32c(bytes: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in bytes {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            let mask = (crc & 1).wrapping_neg();
+            crc = (crc >> 1) ^ (0x82F6_3B78 & mask);
+        }
+    }
+    !crc
+}
+
+/// Fills `chunk0` (a zeroed chunk-sized buffer is expected) with header and optional binding,
+/// the way snapfw writes chunk 0.
+pub fn encode_chunk0(chunk0: &mut [u8], header: &Header, binding: Option<&Binding>) {
+    chunk0.fill(0);
+    header.encode(chunk0);
+    if let Some(b) = binding {
+        b.encode(chunk0);
+    }
+}
+
+pub(crate) fn read_u32(bytes: &[u8], at: usize) -> Option<u32> {
+    let b = bytes.get(at..at.checked_add(4)?)?;
+    Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+}
+
+pub(crate) fn read_u64(bytes: &[u8], at: usize) -> Option<u64> {
+    let b = bytes.get(at..at.checked_add(8)?)?;
+    let mut a = [0u8; 8];
+    a.copy_from_slice(b);
+    Some(u64::from_le_bytes(a))
+}
+
+fn write_u32(out: &mut [u8], at: usize, v: u32) {
+    out[at..at + 4].copy_from_slice(&v.to_le_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_bytes_match_linux() {
+        let mut b = [0u8; 16];
+        Header::new(8).encode(&mut b);
+        assert_eq!(&b[0..4], b"SnAp");
+        assert_eq!(b[4..8], [1, 0, 0, 0]);
+        assert_eq!(b[8..12], [1, 0, 0, 0]);
+        assert_eq!(b[12..16], [8, 0, 0, 0]);
+        assert_eq!(Header::decode(&b), Some(Header::new(8)));
+        assert_eq!(Header::decode(&b[..15]), None);
+    }
+
+    #[test]
+    fn geometry_matches_linux() {
+        let g = Geometry::new(8).unwrap();
+        assert_eq!(g.exceptions_per_area, 256);
+        assert_eq!(g.area_chunk(0), 1);
+        assert_eq!(g.area_chunk(1), 258);
+        assert!(g.is_metadata_chunk(0));
+        assert!(g.is_metadata_chunk(1));
+        assert!(g.is_metadata_chunk(258));
+        assert!(!g.is_metadata_chunk(2));
+        assert!(!g.is_metadata_chunk(257));
+        assert_eq!(g.next_data_chunk(257), 259);
+        assert_eq!(g.next_data_chunk(2), 3);
+        assert_eq!(g.area_of_data_chunk(2), 0);
+        assert_eq!(g.area_of_data_chunk(257), 0);
+        assert_eq!(g.area_of_data_chunk(259), 1);
+        assert!(Geometry::new(0).is_none());
+        assert!(Geometry::new(12).is_none());
+        assert!(Geometry::new(1 << 22).is_none());
+        assert_eq!(Geometry::new(1).unwrap().exceptions_per_area, 32);
+    }
+
+    #[test]
+    fn record_round_trip() {
+        let mut area = [0u8; 64];
+        let r = Record {
+            old_chunk: 0x0102_0304_0506_0708,
+            new_chunk: 9,
+        };
+        assert!(r.encode(&mut area, 3));
+        assert!(!r.encode(&mut area, 4));
+        assert_eq!(area[48], 8);
+        assert_eq!(area[56], 9);
+        assert_eq!(Record::decode(&area, 3), Some(r));
+        assert_eq!(Record::decode(&area, 4), None);
+    }
+
+    #[test]
+    fn binding_round_trip_and_checksum() {
+        let b = Binding {
+            name: BoundedBytes::new(b"nightly").unwrap(),
+            origin_serial: BoundedBytes::new(b"SN-0042").unwrap(),
+            origin_sectors: 1 << 30,
+            chunk_sectors: 8,
+            created_unix_seconds: 1_700_000_000,
+        };
+        let mut c0 = [0u8; 512];
+        encode_chunk0(&mut c0, &Header::new(8), Some(&b));
+        assert_eq!(Header::decode(&c0), Some(Header::new(8)));
+        assert_eq!(Binding::decode(&c0), Ok(b));
+        c0[40] ^= 1;
+        assert_eq!(Binding::decode(&c0), Err(BindingError::Corrupt));
+        let mut z = [0u8; 512];
+        encode_chunk0(&mut z, &Header::new(8), None);
+        assert_eq!(Binding::decode(&z), Err(BindingError::Absent));
+        assert_eq!(Binding::decode(&z[..20]), Err(BindingError::Corrupt));
+    }
+
+    #[test]
+    fn crc32c_known_value() {
+        assert_eq!(crc32c(b"123456789"), 0xE306_9283);
+    }
+}

@@ -1,0 +1,324 @@
+//! The in-memory table of completed exceptions: origin chunk → COW chunk.
+//!
+//! Like dm-snapshot's in-memory table (`dm_consecutive_chunk_count` in `dm-snap.c`), it stores
+//! *runs*: `len` consecutive origin chunks mapped to `len` consecutive COW chunks cost one entry.
+//! Unlike Linux it allocates nothing after construction: entries come from a node pool whose
+//! capacity (in runs) is fixed by the caller; when the pool is empty an insert fails with
+//! [`TableFull`] and the engine treats the snapshot as overflowed.
+//!
+//! Layout: a power-of-two bucket array of `u32` heads, chained nodes stored as three parallel
+//! arrays (origin chunk, COW chunk + run length, next) = 20 bytes per run. Runs never cross an
+//! aligned group of [`RUN_MAX`] origin chunks, so every chunk of a run hashes to the bucket of
+//! its group and a lookup walks one short chain.
+
+use alloc::vec;
+use alloc::vec::Vec;
+
+/// log2 of the largest run, and of the group size runs stay within.
+pub const GROUP_BITS: u32 = 5;
+/// Longest run one entry can hold.
+pub const RUN_MAX: u64 = 1 << GROUP_BITS;
+const NIL: u32 = u32::MAX;
+const LEN_SHIFT: u32 = 56;
+const NEW_MASK: u64 = (1 << LEN_SHIFT) - 1;
+
+/// The node pool is exhausted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TableFull;
+
+/// A run of consecutive exceptions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Run {
+    /// First origin chunk.
+    pub old_chunk: u64,
+    /// First COW chunk.
+    pub new_chunk: u64,
+    /// Number of chunks (1..=RUN_MAX).
+    pub len: u64,
+}
+
+/// Fixed-capacity run-compressed exception table.
+#[derive(Clone, Debug)]
+pub struct ExceptionTable {
+    buckets: Vec<u32>,
+    old: Vec<u64>,
+    new_len: Vec<u64>,
+    next: Vec<u32>,
+    free: u32,
+    runs: usize,
+    exceptions: u64,
+    bucket_bits: u32,
+}
+
+impl ExceptionTable {
+    /// A table able to hold `max_runs` runs (at least 1; at most `u32::MAX - 1`).
+    pub fn with_capacity(max_runs: usize) -> Self {
+        let max_runs = max_runs.clamp(1, (u32::MAX - 1) as usize);
+        let buckets = max_runs.next_power_of_two().max(16);
+        let bucket_bits = buckets.trailing_zeros();
+        let mut next = vec![NIL; max_runs];
+        for (i, n) in next.iter_mut().enumerate().take(max_runs - 1) {
+            *n = (i + 1) as u32;
+        }
+        ExceptionTable {
+            buckets: vec![NIL; buckets],
+            old: vec![0; max_runs],
+            new_len: vec![0; max_runs],
+            next,
+            free: 0,
+            runs: 0,
+            exceptions: 0,
+            bucket_bits,
+        }
+    }
+
+    /// Capacity in runs.
+    pub fn capacity(&self) -> usize {
+        self.old.len()
+    }
+
+    /// Runs stored.
+    pub fn runs(&self) -> usize {
+        self.runs
+    }
+
+    /// Exceptions (chunks) stored.
+    pub fn len(&self) -> u64 {
+        self.exceptions
+    }
+
+    /// Whether the table is empty.
+    pub fn is_empty(&self) -> bool {
+        self.exceptions == 0
+    }
+
+    /// Free run entries left.
+    pub fn free_runs(&self) -> usize {
+        self.capacity() - self.runs
+    }
+
+    /// Bytes this table reserves (bucket array plus node pool).
+    pub fn reserved_bytes(&self) -> usize {
+        self.buckets.len() * 4 + self.capacity() * Self::NODE_BYTES
+    }
+
+    /// Bytes the stored runs need: `runs * 20` plus one bucket head per run slot in use.
+    pub fn used_bytes(&self) -> usize {
+        self.runs * (Self::NODE_BYTES + 4)
+    }
+
+    /// Bytes of one run entry.
+    pub const NODE_BYTES: usize = 20;
+
+    fn bucket(&self, old_chunk: u64) -> usize {
+        let group = old_chunk >> GROUP_BITS;
+        (group.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - self.bucket_bits)) as usize
+    }
+
+    fn node(&self, i: u32) -> Run {
+        let i = i as usize;
+        Run {
+            old_chunk: self.old[i],
+            new_chunk: self.new_len[i] & NEW_MASK,
+            len: (self.new_len[i] >> LEN_SHIFT) + 1,
+        }
+    }
+
+    fn set_node(&mut self, i: u32, run: Run) {
+        let i = i as usize;
+        self.old[i] = run.old_chunk;
+        self.new_len[i] = (run.new_chunk & NEW_MASK) | ((run.len - 1) << LEN_SHIFT);
+    }
+
+    /// The COW chunk holding origin chunk `old_chunk`, if any.
+    pub fn lookup(&self, old_chunk: u64) -> Option<u64> {
+        let mut i = self.buckets[self.bucket(old_chunk)];
+        while i != NIL {
+            let r = self.node(i);
+            if old_chunk >= r.old_chunk && old_chunk - r.old_chunk < r.len {
+                return Some(r.new_chunk + (old_chunk - r.old_chunk));
+            }
+            i = self.next[i as usize];
+        }
+        None
+    }
+
+    /// Whether inserting one more exception is guaranteed to succeed.
+    pub fn can_insert(&self) -> bool {
+        self.runs < self.capacity()
+    }
+
+    /// Adds `old_chunk → new_chunk`; merges with neighbouring runs. The caller guarantees
+    /// `old_chunk` is not in the table and `new_chunk < 2^56`.
+    pub fn insert(&mut self, old_chunk: u64, new_chunk: u64) -> Result<(), TableFull> {
+        let b = self.bucket(old_chunk);
+        let group = old_chunk >> GROUP_BITS;
+        let mut before = NIL; // run ending right before, COW-consecutive
+        let mut after = NIL; // run starting right after, COW-consecutive
+        let mut after_prev = NIL;
+        let mut prev = NIL;
+        let mut i = self.buckets[b];
+        while i != NIL {
+            let r = self.node(i);
+            if r.old_chunk >> GROUP_BITS == group {
+                if r.old_chunk + r.len == old_chunk && r.new_chunk + r.len == new_chunk {
+                    before = i;
+                }
+                if r.old_chunk == old_chunk + 1 && r.new_chunk == new_chunk.wrapping_add(1) {
+                    after = i;
+                    after_prev = prev;
+                }
+            }
+            prev = i;
+            i = self.next[i as usize];
+        }
+        match (before, after) {
+            (NIL, NIL) => {
+                if self.free == NIL {
+                    return Err(TableFull);
+                }
+                let n = self.free;
+                self.free = self.next[n as usize];
+                self.set_node(
+                    n,
+                    Run {
+                        old_chunk,
+                        new_chunk,
+                        len: 1,
+                    },
+                );
+                self.next[n as usize] = self.buckets[b];
+                self.buckets[b] = n;
+                self.runs += 1;
+            }
+            (a, NIL) => {
+                let mut r = self.node(a);
+                r.len += 1;
+                self.set_node(a, r);
+            }
+            (NIL, c) => {
+                let mut r = self.node(c);
+                r.old_chunk -= 1;
+                r.new_chunk -= 1;
+                r.len += 1;
+                self.set_node(c, r);
+            }
+            (a, c) => {
+                let mut r = self.node(a);
+                r.len += 1 + self.node(c).len;
+                self.set_node(a, r);
+                // Unlink and free `c`.
+                let c_next = self.next[c as usize];
+                if after_prev == NIL {
+                    self.buckets[b] = c_next;
+                } else {
+                    self.next[after_prev as usize] = c_next;
+                }
+                self.next[c as usize] = self.free;
+                self.free = c;
+                self.runs -= 1;
+            }
+        }
+        self.exceptions += 1;
+        Ok(())
+    }
+
+    /// Every run, in no particular order.
+    pub fn for_each_run(&self, mut f: impl FnMut(Run)) {
+        for &head in &self.buckets {
+            let mut i = head;
+            while i != NIL {
+                f(self.node(i));
+                i = self.next[i as usize];
+            }
+        }
+    }
+
+    /// Removes everything.
+    pub fn clear(&mut self) {
+        *self = Self::with_capacity(self.capacity());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn sequential_fill_is_compact() {
+        let mut t = ExceptionTable::with_capacity(1024);
+        for c in 0..4096u64 {
+            t.insert(c, c + 2).unwrap();
+        }
+        assert_eq!(t.len(), 4096);
+        assert_eq!(t.runs(), 4096 / RUN_MAX as usize);
+        assert_eq!(t.lookup(4095), Some(4097));
+        assert_eq!(t.lookup(4096), None);
+        assert!((t.used_bytes() as f64 / 4096.0) < 1.0);
+    }
+
+    #[test]
+    fn merges_both_sides() {
+        let mut t = ExceptionTable::with_capacity(4);
+        t.insert(10, 100).unwrap();
+        t.insert(12, 102).unwrap();
+        assert_eq!(t.runs(), 2);
+        t.insert(11, 101).unwrap();
+        assert_eq!(t.runs(), 1);
+        for c in 10..13 {
+            assert_eq!(t.lookup(c), Some(90 + c));
+        }
+        t.insert(31, 7).unwrap();
+        t.insert(32, 8).unwrap(); // crosses a group boundary: separate run
+        assert_eq!(t.runs(), 3);
+        t.insert(0, 50).unwrap();
+        assert_eq!(t.insert(5, 60), Err(TableFull));
+        assert_eq!(t.lookup(5), None);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+        #[test]
+        fn table_matches_map(ops in proptest::collection::vec((0u64..300, 0u64..3), 1..400)) {
+            let mut t = ExceptionTable::with_capacity(512);
+            let mut m = BTreeMap::new();
+            let mut next_new = 2u64;
+            for (old, gap) in ops {
+                if m.contains_key(&old) {
+                    continue;
+                }
+                // Mostly consecutive COW allocation, sometimes with gaps.
+                next_new += if gap == 0 { 2 } else { 1 };
+                t.insert(old, next_new).unwrap();
+                m.insert(old, next_new);
+            }
+            prop_assert_eq!(t.len(), m.len() as u64);
+            for old in 0..310u64 {
+                prop_assert_eq!(t.lookup(old), m.get(&old).copied());
+            }
+            // Runs are maximal within their group and consistent with the map.
+            let mut runs = Vec::new();
+            t.for_each_run(|r| runs.push(r));
+            runs.sort();
+            prop_assert_eq!(runs.len(), t.runs());
+            let mut total = 0;
+            for (k, r) in runs.iter().enumerate() {
+                prop_assert!(r.len >= 1 && r.len <= RUN_MAX);
+                prop_assert_eq!(r.old_chunk >> GROUP_BITS, (r.old_chunk + r.len - 1) >> GROUP_BITS);
+                for j in 0..r.len {
+                    prop_assert_eq!(m.get(&(r.old_chunk + j)), Some(&(r.new_chunk + j)));
+                }
+                if let Some(n) = runs.get(k + 1) {
+                    let joinable = r.old_chunk + r.len == n.old_chunk
+                        && r.new_chunk + r.len == n.new_chunk
+                        && r.old_chunk >> GROUP_BITS == n.old_chunk >> GROUP_BITS;
+                    prop_assert!(!joinable, "runs {:?} and {:?} should have merged", r, n);
+                }
+                total += r.len;
+            }
+            prop_assert_eq!(total, m.len() as u64);
+        }
+    }
+}
