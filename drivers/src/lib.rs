@@ -7,4 +7,5 @@ extern crate alloc;
 
 #[allow(unsafe_code)]
 pub mod hal;
+pub mod msix;
 pub mod pci;
