@@ -82,9 +82,8 @@ impl Default for VectorRegistry {
 impl VectorRegistry {
     /// An empty registry (usable as a `static`).
     pub const fn new() -> Self {
-        const EMPTY: Slot = Slot::new();
         Self {
-            slots: [EMPTY; VECTORS],
+            slots: [const { Slot::new() }; VECTORS],
             spurious: AtomicU64::new(0),
         }
     }

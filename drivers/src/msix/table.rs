@@ -303,7 +303,6 @@ mod tests {
         cap.disable(&pci);
         assert_eq!(pci.read16(addr, cap.offset + MESSAGE_CONTROL), 0x0002);
 
-        drop(table);
         assert_eq!(&bar[8..12], &[0xfee0_3000, 0, 0x41, 0]);
         bar[0x800 / 4] = 0b10;
         let table = MsixTable::map(&cap, &bars, &FakeMapper).unwrap();
