@@ -11,6 +11,7 @@ pub mod console;
 pub mod frames;
 pub mod json;
 pub mod ring;
+pub mod shell;
 
 #[cfg(target_os = "none")]
 pub mod arch;
@@ -26,8 +27,6 @@ pub mod memory;
 pub mod power;
 #[cfg(target_os = "none")]
 pub mod serial;
-#[cfg(target_os = "none")]
-pub mod shell;
 #[cfg(target_os = "none")]
 pub mod start;
 #[cfg(target_os = "none")]

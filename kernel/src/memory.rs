@@ -50,7 +50,7 @@ pub struct MemoryStats {
     pub heap_total: u64,
     /// Heap bytes in use.
     pub heap_used: u64,
-    /// Frames managed by the frame allocator (excluding the heap).
+    /// Frames managed by the frame allocator (the heap is carved from them).
     pub frames_total: u64,
     /// Frames free.
     pub frames_free: u64,

@@ -1,1 +1,287 @@
-//! Harness for booting snapfw in QEMU; the test cases live in `tests/tests/`.
+//! Harness for the QEMU tests: boots the real snapfw image (by `-kernel`, PXE or a GRUB ISO),
+//! talks to its console over the emulated serial port with an expect-style API in which
+//! every wait has a timeout, and turns QEMU's exit status into a verdict.
+//!
+//! Exit statuses: the kernel leaves through `isa-debug-exit` (iobase 0xf4) when booted with
+//! `testing`; QEMU then exits with `(code << 1) | 1`: 33 for success, 35 for a panic or CPU
+//! exception. A triple fault under `-no-reboot` exits 0, so 0 is only a pass where a test
+//! expects an ACPI power-off.
+//!
+//! The image and boot artefacts come from `SNAPFW_BUILD` (default: `<workspace>/build`),
+//! filled by `make build iso pxe`; `make test` does that first.
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// The console prompt.
+pub const PROMPT: &str = "snapfw> ";
+/// QEMU's exit status when the kernel reports success through `isa-debug-exit`.
+pub const EXIT_SUCCESS: i32 = 33;
+/// QEMU's exit status when the kernel reports a panic or exception.
+pub const EXIT_FAILURE: i32 = 35;
+
+/// Generous default wait: TCG on a loaded 2-core machine.
+pub const TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The build folder with the image, ISO and PXE folder.
+pub fn build_dir() -> PathBuf {
+    match std::env::var_os("SNAPFW_BUILD") {
+        Some(p) => PathBuf::from(p),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../build"),
+    }
+}
+
+/// Path of a build artefact; panics (fails the test) with a hint when it is missing.
+pub fn artefact(name: &str) -> PathBuf {
+    let p = build_dir().join(name);
+    assert!(p.exists(), "{} is missing: run `make build iso pxe` (or `make test`)", p.display());
+    p
+}
+
+/// How to start the machine.
+#[derive(Clone, Debug)]
+pub struct Boot {
+    /// `-M` machine type.
+    pub machine: String,
+    /// Guest memory.
+    pub memory: String,
+    /// Kernel command line (after the image name), for `-kernel` boots.
+    pub append: String,
+    /// How the image is loaded.
+    pub source: Source,
+    /// Extra QEMU arguments (disks, devices).
+    pub extra: Vec<String>,
+    /// Pass `-no-reboot` (a reset ends QEMU).
+    pub no_reboot: bool,
+}
+
+/// Where the image comes from.
+#[derive(Clone, Debug)]
+pub enum Source {
+    /// `-kernel build/snapfw.elf`.
+    Kernel,
+    /// `-cdrom build/snapfw.iso`.
+    Iso,
+    /// `-boot n` from QEMU's built-in TFTP server serving `build/pxe`.
+    Pxe,
+}
+
+impl Default for Boot {
+    fn default() -> Self {
+        Boot {
+            machine: "q35".into(),
+            memory: "512M".into(),
+            append: "testing loglevel=info".into(),
+            source: Source::Kernel,
+            extra: Vec::new(),
+            no_reboot: true,
+        }
+    }
+}
+
+impl Boot {
+    /// `-kernel` boot on `machine` with `append`.
+    pub fn kernel(machine: &str, append: &str) -> Boot {
+        Boot { machine: machine.into(), append: append.into(), ..Boot::default() }
+    }
+
+    /// Adds QEMU arguments.
+    pub fn args<I: IntoIterator<Item = S>, S: Into<String>>(mut self, args: I) -> Boot {
+        self.extra.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// Starts QEMU.
+    pub fn start(&self) -> Qemu {
+        let accel = std::env::var("ACCEL").unwrap_or_else(|_| "tcg".into());
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args(["-accel", &accel, "-M", &self.machine, "-m", &self.memory]);
+        cmd.args(["-display", "none", "-monitor", "none", "-serial", "stdio"]);
+        cmd.args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]);
+        if self.no_reboot {
+            cmd.arg("-no-reboot");
+        }
+        match self.source {
+            Source::Kernel => {
+                cmd.arg("-kernel").arg(artefact("snapfw.elf"));
+                cmd.args(["-append", &self.append]);
+            }
+            Source::Iso => {
+                cmd.arg("-cdrom").arg(artefact("snapfw.iso"));
+                cmd.args(["-boot", "d"]);
+            }
+            Source::Pxe => {
+                let dir = artefact("pxe");
+                cmd.args(["-boot", "n"]);
+                cmd.arg("-netdev").arg(format!(
+                    "user,id=net0,tftp={},bootfile=boot.ipxe",
+                    dir.display()
+                ));
+                cmd.args(["-device", "virtio-net-pci,netdev=net0"]);
+            }
+        }
+        cmd.args(&self.extra);
+        Qemu::spawn(cmd)
+    }
+}
+
+struct Output {
+    bytes: Vec<u8>,
+    closed: bool,
+}
+
+/// A running QEMU with its serial console.
+pub struct Qemu {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    output: Arc<(Mutex<Output>, Condvar)>,
+    /// Bytes before this offset have been consumed by `expect`.
+    cursor: usize,
+    started: Instant,
+}
+
+impl Qemu {
+    fn spawn(mut cmd: Command) -> Qemu {
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit());
+        let mut child = cmd.spawn().expect("cannot start qemu-system-x86_64 (run `make deps`)");
+        let mut stdout = child.stdout.take().expect("stdout is piped");
+        let output =
+            Arc::new((Mutex::new(Output { bytes: Vec::new(), closed: false }), Condvar::new()));
+        let sink = output.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            loop {
+                let n = stdout.read(&mut buf).unwrap_or(0);
+                let (lock, cond) = &*sink;
+                let mut out = lock.lock().unwrap();
+                if n == 0 {
+                    out.closed = true;
+                    cond.notify_all();
+                    return;
+                }
+                out.bytes.extend_from_slice(&buf[..n]);
+                cond.notify_all();
+            }
+        });
+        let stdin = child.stdin.take();
+        Qemu { child, stdin, output, cursor: 0, started: Instant::now() }
+    }
+
+    /// Everything the console printed so far.
+    pub fn transcript(&self) -> String {
+        String::from_utf8_lossy(&self.output.0.lock().unwrap().bytes).into_owned()
+    }
+
+    /// Time since QEMU was started.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Waits for `pattern` after the cursor; returns the text up to and including it and
+    /// moves the cursor past it. Fails the test with the transcript on timeout or exit.
+    pub fn expect(&mut self, pattern: &str, timeout: Duration) -> String {
+        match self.try_expect(pattern, timeout) {
+            Ok(s) => s,
+            Err(why) => panic!(
+                "waiting for {pattern:?}: {why}\n--- console transcript ---\n{}\n--- end ---",
+                self.transcript()
+            ),
+        }
+    }
+
+    /// As [`expect`](Self::expect) but returns an error instead of failing.
+    pub fn try_expect(&mut self, pattern: &str, timeout: Duration) -> Result<String, String> {
+        let deadline = Instant::now() + timeout;
+        let (lock, cond) = &*self.output;
+        let mut out = lock.lock().unwrap();
+        loop {
+            if let Some(pos) = find(&out.bytes[self.cursor..], pattern.as_bytes()) {
+                let end = self.cursor + pos + pattern.len();
+                let text = String::from_utf8_lossy(&out.bytes[self.cursor..end]).into_owned();
+                self.cursor = end;
+                return Ok(text);
+            }
+            if out.closed {
+                return Err("QEMU exited".into());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(format!("timed out after {timeout:?}"));
+            }
+            out = cond.wait_timeout(out, deadline - now).unwrap().0;
+        }
+    }
+
+    /// Sends raw bytes to the console.
+    pub fn send(&mut self, bytes: &[u8]) {
+        if let Some(stdin) = self.stdin.as_mut() {
+            // A write error means QEMU is gone; the next expect reports that.
+            let _ = stdin.write_all(bytes).and_then(|_| stdin.flush());
+        }
+    }
+
+    /// Waits for the first prompt.
+    pub fn wait_prompt(&mut self) -> String {
+        self.expect(PROMPT, TIMEOUT)
+    }
+
+    /// Types `line` and Enter, waits for the next prompt, and returns what the command
+    /// printed (without the echoed line and the prompt), with `\r` removed.
+    pub fn command(&mut self, line: &str) -> String {
+        self.command_timeout(line, TIMEOUT)
+    }
+
+    /// [`command`](Self::command) with its own timeout.
+    pub fn command_timeout(&mut self, line: &str, timeout: Duration) -> String {
+        self.send(line.as_bytes());
+        self.send(b"\r");
+        let text = self.expect(PROMPT, timeout);
+        let text = text.replace('\r', "");
+        let body = text.strip_suffix(PROMPT).unwrap_or(&text);
+        // Drop the echoed command line.
+        match body.find('\n') {
+            Some(nl) => body[nl + 1..].to_string(),
+            None => String::new(),
+        }
+    }
+
+    /// Waits for QEMU to exit; returns its exit status, or fails on timeout.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("waiting for qemu") {
+                return status;
+            }
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                panic!(
+                    "QEMU did not exit within {timeout:?}\n--- console transcript ---\n{}",
+                    self.transcript()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills QEMU at once (a power cut).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    if needle.is_empty() {
+        return Some(0);
+    }
+    haystack.windows(needle.len()).position(|w| w == needle)
+}

@@ -1,0 +1,239 @@
+//! The commands of the kernel core: help, version, uptime, mem, cmdline, log, reboot,
+//! poweroff, and the test-only crash command.
+
+use core::fmt::Write;
+
+use alloc::string::String;
+
+use super::commands::{help_all, help_one, CommandId};
+use super::output::Out;
+use crate::console::args::Args;
+use crate::{build_info, json, memory, power, start, time};
+
+/// Runs a checked command.
+pub fn run(id: CommandId, args: &Args, out: &mut Out) {
+    let json = args.flag("json");
+    match id {
+        CommandId::Help => match args.arg("COMMAND") {
+            None => {
+                let _ = out.write_str(&help_all(power::testing()));
+            }
+            Some(name) => match help_one(name, power::testing()) {
+                Ok(text) => {
+                    let _ = out.write_str(&text);
+                }
+                Err(e) => out.error(format_args!("{e}")),
+            },
+        },
+        CommandId::Version => version(json, out),
+        CommandId::Uptime => uptime(json, out),
+        CommandId::Mem => mem(json, out),
+        CommandId::Cmdline => cmdline(json, out),
+        CommandId::Log => log_level(args, out),
+        CommandId::Reboot => {
+            let _ = writeln!(out, "rebooting");
+            power::reboot();
+        }
+        CommandId::Poweroff => {
+            let _ = writeln!(out, "powering off");
+            power::poweroff();
+            out.error(format_args!(
+                "ACPI power-off did not take effect; the machine is still on"
+            ));
+        }
+        CommandId::Crash => crash(args, out),
+    }
+}
+
+fn print_json(out: &mut Out, text: String) {
+    let _ = writeln!(out, "{text}");
+}
+
+fn version(json_out: bool, out: &mut Out) {
+    let name = env!("CARGO_PKG_NAME");
+    let version = env!("CARGO_PKG_VERSION");
+    if json_out {
+        print_json(
+            out,
+            json::object_string(|o| {
+                o.str("name", "snapfw");
+                o.str("crate", name);
+                o.str("version", version);
+                o.str("commit", build_info::GIT_COMMIT);
+                o.str("profile", build_info::PROFILE);
+            }),
+        );
+    } else {
+        let _ = writeln!(
+            out,
+            "snapfw {version} (commit {}, {} build)",
+            build_info::GIT_COMMIT,
+            build_info::PROFILE
+        );
+    }
+}
+
+fn uptime(json_out: bool, out: &mut Out) {
+    let ns = time::uptime_ns();
+    let ticks = crate::arch::apic::ticks();
+    if json_out {
+        print_json(
+            out,
+            json::object_string(|o| {
+                o.u64("uptime_ns", ns);
+                o.u64("uptime_ms", ns / 1_000_000);
+                o.u64("timer_ticks", ticks);
+            }),
+        );
+    } else {
+        let s = ns / 1_000_000_000;
+        let _ = writeln!(
+            out,
+            "up {}d {:02}:{:02}:{:02}.{:03} ({}.{:03} s, {} timer ticks)",
+            s / 86400,
+            (s / 3600) % 24,
+            (s / 60) % 60,
+            s % 60,
+            (ns / 1_000_000) % 1000,
+            s,
+            (ns / 1_000_000) % 1000,
+            ticks
+        );
+    }
+}
+
+/// `12.3 MiB` style.
+fn size(bytes: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut unit = 0;
+    let mut scaled = bytes * 10;
+    while scaled >= 10240 && unit + 1 < units.len() {
+        scaled /= 1024;
+        unit += 1;
+    }
+    alloc::format!("{}.{} {}", scaled / 10, scaled % 10, units[unit])
+}
+
+fn mem(json_out: bool, out: &mut Out) {
+    let m = memory::stats();
+    let frame = crate::frames::FRAME_SIZE;
+    if json_out {
+        print_json(
+            out,
+            json::object_string(|o| {
+                o.object("heap", |h| {
+                    h.u64("total", m.heap_total);
+                    h.u64("used", m.heap_used);
+                    h.u64("free", m.heap_total - m.heap_used);
+                });
+                o.object("frames", |f| {
+                    f.u64("size", frame);
+                    f.u64("total", m.frames_total);
+                    f.u64("used", m.frames_total - m.frames_free);
+                    f.u64("free", m.frames_free);
+                });
+                o.u64("allocations", m.allocations);
+                o.u64("frees", m.frees);
+            }),
+        );
+    } else {
+        let _ = writeln!(
+            out,
+            "heap:   total {:>10}  used {:>10}  free {:>10}",
+            size(m.heap_total),
+            size(m.heap_used),
+            size(m.heap_total - m.heap_used)
+        );
+        let _ = writeln!(
+            out,
+            "frames: total {:>10}  used {:>10}  free {:>10}  ({} frames of 4 KiB)",
+            size(m.frames_total * frame),
+            size((m.frames_total - m.frames_free) * frame),
+            size(m.frames_free * frame),
+            m.frames_total
+        );
+        let _ = writeln!(
+            out,
+            "heap allocations since boot: {} ({} frees)",
+            m.allocations, m.frees
+        );
+    }
+}
+
+fn cmdline(json_out: bool, out: &mut Out) {
+    let Some(c) = start::cmdline() else {
+        out.error(format_args!("no command line was parsed"));
+        return;
+    };
+    let level = log::max_level();
+    if json_out {
+        print_json(
+            out,
+            json::object_string(|o| {
+                o.str("raw", &c.raw);
+                o.opt_str("image", c.image.as_deref());
+                match &c.console {
+                    Some(con) => o.object("console", |k| {
+                        k.str("device", &alloc::format!("ttyS{}", con.port));
+                        k.u64("baud", con.baud_or_default() as u64);
+                    }),
+                    None => o.null("console"),
+                };
+                o.str("loglevel", level.as_str());
+                o.bool("testing", c.testing);
+                o.array("unknown", |a| {
+                    for u in &c.unknown {
+                        a.str(u);
+                    }
+                });
+            }),
+        );
+    } else {
+        let _ = writeln!(out, "{}", c.raw);
+        for warning in c.warnings() {
+            let _ = writeln!(out, "  warning: {warning}");
+        }
+    }
+}
+
+fn log_level(args: &Args, out: &mut Out) {
+    if args.arg("level") != Some("level") {
+        out.error(format_args!(
+            "unknown log subcommand (usage: log level [LEVEL])"
+        ));
+        return;
+    }
+    match args.arg("LEVEL") {
+        None => {
+            let _ = writeln!(
+                out,
+                "log level: {}",
+                log::max_level().as_str().to_ascii_lowercase()
+            );
+        }
+        Some(name) => match name.parse::<log::LevelFilter>() {
+            Ok(level) if level != log::LevelFilter::Off => {
+                log::set_max_level(level);
+                let _ = writeln!(out, "log level: {}", level.as_str().to_ascii_lowercase());
+            }
+            _ => out.error(format_args!(
+                "invalid log level '{}' (use error, warn, info, debug or trace)",
+                name.chars().take(32).collect::<String>()
+            )),
+        },
+    }
+}
+
+fn crash(args: &Args, out: &mut Out) {
+    match args.arg("KIND") {
+        Some("fault") => {
+            let _ = writeln!(out, "raising a page fault at 0xdead0000000");
+            // SAFETY: deliberately faulting read of an unmapped address (above the 4 GiB
+            // identity map) for the exception-report test; the handler never returns here.
+            let v = unsafe { core::ptr::read_volatile(0xdead_0000_000 as *const u64) };
+            let _ = writeln!(out, "unexpectedly read {v:#x}");
+        }
+        Some("panic") => panic!("deliberate panic from the console (crash panic)"),
+        _ => out.error(format_args!("crash takes 'fault' or 'panic'")),
+    }
+}
