@@ -377,7 +377,7 @@ impl<'a> Args<'a> {
             args.options.push((opt.name, value));
         }
         if let Some(missing) = spec.required.get(args.positional.len()) {
-            return Err(ArgError::MissingArgument(*missing));
+            return Err(ArgError::MissingArgument(missing));
         }
         let max = spec.required.len() + spec.optional.len();
         if let Some(extra) = args.positional.get(max) {
@@ -638,7 +638,10 @@ mod tests {
         optional: &["blocks"],
     };
 
-    fn parse(line: &str) -> Result<(bool, bool, Option<u8>, u64, Option<u64>), ArgError> {
+    /// `(fua, json, pattern, lba, blocks)` as the `write` command would read them.
+    type Parsed = (bool, bool, Option<u8>, u64, Option<u64>);
+
+    fn parse(line: &str) -> Result<Parsed, ArgError> {
         let w = words(line);
         let args = Args::parse(&w, &WRITE)?;
         let pattern = args.value_as("pattern", parse_byte)?;
