@@ -5,7 +5,9 @@
 
 extern crate alloc;
 
+pub mod block;
 #[allow(unsafe_code)]
 pub mod hal;
+pub mod info;
 pub mod msix;
 pub mod pci;
