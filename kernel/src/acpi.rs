@@ -526,7 +526,7 @@ mod tests {
             }]
         );
         assert_eq!(info.isa_irq(0), (2, false, false));
-        assert_eq!(info.isa_irq(9), (9, true, true));
+        assert_eq!(info.isa_irq(9), (9, false, true)); // 0x000D: active high, level
         assert_eq!(info.isa_irq(4), (4, false, false));
         assert_eq!(info.pm1a_control, 0x604);
         assert_eq!(info.smi_command, 0xB2);

@@ -37,7 +37,11 @@ pub fn build_dir() -> PathBuf {
 /// Path of a build artefact; panics (fails the test) with a hint when it is missing.
 pub fn artefact(name: &str) -> PathBuf {
     let p = build_dir().join(name);
-    assert!(p.exists(), "{} is missing: run `make build iso pxe` (or `make test`)", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: run `make build iso pxe` (or `make test`)",
+        p.display()
+    );
     p
 }
 
@@ -85,7 +89,11 @@ impl Default for Boot {
 impl Boot {
     /// `-kernel` boot on `machine` with `append`.
     pub fn kernel(machine: &str, append: &str) -> Boot {
-        Boot { machine: machine.into(), append: append.into(), ..Boot::default() }
+        Boot {
+            machine: machine.into(),
+            append: append.into(),
+            ..Boot::default()
+        }
     }
 
     /// Adds QEMU arguments.
@@ -145,11 +153,20 @@ pub struct Qemu {
 
 impl Qemu {
     fn spawn(mut cmd: Command) -> Qemu {
-        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit());
-        let mut child = cmd.spawn().expect("cannot start qemu-system-x86_64 (run `make deps`)");
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = cmd
+            .spawn()
+            .expect("cannot start qemu-system-x86_64 (run `make deps`)");
         let mut stdout = child.stdout.take().expect("stdout is piped");
-        let output =
-            Arc::new((Mutex::new(Output { bytes: Vec::new(), closed: false }), Condvar::new()));
+        let output = Arc::new((
+            Mutex::new(Output {
+                bytes: Vec::new(),
+                closed: false,
+            }),
+            Condvar::new(),
+        ));
         let sink = output.clone();
         std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
@@ -167,7 +184,13 @@ impl Qemu {
             }
         });
         let stdin = child.stdin.take();
-        Qemu { child, stdin, output, cursor: 0, started: Instant::now() }
+        Qemu {
+            child,
+            stdin,
+            output,
+            cursor: 0,
+            started: Instant::now(),
+        }
     }
 
     /// Everything the console printed so far.
@@ -212,6 +235,22 @@ impl Qemu {
                 return Err(format!("timed out after {timeout:?}"));
             }
             out = cond.wait_timeout(out, deadline - now).unwrap().0;
+        }
+    }
+
+    /// Waits until the console has been quiet for `quiet` (at most [`TIMEOUT`]), then skips
+    /// everything printed so far, so the next `expect` sees only new output.
+    pub fn settle(&mut self, quiet: Duration) {
+        let deadline = Instant::now() + TIMEOUT;
+        let mut seen = usize::MAX;
+        loop {
+            let len = self.output.0.lock().unwrap().bytes.len();
+            if len == seen || Instant::now() >= deadline {
+                self.cursor = len;
+                return;
+            }
+            seen = len;
+            std::thread::sleep(quiet);
         }
     }
 

@@ -1,0 +1,81 @@
+//! Booting the image the ways operators deploy it: by PXE (iPXE script over QEMU's built-in
+//! DHCP/TFTP) and from the GRUB ISO (both `multiboot` and `multiboot2` menu entries).
+
+use tests::{Boot, Source, TIMEOUT};
+
+fn poweroff(mut q: tests::Qemu) {
+    q.send(b"poweroff\r");
+    q.expect("powering off", TIMEOUT);
+    assert_eq!(q.wait_exit(TIMEOUT).code(), Some(0));
+}
+
+#[test]
+fn pxe_boot_with_ipxe_script() {
+    let mut q = Boot {
+        source: Source::Pxe,
+        machine: "pc".into(),
+        ..Boot::default()
+    }
+    .start();
+    // (iPXE prints its own progress on the VGA console only.)
+    q.wait_prompt();
+    eprintln!("pxe: prompt after {:?}", q.elapsed());
+    let cmdline = q.command("cmdline");
+    assert!(
+        cmdline.contains("snapfw.elf console=ttyS0,115200 loglevel=info"),
+        "{cmdline}"
+    );
+    assert!(
+        cmdline.contains("tftp://"),
+        "iPXE passes the image URL first: {cmdline}"
+    );
+    assert!(
+        q.transcript().contains("booted by iPXE"),
+        "{}",
+        q.transcript()
+    );
+    poweroff(q);
+}
+
+#[test]
+fn grub_iso_multiboot() {
+    let mut q = Boot {
+        source: Source::Iso,
+        machine: "pc".into(),
+        ..Boot::default()
+    }
+    .start();
+    q.expect("snapfw (multiboot2)", TIMEOUT); // the menu is on the serial line
+    q.wait_prompt();
+    eprintln!("grub multiboot: prompt after {:?}", q.elapsed());
+    assert!(q.transcript().contains("(Multiboot1)"));
+    assert!(q
+        .command("cmdline")
+        .contains("console=ttyS0,115200 loglevel=info"));
+    poweroff(q);
+}
+
+#[test]
+fn grub_iso_multiboot2() {
+    let mut q = Boot {
+        source: Source::Iso,
+        machine: "q35".into(),
+        ..Boot::default()
+    }
+    .start();
+    q.expect("snapfw (multiboot2)", TIMEOUT);
+    q.send(b"\x1b[B"); // down to the second entry
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    q.send(b"\r");
+    q.wait_prompt();
+    eprintln!("grub multiboot2: prompt after {:?}", q.elapsed());
+    assert!(
+        q.transcript().contains("(Multiboot2)"),
+        "{}",
+        q.transcript()
+    );
+    assert!(q
+        .command("cmdline")
+        .contains("console=ttyS0,115200 loglevel=info"));
+    poweroff(q);
+}
