@@ -91,3 +91,11 @@ pub fn enable_interrupts() {
 pub fn disable_interrupts() {
     x86_64::instructions::interrupts::disable();
 }
+
+/// Reads a u64 from an address outside the identity map: a deliberate page fault for the
+/// `crash fault` test command. Returns only if the address was mapped after all.
+pub fn read_unmapped(address: u64) -> u64 {
+    // SAFETY: a read has no side effects on RAM; an unmapped address raises #PF, whose
+    // handler reports and stops the machine. Only the test-only `crash` command calls this.
+    unsafe { core::ptr::read_volatile(address as *const u64) }
+}

@@ -228,9 +228,7 @@ fn crash(args: &Args, out: &mut Out) {
     match args.arg("KIND") {
         Some("fault") => {
             let _ = writeln!(out, "raising a page fault at 0xdead0000000");
-            // SAFETY: deliberately faulting read of an unmapped address (above the 4 GiB
-            // identity map) for the exception-report test; the handler never returns here.
-            let v = unsafe { core::ptr::read_volatile(0xdead_0000_000 as *const u64) };
+            let v = crate::arch::cpu::read_unmapped(0xdead_0000_000);
             let _ = writeln!(out, "unexpectedly read {v:#x}");
         }
         Some("panic") => panic!("deliberate panic from the console (crash panic)"),
