@@ -324,10 +324,8 @@ fn parse_mb2(info: u64, mem: &impl PhysMem) -> Result<BootInfo, BootError> {
                     }
                 }
             }
-            14 | 15 if size >= 8 + 20 => {
-                if boot.rsdp.is_none() || kind == 15 {
-                    boot.rsdp = Some(at + 8);
-                }
+            14 | 15 if size >= 8 + 20 && (boot.rsdp.is_none() || kind == 15) => {
+                boot.rsdp = Some(at + 8);
             }
             _ => {}
         }

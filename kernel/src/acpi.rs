@@ -229,7 +229,7 @@ pub fn parse(mem: &impl PhysMem, rsdp_addr: u64) -> Result<AcpiInfo, AcpiError> 
     };
     let header = read::<36>(mem, root).ok_or(AcpiError::BadRootTable)?;
     let length = u32_at(&header, 4) as u64;
-    if length < 36 || length > 1 << 16 || !checksum_ok(mem, root, length) {
+    if !(36..=1 << 16).contains(&length) || !checksum_ok(mem, root, length) {
         return Err(AcpiError::BadRootTable);
     }
     let entries = (length - 36) / entry_size;
@@ -298,11 +298,7 @@ fn parse_madt(t: &[u8], info: &mut AcpiInfo) {
         }
         let e = &t[at..at + len];
         match kind {
-            0 if len >= 8 => {
-                if u32_at(e, 4) & 1 != 0 {
-                    info.cpus += 1;
-                }
-            }
+            0 if len >= 8 && u32_at(e, 4) & 1 != 0 => info.cpus += 1,
             1 if len >= 12 && info.ioapic_count < MAX_IOAPICS => {
                 info.ioapics[info.ioapic_count] = IoApic {
                     id: e[2],

@@ -228,7 +228,7 @@ fn crash(args: &Args, out: &mut Out) {
     match args.arg("KIND") {
         Some("fault") => {
             let _ = writeln!(out, "raising a page fault at 0xdead0000000");
-            let v = crate::arch::cpu::read_unmapped(0xdead_0000_000);
+            let v = crate::arch::cpu::read_unmapped(0x0dea_d000_0000);
             let _ = writeln!(out, "unexpectedly read {v:#x}");
         }
         Some("panic") => panic!("deliberate panic from the console (crash panic)"),

@@ -49,7 +49,7 @@ impl Out {
     /// Prints one error line.
     pub fn error(&mut self, args: fmt::Arguments) {
         use fmt::Write;
-        let _ = write!(self, "error: {args}\n");
+        let _ = writeln!(self, "error: {args}");
     }
 }
 
