@@ -7,5 +7,6 @@ pub mod cpu;
 pub mod gdt;
 pub mod interrupts;
 pub mod ioapic;
+pub mod paging;
 pub mod pic;
 pub mod pit;

@@ -1,0 +1,82 @@
+//! Identity mappings beyond the boot map. The boot stub maps the first 4 GiB with 2 MiB
+//! pages; PCI BARs can sit above that (64-bit BARs), so [`map_identity`] extends the same
+//! page-table tree (PML4 → PDPT → PD, 2 MiB pages, uncached) with frames from the frame
+//! allocator. Intel SDM vol. 3A §4.5.
+
+use crate::memory;
+
+const PRESENT: u64 = 1;
+const WRITABLE: u64 = 1 << 1;
+const WRITE_THROUGH: u64 = 1 << 3;
+const CACHE_DISABLE: u64 = 1 << 4;
+const HUGE: u64 = 1 << 7;
+const ADDRESS_MASK: u64 = 0x000F_FFFF_FFFF_F000;
+const TWO_MIB: u64 = 2 << 20;
+
+/// Why a mapping could not be made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapError {
+    /// No frame left for a page table.
+    OutOfFrames,
+    /// The range is beyond the 48-bit physical address space we map.
+    OutOfRange,
+}
+
+static LOCK: spin::Mutex<()> = spin::Mutex::new(());
+
+/// Returns the table the entry at `entry` points to, creating it (zeroed) if absent.
+///
+/// # Safety
+/// `entry` must point at an entry of a live page table of the current hierarchy.
+unsafe fn next_table(entry: *mut u64) -> Result<*mut u64, MapError> {
+    // SAFETY: guaranteed by the caller.
+    let value = unsafe { entry.read_volatile() };
+    if value & PRESENT != 0 {
+        return Ok((value & ADDRESS_MASK) as *mut u64);
+    }
+    let frame = memory::allocate_frames(1, 1).ok_or(MapError::OutOfFrames)?;
+    // SAFETY: as above; the new table is a zeroed frame that nothing else references.
+    unsafe { entry.write_volatile(frame | PRESENT | WRITABLE) };
+    Ok(frame as *mut u64)
+}
+
+/// Identity-maps `[phys, phys+len)` (rounded out to 2 MiB) as uncached device memory.
+/// Ranges already mapped (the first 4 GiB) are left as they are.
+pub fn map_identity(phys: u64, len: u64) -> Result<(), MapError> {
+    let start = phys & !(TWO_MIB - 1);
+    let end = phys
+        .checked_add(len)
+        .ok_or(MapError::OutOfRange)?
+        .next_multiple_of(TWO_MIB);
+    if end > 1 << 46 {
+        return Err(MapError::OutOfRange);
+    }
+    let _guard = LOCK.lock();
+    let pml4 = boot::page_table_root() as *mut u64;
+    let mut at = start;
+    while at < end {
+        if at < 1 << 32 {
+            at += TWO_MIB; // the boot map covers it
+            continue;
+        }
+        let (i4, i3, i2) = ((at >> 39) & 511, (at >> 30) & 511, (at >> 21) & 511);
+        // SAFETY: `pml4` is the live root built by the boot stub; each level's entry index
+        // is below 512, and tables are identity-mapped frames (below 4 GiB).
+        unsafe {
+            let pdpt = next_table(pml4.add(i4 as usize))?;
+            let pd = next_table(pdpt.add(i3 as usize))?;
+            let entry = pd.add(i2 as usize);
+            if entry.read_volatile() & PRESENT == 0 {
+                entry
+                    .write_volatile(at | PRESENT | WRITABLE | WRITE_THROUGH | CACHE_DISABLE | HUGE);
+            }
+        }
+        at += TWO_MIB;
+    }
+    // New entries only (never changed ones), so no TLB shootdown is needed; reload CR3 anyway
+    // to drop any cached "not present" walk results.
+    let (frame, flags) = x86_64::registers::control::Cr3::read();
+    // SAFETY: writes back the same root and flags.
+    unsafe { x86_64::registers::control::Cr3::write(frame, flags) };
+    Ok(())
+}
