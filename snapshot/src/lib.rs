@@ -8,6 +8,14 @@
 
 extern crate alloc;
 
+pub mod engine;
 pub mod format;
+pub mod sim;
 pub mod store;
 pub mod table;
+pub mod types;
+
+pub use engine::Engine;
+pub use format::{Binding, BindingError, BoundedBytes, Header, Record};
+pub use store::{LoadError, LoadParams, LoadRead, LoadedStore, Loader, Usage};
+pub use types::*;

@@ -1,0 +1,1915 @@
+//! The copy-on-write engine: a deterministic state machine between volume requests and device
+//! I/O. See the crate documentation for the protocol; this module is its implementation.
+//!
+//! Structure (all pools sized in [`Engine::new`], nothing allocated afterwards):
+//! - request slots, with a FIFO of requests that still have something to do (`waiting`);
+//! - pending exceptions (allocated COW chunk, copy in progress or copied, not yet durable),
+//!   kept per snapshot in allocation order so commits take a prefix (dm-snap.c's
+//!   `exception_sequence` rule);
+//! - copy jobs: one origin read into a copy buffer, then one write per snapshot and run of
+//!   consecutive chunks (dm-snap.c copies chunk by chunk with kcopyd);
+//! - per-snapshot commit state machine: [zero next area] → flush → area write (FUA) [→ flush]
+//!   (`persistent_commit_exception()` in dm-snap-persistent.c does the same with
+//!   REQ_PREFLUSH|REQ_FUA, but only when the pipeline is idle or the area full);
+//! - I/O slots: every emitted [`Io`] has a slot that says what to do when it completes.
+
+use alloc::collections::VecDeque;
+use alloc::vec;
+use alloc::vec::Vec;
+
+use crate::format::{encode_chunk0, Geometry, Header, Record, SECTOR_BYTES};
+use crate::store::{LoadedStore, StoreState};
+use crate::table::ExceptionTable;
+use crate::types::*;
+
+const NIL: u32 = u32::MAX;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ReqPhase {
+    Free,
+    /// In the `waiting` FIFO: something left to do.
+    Waiting,
+    /// Everything emitted; completes when `ios` reaches 0.
+    Issued,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct ReqSlot {
+    req: VolumeRequest,
+    phase: ReqPhase,
+    ios: u32,
+    origin_reads: u32,
+    failed: Option<VolumeError>,
+    cursor: u64,
+    overwrite_chunk: Option<u64>,
+    admitted: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PState {
+    Free,
+    Copying,
+    Copied,
+    Committing,
+    /// Its snapshot was invalidated while the copy job still links it.
+    Dead,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Pending {
+    snap: u16,
+    old: u64,
+    new: u64,
+    state: PState,
+    next_in_job: u32,
+    /// Linked into a copy job that has not finished: the job frees it.
+    in_job: bool,
+    alloc_tick: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum JobPhase {
+    Free,
+    NeedRead,
+    Reading,
+    Writing,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Job {
+    phase: JobPhase,
+    /// Copy buffer, or NIL for an overwrite job (data comes from the request).
+    buffer: u32,
+    overwrite_req: u32,
+    overwrite_offset: u64,
+    read_start: u64,
+    read_sectors: u32,
+    first: u32,
+    last: u32,
+    emit: u32,
+    writes_inflight: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CommitPhase {
+    Idle,
+    ZeroNext,
+    Flush,
+    AreaWrite,
+    PostFlush,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CreateStep {
+    FlushOrigin,
+    ZeroArea,
+    FlushCow,
+    WriteHeader,
+    HeaderFlush,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SnapState {
+    Creating(CreateStep),
+    Active,
+    Deleting,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum HeaderPhase {
+    None,
+    Write,
+    Flush,
+}
+
+struct Snap {
+    state: SnapState,
+    valid: bool,
+    overflow: bool,
+    writable: bool,
+    cow_fua: bool,
+    cow_block_sectors: u32,
+    store: StoreState,
+    table: ExceptionTable,
+    order: VecDeque<u32>,
+    commit: CommitPhase,
+    commit_count: u64,
+    commit_full: bool,
+    meta_inflight: bool,
+    header: Vec<u8>,
+    header_phase: HeaderPhase,
+    wipe: bool,
+    inflight: u32,
+    thresholds_fired: u8,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum IoCtx {
+    Free,
+    Request {
+        req: u32,
+        origin_read: bool,
+    },
+    JobRead {
+        job: u32,
+    },
+    JobWrite {
+        job: u32,
+        snap: u16,
+        first: u32,
+        count: u32,
+    },
+    Commit {
+        snap: u16,
+    },
+    Create {
+        snap: u16,
+    },
+    Header {
+        snap: u16,
+    },
+    Wipe {
+        snap: u16,
+    },
+}
+
+#[derive(Clone, Copy, Debug)]
+struct IoSlot {
+    generation: u32,
+    ctx: IoCtx,
+}
+
+/// The snapshot engine for one origin. See the crate documentation.
+pub struct Engine {
+    cfg: EngineConfig,
+    now: u64,
+    reqs: Vec<ReqSlot>,
+    free_reqs: Vec<u32>,
+    waiting: VecDeque<u32>,
+    pending: Vec<Pending>,
+    free_pending: Vec<u32>,
+    jobs: Vec<Job>,
+    free_jobs: Vec<u32>,
+    free_buffers: Vec<u32>,
+    snaps: Vec<Option<Snap>>,
+    io: Vec<IoSlot>,
+    free_io: Vec<u32>,
+    outbox: VecDeque<Io>,
+    completions: VecDeque<VolumeCompletion>,
+    events: VecDeque<Event>,
+    events_dropped: u64,
+    quiescing: bool,
+    quiesce_reported: bool,
+    origin_writes_active: u32,
+    origin_reads_redirected: u32,
+    dirty: bool,
+    progress: u64,
+    stats: EngineStats,
+}
+
+impl Engine {
+    /// Creates an engine; every pool is allocated here.
+    pub fn new(cfg: EngineConfig) -> Result<Self, EngineError> {
+        if cfg.request_slots == 0
+            || cfg.io_slots < 4
+            || cfg.pending_exceptions == 0
+            || cfg.copy_buffers == 0
+            || cfg.max_snapshots == 0
+            || !cfg.copy_buffer_sectors.is_power_of_two()
+            || cfg.origin_sectors == 0
+        {
+            return Err(EngineError::BadConfig);
+        }
+        let nreq = cfg.request_slots as usize;
+        let njobs = cfg.copy_buffers as usize + nreq;
+        let nio = cfg.io_slots as usize;
+        let npend = cfg.pending_exceptions as usize;
+        let mut snaps = Vec::with_capacity(cfg.max_snapshots as usize);
+        for _ in 0..cfg.max_snapshots {
+            snaps.push(None);
+        }
+        Ok(Engine {
+            now: 0,
+            reqs: vec![
+                ReqSlot {
+                    req: VolumeRequest {
+                        tag: 0,
+                        volume: Volume::Origin,
+                        op: VolumeOp::Flush,
+                        sector: 0,
+                        sectors: 0
+                    },
+                    phase: ReqPhase::Free,
+                    ios: 0,
+                    origin_reads: 0,
+                    failed: None,
+                    cursor: 0,
+                    overwrite_chunk: None,
+                    admitted: false,
+                };
+                nreq
+            ],
+            free_reqs: (0..nreq as u32).rev().collect(),
+            waiting: VecDeque::with_capacity(nreq),
+            pending: vec![
+                Pending {
+                    snap: 0,
+                    old: 0,
+                    new: 0,
+                    state: PState::Free,
+                    next_in_job: NIL,
+                    in_job: false,
+                    alloc_tick: 0,
+                };
+                npend
+            ],
+            free_pending: (0..npend as u32).rev().collect(),
+            jobs: vec![
+                Job {
+                    phase: JobPhase::Free,
+                    buffer: NIL,
+                    overwrite_req: NIL,
+                    overwrite_offset: 0,
+                    read_start: 0,
+                    read_sectors: 0,
+                    first: NIL,
+                    last: NIL,
+                    emit: NIL,
+                    writes_inflight: 0,
+                };
+                njobs
+            ],
+            free_jobs: (0..njobs as u32).rev().collect(),
+            free_buffers: (0..cfg.copy_buffers).rev().collect(),
+            snaps,
+            io: vec![
+                IoSlot {
+                    generation: 0,
+                    ctx: IoCtx::Free
+                };
+                nio
+            ],
+            free_io: (0..nio as u32).rev().collect(),
+            outbox: VecDeque::with_capacity(nio),
+            completions: VecDeque::with_capacity(nreq),
+            events: VecDeque::with_capacity(64 + 8 * cfg.max_snapshots as usize),
+            events_dropped: 0,
+            quiescing: false,
+            quiesce_reported: false,
+            origin_writes_active: 0,
+            origin_reads_redirected: 0,
+            dirty: false,
+            progress: 0,
+            stats: EngineStats::default(),
+            cfg,
+        })
+    }
+
+    // ----------------------------------------------------------------------------------------
+    // Public API
+    // ----------------------------------------------------------------------------------------
+
+    /// Sets the current time in ticks (monotonic; the unit is the caller's).
+    pub fn tick(&mut self, now: u64) {
+        if now > self.now {
+            self.now = now;
+            self.dirty = true;
+        }
+    }
+
+    /// The engine's configuration.
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> EngineStats {
+        self.stats
+    }
+
+    /// Takes a volume request. `Err(Busy)` when every request slot is in use: keep it and
+    /// submit it again after a completion. Invalid requests complete with an error.
+    pub fn submit(&mut self, req: VolumeRequest) -> Result<(), SubmitError> {
+        let Some(idx) = self.free_reqs.pop() else {
+            return Err(SubmitError::Busy);
+        };
+        self.reqs[idx as usize] = ReqSlot {
+            req,
+            phase: ReqPhase::Waiting,
+            ios: 0,
+            origin_reads: 0,
+            failed: None,
+            cursor: req.sector,
+            overwrite_chunk: None,
+            admitted: false,
+        };
+        let check = self.check_request(&req);
+        if let Err(e) = check {
+            self.fail_request(idx, e);
+        } else {
+            self.waiting.push_back(idx);
+        }
+        self.dirty = true;
+        Ok(())
+    }
+
+    /// The next I/O to issue, if any. Drives the engine's internal state machines.
+    pub fn poll_io(&mut self) -> Option<Io> {
+        if self.outbox.is_empty() || self.dirty {
+            self.process();
+        }
+        self.outbox.pop_front()
+    }
+
+    /// Reports completion of an issued I/O. For reads, the data must be in the buffer.
+    pub fn complete_io(
+        &mut self,
+        token: IoToken,
+        result: Result<(), IoError>,
+    ) -> Result<(), EngineError> {
+        let idx = (token.0 & 0xFFFF_FFFF) as usize;
+        let generation = (token.0 >> 32) as u32;
+        let Some(slot) = self.io.get(idx) else {
+            return Err(EngineError::UnknownToken);
+        };
+        if slot.generation != generation || slot.ctx == IoCtx::Free {
+            return Err(EngineError::UnknownToken);
+        }
+        let ctx = slot.ctx;
+        self.io[idx].ctx = IoCtx::Free;
+        self.io[idx].generation = self.io[idx].generation.wrapping_add(1);
+        self.free_io.push(idx as u32);
+        self.dirty = true;
+        let ok = result.is_ok();
+        match ctx {
+            IoCtx::Free => {}
+            IoCtx::Request { req, origin_read } => self.on_request_io(req, origin_read, ok),
+            IoCtx::JobRead { job } => self.on_job_read(job, ok),
+            IoCtx::JobWrite {
+                job,
+                snap,
+                first,
+                count,
+            } => self.on_job_write(job, snap, first, count, ok),
+            IoCtx::Commit { snap } => self.on_commit_io(snap, ok),
+            IoCtx::Create { snap } => self.on_create_io(snap, ok),
+            IoCtx::Header { snap } => self.on_header_io(snap, ok),
+            IoCtx::Wipe { snap } => self.on_wipe_io(snap, ok),
+        }
+        Ok(())
+    }
+
+    /// The next completed volume request, if any.
+    pub fn poll_completion(&mut self) -> Option<VolumeCompletion> {
+        self.completions.pop_front()
+    }
+
+    /// The next event, if any.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// Bytes of an engine-owned metadata buffer named by an [`IoBuffer::Meta`]; copy them when
+    /// issuing the write. They do not change until that write completes.
+    pub fn meta_bytes(&self, buffer: &IoBuffer) -> Option<&[u8]> {
+        let IoBuffer::Meta { snap, kind } = buffer else {
+            return None;
+        };
+        let s = self.snaps.get(snap.0 as usize)?.as_ref()?;
+        Some(match kind {
+            MetaKind::Area => &s.store.area,
+            MetaKind::Header => &s.header,
+        })
+    }
+
+    /// Stop admitting origin writes; [`Event::OriginQuiesced`] once none is in flight.
+    pub fn quiesce_origin(&mut self) {
+        self.quiescing = true;
+        self.quiesce_reported = false;
+        self.dirty = true;
+    }
+
+    /// Whether origin writes are quiesced and none is in flight.
+    pub fn is_quiesced(&self) -> bool {
+        self.quiescing && self.origin_writes_active == 0
+    }
+
+    /// Admit origin writes again.
+    pub fn resume_origin(&mut self) {
+        self.quiescing = false;
+        self.dirty = true;
+    }
+
+    /// Creates a snapshot of the (quiesced) origin on a fresh COW device: flush the origin,
+    /// zero chunk 0 and area 0, flush, write the header (FUA). [`Event::SnapshotCreated`] when
+    /// durable; then call [`resume_origin`](Self::resume_origin).
+    pub fn create_snapshot(&mut self, cfg: &SnapshotConfig) -> Result<SnapId, EngineError> {
+        if !self.is_quiesced() {
+            return Err(EngineError::NotQuiesced);
+        }
+        let g = self.check_snapshot_config(cfg)?;
+        let store = StoreState::fresh(g, cfg.cow_sectors, self.cfg.origin_sectors);
+        let table = ExceptionTable::with_capacity(cfg.table_runs);
+        let id = self.install(
+            cfg,
+            store,
+            table,
+            SnapState::Creating(CreateStep::FlushOrigin),
+            true,
+        )?;
+        Ok(id)
+    }
+
+    /// Attaches a store read by [`Loader`](crate::store::Loader). The origin must not have
+    /// origin writes in flight (quiesce first, or attach before serving).
+    pub fn attach_snapshot(
+        &mut self,
+        loaded: LoadedStore,
+        cfg: &SnapshotConfig,
+    ) -> Result<SnapId, EngineError> {
+        if self.origin_writes_active != 0 {
+            return Err(EngineError::NotQuiesced);
+        }
+        let g = self.check_snapshot_config(cfg)?;
+        if loaded.state.geometry != g || loaded.state.cow_sectors != cfg.cow_sectors {
+            return Err(EngineError::StoreMismatch);
+        }
+        let valid = loaded.valid;
+        let id = self.install(cfg, loaded.state, loaded.table, SnapState::Active, valid)?;
+        if valid {
+            self.check_usage(id.0 as usize);
+        }
+        Ok(id)
+    }
+
+    /// Deletes a snapshot of the quiesced origin: invalidate it, wipe chunk 0, forget it.
+    /// [`Event::SnapshotDeleted`] when done.
+    pub fn delete_snapshot(&mut self, snap: SnapId) -> Result<(), EngineError> {
+        if !self.is_quiesced() {
+            return Err(EngineError::NotQuiesced);
+        }
+        let s = snap.0 as usize;
+        match self.snaps.get(s) {
+            Some(Some(x)) if x.state == SnapState::Active => {}
+            _ => return Err(EngineError::NoSuchSnapshot),
+        }
+        self.invalidate(s, InvalidReason::Deleted);
+        if let Some(x) = self.snaps[s].as_mut() {
+            x.state = SnapState::Deleting;
+            x.header_phase = HeaderPhase::None;
+            x.wipe = true;
+        }
+        self.dirty = true;
+        Ok(())
+    }
+
+    /// Status as `dmsetup status` prints it.
+    pub fn status(&self, snap: SnapId) -> Option<Status> {
+        let s = self.snaps.get(snap.0 as usize)?.as_ref()?;
+        Some(if s.overflow {
+            Status::Overflow
+        } else if !s.valid {
+            Status::Invalid
+        } else {
+            Status::Usage(s.store.usage())
+        })
+    }
+
+    /// Every exception the engine knows for `snap`: `(old, new, committed)`.
+    pub fn for_each_exception(&self, snap: SnapId, mut f: impl FnMut(u64, u64, bool)) {
+        let Some(Some(s)) = self.snaps.get(snap.0 as usize) else {
+            return;
+        };
+        s.table.for_each_run(|r| {
+            for j in 0..r.len {
+                f(r.old_chunk + j, r.new_chunk + j, true);
+            }
+        });
+        for &p in &s.order {
+            let p = &self.pending[p as usize];
+            f(p.old, p.new, false);
+        }
+    }
+
+    /// Bytes reserved by and used in `snap`'s exception table: `(reserved, used, exceptions)`.
+    pub fn table_memory(&self, snap: SnapId) -> Option<(usize, usize, u64)> {
+        let s = self.snaps.get(snap.0 as usize)?.as_ref()?;
+        Some((
+            s.table.reserved_bytes(),
+            s.table.used_bytes(),
+            s.table.len(),
+        ))
+    }
+
+    /// Whether nothing is in flight or waiting.
+    pub fn is_idle(&self) -> bool {
+        self.free_io.len() == self.io.len()
+            && self.free_reqs.len() == self.reqs.len()
+            && self.outbox.is_empty()
+            && self.snaps.iter().flatten().all(|s| s.order.is_empty())
+    }
+
+    /// A one-line summary of pools and queues, for diagnostics.
+    pub fn debug_state(&self) -> alloc::string::String {
+        let mut out = alloc::format!(
+            "io {}/{} req {}/{} waiting {} pending {}/{} jobs {}/{} buffers {}/{} origin_writes {} redirected {} quiescing {}",
+            self.io.len() - self.free_io.len(),
+            self.io.len(),
+            self.reqs.len() - self.free_reqs.len(),
+            self.reqs.len(),
+            self.waiting.len(),
+            self.pending.len() - self.free_pending.len(),
+            self.pending.len(),
+            self.jobs.len() - self.free_jobs.len(),
+            self.jobs.len(),
+            self.cfg.copy_buffers as usize - self.free_buffers.len(),
+            self.cfg.copy_buffers,
+            self.origin_writes_active,
+            self.origin_reads_redirected,
+            self.quiescing,
+        );
+        for (i, s) in self.snaps.iter().enumerate() {
+            if let Some(x) = s {
+                out.push_str(&alloc::format!(
+                    "; snap {i}: {:?} valid {} order {} commit {:?} header {:?} meta_inflight {} inflight {}",
+                    x.state,
+                    x.valid,
+                    x.order.len(),
+                    x.commit,
+                    x.header_phase,
+                    x.meta_inflight,
+                    x.inflight
+                ));
+            }
+        }
+        for &w in &self.waiting {
+            let r = &self.reqs[w as usize];
+            out.push_str(&alloc::format!(
+                "; waiting {:?} cursor {} ios {}",
+                r.req,
+                r.cursor,
+                r.ios
+            ));
+        }
+        for &p in self.snaps.iter().flatten().flat_map(|x| x.order.iter()) {
+            let e = &self.pending[p as usize];
+            out.push_str(&alloc::format!(
+                "; pe {}:{}->{} {:?}",
+                e.snap,
+                e.old,
+                e.new,
+                e.state
+            ));
+        }
+        out
+    }
+
+    /// Events dropped because the event queue was full.
+    pub fn events_dropped(&self) -> u64 {
+        self.events_dropped
+    }
+
+    // ----------------------------------------------------------------------------------------
+    // Helpers
+    // ----------------------------------------------------------------------------------------
+
+    fn check_snapshot_config(&self, cfg: &SnapshotConfig) -> Result<Geometry, EngineError> {
+        let g = Geometry::new(cfg.chunk_sectors).ok_or(EngineError::BadConfig)?;
+        let bs = cfg.cow_block_sectors.max(1);
+        if cfg.chunk_sectors > self.cfg.copy_buffer_sectors
+            || cfg.chunk_sectors % bs != 0
+            || cfg.chunk_sectors % self.cfg.origin_block_sectors.max(1) != 0
+            || cfg.cow_sectors / u64::from(cfg.chunk_sectors) < 3
+            || cfg.table_runs == 0
+            || g.chunk_bytes() < bs as usize * SECTOR_BYTES
+        {
+            return Err(EngineError::BadConfig);
+        }
+        Ok(g)
+    }
+
+    fn install(
+        &mut self,
+        cfg: &SnapshotConfig,
+        store: StoreState,
+        table: ExceptionTable,
+        state: SnapState,
+        valid: bool,
+    ) -> Result<SnapId, EngineError> {
+        let Some(s) = self.snaps.iter().position(|x| x.is_none()) else {
+            return Err(EngineError::NoSnapshotSlot);
+        };
+        let block = cfg.cow_block_sectors.max(1) as usize * SECTOR_BYTES;
+        let mut header = vec![0u8; block];
+        let mut h = Header::new(cfg.chunk_sectors);
+        if !valid {
+            h.valid = 0;
+        }
+        encode_chunk0(&mut header, &h, cfg.binding.as_ref());
+        self.snaps[s] = Some(Snap {
+            state,
+            valid,
+            overflow: false,
+            writable: cfg.writable,
+            cow_fua: cfg.cow_fua,
+            cow_block_sectors: cfg.cow_block_sectors.max(1),
+            store,
+            table,
+            order: VecDeque::with_capacity(self.cfg.pending_exceptions as usize),
+            commit: CommitPhase::Idle,
+            commit_count: 0,
+            commit_full: false,
+            meta_inflight: false,
+            header,
+            header_phase: HeaderPhase::None,
+            wipe: false,
+            inflight: 0,
+            thresholds_fired: 0,
+        });
+        self.dirty = true;
+        Ok(SnapId(s as u16))
+    }
+
+    fn check_request(&self, req: &VolumeRequest) -> Result<(), VolumeError> {
+        if let Volume::Snapshot(id) = req.volume {
+            match self.snaps.get(id.0 as usize) {
+                Some(Some(s)) if s.state == SnapState::Active => {
+                    if !s.valid {
+                        return Err(VolumeError::SnapshotInvalid);
+                    }
+                    if matches!(req.op, VolumeOp::Write { .. }) && !s.writable {
+                        return Err(VolumeError::ReadOnly);
+                    }
+                }
+                _ => return Err(VolumeError::NoSuchVolume),
+            }
+        }
+        if req.op != VolumeOp::Flush {
+            let end = req.sector.checked_add(u64::from(req.sectors));
+            if req.sectors == 0 || end.is_none_or(|e| e > self.cfg.origin_sectors) {
+                return Err(VolumeError::OutOfRange);
+            }
+        }
+        Ok(())
+    }
+
+    fn emit(
+        &mut self,
+        ctx: IoCtx,
+        device: Device,
+        op: IoOp,
+        sector: u64,
+        sectors: u32,
+        buffer: IoBuffer,
+    ) -> bool {
+        let Some(idx) = self.free_io.pop() else {
+            return false;
+        };
+        let slot = &mut self.io[idx as usize];
+        slot.ctx = ctx;
+        let token = IoToken((u64::from(slot.generation) << 32) | u64::from(idx));
+        if let Device::Cow(s) = device {
+            if let Some(Some(x)) = self.snaps.get_mut(s.0 as usize) {
+                x.inflight += 1;
+            }
+        }
+        self.outbox.push_back(Io {
+            token,
+            device,
+            op,
+            sector,
+            sectors,
+            buffer,
+        });
+        self.progress += 1;
+        true
+    }
+
+    fn io_done_on(&mut self, s: u16) {
+        if let Some(Some(x)) = self.snaps.get_mut(s as usize) {
+            x.inflight = x.inflight.saturating_sub(1);
+        }
+    }
+
+    fn push_event(&mut self, e: Event) {
+        if self.events.len() < self.events.capacity() {
+            self.events.push_back(e);
+        } else {
+            self.events_dropped += 1;
+        }
+    }
+
+    fn fail_request(&mut self, idx: u32, e: VolumeError) {
+        let r = &mut self.reqs[idx as usize];
+        if r.failed.is_none() {
+            r.failed = Some(e);
+        }
+        r.phase = ReqPhase::Issued;
+        self.finish_if_done(idx);
+    }
+
+    fn finish_if_done(&mut self, idx: u32) {
+        let r = self.reqs[idx as usize];
+        if r.phase != ReqPhase::Issued || r.ios != 0 {
+            return;
+        }
+        let mut result = match r.failed {
+            Some(e) => Err(e),
+            None => Ok(()),
+        };
+        if let Volume::Snapshot(id) = r.req.volume {
+            let valid = matches!(self.snaps.get(id.0 as usize), Some(Some(s)) if s.valid);
+            if !valid && result.is_ok() {
+                result = Err(VolumeError::SnapshotInvalid);
+            }
+        }
+        if r.req.volume == Volume::Origin
+            && matches!(r.req.op, VolumeOp::Write { .. })
+            && r.admitted
+        {
+            self.origin_writes_active -= 1;
+        }
+        self.reqs[idx as usize].phase = ReqPhase::Free;
+        self.free_reqs.push(idx);
+        self.completions.push_back(VolumeCompletion {
+            tag: r.req.tag,
+            result,
+        });
+        self.progress += 1;
+        self.dirty = true;
+    }
+
+    /// Drops a pending exception that left its snapshot's order: freed now, or by its copy
+    /// job when that finishes.
+    fn retire_pending(&mut self, p: u32) {
+        let pe = &mut self.pending[p as usize];
+        if pe.in_job {
+            pe.state = PState::Dead;
+        } else {
+            pe.state = PState::Free;
+            self.free_pending.push(p);
+        }
+    }
+
+    fn pending_of(&self, s: usize, old: u64) -> Option<u32> {
+        let snap = self.snaps[s].as_ref()?;
+        snap.order
+            .iter()
+            .copied()
+            .find(|&p| self.pending[p as usize].old == old)
+    }
+
+    fn tracking(&self, s: usize) -> bool {
+        matches!(&self.snaps[s], Some(x) if x.valid && x.state == SnapState::Active)
+    }
+
+    fn check_usage(&mut self, s: usize) {
+        let Some(x) = self.snaps[s].as_mut() else {
+            return;
+        };
+        let u = x.store.usage();
+        let mut fire = [None, None];
+        for (i, &t) in self.cfg.usage_thresholds.iter().enumerate() {
+            let bit = 1u8 << i;
+            if t > 0
+                && x.thresholds_fired & bit == 0
+                && u128::from(u.allocated_sectors) * 100
+                    >= u128::from(t) * u128::from(u.total_sectors)
+            {
+                x.thresholds_fired |= bit;
+                fire[i] = Some(t);
+            }
+        }
+        for t in fire.into_iter().flatten() {
+            self.push_event(Event::UsageThreshold {
+                snap: SnapId(s as u16),
+                percent: t,
+            });
+        }
+    }
+
+    /// Invalidates snapshot `s`: frees its pending exceptions, fails its waiting requests,
+    /// writes the header with `valid = 0` (except for deletion, which wipes).
+    fn invalidate(&mut self, s: usize, reason: InvalidReason) {
+        let Some(x) = self.snaps[s].as_mut() else {
+            return;
+        };
+        if !x.valid {
+            return;
+        }
+        x.valid = false;
+        x.overflow = matches!(reason, InvalidReason::CowFull | InvalidReason::TableFull);
+        let order = core::mem::take(&mut x.order);
+        if reason != InvalidReason::Deleted {
+            let mut h = Header::new(x.store.geometry.chunk_sectors);
+            h.valid = 0;
+            h.encode(&mut x.header);
+            x.header_phase = HeaderPhase::Write;
+        }
+        for &p in &order {
+            self.retire_pending(p);
+        }
+        if let Some(x) = self.snaps[s].as_mut() {
+            x.order = order;
+            x.order.clear();
+        }
+        self.push_event(Event::Invalidated {
+            snap: SnapId(s as u16),
+            reason,
+        });
+        self.dirty = true;
+        self.progress += 1;
+    }
+
+    // ----------------------------------------------------------------------------------------
+    // The driver loop
+    // ----------------------------------------------------------------------------------------
+
+    fn process(&mut self) {
+        self.dirty = false;
+        for _ in 0..16 {
+            let before = self.progress;
+            self.step_snapshots();
+            self.step_jobs();
+            self.step_requests();
+            if self.quiescing && self.origin_writes_active == 0 && !self.quiesce_reported {
+                self.quiesce_reported = true;
+                self.push_event(Event::OriginQuiesced);
+            }
+            if self.progress == before {
+                return;
+            }
+        }
+        // Still making progress after the pass budget: come back on the next poll.
+        self.dirty = true;
+    }
+
+    fn step_snapshots(&mut self) {
+        for s in 0..self.snaps.len() {
+            let Some(x) = self.snaps[s].as_ref() else {
+                continue;
+            };
+            let sid = s as u16;
+            let dev = Device::Cow(SnapId(sid));
+            if x.meta_inflight {
+                continue;
+            }
+            match x.state {
+                SnapState::Creating(step) => {
+                    let cs = x.store.chunk_sectors();
+                    let bs = x.cow_block_sectors;
+                    let fua = x.cow_fua;
+                    let ctx = IoCtx::Create { snap: sid };
+                    let emitted = match step {
+                        CreateStep::FlushOrigin => {
+                            self.emit(ctx, Device::Origin, IoOp::Flush, 0, 0, IoBuffer::None)
+                        }
+                        CreateStep::ZeroArea => self.emit(
+                            ctx,
+                            dev,
+                            IoOp::Write { fua: false },
+                            0,
+                            (2 * cs) as u32,
+                            IoBuffer::Zeroes,
+                        ),
+                        CreateStep::FlushCow | CreateStep::HeaderFlush => {
+                            self.emit(ctx, dev, IoOp::Flush, 0, 0, IoBuffer::None)
+                        }
+                        CreateStep::WriteHeader => self.emit(
+                            ctx,
+                            dev,
+                            IoOp::Write { fua },
+                            0,
+                            bs,
+                            IoBuffer::Meta {
+                                snap: SnapId(sid),
+                                kind: MetaKind::Header,
+                            },
+                        ),
+                    };
+                    if emitted {
+                        self.set_meta_inflight(s);
+                    }
+                }
+                SnapState::Deleting => {
+                    if x.wipe {
+                        let cs = x.store.chunk_sectors() as u32;
+                        if self.emit(
+                            IoCtx::Wipe { snap: sid },
+                            dev,
+                            IoOp::Write { fua: true },
+                            0,
+                            cs,
+                            IoBuffer::Zeroes,
+                        ) {
+                            if let Some(x) = self.snaps[s].as_mut() {
+                                x.wipe = false;
+                                x.meta_inflight = true;
+                            }
+                        }
+                    } else if x.inflight == 0 {
+                        self.snaps[s] = None;
+                        self.push_event(Event::SnapshotDeleted { snap: SnapId(sid) });
+                        self.progress += 1;
+                    }
+                }
+                SnapState::Active => {
+                    if x.header_phase != HeaderPhase::None {
+                        let op = if x.header_phase == HeaderPhase::Write {
+                            IoOp::Write { fua: x.cow_fua }
+                        } else {
+                            IoOp::Flush
+                        };
+                        let (sectors, buffer) = if x.header_phase == HeaderPhase::Write {
+                            (
+                                x.cow_block_sectors,
+                                IoBuffer::Meta {
+                                    snap: SnapId(sid),
+                                    kind: MetaKind::Header,
+                                },
+                            )
+                        } else {
+                            (0, IoBuffer::None)
+                        };
+                        if self.emit(IoCtx::Header { snap: sid }, dev, op, 0, sectors, buffer) {
+                            self.set_meta_inflight(s);
+                        }
+                        continue;
+                    }
+                    if !x.valid {
+                        continue;
+                    }
+                    if x.commit == CommitPhase::Idle {
+                        self.maybe_start_commit(s);
+                    }
+                    self.emit_commit_step(s);
+                }
+            }
+        }
+    }
+
+    fn set_meta_inflight(&mut self, s: usize) {
+        if let Some(x) = self.snaps[s].as_mut() {
+            x.meta_inflight = true;
+        }
+    }
+
+    fn maybe_start_commit(&mut self, s: usize) {
+        let policy = self.cfg.commit_policy;
+        let bound = self.cfg.hold_bound_ticks;
+        let now = self.now;
+        let Some(x) = self.snaps[s].as_mut() else {
+            return;
+        };
+        let mut k = 0u64;
+        for &p in &x.order {
+            if self.pending[p as usize].state == PState::Copied {
+                k += 1;
+            } else {
+                break;
+            }
+        }
+        if k == 0 {
+            return;
+        }
+        let room = x.store.area_room();
+        let idle = k == x.order.len() as u64;
+        let oldest = x
+            .order
+            .front()
+            .map(|&p| self.pending[p as usize].alloc_tick)
+            .unwrap_or(now);
+        let overdue = policy == CommitPolicy::Grouped && now.saturating_sub(oldest) >= bound;
+        if !(idle || k >= room || overdue) {
+            return;
+        }
+        let n = k.min(room);
+        for i in 0..n as usize {
+            let p = x.order[i] as usize;
+            let pe = &mut self.pending[p];
+            pe.state = PState::Committing;
+            x.store.append(Record {
+                old_chunk: pe.old,
+                new_chunk: pe.new,
+            });
+        }
+        x.commit_count = n;
+        x.commit_full = x.store.area_room() == 0;
+        let next_area = x.store.geometry.area_chunk(x.store.current_area + 1);
+        x.commit = if x.commit_full && next_area < x.store.cow_chunks() {
+            CommitPhase::ZeroNext
+        } else {
+            CommitPhase::Flush
+        };
+        self.progress += 1;
+    }
+
+    fn emit_commit_step(&mut self, s: usize) {
+        let Some(x) = self.snaps[s].as_ref() else {
+            return;
+        };
+        if x.meta_inflight || x.commit == CommitPhase::Idle {
+            return;
+        }
+        let sid = s as u16;
+        let dev = Device::Cow(SnapId(sid));
+        let g = x.store.geometry;
+        let ctx = IoCtx::Commit { snap: sid };
+        let emitted = match x.commit {
+            CommitPhase::Idle => false,
+            CommitPhase::ZeroNext => {
+                let c = g.area_chunk(x.store.current_area + 1);
+                self.emit(
+                    ctx,
+                    dev,
+                    IoOp::Write { fua: false },
+                    g.chunk_sector(c),
+                    g.chunk_sectors,
+                    IoBuffer::Zeroes,
+                )
+            }
+            CommitPhase::Flush | CommitPhase::PostFlush => {
+                let ok = self.emit(ctx, dev, IoOp::Flush, 0, 0, IoBuffer::None);
+                if ok {
+                    self.stats.commit_flushes += 1;
+                }
+                ok
+            }
+            CommitPhase::AreaWrite => {
+                let sector = x.store.area_sector();
+                let fua = x.cow_fua;
+                self.emit(
+                    ctx,
+                    dev,
+                    IoOp::Write { fua },
+                    sector,
+                    g.chunk_sectors,
+                    IoBuffer::Meta {
+                        snap: SnapId(sid),
+                        kind: MetaKind::Area,
+                    },
+                )
+            }
+        };
+        if emitted {
+            self.set_meta_inflight(s);
+        }
+    }
+
+    fn on_commit_io(&mut self, sid: u16, ok: bool) {
+        self.io_done_on(sid);
+        let s = sid as usize;
+        let Some(x) = self.snaps[s].as_mut() else {
+            return;
+        };
+        x.meta_inflight = false;
+        if !x.valid {
+            x.commit = CommitPhase::Idle;
+            return;
+        }
+        if !ok {
+            x.commit = CommitPhase::Idle;
+            self.invalidate(s, InvalidReason::MetadataError);
+            return;
+        }
+        x.commit = match x.commit {
+            CommitPhase::ZeroNext => CommitPhase::Flush,
+            CommitPhase::Flush => CommitPhase::AreaWrite,
+            CommitPhase::AreaWrite if !x.cow_fua => CommitPhase::PostFlush,
+            _ => CommitPhase::Idle,
+        };
+        if x.commit != CommitPhase::Idle {
+            return;
+        }
+        // Durable: move the records into the table.
+        let n = x.commit_count;
+        let mut table_full = false;
+        for _ in 0..n {
+            let Some(p) = x.order.pop_front() else {
+                break;
+            };
+            let pe = &mut self.pending[p as usize];
+            if x.table.insert(pe.old, pe.new).is_err() {
+                table_full = true;
+            }
+            if pe.in_job {
+                pe.state = PState::Dead;
+            } else {
+                pe.state = PState::Free;
+                self.free_pending.push(p);
+            }
+        }
+        if x.commit_full {
+            x.store.advance_area();
+        }
+        x.commit_count = 0;
+        x.commit_full = false;
+        self.stats.commits += 1;
+        self.stats.records_committed += n;
+        self.progress += 1;
+        if table_full {
+            self.invalidate(s, InvalidReason::TableFull);
+        }
+    }
+
+    fn on_create_io(&mut self, sid: u16, ok: bool) {
+        let s = sid as usize;
+        let Some(x) = self.snaps[s].as_mut() else {
+            return;
+        };
+        x.meta_inflight = false;
+        let SnapState::Creating(step) = x.state else {
+            return;
+        };
+        if step != CreateStep::FlushOrigin {
+            x.inflight = x.inflight.saturating_sub(1);
+        }
+        if !ok {
+            if x.inflight == 0 {
+                self.snaps[s] = None;
+            } else {
+                x.valid = false;
+                x.state = SnapState::Deleting;
+            }
+            self.push_event(Event::SnapshotCreateFailed { snap: SnapId(sid) });
+            return;
+        }
+        let next = match step {
+            CreateStep::FlushOrigin => Some(CreateStep::ZeroArea),
+            CreateStep::ZeroArea => Some(CreateStep::FlushCow),
+            CreateStep::FlushCow => Some(CreateStep::WriteHeader),
+            CreateStep::WriteHeader if !x.cow_fua => Some(CreateStep::HeaderFlush),
+            _ => None,
+        };
+        match next {
+            Some(n) => x.state = SnapState::Creating(n),
+            None => {
+                x.state = SnapState::Active;
+                self.push_event(Event::SnapshotCreated { snap: SnapId(sid) });
+            }
+        }
+        self.progress += 1;
+    }
+
+    fn on_header_io(&mut self, sid: u16, ok: bool) {
+        self.io_done_on(sid);
+        let Some(x) = self.snaps[sid as usize].as_mut() else {
+            return;
+        };
+        x.meta_inflight = false;
+        x.header_phase = if ok && x.header_phase == HeaderPhase::Write && !x.cow_fua {
+            HeaderPhase::Flush
+        } else {
+            HeaderPhase::None
+        };
+    }
+
+    fn on_wipe_io(&mut self, sid: u16, _ok: bool) {
+        self.io_done_on(sid);
+        if let Some(x) = self.snaps[sid as usize].as_mut() {
+            x.meta_inflight = false;
+        }
+    }
+
+    // ----------------------------------------------------------------------------------------
+    // Copy jobs
+    // ----------------------------------------------------------------------------------------
+
+    fn step_jobs(&mut self) {
+        for j in 0..self.jobs.len() {
+            match self.jobs[j].phase {
+                JobPhase::NeedRead => {
+                    let job = self.jobs[j];
+                    if self.emit(
+                        IoCtx::JobRead { job: j as u32 },
+                        Device::Origin,
+                        IoOp::Read,
+                        job.read_start,
+                        job.read_sectors,
+                        IoBuffer::Copy {
+                            index: job.buffer,
+                            byte_offset: 0,
+                        },
+                    ) {
+                        self.jobs[j].phase = JobPhase::Reading;
+                    }
+                }
+                JobPhase::Writing if self.jobs[j].emit != NIL => self.emit_job_writes(j as u32),
+                _ => {}
+            }
+        }
+    }
+
+    fn emit_job_writes(&mut self, j: u32) {
+        loop {
+            let job = self.jobs[j as usize];
+            let mut p = job.emit;
+            // Skip exceptions whose snapshot died.
+            while p != NIL && self.pending[p as usize].state == PState::Dead {
+                p = self.pending[p as usize].next_in_job;
+            }
+            self.jobs[j as usize].emit = p;
+            if p == NIL {
+                self.maybe_finish_job(j);
+                return;
+            }
+            let first = self.pending[p as usize];
+            let mut count = 1u32;
+            let mut q = first.next_in_job;
+            while q != NIL {
+                let e = self.pending[q as usize];
+                if e.state != PState::Copying
+                    || e.snap != first.snap
+                    || e.old != first.old + u64::from(count)
+                    || e.new != first.new + u64::from(count)
+                {
+                    break;
+                }
+                count += 1;
+                q = e.next_in_job;
+            }
+            let Some(x) = self.snaps[first.snap as usize].as_ref() else {
+                return;
+            };
+            let cs = x.store.chunk_sectors();
+            let start = first.old * cs;
+            let end = ((first.old + u64::from(count)) * cs).min(self.cfg.origin_sectors);
+            let sectors = (end - start) as u32;
+            let buffer = if job.buffer == NIL {
+                IoBuffer::Caller {
+                    tag: self.reqs[job.overwrite_req as usize].req.tag,
+                    byte_offset: job.overwrite_offset,
+                }
+            } else {
+                IoBuffer::Copy {
+                    index: job.buffer,
+                    byte_offset: (start - job.read_start) * SECTOR_BYTES as u64,
+                }
+            };
+            let ctx = IoCtx::JobWrite {
+                job: j,
+                snap: first.snap,
+                first: p,
+                count,
+            };
+            let dev = Device::Cow(SnapId(first.snap));
+            if !self.emit(
+                ctx,
+                dev,
+                IoOp::Write { fua: false },
+                first.new * cs,
+                sectors,
+                buffer,
+            ) {
+                return;
+            }
+            self.stats.copy_writes += 1;
+            if job.buffer == NIL {
+                self.reqs[job.overwrite_req as usize].ios += 1;
+            }
+            self.jobs[j as usize].writes_inflight += 1;
+            self.jobs[j as usize].emit = q;
+        }
+    }
+
+    fn maybe_finish_job(&mut self, j: u32) {
+        let job = self.jobs[j as usize];
+        if job.phase != JobPhase::Writing || job.emit != NIL || job.writes_inflight != 0 {
+            return;
+        }
+        // Free dead exceptions still linked to the job.
+        let mut p = job.first;
+        while p != NIL {
+            let next = self.pending[p as usize].next_in_job;
+            debug_assert!(self.pending[p as usize].state != PState::Copying);
+            self.pending[p as usize].next_in_job = NIL;
+            self.pending[p as usize].in_job = false;
+            if self.pending[p as usize].state == PState::Dead {
+                self.pending[p as usize].state = PState::Free;
+                self.free_pending.push(p);
+            }
+            p = next;
+        }
+        if job.buffer != NIL {
+            self.free_buffers.push(job.buffer);
+        }
+        self.jobs[j as usize].phase = JobPhase::Free;
+        self.free_jobs.push(j);
+        self.progress += 1;
+    }
+
+    fn on_job_read(&mut self, j: u32, ok: bool) {
+        let job = self.jobs[j as usize];
+        if !ok {
+            // Every snapshot with a live exception in this job loses it.
+            let mut p = job.first;
+            while p != NIL {
+                let e = self.pending[p as usize];
+                if e.state == PState::Copying {
+                    self.invalidate(e.snap as usize, InvalidReason::CopyError);
+                }
+                p = e.next_in_job;
+            }
+            self.jobs[j as usize].emit = NIL;
+        }
+        self.jobs[j as usize].phase = JobPhase::Writing;
+        if ok {
+            self.emit_job_writes(j);
+        } else {
+            self.maybe_finish_job(j);
+        }
+    }
+
+    fn on_job_write(&mut self, j: u32, sid: u16, first: u32, count: u32, ok: bool) {
+        self.io_done_on(sid);
+        let job = self.jobs[j as usize];
+        self.jobs[j as usize].writes_inflight -= 1;
+        if job.buffer == NIL {
+            let r = job.overwrite_req;
+            self.reqs[r as usize].ios -= 1;
+            if !ok {
+                self.reqs[r as usize].failed = Some(VolumeError::Io);
+            }
+        }
+        if !ok {
+            self.invalidate(sid as usize, InvalidReason::CopyError);
+        } else {
+            let mut p = first;
+            for _ in 0..count {
+                if p == NIL {
+                    break;
+                }
+                let e = &mut self.pending[p as usize];
+                if e.state == PState::Copying {
+                    e.state = PState::Copied;
+                }
+                p = e.next_in_job;
+            }
+        }
+        self.maybe_finish_job(j);
+        if job.buffer == NIL {
+            self.finish_if_done(job.overwrite_req);
+        }
+    }
+
+    fn new_job(&mut self, with_buffer: bool) -> Option<u32> {
+        if with_buffer && self.free_buffers.is_empty() {
+            return None;
+        }
+        let j = self.free_jobs.pop()?;
+        let buffer = if with_buffer {
+            self.free_buffers.pop().unwrap_or(NIL)
+        } else {
+            NIL
+        };
+        self.jobs[j as usize] = Job {
+            phase: JobPhase::NeedRead,
+            buffer,
+            overwrite_req: NIL,
+            overwrite_offset: 0,
+            read_start: 0,
+            read_sectors: 0,
+            first: NIL,
+            last: NIL,
+            emit: NIL,
+            writes_inflight: 0,
+        };
+        self.stats.copy_jobs += u64::from(with_buffer);
+        Some(j)
+    }
+
+    fn link(&mut self, j: u32, p: u32) {
+        let job = &mut self.jobs[j as usize];
+        if job.last == NIL {
+            job.first = p;
+        } else {
+            self.pending[job.last as usize].next_in_job = p;
+        }
+        job.last = p;
+        self.pending[p as usize].in_job = true;
+        if job.emit == NIL {
+            job.emit = p;
+        }
+    }
+
+    /// Allocates a pending exception for `(s, old)`; the caller checked capacity.
+    fn alloc_pending(&mut self, s: usize, old: u64) -> Option<u32> {
+        let now = self.now;
+        let x = self.snaps[s].as_mut()?;
+        let new = x.store.allocate()?;
+        let p = self.free_pending.pop()?;
+        self.pending[p as usize] = Pending {
+            snap: s as u16,
+            old,
+            new,
+            state: PState::Copying,
+            next_in_job: NIL,
+            in_job: false,
+            alloc_tick: now,
+        };
+        x.order.push_back(p);
+        Some(p)
+    }
+
+    /// Whether snapshot `s` can take `n` more exceptions; invalidates it (overflow) if not.
+    fn reserve(&mut self, s: usize, n: u64) -> bool {
+        let Some(x) = self.snaps[s].as_ref() else {
+            return false;
+        };
+        let mut next = x.store.next_free;
+        let cs = x.store.chunk_sectors();
+        let g = x.store.geometry;
+        let mut fits = true;
+        for _ in 0..n {
+            if (next + 1) * cs > x.store.cow_sectors {
+                fits = false;
+                break;
+            }
+            next = g.next_data_chunk(next);
+        }
+        if !fits {
+            self.invalidate(s, InvalidReason::CowFull);
+            return false;
+        }
+        if x.table.free_runs() < x.order.len() + n as usize {
+            self.invalidate(s, InvalidReason::TableFull);
+            return false;
+        }
+        true
+    }
+
+    // ----------------------------------------------------------------------------------------
+    // Volume requests
+    // ----------------------------------------------------------------------------------------
+
+    fn step_requests(&mut self) {
+        let n = self.waiting.len();
+        for _ in 0..n {
+            let Some(idx) = self.waiting.pop_front() else {
+                break;
+            };
+            if self.reqs[idx as usize].phase != ReqPhase::Waiting {
+                continue;
+            }
+            if !self.advance_request(idx) {
+                self.waiting.push_back(idx);
+            }
+        }
+    }
+
+    /// Returns true when the request left the waiting state.
+    fn advance_request(&mut self, idx: u32) -> bool {
+        let r = self.reqs[idx as usize];
+        match (r.req.volume, r.req.op) {
+            (Volume::Origin, VolumeOp::Read) => {
+                self.issue_whole(idx, Device::Origin, IoOp::Read, true)
+            }
+            (Volume::Origin, VolumeOp::Flush) => {
+                self.issue_whole(idx, Device::Origin, IoOp::Flush, false)
+            }
+            (Volume::Origin, VolumeOp::Write { fua }) => self.advance_origin_write(idx, fua),
+            (Volume::Snapshot(id), op) => {
+                let s = id.0 as usize;
+                if !self.tracking(s) {
+                    self.fail_request(idx, VolumeError::SnapshotInvalid);
+                    return true;
+                }
+                match op {
+                    VolumeOp::Flush => self.issue_whole(idx, Device::Cow(id), IoOp::Flush, false),
+                    VolumeOp::Read => self.advance_snapshot_read(idx, s),
+                    VolumeOp::Write { fua } => self.advance_snapshot_write(idx, s, fua),
+                }
+            }
+        }
+    }
+
+    fn issue_whole(&mut self, idx: u32, dev: Device, op: IoOp, data: bool) -> bool {
+        let r = self.reqs[idx as usize].req;
+        let (sector, sectors, buffer) = if data {
+            (
+                r.sector,
+                r.sectors,
+                IoBuffer::Caller {
+                    tag: r.tag,
+                    byte_offset: 0,
+                },
+            )
+        } else {
+            (0, 0, IoBuffer::None)
+        };
+        if !self.emit(
+            IoCtx::Request {
+                req: idx,
+                origin_read: false,
+            },
+            dev,
+            op,
+            sector,
+            sectors,
+            buffer,
+        ) {
+            return false;
+        }
+        let slot = &mut self.reqs[idx as usize];
+        slot.ios += 1;
+        slot.phase = ReqPhase::Issued;
+        true
+    }
+
+    fn advance_origin_write(&mut self, idx: u32, fua: bool) -> bool {
+        let r = self.reqs[idx as usize];
+        if !r.admitted {
+            if self.quiescing {
+                return false;
+            }
+            self.reqs[idx as usize].admitted = true;
+            self.origin_writes_active += 1;
+            self.stats.origin_writes += 1;
+        }
+        let start = r.req.sector;
+        let end = start + u64::from(r.req.sectors);
+        let mut clear = true;
+        let mut need_alloc = false;
+        for s in 0..self.snaps.len() {
+            if !self.tracking(s) {
+                continue;
+            }
+            let Some(x) = self.snaps[s].as_ref() else {
+                continue;
+            };
+            let cs = x.store.chunk_sectors();
+            for c in start / cs..=(end - 1) / cs {
+                if x.table.lookup(c).is_some() {
+                    continue;
+                }
+                match self.pending_of(s, c) {
+                    Some(p) => {
+                        let st = self.pending[p as usize].state;
+                        if !(self.cfg.unsafe_release_before_commit
+                            && matches!(st, PState::Copied | PState::Committing))
+                        {
+                            clear = false;
+                        }
+                    }
+                    None => {
+                        clear = false;
+                        need_alloc = true;
+                    }
+                }
+            }
+        }
+        if need_alloc {
+            if !r.admitted {
+                self.stats.held_writes += 1;
+            }
+            self.plan_origin_copies(start, end);
+            return false;
+        }
+        if !clear {
+            return false;
+        }
+        // An invalidated store's header must be durable before the write it gave up on goes
+        // down, or a crash could leave a valid-looking store missing that chunk's copy.
+        if self
+            .snaps
+            .iter()
+            .flatten()
+            .any(|x| x.header_phase != HeaderPhase::None || (x.meta_inflight && !x.valid))
+        {
+            return false;
+        }
+        if self.origin_reads_redirected > 0 && self.conflicts_with_redirected_read(start, end) {
+            return false;
+        }
+        self.issue_whole(idx, Device::Origin, IoOp::Write { fua }, true)
+    }
+
+    fn conflicts_with_redirected_read(&self, start: u64, end: u64) -> bool {
+        self.reqs.iter().any(|r| {
+            r.origin_reads > 0
+                && r.req.sector < end
+                && start < r.req.sector + u64::from(r.req.sectors)
+        })
+    }
+
+    /// Creates copy jobs for every uncopied chunk of `[start, end)`, one per aligned window
+    /// of `copy_buffer_sectors`, as far as the pools allow.
+    fn plan_origin_copies(&mut self, start: u64, end: u64) {
+        let w = u64::from(self.cfg.copy_buffer_sectors);
+        let mut win = start / w * w;
+        while win < end {
+            let lo = start.max(win);
+            let hi = end.min(win + w);
+            if !self.plan_window(lo, hi) {
+                return;
+            }
+            win += w;
+        }
+    }
+
+    /// Plans one job for `[lo, hi)` (inside one window). Returns false when out of resources.
+    fn plan_window(&mut self, lo: u64, hi: u64) -> bool {
+        let nsnaps = self.snaps.len();
+        // Pass 1: count what is needed.
+        let mut total = 0u64;
+        for s in 0..nsnaps {
+            if !self.tracking(s) {
+                continue;
+            }
+            let n = self.count_needed(s, lo, hi);
+            if n > 0 && self.reserve(s, n) {
+                total += n;
+            }
+        }
+        if total == 0 {
+            return true;
+        }
+        if (self.free_pending.len() as u64) < total {
+            return false;
+        }
+        let Some(j) = self.new_job(true) else {
+            return false;
+        };
+        // Pass 2: allocate in (snapshot, chunk) order, link into the job.
+        let mut read_lo = u64::MAX;
+        let mut read_hi = 0u64;
+        for s in 0..nsnaps {
+            if !self.tracking(s) {
+                continue;
+            }
+            let Some(x) = self.snaps[s].as_ref() else {
+                continue;
+            };
+            let cs = x.store.chunk_sectors();
+            for c in lo / cs..=(hi - 1) / cs {
+                let has = self.snaps[s]
+                    .as_ref()
+                    .is_some_and(|x| x.table.lookup(c).is_some());
+                if has || self.pending_of(s, c).is_some() {
+                    continue;
+                }
+                let Some(p) = self.alloc_pending(s, c) else {
+                    continue;
+                };
+                self.link(j, p);
+                read_lo = read_lo.min(c * cs);
+                read_hi = read_hi.max(((c + 1) * cs).min(self.cfg.origin_sectors));
+            }
+            self.check_usage(s);
+        }
+        if read_lo >= read_hi {
+            // Nothing allocated after all.
+            self.jobs[j as usize].phase = JobPhase::Writing;
+            self.maybe_finish_job(j);
+            return true;
+        }
+        let job = &mut self.jobs[j as usize];
+        job.read_start = read_lo;
+        job.read_sectors = (read_hi - read_lo) as u32;
+        job.phase = JobPhase::NeedRead;
+        self.progress += 1;
+        true
+    }
+
+    fn count_needed(&self, s: usize, lo: u64, hi: u64) -> u64 {
+        let Some(x) = self.snaps[s].as_ref() else {
+            return 0;
+        };
+        let cs = x.store.chunk_sectors();
+        let mut n = 0;
+        for c in lo / cs..=(hi - 1) / cs {
+            if x.table.lookup(c).is_none() && self.pending_of(s, c).is_none() {
+                n += 1;
+            }
+        }
+        n
+    }
+
+    fn advance_snapshot_read(&mut self, idx: u32, s: usize) -> bool {
+        let r = self.reqs[idx as usize];
+        let end = r.req.sector + u64::from(r.req.sectors);
+        let sid = SnapId(s as u16);
+        let mut cursor = r.cursor;
+        while cursor < end {
+            // Map [cursor, piece_end) and extend while the mapping stays contiguous.
+            let (dev, target, mut piece_end) = self.map_snapshot_sector(s, cursor, end);
+            while piece_end < end {
+                let (d2, t2, e2) = self.map_snapshot_sector(s, piece_end, end);
+                if d2 != dev || t2 != target + (piece_end - cursor) {
+                    break;
+                }
+                piece_end = e2;
+            }
+            let origin_read = dev == Device::Origin;
+            let device = if origin_read {
+                Device::Origin
+            } else {
+                Device::Cow(sid)
+            };
+            let buffer = IoBuffer::Caller {
+                tag: r.req.tag,
+                byte_offset: (cursor - r.req.sector) * SECTOR_BYTES as u64,
+            };
+            let ctx = IoCtx::Request {
+                req: idx,
+                origin_read,
+            };
+            if !self.emit(
+                ctx,
+                device,
+                IoOp::Read,
+                target,
+                (piece_end - cursor) as u32,
+                buffer,
+            ) {
+                self.reqs[idx as usize].cursor = cursor;
+                return false;
+            }
+            let slot = &mut self.reqs[idx as usize];
+            slot.ios += 1;
+            if origin_read {
+                slot.origin_reads += 1;
+                self.origin_reads_redirected += 1;
+            }
+            cursor = piece_end;
+        }
+        let slot = &mut self.reqs[idx as usize];
+        slot.cursor = cursor;
+        slot.phase = ReqPhase::Issued;
+        true
+    }
+
+    /// Where sector `sector` of snapshot `s` lives: (device, target sector, end of its chunk
+    /// piece within `end`).
+    fn map_snapshot_sector(&self, s: usize, sector: u64, end: u64) -> (Device, u64, u64) {
+        let Some(x) = self.snaps[s].as_ref() else {
+            return (Device::Origin, sector, end);
+        };
+        let cs = x.store.chunk_sectors();
+        let c = sector / cs;
+        let off = sector - c * cs;
+        let piece_end = ((c + 1) * cs).min(end);
+        let new = x.table.lookup(c).or_else(|| {
+            self.pending_of(s, c).and_then(|p| {
+                let e = self.pending[p as usize];
+                matches!(e.state, PState::Copied | PState::Committing).then_some(e.new)
+            })
+        });
+        match new {
+            Some(n) => (Device::Cow(SnapId(s as u16)), n * cs + off, piece_end),
+            None => (Device::Origin, sector, piece_end),
+        }
+    }
+
+    fn advance_snapshot_write(&mut self, idx: u32, s: usize, fua: bool) -> bool {
+        let r = self.reqs[idx as usize];
+        let end = r.req.sector + u64::from(r.req.sectors);
+        let sid = SnapId(s as u16);
+        let Some(cs) = self.snaps[s].as_ref().map(|x| x.store.chunk_sectors()) else {
+            return false;
+        };
+        let mut cursor = r.cursor;
+        while cursor < end {
+            let c = cursor / cs;
+            let piece_end = ((c + 1) * cs).min(end);
+            let mapped = self.snaps[s].as_ref().and_then(|x| x.table.lookup(c));
+            if let Some(new) = mapped {
+                if self.reqs[idx as usize].overwrite_chunk == Some(c) {
+                    // Our own data went down with the exception.
+                    self.reqs[idx as usize].overwrite_chunk = None;
+                    cursor = piece_end;
+                    continue;
+                }
+                let buffer = IoBuffer::Caller {
+                    tag: r.req.tag,
+                    byte_offset: (cursor - r.req.sector) * SECTOR_BYTES as u64,
+                };
+                let target = new * cs + (cursor - c * cs);
+                let ctx = IoCtx::Request {
+                    req: idx,
+                    origin_read: false,
+                };
+                if !self.emit(
+                    ctx,
+                    Device::Cow(sid),
+                    IoOp::Write { fua },
+                    target,
+                    (piece_end - cursor) as u32,
+                    buffer,
+                ) {
+                    break;
+                }
+                self.reqs[idx as usize].ios += 1;
+                cursor = piece_end;
+                continue;
+            }
+            if self.pending_of(s, c).is_some() {
+                break;
+            }
+            // No exception yet: allocate one.
+            if !self.reserve(s, 1) {
+                self.reqs[idx as usize].cursor = cursor;
+                self.fail_request(idx, VolumeError::SnapshotInvalid);
+                return true;
+            }
+            if self.free_pending.is_empty() {
+                break;
+            }
+            let chunk_end = ((c + 1) * cs).min(self.cfg.origin_sectors);
+            let whole = cursor == c * cs && piece_end == chunk_end;
+            let Some(j) = self.new_job(!whole) else {
+                break;
+            };
+            let Some(p) = self.alloc_pending(s, c) else {
+                // Cannot happen after `reserve`; give the job back.
+                self.jobs[j as usize].phase = JobPhase::Writing;
+                self.maybe_finish_job(j);
+                break;
+            };
+            self.link(j, p);
+            self.check_usage(s);
+            let job = &mut self.jobs[j as usize];
+            if whole {
+                job.overwrite_req = idx;
+                job.overwrite_offset = (cursor - r.req.sector) * SECTOR_BYTES as u64;
+                job.phase = JobPhase::Writing;
+                self.reqs[idx as usize].overwrite_chunk = Some(c);
+            } else {
+                job.read_start = c * cs;
+                job.read_sectors = (chunk_end - c * cs) as u32;
+                job.phase = JobPhase::NeedRead;
+            }
+            self.progress += 1;
+            break;
+        }
+        self.reqs[idx as usize].cursor = cursor;
+        if cursor >= end {
+            self.reqs[idx as usize].phase = ReqPhase::Issued;
+            self.finish_if_done(idx);
+            return true;
+        }
+        false
+    }
+
+    fn on_request_io(&mut self, idx: u32, origin_read: bool, ok: bool) {
+        let r = self.reqs[idx as usize];
+        if r.phase == ReqPhase::Free {
+            return;
+        }
+        if let Volume::Snapshot(id) = r.req.volume {
+            if !origin_read {
+                self.io_done_on(id.0);
+            }
+        }
+        let slot = &mut self.reqs[idx as usize];
+        slot.ios -= 1;
+        if origin_read {
+            slot.origin_reads -= 1;
+            self.origin_reads_redirected -= 1;
+        }
+        if !ok && slot.failed.is_none() {
+            slot.failed = Some(VolumeError::Io);
+        }
+        self.finish_if_done(idx);
+    }
+}

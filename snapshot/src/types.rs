@@ -1,0 +1,362 @@
+//! The engine's public request, I/O and event types.
+//!
+//! A *volume request* is what a user of the appliance asks for (read/write/flush on the origin
+//! or on a snapshot). An [`Io`] is what the engine asks the kernel to issue on a real device
+//! (the origin or a snapshot's COW device). Both are plain values; see the crate docs for the
+//! protocol.
+
+use crate::format::Binding;
+
+/// A snapshot slot of an [`Engine`](crate::Engine).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SnapId(pub u16);
+
+/// A volume the appliance serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Volume {
+    /// The origin device as users see it.
+    Origin,
+    /// A snapshot of the origin.
+    Snapshot(SnapId),
+}
+
+/// What a volume request does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VolumeOp {
+    /// Read `sectors` sectors into the caller's buffer.
+    Read,
+    /// Write `sectors` sectors from the caller's buffer; `fua` = durable on completion.
+    Write {
+        /// Force unit access.
+        fua: bool,
+    },
+    /// Make every write acknowledged before this request durable.
+    Flush,
+}
+
+/// A request on a volume. The caller keeps the data buffer; the engine names it by `tag`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VolumeRequest {
+    /// Caller's identifier; comes back in the [`VolumeCompletion`] and in [`IoBuffer::Caller`].
+    pub tag: u64,
+    /// Which volume.
+    pub volume: Volume,
+    /// Read, write or flush.
+    pub op: VolumeOp,
+    /// First sector (ignored for flush).
+    pub sector: u64,
+    /// Number of sectors (ignored for flush).
+    pub sectors: u32,
+}
+
+/// Why a volume request failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VolumeError {
+    /// A device reported an error.
+    Io,
+    /// The snapshot is invalid (overflowed, failed or deleted).
+    SnapshotInvalid,
+    /// The range is outside the volume, or empty.
+    OutOfRange,
+    /// Write to a read-only snapshot.
+    ReadOnly,
+    /// No such snapshot.
+    NoSuchVolume,
+}
+
+/// A finished volume request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VolumeCompletion {
+    /// The request's tag.
+    pub tag: u64,
+    /// Outcome.
+    pub result: Result<(), VolumeError>,
+}
+
+/// Why [`Engine::submit`](crate::Engine::submit) did not take a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SubmitError {
+    /// Every request slot is in use: keep the request and submit it again after a completion.
+    Busy,
+}
+
+/// A device the engine issues I/O to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Device {
+    /// The origin device.
+    Origin,
+    /// The COW device of a snapshot.
+    Cow(SnapId),
+}
+
+/// Operation of an [`Io`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoOp {
+    /// Read into the buffer.
+    Read,
+    /// Write from the buffer; `fua`: durable when it completes.
+    Write {
+        /// Force unit access.
+        fua: bool,
+    },
+    /// Cache flush: every write completed before it was issued is durable when it completes.
+    Flush,
+}
+
+/// Which metadata buffer of the engine an [`Io`] writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MetaKind {
+    /// The current metadata area (one chunk).
+    Area,
+    /// The header block (header + binding, one COW logical block).
+    Header,
+}
+
+/// Where the data of an [`Io`] lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoBuffer {
+    /// No data (flush).
+    None,
+    /// The caller's buffer of volume request `tag`, from `byte_offset`.
+    Caller {
+        /// Volume request tag.
+        tag: u64,
+        /// Offset into that request's buffer.
+        byte_offset: u64,
+    },
+    /// Copy buffer `index` (owned by the caller, `copy_buffer_sectors * 512` bytes each).
+    Copy {
+        /// Buffer index, `0..EngineConfig::copy_buffers`.
+        index: u32,
+        /// Offset into the buffer.
+        byte_offset: u64,
+    },
+    /// An engine-owned metadata buffer: get the bytes with
+    /// [`Engine::meta_bytes`](crate::Engine::meta_bytes) when issuing the write.
+    Meta {
+        /// Which snapshot's buffer.
+        snap: SnapId,
+        /// Area or header.
+        kind: MetaKind,
+    },
+    /// Write zeroes (a zero page or the device's write-zeroes command).
+    Zeroes,
+}
+
+/// Identifies an issued [`Io`]; give it back to [`Engine::complete_io`](crate::Engine::complete_io).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IoToken(pub u64);
+
+/// An I/O the engine wants issued.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Io {
+    /// Completion token.
+    pub token: IoToken,
+    /// Target device.
+    pub device: Device,
+    /// Operation.
+    pub op: IoOp,
+    /// First sector (512-byte units).
+    pub sector: u64,
+    /// Length in sectors (0 for flush).
+    pub sectors: u32,
+    /// Data.
+    pub buffer: IoBuffer,
+}
+
+/// A device error reported for an [`Io`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IoError;
+
+/// Why a snapshot was invalidated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InvalidReason {
+    /// The COW device is full (`Overflow`).
+    CowFull,
+    /// The in-memory exception table is full (`Overflow`).
+    TableFull,
+    /// Reading the origin chunk or writing its copy failed.
+    CopyError,
+    /// Writing metadata failed.
+    MetadataError,
+    /// Deleted by the operator.
+    Deleted,
+}
+
+/// Something the console should hear about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// A snapshot's COW usage crossed a threshold (percent).
+    UsageThreshold {
+        /// Snapshot.
+        snap: SnapId,
+        /// Threshold crossed.
+        percent: u8,
+    },
+    /// A snapshot was invalidated.
+    Invalidated {
+        /// Snapshot.
+        snap: SnapId,
+        /// Why.
+        reason: InvalidReason,
+    },
+    /// Origin writes are quiesced (after [`Engine::quiesce_origin`](crate::Engine::quiesce_origin)).
+    OriginQuiesced,
+    /// A snapshot store is initialised and active.
+    SnapshotCreated {
+        /// Snapshot.
+        snap: SnapId,
+    },
+    /// Initialising a snapshot store failed; the slot is free again.
+    SnapshotCreateFailed {
+        /// Snapshot.
+        snap: SnapId,
+    },
+    /// A snapshot is wiped and forgotten.
+    SnapshotDeleted {
+        /// Snapshot.
+        snap: SnapId,
+    },
+}
+
+/// When group commits start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CommitPolicy {
+    /// snapfw: when no copy is in flight, when the area is full, or when the oldest uncommitted
+    /// exception has waited `hold_bound_ticks`.
+    Grouped,
+    /// Linux: only when no copy is in flight or the area is full.
+    LinuxIdle,
+}
+
+/// Engine-wide sizing and policy, fixed at creation.
+#[derive(Clone, Copy, Debug)]
+pub struct EngineConfig {
+    /// Origin capacity in sectors.
+    pub origin_sectors: u64,
+    /// Origin logical block size in sectors.
+    pub origin_block_sectors: u32,
+    /// Snapshot slots.
+    pub max_snapshots: u16,
+    /// Volume requests in the engine at once.
+    pub request_slots: u32,
+    /// I/Os outstanding (queued or issued) at once.
+    pub io_slots: u32,
+    /// Pending exceptions (allocated, not yet committed) across all snapshots.
+    pub pending_exceptions: u32,
+    /// Copy buffers (owned by the caller).
+    pub copy_buffers: u32,
+    /// Size of one copy buffer = the largest sequential copy, in sectors (a power of two, at
+    /// least the largest chunk size).
+    pub copy_buffer_sectors: u32,
+    /// Group commit bound: start a commit once the oldest uncommitted exception is this old.
+    pub hold_bound_ticks: u64,
+    /// Commit policy.
+    pub commit_policy: CommitPolicy,
+    /// Usage percentages that raise an event.
+    pub usage_thresholds: [u8; 2],
+    /// Test-only negative control: release held origin writes once the copy is written but
+    /// before its record is durable. Breaks crash safety on purpose.
+    #[doc(hidden)]
+    pub unsafe_release_before_commit: bool,
+}
+
+impl EngineConfig {
+    /// Reasonable sizes for an origin of `origin_sectors` sectors.
+    pub fn new(origin_sectors: u64) -> Self {
+        EngineConfig {
+            origin_sectors,
+            origin_block_sectors: 1,
+            max_snapshots: 8,
+            request_slots: 128,
+            io_slots: 512,
+            pending_exceptions: 512,
+            copy_buffers: 64,
+            copy_buffer_sectors: 256,
+            hold_bound_ticks: 100,
+            commit_policy: CommitPolicy::Grouped,
+            usage_thresholds: [80, 90],
+            unsafe_release_before_commit: false,
+        }
+    }
+}
+
+/// Per-snapshot parameters.
+#[derive(Clone, Debug)]
+pub struct SnapshotConfig {
+    /// Chunk size in sectors (a power of two).
+    pub chunk_sectors: u32,
+    /// COW device capacity in sectors.
+    pub cow_sectors: u64,
+    /// COW device logical block size in sectors.
+    pub cow_block_sectors: u32,
+    /// COW device honours FUA (else the engine writes, then flushes).
+    pub cow_fua: bool,
+    /// Accept writes to the snapshot.
+    pub writable: bool,
+    /// Exception table capacity in runs.
+    pub table_runs: usize,
+    /// Binding record to write into chunk 0 (None: unbound, as Linux writes it).
+    pub binding: Option<Binding>,
+}
+
+/// Why an engine control call was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EngineError {
+    /// The configuration is inconsistent (zero pools, chunk size not a power of two, etc.).
+    BadConfig,
+    /// No free snapshot slot.
+    NoSnapshotSlot,
+    /// The origin must be quiesced first.
+    NotQuiesced,
+    /// No such snapshot.
+    NoSuchSnapshot,
+    /// Unknown or stale I/O token.
+    UnknownToken,
+    /// The loaded store does not match the configuration (chunk size, COW size).
+    StoreMismatch,
+}
+
+/// Snapshot status as `dmsetup status` prints it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Status {
+    /// `allocated/total metadata`, all in sectors.
+    Usage(crate::store::Usage),
+    /// `Invalid`.
+    Invalid,
+    /// `Overflow`.
+    Overflow,
+}
+
+impl core::fmt::Display for Status {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Status::Usage(u) => write!(
+                f,
+                "{}/{} {}",
+                u.allocated_sectors, u.total_sectors, u.metadata_sectors
+            ),
+            Status::Invalid => f.write_str("Invalid"),
+            Status::Overflow => f.write_str("Overflow"),
+        }
+    }
+}
+
+/// Counters for benches and the console.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    /// Origin writes admitted.
+    pub origin_writes: u64,
+    /// Origin writes that had to wait for a copy.
+    pub held_writes: u64,
+    /// Commits completed.
+    pub commits: u64,
+    /// Records made durable by commits.
+    pub records_committed: u64,
+    /// Flushes issued to COW devices by commits.
+    pub commit_flushes: u64,
+    /// Copy jobs (one origin read each).
+    pub copy_jobs: u64,
+    /// Copy writes (one per snapshot and run).
+    pub copy_writes: u64,
+}

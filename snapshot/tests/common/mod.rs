@@ -1,0 +1,842 @@
+//! Shared harness for the engine tests: a reference model of every volume, a workload driver
+//! on top of `snapshot::sim::World`, and the crash checker.
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use snapshot::sim::{Order, Rng, SimDisk, World, DATA_BIT};
+use snapshot::*;
+
+/// Per-sector history of one volume: what a crash may leave there.
+#[derive(Clone, Debug)]
+pub struct VolModel {
+    hist: Vec<Vec<u64>>,
+    floor: Vec<usize>,
+    acked: Vec<usize>,
+}
+
+impl VolModel {
+    pub fn new(initial: Vec<u64>) -> Self {
+        let n = initial.len();
+        VolModel {
+            hist: initial.into_iter().map(|v| vec![v]).collect(),
+            floor: vec![0; n],
+            acked: vec![0; n],
+        }
+    }
+    /// Records a submitted write; returns the history index per sector.
+    fn submit(&mut self, sector: u64, values: &[u64]) -> Vec<usize> {
+        values
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| {
+                let h = &mut self.hist[sector as usize + i];
+                h.push(v);
+                h.len() - 1
+            })
+            .collect()
+    }
+    fn ack(&mut self, sector: u64, idx: &[usize], fua: bool) {
+        for (i, &k) in idx.iter().enumerate() {
+            let x = sector as usize + i;
+            self.acked[x] = self.acked[x].max(k);
+            if fua {
+                self.floor[x] = self.floor[x].max(k);
+            }
+        }
+    }
+    fn flush_done(&mut self, acked_at_submit: &[usize]) {
+        for (f, &a) in self.floor.iter_mut().zip(acked_at_submit) {
+            *f = (*f).max(a);
+        }
+    }
+    pub fn current(&self, x: u64) -> u64 {
+        self.hist[x as usize][self.acked[x as usize]]
+    }
+    pub fn allowed(&self, x: u64, v: u64) -> bool {
+        self.hist[x as usize][self.floor[x as usize]..].contains(&v)
+    }
+    pub fn sectors(&self) -> u64 {
+        self.hist.len() as u64
+    }
+}
+
+/// One step of a workload.
+#[derive(Clone, Copy, Debug)]
+pub enum Op {
+    OriginWrite {
+        sector: u64,
+        sectors: u32,
+        fua: bool,
+    },
+    OriginRead {
+        sector: u64,
+        sectors: u32,
+    },
+    OriginFlush,
+    SnapWrite {
+        snap: u16,
+        sector: u64,
+        sectors: u32,
+    },
+    SnapRead {
+        snap: u16,
+        sector: u64,
+        sectors: u32,
+    },
+    SnapFlush {
+        snap: u16,
+    },
+    /// Create a snapshot (chunk sectors, COW chunks, writable, fua).
+    Create {
+        chunk: u32,
+        cow_chunks: u64,
+        writable: bool,
+        fua: bool,
+    },
+    Delete {
+        snap: u16,
+    },
+    /// Wait for everything in flight.
+    Drain,
+}
+
+#[derive(Clone, Debug)]
+enum Outstanding {
+    Write {
+        vol: Option<u16>,
+        sector: u64,
+        sectors: u32,
+        idx: Vec<usize>,
+        fua: bool,
+    },
+    Read {
+        vol: Option<u16>,
+        sector: u64,
+        sectors: u32,
+    },
+    Flush {
+        vol: Option<u16>,
+        acked: Vec<usize>,
+    },
+}
+
+/// Knobs of a run.
+#[derive(Clone, Debug)]
+pub struct RunConfig {
+    pub origin_sectors: u64,
+    pub qd: usize,
+    pub order: Order,
+    pub seed: u64,
+    /// Crash images per completion point besides "none kept" and "all kept".
+    pub random_crashes: u32,
+    pub broken_ordering: bool,
+    pub pending_exceptions: u32,
+    pub copy_buffers: u32,
+    pub copy_buffer_sectors: u32,
+    pub hold_bound: u64,
+    pub fail_every: Option<u64>,
+    /// Check every n-th completion point (1 = all).
+    pub check_every: u64,
+}
+
+impl RunConfig {
+    pub fn new(origin_sectors: u64, qd: usize, order: Order, seed: u64) -> Self {
+        RunConfig {
+            origin_sectors,
+            qd,
+            order,
+            seed,
+            random_crashes: 2,
+            broken_ordering: false,
+            pending_exceptions: 64,
+            copy_buffers: 8,
+            copy_buffer_sectors: 16,
+            hold_bound: 3,
+            fail_every: None,
+            check_every: 1,
+        }
+    }
+}
+
+pub struct SnapModel {
+    pub model: VolModel,
+    pub created: bool,
+    pub invalidated: bool,
+    pub deleted: bool,
+    pub chunk: u32,
+    pub cow_sectors: u64,
+}
+
+/// The outcome of a run.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub crash_states: u64,
+    pub violations: Vec<String>,
+    pub completions: u64,
+}
+
+pub struct Harness {
+    pub world: World,
+    pub cfg: RunConfig,
+    pub origin: VolModel,
+    pub snaps: BTreeMap<u16, SnapModel>,
+    outstanding: BTreeMap<u64, Outstanding>,
+    next_tag: u64,
+    next_write: u64,
+    pub outcome: Outcome,
+    point: u64,
+    crash_rng: Rng,
+}
+
+pub fn stamp(write: u64, sector: u64) -> u64 {
+    DATA_BIT | (write << 24) | sector
+}
+
+impl Harness {
+    pub fn new(cfg: RunConfig) -> Self {
+        let mut ec = EngineConfig::new(cfg.origin_sectors);
+        ec.max_snapshots = 4;
+        ec.request_slots = 96;
+        ec.io_slots = 256;
+        ec.pending_exceptions = cfg.pending_exceptions;
+        ec.copy_buffers = cfg.copy_buffers;
+        ec.copy_buffer_sectors = cfg.copy_buffer_sectors;
+        ec.hold_bound_ticks = cfg.hold_bound;
+        ec.unsafe_release_before_commit = cfg.broken_ordering;
+        let engine = Engine::new(ec).expect("engine config");
+        let origin = SimDisk::new(cfg.origin_sectors, |s| stamp(0, s));
+        let init: Vec<u64> = origin.current.clone();
+        let mut world = World::new(engine, origin, cfg.order, cfg.seed);
+        if let Some(n) = cfg.fail_every {
+            let mut count = 0u64;
+            world.fail = Some(Box::new(move |_io: &Io| {
+                count += 1;
+                count % n == 0
+            }));
+        }
+        Harness {
+            world,
+            origin: VolModel::new(init),
+            snaps: BTreeMap::new(),
+            outstanding: BTreeMap::new(),
+            next_tag: 1,
+            next_write: 1,
+            outcome: Outcome::default(),
+            point: 0,
+            crash_rng: Rng::new(cfg.seed ^ 0xC0FFEE),
+            cfg,
+        }
+    }
+
+    fn overlaps_write(&self, vol: Option<u16>, sector: u64, sectors: u32) -> bool {
+        let end = sector + u64::from(sectors);
+        self.outstanding.values().any(|o| match o {
+            Outstanding::Write {
+                vol: v,
+                sector: s,
+                sectors: n,
+                ..
+            } => *v == vol && *s < end && sector < s + u64::from(*n),
+            Outstanding::Read {
+                vol: v,
+                sector: s,
+                sectors: n,
+            } => *v == vol && *s < end && sector < s + u64::from(*n),
+            _ => false,
+        })
+    }
+
+    /// Completes one I/O, processes volume completions and checks crash states.
+    pub fn step(&mut self) -> bool {
+        if !self.world.complete_one() {
+            return false;
+        }
+        self.absorb();
+        self.point += 1;
+        if self.point % self.cfg.check_every == 0 {
+            self.check_crashes();
+        }
+        true
+    }
+
+    fn absorb(&mut self) {
+        for e in std::mem::take(&mut self.world.events) {
+            match e {
+                Event::SnapshotCreated { snap } => {
+                    if let Some(m) = self.snaps.get_mut(&snap.0) {
+                        m.created = true;
+                    }
+                }
+                Event::Invalidated { snap, .. } => {
+                    if let Some(m) = self.snaps.get_mut(&snap.0) {
+                        m.invalidated = true;
+                    }
+                }
+                Event::SnapshotDeleted { snap } => {
+                    if let Some(m) = self.snaps.get_mut(&snap.0) {
+                        m.deleted = true;
+                    }
+                }
+                Event::SnapshotCreateFailed { snap } => {
+                    self.snaps.remove(&snap.0);
+                }
+                _ => {}
+            }
+        }
+        for c in std::mem::take(&mut self.world.completed) {
+            let Some(o) = self.outstanding.remove(&c.tag) else {
+                continue;
+            };
+            let buf = self.world.buffers.remove(&c.tag);
+            if c.result.is_err() {
+                continue;
+            }
+            match o {
+                Outstanding::Write {
+                    vol,
+                    sector,
+                    idx,
+                    fua,
+                    ..
+                } => match vol {
+                    None => self.origin.ack(sector, &idx, fua),
+                    Some(s) => {
+                        if let Some(m) = self.snaps.get_mut(&s) {
+                            m.model.ack(sector, &idx, fua)
+                        }
+                    }
+                },
+                Outstanding::Flush { vol, acked } => match vol {
+                    None => self.origin.flush_done(&acked),
+                    Some(s) => {
+                        if let Some(m) = self.snaps.get_mut(&s) {
+                            m.model.flush_done(&acked)
+                        }
+                    }
+                },
+                Outstanding::Read {
+                    vol,
+                    sector,
+                    sectors,
+                } => {
+                    let buf = buf.unwrap_or_default();
+                    let model = match vol {
+                        None => Some(&self.origin),
+                        Some(s) => self
+                            .snaps
+                            .get(&s)
+                            .filter(|m| !m.invalidated)
+                            .map(|m| &m.model),
+                    };
+                    if let Some(m) = model {
+                        for i in 0..sectors as u64 {
+                            let want = m.current(sector + i);
+                            let got = buf.get(i as usize).copied().unwrap_or(0);
+                            if got != want {
+                                self.outcome.violations.push(format!(
+                                    "live read of {vol:?} sector {} returned {got:#x}, expected {want:#x}",
+                                    sector + i
+                                ));
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn submit(&mut self, req: VolumeRequest, buf: Vec<u64>, o: Outstanding) {
+        loop {
+            match self.world.submit(req, buf.clone()) {
+                Ok(()) => break,
+                Err(SubmitError::Busy) => {
+                    if !self.step() {
+                        panic!("engine busy with nothing in flight");
+                    }
+                }
+            }
+        }
+        self.outstanding.insert(req.tag, o);
+        self.world.pump();
+        self.absorb();
+    }
+
+    fn wait_for_room(&mut self, vol: Option<u16>, sector: u64, sectors: u32) {
+        while self.outstanding.len() >= self.cfg.qd || self.overlaps_write(vol, sector, sectors) {
+            if !self.step() {
+                break;
+            }
+        }
+    }
+
+    pub fn drain(&mut self) {
+        while !self.outstanding.is_empty() {
+            if !self.step() {
+                break;
+            }
+        }
+        while self.step() {}
+    }
+
+    pub fn run(&mut self, ops: &[Op]) {
+        for &op in ops {
+            self.apply(op);
+        }
+        self.drain();
+    }
+
+    fn snap_ok(&self, s: u16) -> bool {
+        self.snaps
+            .get(&s)
+            .is_some_and(|m| m.created && !m.invalidated && !m.deleted)
+    }
+
+    pub fn apply(&mut self, op: Op) {
+        let tag = self.next_tag;
+        self.next_tag += 1;
+        match op {
+            Op::OriginWrite {
+                sector,
+                sectors,
+                fua,
+            } => {
+                self.wait_for_room(None, sector, sectors);
+                let w = self.next_write;
+                self.next_write += 1;
+                let vals: Vec<u64> = (0..sectors as u64).map(|i| stamp(w, sector + i)).collect();
+                let idx = self.origin.submit(sector, &vals);
+                let req = VolumeRequest {
+                    tag,
+                    volume: Volume::Origin,
+                    op: VolumeOp::Write { fua },
+                    sector,
+                    sectors,
+                };
+                self.submit(
+                    req,
+                    vals,
+                    Outstanding::Write {
+                        vol: None,
+                        sector,
+                        sectors,
+                        idx,
+                        fua,
+                    },
+                );
+            }
+            Op::OriginRead { sector, sectors } => {
+                self.wait_for_room(None, sector, sectors);
+                let req = VolumeRequest {
+                    tag,
+                    volume: Volume::Origin,
+                    op: VolumeOp::Read,
+                    sector,
+                    sectors,
+                };
+                self.submit(
+                    req,
+                    vec![0; sectors as usize],
+                    Outstanding::Read {
+                        vol: None,
+                        sector,
+                        sectors,
+                    },
+                );
+            }
+            Op::OriginFlush => {
+                self.wait_for_room(None, 0, 0);
+                let acked = self.origin.acked.clone();
+                let req = VolumeRequest {
+                    tag,
+                    volume: Volume::Origin,
+                    op: VolumeOp::Flush,
+                    sector: 0,
+                    sectors: 0,
+                };
+                self.submit(req, Vec::new(), Outstanding::Flush { vol: None, acked });
+            }
+            Op::SnapWrite {
+                snap,
+                sector,
+                sectors,
+            } => {
+                if !self.snap_ok(snap) {
+                    return;
+                }
+                self.wait_for_room(Some(snap), sector, sectors);
+                if !self.snap_ok(snap) {
+                    return;
+                }
+                let w = self.next_write;
+                self.next_write += 1;
+                let vals: Vec<u64> = (0..sectors as u64)
+                    .map(|i| stamp(w, sector + i) | (1 << 62))
+                    .collect();
+                let Some(m) = self.snaps.get_mut(&snap) else {
+                    return;
+                };
+                let idx = m.model.submit(sector, &vals);
+                let req = VolumeRequest {
+                    tag,
+                    volume: Volume::Snapshot(SnapId(snap)),
+                    op: VolumeOp::Write { fua: false },
+                    sector,
+                    sectors,
+                };
+                self.submit(
+                    req,
+                    vals,
+                    Outstanding::Write {
+                        vol: Some(snap),
+                        sector,
+                        sectors,
+                        idx,
+                        fua: false,
+                    },
+                );
+            }
+            Op::SnapRead {
+                snap,
+                sector,
+                sectors,
+            } => {
+                if !self.snap_ok(snap) {
+                    return;
+                }
+                self.wait_for_room(Some(snap), sector, sectors);
+                if !self.snap_ok(snap) {
+                    return;
+                }
+                let req = VolumeRequest {
+                    tag,
+                    volume: Volume::Snapshot(SnapId(snap)),
+                    op: VolumeOp::Read,
+                    sector,
+                    sectors,
+                };
+                self.submit(
+                    req,
+                    vec![0; sectors as usize],
+                    Outstanding::Read {
+                        vol: Some(snap),
+                        sector,
+                        sectors,
+                    },
+                );
+            }
+            Op::SnapFlush { snap } => {
+                if !self.snap_ok(snap) {
+                    return;
+                }
+                self.wait_for_room(Some(snap), 0, 0);
+                let Some(m) = self.snaps.get(&snap) else {
+                    return;
+                };
+                let acked = m.model.acked.clone();
+                let req = VolumeRequest {
+                    tag,
+                    volume: Volume::Snapshot(SnapId(snap)),
+                    op: VolumeOp::Flush,
+                    sector: 0,
+                    sectors: 0,
+                };
+                self.submit(
+                    req,
+                    Vec::new(),
+                    Outstanding::Flush {
+                        vol: Some(snap),
+                        acked,
+                    },
+                );
+            }
+            Op::Create {
+                chunk,
+                cow_chunks,
+                writable,
+                fua,
+            } => {
+                self.world.engine.quiesce_origin();
+                self.world.pump();
+                while !self.world.engine.is_quiesced() {
+                    if !self.step() {
+                        break;
+                    }
+                }
+                let cow_sectors = cow_chunks * u64::from(chunk);
+                let sc = SnapshotConfig {
+                    chunk_sectors: chunk,
+                    cow_sectors,
+                    cow_block_sectors: 1,
+                    cow_fua: fua,
+                    writable,
+                    table_runs: cow_chunks as usize,
+                    binding: None,
+                };
+                let id = self.world.engine.create_snapshot(&sc).expect("create");
+                // A fresh COW device full of garbage stamps (never valid metadata).
+                self.world.cows[id.0 as usize] = Some(SimDisk::new(cow_sectors, |s| {
+                    DATA_BIT | (0xFF_FFFF << 24) | s
+                }));
+                // The snapshot holds the origin as acknowledged now.
+                let init: Vec<u64> = (0..self.origin.sectors())
+                    .map(|x| self.origin.current(x))
+                    .collect();
+                // The engine flushes the origin before the header goes down.
+                let acked = self.origin.acked.clone();
+                self.snaps.insert(
+                    id.0,
+                    SnapModel {
+                        model: VolModel::new(init),
+                        created: false,
+                        invalidated: false,
+                        deleted: false,
+                        chunk,
+                        cow_sectors,
+                    },
+                );
+                self.world.pump();
+                while !self.snaps.get(&id.0).is_none_or(|m| m.created) {
+                    if !self.step() {
+                        break;
+                    }
+                }
+                if self.snaps.contains_key(&id.0) {
+                    self.origin.flush_done(&acked);
+                }
+                self.world.engine.resume_origin();
+                self.world.pump();
+            }
+            Op::Delete { snap } => {
+                if !self
+                    .snaps
+                    .get(&snap)
+                    .is_some_and(|m| m.created && !m.deleted)
+                {
+                    return;
+                }
+                // Drain this snapshot's requests first.
+                while self.outstanding.values().any(|o| match o {
+                    Outstanding::Write { vol, .. }
+                    | Outstanding::Read { vol, .. }
+                    | Outstanding::Flush { vol, .. } => *vol == Some(snap),
+                }) {
+                    if !self.step() {
+                        break;
+                    }
+                }
+                self.world.engine.quiesce_origin();
+                self.world.pump();
+                while !self.world.engine.is_quiesced() {
+                    if !self.step() {
+                        break;
+                    }
+                }
+                if self.world.engine.delete_snapshot(SnapId(snap)).is_ok() {
+                    if let Some(m) = self.snaps.get_mut(&snap) {
+                        m.invalidated = true;
+                    }
+                    self.world.pump();
+                    while !self.snaps.get(&snap).is_none_or(|m| m.deleted) {
+                        if !self.step() {
+                            break;
+                        }
+                    }
+                    self.snaps.remove(&snap);
+                    self.world.cows[snap as usize] = None;
+                }
+                self.world.engine.resume_origin();
+                self.world.pump();
+            }
+            Op::Drain => self.drain(),
+        }
+    }
+
+    /// Builds crash images at this point and checks every invariant on each.
+    pub fn check_crashes(&mut self) {
+        let modes = 2 + self.cfg.random_crashes;
+        for mode in 0..modes {
+            let seed = self.crash_rng.next_u64();
+            let origin_img = self.world.origin.crash_image(mode, seed);
+            let mut cow_imgs = BTreeMap::new();
+            for (&s, _) in &self.snaps {
+                if let Some(Some(d)) = self.world.cows.get(s as usize) {
+                    cow_imgs.insert(s, d.crash_image(mode, seed.rotate_left(7) ^ u64::from(s)));
+                }
+            }
+            self.outcome.crash_states += 1;
+            if let Err(e) = self.check_image(&origin_img, &cow_imgs) {
+                if self.outcome.violations.len() < 20 {
+                    self.outcome
+                        .violations
+                        .push(format!("point {} mode {mode}: {e}", self.point));
+                }
+            }
+        }
+    }
+
+    fn check_image(
+        &self,
+        origin_img: &[u64],
+        cows: &BTreeMap<u16, Vec<u64>>,
+    ) -> Result<(), String> {
+        // (2) the origin holds every write acknowledged before its last completed flush.
+        for x in 0..self.origin.sectors() {
+            if !self.origin.allowed(x, origin_img[x as usize]) {
+                return Err(format!(
+                    "origin sector {x} holds {:#x}, not allowed",
+                    origin_img[x as usize]
+                ));
+            }
+        }
+        for (&s, m) in &self.snaps {
+            let Some(img) = cows.get(&s) else { continue };
+            let params = LoadParams {
+                cow_sectors: m.cow_sectors,
+                cow_block_sectors: 1,
+                origin_sectors: self.origin.sectors(),
+                origin_block_sectors: 1,
+                table_runs: m.cow_sectors as usize,
+            };
+            let contents = &self.world.contents;
+            let loaded = Loader::load_with(params, |r| {
+                let a = r.sector as usize;
+                let b = (a + r.sectors as usize).min(img.len());
+                contents.image_bytes(&img[a.min(b)..b])
+            });
+            let loaded = match loaded {
+                Ok(l) => l,
+                // Before creation completes the device may hold anything (it was never a
+                // store); after deletion chunk 0 is zero.
+                Err(_) if !m.created => continue,
+                Err(LoadError::Unformatted) if m.deleted => continue,
+                Err(e) => return Err(format!("snapshot {s}: load failed: {e:?}")),
+            };
+            if !loaded.valid {
+                if !m.invalidated {
+                    return Err(format!(
+                        "snapshot {s} loads invalid but was never invalidated"
+                    ));
+                }
+                continue;
+            }
+            // (3)/(4): every loaded record is one the engine allocated; no COW chunk twice.
+            let mut known = BTreeSet::new();
+            self.world.engine.for_each_exception(SnapId(s), |o, n, _| {
+                known.insert((o, n));
+            });
+            let cs = u64::from(m.chunk);
+            let mut seen_new = BTreeSet::new();
+            let mut map = BTreeMap::new();
+            let mut bad = None;
+            loaded.table.for_each_run(|r| {
+                for j in 0..r.len {
+                    let (o, n) = (r.old_chunk + j, r.new_chunk + j);
+                    if !seen_new.insert(n) {
+                        bad = Some(format!("snapshot {s}: COW chunk {n} referenced twice"));
+                    }
+                    if !m.invalidated && !known.contains(&(o, n)) {
+                        bad = Some(format!(
+                            "snapshot {s}: record {o}->{n} unknown to the engine"
+                        ));
+                    }
+                    map.insert(o, n);
+                }
+            });
+            if let Some(b) = bad {
+                return Err(b);
+            }
+            if loaded.state.next_free * cs > m.cow_sectors + cs {
+                return Err(format!("snapshot {s}: next free chunk past the end"));
+            }
+            if !m.created {
+                continue;
+            }
+            // (1) the snapshot reads its creation-time contents plus its own flushed writes.
+            for x in 0..self.origin.sectors() {
+                let c = x / cs;
+                let v = match map.get(&c) {
+                    Some(&n) => img.get((n * cs + x % cs) as usize).copied().unwrap_or(0),
+                    None => origin_img[x as usize],
+                };
+                if !m.model.allowed(x, v) {
+                    return Err(format!(
+                        "snapshot {s} sector {x} (chunk {c}, {}) reads {v:#x}, expected {:#x}",
+                        if map.contains_key(&c) {
+                            "COW"
+                        } else {
+                            "origin"
+                        },
+                        m.model.current(x)
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A seeded random workload over `sectors` sectors with up to `snaps` snapshots.
+pub fn random_ops(
+    seed: u64,
+    sectors: u64,
+    n: usize,
+    chunk: u32,
+    cow_chunks: u64,
+    snaps: u16,
+) -> Vec<Op> {
+    let mut rng = Rng::new(seed);
+    let mut ops = vec![Op::Create {
+        chunk,
+        cow_chunks,
+        writable: true,
+        fua: seed % 3 != 0,
+    }];
+    let mut created = 1u16;
+    for _ in 0..n {
+        let len = 1 + rng.below(u64::from(chunk) * 3) as u32;
+        let sector = rng.below(sectors - u64::from(len));
+        let r = rng.below(100);
+        ops.push(match r {
+            0..=54 => Op::OriginWrite {
+                sector,
+                sectors: len,
+                fua: rng.below(10) == 0,
+            },
+            55..=62 => Op::OriginRead {
+                sector,
+                sectors: len,
+            },
+            63..=67 => Op::OriginFlush,
+            68..=77 => Op::SnapWrite {
+                snap: rng.below(u64::from(created)) as u16,
+                sector,
+                sectors: len,
+            },
+            78..=87 => Op::SnapRead {
+                snap: rng.below(u64::from(created)) as u16,
+                sector,
+                sectors: len,
+            },
+            88..=92 => Op::SnapFlush {
+                snap: rng.below(u64::from(created)) as u16,
+            },
+            _ => {
+                if created < snaps {
+                    created += 1;
+                    let ch = if rng.below(2) == 0 { chunk } else { chunk * 2 };
+                    Op::Create {
+                        chunk: ch,
+                        cow_chunks: cow_chunks * u64::from(chunk) / u64::from(ch),
+                        writable: true,
+                        fua: rng.below(2) == 0,
+                    }
+                } else {
+                    Op::OriginFlush
+                }
+            }
+        });
+    }
+    ops
+}
