@@ -29,7 +29,7 @@ mod mmio;
 pub use config::{
     ConfigAccess, ConfigMechanism, EcamConfigAccess, PciAddress, PortConfigAccess, PortIo,
 };
-pub use dma::{Dma, DmaAllocator, DmaSlice};
+pub use dma::{Dma, DmaAllocator, DmaSlice, VirtioDma};
 pub use mmio::{map_region, MmioMapper, MmioRegion};
 
 /// The size of a page of DMA memory, in bytes.

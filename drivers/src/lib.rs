@@ -11,3 +11,4 @@ pub mod hal;
 pub mod info;
 pub mod msix;
 pub mod pci;
+pub mod virtio_blk;

@@ -155,3 +155,23 @@ mod tests {
         assert!(slice.split_off_front(PAGE_SIZE).is_none());
     }
 }
+
+/// Uses a `virtio_drivers::Hal`'s DMA allocation as a [`DmaAllocator`], so the virtio-blk
+/// driver needs only the one HAL type.
+#[derive(Debug)]
+pub struct VirtioDma<H>(PhantomData<H>);
+
+// SAFETY: `virtio_drivers::Hal::dma_alloc` promises zeroed, page-aligned, valid, unaliased,
+// physically contiguous memory until `dma_dealloc` — the same contract as ours; a zero physical
+// address is its failure value.
+unsafe impl<H: virtio_drivers::Hal> DmaAllocator for VirtioDma<H> {
+    fn dma_alloc(pages: usize) -> Option<(u64, NonNull<u8>)> {
+        let (phys, virt) = H::dma_alloc(pages, virtio_drivers::BufferDirection::Both);
+        (phys != 0).then_some((phys, virt))
+    }
+
+    unsafe fn dma_dealloc(phys: u64, virt: NonNull<u8>, pages: usize) {
+        // SAFETY: forwarded from our caller, who passes back what `dma_alloc` returned.
+        let _ = unsafe { H::dma_dealloc(phys, virt, pages) };
+    }
+}

@@ -1,0 +1,433 @@
+//! The request queue of one virtio-blk device: a virtio-drivers split virtqueue, the per-slot
+//! DMA memory for request headers and status bytes, and the in-flight table keyed by
+//! descriptor token.
+//!
+//! This module is the driver's only `unsafe`: `VirtQueue::add` and `pop_used` require that the
+//! buffers of a descriptor chain stay valid and untouched from `add` until the matching
+//! `pop_used`. That holds because every buffer is `'static` DMA memory (pool buffers and this
+//! queue's own slot memory, leaked at init) owned by an in-flight entry, and nothing outside
+//! this module can reach an in-flight entry before it is popped.
+//!
+//! Each request uses at most three descriptors (header, data, status), so a queue of `N`
+//! descriptors carries `N / 3` requests; [`RequestQueue::depth`] reports that.
+
+use super::regs::{
+    encode_discard, encode_header, DISCARD_SEGMENT_LEN, HEADER_LEN, ID_LEN, STATUS_UNSET,
+};
+use crate::block::{DmaBuf, SlotTable};
+use crate::hal::{Dma, DmaSlice, HalError, VirtioDma};
+use alloc::boxed::Box;
+use alloc::vec::Vec;
+use virtio_drivers::queue::VirtQueue;
+use virtio_drivers::transport::Transport;
+use virtio_drivers::Hal;
+
+/// Largest queue we set up. `VirtQueue`'s size is a const generic, so [`AnyQueue`] has one
+/// variant per power of two from [`MIN_QUEUE_SIZE`] up to this.
+pub const MAX_QUEUE_SIZE: u16 = 256;
+/// Smallest queue we accept (two requests of three descriptors).
+pub const MIN_QUEUE_SIZE: u16 = 8;
+
+/// A split virtqueue of any supported size.
+#[derive(Debug)]
+pub enum AnyQueue<H: Hal> {
+    /// 256 descriptors.
+    S256(Box<VirtQueue<H, 256>>),
+    /// 128 descriptors.
+    S128(Box<VirtQueue<H, 128>>),
+    /// 64 descriptors.
+    S64(Box<VirtQueue<H, 64>>),
+    /// 32 descriptors.
+    S32(Box<VirtQueue<H, 32>>),
+    /// 16 descriptors.
+    S16(Box<VirtQueue<H, 16>>),
+    /// 8 descriptors.
+    S8(Box<VirtQueue<H, 8>>),
+}
+
+macro_rules! each_queue {
+    ($queue:expr, $q:ident => $body:expr) => {
+        match $queue {
+            AnyQueue::S256($q) => $body,
+            AnyQueue::S128($q) => $body,
+            AnyQueue::S64($q) => $body,
+            AnyQueue::S32($q) => $body,
+            AnyQueue::S16($q) => $body,
+            AnyQueue::S8($q) => $body,
+        }
+    };
+}
+
+/// The queue size to use: the largest power of two within the device's maximum and ours.
+pub fn choose_queue_size(device_max: u32, limit: u16) -> Option<u16> {
+    let cap = device_max.min(u32::from(limit.min(MAX_QUEUE_SIZE)));
+    if cap < u32::from(MIN_QUEUE_SIZE) {
+        return None;
+    }
+    // Largest power of two <= cap.
+    Some(1u16 << (31 - cap.leading_zeros()))
+}
+
+impl<H: Hal> AnyQueue<H> {
+    /// Sets up queue `index` with `size` descriptors (from [`choose_queue_size`]).
+    pub fn new<T: Transport>(
+        transport: &mut T,
+        index: u16,
+        size: u16,
+        event_idx: bool,
+    ) -> Result<Self, virtio_drivers::Error> {
+        Ok(match size {
+            256 => Self::S256(Box::new(VirtQueue::new(
+                transport, index, false, event_idx,
+            )?)),
+            128 => Self::S128(Box::new(VirtQueue::new(
+                transport, index, false, event_idx,
+            )?)),
+            64 => Self::S64(Box::new(VirtQueue::new(
+                transport, index, false, event_idx,
+            )?)),
+            32 => Self::S32(Box::new(VirtQueue::new(
+                transport, index, false, event_idx,
+            )?)),
+            16 => Self::S16(Box::new(VirtQueue::new(
+                transport, index, false, event_idx,
+            )?)),
+            8 => Self::S8(Box::new(VirtQueue::new(
+                transport, index, false, event_idx,
+            )?)),
+            _ => return Err(virtio_drivers::Error::InvalidParam),
+        })
+    }
+
+    /// Number of descriptors.
+    pub fn size(&self) -> u16 {
+        match self {
+            Self::S256(_) => 256,
+            Self::S128(_) => 128,
+            Self::S64(_) => 64,
+            Self::S32(_) => 32,
+            Self::S16(_) => 16,
+            Self::S8(_) => 8,
+        }
+    }
+
+    fn should_notify(&self) -> bool {
+        each_queue!(self, q => q.should_notify())
+    }
+
+    fn peek_used(&self) -> Option<u16> {
+        each_queue!(self, q => q.peek_used())
+    }
+}
+
+/// What a request slot is doing.
+#[derive(Debug)]
+pub enum Owner {
+    /// A caller's request.
+    User {
+        /// Caller's tag.
+        tag: u64,
+        /// The operation.
+        op: crate::block::Operation,
+        /// First block.
+        lba: u64,
+        /// The caller's buffer.
+        buffer: Option<DmaBuf>,
+    },
+    /// The driver's own `GET_ID` request; the serial lands in the slot's ID buffer.
+    GetId,
+}
+
+/// The descriptor layout of a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Chain {
+    /// Header → data (device writes) → status.
+    Read,
+    /// Header, data → status.
+    Write,
+    /// Header → status.
+    Flush,
+    /// Header, discard segment → status.
+    Discard,
+    /// Header → 20-byte ID (device writes) → status.
+    GetId,
+}
+
+/// Device-visible memory of one request slot.
+#[derive(Debug)]
+struct SlotMemory {
+    header: &'static mut [u8; HEADER_LEN],
+    discard: &'static mut [u8; DISCARD_SEGMENT_LEN],
+    status: &'static mut [u8; 1],
+    id: &'static mut [u8; ID_LEN],
+}
+
+/// Bytes of slot memory per request (header 16 + discard 16 + ID 20 + status 1, rounded).
+const SLOT_BYTES: usize = 64;
+
+#[derive(Debug)]
+struct InFlight {
+    owner: Owner,
+    chain: Chain,
+    token: u16,
+}
+
+/// A finished request taken off the used ring.
+#[derive(Debug)]
+pub struct Popped {
+    /// Whose request.
+    pub owner: Owner,
+    /// The status byte the device wrote.
+    pub status: u8,
+    /// For `GET_ID`: the ID bytes.
+    pub id: [u8; ID_LEN],
+}
+
+/// Errors of the request queue.
+#[derive(Debug, PartialEq, Eq)]
+pub enum QueueError {
+    /// No free slot or not enough free descriptors: back-pressure.
+    Full,
+    /// The device returned a token we never gave it (or one not in flight).
+    UnknownToken(u16),
+    /// virtio-drivers refused the operation.
+    Virtio(virtio_drivers::Error),
+}
+
+/// One virtqueue with its slots and in-flight table.
+#[derive(Debug)]
+pub struct RequestQueue<H: Hal> {
+    queue: AnyQueue<H>,
+    index: u16,
+    memory: Vec<SlotMemory>,
+    slots: SlotTable<InFlight>,
+    /// Descriptor token → slot; `NONE` when not in flight.
+    token_slot: Vec<u16>,
+}
+
+const NONE: u16 = u16::MAX;
+
+/// Splits `len` bytes off the front of `region` as a fixed-size array reference.
+fn take<const N: usize>(region: &mut DmaSlice) -> Result<&'static mut [u8; N], HalError> {
+    let piece = region.split_off_front(N).ok_or(HalError::ZeroLength)?;
+    piece.data.try_into().map_err(|_| HalError::ZeroLength)
+}
+
+impl<H: Hal> RequestQueue<H> {
+    /// Wraps a set-up virtqueue; allocates slot memory for `depth` requests (at most
+    /// `size / 3`).
+    pub fn new(queue: AnyQueue<H>, index: u16, depth: u16) -> Result<Self, HalError> {
+        let depth = depth.min(queue.size() / 3).max(1);
+        let mut region = Dma::<VirtioDma<H>>::new(usize::from(depth) * SLOT_BYTES)?.leak();
+        let mut memory = Vec::with_capacity(usize::from(depth));
+        for _ in 0..depth {
+            let mut slot = region
+                .split_off_front(SLOT_BYTES)
+                .ok_or(HalError::ZeroLength)?;
+            memory.push(SlotMemory {
+                header: take(&mut slot)?,
+                discard: take(&mut slot)?,
+                id: take(&mut slot)?,
+                status: take(&mut slot)?,
+            });
+        }
+        let mut token_slot = Vec::with_capacity(usize::from(queue.size()));
+        token_slot.resize(usize::from(queue.size()), NONE);
+        Ok(Self {
+            queue,
+            index,
+            memory,
+            slots: SlotTable::new(depth),
+            token_slot,
+        })
+    }
+
+    /// Requests that can be in flight.
+    pub fn depth(&self) -> u16 {
+        self.memory.len() as u16
+    }
+
+    /// Descriptors in the virtqueue.
+    pub fn size(&self) -> u16 {
+        self.queue.size()
+    }
+
+    /// Requests in flight.
+    pub fn in_flight(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Whether the device has finished requests waiting to be popped.
+    pub fn has_used(&self) -> bool {
+        self.queue.peek_used().is_some()
+    }
+
+    /// Places a request on the ring and notifies the device if it wants notifications.
+    /// `request_type` and `sector` go into the header; `discard` is `(sector, sectors)` for
+    /// discards. On failure the owner comes back.
+    pub fn submit<T: Transport>(
+        &mut self,
+        transport: &mut T,
+        owner: Owner,
+        chain: Chain,
+        request_type: u32,
+        sector: u64,
+        discard: Option<(u64, u32)>,
+    ) -> Result<(), (Owner, QueueError)> {
+        let slot = match self.slots.insert(InFlight {
+            owner,
+            chain,
+            token: 0,
+        }) {
+            Ok(slot) => slot,
+            Err(entry) => return Err((entry.owner, QueueError::Full)),
+        };
+        let (Some(entry), Some(mem)) = (
+            self.slots.get_mut(slot),
+            self.memory.get_mut(usize::from(slot)),
+        ) else {
+            // Unreachable: slot IDs are below the table capacity, which equals `memory.len()`.
+            let owner = self.slots.remove(slot).map_or(Owner::GetId, |e| e.owner);
+            return Err((owner, QueueError::Full));
+        };
+        encode_header(mem.header, request_type, sector);
+        if let Some((start, count)) = discard {
+            encode_discard(mem.discard, start, count);
+        }
+        mem.status[0] = STATUS_UNSET;
+        let result = with_chain(chain, mem, &mut entry.owner, |inputs, outputs| {
+            // SAFETY: every buffer in the chain is `'static` DMA memory owned by this slot's
+            // in-flight entry (its slot memory, and the caller's `DmaBuf` moved into the entry),
+            // and this module touches neither until `pop` has taken the token back with
+            // `pop_used` (see the module documentation).
+            each_queue!(&mut self.queue, q => unsafe { q.add(inputs, outputs) })
+        });
+        match result {
+            Ok(Ok(token)) => {
+                entry.token = token;
+                if let Some(t) = self.token_slot.get_mut(usize::from(token)) {
+                    *t = slot;
+                }
+                if self.queue.should_notify() {
+                    transport.notify(self.index);
+                }
+                Ok(())
+            }
+            Ok(Err(e)) | Err(e) => {
+                let owner = self.slots.remove(slot).map_or(Owner::GetId, |e| e.owner);
+                let error = if e == virtio_drivers::Error::QueueFull {
+                    QueueError::Full
+                } else {
+                    QueueError::Virtio(e)
+                };
+                Err((owner, error))
+            }
+        }
+    }
+
+    /// Takes the next finished request off the used ring, if any.
+    pub fn pop(&mut self) -> Result<Option<Popped>, QueueError> {
+        let Some(token) = self.queue.peek_used() else {
+            return Ok(None);
+        };
+        let slot = self
+            .token_slot
+            .get(usize::from(token))
+            .copied()
+            .unwrap_or(NONE);
+        let (Some(entry), Some(mem)) = (
+            self.slots.get_mut(slot),
+            self.memory.get_mut(usize::from(slot)),
+        ) else {
+            return Err(QueueError::UnknownToken(token));
+        };
+        if entry.token != token {
+            return Err(QueueError::UnknownToken(token));
+        }
+        let chain = entry.chain;
+        let result = with_chain(chain, mem, &mut entry.owner, |inputs, outputs| {
+            // SAFETY: these are exactly the buffers `submit` added under this token (same slot
+            // memory, same owner buffer, same chain layout), still valid and untouched.
+            each_queue!(&mut self.queue, q => unsafe { q.pop_used(token, inputs, outputs) })
+        });
+        match result {
+            Ok(Ok(_written)) => {}
+            Ok(Err(e)) | Err(e) => return Err(QueueError::Virtio(e)),
+        }
+        if let Some(t) = self.token_slot.get_mut(usize::from(token)) {
+            *t = NONE;
+        }
+        let status = mem.status[0];
+        let id = *mem.id;
+        let entry = self
+            .slots
+            .remove(slot)
+            .ok_or(QueueError::UnknownToken(token))?;
+        Ok(Some(Popped {
+            owner: entry.owner,
+            status,
+            id,
+        }))
+    }
+
+    /// After the device has been reset: takes every in-flight owner back without touching the
+    /// ring (the device no longer accesses the buffers).
+    pub fn abandon(&mut self, mut f: impl FnMut(Owner)) {
+        while let Some(slot) = self.slots.first_id() {
+            if let Some(entry) = self.slots.remove(slot) {
+                f(entry.owner);
+            }
+        }
+        self.token_slot.fill(NONE);
+    }
+}
+
+/// Lays out a request's buffers as virtio-drivers wants them and calls `f(inputs, outputs)`.
+fn with_chain<R>(
+    chain: Chain,
+    mem: &mut SlotMemory,
+    owner: &mut Owner,
+    f: impl for<'a> FnOnce(&'a [&'a [u8]], &'a mut [&'a mut [u8]]) -> R,
+) -> Result<R, virtio_drivers::Error> {
+    let SlotMemory {
+        header,
+        discard,
+        status,
+        id,
+    } = mem;
+    let header: &[u8] = &header[..];
+    let data = match owner {
+        Owner::User {
+            buffer: Some(buffer),
+            ..
+        } => Some(buffer.as_mut_slice()),
+        _ => None,
+    };
+    Ok(match (chain, data) {
+        (Chain::Read, Some(data)) if !data.is_empty() => f(&[header], &mut [data, &mut status[..]]),
+        (Chain::Write, Some(data)) if !data.is_empty() => {
+            f(&[header, data], &mut [&mut status[..]])
+        }
+        (Chain::Flush, _) => f(&[header], &mut [&mut status[..]]),
+        (Chain::Discard, _) => f(&[header, &discard[..]], &mut [&mut status[..]]),
+        (Chain::GetId, _) => f(&[header], &mut [&mut id[..], &mut status[..]]),
+        _ => return Err(virtio_drivers::Error::InvalidParam),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_size_choice() {
+        assert_eq!(choose_queue_size(1024, 256), Some(256));
+        assert_eq!(choose_queue_size(256, 1024), Some(256));
+        assert_eq!(choose_queue_size(256, 64), Some(64));
+        assert_eq!(choose_queue_size(100, 256), Some(64));
+        assert_eq!(choose_queue_size(8, 256), Some(8));
+        assert_eq!(choose_queue_size(7, 256), None);
+        assert_eq!(choose_queue_size(0, 256), None);
+        assert_eq!(choose_queue_size(u32::MAX, u16::MAX), Some(256));
+    }
+}
