@@ -617,8 +617,10 @@ impl Engine {
         let g = Geometry::new(cfg.chunk_sectors).ok_or(EngineError::BadConfig)?;
         let bs = cfg.cow_block_sectors.max(1);
         if cfg.chunk_sectors > self.cfg.copy_buffer_sectors
-            || cfg.chunk_sectors % bs != 0
-            || cfg.chunk_sectors % self.cfg.origin_block_sectors.max(1) != 0
+            || !cfg.chunk_sectors.is_multiple_of(bs)
+            || !cfg
+                .chunk_sectors
+                .is_multiple_of(self.cfg.origin_block_sectors.max(1))
             || cfg.cow_sectors / u64::from(cfg.chunk_sectors) < 3
             || cfg.table_runs == 0
             || g.chunk_bytes() < bs as usize * SECTOR_BYTES

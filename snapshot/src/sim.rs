@@ -284,6 +284,11 @@ struct InFlight {
     done_at: u64,
 }
 
+/// Error injection: return true to fail the I/O.
+pub type FailFn = Box<dyn FnMut(&Io) -> bool>;
+/// Observer of issued I/O: the I/O and the simulated time.
+pub type IssueFn = Box<dyn FnMut(&Io, u64)>;
+
 /// Engine + disks + buffers, driven step by step.
 pub struct World {
     /// The engine under test.
@@ -304,7 +309,7 @@ pub struct World {
     pub latency: Latency,
     rng: Rng,
     /// Error injection: return true to fail this I/O.
-    pub fail: Option<Box<dyn FnMut(&Io) -> bool>>,
+    pub fail: Option<FailFn>,
     /// Completed volume requests not yet taken by the test.
     pub completed: Vec<VolumeCompletion>,
     /// Events not yet taken.
@@ -316,7 +321,7 @@ pub struct World {
     /// I/O completions so far.
     pub completions: u64,
     /// Called on every I/O when it is submitted to a device (bench statistics).
-    pub on_issue: Option<Box<dyn FnMut(&Io, u64)>>,
+    pub on_issue: Option<IssueFn>,
 }
 
 impl World {

@@ -226,7 +226,7 @@ impl Loader {
         };
         let cow_bs = self.params.cow_block_sectors.max(1);
         let origin_bs = self.params.origin_block_sectors.max(1);
-        if h.chunk_sectors % cow_bs != 0 || h.chunk_sectors % origin_bs != 0 {
+        if !h.chunk_sectors.is_multiple_of(cow_bs) || !h.chunk_sectors.is_multiple_of(origin_bs) {
             return self.fail(LoadError::ChunkSizeMismatch {
                 chunk_sectors: h.chunk_sectors,
             });

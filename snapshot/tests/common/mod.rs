@@ -212,7 +212,7 @@ impl Harness {
             let mut count = 0u64;
             world.fail = Some(Box::new(move |_io: &Io| {
                 count += 1;
-                count % n == 0
+                count.is_multiple_of(n)
             }));
         }
         Harness {
@@ -254,7 +254,7 @@ impl Harness {
         }
         self.absorb();
         self.point += 1;
-        if self.point % self.cfg.check_every == 0 {
+        if self.point.is_multiple_of(self.cfg.check_every) {
             self.check_crashes();
         }
         true
@@ -660,7 +660,7 @@ impl Harness {
             let seed = self.crash_rng.next_u64();
             let origin_img = self.world.origin.crash_image(mode, seed);
             let mut cow_imgs = BTreeMap::new();
-            for (&s, _) in &self.snaps {
+            for &s in self.snaps.keys() {
                 if let Some(Some(d)) = self.world.cows.get(s as usize) {
                     cow_imgs.insert(s, d.crash_image(mode, seed.rotate_left(7) ^ u64::from(s)));
                 }
@@ -791,7 +791,7 @@ pub fn random_ops(
         chunk,
         cow_chunks,
         writable: true,
-        fua: seed % 3 != 0,
+        fua: !seed.is_multiple_of(3),
     }];
     let mut created = 1u16;
     for _ in 0..n {
