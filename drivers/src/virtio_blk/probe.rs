@@ -202,3 +202,225 @@ fn bring_up<H: Hal, C: ConfigAccess + ?Sized, M: MmioMapper + ?Sized>(
     cap.unmask_function(ctx.cfg);
     Ok(device)
 }
+
+#[cfg(test)]
+mod tests {
+    //! The whole PCI path against virtio-drivers' real `PciTransport`, with the device's BAR
+    //! as plain host memory (registers read back what was written, which is enough for a
+    //! device that accepts everything).
+
+    use super::*;
+    use crate::block::BlockDevice;
+    use crate::hal::fake::{FakeMapper, FakeVirtioHal};
+    use crate::info::{disk_name, DeviceState};
+    use crate::msix::FIRST_DEVICE_VECTOR;
+    use crate::pci::fake::{FakeFunction, FakePci};
+    use crate::pci::regs::{CAP_ID_MSIX, CAP_ID_VENDOR};
+    use crate::pci::{enumerate, ScanMode};
+    use crate::virtio_blk::regs::common;
+
+    const BAR_SIZE: usize = 0x4000;
+    const COMMON: usize = 0x0;
+    const ISR: usize = 0x1000;
+    const DEVICE: usize = 0x2000;
+    const NOTIFY: usize = 0x3000;
+    const MSIX_TABLE: usize = 0x3800;
+    const MSIX_PBA: usize = 0x3c00;
+
+    fn virtio_cap(cfg_type: u8, offset: usize, length: usize, extra: Option<u32>) -> Vec<u8> {
+        let cap_len = if extra.is_some() { 20 } else { 16 };
+        let mut body = vec![cap_len, cfg_type, 4, 0, 0, 0];
+        body.extend_from_slice(&(offset as u32).to_le_bytes());
+        body.extend_from_slice(&(length as u32).to_le_bytes());
+        if let Some(extra) = extra {
+            body.extend_from_slice(&extra.to_le_bytes());
+        }
+        body
+    }
+
+    /// A BAR-sized, BAR-aligned piece of host memory.
+    struct Bar {
+        backing: Vec<u8>,
+        start: usize,
+    }
+
+    impl Bar {
+        fn new() -> Self {
+            let backing = vec![0u8; 2 * BAR_SIZE];
+            let start = (BAR_SIZE - (backing.as_ptr() as usize % BAR_SIZE)) % BAR_SIZE;
+            Self { backing, start }
+        }
+        fn bytes(&mut self) -> &mut [u8] {
+            &mut self.backing[self.start..self.start + BAR_SIZE]
+        }
+        fn phys(&mut self) -> u64 {
+            self.bytes().as_mut_ptr() as u64
+        }
+        fn u16_at(&mut self, offset: usize) -> u16 {
+            let b = self.bytes();
+            u16::from_le_bytes([b[offset], b[offset + 1]])
+        }
+        fn u32_at(&mut self, offset: usize) -> u32 {
+            let b = self.bytes();
+            u32::from_le_bytes(b[offset..offset + 4].try_into().unwrap())
+        }
+    }
+
+    fn virtio_blk_function(bar: &mut Bar, with_msix: bool) -> FakeFunction {
+        let b = bar.bytes();
+        // Common config: queue_size (max) = 128 for queue 0; device config: 4096 sectors.
+        b[COMMON + 0x18..COMMON + 0x1a].copy_from_slice(&128u16.to_le_bytes());
+        // device_feature reads VERSION_1 | FLUSH for both selects (plain memory): harmless.
+        b[COMMON + 0x04..COMMON + 0x08].copy_from_slice(&((1u32 << 9) | 1).to_le_bytes());
+        b[DEVICE..DEVICE + 8].copy_from_slice(&4096u64.to_le_bytes());
+        for entry in 0..4 {
+            b[MSIX_TABLE + 16 * entry + 12] = 1; // masked after reset
+        }
+        let mut f = FakeFunction::endpoint(VIRTIO_VENDOR_ID, DEVICE_ID_MODERN, 1, 0);
+        f.bar_mem64(4, bar.phys(), BAR_SIZE as u64, true);
+        f.add_capability(CAP_ID_VENDOR, &virtio_cap(1, COMMON, 0x38, None));
+        f.add_capability(CAP_ID_VENDOR, &virtio_cap(3, ISR, 4, None));
+        f.add_capability(CAP_ID_VENDOR, &virtio_cap(4, DEVICE, 0x40, None));
+        f.add_capability(CAP_ID_VENDOR, &virtio_cap(2, NOTIFY, 0x100, Some(4)));
+        if with_msix {
+            let mut msix = Vec::new();
+            msix.extend_from_slice(&3u16.to_le_bytes()); // 4 entries
+            msix.extend_from_slice(&(MSIX_TABLE as u32 | 4).to_le_bytes());
+            msix.extend_from_slice(&(MSIX_PBA as u32 | 4).to_le_bytes());
+            f.add_capability(CAP_ID_MSIX, &msix);
+        }
+        f
+    }
+
+    #[test]
+    fn probe_brings_up_device_with_msix() {
+        let mut bar = Bar::new();
+        let pci = FakePci::new();
+        let addr = PciAddress::new(0, 4, 0);
+        pci.insert(addr, virtio_blk_function(&mut bar, true));
+        pci.insert(
+            PciAddress::new(0, 1, 0),
+            FakeFunction::endpoint(0x8086, 0x100e, 2, 0),
+        );
+        let registry = VectorRegistry::new();
+        let ctx = ProbeContext {
+            cfg: &pci,
+            mapper: &FakeMapper,
+            registry: &registry,
+            apic_id: 2,
+        };
+
+        let functions = enumerate(&pci, ScanMode::FollowBridges);
+        let disks: Vec<_> = functions.iter().filter(|f| is_virtio_blk(f)).collect();
+        assert_eq!(disks.len(), 1);
+        let blk = probe::<FakeVirtioHal, _, _>(
+            &ctx,
+            disks[0],
+            3,
+            disk_name("vd", 0),
+            VirtioBlkConfig::default(),
+        )
+        .expect("probe");
+
+        // Vectors: queue 0 got the first free CPU vector, config changes the next; MSI-X
+        // entry 0 = config, entry 1 = queue 0, both aimed at APIC 2 and unmasked.
+        let queue_vector = FIRST_DEVICE_VECTOR;
+        assert_eq!(
+            registry.owner(queue_vector),
+            Some(InterruptOwner {
+                device: 3,
+                queue: 0
+            })
+        );
+        assert_eq!(
+            registry.owner(queue_vector + 1),
+            Some(InterruptOwner {
+                device: 3,
+                queue: InterruptOwner::CONFIG_QUEUE
+            })
+        );
+        assert_eq!(bar.u32_at(MSIX_TABLE + 16), 0xfee0_2000);
+        assert_eq!(bar.u32_at(MSIX_TABLE + 16 + 8), u32::from(queue_vector));
+        assert_eq!(bar.u32_at(MSIX_TABLE + 16 + 12), 0, "queue entry unmasked");
+        assert_eq!(bar.u32_at(MSIX_TABLE + 8), u32::from(queue_vector) + 1);
+        assert_eq!(
+            bar.u32_at(MSIX_TABLE + 2 * 16 + 12),
+            1,
+            "unused entries stay masked"
+        );
+        // The common configuration carries the entry numbers.
+        assert_eq!(bar.u16_at(COMMON + common::CONFIG_MSIX_VECTOR), 0);
+        assert_eq!(bar.u16_at(COMMON + common::QUEUE_MSIX_VECTOR), 1);
+        // MSI-X on and unmasked; memory decoding, bus mastering on; INTx off.
+        let cap = MsixCapability::read(&pci, addr).unwrap();
+        assert!(cap.is_active(&pci));
+        assert_eq!(pci.read16(addr, 0x04) & 0x0406, 0x0406);
+
+        let g = blk.geometry();
+        assert_eq!(
+            (g.capacity_blocks, g.block_size, g.queue_depth),
+            (4096, 512, 128 / 3)
+        );
+        let info = blk.info();
+        assert_eq!(info.state, DeviceState::Online);
+        assert_eq!(info.vectors(), &[queue_vector, queue_vector + 1]);
+        assert_eq!(info.pci, Some(addr));
+        drop(blk);
+    }
+
+    #[test]
+    fn probe_failure_releases_vectors_and_reports() {
+        let mut bar = Bar::new();
+        let pci = FakePci::new();
+        let addr = PciAddress::new(0, 5, 0);
+        pci.insert(addr, virtio_blk_function(&mut bar, false));
+        let registry = VectorRegistry::new();
+        let ctx = ProbeContext {
+            cfg: &pci,
+            mapper: &FakeMapper,
+            registry: &registry,
+            apic_id: 0,
+        };
+        let function = PciFunction::read(&pci, addr).unwrap();
+        let failure = probe::<FakeVirtioHal, _, _>(
+            &ctx,
+            &function,
+            0,
+            disk_name("vd", 1),
+            VirtioBlkConfig::default(),
+        )
+        .unwrap_err();
+        assert_eq!(
+            failure.error,
+            VirtioBlkError::Msix(crate::msix::MsixError::NoCapability)
+        );
+        assert!(failure.info.to_string().contains("vdb"));
+        assert!(matches!(failure.info.state, DeviceState::InitFailed(_)));
+        assert_eq!(registry.owner(FIRST_DEVICE_VECTOR), None);
+
+        // A function that is not a block device is refused before anything is touched.
+        let mut bar = Bar::new();
+        let pci = FakePci::new();
+        pci.insert(addr, virtio_blk_function(&mut bar, true));
+        let ctx = ProbeContext {
+            cfg: &pci,
+            mapper: &FakeMapper,
+            registry: &registry,
+            apic_id: 0,
+        };
+        let not_blk = PciFunction {
+            device_id: 0x1041,
+            ..PciFunction::read(&pci, addr).unwrap()
+        };
+        let failure = probe::<FakeVirtioHal, _, _>(
+            &ctx,
+            &not_blk,
+            0,
+            disk_name("vd", 1),
+            VirtioBlkConfig::default(),
+        )
+        .unwrap_err();
+        assert_eq!(failure.error, VirtioBlkError::NotBlockDevice);
+        assert_eq!(registry.owner(FIRST_DEVICE_VECTOR), None);
+    }
+}
