@@ -11,4 +11,5 @@ pub mod hal;
 pub mod info;
 pub mod msix;
 pub mod pci;
+pub mod service;
 pub mod virtio_blk;

@@ -32,7 +32,7 @@ mod fake;
 mod tests;
 
 pub use device::{VectorAssignment, VirtioBlk};
-pub use probe::{is_virtio_blk, probe, ProbeFailure, VirtioBlkPci};
+pub use probe::{is_virtio_blk, probe, ProbeContext, ProbeFailure, VirtioBlkPci};
 pub use queue::{choose_queue_size, MAX_QUEUE_SIZE, MIN_QUEUE_SIZE};
 pub use vectors::{CommonCfgVectors, VectorConfig};
 

@@ -204,7 +204,7 @@ fn bring_up<H: Hal, C: ConfigAccess + ?Sized, M: MmioMapper + ?Sized>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     //! The whole PCI path against virtio-drivers' real `PciTransport`, with the device's BAR
     //! as plain host memory (registers read back what was written, which is enough for a
     //! device that accepts everything).
@@ -239,13 +239,13 @@ mod tests {
     }
 
     /// A BAR-sized, BAR-aligned piece of host memory.
-    struct Bar {
+    pub(crate) struct Bar {
         backing: Vec<u8>,
         start: usize,
     }
 
     impl Bar {
-        fn new() -> Self {
+        pub(crate) fn new() -> Self {
             let backing = vec![0u8; 2 * BAR_SIZE];
             let start = (BAR_SIZE - (backing.as_ptr() as usize % BAR_SIZE)) % BAR_SIZE;
             Self { backing, start }
@@ -266,7 +266,7 @@ mod tests {
         }
     }
 
-    fn virtio_blk_function(bar: &mut Bar, with_msix: bool) -> FakeFunction {
+    pub(crate) fn virtio_blk_function(bar: &mut Bar, with_msix: bool) -> FakeFunction {
         let b = bar.bytes();
         // Common config: queue_size (max) = 128 for queue 0; device config: 4096 sectors.
         b[COMMON + 0x18..COMMON + 0x1a].copy_from_slice(&128u16.to_le_bytes());
