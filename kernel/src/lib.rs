@@ -12,6 +12,7 @@ pub mod frames;
 pub mod json;
 pub mod ring;
 pub mod shell;
+pub mod util;
 
 #[cfg(target_os = "none")]
 pub mod arch;
