@@ -2,7 +2,7 @@
 //! `VirtQueue` (not its `VirtIOBlk`, whose 16-entry queue and blocking flush do not fit an
 //! interrupt-driven appliance).
 //!
-//! - [`probe`]: PCI glue — BARs, bus mastering, MSI-X table, vector allocation, common
+//! - [`probe()`]: PCI glue — BARs, bus mastering, MSI-X table, vector allocation, common
 //!   configuration, transport — and then [`VirtioBlk::new`].
 //! - `device`: initialisation and the [`crate::block::BlockDevice`] implementation.
 //! - `queue`: the virtqueue, per-request DMA memory and in-flight table (the only `unsafe`).

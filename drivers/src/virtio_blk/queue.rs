@@ -22,7 +22,7 @@ use virtio_drivers::queue::VirtQueue;
 use virtio_drivers::transport::Transport;
 use virtio_drivers::Hal;
 
-/// Largest queue we set up. `VirtQueue`'s size is a const generic, so [`AnyQueue`] has one
+/// Largest queue we set up. `VirtQueue`'s size is a const generic, so `AnyQueue` has one
 /// variant per power of two from [`MIN_QUEUE_SIZE`] up to this.
 pub const MAX_QUEUE_SIZE: u16 = 256;
 /// Smallest queue we accept (two requests of three descriptors).
