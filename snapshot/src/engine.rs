@@ -43,6 +43,8 @@ struct ReqSlot {
     cursor: u64,
     overwrite_chunk: Option<u64>,
     admitted: bool,
+    /// `Engine::epoch` when this request last found nothing to do.
+    seen_epoch: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,6 +66,8 @@ struct Pending {
     next_in_job: u32,
     /// Linked into a copy job that has not finished: the job frees it.
     in_job: bool,
+    /// Next entry in the same `pending_index` bucket.
+    next_in_hash: u32,
     alloc_tick: u64,
 }
 
@@ -188,6 +192,8 @@ pub struct Engine {
     waiting: VecDeque<u32>,
     pending: Vec<Pending>,
     free_pending: Vec<u32>,
+    /// Buckets of a chained hash over live pending exceptions, keyed by (snapshot, origin chunk).
+    pending_index: Vec<u32>,
     jobs: Vec<Job>,
     free_jobs: Vec<u32>,
     free_buffers: Vec<u32>,
@@ -204,6 +210,11 @@ pub struct Engine {
     origin_reads_redirected: u32,
     dirty: bool,
     progress: u64,
+    /// Bumped whenever something a waiting request may wait for changes (a commit, a freed
+    /// resource, an invalidation...): waiting requests are re-evaluated only then.
+    epoch: u64,
+    io_starved: bool,
+    progress_mark: u64,
     stats: EngineStats,
 }
 
@@ -246,6 +257,7 @@ impl Engine {
                     cursor: 0,
                     overwrite_chunk: None,
                     admitted: false,
+                    seen_epoch: u64::MAX,
                 };
                 nreq
             ],
@@ -259,11 +271,13 @@ impl Engine {
                     state: PState::Free,
                     next_in_job: NIL,
                     in_job: false,
+                    next_in_hash: NIL,
                     alloc_tick: 0,
                 };
                 npend
             ],
             free_pending: (0..npend as u32).rev().collect(),
+            pending_index: vec![NIL; (npend * 2).next_power_of_two()],
             jobs: vec![
                 Job {
                     phase: JobPhase::Free,
@@ -300,6 +314,9 @@ impl Engine {
             origin_reads_redirected: 0,
             dirty: false,
             progress: 0,
+            epoch: 0,
+            io_starved: false,
+            progress_mark: 0,
             stats: EngineStats::default(),
             cfg,
         })
@@ -342,6 +359,7 @@ impl Engine {
             cursor: req.sector,
             overwrite_chunk: None,
             admitted: false,
+            seen_epoch: u64::MAX,
         };
         let check = self.check_request(&req);
         if let Err(e) = check {
@@ -355,7 +373,7 @@ impl Engine {
 
     /// The next I/O to issue, if any. Drives the engine's internal state machines.
     pub fn poll_io(&mut self) -> Option<Io> {
-        if self.outbox.is_empty() || self.dirty {
+        if self.dirty {
             self.process();
         }
         self.outbox.pop_front()
@@ -380,6 +398,10 @@ impl Engine {
         self.io[idx].generation = self.io[idx].generation.wrapping_add(1);
         self.free_io.push(idx as u32);
         self.dirty = true;
+        if self.io_starved {
+            self.io_starved = false;
+            self.epoch += 1;
+        }
         let ok = result.is_ok();
         match ctx {
             IoCtx::Free => {}
@@ -438,6 +460,7 @@ impl Engine {
     pub fn resume_origin(&mut self) {
         self.quiescing = false;
         self.dirty = true;
+        self.epoch += 1;
     }
 
     /// Creates a snapshot of the (quiesced) origin on a fresh COW device: flush the origin,
@@ -705,6 +728,7 @@ impl Engine {
         buffer: IoBuffer,
     ) -> bool {
         let Some(idx) = self.free_io.pop() else {
+            self.io_starved = true;
             return false;
         };
         let slot = &mut self.io[idx as usize];
@@ -784,6 +808,8 @@ impl Engine {
     /// Drops a pending exception that left its snapshot's order: freed now, or by its copy
     /// job when that finishes.
     fn retire_pending(&mut self, p: u32) {
+        self.epoch += 1;
+        self.hash_remove(p);
         let pe = &mut self.pending[p as usize];
         if pe.in_job {
             pe.state = PState::Dead;
@@ -793,12 +819,49 @@ impl Engine {
         }
     }
 
+    fn pending_bucket(&self, s: u16, old: u64) -> usize {
+        let h = (old ^ (u64::from(s) << 48)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        (h >> 32) as usize & (self.pending_index.len() - 1)
+    }
+
+    fn hash_insert(&mut self, p: u32) {
+        let e = self.pending[p as usize];
+        let b = self.pending_bucket(e.snap, e.old);
+        self.pending[p as usize].next_in_hash = self.pending_index[b];
+        self.pending_index[b] = p;
+    }
+
+    fn hash_remove(&mut self, p: u32) {
+        let e = self.pending[p as usize];
+        let b = self.pending_bucket(e.snap, e.old);
+        let mut prev = NIL;
+        let mut i = self.pending_index[b];
+        while i != NIL {
+            let next = self.pending[i as usize].next_in_hash;
+            if i == p {
+                if prev == NIL {
+                    self.pending_index[b] = next;
+                } else {
+                    self.pending[prev as usize].next_in_hash = next;
+                }
+                self.pending[p as usize].next_in_hash = NIL;
+                return;
+            }
+            prev = i;
+            i = next;
+        }
+    }
+
     fn pending_of(&self, s: usize, old: u64) -> Option<u32> {
-        let snap = self.snaps[s].as_ref()?;
-        snap.order
-            .iter()
-            .copied()
-            .find(|&p| self.pending[p as usize].old == old)
+        let mut i = self.pending_index[self.pending_bucket(s as u16, old)];
+        while i != NIL {
+            let e = &self.pending[i as usize];
+            if e.old == old && e.snap as usize == s {
+                return Some(i);
+            }
+            i = e.next_in_hash;
+        }
+        None
     }
 
     fn tracking(&self, s: usize) -> bool {
@@ -840,6 +903,7 @@ impl Engine {
             return;
         }
         x.valid = false;
+        self.epoch += 1;
         x.overflow = matches!(reason, InvalidReason::CowFull | InvalidReason::TableFull);
         let order = core::mem::take(&mut x.order);
         if reason != InvalidReason::Deleted {
@@ -1127,25 +1191,25 @@ impl Engine {
         let n = x.commit_count;
         let mut table_full = false;
         for _ in 0..n {
+            let Some(x) = self.snaps[s].as_mut() else {
+                break;
+            };
             let Some(p) = x.order.pop_front() else {
                 break;
             };
-            let pe = &mut self.pending[p as usize];
+            let pe = self.pending[p as usize];
             if x.table.insert(pe.old, pe.new).is_err() {
                 table_full = true;
             }
-            if pe.in_job {
-                pe.state = PState::Dead;
-            } else {
-                pe.state = PState::Free;
-                self.free_pending.push(p);
+            self.retire_pending(p);
+        }
+        if let Some(x) = self.snaps[s].as_mut() {
+            if x.commit_full {
+                x.store.advance_area();
             }
+            x.commit_count = 0;
+            x.commit_full = false;
         }
-        if x.commit_full {
-            x.store.advance_area();
-        }
-        x.commit_count = 0;
-        x.commit_full = false;
         self.stats.commits += 1;
         self.stats.records_committed += n;
         self.progress += 1;
@@ -1199,6 +1263,7 @@ impl Engine {
             return;
         };
         x.meta_inflight = false;
+        self.epoch += 1;
         x.header_phase = if ok && x.header_phase == HeaderPhase::Write && !x.cow_fua {
             HeaderPhase::Flush
         } else {
@@ -1337,6 +1402,7 @@ impl Engine {
         }
         self.jobs[j as usize].phase = JobPhase::Free;
         self.free_jobs.push(j);
+        self.epoch += 1;
         self.progress += 1;
     }
 
@@ -1384,6 +1450,9 @@ impl Engine {
                 let e = &mut self.pending[p as usize];
                 if e.state == PState::Copying {
                     e.state = PState::Copied;
+                }
+                if self.cfg.unsafe_release_before_commit {
+                    self.epoch += 1;
                 }
                 p = e.next_in_job;
             }
@@ -1447,9 +1516,11 @@ impl Engine {
             state: PState::Copying,
             next_in_job: NIL,
             in_job: false,
+            next_in_hash: NIL,
             alloc_tick: now,
         };
         x.order.push_back(p);
+        self.hash_insert(p);
         Some(p)
     }
 
@@ -1493,7 +1564,21 @@ impl Engine {
             if self.reqs[idx as usize].phase != ReqPhase::Waiting {
                 continue;
             }
+            if self.reqs[idx as usize].seen_epoch == self.epoch {
+                // Nothing it could be waiting for has changed.
+                self.waiting.push_back(idx);
+                continue;
+            }
+            let epoch = self.epoch;
+            self.progress_mark = self.progress;
             if !self.advance_request(idx) {
+                let r = &mut self.reqs[idx as usize];
+                // Only park it if it made no progress; otherwise look again next pass.
+                r.seen_epoch = if self.progress_mark == self.progress {
+                    epoch
+                } else {
+                    u64::MAX
+                };
                 self.waiting.push_back(idx);
             }
         }
@@ -1908,6 +1993,7 @@ impl Engine {
         if origin_read {
             slot.origin_reads -= 1;
             self.origin_reads_redirected -= 1;
+            self.epoch += 1;
         }
         if !ok && slot.failed.is_none() {
             slot.failed = Some(VolumeError::Io);

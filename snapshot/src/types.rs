@@ -81,7 +81,7 @@ pub enum SubmitError {
 }
 
 /// A device the engine issues I/O to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Device {
     /// The origin device.
     Origin,
