@@ -28,6 +28,7 @@ mod mmio;
 
 pub use config::{
     ConfigAccess, ConfigMechanism, EcamConfigAccess, PciAddress, PortConfigAccess, PortIo,
+    VirtioConfigAccess,
 };
 pub use dma::{Dma, DmaAllocator, DmaSlice, VirtioDma};
 pub use mmio::{map_region, MmioMapper, MmioRegion};

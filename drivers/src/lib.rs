@@ -91,8 +91,9 @@
 //!
 //! # `unsafe`
 //! The crate root denies `unsafe_code`; it is allowed only in `hal` (MMIO, DMA), `msix::table`
-//! (mapping the table), `virtio_blk::queue` (virtqueue buffers) and `virtio_blk::vectors`
-//! (mapping the common configuration). Every block has a `// SAFETY:` comment.
+//! (mapping the table), `virtio_blk::queue` (virtqueue buffers) and
+//! `virtio_blk::common_regs` (mapping the common configuration); `scripts/unsafe-allowlist.sh`
+//! checks the file names. Every block has a `// SAFETY:` comment.
 #![cfg_attr(not(test), no_std)]
 #![deny(unsafe_code)]
 

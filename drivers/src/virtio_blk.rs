@@ -5,8 +5,9 @@
 //! - [`probe()`]: PCI glue — BARs, bus mastering, MSI-X table, vector allocation, common
 //!   configuration, transport — and then [`VirtioBlk::new`].
 //! - `device`: initialisation and the [`crate::block::BlockDevice`] implementation.
-//! - `queue`: the virtqueue, per-request DMA memory and in-flight table (the only `unsafe`).
-//! - `vectors`: `config_msix_vector` / `queue_msix_vector` programming.
+//! - `queue`: the virtqueue, per-request DMA memory and in-flight table (`unsafe` for the
+//!   virtqueue buffer contract; `common_regs` has the other, for mapping).
+//! - `common_regs`: `config_msix_vector` / `queue_msix_vector` in the common configuration.
 //! - `regs`: wire formats.
 //!
 //! Spec: virtio 1.2 §4.1 (virtio over PCI), §5.2 (block device), §2.7 (split virtqueues).
@@ -17,24 +18,24 @@
 //! N descriptors carries N/3 requests; `RING_EVENT_IDX` is off by default because
 //! virtio-drivers 0.13's `should_notify` compares indices without wrap-around arithmetic.
 
+#[allow(unsafe_code)]
+mod common_regs;
 mod device;
 pub mod probe;
 #[allow(unsafe_code)]
 mod queue;
 pub mod regs;
-#[allow(unsafe_code)]
-mod vectors;
 
 #[cfg(test)]
 #[allow(unsafe_code)]
-mod fake;
+mod fake_queue;
 #[cfg(test)]
 mod tests;
 
+pub use common_regs::{CommonCfgVectors, VectorConfig};
 pub use device::{VectorAssignment, VirtioBlk};
 pub use probe::{is_virtio_blk, probe, ProbeContext, ProbeFailure, VirtioBlkPci};
 pub use queue::{choose_queue_size, MAX_QUEUE_SIZE, MIN_QUEUE_SIZE};
-pub use vectors::{CommonCfgVectors, VectorConfig};
 
 use crate::hal::HalError;
 use crate::msix::MsixError;

@@ -220,6 +220,45 @@ impl<P: PortIo> ConfigAccess for ConfigMechanism<P> {
     }
 }
 
+/// virtio-drivers' `ConfigurationAccess` over ours, so its `PciTransport` reads capabilities
+/// and sizes BARs through the kernel's configuration mechanism.
+#[derive(Debug)]
+pub struct VirtioConfigAccess<'a, C: ConfigAccess + ?Sized>(pub &'a C);
+
+impl<C: ConfigAccess + ?Sized> virtio_drivers::transport::pci::bus::ConfigurationAccess
+    for VirtioConfigAccess<'_, C>
+{
+    fn read_word(
+        &self,
+        df: virtio_drivers::transport::pci::bus::DeviceFunction,
+        register_offset: u8,
+    ) -> u32 {
+        self.0.read32(
+            PciAddress::new(df.bus, df.device, df.function),
+            u16::from(register_offset),
+        )
+    }
+
+    fn write_word(
+        &mut self,
+        df: virtio_drivers::transport::pci::bus::DeviceFunction,
+        register_offset: u8,
+        data: u32,
+    ) {
+        self.0.write32(
+            PciAddress::new(df.bus, df.device, df.function),
+            u16::from(register_offset),
+            data,
+        )
+    }
+
+    // `unsafe` by the trait's signature only: cloning a shared reference is harmless, and
+    // every access goes through our safe `ConfigAccess`.
+    unsafe fn unsafe_clone(&self) -> Self {
+        Self(self.0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,9 +1,9 @@
 //! The virtio-blk device: initialisation (virtio 1.2 §3.1.1), geometry, and the
 //! [`BlockDevice`] implementation over one [`RequestQueue`].
 
+use super::common_regs::{assign_config, assign_queue, VectorConfig};
 use super::queue::{choose_queue_size, AnyQueue, Chain, Owner, QueueError, RequestQueue};
 use super::regs::{self, config, BlkFeatures, SECTOR_SIZE};
-use super::vectors::{assign_config, assign_queue, VectorConfig};
 use super::{VirtioBlkConfig, VirtioBlkError};
 use crate::block::{
     validate, BlockDevice, BlockError, BlockRequest, BlockStats, Completion, Geometry, Operation,

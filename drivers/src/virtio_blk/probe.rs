@@ -6,15 +6,16 @@
 //! (which writes `config_msix_vector` / `queue_msix_vector`), then unmask the function.
 //! On failure every vector is released and MSI-X is disabled again.
 
+use super::common_regs::CommonCfgVectors;
 use super::device::{VectorAssignment, VirtioBlk};
-use super::vectors::CommonCfgVectors;
 use super::{VirtioBlkConfig, VirtioBlkError};
-use crate::hal::{ConfigAccess, MmioMapper, PciAddress};
+use crate::hal::VirtioConfigAccess;
+use crate::hal::{ConfigAccess, MmioMapper};
 use crate::info::{reason, DeviceInfo, DeviceName};
 use crate::msix::{InterruptOwner, MsiMessage, MsixCapability, MsixTable, VectorRegistry};
 use crate::pci::{enable_function, probe_bars, PciFunction};
 use alloc::boxed::Box;
-use virtio_drivers::transport::pci::bus::{ConfigurationAccess, DeviceFunction, PciRoot};
+use virtio_drivers::transport::pci::bus::{DeviceFunction, PciRoot};
 use virtio_drivers::transport::pci::PciTransport;
 use virtio_drivers::Hal;
 
@@ -57,33 +58,6 @@ pub struct ProbeContext<'a, C: ConfigAccess + ?Sized, M: MmioMapper + ?Sized> {
     pub registry: &'a VectorRegistry,
     /// Local APIC ID of the CPU that takes the interrupts (the boot CPU).
     pub apic_id: u8,
-}
-
-/// virtio-drivers' configuration access, over ours.
-struct ConfigAdapter<'a, C: ConfigAccess + ?Sized>(&'a C);
-
-// The trait's `unsafe_clone` is an `unsafe fn` by signature only: a shared reference clones
-// safely, and every access goes through our (safe) `ConfigAccess`.
-#[allow(unsafe_code)]
-impl<C: ConfigAccess + ?Sized> ConfigurationAccess for ConfigAdapter<'_, C> {
-    fn read_word(&self, df: DeviceFunction, register_offset: u8) -> u32 {
-        self.0.read32(
-            PciAddress::new(df.bus, df.device, df.function),
-            u16::from(register_offset),
-        )
-    }
-
-    fn write_word(&mut self, df: DeviceFunction, register_offset: u8, data: u32) {
-        self.0.write32(
-            PciAddress::new(df.bus, df.device, df.function),
-            u16::from(register_offset),
-            data,
-        )
-    }
-
-    unsafe fn unsafe_clone(&self) -> Self {
-        Self(self.0)
-    }
 }
 
 /// Brings up the virtio-blk device at `function` (init time only; the failure is boxed
@@ -179,7 +153,7 @@ fn bring_up<H: Hal, C: ConfigAccess + ?Sized, M: MmioMapper + ?Sized>(
     cap.enable_masked(ctx.cfg);
     *msix = Some(cap);
 
-    let mut root = PciRoot::new(ConfigAdapter(ctx.cfg));
+    let mut root = PciRoot::new(VirtioConfigAccess(ctx.cfg));
     let df = DeviceFunction {
         bus: addr.bus,
         device: addr.device,
@@ -212,6 +186,7 @@ pub(crate) mod tests {
     use super::*;
     use crate::block::BlockDevice;
     use crate::hal::fake::{FakeMapper, FakeVirtioHal};
+    use crate::hal::PciAddress;
     use crate::info::{disk_name, DeviceState};
     use crate::msix::FIRST_DEVICE_VECTOR;
     use crate::pci::fake::{FakeFunction, FakePci};

@@ -1,6 +1,6 @@
 //! End-to-end tests of the virtio-blk driver against the fake device in `fake.rs`.
 
-use super::fake::{FakeBlk, FakeTransport, FakeVectors, Shared};
+use super::fake_queue::{FakeBlk, FakeTransport, FakeVectors, Shared};
 use super::regs::{self, config, BlkFeatures};
 use super::{VectorAssignment, VirtioBlk, VirtioBlkConfig, VirtioBlkError};
 use crate::block::{BlockDevice, BlockError, BlockRequest, BufferPool, Completion, PollOutcome};

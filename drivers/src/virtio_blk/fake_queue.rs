@@ -2,8 +2,8 @@
 //! that reads the rings and descriptors in host memory (physical == virtual with the fake HAL)
 //! and a RAM disk behind them. Tests choose when and in which order requests complete.
 
+use super::common_regs::VectorConfig;
 use super::regs::{self, NO_VECTOR};
-use super::vectors::VectorConfig;
 use super::VirtioBlkError;
 use std::cell::RefCell;
 use std::rc::Rc;
