@@ -92,6 +92,7 @@ struct Job {
     last: u32,
     emit: u32,
     writes_inflight: u32,
+    queued: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -196,6 +197,8 @@ pub struct Engine {
     pending_index: Vec<u32>,
     jobs: Vec<Job>,
     free_jobs: Vec<u32>,
+    /// Jobs with an I/O to emit.
+    job_work: VecDeque<u32>,
     free_buffers: Vec<u32>,
     snaps: Vec<Option<Snap>>,
     io: Vec<IoSlot>,
@@ -290,10 +293,12 @@ impl Engine {
                     last: NIL,
                     emit: NIL,
                     writes_inflight: 0,
+                    queued: false,
                 };
                 njobs
             ],
             free_jobs: (0..njobs as u32).rev().collect(),
+            job_work: VecDeque::with_capacity(njobs),
             free_buffers: (0..cfg.copy_buffers).rev().collect(),
             snaps,
             io: vec![
@@ -1282,13 +1287,25 @@ impl Engine {
     // Copy jobs
     // ----------------------------------------------------------------------------------------
 
+    fn queue_job(&mut self, j: u32) {
+        let job = &mut self.jobs[j as usize];
+        if !job.queued {
+            job.queued = true;
+            self.job_work.push_back(j);
+        }
+    }
+
     fn step_jobs(&mut self) {
-        for j in 0..self.jobs.len() {
-            match self.jobs[j].phase {
+        for _ in 0..self.job_work.len() {
+            let Some(j) = self.job_work.pop_front() else {
+                break;
+            };
+            self.jobs[j as usize].queued = false;
+            let job = self.jobs[j as usize];
+            match job.phase {
                 JobPhase::NeedRead => {
-                    let job = self.jobs[j];
                     if self.emit(
-                        IoCtx::JobRead { job: j as u32 },
+                        IoCtx::JobRead { job: j },
                         Device::Origin,
                         IoOp::Read,
                         job.read_start,
@@ -1298,10 +1315,12 @@ impl Engine {
                             byte_offset: 0,
                         },
                     ) {
-                        self.jobs[j].phase = JobPhase::Reading;
+                        self.jobs[j as usize].phase = JobPhase::Reading;
+                    } else {
+                        self.queue_job(j);
                     }
                 }
-                JobPhase::Writing if self.jobs[j].emit != NIL => self.emit_job_writes(j as u32),
+                JobPhase::Writing if job.emit != NIL => self.emit_job_writes(j),
                 _ => {}
             }
         }
@@ -1368,6 +1387,7 @@ impl Engine {
                 sectors,
                 buffer,
             ) {
+                self.queue_job(j);
                 return;
             }
             self.stats.copy_writes += 1;
@@ -1484,6 +1504,7 @@ impl Engine {
             last: NIL,
             emit: NIL,
             writes_inflight: 0,
+            queued: false,
         };
         self.stats.copy_jobs += u64::from(with_buffer);
         Some(j)
@@ -1794,6 +1815,7 @@ impl Engine {
         job.read_start = read_lo;
         job.read_sectors = (read_hi - read_lo) as u32;
         job.phase = JobPhase::NeedRead;
+        self.queue_job(j);
         self.progress += 1;
         true
     }
@@ -1966,6 +1988,7 @@ impl Engine {
                 job.read_sectors = (chunk_end - c * cs) as u32;
                 job.phase = JobPhase::NeedRead;
             }
+            self.queue_job(j);
             self.progress += 1;
             break;
         }

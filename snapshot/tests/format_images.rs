@@ -351,7 +351,7 @@ static FUZZ_CASES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::
 
 fn check_loader(img: &[u8], cow: u64, block: u32) {
     let n = FUZZ_CASES.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-    if n % 25_000 == 0 {
+    if n.is_multiple_of(25_000) {
         println!("loader fuzz cases run: {n}");
     }
     let p = LoadParams {
