@@ -347,6 +347,12 @@ pub trait BlockDevice {
     /// Requests submitted and not yet completed.
     fn in_flight(&self) -> usize;
 
+    /// Whether the device raises no interrupts, so the main loop must poll it while requests
+    /// are in flight (a device without MSI-X).
+    fn needs_polling(&self) -> bool {
+        false
+    }
+
     /// Counters.
     fn stats(&self) -> BlockStats;
 

@@ -77,8 +77,9 @@
 //!     else { interrupts::enable(); }
 //! }
 //! ```
-//! `Servicer::run` polls only devices whose vectors fired, plus devices whose budget ran out
-//! last round. Submission is `BlockDevice::submit(BlockRequest)`: it never completes inline;
+//! `Servicer::run` polls only devices whose vectors fired, devices whose budget ran out last
+//! round, and devices without MSI-X (polled mode, see `BlockDevice::needs_polling`) while they
+//! have requests in flight; it returns `true` while any of that work remains. Submission is `BlockDevice::submit(BlockRequest)`: it never completes inline;
 //! on failure the request (and its buffer) comes back in [`block::Rejected`] —
 //! [`block::BlockError::QueueFull`] is back-pressure (retry after a completion), not an error.
 //! Every completion hands the request's [`block::DmaBuf`] back; return it to its pool with

@@ -25,6 +25,8 @@ pub const MAX_DEVICES: usize = 256;
 pub trait DeviceTable {
     /// The device with `index`, if it exists and is usable.
     fn device(&mut self, index: u16) -> Option<&mut dyn BlockDevice>;
+    /// One past the highest index.
+    fn count(&self) -> usize;
 }
 
 impl DeviceTable for [BoxedDevice] {
@@ -34,6 +36,10 @@ impl DeviceTable for [BoxedDevice] {
             None => None,
         }
     }
+
+    fn count(&self) -> usize {
+        self.len()
+    }
 }
 
 impl DeviceTable for [Option<BoxedDevice>] {
@@ -42,6 +48,10 @@ impl DeviceTable for [Option<BoxedDevice>] {
             Some(Some(d)) => Some(d.as_mut()),
             _ => None,
         }
+    }
+
+    fn count(&self) -> usize {
+        self.len()
     }
 }
 
@@ -92,8 +102,9 @@ impl Servicer {
     /// left over from the previous round) with `budget` completions, passing them to
     /// `sink(device_index, completion)`.
     ///
-    /// Returns `true` when work remains (some device ran out of budget): run again before
-    /// halting. Returns `false` when the loop may `sti; hlt`.
+    /// Returns `true` when work remains (some device ran out of budget, or a polled device
+    /// still has requests in flight): run again before halting. Returns `false` when the loop
+    /// may `sti; hlt`.
     pub fn run<D: DeviceTable + ?Sized>(
         &mut self,
         registry: &VectorRegistry,
@@ -108,12 +119,20 @@ impl Servicer {
                 due.insert(owner.device);
             }
         });
+        // Devices without interrupts are polled whenever they have requests in flight.
+        for index in 0..devices.count().min(MAX_DEVICES) as u16 {
+            if let Some(device) = devices.device(index) {
+                if device.needs_polling() && device.in_flight() > 0 {
+                    due.insert(index);
+                }
+            }
+        }
         for index in due.iter() {
             let Some(device) = devices.device(index) else {
                 continue;
             };
             let outcome = device.poll_completions(budget, &mut |c| sink(index, c));
-            if outcome.more {
+            if outcome.more || (device.needs_polling() && device.in_flight() > 0) {
                 self.again.insert(index);
             }
         }
@@ -262,21 +281,21 @@ mod tests {
         use crate::hal::PciAddress;
         use crate::pci::fake::FakePci;
         use crate::pci::{enumerate, ScanMode};
-        use crate::virtio_blk::probe::tests::{virtio_blk_function, Bar};
+        use crate::virtio_blk::probe::tests::{virtio_blk_function, Bar, Msix};
 
         let (mut bar_a, mut bar_b, mut bar_c) = (Bar::new(), Bar::new(), Bar::new());
         let pci = FakePci::new();
         pci.insert(
             PciAddress::new(0, 3, 0),
-            virtio_blk_function(&mut bar_a, true),
+            virtio_blk_function(&mut bar_a, Msix::Good),
         );
         pci.insert(
             PciAddress::new(0, 4, 0),
-            virtio_blk_function(&mut bar_b, false),
-        ); // no MSI-X
+            virtio_blk_function(&mut bar_b, Msix::OutsideBar),
+        ); // broken MSI-X
         pci.insert(
             PciAddress::new(0, 5, 0),
-            virtio_blk_function(&mut bar_c, true),
+            virtio_blk_function(&mut bar_c, Msix::Good),
         );
         let registry = VectorRegistry::new();
         let ctx = ProbeContext {
@@ -303,6 +322,72 @@ mod tests {
         // Device indices follow positions in `devices`: vdc is device 1.
         let vdc_vectors = found.devices[1].info().vectors;
         assert_eq!(registry.owner(vdc_vectors[0]).map(|o| o.device), Some(1));
+    }
+
+    /// A RAM disk that raises no interrupts.
+    struct Polled(RamDisk);
+
+    impl BlockDevice for Polled {
+        fn geometry(&self) -> crate::block::Geometry {
+            self.0.geometry()
+        }
+        fn submit(&mut self, request: BlockRequest) -> Result<(), crate::block::Rejected> {
+            self.0.submit(request)
+        }
+        fn poll_completions(
+            &mut self,
+            budget: usize,
+            sink: &mut dyn FnMut(Completion),
+        ) -> crate::block::PollOutcome {
+            self.0.poll_completions(budget, sink)
+        }
+        fn interrupt(&mut self, queue: u16) {
+            self.0.interrupt(queue)
+        }
+        fn in_flight(&self) -> usize {
+            self.0.in_flight()
+        }
+        fn needs_polling(&self) -> bool {
+            true
+        }
+        fn stats(&self) -> crate::block::BlockStats {
+            self.0.stats()
+        }
+        fn info(&self) -> DeviceInfo {
+            self.0.info()
+        }
+    }
+
+    #[test]
+    fn polled_devices_are_serviced_without_interrupts() {
+        let registry = VectorRegistry::new();
+        let mut devices: Vec<BoxedDevice> = vec![
+            Box::new(RamDisk::new("irq", RamDiskConfig::default())),
+            Box::new(Polled(RamDisk::new("poll", RamDiskConfig::default()))),
+        ];
+        let mut servicer = Servicer::new();
+        let mut seen = Vec::new();
+        assert!(
+            !servicer.run(&registry, devices.as_mut_slice(), 4, &mut |d, c| seen
+                .push((d, c.tag)))
+        );
+        for tag in 0..3 {
+            devices[0].submit(BlockRequest::flush(tag)).unwrap();
+            devices[1].submit(BlockRequest::flush(10 + tag)).unwrap();
+        }
+        assert!(
+            servicer.run(&registry, devices.as_mut_slice(), 2, &mut |d, c| seen
+                .push((d, c.tag)))
+        );
+        assert!(
+            !servicer.run(&registry, devices.as_mut_slice(), 2, &mut |d, c| seen
+                .push((d, c.tag)))
+        );
+        assert_eq!(
+            seen,
+            vec![(1, 10), (1, 11), (1, 12)],
+            "only the polled device progresses"
+        );
     }
 
     #[test]

@@ -507,6 +507,10 @@ impl<H: Hal, T: Transport> BlockDevice for VirtioBlk<H, T> {
         self.queue.in_flight() + self.ready.len()
     }
 
+    fn needs_polling(&self) -> bool {
+        self.assignment.queue_entry.is_none()
+    }
+
     fn stats(&self) -> BlockStats {
         self.stats
     }

@@ -5,6 +5,10 @@
 //! MSI-X with the function masked, build the virtio-drivers transport, initialise the device
 //! (which writes `config_msix_vector` / `queue_msix_vector`), then unmask the function.
 //! On failure every vector is released and MSI-X is disabled again.
+//!
+//! A function without an MSI-X capability is brought up in polled mode (no interrupts;
+//! [`crate::block::BlockDevice::needs_polling`] is true and the main loop polls it while it has
+//! requests in flight).
 
 use super::common_regs::CommonCfgVectors;
 use super::device::{VectorAssignment, VirtioBlk};
@@ -12,7 +16,9 @@ use super::{VirtioBlkConfig, VirtioBlkError};
 use crate::hal::VirtioConfigAccess;
 use crate::hal::{ConfigAccess, MmioMapper};
 use crate::info::{reason, DeviceInfo, DeviceName};
-use crate::msix::{InterruptOwner, MsiMessage, MsixCapability, MsixTable, VectorRegistry};
+use crate::msix::{
+    InterruptOwner, MsiMessage, MsixCapability, MsixError, MsixTable, VectorRegistry,
+};
 use crate::pci::{enable_function, probe_bars, PciFunction};
 use alloc::boxed::Box;
 use virtio_drivers::transport::pci::bus::{DeviceFunction, PciRoot};
@@ -119,11 +125,53 @@ fn bring_up<H: Hal, C: ConfigAccess + ?Sized, M: MmioMapper + ?Sized>(
     let bars = probe_bars(ctx.cfg, addr)?;
     enable_function(ctx.cfg, addr, true);
 
-    let cap = MsixCapability::read(ctx.cfg, addr)?;
-    let table = MsixTable::map(&cap, &bars, ctx.mapper)?;
     let vectors = CommonCfgVectors::locate(ctx.cfg, addr, &bars, ctx.mapper)?;
+    let cap = match MsixCapability::read(ctx.cfg, addr) {
+        Ok(cap) => Some(cap),
+        Err(MsixError::NoCapability) => {
+            log::warn!("{name}: no MSI-X capability, falling back to polling");
+            None
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let assignment = match cap {
+        Some(cap) => program_msix(ctx, &cap, &bars, device_index, allocated, msix)?,
+        None => VectorAssignment::default(),
+    };
 
-    // Entry 0: configuration changes (when the table has room), next entry: queue 0.
+    let mut root = PciRoot::new(VirtioConfigAccess(ctx.cfg));
+    let df = DeviceFunction {
+        bus: addr.bus,
+        device: addr.device,
+        function: addr.function,
+    };
+    let transport = PciTransport::new::<H, _>(&mut root, df)?;
+    let device = VirtioBlk::new(
+        name,
+        Some(addr),
+        transport,
+        Some(vectors),
+        assignment,
+        config,
+    )?;
+    if let Some(cap) = cap {
+        cap.unmask_function(ctx.cfg);
+    }
+    Ok(device)
+}
+
+/// Maps the MSI-X table, allocates CPU vectors (queue 0, and configuration changes when the
+/// table has a second entry), programs and unmasks their entries, and enables MSI-X with the
+/// function still masked.
+fn program_msix<C: ConfigAccess + ?Sized, M: MmioMapper + ?Sized>(
+    ctx: &ProbeContext<'_, C, M>,
+    cap: &MsixCapability,
+    bars: &[Option<crate::pci::Bar>; 6],
+    device_index: u16,
+    allocated: &mut [Option<u8>; 2],
+    msix: &mut Option<MsixCapability>,
+) -> Result<VectorAssignment, VirtioBlkError> {
+    let table = MsixTable::map(cap, bars, ctx.mapper)?;
     let queue_vector = ctx.registry.allocate(InterruptOwner {
         device: device_index,
         queue: 0,
@@ -139,6 +187,7 @@ fn bring_up<H: Hal, C: ConfigAccess + ?Sized, M: MmioMapper + ?Sized>(
     } else {
         None
     };
+    // Entry 0: configuration changes (when the table has room), next entry: queue 0.
     let (config_entry, queue_entry) = if config_vector.is_some() {
         (Some(0), 1)
     } else {
@@ -151,30 +200,12 @@ fn bring_up<H: Hal, C: ConfigAccess + ?Sized, M: MmioMapper + ?Sized>(
     table.program(queue_entry, MsiMessage::fixed(ctx.apic_id, queue_vector)?)?;
     table.unmask(queue_entry)?;
     cap.enable_masked(ctx.cfg);
-    *msix = Some(cap);
-
-    let mut root = PciRoot::new(VirtioConfigAccess(ctx.cfg));
-    let df = DeviceFunction {
-        bus: addr.bus,
-        device: addr.device,
-        function: addr.function,
-    };
-    let transport = PciTransport::new::<H, _>(&mut root, df)?;
-    let assignment = VectorAssignment {
+    *msix = Some(*cap);
+    Ok(VectorAssignment {
         config_entry,
         queue_entry: Some(queue_entry),
         cpu_vectors: [Some(queue_vector), config_vector],
-    };
-    let device = VirtioBlk::new(
-        name,
-        Some(addr),
-        transport,
-        Some(vectors),
-        assignment,
-        config,
-    )?;
-    cap.unmask_function(ctx.cfg);
-    Ok(device)
+    })
 }
 
 #[cfg(test)]
@@ -241,7 +272,18 @@ pub(crate) mod tests {
         }
     }
 
-    pub(crate) fn virtio_blk_function(bar: &mut Bar, with_msix: bool) -> FakeFunction {
+    /// How the fake function's MSI-X capability looks.
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    pub(crate) enum Msix {
+        /// A 4-entry table and PBA inside BAR4.
+        Good,
+        /// No capability.
+        Missing,
+        /// The table lies beyond the end of BAR4.
+        OutsideBar,
+    }
+
+    pub(crate) fn virtio_blk_function(bar: &mut Bar, msix_mode: Msix) -> FakeFunction {
         let b = bar.bytes();
         // Common config: queue_size (max) = 128 for queue 0; device config: 4096 sectors.
         b[COMMON + 0x18..COMMON + 0x1a].copy_from_slice(&128u16.to_le_bytes());
@@ -257,10 +299,15 @@ pub(crate) mod tests {
         f.add_capability(CAP_ID_VENDOR, &virtio_cap(3, ISR, 4, None));
         f.add_capability(CAP_ID_VENDOR, &virtio_cap(4, DEVICE, 0x40, None));
         f.add_capability(CAP_ID_VENDOR, &virtio_cap(2, NOTIFY, 0x100, Some(4)));
-        if with_msix {
+        if msix_mode != Msix::Missing {
+            let table = if msix_mode == Msix::OutsideBar {
+                BAR_SIZE
+            } else {
+                MSIX_TABLE
+            };
             let mut msix = Vec::new();
             msix.extend_from_slice(&3u16.to_le_bytes()); // 4 entries
-            msix.extend_from_slice(&(MSIX_TABLE as u32 | 4).to_le_bytes());
+            msix.extend_from_slice(&(table as u32 | 4).to_le_bytes());
             msix.extend_from_slice(&(MSIX_PBA as u32 | 4).to_le_bytes());
             f.add_capability(CAP_ID_MSIX, &msix);
         }
@@ -272,7 +319,7 @@ pub(crate) mod tests {
         let mut bar = Bar::new();
         let pci = FakePci::new();
         let addr = PciAddress::new(0, 4, 0);
-        pci.insert(addr, virtio_blk_function(&mut bar, true));
+        pci.insert(addr, virtio_blk_function(&mut bar, Msix::Good));
         pci.insert(
             PciAddress::new(0, 1, 0),
             FakeFunction::endpoint(0x8086, 0x100e, 2, 0),
@@ -344,11 +391,43 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn probe_without_msix_falls_back_to_polling() {
+        let mut bar = Bar::new();
+        let pci = FakePci::new();
+        let addr = PciAddress::new(0, 5, 0);
+        pci.insert(addr, virtio_blk_function(&mut bar, Msix::Missing));
+        let registry = VectorRegistry::new();
+        let ctx = ProbeContext {
+            cfg: &pci,
+            mapper: &FakeMapper,
+            registry: &registry,
+            apic_id: 0,
+        };
+        let function = PciFunction::read(&pci, addr).unwrap();
+        let blk = probe::<FakeVirtioHal, _, _>(
+            &ctx,
+            &function,
+            0,
+            disk_name("vd", 0),
+            VirtioBlkConfig::default(),
+        )
+        .expect("polled mode");
+        assert!(blk.needs_polling());
+        assert!(blk.info().vectors().is_empty());
+        assert_eq!(registry.owner(FIRST_DEVICE_VECTOR), None);
+        assert_eq!(
+            bar.u16_at(COMMON + common::QUEUE_MSIX_VECTOR),
+            0,
+            "no vector written"
+        );
+    }
+
+    #[test]
     fn probe_failure_releases_vectors_and_reports() {
         let mut bar = Bar::new();
         let pci = FakePci::new();
         let addr = PciAddress::new(0, 5, 0);
-        pci.insert(addr, virtio_blk_function(&mut bar, false));
+        pci.insert(addr, virtio_blk_function(&mut bar, Msix::OutsideBar));
         let registry = VectorRegistry::new();
         let ctx = ProbeContext {
             cfg: &pci,
@@ -365,10 +444,10 @@ pub(crate) mod tests {
             VirtioBlkConfig::default(),
         )
         .unwrap_err();
-        assert_eq!(
+        assert!(matches!(
             failure.error,
-            VirtioBlkError::Msix(crate::msix::MsixError::NoCapability)
-        );
+            VirtioBlkError::Msix(crate::msix::MsixError::Pci(_))
+        ));
         assert!(failure.info.to_string().contains("vdb"));
         assert!(matches!(failure.info.state, DeviceState::InitFailed(_)));
         assert_eq!(registry.owner(FIRST_DEVICE_VECTOR), None);
@@ -376,7 +455,7 @@ pub(crate) mod tests {
         // A function that is not a block device is refused before anything is touched.
         let mut bar = Bar::new();
         let pci = FakePci::new();
-        pci.insert(addr, virtio_blk_function(&mut bar, true));
+        pci.insert(addr, virtio_blk_function(&mut bar, Msix::Good));
         let ctx = ProbeContext {
             cfg: &pci,
             mapper: &FakeMapper,
