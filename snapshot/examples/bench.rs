@@ -258,7 +258,8 @@ fn main() {
         "CPU ns/write",
         "sim ms"
     );
-    for (policy, bound) in [(CommitPolicy::Grouped, 50), (CommitPolicy::LinuxIdle, 0)] {
+    let bound: u64 = std::env::args().nth(2).and_then(|a| a.parse().ok()).unwrap_or(100);
+    for (policy, bound) in [(CommitPolicy::Grouped, bound), (CommitPolicy::LinuxIdle, 0)] {
         let r = run(policy, writes, bound);
         println!(
             "{:<28} {:>10.0} {:>12.1} {:>14.1} {:>12} {:>12} {:>14.0} {:>10.1}",

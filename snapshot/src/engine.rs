@@ -23,6 +23,8 @@ use crate::table::ExceptionTable;
 use crate::types::*;
 
 const NIL: u32 = u32::MAX;
+/// Most group commits in flight per snapshot (area writes are still issued one at a time).
+const MAX_BATCHES: usize = 4;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum ReqPhase {
@@ -97,11 +99,24 @@ struct Job {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum CommitPhase {
-    Idle,
     ZeroNext,
     Flush,
+    /// Flushed; the area write waits for the older batch's area write to complete.
+    WaitTurn,
     AreaWrite,
     PostFlush,
+}
+
+/// One group commit: `count` records at the front of the snapshot's order (after the older
+/// batch's), with its own I/O in flight.
+#[derive(Clone, Copy, Debug)]
+struct Batch {
+    id: u32,
+    phase: CommitPhase,
+    count: u64,
+    full: bool,
+    inflight: bool,
+    appended: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -137,9 +152,8 @@ struct Snap {
     store: StoreState,
     table: ExceptionTable,
     order: VecDeque<u32>,
-    commit: CommitPhase,
-    commit_count: u64,
-    commit_full: bool,
+    /// Commits in flight, oldest first: newer ones flush while the oldest writes its area.
+    batches: [Option<Batch>; MAX_BATCHES],
     meta_inflight: bool,
     header: Vec<u8>,
     header_phase: HeaderPhase,
@@ -164,9 +178,7 @@ enum IoCtx {
         first: u32,
         count: u32,
     },
-    Commit {
-        snap: u16,
-    },
+    Commit { snap: u16, batch: u32 },
     Create {
         snap: u16,
     },
@@ -216,6 +228,7 @@ pub struct Engine {
     /// Bumped whenever something a waiting request may wait for changes (a commit, a freed
     /// resource, an invalidation...): waiting requests are re-evaluated only then.
     epoch: u64,
+    batch_seq: u32,
     io_starved: bool,
     progress_mark: u64,
     stats: EngineStats,
@@ -320,6 +333,7 @@ impl Engine {
             dirty: false,
             progress: 0,
             epoch: 0,
+            batch_seq: 0,
             io_starved: false,
             progress_mark: 0,
             stats: EngineStats::default(),
@@ -418,7 +432,7 @@ impl Engine {
                 first,
                 count,
             } => self.on_job_write(job, snap, first, count, ok),
-            IoCtx::Commit { snap } => self.on_commit_io(snap, ok),
+            IoCtx::Commit { snap, batch } => self.on_commit_io(snap, batch, ok),
             IoCtx::Create { snap } => self.on_create_io(snap, ok),
             IoCtx::Header { snap } => self.on_header_io(snap, ok),
             IoCtx::Wipe { snap } => self.on_wipe_io(snap, ok),
@@ -603,7 +617,7 @@ impl Engine {
                     x.state,
                     x.valid,
                     x.order.len(),
-                    x.commit,
+                    x.batches,
                     x.header_phase,
                     x.meta_inflight,
                     x.inflight
@@ -686,9 +700,7 @@ impl Engine {
             store,
             table,
             order: VecDeque::with_capacity(self.cfg.pending_exceptions as usize),
-            commit: CommitPhase::Idle,
-            commit_count: 0,
-            commit_full: false,
+            batches: [None; MAX_BATCHES],
             meta_inflight: false,
             header,
             header_phase: HeaderPhase::None,
@@ -908,6 +920,7 @@ impl Engine {
             return;
         }
         x.valid = false;
+        x.batches = [None; MAX_BATCHES];
         self.epoch += 1;
         x.overflow = matches!(reason, InvalidReason::CowFull | InvalidReason::TableFull);
         let order = core::mem::take(&mut x.order);
@@ -1050,10 +1063,8 @@ impl Engine {
                     if !x.valid {
                         continue;
                     }
-                    if x.commit == CommitPhase::Idle {
-                        self.maybe_start_commit(s);
-                    }
-                    self.emit_commit_step(s);
+                    self.maybe_start_commit(s);
+                    self.emit_commit_steps(s);
                 }
             }
         }
@@ -1069,11 +1080,25 @@ impl Engine {
         let policy = self.cfg.commit_policy;
         let bound = self.cfg.hold_bound_ticks;
         let now = self.now;
+        self.batch_seq = self.batch_seq.wrapping_add(1);
+        let next_id = self.batch_seq;
         let Some(x) = self.snaps[s].as_mut() else {
             return;
         };
+        // Linux commits one area write at a time; snapfw lets the next batch flush while the
+        // previous one writes its area (never across an area boundary).
+        let max_batches = if policy == CommitPolicy::Grouped {
+            MAX_BATCHES
+        } else {
+            1
+        };
+        let busy = x.batches.iter().flatten().count();
+        if busy >= max_batches || x.batches.iter().flatten().any(|b| b.full) {
+            return;
+        }
+        let skip: usize = x.batches.iter().flatten().map(|b| b.count as usize).sum();
         let mut k = 0u64;
-        for &p in &x.order {
+        for &p in x.order.iter().skip(skip) {
             if self.pending[p as usize].state == PState::Copied {
                 k += 1;
             } else {
@@ -1083,11 +1108,22 @@ impl Engine {
         if k == 0 {
             return;
         }
-        let room = x.store.area_room();
-        let idle = k == x.order.len() as u64;
+        // Records of the older batch not yet in the area image still take room.
+        let unappended: u64 = x
+            .batches
+            .iter()
+            .flatten()
+            .filter(|b| !b.appended)
+            .map(|b| b.count)
+            .sum();
+        let room = x.store.area_room().saturating_sub(unappended);
+        if room == 0 {
+            return;
+        }
+        let idle = k == (x.order.len() - skip) as u64;
         let oldest = x
             .order
-            .front()
+            .get(skip)
             .map(|&p| self.pending[p as usize].alloc_tick)
             .unwrap_or(now);
         let overdue = policy == CommitPolicy::Grouped && now.saturating_sub(oldest) >= bound;
@@ -1095,107 +1131,154 @@ impl Engine {
             return;
         }
         let n = k.min(room);
-        for i in 0..n as usize {
+        for i in skip..skip + n as usize {
             let p = x.order[i] as usize;
-            let pe = &mut self.pending[p];
-            pe.state = PState::Committing;
+            self.pending[p].state = PState::Committing;
+        }
+        let full = n == room;
+        let next_area = x.store.geometry.area_chunk(x.store.current_area + 1);
+        let mut batch = Batch {
+            id: next_id,
+            phase: if full && next_area < x.store.cow_chunks() {
+                CommitPhase::ZeroNext
+            } else {
+                CommitPhase::Flush
+            },
+            count: n,
+            full,
+            inflight: false,
+            appended: false,
+        };
+        if busy == 0 {
+            Self::append_batch(x, &self.pending, &mut batch);
+        }
+        x.batches[busy] = Some(batch);
+        self.progress += 1;
+    }
+
+    /// Appends the oldest batch's records (the first `count` of the order) to the area image.
+    fn append_batch(x: &mut Snap, pending: &[Pending], b: &mut Batch) {
+        for i in 0..b.count as usize {
+            let pe = pending[x.order[i] as usize];
             x.store.append(Record {
                 old_chunk: pe.old,
                 new_chunk: pe.new,
             });
         }
-        x.commit_count = n;
-        x.commit_full = x.store.area_room() == 0;
-        let next_area = x.store.geometry.area_chunk(x.store.current_area + 1);
-        x.commit = if x.commit_full && next_area < x.store.cow_chunks() {
-            CommitPhase::ZeroNext
-        } else {
-            CommitPhase::Flush
-        };
-        self.progress += 1;
+        b.appended = true;
     }
 
-    fn emit_commit_step(&mut self, s: usize) {
-        let Some(x) = self.snaps[s].as_ref() else {
-            return;
-        };
-        if x.meta_inflight || x.commit == CommitPhase::Idle {
-            return;
-        }
-        let sid = s as u16;
-        let dev = Device::Cow(SnapId(sid));
-        let g = x.store.geometry;
-        let ctx = IoCtx::Commit { snap: sid };
-        let emitted = match x.commit {
-            CommitPhase::Idle => false,
-            CommitPhase::ZeroNext => {
-                let c = g.area_chunk(x.store.current_area + 1);
-                self.emit(
+    fn emit_commit_steps(&mut self, s: usize) {
+        for i in 0..MAX_BATCHES {
+            let Some(x) = self.snaps[s].as_mut() else {
+                return;
+            };
+            let Some(mut b) = x.batches[i] else {
+                continue;
+            };
+            if b.inflight {
+                continue;
+            }
+            if b.phase == CommitPhase::WaitTurn {
+                if i != 0 {
+                    continue;
+                }
+                if !b.appended {
+                    Self::append_batch(x, &self.pending, &mut b);
+                }
+                b.phase = CommitPhase::AreaWrite;
+                x.batches[0] = Some(b);
+            }
+            let sid = s as u16;
+            let dev = Device::Cow(SnapId(sid));
+            let g = x.store.geometry;
+            let ctx = IoCtx::Commit {
+                snap: sid,
+                batch: b.id,
+            };
+            let area_sector = x.store.area_sector();
+            let next_area = g.area_chunk(x.store.current_area + 1);
+            let fua = x.cow_fua;
+            let emitted = match b.phase {
+                CommitPhase::ZeroNext => self.emit(
                     ctx,
                     dev,
                     IoOp::Write { fua: false },
-                    g.chunk_sector(c),
+                    g.chunk_sector(next_area),
                     g.chunk_sectors,
                     IoBuffer::Zeroes,
-                )
-            }
-            CommitPhase::Flush | CommitPhase::PostFlush => {
-                let ok = self.emit(ctx, dev, IoOp::Flush, 0, 0, IoBuffer::None);
-                if ok {
-                    self.stats.commit_flushes += 1;
+                ),
+                CommitPhase::Flush | CommitPhase::PostFlush => {
+                    let ok = self.emit(ctx, dev, IoOp::Flush, 0, 0, IoBuffer::None);
+                    if ok {
+                        self.stats.commit_flushes += 1;
+                    }
+                    ok
                 }
-                ok
-            }
-            CommitPhase::AreaWrite => {
-                let sector = x.store.area_sector();
-                let fua = x.cow_fua;
-                self.emit(
+                CommitPhase::WaitTurn => false,
+                CommitPhase::AreaWrite => self.emit(
                     ctx,
                     dev,
                     IoOp::Write { fua },
-                    sector,
+                    area_sector,
                     g.chunk_sectors,
                     IoBuffer::Meta {
                         snap: SnapId(sid),
                         kind: MetaKind::Area,
                     },
-                )
+                ),
+            };
+            if emitted {
+                if let Some(Some(b)) = self.snaps[s].as_mut().map(|x| x.batches[i].as_mut()) {
+                    b.inflight = true;
+                }
             }
-        };
-        if emitted {
-            self.set_meta_inflight(s);
         }
     }
 
-    fn on_commit_io(&mut self, sid: u16, ok: bool) {
+    fn on_commit_io(&mut self, sid: u16, id: u32, ok: bool) {
         self.io_done_on(sid);
         let s = sid as usize;
         let Some(x) = self.snaps[s].as_mut() else {
             return;
         };
-        x.meta_inflight = false;
+        let Some(i) = x.batches.iter().position(|b| b.is_some_and(|b| b.id == id)) else {
+            // The snapshot was invalidated meanwhile.
+            return;
+        };
+        let Some(mut b) = x.batches[i] else {
+            return;
+        };
+        b.inflight = false;
         if !x.valid {
-            x.commit = CommitPhase::Idle;
+            x.batches[i] = None;
             return;
         }
         if !ok {
-            x.commit = CommitPhase::Idle;
             self.invalidate(s, InvalidReason::MetadataError);
             return;
         }
-        x.commit = match x.commit {
+        b.phase = match b.phase {
             CommitPhase::ZeroNext => CommitPhase::Flush,
-            CommitPhase::Flush => CommitPhase::AreaWrite,
+            CommitPhase::Flush => CommitPhase::WaitTurn,
             CommitPhase::AreaWrite if !x.cow_fua => CommitPhase::PostFlush,
-            _ => CommitPhase::Idle,
+            CommitPhase::AreaWrite | CommitPhase::PostFlush => {
+                // Durable (only the oldest batch writes its area).
+                x.batches.rotate_left(1);
+                x.batches[MAX_BATCHES - 1] = None;
+                self.finish_batch(s, b);
+                return;
+            }
+            CommitPhase::WaitTurn => CommitPhase::WaitTurn,
         };
-        if x.commit != CommitPhase::Idle {
-            return;
-        }
-        // Durable: move the records into the table.
-        let n = x.commit_count;
+        x.batches[i] = Some(b);
+        self.progress += 1;
+    }
+
+    /// A batch's area write is durable: move its records into the table.
+    fn finish_batch(&mut self, s: usize, b: Batch) {
         let mut table_full = false;
-        for _ in 0..n {
+        for _ in 0..b.count {
             let Some(x) = self.snaps[s].as_mut() else {
                 break;
             };
@@ -1209,14 +1292,12 @@ impl Engine {
             self.retire_pending(p);
         }
         if let Some(x) = self.snaps[s].as_mut() {
-            if x.commit_full {
+            if b.full {
                 x.store.advance_area();
             }
-            x.commit_count = 0;
-            x.commit_full = false;
         }
         self.stats.commits += 1;
-        self.stats.records_committed += n;
+        self.stats.records_committed += b.count;
         self.progress += 1;
         if table_full {
             self.invalidate(s, InvalidReason::TableFull);
