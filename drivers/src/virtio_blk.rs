@@ -86,6 +86,17 @@ pub enum VirtioBlkError {
     },
     /// No `VIRTIO_PCI_CAP_COMMON_CFG` capability (or a short one).
     MissingCommonConfig,
+    /// A virtio structure capability (`cfg_type`) points outside its BAR, at a bad BAR, or is
+    /// missing (notification).
+    BadCapability {
+        /// `cfg_type` of the capability.
+        cfg_type: u8,
+    },
+    /// The queue's notification address lies outside the notification structure.
+    NotifyOutOfRange {
+        /// The queue.
+        queue: u16,
+    },
     /// The device reports an unusable logical block size.
     BadBlockSize(u32),
     /// virtio-drivers' PCI transport could not be set up.
@@ -141,6 +152,12 @@ impl core::fmt::Display for VirtioBlkError {
                 entry,
             } => write!(f, "queue {q} refused MSI-X entry {entry}"),
             Self::MissingCommonConfig => write!(f, "no virtio common configuration capability"),
+            Self::BadCapability { cfg_type } => {
+                write!(f, "bad virtio capability (type {cfg_type})")
+            }
+            Self::NotifyOutOfRange { queue } => {
+                write!(f, "queue {queue} notify address out of range")
+            }
             Self::BadBlockSize(b) => write!(f, "unusable block size {b}"),
             Self::Transport(e) => write!(f, "virtio-pci transport: {e}"),
             Self::Virtio(e) => write!(f, "virtio: {e}"),

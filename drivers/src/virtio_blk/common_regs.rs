@@ -22,6 +22,64 @@ const CAP_BAR: u16 = 4;
 const CAP_OFFSET: u16 = 8;
 /// Offset of `length` in `struct virtio_pci_cap`.
 const CAP_LENGTH: u16 = 12;
+/// Offset of `cap_len` in `struct virtio_pci_cap`.
+const CAP_LEN: u16 = 2;
+/// `VIRTIO_PCI_CAP_NOTIFY_CFG`: the notification structure.
+const CAP_NOTIFY_CFG: u8 = 2;
+/// `VIRTIO_PCI_CAP_DEVICE_CFG`: the last structure type virtio-drivers maps.
+const CAP_DEVICE_CFG: u8 = 4;
+/// Offset of `notify_off_multiplier` in `struct virtio_pci_notify_cap`.
+const CAP_NOTIFY_OFF_MULTIPLIER: u16 = 16;
+
+/// Checks, before virtio-drivers' `PciTransport` trusts them (it indexes and adds without
+/// checks, so a bad value would panic), the device-supplied structure locations: the first
+/// capability of each type 1..=4 names a valid memory BAR and lies inside it, and the
+/// notification address of `queue` lies inside the notification structure.
+pub fn check_capabilities<C: ConfigAccess + ?Sized>(
+    cfg: &C,
+    addr: PciAddress,
+    bars: &[Option<Bar>; 6],
+    common: &CommonCfgVectors,
+    queue: u16,
+) -> Result<(), VirtioBlkError> {
+    let mut seen = [false; CAP_DEVICE_CFG as usize + 1];
+    let mut notify = None;
+    for cap in capabilities(cfg, addr) {
+        let cap = cap?;
+        let cfg_type = cfg.read8(addr, cap.offset + CAP_CFG_TYPE);
+        if cap.id != u16::from(CAP_ID_VENDOR)
+            || cfg.read8(addr, cap.offset + CAP_LEN) < 16
+            || !(1..=CAP_DEVICE_CFG).contains(&cfg_type)
+            || seen[usize::from(cfg_type)]
+        {
+            continue;
+        }
+        seen[usize::from(cfg_type)] = true;
+        let bar = cfg.read8(addr, cap.offset + CAP_BAR);
+        let offset = cfg.read32(addr, cap.offset + CAP_OFFSET);
+        let length = cfg.read32(addr, cap.offset + CAP_LENGTH);
+        if offset.checked_add(length).is_none() {
+            return Err(VirtioBlkError::BadCapability { cfg_type });
+        }
+        bar_structure(bars, bar, u64::from(offset), u64::from(length).max(1))
+            .map_err(|_| VirtioBlkError::BadCapability { cfg_type })?;
+        if cfg_type == CAP_NOTIFY_CFG {
+            let multiplier = cfg.read32(addr, cap.offset + CAP_NOTIFY_OFF_MULTIPLIER);
+            notify = Some((length, multiplier));
+        }
+    }
+    let Some((length, multiplier)) = notify else {
+        return Err(VirtioBlkError::BadCapability {
+            cfg_type: CAP_NOTIFY_CFG,
+        });
+    };
+    let notify_off = common.queue_notify_off(queue)?;
+    let at = u64::from(notify_off) * u64::from(multiplier);
+    if at + 2 > u64::from(length) {
+        return Err(VirtioBlkError::NotifyOutOfRange { queue });
+    }
+    Ok(())
+}
 
 /// Programs MSI-X table entries into a virtio device's common configuration.
 pub trait VectorConfig {
@@ -100,6 +158,12 @@ impl CommonCfgVectors {
             return Self::new(regs);
         }
         Err(VirtioBlkError::MissingCommonConfig)
+    }
+
+    /// `queue_notify_off` of `queue`.
+    pub fn queue_notify_off(&self, queue: u16) -> Result<u16, VirtioBlkError> {
+        self.regs.write16(common::QUEUE_SELECT, queue)?;
+        Ok(self.regs.read16(common::QUEUE_NOTIFY_OFF)?)
     }
 
     /// `num_queues`.
@@ -184,6 +248,65 @@ mod tests {
                 queue: Some(0),
                 entry: 1
             })
+        );
+    }
+
+    #[test]
+    fn capability_checks_catch_what_would_panic_virtio_drivers() {
+        let mut backing = vec![0u16; 0x2000 / 2];
+        let start = (0x1000 - (backing.as_ptr() as usize & 0xfff)) / 2 % 0x800;
+        let bar = &mut backing[start..start + 0x800];
+        let phys = bar.as_mut_ptr() as u64;
+        let build = |notify: Vec<u8>, isr: Vec<u8>| {
+            let mut f = FakeFunction::endpoint(0x1af4, 0x1042, 1, 0);
+            f.bar_mem64(4, phys, 0x1000, false);
+            f.add_capability(CAP_ID_VENDOR, &virtio_cap(1, 4, 0x100, 0x38));
+            f.add_capability(CAP_ID_VENDOR, &isr);
+            f.add_capability(CAP_ID_VENDOR, &virtio_cap(4, 4, 0x200, 0x40));
+            f.add_capability(CAP_ID_VENDOR, &notify);
+            let pci = FakePci::new();
+            pci.insert(PciAddress::new(0, 4, 0), f);
+            pci
+        };
+        let notify = |length: u32, multiplier: u32| {
+            let mut c = virtio_cap(2, 4, 0x800, length);
+            c[0] = 20;
+            c.extend_from_slice(&multiplier.to_le_bytes());
+            c
+        };
+        let addr = PciAddress::new(0, 4, 0);
+        let check = |pci: &FakePci| {
+            let bars = probe_bars(pci, addr).unwrap();
+            let v = CommonCfgVectors::locate(pci, addr, &bars, &FakeMapper).unwrap();
+            check_capabilities(pci, addr, &bars, &v, 0)
+        };
+        // queue_notify_off of queue 0 = 3 (plain memory holds it for every queue).
+        bar[(0x100 + common::QUEUE_NOTIFY_OFF) / 2] = 3;
+        assert_eq!(
+            check(&build(notify(0x100, 4), virtio_cap(3, 4, 0x300, 4))),
+            Ok(())
+        );
+        assert_eq!(
+            check(&build(notify(12, 4), virtio_cap(3, 4, 0x300, 4))),
+            Err(VirtioBlkError::NotifyOutOfRange { queue: 0 })
+        );
+        assert_eq!(
+            check(&build(notify(0x100, 4), virtio_cap(3, 77, 0x300, 4))),
+            Err(VirtioBlkError::BadCapability { cfg_type: 3 }),
+            "BAR index beyond 5"
+        );
+        assert_eq!(
+            check(&build(
+                notify(0x100, 4),
+                virtio_cap(3, 4, 0xffff_fff0, 0x20)
+            )),
+            Err(VirtioBlkError::BadCapability { cfg_type: 3 }),
+            "offset + length overflows"
+        );
+        assert_eq!(
+            check(&build(notify(0x100, 4), virtio_cap(3, 4, 0xff0, 0x20))),
+            Err(VirtioBlkError::BadCapability { cfg_type: 3 }),
+            "outside the BAR"
         );
     }
 

@@ -10,7 +10,7 @@
 //! [`crate::block::BlockDevice::needs_polling`] is true and the main loop polls it while it has
 //! requests in flight).
 
-use super::common_regs::CommonCfgVectors;
+use super::common_regs::{check_capabilities, CommonCfgVectors};
 use super::device::{VectorAssignment, VirtioBlk};
 use super::{VirtioBlkConfig, VirtioBlkError};
 use crate::hal::VirtioConfigAccess;
@@ -126,6 +126,7 @@ fn bring_up<H: Hal, C: ConfigAccess + ?Sized, M: MmioMapper + ?Sized>(
     enable_function(ctx.cfg, addr, true);
 
     let vectors = CommonCfgVectors::locate(ctx.cfg, addr, &bars, ctx.mapper)?;
+    check_capabilities(ctx.cfg, addr, &bars, &vectors, 0)?;
     let cap = match MsixCapability::read(ctx.cfg, addr) {
         Ok(cap) => Some(cap),
         Err(MsixError::NoCapability) => {

@@ -62,6 +62,9 @@ pub mod common {
     pub const QUEUE_SELECT: usize = 0x16;
     /// `queue_msix_vector`: le16, MSI-X table entry of the selected queue.
     pub const QUEUE_MSIX_VECTOR: usize = 0x1a;
+    /// `queue_notify_off`: le16, notification offset (in multiplier units) of the selected
+    /// queue.
+    pub const QUEUE_NOTIFY_OFF: usize = 0x1e;
     /// Length of the fields we use.
     pub const LEN: usize = 0x38;
 }
