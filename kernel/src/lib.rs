@@ -33,4 +33,6 @@ pub mod serial;
 #[cfg(target_os = "none")]
 pub mod start;
 #[cfg(target_os = "none")]
+pub mod storage;
+#[cfg(target_os = "none")]
 pub mod time;

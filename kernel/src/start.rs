@@ -106,13 +106,9 @@ pub fn start(magic: u32, info: u32) -> ! {
         .unwrap_or((0xFEC0_0000, 0));
     ioapic::init(ioapic_base, gsi_base);
     let (gsi, active_low, level) = acpi_info.isa_irq(serial::COM1_IRQ);
-    match interrupts::allocate_vector() {
-        Some(vector) => {
-            interrupts::register(vector, serial::on_interrupt);
-            ioapic::route(gsi, vector, apic::id(), active_low, level);
-        }
-        None => log::error!("no interrupt vector left for the UART"),
-    }
+    interrupts::register(interrupts::UART_VECTOR, serial::on_interrupt);
+    ioapic::route(gsi, interrupts::UART_VECTOR, apic::id(), active_low, level);
+    let ecam = acpi_info.ecam().first().copied();
     power::set_acpi(acpi_info);
 
     let tsc_hz = apic::start_timer();
@@ -123,6 +119,7 @@ pub fn start(magic: u32, info: u32) -> ! {
         apic::timer_hz() / 1000
     );
     cpu::enable_interrupts();
+    crate::storage::init(ecam.as_ref());
     shell::run()
 }
 

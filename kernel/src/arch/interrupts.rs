@@ -12,12 +12,13 @@ use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use super::{apic, gdt};
 
-/// First vector handed out to devices (MSI-X, IOAPIC lines).
-pub const FIRST_DEVICE_VECTOR: u8 = 0x40;
-/// Last vector handed out to devices.
-pub const LAST_DEVICE_VECTOR: u8 = 0xEF;
+/// Vectors 0x20..0x2F: the (masked) legacy PIC. Vectors 0x30..=0xEF belong to PCI devices
+/// (MSI-X), handed out by the drivers' `VectorRegistry`.
+pub const DEVICE_VECTORS: core::ops::RangeInclusive<u8> = 0x30..=0xEF;
 /// Local APIC timer.
-pub const TIMER_VECTOR: u8 = 0x30;
+pub const TIMER_VECTOR: u8 = 0xF0;
+/// The console UART (through the IOAPIC).
+pub const UART_VECTOR: u8 = 0xF1;
 /// Local APIC spurious-interrupt vector.
 pub const SPURIOUS_VECTOR: u8 = 0xFF;
 
@@ -141,7 +142,6 @@ pub type Handler = fn(vector: u8);
 
 static HANDLERS: [AtomicUsize; 256] = [const { AtomicUsize::new(0) }; 256];
 static COUNTS: [AtomicU64; 256] = [const { AtomicU64::new(0) }; 256];
-static NEXT_DEVICE_VECTOR: AtomicUsize = AtomicUsize::new(FIRST_DEVICE_VECTOR as usize);
 
 /// What the exception reporter does after printing (set from the command line).
 static EXCEPTION_HOOK: AtomicUsize = AtomicUsize::new(0);
@@ -183,17 +183,6 @@ pub fn init() {
 /// Installs `handler` for `vector`.
 pub fn register(vector: u8, handler: Handler) {
     HANDLERS[vector as usize].store(handler as usize, Ordering::Release);
-}
-
-/// Hands out a free device vector, or `None` when all are taken.
-pub fn allocate_vector() -> Option<u8> {
-    let v = NEXT_DEVICE_VECTOR.fetch_add(1, Ordering::Relaxed);
-    if v <= LAST_DEVICE_VECTOR as usize {
-        Some(v as u8)
-    } else {
-        NEXT_DEVICE_VECTOR.store(LAST_DEVICE_VECTOR as usize + 1, Ordering::Relaxed);
-        None
-    }
 }
 
 /// How many times `vector` fired.

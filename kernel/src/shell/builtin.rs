@@ -3,17 +3,25 @@
 
 use core::fmt::Write;
 
+use alloc::boxed::Box;
 use alloc::string::String;
 
 use super::commands::{help_all, help_one, CommandId};
 use super::output::Out;
 use crate::console::args::Args;
+use crate::storage::tasks::Task;
 use crate::{build_info, json, memory, power, start, time};
 
-/// Runs a checked command.
-pub fn run(id: CommandId, args: &Args, out: &mut Out) {
+/// Runs a checked command; long disk work comes back as a task for the main loop.
+pub fn run(id: CommandId, args: &Args, out: &mut Out) -> Option<Box<dyn Task>> {
     let json = args.flag("json");
     match id {
+        CommandId::Devices
+        | CommandId::Read
+        | CommandId::Write
+        | CommandId::Checksum
+        | CommandId::Flush
+        | CommandId::Bench => return super::disk::run(id, args, out),
         CommandId::Help => match args.arg("COMMAND") {
             None => {
                 let _ = out.write_str(&help_all(power::testing()));
@@ -43,6 +51,7 @@ pub fn run(id: CommandId, args: &Args, out: &mut Out) {
         }
         CommandId::Crash => crash(args, out),
     }
+    None
 }
 
 fn print_json(out: &mut Out, text: String) {
@@ -134,6 +143,8 @@ fn mem(json_out: bool, out: &mut Out) {
                 });
                 o.u64("allocations", m.allocations);
                 o.u64("frees", m.frees);
+                o.u64("io_path_allocations", crate::shell::io_allocations());
+                o.u64("io_tasks", crate::shell::io_tasks());
             }),
         );
     } else {
@@ -156,6 +167,12 @@ fn mem(json_out: bool, out: &mut Out) {
             out,
             "heap allocations since boot: {} ({} frees)",
             m.allocations, m.frees
+        );
+        let _ = writeln!(
+            out,
+            "heap allocations on the I/O path: {} (during {} disk tasks)",
+            crate::shell::io_allocations(),
+            crate::shell::io_tasks()
         );
     }
 }

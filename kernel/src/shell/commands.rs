@@ -29,6 +29,18 @@ pub enum CommandId {
     Poweroff,
     /// `crash fault|panic` (test builds only)
     Crash,
+    /// `devices [--json]`
+    Devices,
+    /// `read DEV LBA [COUNT]`
+    Read,
+    /// `write DEV LBA COUNT (--byte 0xNN | --seed N)`
+    Write,
+    /// `checksum DEV [LBA COUNT]`
+    Checksum,
+    /// `flush DEV`
+    Flush,
+    /// `bench DEV --rw MODE ...`
+    Bench,
 }
 
 /// One command's description.
@@ -129,6 +141,75 @@ pub static COMMANDS: &[CommandInfo] = &[
             options: &[],
             required: &["level"],
             optional: &["LEVEL"],
+        },
+        test_only: false,
+    },
+    CommandInfo {
+        id: CommandId::Devices,
+        name: "devices",
+        usage: "devices [--json]",
+        summary: "block devices: model, serial, size, queues, write cache, vectors, counters",
+        details: "Devices that failed to initialise are listed with the reason.",
+        spec: CommandSpec { options: JSON, required: &[], optional: &[] },
+        test_only: false,
+    },
+    CommandInfo {
+        id: CommandId::Read,
+        name: "read",
+        usage: "read DEV LBA [COUNT]",
+        summary: "hexdump COUNT blocks (default 1, at most 8) from LBA",
+        details: "Use checksum for larger ranges.",
+        spec: CommandSpec { options: &[], required: &["DEV", "LBA"], optional: &["COUNT"] },
+        test_only: false,
+    },
+    CommandInfo {
+        id: CommandId::Write,
+        name: "write",
+        usage: "write DEV LBA COUNT (--byte 0xNN | --seed N)",
+        summary: "write COUNT blocks of a byte value or a seeded pattern, then flush",
+        details: "--seed fills each 512-byte sector from its seed and position (see README).",
+        spec: CommandSpec {
+            options: &[OptSpec::value("byte"), OptSpec::value("seed")],
+            required: &["DEV", "LBA", "COUNT"],
+            optional: &[],
+        },
+        test_only: false,
+    },
+    CommandInfo {
+        id: CommandId::Checksum,
+        name: "checksum",
+        usage: "checksum DEV [LBA COUNT]",
+        summary: "SHA-256 of a block range (the whole device by default)",
+        details: "",
+        spec: CommandSpec { options: &[], required: &["DEV"], optional: &["LBA", "COUNT"] },
+        test_only: false,
+    },
+    CommandInfo {
+        id: CommandId::Flush,
+        name: "flush",
+        usage: "flush DEV",
+        summary: "flush the device's volatile write cache",
+        details: "",
+        spec: CommandSpec { options: &[], required: &["DEV"], optional: &[] },
+        test_only: false,
+    },
+    CommandInfo {
+        id: CommandId::Bench,
+        name: "bench",
+        usage: "bench DEV --rw read|write|randread|randwrite [--bs 4k] [--qd 32] [--time 10s | --ios N] [--seed N]",
+        summary: "fio-like benchmark: IOPS, MB/s, latency percentiles, interrupts per I/O",
+        details: "Write modes overwrite the device. Default 10 s; Ctrl-C stops early.",
+        spec: CommandSpec {
+            options: &[
+                OptSpec::value("rw"),
+                OptSpec::value("bs"),
+                OptSpec::value("qd"),
+                OptSpec::value("time"),
+                OptSpec::value("ios"),
+                OptSpec::value("seed"),
+            ],
+            required: &["DEV"],
+            optional: &[],
         },
         test_only: false,
     },

@@ -1,5 +1,6 @@
 //! The operator's console on COM1: the main loop feeds received bytes to the line editor,
-//! runs finished lines as commands, and prints log lines above the prompt.
+//! runs finished lines as commands, drives the long-running disk task (if any) with the
+//! device completions, and prints log lines above the prompt.
 //!
 //! `commands` (the vocabulary and argument checking) is pure and host-tested; the rest runs
 //! on the appliance.
@@ -9,24 +10,47 @@ pub mod commands;
 #[cfg(target_os = "none")]
 mod builtin;
 #[cfg(target_os = "none")]
+mod disk;
+#[cfg(target_os = "none")]
 mod output;
 
 #[cfg(target_os = "none")]
 pub use output::{print_above_prompt, Out};
 
 #[cfg(target_os = "none")]
-pub use run_loop::run;
+pub use run_loop::{io_allocations, io_tasks, run};
 
 #[cfg(target_os = "none")]
 mod run_loop {
-    use crate::console::editor::{EditorEvent, LineEditor, LINE_CAPACITY};
-    use crate::{executor, power, serial};
+    use core::fmt::Write;
+    use core::sync::atomic::{AtomicU64, Ordering};
+
+    use alloc::boxed::Box;
 
     use super::commands::parse_line;
-    use super::output::{with_editor, Out};
+    use super::output::{self, with_editor, Out};
+    use crate::console::editor::{EditorEvent, LineEditor, LINE_CAPACITY};
+    use crate::storage::tasks::Task;
+    use crate::util::stackstr::StackStr;
+    use crate::{executor, memory, power, serial, storage, time};
 
     /// The console prompt.
     pub const PROMPT: &str = "snapfw> ";
+    /// How often a task's progress line is refreshed.
+    const PROGRESS_NS: u64 = 500_000_000;
+
+    static IO_ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+    static IO_TASKS: AtomicU64 = AtomicU64::new(0);
+
+    /// Heap allocations made while disk tasks had I/O in flight (should stay 0).
+    pub fn io_allocations() -> u64 {
+        IO_ALLOCATIONS.load(Ordering::Relaxed)
+    }
+
+    /// Disk tasks run since boot.
+    pub fn io_tasks() -> u64 {
+        IO_TASKS.load(Ordering::Relaxed)
+    }
 
     /// Bytes no terminal sends while typing text: everything >= 0x80, NUL, and control
     /// characters the editor has no key for.
@@ -35,7 +59,15 @@ mod run_loop {
             || matches!(byte, 0x00 | 0x07 | 0x09 | 0x0f | 0x11..=0x14 | 0x16 | 0x18..=0x1a | 0x1c..=0x1f)
     }
 
-    /// The main loop: console input, then idle until the next interrupt.
+    struct Running {
+        task: Box<dyn Task>,
+        allocations_at_start: u64,
+        next_progress: u64,
+        progress_shown: bool,
+    }
+
+    /// The main loop: device completions, the running task, console input; then idle until
+    /// the next interrupt.
     pub fn run() -> ! {
         output::install_editor({
             let mut e = LineEditor::new();
@@ -44,8 +76,48 @@ mod run_loop {
         });
         with_editor(|e, out| e.redraw(out));
         let mut garbage = 0usize;
+        let mut running: Option<Running> = None;
         loop {
             executor::take_pending();
+            let now = time::uptime_ns();
+            let more = storage::with(|st| {
+                let more =
+                    storage::poll(st, &mut |disk, _index, completion| match running.as_mut() {
+                        Some(r) => r.task.complete(disk, completion, now),
+                        None => {
+                            if let Some(b) = completion.buffer {
+                                let _ = disk.pool.release(b);
+                            }
+                        }
+                    });
+                if let Some(r) = running.as_mut() {
+                    r.task.step(st, now);
+                }
+                more
+            });
+            if more {
+                executor::wake();
+            }
+            if let Some(r) = running.as_mut() {
+                if r.task.done() {
+                    let allocations = memory::allocation_count() - r.allocations_at_start;
+                    IO_ALLOCATIONS.fetch_add(allocations, Ordering::Relaxed);
+                    let mut out = Out;
+                    if r.progress_shown {
+                        serial::write_bytes(b"\r\x1b[K");
+                    }
+                    let _ = r.task.report(&mut out, time::uptime_ns());
+                    running = None;
+                    with_editor(|e, out| e.redraw(out));
+                } else if now >= r.next_progress {
+                    let mut line = StackStr::<160>::new();
+                    let _ = r.task.progress(&mut line, now);
+                    serial::write_bytes(b"\r\x1b[K");
+                    serial::write_bytes(line.as_str().as_bytes());
+                    r.progress_shown = true;
+                    r.next_progress = now + PROGRESS_NS;
+                }
+            }
             while let Some(byte) = serial::read_byte() {
                 if is_garbage(byte) {
                     garbage += 1;
@@ -53,34 +125,66 @@ mod run_loop {
                 let event = with_editor(|e, out| e.feed(byte, out)).flatten();
                 let Some(event) = event else { continue };
                 let mut o = Out;
+                if let Some(r) = running.as_mut() {
+                    // While a task runs only Ctrl-C matters; other lines are refused.
+                    match event {
+                        EditorEvent::Cancelled => r.task.cancel(),
+                        _ => {
+                            serial::write_bytes(b"\r\x1b[K");
+                            o.error(format_args!(
+                                "busy: a command is running (Ctrl-C cancels it)"
+                            ));
+                        }
+                    }
+                    garbage = 0;
+                    continue;
+                }
                 match event {
                     EditorEvent::Line(_) if garbage > 0 => o.error(format_args!(
                         "the line held {garbage} byte(s) that are not text; ignored"
                     )),
-                    EditorEvent::Line(line) => execute(&line),
+                    EditorEvent::Line(line) => {
+                        if let Some(task) = execute(&line) {
+                            IO_TASKS.fetch_add(1, Ordering::Relaxed);
+                            let now = time::uptime_ns();
+                            running = Some(Running {
+                                task,
+                                allocations_at_start: memory::allocation_count(),
+                                next_progress: now + PROGRESS_NS,
+                                progress_shown: false,
+                            });
+                            executor::wake(); // start issuing at once
+                        }
+                    }
                     EditorEvent::Overflow => o.error(format_args!(
                         "line too long (at most {LINE_CAPACITY} characters); ignored"
                     )),
                     EditorEvent::Cancelled => {}
                 }
                 garbage = 0;
-                with_editor(|e, out| e.redraw(out));
+                if running.is_none() {
+                    with_editor(|e, out| e.redraw(out));
+                }
             }
             executor::idle();
         }
     }
 
-    fn execute(line: &str) {
+    fn execute(line: &str) -> Option<Box<dyn Task>> {
         let mut out = Out;
         match parse_line(line, power::testing()) {
-            Ok(None) => {}
+            Ok(None) => None,
             Ok(Some(parsed)) => match parsed.args() {
                 Ok(args) => super::builtin::run(parsed.info.id, &args, &mut out),
-                Err(e) => out.error(format_args!("{e}")),
+                Err(e) => {
+                    let _ = writeln!(out, "error: {e}");
+                    None
+                }
             },
-            Err(e) => out.error(format_args!("{e}")),
+            Err(e) => {
+                let _ = writeln!(out, "error: {e}");
+                None
+            }
         }
     }
-
-    use super::output;
 }

@@ -1,0 +1,737 @@
+//! Console I/O as tasks of the main loop: `read`, `write`, `checksum`, `flush` and `bench`
+//! keep their requests in flight through the real queues while the console stays live; the
+//! loop shows progress on one refreshed line and Ctrl-C cancels (in-flight requests are
+//! waited for, never abandoned).
+//!
+//! A task allocates what it needs when it is created (before its first request); from its
+//! first submission to its report it does not touch the heap. The loop checks that with the
+//! heap's allocation counter and reports it (`mem`: "allocations on the I/O path").
+
+use core::fmt::{self, Write};
+
+use alloc::boxed::Box;
+use alloc::vec::Vec;
+use drivers::block::{BlockError, BlockRequest, Completion, DmaBuf, Operation};
+use sha2::{Digest, Sha256};
+
+use super::{Disk, Storage};
+use crate::util::hexdump::write_hexdump;
+use crate::util::histogram::Histogram;
+use crate::util::pattern::{fill_seeded, Rng};
+
+/// One unit of long console work.
+pub trait Task {
+    /// Issues what it can (called every loop iteration).
+    fn step(&mut self, storage: &mut Storage, now: u64);
+    /// Takes a completion of one of its requests.
+    fn complete(&mut self, disk: &mut Disk, completion: Completion, now: u64);
+    /// Whether it has finished (nothing in flight, nothing left to do).
+    fn done(&self) -> bool;
+    /// Stops issuing new requests (Ctrl-C); in-flight ones are still waited for.
+    fn cancel(&mut self);
+    /// One line of progress (no newline).
+    fn progress(&self, out: &mut dyn Write, now: u64) -> fmt::Result;
+    /// The final report.
+    fn report(&mut self, out: &mut dyn Write, now: u64) -> fmt::Result;
+}
+
+/// What a write fills its buffers with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pattern {
+    /// Every byte the same.
+    Byte(u8),
+    /// `util::pattern::fill_seeded` with this seed.
+    Seed(u64),
+}
+
+fn submit(disk: &mut Disk, request: BlockRequest) -> Result<(), (BlockError, Option<DmaBuf>)> {
+    disk.device
+        .submit(request)
+        .map_err(|r| (r.error, r.request.buffer))
+}
+
+fn give_back(disk: &mut Disk, buffer: Option<DmaBuf>) {
+    if let Some(b) = buffer {
+        // A foreign buffer cannot come back here: every request was built from this pool.
+        let _ = disk.pool.release(b);
+    }
+}
+
+fn rate(out: &mut dyn Write, bytes: u64, ns: u64) -> fmt::Result {
+    let ns = ns.max(1);
+    let kib_s = bytes as u128 * 1_000_000_000 / 1024 / ns as u128;
+    write!(
+        out,
+        "{}.{:02} MiB/s",
+        kib_s / 1024,
+        (kib_s % 1024) * 100 / 1024
+    )
+}
+
+fn ms(out: &mut dyn Write, ns: u64) -> fmt::Result {
+    write!(out, "{}.{:03} ms", ns / 1_000_000, (ns / 1000) % 1000)
+}
+
+fn us(out: &mut dyn Write, ns: u64) -> fmt::Result {
+    write!(out, "{}.{} us", ns / 1000, (ns / 100) % 10)
+}
+
+/// What a sequential range task does with each piece.
+enum RangeKind {
+    Read {
+        data: Vec<u8>,
+    },
+    Write {
+        pattern: Pattern,
+        flush_tag_sent: bool,
+        flushed: bool,
+    },
+    Checksum {
+        hasher: Box<Sha256>,
+        ready: Vec<Option<DmaBuf>>,
+        next_hash: u64,
+    },
+}
+
+/// `read`, `write` and `checksum`: a range of blocks in order, `depth` requests at a time.
+pub struct RangeTask {
+    disk: usize,
+    name: drivers::info::DeviceName,
+    block_size: u64,
+    start: u64,
+    end: u64,
+    next: u64,
+    chunk_blocks: u64,
+    depth: usize,
+    in_flight: usize,
+    bytes_done: u64,
+    error: Option<(u64, BlockError)>,
+    cancelled: bool,
+    started: u64,
+    kind: RangeKind,
+}
+
+impl RangeTask {
+    fn new(
+        st: &Storage,
+        disk: usize,
+        start: u64,
+        count: u64,
+        kind: RangeKind,
+        depth: usize,
+        now: u64,
+    ) -> Self {
+        let d = &st.disks[disk];
+        let g = d.device.geometry();
+        let block_size = u64::from(g.block_size.max(1));
+        let max =
+            (d.pool.buffer_size() as u64).min(u64::from(g.max_transfer_bytes).max(block_size));
+        let depth = depth.clamp(1, d.pool.total().min(usize::from(g.queue_depth.max(1))));
+        RangeTask {
+            disk,
+            name: d.name(),
+            block_size,
+            start,
+            end: start + count,
+            next: start,
+            chunk_blocks: (max / block_size).max(1),
+            depth,
+            in_flight: 0,
+            bytes_done: 0,
+            error: None,
+            cancelled: false,
+            started: now,
+            kind,
+        }
+    }
+
+    /// `read DEV LBA COUNT`: one request, then a hexdump.
+    pub fn read(st: &Storage, disk: usize, lba: u64, count: u64, now: u64) -> Self {
+        let bytes = (count * u64::from(st.disks[disk].device.geometry().block_size)) as usize;
+        Self::new(
+            st,
+            disk,
+            lba,
+            count,
+            RangeKind::Read {
+                data: Vec::with_capacity(bytes),
+            },
+            1,
+            now,
+        )
+    }
+
+    /// `write DEV LBA COUNT --byte/--seed`, followed by a flush.
+    pub fn write(
+        st: &Storage,
+        disk: usize,
+        lba: u64,
+        count: u64,
+        pattern: Pattern,
+        now: u64,
+    ) -> Self {
+        let kind = RangeKind::Write {
+            pattern,
+            flush_tag_sent: false,
+            flushed: false,
+        };
+        Self::new(st, disk, lba, count, kind, 32, now)
+    }
+
+    /// `checksum DEV [LBA COUNT]`: SHA-256 of the range, hashed in order.
+    pub fn checksum(st: &Storage, disk: usize, lba: u64, count: u64, now: u64) -> Self {
+        let depth = 16;
+        let ready = (0..depth).map(|_| None).collect();
+        let kind = RangeKind::Checksum {
+            hasher: Box::new(Sha256::new()),
+            ready,
+            next_hash: 0,
+        };
+        Self::new(st, disk, lba, count, kind, depth, now)
+    }
+
+    fn seq(&self, lba: u64) -> u64 {
+        (lba - self.start) / self.chunk_blocks
+    }
+}
+
+impl Task for RangeTask {
+    fn step(&mut self, st: &mut Storage, _now: u64) {
+        let Some(disk) = st.disks.get_mut(self.disk) else {
+            return;
+        };
+        while !self.cancelled
+            && self.error.is_none()
+            && self.next < self.end
+            && self.in_flight < self.depth
+        {
+            if let RangeKind::Checksum { next_hash, .. } = &self.kind {
+                // Keep the reorder window: at most `depth` pieces beyond the next to hash.
+                if self.seq(self.next) >= *next_hash + self.depth as u64 {
+                    break;
+                }
+            }
+            let Some(mut buf) = disk.pool.acquire() else {
+                break;
+            };
+            let blocks = self.chunk_blocks.min(self.end - self.next);
+            let bytes = (blocks * self.block_size) as usize;
+            if buf.set_len(bytes).is_err() {
+                give_back(disk, Some(buf));
+                self.error = Some((self.next, BlockError::TooLarge { bytes, max: 0 }));
+                break;
+            }
+            let request = match &self.kind {
+                RangeKind::Write { pattern, .. } => {
+                    match pattern {
+                        Pattern::Byte(b) => buf.as_mut_slice().fill(*b),
+                        Pattern::Seed(seed) => {
+                            fill_seeded(buf.as_mut_slice(), *seed, self.next * self.block_size)
+                        }
+                    }
+                    BlockRequest::write(self.next, self.next, buf, false)
+                }
+                _ => BlockRequest::read(self.next, self.next, buf),
+            };
+            match submit(disk, request) {
+                Ok(()) => {
+                    self.in_flight += 1;
+                    self.next += blocks;
+                }
+                Err((BlockError::QueueFull, b)) => {
+                    give_back(disk, b);
+                    break;
+                }
+                Err((e, b)) => {
+                    give_back(disk, b);
+                    self.error = Some((self.next, e));
+                }
+            }
+        }
+        // A write ends with a flush once every write completed.
+        let writes_done =
+            self.next >= self.end && self.in_flight == 0 && self.error.is_none() && !self.cancelled;
+        if let RangeKind::Write { flush_tag_sent, .. } = &mut self.kind {
+            if writes_done && !*flush_tag_sent {
+                match submit(disk, BlockRequest::flush(u64::MAX)) {
+                    Ok(()) => {
+                        *flush_tag_sent = true;
+                        self.in_flight += 1;
+                    }
+                    Err((BlockError::QueueFull, _)) => {}
+                    Err((e, _)) => self.error = Some((self.end, e)),
+                }
+            }
+        }
+    }
+
+    fn complete(&mut self, disk: &mut Disk, c: Completion, _now: u64) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+        if let Err(e) = c.result {
+            if self.error.is_none() {
+                self.error = Some((c.lba, e));
+            }
+            give_back(disk, c.buffer);
+            return;
+        }
+        if matches!(c.op, Operation::Flush) {
+            if let RangeKind::Write { flushed, .. } = &mut self.kind {
+                *flushed = true;
+            }
+            return;
+        }
+        let len = c.buffer.as_ref().map_or(0, |b| b.len() as u64);
+        self.bytes_done += len;
+        let seq = self.seq(c.lba);
+        match &mut self.kind {
+            RangeKind::Read { data } => {
+                if let Some(b) = &c.buffer {
+                    data.extend_from_slice(b.as_slice());
+                }
+                give_back(disk, c.buffer);
+            }
+            RangeKind::Write { .. } => give_back(disk, c.buffer),
+            RangeKind::Checksum {
+                hasher,
+                ready,
+                next_hash,
+            } => {
+                let depth = ready.len() as u64;
+                ready[(seq % depth) as usize] = c.buffer;
+                while let Some(b) = ready[(*next_hash % depth) as usize].take() {
+                    hasher.update(b.as_slice());
+                    give_back(disk, Some(b));
+                    *next_hash += 1;
+                }
+            }
+        }
+    }
+
+    fn done(&self) -> bool {
+        if self.in_flight > 0 {
+            return false;
+        }
+        if self.cancelled || self.error.is_some() {
+            return true;
+        }
+        match &self.kind {
+            RangeKind::Write { flushed, .. } => *flushed,
+            _ => self.next >= self.end,
+        }
+    }
+
+    fn cancel(&mut self) {
+        self.cancelled = true;
+    }
+
+    fn progress(&self, out: &mut dyn Write, now: u64) -> fmt::Result {
+        let total = (self.end - self.start) * self.block_size;
+        let what = match self.kind {
+            RangeKind::Read { .. } => "read",
+            RangeKind::Write { .. } => "write",
+            RangeKind::Checksum { .. } => "checksum",
+        };
+        write!(
+            out,
+            "{what} {}: {}% ",
+            self.name,
+            self.bytes_done * 100 / total.max(1)
+        )?;
+        write!(out, "({} of {} MiB, ", self.bytes_done >> 20, total >> 20)?;
+        rate(out, self.bytes_done, now - self.started)?;
+        write!(out, ") Ctrl-C cancels")
+    }
+
+    fn report(&mut self, out: &mut dyn Write, now: u64) -> fmt::Result {
+        if let Some((lba, e)) = self.error {
+            return writeln!(out, "error: {}: I/O failed at LBA {lba}: {e}", self.name);
+        }
+        let blocks = self.bytes_done / self.block_size;
+        if self.cancelled {
+            return writeln!(out, "error: cancelled after {blocks} blocks");
+        }
+        match &mut self.kind {
+            RangeKind::Read { data } => write_hexdump(out, data, self.start * self.block_size),
+            RangeKind::Write { .. } => {
+                write!(
+                    out,
+                    "wrote {blocks} blocks ({} bytes) to {} at LBA {} in ",
+                    self.bytes_done, self.name, self.start
+                )?;
+                ms(out, now - self.started)?;
+                write!(out, " (")?;
+                rate(out, self.bytes_done, now - self.started)?;
+                writeln!(out, "), flushed")
+            }
+            RangeKind::Checksum { hasher, .. } => {
+                let digest = core::mem::take(hasher.as_mut()).finalize();
+                for b in digest.iter() {
+                    write!(out, "{b:02x}")?;
+                }
+                writeln!(
+                    out,
+                    "  {} LBA {} count {} ({} bytes)",
+                    self.name, self.start, blocks, self.bytes_done
+                )
+            }
+        }
+    }
+}
+
+/// `flush DEV`.
+pub struct FlushTask {
+    disk: usize,
+    name: drivers::info::DeviceName,
+    state: u8, // 0 to send, 1 in flight, 2 done
+    result: Result<(), BlockError>,
+    started: u64,
+}
+
+impl FlushTask {
+    /// A flush of `disk`.
+    pub fn new(st: &Storage, disk: usize, now: u64) -> Self {
+        FlushTask {
+            disk,
+            name: st.disks[disk].name(),
+            state: 0,
+            result: Ok(()),
+            started: now,
+        }
+    }
+}
+
+impl Task for FlushTask {
+    fn step(&mut self, st: &mut Storage, _now: u64) {
+        if self.state != 0 {
+            return;
+        }
+        let Some(disk) = st.disks.get_mut(self.disk) else {
+            return;
+        };
+        match submit(disk, BlockRequest::flush(0)) {
+            Ok(()) => self.state = 1,
+            Err((BlockError::QueueFull, _)) => {}
+            Err((e, _)) => {
+                self.result = Err(e);
+                self.state = 2;
+            }
+        }
+    }
+    fn complete(&mut self, _disk: &mut Disk, c: Completion, _now: u64) {
+        self.result = c.result;
+        self.state = 2;
+    }
+    fn done(&self) -> bool {
+        self.state == 2
+    }
+    fn cancel(&mut self) {
+        if self.state == 0 {
+            self.result = Err(BlockError::DeviceFailed);
+            self.state = 2;
+        }
+    }
+    fn progress(&self, out: &mut dyn Write, _now: u64) -> fmt::Result {
+        write!(out, "flushing {}", self.name)
+    }
+    fn report(&mut self, out: &mut dyn Write, now: u64) -> fmt::Result {
+        match self.result {
+            Ok(()) => {
+                write!(out, "flushed {} in ", self.name)?;
+                ms(out, now - self.started)?;
+                writeln!(out)
+            }
+            Err(e) => writeln!(out, "error: {}: flush failed: {e}", self.name),
+        }
+    }
+}
+
+/// The access pattern of `bench`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BenchMode {
+    /// Sequential reads.
+    Read,
+    /// Sequential writes.
+    Write,
+    /// Random reads.
+    RandRead,
+    /// Random writes.
+    RandWrite,
+}
+
+impl BenchMode {
+    /// The `--rw` name.
+    pub fn name(self) -> &'static str {
+        match self {
+            BenchMode::Read => "read",
+            BenchMode::Write => "write",
+            BenchMode::RandRead => "randread",
+            BenchMode::RandWrite => "randwrite",
+        }
+    }
+    fn writes(self) -> bool {
+        matches!(self, BenchMode::Write | BenchMode::RandWrite)
+    }
+    fn random(self) -> bool {
+        matches!(self, BenchMode::RandRead | BenchMode::RandWrite)
+    }
+}
+
+/// When `bench` stops.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BenchLimit {
+    /// After this many nanoseconds.
+    Time(u64),
+    /// After this many I/Os.
+    Ios(u64),
+}
+
+/// What `bench` runs.
+#[derive(Clone, Copy, Debug)]
+pub struct BenchSpec {
+    /// Access pattern.
+    pub mode: BenchMode,
+    /// Block size in bytes (checked by the caller).
+    pub bs: u64,
+    /// Requests in flight.
+    pub qd: usize,
+    /// When to stop.
+    pub limit: BenchLimit,
+    /// Seed for random offsets.
+    pub seed: u64,
+}
+
+/// `bench`: fio-like load with `qd` requests in flight.
+pub struct BenchTask {
+    disk: usize,
+    name: drivers::info::DeviceName,
+    mode: BenchMode,
+    bs_blocks: u64,
+    block_size: u64,
+    capacity: u64,
+    qd: usize,
+    limit: BenchLimit,
+    rng: Rng,
+    next_seq: u64,
+    issued: u64,
+    completed: u64,
+    errors: u64,
+    first_error: Option<BlockError>,
+    in_flight: usize,
+    starts: Vec<u64>,
+    free_slots: Vec<u16>,
+    latency: Box<Histogram>,
+    started: u64,
+    ended: u64,
+    stop: bool,
+    interrupts_at_start: u64,
+    interrupts: u64,
+}
+
+impl BenchTask {
+    /// A benchmark of `disk`.
+    pub fn new(st: &Storage, disk: usize, spec: BenchSpec, now: u64) -> Self {
+        let BenchSpec {
+            mode,
+            bs,
+            qd,
+            limit,
+            seed,
+        } = spec;
+        let d = &st.disks[disk];
+        let g = d.device.geometry();
+        let block_size = u64::from(g.block_size.max(1));
+        let qd = qd.clamp(1, d.pool.total().min(usize::from(g.queue_depth.max(1))));
+        BenchTask {
+            disk,
+            name: d.name(),
+            mode,
+            bs_blocks: (bs / block_size).max(1),
+            block_size,
+            capacity: g.capacity_blocks,
+            qd,
+            limit,
+            rng: Rng::new(seed),
+            next_seq: 0,
+            issued: 0,
+            completed: 0,
+            errors: 0,
+            first_error: None,
+            in_flight: 0,
+            starts: alloc::vec![0; qd],
+            free_slots: (0..qd as u16).rev().collect(),
+            latency: Box::new(Histogram::new()),
+            started: now,
+            ended: now,
+            stop: false,
+            interrupts_at_start: d.interrupts,
+            interrupts: 0,
+        }
+    }
+
+    /// Requests in flight at most (after clamping to the device).
+    pub fn depth(&self) -> usize {
+        self.qd
+    }
+
+    fn next_lba(&mut self) -> u64 {
+        let slots = (self.capacity / self.bs_blocks).max(1);
+        let index = if self.mode.random() {
+            self.rng.below(slots)
+        } else {
+            let i = self.next_seq % slots;
+            self.next_seq += 1;
+            i
+        };
+        index * self.bs_blocks
+    }
+}
+
+impl Task for BenchTask {
+    fn step(&mut self, st: &mut Storage, now: u64) {
+        let Some(disk) = st.disks.get_mut(self.disk) else {
+            return;
+        };
+        match self.limit {
+            BenchLimit::Time(ns) if now - self.started >= ns => self.stop = true,
+            BenchLimit::Ios(n) if self.issued >= n => self.stop = true,
+            _ => {}
+        }
+        while !self.stop && self.in_flight < self.qd {
+            let Some(slot) = self.free_slots.pop() else {
+                break;
+            };
+            let Some(mut buf) = disk.pool.acquire() else {
+                self.free_slots.push(slot);
+                break;
+            };
+            let bytes = (self.bs_blocks * self.block_size) as usize;
+            if buf.set_len(bytes).is_err() {
+                give_back(disk, Some(buf));
+                self.free_slots.push(slot);
+                self.stop = true;
+                break;
+            }
+            let lba = self.next_lba();
+            let request = if self.mode.writes() {
+                BlockRequest::write(u64::from(slot), lba, buf, false)
+            } else {
+                BlockRequest::read(u64::from(slot), lba, buf)
+            };
+            self.starts[usize::from(slot)] = crate::time::uptime_ns();
+            match submit(disk, request) {
+                Ok(()) => {
+                    self.in_flight += 1;
+                    self.issued += 1;
+                    if let BenchLimit::Ios(n) = self.limit {
+                        if self.issued >= n {
+                            self.stop = true;
+                        }
+                    }
+                }
+                Err((BlockError::QueueFull, b)) => {
+                    give_back(disk, b);
+                    self.free_slots.push(slot);
+                    break;
+                }
+                Err((e, b)) => {
+                    give_back(disk, b);
+                    self.free_slots.push(slot);
+                    self.first_error.get_or_insert(e);
+                    self.errors += 1;
+                    self.stop = true;
+                }
+            }
+        }
+        self.interrupts = disk.interrupts - self.interrupts_at_start;
+    }
+
+    fn complete(&mut self, disk: &mut Disk, c: Completion, now: u64) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+        let slot = c.tag as usize;
+        if let Some(start) = self.starts.get(slot) {
+            self.latency.record(now.saturating_sub(*start));
+            self.free_slots.push(slot as u16);
+        }
+        match c.result {
+            Ok(()) => self.completed += 1,
+            Err(e) => {
+                self.errors += 1;
+                self.first_error.get_or_insert(e);
+                self.stop = true;
+            }
+        }
+        give_back(disk, c.buffer);
+        self.ended = now;
+        self.interrupts = disk.interrupts - self.interrupts_at_start;
+    }
+
+    fn done(&self) -> bool {
+        self.stop && self.in_flight == 0
+    }
+
+    fn cancel(&mut self) {
+        self.stop = true;
+    }
+
+    fn progress(&self, out: &mut dyn Write, now: u64) -> fmt::Result {
+        let elapsed = (now - self.started).max(1);
+        write!(
+            out,
+            "bench {} {}: {} IOPS, ",
+            self.name,
+            self.mode.name(),
+            self.completed as u128 * 1_000_000_000 / elapsed as u128
+        )?;
+        rate(
+            out,
+            self.completed * self.bs_blocks * self.block_size,
+            elapsed,
+        )?;
+        write!(out, ", {} s, Ctrl-C stops", elapsed / 1_000_000_000)
+    }
+
+    fn report(&mut self, out: &mut dyn Write, _now: u64) -> fmt::Result {
+        let elapsed = (self.ended - self.started).max(1);
+        let bytes = self.completed * self.bs_blocks * self.block_size;
+        writeln!(
+            out,
+            "bench {} rw={} bs={} qd={}: {} I/Os in {}.{:03} s",
+            self.name,
+            self.mode.name(),
+            self.bs_blocks * self.block_size,
+            self.qd,
+            self.completed,
+            elapsed / 1_000_000_000,
+            (elapsed / 1_000_000) % 1000
+        )?;
+        write!(
+            out,
+            "  IOPS {}  ",
+            self.completed as u128 * 1_000_000_000 / elapsed as u128
+        )?;
+        rate(out, bytes, elapsed)?;
+        writeln!(out)?;
+        let h = &self.latency;
+        write!(out, "  latency avg ")?;
+        us(out, h.mean())?;
+        write!(out, "  p50 ")?;
+        us(out, h.percentile(50.0))?;
+        write!(out, "  p99 ")?;
+        us(out, h.percentile(99.0))?;
+        write!(out, "  max ")?;
+        us(out, h.max())?;
+        writeln!(out)?;
+        let per = self.interrupts as u128 * 100 / self.completed.max(1) as u128;
+        writeln!(
+            out,
+            "  interrupts {} ({}.{:02} per completion)",
+            self.interrupts,
+            per / 100,
+            per % 100
+        )?;
+        if let Some(e) = self.first_error {
+            writeln!(out, "error: {} I/O errors, first: {e}", self.errors)?;
+        }
+        Ok(())
+    }
+}
