@@ -1093,9 +1093,12 @@ impl Engine {
             1
         };
         let busy = x.batches.iter().flatten().count();
-        if busy >= max_batches || x.batches.iter().flatten().any(|b| b.full) {
+        if busy >= max_batches {
             return;
         }
+        // A batch that fills its area moves the next batches to the next area; allow one such
+        // crossing in flight at a time.
+        let full_at = x.batches.iter().flatten().position(|b| b.full);
         let skip: usize = x.batches.iter().flatten().map(|b| b.count as usize).sum();
         let mut k = 0u64;
         for &p in x.order.iter().skip(skip) {
@@ -1108,15 +1111,25 @@ impl Engine {
         if k == 0 {
             return;
         }
-        // Records of the older batch not yet in the area image still take room.
-        let unappended: u64 = x
-            .batches
-            .iter()
-            .flatten()
-            .filter(|b| !b.appended)
-            .map(|b| b.count)
-            .sum();
-        let room = x.store.area_room().saturating_sub(unappended);
+        let room = match full_at {
+            // Room in the next area, after the batches queued behind the full one.
+            Some(f) => {
+                let behind: u64 = x.batches.iter().flatten().skip(f + 1).map(|b| b.count).sum();
+                // Stay strictly below full: one crossing at a time.
+                (x.store.geometry.exceptions_per_area - behind).saturating_sub(1)
+            }
+            None => {
+                // Records of older batches not yet in the area image still take room.
+                let unappended: u64 = x
+                    .batches
+                    .iter()
+                    .flatten()
+                    .filter(|b| !b.appended)
+                    .map(|b| b.count)
+                    .sum();
+                x.store.area_room().saturating_sub(unappended)
+            }
+        };
         if room == 0 {
             return;
         }
@@ -1135,7 +1148,7 @@ impl Engine {
             let p = x.order[i] as usize;
             self.pending[p].state = PState::Committing;
         }
-        let full = n == room;
+        let full = full_at.is_none() && n == room;
         let next_area = x.store.geometry.area_chunk(x.store.current_area + 1);
         let mut batch = Batch {
             id: next_id,

@@ -34,7 +34,9 @@ const CAP_NOTIFY_OFF_MULTIPLIER: u16 = 16;
 /// Checks, before virtio-drivers' `PciTransport` trusts them (it indexes and adds without
 /// checks, so a bad value would panic), the device-supplied structure locations: the first
 /// capability of each type 1..=4 names a valid memory BAR and lies inside it, and the
-/// notification address of `queue` lies inside the notification structure.
+/// notification address of `queue` lies inside the notification structure, and no vendor
+/// capability sits so high that 8-bit offset arithmetic would overflow. (Capability loops,
+/// on which virtio-drivers' iterator would spin forever, are caught by our own walk.)
 pub fn check_capabilities<C: ConfigAccess + ?Sized>(
     cfg: &C,
     addr: PciAddress,
@@ -46,12 +48,15 @@ pub fn check_capabilities<C: ConfigAccess + ?Sized>(
     let mut notify = None;
     for cap in capabilities(cfg, addr) {
         let cap = cap?;
+        if cap.id != u16::from(CAP_ID_VENDOR) || cfg.read8(addr, cap.offset + CAP_LEN) < 16 {
+            continue;
+        }
         let cfg_type = cfg.read8(addr, cap.offset + CAP_CFG_TYPE);
-        if cap.id != u16::from(CAP_ID_VENDOR)
-            || cfg.read8(addr, cap.offset + CAP_LEN) < 16
-            || !(1..=CAP_DEVICE_CFG).contains(&cfg_type)
-            || seen[usize::from(cfg_type)]
-        {
+        // virtio-drivers adds field offsets (up to 16) to the 8-bit capability offset.
+        if cap.offset + CAP_NOTIFY_OFF_MULTIPLIER > 0xff {
+            return Err(VirtioBlkError::BadCapability { cfg_type });
+        }
+        if !(1..=CAP_DEVICE_CFG).contains(&cfg_type) || seen[usize::from(cfg_type)] {
             continue;
         }
         seen[usize::from(cfg_type)] = true;

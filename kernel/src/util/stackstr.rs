@@ -58,7 +58,7 @@ mod tests {
     #[test]
     fn truncates_at_char_boundary() {
         let mut s = StackStr::<5>::new();
-        write!(s, "ab{}", "cdé").unwrap();
+        s.write_str("abcdé").unwrap();
         assert_eq!(s.as_str(), "abcd");
         s.clear();
         write!(s, "{}", 12).unwrap();
