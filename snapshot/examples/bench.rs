@@ -258,7 +258,10 @@ fn main() {
         "CPU ns/write",
         "sim ms"
     );
-    let bound: u64 = std::env::args().nth(2).and_then(|a| a.parse().ok()).unwrap_or(100);
+    let bound: u64 = std::env::args()
+        .nth(2)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(100);
     for (policy, bound) in [(CommitPolicy::Grouped, bound), (CommitPolicy::LinuxIdle, 0)] {
         let r = run(policy, writes, bound);
         println!(

@@ -178,7 +178,10 @@ enum IoCtx {
         first: u32,
         count: u32,
     },
-    Commit { snap: u16, batch: u32 },
+    Commit {
+        snap: u16,
+        batch: u32,
+    },
     Create {
         snap: u16,
     },
@@ -1114,7 +1117,13 @@ impl Engine {
         let room = match full_at {
             // Room in the next area, after the batches queued behind the full one.
             Some(f) => {
-                let behind: u64 = x.batches.iter().flatten().skip(f + 1).map(|b| b.count).sum();
+                let behind: u64 = x
+                    .batches
+                    .iter()
+                    .flatten()
+                    .skip(f + 1)
+                    .map(|b| b.count)
+                    .sum();
                 // Stay strictly below full: one crossing at a time.
                 (x.store.geometry.exceptions_per_area - behind).saturating_sub(1)
             }
