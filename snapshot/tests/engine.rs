@@ -1,0 +1,380 @@
+//! Engine behaviour: which I/O it issues and when (sequential copies, read-once for several
+//! snapshots, group commit sizes, hold bound), events, status, back-pressure.
+
+use snapshot::sim::{Order, SimDisk, World, DATA_BIT};
+use snapshot::*;
+
+fn world(origin_sectors: u64, f: impl FnOnce(&mut EngineConfig)) -> World {
+    let mut ec = EngineConfig::new(origin_sectors);
+    ec.copy_buffer_sectors = 64;
+    f(&mut ec);
+    let engine = Engine::new(ec).unwrap();
+    World::new(
+        engine,
+        SimDisk::new(origin_sectors, |s| DATA_BIT | s),
+        Order::InOrder,
+        1,
+    )
+}
+
+fn snap_cfg(chunk: u32, cow_chunks: u64) -> SnapshotConfig {
+    SnapshotConfig {
+        chunk_sectors: chunk,
+        cow_sectors: cow_chunks * u64::from(chunk),
+        cow_block_sectors: 1,
+        cow_fua: true,
+        writable: true,
+        table_runs: cow_chunks as usize,
+        binding: None,
+    }
+}
+
+fn create(w: &mut World, cfg: &SnapshotConfig) -> SnapId {
+    w.engine.quiesce_origin();
+    w.settle(1000);
+    let id = w.engine.create_snapshot(cfg).unwrap();
+    w.cows[id.0 as usize] = Some(SimDisk::new(cfg.cow_sectors, |_| 0));
+    w.settle(1000);
+    assert!(w.events.contains(&Event::SnapshotCreated { snap: id }));
+    w.engine.resume_origin();
+    id
+}
+
+fn write(w: &mut World, tag: u64, sector: u64, sectors: u32) {
+    let req = VolumeRequest {
+        tag,
+        volume: Volume::Origin,
+        op: VolumeOp::Write { fua: false },
+        sector,
+        sectors,
+    };
+    w.submit(
+        req,
+        (0..u64::from(sectors))
+            .map(|i| DATA_BIT | (tag << 24) | (sector + i))
+            .collect(),
+    )
+    .unwrap();
+}
+
+/// Records every I/O the engine issues.
+fn trace(w: &mut World) -> std::rc::Rc<std::cell::RefCell<Vec<Io>>> {
+    let log = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+    let l = log.clone();
+    w.on_issue = Some(Box::new(move |io: &Io, _| l.borrow_mut().push(*io)));
+    log
+}
+
+#[test]
+fn sequential_copy_is_one_read_and_one_write() {
+    let mut w = world(1024, |_| {});
+    let id = create(&mut w, &snap_cfg(4, 100));
+    let log = trace(&mut w);
+    write(&mut w, 1, 0, 64); // 16 chunks, one copy buffer of 64 sectors
+    w.settle(1000);
+    let ios = log.borrow();
+    let reads: Vec<_> = ios
+        .iter()
+        .filter(|io| io.device == Device::Origin && io.op == IoOp::Read)
+        .collect();
+    let copies: Vec<_> = ios
+        .iter()
+        .filter(|io| io.device == Device::Cow(id) && matches!(io.buffer, IoBuffer::Copy { .. }))
+        .collect();
+    assert_eq!(reads.len(), 1);
+    assert_eq!(reads[0].sectors, 64);
+    assert_eq!(copies.len(), 1);
+    assert_eq!(copies[0].sectors, 64);
+    assert_eq!(w.engine.stats().commits, 1);
+    assert_eq!(w.engine.stats().records_committed, 16);
+}
+
+#[test]
+fn several_snapshots_read_the_origin_once() {
+    let mut w = world(1024, |_| {});
+    let a = create(&mut w, &snap_cfg(4, 100));
+    let b = create(&mut w, &snap_cfg(8, 100));
+    let c = create(&mut w, &snap_cfg(4, 100));
+    let log = trace(&mut w);
+    write(&mut w, 1, 8, 4);
+    w.settle(1000);
+    let ios = log.borrow();
+    let reads = ios
+        .iter()
+        .filter(|io| io.device == Device::Origin && io.op == IoOp::Read)
+        .count();
+    assert_eq!(reads, 1, "origin read once for three snapshots");
+    // The 8-sector snapshot copies sectors 8..16, the 4-sector ones 8..12.
+    for (id, len) in [(a, 4), (b, 8), (c, 4)] {
+        let copy = ios
+            .iter()
+            .find(|io| io.device == Device::Cow(id) && matches!(io.buffer, IoBuffer::Copy { .. }))
+            .unwrap();
+        assert_eq!(copy.sectors, len);
+    }
+    // The origin write goes down only after every commit.
+    let origin_write = ios
+        .iter()
+        .position(|io| io.device == Device::Origin && matches!(io.op, IoOp::Write { .. }))
+        .unwrap();
+    let last_area = ios
+        .iter()
+        .rposition(|io| {
+            matches!(
+                io.buffer,
+                IoBuffer::Meta {
+                    kind: MetaKind::Area,
+                    ..
+                }
+            )
+        })
+        .unwrap();
+    assert!(origin_write > last_area);
+}
+
+#[test]
+fn commit_is_flush_then_fua_area_write_and_without_fua_a_flush_after() {
+    for fua in [true, false] {
+        let mut w = world(256, |_| {});
+        let mut cfg = snap_cfg(4, 50);
+        cfg.cow_fua = fua;
+        let id = create(&mut w, &cfg);
+        let log = trace(&mut w);
+        write(&mut w, 1, 0, 4);
+        w.settle(100);
+        let ios: Vec<Io> = log
+            .borrow()
+            .iter()
+            .filter(|io| io.device == Device::Cow(id))
+            .copied()
+            .collect();
+        let kinds: Vec<String> = ios
+            .iter()
+            .map(|io| match (io.op, io.buffer) {
+                (IoOp::Flush, _) => "flush".into(),
+                (IoOp::Write { fua }, IoBuffer::Meta { .. }) => format!("area fua={fua}"),
+                (IoOp::Write { .. }, _) => "copy".into(),
+                _ => "?".into(),
+            })
+            .collect();
+        let want: Vec<String> = if fua {
+            vec!["copy".into(), "flush".into(), "area fua=true".into()]
+        } else {
+            vec![
+                "copy".into(),
+                "flush".into(),
+                "area fua=false".into(),
+                "flush".into(),
+            ]
+        };
+        assert_eq!(kinds, want);
+    }
+}
+
+#[test]
+fn group_commit_carries_many_records() {
+    let mut w = world(4096, |c| c.hold_bound_ticks = 1_000_000);
+    w.order = Order::Random;
+    let id = create(&mut w, &snap_cfg(4, 2000));
+    for t in 0..64 {
+        write(&mut w, t + 1, t * 4 * 7 % 4000, 4);
+    }
+    w.settle(100_000);
+    let st = w.engine.stats();
+    assert_eq!(st.records_committed, 64);
+    assert!(st.commits < 16, "64 copies in {} commits", st.commits);
+    assert_eq!(w.completed.len(), 64);
+    assert!(w.completed.iter().all(|c| c.result.is_ok()));
+    // 64 exceptions + header + area 0.
+    assert_eq!(
+        w.engine.status(id).unwrap().to_string(),
+        format!("{}/8000 8", (2 + 64) * 4)
+    );
+}
+
+#[test]
+fn hold_bound_starts_a_commit_while_copies_are_in_flight() {
+    // Timed device: copies keep arriving; with a small bound a commit starts before idle.
+    let run = |policy: CommitPolicy| {
+        let mut w = world(1 << 16, |c| {
+            c.hold_bound_ticks = 100;
+            c.commit_policy = policy;
+        });
+        w.order = Order::Timed;
+        w.latency = snapshot::sim::Latency {
+            read: 20,
+            write: 30,
+            flush: 1000,
+            parallel: 8,
+        };
+        create(&mut w, &snap_cfg(8, 4000));
+        let mut tag = 1;
+        // An open-loop stream: one write every 40 ticks.
+        for _ in 0..400 {
+            write(&mut w, tag, (tag * 8 * 13) % (1 << 16), 8);
+            tag += 1;
+            let until = w.now + 40;
+            while w.now < until && w.complete_one() {}
+            w.now = w.now.max(until);
+        }
+        w.settle(1_000_000);
+        assert_eq!(w.completed.len(), 400);
+        w.engine.stats()
+    };
+    let grouped = run(CommitPolicy::Grouped);
+    let linux = run(CommitPolicy::LinuxIdle);
+    // Linux waits until the pipeline drains or the area (512 records) fills.
+    assert!(
+        grouped.commits > linux.commits,
+        "grouped {grouped:?} linux {linux:?}"
+    );
+}
+
+#[test]
+fn usage_thresholds_raise_one_event_each() {
+    let mut w = world(1024, |_| {});
+    let id = create(&mut w, &snap_cfg(4, 50));
+    for t in 0..60 {
+        write(&mut w, t + 1, t * 4, 4);
+        w.settle(1000);
+    }
+    let thresholds: Vec<_> = w
+        .events
+        .iter()
+        .filter(|e| matches!(e, Event::UsageThreshold { .. }))
+        .copied()
+        .collect();
+    assert_eq!(
+        thresholds,
+        vec![
+            Event::UsageThreshold {
+                snap: id,
+                percent: 80
+            },
+            Event::UsageThreshold {
+                snap: id,
+                percent: 90
+            }
+        ]
+    );
+    assert!(w.events.contains(&Event::Invalidated {
+        snap: id,
+        reason: InvalidReason::CowFull
+    }));
+    assert_eq!(w.engine.status(id), Some(Status::Overflow));
+    assert_eq!(w.engine.status(id).unwrap().to_string(), "Overflow");
+    // Every origin write succeeded anyway.
+    assert!(w.completed.iter().all(|c| c.result.is_ok()));
+    // Snapshot I/O now fails.
+    let req = VolumeRequest {
+        tag: 999,
+        volume: Volume::Snapshot(id),
+        op: VolumeOp::Read,
+        sector: 0,
+        sectors: 1,
+    };
+    w.submit(req, vec![0]).unwrap();
+    w.settle(10);
+    assert_eq!(
+        w.take_completion(999).unwrap().result,
+        Err(VolumeError::SnapshotInvalid)
+    );
+}
+
+#[test]
+fn metadata_error_invalidates_and_status_says_invalid() {
+    let mut w = world(256, |_| {});
+    let id = create(&mut w, &snap_cfg(4, 50));
+    w.fail = Some(Box::new(|io: &Io| {
+        matches!(
+            io.buffer,
+            IoBuffer::Meta {
+                kind: MetaKind::Area,
+                ..
+            }
+        )
+    }));
+    write(&mut w, 1, 0, 4);
+    w.settle(100);
+    assert_eq!(w.engine.status(id), Some(Status::Invalid));
+    assert_eq!(w.take_completion(1).unwrap().result, Ok(()));
+}
+
+#[test]
+fn backpressure_when_request_slots_are_full() {
+    let mut w = world(256, |c| c.request_slots = 2);
+    create(&mut w, &snap_cfg(4, 50));
+    write(&mut w, 1, 0, 4);
+    write(&mut w, 2, 8, 4);
+    let req = VolumeRequest {
+        tag: 3,
+        volume: Volume::Origin,
+        op: VolumeOp::Read,
+        sector: 0,
+        sectors: 1,
+    };
+    assert_eq!(w.engine.submit(req), Err(SubmitError::Busy));
+    w.settle(100);
+    assert!(w.engine.submit(req).is_ok());
+}
+
+#[test]
+fn small_pools_make_requests_wait_not_fail() {
+    let mut w = world(4096, |c| {
+        c.pending_exceptions = 2;
+        c.copy_buffers = 1;
+        c.io_slots = 4;
+    });
+    w.order = Order::Reversed;
+    create(&mut w, &snap_cfg(4, 2000));
+    for t in 0..40 {
+        write(&mut w, t + 1, t * 12, 8);
+    }
+    w.settle(100_000);
+    assert_eq!(w.completed.len(), 40);
+    assert!(w.completed.iter().all(|c| c.result.is_ok()));
+    assert!(w.engine.is_idle());
+}
+
+#[test]
+fn create_requires_quiesce_and_rejects_bad_configs() {
+    let mut w = world(256, |_| {});
+    assert_eq!(
+        w.engine.create_snapshot(&snap_cfg(4, 50)),
+        Err(EngineError::NotQuiesced)
+    );
+    w.engine.quiesce_origin();
+    w.settle(10);
+    assert_eq!(
+        w.engine.create_snapshot(&snap_cfg(3, 50)),
+        Err(EngineError::BadConfig)
+    );
+    assert_eq!(
+        w.engine.create_snapshot(&snap_cfg(128, 50)),
+        Err(EngineError::BadConfig),
+        "chunk larger than a copy buffer"
+    );
+    assert!(w.events.contains(&Event::OriginQuiesced));
+    assert!(Engine::new(EngineConfig {
+        request_slots: 0,
+        ..EngineConfig::new(8)
+    })
+    .is_err());
+    assert_eq!(
+        w.engine.complete_io(IoToken(12345), Ok(())),
+        Err(EngineError::UnknownToken)
+    );
+}
+
+#[test]
+fn memory_per_exception_sequential_vs_random() {
+    let mut w = world(1 << 14, |_| {});
+    let id = create(&mut w, &snap_cfg(8, 3000));
+    write(&mut w, 1, 0, 8 * 1024); // 1024 chunks, sequential
+    w.settle(100_000);
+    let (_, used, n) = w.engine.table_memory(id).unwrap();
+    assert_eq!(n, 1024);
+    let per = used as f64 / n as f64;
+    println!("sequential fill: {per:.2} bytes per exception");
+    assert!(per < 2.0, "{per}");
+}
