@@ -208,11 +208,9 @@ fn hold_bound_starts_a_commit_while_copies_are_in_flight() {
             parallel: 8,
         };
         create(&mut w, &snap_cfg(8, 4000));
-        let mut tag = 1;
         // An open-loop stream: one write every 40 ticks.
-        for _ in 0..400 {
+        for tag in 1..=400u64 {
             write(&mut w, tag, (tag * 8 * 13) % (1 << 16), 8);
-            tag += 1;
             let until = w.now + 40;
             while w.now < until && w.complete_one() {}
             w.now = w.now.max(until);
