@@ -2,9 +2,93 @@
 //!
 //! A `no_std` + `alloc`, sans-I/O crate: it takes volume requests and I/O completions and
 //! returns the I/O it wants issued. The on-disk format is Linux dm-snapshot's persistent
-//! exception store (see `shared/docs/dm-snapshot-format.md`).
+//! exception store (see `shared/docs/dm-snapshot-format.md`), so a COW device written here can
+//! be activated on Linux with `dmsetup ... snapshot <origin> <cow> P <chunk>`, and stores Linux
+//! wrote load here.
+//!
+//! # Modules
+//! - [`format`]: header, records, area geometry, snapfw's binding record (pure encode/decode).
+//! - [`store`]: the sans-I/O [`Loader`] (validates a store and rebuilds its table) and the
+//!   per-store state the engine appends to.
+//! - [`table`]: the run-compressed, fixed-capacity exception table.
+//! - [`engine`]: the [`Engine`] state machine.
+//! - [`types`]: requests, I/Os, events, configuration.
+//! - [`sim`]: simulated disks and a driver loop, for tests and the bench (not for the kernel).
+//!
+//! # Driving the engine (for the kernel integrator)
+//!
+//! One [`Engine`] per origin. Everything is deterministic: the same calls in the same order give
+//! the same I/O. All memory is allocated in [`Engine::new`] (request slots, I/O slots, pending
+//! exceptions, copy jobs, queues) and when a snapshot is created or attached (its exception
+//! table of `table_runs` entries, one area buffer and one header block); nothing allocates on
+//! the I/O path. When a pool is empty, work waits inside the engine; only
+//! [`Engine::submit`] can say [`SubmitError::Busy`] (all request slots in use) — keep the
+//! request and submit it again after a completion.
+//!
+//! ```text
+//! loop {
+//!     engine.tick(now);                        // ticks: any monotonic unit (µs suggested)
+//!     engine.submit(VolumeRequest { tag, volume, op, sector, sectors })?;  // Busy => retry later
+//!     while let Some(io) = engine.poll_io() {  // the I/O to issue, in order
+//!         issue(io);                           // see "Buffers" below
+//!     }
+//!     // ... device completion for `io.token`:
+//!     engine.complete_io(io.token, Ok(()) /* or Err(IoError) */)?;
+//!     while let Some(c) = engine.poll_completion() { finish_volume_request(c.tag, c.result) }
+//!     while let Some(e) = engine.poll_event() { console(e) } // usage 80/90 %, invalidation...
+//! }
+//! ```
+//!
+//! - **Volume requests** ([`VolumeRequest`]): `Volume::Origin` or `Volume::Snapshot(id)`;
+//!   `Read`, `Write { fua }`, `Flush`; a sector range in 512-byte sectors; a caller `tag`. The
+//!   caller keeps the data buffer until the request completes: I/Os name it as
+//!   [`IoBuffer::Caller`]`{ tag, byte_offset }`. Poll completions regularly: the completion
+//!   queue is sized to the request slots.
+//! - **I/O** ([`Io`]): a device ([`Device::Origin`] or [`Device::Cow`]`(id)`), an op
+//!   (`Read`, `Write { fua }`, `Flush`), a range in 512-byte sectors, a buffer and a token.
+//!   Report every completion with [`Engine::complete_io`]; for reads the data must be in the
+//!   buffer by then. Flush means: every write *completed* before the flush was issued is
+//!   durable when it completes. FUA means the write is durable when it completes. A device
+//!   without FUA: set `cow_fua: false` and the engine adds flushes itself.
+//! - **Buffers**: [`IoBuffer::Caller`] (the volume request's buffer), [`IoBuffer::Copy`]
+//!   (copy buffer `index` at `byte_offset`: the *caller* owns `copy_buffers` buffers of
+//!   `copy_buffer_sectors * 512` bytes each, e.g. DMA memory; the engine only names them),
+//!   [`IoBuffer::Meta`] (engine-owned bytes: header or metadata area; get them with
+//!   [`Engine::meta_bytes`] when issuing the write; they do not change until it completes),
+//!   [`IoBuffer::Zeroes`] (write zeroes), [`IoBuffer::None`] (flush).
+//! - **Ticks**: [`Engine::tick`] sets the time. A group commit starts when no copy is in
+//!   flight, when the area would fill, or when the oldest uncommitted exception is
+//!   `hold_bound_ticks` old; newer commits flush while the oldest writes its area (area writes
+//!   go down one at a time, in order). [`CommitPolicy::LinuxIdle`] reproduces Linux's rule.
+//! - **Creating a snapshot** on a fresh COW device: [`Engine::quiesce_origin`], wait for
+//!   [`Event::OriginQuiesced`] (or [`Engine::is_quiesced`]), [`Engine::create_snapshot`]
+//!   (flushes the origin, zeroes chunk 0 and area 0, flushes, then writes the header with FUA),
+//!   wait for [`Event::SnapshotCreated`], then [`Engine::resume_origin`]. The snapshot holds
+//!   the origin as of the quiesce.
+//! - **Loading an existing store**: run a [`Loader`] (it asks for reads with
+//!   [`Loader::next_read`], takes the bytes with [`Loader::supply`], then
+//!   [`Loader::finish`] gives a [`LoadedStore`] or a [`LoadError`] naming the problem). The
+//!   binding record is in [`LoadedStore::binding`] (`Err(BindingError::Absent)`: unbound, e.g.
+//!   made by Linux). Attach it with [`Engine::attach_snapshot`] before origin writes flow.
+//! - **Deleting**: quiesce, [`Engine::delete_snapshot`] (invalidates, wipes chunk 0),
+//!   [`Event::SnapshotDeleted`], resume.
+//! - **Status**: [`Engine::status`] gives a [`Status`] whose `Display` is what
+//!   `dmsetup status` prints: `allocated/total metadata` (sectors), `Invalid` or `Overflow`.
+//! - **Failure policy** (as dm-snapshot): COW full, table full, a copy error or a metadata
+//!   write error invalidates that snapshot (header rewritten with `valid = 0`, made durable
+//!   before any origin write waiting on it proceeds), fails its snapshot I/O and lets origin
+//!   writes proceed. Origin I/O errors fail only the volume request.
+//!
+//! # Write ordering (the invariant the crash tests enumerate)
+//! Origin write to a chunk some snapshot has not copied: hold it; allocate the next COW chunk
+//! per snapshot; read the origin range once, write it to every snapshot (one write per run of
+//! consecutive chunks); when the copies have completed, flush the COW device, then write the
+//! area with FUA (zeroing the next area first when this one fills); only then issue the held
+//! origin write. Snapshot reads of a chunk whose copy is not complete go to the origin, and an
+//! origin write waits for such reads to finish. Records are committed in allocation order.
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 extern crate alloc;
 
