@@ -102,6 +102,21 @@ impl Boot {
         self
     }
 
+    /// Attaches a raw image as a virtio-blk disk (`cache=none`, so guest writes reach the
+    /// file and host writes are seen by the guest).
+    pub fn virtio_disk(self, image: &std::path::Path, serial: &str) -> Boot {
+        let id = format!("d{}", self.extra.len());
+        self.args([
+            "-drive".to_string(),
+            format!(
+                "file={},if=none,format=raw,id={id},cache=none,aio=threads",
+                image.display()
+            ),
+            "-device".to_string(),
+            format!("virtio-blk-pci,drive={id},serial={serial}"),
+        ])
+    }
+
     /// Starts QEMU.
     pub fn start(&self) -> Qemu {
         let accel = std::env::var("ACCEL").unwrap_or_else(|_| "tcg".into());
@@ -316,6 +331,61 @@ impl Drop for Qemu {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// A scratch disk image, removed when dropped.
+pub struct Image {
+    /// Where it is.
+    pub path: PathBuf,
+}
+
+impl Image {
+    /// A sparse raw image of `bytes` bytes, named after the test.
+    pub fn new(name: &str, bytes: u64) -> Image {
+        let dir = std::env::temp_dir().join(format!("snapfw-tests-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join(format!("{name}.img"));
+        let f = std::fs::File::create(&path).expect("create image");
+        f.set_len(bytes).expect("size image");
+        Image { path }
+    }
+
+    /// Reads `len` bytes at `offset`.
+    pub fn read(&self, offset: u64, len: usize) -> Vec<u8> {
+        use std::io::{Seek, SeekFrom};
+        let mut f = std::fs::File::open(&self.path).expect("open image");
+        f.seek(SeekFrom::Start(offset)).expect("seek");
+        let mut buf = vec![0u8; len];
+        f.read_exact(&mut buf).expect("read image");
+        buf
+    }
+
+    /// Writes `data` at `offset` (and syncs).
+    pub fn write(&self, offset: u64, data: &[u8]) {
+        use std::io::{Seek, SeekFrom};
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&self.path)
+            .expect("open image");
+        f.seek(SeekFrom::Start(offset)).expect("seek");
+        f.write_all(data).expect("write image");
+        f.sync_all().expect("sync image");
+    }
+}
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Lowercase hex SHA-256 of `data`.
+pub fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
