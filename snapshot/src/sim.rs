@@ -48,8 +48,8 @@ impl Contents {
         v
     }
 
-    /// The bytes of a sector value (data stamps become their value, little-endian, in the
-    /// first 8 bytes of every 16, so a stamp read as a record is never a terminator).
+    /// The bytes of a sector value (a data stamp is repeated as little-endian `u64`s, so a
+    /// stamp read as a record is never a terminator).
     pub fn bytes(&self, v: u64, out: &mut [u8]) {
         out.fill(0);
         if v == 0 {
