@@ -59,6 +59,12 @@ pxe: build
 test: deps build iso pxe
 	SNAPFW_BUILD=$(CURDIR)/$(BUILD) ACCEL=$(ACCEL) $(CARGO) test --workspace --release -- --test-threads=2
 
+# Benchmarks (not tests): the appliance's disk path in QEMU, then the snapshot engine's
+# deterministic host bench.
+bench: deps build
+	SNAPFW_BUILD=$(CURDIR)/$(BUILD) ACCEL=$(ACCEL) $(CARGO) run --release -q -p tests --bin bench
+	$(CARGO) run --release -q -p snapshot --example bench
+
 check:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings

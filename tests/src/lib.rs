@@ -102,6 +102,12 @@ impl Boot {
         self
     }
 
+    /// Sets the guest memory size (`-m`).
+    pub fn memory_size(mut self, size: &str) -> Boot {
+        self.memory = size.into();
+        self
+    }
+
     /// Attaches a raw image as a virtio-blk disk (`cache=none`, so guest writes reach the
     /// file and host writes are seen by the guest).
     pub fn virtio_disk(self, image: &std::path::Path, serial: &str) -> Boot {
