@@ -272,6 +272,34 @@ impl<H: Hal, T: Transport> VirtioBlk<H, T> {
         core::mem::take(&mut self.config_changed)
     }
 
+    /// After a configuration-change interrupt: a device that needs a reset has failed
+    /// (virtio 1.2 §2.1.2); a capacity change is reported (not applied: the layers above size
+    /// their metadata at attach time).
+    fn check_configuration(&mut self) {
+        if self
+            .transport
+            .get_status()
+            .contains(DeviceStatus::DEVICE_NEEDS_RESET)
+        {
+            self.fail(reason(format_args!("device needs reset")));
+            return;
+        }
+        let low = read_config(&self.transport, config::CAPACITY);
+        let high = read_config(&self.transport, config::CAPACITY + 4);
+        if let (Ok(Some(low)), Ok(Some(high))) = (low, high) {
+            let sectors = u64::from(high) << 32 | u64::from(low);
+            let blocks = sectors / (u64::from(self.geometry.block_size) / SECTOR_SIZE);
+            if blocks != self.geometry.capacity_blocks {
+                warn!(
+                    "{}: capacity changed from {} to {} blocks (not applied)",
+                    self.name, self.geometry.capacity_blocks, blocks
+                );
+            } else {
+                info!("{}: configuration changed", self.name);
+            }
+        }
+    }
+
     /// Gives up on the device: logs, resets it (so it stops DMA), and fails every request in
     /// flight; their buffers come back through the next polls.
     fn fail(&mut self, why: crate::info::Reason) {
@@ -499,7 +527,7 @@ impl<H: Hal, T: Transport> BlockDevice for VirtioBlk<H, T> {
         self.stats.interrupts += 1;
         if queue == crate::msix::InterruptOwner::CONFIG_QUEUE {
             self.config_changed = true;
-            info!("{}: configuration changed", self.name);
+            self.check_configuration();
         }
     }
 

@@ -389,6 +389,21 @@ fn size_max_bounds_transfers() {
 }
 
 #[test]
+fn device_needing_reset_fails_on_config_interrupt() {
+    let (mut blk, fake) = make(BASIC, VirtioBlkConfig::default());
+    let mut pool = pool();
+    blk.submit(BlockRequest::read(1, 0, pool.acquire().unwrap()))
+        .unwrap();
+    let status = fake.borrow().status;
+    fake.borrow_mut().status = status | DeviceStatus::DEVICE_NEEDS_RESET;
+    blk.interrupt(crate::msix::InterruptOwner::CONFIG_QUEUE);
+    assert!(matches!(blk.info().state, DeviceState::Failed(_)));
+    let (done, _) = drain(&mut blk, 4);
+    assert_eq!(done[0].result, Err(BlockError::DeviceFailed));
+    assert!(done[0].buffer.is_some());
+}
+
+#[test]
 fn interrupts_are_counted() {
     let (mut blk, _) = make(BASIC, VirtioBlkConfig::default());
     blk.interrupt(0);
