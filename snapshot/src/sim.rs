@@ -24,7 +24,7 @@ pub const DATA_BIT: u64 = 1 << 63;
 pub const META_BIT: u64 = 1 << 62;
 
 /// Interned metadata sector contents.
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub struct Contents {
     sectors: Vec<[u8; SECTOR_BYTES]>,
     index: BTreeMap<[u8; SECTOR_BYTES], u64>,

@@ -229,6 +229,81 @@ impl Harness {
         }
     }
 
+    /// A new harness on a crash image of this one (`mode`/`seed` as in
+    /// [`SimDisk::crash_image`]): a fresh engine loads and attaches every store that loads
+    /// valid; the model starts from what the images hold.
+    pub fn from_crash(&self, mode: u32, seed: u64, order: Order, qd: usize) -> Harness {
+        let mut cfg = self.cfg.clone();
+        cfg.order = order;
+        cfg.qd = qd;
+        cfg.seed = seed;
+        cfg.broken_ordering = false;
+        cfg.fail_every = None;
+        let mut h = Harness::new(cfg);
+        let origin_img = self.world.origin.crash_image(mode, seed);
+        h.world.origin = SimDisk::new(origin_img.len() as u64, |x| origin_img[x as usize]);
+        h.world.contents = self.world.contents.clone();
+        h.origin = VolModel::new(origin_img.clone());
+        h.next_write = self.next_write + 1_000_000;
+        for (&s, m) in &self.snaps {
+            if !m.created || m.deleted {
+                continue;
+            }
+            let Some(Some(d)) = self.world.cows.get(s as usize) else {
+                continue;
+            };
+            let img = d.crash_image(mode, seed.rotate_left(7) ^ u64::from(s));
+            let params = LoadParams {
+                cow_sectors: m.cow_sectors,
+                cow_block_sectors: 1,
+                origin_sectors: self.origin.sectors(),
+                origin_block_sectors: 1,
+                table_runs: m.cow_sectors as usize,
+            };
+            let contents = &h.world.contents;
+            let Ok(loaded) = Loader::load_with(params, |r| {
+                let a = r.sector as usize;
+                let b = (a + r.sectors as usize).min(img.len());
+                contents.image_bytes(&img[a.min(b)..b])
+            }) else {
+                continue;
+            };
+            if !loaded.valid {
+                continue;
+            }
+            let cs = u64::from(m.chunk);
+            let view: Vec<u64> = (0..self.origin.sectors())
+                .map(|x| match loaded.table.lookup(x / cs) {
+                    Some(n) => img[(n * cs + x % cs) as usize],
+                    None => origin_img[x as usize],
+                })
+                .collect();
+            let sc = SnapshotConfig {
+                chunk_sectors: m.chunk,
+                cow_sectors: m.cow_sectors,
+                cow_block_sectors: 1,
+                cow_fua: true,
+                writable: true,
+                table_runs: m.cow_sectors as usize,
+                binding: None,
+            };
+            let id = h.world.engine.attach_snapshot(loaded, &sc).expect("attach");
+            h.world.cows[id.0 as usize] = Some(SimDisk::new(m.cow_sectors, |x| img[x as usize]));
+            h.snaps.insert(
+                id.0,
+                SnapModel {
+                    model: VolModel::new(view),
+                    created: true,
+                    invalidated: false,
+                    deleted: false,
+                    chunk: m.chunk,
+                    cow_sectors: m.cow_sectors,
+                },
+            );
+        }
+        h
+    }
+
     fn overlaps_write(&self, vol: Option<u16>, sector: u64, sectors: u32) -> bool {
         let end = sector + u64::from(sectors);
         self.outstanding.values().any(|o| match o {
@@ -574,7 +649,15 @@ impl Harness {
                     table_runs: cow_chunks as usize,
                     binding: None,
                 };
-                let id = self.world.engine.create_snapshot(&sc).expect("create");
+                let id = match self.world.engine.create_snapshot(&sc) {
+                    Ok(id) => id,
+                    Err(EngineError::NoSnapshotSlot) => {
+                        self.world.engine.resume_origin();
+                        self.world.pump();
+                        return;
+                    }
+                    Err(e) => panic!("create: {e:?}"),
+                };
                 // A fresh COW device full of garbage stamps (never valid metadata).
                 self.world.cows[id.0 as usize] = Some(SimDisk::new(cow_sectors, |s| {
                     DATA_BIT | (0xFF_FFFF << 24) | s
