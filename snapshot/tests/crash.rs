@@ -310,7 +310,7 @@ fn crash_reload_and_continue() {
             }
             for mode in 0..3u32 {
                 let s2 = seed * 1000 + i as u64 * 10 + u64::from(mode);
-                let mut g = h.from_crash(
+                let mut g = h.reborn_after_crash(
                     mode,
                     s2,
                     ORDERS[(s2 % 3) as usize],
@@ -369,7 +369,7 @@ fn crash_reload_after_torn_area_write() {
             point += 1;
             for k in 0..2u64 {
                 let s2 = seed * 100_000 + point * 10 + k;
-                let mut g = h.from_crash(2, s2, Order::InOrder, 8);
+                let mut g = h.reborn_after_crash(2, s2, Order::InOrder, 8);
                 let more: Vec<Op> = (0..30)
                     .map(|c| Op::OriginWrite {
                         sector: 128 + c * 2,

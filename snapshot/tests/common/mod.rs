@@ -232,7 +232,7 @@ impl Harness {
     /// A new harness on a crash image of this one (`mode`/`seed` as in
     /// [`SimDisk::crash_image`]): a fresh engine loads and attaches every store that loads
     /// valid; the model starts from what the images hold.
-    pub fn from_crash(&self, mode: u32, seed: u64, order: Order, qd: usize) -> Harness {
+    pub fn reborn_after_crash(&self, mode: u32, seed: u64, order: Order, qd: usize) -> Harness {
         let mut cfg = self.cfg.clone();
         cfg.order = order;
         cfg.qd = qd;
