@@ -78,8 +78,10 @@
 //! }
 //! ```
 //! `Servicer::run` polls only devices whose vectors fired, devices whose budget ran out last
-//! round, and devices without MSI-X (polled mode, see `BlockDevice::needs_polling`) while they
-//! have requests in flight; it returns `true` while any of that work remains. Submission is `BlockDevice::submit(BlockRequest)`: it never completes inline;
+//! round, and devices without MSI-X (polled mode: opt in with
+//! `VirtioBlkConfig::polled_fallback`, see `BlockDevice::needs_polling`) while they have
+//! requests in flight; it returns `true` while any of that work remains. A kernel loop of its
+//! own must do the same for `needs_polling()` devices before enabling the fallback. Submission is `BlockDevice::submit(BlockRequest)`: it never completes inline;
 //! on failure the request (and its buffer) comes back in [`block::Rejected`] —
 //! [`block::BlockError::QueueFull`] is back-pressure (retry after a completion), not an error.
 //! Every completion hands the request's [`block::DmaBuf`] back; return it to its pool with

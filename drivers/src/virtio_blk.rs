@@ -52,6 +52,10 @@ pub struct VirtioBlkConfig {
     pub max_transfer_bytes: u32,
     /// Negotiate `VIRTIO_F_RING_EVENT_IDX` (see the module documentation).
     pub event_idx: bool,
+    /// Bring up functions without MSI-X in polled mode. Off by default: only turn it on when
+    /// the main loop polls devices whose `BlockDevice::needs_polling` is true (as
+    /// `service::Servicer` does); otherwise such a device would never complete anything.
+    pub polled_fallback: bool,
 }
 
 impl Default for VirtioBlkConfig {
@@ -61,6 +65,7 @@ impl Default for VirtioBlkConfig {
             max_depth: MAX_QUEUE_SIZE / 3,
             max_transfer_bytes: 128 * 1024,
             event_idx: false,
+            polled_fallback: false,
         }
     }
 }
@@ -74,6 +79,9 @@ pub enum VirtioBlkError {
     FeaturesRejected,
     /// The device does not offer `VIRTIO_F_VERSION_1`.
     LegacyDevice,
+    /// The function has no MSI-X capability and polled mode is off
+    /// ([`VirtioBlkConfig::polled_fallback`]).
+    NoMsix,
     /// The device's queue 0 is missing or smaller than [`MIN_QUEUE_SIZE`].
     QueueTooSmall(u32),
     /// The device refused an MSI-X table entry (read back `NO_VECTOR`); `queue` is `None` for
@@ -143,6 +151,7 @@ impl core::fmt::Display for VirtioBlkError {
             Self::NotBlockDevice => write!(f, "not a virtio block device"),
             Self::FeaturesRejected => write!(f, "device rejected feature set"),
             Self::LegacyDevice => write!(f, "legacy virtio device (no VERSION_1)"),
+            Self::NoMsix => write!(f, "no MSI-X capability (polled mode disabled)"),
             Self::QueueTooSmall(n) => write!(f, "queue 0 too small ({n} descriptors)"),
             Self::VectorRefused { queue: None, entry } => {
                 write!(f, "config interrupt refused MSI-X entry {entry}")

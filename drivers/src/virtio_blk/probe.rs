@@ -6,9 +6,10 @@
 //! (which writes `config_msix_vector` / `queue_msix_vector`), then unmask the function.
 //! On failure every vector is released and MSI-X is disabled again.
 //!
-//! A function without an MSI-X capability is brought up in polled mode (no interrupts;
-//! [`crate::block::BlockDevice::needs_polling`] is true and the main loop polls it while it has
-//! requests in flight).
+//! A function without an MSI-X capability is refused ([`VirtioBlkError::NoMsix`]) unless
+//! [`VirtioBlkConfig::polled_fallback`] is set; then it is brought up in polled mode (no
+//! interrupts; [`crate::block::BlockDevice::needs_polling`] is true and the main loop must poll
+//! it while it has requests in flight).
 
 use super::common_regs::{check_capabilities, CommonCfgVectors};
 use super::device::{VectorAssignment, VirtioBlk};
@@ -129,10 +130,11 @@ fn bring_up<H: Hal, C: ConfigAccess + ?Sized, M: MmioMapper + ?Sized>(
     check_capabilities(ctx.cfg, addr, &bars, &vectors, 0)?;
     let cap = match MsixCapability::read(ctx.cfg, addr) {
         Ok(cap) => Some(cap),
-        Err(MsixError::NoCapability) => {
+        Err(MsixError::NoCapability) if config.polled_fallback => {
             log::warn!("{name}: no MSI-X capability, falling back to polling");
             None
         }
+        Err(MsixError::NoCapability) => return Err(VirtioBlkError::NoMsix),
         Err(e) => return Err(e.into()),
     };
     let assignment = match cap {
@@ -405,14 +407,17 @@ pub(crate) mod tests {
             apic_id: 0,
         };
         let function = PciFunction::read(&pci, addr).unwrap();
-        let blk = probe::<FakeVirtioHal, _, _>(
-            &ctx,
-            &function,
-            0,
-            disk_name("vd", 0),
-            VirtioBlkConfig::default(),
-        )
-        .expect("polled mode");
+        let name = disk_name("vd", 0);
+        let refused =
+            probe::<FakeVirtioHal, _, _>(&ctx, &function, 0, name, VirtioBlkConfig::default())
+                .unwrap_err();
+        assert_eq!(refused.error, VirtioBlkError::NoMsix, "polling is opt-in");
+        let config = VirtioBlkConfig {
+            polled_fallback: true,
+            ..VirtioBlkConfig::default()
+        };
+        let blk =
+            probe::<FakeVirtioHal, _, _>(&ctx, &function, 0, name, config).expect("polled mode");
         assert!(blk.needs_polling());
         assert!(blk.info().vectors().is_empty());
         assert_eq!(registry.owner(FIRST_DEVICE_VECTOR), None);
