@@ -53,11 +53,12 @@ struct Report {
     sim_ms: f64,
 }
 
-fn run(policy: CommitPolicy, writes: u64, bound: u64) -> Report {
+/// `interval`: None = closed loop at QD32; Some(us) = open loop, one write every `us`.
+fn run(policy: CommitPolicy, writes: u64, bound: u64, interval: Option<u64>) -> Report {
     let mut ec = EngineConfig::new(ORIGIN_SECTORS);
-    ec.request_slots = 64;
-    ec.io_slots = 1024;
-    ec.pending_exceptions = 256;
+    ec.request_slots = if interval.is_some() { 4096 } else { 64 };
+    ec.io_slots = 8192;
+    ec.pending_exceptions = if interval.is_some() { 4096 } else { 256 };
     ec.copy_buffers = 64;
     ec.copy_buffer_sectors = 256;
     ec.commit_policy = policy;
@@ -92,9 +93,17 @@ fn run(policy: CommitPolicy, writes: u64, bound: u64) -> Report {
     let mut done = 0u64;
     let mut started = false;
     let mut pending_submit: Option<VolumeRequest> = None;
+    let mut next_arrival = 0u64;
+    let mut first_arrival = None;
     loop {
         // Keep QD32 origin writes in flight once the snapshot exists.
-        while started && outstanding < QD && next_tag <= writes {
+        while started
+            && next_tag <= writes
+            && match interval {
+                None => outstanding < QD,
+                Some(_) => next_arrival <= now,
+            }
+        {
             let req = pending_submit.take().unwrap_or_else(|| {
                 let chunk = rng.below(ORIGIN_SECTORS / u64::from(CHUNK));
                 VolumeRequest {
@@ -113,6 +122,7 @@ fn run(policy: CommitPolicy, writes: u64, bound: u64) -> Report {
                 break;
             }
             submitted_at.insert(req.tag, now);
+            next_arrival += interval.unwrap_or(0);
             next_tag += 1;
             outstanding += 1;
         }
@@ -164,6 +174,21 @@ fn run(policy: CommitPolicy, writes: u64, bound: u64) -> Report {
             let _ = engine.poll_io();
             cpu += t.elapsed();
         }
+        if started && first_arrival.is_none() {
+            first_arrival = Some(now);
+            next_arrival = now;
+        }
+        // Open loop: the next arrival may come before the next completion.
+        if interval.is_some() && started && next_tag <= writes && pending_submit.is_none() {
+            let next_done = queue
+                .peek()
+                .map(|Reverse((at, _, _))| *at)
+                .unwrap_or(u64::MAX);
+            if next_arrival < next_done {
+                now = now.max(next_arrival);
+                continue;
+            }
+        }
         let Some(Reverse((at, _, token))) = queue.pop() else {
             if started && next_tag > writes {
                 break;
@@ -186,11 +211,13 @@ fn run(policy: CommitPolicy, writes: u64, bound: u64) -> Report {
     };
     let _ = engine.status(snap);
     Report {
-        policy: match policy {
-            CommitPolicy::Grouped => "snapfw group commit",
-            CommitPolicy::LinuxIdle => "Linux (idle or area full)",
+        policy: match (policy, interval) {
+            (CommitPolicy::Grouped, None) => "QD32: snapfw group commit",
+            (CommitPolicy::LinuxIdle, None) => "QD32: Linux rule",
+            (CommitPolicy::Grouped, Some(_)) => "open: snapfw group commit",
+            (CommitPolicy::LinuxIdle, Some(_)) => "open: Linux rule",
         },
-        iops: done as f64 / (now as f64 / 1e6),
+        iops: done as f64 / ((now - first_arrival.unwrap_or(0)) as f64 / 1e6),
         records_per_commit: st.records_committed as f64 / st.commits.max(1) as f64,
         flushes_per_1000: st.commit_flushes as f64 * 1000.0 / st.origin_writes.max(1) as f64,
         hold_p50: pct(0.50),
@@ -261,9 +288,15 @@ fn main() {
     let bound: u64 = std::env::args()
         .nth(2)
         .and_then(|a| a.parse().ok())
-        .unwrap_or(100);
-    for (policy, bound) in [(CommitPolicy::Grouped, bound), (CommitPolicy::LinuxIdle, 0)] {
-        let r = run(policy, writes, bound);
+        .unwrap_or(200);
+    let open = Some(50); // 20,000 writes/s offered
+    for (policy, bound, interval) in [
+        (CommitPolicy::Grouped, bound, None),
+        (CommitPolicy::LinuxIdle, 0, None),
+        (CommitPolicy::Grouped, bound, open),
+        (CommitPolicy::LinuxIdle, 0, open),
+    ] {
+        let r = run(policy, writes, bound, interval);
         println!(
             "{:<28} {:>10.0} {:>12.1} {:>14.1} {:>12} {:>12} {:>14.0} {:>10.1}",
             r.policy,

@@ -1821,12 +1821,11 @@ impl Engine {
         }
         // An invalidated store's header must be durable before the write it gave up on goes
         // down, or a crash could leave a valid-looking store missing that chunk's copy.
-        if self
-            .snaps
-            .iter()
-            .flatten()
-            .any(|x| x.header_phase != HeaderPhase::None || (x.meta_inflight && !x.valid))
-        {
+        if self.snaps.iter().flatten().any(|x| {
+            x.header_phase != HeaderPhase::None
+                || (x.meta_inflight && !x.valid)
+                || x.state == SnapState::Deleting
+        }) {
             return false;
         }
         if self.origin_reads_redirected > 0 && self.conflicts_with_redirected_read(start, end) {

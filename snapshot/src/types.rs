@@ -273,7 +273,7 @@ impl EngineConfig {
             pending_exceptions: 512,
             copy_buffers: 64,
             copy_buffer_sectors: 256,
-            hold_bound_ticks: 100,
+            hold_bound_ticks: 200,
             commit_policy: CommitPolicy::Grouped,
             usage_thresholds: [80, 90],
             unsafe_release_before_commit: false,
