@@ -92,6 +92,14 @@ unsafe impl virtio_drivers::Hal for KernelHal {
     unsafe fn unshare(_paddr: PhysAddr, _buffer: NonNull<[u8]>, _direction: BufferDirection) {}
 }
 
+/// Maps a PCI Express ECAM window (MCFG) for configuration access.
+pub fn map_ecam(window: &crate::acpi::EcamWindow) -> Result<drivers::hal::MmioRegion, HalError> {
+    let len = (usize::from(window.end_bus) + 1) << 20;
+    // SAFETY: the MCFG window is PCI configuration space that this kernel alone drives; it is
+    // not RAM.
+    unsafe { drivers::hal::map_region(&KernelHal, window.base, len) }
+}
+
 /// Pages needed for `bytes`.
 pub fn pages_for(bytes: usize) -> usize {
     bytes.div_ceil(FRAME_SIZE as usize)

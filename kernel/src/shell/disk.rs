@@ -42,21 +42,21 @@ fn disk_index(st: &Storage, name: &str) -> CmdResult<usize> {
 
 /// Checks `[lba, lba+count)` against the device.
 fn check_range(st: &Storage, disk: usize, lba: u64, count: u64) -> CmdResult<()> {
-    let d = &st.disks[disk];
-    let capacity = d.device.geometry().capacity_blocks;
+    let capacity = st.devices[disk].geometry().capacity_blocks;
+    let name = st.name(disk);
     if count == 0 {
         return Err("COUNT must be at least 1".into());
     }
     if lba >= capacity {
         return Err(alloc::format!(
             "LBA {lba} is past the end of {} ({capacity} blocks)",
-            d.name()
+            name
         ));
     }
     if count > capacity - lba {
         return Err(alloc::format!(
             "range {lba}+{count} runs past the end of {} ({capacity} blocks)",
-            d.name()
+            name
         ));
     }
     Ok(())
@@ -100,8 +100,8 @@ pub fn run(id: super::commands::CommandId, args: &Args, out: &mut Out) -> Option
                 (None, Some(s)) => Pattern::Seed(s),
                 _ => return Err("write takes exactly one of --byte 0xNN or --seed N".into()),
             };
-            if st.disks[disk].device.geometry().read_only {
-                return Err(alloc::format!("{} is read-only", st.disks[disk].name()));
+            if st.devices[disk].geometry().read_only {
+                return Err(alloc::format!("{} is read-only", st.name(disk)));
             }
             check_range(st, disk, lba, count)?;
             Ok(Some(
@@ -110,7 +110,7 @@ pub fn run(id: super::commands::CommandId, args: &Args, out: &mut Out) -> Option
         }
         CommandId::Checksum => {
             let disk = disk_index(st, args.arg("DEV").unwrap_or(""))?;
-            let capacity = st.disks[disk].device.geometry().capacity_blocks;
+            let capacity = st.devices[disk].geometry().capacity_blocks;
             let (lba, count) = match (args.arg("LBA"), args.arg("COUNT")) {
                 (None, _) => (0, capacity),
                 (Some(_), None) => {
@@ -159,9 +159,9 @@ fn bench(st: &Storage, args: &Args, now: u64) -> CmdResult<Box<dyn Task>> {
         }
         None => return Err("bench needs --rw read|write|randread|randwrite".into()),
     };
-    let g = st.disks[disk].device.geometry();
+    let g = st.devices[disk].geometry();
     if (mode == BenchMode::Write || mode == BenchMode::RandWrite) && g.read_only {
-        return Err(alloc::format!("{} is read-only", st.disks[disk].name()));
+        return Err(alloc::format!("{} is read-only", st.name(disk)));
     }
     let bs = args
         .value_as("bs", parse_size)
@@ -186,7 +186,7 @@ fn bench(st: &Storage, args: &Args, now: u64) -> CmdResult<Box<dyn Task>> {
         .value_as("qd", parse_u64)
         .map_err(arg_err)?
         .unwrap_or(32);
-    let max_qd = u64::from(g.queue_depth.max(1)).min(st.disks[disk].pool.total() as u64);
+    let max_qd = u64::from(g.queue_depth.max(1)).min(st.pools[disk].total() as u64);
     if qd == 0 || qd > max_qd {
         return Err(alloc::format!("--qd must be 1..={max_qd} for this device"));
     }
@@ -224,11 +224,7 @@ fn state_name(info: &DeviceInfo) -> &str {
 }
 
 fn devices(st: &Storage, json_out: bool, out: &mut Out) {
-    let infos = st.disks.iter().map(|d| {
-        let mut i = d.device.info();
-        i.stats.interrupts = i.stats.interrupts.max(d.interrupts);
-        i
-    });
+    let infos = st.devices.iter().map(|d| d.info());
     if json_out {
         let text = json::object_string(|o| {
             o.array("devices", |a| {

@@ -81,15 +81,14 @@ mod run_loop {
             executor::take_pending();
             let now = time::uptime_ns();
             let more = storage::with(|st| {
-                let more =
-                    storage::poll(st, &mut |disk, _index, completion| match running.as_mut() {
-                        Some(r) => r.task.complete(disk, completion, now),
-                        None => {
-                            if let Some(b) = completion.buffer {
-                                let _ = disk.pool.release(b);
-                            }
+                let more = storage::poll(st, &mut |pool, completion| match running.as_mut() {
+                    Some(r) => r.task.complete(pool, completion, now),
+                    None => {
+                        if let Some(b) = completion.buffer {
+                            let _ = pool.release(b);
                         }
-                    });
+                    }
+                });
                 if let Some(r) = running.as_mut() {
                     r.task.step(st, now);
                 }

@@ -11,10 +11,11 @@ use core::fmt::{self, Write};
 
 use alloc::boxed::Box;
 use alloc::vec::Vec;
-use drivers::block::{BlockError, BlockRequest, Completion, DmaBuf, Operation};
+use drivers::block::{BlockError, BlockRequest, BufferPool, Completion, DmaBuf, Operation};
+use drivers::service::BoxedDevice;
 use sha2::{Digest, Sha256};
 
-use super::{Disk, Storage};
+use super::Storage;
 use crate::util::hexdump::write_hexdump;
 use crate::util::histogram::Histogram;
 use crate::util::pattern::{fill_seeded, Rng};
@@ -24,7 +25,7 @@ pub trait Task {
     /// Issues what it can (called every loop iteration).
     fn step(&mut self, storage: &mut Storage, now: u64);
     /// Takes a completion of one of its requests.
-    fn complete(&mut self, disk: &mut Disk, completion: Completion, now: u64);
+    fn complete(&mut self, pool: &mut BufferPool, completion: Completion, now: u64);
     /// Whether it has finished (nothing in flight, nothing left to do).
     fn done(&self) -> bool;
     /// Stops issuing new requests (Ctrl-C); in-flight ones are still waited for.
@@ -44,16 +45,19 @@ pub enum Pattern {
     Seed(u64),
 }
 
-fn submit(disk: &mut Disk, request: BlockRequest) -> Result<(), (BlockError, Option<DmaBuf>)> {
-    disk.device
+fn submit(
+    device: &mut BoxedDevice,
+    request: BlockRequest,
+) -> Result<(), (BlockError, Option<DmaBuf>)> {
+    device
         .submit(request)
         .map_err(|r| (r.error, r.request.buffer))
 }
 
-fn give_back(disk: &mut Disk, buffer: Option<DmaBuf>) {
+fn give_back(pool: &mut BufferPool, buffer: Option<DmaBuf>) {
     if let Some(b) = buffer {
         // A foreign buffer cannot come back here: every request was built from this pool.
-        let _ = disk.pool.release(b);
+        let _ = pool.release(b);
     }
 }
 
@@ -121,15 +125,14 @@ impl RangeTask {
         depth: usize,
         now: u64,
     ) -> Self {
-        let d = &st.disks[disk];
-        let g = d.device.geometry();
+        let g = st.devices[disk].geometry();
+        let pool = &st.pools[disk];
         let block_size = u64::from(g.block_size.max(1));
-        let max =
-            (d.pool.buffer_size() as u64).min(u64::from(g.max_transfer_bytes).max(block_size));
-        let depth = depth.clamp(1, d.pool.total().min(usize::from(g.queue_depth.max(1))));
+        let max = (pool.buffer_size() as u64).min(u64::from(g.max_transfer_bytes).max(block_size));
+        let depth = depth.clamp(1, pool.total().min(usize::from(g.queue_depth.max(1))));
         RangeTask {
             disk,
-            name: d.name(),
+            name: st.name(disk),
             block_size,
             start,
             end: start + count,
@@ -147,7 +150,7 @@ impl RangeTask {
 
     /// `read DEV LBA COUNT`: one request, then a hexdump.
     pub fn read(st: &Storage, disk: usize, lba: u64, count: u64, now: u64) -> Self {
-        let bytes = (count * u64::from(st.disks[disk].device.geometry().block_size)) as usize;
+        let bytes = (count * u64::from(st.devices[disk].geometry().block_size)) as usize;
         Self::new(
             st,
             disk,
@@ -197,7 +200,9 @@ impl RangeTask {
 
 impl Task for RangeTask {
     fn step(&mut self, st: &mut Storage, _now: u64) {
-        let Some(disk) = st.disks.get_mut(self.disk) else {
+        let (Some(device), Some(pool)) =
+            (st.devices.get_mut(self.disk), st.pools.get_mut(self.disk))
+        else {
             return;
         };
         while !self.cancelled
@@ -211,13 +216,13 @@ impl Task for RangeTask {
                     break;
                 }
             }
-            let Some(mut buf) = disk.pool.acquire() else {
+            let Some(mut buf) = pool.acquire() else {
                 break;
             };
             let blocks = self.chunk_blocks.min(self.end - self.next);
             let bytes = (blocks * self.block_size) as usize;
             if buf.set_len(bytes).is_err() {
-                give_back(disk, Some(buf));
+                give_back(pool, Some(buf));
                 self.error = Some((self.next, BlockError::TooLarge { bytes, max: 0 }));
                 break;
             }
@@ -233,17 +238,17 @@ impl Task for RangeTask {
                 }
                 _ => BlockRequest::read(self.next, self.next, buf),
             };
-            match submit(disk, request) {
+            match submit(device, request) {
                 Ok(()) => {
                     self.in_flight += 1;
                     self.next += blocks;
                 }
                 Err((BlockError::QueueFull, b)) => {
-                    give_back(disk, b);
+                    give_back(pool, b);
                     break;
                 }
                 Err((e, b)) => {
-                    give_back(disk, b);
+                    give_back(pool, b);
                     self.error = Some((self.next, e));
                 }
             }
@@ -253,7 +258,7 @@ impl Task for RangeTask {
             self.next >= self.end && self.in_flight == 0 && self.error.is_none() && !self.cancelled;
         if let RangeKind::Write { flush_tag_sent, .. } = &mut self.kind {
             if writes_done && !*flush_tag_sent {
-                match submit(disk, BlockRequest::flush(u64::MAX)) {
+                match submit(device, BlockRequest::flush(u64::MAX)) {
                     Ok(()) => {
                         *flush_tag_sent = true;
                         self.in_flight += 1;
@@ -265,13 +270,13 @@ impl Task for RangeTask {
         }
     }
 
-    fn complete(&mut self, disk: &mut Disk, c: Completion, _now: u64) {
+    fn complete(&mut self, pool: &mut BufferPool, c: Completion, _now: u64) {
         self.in_flight = self.in_flight.saturating_sub(1);
         if let Err(e) = c.result {
             if self.error.is_none() {
                 self.error = Some((c.lba, e));
             }
-            give_back(disk, c.buffer);
+            give_back(pool, c.buffer);
             return;
         }
         if matches!(c.op, Operation::Flush) {
@@ -288,9 +293,9 @@ impl Task for RangeTask {
                 if let Some(b) = &c.buffer {
                     data.extend_from_slice(b.as_slice());
                 }
-                give_back(disk, c.buffer);
+                give_back(pool, c.buffer);
             }
-            RangeKind::Write { .. } => give_back(disk, c.buffer),
+            RangeKind::Write { .. } => give_back(pool, c.buffer),
             RangeKind::Checksum {
                 hasher,
                 ready,
@@ -300,7 +305,7 @@ impl Task for RangeTask {
                 ready[(seq % depth) as usize] = c.buffer;
                 while let Some(b) = ready[(*next_hash % depth) as usize].take() {
                     hasher.update(b.as_slice());
-                    give_back(disk, Some(b));
+                    give_back(pool, Some(b));
                     *next_hash += 1;
                 }
             }
@@ -392,7 +397,7 @@ impl FlushTask {
     pub fn new(st: &Storage, disk: usize, now: u64) -> Self {
         FlushTask {
             disk,
-            name: st.disks[disk].name(),
+            name: st.name(disk),
             state: 0,
             result: Ok(()),
             started: now,
@@ -405,10 +410,10 @@ impl Task for FlushTask {
         if self.state != 0 {
             return;
         }
-        let Some(disk) = st.disks.get_mut(self.disk) else {
+        let Some(device) = st.devices.get_mut(self.disk) else {
             return;
         };
-        match submit(disk, BlockRequest::flush(0)) {
+        match submit(device, BlockRequest::flush(0)) {
             Ok(()) => self.state = 1,
             Err((BlockError::QueueFull, _)) => {}
             Err((e, _)) => {
@@ -417,7 +422,7 @@ impl Task for FlushTask {
             }
         }
     }
-    fn complete(&mut self, _disk: &mut Disk, c: Completion, _now: u64) {
+    fn complete(&mut self, _pool: &mut BufferPool, c: Completion, _now: u64) {
         self.result = c.result;
         self.state = 2;
     }
@@ -537,13 +542,17 @@ impl BenchTask {
             limit,
             seed,
         } = spec;
-        let d = &st.disks[disk];
-        let g = d.device.geometry();
+        let g = st.devices[disk].geometry();
         let block_size = u64::from(g.block_size.max(1));
-        let qd = qd.clamp(1, d.pool.total().min(usize::from(g.queue_depth.max(1))));
+        let qd = qd.clamp(
+            1,
+            st.pools[disk]
+                .total()
+                .min(usize::from(g.queue_depth.max(1))),
+        );
         BenchTask {
             disk,
-            name: d.name(),
+            name: st.name(disk),
             mode,
             bs_blocks: (bs / block_size).max(1),
             block_size,
@@ -563,7 +572,7 @@ impl BenchTask {
             started: now,
             ended: now,
             stop: false,
-            interrupts_at_start: d.interrupts,
+            interrupts_at_start: st.devices[disk].stats().interrupts,
             interrupts: 0,
         }
     }
@@ -588,7 +597,9 @@ impl BenchTask {
 
 impl Task for BenchTask {
     fn step(&mut self, st: &mut Storage, now: u64) {
-        let Some(disk) = st.disks.get_mut(self.disk) else {
+        let (Some(device), Some(pool)) =
+            (st.devices.get_mut(self.disk), st.pools.get_mut(self.disk))
+        else {
             return;
         };
         match self.limit {
@@ -600,13 +611,13 @@ impl Task for BenchTask {
             let Some(slot) = self.free_slots.pop() else {
                 break;
             };
-            let Some(mut buf) = disk.pool.acquire() else {
+            let Some(mut buf) = pool.acquire() else {
                 self.free_slots.push(slot);
                 break;
             };
             let bytes = (self.bs_blocks * self.block_size) as usize;
             if buf.set_len(bytes).is_err() {
-                give_back(disk, Some(buf));
+                give_back(pool, Some(buf));
                 self.free_slots.push(slot);
                 self.stop = true;
                 break;
@@ -618,7 +629,7 @@ impl Task for BenchTask {
                 BlockRequest::read(u64::from(slot), lba, buf)
             };
             self.starts[usize::from(slot)] = crate::time::uptime_ns();
-            match submit(disk, request) {
+            match submit(device, request) {
                 Ok(()) => {
                     self.in_flight += 1;
                     self.issued += 1;
@@ -629,12 +640,12 @@ impl Task for BenchTask {
                     }
                 }
                 Err((BlockError::QueueFull, b)) => {
-                    give_back(disk, b);
+                    give_back(pool, b);
                     self.free_slots.push(slot);
                     break;
                 }
                 Err((e, b)) => {
-                    give_back(disk, b);
+                    give_back(pool, b);
                     self.free_slots.push(slot);
                     self.first_error.get_or_insert(e);
                     self.errors += 1;
@@ -642,10 +653,10 @@ impl Task for BenchTask {
                 }
             }
         }
-        self.interrupts = disk.interrupts - self.interrupts_at_start;
+        self.interrupts = device.stats().interrupts - self.interrupts_at_start;
     }
 
-    fn complete(&mut self, disk: &mut Disk, c: Completion, now: u64) {
+    fn complete(&mut self, pool: &mut BufferPool, c: Completion, now: u64) {
         self.in_flight = self.in_flight.saturating_sub(1);
         let slot = c.tag as usize;
         if let Some(start) = self.starts.get(slot) {
@@ -660,9 +671,8 @@ impl Task for BenchTask {
                 self.stop = true;
             }
         }
-        give_back(disk, c.buffer);
+        give_back(pool, c.buffer);
         self.ended = now;
-        self.interrupts = disk.interrupts - self.interrupts_at_start;
     }
 
     fn done(&self) -> bool {
