@@ -1874,13 +1874,15 @@ impl Engine {
         if total == 0 {
             return true;
         }
-        if (self.free_pending.len() as u64) < total {
+        if self.free_pending.is_empty() {
             return false;
         }
         let Some(j) = self.new_job(true) else {
             return false;
         };
-        // Pass 2: allocate in (snapshot, chunk) order, link into the job.
+        // Pass 2: allocate in (snapshot, chunk) order, link into the job, as far as the pool
+        // of pending exceptions allows (the rest waits for a later job).
+        let mut complete = true;
         let mut read_lo = u64::MAX;
         let mut read_hi = 0u64;
         for s in 0..nsnaps {
@@ -1897,6 +1899,10 @@ impl Engine {
                     .is_some_and(|x| x.table.lookup(c).is_some());
                 if has || self.pending_of(s, c).is_some() {
                     continue;
+                }
+                if self.free_pending.is_empty() {
+                    complete = false;
+                    break;
                 }
                 let Some(p) = self.alloc_pending(s, c) else {
                     continue;
@@ -1919,7 +1925,7 @@ impl Engine {
         job.phase = JobPhase::NeedRead;
         self.queue_job(j);
         self.progress += 1;
-        true
+        complete
     }
 
     fn count_needed(&self, s: usize, lo: u64, hi: u64) -> u64 {

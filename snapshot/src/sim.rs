@@ -512,6 +512,9 @@ impl World {
         let f = self.inflight.remove(i);
         if self.order == Order::Timed {
             self.now = self.now.max(f.done_at);
+        } else {
+            // One tick per completion, so hold bounds matter in every order.
+            self.now += 1;
         }
         let fail = match self.fail.as_mut() {
             Some(g) => g(&f.io),

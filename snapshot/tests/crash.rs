@@ -442,3 +442,43 @@ fn crash_state_total_meets_budget() {
     println!("CRASH STATES CHECKED (budget run): {total}");
     assert!(total >= 10_000, "only {total} crash states");
 }
+
+/// Long soak over many seeds (`cargo test --release -p snapshot --test crash -- --ignored`);
+/// `SNAPFW_SOAK_SEEDS` sets the number of seeds (default 200).
+#[test]
+#[ignore]
+fn soak_random_workloads() {
+    let seeds: u64 = std::env::var("SNAPFW_SOAK_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(200);
+    let mut total = 0;
+    for seed in 10_000..10_000 + seeds {
+        let chunk = [1u32, 2, 4, 8][seed as usize % 4];
+        let qd = [1usize, 3, 8, 24, 64][seed as usize % 5];
+        let ops = random_ops(seed, 128, 150, chunk, 400 / u64::from(chunk) + 8, 3);
+        let mut cfg = RunConfig::new(128, qd, ORDERS[seed as usize % 3], seed);
+        cfg.random_crashes = 2;
+        cfg.pending_exceptions = [4, 16, 64][seed as usize % 3];
+        cfg.copy_buffers = [1, 3, 8][seed as usize % 3];
+        cfg.copy_buffer_sectors = [16, 32, 64][seed as usize % 3];
+        cfg.hold_bound = seed % 11;
+        if seed % 13 == 0 {
+            cfg.fail_every = Some(17 + seed % 5);
+        }
+        let mut h = Harness::new(cfg);
+        h.run(&ops);
+        assert!(
+            h.outcome.violations.is_empty(),
+            "seed {seed}: {:#?}",
+            &h.outcome.violations[..h.outcome.violations.len().min(3)]
+        );
+        assert!(
+            h.world.engine.is_idle(),
+            "seed {seed}: not idle: {}",
+            h.world.engine.debug_state()
+        );
+        total += h.outcome.crash_states;
+    }
+    println!("CRASH STATES CHECKED (soak, {seeds} seeds): {total}");
+}

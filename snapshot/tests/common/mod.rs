@@ -656,7 +656,7 @@ impl Harness {
                         self.world.pump();
                         return;
                     }
-                    Err(e) => panic!("create: {e:?}"),
+                    Err(e) => panic!("create: {e:?}: {}", self.world.engine.debug_state()),
                 };
                 // A fresh COW device full of garbage stamps (never valid metadata).
                 self.world.cows[id.0 as usize] = Some(SimDisk::new(cow_sectors, |s| {
