@@ -1036,6 +1036,7 @@ impl Engine {
                         }
                     } else if x.inflight == 0 {
                         self.snaps[s] = None;
+                        self.epoch += 1;
                         self.push_event(Event::SnapshotDeleted { snap: SnapId(sid) });
                         self.progress += 1;
                     }
@@ -1381,6 +1382,7 @@ impl Engine {
 
     fn on_wipe_io(&mut self, sid: u16, _ok: bool) {
         self.io_done_on(sid);
+        self.epoch += 1;
         if let Some(x) = self.snaps[sid as usize].as_mut() {
             x.meta_inflight = false;
         }
