@@ -79,6 +79,21 @@
 //!   before any origin write waiting on it proceeds), fails its snapshot I/O and lets origin
 //!   writes proceed. Origin I/O errors fail only the volume request.
 //!
+//! # Memory
+//! Per engine: `request_slots`, `io_slots`, `pending_exceptions`, `copy_buffers` small
+//! descriptors (tens of bytes each) plus the queues. Per snapshot: one chunk for the area
+//! image, one COW block for the header, and the exception table: `table_runs * 20` bytes plus
+//! a power-of-two bucket array of `u32`. A run maps up to 32 consecutive origin chunks to 32
+//! consecutive COW chunks, so a sequential fill needs about `exceptions / 32` runs (0.75 bytes
+//! per exception) and a random fill one run per exception (24 bytes). When the table is full
+//! the snapshot overflows like a full COW device; size `table_runs` for the expected fill
+//! (the worst case is the number of COW chunks).
+//!
+//! # Origin writes and chunk sizes
+//! An origin write is checked against every chunk of every snapshot it covers (so in effect
+//! it is split at the smallest chunk size); it is issued as one I/O once every one of those
+//! chunks is safe.
+//!
 //! # Write ordering (the invariant the crash tests enumerate)
 //! Origin write to a chunk some snapshot has not copied: hold it; allocate the next COW chunk
 //! per snapshot; read the origin range once, write it to every snapshot (one write per run of
