@@ -1160,12 +1160,17 @@ impl Engine {
         }
         let full = full_at.is_none() && n == room;
         let next_area = x.store.geometry.area_chunk(x.store.current_area + 1);
+        let flush = if self.cfg.unsafe_skip_commit_flush {
+            CommitPhase::WaitTurn
+        } else {
+            CommitPhase::Flush
+        };
         let mut batch = Batch {
             id: next_id,
             phase: if full && next_area < x.store.cow_chunks() {
                 CommitPhase::ZeroNext
             } else {
-                CommitPhase::Flush
+                flush
             },
             count: n,
             full,
@@ -1282,6 +1287,7 @@ impl Engine {
             return;
         }
         b.phase = match b.phase {
+            CommitPhase::ZeroNext if self.cfg.unsafe_skip_commit_flush => CommitPhase::WaitTurn,
             CommitPhase::ZeroNext => CommitPhase::Flush,
             CommitPhase::Flush => CommitPhase::WaitTurn,
             CommitPhase::AreaWrite if !x.cow_fua => CommitPhase::PostFlush,

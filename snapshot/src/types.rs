@@ -259,6 +259,10 @@ pub struct EngineConfig {
     /// before its record is durable. Breaks crash safety on purpose.
     #[doc(hidden)]
     pub unsafe_release_before_commit: bool,
+    /// Test-only negative control: commit records without flushing the copied data first.
+    /// Breaks crash safety on purpose.
+    #[doc(hidden)]
+    pub unsafe_skip_commit_flush: bool,
 }
 
 impl EngineConfig {
@@ -277,6 +281,7 @@ impl EngineConfig {
             commit_policy: CommitPolicy::Grouped,
             usage_thresholds: [80, 90],
             unsafe_release_before_commit: false,
+            unsafe_skip_commit_flush: false,
         }
     }
 }

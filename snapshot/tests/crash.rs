@@ -426,6 +426,40 @@ fn broken_ordering_is_caught() {
     );
 }
 
+/// Second negative control: committing records before the copied data is durable (no flush
+/// before the area write) must be caught too.
+#[test]
+fn missing_flush_before_commit_is_caught() {
+    let mut caught = 0;
+    for (i, order) in ORDERS.into_iter().enumerate() {
+        let mut cfg = RunConfig::new(64, 4, order, 80 + i as u64);
+        cfg.skip_commit_flush = true;
+        let ops = vec![
+            create(2, 60),
+            w(0, 2),
+            w(8, 4),
+            w(20, 2),
+            Op::OriginFlush,
+            w(30, 2),
+            Op::OriginFlush,
+        ];
+        let mut h = Harness::new(cfg);
+        h.run(&ops);
+        if !h.outcome.violations.is_empty() {
+            caught += 1;
+            println!(
+                "negative control 2 ({order:?}) caught: {}",
+                h.outcome.violations[0]
+            );
+        }
+    }
+    assert_eq!(
+        caught,
+        ORDERS.len(),
+        "the missing flush escaped the crash enumeration"
+    );
+}
+
 #[test]
 fn crash_state_total_meets_budget() {
     // A fixed, self-contained run that alone reaches the 10,000-state floor.

@@ -136,6 +136,7 @@ pub struct RunConfig {
     /// Crash images per completion point besides "none kept" and "all kept".
     pub random_crashes: u32,
     pub broken_ordering: bool,
+    pub skip_commit_flush: bool,
     pub pending_exceptions: u32,
     pub copy_buffers: u32,
     pub copy_buffer_sectors: u32,
@@ -154,6 +155,7 @@ impl RunConfig {
             seed,
             random_crashes: 2,
             broken_ordering: false,
+            skip_commit_flush: false,
             pending_exceptions: 64,
             copy_buffers: 8,
             copy_buffer_sectors: 16,
@@ -209,6 +211,7 @@ impl Harness {
         ec.copy_buffer_sectors = cfg.copy_buffer_sectors;
         ec.hold_bound_ticks = cfg.hold_bound;
         ec.unsafe_release_before_commit = cfg.broken_ordering;
+        ec.unsafe_skip_commit_flush = cfg.skip_commit_flush;
         let engine = Engine::new(ec).expect("engine config");
         let origin = SimDisk::new(cfg.origin_sectors, |s| stamp(0, s));
         let init: Vec<u64> = origin.current.clone();
@@ -243,6 +246,7 @@ impl Harness {
         cfg.qd = qd;
         cfg.seed = seed;
         cfg.broken_ordering = false;
+        cfg.skip_commit_flush = false;
         cfg.fail_every = None;
         let mut h = Harness::new(cfg);
         let origin_img = self.world.origin.crash_image(mode, seed);
