@@ -274,3 +274,53 @@ fn ctrl_c_cancels_a_long_task() {
     assert!(q.command("version").contains("snapfw"));
     poweroff(q);
 }
+
+#[test]
+fn a_device_that_fails_to_initialise_is_listed_and_boot_goes_on() {
+    // vectors=0: no MSI-X, so the interrupt-driven driver refuses it with a reason.
+    let (a, b) = (
+        Image::new("fail-a", 16 * MIB),
+        Image::new("fail-b", 16 * MIB),
+    );
+    let mut q = Boot::kernel("q35", "testing loglevel=info")
+        .args([
+            "-drive".to_string(),
+            format!(
+                "file={},if=none,format=raw,id=bad,cache=none",
+                a.path.display()
+            ),
+            "-device".to_string(),
+            "virtio-blk-pci,drive=bad,serial=NOVECTORS,vectors=0".to_string(),
+        ])
+        .virtio_disk(&b.path, "GOOD")
+        .start();
+    q.wait_prompt();
+    let text = q.command("devices");
+    let bad = text
+        .lines()
+        .find(|l| l.starts_with("vda"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        bad.contains("failed to initialise") && bad.contains("MSI-X"),
+        "{bad}"
+    );
+    let good = text
+        .lines()
+        .find(|l| l.starts_with("vdb"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(good.contains("GOOD") && good.contains("16 MiB"), "{good}");
+    let out = q.command("read vda 0");
+    assert!(
+        out.starts_with("error: device 'vda' failed to initialise"),
+        "{out}"
+    );
+    assert!(q
+        .command("write vdb 0 1 --byte 0x11")
+        .contains("wrote 1 blocks"));
+    let json = q.command("devices --json");
+    assert!(
+        json.contains(r#""state":"init-failed""#) && json.contains(r#""reason":""#),
+        "{json}"
+    );
+    poweroff(q);
+}
