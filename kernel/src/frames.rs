@@ -75,13 +75,22 @@ impl FrameAllocator {
     }
 
     /// Allocates `count` contiguous frames aligned to `align` frames (a power of two);
-    /// returns the physical address of the first.
+    /// returns the physical address of the first. Fully used bitmap words are skipped 64
+    /// frames at a time, and the search starts at the lowest word that may have a free frame.
     pub fn allocate(&mut self, count: usize, align: usize) -> Option<u64> {
         if count == 0 || !align.is_power_of_two() || count as u64 > self.free_count {
             return None;
         }
+        while self.hint < WORDS && self.free[self.hint] == 0 {
+            self.hint += 1;
+        }
         let mut start = (self.hint * 64).next_multiple_of(align);
         while start + count <= FRAMES {
+            if self.free[start / 64] == 0 {
+                start = (start / 64 + 1) * 64;
+                start = start.next_multiple_of(align);
+                continue;
+            }
             match (start..start + count).find(|f| !self.is_free(*f)) {
                 None => {
                     for f in start..start + count {
@@ -157,6 +166,24 @@ mod tests {
         a.free(p, 16);
         assert_eq!(a.allocate(16, 16), Some(p));
         assert_eq!(a.allocate(5000, 1), None);
+    }
+
+    #[test]
+    fn many_allocations_after_a_large_one() {
+        let mut a = Box::new(FrameAllocator::new());
+        a.add_range(0x100000, 512 << 20);
+        let heap = a.allocate(65536, 512).unwrap();
+        let heap_end = heap + 65536 * FRAME_SIZE;
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..100 {
+            let p = a.allocate(32, 1).unwrap();
+            let end = p + 32 * FRAME_SIZE;
+            assert!(end <= heap || p >= heap_end, "{p:#x} overlaps the heap");
+            assert!(seen.insert(p));
+        }
+        assert_eq!(a.free_frames(), a.total() - 65536 - 3200);
+        a.free(heap, 65536);
+        assert_eq!(a.allocate(1, 1), Some(heap));
     }
 
     #[test]
