@@ -14,6 +14,16 @@ pub const COM1: u16 = 0x3F8;
 /// COM1's ISA IRQ.
 pub const COM1_IRQ: u8 = 4;
 
+/// The ISA IRQ of a PC serial port by its index (ttyS0..ttyS3): COM1/COM3 use IRQ 4,
+/// COM2/COM4 IRQ 3.
+pub fn isa_irq(port: u8) -> u8 {
+    if port % 2 == 0 {
+        COM1_IRQ
+    } else {
+        3
+    }
+}
+
 const IER_RX: u8 = 0x01;
 const IER_THRE: u8 = 0x02;
 const LSR_DATA: u8 = 0x01;

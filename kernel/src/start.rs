@@ -55,7 +55,10 @@ pub fn start(magic: u32, info: u32) -> ! {
     let cmdline = CMDLINE.call_once(|| CmdLine::parse(boot.cmdline()));
     power::set_testing(cmdline.testing);
     if let Some(console) = &cmdline.console {
-        serial::init(console.io_base(), console.baud_or_default());
+        // Re-programming the same port would clear bytes already typed.
+        if (console.io_base(), console.baud_or_default()) != (serial::COM1, 115_200) {
+            serial::init(console.io_base(), console.baud_or_default());
+        }
     }
     crate::logger::init(cmdline.loglevel.unwrap_or(log::LevelFilter::Info));
 
@@ -105,7 +108,8 @@ pub fn start(magic: u32, info: u32) -> ! {
         .map(|i| (i.address, i.gsi_base))
         .unwrap_or((0xFEC0_0000, 0));
     ioapic::init(ioapic_base, gsi_base);
-    let (gsi, active_low, level) = acpi_info.isa_irq(serial::COM1_IRQ);
+    let console_port = cmdline.console.as_ref().map_or(0, |c| c.port);
+    let (gsi, active_low, level) = acpi_info.isa_irq(serial::isa_irq(console_port));
     interrupts::register(interrupts::UART_VECTOR, serial::on_interrupt);
     ioapic::route(gsi, interrupts::UART_VECTOR, apic::id(), active_low, level);
     let ecam = acpi_info.ecam().first().copied();
