@@ -17,7 +17,7 @@ pub const COM1_IRQ: u8 = 4;
 /// The ISA IRQ of a PC serial port by its index (ttyS0..ttyS3): COM1/COM3 use IRQ 4,
 /// COM2/COM4 IRQ 3.
 pub fn isa_irq(port: u8) -> u8 {
-    if port % 2 == 0 {
+    if port.is_multiple_of(2) {
         COM1_IRQ
     } else {
         3
