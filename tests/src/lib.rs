@@ -326,6 +326,18 @@ impl Qemu {
         }
     }
 
+    /// Types `poweroff` and checks that ACPI soft-off ends QEMU with status 0.
+    pub fn poweroff(mut self) {
+        self.send(b"poweroff\r");
+        self.expect("powering off", TIMEOUT);
+        let status = self.wait_exit(TIMEOUT);
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "ACPI power-off should end QEMU with status 0"
+        );
+    }
+
     /// Kills QEMU at once (a power cut).
     pub fn kill(&mut self) {
         let _ = self.child.kill();

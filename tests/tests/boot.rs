@@ -12,24 +12,13 @@ fn boot(machine: &str) -> tests::Qemu {
     q
 }
 
-fn poweroff(mut q: tests::Qemu) {
-    q.send(b"poweroff\r");
-    q.expect("powering off", TIMEOUT);
-    let status = q.wait_exit(TIMEOUT);
-    assert_eq!(
-        status.code(),
-        Some(0),
-        "ACPI power-off should end QEMU with status 0"
-    );
-}
-
 #[test]
 fn boots_on_pc_and_powers_off() {
     let mut q = boot("pc");
     let v = q.command("version");
     assert!(v.starts_with("snapfw "), "{v}");
     assert!(q.transcript().contains("(Multiboot1)"));
-    poweroff(q);
+    q.poweroff();
 }
 
 #[test]
@@ -40,7 +29,7 @@ fn boots_on_q35_and_powers_off() {
         v.contains(r#""name":"snapfw""#) && v.contains(r#""commit":""#),
         "{v}"
     );
-    poweroff(q);
+    q.poweroff();
 }
 
 #[test]
@@ -71,7 +60,7 @@ fn console_commands() {
     assert!(q.command("log level").contains("log level: info"));
     assert!(q.command("log level debug").contains("log level: debug"));
     assert!(q.command("log level").contains("log level: debug"));
-    poweroff(q);
+    q.poweroff();
 }
 
 #[test]
@@ -100,7 +89,7 @@ fn line_editing_and_history() {
     q.expect("^C", TIMEOUT);
     q.expect(PROMPT, TIMEOUT);
     assert!(q.command("version").starts_with("snapfw"));
-    poweroff(q);
+    q.poweroff();
 }
 
 #[test]
@@ -157,7 +146,7 @@ fn bad_input_gets_one_error_line() {
         q.command("version").contains("snapfw"),
         "console dead after garbage"
     );
-    poweroff(q);
+    q.poweroff();
 
     let mut q = Boot::kernel("q35", "loglevel=info").start();
     q.wait_prompt();
@@ -185,7 +174,7 @@ fn command_line_reaches_cmdline() {
         "{json}"
     );
     assert!(q.command("log level").contains("debug"));
-    poweroff(q);
+    q.poweroff();
 }
 
 #[test]
@@ -220,5 +209,5 @@ fn reboot_resets_the_machine() {
     q.expect("rebooting", TIMEOUT);
     q.expect("booted by", TIMEOUT);
     q.wait_prompt();
-    poweroff(q);
+    q.poweroff();
 }

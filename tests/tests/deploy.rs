@@ -3,12 +3,6 @@
 
 use tests::{Boot, Source, TIMEOUT};
 
-fn poweroff(mut q: tests::Qemu) {
-    q.send(b"poweroff\r");
-    q.expect("powering off", TIMEOUT);
-    assert_eq!(q.wait_exit(TIMEOUT).code(), Some(0));
-}
-
 #[test]
 fn pxe_boot_with_ipxe_script() {
     let mut q = Boot {
@@ -34,7 +28,7 @@ fn pxe_boot_with_ipxe_script() {
         "{}",
         q.transcript()
     );
-    poweroff(q);
+    q.poweroff();
 }
 
 #[test]
@@ -52,7 +46,7 @@ fn grub_iso_multiboot() {
     assert!(q
         .command("cmdline")
         .contains("console=ttyS0,115200 loglevel=info"));
-    poweroff(q);
+    q.poweroff();
 }
 
 #[test]
@@ -77,5 +71,5 @@ fn grub_iso_multiboot2() {
     assert!(q
         .command("cmdline")
         .contains("console=ttyS0,115200 loglevel=info"));
-    poweroff(q);
+    q.poweroff();
 }

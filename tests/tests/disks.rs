@@ -15,12 +15,6 @@ fn boot_two_disks(a: &Image, b: &Image) -> Qemu {
     q
 }
 
-fn poweroff(mut q: Qemu) {
-    q.send(b"poweroff\r");
-    q.expect("powering off", TIMEOUT);
-    assert_eq!(q.wait_exit(TIMEOUT).code(), Some(0));
-}
-
 /// The value of `"key":N` in a JSON line.
 fn json_u64(json: &str, key: &str) -> u64 {
     let pat = format!("\"{key}\":");
@@ -71,7 +65,7 @@ fn devices_lists_both_disks() {
         json.contains(r#""msix_vectors":[48,49]"#) || json.contains(r#""msix_vectors":["#),
         "{json}"
     );
-    poweroff(q);
+    q.poweroff();
 }
 
 #[test]
@@ -135,7 +129,7 @@ fn write_read_checksum_flush_match_the_host() {
         "{out}"
     );
     assert!(q.command("flush vda").contains("flushed vda"));
-    poweroff(q);
+    q.poweroff();
 }
 
 #[test]
@@ -186,7 +180,7 @@ fn bench_is_interrupt_driven_and_allocation_free() {
     // Counters show the interrupts per device.
     let dev = q.command("devices --json");
     assert!(json_u64(&dev, "interrupts") > 0, "{dev}");
-    poweroff(q);
+    q.poweroff();
 }
 
 #[test]
@@ -256,7 +250,7 @@ fn disk_commands_reject_bad_input() {
     }
     // The disks are untouched by all of that.
     assert!(a.read(0, 4096).iter().all(|b| *b == 0));
-    poweroff(q);
+    q.poweroff();
 }
 
 #[test]
@@ -272,7 +266,7 @@ fn ctrl_c_cancels_a_long_task() {
     let out = q.expect(tests::PROMPT, TIMEOUT);
     assert!(out.contains("rw=randread") && out.contains("IOPS"), "{out}");
     assert!(q.command("version").contains("snapfw"));
-    poweroff(q);
+    q.poweroff();
 }
 
 #[test]
@@ -322,5 +316,5 @@ fn a_device_that_fails_to_initialise_is_listed_and_boot_goes_on() {
         json.contains(r#""state":"init-failed""#) && json.contains(r#""reason":""#),
         "{json}"
     );
-    poweroff(q);
+    q.poweroff();
 }
