@@ -107,6 +107,7 @@ pub mod block;
 pub mod hal;
 pub mod info;
 pub mod msix;
+pub mod nvme;
 pub mod pci;
 pub mod service;
 pub mod virtio_blk;
