@@ -808,11 +808,8 @@ impl<R: RegisterAccess> Controller<R> {
             );
         }
         // Pieces of whole blocks within MDTS and the 16-bit block count.
-        let piece_bytes = self
-            .max_command_bytes
-            .min(65536 * block_size)
-            .saturating_sub(self.max_command_bytes % block_size)
-            .max(block_size);
+        let limit = self.max_command_bytes.min(65536 * block_size);
+        let piece_bytes = (limit - limit % block_size).max(block_size);
         let pieces = match request.op {
             Operation::Read | Operation::Write { .. } => len.div_ceil(piece_bytes),
             Operation::Flush | Operation::Discard { .. } => 1,

@@ -90,9 +90,11 @@ impl<R: RegisterAccess> NvmeController<R> {
         self.controller.try_lock().map(|c| c.controller_info())
     }
 
-    /// Looks for commands past their deadline and a fatal controller status; call it from a
-    /// periodic timer (every 100 ms or so): a controller that stops interrupting is only
-    /// noticed here. Returns whether the controller has failed.
+    /// Looks for commands past their deadline and a fatal controller status. Call it from the
+    /// main loop's timer work (every 100 ms or so; never from an interrupt handler): a
+    /// controller that stops interrupting is only noticed here. Returns whether the
+    /// controller has failed; when it has, the namespaces' wake vectors are marked pending so
+    /// the next round delivers their aborted requests.
     pub fn check_timeouts(&self) -> bool {
         self.controller
             .try_lock()

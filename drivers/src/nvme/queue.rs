@@ -76,6 +76,21 @@ impl Region {
         };
     }
 
+    fn write_u32(&self, offset: usize, value: u32) {
+        if !offset.is_multiple_of(4) || offset + 4 > self.len {
+            return;
+        }
+        // SAFETY: in bounds and 4-byte aligned (regions are page aligned, offset checked);
+        // volatile because the device reads it asynchronously.
+        unsafe {
+            self.base
+                .as_ptr()
+                .add(offset)
+                .cast::<u32>()
+                .write_volatile(value.to_le())
+        };
+    }
+
     fn read_u32(&self, offset: usize) -> u32 {
         if !offset.is_multiple_of(4) || offset + 4 > self.len {
             return 0;
@@ -174,8 +189,10 @@ impl SubmissionQueue {
         if self.free() == 0 {
             return Err(QueueError::Full);
         }
-        self.ring
-            .write(usize::from(self.tail) * SQE_SIZE, &command.to_bytes());
+        let at = usize::from(self.tail) * SQE_SIZE;
+        for (i, dw) in command.dw.iter().enumerate() {
+            self.ring.write_u32(at + 4 * i, *dw);
+        }
         self.tail = (self.tail + 1) % self.entries;
         Ok(())
     }

@@ -779,3 +779,87 @@ fn shutdown_deletes_queues_and_sets_shn() {
         .count();
     assert_eq!(deletes, 2);
 }
+
+#[test]
+fn splitting_counts_blocks_of_the_namespace_format() {
+    let fake = FakeController::new(vec![FakeNamespace::new(1, 12, 256)]);
+    fake.state().mdts = 1; // 8 KiB: two 4 KiB blocks per command
+    let mut rig = rig_with(fake, NvmeConfig::default(), 4).unwrap();
+    let ns = &mut rig.attached.namespaces[0];
+    let mut pool = BufferPool::new::<FakeDma>(0, 1, 40 * 1024).unwrap();
+    ns.submit(BlockRequest::write(
+        1,
+        3,
+        buffer(&mut pool, 40 * 1024, 0x5a),
+        true,
+    ))
+    .unwrap();
+    assert_eq!(poll_all(ns)[0].result, Ok(()));
+    let s = rig.fake.state();
+    let pieces: Vec<(u32, u32)> = s
+        .executed
+        .iter()
+        .filter(|(q, _)| *q == 1)
+        .map(|(_, c)| (c.cdw(10), c.cdw(12)))
+        .collect();
+    let fua = cmd::FUA;
+    assert_eq!(
+        pieces,
+        [
+            (3, 1 | fua),
+            (5, 1 | fua),
+            (7, 1 | fua),
+            (9, 1 | fua),
+            (11, 1 | fua)
+        ]
+    );
+    assert!(s.namespaces[0].data[3 * 4096..13 * 4096]
+        .iter()
+        .all(|&b| b == 0x5a));
+}
+
+#[test]
+fn probe_refuses_what_it_cannot_drive() {
+    use super::probe::{probe, ProbeContext};
+    use crate::hal::fake::FakeMapper;
+    use crate::hal::PciAddress;
+    use crate::pci::fake::{FakeFunction, FakePci};
+    use crate::pci::{enumerate, ScanMode};
+
+    // BAR0: 16 KiB of host memory, aligned to its size so BAR sizing round-trips.
+    let backing = vec![0u8; 0x8000];
+    let bar = (backing.as_ptr() as u64 + 0x3fff) & !0x3fff;
+    let pci = FakePci::new();
+    let mut nvme = FakeFunction::endpoint(0x1b36, 0x0010, 0x01, 0x08);
+    nvme.set8(0x09, 0x02); // programming interface: NVMe
+    nvme.bar_mem64(0, bar, 0x4000, false);
+    pci.insert(PciAddress::new(0, 4, 0), nvme);
+    pci.insert(
+        PciAddress::new(0, 5, 0),
+        FakeFunction::endpoint(0x1af4, 0x1042, 0x01, 0x00),
+    );
+    let functions = enumerate(&pci, ScanMode::FollowBridges);
+    let (clock, _) = clock();
+    let ctx = ProbeContext {
+        cfg: &pci,
+        mapper: &FakeMapper,
+        registry: registry(),
+        apic_id: 0,
+        clock,
+    };
+    assert!(super::is_nvme(&functions[0]) && !super::is_nvme(&functions[1]));
+    let failure = probe::<FakeDma, _, _>(&ctx, &functions[0], 0, 0, NvmeConfig::default())
+        .err()
+        .unwrap();
+    assert_eq!(failure.error, NvmeError::NoMsix);
+    assert_eq!(failure.info.name.as_str(), "nvme0");
+    assert!(failure
+        .info
+        .to_string()
+        .ends_with("init-failed: no MSI-X capability"));
+    let failure = probe::<FakeDma, _, _>(&ctx, &functions[1], 1, 0, NvmeConfig::default())
+        .err()
+        .unwrap();
+    assert_eq!(failure.error, NvmeError::NotNvme);
+    drop(backing);
+}
