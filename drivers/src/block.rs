@@ -72,6 +72,9 @@ pub enum BlockError {
     DeviceUnsupported,
     /// The device has failed; outstanding requests were aborted.
     DeviceFailed,
+    /// The device completed the request with an error status; the spec's name for it (e.g.
+    /// NVMe "LBA Out of Range").
+    DeviceStatus(&'static str),
 }
 
 impl core::fmt::Display for BlockError {
@@ -101,6 +104,7 @@ impl core::fmt::Display for BlockError {
             Self::Io => write!(f, "I/O error"),
             Self::DeviceUnsupported => write!(f, "device rejected request as unsupported"),
             Self::DeviceFailed => write!(f, "device failed"),
+            Self::DeviceStatus(name) => write!(f, "device reported {name}"),
         }
     }
 }
@@ -363,6 +367,22 @@ pub trait BlockDevice {
 /// Checks a request against a geometry: buffer present and block-aligned, range inside the
 /// device, operation supported. Drivers call this first in `submit`.
 pub fn validate(geometry: &Geometry, request: &BlockRequest) -> Result<(), BlockError> {
+    validate_transfer(geometry, request)?;
+    let blocks = request.blocks(geometry.block_size.max(1));
+    match request.lba.checked_add(blocks) {
+        Some(end) if end <= geometry.capacity_blocks => Ok(()),
+        _ => Err(BlockError::OutOfRange {
+            lba: request.lba,
+            blocks,
+            capacity: geometry.capacity_blocks,
+        }),
+    }
+}
+
+/// [`validate`] without the range check, for devices that check ranges themselves and
+/// report them by status (NVMe: "LBA Out of Range"), whose capacity may also change while
+/// the appliance runs.
+pub fn validate_transfer(geometry: &Geometry, request: &BlockRequest) -> Result<(), BlockError> {
     let block_size = geometry.block_size.max(1);
     match request.op {
         Operation::Read | Operation::Write { .. } => {
@@ -407,15 +427,7 @@ pub fn validate(geometry: &Geometry, request: &BlockRequest) -> Result<(), Block
             }
         }
     }
-    let blocks = request.blocks(block_size);
-    match request.lba.checked_add(blocks) {
-        Some(end) if end <= geometry.capacity_blocks => Ok(()),
-        _ => Err(BlockError::OutOfRange {
-            lba: request.lba,
-            blocks,
-            capacity: geometry.capacity_blocks,
-        }),
-    }
+    Ok(())
 }
 
 #[cfg(test)]

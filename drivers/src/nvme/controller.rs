@@ -28,8 +28,8 @@ use super::regs::{self, cc, csts, Capabilities, Doorbells, RegisterAccess};
 use super::status::Status;
 use super::{Clock, NvmeConfig, NvmeError, WAKE_QUEUE};
 use crate::block::{
-    validate, BlockError, BlockRequest, BlockStats, Completion, Geometry, Operation, Rejected,
-    SlotTable,
+    validate_transfer, BlockError, BlockRequest, BlockStats, Completion, Geometry, Operation,
+    Rejected, SlotTable,
 };
 use crate::hal::{DmaAllocator, PciAddress, PAGE_SIZE};
 use crate::info::{reason, DeviceInfo, DeviceName, DeviceState, FixedString, Reason};
@@ -785,7 +785,8 @@ impl<R: RegisterAccess> Controller<R> {
         let Some(ns) = self.namespaces.get_mut(index) else {
             return reject(BlockError::DeviceFailed, request);
         };
-        if let Err(error) = validate(&ns.geometry, &request) {
+        // The controller checks ranges itself and names the error ("LBA Out of Range").
+        if let Err(error) = validate_transfer(&ns.geometry, &request) {
             return reject(error, request);
         }
         if ns.pending + ns.ready.len() >= usize::from(ns.geometry.queue_depth) {
@@ -1191,14 +1192,7 @@ fn finish_command(
                 ""
             }
         );
-        let error = match (status, ns) {
-            (Status::LbaOutOfRange, Some(ns)) => BlockError::OutOfRange {
-                lba: pending.request.lba,
-                blocks: pending.request.blocks(ns.geometry.block_size),
-                capacity: ns.geometry.capacity_blocks,
-            },
-            _ => status.block_error(),
-        };
+        let error = status.block_error();
         if let Some(ns) = namespaces.get_mut(pending.namespace) {
             ns.last_status = Some(status);
         }

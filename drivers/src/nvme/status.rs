@@ -245,15 +245,14 @@ statuses! {
 }
 
 impl Status {
-    /// The block-layer error a request failing with this status completes with.
+    /// The block-layer error a request failing with this status completes with: the status
+    /// by its spec name, so the operator sees e.g. "LBA Out of Range"; aborts because the
+    /// controller went away are device failures.
     pub fn block_error(self) -> BlockError {
         match self {
-            Self::InvalidCommandOpcode | Self::InvalidFieldInCommand => {
-                BlockError::DeviceUnsupported
-            }
-            Self::NamespaceWriteProtected | Self::WriteToReadOnlyRange => BlockError::ReadOnly,
             Self::AbortedPowerLoss | Self::AbortedSqDeletion => BlockError::DeviceFailed,
-            _ => BlockError::Io,
+            Self::Other { .. } => BlockError::Io,
+            named => BlockError::DeviceStatus(named.name()),
         }
     }
 }
@@ -291,7 +290,7 @@ mod tests {
         assert_eq!((media.crd(), media.more()), (1, true));
         assert_eq!(
             media.status().map(Status::block_error),
-            Some(BlockError::Io)
+            Some(BlockError::DeviceStatus("Unrecovered Read Error"))
         );
 
         let ok = StatusField::from_dw3(1 << 16 | 0xffff);
@@ -300,8 +299,11 @@ mod tests {
 
         assert_eq!(
             Status::decode(1, 0x82).block_error(),
-            BlockError::ReadOnly,
-            "Attempted Write to Read Only Range"
+            BlockError::DeviceStatus("Attempted Write to Read Only Range"),
+        );
+        assert_eq!(
+            Status::LbaOutOfRange.block_error().to_string(),
+            "device reported LBA Out of Range"
         );
         assert_eq!(
             Status::decode(7, 0xc1).to_string(),

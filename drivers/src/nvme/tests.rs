@@ -537,11 +537,7 @@ fn device_statuses_come_back_by_name() {
     let done = poll_all(ns);
     assert_eq!(
         done[0].result,
-        Err(BlockError::OutOfRange {
-            lba: 0,
-            blocks: 8,
-            capacity: 64
-        })
+        Err(BlockError::DeviceStatus("LBA Out of Range"))
     );
     let status = controller.last_status(0).unwrap();
     assert_eq!(status, Status::LbaOutOfRange);
@@ -550,13 +546,26 @@ fn device_statuses_come_back_by_name() {
     rig.fake.state().inject = Some((cmd::NVM_WRITE, 2, 0x80));
     ns.submit(BlockRequest::write(2, 0, buffer(&mut pool, 4096, 0), false))
         .unwrap();
-    assert_eq!(poll_all(ns)[0].result, Err(BlockError::Io));
+    assert_eq!(
+        poll_all(ns)[0].result,
+        Err(BlockError::DeviceStatus("Write Fault"))
+    );
     assert_eq!(controller.last_status(0), Some(Status::WriteFault));
     assert_eq!(ns.stats().errors, 2);
-    // Validation still catches what it can before the device sees it.
+    // Ranges are the controller's to check: past the end, it answers by name.
     let b = done.into_iter().next().unwrap().buffer.unwrap();
-    let rejected = ns.submit(BlockRequest::read(3, 60, b)).unwrap_err();
-    assert!(matches!(rejected.error, BlockError::OutOfRange { .. }));
+    ns.submit(BlockRequest::read(3, 60, b)).unwrap();
+    let done = poll_all(ns);
+    assert_eq!(
+        done[0].result,
+        Err(BlockError::DeviceStatus("LBA Out of Range"))
+    );
+    assert_eq!(ns.stats().errors, 3);
+    // What the driver can check itself (alignment) never reaches the device.
+    let mut b = done.into_iter().next().unwrap().buffer.unwrap();
+    b.set_len(100).unwrap();
+    let rejected = ns.submit(BlockRequest::read(4, 0, b)).unwrap_err();
+    assert!(matches!(rejected.error, BlockError::Misaligned { .. }));
 }
 
 #[test]

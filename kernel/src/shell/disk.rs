@@ -10,9 +10,9 @@ use super::output::Out;
 use crate::console::args::{parse_byte, parse_duration, parse_size, parse_u64, ArgError, Args};
 use crate::json;
 use crate::storage::tasks::{
-    BenchLimit, BenchMode, BenchSpec, BenchTask, FlushTask, Pattern, RangeTask, Task,
+    BenchLimit, BenchMode, BenchSpec, BenchTask, FlushTask, Pattern, RangeTask, Task, WriteSpec,
 };
-use crate::storage::{self, Storage, MAX_TRANSFER};
+use crate::storage::{self, Storage};
 use crate::time;
 
 /// Most blocks `read` prints.
@@ -83,7 +83,16 @@ pub fn run(id: super::commands::CommandId, args: &Args, out: &mut Out) -> Option
                     "read shows at most {READ_MAX_BLOCKS} blocks; use checksum for larger ranges"
                 ));
             }
-            check_range(st, disk, lba, count)?;
+            if args.flag("unchecked") {
+                // Test builds only: let the device judge the range (NVMe names its answer).
+                if !crate::power::testing() {
+                    return Err(
+                        "--unchecked is only available with 'testing' on the command line".into(),
+                    );
+                }
+            } else {
+                check_range(st, disk, lba, count)?;
+            }
             Ok(Some(
                 Box::new(RangeTask::read(st, disk, lba, count, now)) as Box<dyn Task>
             ))
@@ -100,12 +109,36 @@ pub fn run(id: super::commands::CommandId, args: &Args, out: &mut Out) -> Option
                 (None, Some(s)) => Pattern::Seed(s),
                 _ => return Err("write takes exactly one of --byte 0xNN or --seed N".into()),
             };
-            if st.devices[disk].geometry().read_only {
+            let g = st.devices[disk].geometry();
+            if g.read_only {
                 return Err(alloc::format!("{} is read-only", st.name(disk)));
             }
+            let transfer_bytes = args.value_as("bs", parse_size).map_err(arg_err)?;
+            if let Some(bs) = transfer_bytes {
+                let block = u64::from(g.block_size.max(1));
+                let max =
+                    (st.pools[disk].buffer_size() as u64).min(u64::from(g.max_transfer_bytes));
+                if bs == 0 || bs % block != 0 || bs > max {
+                    return Err(alloc::format!(
+                        "--bs {bs} must be a multiple of {block} bytes up to {max}"
+                    ));
+                }
+            }
+            let fua = args.flag("fua");
+            if fua && !g.fua && g.volatile_write_cache {
+                return Err(alloc::format!(
+                    "{} does not support FUA writes",
+                    st.name(disk)
+                ));
+            }
             check_range(st, disk, lba, count)?;
+            let spec = WriteSpec {
+                pattern,
+                transfer_bytes,
+                fua,
+            };
             Ok(Some(
-                Box::new(RangeTask::write(st, disk, lba, count, pattern, now)) as Box<dyn Task>,
+                Box::new(RangeTask::write(st, disk, lba, count, spec, now)) as Box<dyn Task>,
             ))
         }
         CommandId::Checksum => {
@@ -168,7 +201,7 @@ fn bench(st: &Storage, args: &Args, now: u64) -> CmdResult<Box<dyn Task>> {
         .map_err(arg_err)?
         .unwrap_or(4096);
     let block = u64::from(g.block_size.max(1));
-    let max = (MAX_TRANSFER as u64).min(u64::from(g.max_transfer_bytes).max(block));
+    let max = (st.pools[disk].buffer_size() as u64).min(u64::from(g.max_transfer_bytes).max(block));
     if bs == 0 || bs % block != 0 {
         return Err(alloc::format!(
             "--bs {bs} is not a multiple of the {block}-byte block size"
@@ -232,6 +265,11 @@ fn devices(st: &Storage, json_out: bool, out: &mut Out) {
                     a.object(|d| device_json(d, &i));
                 }
             });
+            o.array("controllers", |a| {
+                for c in st.controllers.iter().filter_map(|c| c.controller_info()) {
+                    a.object(|o| controller_json(o, &c));
+                }
+            });
         });
         let _ = writeln!(out, "{text}");
         return;
@@ -282,6 +320,9 @@ fn devices(st: &Storage, json_out: bool, out: &mut Out) {
             s.errors,
             s.interrupts
         );
+    }
+    for c in st.controllers.iter().filter_map(|c| c.controller_info()) {
+        let _ = writeln!(out, "{c}");
     }
     for f in &st.failed {
         let _ = writeln!(
@@ -343,4 +384,38 @@ fn device_json(d: &mut json::ObjectWriter<'_>, i: &DeviceInfo) {
         o.u64("bytes_written", s.bytes_written);
         o.u64("interrupts", s.interrupts);
     });
+}
+
+fn controller_json(o: &mut json::ObjectWriter<'_>, c: &drivers::nvme::ControllerInfo) {
+    o.str("name", c.name.as_str());
+    match c.pci {
+        Some(p) => o.str("pci", &alloc::format!("{p}")),
+        None => o.null("pci"),
+    };
+    o.str("model", c.model.as_str());
+    o.str("serial", c.serial.as_str());
+    o.str("firmware", c.firmware.as_str());
+    let (major, minor, tertiary) = c.version;
+    o.str("version", &alloc::format!("{major}.{minor}.{tertiary}"));
+    o.u64("queue_pairs", u64::from(c.queue_pairs));
+    o.u64("queue_entries", u64::from(c.queue_entries));
+    o.opt_u64("mdts_bytes", c.mdts_bytes);
+    o.str(
+        "write_cache",
+        match c.write_cache {
+            drivers::nvme::WriteCache::Absent => "none",
+            drivers::nvme::WriteCache::Enabled => "write-back",
+            drivers::nvme::WriteCache::Disabled => "disabled",
+        },
+    );
+    o.bool("deallocate", c.deallocate);
+    o.u64("namespaces", u64::from(c.namespaces));
+    o.str(
+        "state",
+        match c.state {
+            DeviceState::Online => "online",
+            DeviceState::Failed(_) => "failed",
+            DeviceState::InitFailed(_) => "init-failed",
+        },
+    );
 }

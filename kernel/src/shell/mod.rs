@@ -89,6 +89,7 @@ mod run_loop {
                         }
                     }
                 });
+                let more = storage::housekeeping(st, now) || more;
                 if let Some(r) = running.as_mut() {
                     r.task.step(st, now);
                 }

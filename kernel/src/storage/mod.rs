@@ -8,12 +8,14 @@
 
 pub mod tasks;
 
+use alloc::boxed::Box;
 use alloc::vec::Vec;
 
 use drivers::block::{BufferPool, Completion};
 use drivers::hal::{ConfigMechanism, EcamConfigAccess, PortConfigAccess};
 use drivers::info::{DeviceInfo, DeviceName};
 use drivers::msix::VectorRegistry;
+use drivers::nvme::{self, MmioRegisters, NvmeConfig, NvmeController};
 use drivers::pci::{enumerate, ScanMode};
 use drivers::service::{discover_virtio_blk, BoxedDevice, Servicer};
 use drivers::virtio_blk::{probe::ProbeContext, VirtioBlkConfig};
@@ -22,8 +24,13 @@ use crate::arch::{apic, interrupts};
 use crate::platform::{self, KernelHal, KernelPorts};
 use crate::{executor, memory};
 
-/// Largest transfer the console tools and pools use.
+/// Largest transfer the console tools and pools use for virtio-blk.
 pub const MAX_TRANSFER: usize = 128 * 1024;
+/// Largest transfer for NVMe namespaces (QEMU's MDTS; larger ones are split by the driver),
+/// so a single request exercises PRP lists.
+pub const NVME_MAX_TRANSFER: usize = 512 * 1024;
+/// Requests in flight per NVMe namespace.
+pub const NVME_DEPTH: u16 = 128;
 /// Completions drained per device per loop iteration.
 const POLL_BUDGET: usize = 64;
 
@@ -34,11 +41,14 @@ pub static REGISTRY: VectorRegistry = VectorRegistry::new();
 pub struct Storage {
     /// Working devices, in PCI order; the index is the device number interrupts carry.
     pub devices: Vec<BoxedDevice>,
-    /// One pool per device: `queue_depth` buffers of [`MAX_TRANSFER`] bytes.
+    /// One pool per device: up to `queue_depth` buffers of the device's largest transfer.
     pub pools: Vec<BufferPool>,
     /// Devices that failed to initialise, with their reason.
     pub failed: Vec<DeviceInfo>,
+    /// NVMe controllers (their namespaces are in `devices`).
+    pub controllers: Vec<NvmeController<MmioRegisters>>,
     servicer: Servicer,
+    next_housekeeping: u64,
 }
 
 impl Storage {
@@ -62,8 +72,15 @@ static STORAGE: spin::Mutex<Storage> = spin::Mutex::new(Storage {
     devices: Vec::new(),
     pools: Vec::new(),
     failed: Vec::new(),
+    controllers: Vec::new(),
     servicer: Servicer::new(),
+    next_housekeeping: 0,
 });
+
+/// The clock NVMe bring-up deadlines and command timeouts use.
+static CLOCK: fn() -> u64 = crate::time::uptime_ns;
+/// How often NVMe command deadlines are checked.
+const HOUSEKEEPING_NS: u64 = 100_000_000;
 
 /// Runs `f` on the storage table (main loop only; never from an interrupt handler).
 pub fn with<R>(f: impl FnOnce(&mut Storage) -> R) -> R {
@@ -112,38 +129,38 @@ pub fn init(ecam: Option<&crate::acpi::EcamWindow>) {
     let mut storage = STORAGE.lock();
     storage.failed = found.failed;
     for device in found.devices {
-        let geometry = device.geometry();
-        let info = device.info();
-        let depth = usize::from(geometry.queue_depth).max(1);
-        let index = storage.devices.len() as u16;
-        match BufferPool::new::<KernelHal>(index, depth, MAX_TRANSFER) {
-            Ok(pool) => {
-                log::info!(
-                    "{}: {} MiB, {}-byte blocks, queue depth {depth}, serial {}",
-                    info.name,
-                    (geometry.capacity_blocks * u64::from(geometry.block_size)) >> 20,
-                    geometry.block_size,
-                    if info.serial.is_empty() {
-                        "-"
-                    } else {
-                        info.serial.as_str()
+        if !storage.add(device) {
+            break;
+        }
+    }
+    let nvme_ctx = nvme::ProbeContext {
+        cfg: &cfg,
+        mapper: &hal,
+        registry: &REGISTRY,
+        apic_id: apic::id(),
+        clock: &CLOCK,
+    };
+    for (n, function) in functions.iter().filter(|f| nvme::is_nvme(f)).enumerate() {
+        let first = storage.devices.len() as u16;
+        let config = NvmeConfig {
+            max_depth: NVME_DEPTH,
+            max_transfer_bytes: NVME_MAX_TRANSFER as u32,
+            ..NvmeConfig::default()
+        };
+        match nvme::probe::<KernelHal, _, _>(&nvme_ctx, function, n as u32, first, config) {
+            Ok(attached) => {
+                if let Some(info) = attached.controller.controller_info() {
+                    log::info!("{info}");
+                }
+                for namespace in attached.namespaces {
+                    if !storage.add(Box::new(namespace)) {
+                        break;
                     }
-                );
-                storage.devices.push(device);
-                storage.pools.push(pool);
+                }
+                storage.failed.extend(attached.failed);
+                storage.controllers.push(attached.controller);
             }
-            Err(e) => {
-                log::error!("{}: no memory for its buffer pool: {e}", info.name);
-                let why = drivers::info::reason(format_args!("no DMA memory for buffers: {e}"));
-                storage.failed.push(DeviceInfo::init_failed(
-                    info.name,
-                    info.driver,
-                    info.pci,
-                    why,
-                ));
-                // A device past this point would carry the wrong index: stop here.
-                break;
-            }
+            Err(failure) => storage.failed.push(failure.info),
         }
     }
     let m = memory::stats();
@@ -152,6 +169,64 @@ pub fn init(ecam: Option<&crate::acpi::EcamWindow>) {
         storage.devices.len(),
         m.frames_free
     );
+}
+
+impl Storage {
+    /// Adds a working device with a buffer pool of `queue_depth` buffers of its largest
+    /// transfer. Returns false (and records the device as failed) when there is no memory for
+    /// the pool: devices after it would carry the wrong index, so discovery stops there.
+    fn add(&mut self, device: BoxedDevice) -> bool {
+        let geometry = device.geometry();
+        let info = device.info();
+        let depth = usize::from(geometry.queue_depth).max(1);
+        let index = self.devices.len() as u16;
+        let size = (geometry.max_transfer_bytes as usize).clamp(4096, NVME_MAX_TRANSFER);
+        // One buffer per queue slot, but no device's pool takes more than an eighth of the
+        // free frames (at least 8 buffers): a small appliance still brings up every disk.
+        let budget = (memory::stats().frames_free * crate::frames::FRAME_SIZE / 8) as usize;
+        let count = depth.min((budget / size).max(8));
+        match BufferPool::new::<KernelHal>(index, count, size) {
+            Ok(pool) => {
+                log::info!(
+                    "{}: {} MiB, {}-byte blocks, queue depth {depth}, {count} buffers of {} KiB, cache {}",
+                    info.name,
+                    (geometry.capacity_blocks * u64::from(geometry.block_size)) >> 20,
+                    geometry.block_size,
+                    size / 1024,
+                    if geometry.volatile_write_cache { "write-back" } else { "write-through" }
+                );
+                self.devices.push(device);
+                self.pools.push(pool);
+                true
+            }
+            Err(e) => {
+                log::error!("{}: no memory for its buffer pool: {e}", info.name);
+                let why = drivers::info::reason(format_args!("no DMA memory for buffers: {e}"));
+                self.failed.push(DeviceInfo::init_failed(
+                    info.name,
+                    info.driver,
+                    info.pci,
+                    why,
+                ));
+                false
+            }
+        }
+    }
+}
+
+/// Timer work of the storage layer (called every loop iteration): NVMe command deadlines
+/// are checked every 100 ms. Returns true when a controller has work to finish.
+pub fn housekeeping(storage: &mut Storage, now: u64) -> bool {
+    if now < storage.next_housekeeping {
+        return false;
+    }
+    storage.next_housekeeping = now + HOUSEKEEPING_NS;
+    // Every controller is checked (no short circuit).
+    let mut more = false;
+    for controller in &storage.controllers {
+        more |= controller.check_timeouts();
+    }
+    more
 }
 
 /// One round of the completion path: takes fired vectors, polls those devices with a budget,

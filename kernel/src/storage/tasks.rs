@@ -36,6 +36,17 @@ pub trait Task {
     fn report(&mut self, out: &mut dyn Write, now: u64) -> fmt::Result;
 }
 
+/// What `write` does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WriteSpec {
+    /// The data.
+    pub pattern: Pattern,
+    /// Bytes per request (`None`: the largest the device and pool allow).
+    pub transfer_bytes: Option<u64>,
+    /// Force Unit Access on every write.
+    pub fua: bool,
+}
+
 /// What a write fills its buffers with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Pattern {
@@ -87,6 +98,7 @@ enum RangeKind {
     },
     Write {
         pattern: Pattern,
+        fua: bool,
         flush_tag_sent: bool,
         flushed: bool,
     },
@@ -170,15 +182,25 @@ impl RangeTask {
         disk: usize,
         lba: u64,
         count: u64,
-        pattern: Pattern,
+        spec: WriteSpec,
         now: u64,
     ) -> Self {
         let kind = RangeKind::Write {
-            pattern,
+            pattern: spec.pattern,
+            fua: spec.fua,
             flush_tag_sent: false,
             flushed: false,
         };
-        Self::new(st, disk, lba, count, kind, 32, now)
+        let mut task = Self::new(st, disk, lba, count, kind, 32, now);
+        if let Some(bytes) = spec.transfer_bytes {
+            task.chunk_blocks = (bytes / task.block_size).clamp(1, task.chunk_blocks);
+        }
+        task
+    }
+
+    /// Bytes per request.
+    pub fn transfer_bytes(&self) -> u64 {
+        self.chunk_blocks * self.block_size
     }
 
     /// `checksum DEV [LBA COUNT]`: SHA-256 of the range, hashed in order.
@@ -227,14 +249,14 @@ impl Task for RangeTask {
                 break;
             }
             let request = match &self.kind {
-                RangeKind::Write { pattern, .. } => {
+                RangeKind::Write { pattern, fua, .. } => {
                     match pattern {
                         Pattern::Byte(b) => buf.as_mut_slice().fill(*b),
                         Pattern::Seed(seed) => {
                             fill_seeded(buf.as_mut_slice(), *seed, self.next * self.block_size)
                         }
                     }
-                    BlockRequest::write(self.next, self.next, buf, false)
+                    BlockRequest::write(self.next, self.next, buf, *fua)
                 }
                 _ => BlockRequest::read(self.next, self.next, buf),
             };
@@ -366,7 +388,13 @@ impl Task for RangeTask {
                 ms(out, now - self.started)?;
                 write!(out, " (")?;
                 rate(out, self.bytes_done, now - self.started)?;
-                writeln!(out, "), flushed")
+                let fua = matches!(self.kind, RangeKind::Write { fua: true, .. });
+                writeln!(
+                    out,
+                    ", {}-byte transfers{}), flushed",
+                    self.chunk_blocks * self.block_size,
+                    if fua { ", FUA" } else { "" }
+                )
             }
             RangeKind::Checksum { hasher, .. } => {
                 let digest = core::mem::take(hasher.as_mut()).finalize();
