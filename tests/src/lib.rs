@@ -123,6 +123,30 @@ impl Boot {
         ])
     }
 
+    /// Attaches an NVMe controller with one namespace per image (NSID 1, 2, …);
+    /// `write_cache` sets each namespace's volatile write cache (`on`/`off`).
+    pub fn nvme(self, serial: &str, namespaces: &[(&std::path::Path, &str)]) -> Boot {
+        let ctrl = format!("nvme{}", self.extra.len());
+        let mut args = vec![
+            "-device".to_string(),
+            format!("nvme,id={ctrl},serial={serial}"),
+        ];
+        for (n, (image, write_cache)) in namespaces.iter().enumerate() {
+            let id = format!("{ctrl}ns{}", n + 1);
+            args.push("-drive".into());
+            args.push(format!(
+                "file={},if=none,format=raw,id={id},cache=none,aio=threads",
+                image.display()
+            ));
+            args.push("-device".into());
+            args.push(format!(
+                "nvme-ns,drive={id},bus={ctrl},nsid={},write-cache={write_cache}",
+                n + 1
+            ));
+        }
+        self.args(args)
+    }
+
     /// Starts QEMU.
     pub fn start(&self) -> Qemu {
         let accel = std::env::var("ACCEL").unwrap_or_else(|_| "tcg".into());
