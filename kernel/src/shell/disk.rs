@@ -83,6 +83,9 @@ pub fn run(id: super::commands::CommandId, args: &Args, out: &mut Out) -> Option
                     "read shows at most {READ_MAX_BLOCKS} blocks; use checksum for larger ranges"
                 ));
             }
+            if lba.checked_add(count).is_none() {
+                return Err(alloc::format!("range {lba}+{count} overflows"));
+            }
             if args.flag("unchecked") {
                 // Test builds only: let the device judge the range (NVMe names its answer).
                 if !crate::power::testing() {

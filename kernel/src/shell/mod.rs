@@ -30,6 +30,7 @@ mod run_loop {
     use super::commands::parse_line;
     use super::output::{self, with_editor, Out};
     use crate::console::editor::{EditorEvent, LineEditor, LINE_CAPACITY};
+    use crate::ring::ByteRing;
     use crate::storage::tasks::Task;
     use crate::util::stackstr::StackStr;
     use crate::{executor, memory, power, serial, storage, time};
@@ -77,6 +78,8 @@ mod run_loop {
         with_editor(|e, out| e.redraw(out));
         let mut garbage = 0usize;
         let mut running: Option<Running> = None;
+        let mut typeahead = ByteRing::<256>::new();
+        let mut typeahead_dropped = false;
         loop {
             executor::take_pending();
             let now = time::uptime_ns();
@@ -108,6 +111,12 @@ mod run_loop {
                     }
                     let _ = r.task.report(&mut out, time::uptime_ns());
                     running = None;
+                    if core::mem::take(&mut typeahead_dropped) {
+                        out.error(format_args!(
+                            "keys typed while the command ran were dropped"
+                        ));
+                        while typeahead.pop().is_some() {}
+                    }
                     with_editor(|e, out| e.redraw(out));
                 } else if now >= r.next_progress {
                     let mut line = StackStr::<160>::new();
@@ -118,7 +127,23 @@ mod run_loop {
                     r.next_progress = now + PROGRESS_NS;
                 }
             }
-            while let Some(byte) = serial::read_byte() {
+            loop {
+                // Keys typed while a task ran are edited first, as if typed at the prompt.
+                let byte = match running {
+                    None => typeahead.pop().or_else(serial::read_byte),
+                    Some(_) => serial::read_byte(),
+                };
+                let Some(byte) = byte else { break };
+                if let Some(r) = running.as_mut() {
+                    // While a task runs the editor is not fed (finishing a line allocates):
+                    // Ctrl-C cancels, other keys wait in a fixed ring until the task ends.
+                    if byte == 0x03 {
+                        r.task.cancel();
+                    } else if !typeahead.push(byte) {
+                        typeahead_dropped = true;
+                    }
+                    continue;
+                }
                 if is_garbage(byte) {
                     garbage += 1;
                 }

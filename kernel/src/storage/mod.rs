@@ -11,7 +11,7 @@ pub mod tasks;
 use alloc::boxed::Box;
 use alloc::vec::Vec;
 
-use drivers::block::{BufferPool, Completion};
+use drivers::block::{BlockDevice, BufferPool, Completion};
 use drivers::hal::{ConfigMechanism, EcamConfigAccess, PortConfigAccess};
 use drivers::info::{DeviceInfo, DeviceName};
 use drivers::msix::VectorRegistry;
@@ -128,9 +128,13 @@ pub fn init(ecam: Option<&crate::acpi::EcamWindow>) {
     let found = discover_virtio_blk::<KernelHal, _, _>(&ctx, &functions, 0, config);
     let mut storage = STORAGE.lock();
     storage.failed = found.failed;
+    let mut full = false;
     for device in found.devices {
-        if !storage.add(device) {
-            break;
+        // After a device found no memory at all, later ones cannot keep their index.
+        if full {
+            storage.skip(device.info());
+        } else if !storage.add(device) {
+            full = true;
         }
     }
     let nvme_ctx = nvme::ProbeContext {
@@ -153,8 +157,10 @@ pub fn init(ecam: Option<&crate::acpi::EcamWindow>) {
                     log::info!("{info}");
                 }
                 for namespace in attached.namespaces {
-                    if !storage.add(Box::new(namespace)) {
-                        break;
+                    if full {
+                        storage.skip(namespace.info());
+                    } else if !storage.add(Box::new(namespace)) {
+                        full = true;
                     }
                 }
                 storage.failed.extend(attached.failed);
@@ -184,9 +190,20 @@ impl Storage {
         // One buffer per queue slot, but no device's pool takes more than an eighth of the
         // free frames (at least 8 buffers): a small appliance still brings up every disk.
         let budget = (memory::stats().frames_free * crate::frames::FRAME_SIZE / 8) as usize;
-        let count = depth.min((budget / size).max(8));
-        match BufferPool::new::<KernelHal>(index, count, size) {
-            Ok(pool) => {
+        let wanted = depth.min((budget / size).max(8));
+        // Memory short: a smaller pool (less depth) beats a missing disk.
+        let pool = [wanted, 8.min(wanted), 1]
+            .into_iter()
+            .find_map(|n| {
+                BufferPool::new::<KernelHal>(index, n, size)
+                    .ok()
+                    .map(|p| (n, p))
+            })
+            .ok_or(drivers::hal::HalError::DmaExhausted {
+                pages: size.div_ceil(4096),
+            });
+        match pool {
+            Ok((count, pool)) => {
                 log::info!(
                     "{}: {} MiB, {}-byte blocks, queue depth {depth}, {count} buffers of {} KiB, cache {}",
                     info.name,
@@ -211,6 +228,20 @@ impl Storage {
                 false
             }
         }
+    }
+}
+
+impl Storage {
+    /// Records a device left out because memory ran out before it.
+    fn skip(&mut self, info: DeviceInfo) {
+        log::error!("{}: left out: no DMA memory for its buffers", info.name);
+        let why = drivers::info::reason(format_args!("left out: no DMA memory for its buffers"));
+        self.failed.push(DeviceInfo::init_failed(
+            info.name,
+            info.driver,
+            info.pci,
+            why,
+        ));
     }
 }
 

@@ -215,6 +215,15 @@ impl RangeTask {
         Self::new(st, disk, lba, count, kind, depth, now)
     }
 
+    /// After an error no piece will be hashed: buffers parked for reordering go back.
+    fn release_parked(&mut self, pool: &mut BufferPool) {
+        if let RangeKind::Checksum { ready, .. } = &mut self.kind {
+            for slot in ready.iter_mut() {
+                give_back(pool, slot.take());
+            }
+        }
+    }
+
     fn seq(&self, lba: u64) -> u64 {
         (lba - self.start) / self.chunk_blocks
     }
@@ -299,6 +308,7 @@ impl Task for RangeTask {
                 self.error = Some((c.lba, e));
             }
             give_back(pool, c.buffer);
+            self.release_parked(pool);
             return;
         }
         if matches!(c.op, Operation::Flush) {
@@ -318,6 +328,7 @@ impl Task for RangeTask {
                 give_back(pool, c.buffer);
             }
             RangeKind::Write { .. } => give_back(pool, c.buffer),
+            RangeKind::Checksum { .. } if self.error.is_some() => give_back(pool, c.buffer),
             RangeKind::Checksum {
                 hasher,
                 ready,
@@ -417,6 +428,7 @@ pub struct FlushTask {
     name: drivers::info::DeviceName,
     state: u8, // 0 to send, 1 in flight, 2 done
     result: Result<(), BlockError>,
+    cancelled: bool,
     started: u64,
 }
 
@@ -428,6 +440,7 @@ impl FlushTask {
             name: st.name(disk),
             state: 0,
             result: Ok(()),
+            cancelled: false,
             started: now,
         }
     }
@@ -459,7 +472,7 @@ impl Task for FlushTask {
     }
     fn cancel(&mut self) {
         if self.state == 0 {
-            self.result = Err(BlockError::DeviceFailed);
+            self.cancelled = true;
             self.state = 2;
         }
     }
@@ -467,6 +480,9 @@ impl Task for FlushTask {
         write!(out, "flushing {}", self.name)
     }
     fn report(&mut self, out: &mut dyn Write, now: u64) -> fmt::Result {
+        if self.cancelled {
+            return writeln!(out, "error: cancelled before the flush was sent");
+        }
         match self.result {
             Ok(()) => {
                 write!(out, "flushed {} in ", self.name)?;
