@@ -11,8 +11,9 @@ use linked_list_allocator::LockedHeap;
 use crate::arch::cpu;
 use crate::frames::{FrameAllocator, FRAME_SIZE};
 
-/// The heap's share of usable memory, and its cap.
-const HEAP_MAX: u64 = 512 << 20;
+/// The heap's cap: start-up structures (tables, engine pools) live there; DMA buffers come
+/// from frames, so the heap takes a quarter of usable memory at most.
+const HEAP_MAX: u64 = 128 << 20;
 
 struct CountingHeap {
     heap: LockedHeap,
@@ -76,7 +77,7 @@ pub fn init(boot: &BootInfo) -> Result<u64, &'static str> {
     frames.reserve_range(0, 0x10_0000);
     frames.reserve_range(image_start, image_end - image_start);
     let usable = frames.total() * FRAME_SIZE;
-    let mut heap_bytes = (usable / 2).min(HEAP_MAX) & !(FRAME_SIZE * 512 - 1);
+    let mut heap_bytes = (usable / 4).min(HEAP_MAX) & !(FRAME_SIZE * 512 - 1);
     let mut heap_start = None;
     while heap_bytes >= 4 << 20 {
         if let Some(p) = frames.allocate((heap_bytes / FRAME_SIZE) as usize, 512) {

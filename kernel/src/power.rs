@@ -53,9 +53,9 @@ pub fn fail_stop() -> ! {
 pub fn poweroff() {
     cpu::disable_interrupts();
     if let Some(info) = acpi() {
-        if info.pm1a_control != 0 {
+        // Without \_S5 the sleep type is unknown: guessing could pick another sleep state.
+        if let (true, Some((a, b))) = (info.pm1a_control != 0, info.s5_sleep_type) {
             enable_acpi_mode(info);
-            let (a, b) = info.s5_sleep_type.unwrap_or((0, 0));
             outw(info.pm1a_control as u16, ((a as u16 & 7) << 10) | (1 << 13));
             if info.pm1b_control != 0 {
                 outw(info.pm1b_control as u16, ((b as u16 & 7) << 10) | (1 << 13));

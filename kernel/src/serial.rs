@@ -31,7 +31,7 @@ const LSR_THRE: u8 = 0x20;
 
 struct Uart {
     base: u16,
-    rx: ByteRing<1024>,
+    rx: ByteRing<4096>,
     tx: ByteRing<16384>,
     rx_dropped: u64,
     interrupts: u64,
@@ -81,9 +81,15 @@ impl Uart {
         outb(self.base + 1, ier);
     }
 
-    /// Sends everything queued by polling; used when the ring is full and in a panic.
+    /// Sends everything queued by polling (panic and exception reports).
     fn drain_polled(&mut self) {
-        while let Some(b) = self.tx.pop() {
+        self.send_polled(usize::MAX);
+    }
+
+    /// Sends up to `n` queued bytes by polling.
+    fn send_polled(&mut self, n: usize) {
+        for _ in 0..n {
+            let Some(b) = self.tx.pop() else { break };
             let mut spins = 0u32;
             while inb(self.base + 5) & LSR_THRE == 0 && spins < 1_000_000 {
                 spins += 1;
@@ -93,36 +99,45 @@ impl Uart {
     }
 }
 
-/// The UART interrupt: take received bytes, refill the transmit FIFO.
+/// The UART interrupt: take received bytes, refill the transmit FIFO, until IIR says nothing
+/// is pending (bounded), so the line drops and the next edge reaches the IOAPIC.
 pub fn on_interrupt(_vector: u8) {
     let mut u = UART.lock();
     u.interrupts += 1;
     let base = u.base;
-    let mut budget = 4096;
-    while inb(base + 5) & LSR_DATA != 0 && budget > 0 {
-        let b = inb(base);
-        if !u.rx.push(b) {
-            u.rx_dropped += 1;
-        }
-        budget -= 1;
-    }
-    u.pump();
-    crate::executor::wake();
-}
-
-/// Queues bytes for transmission. When the ring is full, the oldest queued bytes are sent
-/// by polling first, so output is never lost and never reordered.
-pub fn write_bytes(bytes: &[u8]) {
-    cpu::without_interrupts(|| {
-        let mut u = UART.lock();
-        for &b in bytes {
-            if !u.tx.push(b) {
-                u.drain_polled();
-                u.tx.push(b);
+    for _ in 0..64 {
+        while inb(base + 5) & LSR_DATA != 0 {
+            let b = inb(base);
+            if !u.rx.push(b) {
+                u.rx_dropped += 1;
             }
         }
         u.pump();
-    });
+        if inb(base + 2) & 0x01 != 0 {
+            break; // IIR bit 0: no interrupt pending
+        }
+    }
+    crate::executor::wake();
+}
+
+/// Queues bytes for transmission. When the ring is full, one FIFO's worth of the oldest
+/// queued bytes is sent by polling to make room, so output is never lost or reordered and
+/// interrupts are off only for that long.
+pub fn write_bytes(bytes: &[u8]) {
+    // Interrupts are off for one chunk at a time, so a long output (or a full ring drained
+    // at the line's speed) never holds off receive and device interrupts for long.
+    for chunk in bytes.chunks(64) {
+        cpu::without_interrupts(|| {
+            let mut u = UART.lock();
+            for &b in chunk {
+                if !u.tx.push(b) {
+                    u.send_polled(16);
+                    u.tx.push(b);
+                }
+            }
+            u.pump();
+        });
+    }
 }
 
 /// Takes one received byte.

@@ -35,10 +35,20 @@ fn write(reg: usize, value: u32) {
     unsafe { core::ptr::write_volatile((base + reg) as *mut u32, value) }
 }
 
-/// Enables the local APIC at `base` (from the MADT, or the MSR when 0).
-pub fn init(base: u64) {
-    let msr = cpu::rdmsr(IA32_APIC_BASE);
-    let base = if base != 0 { base } else { msr & 0xFFFF_F000 };
+/// Enables the local APIC in xAPIC mode at the address in IA32_APIC_BASE.
+pub fn init(madt_base: u64) {
+    let mut msr = cpu::rdmsr(IA32_APIC_BASE);
+    if msr & (1 << 10) != 0 {
+        // Firmware left x2APIC on, where MMIO registers are ignored. x2APIC cannot go back to
+        // xAPIC directly: disable the APIC, then enable it in xAPIC mode (SDM vol. 3A §11.12.5).
+        cpu::wrmsr(IA32_APIC_BASE, msr & !((1 << 10) | (1 << 11)));
+        msr &= !(1 << 10);
+    }
+    // The MSR is authoritative; the MADT's address only if the MSR gives none.
+    let base = match msr & 0x000F_FFFF_FFFF_F000 {
+        0 => madt_base,
+        b => b,
+    };
     BASE.store(base, Ordering::Relaxed);
     cpu::wrmsr(IA32_APIC_BASE, msr | (1 << 11));
     write(REG_SVR, 0x100 | interrupts::SPURIOUS_VECTOR as u32);

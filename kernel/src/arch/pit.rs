@@ -6,8 +6,8 @@ use super::cpu::{inb, outb};
 const PIT_HZ: u64 = 1_193_182;
 
 /// Waits about `ms` milliseconds (1..=50) on PIT channel 2; returns the exact time waited
-/// in microseconds. Boot-time only: it polls the PIT, with an iteration cap so a missing
-/// PIT cannot hang the boot.
+/// in microseconds. Boot-time only: it polls the PIT, with an iteration cap (a few seconds
+/// of port reads at worst) so a missing or gated PIT cannot hang the boot.
 pub fn wait_ms(ms: u64) -> u64 {
     let ms = ms.clamp(1, 50);
     let count = PIT_HZ * ms / 1000;
@@ -20,7 +20,7 @@ pub fn wait_ms(ms: u64) -> u64 {
     outb(0x61, g);
     outb(0x61, g | 0x01); // restart the count
     let mut spins = 0u64;
-    while inb(0x61) & 0x20 == 0 && spins < 100_000_000 {
+    while inb(0x61) & 0x20 == 0 && spins < 5_000_000 {
         spins += 1;
     }
     count * 1_000_000 / PIT_HZ
