@@ -155,6 +155,8 @@ impl Boot {
         cmd.args(["-display", "none", "-monitor", "none", "-serial", "stdio"]);
         cmd.args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]);
         if self.no_reboot {
+            // QEMU 7.2 can only reset or exit on a reset: a reset ends QEMU with status 0,
+            // like a power-off, so power-off tests also require the "powering off" line.
             cmd.arg("-no-reboot");
         }
         match self.source {
@@ -418,6 +420,10 @@ impl Image {
 impl Drop for Image {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
+        // The last image of this test process removes the folder (fails while others remain).
+        if let Some(dir) = self.path.parent() {
+            let _ = std::fs::remove_dir(dir);
+        }
     }
 }
 

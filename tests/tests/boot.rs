@@ -142,10 +142,8 @@ fn bad_input_gets_one_error_line() {
     q.send(&garbage);
     q.send(b"\x03\r");
     q.settle(Duration::from_millis(500));
-    assert!(
-        q.command("version").contains("snapfw"),
-        "console dead after garbage"
-    );
+    let version = q.command("version");
+    assert!(version.contains("snapfw"), "console dead after garbage: {version:?}");
     q.poweroff();
 
     let mut q = Boot::kernel("q35", "loglevel=info").start();

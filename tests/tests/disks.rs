@@ -61,9 +61,10 @@ fn devices_lists_both_disks() {
         "{json}"
     );
     assert!(json.contains(r#""capacity_bytes":33554432"#), "{json}");
+    let vectors = json.split(r#""msix_vectors":["#).nth(1).unwrap_or("]");
     assert!(
-        json.contains(r#""msix_vectors":[48,49]"#) || json.contains(r#""msix_vectors":["#),
-        "{json}"
+        vectors.as_bytes()[0].is_ascii_digit(),
+        "vda has MSI-X vectors: {json}"
     );
     q.poweroff();
 }
@@ -254,17 +255,24 @@ fn disk_commands_reject_bad_input() {
 }
 
 #[test]
-fn ctrl_c_cancels_a_long_task() {
+fn ctrl_c_cancels_a_long_task_and_typeahead_waits() {
     let (a, b) = (
         Image::new("cancel-a", 64 * MIB),
         Image::new("cancel-b", 32 * MIB),
     );
     let mut q = boot_two_disks(&a, &b);
-    q.send(b"bench vda --rw randread --time 60s\r");
+    q.send(b"bench vda --rw randread --time 600s\r");
     q.expect("bench vda randread:", TIMEOUT); // the progress line
+                                              // Typed while the task runs: kept (not edited, nothing allocated), run afterwards.
+    q.send(b"uptime\r");
+    std::thread::sleep(std::time::Duration::from_millis(300));
     q.send(b"\x03");
-    let out = q.expect(tests::PROMPT, TIMEOUT);
+    // A 600 s bench that ignored Ctrl-C would miss this deadline.
+    let out = q.expect("timer ticks", std::time::Duration::from_secs(20));
     assert!(out.contains("rw=randread") && out.contains("IOPS"), "{out}");
+    q.expect(tests::PROMPT, TIMEOUT);
+    let mem = q.command("mem --json");
+    assert_eq!(json_u64(&mem, "io_path_allocations"), 0, "{mem}");
     assert!(q.command("version").contains("snapfw"));
     q.poweroff();
 }
