@@ -143,7 +143,10 @@ fn bad_input_gets_one_error_line() {
     q.send(b"\x03\r");
     q.settle(Duration::from_millis(500));
     let version = q.command("version");
-    assert!(version.contains("snapfw"), "console dead after garbage: {version:?}");
+    assert!(
+        version.contains("snapfw"),
+        "console dead after garbage: {version:?}"
+    );
     q.poweroff();
 
     let mut q = Boot::kernel("q35", "loglevel=info").start();
