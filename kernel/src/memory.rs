@@ -73,6 +73,10 @@ pub fn init(boot: &BootInfo) -> Result<u64, &'static str> {
     {
         frames.add_range(region.start, region.len);
     }
+    // Firmware maps can overlap: whatever any entry calls reserved stays reserved.
+    for region in boot.regions().iter().filter(|r| r.kind != RegionKind::Usable) {
+        frames.reserve_range(region.start, region.len);
+    }
     // Real-mode area, BIOS data, EBDA: never ours. Then the image itself.
     frames.reserve_range(0, 0x10_0000);
     frames.reserve_range(image_start, image_end - image_start);
