@@ -273,7 +273,8 @@ fn parse_table(mem: &impl PhysMem, addr: u64, info: &mut AcpiInfo) {
         note_bad(info, signature);
         return;
     }
-    let mut body = [0u8; 4096];
+    // Large machines have MADTs of several KiB (one entry per CPU before the IOAPICs).
+    let mut body = [0u8; 16384];
     let n = (length as usize).min(body.len());
     if !mem.read(addr, &mut body[..n]) {
         return;
