@@ -13,7 +13,7 @@ ACCEL       ?= tcg
 MACHINE     ?= q35
 MEMORY      ?= 512M
 APPEND      ?= console=ttyS0,115200 loglevel=info
-DEMO_DISKS  := $(BUILD)/disks/vda.img $(BUILD)/disks/vdb.img
+DEMO_DISKS  := $(BUILD)/disks/vda.img $(BUILD)/disks/vdb.img $(BUILD)/disks/nvme0n1.img
 
 CARGO_PROFILE_FLAG := $(if $(filter release,$(PROFILE)),--release,)
 
@@ -35,7 +35,8 @@ $(BUILD)/disks/%.img:
 	@mkdir -p $(BUILD)/disks
 	qemu-img create -f raw $@ 256M >/dev/null
 
-# Boots the appliance with two demo disks; the console is this terminal.
+# Boots the appliance with demo disks (two virtio-blk, one NVMe namespace); the console is
+# this terminal.
 # Leave QEMU with `poweroff` at the prompt, or Ctrl-A then X.
 run: deps build $(DEMO_DISKS)
 	@echo "snapfw: booting in QEMU ($(ACCEL)). Leave with 'poweroff' or Ctrl-A X."
@@ -44,7 +45,10 @@ run: deps build $(DEMO_DISKS)
 	    -drive file=$(BUILD)/disks/vda.img,if=none,format=raw,id=vda,cache=none,aio=threads \
 	    -device virtio-blk-pci,drive=vda,serial=SNAPFW-VDA \
 	    -drive file=$(BUILD)/disks/vdb.img,if=none,format=raw,id=vdb,cache=none,aio=threads \
-	    -device virtio-blk-pci,drive=vdb,serial=SNAPFW-VDB
+	    -device virtio-blk-pci,drive=vdb,serial=SNAPFW-VDB \
+	    -device nvme,id=nvme0,serial=SNAPFW-NVME \
+	    -drive file=$(BUILD)/disks/nvme0n1.img,if=none,format=raw,id=nvme0n1,cache=none,aio=threads \
+	    -device nvme-ns,drive=nvme0n1,bus=nvme0,nsid=1
 
 iso: build
 	./scripts/mkiso.sh $(IMAGE) $(ISO)
@@ -56,8 +60,14 @@ pxe: build
 	@echo "PXE folder: $(PXE_DIR) (serve it by TFTP/HTTP; boot file boot.ipxe)"
 
 # Every test: host unit tests, then QEMU tests that boot the real image every way.
+# The snapshot crate's crash enumeration prints how many crash states it checked; its log
+# is kept in build/snapshot-tests.log and the counts are summed here.
 test: deps build iso pxe
-	SNAPFW_BUILD=$(CURDIR)/$(BUILD) ACCEL=$(ACCEL) $(CARGO) test --workspace --release -- --test-threads=2
+	SNAPFW_BUILD=$(CURDIR)/$(BUILD) ACCEL=$(ACCEL) $(CARGO) test --workspace --exclude snapshot --release -- --test-threads=2
+	@if ! $(CARGO) test -p snapshot --release -- --nocapture > $(BUILD)/snapshot-tests.log 2>&1; then \
+	    tail -n 150 $(BUILD)/snapshot-tests.log; echo "snapshot tests failed (log: $(BUILD)/snapshot-tests.log)"; exit 1; fi
+	@grep -E "^test result|CRASH STATES CHECKED|negative control" $(BUILD)/snapshot-tests.log
+	@grep -E "crash states checked" $(BUILD)/snapshot-tests.log | awk '{n += $$(NF-3)} END {print "snapshot crash enumeration: " n " crash states checked in this run"}'
 
 # Benchmarks (not tests): the appliance's disk path in QEMU, then the snapshot engine's
 # deterministic host bench.
