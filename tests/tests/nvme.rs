@@ -76,7 +76,7 @@ fn transfers_of_every_size_match_the_host() {
             ));
             assert!(
                 out.contains(&format!("wrote {count} blocks"))
-                    && out.contains(&format!("{bs}-byte transfers")),
+                    && out.contains(&format!("transfers of up to {bs} bytes")),
                 "{out}"
             );
             let mut expected = vec![0u8; (count * 512) as usize];

@@ -402,7 +402,7 @@ impl Task for RangeTask {
                 let fua = matches!(self.kind, RangeKind::Write { fua: true, .. });
                 writeln!(
                     out,
-                    ", {}-byte transfers{}), flushed",
+                    ", transfers of up to {} bytes{}), flushed",
                     self.chunk_blocks * self.block_size,
                     if fua { ", FUA" } else { "" }
                 )
