@@ -74,7 +74,11 @@ pub fn init(boot: &BootInfo) -> Result<u64, &'static str> {
         frames.add_range(region.start, region.len);
     }
     // Firmware maps can overlap: whatever any entry calls reserved stays reserved.
-    for region in boot.regions().iter().filter(|r| r.kind != RegionKind::Usable) {
+    for region in boot
+        .regions()
+        .iter()
+        .filter(|r| r.kind != RegionKind::Usable)
+    {
         frames.reserve_range(region.start, region.len);
     }
     // Real-mode area, BIOS data, EBDA: never ours. Then the image itself.
