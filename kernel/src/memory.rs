@@ -155,9 +155,9 @@ impl boot::multiboot::PhysMem for IdentityMemory {
         if addr < 0x1000 && addr != 0x40E || end > crate::frames::LIMIT {
             return false;
         }
+        // Callers only ask for memory the loader or firmware pointed at.
         // SAFETY: the range lies in the identity-mapped first 4 GiB (checked above); reads
-        // of RAM or firmware tables have no side effects. Callers only ask for memory the
-        // loader or firmware pointed at.
+        // of RAM or firmware tables have no side effects.
         unsafe { core::ptr::copy_nonoverlapping(addr as *const u8, buf.as_mut_ptr(), buf.len()) };
         true
     }

@@ -55,9 +55,9 @@ impl Region {
             return;
         }
         for (i, &b) in bytes.iter().enumerate() {
+            // Volatile because the device reads it asynchronously.
             // SAFETY: `offset + i < len` (checked above) and the region is valid, leaked DMA
-            // memory that only this handle and the device access; volatile because the device
-            // reads it asynchronously.
+            // memory that only this handle and the device access.
             unsafe { self.base.as_ptr().add(offset + i).write_volatile(b) };
         }
     }
@@ -412,9 +412,9 @@ pub(crate) mod phys {
     /// Copies `out.len()` bytes from physical address `phys`.
     pub(crate) fn read(phys: u64, out: &mut [u8]) {
         for (i, b) in out.iter_mut().enumerate() {
-            // SAFETY: host tests only: `phys` is an address the driver handed to the fake
-            // controller (queue rings, PRP lists, pool buffers), all allocated by `FakeDma`
-            // and alive for the test; volatile like a device's access.
+            // Host tests only; volatile like a device's access.
+            // SAFETY: `phys` is an address the driver handed to the fake controller (rings,
+            // PRP lists, pool buffers), all allocated by `FakeDma` and alive for the test.
             *b = unsafe { ((phys as usize + i) as *const u8).read_volatile() };
         }
     }

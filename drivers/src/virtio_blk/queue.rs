@@ -296,10 +296,10 @@ impl<H: Hal> RequestQueue<H> {
         }
         mem.status[0] = STATUS_UNSET;
         let result = with_chain(chain, mem, &mut entry.owner, |inputs, outputs| {
+            // Buffers: slot memory, and the caller's `DmaBuf` moved into the in-flight entry;
+            // untouched until `pop` has taken the token back with `pop_used` (module docs).
             // SAFETY: every buffer in the chain is `'static` DMA memory owned by this slot's
-            // in-flight entry (its slot memory, and the caller's `DmaBuf` moved into the entry),
-            // and this module touches neither until `pop` has taken the token back with
-            // `pop_used` (see the module documentation).
+            // in-flight entry, and this module touches none of it while the device owns it.
             each_queue!(&mut self.queue, q => unsafe { q.add(inputs, outputs) })
         });
         match result {
