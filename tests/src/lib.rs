@@ -10,6 +10,8 @@
 //! The image and boot artefacts come from `SNAPFW_BUILD` (default: `<workspace>/build`),
 //! filled by `make build iso pxe`; `make test` does that first.
 
+pub mod cow;
+
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};

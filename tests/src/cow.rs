@@ -1,0 +1,103 @@
+//! Host-side reader of COW stores: loads a dm-snapshot persistent store from a COW image with
+//! the `snapshot` crate's loader and reconstructs what the snapshot reads as, from the origin
+//! image and the COW image, the way Linux's dm-snapshot would. Tests compare its SHA-256 with
+//! the appliance's `checksum` of the snapshot.
+
+use snapshot::{LoadError, LoadParams, LoadedStore, Loader};
+
+/// A COW store as found in an image, or a region of one.
+pub struct CowImage<'a> {
+    /// The bytes of the COW device (or region).
+    pub bytes: &'a [u8],
+}
+
+impl CowImage<'_> {
+    /// Loads the store (exception table, header, binding) for an origin of `origin_bytes`.
+    pub fn load(&self, origin_bytes: u64) -> Result<LoadedStore, LoadError> {
+        let params = LoadParams {
+            cow_sectors: self.bytes.len() as u64 / 512,
+            cow_block_sectors: 1,
+            origin_sectors: origin_bytes / 512,
+            origin_block_sectors: 1,
+            table_runs: 1 << 20,
+        };
+        Loader::load_with(params, |read| {
+            let start = (read.sector * 512) as usize;
+            let end = start + read.sectors as usize * 512;
+            self.bytes
+                .get(start..end)
+                .map(<[u8]>::to_vec)
+                .unwrap_or_default()
+        })
+    }
+
+    /// The snapshot's contents: each origin chunk, or its copy in the COW store where the
+    /// table has one.
+    pub fn snapshot_view(&self, origin: &[u8]) -> Result<Vec<u8>, LoadError> {
+        let store = self.load(origin.len() as u64)?;
+        let chunk = store.state.chunk_sectors() as usize * 512;
+        let mut view = origin.to_vec();
+        for (index, piece) in view.chunks_mut(chunk).enumerate() {
+            if let Some(new_chunk) = store.table.lookup(index as u64) {
+                let at = new_chunk as usize * chunk;
+                if let Some(copy) = self.bytes.get(at..at + piece.len()) {
+                    piece.copy_from_slice(copy);
+                }
+            }
+        }
+        Ok(view)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A store as Linux writes it: 4 KiB chunks (8 sectors), header in chunk 0, area 0 in
+    /// chunk 1 with two records (origin chunk 3 → COW chunk 2, origin chunk 7 → COW chunk 3)
+    /// and the terminator, data chunks after it.
+    fn linux_store() -> (Vec<u8>, Vec<u8>) {
+        const CHUNK: usize = 4096;
+        let origin: Vec<u8> = (0..16 * CHUNK).map(|i| (i / CHUNK) as u8).collect();
+        let mut cow = vec![0u8; 8 * CHUNK];
+        cow[0..4].copy_from_slice(&0x7041_6E53u32.to_le_bytes()); // "SnAp"
+        cow[4..8].copy_from_slice(&1u32.to_le_bytes()); // valid
+        cow[8..12].copy_from_slice(&1u32.to_le_bytes()); // version
+        cow[12..16].copy_from_slice(&8u32.to_le_bytes()); // chunk size in sectors
+        for (i, (old, new)) in [(3u64, 2u64), (7, 3)].into_iter().enumerate() {
+            let at = CHUNK + i * 16;
+            cow[at..at + 8].copy_from_slice(&old.to_le_bytes());
+            cow[at + 8..at + 16].copy_from_slice(&new.to_le_bytes());
+            cow[new as usize * CHUNK..(new as usize + 1) * CHUNK].fill(0xA0 + old as u8);
+        }
+        (origin, cow)
+    }
+
+    #[test]
+    fn view_replaces_exactly_the_copied_chunks() {
+        let (origin, cow) = linux_store();
+        let image = CowImage { bytes: &cow };
+        let store = image.load(origin.len() as u64).unwrap();
+        assert!(store.valid);
+        assert_eq!(store.records, 2);
+        let view = image.snapshot_view(&origin).unwrap();
+        for (chunk, piece) in view.chunks(4096).enumerate() {
+            let expected = match chunk {
+                3 => 0xA3,
+                7 => 0xA7,
+                c => c as u8,
+            };
+            assert!(piece.iter().all(|b| *b == expected), "chunk {chunk}");
+        }
+    }
+
+    #[test]
+    fn a_corrupt_store_is_an_error_not_a_panic() {
+        let (origin, mut cow) = linux_store();
+        cow[0] ^= 0xff; // magic
+        assert!(CowImage { bytes: &cow }.snapshot_view(&origin).is_err());
+        let (origin, mut cow) = linux_store();
+        cow[4096 + 8..4096 + 16].copy_from_slice(&1u64.to_le_bytes()); // record → area chunk
+        assert!(CowImage { bytes: &cow }.snapshot_view(&origin).is_err());
+    }
+}
