@@ -189,7 +189,7 @@ fn disk_commands_reject_bad_input() {
     let (a, b) = (Image::new("bad-a", 64 * MIB), Image::new("bad-b", 32 * MIB));
     let mut q = boot_two_disks(&a, &b);
     let cases = [
-        ("read vdz 0", "error: no device 'vdz'"),
+        ("read vdz 0", "error: no device or snapshot 'vdz'"),
         (
             "read vda 131072",
             "error: LBA 131072 is past the end of vda",
@@ -213,7 +213,7 @@ fn disk_commands_reject_bad_input() {
             "checksum vdb 0 65537",
             "error: range 0+65537 runs past the end",
         ),
-        ("flush nvme0n1", "error: no device 'nvme0n1'"),
+        ("flush nvme0n1", "error: no device or snapshot 'nvme0n1'"),
         ("bench vda", "error: bench needs --rw"),
         ("bench vda --rw sideways", "error: invalid --rw 'sideways'"),
         (

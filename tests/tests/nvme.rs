@@ -169,7 +169,7 @@ fn device_errors_by_name_and_bad_input() {
             "bench nvme0n1 --rw randread --qd 1000",
             "error: --qd must be 1..=",
         ),
-        ("read nvme0n3 0", "error: no device 'nvme0n3'"),
+        ("read nvme0n3 0", "error: no device or snapshot 'nvme0n3'"),
     ] {
         let out = q.command(line);
         assert!(out.trim_start().starts_with(expected), "{line}: {out}");

@@ -12,7 +12,7 @@ use crate::json;
 use crate::storage::tasks::{
     BenchLimit, BenchMode, BenchSpec, BenchTask, FlushTask, Pattern, RangeTask, Task, WriteSpec,
 };
-use crate::storage::{self, Storage};
+use crate::storage::{self, Storage, Target};
 use crate::time;
 
 /// Most blocks `read` prints.
@@ -25,8 +25,8 @@ fn arg_err(e: ArgError) -> alloc::string::String {
     alloc::format!("{e}")
 }
 
-fn disk_index(st: &Storage, name: &str) -> CmdResult<usize> {
-    st.find(name).ok_or_else(|| {
+fn disk_index(st: &Storage, name: &str) -> CmdResult<Target> {
+    st.resolve(name).ok_or_else(|| {
         let shown: alloc::string::String = name
             .chars()
             .take(24)
@@ -35,15 +35,31 @@ fn disk_index(st: &Storage, name: &str) -> CmdResult<usize> {
         if st.failed.iter().any(|f| f.name.as_str() == name) {
             alloc::format!("device '{shown}' failed to initialise (see 'devices')")
         } else {
-            alloc::format!("no device '{shown}' (see 'devices')")
+            alloc::format!("no device or snapshot '{shown}' (see 'devices' and 'snapshot list')")
         }
     })
 }
 
+/// Refuses writes that would corrupt a COW store: to a device that holds one.
+fn check_writable(st: &Storage, target: Target) -> CmdResult<()> {
+    if st.geometry(target).read_only {
+        return Err(alloc::format!("{} is read-only", st.target_name(target)));
+    }
+    if let Target::Device(d) = target {
+        if let Some(snap) = st.cow_user(d) {
+            return Err(alloc::format!(
+                "{} holds the COW store of snapshot '{snap}'; writing it would corrupt the snapshot",
+                st.name(d)
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Checks `[lba, lba+count)` against the device.
-fn check_range(st: &Storage, disk: usize, lba: u64, count: u64) -> CmdResult<()> {
-    let capacity = st.devices[disk].geometry().capacity_blocks;
-    let name = st.name(disk);
+fn check_range(st: &Storage, disk: Target, lba: u64, count: u64) -> CmdResult<()> {
+    let capacity = st.geometry(disk).capacity_blocks;
+    let name = st.target_name(disk);
     if count == 0 {
         return Err("COUNT must be at least 1".into());
     }
@@ -112,15 +128,13 @@ pub fn run(id: super::commands::CommandId, args: &Args, out: &mut Out) -> Option
                 (None, Some(s)) => Pattern::Seed(s),
                 _ => return Err("write takes exactly one of --byte 0xNN or --seed N".into()),
             };
-            let g = st.devices[disk].geometry();
-            if g.read_only {
-                return Err(alloc::format!("{} is read-only", st.name(disk)));
-            }
+            let g = st.geometry(disk);
+            check_writable(st, disk)?;
             let transfer_bytes = args.value_as("bs", parse_size).map_err(arg_err)?;
             if let Some(bs) = transfer_bytes {
                 let block = u64::from(g.block_size.max(1));
-                let max =
-                    (st.pools[disk].buffer_size() as u64).min(u64::from(g.max_transfer_bytes));
+                let max = (st.pools[st.disk_of(disk)].buffer_size() as u64)
+                    .min(u64::from(g.max_transfer_bytes));
                 if bs == 0 || bs % block != 0 || bs > max {
                     return Err(alloc::format!(
                         "--bs {bs} must be a multiple of {block} bytes up to {max}"
@@ -131,7 +145,7 @@ pub fn run(id: super::commands::CommandId, args: &Args, out: &mut Out) -> Option
             if fua && !g.fua && g.volatile_write_cache {
                 return Err(alloc::format!(
                     "{} does not support FUA writes",
-                    st.name(disk)
+                    st.target_name(disk)
                 ));
             }
             check_range(st, disk, lba, count)?;
@@ -146,7 +160,7 @@ pub fn run(id: super::commands::CommandId, args: &Args, out: &mut Out) -> Option
         }
         CommandId::Checksum => {
             let disk = disk_index(st, args.arg("DEV").unwrap_or(""))?;
-            let capacity = st.devices[disk].geometry().capacity_blocks;
+            let capacity = st.geometry(disk).capacity_blocks;
             let (lba, count) = match (args.arg("LBA"), args.arg("COUNT")) {
                 (None, _) => (0, capacity),
                 (Some(_), None) => {
@@ -195,16 +209,17 @@ fn bench(st: &Storage, args: &Args, now: u64) -> CmdResult<Box<dyn Task>> {
         }
         None => return Err("bench needs --rw read|write|randread|randwrite".into()),
     };
-    let g = st.devices[disk].geometry();
-    if (mode == BenchMode::Write || mode == BenchMode::RandWrite) && g.read_only {
-        return Err(alloc::format!("{} is read-only", st.name(disk)));
+    let g = st.geometry(disk);
+    if mode == BenchMode::Write || mode == BenchMode::RandWrite {
+        check_writable(st, disk)?;
     }
     let bs = args
         .value_as("bs", parse_size)
         .map_err(arg_err)?
         .unwrap_or(4096);
     let block = u64::from(g.block_size.max(1));
-    let max = (st.pools[disk].buffer_size() as u64).min(u64::from(g.max_transfer_bytes).max(block));
+    let max = (st.pools[st.disk_of(disk)].buffer_size() as u64)
+        .min(u64::from(g.max_transfer_bytes).max(block));
     if bs == 0 || bs % block != 0 {
         return Err(alloc::format!(
             "--bs {bs} is not a multiple of the {block}-byte block size"
@@ -222,7 +237,7 @@ fn bench(st: &Storage, args: &Args, now: u64) -> CmdResult<Box<dyn Task>> {
         .value_as("qd", parse_u64)
         .map_err(arg_err)?
         .unwrap_or(32);
-    let max_qd = u64::from(g.queue_depth.max(1)).min(st.pools[disk].total() as u64);
+    let max_qd = u64::from(g.queue_depth.max(1)).min(st.pools[st.disk_of(disk)].total() as u64);
     if qd == 0 || qd > max_qd {
         return Err(alloc::format!("--qd must be 1..={max_qd} for this device"));
     }

@@ -84,7 +84,7 @@ mod run_loop {
             executor::take_pending();
             let now = time::uptime_ns();
             let more = storage::with(|st| {
-                let more = storage::poll(st, &mut |pool, completion| match running.as_mut() {
+                let more = storage::poll(st, now, &mut |pool, completion| match running.as_mut() {
                     Some(r) => r.task.complete(pool, completion, now),
                     None => {
                         if let Some(b) = completion.buffer {

@@ -7,6 +7,7 @@
 //! completions with a budget. Nothing on this path allocates.
 
 pub mod tasks;
+pub mod volume;
 
 use alloc::boxed::Box;
 use alloc::vec::Vec;
@@ -47,11 +48,156 @@ pub struct Storage {
     pub failed: Vec<DeviceInfo>,
     /// NVMe controllers (their namespaces are in `devices`).
     pub controllers: Vec<NvmeController<MmioRegisters>>,
+    /// Devices that are origins of snapshots, with their engines.
+    pub origins: Vec<volume::Origin>,
     servicer: Servicer,
     next_housekeeping: u64,
 }
 
+/// What console I/O addresses: a plain device, or a volume served by a snapshot engine (an
+/// origin with snapshots, or a snapshot).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// A device with no snapshots.
+    Device(usize),
+    /// A volume of `origins[origin]`.
+    Volume {
+        /// Index into [`Storage::origins`].
+        origin: usize,
+        /// The origin itself or one of its snapshots.
+        volume: snapshot::Volume,
+    },
+}
+
+/// A volume name for messages (snapshot names may be longer than device names).
+pub type VolumeName = drivers::info::FixedString<64>;
+
 impl Storage {
+    /// Resolves a volume name: a device (through its engine when it has snapshots) or a
+    /// snapshot.
+    pub fn resolve(&self, name: &str) -> Option<Target> {
+        if let Some(disk) = self.find(name) {
+            return Some(
+                match self
+                    .origins
+                    .iter()
+                    .position(|o| o.disk == disk && !o.snaps.is_empty())
+                {
+                    Some(origin) => Target::Volume {
+                        origin,
+                        volume: snapshot::Volume::Origin,
+                    },
+                    None => Target::Device(disk),
+                },
+            );
+        }
+        self.origins.iter().enumerate().find_map(|(origin, o)| {
+            o.snap(name)
+                .filter(|s| {
+                    matches!(
+                        s.state,
+                        volume::SnapState::Active | volume::SnapState::Invalid
+                    )
+                })
+                .map(|s| Target::Volume {
+                    origin,
+                    volume: snapshot::Volume::Snapshot(s.id),
+                })
+        })
+    }
+
+    /// The device whose geometry and buffers a target uses.
+    pub fn disk_of(&self, target: Target) -> usize {
+        match target {
+            Target::Device(d) => d,
+            Target::Volume { origin, .. } => {
+                self.origins.get(origin).map_or(usize::MAX, |o| o.disk)
+            }
+        }
+    }
+
+    /// A target's name.
+    pub fn target_name(&self, target: Target) -> VolumeName {
+        match target {
+            Target::Volume {
+                origin,
+                volume: snapshot::Volume::Snapshot(id),
+            } => {
+                let name = self
+                    .origins
+                    .get(origin)
+                    .and_then(|o| o.snaps.iter().find(|s| s.id == id));
+                VolumeName::from_str_truncated(name.map_or("?", |s| s.name.as_str()))
+            }
+            t => VolumeName::from_str_truncated(self.name(self.disk_of(t)).as_str()),
+        }
+    }
+
+    /// The geometry I/O to a target sees (a snapshot: its origin's, read-only unless writable).
+    pub fn geometry(&self, target: Target) -> drivers::block::Geometry {
+        let mut g = self
+            .devices
+            .get(self.disk_of(target))
+            .map(|d| d.geometry())
+            .unwrap_or_default();
+        if let Target::Volume {
+            origin,
+            volume: snapshot::Volume::Snapshot(id),
+        } = target
+        {
+            let writable = self
+                .origins
+                .get(origin)
+                .and_then(|o| o.snaps.iter().find(|s| s.id == id))
+                .is_some_and(|s| s.writable);
+            g.read_only |= !writable;
+            g.discard = false;
+        }
+        g
+    }
+
+    /// The buffer pool for I/O to a target.
+    pub fn pool(&mut self, target: Target) -> Option<&mut BufferPool> {
+        let disk = self.disk_of(target);
+        self.pools.get_mut(disk)
+    }
+
+    /// Interrupts taken by the device behind a target.
+    pub fn interrupts(&self, target: Target) -> u64 {
+        self.devices
+            .get(self.disk_of(target))
+            .map_or(0, |d| d.stats().interrupts)
+    }
+
+    /// Sends a request to a target; on refusal the buffer comes back with the reason.
+    pub fn submit_to(
+        &mut self,
+        target: Target,
+        request: drivers::block::BlockRequest,
+    ) -> Result<(), (drivers::block::BlockError, Option<drivers::block::DmaBuf>)> {
+        match target {
+            Target::Device(d) => match self.devices.get_mut(d) {
+                Some(device) => device
+                    .submit(request)
+                    .map_err(|r| (r.error, r.request.buffer)),
+                None => Err((drivers::block::BlockError::DeviceFailed, request.buffer)),
+            },
+            Target::Volume { origin, volume } => match self.origins.get_mut(origin) {
+                Some(o) => o.submit(volume, request),
+                None => Err((drivers::block::BlockError::DeviceFailed, request.buffer)),
+            },
+        }
+    }
+
+    /// The snapshot whose COW store lives on `disk`, if any.
+    pub fn cow_user(&self, disk: usize) -> Option<&str> {
+        self.origins
+            .iter()
+            .flat_map(|o| o.snaps.iter())
+            .find(|s| s.cow_disk == disk)
+            .map(|s| s.name.as_str())
+    }
+
     /// Finds a disk by name.
     pub fn find(&self, name: &str) -> Option<usize> {
         self.devices
@@ -73,6 +219,7 @@ static STORAGE: spin::Mutex<Storage> = spin::Mutex::new(Storage {
     pools: Vec::new(),
     failed: Vec::new(),
     controllers: Vec::new(),
+    origins: Vec::new(),
     servicer: Servicer::new(),
     next_housekeeping: 0,
 });
@@ -261,23 +408,44 @@ pub fn housekeeping(storage: &mut Storage, now: u64) -> bool {
 }
 
 /// One round of the completion path: takes fired vectors, polls those devices with a budget,
-/// and hands each completion to `sink` with the device's buffer pool. Returns true when work
-/// remains (run again before halting).
-pub fn poll(storage: &mut Storage, sink: &mut dyn FnMut(&mut BufferPool, Completion)) -> bool {
+/// hands each completion to `sink` with the device's buffer pool (engine I/O goes back to its
+/// engine), then lets every engine issue I/O and deliver finished volume requests. Returns
+/// true when work remains (run again before halting).
+pub fn poll(
+    storage: &mut Storage,
+    now: u64,
+    sink: &mut dyn FnMut(&mut BufferPool, Completion),
+) -> bool {
     let Storage {
         devices,
         pools,
         servicer,
+        origins,
         ..
     } = storage;
-    servicer.run(
+    let more = servicer.run(
         &REGISTRY,
         devices.as_mut_slice(),
         POLL_BUDGET,
-        &mut |index, completion| {
-            if let Some(pool) = pools.get_mut(usize::from(index)) {
-                sink(pool, completion);
+        &mut |index, c| {
+            if c.tag & volume::VOLUME_TAG != 0 {
+                let origin = ((c.tag & !volume::VOLUME_TAG) >> 32) as usize;
+                if let Some(o) = origins.get_mut(origin) {
+                    o.complete(c.tag as u32, c);
+                }
+            } else if let Some(pool) = pools.get_mut(usize::from(index)) {
+                sink(pool, c);
             }
         },
-    )
+    );
+    for (index, o) in origins.iter_mut().enumerate() {
+        o.engine.tick(now / 1000);
+        o.issue(index, devices);
+        if let Some(pool) = pools.get_mut(o.disk) {
+            o.deliver(&mut |c| sink(pool, c));
+        }
+        o.issue(index, devices);
+        o.sweep();
+    }
+    more
 }

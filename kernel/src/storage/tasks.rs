@@ -12,10 +12,9 @@ use core::fmt::{self, Write};
 use alloc::boxed::Box;
 use alloc::vec::Vec;
 use drivers::block::{BlockError, BlockRequest, BufferPool, Completion, DmaBuf, Operation};
-use drivers::service::BoxedDevice;
 use sha2::{Digest, Sha256};
 
-use super::Storage;
+use super::{Storage, Target, VolumeName};
 use crate::util::hexdump::write_hexdump;
 use crate::util::histogram::Histogram;
 use crate::util::pattern::{fill_seeded, Rng};
@@ -35,6 +34,9 @@ pub trait Task {
     /// The final report.
     fn report(&mut self, out: &mut dyn Write, now: u64) -> fmt::Result;
 }
+
+/// Tag of a write task's closing flush (task tags never use bit 63, which marks engine I/O).
+const FLUSH_TAG: u64 = 1 << 62;
 
 /// What `write` does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,13 +58,10 @@ pub enum Pattern {
     Seed(u64),
 }
 
-fn submit(
-    device: &mut BoxedDevice,
-    request: BlockRequest,
-) -> Result<(), (BlockError, Option<DmaBuf>)> {
-    device
-        .submit(request)
-        .map_err(|r| (r.error, r.request.buffer))
+fn give_back_to(st: &mut Storage, target: Target, buffer: Option<DmaBuf>) {
+    if let Some(pool) = st.pool(target) {
+        give_back(pool, buffer);
+    }
 }
 
 fn give_back(pool: &mut BufferPool, buffer: Option<DmaBuf>) {
@@ -111,8 +110,8 @@ enum RangeKind {
 
 /// `read`, `write` and `checksum`: a range of blocks in order, `depth` requests at a time.
 pub struct RangeTask {
-    disk: usize,
-    name: drivers::info::DeviceName,
+    target: Target,
+    name: VolumeName,
     block_size: u64,
     start: u64,
     end: u64,
@@ -130,21 +129,21 @@ pub struct RangeTask {
 impl RangeTask {
     fn new(
         st: &Storage,
-        disk: usize,
+        target: Target,
         start: u64,
         count: u64,
         kind: RangeKind,
         depth: usize,
         now: u64,
     ) -> Self {
-        let g = st.devices[disk].geometry();
-        let pool = &st.pools[disk];
+        let g = st.geometry(target);
+        let pool = &st.pools[st.disk_of(target)];
         let block_size = u64::from(g.block_size.max(1));
         let max = (pool.buffer_size() as u64).min(u64::from(g.max_transfer_bytes).max(block_size));
         let depth = depth.clamp(1, pool.total().min(usize::from(g.queue_depth.max(1))));
         RangeTask {
-            disk,
-            name: st.name(disk),
+            target,
+            name: st.target_name(target),
             block_size,
             start,
             end: start + count,
@@ -161,11 +160,11 @@ impl RangeTask {
     }
 
     /// `read DEV LBA COUNT`: one request, then a hexdump.
-    pub fn read(st: &Storage, disk: usize, lba: u64, count: u64, now: u64) -> Self {
-        let bytes = (count * u64::from(st.devices[disk].geometry().block_size)) as usize;
+    pub fn read(st: &Storage, target: Target, lba: u64, count: u64, now: u64) -> Self {
+        let bytes = (count * u64::from(st.geometry(target).block_size)) as usize;
         Self::new(
             st,
-            disk,
+            target,
             lba,
             count,
             RangeKind::Read {
@@ -179,7 +178,7 @@ impl RangeTask {
     /// `write DEV LBA COUNT --byte/--seed`, followed by a flush.
     pub fn write(
         st: &Storage,
-        disk: usize,
+        target: Target,
         lba: u64,
         count: u64,
         spec: WriteSpec,
@@ -191,7 +190,7 @@ impl RangeTask {
             flush_tag_sent: false,
             flushed: false,
         };
-        let mut task = Self::new(st, disk, lba, count, kind, 32, now);
+        let mut task = Self::new(st, target, lba, count, kind, 32, now);
         if let Some(bytes) = spec.transfer_bytes {
             task.chunk_blocks = (bytes / task.block_size).clamp(1, task.chunk_blocks);
         }
@@ -204,7 +203,7 @@ impl RangeTask {
     }
 
     /// `checksum DEV [LBA COUNT]`: SHA-256 of the range, hashed in order.
-    pub fn checksum(st: &Storage, disk: usize, lba: u64, count: u64, now: u64) -> Self {
+    pub fn checksum(st: &Storage, target: Target, lba: u64, count: u64, now: u64) -> Self {
         let depth = 16;
         let ready = (0..depth).map(|_| None).collect();
         let kind = RangeKind::Checksum {
@@ -212,7 +211,7 @@ impl RangeTask {
             ready,
             next_hash: 0,
         };
-        Self::new(st, disk, lba, count, kind, depth, now)
+        Self::new(st, target, lba, count, kind, depth, now)
     }
 
     /// After an error no piece will be hashed: buffers parked for reordering go back.
@@ -231,11 +230,6 @@ impl RangeTask {
 
 impl Task for RangeTask {
     fn step(&mut self, st: &mut Storage, _now: u64) {
-        let (Some(device), Some(pool)) =
-            (st.devices.get_mut(self.disk), st.pools.get_mut(self.disk))
-        else {
-            return;
-        };
         while !self.cancelled
             && self.error.is_none()
             && self.next < self.end
@@ -247,13 +241,13 @@ impl Task for RangeTask {
                     break;
                 }
             }
-            let Some(mut buf) = pool.acquire() else {
+            let Some(mut buf) = st.pool(self.target).and_then(|p| p.acquire()) else {
                 break;
             };
             let blocks = self.chunk_blocks.min(self.end - self.next);
             let bytes = (blocks * self.block_size) as usize;
             if buf.set_len(bytes).is_err() {
-                give_back(pool, Some(buf));
+                give_back_to(st, self.target, Some(buf));
                 self.error = Some((self.next, BlockError::TooLarge { bytes, max: 0 }));
                 break;
             }
@@ -269,17 +263,17 @@ impl Task for RangeTask {
                 }
                 _ => BlockRequest::read(self.next, self.next, buf),
             };
-            match submit(device, request) {
+            match st.submit_to(self.target, request) {
                 Ok(()) => {
                     self.in_flight += 1;
                     self.next += blocks;
                 }
                 Err((BlockError::QueueFull, b)) => {
-                    give_back(pool, b);
+                    give_back_to(st, self.target, b);
                     break;
                 }
                 Err((e, b)) => {
-                    give_back(pool, b);
+                    give_back_to(st, self.target, b);
                     self.error = Some((self.next, e));
                 }
             }
@@ -289,7 +283,7 @@ impl Task for RangeTask {
             self.next >= self.end && self.in_flight == 0 && self.error.is_none() && !self.cancelled;
         if let RangeKind::Write { flush_tag_sent, .. } = &mut self.kind {
             if writes_done && !*flush_tag_sent {
-                match submit(device, BlockRequest::flush(u64::MAX)) {
+                match st.submit_to(self.target, BlockRequest::flush(FLUSH_TAG)) {
                     Ok(()) => {
                         *flush_tag_sent = true;
                         self.in_flight += 1;
@@ -424,8 +418,8 @@ impl Task for RangeTask {
 
 /// `flush DEV`.
 pub struct FlushTask {
-    disk: usize,
-    name: drivers::info::DeviceName,
+    target: Target,
+    name: VolumeName,
     state: u8, // 0 to send, 1 in flight, 2 done
     result: Result<(), BlockError>,
     cancelled: bool,
@@ -434,10 +428,10 @@ pub struct FlushTask {
 
 impl FlushTask {
     /// A flush of `disk`.
-    pub fn new(st: &Storage, disk: usize, now: u64) -> Self {
+    pub fn new(st: &Storage, target: Target, now: u64) -> Self {
         FlushTask {
-            disk,
-            name: st.name(disk),
+            target,
+            name: st.target_name(target),
             state: 0,
             result: Ok(()),
             cancelled: false,
@@ -451,10 +445,7 @@ impl Task for FlushTask {
         if self.state != 0 {
             return;
         }
-        let Some(device) = st.devices.get_mut(self.disk) else {
-            return;
-        };
-        match submit(device, BlockRequest::flush(0)) {
+        match st.submit_to(self.target, BlockRequest::flush(0)) {
             Ok(()) => self.state = 1,
             Err((BlockError::QueueFull, _)) => {}
             Err((e, _)) => {
@@ -551,8 +542,8 @@ pub struct BenchSpec {
 
 /// `bench`: fio-like load with `qd` requests in flight.
 pub struct BenchTask {
-    disk: usize,
-    name: drivers::info::DeviceName,
+    target: Target,
+    name: VolumeName,
     mode: BenchMode,
     bs_blocks: u64,
     block_size: u64,
@@ -578,7 +569,7 @@ pub struct BenchTask {
 
 impl BenchTask {
     /// A benchmark of `disk`.
-    pub fn new(st: &Storage, disk: usize, spec: BenchSpec, now: u64) -> Self {
+    pub fn new(st: &Storage, target: Target, spec: BenchSpec, now: u64) -> Self {
         let BenchSpec {
             mode,
             bs,
@@ -586,17 +577,17 @@ impl BenchTask {
             limit,
             seed,
         } = spec;
-        let g = st.devices[disk].geometry();
+        let g = st.geometry(target);
         let block_size = u64::from(g.block_size.max(1));
         let qd = qd.clamp(
             1,
-            st.pools[disk]
+            st.pools[st.disk_of(target)]
                 .total()
                 .min(usize::from(g.queue_depth.max(1))),
         );
         BenchTask {
-            disk,
-            name: st.name(disk),
+            target,
+            name: st.target_name(target),
             mode,
             bs_blocks: (bs / block_size).max(1),
             block_size,
@@ -616,7 +607,7 @@ impl BenchTask {
             started: now,
             ended: now,
             stop: false,
-            interrupts_at_start: st.devices[disk].stats().interrupts,
+            interrupts_at_start: st.interrupts(target),
             interrupts: 0,
         }
     }
@@ -641,11 +632,6 @@ impl BenchTask {
 
 impl Task for BenchTask {
     fn step(&mut self, st: &mut Storage, now: u64) {
-        let (Some(device), Some(pool)) =
-            (st.devices.get_mut(self.disk), st.pools.get_mut(self.disk))
-        else {
-            return;
-        };
         match self.limit {
             BenchLimit::Time(ns) if now - self.started >= ns => self.stop = true,
             BenchLimit::Ios(n) if self.issued >= n => self.stop = true,
@@ -655,13 +641,13 @@ impl Task for BenchTask {
             let Some(slot) = self.free_slots.pop() else {
                 break;
             };
-            let Some(mut buf) = pool.acquire() else {
+            let Some(mut buf) = st.pool(self.target).and_then(|p| p.acquire()) else {
                 self.free_slots.push(slot);
                 break;
             };
             let bytes = (self.bs_blocks * self.block_size) as usize;
             if buf.set_len(bytes).is_err() {
-                give_back(pool, Some(buf));
+                give_back_to(st, self.target, Some(buf));
                 self.free_slots.push(slot);
                 self.stop = true;
                 break;
@@ -673,7 +659,7 @@ impl Task for BenchTask {
                 BlockRequest::read(u64::from(slot), lba, buf)
             };
             self.starts[usize::from(slot)] = crate::time::uptime_ns();
-            match submit(device, request) {
+            match st.submit_to(self.target, request) {
                 Ok(()) => {
                     self.in_flight += 1;
                     self.issued += 1;
@@ -684,12 +670,12 @@ impl Task for BenchTask {
                     }
                 }
                 Err((BlockError::QueueFull, b)) => {
-                    give_back(pool, b);
+                    give_back_to(st, self.target, b);
                     self.free_slots.push(slot);
                     break;
                 }
                 Err((e, b)) => {
-                    give_back(pool, b);
+                    give_back_to(st, self.target, b);
                     self.free_slots.push(slot);
                     self.first_error.get_or_insert(e);
                     self.errors += 1;
@@ -697,7 +683,7 @@ impl Task for BenchTask {
                 }
             }
         }
-        self.interrupts = device.stats().interrupts - self.interrupts_at_start;
+        self.interrupts = st.interrupts(self.target) - self.interrupts_at_start;
     }
 
     fn complete(&mut self, pool: &mut BufferPool, c: Completion, now: u64) {

@@ -1,0 +1,448 @@
+//! Volumes served through the snapshot engine: a device that is the origin of snapshots, and
+//! the snapshots themselves. One [`Origin`] per origin device owns an engine (`snapshot`
+//! crate); volume requests go in, the engine's I/O goes to the origin and COW devices, and
+//! device completions go back to the engine.
+//!
+//! Buffers: the engine names the caller's buffer, its copy buffers, its metadata or zeroes;
+//! every engine I/O is carried by a DMA bounce buffer from the origin's own pool, filled from
+//! (writes) or copied into (reads) what the engine named. That costs one memory copy per I/O
+//! and keeps every DMA buffer owned by exactly one request. All of it is allocated when the
+//! origin is set up; the I/O path does not allocate.
+
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use drivers::block::{BlockError, BlockRequest, BufferPool, Completion, DmaBuf, Operation};
+use drivers::service::BoxedDevice;
+use snapshot::{
+    Device, Engine, EngineConfig, Event, InvalidReason, Io, IoBuffer, IoError, IoOp, IoToken,
+    SnapId, Volume, VolumeError, VolumeOp, VolumeRequest,
+};
+
+use crate::platform::KernelHal;
+
+/// Device-request tags of engine I/O carry this bit (console tasks never set it).
+pub const VOLUME_TAG: u64 = 1 << 63;
+/// Engine I/Os in flight per origin (bounce buffers).
+const BOUNCE_BUFFERS: usize = 64;
+/// Copy buffers per origin, and their size in sectors (the largest sequential copy).
+const COPY_BUFFERS: u32 = 16;
+const COPY_BUFFER_SECTORS: u32 = 256;
+
+/// Where a snapshot is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SnapState {
+    /// The store is being initialised.
+    Creating,
+    /// Serving.
+    Active,
+    /// Invalidated (overflow, I/O error); the reason is in `invalid`.
+    Invalid,
+    /// Creation failed; the entry goes away.
+    Failed,
+    /// Being deleted.
+    Deleting,
+    /// Deleted; the entry goes away.
+    Deleted,
+}
+
+/// A snapshot of an origin.
+#[derive(Debug)]
+pub struct Snap {
+    /// Its volume name.
+    pub name: String,
+    /// The engine's slot.
+    pub id: SnapId,
+    /// The device holding its COW store.
+    pub cow_disk: usize,
+    /// First sector of the store on that device.
+    pub cow_start: u64,
+    /// Size of the store in sectors.
+    pub cow_sectors: u64,
+    /// Chunk size in sectors.
+    pub chunk_sectors: u32,
+    /// Accepts writes.
+    pub writable: bool,
+    /// Life cycle.
+    pub state: SnapState,
+    /// Why it was invalidated.
+    pub invalid: Option<InvalidReason>,
+}
+
+struct Held {
+    task_tag: u64,
+    op: Operation,
+    lba: u64,
+    /// The caller's data buffer (none for a flush).
+    buffer: Option<DmaBuf>,
+}
+
+struct Issued {
+    token: IoToken,
+    /// For reads: where the data goes.
+    read_into: Option<IoBuffer>,
+}
+
+/// An origin device with its engine and snapshots.
+pub struct Origin {
+    /// The origin device.
+    pub disk: usize,
+    /// The engine.
+    pub engine: Engine,
+    /// Its snapshots.
+    pub snaps: Vec<Snap>,
+    copy: Vec<u8>,
+    copy_bytes: usize,
+    requests: Vec<Option<Held>>,
+    free_requests: Vec<u32>,
+    ios: Vec<Option<Issued>>,
+    free_ios: Vec<u32>,
+    bounce: BufferPool,
+    stalled: Option<Io>,
+    /// Origin-device sectors per logical block.
+    block_sectors: u64,
+}
+
+/// Why an origin could not be set up.
+pub type SetupError = &'static str;
+
+impl Origin {
+    /// Sets up the engine and buffers for `disk` (pool id `pool_id` for the bounce buffers).
+    pub fn new(disk: usize, device: &BoxedDevice, pool_id: u16) -> Result<Origin, SetupError> {
+        let g = device.geometry();
+        let block_sectors = u64::from((g.block_size / 512).max(1));
+        let mut cfg = EngineConfig::new(g.capacity_blocks * block_sectors);
+        cfg.origin_block_sectors = block_sectors as u32;
+        cfg.copy_buffers = COPY_BUFFERS;
+        cfg.copy_buffer_sectors = COPY_BUFFER_SECTORS;
+        let request_slots = cfg.request_slots as usize;
+        let io_slots = cfg.io_slots as usize;
+        let engine =
+            Engine::new(cfg).map_err(|_| "the snapshot engine refused its configuration")?;
+        let copy_bytes = COPY_BUFFER_SECTORS as usize * 512;
+        let bounce_bytes = copy_bytes.max(g.max_transfer_bytes as usize);
+        let bounce = BufferPool::new::<KernelHal>(pool_id, BOUNCE_BUFFERS, bounce_bytes)
+            .map_err(|_| "no DMA memory for the snapshot engine's buffers")?;
+        Ok(Origin {
+            disk,
+            engine,
+            snaps: Vec::new(),
+            copy: alloc::vec![0; COPY_BUFFERS as usize * copy_bytes],
+            copy_bytes,
+            requests: (0..request_slots).map(|_| None).collect(),
+            free_requests: (0..request_slots as u32).rev().collect(),
+            ios: (0..io_slots).map(|_| None).collect(),
+            free_ios: (0..io_slots as u32).rev().collect(),
+            bounce,
+            stalled: None,
+            block_sectors,
+        })
+    }
+
+    /// The snapshot called `name`.
+    pub fn snap(&self, name: &str) -> Option<&Snap> {
+        self.snaps.iter().find(|s| s.name == name)
+    }
+
+    fn snap_by_id(&mut self, id: SnapId) -> Option<&mut Snap> {
+        self.snaps.iter_mut().find(|s| s.id == id)
+    }
+
+    /// Takes a volume request; on refusal the request comes back with the reason.
+    pub fn submit(
+        &mut self,
+        volume: Volume,
+        request: BlockRequest,
+    ) -> Result<(), (BlockError, Option<DmaBuf>)> {
+        let Some(slot) = self.free_requests.pop() else {
+            return Err((BlockError::QueueFull, request.buffer));
+        };
+        let (op, sectors) = match request.op {
+            Operation::Read => (
+                VolumeOp::Read,
+                request.buffer.as_ref().map_or(0, |b| b.len() / 512),
+            ),
+            Operation::Write { fua } => (
+                VolumeOp::Write { fua },
+                request.buffer.as_ref().map_or(0, |b| b.len() / 512),
+            ),
+            Operation::Flush => (VolumeOp::Flush, 0),
+            Operation::Discard { .. } => {
+                self.free_requests.push(slot);
+                return Err((BlockError::Unsupported, request.buffer));
+            }
+        };
+        if request.buffer.is_none() && op != VolumeOp::Flush {
+            self.free_requests.push(slot);
+            return Err((BlockError::MissingBuffer, None));
+        }
+        let vr = VolumeRequest {
+            tag: u64::from(slot),
+            volume,
+            op,
+            sector: request.lba * self.block_sectors,
+            sectors: sectors as u32,
+        };
+        match self.engine.submit(vr) {
+            Ok(()) => {
+                self.requests[slot as usize] = Some(Held {
+                    task_tag: request.tag,
+                    op: request.op,
+                    lba: request.lba,
+                    buffer: request.buffer,
+                });
+                Ok(())
+            }
+            Err(_) => {
+                self.free_requests.push(slot);
+                Err((BlockError::QueueFull, request.buffer))
+            }
+        }
+    }
+
+    /// Issues the engine's I/O to the devices, as far as buffers and queues allow.
+    pub fn issue(&mut self, index: usize, devices: &mut [BoxedDevice]) {
+        loop {
+            let io = match self.stalled.take() {
+                Some(io) => io,
+                None => match self.engine.poll_io() {
+                    Some(io) => io,
+                    None => return,
+                },
+            };
+            if let Err(io) = self.issue_one(index, devices, io) {
+                self.stalled = Some(io);
+                return;
+            }
+        }
+    }
+
+    /// Issues one engine I/O; gives it back when it must wait (no buffer, queue full).
+    fn issue_one(&mut self, index: usize, devices: &mut [BoxedDevice], io: Io) -> Result<(), Io> {
+        let (disk, offset) = match io.device {
+            Device::Origin => (self.disk, 0),
+            Device::Cow(id) => match self.snaps.iter().find(|s| s.id == id) {
+                Some(s) => (s.cow_disk, s.cow_start),
+                None => {
+                    let _ = self.engine.complete_io(io.token, Err(IoError));
+                    return Ok(());
+                }
+            },
+        };
+        let Some(device) = devices.get_mut(disk) else {
+            let _ = self.engine.complete_io(io.token, Err(IoError));
+            return Ok(());
+        };
+        let Some(slot) = self.free_ios.pop() else {
+            return Err(io);
+        };
+        let tag = VOLUME_TAG | ((index as u64) << 32) | u64::from(slot);
+        let block_bytes = u64::from(device.geometry().block_size.max(512));
+        let lba = (io.sector + offset) * 512 / block_bytes;
+        let request = match io.op {
+            IoOp::Flush => BlockRequest::flush(tag),
+            IoOp::Read | IoOp::Write { .. } => {
+                let Some(mut buf) = self.bounce.acquire() else {
+                    self.free_ios.push(slot);
+                    return Err(io);
+                };
+                let len = io.sectors as usize * 512;
+                if buf.set_len(len).is_err() {
+                    let _ = self.bounce.release(buf);
+                    self.free_ios.push(slot);
+                    let _ = self.engine.complete_io(io.token, Err(IoError));
+                    return Ok(());
+                }
+                match io.op {
+                    IoOp::Write { fua } => {
+                        self.fill(&io.buffer, buf.as_mut_slice());
+                        BlockRequest::write(tag, lba, buf, fua)
+                    }
+                    _ => BlockRequest::read(tag, lba, buf),
+                }
+            }
+        };
+        match device.submit(request) {
+            Ok(()) => {
+                let read_into = matches!(io.op, IoOp::Read).then_some(io.buffer);
+                self.ios[slot as usize] = Some(Issued {
+                    token: io.token,
+                    read_into,
+                });
+                Ok(())
+            }
+            Err(rejected) => {
+                if let Some(b) = rejected.request.buffer {
+                    let _ = self.bounce.release(b);
+                }
+                self.free_ios.push(slot);
+                if rejected.error == BlockError::QueueFull {
+                    Err(io)
+                } else {
+                    let _ = self.engine.complete_io(io.token, Err(IoError));
+                    Ok(())
+                }
+            }
+        }
+    }
+
+    /// Copies what an engine write names into `out`.
+    fn fill(&self, source: &IoBuffer, out: &mut [u8]) {
+        match *source {
+            IoBuffer::Caller { tag, byte_offset } => {
+                let from = self.requests.get(tag as usize).and_then(|h| h.as_ref());
+                let from = from.and_then(|h| h.buffer.as_ref()).map(DmaBuf::as_slice);
+                copy_from(from, byte_offset, out);
+            }
+            IoBuffer::Copy { index, byte_offset } => {
+                let start = index as usize * self.copy_bytes;
+                copy_from(
+                    self.copy.get(start..start + self.copy_bytes),
+                    byte_offset,
+                    out,
+                );
+            }
+            IoBuffer::Meta { .. } => copy_from(self.engine.meta_bytes(source), 0, out),
+            IoBuffer::Zeroes | IoBuffer::None => out.fill(0),
+        }
+    }
+
+    /// A device completion of engine I/O `slot`.
+    pub fn complete(&mut self, slot: u32, completion: Completion) {
+        let Some(issued) = self.ios.get_mut(slot as usize).and_then(Option::take) else {
+            log::error!("snapshot engine: completion for unknown I/O slot {slot}");
+            if let Some(b) = completion.buffer {
+                let _ = self.bounce.release(b);
+            }
+            return;
+        };
+        self.free_ios.push(slot);
+        if let (Ok(()), Some(target), Some(buf)) =
+            (completion.result, issued.read_into, &completion.buffer)
+        {
+            let data = buf.as_slice();
+            match target {
+                IoBuffer::Caller { tag, byte_offset } => {
+                    let held = self.requests.get_mut(tag as usize).and_then(Option::as_mut);
+                    if let Some(b) = held.and_then(|h| h.buffer.as_mut()) {
+                        copy_into(b.as_mut_slice(), byte_offset, data);
+                    }
+                }
+                IoBuffer::Copy { index, byte_offset } => {
+                    let start = index as usize * self.copy_bytes;
+                    if let Some(dst) = self.copy.get_mut(start..start + self.copy_bytes) {
+                        copy_into(dst, byte_offset, data);
+                    }
+                }
+                _ => {}
+            }
+        }
+        if let Some(b) = completion.buffer {
+            let _ = self.bounce.release(b);
+        }
+        let result = completion.result.map_err(|_| IoError);
+        let _ = self.engine.complete_io(issued.token, result);
+    }
+
+    /// Hands finished volume requests to `sink` and handles engine events.
+    pub fn deliver(&mut self, sink: &mut dyn FnMut(Completion)) {
+        while let Some(vc) = self.engine.poll_completion() {
+            let Some(held) = self
+                .requests
+                .get_mut(vc.tag as usize)
+                .and_then(Option::take)
+            else {
+                continue;
+            };
+            self.free_requests.push(vc.tag as u32);
+            sink(Completion {
+                tag: held.task_tag,
+                op: held.op,
+                lba: held.lba,
+                result: vc.result.map_err(block_error),
+                buffer: held.buffer,
+            });
+        }
+        while let Some(event) = self.engine.poll_event() {
+            self.on_event(event);
+        }
+    }
+
+    fn on_event(&mut self, event: Event) {
+        match event {
+            Event::UsageThreshold { snap, percent } => {
+                if let Some(s) = self.snap_by_id(snap) {
+                    log::warn!("snapshot {}: COW store {percent}% full", s.name);
+                }
+            }
+            Event::Invalidated { snap, reason } => {
+                if let Some(s) = self.snap_by_id(snap) {
+                    if reason != InvalidReason::Deleted {
+                        log::error!("snapshot {} invalidated: {}", s.name, reason_text(reason));
+                        s.state = SnapState::Invalid;
+                    }
+                    s.invalid = Some(reason);
+                }
+            }
+            Event::OriginQuiesced => {}
+            Event::SnapshotCreated { snap } => {
+                if let Some(s) = self.snap_by_id(snap) {
+                    s.state = SnapState::Active;
+                }
+            }
+            Event::SnapshotCreateFailed { snap } => {
+                if let Some(s) = self.snap_by_id(snap) {
+                    s.state = SnapState::Failed;
+                }
+            }
+            Event::SnapshotDeleted { snap } => {
+                if let Some(s) = self.snap_by_id(snap) {
+                    s.state = SnapState::Deleted;
+                }
+            }
+        }
+    }
+
+    /// Forgets snapshots whose creation failed or that were deleted.
+    pub fn sweep(&mut self) {
+        self.snaps
+            .retain(|s| !matches!(s.state, SnapState::Failed | SnapState::Deleted));
+    }
+}
+
+/// Operator's words for an invalidation.
+pub fn reason_text(reason: InvalidReason) -> &'static str {
+    match reason {
+        InvalidReason::CowFull => "COW store full (Overflow)",
+        InvalidReason::TableFull => "exception table full (Overflow)",
+        InvalidReason::CopyError => "copying a chunk failed",
+        InvalidReason::MetadataError => "writing metadata failed",
+        InvalidReason::Deleted => "deleted",
+    }
+}
+
+fn block_error(e: VolumeError) -> BlockError {
+    match e {
+        VolumeError::Io => BlockError::Io,
+        VolumeError::SnapshotInvalid => BlockError::DeviceStatus("snapshot is invalid"),
+        VolumeError::OutOfRange => BlockError::DeviceStatus("range outside the volume"),
+        VolumeError::ReadOnly => BlockError::ReadOnly,
+        VolumeError::NoSuchVolume => BlockError::DeviceFailed,
+    }
+}
+
+fn copy_from(source: Option<&[u8]>, offset: u64, out: &mut [u8]) {
+    let at = offset as usize;
+    match source.and_then(|s| s.get(at..at + out.len())) {
+        Some(src) => out.copy_from_slice(src),
+        None => out.fill(0),
+    }
+}
+
+fn copy_into(dst: &mut [u8], offset: u64, data: &[u8]) {
+    let at = offset as usize;
+    let n = data.len().min(dst.len().saturating_sub(at));
+    if let Some(d) = dst.get_mut(at..at + n) {
+        d.copy_from_slice(&data[..n]);
+    }
+}
