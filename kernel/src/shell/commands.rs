@@ -41,6 +41,8 @@ pub enum CommandId {
     Flush,
     /// `bench DEV --rw MODE ...`
     Bench,
+    /// `snapshot create|list|status|delete ...`
+    Snapshot,
 }
 
 /// One command's description.
@@ -219,6 +221,19 @@ pub static COMMANDS: &[CommandInfo] = &[
             ],
             required: &["DEV"],
             optional: &[],
+        },
+        test_only: false,
+    },
+    CommandInfo {
+        id: CommandId::Snapshot,
+        name: "snapshot",
+        usage: "snapshot create NAME ORIGIN COW[:START+LEN] [--chunk 4k] [--writable] | list [--json] | status NAME | delete NAME",
+        summary: "create, list, show and delete copy-on-write snapshots (dm-snapshot format)",
+        details: "COW is a device or a region of one in blocks (vdb:2048+65536). Chunk sizes 4k..512k (default 4k). Snapshot names work with read, write, checksum, flush and bench.",
+        spec: CommandSpec {
+            options: &[OptSpec::value("chunk"), OptSpec::flag("writable"), OptSpec::flag("json")],
+            required: &["SUBCOMMAND"],
+            optional: &["NAME", "ORIGIN", "COW"],
         },
         test_only: false,
     },

@@ -13,6 +13,8 @@ mod builtin;
 mod disk;
 #[cfg(target_os = "none")]
 mod output;
+#[cfg(target_os = "none")]
+mod snap;
 
 #[cfg(target_os = "none")]
 pub use output::{print_above_prompt, Out};
@@ -103,8 +105,10 @@ mod run_loop {
             }
             if let Some(r) = running.as_mut() {
                 if r.task.done() {
-                    let allocations = memory::allocation_count() - r.allocations_at_start;
-                    IO_ALLOCATIONS.fetch_add(allocations, Ordering::Relaxed);
+                    if r.task.io_path() {
+                        let allocations = memory::allocation_count() - r.allocations_at_start;
+                        IO_ALLOCATIONS.fetch_add(allocations, Ordering::Relaxed);
+                    }
                     let mut out = Out;
                     if r.progress_shown {
                         serial::write_bytes(b"\r\x1b[K");
@@ -170,7 +174,9 @@ mod run_loop {
                     )),
                     EditorEvent::Line(line) => {
                         if let Some(task) = execute(&line) {
-                            IO_TASKS.fetch_add(1, Ordering::Relaxed);
+                            if task.io_path() {
+                                IO_TASKS.fetch_add(1, Ordering::Relaxed);
+                            }
                             let now = time::uptime_ns();
                             running = Some(Running {
                                 task,

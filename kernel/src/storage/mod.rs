@@ -6,6 +6,7 @@
 //! calls [`poll`], which acknowledges each pending queue to its driver and drains its
 //! completions with a budget. Nothing on this path allocates.
 
+pub mod snaptask;
 pub mod tasks;
 pub mod volume;
 

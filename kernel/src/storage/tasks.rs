@@ -33,6 +33,11 @@ pub trait Task {
     fn progress(&self, out: &mut dyn Write, now: u64) -> fmt::Result;
     /// The final report.
     fn report(&mut self, out: &mut dyn Write, now: u64) -> fmt::Result;
+    /// Whether this is I/O-path work, checked by the allocation guard (control operations
+    /// such as creating a snapshot allocate its tables, by design).
+    fn io_path(&self) -> bool {
+        true
+    }
 }
 
 /// Tag of a write task's closing flush (task tags never use bit 63, which marks engine I/O).

@@ -1,0 +1,350 @@
+//! `snapshot create|list|status|delete`: checks an operator's request against the devices
+//! and the snapshots that exist, then starts the task that does the work.
+
+use core::fmt::Write;
+
+use alloc::boxed::Box;
+use alloc::string::{String, ToString};
+
+use super::output::Out;
+use crate::console::args::{parse_size, parse_u64, Args};
+use crate::json;
+use crate::storage::snaptask::{CreateSpec, CreateTask, DeleteTask};
+use crate::storage::tasks::Task;
+use crate::storage::volume::{reason_text, Origin, SnapState};
+use crate::storage::{self, Storage};
+use crate::time;
+
+type CmdResult<T> = Result<T, String>;
+
+fn shown(s: &str) -> String {
+    s.chars()
+        .take(32)
+        .map(|c| if c.is_ascii_graphic() { c } else { '?' })
+        .collect()
+}
+
+/// Runs a `snapshot` subcommand; creation and deletion come back as tasks.
+pub fn run(args: &Args, out: &mut Out) -> Option<Box<dyn Task>> {
+    let result = storage::with(|st| match args.arg("SUBCOMMAND") {
+        Some("create") => create(st, args).map(Some),
+        Some("list") => {
+            list(st, args.flag("json"), out);
+            Ok(None)
+        }
+        Some("status") => status(st, args, out).map(|_| None),
+        Some("delete") => delete(st, args).map(Some),
+        Some(other) => Err(alloc::format!(
+            "unknown snapshot subcommand '{}' (create, list, status, delete)",
+            shown(other)
+        )),
+        None => Err("snapshot needs a subcommand: create, list, status or delete".to_string()),
+    });
+    match result {
+        Ok(task) => task,
+        Err(message) => {
+            out.error(format_args!("{message}"));
+            None
+        }
+    }
+}
+
+/// `DEV` or `DEV:START+LEN` (blocks of DEV).
+fn parse_cow(st: &Storage, text: &str) -> CmdResult<(usize, u64, u64)> {
+    let (name, region) = match text.split_once(':') {
+        Some((n, r)) => (n, Some(r)),
+        None => (text, None),
+    };
+    let disk = st
+        .find(name)
+        .ok_or_else(|| alloc::format!("no device '{}' for the COW store", shown(name)))?;
+    let g = st.devices[disk].geometry();
+    let block_sectors = u64::from(g.block_size / 512).max(1);
+    let (start, len) = match region {
+        None => (0, g.capacity_blocks),
+        Some(r) => {
+            let (s, l) = r
+                .split_once('+')
+                .ok_or("a COW region is DEV:START+LEN (in blocks)")?;
+            let s = parse_u64(s, "START").map_err(|e| e.to_string())?;
+            let l = parse_u64(l, "LEN").map_err(|e| e.to_string())?;
+            if l == 0 || s.checked_add(l).is_none_or(|end| end > g.capacity_blocks) {
+                return Err(alloc::format!(
+                    "region {s}+{l} is not inside {name} ({} blocks)",
+                    g.capacity_blocks
+                ));
+            }
+            (s, l)
+        }
+    };
+    Ok((disk, start * block_sectors, len * block_sectors))
+}
+
+fn create(st: &mut Storage, args: &Args) -> CmdResult<Box<dyn Task>> {
+    let (Some(name), Some(origin_name), Some(cow_text)) =
+        (args.arg("NAME"), args.arg("ORIGIN"), args.arg("COW"))
+    else {
+        return Err(
+            "usage: snapshot create NAME ORIGIN COW[:START+LEN] [--chunk 4k] [--writable]".into(),
+        );
+    };
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    {
+        return Err(alloc::format!(
+            "invalid snapshot name '{}' (1-64 of A-Z a-z 0-9 - _ .)",
+            shown(name)
+        ));
+    }
+    if st.resolve(name).is_some() || st.failed.iter().any(|f| f.name.as_str() == name) {
+        return Err(alloc::format!("the name '{name}' is already taken"));
+    }
+    let origin = st
+        .find(origin_name)
+        .ok_or_else(|| alloc::format!("no device '{}' for the origin", shown(origin_name)))?;
+    if let Some(user) = st.cow_user(origin) {
+        return Err(alloc::format!(
+            "{origin_name} holds the COW store of snapshot '{user}'; it cannot be an origin"
+        ));
+    }
+    let (cow_disk, cow_start, cow_sectors) = parse_cow(st, cow_text)?;
+    if cow_disk == origin {
+        return Err("the COW store must be on another device than the origin".into());
+    }
+    if st
+        .origins
+        .iter()
+        .any(|o| o.disk == cow_disk && !o.snaps.is_empty())
+    {
+        return Err(alloc::format!(
+            "{} is the origin of snapshots; it cannot hold a COW store",
+            st.name(cow_disk)
+        ));
+    }
+    let overlaps = st.origins.iter().flat_map(|o| o.snaps.iter()).any(|s| {
+        s.cow_disk == cow_disk
+            && cow_start < s.cow_start + s.cow_sectors
+            && s.cow_start < cow_start + cow_sectors
+    });
+    if overlaps {
+        return Err("that COW region overlaps another snapshot's store".into());
+    }
+    let chunk_bytes = args
+        .value_as("chunk", parse_size)
+        .map_err(|e| e.to_string())?
+        .unwrap_or(4096);
+    let og = st.devices[origin].geometry();
+    let cg = st.devices[cow_disk].geometry();
+    let min = u64::from(og.block_size.max(cg.block_size)).max(4096);
+    if !chunk_bytes.is_power_of_two() || !(min..=512 * 1024).contains(&chunk_bytes) {
+        return Err(alloc::format!(
+            "--chunk must be a power of two from {} KiB to 512 KiB",
+            min / 1024
+        ));
+    }
+    let chunk_sectors = (chunk_bytes / 512) as u32;
+    if cow_sectors < 3 * u64::from(chunk_sectors) {
+        return Err(alloc::format!(
+            "the COW store needs at least 3 chunks (header, metadata area, one data chunk): {} KiB",
+            3 * chunk_bytes / 1024
+        ));
+    }
+    let origin_index = match st.origins.iter().position(|o| o.disk == origin) {
+        Some(i) => i,
+        None => {
+            let pool_id = 0x8000 + st.origins.len() as u16;
+            let o = Origin::new(origin, &st.devices[origin], pool_id).map_err(String::from)?;
+            st.origins.push(o);
+            st.origins.len() - 1
+        }
+    };
+    let spec = CreateSpec {
+        name: name.to_string(),
+        origin: origin_index,
+        cow_disk,
+        cow_start,
+        cow_sectors,
+        chunk_sectors,
+        writable: args.flag("writable"),
+    };
+    Ok(Box::new(CreateTask::new(spec, time::uptime_ns())))
+}
+
+fn find_snap<'a>(
+    st: &'a Storage,
+    args: &Args,
+) -> CmdResult<(usize, &'a crate::storage::volume::Snap)> {
+    let name = args.arg("NAME").ok_or("which snapshot? (give its NAME)")?;
+    st.origins
+        .iter()
+        .enumerate()
+        .find_map(|(i, o)| o.snap(name).map(|s| (i, s)))
+        .ok_or_else(|| alloc::format!("no snapshot '{}' (see 'snapshot list')", shown(name)))
+}
+
+fn delete(st: &mut Storage, args: &Args) -> CmdResult<Box<dyn Task>> {
+    let (origin, snap) = find_snap(st, args)?;
+    if !matches!(snap.state, SnapState::Active | SnapState::Invalid) {
+        return Err(alloc::format!(
+            "snapshot {} is busy (being created or deleted)",
+            snap.name
+        ));
+    }
+    Ok(Box::new(DeleteTask::new(
+        snap.name.clone(),
+        origin,
+        snap.id,
+    )))
+}
+
+fn state_name(s: &crate::storage::volume::Snap) -> &'static str {
+    match s.state {
+        SnapState::Creating => "creating",
+        SnapState::Active => "active",
+        SnapState::Invalid
+            if matches!(
+                s.invalid,
+                Some(snapshot::InvalidReason::CowFull | snapshot::InvalidReason::TableFull)
+            ) =>
+        {
+            "overflow"
+        }
+        SnapState::Invalid => "invalid",
+        SnapState::Failed => "failed",
+        SnapState::Deleting | SnapState::Deleted => "deleting",
+    }
+}
+
+/// Usage as dmsetup prints it, and the percentage of the store in use.
+fn usage(o: &Origin, s: &crate::storage::volume::Snap) -> (String, Option<(u64, u64)>) {
+    match o.engine.status(s.id) {
+        Some(snapshot::Status::Usage(u)) => (
+            alloc::format!("{}", snapshot::Status::Usage(u)),
+            Some((u.allocated_sectors, u.total_sectors)),
+        ),
+        Some(other) => (alloc::format!("{other}"), None),
+        None => ("-".into(), None),
+    }
+}
+
+fn percent(used: Option<(u64, u64)>) -> String {
+    match used {
+        Some((a, t)) if t > 0 => {
+            let tenths = a * 1000 / t;
+            alloc::format!("{}.{}%", tenths / 10, tenths % 10)
+        }
+        _ => "-".into(),
+    }
+}
+
+fn list(st: &Storage, json_out: bool, out: &mut Out) {
+    let snaps = st
+        .origins
+        .iter()
+        .flat_map(|o| o.snaps.iter().map(move |s| (o, s)));
+    if json_out {
+        let text = json::object_string(|j| {
+            j.array("snapshots", |a| {
+                for (o, s) in snaps.clone() {
+                    let (status, used) = usage(o, s);
+                    a.object(|e| {
+                        e.str("name", &s.name);
+                        e.str("origin", st.name(o.disk).as_str());
+                        e.str("cow", st.name(s.cow_disk).as_str());
+                        e.u64("cow_start_sector", s.cow_start);
+                        e.u64("cow_sectors", s.cow_sectors);
+                        e.u64("chunk_bytes", u64::from(s.chunk_sectors) * 512);
+                        e.bool("writable", s.writable);
+                        e.str("state", state_name(s));
+                        e.str("status", &status);
+                        match used {
+                            Some((a, t)) => {
+                                e.u64("allocated_sectors", a);
+                                e.u64("total_sectors", t);
+                            }
+                            None => {
+                                e.null("allocated_sectors");
+                            }
+                        };
+                    });
+                }
+            });
+        });
+        let _ = writeln!(out, "{text}");
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "{:<16} {:<8} {:<22} {:>6} {:<9} {:<26} {:>6}",
+        "NAME", "ORIGIN", "COW", "CHUNK", "STATE", "USAGE (dmsetup)", "USE%"
+    );
+    let mut any = false;
+    for (o, s) in snaps {
+        any = true;
+        let (status, used) = usage(o, s);
+        let cow = if s.cow_start == 0
+            && s.cow_sectors
+                == st.devices[s.cow_disk].geometry().capacity_blocks
+                    * u64::from(st.devices[s.cow_disk].geometry().block_size / 512)
+        {
+            st.name(s.cow_disk).as_str().to_string()
+        } else {
+            alloc::format!("{}:{}+{}", st.name(s.cow_disk), s.cow_start, s.cow_sectors)
+        };
+        let _ = writeln!(
+            out,
+            "{:<16} {:<8} {:<22} {:>4}Ki {:<9} {:<26} {:>6}",
+            s.name,
+            st.name(o.disk).as_str(),
+            cow,
+            s.chunk_sectors / 2,
+            state_name(s),
+            status,
+            percent(used)
+        );
+    }
+    if !any {
+        let _ = writeln!(
+            out,
+            "(no snapshots; create one with 'snapshot create NAME ORIGIN COW')"
+        );
+    }
+}
+
+fn status(st: &Storage, args: &Args, out: &mut Out) -> CmdResult<()> {
+    let (origin, s) = find_snap(st, args)?;
+    let o = &st.origins[origin];
+    let (status, used) = usage(o, s);
+    let g = st.devices[o.disk].geometry();
+    let sectors = g.capacity_blocks * u64::from(g.block_size / 512);
+    let _ = writeln!(out, "0 {sectors} snapshot {status}");
+    let _ = writeln!(
+        out,
+        "  state {}  used {}  chunk {} KiB",
+        state_name(s),
+        percent(used),
+        s.chunk_sectors / 2
+    );
+    if let Some(reason) = s.invalid {
+        let _ = writeln!(out, "  invalidated: {}", reason_text(reason));
+    }
+    let e = o.engine.stats();
+    let per = e.records_committed * 100 / e.commits.max(1);
+    let _ = writeln!(
+        out,
+        "  origin {}: {} writes, {} held for copies, {} copy jobs, {} copy writes, {} commits, {}.{:02} records per commit, {} commit flushes",
+        st.name(o.disk).as_str(),
+        e.origin_writes,
+        e.held_writes,
+        e.copy_jobs,
+        e.copy_writes,
+        e.commits,
+        per / 100,
+        per % 100,
+        e.commit_flushes
+    );
+    Ok(())
+}

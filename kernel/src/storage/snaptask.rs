@@ -1,0 +1,269 @@
+//! Snapshot creation and deletion as tasks of the main loop: both quiesce the origin (its
+//! in-flight writes finish, new ones wait in the engine), let the engine initialise or wipe
+//! the COW store with its ordered, durable writes, and resume the origin.
+
+use core::fmt::{self, Write};
+
+use alloc::string::String;
+use drivers::block::{BufferPool, Completion};
+use snapshot::{Binding, BoundedBytes, SnapId, SnapshotConfig};
+
+use super::tasks::Task;
+use super::volume::{Snap, SnapState};
+use super::Storage;
+
+/// Where the new store goes and how it is laid out.
+pub struct CreateSpec {
+    /// Snapshot name.
+    pub name: String,
+    /// Index into `Storage::origins`.
+    pub origin: usize,
+    /// COW device.
+    pub cow_disk: usize,
+    /// First sector of the store on the COW device.
+    pub cow_start: u64,
+    /// Store size in sectors.
+    pub cow_sectors: u64,
+    /// Chunk size in sectors.
+    pub chunk_sectors: u32,
+    /// Accept writes to the snapshot.
+    pub writable: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Quiesce,
+    WaitQuiesced,
+    WaitCreated(SnapId),
+    Done,
+}
+
+/// `snapshot create`.
+pub struct CreateTask {
+    spec: CreateSpec,
+    step: Step,
+    error: Option<&'static str>,
+    started: u64,
+}
+
+impl CreateTask {
+    /// A creation; the caller checked the spec.
+    pub fn new(spec: CreateSpec, now: u64) -> CreateTask {
+        CreateTask {
+            spec,
+            step: Step::Quiesce,
+            error: None,
+            started: now,
+        }
+    }
+
+    fn config(&self, st: &Storage) -> SnapshotConfig {
+        let origin = st.origins[self.spec.origin].disk;
+        let og = st.devices[origin].geometry();
+        let info = st.devices[origin].info();
+        let cg = st.devices[self.spec.cow_disk].geometry();
+        let chunks = self.spec.cow_sectors / u64::from(self.spec.chunk_sectors);
+        // Names are checked (at most 64 bytes) and serials are at most 20 bytes, so both fit.
+        let binding = match (
+            BoundedBytes::new(self.spec.name.as_bytes()),
+            BoundedBytes::new(info.serial.as_str().as_bytes()),
+        ) {
+            (Some(name), Some(origin_serial)) => Some(Binding {
+                name,
+                origin_serial,
+                origin_sectors: og.capacity_blocks * u64::from(og.block_size / 512),
+                chunk_sectors: self.spec.chunk_sectors,
+                // No wall clock yet: the appliance does not read the RTC.
+                created_unix_seconds: 0,
+            }),
+            _ => None,
+        };
+        SnapshotConfig {
+            chunk_sectors: self.spec.chunk_sectors,
+            cow_sectors: self.spec.cow_sectors,
+            cow_block_sectors: (cg.block_size / 512).max(1),
+            cow_fua: cg.fua,
+            writable: self.spec.writable,
+            table_runs: chunks.clamp(1, 1 << 22) as usize,
+            binding,
+        }
+    }
+}
+
+impl Task for CreateTask {
+    fn step(&mut self, st: &mut Storage, _now: u64) {
+        let cfg = (self.step == Step::WaitQuiesced).then(|| self.config(st));
+        let Some(o) = st.origins.get_mut(self.spec.origin) else {
+            self.error = Some("the origin went away");
+            self.step = Step::Done;
+            return;
+        };
+        match self.step {
+            Step::Quiesce => {
+                o.engine.quiesce_origin();
+                self.step = Step::WaitQuiesced;
+            }
+            Step::WaitQuiesced if o.engine.is_quiesced() => {
+                let Some(cfg) = cfg else { return };
+                match o.engine.create_snapshot(&cfg) {
+                    Ok(id) => {
+                        o.snaps.push(Snap {
+                            name: self.spec.name.clone(),
+                            id,
+                            cow_disk: self.spec.cow_disk,
+                            cow_start: self.spec.cow_start,
+                            cow_sectors: self.spec.cow_sectors,
+                            chunk_sectors: self.spec.chunk_sectors,
+                            writable: self.spec.writable,
+                            state: SnapState::Creating,
+                            invalid: None,
+                        });
+                        self.step = Step::WaitCreated(id);
+                    }
+                    Err(_) => {
+                        self.error = Some("the engine refused the store (chunk size or COW size)");
+                        o.engine.resume_origin();
+                        self.step = Step::Done;
+                    }
+                }
+            }
+            Step::WaitCreated(id) => {
+                let state = o.snaps.iter().find(|s| s.id == id).map(|s| s.state);
+                match state {
+                    Some(SnapState::Creating) => {}
+                    Some(SnapState::Active) => {
+                        o.engine.resume_origin();
+                        self.step = Step::Done;
+                    }
+                    _ => {
+                        self.error = Some("initialising the COW store failed (I/O error)");
+                        o.engine.resume_origin();
+                        self.step = Step::Done;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn complete(&mut self, pool: &mut BufferPool, c: Completion, _now: u64) {
+        if let Some(b) = c.buffer {
+            let _ = pool.release(b);
+        }
+    }
+
+    fn done(&self) -> bool {
+        self.step == Step::Done
+    }
+
+    fn cancel(&mut self) {
+        // Creation is short and must finish or fail cleanly; Ctrl-C does not interrupt it.
+    }
+
+    fn io_path(&self) -> bool {
+        false
+    }
+
+    fn progress(&self, out: &mut dyn Write, _now: u64) -> fmt::Result {
+        write!(out, "creating snapshot {}", self.spec.name)
+    }
+
+    fn report(&mut self, out: &mut dyn Write, now: u64) -> fmt::Result {
+        match self.error {
+            Some(e) => writeln!(out, "error: snapshot {}: {e}", self.spec.name),
+            None => writeln!(
+                out,
+                "created snapshot {} ({} KiB chunks) in {} ms",
+                self.spec.name,
+                self.spec.chunk_sectors / 2,
+                (now - self.started) / 1_000_000
+            ),
+        }
+    }
+}
+
+/// `snapshot delete`.
+pub struct DeleteTask {
+    name: String,
+    origin: usize,
+    id: SnapId,
+    step: u8, // 0 quiesce, 1 wait quiesced, 2 wait deleted, 3 done
+    error: Option<&'static str>,
+}
+
+impl DeleteTask {
+    /// Deletes snapshot `id` of `origin`.
+    pub fn new(name: String, origin: usize, id: SnapId) -> DeleteTask {
+        DeleteTask {
+            name,
+            origin,
+            id,
+            step: 0,
+            error: None,
+        }
+    }
+}
+
+impl Task for DeleteTask {
+    fn step(&mut self, st: &mut Storage, _now: u64) {
+        let Some(o) = st.origins.get_mut(self.origin) else {
+            self.step = 3;
+            return;
+        };
+        match self.step {
+            0 => {
+                o.engine.quiesce_origin();
+                self.step = 1;
+            }
+            1 if o.engine.is_quiesced() => {
+                if o.engine.delete_snapshot(self.id).is_err() {
+                    self.error = Some("the engine does not know this snapshot");
+                    o.engine.resume_origin();
+                    self.step = 3;
+                    return;
+                }
+                if let Some(s) = o.snaps.iter_mut().find(|s| s.id == self.id) {
+                    s.state = SnapState::Deleting;
+                }
+                self.step = 2;
+            }
+            // The entry disappears once the engine reports the store wiped.
+            2 if !o.snaps.iter().any(|s| s.id == self.id) => {
+                o.engine.resume_origin();
+                self.step = 3;
+            }
+            _ => {}
+        }
+    }
+
+    fn complete(&mut self, pool: &mut BufferPool, c: Completion, _now: u64) {
+        if let Some(b) = c.buffer {
+            let _ = pool.release(b);
+        }
+    }
+
+    fn done(&self) -> bool {
+        self.step == 3
+    }
+
+    fn cancel(&mut self) {}
+
+    fn io_path(&self) -> bool {
+        false
+    }
+
+    fn progress(&self, out: &mut dyn Write, _now: u64) -> fmt::Result {
+        write!(out, "deleting snapshot {}", self.name)
+    }
+
+    fn report(&mut self, out: &mut dyn Write, _now: u64) -> fmt::Result {
+        match self.error {
+            Some(e) => writeln!(out, "error: snapshot {}: {e}", self.name),
+            None => writeln!(
+                out,
+                "deleted snapshot {} (its COW store is invalidated and wiped)",
+                self.name
+            ),
+        }
+    }
+}

@@ -1,0 +1,192 @@
+//! Snapshots on real disks (first part of the snapshot issue): create a snapshot of `vda` on
+//! `vdb`, write over the origin, and check that the snapshot still reads as the origin did,
+//! on the appliance (`checksum`) and on the host (the COW image read with the `snapshot`
+//! crate's loader). Also the console's refusals and `list`/`status`/`delete`.
+
+use tests::cow::CowImage;
+use tests::{sha256_hex, Boot, Image, Qemu, TIMEOUT};
+
+const MIB: u64 = 1 << 20;
+
+fn boot(a: &Image, b: &Image) -> Qemu {
+    let mut q = Boot::kernel("q35", "testing loglevel=info")
+        .virtio_disk(&a.path, "ORIGIN-A")
+        .virtio_disk(&b.path, "COW-B")
+        .start();
+    q.wait_prompt();
+    q
+}
+
+/// The line that carries the result, after any progress lines.
+fn result(out: &str) -> &str {
+    out.rsplit("\x1b[K").next().unwrap_or(out).trim()
+}
+
+#[test]
+fn snapshot_keeps_the_origin_as_it_was() {
+    let (a, b) = (
+        Image::new("snap-origin", 16 * MIB),
+        Image::new("snap-cow", 8 * MIB),
+    );
+    let before: Vec<u8> = (0..16 * MIB as usize)
+        .map(|i| (i / 4096 % 251) as u8 ^ (i % 7) as u8)
+        .collect();
+    a.write(0, &before);
+    let mut q = boot(&a, &b);
+    let out = q.command("snapshot create s1 vda vdb");
+    assert!(out.contains("created snapshot s1 (4 KiB chunks)"), "{out}");
+    let sum = q.command_timeout("checksum s1", TIMEOUT * 2);
+    assert!(result(&sum).starts_with(&sha256_hex(&before)), "{sum}");
+
+    // Single blocks, partial chunks, ranges across chunks, and enough chunks to fill more
+    // than one metadata area (4 KiB chunks: 256 records per area).
+    for line in [
+        "write vda 0 1 --byte 0x11",
+        "write vda 9 3 --byte 0x22",
+        "write vda 15 10 --seed 5",
+        "write vda 4096 4000 --seed 6",
+        "write vda 20000 20 --byte 0x33",
+    ] {
+        let out = q.command(line);
+        assert!(out.contains("wrote"), "{line}: {out}");
+    }
+    let sum = q.command_timeout("checksum s1", TIMEOUT * 2);
+    assert!(
+        result(&sum).starts_with(&sha256_hex(&before)),
+        "snapshot changed: {sum}"
+    );
+    let list = q.command("snapshot list");
+    let row = list
+        .lines()
+        .find(|l| l.starts_with("s1"))
+        .unwrap_or_else(|| panic!("{list}"));
+    assert!(
+        row.contains("vda") && row.contains("vdb") && row.contains("active"),
+        "{row}"
+    );
+    let status = q.command("snapshot status s1");
+    assert!(status.starts_with("0 32768 snapshot "), "{status}");
+    // The origin image holds the new data.
+    assert!(a.read(0, 512).iter().all(|x| *x == 0x11));
+    let mut seeded = vec![0u8; 4000 * 512];
+    kernel::util::pattern::fill_seeded(&mut seeded, 6, 4096 * 512);
+    assert_eq!(a.read(4096 * 512, seeded.len()), seeded);
+
+    // The host reads the COW image like Linux would and sees the same snapshot.
+    let view = CowImage {
+        bytes: &b.read(0, (8 * MIB) as usize),
+    }
+    .snapshot_view(&a.read(0, (16 * MIB) as usize))
+    .expect("the COW store loads on the host");
+    assert_eq!(
+        sha256_hex(&view),
+        sha256_hex(&before),
+        "host-side reconstruction differs"
+    );
+
+    let json = q.command("snapshot list --json");
+    assert!(
+        json.contains(r#""name":"s1","origin":"vda","cow":"vdb""#),
+        "{json}"
+    );
+    let mem = q.command("mem --json");
+    assert!(mem.contains(r#""io_path_allocations":0"#), "{mem}");
+    q.poweroff();
+}
+
+#[test]
+fn snapshot_commands_refuse_bad_requests() {
+    let (a, b) = (
+        Image::new("snapbad-a", 16 * MIB),
+        Image::new("snapbad-b", 8 * MIB),
+    );
+    let mut q = boot(&a, &b);
+    for (line, expected) in [
+        ("snapshot", "error: missing argument <SUBCOMMAND>"),
+        ("snapshot frob", "error: unknown snapshot subcommand 'frob'"),
+        ("snapshot create s1 vda", "error: usage: snapshot create"),
+        (
+            "snapshot create s1 vda vda",
+            "error: the COW store must be on another device",
+        ),
+        (
+            "snapshot create s1 vdx vdb",
+            "error: no device 'vdx' for the origin",
+        ),
+        (
+            "snapshot create s1 vda vdq",
+            "error: no device 'vdq' for the COW store",
+        ),
+        (
+            "snapshot create s1 vda vdb --chunk 3k",
+            "error: --chunk must be a power of two",
+        ),
+        (
+            "snapshot create s1 vda vdb --chunk 1m",
+            "error: --chunk must be a power of two",
+        ),
+        (
+            "snapshot create s1 vda vdb:0+8",
+            "error: the COW store needs at least 3 chunks",
+        ),
+        (
+            "snapshot create s1 vda vdb:16000+1000",
+            "error: region 16000+1000 is not inside vdb",
+        ),
+        (
+            "snapshot create bad/name vda vdb",
+            "error: invalid snapshot name",
+        ),
+        (
+            "snapshot create vdb vda vdb",
+            "error: the name 'vdb' is already taken",
+        ),
+        ("snapshot status nope", "error: no snapshot 'nope'"),
+        ("snapshot delete nope", "error: no snapshot 'nope'"),
+    ] {
+        let out = q.command(line);
+        assert!(out.trim_start().starts_with(expected), "{line}: {out}");
+    }
+    assert!(q.command("snapshot list").contains("no snapshots"));
+    // Two snapshots in regions of one disk, then the refusals that need them.
+    assert!(q
+        .command("snapshot create s1 vda vdb:0+8192")
+        .contains("created snapshot s1"));
+    assert!(q
+        .command("snapshot create s2 vda vdb:8192+8192 --chunk 8k")
+        .contains("created snapshot s2"));
+    for (line, expected) in [
+        (
+            "snapshot create s1 vda vdb:0+8192",
+            "error: the name 's1' is already taken",
+        ),
+        (
+            "snapshot create s3 vda vdb:4000+8192",
+            "error: that COW region overlaps",
+        ),
+        (
+            "snapshot create s3 vdb vda",
+            "error: vdb holds the COW store of snapshot",
+        ),
+        (
+            "write vdb 0 1 --byte 1",
+            "error: vdb holds the COW store of snapshot",
+        ),
+        ("write s1 0 1 --byte 1", "error: s1 is read-only"),
+    ] {
+        let out = q.command(line);
+        assert!(out.trim_start().starts_with(expected), "{line}: {out}");
+    }
+    assert!(q
+        .command("write vda 100 50 --seed 1")
+        .contains("wrote 50 blocks"));
+    let out = q.command("snapshot delete s1");
+    assert!(out.contains("deleted snapshot s1"), "{out}");
+    let list = q.command("snapshot list");
+    assert!(!list.contains("s1 ") && list.contains("s2"), "{list}");
+    assert!(q
+        .command("read s1 0")
+        .trim_start()
+        .starts_with("error: no device or snapshot 's1'"));
+    q.poweroff();
+}
