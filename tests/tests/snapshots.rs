@@ -190,3 +190,101 @@ fn snapshot_commands_refuse_bad_requests() {
         .starts_with("error: no device or snapshot 's1'"));
     q.poweroff();
 }
+
+#[test]
+fn snapshots_come_back_after_reboot_and_a_fresh_start() {
+    let (a, b) = (
+        Image::new("snappers-a", 16 * MIB),
+        Image::new("snappers-b", 8 * MIB),
+    );
+    let before: Vec<u8> = (0..16 * MIB as usize).map(|i| (i % 241) as u8).collect();
+    a.write(0, &before);
+    let boot_args = |q: Boot| {
+        q.virtio_disk(&a.path, "ORIGIN-A")
+            .virtio_disk(&b.path, "COW-B")
+    };
+    let mut q = boot_args(Boot {
+        no_reboot: false,
+        ..Boot::kernel("q35", "testing")
+    })
+    .start();
+    q.wait_prompt();
+    assert!(q
+        .command("snapshot create keep vda vdb --chunk 16k")
+        .contains("created snapshot keep"));
+    assert!(q
+        .command("write vda 64 2000 --seed 9")
+        .contains("wrote 2000 blocks"));
+    let expected = sha256_hex(&before);
+    // Reboot: the store is found again with no command.
+    q.send(b"reboot\r");
+    q.expect("rebooting", TIMEOUT);
+    q.expect("snapshot keep: store on vdb attached to vda", TIMEOUT);
+    q.wait_prompt();
+    let list = q.command("snapshot list");
+    assert!(
+        list.contains("keep") && list.contains("active") && list.contains("16Ki"),
+        "{list}"
+    );
+    let sum = q.command_timeout("checksum keep", TIMEOUT * 2);
+    assert!(result(&sum).starts_with(&expected), "after reboot: {sum}");
+    q.poweroff();
+    // A fresh QEMU on the same images.
+    let mut q = boot_args(Boot::kernel("q35", "testing")).start();
+    q.expect("1 snapshot(s) back from their stores", TIMEOUT);
+    q.wait_prompt();
+    let sum = q.command_timeout("checksum keep", TIMEOUT * 2);
+    assert!(
+        result(&sum).starts_with(&expected),
+        "after a fresh start: {sum}"
+    );
+    // Writes keep copying after the reload.
+    assert!(q
+        .command("write vda 0 300 --byte 0x5e")
+        .contains("wrote 300 blocks"));
+    let sum = q.command_timeout("checksum keep", TIMEOUT * 2);
+    assert!(
+        result(&sum).starts_with(&expected),
+        "after more writes: {sum}"
+    );
+    q.poweroff();
+    let view = CowImage {
+        bytes: &b.read(0, (8 * MIB) as usize),
+    }
+    .snapshot_view(&a.read(0, (16 * MIB) as usize))
+    .expect("the COW store loads on the host");
+    assert_eq!(sha256_hex(&view), expected);
+}
+
+#[test]
+fn a_store_whose_origin_is_missing_is_listed_and_left_alone() {
+    let (a, b) = (
+        Image::new("orphan-a", 16 * MIB),
+        Image::new("orphan-b", 8 * MIB),
+    );
+    let mut q = boot(&a, &b);
+    assert!(q
+        .command("snapshot create lost vda vdb")
+        .contains("created snapshot lost"));
+    q.poweroff();
+    let cow_before = b.read(0, (8 * MIB) as usize);
+    // Boot with the COW disk only.
+    let mut q = Boot::kernel("q35", "testing")
+        .virtio_disk(&b.path, "COW-B")
+        .start();
+    q.wait_prompt();
+    let list = q.command("snapshot list");
+    assert!(
+        list.contains("store on vda: snapshot 'lost': its origin (serial 'ORIGIN-A'"),
+        "{list}"
+    );
+    assert!(q
+        .command("read lost 0")
+        .trim_start()
+        .starts_with("error: no device or snapshot 'lost'"));
+    q.poweroff();
+    assert!(
+        b.read(0, (8 * MIB) as usize) == cow_before,
+        "the store was modified"
+    );
+}

@@ -77,9 +77,14 @@ mod run_loop {
             e.set_prompt(PROMPT);
             e
         });
-        with_editor(|e, out| e.redraw(out));
         let mut garbage = 0usize;
-        let mut running: Option<Running> = None;
+        // The first task finds the snapshot stores on the disks; the prompt follows it.
+        let mut running: Option<Running> = Some(Running {
+            task: alloc::boxed::Box::new(crate::storage::discover::DiscoverTask::new()),
+            allocations_at_start: memory::allocation_count(),
+            next_progress: time::uptime_ns() + PROGRESS_NS,
+            progress_shown: false,
+        });
         let mut typeahead = ByteRing::<256>::new();
         let mut typeahead_dropped = false;
         loop {

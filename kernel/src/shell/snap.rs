@@ -247,6 +247,14 @@ fn list(st: &Storage, json_out: bool, out: &mut Out) {
         .flat_map(|o| o.snaps.iter().map(move |s| (o, s)));
     if json_out {
         let text = json::object_string(|j| {
+            j.array("unserved_stores", |a| {
+                for u in &st.unserved {
+                    a.object(|e| {
+                        e.str("device", st.name(u.disk).as_str());
+                        e.str("why", &u.why);
+                    });
+                }
+            });
             j.array("snapshots", |a| {
                 for (o, s) in snaps.clone() {
                     let (status, used) = usage(o, s);
@@ -311,6 +319,9 @@ fn list(st: &Storage, json_out: bool, out: &mut Out) {
             out,
             "(no snapshots; create one with 'snapshot create NAME ORIGIN COW')"
         );
+    }
+    for u in &st.unserved {
+        let _ = writeln!(out, "store on {}: {}", st.name(u.disk).as_str(), u.why);
     }
 }
 

@@ -6,6 +6,7 @@
 //! calls [`poll`], which acknowledges each pending queue to its driver and drains its
 //! completions with a budget. Nothing on this path allocates.
 
+pub mod discover;
 pub mod snaptask;
 pub mod tasks;
 pub mod volume;
@@ -51,6 +52,8 @@ pub struct Storage {
     pub controllers: Vec<NvmeController<MmioRegisters>>,
     /// Devices that are origins of snapshots, with their engines.
     pub origins: Vec<volume::Origin>,
+    /// Stores found at boot that are not served (no binding, origin missing, corrupt).
+    pub unserved: Vec<discover::Unserved>,
     servicer: Servicer,
     next_housekeeping: u64,
 }
@@ -221,6 +224,7 @@ static STORAGE: spin::Mutex<Storage> = spin::Mutex::new(Storage {
     failed: Vec::new(),
     controllers: Vec::new(),
     origins: Vec::new(),
+    unserved: Vec::new(),
     servicer: Servicer::new(),
     next_housekeeping: 0,
 });

@@ -1,0 +1,397 @@
+//! Rediscovery at boot: every device is read for a dm-snapshot store (magic `SnAp` in its
+//! first block). A store with snapfw's binding is loaded with the `snapshot` crate's loader
+//! and attached to the engine of its origin, found by serial number and capacity; the
+//! snapshot is back under its name with no command from the operator. Stores without a
+//! binding (made by Linux) and stores whose origin is missing are listed and left untouched.
+//! It runs as the first task of the main loop, through the ordinary interrupt-driven queues.
+
+use core::fmt::{self, Write};
+
+use alloc::string::String;
+use alloc::vec::Vec;
+use drivers::block::{BlockRequest, BufferPool, Completion};
+use snapshot::format::SNAP_MAGIC;
+use snapshot::{Binding, BindingError, LoadParams, LoadedStore, Loader, SnapshotConfig};
+
+use super::tasks::Task;
+use super::volume::{Origin, Snap, SnapState};
+use super::{Storage, Target};
+
+/// A store found at boot that is not served.
+#[derive(Clone, Debug)]
+pub struct Unserved {
+    /// The device holding it.
+    pub disk: usize,
+    /// Why it is not served.
+    pub why: String,
+}
+
+// Only one scan exists, at boot: the size of the loading state does not matter.
+#[allow(clippy::large_enum_variant)]
+enum Phase {
+    /// Read the first block of `disk`.
+    Head,
+    /// Waiting for the first block.
+    WaitHead,
+    /// Loading: the loader, the binding, the origin, the bytes of the current read.
+    Load {
+        loader: Loader,
+        binding: Binding,
+        origin: usize,
+        read: Vec<u8>,
+        want: usize,
+        sector: u64,
+        waiting: bool,
+    },
+}
+
+/// The boot-time scan.
+pub struct DiscoverTask {
+    disk: usize,
+    phase: Phase,
+    head: Vec<u8>,
+    found: usize,
+    done: bool,
+}
+
+impl DiscoverTask {
+    /// A scan of every device.
+    pub fn new() -> DiscoverTask {
+        DiscoverTask {
+            disk: 0,
+            phase: Phase::Head,
+            head: Vec::new(),
+            found: 0,
+            done: false,
+        }
+    }
+
+    fn next_disk(&mut self) {
+        self.disk += 1;
+        self.phase = Phase::Head;
+    }
+
+    /// Decides what the first block holds.
+    fn examine(&mut self, st: &mut Storage) {
+        let head = core::mem::take(&mut self.head);
+        let magic = head
+            .get(..4)
+            .map(|m| u32::from_le_bytes([m[0], m[1], m[2], m[3]]));
+        if magic != Some(SNAP_MAGIC) {
+            return self.next_disk();
+        }
+        let name = st.name(self.disk);
+        match Binding::decode(&head) {
+            Ok(binding) => {
+                let serial = binding.origin_serial.as_bytes();
+                let origin = (0..st.devices.len()).find(|&d| {
+                    let g = st.devices[d].geometry();
+                    let sectors = g.capacity_blocks * u64::from(g.block_size / 512);
+                    d != self.disk
+                        && st.devices[d].info().serial.as_str().as_bytes() == serial
+                        && sectors == binding.origin_sectors
+                });
+                let Some(origin) = origin else {
+                    let why = alloc::format!(
+                        "snapshot '{}': its origin (serial '{}', {} sectors) is missing; store left untouched",
+                        String::from_utf8_lossy(binding.name.as_bytes()),
+                        String::from_utf8_lossy(serial),
+                        binding.origin_sectors
+                    );
+                    log::warn!("{name}: {why}");
+                    st.unserved.push(Unserved {
+                        disk: self.disk,
+                        why,
+                    });
+                    return self.next_disk();
+                };
+                let cg = st.devices[self.disk].geometry();
+                let og = st.devices[origin].geometry();
+                let params = LoadParams {
+                    cow_sectors: cg.capacity_blocks * u64::from(cg.block_size / 512),
+                    cow_block_sectors: (cg.block_size / 512).max(1),
+                    origin_sectors: og.capacity_blocks * u64::from(og.block_size / 512),
+                    origin_block_sectors: (og.block_size / 512).max(1),
+                    table_runs: (cg.capacity_blocks * u64::from(cg.block_size / 512)
+                        / u64::from(binding.chunk_sectors.max(1)))
+                    .clamp(1, 1 << 22) as usize,
+                };
+                self.phase = Phase::Load {
+                    loader: Loader::new(params),
+                    binding,
+                    origin,
+                    read: Vec::new(),
+                    want: 0,
+                    sector: 0,
+                    waiting: false,
+                };
+            }
+            Err(BindingError::Absent) => {
+                let why = String::from(
+                    "a dm-snapshot store without a snapfw binding (made by Linux?); not served",
+                );
+                log::info!("{name}: {why}");
+                st.unserved.push(Unserved {
+                    disk: self.disk,
+                    why,
+                });
+                self.next_disk();
+            }
+            Err(e) => {
+                let why = alloc::format!(
+                    "a dm-snapshot store whose binding record is unreadable ({e:?}); not served"
+                );
+                log::warn!("{name}: {why}");
+                st.unserved.push(Unserved {
+                    disk: self.disk,
+                    why,
+                });
+                self.next_disk();
+            }
+        }
+    }
+
+    fn attach(&mut self, st: &mut Storage, loaded: LoadedStore, binding: Binding, origin: usize) {
+        let name = String::from_utf8_lossy(binding.name.as_bytes()).into_owned();
+        let cow = st.name(self.disk);
+        let origin_index = match st.origins.iter().position(|o| o.disk == origin) {
+            Some(i) => i,
+            None => {
+                let pool_id = 0x8000 + st.origins.len() as u16;
+                match Origin::new(origin, &st.devices[origin], pool_id) {
+                    Ok(o) => {
+                        st.origins.push(o);
+                        st.origins.len() - 1
+                    }
+                    Err(e) => {
+                        log::error!("snapshot {name} on {cow}: {e}");
+                        return;
+                    }
+                }
+            }
+        };
+        let cg = st.devices[self.disk].geometry();
+        let valid = loaded.valid;
+        let chunk_sectors = loaded.state.chunk_sectors() as u32;
+        let cow_sectors = loaded.state.cow_sectors;
+        let cfg = SnapshotConfig {
+            chunk_sectors,
+            cow_sectors,
+            cow_block_sectors: (cg.block_size / 512).max(1),
+            cow_fua: cg.fua,
+            writable: false,
+            table_runs: (cow_sectors / u64::from(chunk_sectors.max(1))).clamp(1, 1 << 22) as usize,
+            binding: Some(binding),
+        };
+        let o = &mut st.origins[origin_index];
+        match o.engine.attach_snapshot(loaded, &cfg) {
+            Ok(id) => {
+                o.snaps.push(Snap {
+                    name: name.clone(),
+                    id,
+                    cow_disk: self.disk,
+                    cow_start: 0,
+                    cow_sectors,
+                    chunk_sectors,
+                    writable: false,
+                    state: if valid {
+                        SnapState::Active
+                    } else {
+                        SnapState::Invalid
+                    },
+                    invalid: None,
+                });
+                self.found += 1;
+                log::info!(
+                    "snapshot {name}: store on {cow} attached to {}{}",
+                    st.name(origin),
+                    if valid { "" } else { " (invalid)" }
+                );
+            }
+            Err(e) => log::error!("snapshot {name} on {cow}: the engine refused the store ({e:?})"),
+        }
+    }
+}
+
+impl Default for DiscoverTask {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Task for DiscoverTask {
+    fn step(&mut self, st: &mut Storage, _now: u64) {
+        loop {
+            if self.disk >= st.devices.len() {
+                self.done = true;
+                return;
+            }
+            let target = Target::Device(self.disk);
+            let block = st.devices[self.disk].geometry().block_size.max(512) as usize;
+            match &mut self.phase {
+                Phase::Head => {
+                    let Some(mut buf) = st.pool(target).and_then(|p| p.acquire()) else {
+                        return;
+                    };
+                    if buf.set_len(block).is_err() {
+                        let _ = st.pool(target).map(|p| p.release(buf));
+                        self.next_disk();
+                        continue;
+                    }
+                    match st.submit_to(target, BlockRequest::read(0, 0, buf)) {
+                        Ok(()) => {
+                            self.phase = Phase::WaitHead;
+                            return;
+                        }
+                        Err((_, b)) => {
+                            if let (Some(b), Some(p)) = (b, st.pool(target)) {
+                                let _ = p.release(b);
+                            }
+                            self.next_disk();
+                        }
+                    }
+                }
+                Phase::WaitHead => {
+                    if self.head.is_empty() {
+                        return;
+                    }
+                    self.examine(st);
+                }
+                Phase::Load {
+                    loader,
+                    read,
+                    want,
+                    sector,
+                    waiting,
+                    ..
+                } => {
+                    if *waiting {
+                        return;
+                    }
+                    if *want == 0 {
+                        match loader.next_read() {
+                            Some(r) => {
+                                *want = r.sectors as usize * 512;
+                                *sector = r.sector;
+                                read.clear();
+                            }
+                            None => {
+                                let Phase::Load {
+                                    loader,
+                                    binding,
+                                    origin,
+                                    ..
+                                } = core::mem::replace(&mut self.phase, Phase::Head)
+                                else {
+                                    return;
+                                };
+                                match loader.finish() {
+                                    Ok(loaded) => self.attach(st, loaded, binding, origin),
+                                    Err(e) => {
+                                        let why = alloc::format!("a snapshot store that does not load: {e:?}; left untouched");
+                                        log::error!("{}: {why}", st.name(self.disk));
+                                        st.unserved.push(Unserved {
+                                            disk: self.disk,
+                                            why,
+                                        });
+                                    }
+                                }
+                                self.next_disk();
+                                continue;
+                            }
+                        }
+                    }
+                    if read.len() >= *want {
+                        let data = core::mem::take(read);
+                        *want = 0;
+                        if loader.supply(&data).is_err() {
+                            // The loader records the error; `finish` reports it.
+                        }
+                        continue;
+                    }
+                    // Read the next piece of the loader's read.
+                    let Some(mut buf) = st.pool(target).and_then(|p| p.acquire()) else {
+                        return;
+                    };
+                    let piece = (*want - read.len()).min(buf.capacity());
+                    let _ = buf.set_len(piece);
+                    let lba = (*sector * 512 + read.len() as u64) / block as u64;
+                    match st.submit_to(target, BlockRequest::read(1, lba, buf)) {
+                        Ok(()) => {
+                            *waiting = true;
+                            return;
+                        }
+                        Err((_, b)) => {
+                            if let (Some(b), Some(p)) = (b, st.pool(target)) {
+                                let _ = p.release(b);
+                            }
+                            log::error!(
+                                "{}: reading its snapshot store failed",
+                                st.name(self.disk)
+                            );
+                            self.next_disk();
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn complete(&mut self, pool: &mut BufferPool, c: Completion, _now: u64) {
+        let ok = c.result.is_ok();
+        if let Some(b) = &c.buffer {
+            match &mut self.phase {
+                Phase::WaitHead => {
+                    self.head = if ok {
+                        b.as_slice().to_vec()
+                    } else {
+                        alloc::vec![0; 4]
+                    };
+                }
+                Phase::Load {
+                    read,
+                    waiting,
+                    want,
+                    ..
+                } => {
+                    *waiting = false;
+                    if ok {
+                        read.extend_from_slice(b.as_slice());
+                    } else {
+                        // Feed zeroes: the loader then fails with a clear error.
+                        read.resize(*want, 0);
+                    }
+                }
+                Phase::Head => {}
+            }
+        }
+        if let Some(b) = c.buffer {
+            let _ = pool.release(b);
+        }
+    }
+
+    fn done(&self) -> bool {
+        self.done
+    }
+
+    fn cancel(&mut self) {}
+
+    fn io_path(&self) -> bool {
+        false
+    }
+
+    fn progress(&self, out: &mut dyn Write, _now: u64) -> fmt::Result {
+        write!(out, "looking for snapshot stores")
+    }
+
+    fn report(&mut self, out: &mut dyn Write, _now: u64) -> fmt::Result {
+        if self.found > 0 {
+            writeln!(
+                out,
+                "{} snapshot(s) back from their stores (see 'snapshot list')",
+                self.found
+            )?;
+        }
+        Ok(())
+    }
+}
