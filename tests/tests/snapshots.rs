@@ -288,3 +288,90 @@ fn a_store_whose_origin_is_missing_is_listed_and_left_alone() {
         "the store was modified"
     );
 }
+
+#[test]
+fn writable_snapshot_and_two_snapshots_one_on_nvme() {
+    let (a, b) = (
+        Image::new("snap2-a", 16 * MIB),
+        Image::new("snap2-b", 8 * MIB),
+    );
+    let n = Image::new("snap2-nvme", 8 * MIB);
+    let before: Vec<u8> = (0..16 * MIB as usize)
+        .map(|i| (i / 512 % 253) as u8)
+        .collect();
+    a.write(0, &before);
+    let mut q = Boot::kernel("q35", "testing")
+        .virtio_disk(&a.path, "ORIGIN-A")
+        .virtio_disk(&b.path, "COW-B")
+        .nvme("COW-NVME", &[(&n.path, "on")])
+        .start();
+    q.wait_prompt();
+    assert!(q
+        .command("snapshot create early vda vdb --chunk 4k")
+        .contains("created snapshot early"));
+    assert!(q
+        .command("write vda 0 64 --byte 0x77")
+        .contains("wrote 64 blocks"));
+    let mut middle = before.clone();
+    middle[..64 * 512].fill(0x77);
+    assert!(q
+        .command("snapshot create late vda nvme0n1 --chunk 64k --writable")
+        .contains("created snapshot late"));
+    assert!(q
+        .command("write vda 1000 500 --seed 3")
+        .contains("wrote 500 blocks"));
+    // Each keeps its own instant.
+    let s1 = q.command_timeout("checksum early", TIMEOUT * 2);
+    assert!(result(&s1).starts_with(&sha256_hex(&before)), "{s1}");
+    let s2 = q.command_timeout("checksum late", TIMEOUT * 2);
+    assert!(result(&s2).starts_with(&sha256_hex(&middle)), "{s2}");
+    // The writable one takes writes; the origin does not see them.
+    assert!(q
+        .command("write late 2048 16 --byte 0xab")
+        .contains("wrote 16 blocks"));
+    let dump = q.command("read late 2048 1");
+    assert!(dump.starts_with("00100000  ab ab ab ab"), "{dump}");
+    let origin = q.command("read vda 2048 1");
+    assert!(!origin.contains(" ab ab ab ab"), "{origin}");
+    assert!(q
+        .command("write early 0 1 --byte 1")
+        .trim_start()
+        .starts_with("error: early is read-only"));
+    q.poweroff();
+}
+
+#[test]
+fn an_overflowing_store_is_invalidated_and_the_origin_keeps_every_write() {
+    // 64 KiB chunks on a 1 MiB store: header, one area, 14 data chunks.
+    let (a, b) = (Image::new("ovf-a", 16 * MIB), Image::new("ovf-b", MIB));
+    let mut q = boot(&a, &b);
+    assert!(q
+        .command("snapshot create small vda vdb --chunk 64k")
+        .contains("created snapshot small"));
+    let out = q.command("write vda 0 8192 --seed 11");
+    assert!(out.contains("wrote 8192 blocks"), "{out}");
+    assert!(
+        q.transcript()
+            .contains("snapshot small invalidated: COW store full (Overflow)"),
+        "{}",
+        q.transcript()
+    );
+    let list = q.command("snapshot list");
+    assert!(
+        list.contains("overflow") && list.contains("Overflow"),
+        "{list}"
+    );
+    let mut expected = vec![0u8; 8192 * 512];
+    kernel::util::pattern::fill_seeded(&mut expected, 11, 0);
+    assert_eq!(
+        a.read(0, expected.len()),
+        expected,
+        "the origin lost writes"
+    );
+    let out = q.command("read small 0");
+    assert!(
+        out.contains("error:"),
+        "reads of an invalid snapshot fail: {out}"
+    );
+    q.poweroff();
+}
