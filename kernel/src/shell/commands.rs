@@ -171,15 +171,16 @@ pub static COMMANDS: &[CommandInfo] = &[
     CommandInfo {
         id: CommandId::Write,
         name: "write",
-        usage: "write DEV LBA COUNT (--byte 0xNN | --seed N) [--bs SIZE] [--fua]",
+        usage: "write DEV LBA COUNT (--byte 0xNN | --seed N) [--bs SIZE] [--fua] [--flush-every BLOCKS]",
         summary: "write COUNT blocks of a byte value or a seeded pattern, then flush",
-        details: "--seed fills each 512-byte sector from its seed and position (see README); --bs sets the transfer size (default: the largest); --fua writes with Force Unit Access.",
+        details: "--seed fills each 512-byte sector from its seed and position (see README); --bs sets the transfer size (default: the largest); --fua writes with Force Unit Access; --flush-every flushes after every BLOCKS blocks and prints what is durable.",
         spec: CommandSpec {
             options: &[
                 OptSpec::value("byte"),
                 OptSpec::value("seed"),
                 OptSpec::value("bs"),
                 OptSpec::flag("fua"),
+                OptSpec::value("flush-every"),
             ],
             required: &["DEV", "LBA", "COUNT"],
             optional: &[],

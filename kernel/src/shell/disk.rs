@@ -149,7 +149,15 @@ pub fn run(id: super::commands::CommandId, args: &Args, out: &mut Out) -> Option
                 ));
             }
             check_range(st, disk, lba, count)?;
+            let flush_every = args
+                .value_as("flush-every", parse_u64)
+                .map_err(arg_err)?
+                .unwrap_or(0);
+            if args.value("flush-every").is_some() && flush_every == 0 {
+                return Err("--flush-every must be at least 1 block".into());
+            }
             let spec = WriteSpec {
+                flush_every,
                 pattern,
                 transfer_bytes,
                 fua,

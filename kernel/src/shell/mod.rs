@@ -109,6 +109,17 @@ mod run_loop {
                 executor::wake();
             }
             if let Some(r) = running.as_mut() {
+                // Lines a task wants kept (e.g. what is durable), before its report.
+                let mut notice = StackStr::<160>::new();
+                let _ = r.task.notice(&mut notice);
+                if !notice.as_str().is_empty() {
+                    serial::write_bytes(b"\r\x1b[K");
+                    serial::write_bytes(notice.as_str().as_bytes());
+                    serial::write_bytes(b"\r\n");
+                    r.progress_shown = false;
+                }
+            }
+            if let Some(r) = running.as_mut() {
                 if r.task.done() {
                     if r.task.io_path() {
                         let allocations = memory::allocation_count() - r.allocations_at_start;

@@ -33,6 +33,10 @@ pub trait Task {
     fn progress(&self, out: &mut dyn Write, now: u64) -> fmt::Result;
     /// The final report.
     fn report(&mut self, out: &mut dyn Write, now: u64) -> fmt::Result;
+    /// A line worth keeping in the log of the console (not refreshed over), if any is due.
+    fn notice(&mut self, _out: &mut dyn Write) -> fmt::Result {
+        Ok(())
+    }
     /// Whether this is I/O-path work, checked by the allocation guard (control operations
     /// such as creating a snapshot allocate its tables, by design).
     fn io_path(&self) -> bool {
@@ -42,6 +46,8 @@ pub trait Task {
 
 /// Tag of a write task's closing flush (task tags never use bit 63, which marks engine I/O).
 const FLUSH_TAG: u64 = 1 << 62;
+/// Tag of a write task's intermediate (`--flush-every`) flushes.
+const CHECKPOINT_TAG: u64 = (1 << 62) | 1;
 
 /// What `write` does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,6 +58,8 @@ pub struct WriteSpec {
     pub transfer_bytes: Option<u64>,
     /// Force Unit Access on every write.
     pub fua: bool,
+    /// Flush after every this many blocks and report what is durable (0: at the end only).
+    pub flush_every: u64,
 }
 
 /// What a write fills its buffers with.
@@ -105,6 +113,16 @@ enum RangeKind {
         fua: bool,
         flush_tag_sent: bool,
         flushed: bool,
+        /// Flush after every this many blocks (0: only at the end).
+        flush_every: u64,
+        /// Where the next intermediate flush happens.
+        checkpoint: u64,
+        /// An intermediate flush is in flight.
+        checkpoint_flushing: bool,
+        /// Every block before this LBA is durable.
+        durable_through: u64,
+        /// `durable_through` as last reported.
+        reported: u64,
     },
     Checksum {
         hasher: Box<Sha256>,
@@ -194,6 +212,15 @@ impl RangeTask {
             fua: spec.fua,
             flush_tag_sent: false,
             flushed: false,
+            flush_every: spec.flush_every,
+            checkpoint: lba.saturating_add(if spec.flush_every == 0 {
+                u64::MAX
+            } else {
+                spec.flush_every
+            }),
+            checkpoint_flushing: false,
+            durable_through: lba,
+            reported: lba,
         };
         let mut task = Self::new(st, target, lba, count, kind, 32, now);
         if let Some(bytes) = spec.transfer_bytes {
@@ -246,10 +273,19 @@ impl Task for RangeTask {
                     break;
                 }
             }
+            if let RangeKind::Write { checkpoint, .. } = &self.kind {
+                // Writes up to the checkpoint drain and are flushed before any after it.
+                if self.next >= *checkpoint {
+                    break;
+                }
+            }
             let Some(mut buf) = st.pool(self.target).and_then(|p| p.acquire()) else {
                 break;
             };
-            let blocks = self.chunk_blocks.min(self.end - self.next);
+            let mut blocks = self.chunk_blocks.min(self.end - self.next);
+            if let RangeKind::Write { checkpoint, .. } = &self.kind {
+                blocks = blocks.min(checkpoint.saturating_sub(self.next)).max(1);
+            }
             let bytes = (blocks * self.block_size) as usize;
             if buf.set_len(bytes).is_err() {
                 give_back_to(st, self.target, Some(buf));
@@ -283,6 +319,26 @@ impl Task for RangeTask {
                 }
             }
         }
+        // An intermediate flush once every write before the checkpoint completed.
+        let drained = self.in_flight == 0 && self.error.is_none() && !self.cancelled;
+        if let RangeKind::Write {
+            checkpoint,
+            checkpoint_flushing,
+            ..
+        } = &mut self.kind
+        {
+            if drained && self.next >= *checkpoint && self.next < self.end && !*checkpoint_flushing
+            {
+                match st.submit_to(self.target, BlockRequest::flush(CHECKPOINT_TAG)) {
+                    Ok(()) => {
+                        *checkpoint_flushing = true;
+                        self.in_flight += 1;
+                    }
+                    Err((BlockError::QueueFull, _)) => {}
+                    Err((e, _)) => self.error = Some((self.next, e)),
+                }
+            }
+        }
         // A write ends with a flush once every write completed.
         let writes_done =
             self.next >= self.end && self.in_flight == 0 && self.error.is_none() && !self.cancelled;
@@ -311,8 +367,25 @@ impl Task for RangeTask {
             return;
         }
         if matches!(c.op, Operation::Flush) {
-            if let RangeKind::Write { flushed, .. } = &mut self.kind {
-                *flushed = true;
+            let next = self.next;
+            let end = self.end;
+            if let RangeKind::Write {
+                flushed,
+                checkpoint,
+                checkpoint_flushing,
+                flush_every,
+                durable_through,
+                ..
+            } = &mut self.kind
+            {
+                if c.tag == CHECKPOINT_TAG {
+                    *checkpoint_flushing = false;
+                    *durable_through = next;
+                    *checkpoint = next.saturating_add(*flush_every).min(end);
+                } else {
+                    *flushed = true;
+                    *durable_through = end;
+                }
             }
             return;
         }
@@ -342,6 +415,26 @@ impl Task for RangeTask {
                 }
             }
         }
+    }
+
+    fn notice(&mut self, out: &mut dyn Write) -> fmt::Result {
+        if let RangeKind::Write {
+            durable_through,
+            reported,
+            flush_every,
+            ..
+        } = &mut self.kind
+        {
+            if *flush_every > 0 && *durable_through > *reported {
+                *reported = *durable_through;
+                write!(
+                    out,
+                    "{}: durable through LBA {}",
+                    self.name, durable_through
+                )?;
+            }
+        }
+        Ok(())
     }
 
     fn done(&self) -> bool {
