@@ -208,9 +208,9 @@ pub static COMMANDS: &[CommandInfo] = &[
     CommandInfo {
         id: CommandId::Bench,
         name: "bench",
-        usage: "bench DEV --rw read|write|randread|randwrite [--bs 4k] [--qd 32] [--time 10s | --ios N] [--seed N]",
+        usage: "bench DEV --rw read|write|randread|randwrite [--bs 4k] [--qd 32] [--time 10s | --ios N] [--size SIZE] [--seed N]",
         summary: "fio-like benchmark: IOPS, MB/s, latency percentiles, interrupts per I/O",
-        details: "Write modes overwrite the device. Default 10 s; Ctrl-C stops early.",
+        details: "Write modes overwrite the device. Default 10 s; Ctrl-C stops early. --size limits the I/O to the first SIZE bytes (as fio's size).",
         spec: CommandSpec {
             options: &[
                 OptSpec::value("rw"),
@@ -219,6 +219,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 OptSpec::value("time"),
                 OptSpec::value("ios"),
                 OptSpec::value("seed"),
+                OptSpec::value("size"),
             ],
             required: &["DEV"],
             optional: &[],

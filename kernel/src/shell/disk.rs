@@ -264,12 +264,23 @@ fn bench(st: &Storage, args: &Args, now: u64) -> CmdResult<Box<dyn Task>> {
         .value_as("seed", parse_u64)
         .map_err(arg_err)?
         .unwrap_or(1);
+    let capacity = g.capacity_blocks * block;
+    let size = args
+        .value_as("size", parse_size)
+        .map_err(arg_err)?
+        .unwrap_or(capacity);
+    if size < bs || size > capacity || size % block != 0 {
+        return Err(alloc::format!(
+            "--size must be a multiple of {block} bytes from --bs up to {capacity}"
+        ));
+    }
     let spec = BenchSpec {
         mode,
         bs,
         qd: qd as usize,
         limit,
         seed,
+        blocks: size / block,
     };
     Ok(Box::new(BenchTask::new(st, disk, spec, now)))
 }

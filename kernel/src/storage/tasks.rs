@@ -634,6 +634,8 @@ pub struct BenchSpec {
     pub qd: usize,
     /// When to stop.
     pub limit: BenchLimit,
+    /// Blocks from LBA 0 the I/O stays within.
+    pub blocks: u64,
     /// Seed for random offsets.
     pub seed: u64,
 }
@@ -674,6 +676,7 @@ impl BenchTask {
             qd,
             limit,
             seed,
+            blocks,
         } = spec;
         let g = st.geometry(target);
         let block_size = u64::from(g.block_size.max(1));
@@ -689,7 +692,7 @@ impl BenchTask {
             mode,
             bs_blocks: (bs / block_size).max(1),
             block_size,
-            capacity: g.capacity_blocks,
+            capacity: blocks.min(g.capacity_blocks),
             qd,
             limit,
             rng: Rng::new(seed),

@@ -87,10 +87,14 @@ fn run(q: &mut tests::Qemu, disk: &str, args: &str, time: &str) -> Figures {
 fn main() {
     let time = std::env::var("BENCH_TIME").unwrap_or_else(|_| "5s".into());
     let virtio = Image::new("bench-virtio-1g", 1 << 30);
+    let origin = Image::new("bench-origin-1g", 1 << 30);
+    let cow = Image::new("bench-cow-1g", 1 << 30);
     let nvme = Image::new("bench-nvme-1g", 1 << 30);
     let mut q = Boot::kernel("q35", "loglevel=warn")
         .memory_size("2G")
         .virtio_disk(&virtio.path, "BENCH")
+        .virtio_disk(&origin.path, "BENCH-ORIGIN")
+        .virtio_disk(&cow.path, "BENCH-COW")
         .nvme("BENCH-NVME", &[(&nvme.path, "on")])
         .start();
     q.wait_prompt();
@@ -138,6 +142,124 @@ fn main() {
             row.name, vi, vm, vp, vq, n.iops, n.mb_s, n.p99_us, n.irq_per_io
         );
     }
+    snapshot_rows(&mut q, &time);
     q.send(b"poweroff\r");
     let _ = q.wait_exit(Duration::from_secs(30));
+}
+
+fn cmd(q: &mut tests::Qemu, line: &str) -> String {
+    let out = q.command_timeout(line, Duration::from_secs(900));
+    assert!(!out.contains("error:"), "{line}: {out}");
+    out
+}
+
+fn records_per_commit(q: &mut tests::Qemu, snap: &str) -> String {
+    let out = cmd(q, &format!("snapshot status {snap}"));
+    out.split(" records per commit")
+        .next()
+        .and_then(|s| s.split_whitespace().last())
+        .unwrap_or("?")
+        .to_string()
+}
+
+fn ratio(row: &str, snap: &Figures, raw: &Figures, extra: &str) {
+    let s: f64 = snap.iops.parse().unwrap_or(0.0);
+    let r: f64 = raw.iops.parse().unwrap_or(0.0);
+    println!(
+        "{:<34} {:>10} {:>10} {:>9.1}% {:>10} {}",
+        row,
+        snap.iops,
+        raw.iops,
+        if r > 0.0 { 100.0 * s / r } else { 0.0 },
+        snap.p99_us,
+        extra
+    );
+}
+
+/// Issue 6's rows: the snapshot path against the raw device, in the same run, on a 256 MiB
+/// region of the 1 GiB virtio-blk origin with the COW stores on a second virtio-blk disk.
+fn snapshot_rows(q: &mut tests::Qemu, time: &str) {
+    const REGION: &str = "--size 256m";
+    const REGION_BLOCKS: u64 = 256 * 2048;
+    println!();
+    println!("snapshots (virtio-blk origin vdb, COW on vdc, 256 MiB region, {time} per row)");
+    println!(
+        "{:<34} {:>10} {:>10} {:>10} {:>10}",
+        "workload", "snap IOPS", "raw IOPS", "ratio", "p99 us"
+    );
+    let raw_rw = run(
+        q,
+        "vdb",
+        &format!("--rw randwrite --bs 4k --qd 32 {REGION}"),
+        time,
+    );
+    let raw_rr = run(
+        q,
+        "vdb",
+        &format!("--rw randread --bs 4k --qd 32 {REGION}"),
+        time,
+    );
+    let raw_sw = run(
+        q,
+        "vdb",
+        &format!("--rw write --bs 128k --qd 32 {REGION}"),
+        time,
+    );
+    cmd(q, "snapshot create b1 vdb vdc:0+1048576");
+    let first = run(
+        q,
+        "vdb",
+        &format!("--rw randwrite --bs 4k --qd 32 {REGION}"),
+        time,
+    );
+    let rpc = records_per_commit(q, "b1");
+    ratio(
+        "4k randwrite QD32, first writes",
+        &first,
+        &raw_rw,
+        &format!("{rpc} records/commit"),
+    );
+    // Copy every chunk of the region, then overwrite.
+    cmd(q, &format!("write vdb 0 {REGION_BLOCKS} --byte 0x42"));
+    let over = run(
+        q,
+        "vdb",
+        &format!("--rw randwrite --bs 4k --qd 32 {REGION}"),
+        time,
+    );
+    ratio("4k randwrite QD32, overwrites", &over, &raw_rw, "");
+    let read = run(
+        q,
+        "b1",
+        &format!("--rw randread --bs 4k --qd 32 {REGION}"),
+        time,
+    );
+    ratio("4k randread QD32 on the snapshot", &read, &raw_rr, "");
+    cmd(q, "snapshot delete b1");
+    cmd(q, "snapshot create b2 vdb vdc:0+1048576 --chunk 64k");
+    let seq = run(
+        q,
+        "vdb",
+        &format!("--rw write --bs 128k --qd 32 {REGION}"),
+        time,
+    );
+    ratio("128k write QD32, 64 KiB chunks", &seq, &raw_sw, "");
+    cmd(q, "snapshot delete b2");
+    cmd(q, "snapshot create b3 vdb vdc:0+1048576");
+    cmd(q, "snapshot create b4 vdb vdc:1048576+1048576");
+    let two = run(
+        q,
+        "vdb",
+        &format!("--rw randwrite --bs 4k --qd 32 {REGION}"),
+        time,
+    );
+    let rpc = records_per_commit(q, "b3");
+    ratio(
+        "4k randwrite QD32, two snapshots",
+        &two,
+        &raw_rw,
+        &format!("{rpc} records/commit"),
+    );
+    cmd(q, "snapshot delete b3");
+    cmd(q, "snapshot delete b4");
 }
