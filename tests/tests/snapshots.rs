@@ -439,3 +439,69 @@ fn power_cuts_during_origin_writes() {
         );
     }
 }
+
+#[test]
+fn a_store_made_by_linux_is_listed_and_can_be_attached() {
+    // A store as Linux writes it: 4 KiB chunks, header, area 0 with three records, no binding.
+    let (a, b) = (
+        Image::new("linux-a", 16 * MIB),
+        Image::new("linux-b", 4 * MIB),
+    );
+    let origin: Vec<u8> = (0..16 * MIB as usize)
+        .map(|i| (i / 4096 % 200) as u8)
+        .collect();
+    a.write(0, &origin);
+    let mut cow = vec![0u8; (4 * MIB) as usize];
+    cow[0..4].copy_from_slice(&0x7041_6E53u32.to_le_bytes());
+    cow[4..8].copy_from_slice(&1u32.to_le_bytes());
+    cow[8..12].copy_from_slice(&1u32.to_le_bytes());
+    cow[12..16].copy_from_slice(&8u32.to_le_bytes());
+    for (i, (old, new)) in [(5u64, 2u64), (6, 3), (100, 4)].into_iter().enumerate() {
+        let at = 4096 + i * 16;
+        cow[at..at + 8].copy_from_slice(&old.to_le_bytes());
+        cow[at + 8..at + 16].copy_from_slice(&new.to_le_bytes());
+        cow[new as usize * 4096..(new as usize + 1) * 4096].fill(0xE0 + i as u8);
+    }
+    b.write(0, &cow);
+    let expected = CowImage { bytes: &cow }
+        .snapshot_view(&origin)
+        .expect("host loads it");
+    let mut q = boot(&a, &b);
+    let list = q.command("snapshot list");
+    assert!(
+        list.contains("store on vdb: a dm-snapshot store without a snapfw binding"),
+        "{list}"
+    );
+    let out = q.command("snapshot attach lx vda vdb");
+    assert!(out.contains("attached snapshot lx"), "{out}");
+    let sum = q.command_timeout("checksum lx", TIMEOUT * 2);
+    assert!(result(&sum).starts_with(&sha256_hex(&expected)), "{sum}");
+    assert!(
+        q.command("snapshot status lx")
+            .starts_with("0 32768 snapshot 40/8192 16"),
+        "dmsetup status"
+    );
+    // Origin writes now copy into the adopted store, and the snapshot keeps its view.
+    assert!(q
+        .command("write vda 0 2048 --byte 0x99")
+        .contains("wrote 2048 blocks"));
+    let sum = q.command_timeout("checksum lx", TIMEOUT * 2);
+    assert!(
+        result(&sum).starts_with(&sha256_hex(&expected)),
+        "after origin writes: {sum}"
+    );
+    assert!(q
+        .command("snapshot attach lx2 vda vdb")
+        .contains("error: vdb already holds"));
+    q.poweroff();
+    // Still readable by the host (as Linux would): no binding was added.
+    let after = b.read(0, (4 * MIB) as usize);
+    assert!(
+        after[16..48].iter().all(|x| *x == 0),
+        "bytes after the header stay as Linux wrote them"
+    );
+    let view = CowImage { bytes: &after }
+        .snapshot_view(&a.read(0, (16 * MIB) as usize))
+        .expect("loads");
+    assert_eq!(sha256_hex(&view), sha256_hex(&expected));
+}

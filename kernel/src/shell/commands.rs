@@ -229,8 +229,8 @@ pub static COMMANDS: &[CommandInfo] = &[
     CommandInfo {
         id: CommandId::Snapshot,
         name: "snapshot",
-        usage: "snapshot create NAME ORIGIN COW[:START+LEN] [--chunk 4k] [--writable] | list [--json] | status NAME | delete NAME",
-        summary: "create, list, show and delete copy-on-write snapshots (dm-snapshot format)",
+        usage: "snapshot create NAME ORIGIN COW[:START+LEN] [--chunk 4k] [--writable] | list [--json] | status NAME | delete NAME | attach NAME ORIGIN COW",
+        summary: "create, list, show, delete and attach copy-on-write snapshots (dm-snapshot format)",
         details: "COW is a device or a region of one in blocks (vdb:2048+65536). Chunk sizes 4k..512k (default 4k). Snapshot names work with read, write, checksum, flush and bench.",
         spec: CommandSpec {
             options: &[OptSpec::value("chunk"), OptSpec::flag("writable"), OptSpec::flag("json")],

@@ -34,8 +34,9 @@ pub fn run(args: &Args, out: &mut Out) -> Option<Box<dyn Task>> {
         }
         Some("status") => status(st, args, out).map(|_| None),
         Some("delete") => delete(st, args).map(Some),
+        Some("attach") => attach(st, args).map(Some),
         Some(other) => Err(alloc::format!(
-            "unknown snapshot subcommand '{}' (create, list, status, delete)",
+            "unknown snapshot subcommand '{}' (create, list, status, delete, attach)",
             shown(other)
         )),
         None => Err("snapshot needs a subcommand: create, list, status or delete".to_string()),
@@ -171,6 +172,75 @@ fn create(st: &mut Storage, args: &Args) -> CmdResult<Box<dyn Task>> {
         writable: args.flag("writable"),
     };
     Ok(Box::new(CreateTask::new(spec, time::uptime_ns())))
+}
+
+/// `snapshot attach NAME ORIGIN COW`: adopt a store that has no binding (e.g. made by Linux).
+fn attach(st: &mut Storage, args: &Args) -> CmdResult<Box<dyn Task>> {
+    let (Some(name), Some(origin_name), Some(cow_name)) =
+        (args.arg("NAME"), args.arg("ORIGIN"), args.arg("COW"))
+    else {
+        return Err("usage: snapshot attach NAME ORIGIN COW".into());
+    };
+    check_name(st, name)?;
+    let origin = st
+        .find(origin_name)
+        .ok_or_else(|| alloc::format!("no device '{}' for the origin", shown(origin_name)))?;
+    let cow = st.find(cow_name).ok_or_else(|| {
+        alloc::format!(
+            "no device '{}' for the COW store (whole devices only)",
+            shown(cow_name)
+        )
+    })?;
+    if cow == origin {
+        return Err("the COW store must be on another device than the origin".into());
+    }
+    if let Some(user) = st.cow_user(cow) {
+        return Err(alloc::format!(
+            "{cow_name} already holds the COW store of snapshot '{user}'"
+        ));
+    }
+    if st.cow_user(origin).is_some() {
+        return Err(alloc::format!(
+            "{origin_name} holds a COW store; it cannot be an origin"
+        ));
+    }
+    let info = st.devices[origin].info();
+    let g = st.devices[origin].geometry();
+    let (Some(bname), Some(serial)) = (
+        snapshot::BoundedBytes::new(name.as_bytes()),
+        snapshot::BoundedBytes::new(info.serial.as_str().as_bytes()),
+    ) else {
+        return Err("name or serial too long".into());
+    };
+    let binding = snapshot::Binding {
+        name: bname,
+        origin_serial: serial,
+        origin_sectors: g.capacity_blocks * u64::from(g.block_size / 512),
+        chunk_sectors: 0,
+        created_unix_seconds: 0,
+    };
+    st.unserved.retain(|u| u.disk != cow);
+    Ok(Box::new(crate::storage::discover::DiscoverTask::adopt(
+        cow, origin, binding,
+    )))
+}
+
+fn check_name(st: &Storage, name: &str) -> CmdResult<()> {
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    {
+        return Err(alloc::format!(
+            "invalid snapshot name '{}' (1-64 of A-Z a-z 0-9 - _ .)",
+            shown(name)
+        ));
+    }
+    if st.resolve(name).is_some() || st.failed.iter().any(|f| f.name.as_str() == name) {
+        return Err(alloc::format!("the name '{name}' is already taken"));
+    }
+    Ok(())
 }
 
 fn find_snap<'a>(

@@ -45,13 +45,18 @@ enum Phase {
     },
 }
 
-/// The boot-time scan.
+/// The boot-time scan, or the adoption of one store (`snapshot attach`).
 pub struct DiscoverTask {
     disk: usize,
     phase: Phase,
     head: Vec<u8>,
     found: usize,
     done: bool,
+    /// `snapshot attach`: only this disk, with this origin and name (the store's own binding,
+    /// if any, is ignored).
+    adopt: Option<(usize, Binding)>,
+    /// Why adoption failed.
+    error: Option<String>,
 }
 
 impl DiscoverTask {
@@ -63,10 +68,26 @@ impl DiscoverTask {
             head: Vec::new(),
             found: 0,
             done: false,
+            adopt: None,
+            error: None,
+        }
+    }
+
+    /// Adopts the store on `cow` (e.g. one Linux made) as snapshot `binding.name` of `origin`.
+    /// The store is not written: it stays as it is on disk, and the name lasts until reboot.
+    pub fn adopt(cow: usize, origin: usize, binding: Binding) -> DiscoverTask {
+        DiscoverTask {
+            disk: cow,
+            adopt: Some((origin, binding)),
+            ..DiscoverTask::new()
         }
     }
 
     fn next_disk(&mut self) {
+        if self.adopt.is_some() {
+            self.done = true;
+            return;
+        }
         self.disk += 1;
         self.phase = Phase::Head;
     }
@@ -78,7 +99,16 @@ impl DiscoverTask {
             .get(..4)
             .map(|m| u32::from_le_bytes([m[0], m[1], m[2], m[3]]));
         if magic != Some(SNAP_MAGIC) {
+            if self.adopt.is_some() {
+                self.error = Some(String::from(
+                    "there is no dm-snapshot store on that device (no SnAp header)",
+                ));
+            }
             return self.next_disk();
+        }
+        if let Some((origin, binding)) = self.adopt.clone() {
+            self.start_load(st, binding, origin);
+            return;
         }
         let name = st.name(self.disk);
         match Binding::decode(&head) {
@@ -105,26 +135,7 @@ impl DiscoverTask {
                     });
                     return self.next_disk();
                 };
-                let cg = st.devices[self.disk].geometry();
-                let og = st.devices[origin].geometry();
-                let params = LoadParams {
-                    cow_sectors: cg.capacity_blocks * u64::from(cg.block_size / 512),
-                    cow_block_sectors: (cg.block_size / 512).max(1),
-                    origin_sectors: og.capacity_blocks * u64::from(og.block_size / 512),
-                    origin_block_sectors: (og.block_size / 512).max(1),
-                    table_runs: (cg.capacity_blocks * u64::from(cg.block_size / 512)
-                        / u64::from(binding.chunk_sectors.max(1)))
-                    .clamp(1, 1 << 22) as usize,
-                };
-                self.phase = Phase::Load {
-                    loader: Loader::new(params),
-                    binding,
-                    origin,
-                    read: Vec::new(),
-                    want: 0,
-                    sector: 0,
-                    waiting: false,
-                };
+                self.start_load(st, binding, origin);
             }
             Err(BindingError::Absent) => {
                 let why = String::from(
@@ -151,6 +162,29 @@ impl DiscoverTask {
         }
     }
 
+    fn start_load(&mut self, st: &Storage, binding: Binding, origin: usize) {
+        let cg = st.devices[self.disk].geometry();
+        let og = st.devices[origin].geometry();
+        let cow_sectors = cg.capacity_blocks * u64::from(cg.block_size / 512);
+        let params = LoadParams {
+            cow_sectors,
+            cow_block_sectors: (cg.block_size / 512).max(1),
+            origin_sectors: og.capacity_blocks * u64::from(og.block_size / 512),
+            origin_block_sectors: (og.block_size / 512).max(1),
+            // Up to one run per COW chunk of the smallest chunk size.
+            table_runs: (cow_sectors / 8).clamp(1, 1 << 22) as usize,
+        };
+        self.phase = Phase::Load {
+            loader: Loader::new(params),
+            binding,
+            origin,
+            read: Vec::new(),
+            want: 0,
+            sector: 0,
+            waiting: false,
+        };
+    }
+
     fn attach(&mut self, st: &mut Storage, loaded: LoadedStore, binding: Binding, origin: usize) {
         let name = String::from_utf8_lossy(binding.name.as_bytes()).into_owned();
         let cow = st.name(self.disk);
@@ -165,6 +199,7 @@ impl DiscoverTask {
                     }
                     Err(e) => {
                         log::error!("snapshot {name} on {cow}: {e}");
+                        self.error = Some(String::from(e));
                         return;
                     }
                 }
@@ -181,7 +216,12 @@ impl DiscoverTask {
             cow_fua: cg.fua,
             writable: false,
             table_runs: (cow_sectors / u64::from(chunk_sectors.max(1))).clamp(1, 1 << 22) as usize,
-            binding: Some(binding),
+            // An adopted store stays exactly as its maker wrote it: no binding is added.
+            binding: if self.adopt.is_some() {
+                None
+            } else {
+                Some(binding)
+            },
         };
         let o = &mut st.origins[origin_index];
         match o.engine.attach_snapshot(loaded, &cfg) {
@@ -208,7 +248,10 @@ impl DiscoverTask {
                     if valid { "" } else { " (invalid)" }
                 );
             }
-            Err(e) => log::error!("snapshot {name} on {cow}: the engine refused the store ({e:?})"),
+            Err(e) => {
+                log::error!("snapshot {name} on {cow}: the engine refused the store ({e:?})");
+                self.error = Some(alloc::format!("the engine refused the store ({e:?})"));
+            }
         }
     }
 }
@@ -288,6 +331,8 @@ impl Task for DiscoverTask {
                                 match loader.finish() {
                                     Ok(loaded) => self.attach(st, loaded, binding, origin),
                                     Err(e) => {
+                                        self.error =
+                                            Some(alloc::format!("the store does not load: {e:?}"));
                                         let why = alloc::format!("a snapshot store that does not load: {e:?}; left untouched");
                                         log::error!("{}: {why}", st.name(self.disk));
                                         st.unserved.push(Unserved {
@@ -385,6 +430,20 @@ impl Task for DiscoverTask {
     }
 
     fn report(&mut self, out: &mut dyn Write, _now: u64) -> fmt::Result {
+        if let Some((_, binding)) = &self.adopt {
+            let name = String::from_utf8_lossy(binding.name.as_bytes());
+            return match (&self.error, self.found) {
+                (Some(e), _) => writeln!(out, "error: snapshot {name}: {e}"),
+                (None, 0) => writeln!(
+                    out,
+                    "error: snapshot {name}: the store could not be attached"
+                ),
+                (None, _) => writeln!(
+                    out,
+                    "attached snapshot {name} (the store on disk is unchanged)"
+                ),
+            };
+        }
         if self.found > 0 {
             writeln!(
                 out,
