@@ -235,8 +235,12 @@ fn disk_commands_reject_bad_input() {
         ),
         ("bench vda --rw read --time soon", "error: invalid duration"),
         (
+            "bench vda --rw read --depth 4",
+            "error: unknown option '--depth'",
+        ),
+        (
             "bench vda --rw read --size 4",
-            "error: unknown option '--size'",
+            "error: --size must be a multiple of 512 bytes",
         ),
     ];
     for (line, expected) in cases {
