@@ -84,6 +84,11 @@ fn snapshot_keeps_the_origin_as_it_was() {
         "host-side reconstruction differs"
     );
 
+    // bench through the engine: origin writes that copy, and snapshot reads.
+    let out = q.command("bench vda --rw randwrite --qd 32 --ios 3000 --size 8m");
+    assert!(out.contains("3000 I/Os"), "{out}");
+    let out = q.command("bench s1 --rw randread --qd 32 --ios 3000");
+    assert!(out.contains("3000 I/Os"), "{out}");
     let json = q.command("snapshot list --json");
     assert!(
         json.contains(r#""name":"s1","origin":"vda","cow":"vdb""#),
