@@ -89,20 +89,7 @@ fn create(st: &mut Storage, args: &Args) -> CmdResult<Box<dyn Task>> {
             "usage: snapshot create NAME ORIGIN COW[:START+LEN] [--chunk 4k] [--writable]".into(),
         );
     };
-    if name.is_empty()
-        || name.len() > 64
-        || !name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-    {
-        return Err(alloc::format!(
-            "invalid snapshot name '{}' (1-64 of A-Z a-z 0-9 - _ .)",
-            shown(name)
-        ));
-    }
-    if st.resolve(name).is_some() || st.failed.iter().any(|f| f.name.as_str() == name) {
-        return Err(alloc::format!("the name '{name}' is already taken"));
-    }
+    check_name(st, name)?;
     let origin = st
         .find(origin_name)
         .ok_or_else(|| alloc::format!("no device '{}' for the origin", shown(origin_name)))?;
@@ -153,15 +140,7 @@ fn create(st: &mut Storage, args: &Args) -> CmdResult<Box<dyn Task>> {
             3 * chunk_bytes / 1024
         ));
     }
-    let origin_index = match st.origins.iter().position(|o| o.disk == origin) {
-        Some(i) => i,
-        None => {
-            let pool_id = 0x8000 + st.origins.len() as u16;
-            let o = Origin::new(origin, &st.devices[origin], pool_id).map_err(String::from)?;
-            st.origins.push(o);
-            st.origins.len() - 1
-        }
-    };
+    let origin_index = st.origin_for(origin).map_err(String::from)?;
     let spec = CreateSpec {
         name: name.to_string(),
         origin: origin_index,

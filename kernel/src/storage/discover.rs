@@ -14,7 +14,7 @@ use snapshot::format::SNAP_MAGIC;
 use snapshot::{Binding, BindingError, LoadParams, LoadedStore, Loader, SnapshotConfig};
 
 use super::tasks::Task;
-use super::volume::{Origin, Snap, SnapState};
+use super::volume::{Snap, SnapState};
 use super::{Storage, Target};
 
 /// A store found at boot that is not served.
@@ -188,21 +188,12 @@ impl DiscoverTask {
     fn attach(&mut self, st: &mut Storage, loaded: LoadedStore, binding: Binding, origin: usize) {
         let name = String::from_utf8_lossy(binding.name.as_bytes()).into_owned();
         let cow = st.name(self.disk);
-        let origin_index = match st.origins.iter().position(|o| o.disk == origin) {
-            Some(i) => i,
-            None => {
-                let pool_id = 0x8000 + st.origins.len() as u16;
-                match Origin::new(origin, &st.devices[origin], pool_id) {
-                    Ok(o) => {
-                        st.origins.push(o);
-                        st.origins.len() - 1
-                    }
-                    Err(e) => {
-                        log::error!("snapshot {name} on {cow}: {e}");
-                        self.error = Some(String::from(e));
-                        return;
-                    }
-                }
+        let origin_index = match st.origin_for(origin) {
+            Ok(i) => i,
+            Err(e) => {
+                log::error!("snapshot {name} on {cow}: {e}");
+                self.error = Some(String::from(e));
+                return;
             }
         };
         let cg = st.devices[self.disk].geometry();

@@ -193,6 +193,18 @@ impl Storage {
         }
     }
 
+    /// The engine of origin device `disk`, set up on first use; its index in `origins`.
+    pub fn origin_for(&mut self, disk: usize) -> Result<usize, volume::SetupError> {
+        if let Some(i) = self.origins.iter().position(|o| o.disk == disk) {
+            return Ok(i);
+        }
+        let device = self.devices.get(disk).ok_or("no such device")?;
+        let pool_id = 0x8000 + self.origins.len() as u16;
+        self.origins
+            .push(volume::Origin::new(disk, device, pool_id)?);
+        Ok(self.origins.len() - 1)
+    }
+
     /// The snapshot whose COW store lives on `disk`, if any.
     pub fn cow_user(&self, disk: usize) -> Option<&str> {
         self.origins
