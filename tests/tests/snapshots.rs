@@ -477,6 +477,12 @@ fn a_store_made_by_linux_is_listed_and_can_be_attached() {
         list.contains("store on vdb: a dm-snapshot store without a snapfw binding"),
         "{list}"
     );
+    let out = q.command("snapshot create over vda vdb");
+    assert!(
+        out.trim_start()
+            .starts_with("error: vdb already holds a store"),
+        "create must not overwrite a store found at boot: {out}"
+    );
     let out = q.command("snapshot attach lx vda vdb");
     assert!(out.contains("attached snapshot lx"), "{out}");
     let sum = q.command_timeout("checksum lx", TIMEOUT * 2);

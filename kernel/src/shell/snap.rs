@@ -102,6 +102,14 @@ fn create(st: &mut Storage, args: &Args) -> CmdResult<Box<dyn Task>> {
     if cow_disk == origin {
         return Err("the COW store must be on another device than the origin".into());
     }
+    if let Some(u) = st.unserved.iter().find(|u| u.disk == cow_disk) {
+        // Never overwrite a store found at boot (e.g. one Linux made) without being told.
+        return Err(alloc::format!(
+            "{} already holds a store ({}); attach it, or wipe its first block to reuse the device",
+            st.name(cow_disk),
+            u.why
+        ));
+    }
     if st
         .origins
         .iter()
