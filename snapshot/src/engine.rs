@@ -97,6 +97,23 @@ struct Job {
     queued: bool,
 }
 
+impl Job {
+    /// A free job slot.
+    const FREE: Job = Job {
+        phase: JobPhase::Free,
+        buffer: NIL,
+        overwrite_req: NIL,
+        overwrite_offset: 0,
+        read_start: 0,
+        read_sectors: 0,
+        first: NIL,
+        last: NIL,
+        emit: NIL,
+        writes_inflight: 0,
+        queued: false,
+    };
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum CommitPhase {
     ZeroNext,
@@ -297,22 +314,7 @@ impl Engine {
             ],
             free_pending: (0..npend as u32).rev().collect(),
             pending_index: vec![NIL; (npend * 2).next_power_of_two()],
-            jobs: vec![
-                Job {
-                    phase: JobPhase::Free,
-                    buffer: NIL,
-                    overwrite_req: NIL,
-                    overwrite_offset: 0,
-                    read_start: 0,
-                    read_sectors: 0,
-                    first: NIL,
-                    last: NIL,
-                    emit: NIL,
-                    writes_inflight: 0,
-                    queued: false,
-                };
-                njobs
-            ],
+            jobs: vec![Job::FREE; njobs],
             free_jobs: (0..njobs as u32).rev().collect(),
             job_work: VecDeque::with_capacity(njobs),
             free_buffers: (0..cfg.copy_buffers).rev().collect(),
@@ -1607,15 +1609,7 @@ impl Engine {
         self.jobs[j as usize] = Job {
             phase: JobPhase::NeedRead,
             buffer,
-            overwrite_req: NIL,
-            overwrite_offset: 0,
-            read_start: 0,
-            read_sectors: 0,
-            first: NIL,
-            last: NIL,
-            emit: NIL,
-            writes_inflight: 0,
-            queued: false,
+            ..Job::FREE
         };
         self.stats.copy_jobs += u64::from(with_buffer);
         Some(j)
