@@ -90,7 +90,7 @@ mod run_loop {
         loop {
             executor::take_pending();
             let now = time::uptime_ns();
-            let more = storage::with(|st| {
+            let (more, ios_in_flight) = storage::with(|st| {
                 let more = storage::poll(st, now, &mut |pool, completion| match running.as_mut() {
                     Some(r) => r.task.complete(pool, completion, now),
                     None => {
@@ -103,7 +103,7 @@ mod run_loop {
                 if let Some(r) = running.as_mut() {
                     r.task.step(st, now);
                 }
-                more
+                (more, st.task_ios)
             });
             if more {
                 executor::wake();
@@ -120,7 +120,9 @@ mod run_loop {
                 }
             }
             if let Some(r) = running.as_mut() {
-                if r.task.done() {
+                // A task ends when it says so and its last request has come back: a late
+                // completion must not reach the next task.
+                if r.task.done() && ios_in_flight == 0 {
                     if r.task.io_path() {
                         let allocations = memory::allocation_count() - r.allocations_at_start;
                         IO_ALLOCATIONS.fetch_add(allocations, Ordering::Relaxed);

@@ -256,6 +256,9 @@ impl Default for DiscoverTask {
 impl Task for DiscoverTask {
     fn step(&mut self, st: &mut Storage, _now: u64) {
         loop {
+            if self.done {
+                return;
+            }
             if self.disk >= st.devices.len() {
                 self.done = true;
                 return;

@@ -54,6 +54,10 @@ pub struct Storage {
     pub origins: Vec<volume::Origin>,
     /// Stores found at boot that are not served (no binding, origin missing, corrupt).
     pub unserved: Vec<discover::Unserved>,
+    /// Requests submitted by [`Storage::submit_to`] whose completion has not reached the
+    /// sink of [`poll`] yet. A task is finished only when this is zero, so a late completion
+    /// never reaches the next task.
+    pub task_ios: usize,
     servicer: Servicer,
     next_housekeeping: u64,
 }
@@ -179,7 +183,7 @@ impl Storage {
         target: Target,
         request: drivers::block::BlockRequest,
     ) -> Result<(), (drivers::block::BlockError, Option<drivers::block::DmaBuf>)> {
-        match target {
+        let submitted = match target {
             Target::Device(d) => match self.devices.get_mut(d) {
                 Some(device) => device
                     .submit(request)
@@ -190,7 +194,11 @@ impl Storage {
                 Some(o) => o.submit(volume, request),
                 None => Err((drivers::block::BlockError::DeviceFailed, request.buffer)),
             },
+        };
+        if submitted.is_ok() {
+            self.task_ios += 1;
         }
+        submitted
     }
 
     /// The engine of origin device `disk`, set up on first use; its index in `origins`.
@@ -237,6 +245,7 @@ static STORAGE: spin::Mutex<Storage> = spin::Mutex::new(Storage {
     controllers: Vec::new(),
     origins: Vec::new(),
     unserved: Vec::new(),
+    task_ios: 0,
     servicer: Servicer::new(),
     next_housekeeping: 0,
 });
@@ -438,6 +447,7 @@ pub fn poll(
         pools,
         servicer,
         origins,
+        task_ios,
         ..
     } = storage;
     let more = servicer.run(
@@ -450,8 +460,11 @@ pub fn poll(
                 if let Some(o) = origins.get_mut(origin) {
                     o.complete(c.tag as u32, c);
                 }
-            } else if let Some(pool) = pools.get_mut(usize::from(index)) {
-                sink(pool, c);
+            } else {
+                *task_ios = task_ios.saturating_sub(1);
+                if let Some(pool) = pools.get_mut(usize::from(index)) {
+                    sink(pool, c);
+                }
             }
         },
     );
@@ -459,7 +472,10 @@ pub fn poll(
         o.engine.tick(now / 1000);
         o.issue(index, devices);
         if let Some(pool) = pools.get_mut(o.disk) {
-            o.deliver(&mut |c| sink(pool, c));
+            o.deliver(&mut |c| {
+                *task_ios = task_ios.saturating_sub(1);
+                sink(pool, c)
+            });
         }
         o.issue(index, devices);
         o.sweep();
