@@ -45,6 +45,8 @@ struct ReqSlot {
     cursor: u64,
     overwrite_chunk: Option<u64>,
     admitted: bool,
+    /// For an origin write held for copies: the tick it was first held.
+    held_since: Option<u64>,
     /// `Engine::epoch` when this request last found nothing to do.
     seen_epoch: u64,
 }
@@ -293,6 +295,7 @@ impl Engine {
                     cursor: 0,
                     overwrite_chunk: None,
                     admitted: false,
+                    held_since: None,
                     seen_epoch: u64::MAX,
                 };
                 nreq
@@ -383,6 +386,7 @@ impl Engine {
             cursor: req.sector,
             overwrite_chunk: None,
             admitted: false,
+            held_since: None,
             seen_epoch: u64::MAX,
         };
         let check = self.check_request(&req);
@@ -1811,14 +1815,14 @@ impl Engine {
                 }
             }
         }
-        if need_alloc {
-            if !r.admitted {
+        if need_alloc || !clear {
+            if r.held_since.is_none() {
                 self.stats.held_writes += 1;
+                self.reqs[idx as usize].held_since = Some(self.now);
             }
-            self.plan_origin_copies(start, end);
-            return false;
-        }
-        if !clear {
+            if need_alloc {
+                self.plan_origin_copies(start, end);
+            }
             return false;
         }
         // An invalidated store's header must be durable before the write it gave up on goes
@@ -1833,7 +1837,13 @@ impl Engine {
         if self.origin_reads_redirected > 0 && self.conflicts_with_redirected_read(start, end) {
             return false;
         }
-        self.issue_whole(idx, Device::Origin, IoOp::Write { fua }, true)
+        let issued = self.issue_whole(idx, Device::Origin, IoOp::Write { fua }, true);
+        if issued {
+            if let Some(since) = self.reqs[idx as usize].held_since.take() {
+                self.stats.hold_ticks.record(self.now.saturating_sub(since));
+            }
+        }
+        issued
     }
 
     fn conflicts_with_redirected_read(&self, start: u64, end: u64) -> bool {

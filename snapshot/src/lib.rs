@@ -109,6 +109,7 @@ extern crate alloc;
 
 pub mod engine;
 pub mod format;
+pub mod histogram;
 pub mod sim;
 pub mod store;
 pub mod table;

@@ -66,6 +66,15 @@ fn snapshot_keeps_the_origin_as_it_was() {
     );
     let status = q.command("snapshot status s1");
     assert!(status.starts_with("0 32768 snapshot "), "{status}");
+    // Every write above copied a chunk first: all were held, and the hold time is reported.
+    let held = status
+        .split("held writes ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.trim().parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("{status}"));
+    assert!(held >= 5, "{status}");
+    assert!(status.contains("hold time p99 "), "{status}");
     // The origin image holds the new data.
     assert!(a.read(0, 512).iter().all(|x| *x == 0x11));
     let mut seeded = vec![0u8; 4000 * 512];

@@ -403,16 +403,26 @@ fn status(st: &Storage, args: &Args, out: &mut Out) -> CmdResult<()> {
     let per = e.records_committed * 100 / e.commits.max(1);
     let _ = writeln!(
         out,
-        "  origin {}: {} writes, {} held for copies, {} copy jobs, {} copy writes, {} commits, {}.{:02} records per commit, {} commit flushes",
+        "  origin {}: {} writes, {} copy jobs, {} copy writes, {} commits, {}.{:02} records per commit, {} commit flushes",
         st.name(o.disk).as_str(),
         e.origin_writes,
-        e.held_writes,
         e.copy_jobs,
         e.copy_writes,
         e.commits,
         per / 100,
         per % 100,
         e.commit_flushes
+    );
+    // Engine ticks are microseconds (storage::poll ticks it with uptime / 1000).
+    let (p99, max) = (e.hold_ticks.percentile(990), e.hold_ticks.max());
+    let _ = writeln!(
+        out,
+        "  held writes {} (waited for copies and their commit): hold time p99 {}.{:03} ms, max {}.{:03} ms",
+        e.held_writes,
+        p99 / 1000,
+        p99 % 1000,
+        max / 1000,
+        max % 1000
     );
     Ok(())
 }
