@@ -12,7 +12,7 @@ use crate::json;
 use crate::storage::snaptask::{CreateSpec, CreateTask, DeleteTask};
 use crate::storage::tasks::Task;
 use crate::storage::volume::{reason_text, Origin, SnapState};
-use crate::storage::{self, Storage};
+use crate::storage::{self, Storage, Target};
 use crate::time;
 
 type CmdResult<T> = Result<T, String>;
@@ -205,6 +205,9 @@ fn attach(st: &mut Storage, args: &Args) -> CmdResult<Box<dyn Task>> {
         origin_sectors: g.capacity_blocks * u64::from(g.block_size / 512),
         chunk_sectors: 0,
         created_unix_seconds: 0,
+        region_start: 0,
+        region_sectors: 0,
+        flags: 0,
     };
     st.unserved.retain(|u| u.disk != cow);
     Ok(Box::new(crate::storage::discover::DiscoverTask::adopt(
@@ -308,6 +311,7 @@ fn list(st: &Storage, json_out: bool, out: &mut Out) {
                 for u in &st.unserved {
                     a.object(|e| {
                         e.str("device", st.name(u.disk).as_str());
+                        e.u64("start_sector", u.start);
                         e.str("why", &u.why);
                     });
                 }
@@ -378,7 +382,17 @@ fn list(st: &Storage, json_out: bool, out: &mut Out) {
         );
     }
     for u in &st.unserved {
-        let _ = writeln!(out, "store on {}: {}", st.name(u.disk).as_str(), u.why);
+        if u.start == 0 {
+            let _ = writeln!(out, "store on {}: {}", st.name(u.disk).as_str(), u.why);
+        } else {
+            let _ = writeln!(
+                out,
+                "store on {} at block {}: {}",
+                st.name(u.disk).as_str(),
+                u.start * 512 / u64::from(st.geometry(Target::Device(u.disk)).block_size.max(512)),
+                u.why
+            );
+        }
     }
 }
 

@@ -7,6 +7,7 @@
 //! completions with a budget. Nothing on this path allocates.
 
 pub mod discover;
+pub mod extents;
 pub mod snaptask;
 pub mod tasks;
 pub mod volume;
