@@ -9,6 +9,7 @@ pub mod acpi;
 pub mod cmdline;
 pub mod console;
 pub mod frames;
+pub mod ipconfig;
 pub mod json;
 pub mod ring;
 pub mod shell;

@@ -125,7 +125,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         name: "cmdline",
         usage: "cmdline [--json]",
         summary: "the kernel command line and how it was understood",
-        details: "Options: console=ttyS0[,BAUD] loglevel=error|warn|info|debug|trace testing",
+        details: "Options: console=ttyS0[,BAUD] loglevel=error|warn|info|debug|trace testing ip=dhcp|off|ADDR/PREFIX[,GATEWAY]",
         spec: CommandSpec {
             options: JSON,
             required: &[],
