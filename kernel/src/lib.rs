@@ -26,6 +26,8 @@ pub mod logger;
 #[cfg(target_os = "none")]
 pub mod memory;
 #[cfg(target_os = "none")]
+pub mod net;
+#[cfg(target_os = "none")]
 pub mod platform;
 #[cfg(target_os = "none")]
 pub mod power;

@@ -416,6 +416,16 @@ impl<H: Hal, T: Transport> VirtioNet<H, T> {
             .unwrap_or(true)
     }
 
+    /// Receive counters.
+    pub fn rx_counters(&self) -> NetCounters {
+        self.rx.counters
+    }
+
+    /// Transmit counters.
+    pub fn tx_counters(&self) -> NetCounters {
+        self.tx.counters
+    }
+
     /// Both halves at once.
     pub fn split(&mut self) -> (&mut NetRx<H>, &mut NetTx<H>) {
         (&mut self.rx, &mut self.tx)

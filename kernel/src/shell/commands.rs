@@ -43,6 +43,8 @@ pub enum CommandId {
     Bench,
     /// `snapshot create|list|status|delete ...`
     Snapshot,
+    /// `net [echo PORT]`
+    Net,
 }
 
 /// One command's description.
@@ -236,6 +238,19 @@ pub static COMMANDS: &[CommandInfo] = &[
             options: &[OptSpec::value("chunk"), OptSpec::flag("writable"), OptSpec::flag("json")],
             required: &["SUBCOMMAND"],
             optional: &["NAME", "ORIGIN", "COW"],
+        },
+        test_only: false,
+    },
+    CommandInfo {
+        id: CommandId::Net,
+        name: "net",
+        usage: "net [echo PORT]",
+        summary: "network: MAC, link, address, gateway, DHCP, counters, TCP listeners and connections",
+        details: "The address comes from ip= on the command line (DHCP by default). (testing: 'net echo PORT' starts a TCP echo service)",
+        spec: CommandSpec {
+            options: &[],
+            required: &[],
+            optional: &["SUBCOMMAND", "PORT"],
         },
         test_only: false,
     },
