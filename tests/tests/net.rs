@@ -69,6 +69,16 @@ fn pattern(len: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
+/// Heap allocations since boot, from `mem --json`.
+fn allocations(q: &mut Qemu) -> u64 {
+    let mem = q.command("mem --json");
+    mem.split("\"allocations\":")
+        .nth(1)
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no allocation count in {mem}"))
+}
+
 fn start_echo(q: &mut Qemu) {
     let out = q.command(&format!("net echo {ECHO_PORT}"));
     assert!(
@@ -93,10 +103,16 @@ fn dhcp_address_and_tcp_echo() {
     assert!(q.command("help").contains("net [echo PORT]"));
 
     start_echo(&mut q);
+    // Heap allocations: what `mem` itself costs, then the same with a transfer in between:
+    // the packet path and the echo service allocate nothing.
+    let a0 = allocations(&mut q);
+    let a1 = allocations(&mut q);
     let data = pattern(1 << 20, 1);
     let got = echo_round_trip(port, &data);
     assert_eq!(got.len(), data.len(), "echo returned a short stream");
     assert!(got == data, "echoed bytes differ");
+    let a2 = allocations(&mut q);
+    assert_eq!(a2 - a1, a1 - a0, "the network path allocated on the heap");
 
     // A second connection is served by a slot that listens again.
     let data2 = pattern(100_000, 2);
