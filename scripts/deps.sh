@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building and testing snapfw needs, idempotently: QEMU, iPXE ROMs, GRUB for
-# BIOS, xorriso and mtools (grub-mkrescue), qemu-img; and the Rust target from
+# BIOS, xorriso and mtools (grub-mkrescue), qemu-img, the NBD client tools (libnbd-bin:
+# nbdinfo, nbdcopy) and fio for the network block device tests; and the Rust target from
 # rust-toolchain.toml. Packages already present are left alone; apt-get update runs only
 # when something is missing.
 set -euo pipefail
@@ -15,6 +16,8 @@ have_cmd xorriso || need+=(xorriso)
 have_cmd mformat || need+=(mtools)
 have_cmd qemu-img || need+=(qemu-utils)
 have_cmd objcopy || need+=(binutils)
+have_cmd nbdinfo || need+=(libnbd-bin)
+have_cmd fio || need+=(fio)
 
 if [ ${#need[@]} -gt 0 ]; then
     echo "deps: installing ${need[*]}"

@@ -8,6 +8,7 @@
 //! | `console=ttyS<n>[,<baud>]` | serial console on COM1..COM4 (`n` = 0..3), standard baud |
 //! | `loglevel=<level>`         | `error`, `warn`, `info`, `debug` or `trace`             |
 //! | `testing[=1\|0]`           | enable test-only commands and exit via `isa-debug-exit` |
+//! | `ip=dhcp\|off\|ADDR/PREFIX[,GW]` | IPv4 configuration of the NIC (see [`crate::ipconfig`]) |
 //!
 //! Nothing here is fatal: unknown options are collected in [`CmdLine::unknown`] and malformed
 //! values in [`CmdLine::errors`]; the kernel logs both (see [`CmdLine::warnings`]) and boots with
@@ -20,6 +21,8 @@ use alloc::vec::Vec;
 use core::fmt;
 
 pub use log::LevelFilter;
+
+use crate::ipconfig::IpConfig;
 
 /// Baud rates accepted in `console=ttyS<n>,<baud>` (the divisors of the 16550's 115200 clock
 /// that terminals commonly offer).
@@ -84,6 +87,8 @@ pub struct CmdLine {
     pub loglevel: Option<LevelFilter>,
     /// `testing`: test-only commands and exit via `isa-debug-exit` are enabled.
     pub testing: bool,
+    /// `ip=`: the IPv4 configuration, if given (the network defaults to DHCP).
+    pub ip: Option<IpConfig>,
     /// Options nobody knows, as given (ignored).
     pub unknown: Vec<String>,
     /// Known options with malformed values (ignored).
@@ -98,6 +103,7 @@ const OPTIONS: &[(&str, Handler)] = &[
     ("console", parse_console),
     ("loglevel", parse_loglevel),
     ("testing", parse_testing),
+    ("ip", parse_ip_option),
 ];
 
 fn find_option(name: &str) -> Option<Handler> {
@@ -211,6 +217,12 @@ fn parse_testing(cmdline: &mut CmdLine, value: Option<&str>) -> Result<(), Strin
         Some("0") | Some("no") | Some("off") | Some("false") => false,
         Some(_) => return Err("expected testing, testing=1 or testing=0".to_string()),
     };
+    Ok(())
+}
+
+fn parse_ip_option(cmdline: &mut CmdLine, value: Option<&str>) -> Result<(), String> {
+    let value = value.ok_or("needs a value: ip=dhcp, ip=off or ip=ADDR/PREFIX[,GATEWAY]")?;
+    cmdline.ip = Some(crate::ipconfig::parse_ip(value)?);
     Ok(())
 }
 
@@ -347,6 +359,20 @@ mod tests {
     }
 
     #[test]
+    fn ip_option() {
+        assert_eq!(CmdLine::parse("k").ip, None);
+        let c = CmdLine::parse("k ip=10.0.2.15/24,10.0.2.2");
+        assert!(matches!(c.ip, Some(IpConfig::Static(s)) if s.prefix == 24));
+        let c = CmdLine::parse("k ip=off");
+        assert_eq!(c.ip, Some(IpConfig::Off));
+        for bad in ["ip", "ip=", "ip=10.0.2.15", "ip=10.0.2.15/24,10.1.0.1"] {
+            let c = CmdLine::parse(&format!("k {bad}"));
+            assert_eq!(c.ip, None, "{bad}");
+            assert_eq!(c.errors.len(), 1, "{bad}");
+        }
+    }
+
+    #[test]
     fn last_option_wins() {
         let c = CmdLine::parse("k loglevel=info loglevel=trace console=ttyS0 console=ttyS2");
         assert_eq!(c.loglevel, Some(LevelFilter::Trace));
@@ -356,10 +382,11 @@ mod tests {
     #[test]
     fn unknown_options_are_collected_not_fatal() {
         let c = CmdLine::parse("k quiet ip=dhcp loglevel=warn nbd.port=10809 =x");
-        assert_eq!(c.unknown, ["quiet", "ip=dhcp", "nbd.port=10809", "=x"]);
+        assert_eq!(c.unknown, ["quiet", "nbd.port=10809", "=x"]);
         assert_eq!(c.loglevel, Some(LevelFilter::Warn));
+        assert_eq!(c.ip, Some(IpConfig::Dhcp));
         let warnings: Vec<String> = c.warnings().collect();
-        assert_eq!(warnings.len(), 4);
+        assert_eq!(warnings.len(), 3);
         assert_eq!(warnings[0], "ignoring unknown option 'quiet'");
     }
 

@@ -9,6 +9,7 @@ pub mod acpi;
 pub mod cmdline;
 pub mod console;
 pub mod frames;
+pub mod ipconfig;
 pub mod json;
 pub mod ring;
 pub mod shell;
@@ -24,6 +25,8 @@ pub mod executor;
 pub mod logger;
 #[cfg(target_os = "none")]
 pub mod memory;
+#[cfg(target_os = "none")]
+pub mod net;
 #[cfg(target_os = "none")]
 pub mod platform;
 #[cfg(target_os = "none")]

@@ -149,6 +149,25 @@ impl Boot {
         self.args(args)
     }
 
+    /// Adds a virtio-net NIC on QEMU user networking (slirp: DHCP gives 10.0.2.15, gateway
+    /// 10.0.2.2) with TCP forwards from `127.0.0.1:host` to the guest's `guest` port (at
+    /// `guest_addr`, default 10.0.2.15). Only loopback is exposed on the host.
+    pub fn net(self, forwards: &[(u16, u16)], guest_addr: Option<&str>) -> Boot {
+        let mut netdev = String::from("user,id=n0");
+        for (host, guest) in forwards {
+            netdev.push_str(&format!(
+                ",hostfwd=tcp:127.0.0.1:{host}-{}:{guest}",
+                guest_addr.unwrap_or("")
+            ));
+        }
+        self.args([
+            "-netdev".to_string(),
+            netdev,
+            "-device".to_string(),
+            "virtio-net-pci,netdev=n0".to_string(),
+        ])
+    }
+
     /// Starts QEMU.
     pub fn start(&self) -> Qemu {
         let accel = std::env::var("ACCEL").unwrap_or_else(|_| "tcg".into());
@@ -436,6 +455,14 @@ pub fn sha256_hex(data: &[u8]) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago (for QEMU's `hostfwd`).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {

@@ -23,6 +23,7 @@ pub fn run(id: CommandId, args: &Args, out: &mut Out) -> Option<Box<dyn Task>> {
         | CommandId::Flush
         | CommandId::Bench => return super::disk::run(id, args, out),
         CommandId::Snapshot => return super::snap::run(args, out),
+        CommandId::Net => super::net::run(args, out),
         CommandId::Help => match args.arg("COMMAND") {
             None => {
                 let _ = out.write_str(&help_all(power::testing()));

@@ -43,6 +43,8 @@ pub enum CommandId {
     Bench,
     /// `snapshot create|list|status|delete ...`
     Snapshot,
+    /// `net [echo PORT]`
+    Net,
 }
 
 /// One command's description.
@@ -125,7 +127,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         name: "cmdline",
         usage: "cmdline [--json]",
         summary: "the kernel command line and how it was understood",
-        details: "Options: console=ttyS0[,BAUD] loglevel=error|warn|info|debug|trace testing",
+        details: "Options: console=ttyS0[,BAUD] loglevel=error|warn|info|debug|trace testing ip=dhcp|off|ADDR/PREFIX[,GATEWAY]",
         spec: CommandSpec {
             options: JSON,
             required: &[],
@@ -236,6 +238,19 @@ pub static COMMANDS: &[CommandInfo] = &[
             options: &[OptSpec::value("chunk"), OptSpec::flag("writable"), OptSpec::flag("json")],
             required: &["SUBCOMMAND"],
             optional: &["NAME", "ORIGIN", "COW"],
+        },
+        test_only: false,
+    },
+    CommandInfo {
+        id: CommandId::Net,
+        name: "net",
+        usage: "net [echo PORT]",
+        summary: "network: MAC, link, address, gateway, DHCP, counters, TCP listeners and connections",
+        details: "The address comes from ip= on the command line (DHCP by default). (testing: 'net echo PORT' starts a TCP echo service)",
+        spec: CommandSpec {
+            options: &[],
+            required: &[],
+            optional: &["SUBCOMMAND", "PORT"],
         },
         test_only: false,
     },

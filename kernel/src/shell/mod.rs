@@ -12,6 +12,8 @@ mod builtin;
 #[cfg(target_os = "none")]
 mod disk;
 #[cfg(target_os = "none")]
+mod net;
+#[cfg(target_os = "none")]
 mod output;
 #[cfg(target_os = "none")]
 mod snap;
@@ -106,6 +108,9 @@ mod run_loop {
                 (more, st.task_ios)
             });
             if more {
+                executor::wake();
+            }
+            if crate::net::poll(now) {
                 executor::wake();
             }
             if let Some(r) = running.as_mut() {

@@ -343,10 +343,12 @@ pub fn init(ecam: Option<&crate::acpi::EcamWindow>) {
             Err(failure) => storage.failed.push(failure.info),
         }
     }
+    drop(storage);
+    crate::net::init(&ctx, &functions, crate::start::cmdline().and_then(|c| c.ip));
     let m = memory::stats();
     log::debug!(
         "storage up: {} disks, {} frames free",
-        storage.devices.len(),
+        STORAGE.lock().devices.len(),
         m.frames_free
     );
 }
