@@ -6,7 +6,9 @@
 //!   must read what the appliance's `checksum` read, with the same `dmsetup status`;
 //! - Linux makes persistent snapshots with `dmsetup` (writes through a `snapshot-origin`
 //!   mapping, as LVM does), removes them cleanly; the appliance lists the stores as unbound,
-//!   attaches them and must read what Linux read.
+//!   attaches them and must read what Linux read;
+//! - Linux writes into a store the appliance made (through `snapshot-origin`); the appliance
+//!   finds its snapshot again by its binding and reads what Linux read.
 
 use std::time::Duration;
 use tests::cow::CowImage;
@@ -320,4 +322,89 @@ fn the_appliance_reads_snapshots_linux_made() {
         .expect("the host loads Linux's store");
         assert_eq!(&sha256_hex(&view), sum, "host view of a Linux store");
     }
+}
+
+#[test]
+fn linux_adds_to_a_store_the_appliance_made_and_it_comes_back() {
+    // The appliance makes the store and copies some chunks; Linux activates it with an origin
+    // mapping and writes more (appending records after the appliance's, across areas); the
+    // appliance then finds its snapshot again by the binding Linux left alone.
+    let (a, b) = (
+        Image::new("lx3-origin", 16 * MIB),
+        Image::new("lx3-cow", 8 * MIB),
+    );
+    let before: Vec<u8> = (0..16 * MIB as usize)
+        .map(|i| (i / 1024 % 247) as u8 ^ (i % 5) as u8)
+        .collect();
+    a.write(0, &before);
+    let expected = sha256_hex(&before);
+    let appliance = |a: &Image, b: &Image| {
+        let mut q = Boot::kernel("q35", "testing")
+            .virtio_disk(&a.path, "ORIGIN-A")
+            .virtio_disk(&b.path, "COW-B")
+            .start();
+        q.wait_prompt();
+        q
+    };
+    let mut q = appliance(&a, &b);
+    assert!(q
+        .command("snapshot create s1 vda vdb")
+        .contains("created snapshot s1"));
+    for line in ["write vda 0 1000 --seed 31", "write vda 5000 8 --byte 0x55"] {
+        let out = q.command(line);
+        assert!(out.contains("wrote"), "{line}: {out}");
+    }
+    assert_eq!(appliance_checksum(&mut q, "s1"), expected, "appliance: s1");
+    q.poweroff();
+
+    let mut q = boot_linux(&[(&a, "ORIGIN-A"), (&b, "COW-B")]);
+    let size = "$(blockdev --getsz /dev/vda)";
+    for line in [
+        format!("dmsetup create snap --table \"0 {size} snapshot /dev/vda /dev/vdb P 8\""),
+        format!("dmsetup create origin --table \"0 {size} snapshot-origin /dev/vda\""),
+        // Chunks 100..699: the first 25 the appliance copied already, 575 new ones.
+        "dd if=/dev/urandom of=/dev/mapper/origin bs=4096 seek=100 count=600 conv=fsync"
+            .to_string(),
+        "sync".to_string(),
+    ] {
+        linux(&mut q, &line);
+    }
+    let linux_sum = linux_sha256(&mut q, "/dev/mapper/snap");
+    let linux_st = linux_status(&mut q, "snap");
+    linux(&mut q, "dmsetup remove origin && dmsetup remove snap");
+    linux_poweroff(q);
+    assert_eq!(
+        linux_sum, expected,
+        "Linux reads the appliance's store [{linux_st}] differently"
+    );
+
+    let mut q = appliance(&a, &b);
+    let boot_log = q.transcript();
+    assert!(
+        boot_log.contains("snapshot s1: store on vdb attached to vda"),
+        "the binding did not survive Linux's writes:\n{boot_log}"
+    );
+    let sum = appliance_checksum(&mut q, "s1");
+    let status = appliance_status(&mut q, "s1");
+    eprintln!("  Linux:     {linux_sum} [{linux_st}]\n  appliance: {sum} [{status}]");
+    assert_eq!(
+        sum, linux_sum,
+        "s1 after Linux's writes [{status}] vs [{linux_st}]"
+    );
+    assert_eq!(status, linux_st, "dmsetup status after Linux's writes");
+    // The appliance goes on appending after Linux's records.
+    let out = q.command("write vda 8000 64 --seed 33");
+    assert!(out.contains("wrote"), "{out}");
+    assert_eq!(
+        appliance_checksum(&mut q, "s1"),
+        expected,
+        "s1 after more writes"
+    );
+    q.poweroff();
+    let view = CowImage {
+        bytes: &b.read(0, (8 * MIB) as usize),
+    }
+    .snapshot_view(&a.read(0, (16 * MIB) as usize))
+    .expect("the host loads the store");
+    assert_eq!(sha256_hex(&view), expected, "host view");
 }
