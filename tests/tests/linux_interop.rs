@@ -118,11 +118,12 @@ fn linux_reads_the_appliances_snapshots() {
         let out = q.command(line);
         assert!(out.contains("created snapshot"), "{line}: {out}");
     }
-    // 1500 4 KiB chunks in one run: six metadata areas of 256 records in s1 and r1; partial
-    // chunks and scattered blocks; writes to the writable snapshot, on a chunk it already
-    // copied and on one nobody copied yet.
+    // 1532 4 KiB chunks in one run, a partial chunk inside it, three chunks and the last
+    // sector elsewhere: 1536 records, six full metadata areas of 256 in s1 and r1 (the table
+    // goes on into the zeroed seventh); writes to the writable snapshot, on a chunk it
+    // already copied and on one nobody copied yet.
     for line in [
-        "write vda 0 12000 --seed 21",
+        "write vda 0 12256 --seed 21",
         "write vda 12009 3 --byte 0x22",
         "write vda 20000 20 --byte 0x33",
         "write vda 32767 1 --byte 0x44",
@@ -226,9 +227,9 @@ fn the_appliance_reads_snapshots_linux_made() {
         format!("dmsetup create snap --table \"0 {size} snapshot /dev/vda /dev/vdb P 8\""),
         format!("dmsetup create snap8k --table \"0 {size} snapshot /dev/vda /dev/vdc P 16\""),
         format!("dmsetup create origin --table \"0 {size} snapshot-origin /dev/vda\""),
-        // 1500 4 KiB chunks in one run (six metadata areas of 256 records with 4 KiB
-        // chunks), then single sectors and a partial chunk elsewhere, the last sector.
-        "dd if=/dev/urandom of=/dev/mapper/origin bs=4096 count=1500 conv=fsync".to_string(),
+        // 1533 4 KiB chunks in one run, then a partial chunk, a single sector and the last
+        // sector elsewhere: 1536 records, six full areas of 256 in the 4 KiB store.
+        "dd if=/dev/urandom of=/dev/mapper/origin bs=4096 count=1533 conv=fsync".to_string(),
         "dd if=/dev/urandom of=/dev/mapper/origin bs=512 seek=20001 count=3 conv=fsync".to_string(),
         "dd if=/dev/urandom of=/dev/mapper/origin bs=512 seek=25000 count=1 conv=fsync".to_string(),
         "dd if=/dev/urandom of=/dev/mapper/origin bs=512 seek=32767 count=1 conv=fsync".to_string(),
