@@ -10,6 +10,7 @@ pub mod cmdline;
 pub mod console;
 pub mod frames;
 pub mod json;
+pub mod nbd;
 pub mod ring;
 pub mod shell;
 pub mod util;
