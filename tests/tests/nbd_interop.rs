@@ -56,6 +56,7 @@ fn disks() -> Disks {
         flush: true,
         fua: true,
         trim: !read_only,
+        max_payload: 0,
     };
     Disks(Arc::new(Mutex::new(vec![
         Disk {

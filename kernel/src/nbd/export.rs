@@ -24,6 +24,9 @@ pub struct ExportInfo {
     pub fua: bool,
     /// `NBD_CMD_TRIM` is offered (`NBD_FLAG_SEND_TRIM`, never on a read-only export).
     pub trim: bool,
+    /// The largest READ/WRITE payload this export takes (what the server's buffers for it
+    /// can hold); 0 = the server's limit only.
+    pub max_payload: u32,
 }
 
 /// The exports a server offers. Called during the handshake only (never per request).
@@ -56,8 +59,13 @@ pub struct BlockSizes {
 impl BlockSizes {
     /// The constraints of an export with the server's payload cap `max_payload`: the minimum
     /// is the export's block size (512 if that is not a power of two up to 64 KiB); the
-    /// maximum is the cap rounded down to the minimum and never below the preferred size.
+    /// maximum is the smaller of the cap and the export's own limit, rounded down to the
+    /// minimum and never below the preferred size.
     pub fn of(export: &ExportInfo, max_payload: u32) -> BlockSizes {
+        let max_payload = match export.max_payload {
+            0 => max_payload,
+            own => own.min(max_payload),
+        };
         let minimum = if export.block_size.is_power_of_two() && export.block_size <= 65536 {
             export.block_size
         } else {

@@ -8,6 +8,9 @@
 //!   replies out, completions in; fixed buffers, no allocation per request.
 //! - [`error`]: why a connection was closed, one line each.
 //! - [`allow`]: the `nbd.allow=` client address allow-list.
+//! - [`session`]: a connection joined to the block layer through a [`session::Backend`]
+//!   (buffer pool + submission): requests cut into pool-buffer chunks, device tags
+//!   ([`session::NBD_TAG`]), completions, read data sent from the buffers.
 //!
 //! Everything here is pure and tested on the host (`cargo test -p kernel nbd`).
 
@@ -18,6 +21,7 @@ pub mod connection;
 pub mod error;
 pub mod export;
 pub mod proto;
+pub mod session;
 
 #[cfg(test)]
 mod tests;

@@ -41,6 +41,7 @@ fn info(handle: u64, size: u64, block_size: u32) -> ExportInfo {
         flush: true,
         fua: true,
         trim: true,
+        max_payload: 0,
     }
 }
 
