@@ -11,8 +11,10 @@
 //! - [`session`]: a connection joined to the block layer through a [`session::Backend`]
 //!   (buffer pool + submission): requests cut into pool-buffer chunks, device tags
 //!   ([`session::NBD_TAG`]), completions, read data sent from the buffers.
+//! - `server` (appliance only): sessions over `Storage`, the table of connections, the
+//!   narrow interface the TCP side calls.
 //!
-//! Everything here is pure and tested on the host (`cargo test -p kernel nbd`).
+//! Everything but `server` is pure and tested on the host (`cargo test -p kernel nbd`).
 
 #![deny(unsafe_code)]
 
@@ -21,6 +23,8 @@ pub mod connection;
 pub mod error;
 pub mod export;
 pub mod proto;
+#[cfg(target_os = "none")]
+pub mod server;
 pub mod session;
 
 #[cfg(test)]

@@ -22,6 +22,8 @@
 //! Tags: [`tag`] puts [`NBD_TAG`], the connection number, the slot and the chunk into a
 //! device tag; [`untag`] takes them out of a completion.
 
+use alloc::boxed::Box;
+
 use super::connection::{Connection, ConnectionConfig, Event, Received, Transmit, MAX_IN_FLIGHT};
 use super::error::NbdError;
 use super::export::{ExportCatalog, ExportInfo};
@@ -91,7 +93,8 @@ pub enum SubmitError {
     Failed(Errno),
 }
 
-/// The block layer as a session needs it. `export` is the handle from [`ExportInfo`].
+/// The block layer as a session needs it. `export` is the handle from [`ExportInfo`]. The
+/// same object is the session's [`ExportCatalog`].
 pub trait Backend {
     /// The buffer type (the kernel's `DmaBuf`).
     type Buf: IoBuffer;
@@ -175,21 +178,24 @@ pub struct Session<B: IoBuffer> {
     conn: Connection,
     export: Option<ExportInfo>,
     chunk_bytes: usize,
-    slots: [SlotIo<B>; MAX_IN_FLIGHT],
+    /// `MAX_IN_FLIGHT` entries, on the heap (about 20 KiB with `DmaBuf`s: too much for a
+    /// temporary on the kernel stack).
+    slots: Box<[SlotIo<B>]>,
     /// The connection is dead (protocol error, TCP gone): no input, no output, only device
     /// I/O still in flight to wait for.
     dead: bool,
 }
 
 impl<B: IoBuffer> Session<B> {
-    /// A session for connection number `id` (carried in its device tags).
+    /// A session for connection number `id` (carried in its device tags). Allocates its
+    /// slot table (call it when the connection is accepted).
     pub fn new(id: u8, config: ConnectionConfig) -> Self {
         Session {
             id,
             conn: Connection::new(config),
             export: None,
             chunk_bytes: 0,
-            slots: core::array::from_fn(|_| SlotIo::idle()),
+            slots: (0..MAX_IN_FLIGHT).map(|_| SlotIo::idle()).collect(),
             dead: false,
         }
     }
@@ -229,10 +235,9 @@ impl<B: IoBuffer> Session<B> {
     /// Bytes from TCP: returns how many were taken (the rest stays in the socket: back-pressure
     /// when the slot table or the buffer pool is full). An error kills the session: log it,
     /// close the TCP connection.
-    pub fn on_receive<K: Backend<Buf = B>>(
+    pub fn on_receive<K: Backend<Buf = B> + ExportCatalog>(
         &mut self,
         backend: &mut K,
-        catalog: &dyn ExportCatalog,
         input: &[u8],
     ) -> Result<usize, NbdError> {
         if self.dead {
@@ -248,7 +253,8 @@ impl<B: IoBuffer> Session<B> {
                 }
                 end = end.min(pos.saturating_add(room));
             }
-            let Received { consumed, event } = match self.conn.receive(&input[pos..end], catalog) {
+            let Received { consumed, event } = match self.conn.receive(&input[pos..end], &*backend)
+            {
                 Ok(r) => r,
                 Err(e) => {
                     self.dead = true;
@@ -267,17 +273,16 @@ impl<B: IoBuffer> Session<B> {
 
     /// Sends what is due through `send` (which returns how many bytes the socket took).
     /// An error kills the session.
-    pub fn on_transmit<K: Backend<Buf = B>>(
+    pub fn on_transmit<K: Backend<Buf = B> + ExportCatalog>(
         &mut self,
         backend: &mut K,
-        catalog: &dyn ExportCatalog,
         send: &mut dyn FnMut(&[u8]) -> usize,
     ) -> Result<(), NbdError> {
         if self.dead {
             return Err(NbdError::Closed);
         }
         loop {
-            match self.conn.poll_transmit(catalog) {
+            match self.conn.poll_transmit(&*backend) {
                 Transmit::Idle => return Ok(()),
                 Transmit::Bytes(bytes) => {
                     let want = bytes.len();
@@ -759,8 +764,7 @@ mod tests {
         }
     }
 
-    struct Catalog;
-    impl ExportCatalog for Catalog {
+    impl ExportCatalog for Fake {
         fn lookup(&self, name: &str) -> Option<ExportInfo> {
             (name == "d").then_some(ExportInfo {
                 handle: 5,
@@ -844,7 +848,7 @@ mod tests {
                 let piece = &input[..input.len().min(self.chop)];
                 let taken = self
                     .session
-                    .on_receive(&mut self.fake, &Catalog, piece)
+                    .on_receive(&mut self.fake, piece)
                     .expect("protocol error");
                 input = &input[taken..];
                 self.session.step(&mut self.fake);
@@ -857,7 +861,7 @@ mod tests {
                 let window = self.window;
                 let out = &mut self.out;
                 self.session
-                    .on_transmit(&mut self.fake, &Catalog, &mut |b| {
+                    .on_transmit(&mut self.fake, &mut |b| {
                         let n = b.len().min(window);
                         out.extend_from_slice(&b[..n]);
                         n
@@ -935,7 +939,7 @@ mod tests {
         // what the pool can hold; this checks it does not start half-way).
         let mut d = Driver::new(15, 8, 4096, 4096, vec![1]);
         let msg = request(CMD_READ, 1, 0, 64 * 1024);
-        let taken = d.session.on_receive(&mut d.fake, &Catalog, &msg).unwrap();
+        let taken = d.session.on_receive(&mut d.fake, &msg).unwrap();
         assert_eq!(taken, msg.len());
         d.session.step(&mut d.fake);
         assert!(d.fake.in_flight.is_empty());
@@ -967,7 +971,7 @@ mod tests {
         let mut msg = request(CMD_READ, 1, 0, 32 * 1024);
         msg.extend(request(CMD_WRITE, 2, 0, 4096));
         msg.extend(vec![1; 4096]);
-        d.session.on_receive(&mut d.fake, &Catalog, &msg).unwrap();
+        d.session.on_receive(&mut d.fake, &msg).unwrap();
         d.session.step(&mut d.fake);
         assert!(d.session.in_device() > 0);
         d.session.kill();
