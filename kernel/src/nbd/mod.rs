@@ -24,6 +24,9 @@ pub mod error;
 pub mod export;
 pub mod proto;
 #[cfg(target_os = "none")]
+pub mod selftest;
+pub mod selftest_spec;
+#[cfg(target_os = "none")]
 pub mod server;
 pub mod session;
 
