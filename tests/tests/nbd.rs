@@ -46,6 +46,13 @@ fn selftest_on_virtio_and_nvme_writes_the_disks() {
     let out = q.command_timeout("nbd-selftest nvme0n1", TIMEOUT * 2);
     assert_ok(&out);
     assert!(out.contains("go: fua true, read-only false"), "{out}");
+    // The NBD path does not allocate once the connection is accepted.
+    let mem = q.command("mem --json");
+    assert!(mem.contains("\"io_path_allocations\":0"), "{mem}");
+    assert!(
+        !mem.contains("\"io_tasks\":0,"),
+        "the self-tests count as I/O tasks: {mem}"
+    );
     // Console tasks still finish (NBD I/O is not counted as theirs).
     let out = q.command("flush vda");
     assert!(out.contains("flushed vda"), "{out}");
