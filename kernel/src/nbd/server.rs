@@ -208,11 +208,12 @@ impl ExportCatalog for StorageBackend<'_> {
 impl Backend for StorageBackend<'_> {
     type Buf = DmaBuf;
 
-    fn chunk_bytes(&mut self, export: u64) -> usize {
+    fn chunk_bytes(&self, export: u64) -> usize {
         let target = self.target(export);
         let block = self.block_size(target) as usize;
         self.0
-            .pool(target)
+            .pools
+            .get(self.0.disk_of(target))
             .map_or(block, |p| p.buffer_size() / block * block)
     }
 

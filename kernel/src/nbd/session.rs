@@ -99,7 +99,8 @@ pub trait Backend {
     /// The buffer type (the kernel's `DmaBuf`).
     type Buf: IoBuffer;
     /// Bytes per chunk: the size of the export's pool buffers (a multiple of its block size).
-    fn chunk_bytes(&mut self, export: u64) -> usize;
+    /// The session advertises at most [`MAX_CHUNKS`] chunks as the maximum payload.
+    fn chunk_bytes(&self, export: u64) -> usize;
     /// The largest discard one device request takes, in bytes (0: none).
     fn max_discard_bytes(&mut self, export: u64) -> u64;
     /// Free buffers in the export's pool.
@@ -116,6 +117,28 @@ pub trait Backend {
         op: BackendOp,
         buffer: Option<Self::Buf>,
     ) -> Result<(), (SubmitError, Option<Self::Buf>)>;
+}
+
+/// The backend's catalog with each export's maximum payload held to what [`MAX_CHUNKS`]
+/// buffers carry, so that no request the client may send needs more.
+struct Clamped<'a, K>(&'a K);
+
+impl<K: Backend + ExportCatalog> ExportCatalog for Clamped<'_, K> {
+    fn lookup(&self, name: &str) -> Option<ExportInfo> {
+        let mut export = self.0.lookup(name)?;
+        let most = (MAX_CHUNKS * self.0.chunk_bytes(export.handle)).min(u32::MAX as usize) as u32;
+        export.max_payload = match export.max_payload {
+            0 => most,
+            own => own.min(most),
+        };
+        Some(export)
+    }
+    fn name(&self, index: usize) -> Option<super::export::ExportName> {
+        self.0.name(index)
+    }
+    fn description(&self, export: &ExportInfo) -> Option<super::export::ExportName> {
+        self.0.description(export)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -253,14 +276,14 @@ impl<B: IoBuffer> Session<B> {
                 }
                 end = end.min(pos.saturating_add(room));
             }
-            let Received { consumed, event } = match self.conn.receive(&input[pos..end], &*backend)
-            {
-                Ok(r) => r,
-                Err(e) => {
-                    self.dead = true;
-                    return Err(e);
-                }
-            };
+            let Received { consumed, event } =
+                match self.conn.receive(&input[pos..end], &Clamped(&*backend)) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        self.dead = true;
+                        return Err(e);
+                    }
+                };
             pos += consumed;
             match event {
                 Some(event) => self.on_event(backend, event),
@@ -282,7 +305,7 @@ impl<B: IoBuffer> Session<B> {
             return Err(NbdError::Closed);
         }
         loop {
-            match self.conn.poll_transmit(&*backend) {
+            match self.conn.poll_transmit(&Clamped(&*backend)) {
                 Transmit::Idle => return Ok(()),
                 Transmit::Bytes(bytes) => {
                     let want = bytes.len();
@@ -727,7 +750,7 @@ mod tests {
 
     impl Backend for Fake {
         type Buf = Buf;
-        fn chunk_bytes(&mut self, _: u64) -> usize {
+        fn chunk_bytes(&self, _: u64) -> usize {
             CHUNK
         }
         fn max_discard_bytes(&mut self, _: u64) -> u64 {
