@@ -79,22 +79,62 @@ fn disks() -> Disks {
     ])))
 }
 
+/// A test server: its port, and what its connections report.
+struct Server {
+    port: u16,
+    state: Arc<ServerState>,
+}
+
+#[derive(Default)]
+struct ServerState {
+    active: std::sync::atomic::AtomicUsize,
+    errors: Mutex<Vec<String>>,
+}
+
+impl Server {
+    /// Waits for the server's connections to end and fails on any error they had (protocol
+    /// error, leaked buffer).
+    fn check(&self) {
+        let start = std::time::Instant::now();
+        while self.state.active.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+            assert!(start.elapsed().as_secs() < 20, "connections did not end");
+            thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let errors = self.state.errors.lock().unwrap();
+        assert!(errors.is_empty(), "server errors: {errors:?}");
+    }
+}
+
 /// Serves connections until the listener is dropped with the test process.
-fn serve(disks: Disks, max_payload: u32) -> u16 {
+fn serve(disks: Disks, max_payload: u32) -> Server {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
+    let state = Arc::new(ServerState::default());
+    let shared = state.clone();
     thread::spawn(move || {
         for (n, stream) in listener.incoming().enumerate() {
             let Ok(stream) = stream else { return };
             let disks = disks.clone();
+            let state = shared.clone();
+            state
+                .active
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             thread::spawn(move || {
-                if let Err(e) = connection(stream, disks, max_payload, n as u8) {
-                    eprintln!("nbd test server: {e}");
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    connection(stream, disks, max_payload, n as u8)
+                }));
+                match result {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => state.errors.lock().unwrap().push(e),
+                    Err(_) => state.errors.lock().unwrap().push("panicked".into()),
                 }
+                state
+                    .active
+                    .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
             });
         }
     });
-    port
+    Server { port, state }
 }
 
 /// A pool buffer of the host backend.
@@ -307,7 +347,8 @@ fn json_u64(json: &str, key: &str) -> u64 {
 
 #[test]
 fn nbdinfo_sees_sizes_flags_and_block_sizes() {
-    let port = serve(disks(), 1 << 20);
+    let server = serve(disks(), 1 << 20);
+    let port = server.port;
     let json = ok(
         "nbdinfo",
         &["--json", &format!("nbd://127.0.0.1:{port}/nvme0n1")],
@@ -335,11 +376,13 @@ fn nbdinfo_sees_sizes_flags_and_block_sizes() {
     );
     assert!(json.contains("\"is_read_only\": true"), "{json}");
     assert!(json.contains("\"can_trim\": false"), "{json}");
+    server.check();
 }
 
 #[test]
 fn nbdinfo_lists_exports_and_refuses_unknown_ones() {
-    let port = serve(disks(), 1 << 25);
+    let server = serve(disks(), 1 << 25);
+    let port = server.port;
     let text = ok("nbdinfo", &["--list", &format!("nbd://127.0.0.1:{port}")]);
     for name in ["vda", "nvme0n1", "snap1"] {
         assert!(text.contains(&format!("export=\"{name}\"")), "{text}");
@@ -348,12 +391,14 @@ fn nbdinfo_lists_exports_and_refuses_unknown_ones() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("opt_go") && err.contains("nope"), "{err}");
+    server.check();
 }
 
 #[test]
 fn qemu_io_writes_reads_and_flushes() {
     let d = disks();
-    let port = serve(d.clone(), 1 << 20);
+    let server = serve(d.clone(), 1 << 20);
+    let port = server.port;
     let url = format!("nbd://127.0.0.1:{port}/vda");
     let text = ok(
         "qemu-io",
@@ -384,11 +429,14 @@ fn qemu_io_writes_reads_and_flushes() {
         "bytes around untouched"
     );
     assert!(vda.flushes >= 1);
+    drop(disks);
+    server.check();
 }
 
 #[test]
 fn qemu_io_on_a_read_only_export() {
-    let port = serve(disks(), 1 << 25);
+    let server = serve(disks(), 1 << 25);
+    let port = server.port;
     let url = format!("nbd://127.0.0.1:{port}/snap1");
     let out = run("qemu-io", &["-f", "raw", "-c", "write 0 4k", &url]);
     let text =
@@ -400,12 +448,14 @@ fn qemu_io_on_a_read_only_export() {
         "qemu-io",
         &["-r", "-f", "raw", "-c", "read -P 0x5a 0 2m", &url],
     );
+    server.check();
 }
 
 #[test]
 fn nbdcopy_and_qemu_img_read_whole_exports() {
     let d = disks();
-    let port = serve(d.clone(), 1 << 20);
+    let server = serve(d.clone(), 1 << 20);
+    let port = server.port;
     let dir = std::env::temp_dir().join(format!("snapfw-nbd-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let copy = dir.join("vda.raw");
@@ -450,4 +500,5 @@ fn nbdcopy_and_qemu_img_read_whole_exports() {
     );
     assert!(d.0.lock().unwrap()[1].data == bytes);
     std::fs::remove_dir_all(&dir).ok();
+    server.check();
 }
