@@ -1051,6 +1051,98 @@ mod tests {
     }
 
     proptest! {
+        #![proptest_config(ProptestConfig { cases: 3000, failure_persistence: None, ..ProptestConfig::default() })]
+
+        /// Pipelined requests, valid and not, with write payloads, all sent at once over a
+        /// small pool and a shallow queue: every request gets exactly one reply, no device tag
+        /// is used twice at a time (the fake checks), and at the end nothing is in a device
+        /// and every buffer is back.
+        #[test]
+        fn pipelined_requests_all_answered_nothing_leaks(
+            ops in proptest::collection::vec(
+                (0u16..6, prop_oneof![0u64..600, Just(u64::MAX / 512)], prop_oneof![1u32..=64, Just(0u32), Just(4097)], any::<bool>()),
+                1..40,
+            ),
+            buffers in 16usize..40,
+            depth in 1usize..10,
+            chop in 1usize..20_000,
+            window in 1usize..20_000,
+            picks in proptest::collection::vec(0usize..100, 1..10),
+        ) {
+            let mut d = Driver::new(buffers, depth, chop, window, picks);
+            let mut msg = Vec::new();
+            let mut read_lengths = std::collections::HashMap::new();
+            for (i, (command, block, blocks, fua)) in ops.iter().enumerate() {
+                let (offset, len) = (block.wrapping_mul(512), blocks.wrapping_mul(512));
+                let flags = if *fua { CMD_FLAG_FUA } else { 0 };
+                let cookie = i as u64;
+                let command = if *command == 5 { 7 } else { *command }; // 7: unknown here
+                if command == CMD_DISC {
+                    continue;
+                }
+                msg.extend(request(command, cookie, offset, len));
+                let at = msg.len() - 24;
+                msg[at..at + 2].copy_from_slice(&flags.to_be_bytes());
+                if command == CMD_WRITE && len <= 1 << 25 {
+                    msg.extend((0..len).map(|x| x as u8));
+                }
+                let valid_read = command == CMD_READ
+                    && len > 0
+                    && len <= (MAX_CHUNKS * CHUNK) as u32
+                    && offset.checked_add(u64::from(len)).is_some_and(|e| e <= DISK as u64);
+                read_lengths.insert(cookie, if valid_read { len as usize } else { 0 });
+            }
+            let expected = read_lengths.len();
+            msg.extend(request(CMD_DISC, 999, 0, 0));
+            d.out.clear();
+            let lengths = read_lengths.clone();
+            d.run(&msg, move |out| {
+                // Done when every reply is in.
+                let mut rest = out;
+                let mut n = 0;
+                while rest.len() >= 16 {
+                    let error = be32(rest, 4);
+                    let len = if error == 0 { lengths.get(&be64(rest, 8)).copied().unwrap_or(0) } else { 0 };
+                    if rest.len() < 16 + len {
+                        break;
+                    }
+                    rest = &rest[16 + len..];
+                    n += 1;
+                }
+                n == expected
+            });
+            // Drain, then the session is finished and clean.
+            for _ in 0..1000 {
+                if d.session.should_close() {
+                    break;
+                }
+                d.run(&[], |_| true);
+                d.fake.complete_one(&mut d.session, 0);
+                d.session.step(&mut d.fake);
+            }
+            prop_assert!(d.session.should_close());
+            prop_assert_eq!(d.session.in_device(), 0);
+            d.session.kill();
+            d.session.release_all(&mut d.fake);
+            prop_assert_eq!(d.fake.free.len(), d.fake.total);
+            let mut seen: Vec<u64> = Vec::new();
+            let mut rest = &d.out[..];
+            while !rest.is_empty() {
+                prop_assert_eq!(be32(rest, 0), SIMPLE_REPLY_MAGIC);
+                let error = be32(rest, 4);
+                let cookie = be64(rest, 8);
+                let len = if error == 0 { read_lengths[&cookie] } else { 0 };
+                seen.push(cookie);
+                rest = &rest[16 + len..];
+            }
+            seen.sort();
+            let mut want: Vec<u64> = read_lengths.keys().copied().collect();
+            want.sort();
+            prop_assert_eq!(seen, want);
+        }
+    }
+
+    proptest! {
         #![proptest_config(ProptestConfig { cases: 2000, failure_persistence: None, ..ProptestConfig::default() })]
 
         /// Serial requests with random sizes over a small pool, a shallow queue, arbitrary
