@@ -11,6 +11,7 @@ pub mod console;
 pub mod frames;
 pub mod ipconfig;
 pub mod json;
+pub mod nbd;
 pub mod ring;
 pub mod shell;
 pub mod util;

@@ -45,6 +45,8 @@ pub enum CommandId {
     Snapshot,
     /// `net [echo PORT]`
     Net,
+    /// `nbd-selftest VOLUME` (test builds only)
+    NbdSelfTest,
 }
 
 /// One command's description.
@@ -289,6 +291,20 @@ pub static COMMANDS: &[CommandInfo] = &[
         spec: CommandSpec {
             options: &[],
             required: &["KIND"],
+            optional: &[],
+        },
+        test_only: true,
+    },
+    CommandInfo {
+        id: CommandId::NbdSelfTest,
+        name: "nbd-selftest",
+        usage: "nbd-selftest VOLUME",
+        summary: "(testing) run a scripted NBD client against the NBD server on VOLUME",
+        details: "Writes 768 KiB at 1 MiB (FUA), flushes, reads it back, sends a bad read and \
+                  disconnects, through the NBD server's real sessions. Only with `testing`.",
+        spec: CommandSpec {
+            options: &[],
+            required: &["VOLUME"],
             optional: &[],
         },
         test_only: true,
