@@ -10,7 +10,7 @@
 //! | `testing[=1\|0]`           | enable test-only commands and exit via `isa-debug-exit` |
 //! | `ip=dhcp\|off\|ADDR/PREFIX[,GW]` | IPv4 configuration of the NIC (see [`crate::ipconfig`]) |
 //! | `nbd.port=<port>`          | TCP port of the NBD server (default 10809)              |
-//! | `nbd.allow=<cidr>[,...]`   | IPv4 networks allowed to connect to the NBD server      |
+//! | `nbd.allow=<cidr>[,...]`   | IPv4 networks allowed to connect to the NBD server (default: the NIC's subnet) |
 //!
 //! Nothing here is fatal: unknown options are collected in [`CmdLine::unknown`] and malformed
 //! values in [`CmdLine::errors`]; the kernel logs both (see [`CmdLine::warnings`]) and boots with
@@ -95,8 +95,8 @@ pub struct CmdLine {
     pub ip: Option<IpConfig>,
     /// `nbd.port=`: the NBD server's TCP port, if given.
     pub nbd_port: Option<u16>,
-    /// `nbd.allow=`: the networks allowed to use the NBD server, if given (`None`: no
-    /// restriction; a malformed value gives an empty list, which allows nobody).
+    /// `nbd.allow=`: the networks allowed to use the NBD server, if given (`None`: only the
+    /// NIC's own subnet; a malformed value gives an empty list, which allows nobody).
     pub nbd_allow: Option<AllowList>,
     /// Options nobody knows, as given (ignored).
     pub unknown: Vec<String>,

@@ -5,6 +5,10 @@
 //! Parsing is strict so that a typo is reported rather than silently widening access: octets
 //! are decimal without leading zeros, the prefix is 0..=32, and an address with bits set
 //! past its prefix (`10.1.2.3/8`) is an error (write `10.0.0.0/8`).
+//!
+//! Without `nbd.allow=`, only hosts on the appliance's own subnet may connect (the network of
+//! its address and prefix, static or from DHCP), and nobody while it has no address: see
+//! [`allowed`].
 
 use core::fmt;
 
@@ -27,6 +31,17 @@ impl Cidr {
             0 => 0,
             p => u32::MAX << (32 - u32::from(p.min(32))),
         }
+    }
+
+    /// The network `address` belongs to with prefix length `prefix` (host bits cleared;
+    /// prefixes past 32 count as 32).
+    pub fn network_of(address: [u8; 4], prefix: u8) -> Cidr {
+        let mut cidr = Cidr {
+            address,
+            prefix: prefix.min(32),
+        };
+        cidr.address = (u32::from_be_bytes(address) & cidr.mask()).to_be_bytes();
+        cidr
     }
 
     /// True if `address` is in this network.
@@ -133,6 +148,17 @@ impl AllowList {
     }
 }
 
+/// Whether `peer` may connect: with an `nbd.allow=` list, if it is in one of its networks;
+/// without one, if it is on the appliance's subnet `local` (its address and prefix), and
+/// nobody while the appliance has no address.
+pub fn allowed(allow: Option<&AllowList>, local: Option<([u8; 4], u8)>, peer: [u8; 4]) -> bool {
+    match (allow, local) {
+        (Some(list), _) => list.allows(peer),
+        (None, Some((address, prefix))) => Cidr::network_of(address, prefix).contains(peer),
+        (None, None) => false,
+    }
+}
+
 fn parse_ipv4(text: &str) -> Option<[u8; 4]> {
     let mut out = [0u8; 4];
     let mut parts = text.split('.');
@@ -182,6 +208,32 @@ mod tests {
         let c = Cidr::parse("10.0.0.1/32").unwrap();
         assert!(c.contains([10, 0, 0, 1]) && !c.contains([10, 0, 0, 0]));
         assert_eq!(Cidr::parse("128.0.0.0/1").unwrap().mask(), 0x8000_0000);
+    }
+
+    #[test]
+    fn default_is_the_local_subnet() {
+        // QEMU user networking: the appliance is 10.0.2.15/24, forwarded clients come from
+        // 10.0.2.2.
+        let local = Some(([10, 0, 2, 15], 24));
+        assert!(allowed(None, local, [10, 0, 2, 2]));
+        assert!(allowed(None, local, [10, 0, 2, 255]));
+        assert!(!allowed(None, local, [10, 0, 3, 2]));
+        assert!(!allowed(None, local, [192, 168, 7, 1]));
+        // No address yet: nobody.
+        assert!(!allowed(None, None, [10, 0, 2, 2]));
+        // /32 and /0 edges.
+        assert!(allowed(None, Some(([10, 1, 1, 1], 32)), [10, 1, 1, 1]));
+        assert!(!allowed(None, Some(([10, 1, 1, 1], 32)), [10, 1, 1, 2]));
+        assert!(allowed(None, Some(([10, 1, 1, 1], 0)), [8, 8, 8, 8]));
+        assert_eq!(
+            Cidr::network_of([172, 16, 5, 9], 12).to_string(),
+            "172.16.0.0/12"
+        );
+        // A list replaces the default entirely, also for the local subnet.
+        let list = AllowList::parse("192.168.7.0/24").unwrap();
+        assert!(!allowed(Some(&list), local, [10, 0, 2, 2]));
+        assert!(allowed(Some(&list), local, [192, 168, 7, 40]));
+        assert!(!allowed(Some(&AllowList::nobody()), local, [10, 0, 2, 2]));
     }
 
     #[test]

@@ -194,11 +194,26 @@ impl<B> SlotIo<B> {
     }
 }
 
+/// What a session has done, for the console (`nbd`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SessionStats {
+    /// Requests taken (READ, WRITE, FLUSH, TRIM; not DISC, not requests refused while
+    /// parsing).
+    pub requests: u64,
+    /// Bytes requested by READs.
+    pub read_bytes: u64,
+    /// WRITE payload bytes received.
+    pub written_bytes: u64,
+    /// Requests answered with an error.
+    pub errors: u64,
+}
+
 /// One NBD connection with its device I/O (see the module documentation). Allocate it when
 /// the connection is accepted; it does not allocate afterwards.
 pub struct Session<B: IoBuffer> {
     id: u8,
     conn: Connection,
+    stats: SessionStats,
     export: Option<ExportInfo>,
     chunk_bytes: usize,
     /// `MAX_IN_FLIGHT` entries, on the heap (about 20 KiB with `DmaBuf`s: too much for a
@@ -216,6 +231,7 @@ impl<B: IoBuffer> Session<B> {
         Session {
             id,
             conn: Connection::new(config),
+            stats: SessionStats::default(),
             export: None,
             chunk_bytes: 0,
             slots: (0..MAX_IN_FLIGHT).map(|_| SlotIo::idle()).collect(),
@@ -231,6 +247,16 @@ impl<B: IoBuffer> Session<B> {
     /// The export being served, once chosen.
     pub fn export(&self) -> Option<&ExportInfo> {
         self.export.as_ref()
+    }
+
+    /// The session's counters.
+    pub fn stats(&self) -> SessionStats {
+        self.stats
+    }
+
+    /// Requests taken from the client and not yet fully answered.
+    pub fn in_flight(&self) -> usize {
+        self.conn.in_flight()
     }
 
     /// Device requests of this session in flight.
@@ -397,6 +423,17 @@ impl<B: IoBuffer> Session<B> {
     }
 
     fn on_event<K: Backend<Buf = B>>(&mut self, backend: &mut K, event: Event<'_>) {
+        match &event {
+            Event::Read { len, .. } => {
+                self.stats.requests += 1;
+                self.stats.read_bytes += u64::from(*len);
+            }
+            Event::Write { .. } | Event::Flush { .. } | Event::Trim { .. } => {
+                self.stats.requests += 1;
+            }
+            Event::WriteData { data, .. } => self.stats.written_bytes += data.len() as u64,
+            Event::Export(_) | Event::Disconnect => {}
+        }
         match event {
             Event::Export(export) => {
                 // Never zero: it divides offsets.
@@ -616,6 +653,9 @@ impl<B: IoBuffer> Session<B> {
             Some(e) => Err(e),
             None => Ok(()),
         };
+        if result.is_err() {
+            self.stats.errors += 1;
+        }
         if result.is_err() || s.op != Op::Read {
             for b in s.buffers.iter_mut().filter_map(Option::take) {
                 release(b);
@@ -953,7 +993,19 @@ mod tests {
         // Larger than one device discard: answered without discarding.
         assert_eq!(d.one(&request(CMD_TRIM, 5, 0, 128 * 1024), 0).0, 0);
         assert_eq!(d.fake.discards, 1);
+        // Past the end: refused by the parser, not counted as a request.
+        assert_ne!(d.one(&request(CMD_READ, 6, DISK as u64, 4096), 0).0, 0);
         d.idle_checks();
+        assert_eq!(
+            d.session.stats(),
+            SessionStats {
+                requests: 5,
+                read_bytes: 48 * 1024,
+                written_bytes: payload.len() as u64,
+                errors: 0,
+            }
+        );
+        assert_eq!(d.session.in_flight(), 0);
     }
 
     #[test]
