@@ -13,6 +13,8 @@
 //!   ([`session::NBD_TAG`]), completions, read data sent from the buffers.
 //! - `server` (appliance only): sessions over `Storage`, the table of connections, the
 //!   narrow interface the TCP side calls.
+//! - `tcp` (appliance only): the listener on `nbd.port=` that joins TCP connections to the
+//!   server's sessions inside the network's poll.
 //!
 //! Everything but `server` is pure and tested on the host (`cargo test -p kernel nbd`).
 
@@ -29,6 +31,8 @@ pub mod selftest_spec;
 #[cfg(target_os = "none")]
 pub mod server;
 pub mod session;
+#[cfg(target_os = "none")]
+pub mod tcp;
 
 #[cfg(test)]
 mod tests;
@@ -38,6 +42,7 @@ pub use connection::{Connection, ConnectionConfig, Event, Received, Transmit, MA
 pub use error::NbdError;
 pub use export::{BlockSizes, ExportCatalog, ExportInfo, ExportName};
 pub use proto::Errno;
+pub use session::SessionStats;
 
 /// The IANA port of NBD, used when `nbd.port=` is not given.
 pub const DEFAULT_PORT: u16 = 10809;

@@ -43,7 +43,7 @@ pub struct NbdSelfTest {
 impl NbdSelfTest {
     /// A self-test on `volume` (the connection is accepted now: allocation happens here).
     pub fn new(volume: &str) -> Result<Self, &'static str> {
-        let id = server::with(|s| s.accept([127, 0, 0, 1]))
+        let id = server::with(|s| s.accept_loopback())
             .ok_or("the NBD server is not running")?
             .map_err(|_| "no free NBD connection")?;
         let mut data = alloc::vec![0u8; LEN as usize];

@@ -2,7 +2,7 @@
 //! Every volume is an export: devices by name (`vda`, `nvme0n1`; not a device holding a COW
 //! store, which only the engine may write) and active snapshots by name.
 //!
-//! The TCP side is left narrow for the network stack to call from the main loop:
+//! The TCP side ([`super::tcp`]) calls a narrow interface from the network's poll:
 //! - a connection arrives from `peer`: [`Server::accept`] (allow-list, free slot) → id;
 //! - bytes arrived: [`Server::receive`] with the socket's receive window → bytes taken;
 //! - room to send: [`Server::transmit`] with a `send(&[u8]) -> usize` into the socket;
@@ -19,12 +19,14 @@ use alloc::vec::Vec;
 
 use drivers::block::{BlockError, BlockRequest, BufferPool, Completion, DmaBuf};
 
-use super::allow::AllowList;
+use super::allow::{self, AllowList};
 use super::connection::ConnectionConfig;
 use super::error::NbdError;
 use super::export::{ExportCatalog, ExportInfo, ExportName};
 use super::proto::Errno;
-use super::session::{self, Backend, BackendOp, IoBuffer, Session, SubmitError, MAX_CHUNKS};
+use super::session::{
+    self, Backend, BackendOp, IoBuffer, Session, SessionStats, SubmitError, MAX_CHUNKS,
+};
 use crate::storage::{volume::SnapState, Storage, Target};
 
 pub use super::session::NBD_TAG;
@@ -40,7 +42,7 @@ pub const MAX_PAYLOAD: u32 = 1 << 20;
 pub struct ServerConfig {
     /// TCP port to listen on.
     pub port: u16,
-    /// Networks allowed to connect (`None`: everyone).
+    /// Networks allowed to connect (`None`: the NIC's own subnet; see [`super::allow::allowed`]).
     pub allow: Option<AllowList>,
 }
 
@@ -300,6 +302,8 @@ pub fn with<R>(f: impl FnOnce(&mut Server) -> R) -> Option<R> {
 /// The NBD sink of `storage::poll`: a completion of NBD I/O goes to its session (its buffer
 /// back to `pool` if there is no server).
 pub fn complete(pool: &mut BufferPool, completion: Completion) {
+    // A reply may be ready, or buffers free for input held back: the network polls.
+    crate::net::wake();
     let mut lock = SERVER.lock();
     match lock.as_mut() {
         Some(server) => server.complete(pool, completion),
@@ -311,6 +315,25 @@ pub fn complete(pool: &mut BufferPool, completion: Completion) {
     }
 }
 
+/// One connection as the console shows it.
+#[derive(Clone, Copy, Debug)]
+pub struct ClientInfo {
+    /// The server's connection id.
+    pub id: u8,
+    /// The client's address and port.
+    pub peer: ([u8; 4], u16),
+    /// The export's handle ([`target_of`]), once the handshake chose one.
+    pub export: Option<u64>,
+    /// Requests and bytes.
+    pub stats: SessionStats,
+    /// Requests taken and not yet answered.
+    pub in_flight: usize,
+    /// Device requests out.
+    pub in_device: usize,
+    /// Closing: the socket is gone or about to go; waiting for device I/O.
+    pub closing: bool,
+}
+
 /// The NBD server: up to [`MAX_CONNECTIONS`] sessions.
 pub struct Server {
     config: ServerConfig,
@@ -319,6 +342,8 @@ pub struct Server {
 
 struct Entry {
     session: Box<Session<DmaBuf>>,
+    /// The client's address and port.
+    peer: ([u8; 4], u16),
     /// The network side has closed the socket ([`Server::closed`]): the id may be reused
     /// once the device I/O is back.
     socket_closed: bool,
@@ -343,14 +368,28 @@ impl Server {
         self.sessions.iter().flatten().count()
     }
 
-    /// A new TCP connection from `peer`: its id, or why it is refused (close the socket).
-    /// Allocates the session (about 8 KiB plus its slot table).
-    pub fn accept(&mut self, peer: [u8; 4]) -> Result<u8, AcceptError> {
-        if let Some(allow) = &self.config.allow {
-            if !allow.allows(peer) {
-                return Err(AcceptError::NotAllowed);
-            }
+    /// A new TCP connection from `peer` (address, port) to an appliance whose NIC has the
+    /// address and prefix `local`: its id, or why it is refused (close the socket). Without
+    /// `nbd.allow=` only peers on `local`'s subnet are let in. Allocates the session (about
+    /// 8 KiB plus its slot table).
+    pub fn accept(
+        &mut self,
+        peer: ([u8; 4], u16),
+        local: Option<([u8; 4], u8)>,
+    ) -> Result<u8, AcceptError> {
+        if !allow::allowed(self.config.allow.as_ref(), local, peer.0) {
+            return Err(AcceptError::NotAllowed);
         }
+        self.open(peer)
+    }
+
+    /// A connection from inside the appliance (`nbd-selftest`): the allow-list does not
+    /// apply.
+    pub fn accept_loopback(&mut self) -> Result<u8, AcceptError> {
+        self.open(([127, 0, 0, 1], 0))
+    }
+
+    fn open(&mut self, peer: ([u8; 4], u16)) -> Result<u8, AcceptError> {
         let id = self
             .sessions
             .iter()
@@ -361,6 +400,7 @@ impl Server {
         };
         self.sessions[id] = Some(Entry {
             session: Box::new(Session::new(id as u8, config)),
+            peer,
             socket_closed: false,
         });
         Ok(id as u8)
@@ -381,6 +421,23 @@ impl Server {
     ) -> Result<(), NbdError> {
         let session = self.session(id)?;
         session.on_transmit(&mut StorageBackend(st), send)
+    }
+
+    /// Every open connection (including ones whose socket is closed and whose device I/O is
+    /// still out), for the console.
+    pub fn clients(&self, mut f: impl FnMut(ClientInfo)) {
+        for (id, e) in self.sessions.iter().enumerate() {
+            let Some(e) = e else { continue };
+            f(ClientInfo {
+                id: id as u8,
+                peer: e.peer,
+                export: e.session.export().map(|x| x.handle),
+                stats: e.session.stats(),
+                in_flight: e.session.in_flight(),
+                in_device: e.session.in_device(),
+                closing: e.socket_closed || e.session.should_close(),
+            });
+        }
     }
 
     /// Connection `id` is done (client goodbye, or an error): close its socket.

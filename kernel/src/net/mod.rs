@@ -1,6 +1,7 @@
 //! The appliance's network: the first virtio-net NIC, smoltcp's interface over it (Ethernet,
 //! ARP, IPv4, ICMP echo, TCP, DHCP), the address configuration from `ip=` (DHCP by default),
-//! TCP listeners for services ([`tcp`]), and the test echo service ([`echo`]).
+//! TCP listeners for services ([`tcp`]), the NBD server's listener ([`crate::nbd::tcp`]),
+//! and the test echo service ([`echo`]).
 //!
 //! Interrupts: the NIC's MSI-X vectors (receive, transmit, link) run [`on_interrupt`], which
 //! records which fired and wakes the main loop; the loop calls [`poll`], which polls the
@@ -75,6 +76,7 @@ pub struct Net {
     next_poll_ns: u64,
     polls: u64,
     echo: Option<echo::Echo>,
+    nbd: Option<crate::nbd::tcp::NbdService>,
 }
 
 static NET: spin::Mutex<Option<Net>> = spin::Mutex::new(None);
@@ -172,6 +174,7 @@ pub fn init<C: ConfigAccess + ?Sized, M: MmioMapper + ?Sized>(
         next_poll_ns: 0,
         polls: 0,
         echo: None,
+        nbd: None,
     };
     match ip {
         IpConfig::Static(s) => {
@@ -289,6 +292,10 @@ impl Net {
             echo.run(self);
             self.echo = Some(echo);
         }
+        if let Some(mut nbd) = self.nbd.take() {
+            nbd.run(self);
+            self.nbd = Some(nbd);
+        }
         // What the services queued goes out in this round.
         {
             let Net {
@@ -345,6 +352,21 @@ impl Net {
     /// The echo service's port and counters, if running.
     pub fn echo(&self) -> Option<&echo::Echo> {
         self.echo.as_ref()
+    }
+
+    /// The NBD listener, if serving.
+    pub fn nbd(&self) -> Option<&crate::nbd::tcp::NbdService> {
+        self.nbd.as_ref()
+    }
+
+    /// Starts serving NBD on `port` (once, at start-up: allocates its sockets now).
+    pub fn start_nbd(&mut self, port: u16) -> Result<(), tcp::ListenError> {
+        if let Some(n) = &self.nbd {
+            return Err(tcp::ListenError::PortInUse(n.port()));
+        }
+        self.nbd = Some(crate::nbd::tcp::NbdService::listen(self, port)?);
+        wake();
+        Ok(())
     }
 
     /// Starts the echo service on `port` (test builds; allocates its listener now).

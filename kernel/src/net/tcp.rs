@@ -340,6 +340,63 @@ impl Net {
         result
     }
 
+    /// Hands the waiting bytes to `take` in place (one contiguous piece of the receive ring
+    /// per call, so twice when the data wraps) and consumes as many as it returns; stops when
+    /// `take` leaves bytes, fails, or nothing is left. Returns the bytes consumed, or the
+    /// first error of `take` (bytes consumed before it stay consumed). `Err(Finished)` as
+    /// for [`Net::tcp_recv`]. No copy: the service reads straight from the socket buffer
+    /// and takes only what it can use now (back-pressure).
+    pub fn tcp_recv_with<E>(
+        &mut self,
+        conn: ConnId,
+        mut take: impl FnMut(&[u8]) -> Result<usize, E>,
+    ) -> Result<Result<usize, E>, TcpError> {
+        let socket = self.slot(conn)?;
+        let mut total = 0usize;
+        let mut outcome = Ok(());
+        for _ in 0..2 {
+            if socket.recv_queue() == 0 {
+                break;
+            }
+            let step = socket.recv(|bytes| {
+                let offered = bytes.len();
+                match take(bytes) {
+                    Ok(n) => {
+                        let n = n.min(offered);
+                        (n, Ok((n, n == offered)))
+                    }
+                    Err(e) => (0, Err(e)),
+                }
+            });
+            match step {
+                Ok(Ok((n, all))) => {
+                    total += n;
+                    if !all || n == 0 {
+                        break;
+                    }
+                }
+                Ok(Err(e)) => {
+                    outcome = Err(e);
+                    break;
+                }
+                Err(tcp::RecvError::Finished) | Err(tcp::RecvError::InvalidState) => {
+                    if total == 0 {
+                        return Err(TcpError::Finished);
+                    }
+                    break;
+                }
+            }
+        }
+        if total > 0 {
+            // The window opened: let the stack tell the peer.
+            super::wake();
+        }
+        if socket.recv_queue() == 0 && total == 0 && outcome.is_ok() && !socket.may_recv() {
+            return Err(TcpError::Finished);
+        }
+        Ok(outcome.map(|()| total))
+    }
+
     /// Copies up to `buf.len()` waiting bytes without consuming them.
     pub fn tcp_peek(&mut self, conn: ConnId, buf: &mut [u8]) -> Result<usize, TcpError> {
         match self.slot(conn)?.peek_slice(buf) {

@@ -12,6 +12,8 @@ mod builtin;
 #[cfg(target_os = "none")]
 mod disk;
 #[cfg(target_os = "none")]
+mod nbd;
+#[cfg(target_os = "none")]
 mod net;
 #[cfg(target_os = "none")]
 mod output;
@@ -88,9 +90,12 @@ mod run_loop {
             next_progress: time::uptime_ns() + PROGRESS_NS,
             progress_shown: false,
         });
-        // The NBD server: sessions come from the network stack (not wired yet); completions
-        // and resubmissions run here every iteration.
-        nbd::init(nbd::ServerConfig::from_cmdline(crate::start::cmdline()));
+        // The NBD server: sessions come from its TCP listener inside `net::poll`, which
+        // starts once the first task (discovery) has found the snapshots, so that clients
+        // see every export; completions and resubmissions run here every iteration.
+        let nbd_config = nbd::ServerConfig::from_cmdline(crate::start::cmdline());
+        nbd::init(nbd_config);
+        let mut nbd_listening = false;
         let mut typeahead = ByteRing::<256>::new();
         let mut typeahead_dropped = false;
         loop {
@@ -108,9 +113,15 @@ mod run_loop {
                             }
                         }
                     },
-                    &mut |pool, completion| nbd::complete(pool, completion),
+                    &mut |pool, completion| {
+                        let before = memory::allocation_count();
+                        nbd::complete(pool, completion);
+                        crate::nbd::tcp::count_allocations(before);
+                    },
                 );
+                let before = memory::allocation_count();
                 nbd::with(|server| server.step(st));
+                crate::nbd::tcp::count_allocations(before);
                 let more = storage::housekeeping(st, now) || more;
                 if let Some(r) = running.as_mut() {
                     r.task.step(st, now);
@@ -119,6 +130,10 @@ mod run_loop {
             });
             if more {
                 executor::wake();
+            }
+            if !nbd_listening && running.is_none() {
+                nbd_listening = true;
+                start_nbd(nbd_config.port);
             }
             if crate::net::poll(now) {
                 executor::wake();
@@ -231,6 +246,17 @@ mod run_loop {
                 }
             }
             executor::idle();
+        }
+    }
+
+    /// Opens the NBD server's TCP port (when there is a network).
+    fn start_nbd(port: u16) {
+        match crate::net::with(|n| n.start_nbd(port)) {
+            None => log::info!("nbd: no network; not serving"),
+            Some(Err(e)) => log::error!("nbd: cannot listen on TCP port {port}: {e}"),
+            Some(Ok(())) => {
+                log::info!("nbd: serving every volume on TCP port {port}")
+            }
         }
     }
 

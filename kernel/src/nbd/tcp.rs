@@ -1,0 +1,214 @@
+//! The NBD server on TCP: a listener on `nbd.port=` (default 10809) whose connections are
+//! joined to the server's sessions ([`super::server`]). It runs inside the network's poll
+//! ([`crate::net`]), between ingress and egress, so replies leave in the same round:
+//!
+//! - a new connection → [`Server::accept`](super::server::Server::accept) with the peer and
+//!   the NIC's address (allow-list, free session); a refused one is closed with a log line;
+//! - bytes waiting → handed to the session in place ([`Net::tcp_recv_with`]); only what the
+//!   session takes is consumed, the rest stays in the socket and TCP flow control slows the
+//!   client (back-pressure when request slots or DMA buffers are all in use);
+//! - replies → [`Server::transmit`](super::server::Server::transmit) into the socket's send
+//!   buffer, as much as it takes now;
+//! - the client finished, an error, or the session is done → our FIN, and
+//!   [`Server::closed`](super::server::Server::closed) (the session is freed once its device
+//!   I/O is back); a connection that ended by itself (reset, timeout) the same.
+//!
+//! Lock order: the network (held by the caller), then `storage`, then the NBD server.
+//! Device completions of NBD I/O wake the network ([`crate::net::wake`]) so that replies and
+//! resumed input are handled in the same loop iteration.
+//!
+//! Allocation: the sessions are allocated when a connection is accepted; everything after
+//! that (receive, transmit, completions, resubmission) is counted by [`io_allocations`],
+//! which `mem` reports with the I/O path's allocations and tests expect to stay 0.
+
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use super::server::{self, MAX_CONNECTIONS};
+use crate::ipconfig::Dotted;
+use crate::net::tcp::{ConnId, ListenError, ListenerId, Peer, TcpConfig, TcpError};
+use crate::net::Net;
+use crate::{memory, storage};
+
+/// TCP connection slots: every session, plus two so that a client over the limit is
+/// answered (closed with a log line) instead of left waiting in SYN.
+pub const TCP_SLOTS: usize = MAX_CONNECTIONS + 2;
+/// Socket buffers per connection: 256 KiB each way keeps a 1 MiB-request pipeline moving
+/// over a LAN (the receive buffer is also the window).
+const BUFFER: usize = 256 * 1024;
+
+static IO_ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+/// Heap allocations made by NBD request handling once connections were accepted (should
+/// stay 0).
+pub fn io_allocations() -> u64 {
+    IO_ALLOCATIONS.load(Ordering::Relaxed)
+}
+
+/// Adds the allocations made since `count_before` (a [`memory::allocation_count`]) to
+/// [`io_allocations`]: for the main loop's NBD steps.
+pub fn count_allocations(count_before: u64) {
+    let made = memory::allocation_count().saturating_sub(count_before);
+    if made > 0 {
+        IO_ALLOCATIONS.fetch_add(made, Ordering::Relaxed);
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Link {
+    conn: ConnId,
+    peer: Peer,
+    /// The server's connection id.
+    id: u8,
+    /// We closed the socket and told the server; waiting for TCP to report the end.
+    closing: bool,
+}
+
+/// The NBD listener and its connections.
+pub struct NbdService {
+    listener: ListenerId,
+    port: u16,
+    links: Vec<Option<Link>>,
+    accepted: u64,
+    refused: u64,
+}
+
+impl NbdService {
+    /// Listens on `port` (allocates the sockets and the link table now).
+    pub fn listen(net: &mut Net, port: u16) -> Result<NbdService, ListenError> {
+        let listener = net.tcp_listen(
+            port,
+            TcpConfig {
+                slots: TCP_SLOTS,
+                rx_buffer: BUFFER,
+                tx_buffer: BUFFER,
+            },
+        )?;
+        Ok(NbdService {
+            listener,
+            port,
+            links: (0..TCP_SLOTS).map(|_| None).collect(),
+            accepted: 0,
+            refused: 0,
+        })
+    }
+
+    /// The port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Connections accepted and refused since boot.
+    pub fn counters(&self) -> (u64, u64) {
+        (self.accepted, self.refused)
+    }
+
+    /// One round (from the network's poll): ended connections, new ones, then data both
+    /// ways on every connection.
+    pub fn run(&mut self, net: &mut Net) {
+        while let Some(conn) = net.tcp_take_closed(self.listener) {
+            let Some(entry) = self
+                .links
+                .iter_mut()
+                .find(|l| l.is_some_and(|l| l.conn == conn))
+            else {
+                continue; // a refused connection
+            };
+            if let Some(link) = entry.take() {
+                if !link.closing {
+                    // Reset or timed out under us.
+                    log::info!(
+                        "nbd: connection {} from {}:{} lost",
+                        link.id,
+                        Dotted(link.peer.0),
+                        link.peer.1
+                    );
+                    server::with(|s| s.closed(link.id));
+                }
+            }
+        }
+        while let Some((conn, peer)) = net.tcp_accept(self.listener) {
+            self.accept(net, conn, peer);
+        }
+        if self.links.iter().flatten().all(|l| l.closing) {
+            return;
+        }
+        let before = memory::allocation_count();
+        let links = &mut self.links;
+        storage::with(|st| {
+            server::with(|srv| {
+                for link in links.iter_mut().flatten().filter(|l| !l.closing) {
+                    pump(net, st, srv, link);
+                }
+            })
+        });
+        count_allocations(before);
+    }
+
+    fn accept(&mut self, net: &mut Net, conn: ConnId, peer: Peer) {
+        let local = net.address();
+        let result = server::with(|s| s.accept(peer, local));
+        let free = self.links.iter().position(Option::is_none);
+        match (result, free) {
+            (Some(Ok(id)), Some(free)) => {
+                self.accepted += 1;
+                self.links[free] = Some(Link {
+                    conn,
+                    peer,
+                    id,
+                    closing: false,
+                });
+                log::info!("nbd: connection {id} from {}:{}", Dotted(peer.0), peer.1);
+            }
+            (result, _) => {
+                self.refused += 1;
+                let why = match result {
+                    Some(Err(e)) => e,
+                    // No link free (cannot happen: as many links as TCP slots) or no
+                    // server: give the session back if there was one.
+                    Some(Ok(id)) => {
+                        server::with(|s| s.closed(id));
+                        server::AcceptError::Full
+                    }
+                    None => server::AcceptError::Full,
+                };
+                log::warn!("nbd: refused {}:{}: {why}", Dotted(peer.0), peer.1);
+                net.tcp_close(conn);
+            }
+        }
+    }
+}
+
+/// Moves bytes both ways on one connection; closes it when it is done.
+fn pump(net: &mut Net, st: &mut storage::Storage, srv: &mut server::Server, link: &mut Link) {
+    let (conn, id) = (link.conn, link.id);
+    let mut finished = false;
+    match net.tcp_recv_with(conn, |bytes| srv.receive(st, id, bytes)) {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            log::warn!(
+                "nbd: connection {id} from {}: {e}; closing",
+                Dotted(link.peer.0)
+            );
+            finished = true;
+        }
+        Err(TcpError::Finished) => finished = true,
+        Err(_) => finished = true,
+    }
+    if !finished {
+        let sent = srv.transmit(st, id, &mut |bytes| net.tcp_send(conn, bytes).unwrap_or(0));
+        if let Err(e) = sent {
+            log::warn!(
+                "nbd: connection {id} from {}: {e}; closing",
+                Dotted(link.peer.0)
+            );
+            finished = true;
+        }
+    }
+    if finished || srv.should_close(id) {
+        log::info!("nbd: connection {id} closed");
+        net.tcp_close(conn);
+        srv.closed(id);
+        link.closing = true;
+    }
+}
