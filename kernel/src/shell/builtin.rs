@@ -24,6 +24,7 @@ pub fn run(id: CommandId, args: &Args, out: &mut Out) -> Option<Box<dyn Task>> {
         | CommandId::Bench => return super::disk::run(id, args, out),
         CommandId::Snapshot => return super::snap::run(args, out),
         CommandId::Net => super::net::run(args, out),
+        CommandId::Nbd => super::nbd::run(args, out),
         CommandId::NbdSelfTest => {
             let volume = args.arg("VOLUME").unwrap_or("");
             return match crate::nbd::selftest::NbdSelfTest::new(volume) {
@@ -155,7 +156,11 @@ fn mem(json_out: bool, out: &mut Out) {
                 });
                 o.u64("allocations", m.allocations);
                 o.u64("frees", m.frees);
-                o.u64("io_path_allocations", crate::shell::io_allocations());
+                o.u64(
+                    "io_path_allocations",
+                    crate::shell::io_allocations() + crate::nbd::tcp::io_allocations(),
+                );
+                o.u64("nbd_allocations", crate::nbd::tcp::io_allocations());
                 o.u64("io_tasks", crate::shell::io_tasks());
             }),
         );
@@ -182,9 +187,10 @@ fn mem(json_out: bool, out: &mut Out) {
         );
         let _ = writeln!(
             out,
-            "heap allocations on the I/O path: {} (during {} disk tasks)",
-            crate::shell::io_allocations(),
-            crate::shell::io_tasks()
+            "heap allocations on the I/O path: {} (during {} disk tasks; {} serving NBD)",
+            crate::shell::io_allocations() + crate::nbd::tcp::io_allocations(),
+            crate::shell::io_tasks(),
+            crate::nbd::tcp::io_allocations()
         );
     }
 }

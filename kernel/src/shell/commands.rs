@@ -45,6 +45,8 @@ pub enum CommandId {
     Snapshot,
     /// `net [echo PORT]`
     Net,
+    /// `nbd [--json]`
+    Nbd,
     /// `nbd-selftest VOLUME` (test builds only)
     NbdSelfTest,
 }
@@ -253,6 +255,19 @@ pub static COMMANDS: &[CommandInfo] = &[
             options: &[],
             required: &[],
             optional: &["SUBCOMMAND", "PORT"],
+        },
+        test_only: false,
+    },
+    CommandInfo {
+        id: CommandId::Nbd,
+        name: "nbd",
+        usage: "nbd [--json]",
+        summary: "NBD server: port, allow-list, exports, connected clients and their counters",
+        details: "Every volume is an export (qemu-img info nbd://HOST:10809/vda). Port from nbd.port= (default 10809); clients from nbd.allow= (default: the NIC's subnet).",
+        spec: CommandSpec {
+            options: JSON,
+            required: &[],
+            optional: &[],
         },
         test_only: false,
     },
