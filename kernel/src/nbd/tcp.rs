@@ -11,7 +11,9 @@
 //!   buffer, as much as it takes now;
 //! - the client finished, an error, or the session is done → our FIN, and
 //!   [`Server::closed`](super::server::Server::closed) (the session is freed once its device
-//!   I/O is back); a connection that ended by itself (reset, timeout) the same.
+//!   I/O is back); a connection that ended by itself (reset, timeout) the same;
+//! - a client that does not close its side within [`LINGER_NS`] of our FIN is reset, so a
+//!   half-open client cannot hold a TCP slot (what Linux's `tcp_fin_timeout` does).
 //!
 //! Lock order: the network (held by the caller), then `storage`, then the NBD server.
 //! Device completions of NBD I/O wake the network ([`crate::net::wake`]) so that replies and
@@ -36,6 +38,8 @@ pub const TCP_SLOTS: usize = MAX_CONNECTIONS + 2;
 /// Socket buffers per connection: 256 KiB each way keeps a 1 MiB-request pipeline moving
 /// over a LAN (the receive buffer is also the window).
 const BUFFER: usize = 256 * 1024;
+/// How long a connection we closed may wait for the client's FIN before it is reset.
+pub const LINGER_NS: u64 = 5_000_000_000;
 
 static IO_ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
 
@@ -58,10 +62,10 @@ pub fn count_allocations(count_before: u64) {
 struct Link {
     conn: ConnId,
     peer: Peer,
-    /// The server's connection id.
-    id: u8,
-    /// We closed the socket and told the server; waiting for TCP to report the end.
-    closing: bool,
+    /// The server's connection id (`None`: refused).
+    id: Option<u8>,
+    /// When we closed the socket (and told the server); waiting for TCP to report the end.
+    closed_at: Option<u64>,
 }
 
 /// The NBD listener and its connections.
@@ -103,51 +107,78 @@ impl NbdService {
         (self.accepted, self.refused)
     }
 
-    /// One round (from the network's poll): ended connections, new ones, then data both
-    /// ways on every connection.
-    pub fn run(&mut self, net: &mut Net) {
+    /// When the next lingering connection is due to be reset (ns since boot), if any.
+    pub fn next_deadline(&self) -> Option<u64> {
+        self.links
+            .iter()
+            .flatten()
+            .filter_map(|l| l.closed_at)
+            .min()
+            .map(|t| t.saturating_add(LINGER_NS + 1))
+    }
+
+    /// One round at `now` (from the network's poll): ended connections, new ones, data
+    /// both ways on every connection, and resets of closed ones that linger.
+    pub fn run(&mut self, net: &mut Net, now: u64) {
         while let Some(conn) = net.tcp_take_closed(self.listener) {
             let Some(entry) = self
                 .links
                 .iter_mut()
                 .find(|l| l.is_some_and(|l| l.conn == conn))
             else {
-                continue; // a refused connection
+                continue;
             };
-            if let Some(link) = entry.take() {
-                if !link.closing {
-                    // Reset or timed out under us.
-                    log::info!(
-                        "nbd: connection {} from {}:{} lost",
-                        link.id,
-                        Dotted(link.peer.0),
-                        link.peer.1
-                    );
-                    server::with(|s| s.closed(link.id));
-                }
+            if let Some(Link {
+                id: Some(id),
+                closed_at: None,
+                peer,
+                ..
+            }) = entry.take()
+            {
+                // Reset or timed out under us.
+                log::info!(
+                    "nbd: connection {id} from {}:{} lost",
+                    Dotted(peer.0),
+                    peer.1
+                );
+                server::with(|s| s.closed(id));
             }
         }
         while let Some((conn, peer)) = net.tcp_accept(self.listener) {
-            self.accept(net, conn, peer);
+            self.accept(net, conn, peer, now);
         }
-        if self.links.iter().flatten().all(|l| l.closing) {
+        for link in self.links.iter_mut().flatten() {
+            if link
+                .closed_at
+                .is_some_and(|t| now.saturating_sub(t) > LINGER_NS)
+            {
+                // Reported by `tcp_take_closed` in a later round.
+                net.tcp_abort(link.conn);
+            }
+        }
+        if self.links.iter().flatten().all(|l| l.closed_at.is_some()) {
             return;
         }
         let before = memory::allocation_count();
         let links = &mut self.links;
         storage::with(|st| {
             server::with(|srv| {
-                for link in links.iter_mut().flatten().filter(|l| !l.closing) {
-                    pump(net, st, srv, link);
+                for link in links.iter_mut().flatten() {
+                    if let (Some(id), None) = (link.id, link.closed_at) {
+                        if pump(net, st, srv, link.conn, id, link.peer) {
+                            link.closed_at = Some(now);
+                        }
+                    }
                 }
             })
         });
         count_allocations(before);
     }
 
-    fn accept(&mut self, net: &mut Net, conn: ConnId, peer: Peer) {
+    fn accept(&mut self, net: &mut Net, conn: ConnId, peer: Peer, now: u64) {
         let local = net.address();
         let result = server::with(|s| s.accept(peer, local));
+        // As many links as TCP slots: there is always one free.
         let free = self.links.iter().position(Option::is_none);
         match (result, free) {
             (Some(Ok(id)), Some(free)) => {
@@ -155,8 +186,8 @@ impl NbdService {
                 self.links[free] = Some(Link {
                     conn,
                     peer,
-                    id,
-                    closing: false,
+                    id: Some(id),
+                    closed_at: None,
                 });
                 log::info!("nbd: connection {id} from {}:{}", Dotted(peer.0), peer.1);
             }
@@ -164,8 +195,8 @@ impl NbdService {
                 self.refused += 1;
                 let why = match result {
                     Some(Err(e)) => e,
-                    // No link free (cannot happen: as many links as TCP slots) or no
-                    // server: give the session back if there was one.
+                    // No link free (cannot happen) or no server: give the session back
+                    // if there was one.
                     Some(Ok(id)) => {
                         server::with(|s| s.closed(id));
                         server::AcceptError::Full
@@ -174,22 +205,36 @@ impl NbdService {
                 };
                 log::warn!("nbd: refused {}:{}: {why}", Dotted(peer.0), peer.1);
                 net.tcp_close(conn);
+                match free {
+                    Some(free) => {
+                        self.links[free] = Some(Link {
+                            conn,
+                            peer,
+                            id: None,
+                            closed_at: Some(now),
+                        })
+                    }
+                    None => net.tcp_abort(conn),
+                }
             }
         }
     }
 }
 
-/// Moves bytes both ways on one connection; closes it when it is done.
-fn pump(net: &mut Net, st: &mut storage::Storage, srv: &mut server::Server, link: &mut Link) {
-    let (conn, id) = (link.conn, link.id);
+/// Moves bytes both ways on connection `id`; closes it when it is done (returns true then).
+fn pump(
+    net: &mut Net,
+    st: &mut storage::Storage,
+    srv: &mut server::Server,
+    conn: ConnId,
+    id: u8,
+    peer: Peer,
+) -> bool {
     let mut finished = false;
     match net.tcp_recv_with(conn, |bytes| srv.receive(st, id, bytes)) {
         Ok(Ok(_)) => {}
         Ok(Err(e)) => {
-            log::warn!(
-                "nbd: connection {id} from {}: {e}; closing",
-                Dotted(link.peer.0)
-            );
+            log::warn!("nbd: connection {id} from {}: {e}; closing", Dotted(peer.0));
             finished = true;
         }
         Err(TcpError::Finished) => finished = true,
@@ -198,10 +243,7 @@ fn pump(net: &mut Net, st: &mut storage::Storage, srv: &mut server::Server, link
     if !finished {
         let sent = srv.transmit(st, id, &mut |bytes| net.tcp_send(conn, bytes).unwrap_or(0));
         if let Err(e) = sent {
-            log::warn!(
-                "nbd: connection {id} from {}: {e}; closing",
-                Dotted(link.peer.0)
-            );
+            log::warn!("nbd: connection {id} from {}: {e}; closing", Dotted(peer.0));
             finished = true;
         }
     }
@@ -209,6 +251,7 @@ fn pump(net: &mut Net, st: &mut storage::Storage, srv: &mut server::Server, link
         log::info!("nbd: connection {id} closed");
         net.tcp_close(conn);
         srv.closed(id);
-        link.closing = true;
+        return true;
     }
+    false
 }

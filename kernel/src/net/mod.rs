@@ -293,7 +293,7 @@ impl Net {
             self.echo = Some(echo);
         }
         if let Some(mut nbd) = self.nbd.take() {
-            nbd.run(self);
+            nbd.run(self, now);
             self.nbd = Some(nbd);
         }
         // What the services queued goes out in this round.
@@ -315,6 +315,9 @@ impl Net {
             Some(d) => now.saturating_add(d.total_micros().saturating_mul(1000)),
             None => u64::MAX,
         };
+        if let Some(due) = self.nbd.as_ref().and_then(|n| n.next_deadline()) {
+            self.next_poll_ns = self.next_poll_ns.min(due);
+        }
         // Come back at once when frames wait or smoltcp wants to send now and can.
         exhausted || (self.next_poll_ns <= now && tx_free)
     }

@@ -1,0 +1,564 @@
+//! The NBD server over the network: the real image with virtio disks and a virtio-net NIC on
+//! QEMU user networking, `hostfwd` from a loopback port to the appliance's port 10809, and
+//! real clients on the host (`nbdinfo`, `qemu-img`, `qemu-io`, `nbdcopy`) plus a small raw
+//! client for what they never send (malformed handshakes, a write to a read-only export,
+//! dropped connections, many connections at once). Needs qemu-utils and libnbd-bin.
+//!
+//! Forwarded connections come from slirp's 10.0.2.2, inside the appliance's 10.0.2.0/24, so
+//! the default allow-list (the NIC's subnet) lets them in; `nbd.allow=192.168.7.0/24` keeps
+//! them out.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, Output};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use kernel::nbd::proto::*;
+use tests::{free_port, sha256_hex, Boot, Image, Qemu, TIMEOUT};
+
+const MIB: u64 = 1 << 20;
+const NBD_PORT: u16 = 10809;
+
+/// Deterministic bytes.
+fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Waits for the DHCP lease and the NBD listener, then for the console to settle.
+fn wait_serving(q: &mut Qemu) {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let t = q.transcript();
+        if t.contains("net: DHCP lease") && t.contains("nbd: serving every volume on TCP port") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "NBD not serving:\n{t}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    q.settle(Duration::from_millis(300));
+}
+
+fn uri(port: u16, export: &str) -> String {
+    format!("nbd://127.0.0.1:{port}/{export}")
+}
+
+fn run(program: &str, args: &[&str]) -> Output {
+    Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program} (make deps): {e}"))
+}
+
+fn run_ok(program: &str, args: &[&str]) -> String {
+    let out = run(program, args);
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The SHA-256 the appliance's `checksum` prints for `volume`.
+fn appliance_checksum(q: &mut Qemu, volume: &str) -> String {
+    let out = q.command_timeout(&format!("checksum {volume}"), TIMEOUT * 2);
+    let last = out.rsplit("\x1b[K").next().unwrap_or(&out).trim();
+    last.split_whitespace()
+        .next()
+        .filter(|h| h.len() == 64)
+        .unwrap_or_else(|| panic!("no checksum in {out:?}"))
+        .to_string()
+}
+
+/// Copies `export` to a host file with `qemu-img convert` and returns its bytes.
+fn convert_out(port: u16, export: &str, tag: &str) -> Vec<u8> {
+    let path = std::env::temp_dir().join(format!("snapfw-nbd-{}-{tag}.img", std::process::id()));
+    let p = path.to_str().expect("utf-8 path");
+    run_ok(
+        "qemu-img",
+        &["convert", "-f", "raw", "-O", "raw", &uri(port, export), p],
+    );
+    let data = std::fs::read(&path).expect("read converted image");
+    let _ = std::fs::remove_file(&path);
+    data
+}
+
+fn json_u64(text: &str, key: &str) -> u64 {
+    text.split(&format!("\"{key}\":"))
+        .nth(1)
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in {text}"))
+}
+
+/// Waits until the server has no sessions left (closed connections are freed once their
+/// device I/O is back) and no TCP connection on its port (a closed one whose client does
+/// not finish closing is reset after `LINGER_NS`).
+fn wait_no_clients(q: &mut Qemu) {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        q.settle(Duration::from_millis(200));
+        let nbd = q.command("nbd --json");
+        let net = q.command("net");
+        if nbd.contains("\"clients\":[]") && !net.contains("tcp :10809 <-") {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "sessions or connections stay open: {nbd}\n{net}"
+        );
+    }
+}
+
+// --- A raw client -------------------------------------------------------------------------
+
+struct Raw {
+    s: TcpStream,
+}
+
+impl Raw {
+    /// Connects (slirp accepts before the guest does: a refused or dropped connection
+    /// shows up as EOF on the first read).
+    fn connect(port: u16) -> Raw {
+        let s = TcpStream::connect(("127.0.0.1", port)).expect("connect to hostfwd");
+        s.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+        s.set_nodelay(true).expect("nodelay");
+        Raw { s }
+    }
+
+    fn send(&mut self, bytes: &[u8]) {
+        self.s.write_all(bytes).expect("send");
+    }
+
+    /// Reads exactly `n` bytes; `None` on EOF or reset.
+    fn recv(&mut self, n: usize) -> Option<Vec<u8>> {
+        let mut buf = vec![0u8; n];
+        self.s.read_exact(&mut buf).ok()?;
+        Some(buf)
+    }
+
+    /// True once the server has closed the connection (EOF or reset).
+    fn closed(&mut self) -> bool {
+        let mut b = [0u8; 1];
+        matches!(self.s.read(&mut b), Ok(0) | Err(_))
+    }
+
+    fn greeting(&mut self) -> Option<()> {
+        let g = self.recv(GREETING_LEN)?;
+        assert_eq!(&g[..8], &NBDMAGIC.to_be_bytes());
+        assert_eq!(&g[8..16], &IHAVEOPT.to_be_bytes());
+        Some(())
+    }
+
+    fn option(&mut self, opt: u32, data: &[u8]) {
+        let mut m = IHAVEOPT.to_be_bytes().to_vec();
+        m.extend_from_slice(&opt.to_be_bytes());
+        m.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        m.extend_from_slice(data);
+        self.send(&m);
+    }
+
+    /// One option reply: (type, data).
+    fn option_reply(&mut self) -> Option<(u32, Vec<u8>)> {
+        let h = self.recv(OPTION_REPLY_HEADER_LEN)?;
+        assert_eq!(&h[..8], &OPTION_REPLY_MAGIC.to_be_bytes());
+        let kind = u32::from_be_bytes(h[12..16].try_into().unwrap());
+        let len = u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize;
+        Some((kind, self.recv(len)?))
+    }
+
+    /// Handshake with GO to `export`: the transmission flags.
+    fn go(port: u16, export: &str) -> (Raw, u16) {
+        let mut c = Raw::connect(port);
+        c.greeting().expect("greeting");
+        c.send(&(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES).to_be_bytes());
+        let mut data = (export.len() as u32).to_be_bytes().to_vec();
+        data.extend_from_slice(export.as_bytes());
+        data.extend_from_slice(&0u16.to_be_bytes());
+        c.option(OPT_GO, &data);
+        let mut flags = 0;
+        loop {
+            let (kind, data) = c.option_reply().expect("GO reply");
+            if kind == REP_INFO && u16::from_be_bytes([data[0], data[1]]) == INFO_EXPORT {
+                flags = u16::from_be_bytes([data[10], data[11]]);
+            }
+            if kind == REP_ACK {
+                return (c, flags);
+            }
+            assert!(kind & (1 << 31) == 0, "GO {export} refused: {kind:#x}");
+        }
+    }
+
+    fn request(&mut self, cmd: u16, flags: u16, cookie: u64, offset: u64, len: u32) {
+        let mut m = REQUEST_MAGIC.to_be_bytes().to_vec();
+        m.extend_from_slice(&flags.to_be_bytes());
+        m.extend_from_slice(&cmd.to_be_bytes());
+        m.extend_from_slice(&cookie.to_be_bytes());
+        m.extend_from_slice(&offset.to_be_bytes());
+        m.extend_from_slice(&len.to_be_bytes());
+        self.send(&m);
+    }
+
+    /// A simple reply: (error, cookie).
+    fn reply(&mut self) -> (u32, u64) {
+        let r = self.recv(SIMPLE_REPLY_LEN).expect("reply");
+        assert_eq!(&r[..4], &SIMPLE_REPLY_MAGIC.to_be_bytes());
+        (
+            u32::from_be_bytes(r[4..8].try_into().unwrap()),
+            u64::from_be_bytes(r[8..16].try_into().unwrap()),
+        )
+    }
+}
+
+// --- Tests --------------------------------------------------------------------------------
+
+/// One appliance with an origin (`vda`, snapshot `s1` on `vdb`) and a plain disk (`vdc`):
+/// listing, copies out and in with the usual clients, snapshot isolation, a read-only
+/// export, bad handshakes, dropped connections, and eight connections at once.
+#[test]
+fn real_clients_over_tcp() {
+    let port = free_port();
+    let (a, b, c) = (
+        Image::new("nbdtcp-origin", 32 * MIB),
+        Image::new("nbdtcp-cow", 16 * MIB),
+        Image::new("nbdtcp-plain", 16 * MIB),
+    );
+    let origin = pattern(32 * MIB as usize, 7);
+    a.write(0, &origin);
+    let mut q = Boot::kernel("q35", "testing loglevel=info")
+        .virtio_disk(&a.path, "ORIGIN")
+        .virtio_disk(&b.path, "COW")
+        .virtio_disk(&c.path, "PLAIN")
+        .net(&[(port, NBD_PORT)], None)
+        .start();
+    q.wait_prompt();
+    wait_serving(&mut q);
+    let out = q.command("snapshot create s1 vda vdb");
+    assert!(out.contains("created snapshot s1"), "{out}");
+
+    // The volumes, as nbdinfo lists them (the COW device is not one).
+    let list = run_ok("nbdinfo", &["--list", &format!("nbd://127.0.0.1:{port}")]);
+    for name in ["export=\"vda\"", "export=\"vdc\"", "export=\"s1\""] {
+        assert!(list.contains(name), "{name} missing from:\n{list}");
+    }
+    assert!(!list.contains("export=\"vdb\""), "{list}");
+
+    // A snapshot copied out: the appliance's checksum, the host's SHA-256 and the origin's
+    // bytes agree.
+    let s1 = convert_out(port, "s1", "s1-before");
+    assert_eq!(s1.len(), origin.len());
+    assert!(
+        s1 == origin,
+        "snapshot copy differs from the origin it froze"
+    );
+    q.settle(Duration::from_millis(200));
+    assert_eq!(appliance_checksum(&mut q, "s1"), sha256_hex(&s1));
+
+    // qemu-io writes the origin (through the snapshot engine); the snapshot stays.
+    let io = run_ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0xab 1M 3M",
+            "-c",
+            "write -P 0xcd 20M 64k",
+            "-c",
+            "flush",
+            &uri(port, "vda"),
+        ],
+    );
+    assert!(io.contains("wrote 3145728/3145728 bytes"), "{io}");
+    let s1_after = convert_out(port, "s1", "s1-after");
+    assert!(
+        s1_after == origin,
+        "the snapshot changed under origin writes"
+    );
+    let vda = convert_out(port, "vda", "vda-after");
+    assert!(vda[MIB as usize..4 * MIB as usize]
+        .iter()
+        .all(|&x| x == 0xab));
+    assert!(vda[20 * MIB as usize..(20 * MIB + 65536) as usize]
+        .iter()
+        .all(|&x| x == 0xcd));
+    assert!(vda[..MIB as usize] == origin[..MIB as usize]);
+    assert!(a.read(MIB, 4096).iter().all(|&x| x == 0xab), "host image");
+
+    // nbdcopy round trip through the plain disk.
+    let dir = std::env::temp_dir();
+    let src = dir.join(format!("snapfw-nbd-{}-src.img", std::process::id()));
+    let back = dir.join(format!("snapfw-nbd-{}-back.img", std::process::id()));
+    let data = pattern(16 * MIB as usize, 11);
+    std::fs::write(&src, &data).expect("write source");
+    run_ok(
+        "nbdcopy",
+        &[src.to_str().unwrap(), &uri(port, "vdc"), "--flush"],
+    );
+    run_ok("nbdcopy", &[&uri(port, "vdc"), back.to_str().unwrap()]);
+    let got = std::fs::read(&back).expect("read copy");
+    let _ = (std::fs::remove_file(&src), std::fs::remove_file(&back));
+    assert!(got == data, "nbdcopy round trip differs");
+    assert!(c.read(0, data.len()) == data, "plain disk image differs");
+
+    // The snapshot is a read-only export: the flag is set and a write gets EPERM.
+    let (mut raw, flags) = Raw::go(port, "s1");
+    assert!(flags & TX_READ_ONLY != 0, "s1 flags {flags:#x}");
+    raw.request(CMD_WRITE, 0, 77, 0, 4096);
+    raw.send(&[0x55; 4096]);
+    assert_eq!(raw.reply(), (1, 77), "write to a read-only export");
+    raw.request(CMD_READ, 0, 78, 0, 4096);
+    assert_eq!(raw.reply(), (0, 78));
+    assert!(raw.recv(4096).unwrap() == origin[..4096]);
+    raw.request(CMD_DISC, 0, 79, 0, 0);
+    assert!(raw.closed(), "DISC closes the connection");
+    drop(raw);
+    let qio = run(
+        "qemu-io",
+        &["-f", "raw", "-c", "write 0 4k", &uri(port, "s1")],
+    );
+    let text =
+        String::from_utf8_lossy(&qio.stdout).to_string() + &String::from_utf8_lossy(&qio.stderr);
+    assert!(
+        text.contains("ermission")
+            || text.contains("ermitted")
+            || text.contains("read-only")
+            || text.contains("read only"),
+        "qemu-io wrote to a read-only export: {text}"
+    );
+
+    // Bad handshakes: each gets its error or a closed connection, and nothing else.
+    let mut bad = Raw::connect(port);
+    bad.greeting().expect("greeting");
+    bad.send(&0xdead_beefu32.to_be_bytes()); // unknown client flags
+    assert!(bad.closed(), "unknown client flags must close");
+    drop(bad);
+    let mut bad = Raw::connect(port);
+    bad.greeting().expect("greeting");
+    bad.send(&CLIENT_FIXED_NEWSTYLE.to_be_bytes());
+    bad.send(b"NOTMAGIC\0\0\0\x07\0\0\0\0"); // wrong option magic
+    assert!(bad.closed(), "a wrong option magic must close");
+    drop(bad);
+    let mut bad = Raw::connect(port);
+    bad.greeting().expect("greeting");
+    bad.send(&CLIENT_FIXED_NEWSTYLE.to_be_bytes());
+    bad.option(0x1234, b"xyz"); // unknown option: refused, the session goes on
+    assert_eq!(bad.option_reply().expect("reply").0, REP_ERR_UNSUP);
+    bad.option(OPT_GO, &[0, 0, 0, 4, b'n', b'o', b'p', b'e', 0, 0]);
+    assert_eq!(bad.option_reply().expect("reply").0, REP_ERR_UNKNOWN);
+    bad.option(OPT_GO, &[0xff; 8]); // a name longer than the data
+    let reply = bad.option_reply().map(|r| r.0);
+    assert!(matches!(reply, None | Some(REP_ERR_INVALID)), "{reply:?}");
+    drop(bad);
+    let mut bad = Raw::connect(port);
+    bad.greeting().expect("greeting");
+    bad.send(&CLIENT_FIXED_NEWSTYLE.to_be_bytes());
+    let mut huge = IHAVEOPT.to_be_bytes().to_vec();
+    huge.extend_from_slice(&OPT_GO.to_be_bytes());
+    huge.extend_from_slice(&u32::MAX.to_be_bytes()); // 4 GiB of option data
+    bad.send(&huge);
+    assert!(bad.closed(), "an oversize option must close");
+    drop(bad);
+    // A bad request magic in transmission closes; an offset past the end gets EINVAL.
+    let (mut raw, _) = Raw::go(port, "vdc");
+    raw.request(CMD_READ, 0, 1, 16 * MIB, 4096);
+    assert_eq!(raw.reply(), (22, 1));
+    raw.send(&[0x42; 28]);
+    assert!(raw.closed(), "a bad request magic must close");
+    drop(raw);
+    // Dropped mid-request: a write header with part of its payload, then gone (the chunks
+    // that arrived may be written: they carry the bytes already there, so the reads below
+    // still know the disk); and reads whose replies nobody reads.
+    let (mut raw, _) = Raw::go(port, "vdc");
+    raw.request(CMD_WRITE, 0, 1, 0, 1 << 20);
+    raw.send(&data[..300_000]);
+    drop(raw);
+    let (mut raw, _) = Raw::go(port, "vdc");
+    for i in 0..8 {
+        raw.request(CMD_READ, 0, i, i * MIB, 1 << 20);
+    }
+    drop(raw);
+
+    // The sessions of the dropped connections end once their device I/O is back.
+    wait_no_clients(&mut q);
+
+    // Eight connections at once, each reading its own range with several requests in
+    // flight; all eight are open together (the console shows them) before any reads.
+    let (ready_tx, ready) = mpsc::channel();
+    let mut gos = Vec::new();
+    let clients: Vec<_> = (0..8u64)
+        .map(|i| {
+            let ready_tx = ready_tx.clone();
+            let (go_tx, go) = mpsc::channel::<()>();
+            gos.push(go_tx);
+            let export = if i % 2 == 0 { "vdc" } else { "s1" };
+            std::thread::spawn(move || {
+                let (mut raw, _) = Raw::go(port, export);
+                ready_tx.send(()).expect("main thread");
+                go.recv_timeout(TIMEOUT).expect("go");
+                let base = i / 2 * 4 * MIB;
+                let mut got = Vec::new();
+                for round in 0..2u64 {
+                    for k in 0..4u64 {
+                        let at = base + (round * 4 + k) * 512 * 1024;
+                        raw.request(CMD_READ, 0, k, at % (16 * MIB), 512 * 1024);
+                    }
+                    for _ in 0..4 {
+                        let (error, cookie) = raw.reply();
+                        assert_eq!(error, 0);
+                        let data = raw.recv(512 * 1024).expect("read data");
+                        got.push((round * 4 + cookie, data));
+                    }
+                }
+                raw.request(CMD_DISC, 0, 99, 0, 0);
+                got.sort_by_key(|(k, _)| *k);
+                (base, export, got)
+            })
+        })
+        .collect();
+    for _ in 0..8 {
+        ready
+            .recv_timeout(TIMEOUT)
+            .expect("a client could not open its session");
+    }
+    q.settle(Duration::from_millis(300));
+    let nbd = q.command("nbd --json");
+    assert_eq!(nbd.matches("\"peer\":\"10.0.2.2:").count(), 8, "{nbd}");
+    // A ninth is refused (every session taken) and closed.
+    let mut ninth = Raw::connect(port);
+    assert!(
+        ninth.greeting().is_none() || ninth.closed(),
+        "a ninth session"
+    );
+    drop(ninth);
+    for go in gos {
+        go.send(()).expect("client thread");
+    }
+    for client in clients {
+        let (base, export, got) = client.join().expect("client thread");
+        let disk: &[u8] = if export == "vdc" { &data } else { &origin };
+        for (k, bytes) in got {
+            let at = ((base + k * 512 * 1024) % (16 * MIB)) as usize;
+            assert!(
+                bytes == disk[at..at + 512 * 1024],
+                "{export} at {at} differs"
+            );
+        }
+    }
+
+    q.settle(Duration::from_millis(500));
+    let nbd = q.command("nbd");
+    assert!(nbd.contains("listening on TCP port 10809"), "{nbd}");
+    assert!(
+        nbd.contains("allow 10.0.2.0/24 (default: the local subnet)"),
+        "{nbd}"
+    );
+    assert!(nbd.contains("refused"), "{nbd}");
+    for line in [" vda ", " vdc ", " s1 "] {
+        assert!(nbd.lines().any(|l| l.contains(line)), "{line} in {nbd}");
+    }
+    assert!(
+        nbd.lines()
+            .any(|l| l.contains(" s1 ") && l.contains("read-only")),
+        "{nbd}"
+    );
+    assert!(q.command("help").contains("nbd [--json]"));
+    let t = q.transcript();
+    assert!(t.contains("too many connections"), "the ninth is logged");
+    // Nothing allocated per request, and every session has gone.
+    let mem = q.command("mem --json");
+    assert_eq!(json_u64(&mem, "nbd_allocations"), 0, "{mem}");
+    wait_no_clients(&mut q);
+    assert!(!t.contains("KERNEL PANIC"), "{t}");
+    q.poweroff();
+}
+
+/// A write and a FLUSH through the snapshot engine, then a power cut: after the next boot
+/// the origin has the new data and the snapshot still has the old.
+#[test]
+fn flushed_writes_survive_a_power_cut() {
+    let port = free_port();
+    let (a, b) = (
+        Image::new("nbdtcp-cut-origin", 16 * MIB),
+        Image::new("nbdtcp-cut-cow", 8 * MIB),
+    );
+    let origin = pattern(16 * MIB as usize, 21);
+    a.write(0, &origin);
+    let boot = |port| {
+        Boot::kernel("q35", "testing loglevel=info")
+            .virtio_disk(&a.path, "ORIGIN")
+            .virtio_disk(&b.path, "COW")
+            .net(&[(port, NBD_PORT)], None)
+    };
+    let mut q = boot(port).start();
+    q.wait_prompt();
+    wait_serving(&mut q);
+    let out = q.command("snapshot create s1 vda vdb");
+    assert!(out.contains("created snapshot s1"), "{out}");
+    run_ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x5a 2M 1M",
+            "-c",
+            "flush",
+            &uri(port, "vda"),
+        ],
+    );
+    q.kill();
+
+    let port = free_port();
+    let mut q = boot(port).start();
+    q.wait_prompt();
+    wait_serving(&mut q);
+    let vda = convert_out(port, "vda", "cut-vda");
+    assert!(
+        vda[2 * MIB as usize..3 * MIB as usize]
+            .iter()
+            .all(|&x| x == 0x5a),
+        "the flushed write is lost"
+    );
+    assert!(vda[..2 * MIB as usize] == origin[..2 * MIB as usize]);
+    let s1 = convert_out(port, "s1", "cut-s1");
+    assert!(s1 == origin, "the snapshot lost its copy of the old data");
+    q.poweroff();
+}
+
+/// `nbd.allow=` without the client's network: the connection is refused and logged.
+#[test]
+fn clients_outside_the_allow_list_are_refused() {
+    let port = free_port();
+    let a = Image::new("nbdtcp-allow", 4 * MIB);
+    let mut q = Boot::kernel("q35", "testing loglevel=info nbd.allow=192.168.7.0/24")
+        .virtio_disk(&a.path, "A")
+        .net(&[(port, NBD_PORT)], None)
+        .start();
+    q.wait_prompt();
+    wait_serving(&mut q);
+    let out = run("nbdinfo", &[&uri(port, "vda")]);
+    assert!(!out.status.success(), "nbdinfo got in");
+    let mut raw = Raw::connect(port);
+    assert!(raw.greeting().is_none(), "a greeting for a refused client");
+    q.settle(Duration::from_millis(300));
+    let t = q.transcript();
+    assert!(
+        t.contains("nbd: refused 10.0.2.2:") && t.contains("address not in nbd.allow"),
+        "{t}"
+    );
+    let nbd = q.command("nbd");
+    assert!(nbd.contains("allow 192.168.7.0/24;"), "{nbd}");
+    assert!(nbd.contains("0 connections accepted, 2 refused"), "{nbd}");
+    q.poweroff();
+}
