@@ -427,9 +427,10 @@ fn real_clients_over_tcp() {
         })
         .collect();
     for _ in 0..8 {
-        ready
-            .recv_timeout(TIMEOUT)
-            .expect("a client could not open its session");
+        if ready.recv_timeout(TIMEOUT).is_err() {
+            let (net, nbd) = (q.command("net"), q.command("nbd"));
+            panic!("a client could not open its session:\n{net}\n{nbd}");
+        }
     }
     q.settle(Duration::from_millis(300));
     let nbd = q.command("nbd --json");

@@ -131,10 +131,6 @@ mod run_loop {
             if more {
                 executor::wake();
             }
-            if !nbd_listening && running.is_none() {
-                nbd_listening = true;
-                start_nbd(nbd_config.port);
-            }
             if crate::net::poll(now) {
                 executor::wake();
             }
@@ -163,6 +159,12 @@ mod run_loop {
                     }
                     let _ = r.task.report(&mut out, time::uptime_ns());
                     running = None;
+                    if !nbd_listening {
+                        // Discovery is done (the first task): every export is known. Before
+                        // the prompt is drawn, so the log line does not land after it.
+                        nbd_listening = true;
+                        start_nbd(nbd_config.port);
+                    }
                     if core::mem::take(&mut typeahead_dropped) {
                         out.error(format_args!(
                             "keys typed while the command ran were dropped"
