@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building and testing snapfw needs, idempotently: QEMU, iPXE ROMs, GRUB for
 # BIOS, xorriso and mtools (grub-mkrescue), qemu-img, the NBD client tools (libnbd-bin:
-# nbdinfo, nbdcopy) and fio for the network block device tests; and the Rust target from
+# nbdinfo, nbdcopy) and fio for the network block device tests, nbdkit for the NBD bench's
+# host baseline; and the Rust target from
 # rust-toolchain.toml. Packages already present are left alone; apt-get update runs only
 # when something is missing.
 #
@@ -25,6 +26,7 @@ have_cmd qemu-img || need+=(qemu-utils)
 have_cmd objcopy || need+=(binutils)
 have_cmd nbdinfo || need+=(libnbd-bin)
 have_cmd fio || need+=(fio)
+have_cmd nbdkit || need+=(nbdkit)
 
 if [ ${#need[@]} -gt 0 ]; then
     echo "deps: installing ${need[*]}"

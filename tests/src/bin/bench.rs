@@ -4,6 +4,9 @@
 //! write; IOPS, MB/s, p99 latency, interrupts per I/O. A benchmark, not a test: it asserts
 //! nothing about speed.
 //!
+//! Then the NBD rows: fio's `nbd` engine against the appliance's NBD server and against
+//! `nbdkit` on the host, in the same run, with the ratio.
+//!
 //! `BENCH_TIME` (default `5s`) sets each row's duration; `ACCEL` as for the tests.
 
 use std::time::Duration;
@@ -155,6 +158,7 @@ fn main() {
     snapshot_rows(&mut q, "NVMe", "nvme0n1", "nvme0n2", &time);
     q.send(b"poweroff\r");
     let _ = q.wait_exit(Duration::from_secs(30));
+    nbd_rows(&time);
 }
 
 fn cmd(q: &mut tests::Qemu, line: &str) -> String {
@@ -283,4 +287,161 @@ fn snapshot_rows(q: &mut tests::Qemu, kind: &str, origin: &str, cow: &str, time:
     );
     cmd(q, "snapshot delete b3");
     cmd(q, "snapshot delete b4");
+}
+
+/// fio's figures for one run: IOPS, MB/s, p99 completion latency in µs.
+struct FioFigures {
+    iops: f64,
+    mb_s: f64,
+    p99_us: f64,
+}
+
+/// The number after `"key" :` following `from` in fio's JSON output.
+fn fio_number(text: &str, from: usize, key: &str) -> f64 {
+    text[from..]
+        .split(&format!("\"{key}\" : "))
+        .nth(1)
+        .and_then(|r| r.split(|c: char| c == ',' || c.is_whitespace()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Runs fio's `nbd` engine against `uri` for `time` with `args`; `None` if fio fails.
+fn fio(uri: &str, args: &[&str], write: bool, time: &str) -> Option<FioFigures> {
+    let out = std::process::Command::new("fio")
+        .args([
+            "--name=nbd",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            "--size=256m",
+            "--time_based",
+            &format!("--runtime={time}"),
+            "--output-format=json",
+        ])
+        .args(args)
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        eprintln!(
+            "fio {uri} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return None;
+    }
+    let section = text.find(if write {
+        "\"write\" : {"
+    } else {
+        "\"read\" : {"
+    })?;
+    let clat = section + text[section..].find("\"clat_ns\"")?;
+    Some(FioFigures {
+        iops: fio_number(&text, section, "iops"),
+        mb_s: fio_number(&text, section, "bw") * 1024.0 / 1e6,
+        p99_us: fio_number(&text, clat, "99.000000") / 1000.0,
+    })
+}
+
+/// Issue 8's rows: fio's `nbd` engine against the appliance's NBD server (a 1 GiB raw
+/// virtio-blk disk, `cache=none`, over QEMU user networking and `hostfwd`) next to the same
+/// fio run against `nbdkit` serving a 256 MiB file on the host (through the host's page
+/// cache, no VM), in the same run; both on a 256 MiB region written once before.
+fn nbd_rows(time: &str) {
+    const ROWS: &[(&str, &[&str], bool)] = &[
+        (
+            "4k randread QD32",
+            &["--rw=randread", "--bs=4k", "--iodepth=32"],
+            false,
+        ),
+        (
+            "4k randwrite QD32",
+            &["--rw=randwrite", "--bs=4k", "--iodepth=32"],
+            true,
+        ),
+        (
+            "128k read QD32",
+            &["--rw=read", "--bs=128k", "--iodepth=32"],
+            false,
+        ),
+        (
+            "128k write QD32",
+            &["--rw=write", "--bs=128k", "--iodepth=32"],
+            true,
+        ),
+    ];
+    // fio takes the same suffixes as BENCH_TIME (5s, 500ms, 1m).
+    let runtime = time;
+    println!();
+    let disk = Image::new("bench-nbd-1g", 1 << 30);
+    let file = Image::new("bench-nbdkit-256m", 256 << 20);
+    file.write(0, &vec![0u8; 256 << 20]);
+    let port = tests::free_port();
+    let mut q = Boot::kernel("q35", "loglevel=warn")
+        .memory_size("2G")
+        .virtio_disk(&disk.path, "BENCH-NBD")
+        .net(&[(port, 10809)], None)
+        .start();
+    q.wait_prompt();
+    // Allocate the region in the host's image first (as the snapshot rows do).
+    cmd(
+        &mut q,
+        "bench vda --rw write --bs 128k --qd 32 --size 256m --ios 2048",
+    );
+    let kit_port = tests::free_port();
+    let nbdkit = std::process::Command::new("nbdkit")
+        .args(["-f", "-i", "127.0.0.1", "-p", &kit_port.to_string(), "file"])
+        .arg(&file.path)
+        .spawn();
+    let mut nbdkit = match nbdkit {
+        Ok(child) => Some(child),
+        Err(e) => {
+            println!("(nbdkit not found: {e}; run `make deps`)");
+            None
+        }
+    };
+    let appliance = format!("nbd://127.0.0.1:{port}/vda");
+    let host = format!("nbd://127.0.0.1:{kit_port}/");
+    // Wait for the DHCP lease (the NBD listener is up once the prompt shows) and nbdkit.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::time::Instant::now() < deadline
+        && !std::process::Command::new("nbdinfo")
+            .arg(&appliance)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let accel = std::env::var("ACCEL").unwrap_or_else(|_| "tcg".into());
+    println!(
+        "NBD (fio --ioengine=nbd, 256 MiB region, {time} per row): appliance = QEMU accel={accel} \
+         virtio-blk cache=none over user networking; nbdkit = file plugin on the host"
+    );
+    println!(
+        "{:<20} {:>12} {:>9} {:>9} | {:>12} {:>9} {:>9} | {:>8}",
+        "workload", "snapfw IOPS", "MB/s", "p99 us", "nbdkit IOPS", "MB/s", "p99 us", "ratio"
+    );
+    for (name, args, write) in ROWS {
+        let a = fio(&appliance, args, *write, runtime);
+        let k = if nbdkit.is_some() {
+            fio(&host, args, *write, runtime)
+        } else {
+            None
+        };
+        let show = |f: &Option<FioFigures>| match f {
+            Some(f) => format!("{:>12.0} {:>9.1} {:>9.0}", f.iops, f.mb_s, f.p99_us),
+            None => format!("{:>12} {:>9} {:>9}", "-", "-", "-"),
+        };
+        let ratio = match (&a, &k) {
+            (Some(a), Some(k)) if k.iops > 0.0 => format!("{:.1}%", 100.0 * a.iops / k.iops),
+            _ => "-".to_string(),
+        };
+        println!("{:<20} {} | {} | {:>8}", name, show(&a), show(&k), ratio);
+    }
+    if let Some(child) = nbdkit.as_mut() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    q.send(b"poweroff\r");
+    let _ = q.wait_exit(Duration::from_secs(30));
 }
