@@ -7,7 +7,8 @@
 //! Then the NBD rows: fio's `nbd` engine against the appliance's NBD server and against
 //! `nbdkit` on the host, in the same run, with the ratio.
 //!
-//! `BENCH_TIME` (default `5s`) sets each row's duration; `ACCEL` as for the tests.
+//! `BENCH_TIME` (default `5s`) sets each row's duration; `BENCH_ONLY=nbd` runs the NBD rows
+//! alone; `ACCEL` as for the tests.
 
 use std::time::Duration;
 
@@ -89,6 +90,10 @@ fn run(q: &mut tests::Qemu, disk: &str, args: &str, time: &str) -> Figures {
 
 fn main() {
     let time = std::env::var("BENCH_TIME").unwrap_or_else(|_| "5s".into());
+    if std::env::var("BENCH_ONLY").is_ok_and(|v| v == "nbd") {
+        nbd_rows(&time);
+        return;
+    }
     let virtio = Image::new("bench-virtio-1g", 1 << 30);
     let origin = Image::new("bench-origin-1g", 1 << 30);
     let cow = Image::new("bench-cow-1g", 1 << 30);
