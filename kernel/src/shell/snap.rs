@@ -272,6 +272,8 @@ fn state_name(s: &crate::storage::volume::Snap) -> &'static str {
         SnapState::Invalid => "invalid",
         SnapState::Failed => "failed",
         SnapState::Deleting | SnapState::Deleted => "deleting",
+        SnapState::Merging => "merging",
+        SnapState::MergeFailed => "merge-failed",
     }
 }
 

@@ -44,6 +44,10 @@ pub enum SnapState {
     Deleting,
     /// Deleted; the entry goes away.
     Deleted,
+    /// Being merged into its origin (its own volume is gone; the origin shows it).
+    Merging,
+    /// Its merge stopped on an error (`Merge failed`); origin I/O goes on through the store.
+    MergeFailed,
 }
 
 /// A snapshot of an origin.
@@ -334,6 +338,12 @@ impl Origin {
                         copy_into(dst, byte_offset, data);
                     }
                 }
+                // A merge reads an earlier metadata area back into the engine.
+                IoBuffer::Meta { .. } => {
+                    if let Some(dst) = self.engine.meta_bytes_mut(&target) {
+                        copy_into(dst, 0, data);
+                    }
+                }
                 _ => {}
             }
         }
@@ -400,6 +410,29 @@ impl Origin {
                     s.state = SnapState::Deleted;
                 }
             }
+            Event::MergeStarted { snap, resumed } => {
+                if let Some(s) = self.snap_by_id(snap) {
+                    s.state = SnapState::Merging;
+                    if resumed {
+                        log::info!("merge of {} resumed", s.name);
+                    }
+                }
+            }
+            Event::MergeDone { snap } => {
+                if let Some(s) = self.snap_by_id(snap) {
+                    log::info!("merge of {} finished; snapshot removed", s.name);
+                    s.state = SnapState::Deleted;
+                }
+            }
+            Event::MergeFailed { snap } => {
+                if let Some(s) = self.snap_by_id(snap) {
+                    log::error!(
+                        "merge of {} failed (Merge failed); I/O continues, the merge resumes at the next boot",
+                        s.name
+                    );
+                    s.state = SnapState::MergeFailed;
+                }
+            }
         }
     }
 
@@ -428,6 +461,9 @@ fn block_error(e: VolumeError) -> BlockError {
         VolumeError::OutOfRange => BlockError::DeviceStatus("range outside the volume"),
         VolumeError::ReadOnly => BlockError::ReadOnly,
         VolumeError::NoSuchVolume => BlockError::DeviceFailed,
+        VolumeError::Merging => {
+            BlockError::DeviceStatus("snapshot is being merged into its origin")
+        }
     }
 }
 
