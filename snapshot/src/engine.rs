@@ -564,12 +564,12 @@ impl Engine {
         }
         let valid = loaded.valid;
         let merging = loaded.merging && valid;
-        if merging && self.merge.is_some() {
+        if (merging && self.merge.is_some()) || self.merge_running() {
             return Err(EngineError::MergeRunning);
         }
         let id = self.install(cfg, loaded.state, loaded.table, SnapState::Active, valid)?;
         if merging {
-            self.resume_merge(id);
+            self.hold_resumed_merge(id);
         } else if valid {
             self.check_usage(id.0 as usize);
         }

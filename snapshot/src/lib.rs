@@ -102,7 +102,9 @@
 //! binding so an unbound store can merge too. The 16-byte header and the areas keep their
 //! Linux meaning, so Linux's loader reads the store at every step of a merge (the snapshot it
 //! sees is still the right snapshot). [`LoadedStore::merging`] reports the marker, and
-//! [`Engine::attach_snapshot`] on such a store resumes the merge by itself (boot). The marker
+//! [`Engine::attach_snapshot`] on such a store takes the merge up again: the origin is
+//! served through it at once, and the merge runs after [`Engine::resume_merge`], which the
+//! caller issues once every store of the origin is attached (boot: after discovery). The marker
 //! goes away with the wipe of chunk 0 when the merge is done.
 //!
 //! **Reading areas back.** A merge walks the areas backwards and reads each earlier area into

@@ -55,6 +55,10 @@ use crate::format::encode_merge_marker;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Phase {
+    /// Found at attach time: redirect I/O but write nothing until
+    /// [`Engine::resume_merge`] (every other store of the origin must be attached first, or
+    /// the merge would overwrite origin chunks they have not copied).
+    Held,
     /// Write the header block with the merge marker.
     Marker,
     /// Flush after the marker (COW device without FUA).
@@ -153,13 +157,39 @@ impl Engine {
         Ok(())
     }
 
-    /// Resumes the merge of a store attached with its merge marker set.
-    pub(super) fn resume_merge(&mut self, snap: SnapId) {
-        self.begin_merge(snap.0 as usize, Phase::Prepare);
+    /// Installs the merge of a store attached with its merge marker set, held until
+    /// [`resume_merge`](Self::resume_merge).
+    pub(super) fn hold_resumed_merge(&mut self, snap: SnapId) {
+        self.begin_merge(snap.0 as usize, Phase::Held);
+    }
+
+    /// Lets a merge found at attach time (its store carried the merge marker) run. Call it
+    /// once every store of this origin is attached (at boot: after discovery): until then
+    /// the origin is served through the merging store but nothing is merged, because the
+    /// merge must first copy into every other snapshot the origin chunks it overwrites.
+    /// Returns whether a merge was waiting. [`Event::MergeStarted`] (`resumed: true`).
+    pub fn resume_merge(&mut self) -> bool {
+        let Some(m) = self.merge.as_mut() else {
+            return false;
+        };
+        if m.phase != Phase::Held {
+            return false;
+        }
+        m.phase = Phase::Prepare;
+        let snap = SnapId(m.snap);
+        self.epoch += 1;
+        self.dirty = true;
         self.push_event(Event::MergeStarted {
             snap,
             resumed: true,
         });
+        true
+    }
+
+    /// Whether a merge is running (not held, not stopped): no other store may be attached
+    /// then, since the origin already holds merged chunks that store never copied.
+    pub(super) fn merge_running(&self) -> bool {
+        self.merge.as_ref().is_some_and(|m| m.phase != Phase::Held)
     }
 
     fn begin_merge(&mut self, s: usize, phase: Phase) {
@@ -250,7 +280,7 @@ impl Engine {
             byte_offset: 0,
         };
         let emitted = match m.phase {
-            Phase::Stopped => return,
+            Phase::Stopped | Phase::Held => return,
             Phase::Prepare => {
                 self.prepare_run(s);
                 return;

@@ -351,7 +351,8 @@ pub enum EngineError {
     UnknownToken,
     /// The loaded store does not match the configuration (chunk size, COW size).
     StoreMismatch,
-    /// The loaded store is merging but another merge already runs on this origin.
+    /// A merge runs on this origin: no store can be attached (the origin already holds merged
+    /// chunks it never copied), nor a snapshot created; or the loaded store is merging too.
     MergeRunning,
 }
 

@@ -183,6 +183,11 @@ fn resume_and_check(
             }
         }
     }
+    // Every store is attached: let a resumed merge run.
+    let held = world.engine.resume_merge();
+    if held != (marker && merging_id.is_some()) {
+        return Err(format!("resume_merge said {held}, marker {marker}"));
+    }
     if let Some(id) = merging_id {
         if world.engine.merge_progress().is_none() {
             // The marker never became durable: the operator starts the merge again.
@@ -512,6 +517,19 @@ fn merge_refusals_progress_and_snapshot_volume() {
         world.engine.start_merge(id),
         Err(MergeError::AlreadyMerging)
     );
+    let sc = SnapshotConfig {
+        chunk_sectors: 2,
+        cow_sectors: 128,
+        cow_block_sectors: 1,
+        cow_fua: true,
+        writable: false,
+        table_runs: 64,
+        binding: None,
+    };
+    assert_eq!(
+        world.engine.create_snapshot(&sc),
+        Err(EngineError::MergeRunning)
+    );
     world.engine.resume_origin();
     let p = world.engine.merge_progress().unwrap();
     assert_eq!(
@@ -678,6 +696,12 @@ fn merge_error_stops_then_resume_finishes() {
         let id2 = w2.engine.attach_snapshot(loaded, &sc).unwrap();
         let durable = cow.durable.clone();
         w2.cows[id2.0 as usize] = Some(SimDisk::new(cow.sectors(), |x| durable[x as usize]));
+        // Held until every store is attached: nothing is written yet.
+        w2.settle(10_000);
+        assert!(w2.origin.durable.iter().zip(&origin).all(|(a, b)| a == b));
+        assert!(!w2.engine.merge_progress().unwrap().failed);
+        assert!(w2.engine.resume_merge());
+        assert!(!w2.engine.resume_merge());
         w2.settle(10_000);
         assert!(
             w2.events.contains(&Event::MergeDone { snap: id2 }),
