@@ -198,6 +198,7 @@ impl DiscoverTask {
         };
         let cg = st.devices[self.disk].geometry();
         let valid = loaded.valid;
+        let merging = loaded.merging;
         let chunk_sectors = loaded.state.chunk_sectors() as u32;
         let cow_sectors = loaded.state.cow_sectors;
         let cfg = SnapshotConfig {
@@ -225,7 +226,9 @@ impl DiscoverTask {
                     cow_sectors,
                     chunk_sectors,
                     writable: false,
-                    state: if valid {
+                    state: if merging {
+                        SnapState::Merging
+                    } else if valid {
                         SnapState::Active
                     } else {
                         SnapState::Invalid
@@ -236,7 +239,13 @@ impl DiscoverTask {
                 log::info!(
                     "snapshot {name}: store on {cow} attached to {}{}",
                     st.name(origin),
-                    if valid { "" } else { " (invalid)" }
+                    if merging {
+                        " (merging: resumes once every store is attached)"
+                    } else if valid {
+                        ""
+                    } else {
+                        " (invalid)"
+                    }
                 );
             }
             Err(e) => {
@@ -257,11 +266,16 @@ impl Task for DiscoverTask {
     fn step(&mut self, st: &mut Storage, _now: u64) {
         loop {
             if self.done {
+                // Every store is attached: merges found in them may run now (they must
+                // first copy into every other snapshot what they overwrite).
+                for o in st.origins.iter_mut() {
+                    o.engine.resume_merge();
+                }
                 return;
             }
             if self.disk >= st.devices.len() {
                 self.done = true;
-                return;
+                continue;
             }
             let target = Target::Device(self.disk);
             let block = st.devices[self.disk].geometry().block_size.max(512) as usize;
