@@ -1,0 +1,199 @@
+//! Snapshot merge on real disks: `snapshot merge NAME` rolls the origin back to the snapshot
+//! while a second snapshot of the same origin keeps its own contents; the merged store is
+//! wiped and the snapshot removed. A power cut (SIGKILL) in the middle of a merge: the next
+//! boot resumes it and finishes the job.
+
+use tests::{sha256_hex, Boot, Image, Qemu, TIMEOUT};
+
+const MIB: u64 = 1 << 20;
+
+fn boot(a: &Image, b: &Image, c: &Image) -> Qemu {
+    let mut q = Boot::kernel("q35", "testing loglevel=info")
+        .virtio_disk(&a.path, "MERGE-ORIGIN")
+        .virtio_disk(&b.path, "MERGE-COW-1")
+        .virtio_disk(&c.path, "MERGE-COW-2")
+        .start();
+    q.wait_prompt();
+    // Log lines after the first prompt (a resumed merge) redraw it: start after them.
+    q.settle(std::time::Duration::from_millis(300));
+    q
+}
+
+/// The line that carries the result, after any progress lines.
+fn result(out: &str) -> &str {
+    out.rsplit("\x1b[K").next().unwrap_or(out).trim()
+}
+
+fn checksum(q: &mut Qemu, volume: &str) -> String {
+    let out = q.command_timeout(&format!("checksum {volume}"), TIMEOUT * 2);
+    result(&out)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Waits until the whole transcript contains one of `patterns` (log lines may come before
+/// the prompt); returns which.
+fn wait_for_any(q: &Qemu, patterns: &[&str], timeout: std::time::Duration) -> usize {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let t = q.transcript();
+        if let Some(i) = patterns.iter().position(|p| t.contains(p)) {
+            return i;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "none of {patterns:?} within {timeout:?}\n{t}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+fn pattern(len: u64, salt: u8) -> Vec<u8> {
+    (0..len as usize)
+        .map(|i| (i / 4096 % 251) as u8 ^ (i % 13) as u8 ^ salt)
+        .collect()
+}
+
+/// Snapshot s1, scribble over the origin, snapshot s2, more scribbling, merge s1.
+fn prepare(q: &mut Qemu, before: &[u8]) -> (String, String) {
+    let out = q.command("snapshot create s1 vda vdb");
+    assert!(out.contains("created snapshot s1"), "{out}");
+    assert_eq!(checksum(q, "s1"), sha256_hex(before));
+    for line in [
+        "write vda 0 8192 --seed 7",
+        "write vda 9000 3 --byte 0x22",
+        "write vda 20000 100 --seed 8",
+    ] {
+        assert!(q.command(line).contains("wrote"), "{line}");
+    }
+    let out = q.command("snapshot create s2 vda vdc");
+    assert!(out.contains("created snapshot s2"), "{out}");
+    let s2_sum = checksum(q, "s2");
+    for line in ["write vda 4 8 --byte 0x33", "write vda 30000 16 --seed 9"] {
+        assert!(q.command(line).contains("wrote"), "{line}");
+    }
+    let origin_sum = checksum(q, "vda");
+    assert_ne!(origin_sum, sha256_hex(before));
+    (s2_sum, origin_sum)
+}
+
+#[test]
+fn merge_rolls_the_origin_back_and_keeps_the_other_snapshot() {
+    let (a, b, c) = (
+        Image::new("merge-origin", 16 * MIB),
+        Image::new("merge-cow1", 16 * MIB),
+        Image::new("merge-cow2", 16 * MIB),
+    );
+    let before = pattern(16 * MIB, 0);
+    a.write(0, &before);
+    let mut q = boot(&a, &b, &c);
+    let (s2_sum, _) = prepare(&mut q, &before);
+
+    // Refusals first.
+    for (line, expected) in [
+        ("snapshot merge", "error: which snapshot?"),
+        ("snapshot merge nosuch", "error: no snapshot 'nosuch'"),
+    ] {
+        let out = q.command(line);
+        assert!(out.contains(expected), "{line}: {out}");
+    }
+
+    let out = q.command_timeout("snapshot merge s1", TIMEOUT * 3);
+    assert!(out.contains("merged s1 into vda:"), "{out}");
+    let transcript = q.transcript();
+    assert!(
+        transcript.contains("merge of s1 finished; snapshot removed"),
+        "{transcript}"
+    );
+    // The origin is the snapshot again; the other snapshot did not move.
+    assert_eq!(checksum(&mut q, "vda"), sha256_hex(&before));
+    assert_eq!(checksum(&mut q, "s2"), s2_sum);
+    let list = q.command("snapshot list");
+    assert!(!list.contains("s1 "), "{list}");
+    assert!(list.contains("s2") && list.contains("active"), "{list}");
+    let out = q.command("snapshot merge s1");
+    assert!(out.contains("error: no snapshot 's1'"), "{out}");
+    let mem = q.command("mem --json");
+    assert!(mem.contains(r#""io_path_allocations":0"#), "{mem}");
+    q.poweroff();
+
+    // On the host: the origin holds the snapshot's contents, the merged store is wiped
+    // (chunk 0 and area 0 zero).
+    assert_eq!(
+        sha256_hex(&a.read(0, (16 * MIB) as usize)),
+        sha256_hex(&before)
+    );
+    assert!(b.read(0, 8192).iter().all(|&x| x == 0), "store not wiped");
+
+    // After a reboot only s2 comes back, still frozen.
+    let mut q = boot(&a, &b, &c);
+    let list = q.command("snapshot list");
+    assert!(!list.contains("s1 ") && list.contains("s2"), "{list}");
+    assert_eq!(checksum(&mut q, "s2"), s2_sum);
+    q.poweroff();
+}
+
+#[test]
+fn a_merge_cut_by_a_power_loss_finishes_after_reboot() {
+    let (a, b, c) = (
+        Image::new("mergecut-origin", 64 * MIB),
+        Image::new("mergecut-cow1", 64 * MIB),
+        // s2 must take a copy of every chunk the merge rewrites (32 MiB).
+        Image::new("mergecut-cow2", 48 * MIB),
+    );
+    let before = pattern(64 * MIB, 5);
+    a.write(0, &before);
+    let mut q = boot(&a, &b, &c);
+    let out = q.command("snapshot create s1 vda vdb");
+    assert!(out.contains("created snapshot s1"), "{out}");
+    // 32 MiB of copied chunks to merge.
+    assert!(q
+        .command_timeout("write vda 0 65536 --seed 11", TIMEOUT * 2)
+        .contains("wrote"));
+    let out = q.command("snapshot create s2 vda vdc");
+    assert!(out.contains("created snapshot s2"), "{out}");
+    let s2_sum = checksum(&mut q, "s2");
+    q.send(b"snapshot merge s1\r");
+    wait_for_any(&q, &["merging s1 into vda:", "merged s1 into vda"], TIMEOUT);
+    q.kill();
+    let cut = q.transcript();
+    let finished_before_cut = cut.contains("merged s1 into vda");
+    eprintln!("power cut during the merge (finished before the cut: {finished_before_cut})");
+
+    // Boot: the store says "merging"; the merge resumes by itself and finishes.
+    let mut q = boot(&a, &b, &c);
+    if !finished_before_cut {
+        let list = q.command("snapshot list");
+        if !q.transcript().contains("merge of s1 finished") {
+            // Still under way: the console shows it with its progress.
+            assert!(
+                list.contains("merging") && list.contains("merging s1 into vda: "),
+                "{list}"
+            );
+            assert!(list.contains("chunks left"), "{list}");
+            let status = q.command("snapshot status s1");
+            assert!(
+                status.contains(" snapshot-merge ") && status.contains("chunks left"),
+                "{status}"
+            );
+            eprintln!("during the resumed merge:\n{list}{status}");
+            let json = q.command("snapshot list --json");
+            assert!(json.contains(r#""merge_chunks_left":"#), "{json}");
+        }
+        // The origin reads as the snapshot while the merge goes on.
+        let sum = checksum(&mut q, "vda");
+        assert_eq!(sum, sha256_hex(&before), "{}", q.transcript());
+        wait_for_any(&q, &["merge of s1 finished; snapshot removed"], TIMEOUT * 3);
+        assert!(q.transcript().contains("merge of s1 resumed"));
+        q.settle(std::time::Duration::from_millis(300));
+    }
+    let list = q.command("snapshot list");
+    assert!(!list.contains("s1 ") && list.contains("s2"), "{list}");
+    assert_eq!(checksum(&mut q, "vda"), sha256_hex(&before));
+    let sum = checksum(&mut q, "s2");
+    assert_eq!(sum, s2_sum, "{}", q.transcript());
+    q.poweroff();
+    assert!(b.read(0, 8192).iter().all(|&x| x == 0), "store not wiped");
+}
