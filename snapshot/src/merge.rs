@@ -485,7 +485,12 @@ impl Engine {
             Phase::CopyRead => Phase::CopyWrite,
             Phase::CopyWrite if self.cfg.unsafe_merge_skip_origin_flush => Phase::CowFlush,
             Phase::CopyWrite => Phase::OriginFlush,
-            Phase::OriginFlush => Phase::CowFlush,
+            Phase::OriginFlush => {
+                if self.cfg.unsafe_merge_release_early {
+                    self.release_run_early(s);
+                }
+                Phase::CowFlush
+            }
             Phase::CowFlush => Phase::AreaWrite,
             Phase::AreaWrite if !fua => Phase::AreaFlush,
             Phase::AreaWrite | Phase::AreaFlush => {
@@ -539,6 +544,22 @@ impl Engine {
                 }
             }
         }
+    }
+
+    /// The negative control's broken ordering: the run leaves the table (I/O to it goes to
+    /// the origin) before its records are zeroed on disk.
+    fn release_run_early(&mut self, s: usize) {
+        let Some(m) = self.merge.as_mut() else {
+            return;
+        };
+        m.active = false;
+        let (start, len) = (m.run_old, m.run_len);
+        if let Some(x) = self.snaps[s].as_mut() {
+            for k in (0..len).rev() {
+                let _ = x.table.remove(start + k);
+            }
+        }
+        self.epoch += 1;
     }
 
     /// Stops the merge on an error: I/O goes on through the store's redirection.

@@ -293,6 +293,11 @@ pub struct EngineConfig {
     /// Breaks crash safety on purpose.
     #[doc(hidden)]
     pub unsafe_merge_skip_origin_flush: bool,
+    /// Test-only negative control: give a merged run's chunks back to the origin (I/O goes
+    /// there) once the origin copy is durable but before the records are zeroed on disk.
+    /// Breaks crash safety on purpose.
+    #[doc(hidden)]
+    pub unsafe_merge_release_early: bool,
 }
 
 impl EngineConfig {
@@ -313,6 +318,7 @@ impl EngineConfig {
             unsafe_release_before_commit: false,
             unsafe_skip_commit_flush: false,
             unsafe_merge_skip_origin_flush: false,
+            unsafe_merge_release_early: false,
         }
     }
 }

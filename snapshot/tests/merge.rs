@@ -23,8 +23,11 @@ use snapshot::sim::{Order, SimDisk, World};
 use snapshot::*;
 
 static MERGE_STATES: AtomicU64 = AtomicU64::new(0);
-/// Crash states checked while a merge was under way (the rest are before it starts).
-static DURING_MERGE: AtomicU64 = AtomicU64::new(0);
+thread_local! {
+    /// Crash states checked while a merge was under way (the rest are before it starts), in
+    /// this test's thread.
+    static DURING_MERGE: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
 
 const ORDERS: [Order; 3] = [Order::InOrder, Order::Reversed, Order::Random];
 
@@ -81,7 +84,7 @@ fn merge_check(
     let Some(ms) = h.merging else {
         return h.check_image(origin_img, cows);
     };
-    DURING_MERGE.fetch_add(1, AtomicOrdering::Relaxed);
+    DURING_MERGE.with(|d| d.set(d.get() + 1));
     let mcs = u64::from(h.snaps[&ms].chunk);
     let mimg = &cows[&ms];
     // The merged view as a boot would see it.
@@ -277,9 +280,9 @@ fn new_harness(cfg: RunConfig) -> Harness {
 
 fn run_merge(name: &str, cfg: RunConfig, ops: &[Op]) -> Harness {
     let mut h = new_harness(cfg);
-    let during = DURING_MERGE.load(AtomicOrdering::Relaxed);
+    let during = DURING_MERGE.with(|d| d.get());
     h.run(ops);
-    let during = DURING_MERGE.load(AtomicOrdering::Relaxed) - during;
+    let during = DURING_MERGE.with(|d| d.get()) - during;
     MERGE_STATES.fetch_add(h.outcome.crash_states, AtomicOrdering::Relaxed);
     assert!(
         h.outcome.violations.is_empty(),
@@ -460,6 +463,70 @@ fn merge_without_origin_flush_is_caught() {
         caught,
         ORDERS.len(),
         "the missing origin flush escaped the crash enumeration"
+    );
+}
+
+/// Writes that meet the merge on the run it is copying (QD 1, FUA): they wait until the
+/// run's records are durably gone, then land on the origin.
+#[test]
+fn merge_with_writes_chasing_the_merge() {
+    let mut total = 0;
+    for (i, order) in ORDERS.into_iter().enumerate() {
+        let mut cfg = RunConfig::new(64, 1, order, 960 + i as u64);
+        cfg.copy_buffer_sectors = 8;
+        let h = run_merge(
+            &format!("merge chased by FUA writes {order:?}"),
+            cfg,
+            &chasing_ops(),
+        );
+        total += h.outcome.crash_states;
+    }
+    println!("MERGE CRASH STATES CHECKED (chasing writes): {total}");
+}
+
+fn chasing_ops() -> Vec<Op> {
+    let mut ops = vec![create(2, 60, true), create(4, 40, false)];
+    for c in 0..24u64 {
+        ops.push(w(c * 2, 2));
+    }
+    ops.push(Op::StartMerge { snap: 0 });
+    // FUA writes (durable when acknowledged) chasing the merge from the newest chunk down.
+    for c in (0..24u64).rev() {
+        ops.push(Op::OriginWrite {
+            sector: c * 2,
+            sectors: 1,
+            fua: true,
+        });
+    }
+    ops
+}
+
+/// Second negative control: letting I/O reach a run's origin chunks before its records are
+/// zeroed on disk must be caught (a crash then copies the old COW chunk over a newer write).
+#[test]
+fn merge_releasing_a_run_early_is_caught() {
+    let mut caught = 0;
+    for (i, order) in ORDERS.into_iter().enumerate() {
+        // QD 1: each write meets the merge where it is, often blocked on the run.
+        let mut cfg = RunConfig::new(64, 1, order, 950 + i as u64);
+        cfg.merge_release_early = true;
+        cfg.copy_buffer_sectors = 8;
+        let ops = chasing_ops();
+        let mut h = new_harness(cfg);
+        h.run(&ops);
+        MERGE_STATES.fetch_add(h.outcome.crash_states, AtomicOrdering::Relaxed);
+        if !h.outcome.violations.is_empty() {
+            caught += 1;
+            println!(
+                "negative control merge 2 ({order:?}) caught: {}",
+                h.outcome.violations[0]
+            );
+        }
+    }
+    assert_eq!(
+        caught,
+        ORDERS.len(),
+        "releasing a run early escaped the crash enumeration"
     );
 }
 

@@ -151,6 +151,8 @@ pub struct RunConfig {
     pub check_every: u64,
     /// Negative control for merges: zero merged records before the origin copy is durable.
     pub merge_skip_origin_flush: bool,
+    /// Negative control for merges: release a run's I/O before its records are zeroed.
+    pub merge_release_early: bool,
 }
 
 impl RunConfig {
@@ -170,6 +172,7 @@ impl RunConfig {
             fail_every: None,
             check_every: 1,
             merge_skip_origin_flush: false,
+            merge_release_early: false,
         }
     }
 }
@@ -236,6 +239,7 @@ impl Harness {
         ec.unsafe_release_before_commit = cfg.broken_ordering;
         ec.unsafe_skip_commit_flush = cfg.skip_commit_flush;
         ec.unsafe_merge_skip_origin_flush = cfg.merge_skip_origin_flush;
+        ec.unsafe_merge_release_early = cfg.merge_release_early;
         let engine = Engine::new(ec).expect("engine config");
         let origin = SimDisk::new(cfg.origin_sectors, |s| stamp(0, s));
         let init: Vec<u64> = origin.current.clone();
