@@ -86,8 +86,8 @@
 //! [`Engine::start_merge`] copies a snapshot's COW chunks back to the origin the way Linux's
 //! `snapshot-merge` target does (module `merge.rs` under [`engine`] has the protocol): newest
 //! records first, a run of chunks consecutive on both devices per copy (at most one copy
-//! buffer), origin flushed, then the run's records zeroed and the area written with
-//! flush + FUA. Meanwhile the origin volume stays online and shows the snapshot's contents
+//! buffer; up to 8 runs from the top of an area copied in parallel as one batch), origin
+//! flushed, then the batch's records zeroed and the area written with flush + FUA. Meanwhile the origin volume stays online and shows the snapshot's contents
 //! plus new writes: chunks not merged yet are read and written on their COW chunk, the run
 //! being merged waits, other chunks go to the origin and still copy into every *other*
 //! snapshot first. The merging snapshot's own volume is refused ([`VolumeError::Merging`]).

@@ -13,24 +13,27 @@
 //!    resumes: see [`crate::format::encode_merge_marker`] for where it lives and why.
 //! 1. Take the newest record (highest index of the current area; when the area is used up,
 //!    read the previous area back from disk) and the records before it whose `old_chunk` *and*
-//!    `new_chunk` are both consecutive: one run, at most one copy buffer long.
-//! 2. The run's origin chunks are about to change: every *other* snapshot of the origin copies
-//!    them first, exactly as for an origin write (Linux `origin_write_extent()`).
-//! 3. Block I/O to the run's chunks and wait for origin I/O already in flight on them.
-//! 4. Read the run from the COW device into a copy buffer, write it to the origin, flush the
-//!    origin.
-//! 5. Zero the run's records in the area image; flush the COW device, write the area with FUA
-//!    (or write + flush): Linux's `REQ_PREFLUSH | REQ_FUA`.
-//! 6. Drop the run from the in-memory table, release the blocked I/O (it now goes to the
-//!    origin), next run.
+//!    `new_chunk` are both consecutive: one run, at most one copy buffer long. snapfw takes
+//!    up to [`MAX_RUNS`] such runs from the top of the area as one *batch* (one copy buffer
+//!    each, at most half of the engine's): Linux merges one run at a time, which pays an
+//!    origin flush and an area write per 128 KiB; the invariant below is the same.
+//! 2. The batch's origin chunks are about to change: every *other* snapshot of the origin
+//!    copies them first, exactly as for an origin write (Linux `origin_write_extent()`).
+//! 3. Block I/O to the batch's chunks and wait for origin I/O already in flight on them.
+//! 4. Read each run from the COW device into its copy buffer and write it to the origin (the
+//!    runs in parallel), then flush the origin.
+//! 5. Zero the batch's records (the top of the area) in the area image; flush the COW device,
+//!    write the area with FUA (or write + flush): Linux's `REQ_PREFLUSH | REQ_FUA`.
+//! 6. Drop the batch from the in-memory table, release the blocked I/O (it now goes to the
+//!    origin), next batch.
 //! 7. Store empty (area 0 all zero): wipe chunk 0 (the header, binding and marker), free the
 //!    slot, [`Event::MergeDone`].
 //!
 //! A crash anywhere is safe: a record still on disk means its COW chunk still holds the
 //! snapshot's data (and any origin write redirected there), and copying it again gives the
 //! same origin; a record gone means the copy was durable on the origin before the area write.
-//! Writes to a run's chunks wait until its area write is durable, so a repeated copy never
-//! overwrites them.
+//! Writes to a batch's chunks wait until its area write is durable, so a repeated copy never
+//! overwrites them. (The crash tests check this, and catch the two broken orderings.)
 //!
 //! # I/O while merging
 //! The origin volume shows the snapshot's contents plus new writes (the merged view):
@@ -44,10 +47,11 @@
 //! An I/O error of the merge stops it ([`Event::MergeFailed`], status `Merge failed`): the
 //! store and its redirection stay, so I/O goes on and the data stays right; the marker stays
 //! on disk, so the next attach (boot) resumes. If the failed I/O was the area write, what is on
-//! disk for that run is unknown, so I/O to those chunks fails until the store is attached again.
+//! disk for that batch is unknown, so I/O to those chunks fails until the store is attached
+//! again.
 //!
 //! # Memory
-//! Nothing is allocated: the merge borrows one of the engine's copy buffers per run, reads
+//! Nothing is allocated: the merge borrows the engine's copy buffers (one per run), reads
 //! areas back into the snapshot's area buffer, and its state is a small inline struct.
 
 use super::*;
@@ -63,15 +67,17 @@ pub(super) enum Phase {
     Marker,
     /// Flush after the marker (COW device without FUA).
     MarkerFlush,
-    /// Pick the next run (or step back an area, or finish).
+    /// Pick the next batch of runs (or step back an area, or finish).
     Prepare,
     /// Read the previous metadata area back into the area buffer.
     ReadArea,
-    /// Wait until every other snapshot holds the run's origin chunks.
+    /// Wait until every other snapshot holds the batch's origin chunks.
     Clear,
-    /// The run is blocked; wait for origin I/O in flight on it, and for a copy buffer.
+    /// The batch is blocked; wait for origin I/O in flight on it, and for copy buffers.
     Drain,
+    /// Read each run from the COW device (in parallel).
     CopyRead,
+    /// Write each run to the origin (in parallel).
     CopyWrite,
     OriginFlush,
     CowFlush,
@@ -86,33 +92,57 @@ pub(super) enum Phase {
     Stopped,
 }
 
+/// Most runs merged under one origin flush and one area write.
+const MAX_RUNS: usize = 8;
+
+/// Runs of consecutive chunks (on the origin and on the COW device).
+#[derive(Clone, Copy, Debug, Default)]
+struct Run {
+    old: u64,
+    new: u64,
+    len: u64,
+}
+
 /// The state of the merge running on an origin.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Merge {
     snap: u16,
     phase: Phase,
-    inflight: bool,
+    /// I/Os of the current phase in flight.
+    ios: u32,
+    /// Runs of the current copy phase emitted so far.
+    emitted: usize,
+    /// An I/O of the current phase failed (stop once the others are back).
+    io_failed: bool,
     failed: bool,
     total: u64,
     cs: u64,
-    run_old: u64,
-    run_new: u64,
-    run_len: u64,
-    /// I/O to the run's chunks waits.
+    /// The batch: the newest records of the current area, newest run first.
+    runs: [Run; MAX_RUNS],
+    nruns: usize,
+    /// Records the batch zeroes (the top of the current area).
+    records: u64,
+    buffers: [u32; MAX_RUNS],
+    /// I/O to the batch's chunks waits.
     active: bool,
-    buffer: u32,
-    /// Chunks `[start, start + len)` whose on-disk state is unknown after a failed area write.
-    fenced: Option<(u64, u64)>,
+    /// I/O to the batch's chunks fails: their state on disk is unknown after a failed area
+    /// write (or the table could not drop them).
+    fenced: bool,
 }
 
 impl Merge {
+    fn in_batch(&self, c: u64) -> bool {
+        self.runs[..self.nruns]
+            .iter()
+            .any(|r| c >= r.old && c < r.old + r.len)
+    }
+
     fn blocks(&self, c: u64) -> bool {
-        self.active && c >= self.run_old && c < self.run_old + self.run_len
+        self.active && self.in_batch(c)
     }
 
     fn fences(&self, c: u64) -> bool {
-        self.fenced
-            .is_some_and(|(start, len)| c >= start && c < start + len)
+        self.fenced && self.in_batch(c)
     }
 }
 
@@ -201,16 +231,18 @@ impl Engine {
         self.merge = Some(Merge {
             snap: s as u16,
             phase,
-            inflight: false,
+            ios: 0,
+            emitted: 0,
+            io_failed: false,
             failed: false,
             total: x.table.len(),
             cs: x.store.chunk_sectors(),
-            run_old: 0,
-            run_new: 0,
-            run_len: 0,
+            runs: [Run::default(); MAX_RUNS],
+            nruns: 0,
+            records: 0,
+            buffers: [NIL; MAX_RUNS],
             active: false,
-            buffer: NIL,
-            fenced: None,
+            fenced: false,
         });
         self.epoch += 1;
         self.dirty = true;
@@ -248,10 +280,10 @@ impl Engine {
         self.progress += 1;
     }
 
-    /// Origin sectors of the current run.
-    fn run_range(&self, m: &Merge) -> (u64, u64) {
-        let start = m.run_old * m.cs;
-        let end = ((m.run_old + m.run_len) * m.cs).min(self.cfg.origin_sectors);
+    /// Origin sectors of a run.
+    fn run_range(&self, cs: u64, r: &Run) -> (u64, u64) {
+        let start = r.old * cs;
+        let end = ((r.old + r.len) * cs).min(self.cfg.origin_sectors);
         (start, end)
     }
 
@@ -260,7 +292,14 @@ impl Engine {
         let Some(m) = self.merge else {
             return;
         };
-        if m.snap as usize != s || m.inflight {
+        if m.snap as usize != s {
+            return;
+        }
+        if matches!(m.phase, Phase::CopyRead | Phase::CopyWrite) {
+            self.step_copies(s);
+            return;
+        }
+        if m.ios > 0 {
             return;
         }
         let Some(x) = self.snaps[s].as_ref() else {
@@ -273,44 +312,65 @@ impl Engine {
         let g = x.store.geometry;
         let area_sector = x.store.area_sector();
         let header_sectors = x.cow_block_sectors;
-        let (start, end) = self.run_range(&m);
         let meta = |kind| IoBuffer::Meta { snap: sid, kind };
-        let copy = IoBuffer::Copy {
-            index: m.buffer,
-            byte_offset: 0,
-        };
         let emitted = match m.phase {
-            Phase::Stopped | Phase::Held => return,
+            Phase::Stopped | Phase::Held | Phase::CopyRead | Phase::CopyWrite => return,
             Phase::Prepare => {
-                self.prepare_run(s);
+                self.prepare_batch(s);
                 return;
             }
             Phase::Clear => {
-                if self.merge_range_clear(start, end) {
+                // Every run, so that the other snapshots' copies are planned together.
+                let mut clear = true;
+                for r in &m.runs[..m.nruns] {
+                    let (start, end) = self.run_range(m.cs, r);
+                    clear &= self.merge_range_clear(start, end);
+                }
+                if clear {
                     if let Some(m) = self.merge.as_mut() {
                         m.active = true;
                     }
-                    self.epoch += 1;
                     self.set_phase(Phase::Drain);
                 }
                 return;
             }
             Phase::Drain => {
+                let cs = m.cs;
                 let busy = self.reqs.iter().any(|r| {
                     r.phase != ReqPhase::Free
                         && r.req.volume == Volume::Origin
                         && r.ios > 0
-                        && r.req.sector < end
-                        && start < r.req.sector + u64::from(r.req.sectors)
+                        && m.runs[..m.nruns].iter().any(|run| {
+                            let (start, end) = (run.old * cs, (run.old + run.len) * cs);
+                            r.req.sector < end && start < r.req.sector + u64::from(r.req.sectors)
+                        })
                 });
                 if busy {
                     return;
                 }
-                let Some(b) = self.free_buffers.pop() else {
+                // One copy buffer per run; leave half of them to origin writes' copies. With
+                // fewer buffers, merge fewer runs (the newest ones: the area stays a prefix).
+                let spare = (self.cfg.copy_buffers as usize / 2).max(1);
+                let want = m.nruns.min(spare);
+                let mut got = 0;
+                let mut buffers = [NIL; MAX_RUNS];
+                while got < want {
+                    let Some(b) = self.free_buffers.pop() else {
+                        break;
+                    };
+                    buffers[got] = b;
+                    got += 1;
+                }
+                if got == 0 {
                     return;
-                };
+                }
                 if let Some(m) = self.merge.as_mut() {
-                    m.buffer = b;
+                    m.buffers = buffers;
+                    if got < m.nruns {
+                        m.nruns = got;
+                        m.records = m.runs[..got].iter().map(|r| r.len).sum();
+                    }
+                    m.emitted = 0;
                 }
                 self.set_phase(Phase::CopyRead);
                 return;
@@ -344,29 +404,13 @@ impl Engine {
                 g.chunk_sectors,
                 meta(MetaKind::Area),
             ),
-            Phase::CopyRead => self.emit(
-                ctx,
-                cow,
-                IoOp::Read,
-                m.run_new * m.cs,
-                (end - start) as u32,
-                copy,
-            ),
-            Phase::CopyWrite => self.emit(
-                ctx,
-                Device::Origin,
-                IoOp::Write { fua: false },
-                start,
-                (end - start) as u32,
-                copy,
-            ),
             Phase::OriginFlush => self.emit(ctx, Device::Origin, IoOp::Flush, 0, 0, IoBuffer::None),
             Phase::AreaWrite => {
-                // Zero the run's records (the newest `run_len` of the area), then write the
+                // Zero the batch's records (the newest `records` of the area), then write the
                 // area. Idempotent if the emit has to be retried.
                 if let Some(x) = self.snaps[s].as_mut() {
                     let top = x.store.committed_in_area;
-                    for i in top - m.run_len..top {
+                    for i in top - m.records..top {
                         Record {
                             old_chunk: 0,
                             new_chunk: 0,
@@ -394,13 +438,81 @@ impl Engine {
         };
         if emitted {
             if let Some(m) = self.merge.as_mut() {
-                m.inflight = true;
+                m.ios += 1;
             }
         }
     }
 
-    /// Picks the next run: Linux `persistent_prepare_merge()`.
-    fn prepare_run(&mut self, s: usize) {
+    /// The parallel copy phases: one read (COW) or write (origin) per run.
+    fn step_copies(&mut self, s: usize) {
+        let Some(m) = self.merge else {
+            return;
+        };
+        let ctx = IoCtx::Merge { snap: m.snap };
+        let mut k = m.emitted;
+        while k < m.nruns && !m.io_failed {
+            let r = m.runs[k];
+            let (start, end) = self.run_range(m.cs, &r);
+            let copy = IoBuffer::Copy {
+                index: m.buffers[k],
+                byte_offset: 0,
+            };
+            let ok = if m.phase == Phase::CopyRead {
+                self.emit(
+                    ctx,
+                    Device::Cow(SnapId(m.snap)),
+                    IoOp::Read,
+                    r.new * m.cs,
+                    (end - start) as u32,
+                    copy,
+                )
+            } else {
+                self.emit(
+                    ctx,
+                    Device::Origin,
+                    IoOp::Write { fua: false },
+                    start,
+                    (end - start) as u32,
+                    copy,
+                )
+            };
+            if !ok {
+                break;
+            }
+            k += 1;
+            if let Some(mm) = self.merge.as_mut() {
+                mm.ios += 1;
+                mm.emitted = k;
+            }
+        }
+        let Some(m) = self.merge else {
+            return;
+        };
+        if m.ios > 0 {
+            return;
+        }
+        if m.io_failed {
+            self.stop_merge(false);
+            return;
+        }
+        if m.emitted < m.nruns {
+            return;
+        }
+        let next = match m.phase {
+            Phase::CopyRead => Phase::CopyWrite,
+            _ if self.cfg.unsafe_merge_skip_origin_flush => Phase::CowFlush,
+            _ => Phase::OriginFlush,
+        };
+        if let Some(mm) = self.merge.as_mut() {
+            mm.emitted = 0;
+        }
+        self.set_phase(next);
+        let _ = s;
+    }
+
+    /// Picks the next batch: up to [`MAX_RUNS`] runs from the top of the current area, each
+    /// as Linux `persistent_prepare_merge()` picks one.
+    fn prepare_batch(&mut self, s: usize) {
         let max_chunks = {
             let Some(m) = self.merge.as_ref() else {
                 return;
@@ -421,32 +533,46 @@ impl Engine {
             return;
         }
         let record = |i: u64| Record::decode(&x.store.area, i as usize);
-        let Some(last) = record(committed - 1) else {
-            self.stop_merge(false);
-            return;
-        };
-        if last.new_chunk == 0 || x.table.lookup(last.old_chunk) != Some(last.new_chunk) {
+        let mut runs = [Run::default(); MAX_RUNS];
+        let mut nruns = 0;
+        let mut top = committed;
+        while top > 0 && nruns < MAX_RUNS {
+            let Some(last) = record(top - 1) else {
+                break;
+            };
+            if last.new_chunk == 0 || x.table.lookup(last.old_chunk) != Some(last.new_chunk) {
+                break;
+            }
+            let mut n = 1u64;
+            while n < top && n < max_chunks && n <= last.old_chunk && n < last.new_chunk {
+                let Some(r) = record(top - 1 - n) else {
+                    break;
+                };
+                if r.old_chunk != last.old_chunk - n
+                    || r.new_chunk != last.new_chunk - n
+                    || x.table.lookup(r.old_chunk) != Some(r.new_chunk)
+                {
+                    break;
+                }
+                n += 1;
+            }
+            runs[nruns] = Run {
+                old: last.old_chunk + 1 - n,
+                new: last.new_chunk + 1 - n,
+                len: n,
+            };
+            nruns += 1;
+            top -= n;
+        }
+        if nruns == 0 {
             // The area read back does not match the table loaded from the same disk.
             self.stop_merge(false);
             return;
         }
-        let mut n = 1u64;
-        while n < committed && n < max_chunks && n <= last.old_chunk && n < last.new_chunk {
-            let Some(r) = record(committed - 1 - n) else {
-                break;
-            };
-            if r.old_chunk != last.old_chunk - n
-                || r.new_chunk != last.new_chunk - n
-                || x.table.lookup(r.old_chunk) != Some(r.new_chunk)
-            {
-                break;
-            }
-            n += 1;
-        }
         if let Some(m) = self.merge.as_mut() {
-            m.run_old = last.old_chunk + 1 - n;
-            m.run_new = last.new_chunk + 1 - n;
-            m.run_len = n;
+            m.runs = runs;
+            m.nruns = nruns;
+            m.records = committed - top;
         }
         self.set_phase(Phase::Clear);
     }
@@ -456,10 +582,18 @@ impl Engine {
         let Some(m) = self.merge.as_mut() else {
             return;
         };
-        m.inflight = false;
+        m.ios = m.ios.saturating_sub(1);
         let phase = m.phase;
         if !matches!(phase, Phase::CopyWrite | Phase::OriginFlush) {
             self.io_done_on(sid);
+        }
+        if matches!(phase, Phase::CopyRead | Phase::CopyWrite) {
+            // The copy step moves on once every run's I/O is back.
+            if let Some(m) = self.merge.as_mut() {
+                m.io_failed |= !ok;
+            }
+            self.progress += 1;
+            return;
         }
         if !ok {
             self.stop_merge(matches!(phase, Phase::AreaWrite | Phase::AreaFlush));
@@ -482,19 +616,16 @@ impl Engine {
                 }
                 Phase::Prepare
             }
-            Phase::CopyRead => Phase::CopyWrite,
-            Phase::CopyWrite if self.cfg.unsafe_merge_skip_origin_flush => Phase::CowFlush,
-            Phase::CopyWrite => Phase::OriginFlush,
             Phase::OriginFlush => {
                 if self.cfg.unsafe_merge_release_early {
-                    self.release_run_early(s);
+                    self.release_batch_early(s);
                 }
                 Phase::CowFlush
             }
             Phase::CowFlush => Phase::AreaWrite,
             Phase::AreaWrite if !fua => Phase::AreaFlush,
             Phase::AreaWrite | Phase::AreaFlush => {
-                self.finish_run(s);
+                self.finish_batch_merge(s);
                 return;
             }
             Phase::Wipe if !fua => Phase::WipeFlush,
@@ -504,20 +635,32 @@ impl Engine {
         self.set_phase(next);
     }
 
-    /// The run's area write is durable: Linux `persistent_commit_merge()` +
+    /// Gives the batch's copy buffers back.
+    fn release_merge_buffers(&mut self) {
+        let Some(m) = self.merge.as_mut() else {
+            return;
+        };
+        for b in m.buffers.iter_mut() {
+            if *b != NIL {
+                self.free_buffers.push(*b);
+                *b = NIL;
+            }
+        }
+    }
+
+    /// The batch's area write is durable: Linux `persistent_commit_merge()` +
     /// `remove_single_exception_chunk()`.
-    fn finish_run(&mut self, s: usize) {
+    fn finish_batch_merge(&mut self, s: usize) {
         let Some(m) = self.merge else {
             return;
         };
-        let mut unremoved = None;
+        let mut table_full = false;
         if let Some(x) = self.snaps[s].as_mut() {
-            x.store.committed_in_area -= m.run_len;
+            x.store.committed_in_area -= m.records;
             // Newest first: these come off the end of table runs.
-            for k in (0..m.run_len).rev() {
-                if x.table.remove(m.run_old + k).is_err() {
-                    unremoved = Some(k + 1);
-                    break;
+            for r in &m.runs[..m.nruns] {
+                for k in (0..r.len).rev() {
+                    table_full |= x.table.remove(r.old + k).is_err();
                 }
             }
             // What Linux reports as allocated from now on (only usage reads it).
@@ -525,59 +668,49 @@ impl Engine {
             x.store.next_free =
                 x.store.current_area * g.exceptions_per_area + x.store.committed_in_area + 1;
         }
+        self.release_merge_buffers();
         if let Some(mm) = self.merge.as_mut() {
             mm.active = false;
-            if mm.buffer != NIL {
-                self.free_buffers.push(mm.buffer);
-                mm.buffer = NIL;
-            }
         }
         self.epoch += 1;
-        match unremoved {
-            None => self.set_phase(Phase::Prepare),
-            Some(len) => {
-                // The records are gone on disk but the table cannot split a run to drop
-                // them: fence those chunks rather than redirect I/O to a freed COW chunk.
-                self.stop_merge(false);
-                if let Some(mm) = self.merge.as_mut() {
-                    mm.fenced = Some((m.run_old, len));
-                }
-            }
+        if table_full {
+            // The records are gone on disk but the table could not split a run to drop
+            // some chunks: fence the batch rather than redirect I/O to a freed COW chunk.
+            self.stop_merge(true);
+        } else {
+            self.set_phase(Phase::Prepare);
         }
     }
 
-    /// The negative control's broken ordering: the run leaves the table (I/O to it goes to
-    /// the origin) before its records are zeroed on disk.
-    fn release_run_early(&mut self, s: usize) {
+    /// The negative control's broken ordering: the batch leaves the table (I/O to it goes
+    /// to the origin) before its records are zeroed on disk.
+    fn release_batch_early(&mut self, s: usize) {
         let Some(m) = self.merge.as_mut() else {
             return;
         };
         m.active = false;
-        let (start, len) = (m.run_old, m.run_len);
+        let (runs, n) = (m.runs, m.nruns);
         if let Some(x) = self.snaps[s].as_mut() {
-            for k in (0..len).rev() {
-                let _ = x.table.remove(start + k);
+            for r in &runs[..n] {
+                for k in (0..r.len).rev() {
+                    let _ = x.table.remove(r.old + k);
+                }
             }
         }
         self.epoch += 1;
     }
 
     /// Stops the merge on an error: I/O goes on through the store's redirection.
-    fn stop_merge(&mut self, area_uncertain: bool) {
+    fn stop_merge(&mut self, fence: bool) {
         let Some(m) = self.merge.as_mut() else {
             return;
         };
         m.failed = true;
         m.phase = Phase::Stopped;
-        if area_uncertain {
-            m.fenced = Some((m.run_old, m.run_len));
-        }
+        m.fenced = fence;
         m.active = false;
-        if m.buffer != NIL {
-            self.free_buffers.push(m.buffer);
-            m.buffer = NIL;
-        }
         let snap = SnapId(m.snap);
+        self.release_merge_buffers();
         self.epoch += 1;
         self.progress += 1;
         self.push_event(Event::MergeFailed { snap });
