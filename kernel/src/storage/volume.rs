@@ -483,9 +483,8 @@ impl Origin {
                 self.merge_clock = Some((crate::time::uptime_ns(), left));
                 if let Some(s) = self.snap_by_id(snap) {
                     s.state = SnapState::Merging;
-                    if resumed {
-                        log::info!("merge of {} resumed", s.name);
-                    }
+                    let how = if resumed { "resumed" } else { "started" };
+                    log::info!("merge of {} {how}: {left} chunks to go", s.name);
                 }
             }
             Event::MergeDone { snap } => {
