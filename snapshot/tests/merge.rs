@@ -788,3 +788,41 @@ fn merge_error_stops_then_resume_finishes() {
         }
     }
 }
+
+/// A snapshot without exceptions merges at once: marker, wipe, gone; the origin is untouched.
+#[test]
+fn merging_an_empty_snapshot_just_removes_it() {
+    for fua in [true, false] {
+        let mut ec = EngineConfig::new(64);
+        ec.copy_buffer_sectors = 8;
+        let mut world = World::new(
+            Engine::new(ec).unwrap(),
+            SimDisk::new(64, |s| stamp(0, s)),
+            Order::Random,
+            7,
+        );
+        world.engine.quiesce_origin();
+        let sc = SnapshotConfig {
+            chunk_sectors: 4,
+            cow_sectors: 64,
+            cow_block_sectors: 1,
+            cow_fua: fua,
+            writable: false,
+            table_runs: 16,
+            binding: None,
+        };
+        let id = world.engine.create_snapshot(&sc).unwrap();
+        world.cows[id.0 as usize] = Some(SimDisk::new(64, |_| 0));
+        world.settle(1000);
+        world.engine.start_merge(id).unwrap();
+        world.engine.resume_origin();
+        world.settle(1000);
+        assert!(world.events.contains(&Event::MergeDone { snap: id }));
+        assert_eq!(world.engine.status(id), None);
+        assert!(world.engine.is_idle());
+        let cow = world.cows[id.0 as usize].as_ref().unwrap();
+        assert!(cow.durable[..8].iter().all(|&v| v == 0), "fua {fua}");
+        assert_eq!(world.origin.flushes, 1, "only the creation's flush");
+        assert!((0..64).all(|s| world.origin.durable[s as usize] == stamp(0, s)));
+    }
+}
