@@ -15,6 +15,8 @@
 //!   of DMA buffers, [`block::SlotTable`], and the [`block::RamDisk`] for tests above us.
 //! - [`virtio_blk`]: virtio-blk on virtio-drivers' `PciTransport` and `VirtQueue`, with our own
 //!   MSI-X vector programming.
+//! - [`virtio_net`]: virtio-net on the same transport and virtqueues: one queue pair, packet
+//!   buffers allocated at start-up, MSI-X vectors for receive, transmit and link changes.
 //! - [`service`]: the main loop's interrupt servicing and virtio-blk discovery.
 //! - [`info`]: [`info::DeviceInfo`] for the console's `devices` command; `vda`… naming.
 //!
@@ -111,3 +113,4 @@ pub mod nvme;
 pub mod pci;
 pub mod service;
 pub mod virtio_blk;
+pub mod virtio_net;

@@ -19,7 +19,7 @@
 //! virtio-drivers 0.13's `should_notify` compares indices without wrap-around arithmetic.
 
 #[allow(unsafe_code)]
-mod common_regs;
+pub(crate) mod common_regs;
 mod device;
 pub mod probe;
 #[allow(unsafe_code)]

@@ -8,10 +8,14 @@
 //! | `console=ttyS<n>[,<baud>]` | serial console on COM1..COM4 (`n` = 0..3), standard baud |
 //! | `loglevel=<level>`         | `error`, `warn`, `info`, `debug` or `trace`             |
 //! | `testing[=1\|0]`           | enable test-only commands and exit via `isa-debug-exit` |
+//! | `ip=dhcp\|off\|ADDR/PREFIX[,GW]` | IPv4 configuration of the NIC (see [`crate::ipconfig`]) |
+//! | `nbd.port=<port>`          | TCP port of the NBD server (default 10809)              |
+//! | `nbd.allow=<cidr>[,...]`   | IPv4 networks allowed to connect to the NBD server      |
 //!
 //! Nothing here is fatal: unknown options are collected in [`CmdLine::unknown`] and malformed
 //! values in [`CmdLine::errors`]; the kernel logs both (see [`CmdLine::warnings`]) and boots with
-//! defaults. A repeated option overrides the earlier one, as on Linux.
+//! defaults. A repeated option overrides the earlier one, as on Linux. One exception fails
+//! closed: a malformed `nbd.allow=` allows nobody (a typo must not open the disks to all).
 //!
 //! To add an option, add a typed field to [`CmdLine`] and a row to `OPTIONS`.
 use alloc::format;
@@ -20,6 +24,9 @@ use alloc::vec::Vec;
 use core::fmt;
 
 pub use log::LevelFilter;
+
+use crate::ipconfig::IpConfig;
+use crate::nbd::AllowList;
 
 /// Baud rates accepted in `console=ttyS<n>,<baud>` (the divisors of the 16550's 115200 clock
 /// that terminals commonly offer).
@@ -84,6 +91,13 @@ pub struct CmdLine {
     pub loglevel: Option<LevelFilter>,
     /// `testing`: test-only commands and exit via `isa-debug-exit` are enabled.
     pub testing: bool,
+    /// `ip=`: the IPv4 configuration, if given (the network defaults to DHCP).
+    pub ip: Option<IpConfig>,
+    /// `nbd.port=`: the NBD server's TCP port, if given.
+    pub nbd_port: Option<u16>,
+    /// `nbd.allow=`: the networks allowed to use the NBD server, if given (`None`: no
+    /// restriction; a malformed value gives an empty list, which allows nobody).
+    pub nbd_allow: Option<AllowList>,
     /// Options nobody knows, as given (ignored).
     pub unknown: Vec<String>,
     /// Known options with malformed values (ignored).
@@ -98,6 +112,9 @@ const OPTIONS: &[(&str, Handler)] = &[
     ("console", parse_console),
     ("loglevel", parse_loglevel),
     ("testing", parse_testing),
+    ("ip", parse_ip_option),
+    ("nbd.port", parse_nbd_port),
+    ("nbd.allow", parse_nbd_allow),
 ];
 
 fn find_option(name: &str) -> Option<Handler> {
@@ -212,6 +229,38 @@ fn parse_testing(cmdline: &mut CmdLine, value: Option<&str>) -> Result<(), Strin
         Some(_) => return Err("expected testing, testing=1 or testing=0".to_string()),
     };
     Ok(())
+}
+
+fn parse_ip_option(cmdline: &mut CmdLine, value: Option<&str>) -> Result<(), String> {
+    let value = value.ok_or("needs a value: ip=dhcp, ip=off or ip=ADDR/PREFIX[,GATEWAY]")?;
+    cmdline.ip = Some(crate::ipconfig::parse_ip(value)?);
+    Ok(())
+}
+
+fn parse_nbd_port(cmdline: &mut CmdLine, value: Option<&str>) -> Result<(), String> {
+    let port = value
+        .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|v| v.parse::<u16>().ok())
+        .filter(|&p| p != 0)
+        .ok_or("expected a TCP port 1..65535, e.g. nbd.port=10809")?;
+    cmdline.nbd_port = Some(port);
+    Ok(())
+}
+
+fn parse_nbd_allow(cmdline: &mut CmdLine, value: Option<&str>) -> Result<(), String> {
+    match AllowList::parse(value.unwrap_or("")) {
+        Ok(list) => {
+            cmdline.nbd_allow = Some(list);
+            Ok(())
+        }
+        Err((error, index)) => {
+            cmdline.nbd_allow = Some(AllowList::nobody());
+            Err(format!(
+                "entry {}: {error}; NBD clients are refused until this is fixed",
+                index + 1
+            ))
+        }
+    }
 }
 
 #[cfg(test)]
@@ -347,6 +396,20 @@ mod tests {
     }
 
     #[test]
+    fn ip_option() {
+        assert_eq!(CmdLine::parse("k").ip, None);
+        let c = CmdLine::parse("k ip=10.0.2.15/24,10.0.2.2");
+        assert!(matches!(c.ip, Some(IpConfig::Static(s)) if s.prefix == 24));
+        let c = CmdLine::parse("k ip=off");
+        assert_eq!(c.ip, Some(IpConfig::Off));
+        for bad in ["ip", "ip=", "ip=10.0.2.15", "ip=10.0.2.15/24,10.1.0.1"] {
+            let c = CmdLine::parse(&format!("k {bad}"));
+            assert_eq!(c.ip, None, "{bad}");
+            assert_eq!(c.errors.len(), 1, "{bad}");
+        }
+    }
+
+    #[test]
     fn last_option_wins() {
         let c = CmdLine::parse("k loglevel=info loglevel=trace console=ttyS0 console=ttyS2");
         assert_eq!(c.loglevel, Some(LevelFilter::Trace));
@@ -355,11 +418,12 @@ mod tests {
 
     #[test]
     fn unknown_options_are_collected_not_fatal() {
-        let c = CmdLine::parse("k quiet ip=dhcp loglevel=warn nbd.port=10809 =x");
-        assert_eq!(c.unknown, ["quiet", "ip=dhcp", "nbd.port=10809", "=x"]);
+        let c = CmdLine::parse("k quiet ip=dhcp loglevel=warn nbd.prot=10809 =x");
+        assert_eq!(c.unknown, ["quiet", "nbd.prot=10809", "=x"]);
         assert_eq!(c.loglevel, Some(LevelFilter::Warn));
+        assert_eq!(c.ip, Some(IpConfig::Dhcp));
         let warnings: Vec<String> = c.warnings().collect();
-        assert_eq!(warnings.len(), 4);
+        assert_eq!(warnings.len(), 3);
         assert_eq!(warnings[0], "ignoring unknown option 'quiet'");
     }
 
@@ -393,5 +457,64 @@ mod tests {
             assert_eq!(c.raw, s);
             let _ = c.warnings().count();
         }
+    }
+
+    #[test]
+    fn nbd_port() {
+        assert_eq!(CmdLine::parse("k").nbd_port, None);
+        assert_eq!(CmdLine::parse("k nbd.port=10809").nbd_port, Some(10809));
+        assert_eq!(
+            CmdLine::parse("k nbd.port=1 nbd.port=65535").nbd_port,
+            Some(65535)
+        );
+        for bad in [
+            "nbd.port",
+            "nbd.port=",
+            "nbd.port=0",
+            "nbd.port=65536",
+            "nbd.port=-1",
+            "nbd.port=+80",
+            "nbd.port=80a",
+            "nbd.port=99999999999999999999",
+        ] {
+            let c = CmdLine::parse(&format!("k {bad}"));
+            assert_eq!(c.nbd_port, None, "{bad}");
+            assert_eq!(c.errors.len(), 1, "{bad}");
+        }
+    }
+
+    #[test]
+    fn nbd_allow() {
+        assert_eq!(CmdLine::parse("k").nbd_allow, None);
+        let c = CmdLine::parse("k nbd.allow=10.0.0.0/8,192.168.1.7");
+        let list = c.nbd_allow.expect("list");
+        assert!(list.allows([10, 1, 2, 3]) && list.allows([192, 168, 1, 7]));
+        assert!(!list.allows([192, 168, 1, 8]));
+        assert!(c.errors.is_empty());
+    }
+
+    #[test]
+    fn bad_nbd_allow_fails_closed() {
+        for bad in [
+            "nbd.allow",
+            "nbd.allow=",
+            "nbd.allow=10.0.0.0/8,10.1.2.3/8",
+            "nbd.allow=any",
+        ] {
+            let c = CmdLine::parse(&format!("k {bad}"));
+            let list = c.nbd_allow.expect("an empty list, not no list");
+            assert_eq!(list.networks().count(), 0, "{bad}");
+            assert!(!list.allows([10, 1, 2, 3]));
+            assert_eq!(c.errors.len(), 1, "{bad}");
+        }
+        // A later good value wins, as for every option.
+        let c = CmdLine::parse("k nbd.allow=x nbd.allow=10.0.0.0/8");
+        assert!(c.nbd_allow.expect("list").allows([10, 0, 0, 1]));
+        let c = CmdLine::parse("k nbd.allow=10.1.2.3/8");
+        assert_eq!(
+            c.errors[0].to_string(),
+            "ignoring 'nbd.allow=10.1.2.3/8': entry 1: address has bits set past the prefix \
+             (give the network address); NBD clients are refused until this is fixed"
+        );
     }
 }

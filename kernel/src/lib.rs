@@ -9,7 +9,9 @@ pub mod acpi;
 pub mod cmdline;
 pub mod console;
 pub mod frames;
+pub mod ipconfig;
 pub mod json;
+pub mod nbd;
 pub mod ring;
 pub mod shell;
 pub mod util;
@@ -24,6 +26,8 @@ pub mod executor;
 pub mod logger;
 #[cfg(target_os = "none")]
 pub mod memory;
+#[cfg(target_os = "none")]
+pub mod net;
 #[cfg(target_os = "none")]
 pub mod platform;
 #[cfg(target_os = "none")]

@@ -50,8 +50,14 @@ struct ReqSlot {
     cursor: u64,
     overwrite_chunk: Option<u64>,
     admitted: bool,
+    /// For an origin write held for copies: the tick it was first held.
+    held_since: Option<u64>,
     /// `Engine::epoch` when this request last found nothing to do.
     seen_epoch: u64,
+    /// The pending exception this request waits for (NIL: waiting on something else,
+    /// which bumps the epoch), and its generation when the request looked.
+    blocked_on: u32,
+    blocked_gen: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,6 +82,9 @@ struct Pending {
     /// Next entry in the same `pending_index` bucket.
     next_in_hash: u32,
     alloc_tick: u64,
+    /// Bumped whenever the entry leaves a state a request may wait on (retired, freed,
+    /// its job finished); kept across reuse of the slot, so a waiter never misses a change.
+    generation: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -264,6 +273,17 @@ pub struct Engine {
     /// Bumped whenever something a waiting request may wait for changes (a commit, a freed
     /// resource, an invalidation...): waiting requests are re-evaluated only then.
     epoch: u64,
+    /// A request found a pool (pending exceptions, copy jobs, copy buffers) empty: the next
+    /// free of one bumps the epoch so waiting requests look again.
+    starved: bool,
+    /// Pending-exception generation bumps so far (see `Pending::generation`).
+    generation_bumps: u64,
+    /// Requests added to `waiting` so far.
+    waiting_added: u64,
+    /// (epoch, generation bumps, waiting added) at the last scan of `waiting`, and whether a
+    /// request progressed in it: with neither changed, a scan would find nothing to do.
+    last_scan: (u64, u64, u64),
+    rescan: bool,
     batch_seq: u32,
     io_starved: bool,
     progress_mark: u64,
@@ -311,7 +331,10 @@ impl Engine {
                     cursor: 0,
                     overwrite_chunk: None,
                     admitted: false,
+                    held_since: None,
                     seen_epoch: u64::MAX,
+                    blocked_on: NIL,
+                    blocked_gen: 0,
                 };
                 nreq
             ],
@@ -327,6 +350,7 @@ impl Engine {
                     in_job: false,
                     next_in_hash: NIL,
                     alloc_tick: 0,
+                    generation: 0,
                 };
                 npend
             ],
@@ -356,6 +380,11 @@ impl Engine {
             dirty: false,
             progress: 0,
             epoch: 0,
+            starved: false,
+            generation_bumps: 0,
+            waiting_added: 0,
+            last_scan: (u64::MAX, 0, 0),
+            rescan: true,
             batch_seq: 0,
             io_starved: false,
             progress_mark: 0,
@@ -402,13 +431,17 @@ impl Engine {
             cursor: req.sector,
             overwrite_chunk: None,
             admitted: false,
+            held_since: None,
             seen_epoch: u64::MAX,
+            blocked_on: NIL,
+            blocked_gen: 0,
         };
         let check = self.check_request(&req);
         if let Err(e) = check {
             self.fail_request(idx, e);
         } else {
             self.waiting.push_back(idx);
+            self.waiting_added += 1;
         }
         self.dirty = true;
         Ok(())
@@ -884,14 +917,24 @@ impl Engine {
     /// Drops a pending exception that left its snapshot's order: freed now, or by its copy
     /// job when that finishes.
     fn retire_pending(&mut self, p: u32) {
-        self.epoch += 1;
         self.hash_remove(p);
         let pe = &mut self.pending[p as usize];
+        pe.generation = pe.generation.wrapping_add(1);
+        self.generation_bumps += 1;
         if pe.in_job {
             pe.state = PState::Dead;
         } else {
             pe.state = PState::Free;
             self.free_pending.push(p);
+            self.wake_starved();
+        }
+    }
+
+    /// Requests that found a pool empty look again (something was just freed).
+    fn wake_starved(&mut self) {
+        if self.starved {
+            self.starved = false;
+            self.epoch += 1;
         }
     }
 
@@ -1579,6 +1622,9 @@ impl Engine {
             debug_assert!(self.pending[p as usize].state != PState::Copying);
             self.pending[p as usize].next_in_job = NIL;
             self.pending[p as usize].in_job = false;
+            self.pending[p as usize].generation =
+                self.pending[p as usize].generation.wrapping_add(1);
+            self.generation_bumps += 1;
             if self.pending[p as usize].state == PState::Dead {
                 self.pending[p as usize].state = PState::Free;
                 self.free_pending.push(p);
@@ -1590,7 +1636,7 @@ impl Engine {
         }
         self.jobs[j as usize].phase = JobPhase::Free;
         self.free_jobs.push(j);
-        self.epoch += 1;
+        self.wake_starved();
         self.progress += 1;
     }
 
@@ -1690,7 +1736,9 @@ impl Engine {
         let x = self.snaps[s].as_mut()?;
         let new = x.store.allocate()?;
         let p = self.free_pending.pop()?;
+        let generation = self.pending[p as usize].generation;
         self.pending[p as usize] = Pending {
+            generation,
             snap: s as u16,
             old,
             new,
@@ -1737,6 +1785,12 @@ impl Engine {
     // ----------------------------------------------------------------------------------------
 
     fn step_requests(&mut self) {
+        let key = (self.epoch, self.generation_bumps, self.waiting_added);
+        if !self.rescan && key == self.last_scan {
+            return;
+        }
+        self.last_scan = key;
+        self.rescan = false;
         let n = self.waiting.len();
         for _ in 0..n {
             let Some(idx) = self.waiting.pop_front() else {
@@ -1745,7 +1799,10 @@ impl Engine {
             if self.reqs[idx as usize].phase != ReqPhase::Waiting {
                 continue;
             }
-            if self.reqs[idx as usize].seen_epoch == self.epoch {
+            let r = &self.reqs[idx as usize];
+            let unchanged = r.blocked_on == NIL
+                || self.pending[r.blocked_on as usize].generation == r.blocked_gen;
+            if r.seen_epoch == self.epoch && unchanged {
                 // Nothing it could be waiting for has changed.
                 self.waiting.push_back(idx);
                 continue;
@@ -1758,6 +1815,7 @@ impl Engine {
                 r.seen_epoch = if self.progress_mark == self.progress {
                     epoch
                 } else {
+                    self.rescan = true;
                     u64::MAX
                 };
                 self.waiting.push_back(idx);
@@ -1767,6 +1825,7 @@ impl Engine {
 
     /// Returns true when the request left the waiting state.
     fn advance_request(&mut self, idx: u32) -> bool {
+        self.reqs[idx as usize].blocked_on = NIL;
         let r = self.reqs[idx as usize];
         if self.merge.is_some() && r.req.volume == Volume::Origin {
             return self.advance_origin_merging(idx);
@@ -1792,6 +1851,14 @@ impl Engine {
                 }
             }
         }
+    }
+
+    /// Request `idx` waits for pending exception `p` to change (commit or job end).
+    fn block_on(&mut self, idx: u32, p: u32) {
+        let generation = self.pending[p as usize].generation;
+        let r = &mut self.reqs[idx as usize];
+        r.blocked_on = p;
+        r.blocked_gen = generation;
     }
 
     fn issue_whole(&mut self, idx: u32, dev: Device, op: IoOp, data: bool) -> bool {
@@ -1841,6 +1908,7 @@ impl Engine {
         let end = start + u64::from(r.req.sectors);
         let mut clear = true;
         let mut need_alloc = false;
+        let mut blocked = NIL;
         for s in 0..self.snaps.len() {
             if !self.tracking(s) {
                 continue;
@@ -1860,6 +1928,9 @@ impl Engine {
                             && matches!(st, PState::Copied | PState::Committing))
                         {
                             clear = false;
+                            if blocked == NIL {
+                                blocked = p;
+                            }
                         }
                     }
                     None => {
@@ -1869,14 +1940,17 @@ impl Engine {
                 }
             }
         }
-        if need_alloc {
-            if !r.admitted {
-                self.stats.held_writes += 1;
-            }
-            self.plan_origin_copies(start, end);
-            return false;
+        if !need_alloc && blocked != NIL {
+            self.block_on(idx, blocked);
         }
-        if !clear {
+        if need_alloc || !clear {
+            if r.held_since.is_none() {
+                self.stats.held_writes += 1;
+                self.reqs[idx as usize].held_since = Some(self.now);
+            }
+            if need_alloc {
+                self.plan_origin_copies(start, end);
+            }
             return false;
         }
         // An invalidated store's header must be durable before the write it gave up on goes
@@ -1891,7 +1965,13 @@ impl Engine {
         if self.origin_reads_redirected > 0 && self.conflicts_with_redirected_read(start, end) {
             return false;
         }
-        self.issue_whole(idx, Device::Origin, IoOp::Write { fua }, true)
+        let issued = self.issue_whole(idx, Device::Origin, IoOp::Write { fua }, true);
+        if issued {
+            if let Some(since) = self.reqs[idx as usize].held_since.take() {
+                self.stats.hold_ticks.record(self.now.saturating_sub(since));
+            }
+        }
+        issued
     }
 
     fn conflicts_with_redirected_read(&self, start: u64, end: u64) -> bool {
@@ -1935,9 +2015,11 @@ impl Engine {
             return true;
         }
         if self.free_pending.is_empty() {
+            self.starved = true;
             return false;
         }
         let Some(j) = self.new_job(true) else {
+            self.starved = true;
             return false;
         };
         // Pass 2: allocate in (snapshot, chunk) order, link into the job, as far as the pool
@@ -1961,6 +2043,7 @@ impl Engine {
                     continue;
                 }
                 if self.free_pending.is_empty() {
+                    self.starved = true;
                     complete = false;
                     break;
                 }
@@ -2120,7 +2203,8 @@ impl Engine {
                 cursor = piece_end;
                 continue;
             }
-            if self.pending_of(s, c).is_some() {
+            if let Some(p) = self.pending_of(s, c) {
+                self.block_on(idx, p);
                 break;
             }
             // No exception yet: allocate one.
@@ -2130,11 +2214,13 @@ impl Engine {
                 return true;
             }
             if self.free_pending.is_empty() {
+                self.starved = true;
                 break;
             }
             let chunk_end = ((c + 1) * cs).min(self.cfg.origin_sectors);
             let whole = cursor == c * cs && piece_end == chunk_end;
             let Some(j) = self.new_job(!whole) else {
+                self.starved = true;
                 break;
             };
             let Some(p) = self.alloc_pending(s, c) else {

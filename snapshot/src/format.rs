@@ -169,11 +169,18 @@ impl Geometry {
 pub const BINDING_NAME_BYTES: usize = 64;
 /// Most bytes of an origin serial number in a binding.
 pub const BINDING_SERIAL_BYTES: usize = 40;
-/// Magic at the start of the binding record: `"snapfwB1"`.
-pub const BINDING_MAGIC: [u8; 8] = *b"snapfwB1";
-/// Bytes the binding occupies after the header.
-pub const BINDING_BYTES: usize =
+/// Magic at the start of a version-1 binding record (no region, no flags): `"snapfwB1"`.
+pub const BINDING_MAGIC_V1: [u8; 8] = *b"snapfwB1";
+/// Magic at the start of the binding record snapfw writes: `"snapfwB2"`.
+pub const BINDING_MAGIC: [u8; 8] = *b"snapfwB2";
+/// Bytes of a version-1 binding.
+pub const BINDING_V1_BYTES: usize =
     8 + 1 + BINDING_NAME_BYTES + 1 + BINDING_SERIAL_BYTES + 8 + 4 + 8 + 4;
+/// Bytes the binding occupies after the header (version 2 adds region start, region length
+/// and flags before the checksum).
+pub const BINDING_BYTES: usize = BINDING_V1_BYTES + 8 + 8 + 4;
+/// Binding flag: the snapshot accepts writes.
+pub const BINDING_FLAG_WRITABLE: u32 = 1;
 /// Byte offset of the binding record in chunk 0.
 pub const BINDING_OFFSET: usize = HEADER_BYTES;
 
@@ -190,6 +197,14 @@ pub struct Binding {
     pub chunk_sectors: u32,
     /// Creation time, seconds since the Unix epoch (as the caller's clock tells).
     pub created_unix_seconds: u64,
+    /// First sector of the store on its device (0 for a whole-device store). Boot discovery
+    /// checks it against where the store was found and looks for the next store (or free
+    /// extent marker) at `region_start + region_sectors`.
+    pub region_start: u64,
+    /// Sectors of the store's region; 0 when unknown (a version-1 binding: the whole device).
+    pub region_sectors: u64,
+    /// `BINDING_FLAG_*` bits.
+    pub flags: u32,
 }
 
 /// A byte string of at most `N` bytes, stored inline.
@@ -260,6 +275,12 @@ impl Binding {
         at += 4;
         buf[at..at + 8].copy_from_slice(&self.created_unix_seconds.to_le_bytes());
         at += 8;
+        buf[at..at + 8].copy_from_slice(&self.region_start.to_le_bytes());
+        at += 8;
+        buf[at..at + 8].copy_from_slice(&self.region_sectors.to_le_bytes());
+        at += 8;
+        buf[at..at + 4].copy_from_slice(&self.flags.to_le_bytes());
+        at += 4;
         let sum = crc32c(&buf[..at]);
         buf[at..at + 4].copy_from_slice(&sum.to_le_bytes());
         chunk0[BINDING_OFFSET..BINDING_OFFSET + BINDING_BYTES].copy_from_slice(&buf);
@@ -273,10 +294,15 @@ impl Binding {
         if buf.iter().all(|&b| b == 0) {
             return Err(BindingError::Absent);
         }
-        if buf[..8] != BINDING_MAGIC {
+        let len = if buf[..8] == BINDING_MAGIC {
+            BINDING_BYTES
+        } else if buf[..8] == BINDING_MAGIC_V1 {
+            BINDING_V1_BYTES
+        } else {
             return Err(BindingError::Corrupt);
-        }
-        let sum_at = BINDING_BYTES - 4;
+        };
+        let buf = &buf[..len];
+        let sum_at = len - 4;
         let stored = read_u32(buf, sum_at).ok_or(BindingError::Corrupt)?;
         if crc32c(&buf[..sum_at]) != stored {
             return Err(BindingError::Corrupt);
@@ -301,12 +327,25 @@ impl Binding {
         let chunk_sectors = read_u32(buf, at).ok_or(BindingError::Corrupt)?;
         at += 4;
         let created_unix_seconds = read_u64(buf, at).ok_or(BindingError::Corrupt)?;
+        at += 8;
+        let (region_start, region_sectors, flags) = if len == BINDING_BYTES {
+            (
+                read_u64(buf, at).ok_or(BindingError::Corrupt)?,
+                read_u64(buf, at + 8).ok_or(BindingError::Corrupt)?,
+                read_u32(buf, at + 16).ok_or(BindingError::Corrupt)?,
+            )
+        } else {
+            (0, 0, 0)
+        };
         Ok(Binding {
             name,
             origin_serial,
             origin_sectors,
             chunk_sectors,
             created_unix_seconds,
+            region_start,
+            region_sectors,
+            flags,
         })
     }
 }
@@ -357,6 +396,68 @@ pub fn decode_merge_marker(chunk0: &[u8]) -> bool {
         && read_u32(buf, 8).is_some_and(|f| f & 1 == 1)
 }
 
+/// Magic of a free-extent marker: `"snapfwF1"`.
+pub const FREE_EXTENT_MAGIC: [u8; 8] = *b"snapfwF1";
+/// Bytes of a free-extent marker (at the start of its first sector).
+pub const FREE_EXTENT_BYTES: usize = 8 + 8 + 8 + 4;
+
+/// A marker snapfw writes at the start of unused space between COW regions on a device that
+/// holds several stores, so boot discovery can walk the device from sector 0: at each step
+/// it finds either a store (whose binding gives its region) or a marker (which gives the
+/// length of the free extent), and stops at anything else. It is not a `SnAp` header, so
+/// Linux and snapfw's "already holds a store" check both see free space.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FreeExtent {
+    /// First sector of the free extent (where the marker is).
+    pub start: u64,
+    /// Sectors of the free extent.
+    pub sectors: u64,
+}
+
+impl FreeExtent {
+    /// Encodes at the start of `sector` (at least [`FREE_EXTENT_BYTES`] long).
+    pub fn encode(&self, sector: &mut [u8]) {
+        sector[..8].copy_from_slice(&FREE_EXTENT_MAGIC);
+        sector[8..16].copy_from_slice(&self.start.to_le_bytes());
+        sector[16..24].copy_from_slice(&self.sectors.to_le_bytes());
+        let sum = crc32c(&sector[..24]);
+        sector[24..28].copy_from_slice(&sum.to_le_bytes());
+    }
+
+    /// Decodes a marker; `None` for anything else (including a marker with a bad checksum).
+    pub fn decode(sector: &[u8]) -> Option<FreeExtent> {
+        let b = sector.get(..FREE_EXTENT_BYTES)?;
+        if b[..8] != FREE_EXTENT_MAGIC || crc32c(&b[..24]) != read_u32(b, 24)? {
+            return None;
+        }
+        Some(FreeExtent {
+            start: read_u64(b, 8)?,
+            sectors: read_u64(b, 16)?,
+        })
+    }
+}
+
+/// The free extents that need a marker on a device holding stores in `regions` (`(start,
+/// sectors)` pairs, any order, not overlapping): every gap from sector 0 up to the start of
+/// the last store, so that a walk from sector 0 reaches every store. Space after the last
+/// store needs none (the walk stops there).
+pub fn free_extents(regions: &[(u64, u64)]) -> alloc::vec::Vec<FreeExtent> {
+    let mut sorted: alloc::vec::Vec<(u64, u64)> = regions.to_vec();
+    sorted.sort_unstable();
+    let mut out = alloc::vec::Vec::new();
+    let mut cursor = 0u64;
+    for (start, sectors) in sorted {
+        if start > cursor {
+            out.push(FreeExtent {
+                start: cursor,
+                sectors: start - cursor,
+            });
+        }
+        cursor = cursor.max(start.saturating_add(sectors));
+    }
+    out
+}
+
 /// CRC-32C (Castagnoli), bitwise; only used for the small binding record.
 pub fn crc32c(bytes: &[u8]) -> u32 {
     let mut crc = !0u32;
@@ -399,6 +500,81 @@ fn write_u32(out: &mut [u8], at: usize, v: u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn binding() -> Binding {
+        Binding {
+            name: BoundedBytes::new(b"nightly").unwrap(),
+            origin_serial: BoundedBytes::new(b"SER-1").unwrap(),
+            origin_sectors: 1 << 20,
+            chunk_sectors: 8,
+            created_unix_seconds: 7,
+            region_start: 2048,
+            region_sectors: 65536,
+            flags: BINDING_FLAG_WRITABLE,
+        }
+    }
+
+    #[test]
+    fn binding_v2_round_trips_and_v1_still_decodes() {
+        let mut chunk0 = [0u8; 512];
+        binding().encode(&mut chunk0);
+        assert_eq!(&chunk0[16..24], b"snapfwB2");
+        assert_eq!(Binding::decode(&chunk0), Ok(binding()));
+        // A version-1 record (what snapfw 0.1 wrote): same fields, no region or flags.
+        let mut v1 = [0u8; 512];
+        v1[16..16 + BINDING_V1_BYTES - 4].copy_from_slice(&chunk0[16..16 + BINDING_V1_BYTES - 4]);
+        v1[16..24].copy_from_slice(&BINDING_MAGIC_V1);
+        let sum = crc32c(&v1[16..16 + BINDING_V1_BYTES - 4]);
+        v1[16 + BINDING_V1_BYTES - 4..16 + BINDING_V1_BYTES].copy_from_slice(&sum.to_le_bytes());
+        let old = Binding::decode(&v1).unwrap();
+        assert_eq!(
+            old,
+            Binding {
+                region_start: 0,
+                region_sectors: 0,
+                flags: 0,
+                ..binding()
+            }
+        );
+        // Any flipped bit of the v2 record is caught.
+        for i in 16..16 + BINDING_BYTES {
+            let mut c = chunk0;
+            c[i] ^= 0x10;
+            assert!(Binding::decode(&c).is_err(), "byte {i}");
+        }
+    }
+
+    #[test]
+    fn free_extents_cover_every_gap_before_the_last_store() {
+        assert_eq!(free_extents(&[]), []);
+        assert_eq!(free_extents(&[(0, 100)]), []);
+        let fe = |start, sectors| FreeExtent { start, sectors };
+        assert_eq!(free_extents(&[(100, 50)]), [fe(0, 100)]);
+        assert_eq!(
+            free_extents(&[(500, 10), (0, 100), (200, 100)]),
+            [fe(100, 100), fe(300, 200)]
+        );
+        // Adjacent stores leave no gap.
+        assert_eq!(free_extents(&[(0, 100), (100, 100)]), []);
+    }
+
+    #[test]
+    fn free_extent_marker_round_trips_and_rejects_damage() {
+        let mut sector = [0u8; 512];
+        let m = FreeExtent {
+            start: 4096,
+            sectors: 12_288,
+        };
+        m.encode(&mut sector);
+        assert_eq!(FreeExtent::decode(&sector), Some(m));
+        for i in 0..FREE_EXTENT_BYTES {
+            let mut s = sector;
+            s[i] ^= 1;
+            assert_eq!(FreeExtent::decode(&s), None, "byte {i}");
+        }
+        assert_eq!(FreeExtent::decode(&[0u8; 512]), None);
+        assert_eq!(FreeExtent::decode(&sector[..10]), None);
+    }
 
     #[test]
     fn header_bytes_match_linux() {
@@ -457,6 +633,9 @@ mod tests {
             origin_sectors: 1 << 30,
             chunk_sectors: 8,
             created_unix_seconds: 1_700_000_000,
+            region_start: 0,
+            region_sectors: 0,
+            flags: 0,
         };
         let mut c0 = [0u8; 512];
         encode_chunk0(&mut c0, &Header::new(8), Some(&b));
@@ -478,6 +657,9 @@ mod tests {
             origin_sectors: 64,
             chunk_sectors: 8,
             created_unix_seconds: 1,
+            region_start: 2048,
+            region_sectors: 4096,
+            flags: BINDING_FLAG_WRITABLE,
         };
         let mut c0 = [0u8; 512];
         encode_chunk0(&mut c0, &Header::new(8), Some(&b));

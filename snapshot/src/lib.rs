@@ -141,6 +141,7 @@ extern crate alloc;
 
 pub mod engine;
 pub mod format;
+pub mod histogram;
 pub mod sim;
 pub mod store;
 pub mod table;

@@ -324,7 +324,7 @@ impl Engine {
                 let mut clear = true;
                 for r in &m.runs[..m.nruns] {
                     let (start, end) = self.run_range(m.cs, r);
-                    clear &= self.merge_range_clear(start, end);
+                    clear &= self.merge_range_clear(start, end, None);
                 }
                 if clear {
                     if let Some(m) = self.merge.as_mut() {
@@ -646,6 +646,8 @@ impl Engine {
                 *b = NIL;
             }
         }
+        // Requests that found no copy buffer look again.
+        self.wake_starved();
     }
 
     /// The batch's area write is durable: Linux `persistent_commit_merge()` +
@@ -718,10 +720,12 @@ impl Engine {
 
     /// Whether origin sectors `[start, end)` may be overwritten now: every other snapshot
     /// holds (durably) a copy of them. Plans the missing copies. The same rule as an origin
-    /// write (`advance_origin_write`).
-    fn merge_range_clear(&mut self, start: u64, end: u64) -> bool {
+    /// write (`advance_origin_write`); a waiting request (`req`) is parked on the pending
+    /// exception it waits for, as there.
+    fn merge_range_clear(&mut self, start: u64, end: u64, req: Option<u32>) -> bool {
         let mut clear = true;
         let mut need_alloc = false;
+        let mut blocked = NIL;
         for s in 0..self.snaps.len() {
             if !self.tracking(s) {
                 continue;
@@ -741,6 +745,9 @@ impl Engine {
                             && matches!(st, PState::Copied | PState::Committing))
                         {
                             clear = false;
+                            if blocked == NIL {
+                                blocked = p;
+                            }
                         }
                     }
                     None => {
@@ -748,6 +755,11 @@ impl Engine {
                         need_alloc = true;
                     }
                 }
+            }
+        }
+        if let Some(idx) = req {
+            if !need_alloc && blocked != NIL {
+                self.block_on(idx, blocked);
             }
         }
         if need_alloc {
@@ -865,7 +877,7 @@ impl Engine {
                     self.emit(cow_ctx, cow, op, target, len, buffer)
                 }
                 None => {
-                    if write && !self.merge_range_clear(cursor, piece_end) {
+                    if write && !self.merge_range_clear(cursor, piece_end, Some(idx)) {
                         break;
                     }
                     self.emit(origin_ctx, Device::Origin, op, cursor, len, buffer)

@@ -427,8 +427,10 @@ impl core::fmt::Display for Status {
 pub struct EngineStats {
     /// Origin writes admitted.
     pub origin_writes: u64,
-    /// Origin writes that had to wait for a copy.
+    /// Origin writes that had to wait for a copy (and its commit) before going down.
     pub held_writes: u64,
+    /// How long held writes waited, in engine ticks, from first held to issued.
+    pub hold_ticks: crate::histogram::Histogram,
     /// Commits completed.
     pub commits: u64,
     /// Records made durable by commits.

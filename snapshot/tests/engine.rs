@@ -226,6 +226,19 @@ fn hold_bound_starts_a_commit_while_copies_are_in_flight() {
         grouped.commits > linux.commits,
         "grouped {grouped:?} linux {linux:?}"
     );
+    // Every write copied and was held; each hold spans at least a commit's flush.
+    for s in [&grouped, &linux] {
+        assert_eq!(s.held_writes, 400);
+        assert_eq!(s.hold_ticks.count(), 400);
+        assert!(s.hold_ticks.percentile(990) >= 1000, "{:?}", s.hold_ticks);
+    }
+    // The hold bound is what keeps the tail short.
+    assert!(
+        grouped.hold_ticks.percentile(990) < linux.hold_ticks.percentile(990),
+        "p99 grouped {} linux {}",
+        grouped.hold_ticks.percentile(990),
+        linux.hold_ticks.percentile(990)
+    );
 }
 
 #[test]

@@ -202,6 +202,9 @@ fn binding_is_found_after_the_header() {
         origin_sectors: 1000,
         chunk_sectors: CS,
         created_unix_seconds: 1_750_000_000,
+        region_start: 0,
+        region_sectors: 80 * CS as u64,
+        flags: BINDING_FLAG_WRITABLE,
     };
     b.encode(&mut img[..512]);
     let st = load(&img, params(80)).unwrap();
@@ -233,6 +236,9 @@ fn engine_store_reloads_and_appends() {
         origin_sectors,
         chunk_sectors: 1,
         created_unix_seconds: 1,
+        region_start: 0,
+        region_sectors: 120,
+        flags: 0,
     };
     let sc = SnapshotConfig {
         chunk_sectors: 1,

@@ -9,6 +9,11 @@
 //!
 //! The image and boot artefacts come from `SNAPFW_BUILD` (default: `<workspace>/build`),
 //! filled by `make build iso pxe`; `make test` does that first.
+//!
+//! The same harness boots a Linux guest ([`Boot::linux_guest`]: Debian's kernel and an
+//! initramfs with busybox and dmsetup, made under `build/linux-guest` by `make deps`) whose
+//! console runs each line typed as a shell command ([`Qemu::shell`]), for tests that check
+//! what snapfw writes against what Linux reads, and the other way round.
 
 pub mod cow;
 
@@ -73,7 +78,17 @@ pub enum Source {
     Iso,
     /// `-boot n` from QEMU's built-in TFTP server serving `build/pxe`.
     Pxe,
+    /// Another kernel: `-kernel KERNEL -initrd INITRD -append APPEND`.
+    Linux {
+        /// The kernel image (bzImage).
+        kernel: PathBuf,
+        /// The initramfs.
+        initrd: PathBuf,
+    },
 }
+
+/// What the Linux guest's `/init` prints once its modules are loaded and it reads commands.
+pub const LINUX_READY: &str = "linux-guest: ready";
 
 impl Default for Boot {
     fn default() -> Self {
@@ -94,6 +109,29 @@ impl Boot {
         Boot {
             machine: machine.into(),
             append: append.into(),
+            ..Boot::default()
+        }
+    }
+
+    /// The Linux guest of the interop tests: `build/linux-guest/vmlinuz` and `initramfs.gz`
+    /// (made by `make deps`: scripts/deps.sh and scripts/linux-initramfs.sh), console on
+    /// ttyS0. Its `/init` loads the virtio-blk and dm-snapshot modules, prints
+    /// [`LINUX_READY`], then runs each line read from the console as a shell command; drive it
+    /// with [`Qemu::wait_linux`] and [`Qemu::shell`].
+    pub fn linux_guest() -> Boot {
+        let dir = build_dir().join("linux-guest");
+        let (kernel, initrd) = (dir.join("vmlinuz"), dir.join("initramfs.gz"));
+        for p in [&kernel, &initrd] {
+            assert!(
+                p.exists(),
+                "{} is missing: run `make deps` (it fetches Debian's kernel, dmsetup and busybox \
+                 and packs the guest's initramfs)",
+                p.display()
+            );
+        }
+        Boot {
+            append: "console=ttyS0,115200 panic=-1 loglevel=4".into(),
+            source: Source::Linux { kernel, initrd },
             ..Boot::default()
         }
     }
@@ -149,6 +187,25 @@ impl Boot {
         self.args(args)
     }
 
+    /// Adds a virtio-net NIC on QEMU user networking (slirp: DHCP gives 10.0.2.15, gateway
+    /// 10.0.2.2) with TCP forwards from `127.0.0.1:host` to the guest's `guest` port (at
+    /// `guest_addr`, default 10.0.2.15). Only loopback is exposed on the host.
+    pub fn net(self, forwards: &[(u16, u16)], guest_addr: Option<&str>) -> Boot {
+        let mut netdev = String::from("user,id=n0");
+        for (host, guest) in forwards {
+            netdev.push_str(&format!(
+                ",hostfwd=tcp:127.0.0.1:{host}-{}:{guest}",
+                guest_addr.unwrap_or("")
+            ));
+        }
+        self.args([
+            "-netdev".to_string(),
+            netdev,
+            "-device".to_string(),
+            "virtio-net-pci,netdev=n0".to_string(),
+        ])
+    }
+
     /// Starts QEMU.
     pub fn start(&self) -> Qemu {
         let accel = std::env::var("ACCEL").unwrap_or_else(|_| "tcg".into());
@@ -178,6 +235,13 @@ impl Boot {
                     dir.display()
                 ));
                 cmd.args(["-device", "virtio-net-pci,netdev=net0"]);
+            }
+            Source::Linux {
+                ref kernel,
+                ref initrd,
+            } => {
+                cmd.arg("-kernel").arg(kernel).arg("-initrd").arg(initrd);
+                cmd.args(["-append", &self.append]);
             }
         }
         cmd.args(&self.extra);
@@ -336,6 +400,27 @@ impl Qemu {
         }
     }
 
+    /// Waits until the Linux guest ([`Boot::linux_guest`]) reads commands; returns its
+    /// ready line (kernel release and disks).
+    pub fn wait_linux(&mut self, timeout: Duration) -> String {
+        self.expect(LINUX_READY, timeout);
+        self.expect("\n", timeout).trim().to_string()
+    }
+
+    /// Runs one line as a shell command in the Linux guest and returns what it printed
+    /// (stdout and stderr, with `\r` removed, plus any kernel messages in between) and its
+    /// exit status. Fails the test on timeout.
+    pub fn shell(&mut self, line: &str, timeout: Duration) -> (String, i32) {
+        assert!(!line.contains('\n'), "one line at a time: {line:?}");
+        // The end marker is assembled by printf, so an echo of the line cannot match it.
+        self.send(format!("{line}; printf '\\n@@%s %d@@\\n' END $?\n").as_bytes());
+        let out = self.expect("@@END ", timeout);
+        let status = self.expect("@@", timeout);
+        let out = out.strip_suffix("@@END ").unwrap_or(&out).replace('\r', "");
+        let code = status.trim_end_matches("@@").trim().parse().unwrap_or(-1);
+        (out.trim_matches('\n').to_string(), code)
+    }
+
     /// Waits for QEMU to exit; returns its exit status, or fails on timeout.
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
         let deadline = Instant::now() + timeout;
@@ -436,6 +521,14 @@ pub fn sha256_hex(data: &[u8]) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago (for QEMU's `hostfwd`).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {

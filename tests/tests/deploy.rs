@@ -28,6 +28,16 @@ fn pxe_boot_with_ipxe_script() {
         "{}",
         q.transcript()
     );
+    // The NIC iPXE booted from (transitional virtio-net on the pc machine) is reset and
+    // driven by the appliance: it gets its own DHCP lease.
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while !q.transcript().contains("net: DHCP lease 10.0.2.15/24") {
+        assert!(std::time::Instant::now() < deadline, "{}", q.transcript());
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    q.settle(std::time::Duration::from_millis(300));
+    let net = q.command("net");
+    assert!(net.contains("address 10.0.2.15/24"), "{net}");
     q.poweroff();
 }
 

@@ -66,6 +66,15 @@ fn snapshot_keeps_the_origin_as_it_was() {
     );
     let status = q.command("snapshot status s1");
     assert!(status.starts_with("0 32768 snapshot "), "{status}");
+    // Every write above copied a chunk first: all were held, and the hold time is reported.
+    let held = status
+        .split("held writes ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.trim().parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("{status}"));
+    assert!(held >= 5, "{status}");
+    assert!(status.contains("hold time p99 "), "{status}");
     // The origin image holds the new data.
     assert!(a.read(0, 512).iter().all(|x| *x == 0x11));
     let mut seeded = vec![0u8; 4000 * 512];
@@ -515,4 +524,68 @@ fn a_store_made_by_linux_is_listed_and_can_be_attached() {
         .snapshot_view(&a.read(0, (16 * MIB) as usize))
         .expect("loads");
     assert_eq!(sha256_hex(&view), sha256_hex(&expected));
+}
+
+#[test]
+fn region_stores_come_back_after_a_fresh_start_and_a_delete() {
+    // Two stores in regions of one disk, with a gap before each; the second is writable.
+    let (a, b) = (
+        Image::new("regions-a", 16 * MIB),
+        Image::new("regions-b", 16 * MIB),
+    );
+    let before: Vec<u8> = (0..16 * MIB as usize).map(|i| (i % 239) as u8).collect();
+    a.write(0, &before);
+    let expected = sha256_hex(&before);
+    let mut q = boot(&a, &b);
+    for line in [
+        "snapshot create low vda vdb:4096+8192",
+        "snapshot create high vda vdb:20000+8192 --writable --chunk 8k",
+    ] {
+        assert!(q.command(line).contains("created snapshot"), "{line}");
+    }
+    assert!(q
+        .command("write vda 0 3000 --seed 4")
+        .contains("wrote 3000 blocks"));
+    assert!(q
+        .command("write high 100 8 --byte 0x7a")
+        .contains("wrote 8 blocks"));
+    let high_sum = result(&q.command_timeout("checksum high", TIMEOUT * 2)).to_string();
+    q.poweroff();
+    // The gap before the first store holds a free-extent marker (not a store).
+    let marker = b.read(0, 28);
+    assert_eq!(&marker[..8], b"snapfwF1");
+    assert_eq!(u64::from_le_bytes(marker[16..24].try_into().unwrap()), 4096);
+
+    let mut q = boot(&a, &b);
+    let list = q.command("snapshot list");
+    for (name, cow) in [("low", "vdb:4096+8192"), ("high", "vdb:20000+8192")] {
+        let row = list
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("{name} missing after a fresh start: {list}"));
+        assert!(row.contains(cow) && row.contains("active"), "{row}");
+    }
+    let sum = q.command_timeout("checksum low", TIMEOUT * 2);
+    assert!(result(&sum).starts_with(&expected), "low: {sum}");
+    assert_eq!(
+        result(&q.command_timeout("checksum high", TIMEOUT * 2)),
+        high_sum,
+        "high changed across the restart"
+    );
+    // Still writable after the restart.
+    assert!(q
+        .command("write high 200 8 --byte 0x7b")
+        .contains("wrote 8 blocks"));
+    // Deleting the first store leaves a marker over its region: the second is still found.
+    assert!(q
+        .command("snapshot delete low")
+        .contains("deleted snapshot low"));
+    q.poweroff();
+    let mut q = boot(&a, &b);
+    let list = q.command("snapshot list");
+    assert!(!list.contains("low "), "{list}");
+    assert!(list.contains("high"), "{list}");
+    let data = q.command("read high 200 1");
+    assert!(data.contains("7b 7b 7b 7b"), "{data}");
+    q.poweroff();
 }

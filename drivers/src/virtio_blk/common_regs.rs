@@ -37,7 +37,7 @@ const CAP_NOTIFY_OFF_MULTIPLIER: u16 = 16;
 /// notification address of `queue` lies inside the notification structure, and no vendor
 /// capability sits so high that 8-bit offset arithmetic would overflow. (Capability loops,
 /// on which virtio-drivers' iterator would spin forever, are caught by our own walk.)
-pub fn check_capabilities<C: ConfigAccess + ?Sized>(
+pub(crate) fn check_capabilities<C: ConfigAccess + ?Sized>(
     cfg: &C,
     addr: PciAddress,
     bars: &[Option<Bar>; 6],

@@ -23,6 +23,17 @@ pub fn run(id: CommandId, args: &Args, out: &mut Out) -> Option<Box<dyn Task>> {
         | CommandId::Flush
         | CommandId::Bench => return super::disk::run(id, args, out),
         CommandId::Snapshot => return super::snap::run(args, out),
+        CommandId::Net => super::net::run(args, out),
+        CommandId::NbdSelfTest => {
+            let volume = args.arg("VOLUME").unwrap_or("");
+            return match crate::nbd::selftest::NbdSelfTest::new(volume) {
+                Ok(task) => Some(Box::new(task)),
+                Err(e) => {
+                    out.error(format_args!("nbd-selftest: {e}"));
+                    None
+                }
+            };
+        }
         CommandId::Help => match args.arg("COMMAND") {
             None => {
                 let _ = out.write_str(&help_all(power::testing()));

@@ -43,6 +43,10 @@ pub enum CommandId {
     Bench,
     /// `snapshot create|list|status|delete|attach|merge ...`
     Snapshot,
+    /// `net [echo PORT]`
+    Net,
+    /// `nbd-selftest VOLUME` (test builds only)
+    NbdSelfTest,
 }
 
 /// One command's description.
@@ -125,7 +129,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         name: "cmdline",
         usage: "cmdline [--json]",
         summary: "the kernel command line and how it was understood",
-        details: "Options: console=ttyS0[,BAUD] loglevel=error|warn|info|debug|trace testing",
+        details: "Options: console=ttyS0[,BAUD] loglevel=error|warn|info|debug|trace testing ip=dhcp|off|ADDR/PREFIX[,GATEWAY]",
         spec: CommandSpec {
             options: JSON,
             required: &[],
@@ -240,6 +244,19 @@ pub static COMMANDS: &[CommandInfo] = &[
         test_only: false,
     },
     CommandInfo {
+        id: CommandId::Net,
+        name: "net",
+        usage: "net [echo PORT]",
+        summary: "network: MAC, link, address, gateway, DHCP, counters, TCP listeners and connections",
+        details: "The address comes from ip= on the command line (DHCP by default). (testing: 'net echo PORT' starts a TCP echo service)",
+        spec: CommandSpec {
+            options: &[],
+            required: &[],
+            optional: &["SUBCOMMAND", "PORT"],
+        },
+        test_only: false,
+    },
+    CommandInfo {
         id: CommandId::Reboot,
         name: "reboot",
         usage: "reboot",
@@ -274,6 +291,20 @@ pub static COMMANDS: &[CommandInfo] = &[
         spec: CommandSpec {
             options: &[],
             required: &["KIND"],
+            optional: &[],
+        },
+        test_only: true,
+    },
+    CommandInfo {
+        id: CommandId::NbdSelfTest,
+        name: "nbd-selftest",
+        usage: "nbd-selftest VOLUME",
+        summary: "(testing) run a scripted NBD client against the NBD server on VOLUME",
+        details: "Writes 768 KiB at 1 MiB (FUA), flushes, reads it back, sends a bad read and \
+                  disconnects, through the NBD server's real sessions. Only with `testing`.",
+        spec: CommandSpec {
+            options: &[],
+            required: &["VOLUME"],
             optional: &[],
         },
         test_only: true,

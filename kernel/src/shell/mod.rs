@@ -12,6 +12,8 @@ mod builtin;
 #[cfg(target_os = "none")]
 mod disk;
 #[cfg(target_os = "none")]
+mod net;
+#[cfg(target_os = "none")]
 mod output;
 #[cfg(target_os = "none")]
 mod snap;
@@ -32,6 +34,7 @@ mod run_loop {
     use super::commands::parse_line;
     use super::output::{self, with_editor, Out};
     use crate::console::editor::{EditorEvent, LineEditor, LINE_CAPACITY};
+    use crate::nbd::server as nbd;
     use crate::ring::ByteRing;
     use crate::storage::tasks::Task;
     use crate::util::stackstr::StackStr;
@@ -85,20 +88,29 @@ mod run_loop {
             next_progress: time::uptime_ns() + PROGRESS_NS,
             progress_shown: false,
         });
+        // The NBD server: sessions come from the network stack (not wired yet); completions
+        // and resubmissions run here every iteration.
+        nbd::init(nbd::ServerConfig::from_cmdline(crate::start::cmdline()));
         let mut typeahead = ByteRing::<256>::new();
         let mut typeahead_dropped = false;
         loop {
             executor::take_pending();
             let now = time::uptime_ns();
             let (more, ios_in_flight) = storage::with(|st| {
-                let more = storage::poll(st, now, &mut |pool, completion| match running.as_mut() {
-                    Some(r) => r.task.complete(pool, completion, now),
-                    None => {
-                        if let Some(b) = completion.buffer {
-                            let _ = pool.release(b);
+                let more = storage::poll(
+                    st,
+                    now,
+                    &mut |pool, completion| match running.as_mut() {
+                        Some(r) => r.task.complete(pool, completion, now),
+                        None => {
+                            if let Some(b) = completion.buffer {
+                                let _ = pool.release(b);
+                            }
                         }
-                    }
-                });
+                    },
+                    &mut |pool, completion| nbd::complete(pool, completion),
+                );
+                nbd::with(|server| server.step(st));
                 let more = storage::housekeeping(st, now) || more;
                 if let Some(r) = running.as_mut() {
                     r.task.step(st, now);
@@ -106,6 +118,9 @@ mod run_loop {
                 (more, st.task_ios)
             });
             if more {
+                executor::wake();
+            }
+            if crate::net::poll(now) {
                 executor::wake();
             }
             if let Some(r) = running.as_mut() {

@@ -12,7 +12,7 @@ use crate::json;
 use crate::storage::snaptask::{CreateSpec, CreateTask, DeleteTask, MergeTask};
 use crate::storage::tasks::Task;
 use crate::storage::volume::{reason_text, Origin, SnapState};
-use crate::storage::{self, Storage};
+use crate::storage::{self, Storage, Target};
 use crate::time;
 
 type CmdResult<T> = Result<T, String>;
@@ -209,6 +209,9 @@ fn attach(st: &mut Storage, args: &Args) -> CmdResult<Box<dyn Task>> {
         origin_sectors: g.capacity_blocks * u64::from(g.block_size / 512),
         chunk_sectors: 0,
         created_unix_seconds: 0,
+        region_start: 0,
+        region_sectors: 0,
+        flags: 0,
     };
     st.unserved.retain(|u| u.disk != cow);
     Ok(Box::new(crate::storage::discover::DiscoverTask::adopt(
@@ -360,6 +363,7 @@ fn list(st: &Storage, json_out: bool, out: &mut Out) {
                 for u in &st.unserved {
                     a.object(|e| {
                         e.str("device", st.name(u.disk).as_str());
+                        e.u64("start_sector", u.start);
                         e.str("why", &u.why);
                     });
                 }
@@ -455,7 +459,17 @@ fn list(st: &Storage, json_out: bool, out: &mut Out) {
         }
     }
     for u in &st.unserved {
-        let _ = writeln!(out, "store on {}: {}", st.name(u.disk).as_str(), u.why);
+        if u.start == 0 {
+            let _ = writeln!(out, "store on {}: {}", st.name(u.disk).as_str(), u.why);
+        } else {
+            let _ = writeln!(
+                out,
+                "store on {} at block {}: {}",
+                st.name(u.disk).as_str(),
+                u.start * 512 / u64::from(st.geometry(Target::Device(u.disk)).block_size.max(512)),
+                u.why
+            );
+        }
     }
 }
 
@@ -489,16 +503,26 @@ fn status(st: &Storage, args: &Args, out: &mut Out) -> CmdResult<()> {
     let per = e.records_committed * 100 / e.commits.max(1);
     let _ = writeln!(
         out,
-        "  origin {}: {} writes, {} held for copies, {} copy jobs, {} copy writes, {} commits, {}.{:02} records per commit, {} commit flushes",
+        "  origin {}: {} writes, {} copy jobs, {} copy writes, {} commits, {}.{:02} records per commit, {} commit flushes",
         st.name(o.disk).as_str(),
         e.origin_writes,
-        e.held_writes,
         e.copy_jobs,
         e.copy_writes,
         e.commits,
         per / 100,
         per % 100,
         e.commit_flushes
+    );
+    // Engine ticks are microseconds (storage::poll ticks it with uptime / 1000).
+    let (p99, max) = (e.hold_ticks.percentile(990), e.hold_ticks.max());
+    let _ = writeln!(
+        out,
+        "  held writes {} (waited for copies and their commit): hold time p99 {}.{:03} ms, max {}.{:03} ms",
+        e.held_writes,
+        p99 / 1000,
+        p99 % 1000,
+        max / 1000,
+        max % 1000
     );
     Ok(())
 }

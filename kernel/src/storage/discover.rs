@@ -10,7 +10,7 @@ use core::fmt::{self, Write};
 use alloc::string::String;
 use alloc::vec::Vec;
 use drivers::block::{BlockRequest, BufferPool, Completion};
-use snapshot::format::SNAP_MAGIC;
+use snapshot::format::{FreeExtent, SNAP_MAGIC};
 use snapshot::{Binding, BindingError, LoadParams, LoadedStore, Loader, SnapshotConfig};
 
 use super::tasks::Task;
@@ -22,6 +22,8 @@ use super::{Storage, Target};
 pub struct Unserved {
     /// The device holding it.
     pub disk: usize,
+    /// First sector of the store on the device (not 0 for a store in a region).
+    pub start: u64,
     /// Why it is not served.
     pub why: String,
 }
@@ -48,6 +50,12 @@ enum Phase {
 /// The boot-time scan, or the adoption of one store (`snapshot attach`).
 pub struct DiscoverTask {
     disk: usize,
+    /// Where on `disk` the walk is: the sector of the block being examined. A device is
+    /// walked from sector 0, store by store and free extent by free extent (see
+    /// `storage::extents`), until a block that is neither.
+    probe: u64,
+    /// Sectors of the store being loaded (its region), so the walk can go on after it.
+    region: u64,
     phase: Phase,
     head: Vec<u8>,
     found: usize,
@@ -64,6 +72,8 @@ impl DiscoverTask {
     pub fn new() -> DiscoverTask {
         DiscoverTask {
             disk: 0,
+            probe: 0,
+            region: 0,
             phase: Phase::Head,
             head: Vec::new(),
             found: 0,
@@ -89,7 +99,37 @@ impl DiscoverTask {
             return;
         }
         self.disk += 1;
+        self.probe = 0;
         self.phase = Phase::Head;
+    }
+
+    /// Goes on at sector `next` of this disk, or to the next disk when `next` is not ahead
+    /// of the walk or lies past the end.
+    fn walk_to(&mut self, st: &Storage, next: u64) {
+        let g = st.devices[self.disk].geometry();
+        let sectors = g.capacity_blocks * u64::from(g.block_size / 512);
+        let aligned = next.is_multiple_of(u64::from((g.block_size / 512).max(1)));
+        if self.adopt.is_some() || next <= self.probe || next >= sectors || !aligned {
+            return self.next_disk();
+        }
+        self.probe = next;
+        self.phase = Phase::Head;
+    }
+
+    /// After a store: the walk goes on behind its region.
+    fn after_store(&mut self, st: &Storage) {
+        let next = self.probe.saturating_add(self.region);
+        self.walk_to(st, next);
+    }
+
+    /// Records a store found here that is not served, and goes on behind it.
+    fn unserved(&mut self, st: &mut Storage, why: String) {
+        st.unserved.push(Unserved {
+            disk: self.disk,
+            start: self.probe,
+            why,
+        });
+        self.after_store(st);
     }
 
     /// Decides what the first block holds.
@@ -98,13 +138,25 @@ impl DiscoverTask {
         let magic = head
             .get(..4)
             .map(|m| u32::from_le_bytes([m[0], m[1], m[2], m[3]]));
+        let g = st.devices[self.disk].geometry();
+        let capacity = g.capacity_blocks * u64::from(g.block_size / 512);
+        // Until a binding says otherwise, a store runs to the end of the device.
+        self.region = capacity - self.probe;
         if magic != Some(SNAP_MAGIC) {
             if self.adopt.is_some() {
                 self.error = Some(String::from(
                     "there is no dm-snapshot store on that device (no SnAp header)",
                 ));
+                return self.next_disk();
             }
-            return self.next_disk();
+            match FreeExtent::decode(&head) {
+                Some(free) if free.start == self.probe && free.sectors > 0 => {
+                    let next = self.probe.saturating_add(free.sectors);
+                    self.walk_to(st, next);
+                }
+                _ => self.next_disk(),
+            }
+            return;
         }
         if let Some((origin, binding)) = self.adopt.clone() {
             self.start_load(st, binding, origin);
@@ -112,7 +164,29 @@ impl DiscoverTask {
         }
         let name = st.name(self.disk);
         match Binding::decode(&head) {
+            Ok(binding)
+                if binding.region_start != self.probe
+                    || binding.region_sectors > capacity - self.probe
+                    || (binding.region_sectors == 0 && self.probe != 0) =>
+            {
+                let why = alloc::format!(
+                    "a store whose binding places it at sector {} (+{}), found at sector {}; left untouched",
+                    binding.region_start,
+                    binding.region_sectors,
+                    self.probe
+                );
+                log::warn!("{name}: {why}");
+                st.unserved.push(Unserved {
+                    disk: self.disk,
+                    start: self.probe,
+                    why,
+                });
+                self.next_disk();
+            }
             Ok(binding) => {
+                if binding.region_sectors > 0 {
+                    self.region = binding.region_sectors;
+                }
                 let serial = binding.origin_serial.as_bytes();
                 let origin = (0..st.devices.len()).find(|&d| {
                     let g = st.devices[d].geometry();
@@ -129,11 +203,7 @@ impl DiscoverTask {
                         binding.origin_sectors
                     );
                     log::warn!("{name}: {why}");
-                    st.unserved.push(Unserved {
-                        disk: self.disk,
-                        why,
-                    });
-                    return self.next_disk();
+                    return self.unserved(st, why);
                 };
                 self.start_load(st, binding, origin);
             }
@@ -142,22 +212,14 @@ impl DiscoverTask {
                     "a dm-snapshot store without a snapfw binding (made by Linux?); not served",
                 );
                 log::info!("{name}: {why}");
-                st.unserved.push(Unserved {
-                    disk: self.disk,
-                    why,
-                });
-                self.next_disk();
+                self.unserved(st, why);
             }
             Err(e) => {
                 let why = alloc::format!(
                     "a dm-snapshot store whose binding record is unreadable ({e:?}); not served"
                 );
                 log::warn!("{name}: {why}");
-                st.unserved.push(Unserved {
-                    disk: self.disk,
-                    why,
-                });
-                self.next_disk();
+                self.unserved(st, why);
             }
         }
     }
@@ -165,7 +227,7 @@ impl DiscoverTask {
     fn start_load(&mut self, st: &Storage, binding: Binding, origin: usize) {
         let cg = st.devices[self.disk].geometry();
         let og = st.devices[origin].geometry();
-        let cow_sectors = cg.capacity_blocks * u64::from(cg.block_size / 512);
+        let cow_sectors = self.region;
         let params = LoadParams {
             cow_sectors,
             cow_block_sectors: (cg.block_size / 512).max(1),
@@ -199,6 +261,9 @@ impl DiscoverTask {
         let cg = st.devices[self.disk].geometry();
         let valid = loaded.valid;
         let merging = loaded.merging;
+        // Adopted stores are read-only: their maker's view of them is not ours to change.
+        let writable =
+            self.adopt.is_none() && binding.flags & snapshot::format::BINDING_FLAG_WRITABLE != 0;
         let chunk_sectors = loaded.state.chunk_sectors() as u32;
         let cow_sectors = loaded.state.cow_sectors;
         let cfg = SnapshotConfig {
@@ -206,7 +271,7 @@ impl DiscoverTask {
             cow_sectors,
             cow_block_sectors: (cg.block_size / 512).max(1),
             cow_fua: cg.fua,
-            writable: false,
+            writable,
             table_runs: (cow_sectors / u64::from(chunk_sectors.max(1))).clamp(1, 1 << 22) as usize,
             // An adopted store stays exactly as its maker wrote it: no binding is added.
             binding: if self.adopt.is_some() {
@@ -222,10 +287,10 @@ impl DiscoverTask {
                     name: name.clone(),
                     id,
                     cow_disk: self.disk,
-                    cow_start: 0,
+                    cow_start: self.probe,
                     cow_sectors,
                     chunk_sectors,
-                    writable: false,
+                    writable,
                     state: if merging {
                         SnapState::Merging
                     } else if valid {
@@ -289,7 +354,8 @@ impl Task for DiscoverTask {
                         self.next_disk();
                         continue;
                     }
-                    match st.submit_to(target, BlockRequest::read(0, 0, buf)) {
+                    let lba = self.probe * 512 / block as u64;
+                    match st.submit_to(target, BlockRequest::read(0, lba, buf)) {
                         Ok(()) => {
                             self.phase = Phase::WaitHead;
                             return;
@@ -337,19 +403,18 @@ impl Task for DiscoverTask {
                                     return;
                                 };
                                 match loader.finish() {
-                                    Ok(loaded) => self.attach(st, loaded, binding, origin),
+                                    Ok(loaded) => {
+                                        self.attach(st, loaded, binding, origin);
+                                        self.after_store(st);
+                                    }
                                     Err(e) => {
                                         self.error =
                                             Some(alloc::format!("the store does not load: {e:?}"));
                                         let why = alloc::format!("a snapshot store that does not load: {e:?}; left untouched");
                                         log::error!("{}: {why}", st.name(self.disk));
-                                        st.unserved.push(Unserved {
-                                            disk: self.disk,
-                                            why,
-                                        });
+                                        self.unserved(st, why);
                                     }
                                 }
-                                self.next_disk();
                                 continue;
                             }
                         }
@@ -368,7 +433,7 @@ impl Task for DiscoverTask {
                     };
                     let piece = (*want - read.len()).min(buf.capacity());
                     let _ = buf.set_len(piece);
-                    let lba = (*sector * 512 + read.len() as u64) / block as u64;
+                    let lba = ((self.probe + *sector) * 512 + read.len() as u64) / block as u64;
                     match st.submit_to(target, BlockRequest::read(1, lba, buf)) {
                         Ok(()) => {
                             *waiting = true;

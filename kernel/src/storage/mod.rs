@@ -7,6 +7,7 @@
 //! completions with a budget. Nothing on this path allocates.
 
 pub mod discover;
+pub mod extents;
 pub mod snaptask;
 pub mod tasks;
 pub mod volume;
@@ -177,13 +178,37 @@ impl Storage {
             .map_or(0, |d| d.stats().interrupts)
     }
 
-    /// Sends a request to a target; on refusal the buffer comes back with the reason.
+    /// Sends a console task's request to a target (counted in `task_ios`); on refusal the
+    /// buffer comes back with the reason.
     pub fn submit_to(
         &mut self,
         target: Target,
         request: drivers::block::BlockRequest,
     ) -> Result<(), (drivers::block::BlockError, Option<drivers::block::DmaBuf>)> {
-        let submitted = match target {
+        let submitted = self.submit_any(target, request);
+        if submitted.is_ok() {
+            self.task_ios += 1;
+        }
+        submitted
+    }
+
+    /// Sends an NBD request (tag with `nbd::NBD_TAG`) to a target. Not counted in
+    /// `task_ios`: its completion goes to the NBD sink of [`poll`], and console tasks do not
+    /// wait for it.
+    pub fn submit_nbd(
+        &mut self,
+        target: Target,
+        request: drivers::block::BlockRequest,
+    ) -> Result<(), (drivers::block::BlockError, Option<drivers::block::DmaBuf>)> {
+        self.submit_any(target, request)
+    }
+
+    fn submit_any(
+        &mut self,
+        target: Target,
+        request: drivers::block::BlockRequest,
+    ) -> Result<(), (drivers::block::BlockError, Option<drivers::block::DmaBuf>)> {
+        match target {
             Target::Device(d) => match self.devices.get_mut(d) {
                 Some(device) => device
                     .submit(request)
@@ -194,11 +219,7 @@ impl Storage {
                 Some(o) => o.submit(volume, request),
                 None => Err((drivers::block::BlockError::DeviceFailed, request.buffer)),
             },
-        };
-        if submitted.is_ok() {
-            self.task_ios += 1;
         }
-        submitted
     }
 
     /// The engine of origin device `disk`, set up on first use; its index in `origins`.
@@ -342,10 +363,12 @@ pub fn init(ecam: Option<&crate::acpi::EcamWindow>) {
             Err(failure) => storage.failed.push(failure.info),
         }
     }
+    drop(storage);
+    crate::net::init(&ctx, &functions, crate::start::cmdline().and_then(|c| c.ip));
     let m = memory::stats();
     log::debug!(
         "storage up: {} disks, {} frames free",
-        storage.devices.len(),
+        STORAGE.lock().devices.len(),
         m.frames_free
     );
 }
@@ -435,12 +458,14 @@ pub fn housekeeping(storage: &mut Storage, now: u64) -> bool {
 
 /// One round of the completion path: takes fired vectors, polls those devices with a budget,
 /// hands each completion to `sink` with the device's buffer pool (engine I/O goes back to its
-/// engine), then lets every engine issue I/O and deliver finished volume requests. Returns
-/// true when work remains (run again before halting).
+/// engine; NBD I/O, tagged with `nbd::NBD_TAG`, to `nbd` instead), then lets every engine
+/// issue I/O and deliver finished volume requests. Returns true when work remains (run
+/// again before halting).
 pub fn poll(
     storage: &mut Storage,
     now: u64,
     sink: &mut dyn FnMut(&mut BufferPool, Completion),
+    nbd: &mut dyn FnMut(&mut BufferPool, Completion),
 ) -> bool {
     let Storage {
         devices,
@@ -460,6 +485,10 @@ pub fn poll(
                 if let Some(o) = origins.get_mut(origin) {
                     o.complete(c.tag as u32, c);
                 }
+            } else if crate::nbd::session::untag(c.tag).is_some() {
+                if let Some(pool) = pools.get_mut(usize::from(index)) {
+                    nbd(pool, c);
+                }
             } else {
                 *task_ios = task_ios.saturating_sub(1);
                 if let Some(pool) = pools.get_mut(usize::from(index)) {
@@ -473,8 +502,12 @@ pub fn poll(
         o.issue(index, devices);
         if let Some(pool) = pools.get_mut(o.disk) {
             o.deliver(&mut |c| {
-                *task_ios = task_ios.saturating_sub(1);
-                sink(pool, c)
+                if crate::nbd::session::untag(c.tag).is_some() {
+                    nbd(pool, c)
+                } else {
+                    *task_ios = task_ios.saturating_sub(1);
+                    sink(pool, c)
+                }
             });
         }
         o.issue(index, devices);

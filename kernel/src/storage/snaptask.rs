@@ -10,6 +10,7 @@ use alloc::string::String;
 use drivers::block::{BufferPool, Completion};
 use snapshot::{Binding, BoundedBytes, MergeError, SnapId, SnapshotConfig};
 
+use super::extents::MarkerWriter;
 use super::tasks::Task;
 use super::volume::{Snap, SnapState};
 use super::Storage;
@@ -34,6 +35,8 @@ pub struct CreateSpec {
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Step {
+    /// Free-extent markers for the gaps before the new region, so boot finds the store.
+    Markers,
     Quiesce,
     WaitQuiesced,
     WaitCreated(SnapId),
@@ -44,6 +47,7 @@ enum Step {
 pub struct CreateTask {
     spec: CreateSpec,
     step: Step,
+    markers: Option<MarkerWriter>,
     error: Option<&'static str>,
     started: u64,
 }
@@ -53,7 +57,8 @@ impl CreateTask {
     pub fn new(spec: CreateSpec, now: u64) -> CreateTask {
         CreateTask {
             spec,
-            step: Step::Quiesce,
+            step: Step::Markers,
+            markers: None,
             error: None,
             started: now,
         }
@@ -77,6 +82,13 @@ impl CreateTask {
                 chunk_sectors: self.spec.chunk_sectors,
                 // No wall clock yet: the appliance does not read the RTC.
                 created_unix_seconds: 0,
+                region_start: self.spec.cow_start,
+                region_sectors: self.spec.cow_sectors,
+                flags: if self.spec.writable {
+                    snapshot::format::BINDING_FLAG_WRITABLE
+                } else {
+                    0
+                },
             }),
             _ => None,
         };
@@ -94,6 +106,22 @@ impl CreateTask {
 
 impl Task for CreateTask {
     fn step(&mut self, st: &mut Storage, _now: u64) {
+        if self.step == Step::Markers {
+            let spec = &self.spec;
+            let m = self.markers.get_or_insert_with(|| {
+                MarkerWriter::new(st, spec.cow_disk, Some((spec.cow_start, spec.cow_sectors)))
+            });
+            m.step(st);
+            if !m.done() {
+                return;
+            }
+            if m.error {
+                self.error = Some("writing the free-extent markers on the COW device failed");
+                self.step = Step::Done;
+                return;
+            }
+            self.step = Step::Quiesce;
+        }
         let cfg = (self.step == Step::WaitQuiesced).then(|| self.config(st));
         let Some(o) = st.origins.get_mut(self.spec.origin) else {
             self.error = Some("the origin went away");
@@ -149,8 +177,13 @@ impl Task for CreateTask {
     }
 
     fn complete(&mut self, pool: &mut BufferPool, c: Completion, _now: u64) {
-        if let Some(b) = c.buffer {
-            let _ = pool.release(b);
+        match self.markers.as_mut() {
+            Some(m) if !m.done() => m.complete(pool, c),
+            _ => {
+                if let Some(b) = c.buffer {
+                    let _ = pool.release(b);
+                }
+            }
         }
     }
 
@@ -189,8 +222,12 @@ pub struct DeleteTask {
     name: String,
     origin: usize,
     id: SnapId,
-    step: u8, // 0 quiesce, 1 wait quiesced, 2 wait deleted, 3 done
+    /// 0 quiesce, 1 wait quiesced, 2 wait deleted, 3 markers, 4 done.
+    step: u8,
     error: Option<&'static str>,
+    /// The COW device, and the markers that keep later stores on it reachable at boot.
+    cow_disk: Option<usize>,
+    markers: Option<MarkerWriter>,
 }
 
 impl DeleteTask {
@@ -202,14 +239,33 @@ impl DeleteTask {
             id,
             step: 0,
             error: None,
+            cow_disk: None,
+            markers: None,
         }
     }
 }
 
 impl Task for DeleteTask {
     fn step(&mut self, st: &mut Storage, _now: u64) {
+        if self.step == 3 {
+            let Some(disk) = self.cow_disk else {
+                self.step = 4;
+                return;
+            };
+            let m = self
+                .markers
+                .get_or_insert_with(|| MarkerWriter::new(st, disk, None));
+            m.step(st);
+            if m.done() {
+                if m.error {
+                    self.error = Some("deleted, but writing free-extent markers failed");
+                }
+                self.step = 4;
+            }
+            return;
+        }
         let Some(o) = st.origins.get_mut(self.origin) else {
-            self.step = 3;
+            self.step = 4;
             return;
         };
         match self.step {
@@ -221,11 +277,12 @@ impl Task for DeleteTask {
                 if o.engine.delete_snapshot(self.id).is_err() {
                     self.error = Some("the engine does not know this snapshot");
                     o.engine.resume_origin();
-                    self.step = 3;
+                    self.step = 4;
                     return;
                 }
                 if let Some(s) = o.snaps.iter_mut().find(|s| s.id == self.id) {
                     s.state = SnapState::Deleting;
+                    self.cow_disk = Some(s.cow_disk);
                 }
                 self.step = 2;
             }
@@ -239,13 +296,18 @@ impl Task for DeleteTask {
     }
 
     fn complete(&mut self, pool: &mut BufferPool, c: Completion, _now: u64) {
-        if let Some(b) = c.buffer {
-            let _ = pool.release(b);
+        match self.markers.as_mut() {
+            Some(m) if !m.done() => m.complete(pool, c),
+            _ => {
+                if let Some(b) = c.buffer {
+                    let _ = pool.release(b);
+                }
+            }
         }
     }
 
     fn done(&self) -> bool {
-        self.step == 3
+        self.step == 4
     }
 
     fn cancel(&mut self) {}

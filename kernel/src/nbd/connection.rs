@@ -1,0 +1,937 @@
+//! One NBD connection, server side, as a sans-I/O state machine (no sockets, no storage, no
+//! allocation after [`Connection::new`]).
+//!
+//! Spec: NetworkBlockDevice/nbd `doc/proto.md`: "Fixed newstyle negotiation", "Option types"
+//! (`EXPORT_NAME`, `ABORT`, `LIST`, `INFO`, `GO`; everything else, `STRUCTURED_REPLY` and
+//! `STARTTLS` included, is answered `NBD_REP_ERR_UNSUP`), "Transmission" with simple replies
+//! only, "Size constraints" and "Error values".
+//!
+//! The glue drives it with three calls:
+//! - [`Connection::receive`] takes bytes from the socket and returns how many it consumed and
+//!   at most one [`Event`]: a request for the volume layer (read, write + its payload in
+//!   pieces, flush, trim), the export chosen, or the client's disconnect. Call it again with
+//!   the rest of the input until it consumes nothing and returns no event.
+//! - [`Connection::complete`] reports the volume layer's result for a request slot.
+//! - [`Connection::poll_transmit`] / [`Connection::transmitted`] hand out what goes on the
+//!   wire: bytes staged here (greeting, option replies, reply headers) or a range of a read
+//!   reply's payload that the glue sends straight from its own DMA buffers.
+//!
+//! Requests are identified by a *slot* (`0..MAX_IN_FLIGHT`), an index in a fixed table
+//! that also holds the client's cookie; the glue puts the slot into its device tags. When
+//! every slot is busy, `receive` consumes nothing more (TCP back-pressure). Requests that
+//! fail validation take a slot too and are answered here, never reaching the glue.
+//!
+//! Choices the spec leaves open:
+//! - Minimum block size = the export's block size; requests that are not aligned to it, or
+//!   have length 0, get `NBD_EINVAL` (also for clients that never asked for block sizes).
+//!   `NBD_INFO_BLOCK_SIZE` is always sent in `INFO`/`GO` replies.
+//! - READ longer than the advertised maximum payload: `NBD_EINVAL`. WRITE longer than it:
+//!   the payload is read and dropped and the reply is `NBD_EINVAL`, up to 32 MiB (2^25, the
+//!   spec's never-a-DoS size); a longer write closes the connection.
+//! - Write past the end: `NBD_ENOSPC`; read/trim past the end: `NBD_EINVAL`; write/trim on a
+//!   read-only export: `NBD_EPERM`; unknown command or flag, or a command the export does
+//!   not offer (flush, trim): `NBD_EINVAL`. `NBD_CMD_FLAG_FUA` is accepted on every command
+//!   when offered.
+//! - Option data is buffered up to [`OPTION_DATA_MAX`] bytes. Longer options are skipped
+//!   without buffering and answered `NBD_REP_ERR_TOO_BIG` (or `ERR_UNSUP` when unknown) up
+//!   to [`OPTION_SKIP_MAX`] bytes; beyond that, or for a too long `EXPORT_NAME`, the
+//!   connection is closed.
+
+use super::error::NbdError;
+use super::export::{BlockSizes, ExportCatalog, ExportInfo};
+use super::proto::*;
+
+/// Requests per connection waiting for the volume layer or for their reply to be sent.
+pub const MAX_IN_FLIGHT: usize = 32;
+/// Option data buffered (the spec caps strings at 4096 bytes).
+pub const OPTION_DATA_MAX: usize = 4096 + 64;
+/// Option data skipped unread before the connection is closed as abusive.
+pub const OPTION_SKIP_MAX: u32 = 1 << 20;
+/// The payload size no server may treat as denial of service (2^25, 32 MiB).
+pub const DOS_PAYLOAD: u32 = 1 << 25;
+/// Bytes staged for sending (option replies are produced only when this many are free).
+const STAGE_CAP: usize = 2048;
+/// The largest reply one option produces (see `reply_info`; names longer than
+/// `INFO_NAME_MAX` are not echoed).
+const OPTION_REPLY_MAX: usize = 1024;
+/// Longest name echoed in `NBD_INFO_NAME`.
+const INFO_NAME_MAX: usize = 256;
+
+/// Settings of the server, the same for every connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnectionConfig {
+    /// Largest READ/WRITE payload advertised and accepted (rounded down to each export's
+    /// block size, at least 4096). At most [`DOS_PAYLOAD`].
+    pub max_payload: u32,
+}
+
+impl Default for ConnectionConfig {
+    fn default() -> Self {
+        ConnectionConfig {
+            max_payload: DOS_PAYLOAD,
+        }
+    }
+}
+
+/// Something the glue must act on.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Event<'a> {
+    /// The handshake chose `export`: transmission starts (log it; route requests to it).
+    Export(ExportInfo),
+    /// Read `len` bytes at `offset`; answer with [`Connection::complete`], then send the
+    /// data when [`Connection::poll_transmit`] asks for it with [`Transmit::ReadData`].
+    Read {
+        /// The request's slot.
+        slot: u16,
+        /// Byte offset in the export (aligned, in range).
+        offset: u64,
+        /// Byte count (aligned, non-zero, at most the maximum payload).
+        len: u32,
+    },
+    /// Write `len` bytes at `offset`; the data follows in [`Event::WriteData`] pieces.
+    /// Complete it once the data is written (durably if `fua`).
+    Write {
+        /// The request's slot.
+        slot: u16,
+        /// Byte offset in the export (aligned, in range).
+        offset: u64,
+        /// Byte count (aligned, non-zero, at most the maximum payload).
+        len: u32,
+        /// `NBD_CMD_FLAG_FUA`: complete only once the data is durable.
+        fua: bool,
+    },
+    /// Bytes `at..at + data.len()` of the payload of write `slot` (borrowed from the input).
+    /// To take fewer bytes than are available, call `receive` with a shorter input: see
+    /// [`Connection::payload_pending`].
+    WriteData {
+        /// The write's slot.
+        slot: u16,
+        /// Offset of `data` within the write's payload.
+        at: u32,
+        /// The bytes.
+        data: &'a [u8],
+        /// This piece ends the payload.
+        last: bool,
+    },
+    /// Make every completed write durable, then complete.
+    Flush {
+        /// The request's slot.
+        slot: u16,
+    },
+    /// Discard `len` bytes at `offset` (a hint; completing without doing anything is fine).
+    Trim {
+        /// The request's slot.
+        slot: u16,
+        /// Byte offset (aligned, in range).
+        offset: u64,
+        /// Byte count (aligned, non-zero).
+        len: u32,
+        /// `NBD_CMD_FLAG_FUA`.
+        fua: bool,
+    },
+    /// The client ended the session (`NBD_CMD_DISC` or `NBD_OPT_ABORT`): finish what is in
+    /// flight; close once [`Connection::is_finished`].
+    Disconnect,
+}
+
+/// What to send next.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Transmit<'a> {
+    /// These bytes.
+    Bytes(&'a [u8]),
+    /// Bytes `at..at + len` of the data of read `slot` (from the glue's buffers).
+    ReadData {
+        /// The read's slot.
+        slot: u16,
+        /// Offset within the read's data.
+        at: u32,
+        /// Bytes left to send.
+        len: u32,
+    },
+    /// Nothing to send now.
+    Idle,
+}
+
+/// The result of one [`Connection::receive`] call.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Received<'a> {
+    /// Input bytes consumed (the caller drops them from its buffer).
+    pub consumed: usize,
+    /// At most one event.
+    pub event: Option<Event<'a>>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Read,
+    Write,
+    Flush,
+    Trim,
+    /// Answered here (validation error); never reaches the glue.
+    Local,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Slot {
+    busy: bool,
+    cookie: u64,
+    kind: Kind,
+    len: u32,
+    /// A write whose payload is still arriving.
+    payload_pending: bool,
+    /// The result once complete: 0 or an `Errno` value.
+    result: Option<u32>,
+}
+
+const FREE_SLOT: Slot = Slot {
+    busy: false,
+    cookie: 0,
+    kind: Kind::Local,
+    len: 0,
+    payload_pending: false,
+    result: None,
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    /// Waiting for the 4 bytes of client flags.
+    ClientFlags,
+    /// Waiting for an option header.
+    OptionHeader,
+    /// Buffering `len` bytes of option data.
+    OptionData { option: u32, len: usize },
+    /// Dropping `remaining` bytes of an option too long to buffer.
+    OptionSkip { option: u32, remaining: u32 },
+    /// Sending `NBD_REP_SERVER` replies; `next` is the catalog index.
+    Listing { next: usize },
+    /// Waiting for a request header.
+    Request,
+    /// Passing a write's payload to the glue.
+    Payload { slot: u16, at: u32, len: u32 },
+    /// Dropping a refused write's payload.
+    Discard { slot: u16, remaining: u32 },
+    /// The client said goodbye; input is ignored.
+    Disconnecting,
+    /// Closed after an error; input is ignored.
+    Closed,
+}
+
+/// One client connection (see the module documentation). About 7 KiB; allocate it once when
+/// the connection is accepted.
+pub struct Connection {
+    config: ConnectionConfig,
+    state: State,
+    no_zeroes: bool,
+    export: Option<ExportInfo>,
+    sizes: BlockSizes,
+    /// Accumulates headers and option data split across `receive` calls.
+    acc: [u8; OPTION_DATA_MAX],
+    acc_len: usize,
+    stage: [u8; STAGE_CAP],
+    stage_start: usize,
+    stage_end: usize,
+    /// The read whose data is being sent: (slot, bytes sent, length).
+    sending: Option<(u16, u32, u32)>,
+    slots: [Slot; MAX_IN_FLIGHT],
+    /// Slots whose reply can be sent, in completion order.
+    ready: [u16; MAX_IN_FLIGHT],
+    ready_head: usize,
+    ready_len: usize,
+}
+
+impl Connection {
+    /// A new connection with the server greeting staged for sending.
+    pub fn new(config: ConnectionConfig) -> Connection {
+        let mut c = Connection {
+            config: ConnectionConfig {
+                max_payload: config.max_payload.min(DOS_PAYLOAD),
+            },
+            state: State::ClientFlags,
+            no_zeroes: false,
+            export: None,
+            sizes: BlockSizes {
+                minimum: 1,
+                preferred: 4096,
+                maximum: 0,
+            },
+            acc: [0; OPTION_DATA_MAX],
+            acc_len: 0,
+            stage: [0; STAGE_CAP],
+            stage_start: 0,
+            stage_end: 0,
+            sending: None,
+            slots: [FREE_SLOT; MAX_IN_FLIGHT],
+            ready: [0; MAX_IN_FLIGHT],
+            ready_head: 0,
+            ready_len: 0,
+        };
+        c.put(&NBDMAGIC.to_be_bytes());
+        c.put(&IHAVEOPT.to_be_bytes());
+        c.put(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+        c
+    }
+
+    /// The export chosen by the handshake, once in transmission.
+    pub fn export(&self) -> Option<&ExportInfo> {
+        self.export.as_ref()
+    }
+
+    /// The size constraints in force (meaningful once an export is chosen).
+    pub fn block_sizes(&self) -> BlockSizes {
+        self.sizes
+    }
+
+    /// True once the handshake is over and requests are accepted.
+    pub fn in_transmission(&self) -> bool {
+        matches!(
+            self.state,
+            State::Request | State::Payload { .. } | State::Discard { .. }
+        )
+    }
+
+    /// The write whose payload the next input bytes belong to: (slot, bytes already passed
+    /// on, total length). The glue uses it to cut its input to what it can store now.
+    pub fn payload_pending(&self) -> Option<(u16, u32, u32)> {
+        match self.state {
+            State::Payload { slot, at, len } if self.slot_wants_data(slot) => Some((slot, at, len)),
+            _ => None,
+        }
+    }
+
+    /// Requests taken from the client and not yet fully answered.
+    pub fn in_flight(&self) -> usize {
+        self.slots.iter().filter(|s| s.busy).count()
+    }
+
+    /// True after an error closed the connection: drop the TCP connection (once the volume
+    /// layer has returned this connection's in-flight I/O).
+    pub fn is_closed(&self) -> bool {
+        self.state == State::Closed
+    }
+
+    /// True when the client said goodbye (or an error closed the connection) and every
+    /// request is answered and every byte sent: the TCP connection can be closed.
+    pub fn is_finished(&self) -> bool {
+        matches!(self.state, State::Disconnecting | State::Closed)
+            && self.in_flight() == 0
+            && self.stage_start == self.stage_end
+            && self.sending.is_none()
+    }
+
+    /// Consumes bytes of `input` (see the module documentation). An error closes the
+    /// connection: the glue logs it and drops the TCP connection.
+    pub fn receive<'a>(
+        &mut self,
+        input: &'a [u8],
+        catalog: &dyn ExportCatalog,
+    ) -> Result<Received<'a>, NbdError> {
+        let mut pos = 0;
+        loop {
+            let rest = &input[pos..];
+            match self.state {
+                State::Closed => return Err(NbdError::Closed),
+                State::Disconnecting => {
+                    // The client must not send after DISC/ABORT; ignore whatever it does.
+                    return Ok(Received {
+                        consumed: input.len(),
+                        event: None,
+                    });
+                }
+                State::Listing { .. } => return Ok(done(pos)),
+                State::ClientFlags => {
+                    if !self.fill(rest, &mut pos, 4) {
+                        return Ok(done(pos));
+                    }
+                    let flags = be32(&self.acc, 0);
+                    self.acc_len = 0;
+                    if flags & !(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES) != 0 {
+                        return Err(self.close(NbdError::BadClientFlags(flags)));
+                    }
+                    self.no_zeroes = flags & CLIENT_NO_ZEROES != 0;
+                    self.state = State::OptionHeader;
+                }
+                State::OptionHeader => {
+                    // Produce an option's replies only when they fit in the stage.
+                    if self.acc_len == 0 && self.stage_free() < OPTION_REPLY_MAX {
+                        return Ok(done(pos));
+                    }
+                    if !self.fill(rest, &mut pos, OPTION_HEADER_LEN) {
+                        return Ok(done(pos));
+                    }
+                    let magic = be64(&self.acc, 0);
+                    let option = be32(&self.acc, 8);
+                    let len = be32(&self.acc, 12);
+                    self.acc_len = 0;
+                    if magic != IHAVEOPT {
+                        return Err(self.close(NbdError::BadOptionMagic(magic)));
+                    }
+                    if len as usize <= OPTION_DATA_MAX {
+                        self.state = State::OptionData {
+                            option,
+                            len: len as usize,
+                        };
+                    } else if option == OPT_EXPORT_NAME || len > OPTION_SKIP_MAX {
+                        return Err(self.close(NbdError::OptionTooLong { option, len }));
+                    } else {
+                        self.state = State::OptionSkip {
+                            option,
+                            remaining: len,
+                        };
+                    }
+                }
+                State::OptionData { option, len } => {
+                    if !self.fill(rest, &mut pos, len) {
+                        return Ok(done(pos));
+                    }
+                    self.acc_len = 0;
+                    self.state = State::OptionHeader;
+                    if let Some(event) = self.option(option, len, catalog)? {
+                        return Ok(Received {
+                            consumed: pos,
+                            event: Some(event),
+                        });
+                    }
+                }
+                State::OptionSkip { option, remaining } => {
+                    let take = rest.len().min(remaining as usize);
+                    pos += take;
+                    let remaining = remaining - take as u32;
+                    if remaining > 0 {
+                        self.state = State::OptionSkip { option, remaining };
+                        return Ok(done(pos));
+                    }
+                    self.state = State::OptionHeader;
+                    match option {
+                        OPT_ABORT => {
+                            // "A server SHOULD ignore any data sent by the client."
+                            self.option_reply(option, REP_ACK, &[]);
+                            self.state = State::Disconnecting;
+                            return Ok(Received {
+                                consumed: pos,
+                                event: Some(Event::Disconnect),
+                            });
+                        }
+                        OPT_LIST | OPT_INFO | OPT_GO => {
+                            self.option_reply(option, REP_ERR_TOO_BIG, b"option data too long")
+                        }
+                        _ => self.option_reply(option, REP_ERR_UNSUP, b"option not supported"),
+                    }
+                }
+                State::Request => {
+                    if self.acc_len == 0 && self.free_slot().is_none() {
+                        return Ok(done(pos));
+                    }
+                    if !self.fill(rest, &mut pos, REQUEST_LEN) {
+                        return Ok(done(pos));
+                    }
+                    self.acc_len = 0;
+                    if let Some(event) = self.request()? {
+                        return Ok(Received {
+                            consumed: pos,
+                            event: Some(event),
+                        });
+                    }
+                }
+                State::Payload { slot, at, len } => {
+                    if rest.is_empty() {
+                        return Ok(done(pos));
+                    }
+                    let take = rest.len().min((len - at) as usize);
+                    let data = &rest[..take];
+                    pos += take;
+                    let next = at + take as u32;
+                    let last = next == len;
+                    let wanted = self.slot_wants_data(slot);
+                    if last {
+                        self.state = State::Request;
+                        self.payload_done(slot);
+                    } else {
+                        self.state = State::Payload {
+                            slot,
+                            at: next,
+                            len,
+                        };
+                    }
+                    if wanted {
+                        return Ok(Received {
+                            consumed: pos,
+                            event: Some(Event::WriteData {
+                                slot,
+                                at,
+                                data,
+                                last,
+                            }),
+                        });
+                    }
+                }
+                State::Discard { slot, remaining } => {
+                    let take = rest.len().min(remaining as usize);
+                    pos += take;
+                    let remaining = remaining - take as u32;
+                    if remaining > 0 {
+                        self.state = State::Discard { slot, remaining };
+                        return Ok(done(pos));
+                    }
+                    self.state = State::Request;
+                    self.payload_done(slot);
+                }
+            }
+        }
+    }
+
+    /// Reports the volume layer's result for request `slot` (`Err` becomes the reply's error
+    /// value; a failed read sends no data). A write may be completed with an error before
+    /// its payload has all arrived: the rest is then dropped here.
+    pub fn complete(&mut self, slot: u16, result: Result<(), Errno>) -> Result<(), NbdError> {
+        let Some(s) = self.slots.get_mut(usize::from(slot)) else {
+            return Err(NbdError::BadCompletion(slot));
+        };
+        if !s.busy || s.result.is_some() || s.kind == Kind::Local {
+            return Err(NbdError::BadCompletion(slot));
+        }
+        s.result = Some(match result {
+            Ok(()) => 0,
+            Err(e) => e as u32,
+        });
+        if !s.payload_pending {
+            self.push_ready(slot);
+        }
+        Ok(())
+    }
+
+    /// What to send next. `catalog` feeds `NBD_OPT_LIST` replies, produced as room frees.
+    pub fn poll_transmit(&mut self, catalog: &dyn ExportCatalog) -> Transmit<'_> {
+        if self.stage_start == self.stage_end {
+            self.stage_start = 0;
+            self.stage_end = 0;
+            if let Some((slot, at, len)) = self.sending {
+                return Transmit::ReadData {
+                    slot,
+                    at,
+                    len: len - at,
+                };
+            }
+            if let State::Listing { next } = self.state {
+                self.list(next, catalog);
+            }
+            // Reply headers, in completion order, until one carries data.
+            while self.sending.is_none() && self.stage_free() >= SIMPLE_REPLY_LEN {
+                let Some(slot) = self.pop_ready() else { break };
+                self.reply(slot);
+            }
+        }
+        if self.stage_start < self.stage_end {
+            Transmit::Bytes(&self.stage[self.stage_start..self.stage_end])
+        } else {
+            Transmit::Idle
+        }
+    }
+
+    /// Records that `n` bytes of what [`Connection::poll_transmit`] returned were sent.
+    /// Returns the slot of a read whose data is now fully sent (the glue frees its buffers).
+    pub fn transmitted(&mut self, n: usize) -> Option<u16> {
+        if self.stage_start < self.stage_end {
+            self.stage_start = (self.stage_start + n).min(self.stage_end);
+            return None;
+        }
+        let (slot, at, len) = self.sending?;
+        let at = at.saturating_add(n as u32).min(len);
+        if at < len {
+            self.sending = Some((slot, at, len));
+            return None;
+        }
+        self.sending = None;
+        self.free(slot);
+        Some(slot)
+    }
+
+    // --- handshake -------------------------------------------------------------------
+
+    fn option(
+        &mut self,
+        option: u32,
+        len: usize,
+        catalog: &dyn ExportCatalog,
+    ) -> Result<Option<Event<'static>>, NbdError> {
+        match option {
+            OPT_EXPORT_NAME => {
+                let Ok(name) = core::str::from_utf8(&self.acc[..len]) else {
+                    return Err(self.close(NbdError::BadExportName));
+                };
+                let Some(export) = catalog.lookup(name) else {
+                    return Err(self.close(NbdError::UnknownExport));
+                };
+                self.put(&export.size.to_be_bytes());
+                self.put(&transmission_flags(&export).to_be_bytes());
+                if !self.no_zeroes {
+                    self.put(&[0; EXPORT_NAME_PADDING]);
+                }
+                Ok(Some(self.enter_transmission(export)))
+            }
+            OPT_ABORT => {
+                self.option_reply(option, REP_ACK, &[]);
+                self.state = State::Disconnecting;
+                Ok(Some(Event::Disconnect))
+            }
+            OPT_LIST => {
+                if len != 0 {
+                    self.option_reply(option, REP_ERR_INVALID, b"LIST takes no data");
+                } else {
+                    self.state = State::Listing { next: 0 };
+                }
+                Ok(None)
+            }
+            OPT_INFO | OPT_GO => Ok(self.info(option, len, catalog)),
+            OPT_STRUCTURED_REPLY => {
+                self.option_reply(option, REP_ERR_UNSUP, b"simple replies only");
+                Ok(None)
+            }
+            _ => {
+                self.option_reply(option, REP_ERR_UNSUP, b"option not supported");
+                Ok(None)
+            }
+        }
+    }
+
+    /// `NBD_OPT_INFO` / `NBD_OPT_GO` with `len` bytes of data in `acc`.
+    fn info(
+        &mut self,
+        option: u32,
+        len: usize,
+        catalog: &dyn ExportCatalog,
+    ) -> Option<Event<'static>> {
+        let Some((name_len, requests)) = parse_info(&self.acc[..len]) else {
+            self.option_reply(option, REP_ERR_INVALID, b"malformed INFO/GO data");
+            return None;
+        };
+        let Ok(name) = core::str::from_utf8(&self.acc[4..4 + name_len]) else {
+            self.option_reply(option, REP_ERR_INVALID, b"export name is not UTF-8");
+            return None;
+        };
+        let Some(export) = catalog.lookup(name) else {
+            self.option_reply(option, REP_ERR_UNKNOWN, b"no such export");
+            return None;
+        };
+        let asked =
+            |info: u16| (0..requests).any(|i| be16(&self.acc, 4 + name_len + 2 + 2 * i) == info);
+        let (want_name, want_description) = (asked(INFO_NAME), asked(INFO_DESCRIPTION));
+        let sizes = BlockSizes::of(&export, self.config.max_payload);
+
+        let mut item = [0u8; 2 + INFO_NAME_MAX];
+        item[..2].copy_from_slice(&INFO_EXPORT.to_be_bytes());
+        item[2..10].copy_from_slice(&export.size.to_be_bytes());
+        item[10..12].copy_from_slice(&transmission_flags(&export).to_be_bytes());
+        self.option_reply(option, REP_INFO, &item[..12]);
+
+        item[..2].copy_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
+        item[2..6].copy_from_slice(&sizes.minimum.to_be_bytes());
+        item[6..10].copy_from_slice(&sizes.preferred.to_be_bytes());
+        item[10..14].copy_from_slice(&sizes.maximum.to_be_bytes());
+        self.option_reply(option, REP_INFO, &item[..14]);
+
+        if want_name && name_len <= INFO_NAME_MAX {
+            item[..2].copy_from_slice(&INFO_NAME.to_be_bytes());
+            item[2..2 + name_len].copy_from_slice(&self.acc[4..4 + name_len]);
+            self.option_reply(option, REP_INFO, &item[..2 + name_len]);
+        }
+        if want_description {
+            if let Some(text) = catalog.description(&export) {
+                let text = text.as_str().as_bytes();
+                let n = text.len().min(INFO_NAME_MAX);
+                item[..2].copy_from_slice(&INFO_DESCRIPTION.to_be_bytes());
+                item[2..2 + n].copy_from_slice(&text[..n]);
+                self.option_reply(option, REP_INFO, &item[..2 + n]);
+            }
+        }
+        self.option_reply(option, REP_ACK, &[]);
+        (option == OPT_GO).then(|| self.enter_transmission(export))
+    }
+
+    /// Stages `NBD_REP_SERVER` replies from catalog index `next` while they fit, then the
+    /// final `NBD_REP_ACK`.
+    fn list(&mut self, mut next: usize, catalog: &dyn ExportCatalog) {
+        while self.stage_free() >= OPTION_REPLY_MAX {
+            let Some(name) = catalog.name(next) else {
+                self.option_reply(OPT_LIST, REP_ACK, &[]);
+                self.state = State::OptionHeader;
+                return;
+            };
+            let name = name.as_str().as_bytes();
+            let mut data = [0u8; 4 + 64];
+            let n = name.len().min(64);
+            data[..4].copy_from_slice(&(n as u32).to_be_bytes());
+            data[4..4 + n].copy_from_slice(&name[..n]);
+            self.option_reply(OPT_LIST, REP_SERVER, &data[..4 + n]);
+            next += 1;
+        }
+        self.state = State::Listing { next };
+    }
+
+    fn enter_transmission(&mut self, export: ExportInfo) -> Event<'static> {
+        self.sizes = BlockSizes::of(&export, self.config.max_payload);
+        self.export = Some(export);
+        self.state = State::Request;
+        Event::Export(export)
+    }
+
+    fn option_reply(&mut self, option: u32, kind: u32, data: &[u8]) {
+        self.put(&OPTION_REPLY_MAGIC.to_be_bytes());
+        self.put(&option.to_be_bytes());
+        self.put(&kind.to_be_bytes());
+        self.put(&(data.len() as u32).to_be_bytes());
+        self.put(data);
+    }
+
+    // --- transmission ----------------------------------------------------------------
+
+    /// Handles the request header in `acc`.
+    fn request(&mut self) -> Result<Option<Event<'static>>, NbdError> {
+        let magic = be32(&self.acc, 0);
+        if magic != REQUEST_MAGIC {
+            return Err(self.close(NbdError::BadRequestMagic(magic)));
+        }
+        let flags = be16(&self.acc, 4);
+        let command = be16(&self.acc, 6);
+        let cookie = be64(&self.acc, 8);
+        let offset = be64(&self.acc, 16);
+        let len = be32(&self.acc, 24);
+        let Some(export) = self.export else {
+            return Err(self.close(NbdError::Closed));
+        };
+        if command == CMD_DISC {
+            self.state = State::Disconnecting;
+            return Ok(Some(Event::Disconnect));
+        }
+        if command == CMD_WRITE && len > DOS_PAYLOAD {
+            return Err(self.close(NbdError::WriteTooLarge(len)));
+        }
+        // The caller checked that a slot is free.
+        let Some(slot) = self.free_slot() else {
+            return Err(self.close(NbdError::Closed));
+        };
+        let fua = flags & CMD_FLAG_FUA != 0;
+        let flags_ok = flags & !CMD_FLAG_FUA == 0 && (!fua || export.fua);
+        let sizes = self.sizes;
+        let aligned = len != 0
+            && offset.is_multiple_of(u64::from(sizes.minimum))
+            && len.is_multiple_of(sizes.minimum);
+        let in_range = offset
+            .checked_add(u64::from(len))
+            .is_some_and(|end| end <= export.size);
+        let (kind, verdict) = match command {
+            CMD_READ => (
+                Kind::Read,
+                if !flags_ok || !aligned || len > sizes.maximum || !in_range {
+                    Err(Errno::Inval)
+                } else {
+                    Ok(())
+                },
+            ),
+            CMD_WRITE => (
+                Kind::Write,
+                if !flags_ok || !aligned || len > sizes.maximum {
+                    Err(Errno::Inval)
+                } else if export.read_only {
+                    Err(Errno::Perm)
+                } else if !in_range {
+                    Err(Errno::NoSpc)
+                } else {
+                    Ok(())
+                },
+            ),
+            CMD_FLUSH => (
+                Kind::Flush,
+                if !flags_ok || !export.flush || offset != 0 || len != 0 {
+                    Err(Errno::Inval)
+                } else {
+                    Ok(())
+                },
+            ),
+            CMD_TRIM => (
+                Kind::Trim,
+                if !flags_ok || !aligned || !in_range {
+                    Err(Errno::Inval)
+                } else if export.read_only {
+                    Err(Errno::Perm)
+                } else if !export.trim {
+                    Err(Errno::Inval)
+                } else {
+                    Ok(())
+                },
+            ),
+            _ => (Kind::Local, Err(Errno::Inval)),
+        };
+        let s = &mut self.slots[usize::from(slot)];
+        *s = Slot {
+            busy: true,
+            cookie,
+            kind,
+            len,
+            payload_pending: false,
+            result: None,
+        };
+        if let Err(errno) = verdict {
+            s.kind = Kind::Local;
+            s.result = Some(errno as u32);
+            if command == CMD_WRITE && len > 0 {
+                s.payload_pending = true;
+                self.state = State::Discard {
+                    slot,
+                    remaining: len,
+                };
+            } else {
+                self.push_ready(slot);
+            }
+            return Ok(None);
+        }
+        Ok(Some(match kind {
+            Kind::Read => Event::Read { slot, offset, len },
+            Kind::Write => {
+                s.payload_pending = true;
+                self.state = State::Payload { slot, at: 0, len };
+                Event::Write {
+                    slot,
+                    offset,
+                    len,
+                    fua,
+                }
+            }
+            Kind::Flush => Event::Flush { slot },
+            Kind::Trim | Kind::Local => Event::Trim {
+                slot,
+                offset,
+                len,
+                fua,
+            },
+        }))
+    }
+
+    /// Stages the simple reply of `slot` (its data, if any, follows via `sending`).
+    fn reply(&mut self, slot: u16) {
+        let s = self.slots[usize::from(slot)];
+        let error = s.result.unwrap_or(Errno::Io as u32);
+        self.put(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+        self.put(&error.to_be_bytes());
+        self.put(&s.cookie.to_be_bytes());
+        if s.kind == Kind::Read && error == 0 {
+            self.sending = Some((slot, 0, s.len));
+        } else {
+            self.free(slot);
+        }
+    }
+
+    fn slot_wants_data(&self, slot: u16) -> bool {
+        self.slots
+            .get(usize::from(slot))
+            .is_some_and(|s| s.busy && s.kind == Kind::Write && s.result.is_none())
+    }
+
+    fn payload_done(&mut self, slot: u16) {
+        if let Some(s) = self.slots.get_mut(usize::from(slot)) {
+            s.payload_pending = false;
+            if s.result.is_some() {
+                self.push_ready(slot);
+            }
+        }
+    }
+
+    fn free_slot(&self) -> Option<u16> {
+        self.slots.iter().position(|s| !s.busy).map(|i| i as u16)
+    }
+
+    fn free(&mut self, slot: u16) {
+        if let Some(s) = self.slots.get_mut(usize::from(slot)) {
+            *s = FREE_SLOT;
+        }
+    }
+
+    fn push_ready(&mut self, slot: u16) {
+        // Each busy slot is queued at most once, so the ring never overflows.
+        if self.ready_len < MAX_IN_FLIGHT {
+            self.ready[(self.ready_head + self.ready_len) % MAX_IN_FLIGHT] = slot;
+            self.ready_len += 1;
+        }
+    }
+
+    fn pop_ready(&mut self) -> Option<u16> {
+        if self.ready_len == 0 {
+            return None;
+        }
+        let slot = self.ready[self.ready_head];
+        self.ready_head = (self.ready_head + 1) % MAX_IN_FLIGHT;
+        self.ready_len -= 1;
+        Some(slot)
+    }
+
+    // --- buffers ---------------------------------------------------------------------
+
+    /// Copies input into `acc` until it holds `want` bytes; true when it does.
+    fn fill(&mut self, rest: &[u8], pos: &mut usize, want: usize) -> bool {
+        let take = want.saturating_sub(self.acc_len).min(rest.len());
+        self.acc[self.acc_len..self.acc_len + take].copy_from_slice(&rest[..take]);
+        self.acc_len += take;
+        *pos += take;
+        self.acc_len == want
+    }
+
+    fn stage_free(&self) -> usize {
+        STAGE_CAP - (self.stage_end - self.stage_start)
+    }
+
+    /// Appends to the stage. Callers make room first (`OPTION_REPLY_MAX` before an option,
+    /// one reply header at a time in transmission); bytes that would not fit are dropped.
+    fn put(&mut self, bytes: &[u8]) {
+        if self.stage_end + bytes.len() > STAGE_CAP {
+            self.stage.copy_within(self.stage_start..self.stage_end, 0);
+            self.stage_end -= self.stage_start;
+            self.stage_start = 0;
+        }
+        let n = bytes.len().min(STAGE_CAP - self.stage_end);
+        self.stage[self.stage_end..self.stage_end + n].copy_from_slice(&bytes[..n]);
+        self.stage_end += n;
+    }
+
+    fn close(&mut self, error: NbdError) -> NbdError {
+        self.state = State::Closed;
+        error
+    }
+}
+
+fn done(consumed: usize) -> Received<'static> {
+    Received {
+        consumed,
+        event: None,
+    }
+}
+
+/// The transmission flags of an export.
+pub fn transmission_flags(export: &ExportInfo) -> u16 {
+    let mut flags = TX_HAS_FLAGS;
+    if export.read_only {
+        flags |= TX_READ_ONLY;
+    }
+    if export.flush {
+        flags |= TX_SEND_FLUSH;
+    }
+    if export.fua {
+        flags |= TX_SEND_FUA;
+    }
+    if export.trim && !export.read_only {
+        flags |= TX_SEND_TRIM;
+    }
+    flags
+}
+
+/// Checks `NBD_OPT_INFO`/`NBD_OPT_GO` data: name length, name, request count, requests,
+/// nothing more. Returns (name length, number of information requests).
+fn parse_info(data: &[u8]) -> Option<(usize, usize)> {
+    if data.len() < 6 {
+        return None;
+    }
+    let name_len = be32(data, 0) as usize;
+    if name_len > data.len() - 6 {
+        return None;
+    }
+    let requests = usize::from(be16(data, 4 + name_len));
+    (data.len() == 4 + name_len + 2 + 2 * requests).then_some((name_len, requests))
+}

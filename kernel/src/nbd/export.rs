@@ -1,0 +1,82 @@
+//! What the NBD server exports, seen from the protocol: an [`ExportCatalog`] the connection
+//! asks for names and geometry, implemented by the kernel over its volumes (devices and
+//! snapshots) so that the protocol code does not depend on the storage code.
+
+/// An export name or description as the catalog hands it out (fixed capacity, no heap).
+pub type ExportName = drivers::info::FixedString<64>;
+
+/// One export as the protocol needs it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExportInfo {
+    /// The catalog's own key for the export (the server glue maps it back to a volume); the
+    /// protocol never interprets it.
+    pub handle: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// The smallest addressable unit in bytes (the device's logical block size); requests
+    /// must be aligned to it. A power of two up to 65536; anything else is treated as 512.
+    pub block_size: u32,
+    /// Writes and trims are refused with `NBD_EPERM`.
+    pub read_only: bool,
+    /// `NBD_CMD_FLUSH` is offered (`NBD_FLAG_SEND_FLUSH`).
+    pub flush: bool,
+    /// `NBD_CMD_FLAG_FUA` is offered (`NBD_FLAG_SEND_FUA`).
+    pub fua: bool,
+    /// `NBD_CMD_TRIM` is offered (`NBD_FLAG_SEND_TRIM`, never on a read-only export).
+    pub trim: bool,
+    /// The largest READ/WRITE payload this export takes (what the server's buffers for it
+    /// can hold); 0 = the server's limit only.
+    pub max_payload: u32,
+}
+
+/// The exports a server offers. Called during the handshake only (never per request).
+pub trait ExportCatalog {
+    /// The export called `name` (the empty name is the client's "default export": return
+    /// one if there is a sensible default, else `None`).
+    fn lookup(&self, name: &str) -> Option<ExportInfo>;
+
+    /// The name of the `index`-th export, for `NBD_OPT_LIST`; `None` past the last one.
+    fn name(&self, index: usize) -> Option<ExportName>;
+
+    /// A human-readable description (`NBD_INFO_DESCRIPTION`), if the catalog has one.
+    fn description(&self, _export: &ExportInfo) -> Option<ExportName> {
+        None
+    }
+}
+
+/// Size constraints of one export as advertised in `NBD_INFO_BLOCK_SIZE` and enforced on
+/// every request ("Size constraints").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockSizes {
+    /// Alignment and granularity of offsets and lengths.
+    pub minimum: u32,
+    /// `max(minimum, 4096)`.
+    pub preferred: u32,
+    /// Largest READ or WRITE payload accepted.
+    pub maximum: u32,
+}
+
+impl BlockSizes {
+    /// The constraints of an export with the server's payload cap `max_payload`: the minimum
+    /// is the export's block size (512 if that is not a power of two up to 64 KiB); the
+    /// maximum is the smaller of the cap and the export's own limit, rounded down to the
+    /// minimum and never below the preferred size.
+    pub fn of(export: &ExportInfo, max_payload: u32) -> BlockSizes {
+        let max_payload = match export.max_payload {
+            0 => max_payload,
+            own => own.min(max_payload),
+        };
+        let minimum = if export.block_size.is_power_of_two() && export.block_size <= 65536 {
+            export.block_size
+        } else {
+            512
+        };
+        let preferred = minimum.max(4096);
+        let maximum = (max_payload - max_payload % minimum).max(preferred);
+        BlockSizes {
+            minimum,
+            preferred,
+            maximum,
+        }
+    }
+}

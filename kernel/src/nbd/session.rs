@@ -1,0 +1,1188 @@
+//! One NBD connection joined to the block layer: a [`Connection`] plus, per request slot,
+//! the device I/O that carries it. Generic over a [`Backend`] (buffer pool + submission) so
+//! the logic is tested on the host with a fake; the kernel implements the backend over
+//! `Storage` (see `server.rs`).
+//!
+//! How a request becomes device I/O:
+//! - Requests are cut into *chunks* of one pool buffer each ([`Backend::chunk_bytes`]); the
+//!   export advertises a maximum payload of at most [`MAX_CHUNKS`] chunks.
+//! - READ: all its buffers are taken at once, or none (so that reads waiting to be sent can
+//!   never hold the pool hostage half-filled); chunks are submitted in order; the data stays
+//!   in the buffers until the connection has sent it, then the buffers go back to the pool.
+//! - WRITE: the payload is copied into a buffer as it arrives from TCP; each full chunk is
+//!   submitted at once. When no buffer is free the session takes no more input (TCP
+//!   back-pressure). A failed chunk makes the rest of the payload be dropped; the reply goes
+//!   out when every submitted chunk is back.
+//! - FLUSH and TRIM are one device request each (a trim larger than the device takes in one
+//!   request is answered without discarding anything: trim is a hint).
+//! - A device request that finds the queue full is retried by [`Session::step`].
+//! - A request's reply is released only when none of its chunks is in a device any more, so
+//!   a slot (and its tags) is never reused while the device still holds I/O for it.
+//!
+//! Tags: [`tag`] puts [`NBD_TAG`], the connection number, the slot and the chunk into a
+//! device tag; [`untag`] takes them out of a completion.
+
+use alloc::boxed::Box;
+
+use super::connection::{Connection, ConnectionConfig, Event, Received, Transmit, MAX_IN_FLIGHT};
+use super::error::NbdError;
+use super::export::{ExportCatalog, ExportInfo};
+use super::proto::Errno;
+
+/// Device-request tags of NBD I/O carry this bit. Engine I/O uses bit 63 (`VOLUME_TAG`),
+/// console tasks use neither (their flushes use bit 62), so each owner recognises its own.
+pub const NBD_TAG: u64 = 1 << 61;
+/// Chunks per request at most (the maximum payload is this many pool buffers or less).
+pub const MAX_CHUNKS: usize = 16;
+
+/// The device tag of chunk `chunk` of request `slot` of connection `connection`.
+pub fn tag(connection: u8, slot: u16, chunk: u16) -> u64 {
+    NBD_TAG | (u64::from(connection) << 32) | (u64::from(slot) << 16) | u64::from(chunk)
+}
+
+/// (connection, slot, chunk) of an NBD tag; `None` for anybody else's tag.
+pub fn untag(tag: u64) -> Option<(u8, u16, u16)> {
+    if tag & (0b111 << 61) != NBD_TAG || (tag >> 40) & 0x1f_ffff != 0 {
+        return None;
+    }
+    Some(((tag >> 32) as u8, (tag >> 16) as u16, tag as u16))
+}
+
+/// A pool buffer as the session uses it.
+pub trait IoBuffer {
+    /// The bytes in use.
+    fn bytes(&self) -> &[u8];
+    /// The bytes in use, mutably.
+    fn bytes_mut(&mut self) -> &mut [u8];
+    /// Sets the bytes in use (at most the capacity); false if too large.
+    fn set_len(&mut self, len: usize) -> bool;
+}
+
+/// A device request for chunk I/O; offsets and lengths in bytes of the export.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendOp {
+    /// Read `buffer.len()` bytes at `offset` into the buffer.
+    Read {
+        /// Byte offset.
+        offset: u64,
+    },
+    /// Write the buffer at `offset`.
+    Write {
+        /// Byte offset.
+        offset: u64,
+        /// Force Unit Access.
+        fua: bool,
+    },
+    /// Flush the volatile write cache.
+    Flush,
+    /// Discard `len` bytes at `offset`.
+    Discard {
+        /// Byte offset.
+        offset: u64,
+        /// Byte count.
+        len: u64,
+    },
+}
+
+/// Why a submission did not happen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SubmitError {
+    /// The queue is full: try again later.
+    Busy,
+    /// The request failed (becomes the reply's error).
+    Failed(Errno),
+}
+
+/// The block layer as a session needs it. `export` is the handle from [`ExportInfo`]. The
+/// same object is the session's [`ExportCatalog`].
+pub trait Backend {
+    /// The buffer type (the kernel's `DmaBuf`).
+    type Buf: IoBuffer;
+    /// Bytes per chunk: the size of the export's pool buffers (a multiple of its block size).
+    /// The session advertises at most [`MAX_CHUNKS`] chunks as the maximum payload.
+    fn chunk_bytes(&self, export: u64) -> usize;
+    /// The largest discard one device request takes, in bytes (0: none).
+    fn max_discard_bytes(&mut self, export: u64) -> u64;
+    /// Free buffers in the export's pool.
+    fn available(&mut self, export: u64) -> usize;
+    /// Takes a buffer from the export's pool (length set to the full buffer).
+    fn acquire(&mut self, export: u64) -> Option<Self::Buf>;
+    /// Gives a buffer back to the export's pool.
+    fn release(&mut self, export: u64, buffer: Self::Buf);
+    /// Submits a device request tagged `tag`; on refusal the buffer comes back.
+    fn submit(
+        &mut self,
+        export: u64,
+        tag: u64,
+        op: BackendOp,
+        buffer: Option<Self::Buf>,
+    ) -> Result<(), (SubmitError, Option<Self::Buf>)>;
+}
+
+/// The backend's catalog with each export's maximum payload held to what [`MAX_CHUNKS`]
+/// buffers carry, so that no request the client may send needs more.
+struct Clamped<'a, K>(&'a K);
+
+impl<K: Backend + ExportCatalog> ExportCatalog for Clamped<'_, K> {
+    fn lookup(&self, name: &str) -> Option<ExportInfo> {
+        let mut export = self.0.lookup(name)?;
+        let most = (MAX_CHUNKS * self.0.chunk_bytes(export.handle)).min(u32::MAX as usize) as u32;
+        export.max_payload = match export.max_payload {
+            0 => most,
+            own => own.min(most),
+        };
+        Some(export)
+    }
+    fn name(&self, index: usize) -> Option<super::export::ExportName> {
+        self.0.name(index)
+    }
+    fn description(&self, export: &ExportInfo) -> Option<super::export::ExportName> {
+        self.0.description(export)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Op {
+    Idle,
+    Read,
+    Write { fua: bool },
+    Flush,
+    Trim,
+}
+
+/// The device side of one request slot.
+struct SlotIo<B> {
+    op: Op,
+    offset: u64,
+    len: u32,
+    /// Chunks in total (1 for flush and trim).
+    chunks: u16,
+    /// Buffers per chunk: acquired and not yet submitted, or back from a read.
+    buffers: [Option<B>; MAX_CHUNKS],
+    /// The next chunk to submit.
+    next: u16,
+    /// Chunks in a device now.
+    in_device: u16,
+    /// Read buffers have been taken from the pool.
+    acquired: bool,
+    /// Write payload bytes received.
+    received: u32,
+    /// The write chunk being filled, with its fill level.
+    filling: Option<B>,
+    /// First error; no more chunks are submitted after it.
+    error: Option<Errno>,
+    /// The connection has been told the result.
+    completed: bool,
+}
+
+impl<B> SlotIo<B> {
+    fn idle() -> Self {
+        SlotIo {
+            op: Op::Idle,
+            offset: 0,
+            len: 0,
+            chunks: 0,
+            buffers: [const { None }; MAX_CHUNKS],
+            next: 0,
+            in_device: 0,
+            acquired: false,
+            received: 0,
+            filling: None,
+            error: None,
+            completed: false,
+        }
+    }
+}
+
+/// One NBD connection with its device I/O (see the module documentation). Allocate it when
+/// the connection is accepted; it does not allocate afterwards.
+pub struct Session<B: IoBuffer> {
+    id: u8,
+    conn: Connection,
+    export: Option<ExportInfo>,
+    chunk_bytes: usize,
+    /// `MAX_IN_FLIGHT` entries, on the heap (about 20 KiB with `DmaBuf`s: too much for a
+    /// temporary on the kernel stack).
+    slots: Box<[SlotIo<B>]>,
+    /// The connection is dead (protocol error, TCP gone): no input, no output, only device
+    /// I/O still in flight to wait for.
+    dead: bool,
+}
+
+impl<B: IoBuffer> Session<B> {
+    /// A session for connection number `id` (carried in its device tags). Allocates its
+    /// slot table (call it when the connection is accepted).
+    pub fn new(id: u8, config: ConnectionConfig) -> Self {
+        Session {
+            id,
+            conn: Connection::new(config),
+            export: None,
+            chunk_bytes: 0,
+            slots: (0..MAX_IN_FLIGHT).map(|_| SlotIo::idle()).collect(),
+            dead: false,
+        }
+    }
+
+    /// The connection number.
+    pub fn id(&self) -> u8 {
+        self.id
+    }
+
+    /// The export being served, once chosen.
+    pub fn export(&self) -> Option<&ExportInfo> {
+        self.export.as_ref()
+    }
+
+    /// Device requests of this session in flight.
+    pub fn in_device(&self) -> usize {
+        self.slots.iter().map(|s| usize::from(s.in_device)).sum()
+    }
+
+    /// The TCP connection can be closed: the client said goodbye and everything is answered,
+    /// or the session died.
+    pub fn should_close(&self) -> bool {
+        self.dead || self.conn.is_finished()
+    }
+
+    /// The session can be freed: it should close and no device I/O is outstanding. Call
+    /// [`Session::release_all`] first.
+    pub fn can_free(&self) -> bool {
+        self.should_close() && self.in_device() == 0
+    }
+
+    /// Marks the session dead (the TCP connection is gone); device I/O is still collected.
+    pub fn kill(&mut self) {
+        self.dead = true;
+    }
+
+    /// Bytes from TCP: returns how many were taken (the rest stays in the socket: back-pressure
+    /// when the slot table or the buffer pool is full). An error kills the session: log it,
+    /// close the TCP connection.
+    pub fn on_receive<K: Backend<Buf = B> + ExportCatalog>(
+        &mut self,
+        backend: &mut K,
+        input: &[u8],
+    ) -> Result<usize, NbdError> {
+        if self.dead {
+            return Err(NbdError::Closed);
+        }
+        let mut pos: usize = 0;
+        loop {
+            let mut end = input.len();
+            if let Some((slot, _, _)) = self.conn.payload_pending() {
+                let room = self.write_room(backend, slot);
+                if room == 0 {
+                    break;
+                }
+                end = end.min(pos.saturating_add(room));
+            }
+            let Received { consumed, event } =
+                match self.conn.receive(&input[pos..end], &Clamped(&*backend)) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        self.dead = true;
+                        return Err(e);
+                    }
+                };
+            pos += consumed;
+            match event {
+                Some(event) => self.on_event(backend, event),
+                None => break,
+            }
+        }
+        self.step(backend);
+        Ok(pos)
+    }
+
+    /// Sends what is due through `send` (which returns how many bytes the socket took).
+    /// An error kills the session.
+    pub fn on_transmit<K: Backend<Buf = B> + ExportCatalog>(
+        &mut self,
+        backend: &mut K,
+        send: &mut dyn FnMut(&[u8]) -> usize,
+    ) -> Result<(), NbdError> {
+        if self.dead {
+            return Err(NbdError::Closed);
+        }
+        loop {
+            match self.conn.poll_transmit(&Clamped(&*backend)) {
+                Transmit::Idle => return Ok(()),
+                Transmit::Bytes(bytes) => {
+                    let want = bytes.len();
+                    let n = send(bytes).min(want);
+                    self.conn.transmitted(n);
+                    if n < want {
+                        return Ok(());
+                    }
+                }
+                Transmit::ReadData { slot, at, len } => {
+                    let chunk_bytes = self.chunk_bytes.max(1);
+                    let s = &self.slots[usize::from(slot)];
+                    let index = at as usize / chunk_bytes;
+                    let within = at as usize % chunk_bytes;
+                    let Some(data) = s.buffers.get(index).and_then(Option::as_ref) else {
+                        // The reply header is out: only a hard disconnect is left.
+                        self.dead = true;
+                        return Err(NbdError::Closed);
+                    };
+                    let data = data.bytes();
+                    let piece = &data[within.min(data.len())..];
+                    let piece = &piece[..piece.len().min(len as usize)];
+                    if piece.is_empty() {
+                        self.dead = true;
+                        return Err(NbdError::Closed);
+                    }
+                    let piece_len = piece.len();
+                    let n = send(piece).min(piece_len);
+                    if self.conn.transmitted(n) == Some(slot) {
+                        self.release_slot(backend, slot);
+                    }
+                    if n < piece_len {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+
+    /// A device completion for chunk `chunk` of `slot`: read data stays in the buffer until
+    /// sent; other buffers go back through `release`.
+    pub fn on_completion(
+        &mut self,
+        slot: u16,
+        chunk: u16,
+        result: Result<(), Errno>,
+        buffer: Option<B>,
+        release: &mut dyn FnMut(B),
+    ) {
+        let Some(s) = self.slots.get_mut(usize::from(slot)) else {
+            if let Some(b) = buffer {
+                release(b);
+            }
+            return;
+        };
+        s.in_device = s.in_device.saturating_sub(1);
+        if let Err(e) = result {
+            s.error.get_or_insert(e);
+        }
+        match (s.op, buffer) {
+            (Op::Read, Some(b)) if result.is_ok() && usize::from(chunk) < MAX_CHUNKS => {
+                s.buffers[usize::from(chunk)] = Some(b);
+            }
+            (_, Some(b)) => release(b),
+            (_, None) => {}
+        }
+        self.finish(slot, release);
+    }
+
+    /// Submits what waits for a queue slot or buffers (call every loop iteration).
+    pub fn step<K: Backend<Buf = B>>(&mut self, backend: &mut K) {
+        let Some(export) = self.export else { return };
+        for slot in 0..MAX_IN_FLIGHT as u16 {
+            self.submit_slot(backend, export.handle, slot);
+        }
+    }
+
+    /// Gives every buffer the session holds back to the pool (before freeing it).
+    pub fn release_all<K: Backend<Buf = B>>(&mut self, backend: &mut K) {
+        let Some(export) = self.export else { return };
+        for s in self.slots.iter_mut() {
+            for b in s.buffers.iter_mut().filter_map(Option::take) {
+                backend.release(export.handle, b);
+            }
+            if let Some(b) = s.filling.take() {
+                backend.release(export.handle, b);
+            }
+        }
+    }
+
+    fn on_event<K: Backend<Buf = B>>(&mut self, backend: &mut K, event: Event<'_>) {
+        match event {
+            Event::Export(export) => {
+                // Never zero: it divides offsets.
+                self.chunk_bytes = backend.chunk_bytes(export.handle).max(1);
+                self.export = Some(export);
+            }
+            Event::Read { slot, offset, len } => self.start(slot, Op::Read, offset, len),
+            Event::Write {
+                slot,
+                offset,
+                len,
+                fua,
+            } => self.start(slot, Op::Write { fua }, offset, len),
+            Event::Flush { slot } => self.start(slot, Op::Flush, 0, 0),
+            Event::Trim {
+                slot, offset, len, ..
+            } => self.start(slot, Op::Trim, offset, len),
+            Event::WriteData {
+                slot, data, last, ..
+            } => self.write_data(backend, slot, data, last),
+            Event::Disconnect => {}
+        }
+    }
+
+    fn start(&mut self, slot: u16, op: Op, offset: u64, len: u32) {
+        let chunk_bytes = self.chunk_bytes.max(1) as u64;
+        let Some(s) = self.slots.get_mut(usize::from(slot)) else {
+            return;
+        };
+        *s = SlotIo::idle();
+        s.op = op;
+        s.offset = offset;
+        s.len = len;
+        s.chunks = match op {
+            Op::Read | Op::Write { .. } => u64::from(len).div_ceil(chunk_bytes) as u16,
+            _ => 1,
+        };
+        if usize::from(s.chunks) > MAX_CHUNKS {
+            // The advertised maximum keeps this from happening.
+            s.error = Some(Errno::Inval);
+            s.chunks = 0;
+        }
+    }
+
+    /// How many payload bytes of write `slot` can be taken now.
+    fn write_room<K: Backend<Buf = B>>(&mut self, backend: &mut K, slot: u16) -> usize {
+        let chunk_bytes = self.chunk_bytes;
+        let Some(export) = self.export else { return 0 };
+        let Some(s) = self.slots.get_mut(usize::from(slot)) else {
+            return 0;
+        };
+        if s.error.is_some() {
+            return usize::MAX; // dropped anyway
+        }
+        if s.filling.is_none() {
+            s.filling = backend.acquire(export.handle);
+        }
+        match &s.filling {
+            None => 0,
+            Some(_) => chunk_bytes - (s.received as usize % chunk_bytes),
+        }
+    }
+
+    fn write_data<K: Backend<Buf = B>>(
+        &mut self,
+        backend: &mut K,
+        slot: u16,
+        data: &[u8],
+        last: bool,
+    ) {
+        let chunk_bytes = self.chunk_bytes;
+        let Some(export) = self.export else { return };
+        let Some(s) = self.slots.get_mut(usize::from(slot)) else {
+            return;
+        };
+        let at = s.received as usize % chunk_bytes;
+        s.received += data.len() as u32;
+        if s.error.is_none() {
+            match s.filling.as_mut() {
+                Some(b) if at + data.len() <= b.bytes().len() => {
+                    b.bytes_mut()[at..at + data.len()].copy_from_slice(data)
+                }
+                _ => {
+                    s.error = Some(Errno::Io);
+                }
+            }
+        }
+        let chunk_done = last || (s.received as usize).is_multiple_of(chunk_bytes);
+        if chunk_done {
+            if let Some(mut b) = s.filling.take() {
+                if s.error.is_some() {
+                    backend.release(export.handle, b);
+                } else {
+                    b.set_len(at + data.len());
+                    let index = (s.received as usize - 1) / chunk_bytes;
+                    if let Some(place) = s.buffers.get_mut(index) {
+                        *place = Some(b);
+                    }
+                }
+            }
+        }
+        if chunk_done {
+            self.submit_slot(backend, export.handle, slot);
+        }
+    }
+
+    /// Submits the chunks of `slot` that can go now.
+    fn submit_slot<K: Backend<Buf = B>>(&mut self, backend: &mut K, export: u64, slot: u16) {
+        let chunk_bytes = self.chunk_bytes;
+        let id = self.id;
+        let max_discard = match self.slots.get(usize::from(slot)).map(|s| s.op) {
+            Some(Op::Trim) => backend.max_discard_bytes(export),
+            _ => 0,
+        };
+        let Some(s) = self.slots.get_mut(usize::from(slot)) else {
+            return;
+        };
+        if s.op == Op::Idle || s.completed {
+            return;
+        }
+        if s.op == Op::Read && !s.acquired && s.error.is_none() {
+            if backend.available(export) < usize::from(s.chunks) {
+                return;
+            }
+            for i in 0..usize::from(s.chunks) {
+                let Some(mut b) = backend.acquire(export) else {
+                    s.error = Some(Errno::NoMem);
+                    break;
+                };
+                let len = (s.len as usize - i * chunk_bytes).min(chunk_bytes);
+                b.set_len(len);
+                s.buffers[i] = Some(b);
+            }
+            s.acquired = true;
+            if s.error.is_some() {
+                for b in s.buffers.iter_mut().filter_map(Option::take) {
+                    backend.release(export, b);
+                }
+            }
+        }
+        while s.error.is_none() && s.next < s.chunks {
+            let index = usize::from(s.next);
+            let chunk_offset = s.offset + (index * chunk_bytes) as u64;
+            let (op, buffer) = match s.op {
+                Op::Read => (
+                    BackendOp::Read {
+                        offset: chunk_offset,
+                    },
+                    s.buffers[index].take(),
+                ),
+                Op::Write { fua } => match s.buffers[index].take() {
+                    // Not filled yet.
+                    None => break,
+                    Some(b) => (
+                        BackendOp::Write {
+                            offset: chunk_offset,
+                            fua,
+                        },
+                        Some(b),
+                    ),
+                },
+                Op::Flush => (BackendOp::Flush, None),
+                Op::Trim if u64::from(s.len) > max_discard => {
+                    // Too large for one device request: a hint we may ignore.
+                    s.next = s.chunks;
+                    break;
+                }
+                Op::Trim => (
+                    BackendOp::Discard {
+                        offset: s.offset,
+                        len: u64::from(s.len),
+                    },
+                    None,
+                ),
+                Op::Idle => return,
+            };
+            match backend.submit(export, tag(id, slot, s.next), op, buffer) {
+                Ok(()) => {
+                    s.next += 1;
+                    s.in_device += 1;
+                }
+                Err((why, buffer)) => {
+                    if let Some(b) = buffer {
+                        s.buffers[index] = Some(b);
+                    }
+                    match why {
+                        SubmitError::Busy => break,
+                        SubmitError::Failed(e) => s.error = Some(e),
+                    }
+                }
+            }
+        }
+        if s.error.is_some() || s.next == s.chunks {
+            self.finish(slot, &mut |b| backend.release(export, b));
+        }
+    }
+
+    /// Tells the connection the result of `slot` once nothing of it is in a device and
+    /// nothing more will be submitted.
+    fn finish(&mut self, slot: u16, release: &mut dyn FnMut(B)) {
+        let Some(s) = self.slots.get_mut(usize::from(slot)) else {
+            return;
+        };
+        if s.op == Op::Idle || s.completed || s.in_device > 0 {
+            return;
+        }
+        let payload_done = match s.op {
+            Op::Write { .. } => s.received == s.len,
+            _ => true,
+        };
+        let all_submitted = s.next == s.chunks;
+        if !payload_done || (s.error.is_none() && !all_submitted) {
+            return;
+        }
+        s.completed = true;
+        let result = match s.error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        };
+        if result.is_err() || s.op != Op::Read {
+            for b in s.buffers.iter_mut().filter_map(Option::take) {
+                release(b);
+            }
+            if let Some(b) = s.filling.take() {
+                release(b);
+            }
+        }
+        let keep_buffers = result.is_ok() && s.op == Op::Read;
+        if !keep_buffers {
+            *s = SlotIo::idle();
+        }
+        if self.dead {
+            return;
+        }
+        if self.conn.complete(slot, result).is_err() {
+            // The connection disagrees about the slot: a bug here; end the session.
+            self.dead = true;
+        }
+    }
+
+    fn release_slot<K: Backend<Buf = B>>(&mut self, backend: &mut K, slot: u16) {
+        let Some(export) = self.export else { return };
+        if let Some(s) = self.slots.get_mut(usize::from(slot)) {
+            for b in s.buffers.iter_mut().filter_map(Option::take) {
+                backend.release(export.handle, b);
+            }
+            *s = SlotIo::idle();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::export::ExportName;
+    use super::super::proto::*;
+    use super::*;
+    use proptest::prelude::*;
+
+    const CHUNK: usize = 4096;
+    const DISK: usize = 256 * 1024;
+
+    #[derive(Debug)]
+    struct Buf {
+        data: Vec<u8>,
+        len: usize,
+    }
+
+    impl IoBuffer for Buf {
+        fn bytes(&self) -> &[u8] {
+            &self.data[..self.len]
+        }
+        fn bytes_mut(&mut self) -> &mut [u8] {
+            &mut self.data[..self.len]
+        }
+        fn set_len(&mut self, len: usize) -> bool {
+            let ok = len <= self.data.len();
+            if ok {
+                self.len = len;
+            }
+            ok
+        }
+    }
+
+    /// A RAM disk behind a small pool and a queue that can be full or fail.
+    struct Fake {
+        disk: Vec<u8>,
+        free: Vec<Buf>,
+        total: usize,
+        in_flight: Vec<(u64, BackendOp, Option<Buf>)>,
+        queue_depth: usize,
+        /// Writes touching this byte fail.
+        bad_byte: Option<u64>,
+        flushes: usize,
+        discards: usize,
+    }
+
+    impl Fake {
+        fn new(buffers: usize, queue_depth: usize) -> Fake {
+            Fake {
+                disk: (0..DISK).map(|i| (i % 251) as u8).collect(),
+                free: (0..buffers)
+                    .map(|_| Buf {
+                        data: vec![0; CHUNK],
+                        len: CHUNK,
+                    })
+                    .collect(),
+                total: buffers,
+                in_flight: Vec::new(),
+                queue_depth,
+                bad_byte: None,
+                flushes: 0,
+                discards: 0,
+            }
+        }
+
+        /// Completes in-flight request number `pick` (modulo), as a device would.
+        fn complete_one(&mut self, session: &mut Session<Buf>, pick: usize) -> bool {
+            if self.in_flight.is_empty() {
+                return false;
+            }
+            let (tag, op, mut buf) = self.in_flight.remove(pick % self.in_flight.len());
+            let mut result = Ok(());
+            match (op, buf.as_mut()) {
+                (BackendOp::Read { offset }, Some(b)) => {
+                    let o = offset as usize;
+                    let n = b.len;
+                    b.data[..n].copy_from_slice(&self.disk[o..o + n]);
+                }
+                (BackendOp::Write { offset, .. }, Some(b)) => {
+                    let o = offset as usize;
+                    if self
+                        .bad_byte
+                        .is_some_and(|x| (o as u64..(o + b.len) as u64).contains(&x))
+                    {
+                        result = Err(Errno::Io);
+                    } else {
+                        self.disk[o..o + b.len].copy_from_slice(&b.data[..b.len]);
+                    }
+                }
+                (BackendOp::Flush, None) => self.flushes += 1,
+                (BackendOp::Discard { .. }, None) => self.discards += 1,
+                other => panic!("bad request {other:?}"),
+            }
+            let (conn, slot, chunk) = untag(tag).expect("an NBD tag");
+            assert_eq!(conn, 7);
+            let free = &mut self.free;
+            session.on_completion(slot, chunk, result, buf, &mut |b| free.push(b));
+            true
+        }
+    }
+
+    impl Backend for Fake {
+        type Buf = Buf;
+        fn chunk_bytes(&self, _: u64) -> usize {
+            CHUNK
+        }
+        fn max_discard_bytes(&mut self, _: u64) -> u64 {
+            64 * 1024
+        }
+        fn available(&mut self, _: u64) -> usize {
+            self.free.len()
+        }
+        fn acquire(&mut self, _: u64) -> Option<Buf> {
+            let mut b = self.free.pop()?;
+            b.len = CHUNK;
+            Some(b)
+        }
+        fn release(&mut self, _: u64, b: Buf) {
+            assert!(self.free.len() < self.total, "a buffer released twice");
+            self.free.push(b);
+        }
+        fn submit(
+            &mut self,
+            _: u64,
+            tag: u64,
+            op: BackendOp,
+            buffer: Option<Buf>,
+        ) -> Result<(), (SubmitError, Option<Buf>)> {
+            if self.in_flight.len() >= self.queue_depth {
+                return Err((SubmitError::Busy, buffer));
+            }
+            assert!(
+                self.in_flight.iter().all(|(t, ..)| *t != tag),
+                "tag {tag:#x} in use twice"
+            );
+            self.in_flight.push((tag, op, buffer));
+            Ok(())
+        }
+    }
+
+    impl ExportCatalog for Fake {
+        fn lookup(&self, name: &str) -> Option<ExportInfo> {
+            (name == "d").then_some(ExportInfo {
+                handle: 5,
+                size: DISK as u64,
+                block_size: 512,
+                read_only: false,
+                flush: true,
+                fua: true,
+                trim: true,
+                max_payload: (MAX_CHUNKS * CHUNK) as u32,
+            })
+        }
+        fn name(&self, index: usize) -> Option<ExportName> {
+            (index == 0).then(|| ExportName::from_str_truncated("d"))
+        }
+    }
+
+    fn request(command: u16, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
+        let mut m = REQUEST_MAGIC.to_be_bytes().to_vec();
+        m.extend_from_slice(&0u16.to_be_bytes());
+        m.extend_from_slice(&command.to_be_bytes());
+        m.extend_from_slice(&cookie.to_be_bytes());
+        m.extend_from_slice(&offset.to_be_bytes());
+        m.extend_from_slice(&len.to_be_bytes());
+        m
+    }
+
+    fn handshake() -> Vec<u8> {
+        let mut m = 3u32.to_be_bytes().to_vec();
+        m.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        m.extend_from_slice(&OPT_GO.to_be_bytes());
+        m.extend_from_slice(&9u32.to_be_bytes());
+        m.extend_from_slice(&1u32.to_be_bytes());
+        m.extend_from_slice(b"d");
+        m.extend_from_slice(&1u16.to_be_bytes());
+        m.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
+        m
+    }
+
+    /// Drives a session: feeds `input` in pieces of `chop`, completes device I/O in the order
+    /// `picks` gives, sends with a socket taking `window` bytes a call; until `done(out)`.
+    struct Driver {
+        session: Box<Session<Buf>>,
+        fake: Fake,
+        out: Vec<u8>,
+        chop: usize,
+        window: usize,
+        picks: Vec<usize>,
+        turn: usize,
+    }
+
+    impl Driver {
+        fn new(
+            buffers: usize,
+            depth: usize,
+            chop: usize,
+            window: usize,
+            picks: Vec<usize>,
+        ) -> Driver {
+            let mut d = Driver {
+                session: Box::new(Session::new(7, ConnectionConfig::default())),
+                fake: Fake::new(buffers, depth),
+                out: Vec::new(),
+                chop: chop.max(1),
+                window: window.max(1),
+                picks: if picks.is_empty() { vec![0] } else { picks },
+                turn: 0,
+            };
+            // Greeting, INFO_EXPORT, INFO_BLOCK_SIZE, ACK.
+            d.run(&handshake(), |out| out.len() >= 18 + 32 + 34 + 20);
+            assert_eq!(d.out.len(), 18 + 32 + 34 + 20);
+            d.out.clear();
+            d
+        }
+
+        fn run(&mut self, mut input: &[u8], done: impl Fn(&[u8]) -> bool) {
+            for _ in 0..1_000_000 {
+                if input.is_empty() && done(&self.out) {
+                    return;
+                }
+                let piece = &input[..input.len().min(self.chop)];
+                let taken = self
+                    .session
+                    .on_receive(&mut self.fake, piece)
+                    .expect("protocol error");
+                input = &input[taken..];
+                self.session.step(&mut self.fake);
+                let pick = self.picks[self.turn % self.picks.len()];
+                self.turn += 1;
+                // Now and then the device is slow; it always catches up.
+                if !pick.is_multiple_of(3) || self.turn.is_multiple_of(4) {
+                    self.fake.complete_one(&mut self.session, pick);
+                }
+                let window = self.window;
+                let out = &mut self.out;
+                self.session
+                    .on_transmit(&mut self.fake, &mut |b| {
+                        let n = b.len().min(window);
+                        out.extend_from_slice(&b[..n]);
+                        n
+                    })
+                    .expect("transmit");
+            }
+            panic!(
+                "no progress: {} bytes left, out {:?}",
+                input.len(),
+                self.out.len()
+            );
+        }
+
+        /// Runs one request and returns (error, data).
+        fn one(&mut self, msg: &[u8], read_len: usize) -> (u32, Vec<u8>) {
+            self.out.clear();
+            self.run(msg, |out| {
+                out.len() >= 16 && (be32(out, 4) != 0 || out.len() >= 16 + read_len)
+            });
+            let error = be32(&self.out, 4);
+            assert_eq!(be32(&self.out, 0), SIMPLE_REPLY_MAGIC);
+            (error, self.out[16..].to_vec())
+        }
+
+        fn idle_checks(&mut self) {
+            while self.fake.complete_one(&mut self.session, 0) {}
+            assert_eq!(self.session.in_device(), 0);
+            assert_eq!(self.fake.free.len(), self.fake.total, "every buffer back");
+        }
+    }
+
+    #[test]
+    fn tags_are_recognised_and_distinct_from_other_owners() {
+        let t = tag(200, 31, 15);
+        assert_eq!(untag(t), Some((200, 31, 15)));
+        assert_eq!(untag(tag(0, 0, 0)), Some((0, 0, 0)));
+        for other in [
+            1u64 << 63,
+            (1 << 63) | (3 << 32) | 9,
+            1 << 62,
+            (1 << 62) | 1,
+            0,
+            12345,
+        ] {
+            assert_eq!(untag(other), None, "{other:#x}");
+        }
+        assert_eq!(untag(t | 1 << 63), None);
+        assert_eq!(untag(t | 1 << 50), None);
+    }
+
+    #[test]
+    fn reads_and_writes_across_chunks() {
+        let mut d = Driver::new(16, 8, 1000, 700, vec![1, 2, 4, 5]);
+        let payload: Vec<u8> = (0..40 * 1024).map(|i| (i * 7 % 256) as u8).collect();
+        let mut msg = request(CMD_WRITE, 1, 8192, payload.len() as u32);
+        msg.extend_from_slice(&payload);
+        assert_eq!(d.one(&msg, 0).0, 0);
+        assert_eq!(&d.fake.disk[8192..8192 + payload.len()], &payload[..]);
+        let (error, data) = d.one(&request(CMD_READ, 2, 4096, 48 * 1024), 48 * 1024);
+        assert_eq!(error, 0);
+        assert_eq!(data, d.fake.disk[4096..4096 + 48 * 1024]);
+        assert_eq!(d.one(&request(CMD_FLUSH, 3, 0, 0), 0).0, 0);
+        assert_eq!(d.fake.flushes, 1);
+        assert_eq!(d.one(&request(CMD_TRIM, 4, 0, 4096), 0).0, 0);
+        assert_eq!(d.fake.discards, 1);
+        // Larger than one device discard: answered without discarding.
+        assert_eq!(d.one(&request(CMD_TRIM, 5, 0, 128 * 1024), 0).0, 0);
+        assert_eq!(d.fake.discards, 1);
+        d.idle_checks();
+    }
+
+    #[test]
+    fn a_read_waits_for_all_its_buffers() {
+        // 16 chunks needed, 15 buffers: the read never starts (the export advertises at most
+        // what the pool can hold; this checks it does not start half-way).
+        let mut d = Driver::new(15, 8, 4096, 4096, vec![1]);
+        let msg = request(CMD_READ, 1, 0, 64 * 1024);
+        let taken = d.session.on_receive(&mut d.fake, &msg).unwrap();
+        assert_eq!(taken, msg.len());
+        d.session.step(&mut d.fake);
+        assert!(d.fake.in_flight.is_empty());
+        assert_eq!(d.fake.free.len(), 15);
+        // A smaller one goes.
+        let (error, data) = d.one(&request(CMD_READ, 2, 0, 60 * 1024), 60 * 1024);
+        assert_eq!((error, data.len()), (0, 60 * 1024));
+    }
+
+    #[test]
+    fn a_failed_write_chunk_fails_the_request_and_returns_every_buffer() {
+        let mut d = Driver::new(4, 2, 3000, 5000, vec![1, 4, 2]);
+        d.fake.bad_byte = Some(20_000);
+        let mut msg = request(CMD_WRITE, 1, 0, 64 * 1024);
+        msg.extend(vec![0xee; 64 * 1024]);
+        assert_eq!(d.one(&msg, 0).0, Errno::Io as u32);
+        d.idle_checks();
+        d.fake.bad_byte = None;
+        let mut msg = request(CMD_WRITE, 2, 0, 8192);
+        msg.extend(vec![0x11; 8192]);
+        assert_eq!(d.one(&msg, 0).0, 0);
+        assert!(d.fake.disk[..8192].iter().all(|&b| b == 0x11));
+        d.idle_checks();
+    }
+
+    #[test]
+    fn a_dead_session_still_collects_its_io() {
+        let mut d = Driver::new(16, 16, 100_000, 100_000, vec![0]);
+        let mut msg = request(CMD_READ, 1, 0, 32 * 1024);
+        msg.extend(request(CMD_WRITE, 2, 0, 4096));
+        msg.extend(vec![1; 4096]);
+        d.session.on_receive(&mut d.fake, &msg).unwrap();
+        d.session.step(&mut d.fake);
+        assert!(d.session.in_device() > 0);
+        d.session.kill();
+        assert!(d.session.should_close() && !d.session.can_free());
+        while d.fake.complete_one(&mut d.session, 0) {}
+        assert!(d.session.can_free());
+        d.session.release_all(&mut d.fake);
+        assert_eq!(d.fake.free.len(), d.fake.total);
+    }
+
+    #[test]
+    fn many_requests_in_flight_at_once() {
+        let mut d = Driver::new(40, 6, 5000, 3000, vec![5, 1, 7, 2, 8, 4]);
+        let before = d.fake.disk.clone();
+        let mut msg = Vec::new();
+        let mut expected = std::collections::HashMap::new();
+        for i in 0..12u64 {
+            // Even cookies write 12 KiB at i * 16 KiB; odd ones read 20 KiB from 192 KiB on.
+            if i % 2 == 0 {
+                msg.extend(request(CMD_WRITE, i, i * 16384, 12288));
+                msg.extend(vec![i as u8; 12288]);
+                expected.insert(i, 0usize);
+            } else {
+                let at = 196608 + i * 4096;
+                msg.extend(request(CMD_READ, i, at, 20480));
+                expected.insert(i, 20480);
+            }
+        }
+        let total: usize = expected.values().map(|n| 16 + n).sum();
+        d.out.clear();
+        d.run(&msg, |out| out.len() >= total);
+        assert_eq!(d.out.len(), total);
+        let mut rest = &d.out[..];
+        let mut seen = Vec::new();
+        while !rest.is_empty() {
+            assert_eq!(be32(rest, 0), SIMPLE_REPLY_MAGIC);
+            assert_eq!(be32(rest, 4), 0);
+            let cookie = be64(rest, 8);
+            let n = expected[&cookie];
+            if n > 0 {
+                let at = (196608 + cookie * 4096) as usize;
+                assert!(rest[16..16 + n] == before[at..at + n], "read {cookie}");
+            }
+            seen.push(cookie);
+            rest = &rest[16 + n..];
+        }
+        seen.sort();
+        assert_eq!(seen, (0..12).collect::<Vec<_>>());
+        for i in (0..12u64).step_by(2) {
+            let at = (i * 16384) as usize;
+            assert!(d.fake.disk[at..at + 12288].iter().all(|&b| b == i as u8));
+        }
+        d.idle_checks();
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 3000, failure_persistence: None, ..ProptestConfig::default() })]
+
+        /// Pipelined requests, valid and not, with write payloads, all sent at once over a
+        /// small pool and a shallow queue: every request gets exactly one reply, no device tag
+        /// is used twice at a time (the fake checks), and at the end nothing is in a device
+        /// and every buffer is back.
+        #[test]
+        fn pipelined_requests_all_answered_nothing_leaks(
+            ops in proptest::collection::vec(
+                (0u16..6, prop_oneof![0u64..600, Just(u64::MAX / 512)], prop_oneof![1u32..=64, Just(0u32), Just(4097)], any::<bool>()),
+                1..40,
+            ),
+            buffers in 16usize..40,
+            depth in 1usize..10,
+            chop in 1usize..20_000,
+            window in 1usize..20_000,
+            picks in proptest::collection::vec(0usize..100, 1..10),
+        ) {
+            let mut d = Driver::new(buffers, depth, chop, window, picks);
+            let mut msg = Vec::new();
+            let mut read_lengths = std::collections::HashMap::new();
+            for (i, (command, block, blocks, fua)) in ops.iter().enumerate() {
+                let (offset, len) = (block.wrapping_mul(512), blocks.wrapping_mul(512));
+                let flags = if *fua { CMD_FLAG_FUA } else { 0 };
+                let cookie = i as u64;
+                let command = if *command == 5 { 7 } else { *command }; // 7: unknown here
+                if command == CMD_DISC {
+                    continue;
+                }
+                msg.extend(request(command, cookie, offset, len));
+                let at = msg.len() - 24;
+                msg[at..at + 2].copy_from_slice(&flags.to_be_bytes());
+                if command == CMD_WRITE && len <= 1 << 25 {
+                    msg.extend((0..len).map(|x| x as u8));
+                }
+                let valid_read = command == CMD_READ
+                    && len > 0
+                    && len <= (MAX_CHUNKS * CHUNK) as u32
+                    && offset.checked_add(u64::from(len)).is_some_and(|e| e <= DISK as u64);
+                read_lengths.insert(cookie, if valid_read { len as usize } else { 0 });
+            }
+            let expected = read_lengths.len();
+            msg.extend(request(CMD_DISC, 999, 0, 0));
+            d.out.clear();
+            let lengths = read_lengths.clone();
+            d.run(&msg, move |out| {
+                // Done when every reply is in.
+                let mut rest = out;
+                let mut n = 0;
+                while rest.len() >= 16 {
+                    let error = be32(rest, 4);
+                    let len = if error == 0 { lengths.get(&be64(rest, 8)).copied().unwrap_or(0) } else { 0 };
+                    if rest.len() < 16 + len {
+                        break;
+                    }
+                    rest = &rest[16 + len..];
+                    n += 1;
+                }
+                n == expected
+            });
+            // Drain, then the session is finished and clean.
+            for _ in 0..1000 {
+                if d.session.should_close() {
+                    break;
+                }
+                d.run(&[], |_| true);
+                d.fake.complete_one(&mut d.session, 0);
+                d.session.step(&mut d.fake);
+            }
+            prop_assert!(d.session.should_close());
+            prop_assert_eq!(d.session.in_device(), 0);
+            d.session.kill();
+            d.session.release_all(&mut d.fake);
+            prop_assert_eq!(d.fake.free.len(), d.fake.total);
+            let mut seen: Vec<u64> = Vec::new();
+            let mut rest = &d.out[..];
+            while !rest.is_empty() {
+                prop_assert_eq!(be32(rest, 0), SIMPLE_REPLY_MAGIC);
+                let error = be32(rest, 4);
+                let cookie = be64(rest, 8);
+                let len = if error == 0 { read_lengths[&cookie] } else { 0 };
+                seen.push(cookie);
+                rest = &rest[16 + len..];
+            }
+            seen.sort();
+            let mut want: Vec<u64> = read_lengths.keys().copied().collect();
+            want.sort();
+            prop_assert_eq!(seen, want);
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, failure_persistence: None, ..ProptestConfig::default() })]
+
+        /// Serial requests with random sizes over a small pool, a shallow queue, arbitrary
+        /// completion order, input chopping and socket windows: every reply is right, the
+        /// disk matches a model, every buffer comes back.
+        #[test]
+        fn session_matches_a_model(
+            ops in proptest::collection::vec((0u8..4, 0u64..400, 1u32..=32), 1..12),
+            buffers in 16usize..24,
+            depth in 1usize..6,
+            chop in 1usize..9000,
+            window in 1usize..9000,
+            picks in proptest::collection::vec(0usize..100, 1..10),
+        ) {
+            let mut d = Driver::new(buffers, depth, chop, window, picks);
+            let mut model = d.fake.disk.clone();
+            for (i, (kind, block, blocks)) in ops.into_iter().enumerate() {
+                let offset = (block * 512).min(DISK as u64 - u64::from(blocks) * 512);
+                let len = blocks * 512 * 4; // up to 64 KiB: 16 chunks
+                let len = len.min((DISK as u64 - offset) as u32);
+                let cookie = i as u64;
+                match kind {
+                    0 => {
+                        let (error, data) = d.one(&request(CMD_READ, cookie, offset, len), len as usize);
+                        prop_assert_eq!(error, 0);
+                        prop_assert!(data == model[offset as usize..offset as usize + len as usize]);
+                    }
+                    1 => {
+                        let payload: Vec<u8> = (0..len).map(|x| (x as u8) ^ (i as u8)).collect();
+                        let mut msg = request(CMD_WRITE, cookie, offset, len);
+                        msg.extend_from_slice(&payload);
+                        prop_assert_eq!(d.one(&msg, 0).0, 0);
+                        model[offset as usize..offset as usize + len as usize].copy_from_slice(&payload);
+                    }
+                    2 => prop_assert_eq!(d.one(&request(CMD_FLUSH, cookie, 0, 0), 0).0, 0),
+                    _ => prop_assert_eq!(d.one(&request(CMD_TRIM, cookie, offset, len), 0).0, 0),
+                }
+            }
+            d.idle_checks();
+            prop_assert!(d.fake.disk == model);
+        }
+    }
+}
