@@ -26,8 +26,9 @@
 //!    write the area with FUA (or write + flush): Linux's `REQ_PREFLUSH | REQ_FUA`.
 //! 6. Drop the batch from the in-memory table, release the blocked I/O (it now goes to the
 //!    origin), next batch.
-//! 7. Store empty (area 0 all zero): wipe chunk 0 (the header, binding and marker), free the
-//!    slot, [`Event::MergeDone`].
+//! 7. Store empty (area 0 all zero): wipe chunk 0 (the header, binding and marker; a store
+//!    whose binding names its region gets a free-extent marker there instead, as after a
+//!    deletion, so boot discovery walks past it), free the slot, [`Event::MergeDone`].
 //!
 //! A crash anywhere is safe: a record still on disk means its COW chunk still holds the
 //! snapshot's data (and any origin write redirected there), and copying it again gives the
@@ -55,7 +56,7 @@
 //! areas back into the snapshot's area buffer, and its state is a small inline struct.
 
 use super::*;
-use crate::format::encode_merge_marker;
+use crate::format::{encode_merge_marker, Binding, FreeExtent};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Phase {
@@ -128,6 +129,8 @@ pub(super) struct Merge {
     /// I/O to the batch's chunks fails: their state on disk is unknown after a failed area
     /// write (or the table could not drop them).
     fenced: bool,
+    /// The wipe writes a free-extent marker (in the header buffer) instead of zeroes.
+    wipe_marker: bool,
 }
 
 impl Merge {
@@ -243,6 +246,7 @@ impl Engine {
             buffers: [NIL; MAX_RUNS],
             active: false,
             fenced: false,
+            wipe_marker: false,
         });
         self.epoch += 1;
         self.dirty = true;
@@ -427,6 +431,14 @@ impl Engine {
                     meta(MetaKind::Area),
                 )
             }
+            Phase::Wipe if m.wipe_marker => self.emit(
+                ctx,
+                cow,
+                IoOp::Write { fua },
+                0,
+                header_sectors,
+                meta(MetaKind::Header),
+            ),
             Phase::Wipe => self.emit(
                 ctx,
                 cow,
@@ -525,6 +537,24 @@ impl Engine {
         let committed = x.store.committed_in_area;
         if committed == 0 {
             if x.store.current_area == 0 {
+                // The store is empty. A store in a region of a device that holds several
+                // leaves a free-extent marker where its header was (its binding gives the
+                // region), as a deletion does, so boot discovery still walks past it to the
+                // stores after it; otherwise chunk 0 is zeroed.
+                let marker = match Binding::decode(&x.header) {
+                    Ok(b) if b.region_sectors > 0 => Some(FreeExtent {
+                        start: b.region_start,
+                        sectors: b.region_sectors,
+                    }),
+                    _ => None,
+                };
+                if let Some(f) = marker {
+                    x.header.fill(0);
+                    f.encode(&mut x.header);
+                }
+                if let Some(m) = self.merge.as_mut() {
+                    m.wipe_marker = marker.is_some();
+                }
                 self.set_phase(Phase::Wipe);
             } else {
                 x.store.current_area -= 1;

@@ -790,9 +790,10 @@ fn merge_error_stops_then_resume_finishes() {
 }
 
 /// A snapshot without exceptions merges at once: marker, wipe, gone; the origin is untouched.
+/// A store whose binding names its region leaves a free-extent marker instead of zeroes.
 #[test]
 fn merging_an_empty_snapshot_just_removes_it() {
-    for fua in [true, false] {
+    for (fua, region) in [(true, false), (false, false), (true, true)] {
         let mut ec = EngineConfig::new(64);
         ec.copy_buffer_sectors = 8;
         let mut world = World::new(
@@ -809,7 +810,16 @@ fn merging_an_empty_snapshot_just_removes_it() {
             cow_fua: fua,
             writable: false,
             table_runs: 16,
-            binding: None,
+            binding: region.then(|| Binding {
+                name: BoundedBytes::new(b"m").unwrap(),
+                origin_serial: BoundedBytes::new(b"o").unwrap(),
+                origin_sectors: 64,
+                chunk_sectors: 4,
+                created_unix_seconds: 0,
+                region_start: 2048,
+                region_sectors: 64,
+                flags: 0,
+            }),
         };
         let id = world.engine.create_snapshot(&sc).unwrap();
         world.cows[id.0 as usize] = Some(SimDisk::new(64, |_| 0));
@@ -821,7 +831,19 @@ fn merging_an_empty_snapshot_just_removes_it() {
         assert_eq!(world.engine.status(id), None);
         assert!(world.engine.is_idle());
         let cow = world.cows[id.0 as usize].as_ref().unwrap();
-        assert!(cow.durable[..8].iter().all(|&v| v == 0), "fua {fua}");
+        let head = world.contents.image_bytes(&cow.durable[..1]);
+        if region {
+            assert_eq!(
+                snapshot::format::FreeExtent::decode(&head),
+                Some(snapshot::format::FreeExtent {
+                    start: 2048,
+                    sectors: 64
+                })
+            );
+            assert!(cow.durable[1..8].iter().all(|&v| v == 0));
+        } else {
+            assert!(cow.durable[..8].iter().all(|&v| v == 0), "fua {fua}");
+        }
         assert_eq!(world.origin.flushes, 1, "only the creation's flush");
         assert!((0..64).all(|s| world.origin.durable[s as usize] == stamp(0, s)));
     }
