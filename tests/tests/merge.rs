@@ -219,3 +219,96 @@ fn a_merge_cut_by_a_power_loss_finishes_after_reboot() {
     assert_eq!(checksum(&mut q, "s2"), s2_sum);
     q.poweroff();
 }
+
+#[test]
+fn a_merge_with_writes_and_bench_on_the_origin_and_refusals() {
+    // 64 MiB origin, all of it copied into s1 (so the merge lasts long enough to overlap);
+    // s2 on vdc; a tiny store on vdd that overflows (an invalid snapshot).
+    let (a, b, c, d) = (
+        Image::new("mergeio-origin", 64 * MIB),
+        Image::new("mergeio-cow1", 80 * MIB),
+        Image::new("mergeio-cow2", 80 * MIB),
+        Image::new("mergeio-small", MIB),
+    );
+    let before = pattern(64 * MIB, 9);
+    a.write(0, &before);
+    let mut q = Boot::kernel("q35", "testing loglevel=info")
+        .virtio_disk(&a.path, "MERGEIO-ORIGIN")
+        .virtio_disk(&b.path, "MERGEIO-COW-1")
+        .virtio_disk(&c.path, "MERGEIO-COW-2")
+        .virtio_disk(&d.path, "MERGEIO-SMALL")
+        .start();
+    q.wait_prompt();
+    for line in ["snapshot create s1 vda vdb", "snapshot create tiny vda vdd"] {
+        assert!(q.command(line).contains("created snapshot"), "{line}");
+    }
+    assert!(q
+        .command_timeout("write vda 0 131072 --seed 21", TIMEOUT * 3)
+        .contains("wrote"));
+    let list = q.command("snapshot list");
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with("tiny") && l.contains("overflow")),
+        "{list}"
+    );
+    let out = q.command("snapshot merge tiny");
+    assert!(
+        out.contains("error: snapshot tiny is invalid (overflow)")
+            && out.contains("cannot be merged"),
+        "{out}"
+    );
+    assert!(q
+        .command("snapshot delete tiny")
+        .contains("deleted snapshot tiny"));
+    assert!(q
+        .command("snapshot create s2 vda vdc")
+        .contains("created snapshot s2"));
+    let s2_sum = checksum(&mut q, "s2");
+
+    // Start the merge, take the prompt back (Ctrl-C leaves it running), and write meanwhile.
+    q.send(b"snapshot merge s1\r");
+    wait_for_any(&q, &["merge of s1 started"], TIMEOUT);
+    q.send(b"\x03");
+    q.settle(std::time::Duration::from_millis(200));
+    let out = q.command("snapshot merge s2");
+    assert!(
+        out.contains("error:") && out.contains("one merge at a time"),
+        "a second merge on the origin: {out}"
+    );
+    let out = q.command_timeout("write vda 100000 4000 --seed 22", TIMEOUT * 2);
+    assert!(out.contains("wrote 4000 blocks"), "{out}");
+    let out = q.command_timeout(
+        "bench vda --rw randwrite --qd 32 --ios 3000 --size 8m",
+        TIMEOUT * 3,
+    );
+    assert!(out.contains("3000 I/Os"), "{out}");
+    let during = q.transcript();
+    eprintln!(
+        "merge finished before the bench ended: {}",
+        during.contains("merge of s1 finished")
+    );
+    wait_for_any(&q, &["merge of s1 finished; snapshot removed"], TIMEOUT * 4);
+    q.settle(std::time::Duration::from_millis(300));
+    // s2 kept its frozen contents through the merge and the writes.
+    assert_eq!(checksum(&mut q, "s2"), s2_sum);
+    let mem = q.command("mem --json");
+    assert!(mem.contains(r#""io_path_allocations":0"#), "{mem}");
+    q.poweroff();
+
+    // The origin is the snapshot, except where it was written during the merge: the bench's
+    // first 8 MiB (random data) and the seeded range, which holds exactly what was written.
+    let origin = a.read(0, (64 * MIB) as usize);
+    let bench_end = (8 * MIB) as usize;
+    assert!(
+        origin[bench_end..100_000 * 512] == before[bench_end..100_000 * 512]
+            && origin[104_000 * 512..] == before[104_000 * 512..],
+        "the origin outside the written ranges is not the snapshot's contents\n{during}"
+    );
+    let mut seeded = vec![0u8; 4000 * 512];
+    kernel::util::pattern::fill_seeded(&mut seeded, 22, 100_000 * 512);
+    assert!(
+        origin[100_000 * 512..104_000 * 512] == seeded[..],
+        "the write made during the merge is not on the origin"
+    );
+    assert_wiped(&b);
+}
