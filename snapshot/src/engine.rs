@@ -1894,18 +1894,11 @@ impl Engine {
         true
     }
 
-    fn advance_origin_write(&mut self, idx: u32, fua: bool) -> bool {
-        let r = self.reqs[idx as usize];
-        if !r.admitted {
-            if self.quiescing {
-                return false;
-            }
-            self.reqs[idx as usize].admitted = true;
-            self.origin_writes_active += 1;
-            self.stats.origin_writes += 1;
-        }
-        let start = r.req.sector;
-        let end = start + u64::from(r.req.sectors);
+    /// Whether origin sectors `[start, end)` are safe in every tracking snapshot: `(clear,
+    /// need_alloc, blocked)` — clear when each chunk is in the table (or, with the test-only
+    /// `unsafe_release_before_commit`, copied); `need_alloc` when some chunk has no exception
+    /// yet; `blocked` the first pending exception still to commit (NIL if none).
+    pub(super) fn copies_of(&self, start: u64, end: u64) -> (bool, bool, u32) {
         let mut clear = true;
         let mut need_alloc = false;
         let mut blocked = NIL;
@@ -1940,6 +1933,22 @@ impl Engine {
                 }
             }
         }
+        (clear, need_alloc, blocked)
+    }
+
+    fn advance_origin_write(&mut self, idx: u32, fua: bool) -> bool {
+        let r = self.reqs[idx as usize];
+        if !r.admitted {
+            if self.quiescing {
+                return false;
+            }
+            self.reqs[idx as usize].admitted = true;
+            self.origin_writes_active += 1;
+            self.stats.origin_writes += 1;
+        }
+        let start = r.req.sector;
+        let end = start + u64::from(r.req.sectors);
+        let (clear, need_alloc, blocked) = self.copies_of(start, end);
         if !need_alloc && blocked != NIL {
             self.block_on(idx, blocked);
         }

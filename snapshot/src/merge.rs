@@ -753,40 +753,7 @@ impl Engine {
     /// write (`advance_origin_write`); a waiting request (`req`) is parked on the pending
     /// exception it waits for, as there.
     fn merge_range_clear(&mut self, start: u64, end: u64, req: Option<u32>) -> bool {
-        let mut clear = true;
-        let mut need_alloc = false;
-        let mut blocked = NIL;
-        for s in 0..self.snaps.len() {
-            if !self.tracking(s) {
-                continue;
-            }
-            let Some(x) = self.snaps[s].as_ref() else {
-                continue;
-            };
-            let cs = x.store.chunk_sectors();
-            for c in start / cs..=(end - 1) / cs {
-                if x.table.lookup(c).is_some() {
-                    continue;
-                }
-                match self.pending_of(s, c) {
-                    Some(p) => {
-                        let st = self.pending[p as usize].state;
-                        if !(self.cfg.unsafe_release_before_commit
-                            && matches!(st, PState::Copied | PState::Committing))
-                        {
-                            clear = false;
-                            if blocked == NIL {
-                                blocked = p;
-                            }
-                        }
-                    }
-                    None => {
-                        clear = false;
-                        need_alloc = true;
-                    }
-                }
-            }
-        }
+        let (clear, need_alloc, blocked) = self.copies_of(start, end);
         if let Some(idx) = req {
             if !need_alloc && blocked != NIL {
                 self.block_on(idx, blocked);
