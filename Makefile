@@ -13,6 +13,8 @@ ACCEL       ?= tcg
 MACHINE     ?= q35
 MEMORY      ?= 512M
 APPEND      ?= console=ttyS0,115200 loglevel=info
+# `make run` forwards this host port (on 127.0.0.1 only) to the appliance's NBD server.
+NBD_PORT    ?= 10809
 DEMO_DISKS  := $(BUILD)/disks/vda.img $(BUILD)/disks/vdb.img $(BUILD)/disks/nvme0n1.img
 
 CARGO_PROFILE_FLAG := $(if $(filter release,$(PROFILE)),--release,)
@@ -35,8 +37,9 @@ $(BUILD)/disks/%.img:
 	@mkdir -p $(BUILD)/disks
 	qemu-img create -f raw $@ 256M >/dev/null
 
-# Boots the appliance with demo disks (two virtio-blk, one NVMe namespace); the console is
-# this terminal.
+# Boots the appliance with demo disks (two virtio-blk, one NVMe namespace) and a NIC on QEMU
+# user networking (the NBD port forwarded from 127.0.0.1:$(NBD_PORT)); the console is this
+# terminal.
 # Leave QEMU with `poweroff` at the prompt, or Ctrl-A then X.
 run: deps build $(DEMO_DISKS)
 	@echo "snapfw: booting in QEMU ($(ACCEL)). Leave with 'poweroff' or Ctrl-A X."
@@ -48,7 +51,9 @@ run: deps build $(DEMO_DISKS)
 	    -device virtio-blk-pci,drive=vdb,serial=SNAPFW-VDB \
 	    -device nvme,id=nvme0,serial=SNAPFW-NVME \
 	    -drive file=$(BUILD)/disks/nvme0n1.img,if=none,format=raw,id=nvme0n1,cache=none,aio=threads \
-	    -device nvme-ns,drive=nvme0n1,bus=nvme0,nsid=1
+	    -device nvme-ns,drive=nvme0n1,bus=nvme0,nsid=1 \
+	    -netdev user,id=net0,hostfwd=tcp:127.0.0.1:$(NBD_PORT)-:10809 \
+	    -device virtio-net-pci,netdev=net0
 
 iso: build
 	./scripts/mkiso.sh $(IMAGE) $(ISO)

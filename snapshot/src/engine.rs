@@ -22,6 +22,11 @@ use crate::store::{LoadedStore, StoreState};
 use crate::table::ExceptionTable;
 use crate::types::*;
 
+// The merge state machine lives in `src/merge.rs`, as a child of this module so it can use
+// the engine's pools and helpers.
+#[path = "merge.rs"]
+mod merge;
+
 const NIL: u32 = u32::MAX;
 /// Most group commits in flight per snapshot (area writes are still issued one at a time).
 const MAX_BATCHES: usize = 4;
@@ -159,6 +164,8 @@ enum SnapState {
     Creating(CreateStep),
     Active,
     Deleting,
+    /// Being merged into the origin (see `merge.rs`): no new exceptions, no snapshot I/O.
+    Merging,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -217,6 +224,15 @@ enum IoCtx {
     Wipe {
         snap: u16,
     },
+    /// An I/O of the running merge.
+    Merge {
+        snap: u16,
+    },
+    /// An origin request's I/O sent to the merging snapshot's COW device.
+    MergeRedirect {
+        req: u32,
+        snap: u16,
+    },
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -272,6 +288,8 @@ pub struct Engine {
     io_starved: bool,
     progress_mark: u64,
     stats: EngineStats,
+    /// The merge running on this origin, if any (one at a time).
+    merge: Option<merge::Merge>,
 }
 
 impl Engine {
@@ -371,6 +389,7 @@ impl Engine {
             io_starved: false,
             progress_mark: 0,
             stats: EngineStats::default(),
+            merge: None,
             cfg,
         })
     }
@@ -474,6 +493,11 @@ impl Engine {
             IoCtx::Create { snap } => self.on_create_io(snap, ok),
             IoCtx::Header { snap } => self.on_header_io(snap, ok),
             IoCtx::Wipe { snap } => self.on_wipe_io(snap, ok),
+            IoCtx::Merge { snap } => self.on_merge_io(snap, ok),
+            IoCtx::MergeRedirect { req, snap } => {
+                self.io_done_on(snap);
+                self.on_request_io(req, false, ok);
+            }
         }
         Ok(())
     }
@@ -498,6 +522,20 @@ impl Engine {
         Some(match kind {
             MetaKind::Area => &s.store.area,
             MetaKind::Header => &s.header,
+        })
+    }
+
+    /// The bytes of an engine-owned metadata buffer, to fill in the data of a *read* into an
+    /// [`IoBuffer::Meta`] before [`complete_io`](Self::complete_io) (a merge reads earlier
+    /// metadata areas back).
+    pub fn meta_bytes_mut(&mut self, buffer: &IoBuffer) -> Option<&mut [u8]> {
+        let IoBuffer::Meta { snap, kind } = buffer else {
+            return None;
+        };
+        let s = self.snaps.get_mut(snap.0 as usize)?.as_mut()?;
+        Some(match kind {
+            MetaKind::Area => &mut s.store.area,
+            MetaKind::Header => &mut s.header,
         })
     }
 
@@ -527,6 +565,9 @@ impl Engine {
         if !self.is_quiesced() {
             return Err(EngineError::NotQuiesced);
         }
+        if self.merge.is_some() {
+            return Err(EngineError::MergeRunning);
+        }
         let g = self.check_snapshot_config(cfg)?;
         let store = StoreState::fresh(g, cfg.cow_sectors, self.cfg.origin_sectors);
         let table = ExceptionTable::with_capacity(cfg.table_runs);
@@ -555,8 +596,14 @@ impl Engine {
             return Err(EngineError::StoreMismatch);
         }
         let valid = loaded.valid;
+        let merging = loaded.merging && valid;
+        if (merging && self.merge.is_some()) || self.merge_running() {
+            return Err(EngineError::MergeRunning);
+        }
         let id = self.install(cfg, loaded.state, loaded.table, SnapState::Active, valid)?;
-        if valid {
+        if merging {
+            self.hold_resumed_merge(id);
+        } else if valid {
             self.check_usage(id.0 as usize);
         }
         Ok(id)
@@ -586,6 +633,9 @@ impl Engine {
     /// Status as `dmsetup status` prints it.
     pub fn status(&self, snap: SnapId) -> Option<Status> {
         let s = self.snaps.get(snap.0 as usize)?.as_ref()?;
+        if self.merge_failed(snap) {
+            return Some(Status::MergeFailed);
+        }
         Some(if s.overflow {
             Status::Overflow
         } else if !s.valid {
@@ -627,6 +677,7 @@ impl Engine {
             && self.free_reqs.len() == self.reqs.len()
             && self.outbox.is_empty()
             && self.snaps.iter().flatten().all(|s| s.order.is_empty())
+            && self.merge_is_idle()
     }
 
     /// A one-line summary of pools and queues, for diagnostics.
@@ -753,6 +804,9 @@ impl Engine {
     fn check_request(&self, req: &VolumeRequest) -> Result<(), VolumeError> {
         if let Volume::Snapshot(id) = req.volume {
             match self.snaps.get(id.0 as usize) {
+                Some(Some(s)) if s.state == SnapState::Merging => {
+                    return Err(VolumeError::Merging);
+                }
                 Some(Some(s)) if s.state == SnapState::Active => {
                     if !s.valid {
                         return Err(VolumeError::SnapshotInvalid);
@@ -1086,6 +1140,7 @@ impl Engine {
                         self.progress += 1;
                     }
                 }
+                SnapState::Merging => self.step_merge(s),
                 SnapState::Active => {
                     if x.header_phase != HeaderPhase::None {
                         let op = if x.header_phase == HeaderPhase::Write {
@@ -1772,6 +1827,9 @@ impl Engine {
     fn advance_request(&mut self, idx: u32) -> bool {
         self.reqs[idx as usize].blocked_on = NIL;
         let r = self.reqs[idx as usize];
+        if self.merge.is_some() && r.req.volume == Volume::Origin {
+            return self.advance_origin_merging(idx);
+        }
         match (r.req.volume, r.req.op) {
             (Volume::Origin, VolumeOp::Read) => {
                 self.issue_whole(idx, Device::Origin, IoOp::Read, true)
@@ -1836,18 +1894,11 @@ impl Engine {
         true
     }
 
-    fn advance_origin_write(&mut self, idx: u32, fua: bool) -> bool {
-        let r = self.reqs[idx as usize];
-        if !r.admitted {
-            if self.quiescing {
-                return false;
-            }
-            self.reqs[idx as usize].admitted = true;
-            self.origin_writes_active += 1;
-            self.stats.origin_writes += 1;
-        }
-        let start = r.req.sector;
-        let end = start + u64::from(r.req.sectors);
+    /// Whether origin sectors `[start, end)` are safe in every tracking snapshot: `(clear,
+    /// need_alloc, blocked)` — clear when each chunk is in the table (or, with the test-only
+    /// `unsafe_release_before_commit`, copied); `need_alloc` when some chunk has no exception
+    /// yet; `blocked` the first pending exception still to commit (NIL if none).
+    pub(super) fn copies_of(&self, start: u64, end: u64) -> (bool, bool, u32) {
         let mut clear = true;
         let mut need_alloc = false;
         let mut blocked = NIL;
@@ -1882,6 +1933,22 @@ impl Engine {
                 }
             }
         }
+        (clear, need_alloc, blocked)
+    }
+
+    fn advance_origin_write(&mut self, idx: u32, fua: bool) -> bool {
+        let r = self.reqs[idx as usize];
+        if !r.admitted {
+            if self.quiescing {
+                return false;
+            }
+            self.reqs[idx as usize].admitted = true;
+            self.origin_writes_active += 1;
+            self.stats.origin_writes += 1;
+        }
+        let start = r.req.sector;
+        let end = start + u64::from(r.req.sectors);
+        let (clear, need_alloc, blocked) = self.copies_of(start, end);
         if !need_alloc && blocked != NIL {
             self.block_on(idx, blocked);
         }

@@ -350,6 +350,52 @@ impl Binding {
     }
 }
 
+/// Byte offset in chunk 0 of snapfw's *merge marker* (after the binding record, inside the
+/// first 512-byte sector so that setting it is one atomic sector write).
+pub const MERGE_MARKER_OFFSET: usize = 256;
+/// Magic of the merge marker: `"snapfwM1"`.
+pub const MERGE_MARKER_MAGIC: [u8; 8] = *b"snapfwM1";
+/// Bytes of the merge marker: magic, `u32` flags (bit 0: merging), CRC-32C of the first 12.
+pub const MERGE_MARKER_BYTES: usize = 16;
+// The marker follows the binding and stays in the first sector.
+const _: () = assert!(
+    BINDING_OFFSET + BINDING_BYTES <= MERGE_MARKER_OFFSET
+        && MERGE_MARKER_OFFSET + MERGE_MARKER_BYTES <= SECTOR_BYTES
+);
+
+/// Writes the merge marker ("this store is being merged into its origin") into chunk 0.
+///
+/// Where and why: Linux keeps the "merging" state outside the store (LVM metadata asks for
+/// the `snapshot-merge` target at activation). snapfw has no LVM, so the flag lives in the
+/// store itself, in bytes of chunk 0 that Linux leaves zero and never reads (like the binding
+/// record, but independent of it so an unbound store can merge too). The 16-byte header and
+/// every metadata area keep their Linux meaning, so Linux can still load the store at every
+/// step of a merge. Linux rewrites chunk 0 from a zeroed buffer only when it creates or
+/// invalidates a store, and an invalid store is never merged.
+pub fn encode_merge_marker(chunk0: &mut [u8]) {
+    let mut buf = [0u8; MERGE_MARKER_BYTES];
+    buf[..8].copy_from_slice(&MERGE_MARKER_MAGIC);
+    buf[8..12].copy_from_slice(&1u32.to_le_bytes());
+    let sum = crc32c(&buf[..12]);
+    buf[12..16].copy_from_slice(&sum.to_le_bytes());
+    if let Some(out) = chunk0.get_mut(MERGE_MARKER_OFFSET..MERGE_MARKER_OFFSET + MERGE_MARKER_BYTES)
+    {
+        out.copy_from_slice(&buf);
+    }
+}
+
+/// Whether chunk 0 (at least its first sector) carries a valid merge marker with the merging
+/// flag set. Anything else (zeroes, garbage, a bad checksum) reads as "not merging".
+pub fn decode_merge_marker(chunk0: &[u8]) -> bool {
+    let Some(buf) = chunk0.get(MERGE_MARKER_OFFSET..MERGE_MARKER_OFFSET + MERGE_MARKER_BYTES)
+    else {
+        return false;
+    };
+    buf[..8] == MERGE_MARKER_MAGIC
+        && read_u32(buf, 12) == Some(crc32c(&buf[..12]))
+        && read_u32(buf, 8).is_some_and(|f| f & 1 == 1)
+}
+
 /// Magic of a free-extent marker: `"snapfwF1"`.
 pub const FREE_EXTENT_MAGIC: [u8; 8] = *b"snapfwF1";
 /// Bytes of a free-extent marker (at the start of its first sector).
@@ -601,6 +647,30 @@ mod tests {
         encode_chunk0(&mut z, &Header::new(8), None);
         assert_eq!(Binding::decode(&z), Err(BindingError::Absent));
         assert_eq!(Binding::decode(&z[..20]), Err(BindingError::Corrupt));
+    }
+
+    #[test]
+    fn merge_marker_round_trip_and_independent_of_binding() {
+        let b = Binding {
+            name: BoundedBytes::new(b"n").unwrap(),
+            origin_serial: BoundedBytes::new(b"s").unwrap(),
+            origin_sectors: 64,
+            chunk_sectors: 8,
+            created_unix_seconds: 1,
+            region_start: 2048,
+            region_sectors: 4096,
+            flags: BINDING_FLAG_WRITABLE,
+        };
+        let mut c0 = [0u8; 512];
+        encode_chunk0(&mut c0, &Header::new(8), Some(&b));
+        assert!(!decode_merge_marker(&c0));
+        encode_merge_marker(&mut c0);
+        assert!(decode_merge_marker(&c0));
+        assert_eq!(Binding::decode(&c0), Ok(b));
+        assert_eq!(Header::decode(&c0), Some(Header::new(8)));
+        c0[MERGE_MARKER_OFFSET + 9] ^= 1;
+        assert!(!decode_merge_marker(&c0));
+        assert!(!decode_merge_marker(&c0[..200]));
     }
 
     #[test]

@@ -73,11 +73,43 @@
 //! - **Deleting**: quiesce, [`Engine::delete_snapshot`] (invalidates, wipes chunk 0),
 //!   [`Event::SnapshotDeleted`], resume.
 //! - **Status**: [`Engine::status`] gives a [`Status`] whose `Display` is what
-//!   `dmsetup status` prints: `allocated/total metadata` (sectors), `Invalid` or `Overflow`.
+//!   `dmsetup status` prints: `allocated/total metadata` (sectors), `Invalid`, `Overflow` or
+//!   `Merge failed`.
+//! - **Merging** (roll the origin back to a snapshot): quiesce, [`Engine::start_merge`]
+//!   (typed refusals: [`MergeError`]), resume. See "Merging" below.
 //! - **Failure policy** (as dm-snapshot): COW full, table full, a copy error or a metadata
 //!   write error invalidates that snapshot (header rewritten with `valid = 0`, made durable
 //!   before any origin write waiting on it proceeds), fails its snapshot I/O and lets origin
 //!   writes proceed. Origin I/O errors fail only the volume request.
+//!
+//! # Merging
+//! [`Engine::start_merge`] copies a snapshot's COW chunks back to the origin the way Linux's
+//! `snapshot-merge` target does (module `merge.rs` under [`engine`] has the protocol): newest
+//! records first, a run of chunks consecutive on both devices per copy (at most one copy
+//! buffer; up to 8 runs from the top of an area copied in parallel as one batch), origin
+//! flushed, then the batch's records zeroed and the area written with flush + FUA. Meanwhile the origin volume stays online and shows the snapshot's contents
+//! plus new writes: chunks not merged yet are read and written on their COW chunk, the run
+//! being merged waits, other chunks go to the origin and still copy into every *other*
+//! snapshot first. The merging snapshot's own volume is refused ([`VolumeError::Merging`]).
+//! Progress: [`Engine::merge_progress`] (chunks left of total). Events:
+//! [`Event::MergeStarted`], [`Event::MergeDone`] (store empty and wiped, slot free),
+//! [`Event::MergeFailed`] (an I/O error stopped it; I/O continues; status `Merge failed`).
+//!
+//! **Where "merging" is recorded.** Linux keeps it outside the store (LVM metadata selects the
+//! `snapshot-merge` target). snapfw writes a 16-byte *merge marker* into chunk 0 at byte 256
+//! (`"snapfwM1"`, flags, CRC-32C; [`format::encode_merge_marker`]): after the binding record,
+//! in the first sector, in bytes Linux leaves zero and never reads, and independent of the
+//! binding so an unbound store can merge too. The 16-byte header and the areas keep their
+//! Linux meaning, so Linux's loader reads the store at every step of a merge (the snapshot it
+//! sees is still the right snapshot). [`LoadedStore::merging`] reports the marker, and
+//! [`Engine::attach_snapshot`] on such a store takes the merge up again: the origin is
+//! served through it at once, and the merge runs after [`Engine::resume_merge`], which the
+//! caller issues once every store of the origin is attached (boot: after discovery). The marker
+//! goes away with the wipe of chunk 0 when the merge is done.
+//!
+//! **Reading areas back.** A merge walks the areas backwards and reads each earlier area into
+//! the snapshot's area buffer: an [`Io`] with `IoOp::Read` and [`IoBuffer::Meta`]; the caller
+//! copies the data into [`Engine::meta_bytes_mut`] before completing it.
 //!
 //! # Memory
 //! Per engine: `request_slots`, `io_slots`, `pending_exceptions`, `copy_buffers` small

@@ -556,6 +556,15 @@ impl World {
     }
 
     fn store_read(&mut self, io: &Io, data: &[u64]) {
+        if let IoBuffer::Meta { .. } = io.buffer {
+            // A merge reads a metadata area back into the engine's buffer.
+            let bytes = self.contents.image_bytes(data);
+            if let Some(dst) = self.engine.meta_bytes_mut(&io.buffer) {
+                let n = dst.len().min(bytes.len());
+                dst[..n].copy_from_slice(&bytes[..n]);
+            }
+            return;
+        }
         let dst: Option<&mut [u64]> = match io.buffer {
             IoBuffer::Caller { tag, byte_offset } => {
                 let off = (byte_offset / SECTOR_BYTES as u64) as usize;

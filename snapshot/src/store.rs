@@ -16,8 +16,8 @@ use alloc::vec;
 use alloc::vec::Vec;
 
 use crate::format::{
-    Binding, BindingError, Geometry, Header, Record, SECTOR_BYTES, SNAPSHOT_DISK_VERSION,
-    SNAP_MAGIC,
+    decode_merge_marker, Binding, BindingError, Geometry, Header, Record, SECTOR_BYTES,
+    SNAPSHOT_DISK_VERSION, SNAP_MAGIC,
 };
 use crate::table::ExceptionTable;
 
@@ -121,6 +121,7 @@ pub struct Loader {
     phase: LoadPhase,
     header: Option<Header>,
     binding: Result<Binding, BindingError>,
+    merging: bool,
     geometry: Option<Geometry>,
     table: Option<ExceptionTable>,
     max_new: u64,
@@ -146,6 +147,10 @@ pub struct LoadedStore {
     pub binding: Result<Binding, BindingError>,
     /// Number of records read.
     pub records: u64,
+    /// snapfw's merge marker is set: a merge into the origin was under way. Attaching the
+    /// store resumes it ([`Engine::attach_snapshot`](crate::Engine::attach_snapshot)).
+    /// Meanwhile the origin's contents are only meaningful through this store.
+    pub merging: bool,
 }
 
 impl Loader {
@@ -156,6 +161,7 @@ impl Loader {
             phase: LoadPhase::Header,
             header: None,
             binding: Err(BindingError::Absent),
+            merging: false,
             geometry: None,
             table: None,
             max_new: 0,
@@ -235,6 +241,7 @@ impl Loader {
             return self.fail(LoadError::CowTooSmall);
         }
         self.binding = Binding::decode(data);
+        self.merging = decode_merge_marker(data);
         self.header = Some(h);
         self.geometry = Some(g);
         if h.valid == 0 {
@@ -400,6 +407,7 @@ impl Loader {
             valid,
             binding: self.binding.clone(),
             records: self.records,
+            merging: self.merging && valid,
         })
     }
 

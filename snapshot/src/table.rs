@@ -223,6 +223,75 @@ impl ExceptionTable {
         Ok(())
     }
 
+    /// Removes the exception of `old_chunk` (a merge gives chunks back). Returns `Ok(false)`
+    /// if it was not in the table. Taking a chunk from the middle of a run splits the run
+    /// and needs a free entry: `Err(TableFull)` if there is none (the table is unchanged).
+    /// A merge takes records newest first, and records are in allocation order, so it
+    /// takes chunks off the end of runs and never needs a split on stores written in order.
+    pub fn remove(&mut self, old_chunk: u64) -> Result<bool, TableFull> {
+        let b = self.bucket(old_chunk);
+        let mut prev = NIL;
+        let mut i = self.buckets[b];
+        while i != NIL {
+            let r = self.node(i);
+            if old_chunk >= r.old_chunk && old_chunk - r.old_chunk < r.len {
+                let at = old_chunk - r.old_chunk;
+                if r.len == 1 {
+                    let next = self.next[i as usize];
+                    if prev == NIL {
+                        self.buckets[b] = next;
+                    } else {
+                        self.next[prev as usize] = next;
+                    }
+                    self.next[i as usize] = self.free;
+                    self.free = i;
+                    self.runs -= 1;
+                } else if at == 0 {
+                    self.set_node(
+                        i,
+                        Run {
+                            old_chunk: r.old_chunk + 1,
+                            new_chunk: r.new_chunk + 1,
+                            len: r.len - 1,
+                        },
+                    );
+                } else if at == r.len - 1 {
+                    self.set_node(
+                        i,
+                        Run {
+                            len: r.len - 1,
+                            ..r
+                        },
+                    );
+                } else {
+                    if self.free == NIL {
+                        return Err(TableFull);
+                    }
+                    let n = self.free;
+                    self.free = self.next[n as usize];
+                    self.set_node(i, Run { len: at, ..r });
+                    self.set_node(
+                        n,
+                        Run {
+                            old_chunk: old_chunk + 1,
+                            new_chunk: r.new_chunk + at + 1,
+                            len: r.len - at - 1,
+                        },
+                    );
+                    // Same group, so the same bucket.
+                    self.next[n as usize] = self.buckets[b];
+                    self.buckets[b] = n;
+                    self.runs += 1;
+                }
+                self.exceptions -= 1;
+                return Ok(true);
+            }
+            prev = i;
+            i = self.next[i as usize];
+        }
+        Ok(false)
+    }
+
     /// Every run, in no particular order.
     pub fn for_each_run(&self, mut f: impl FnMut(Run)) {
         for &head in &self.buckets {
@@ -276,6 +345,61 @@ mod tests {
         t.insert(0, 50).unwrap();
         assert_eq!(t.insert(5, 60), Err(TableFull));
         assert_eq!(t.lookup(5), None);
+    }
+
+    #[test]
+    fn remove_from_ends_middle_and_single() {
+        let mut t = ExceptionTable::with_capacity(2);
+        for c in 0..5u64 {
+            t.insert(c, 100 + c).unwrap();
+        }
+        t.insert(40, 7).unwrap();
+        assert_eq!(t.runs(), 2);
+        assert_eq!(t.remove(4), Ok(true));
+        assert_eq!(t.remove(0), Ok(true));
+        assert_eq!(t.remove(0), Ok(false));
+        // Middle of 1..=3 needs a split, and the pool is empty.
+        assert_eq!(t.remove(2), Err(TableFull));
+        assert_eq!(t.len(), 4);
+        assert_eq!(t.remove(40), Ok(true));
+        assert_eq!(t.remove(2), Ok(true));
+        assert_eq!(t.runs(), 2);
+        assert_eq!(t.lookup(1), Some(101));
+        assert_eq!(t.lookup(2), None);
+        assert_eq!(t.lookup(3), Some(103));
+        assert_eq!(t.remove(1), Ok(true));
+        assert_eq!(t.remove(3), Ok(true));
+        assert!(t.is_empty());
+        assert_eq!(t.runs(), 0);
+        t.insert(9, 9).unwrap();
+        t.insert(10, 10).unwrap();
+        assert_eq!(t.runs(), 1);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+        #[test]
+        fn removals_match_map(ops in proptest::collection::vec((0u64..100, any::<bool>()), 1..300)) {
+            let mut t = ExceptionTable::with_capacity(400);
+            let mut m = BTreeMap::new();
+            let mut next_new = 2u64;
+            for (old, ins) in ops {
+                if ins && !m.contains_key(&old) {
+                    next_new += 1;
+                    t.insert(old, next_new).unwrap();
+                    m.insert(old, next_new);
+                } else if !ins {
+                    prop_assert_eq!(t.remove(old), Ok(m.remove(&old).is_some()));
+                }
+            }
+            prop_assert_eq!(t.len(), m.len() as u64);
+            for old in 0..100u64 {
+                prop_assert_eq!(t.lookup(old), m.get(&old).copied());
+            }
+            let mut n = 0;
+            t.for_each_run(|_| n += 1);
+            prop_assert_eq!(n, t.runs());
+        }
     }
 
     proptest! {

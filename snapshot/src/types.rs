@@ -62,6 +62,9 @@ pub enum VolumeError {
     ReadOnly,
     /// No such snapshot.
     NoSuchVolume,
+    /// The snapshot is being merged into its origin: its own volume is gone (as with Linux's
+    /// snapshot-merge target); read the origin instead, which shows the snapshot's contents.
+    Merging,
 }
 
 /// A finished volume request.
@@ -132,7 +135,10 @@ pub enum IoBuffer {
         byte_offset: u64,
     },
     /// An engine-owned metadata buffer: get the bytes with
-    /// [`Engine::meta_bytes`](crate::Engine::meta_bytes) when issuing the write.
+    /// [`Engine::meta_bytes`](crate::Engine::meta_bytes) when issuing a write. A *read* into
+    /// it (only a merge reads an earlier metadata area back) must put the data into
+    /// [`Engine::meta_bytes_mut`](crate::Engine::meta_bytes_mut) before
+    /// [`Engine::complete_io`](crate::Engine::complete_io).
     Meta {
         /// Which snapshot's buffer.
         snap: SnapId,
@@ -217,6 +223,26 @@ pub enum Event {
         /// Snapshot.
         snap: SnapId,
     },
+    /// A merge is under way: its marker is durable in the store (or it was found there at
+    /// attach time, `resumed`).
+    MergeStarted {
+        /// Snapshot being merged.
+        snap: SnapId,
+        /// Resumed from a store that was already merging.
+        resumed: bool,
+    },
+    /// The merge finished: the origin holds the snapshot's contents, the store is wiped and
+    /// the snapshot slot is free.
+    MergeDone {
+        /// The snapshot that was merged (its slot is free now).
+        snap: SnapId,
+    },
+    /// The merge stopped on an I/O or metadata error (`dmsetup status`: `Merge failed`). I/O
+    /// goes on; the store still says "merging", so attaching it again resumes the merge.
+    MergeFailed {
+        /// Snapshot.
+        snap: SnapId,
+    },
 }
 
 /// When group commits start.
@@ -263,6 +289,15 @@ pub struct EngineConfig {
     /// Breaks crash safety on purpose.
     #[doc(hidden)]
     pub unsafe_skip_commit_flush: bool,
+    /// Test-only negative control: zero merged records without flushing the origin first.
+    /// Breaks crash safety on purpose.
+    #[doc(hidden)]
+    pub unsafe_merge_skip_origin_flush: bool,
+    /// Test-only negative control: give a merged run's chunks back to the origin (I/O goes
+    /// there) once the origin copy is durable but before the records are zeroed on disk.
+    /// Breaks crash safety on purpose.
+    #[doc(hidden)]
+    pub unsafe_merge_release_early: bool,
 }
 
 impl EngineConfig {
@@ -282,6 +317,8 @@ impl EngineConfig {
             usage_thresholds: [80, 90],
             unsafe_release_before_commit: false,
             unsafe_skip_commit_flush: false,
+            unsafe_merge_skip_origin_flush: false,
+            unsafe_merge_release_early: false,
         }
     }
 }
@@ -320,6 +357,41 @@ pub enum EngineError {
     UnknownToken,
     /// The loaded store does not match the configuration (chunk size, COW size).
     StoreMismatch,
+    /// A merge runs on this origin: no store can be attached (the origin already holds merged
+    /// chunks it never copied), nor a snapshot created; or the loaded store is merging too.
+    MergeRunning,
+}
+
+/// Why [`Engine::start_merge`](crate::Engine::start_merge) refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MergeError {
+    /// No such snapshot (or it is being created, deleted or merged).
+    NoSuchSnapshot,
+    /// The snapshot is invalid or overflowed: its contents are not whole.
+    SnapshotInvalid,
+    /// A merge already runs on this origin (one at a time, as with Linux).
+    AlreadyMerging,
+    /// The origin must be quiesced first (no origin write in flight).
+    NotQuiesced,
+    /// The snapshot still has I/O, uncommitted exceptions or metadata writes in flight; try
+    /// again once they are done.
+    Busy,
+}
+
+/// How far a merge is, for the console (`merging`, chunks left; rate and ETA are the
+/// caller's arithmetic over time).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MergeProgress {
+    /// The snapshot being merged.
+    pub snap: SnapId,
+    /// Chunks the store held when this merge started (or resumed).
+    pub chunks_total: u64,
+    /// Chunks not merged yet.
+    pub chunks_left: u64,
+    /// Chunk size in sectors.
+    pub chunk_sectors: u32,
+    /// The merge stopped on an error (`Merge failed`).
+    pub failed: bool,
 }
 
 /// Snapshot status as `dmsetup status` prints it.
@@ -331,6 +403,8 @@ pub enum Status {
     Invalid,
     /// `Overflow`.
     Overflow,
+    /// `Merge failed`.
+    MergeFailed,
 }
 
 impl core::fmt::Display for Status {
@@ -343,6 +417,7 @@ impl core::fmt::Display for Status {
             ),
             Status::Invalid => f.write_str("Invalid"),
             Status::Overflow => f.write_str("Overflow"),
+            Status::MergeFailed => f.write_str("Merge failed"),
         }
     }
 }

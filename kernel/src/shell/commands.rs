@@ -41,7 +41,7 @@ pub enum CommandId {
     Flush,
     /// `bench DEV --rw MODE ...`
     Bench,
-    /// `snapshot create|list|status|delete ...`
+    /// `snapshot create|list|status|delete|attach|merge ...`
     Snapshot,
     /// `net [echo PORT]`
     Net,
@@ -235,9 +235,9 @@ pub static COMMANDS: &[CommandInfo] = &[
     CommandInfo {
         id: CommandId::Snapshot,
         name: "snapshot",
-        usage: "snapshot create NAME ORIGIN COW[:START+LEN] [--chunk 4k] [--writable] | list [--json] | status NAME | delete NAME | attach NAME ORIGIN COW",
-        summary: "create, list, show, delete and attach copy-on-write snapshots (dm-snapshot format)",
-        details: "COW is a device or a region of one in blocks (vdb:2048+65536). Chunk sizes 4k..512k (default 4k). Snapshot names work with read, write, checksum, flush and bench.",
+        usage: "snapshot create NAME ORIGIN COW[:START+LEN] [--chunk 4k] [--writable] | list [--json] | status NAME | delete NAME | attach NAME ORIGIN COW | merge NAME",
+        summary: "create, list, show, delete, attach and merge copy-on-write snapshots (dm-snapshot format)",
+        details: "COW is a device or a region of one in blocks (vdb:2048+65536). Chunk sizes 4k..512k (default 4k). Snapshot names work with read, write, checksum, flush and bench. merge NAME rolls the origin back to the snapshot (lvconvert --merge): the origin stays online and reads as the snapshot at once, the snapshot is removed when done, a reboot resumes it; Ctrl-C leaves it running.",
         spec: CommandSpec {
             options: &[OptSpec::value("chunk"), OptSpec::flag("writable"), OptSpec::flag("json")],
             required: &["SUBCOMMAND"],

@@ -9,7 +9,7 @@ use alloc::string::{String, ToString};
 use super::output::Out;
 use crate::console::args::{parse_size, parse_u64, Args};
 use crate::json;
-use crate::storage::snaptask::{CreateSpec, CreateTask, DeleteTask};
+use crate::storage::snaptask::{CreateSpec, CreateTask, DeleteTask, MergeTask};
 use crate::storage::tasks::Task;
 use crate::storage::volume::{reason_text, Origin, SnapState};
 use crate::storage::{self, Storage, Target};
@@ -35,11 +35,15 @@ pub fn run(args: &Args, out: &mut Out) -> Option<Box<dyn Task>> {
         Some("status") => status(st, args, out).map(|_| None),
         Some("delete") => delete(st, args).map(Some),
         Some("attach") => attach(st, args).map(Some),
+        Some("merge") => merge(st, args).map(Some),
         Some(other) => Err(alloc::format!(
-            "unknown snapshot subcommand '{}' (create, list, status, delete, attach)",
+            "unknown snapshot subcommand '{}' (create, list, status, delete, attach, merge)",
             shown(other)
         )),
-        None => Err("snapshot needs a subcommand: create, list, status or delete".to_string()),
+        None => Err(
+            "snapshot needs a subcommand: create, list, status, delete, attach or merge"
+                .to_string(),
+        ),
     });
     match result {
         Ok(task) => task,
@@ -249,7 +253,7 @@ fn delete(st: &mut Storage, args: &Args) -> CmdResult<Box<dyn Task>> {
     let (origin, snap) = find_snap(st, args)?;
     if !matches!(snap.state, SnapState::Active | SnapState::Invalid) {
         return Err(alloc::format!(
-            "snapshot {} is busy (being created or deleted)",
+            "snapshot {} is busy (being created, deleted or merged)",
             snap.name
         ));
     }
@@ -257,6 +261,52 @@ fn delete(st: &mut Storage, args: &Args) -> CmdResult<Box<dyn Task>> {
         snap.name.clone(),
         origin,
         snap.id,
+    )))
+}
+
+/// `snapshot merge NAME`: roll the origin back to the snapshot (lvconvert --merge).
+fn merge(st: &mut Storage, args: &Args) -> CmdResult<Box<dyn Task>> {
+    let (origin, snap) = find_snap(st, args)?;
+    match snap.state {
+        SnapState::Active => {}
+        SnapState::Invalid => {
+            return Err(alloc::format!(
+                "snapshot {} is invalid ({}); it cannot be merged",
+                snap.name,
+                state_name(snap)
+            ))
+        }
+        SnapState::Merging | SnapState::MergeFailed => {
+            return Err(alloc::format!(
+                "snapshot {} is already being merged (see 'snapshot status {}')",
+                snap.name,
+                snap.name
+            ))
+        }
+        _ => {
+            return Err(alloc::format!(
+                "snapshot {} is busy (being created or deleted)",
+                snap.name
+            ))
+        }
+    }
+    let o = &st.origins[origin];
+    if let Some(other) = o
+        .snaps
+        .iter()
+        .find(|s| matches!(s.state, SnapState::Merging | SnapState::MergeFailed))
+    {
+        return Err(alloc::format!(
+            "snapshot {} of the same origin is being merged; one merge at a time",
+            other.name
+        ));
+    }
+    Ok(Box::new(MergeTask::new(
+        snap.name.clone(),
+        origin,
+        st.name(o.disk).as_str().to_string(),
+        snap.id,
+        time::uptime_ns(),
     )))
 }
 
@@ -275,6 +325,8 @@ fn state_name(s: &crate::storage::volume::Snap) -> &'static str {
         SnapState::Invalid => "invalid",
         SnapState::Failed => "failed",
         SnapState::Deleting | SnapState::Deleted => "deleting",
+        SnapState::Merging => "merging",
+        SnapState::MergeFailed => "merge-failed",
     }
 }
 
@@ -329,6 +381,19 @@ fn list(st: &Storage, json_out: bool, out: &mut Out) {
                         e.bool("writable", s.writable);
                         e.str("state", state_name(s));
                         e.str("status", &status);
+                        if let Some(m) = o.merge_view(s.id, time::uptime_ns()) {
+                            e.u64("merge_chunks_left", m.chunks_left);
+                            e.u64("merge_chunks_total", m.chunks_total);
+                            match (m.kb_per_s, m.eta_s) {
+                                (Some(r), Some(eta)) => {
+                                    e.u64("merge_kb_per_s", r);
+                                    e.u64("merge_eta_s", eta);
+                                }
+                                _ => {
+                                    e.null("merge_kb_per_s");
+                                }
+                            }
+                        }
                         match used {
                             Some((a, t)) => {
                                 e.u64("allocated_sectors", a);
@@ -381,6 +446,18 @@ fn list(st: &Storage, json_out: bool, out: &mut Out) {
             "(no snapshots; create one with 'snapshot create NAME ORIGIN COW')"
         );
     }
+    for o in &st.origins {
+        for s in &o.snaps {
+            if let Some(m) = o.merge_view(s.id, time::uptime_ns()) {
+                let _ = writeln!(
+                    out,
+                    "merging {} into {}: {m}",
+                    s.name,
+                    st.name(o.disk).as_str()
+                );
+            }
+        }
+    }
     for u in &st.unserved {
         if u.start == 0 {
             let _ = writeln!(out, "store on {}: {}", st.name(u.disk).as_str(), u.why);
@@ -402,7 +479,16 @@ fn status(st: &Storage, args: &Args, out: &mut Out) -> CmdResult<()> {
     let (status, used) = usage(o, s);
     let g = st.devices[o.disk].geometry();
     let sectors = g.capacity_blocks * u64::from(g.block_size / 512);
-    let _ = writeln!(out, "0 {sectors} snapshot {status}");
+    let merge = o.merge_view(s.id, time::uptime_ns());
+    let target = if merge.is_some() {
+        "snapshot-merge"
+    } else {
+        "snapshot"
+    };
+    let _ = writeln!(out, "0 {sectors} {target} {status}");
+    if let Some(m) = merge {
+        let _ = writeln!(out, "  merging into {}: {m}", st.name(o.disk).as_str());
+    }
     let _ = writeln!(
         out,
         "  state {}  used {}  chunk {} KiB",

@@ -260,6 +260,7 @@ impl DiscoverTask {
         };
         let cg = st.devices[self.disk].geometry();
         let valid = loaded.valid;
+        let merging = loaded.merging;
         // Adopted stores are read-only: their maker's view of them is not ours to change.
         let writable =
             self.adopt.is_none() && binding.flags & snapshot::format::BINDING_FLAG_WRITABLE != 0;
@@ -290,7 +291,9 @@ impl DiscoverTask {
                     cow_sectors,
                     chunk_sectors,
                     writable,
-                    state: if valid {
+                    state: if merging {
+                        SnapState::Merging
+                    } else if valid {
                         SnapState::Active
                     } else {
                         SnapState::Invalid
@@ -301,7 +304,13 @@ impl DiscoverTask {
                 log::info!(
                     "snapshot {name}: store on {cow} attached to {}{}",
                     st.name(origin),
-                    if valid { "" } else { " (invalid)" }
+                    if merging {
+                        " (merging: resumes once every store is attached)"
+                    } else if valid {
+                        ""
+                    } else {
+                        " (invalid)"
+                    }
                 );
             }
             Err(e) => {
@@ -322,11 +331,16 @@ impl Task for DiscoverTask {
     fn step(&mut self, st: &mut Storage, _now: u64) {
         loop {
             if self.done {
+                // Every store is attached: merges found in them may run now (they must
+                // first copy into every other snapshot what they overwrite).
+                for o in st.origins.iter_mut() {
+                    o.engine.resume_merge();
+                }
                 return;
             }
             if self.disk >= st.devices.len() {
                 self.done = true;
-                return;
+                continue;
             }
             let target = Target::Device(self.disk);
             let block = st.devices[self.disk].geometry().block_size.max(512) as usize;

@@ -1,12 +1,14 @@
-//! Snapshot creation and deletion as tasks of the main loop: both quiesce the origin (its
-//! in-flight writes finish, new ones wait in the engine), let the engine initialise or wipe
-//! the COW store with its ordered, durable writes, and resume the origin.
+//! Snapshot creation, deletion and merge as tasks of the main loop: each quiesces the origin
+//! (its in-flight writes finish, new ones wait in the engine), lets the engine initialise,
+//! wipe or start merging the COW store with its ordered, durable writes, and resumes the
+//! origin. A merge then runs in the engine with origin I/O online; its task shows progress
+//! until it is done (Ctrl-C leaves it running in the background).
 
 use core::fmt::{self, Write};
 
 use alloc::string::String;
 use drivers::block::{BufferPool, Completion};
-use snapshot::{Binding, BoundedBytes, SnapId, SnapshotConfig};
+use snapshot::{Binding, BoundedBytes, MergeError, SnapId, SnapshotConfig};
 
 use super::extents::MarkerWriter;
 use super::tasks::Task;
@@ -327,5 +329,158 @@ impl Task for DeleteTask {
                 self.name
             ),
         }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum MergeStep {
+    Quiesce,
+    WaitQuiesced,
+    Running,
+    Done,
+}
+
+/// `snapshot merge NAME`: roll the origin back to the snapshot.
+pub struct MergeTask {
+    name: String,
+    origin: usize,
+    origin_name: String,
+    id: SnapId,
+    step: MergeStep,
+    error: Option<&'static str>,
+    detached: bool,
+    started: u64,
+    total: u64,
+    chunk_bytes: u64,
+    progress: Option<super::volume::MergeView>,
+}
+
+impl MergeTask {
+    /// Merges snapshot `id` of `origin`; the caller checked that it is active.
+    pub fn new(name: String, origin: usize, origin_name: String, id: SnapId, now: u64) -> Self {
+        MergeTask {
+            name,
+            origin,
+            origin_name,
+            id,
+            step: MergeStep::Quiesce,
+            error: None,
+            detached: false,
+            started: now,
+            total: 0,
+            chunk_bytes: 0,
+            progress: None,
+        }
+    }
+}
+
+fn merge_error_text(e: MergeError) -> &'static str {
+    match e {
+        MergeError::NoSuchSnapshot => "the engine does not know this snapshot (or it is busy)",
+        MergeError::SnapshotInvalid => "the snapshot is invalid; its contents are not whole",
+        MergeError::AlreadyMerging => "another snapshot of this origin is being merged",
+        MergeError::NotQuiesced => "the origin did not quiesce",
+        MergeError::Busy => "the snapshot has I/O in flight; try again",
+    }
+}
+
+impl Task for MergeTask {
+    fn step(&mut self, st: &mut Storage, now: u64) {
+        let Some(o) = st.origins.get_mut(self.origin) else {
+            self.error = Some("the origin went away");
+            self.step = MergeStep::Done;
+            return;
+        };
+        match self.step {
+            MergeStep::Quiesce => {
+                o.engine.quiesce_origin();
+                self.step = MergeStep::WaitQuiesced;
+            }
+            MergeStep::WaitQuiesced if o.engine.is_quiesced() => {
+                match o.engine.start_merge(self.id) {
+                    Ok(()) => {
+                        if let Some(s) = o.snaps.iter_mut().find(|s| s.id == self.id) {
+                            s.state = SnapState::Merging;
+                        }
+                        if let Some(p) = o.engine.merge_progress() {
+                            self.total = p.chunks_left;
+                            self.chunk_bytes = u64::from(p.chunk_sectors) * 512;
+                        }
+                        self.started = now;
+                        self.step = MergeStep::Running;
+                    }
+                    Err(e) => {
+                        self.error = Some(merge_error_text(e));
+                        self.step = MergeStep::Done;
+                    }
+                }
+                o.engine.resume_origin();
+            }
+            MergeStep::Running => {
+                self.progress = o.merge_view(self.id, now);
+                match self.progress {
+                    Some(p) if p.failed => {
+                        self.error = Some(
+                            "Merge failed (I/O error): I/O continues through the store; the merge resumes at the next boot",
+                        );
+                        self.step = MergeStep::Done;
+                    }
+                    Some(_) => {}
+                    // The engine freed the slot: done.
+                    None => self.step = MergeStep::Done,
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn complete(&mut self, pool: &mut BufferPool, c: Completion, _now: u64) {
+        if let Some(b) = c.buffer {
+            let _ = pool.release(b);
+        }
+    }
+
+    fn done(&self) -> bool {
+        self.step == MergeStep::Done
+    }
+
+    fn cancel(&mut self) {
+        // A merge cannot be taken back halfway; Ctrl-C only gives the prompt back.
+        if self.step == MergeStep::Running {
+            self.detached = true;
+            self.step = MergeStep::Done;
+        }
+    }
+
+    fn progress(&self, out: &mut dyn Write, _now: u64) -> fmt::Result {
+        match self.progress {
+            Some(p) => write!(out, "merging {} into {}: {p}", self.name, self.origin_name),
+            None => write!(out, "starting the merge of {}", self.name),
+        }
+    }
+
+    fn report(&mut self, out: &mut dyn Write, now: u64) -> fmt::Result {
+        if let Some(e) = self.error {
+            return writeln!(out, "error: snapshot {}: {e}", self.name);
+        }
+        if self.detached {
+            return writeln!(
+                out,
+                "merge of {} goes on in the background (see 'snapshot status {}')",
+                self.name, self.name
+            );
+        }
+        let ms = (now.saturating_sub(self.started) / 1_000_000).max(1);
+        let bytes = self.total * self.chunk_bytes;
+        writeln!(
+            out,
+            "merged {} into {}: {} chunks ({} KiB) in {} ms, {} MB/s",
+            self.name,
+            self.origin_name,
+            self.total,
+            bytes / 1024,
+            ms,
+            bytes / 1000 / ms
+        )
     }
 }

@@ -44,6 +44,10 @@ pub enum SnapState {
     Deleting,
     /// Deleted; the entry goes away.
     Deleted,
+    /// Being merged into its origin (its own volume is gone; the origin shows it).
+    Merging,
+    /// Its merge stopped on an error (`Merge failed`); origin I/O goes on through the store.
+    MergeFailed,
 }
 
 /// A snapshot of an origin.
@@ -101,6 +105,47 @@ pub struct Origin {
     stalled: Option<Io>,
     /// Origin-device sectors per logical block.
     block_sectors: u64,
+    /// When the running merge started (uptime ns) and how many chunks it had left then: the
+    /// rate and ETA the console shows.
+    merge_clock: Option<(u64, u64)>,
+}
+
+/// A merge's progress as the console shows it.
+#[derive(Clone, Copy, Debug)]
+pub struct MergeView {
+    /// Chunks not merged yet.
+    pub chunks_left: u64,
+    /// Chunks the store held when the merge started (or resumed).
+    pub chunks_total: u64,
+    /// Bytes per chunk.
+    pub chunk_bytes: u64,
+    /// Merge rate since it started, in kB/s (None before the first run is done).
+    pub kb_per_s: Option<u64>,
+    /// Seconds left at that rate.
+    pub eta_s: Option<u64>,
+    /// Stopped on an error.
+    pub failed: bool,
+}
+
+impl core::fmt::Display for MergeView {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(
+            f,
+            "{} of {} chunks left ({} MiB)",
+            self.chunks_left,
+            self.chunks_total,
+            (self.chunks_left * self.chunk_bytes) >> 20
+        )?;
+        if self.failed {
+            return f.write_str(", Merge failed");
+        }
+        match (self.kb_per_s, self.eta_s) {
+            (Some(r), Some(eta)) => {
+                write!(f, ", {}.{} MB/s, ETA {eta} s", r / 1000, r % 1000 / 100)
+            }
+            _ => f.write_str(", rate not known yet"),
+        }
+    }
 }
 
 /// Why an origin could not be set up.
@@ -136,12 +181,39 @@ impl Origin {
             bounce,
             stalled: None,
             block_sectors,
+            merge_clock: None,
         })
     }
 
     /// The snapshot called `name`.
     pub fn snap(&self, name: &str) -> Option<&Snap> {
         self.snaps.iter().find(|s| s.name == name)
+    }
+
+    /// Progress of the merge of `id`, if it is being merged.
+    pub fn merge_view(&self, id: SnapId, now_ns: u64) -> Option<MergeView> {
+        let p = self.engine.merge_progress().filter(|p| p.snap == id)?;
+        let chunk_bytes = u64::from(p.chunk_sectors) * 512;
+        let (kb_per_s, eta_s) = match self.merge_clock {
+            Some((start, left_then)) if left_then > p.chunks_left && now_ns > start => {
+                let done = (left_then - p.chunks_left) * chunk_bytes;
+                let elapsed = now_ns - start;
+                let kbs = (u128::from(done) * 1_000_000 / u128::from(elapsed)) as u64;
+                let eta = u128::from(p.chunks_left * chunk_bytes) * u128::from(elapsed)
+                    / u128::from(done)
+                    / 1_000_000_000;
+                (Some(kbs), Some(eta as u64))
+            }
+            _ => (None, None),
+        };
+        Some(MergeView {
+            chunks_left: p.chunks_left,
+            chunks_total: p.chunks_total,
+            chunk_bytes,
+            kb_per_s,
+            eta_s,
+            failed: p.failed,
+        })
     }
 
     fn snap_by_id(&mut self, id: SnapId) -> Option<&mut Snap> {
@@ -334,6 +406,12 @@ impl Origin {
                         copy_into(dst, byte_offset, data);
                     }
                 }
+                // A merge reads an earlier metadata area back into the engine.
+                IoBuffer::Meta { .. } => {
+                    if let Some(dst) = self.engine.meta_bytes_mut(&target) {
+                        copy_into(dst, 0, data);
+                    }
+                }
                 _ => {}
             }
         }
@@ -400,6 +478,31 @@ impl Origin {
                     s.state = SnapState::Deleted;
                 }
             }
+            Event::MergeStarted { snap, resumed } => {
+                let left = self.engine.merge_progress().map_or(0, |p| p.chunks_left);
+                self.merge_clock = Some((crate::time::uptime_ns(), left));
+                if let Some(s) = self.snap_by_id(snap) {
+                    s.state = SnapState::Merging;
+                    let how = if resumed { "resumed" } else { "started" };
+                    log::info!("merge of {} {how}: {left} chunks to go", s.name);
+                }
+            }
+            Event::MergeDone { snap } => {
+                self.merge_clock = None;
+                if let Some(s) = self.snap_by_id(snap) {
+                    log::info!("merge of {} finished; snapshot removed", s.name);
+                    s.state = SnapState::Deleted;
+                }
+            }
+            Event::MergeFailed { snap } => {
+                if let Some(s) = self.snap_by_id(snap) {
+                    log::error!(
+                        "merge of {} failed (Merge failed); I/O continues, the merge resumes at the next boot",
+                        s.name
+                    );
+                    s.state = SnapState::MergeFailed;
+                }
+            }
         }
     }
 
@@ -428,6 +531,9 @@ fn block_error(e: VolumeError) -> BlockError {
         VolumeError::OutOfRange => BlockError::DeviceStatus("range outside the volume"),
         VolumeError::ReadOnly => BlockError::ReadOnly,
         VolumeError::NoSuchVolume => BlockError::DeviceFailed,
+        VolumeError::Merging => {
+            BlockError::DeviceStatus("snapshot is being merged into its origin")
+        }
     }
 }
 

@@ -102,6 +102,11 @@ pub enum Op {
     Delete {
         snap: u16,
     },
+    /// Flush the snapshot and the origin, quiesce, start merging the snapshot into the
+    /// origin, resume: from now on the origin model is the snapshot's contents.
+    StartMerge {
+        snap: u16,
+    },
     /// Wait for everything in flight.
     Drain,
 }
@@ -144,6 +149,10 @@ pub struct RunConfig {
     pub fail_every: Option<u64>,
     /// Check every n-th completion point (1 = all).
     pub check_every: u64,
+    /// Negative control for merges: zero merged records before the origin copy is durable.
+    pub merge_skip_origin_flush: bool,
+    /// Negative control for merges: release a run's I/O before its records are zeroed.
+    pub merge_release_early: bool,
 }
 
 impl RunConfig {
@@ -162,6 +171,8 @@ impl RunConfig {
             hold_bound: 3,
             fail_every: None,
             check_every: 1,
+            merge_skip_origin_flush: false,
+            merge_release_early: false,
         }
     }
 }
@@ -183,7 +194,22 @@ pub struct Outcome {
     pub completions: u64,
 }
 
+/// A crash-image checker that replaces [`Harness::check_image`].
+pub type CheckFn = fn(&Harness, &[u64], &BTreeMap<u16, Vec<u64>>) -> Result<(), String>;
+
 pub struct Harness {
+    /// Replaces the built-in crash check when set.
+    pub custom_check: Option<CheckFn>,
+    /// The snapshot being merged (set by `Op::StartMerge`).
+    pub merging: Option<u16>,
+    /// `Event::MergeStarted` seen (the merge marker is durable).
+    pub merge_started: bool,
+    /// `Event::MergeDone` seen.
+    pub merge_done: bool,
+    /// `Event::MergeFailed` seen.
+    pub merge_failed: bool,
+    /// What `start_merge` said if it refused.
+    pub merge_refused: Option<MergeError>,
     pub world: World,
     pub cfg: RunConfig,
     pub origin: VolModel,
@@ -212,6 +238,8 @@ impl Harness {
         ec.hold_bound_ticks = cfg.hold_bound;
         ec.unsafe_release_before_commit = cfg.broken_ordering;
         ec.unsafe_skip_commit_flush = cfg.skip_commit_flush;
+        ec.unsafe_merge_skip_origin_flush = cfg.merge_skip_origin_flush;
+        ec.unsafe_merge_release_early = cfg.merge_release_early;
         let engine = Engine::new(ec).expect("engine config");
         let origin = SimDisk::new(cfg.origin_sectors, |s| stamp(0, s));
         let init: Vec<u64> = origin.current.clone();
@@ -224,6 +252,12 @@ impl Harness {
             }));
         }
         Harness {
+            custom_check: None,
+            merging: None,
+            merge_started: false,
+            merge_done: false,
+            merge_failed: false,
+            merge_refused: None,
             world,
             origin: VolModel::new(init),
             snaps: BTreeMap::new(),
@@ -365,6 +399,14 @@ impl Harness {
                 Event::SnapshotCreateFailed { snap } => {
                     self.snaps.remove(&snap.0);
                 }
+                Event::MergeStarted { .. } => self.merge_started = true,
+                Event::MergeDone { snap } => {
+                    self.merge_done = true;
+                    if let Some(m) = self.snaps.get_mut(&snap.0) {
+                        m.deleted = true;
+                    }
+                }
+                Event::MergeFailed { .. } => self.merge_failed = true,
                 _ => {}
             }
         }
@@ -472,9 +514,11 @@ impl Harness {
     }
 
     fn snap_ok(&self, s: u16) -> bool {
-        self.snaps
-            .get(&s)
-            .is_some_and(|m| m.created && !m.invalidated && !m.deleted)
+        self.merging != Some(s)
+            && self
+                .snaps
+                .get(&s)
+                .is_some_and(|m| m.created && !m.invalidated && !m.deleted)
     }
 
     pub fn apply(&mut self, op: Op) {
@@ -741,6 +785,39 @@ impl Harness {
                 self.world.engine.resume_origin();
                 self.world.pump();
             }
+            Op::StartMerge { snap } => {
+                if self.merging.is_some() || !self.snap_ok(snap) {
+                    return;
+                }
+                // Everything acknowledged first, then flushed: the model below takes every
+                // acknowledged write as durable.
+                self.drain();
+                self.apply(Op::SnapFlush { snap });
+                self.apply(Op::OriginFlush);
+                self.drain();
+                if !self.snap_ok(snap) {
+                    return;
+                }
+                self.world.engine.quiesce_origin();
+                self.world.pump();
+                while !self.world.engine.is_quiesced() {
+                    if !self.step() {
+                        break;
+                    }
+                }
+                match self.world.engine.start_merge(SnapId(snap)) {
+                    Ok(()) => {
+                        // Everything is flushed: the origin now reads as the snapshot, durably.
+                        let m = &self.snaps[&snap].model;
+                        let view = (0..m.sectors()).map(|x| m.current(x)).collect();
+                        self.origin = VolModel::new(view);
+                        self.merging = Some(snap);
+                    }
+                    Err(e) => self.merge_refused = Some(e),
+                }
+                self.world.engine.resume_origin();
+                self.world.pump();
+            }
             Op::Drain => self.drain(),
         }
     }
@@ -758,7 +835,11 @@ impl Harness {
                 }
             }
             self.outcome.crash_states += 1;
-            if let Err(e) = self.check_image(&origin_img, &cow_imgs) {
+            let checked = match self.custom_check {
+                Some(f) => f(self, &origin_img, &cow_imgs),
+                None => self.check_image(&origin_img, &cow_imgs),
+            };
+            if let Err(e) = checked {
                 if self.outcome.violations.len() < 20 {
                     self.outcome
                         .violations
@@ -768,7 +849,7 @@ impl Harness {
         }
     }
 
-    fn check_image(
+    pub fn check_image(
         &self,
         origin_img: &[u64],
         cows: &BTreeMap<u16, Vec<u64>>,

@@ -4,6 +4,9 @@
 //! write; IOPS, MB/s, p99 latency, interrupts per I/O. A benchmark, not a test: it asserts
 //! nothing about speed.
 //!
+//! The snapshot rows end with a merge: 256 MiB of copied chunks merged back into the origin,
+//! in MB/s against the raw sequential write MB/s of the same run.
+//!
 //! Then the NBD rows: fio's `nbd` engine against the appliance's NBD server and against
 //! `nbdkit` on the host, in the same run, with the ratio.
 //!
@@ -292,6 +295,39 @@ fn snapshot_rows(q: &mut tests::Qemu, kind: &str, origin: &str, cow: &str, time:
     );
     cmd(q, "snapshot delete b3");
     cmd(q, "snapshot delete b4");
+    merge_row(q, &raw_sw);
+}
+
+/// Merge: every chunk of the 256 MiB region copied (4 KiB chunks), then `snapshot merge`
+/// copies them back; its MB/s against the raw device's sequential write MB/s of this run.
+fn merge_row(q: &mut tests::Qemu, raw_sw: &Figures) {
+    cmd(q, "snapshot create m1 vdb vdc:0+1048576");
+    cmd(q, "write vdb 0 524288 --byte 0x24");
+    let out = cmd(q, "snapshot merge m1");
+    // "merged m1 into vdb: N chunks (K KiB) in T ms, X MB/s"
+    let kib: f64 = field(&out, "chunks (").parse().unwrap_or(0.0);
+    let ms: f64 = out
+        .split(" KiB) in ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0.0);
+    let mb_s = if ms > 0.0 {
+        kib * 1024.0 / 1e6 / (ms / 1000.0)
+    } else {
+        0.0
+    };
+    println!(
+        "{:<34} {:>8.1} MB/s vs raw 128k write {:.1} MB/s ({:.1}%)",
+        format!("merge {:.0} MiB of copied chunks", kib / 1024.0),
+        mb_s,
+        raw_sw.mb_s,
+        if raw_sw.mb_s > 0.0 {
+            100.0 * mb_s / raw_sw.mb_s
+        } else {
+            0.0
+        }
+    );
 }
 
 /// fio's figures for one run: IOPS, MB/s, p99 completion latency in µs.

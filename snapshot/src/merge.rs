@@ -1,0 +1,897 @@
+//! Snapshot merge: roll the origin back to a snapshot (Linux's `snapshot-merge` target,
+//! `lvconvert --merge`), crash-safe at every step, with origin I/O online.
+//!
+//! A child module of [`crate::engine`] (it drives the engine's pools and helpers); the
+//! engine only hooks it in at a few places: [`Engine::start_merge`], `attach_snapshot` (a
+//! store whose merge marker is set resumes), the snapshot state `Merging` in the step loop,
+//! origin requests while a merge runs, and the completions of its I/O.
+//!
+//! # Protocol (as `snapshot_merge_next_chunks()` / `merge_callback()` in Linux `dm-snap.c`
+//! and `persistent_prepare_merge()` / `persistent_commit_merge()` in
+//! `dm-snap-persistent.c`)
+//! 0. Write the *merge marker* into the header block (FUA, or write + flush) so a reboot
+//!    resumes: see [`crate::format::encode_merge_marker`] for where it lives and why.
+//! 1. Take the newest record (highest index of the current area; when the area is used up,
+//!    read the previous area back from disk) and the records before it whose `old_chunk` *and*
+//!    `new_chunk` are both consecutive: one run, at most one copy buffer long. snapfw takes
+//!    up to [`MAX_RUNS`] such runs from the top of the area as one *batch* (one copy buffer
+//!    each, at most half of the engine's): Linux merges one run at a time, which pays an
+//!    origin flush and an area write per 128 KiB; the invariant below is the same.
+//! 2. The batch's origin chunks are about to change: every *other* snapshot of the origin
+//!    copies them first, exactly as for an origin write (Linux `origin_write_extent()`).
+//! 3. Block I/O to the batch's chunks and wait for origin I/O already in flight on them.
+//! 4. Read each run from the COW device into its copy buffer and write it to the origin (the
+//!    runs in parallel), then flush the origin.
+//! 5. Zero the batch's records (the top of the area) in the area image; flush the COW device,
+//!    write the area with FUA (or write + flush): Linux's `REQ_PREFLUSH | REQ_FUA`.
+//! 6. Drop the batch from the in-memory table, release the blocked I/O (it now goes to the
+//!    origin), next batch.
+//! 7. Store empty (area 0 all zero): wipe chunk 0 (the header, binding and marker; a store
+//!    whose binding names its region gets a free-extent marker there instead, as after a
+//!    deletion, so boot discovery walks past it), free the slot, [`Event::MergeDone`].
+//!
+//! A crash anywhere is safe: a record still on disk means its COW chunk still holds the
+//! snapshot's data (and any origin write redirected there), and copying it again gives the
+//! same origin; a record gone means the copy was durable on the origin before the area write.
+//! Writes to a batch's chunks wait until its area write is durable, so a repeated copy never
+//! overwrites them. (The crash tests check this, and catch the two broken orderings.)
+//!
+//! # I/O while merging
+//! The origin volume shows the snapshot's contents plus new writes (the merged view):
+//! a chunk still in the store is read from and written to its COW chunk; other chunks go to
+//! the origin, and origin writes to those still copy into every other snapshot first (the
+//! merging snapshot takes no new exceptions). I/O to the run being merged waits. The merging
+//! snapshot's own volume is refused with [`VolumeError::Merging`]: as with Linux, where the
+//! snapshot device goes away when the merge starts, the origin is the one view.
+//!
+//! # Errors
+//! An I/O error of the merge stops it ([`Event::MergeFailed`], status `Merge failed`): the
+//! store and its redirection stay, so I/O goes on and the data stays right; the marker stays
+//! on disk, so the next attach (boot) resumes. If the failed I/O was the area write, what is on
+//! disk for that batch is unknown, so I/O to those chunks fails until the store is attached
+//! again.
+//!
+//! # Memory
+//! Nothing is allocated: the merge borrows the engine's copy buffers (one per run), reads
+//! areas back into the snapshot's area buffer, and its state is a small inline struct.
+
+use super::*;
+use crate::format::{encode_merge_marker, Binding, FreeExtent};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Phase {
+    /// Found at attach time: redirect I/O but write nothing until
+    /// [`Engine::resume_merge`] (every other store of the origin must be attached first, or
+    /// the merge would overwrite origin chunks they have not copied).
+    Held,
+    /// Write the header block with the merge marker.
+    Marker,
+    /// Flush after the marker (COW device without FUA).
+    MarkerFlush,
+    /// Pick the next batch of runs (or step back an area, or finish).
+    Prepare,
+    /// Read the previous metadata area back into the area buffer.
+    ReadArea,
+    /// Wait until every other snapshot holds the batch's origin chunks.
+    Clear,
+    /// The batch is blocked; wait for origin I/O in flight on it, and for copy buffers.
+    Drain,
+    /// Read each run from the COW device (in parallel).
+    CopyRead,
+    /// Write each run to the origin (in parallel).
+    CopyWrite,
+    OriginFlush,
+    CowFlush,
+    AreaWrite,
+    AreaFlush,
+    /// Store empty: wipe chunk 0.
+    Wipe,
+    WipeFlush,
+    /// Free the slot once nothing is in flight on the COW device.
+    Remove,
+    /// Stopped on an error.
+    Stopped,
+}
+
+/// Most runs merged under one origin flush and one area write.
+const MAX_RUNS: usize = 8;
+
+/// Runs of consecutive chunks (on the origin and on the COW device).
+#[derive(Clone, Copy, Debug, Default)]
+struct Run {
+    old: u64,
+    new: u64,
+    len: u64,
+}
+
+/// The state of the merge running on an origin.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Merge {
+    snap: u16,
+    phase: Phase,
+    /// I/Os of the current phase in flight.
+    ios: u32,
+    /// Runs of the current copy phase emitted so far.
+    emitted: usize,
+    /// An I/O of the current phase failed (stop once the others are back).
+    io_failed: bool,
+    failed: bool,
+    total: u64,
+    cs: u64,
+    /// The batch: the newest records of the current area, newest run first.
+    runs: [Run; MAX_RUNS],
+    nruns: usize,
+    /// Records the batch zeroes (the top of the current area).
+    records: u64,
+    buffers: [u32; MAX_RUNS],
+    /// I/O to the batch's chunks waits.
+    active: bool,
+    /// I/O to the batch's chunks fails: their state on disk is unknown after a failed area
+    /// write (or the table could not drop them).
+    fenced: bool,
+    /// The wipe writes a free-extent marker (in the header buffer) instead of zeroes.
+    wipe_marker: bool,
+}
+
+impl Merge {
+    fn in_batch(&self, c: u64) -> bool {
+        self.runs[..self.nruns]
+            .iter()
+            .any(|r| c >= r.old && c < r.old + r.len)
+    }
+
+    fn blocks(&self, c: u64) -> bool {
+        self.active && self.in_batch(c)
+    }
+
+    fn fences(&self, c: u64) -> bool {
+        self.fenced && self.in_batch(c)
+    }
+}
+
+impl Engine {
+    /// Starts merging snapshot `snap` into the origin (roll the origin back to it). The origin
+    /// must be quiesced (call [`resume_origin`](Self::resume_origin) right after); the
+    /// snapshot must be valid with nothing in flight. From now on its own volume is refused
+    /// ([`VolumeError::Merging`]) and the origin shows its contents.
+    /// [`Event::MergeStarted`] once the marker is durable, [`Event::MergeDone`] when the store
+    /// is empty and wiped (the slot is free then), [`Event::MergeFailed`] on an error.
+    /// Progress: [`merge_progress`](Self::merge_progress).
+    pub fn start_merge(&mut self, snap: SnapId) -> Result<(), MergeError> {
+        if self.merge.is_some() {
+            return Err(MergeError::AlreadyMerging);
+        }
+        let s = snap.0 as usize;
+        let Some(Some(x)) = self.snaps.get(s) else {
+            return Err(MergeError::NoSuchSnapshot);
+        };
+        if x.state != SnapState::Active {
+            return Err(MergeError::NoSuchSnapshot);
+        }
+        if !x.valid || x.overflow {
+            return Err(MergeError::SnapshotInvalid);
+        }
+        if !self.is_quiesced() {
+            return Err(MergeError::NotQuiesced);
+        }
+        let busy = !x.order.is_empty()
+            || x.batches.iter().any(Option::is_some)
+            || x.meta_inflight
+            || x.header_phase != HeaderPhase::None
+            || x.inflight != 0
+            || self
+                .reqs
+                .iter()
+                .any(|r| r.phase != ReqPhase::Free && r.req.volume == Volume::Snapshot(snap));
+        if busy {
+            return Err(MergeError::Busy);
+        }
+        self.begin_merge(s, Phase::Marker);
+        Ok(())
+    }
+
+    /// Installs the merge of a store attached with its merge marker set, held until
+    /// [`resume_merge`](Self::resume_merge).
+    pub(super) fn hold_resumed_merge(&mut self, snap: SnapId) {
+        self.begin_merge(snap.0 as usize, Phase::Held);
+    }
+
+    /// Lets a merge found at attach time (its store carried the merge marker) run. Call it
+    /// once every store of this origin is attached (at boot: after discovery): until then
+    /// the origin is served through the merging store but nothing is merged, because the
+    /// merge must first copy into every other snapshot the origin chunks it overwrites.
+    /// Returns whether a merge was waiting. [`Event::MergeStarted`] (`resumed: true`).
+    pub fn resume_merge(&mut self) -> bool {
+        let Some(m) = self.merge.as_mut() else {
+            return false;
+        };
+        if m.phase != Phase::Held {
+            return false;
+        }
+        m.phase = Phase::Prepare;
+        let snap = SnapId(m.snap);
+        self.epoch += 1;
+        self.dirty = true;
+        self.push_event(Event::MergeStarted {
+            snap,
+            resumed: true,
+        });
+        true
+    }
+
+    /// Whether a merge is running (not held, not stopped): no other store may be attached
+    /// then, since the origin already holds merged chunks that store never copied.
+    pub(super) fn merge_running(&self) -> bool {
+        self.merge.as_ref().is_some_and(|m| m.phase != Phase::Held)
+    }
+
+    fn begin_merge(&mut self, s: usize, phase: Phase) {
+        let Some(x) = self.snaps[s].as_mut() else {
+            return;
+        };
+        x.state = SnapState::Merging;
+        encode_merge_marker(&mut x.header);
+        self.merge = Some(Merge {
+            snap: s as u16,
+            phase,
+            ios: 0,
+            emitted: 0,
+            io_failed: false,
+            failed: false,
+            total: x.table.len(),
+            cs: x.store.chunk_sectors(),
+            runs: [Run::default(); MAX_RUNS],
+            nruns: 0,
+            records: 0,
+            buffers: [NIL; MAX_RUNS],
+            active: false,
+            fenced: false,
+            wipe_marker: false,
+        });
+        self.epoch += 1;
+        self.dirty = true;
+    }
+
+    /// How far the running merge is, if one runs (or stopped with an error) on this origin.
+    pub fn merge_progress(&self) -> Option<MergeProgress> {
+        let m = self.merge.as_ref()?;
+        let x = self.snaps.get(m.snap as usize)?.as_ref()?;
+        Some(MergeProgress {
+            snap: SnapId(m.snap),
+            chunks_total: m.total,
+            chunks_left: x.table.len(),
+            chunk_sectors: x.store.geometry.chunk_sectors,
+            failed: m.failed,
+        })
+    }
+
+    pub(super) fn merge_failed(&self, snap: SnapId) -> bool {
+        self.merge
+            .as_ref()
+            .is_some_and(|m| m.failed && m.snap == snap.0)
+    }
+
+    pub(super) fn merge_is_idle(&self) -> bool {
+        self.merge.as_ref().is_none_or(|m| m.failed)
+    }
+
+    fn set_phase(&mut self, phase: Phase) {
+        if let Some(m) = self.merge.as_mut() {
+            m.phase = phase;
+        }
+        // Waiting origin requests may depend on it (the marker, the run blocked or not).
+        self.epoch += 1;
+        self.progress += 1;
+    }
+
+    /// Origin sectors of a run.
+    fn run_range(&self, cs: u64, r: &Run) -> (u64, u64) {
+        let start = r.old * cs;
+        let end = ((r.old + r.len) * cs).min(self.cfg.origin_sectors);
+        (start, end)
+    }
+
+    /// One step of the merge of snapshot `s` (called from the engine's step loop).
+    pub(super) fn step_merge(&mut self, s: usize) {
+        let Some(m) = self.merge else {
+            return;
+        };
+        if m.snap as usize != s {
+            return;
+        }
+        if matches!(m.phase, Phase::CopyRead | Phase::CopyWrite) {
+            self.step_copies(s);
+            return;
+        }
+        if m.ios > 0 {
+            return;
+        }
+        let Some(x) = self.snaps[s].as_ref() else {
+            return;
+        };
+        let sid = SnapId(m.snap);
+        let cow = Device::Cow(sid);
+        let ctx = IoCtx::Merge { snap: m.snap };
+        let fua = x.cow_fua;
+        let g = x.store.geometry;
+        let area_sector = x.store.area_sector();
+        let header_sectors = x.cow_block_sectors;
+        let meta = |kind| IoBuffer::Meta { snap: sid, kind };
+        let emitted = match m.phase {
+            Phase::Stopped | Phase::Held | Phase::CopyRead | Phase::CopyWrite => return,
+            Phase::Prepare => {
+                self.prepare_batch(s);
+                return;
+            }
+            Phase::Clear => {
+                // Every run, so that the other snapshots' copies are planned together.
+                let mut clear = true;
+                for r in &m.runs[..m.nruns] {
+                    let (start, end) = self.run_range(m.cs, r);
+                    clear &= self.merge_range_clear(start, end, None);
+                }
+                if clear {
+                    if let Some(m) = self.merge.as_mut() {
+                        m.active = true;
+                    }
+                    self.set_phase(Phase::Drain);
+                }
+                return;
+            }
+            Phase::Drain => {
+                let cs = m.cs;
+                let busy = self.reqs.iter().any(|r| {
+                    r.phase != ReqPhase::Free
+                        && r.req.volume == Volume::Origin
+                        && r.ios > 0
+                        && m.runs[..m.nruns].iter().any(|run| {
+                            let (start, end) = (run.old * cs, (run.old + run.len) * cs);
+                            r.req.sector < end && start < r.req.sector + u64::from(r.req.sectors)
+                        })
+                });
+                if busy {
+                    return;
+                }
+                // One copy buffer per run; leave half of them to origin writes' copies. With
+                // fewer buffers, merge fewer runs (the newest ones: the area stays a prefix).
+                let spare = (self.cfg.copy_buffers as usize / 2).max(1);
+                let want = m.nruns.min(spare);
+                let mut got = 0;
+                let mut buffers = [NIL; MAX_RUNS];
+                while got < want {
+                    let Some(b) = self.free_buffers.pop() else {
+                        break;
+                    };
+                    buffers[got] = b;
+                    got += 1;
+                }
+                if got == 0 {
+                    return;
+                }
+                if let Some(m) = self.merge.as_mut() {
+                    m.buffers = buffers;
+                    if got < m.nruns {
+                        m.nruns = got;
+                        m.records = m.runs[..got].iter().map(|r| r.len).sum();
+                    }
+                    m.emitted = 0;
+                }
+                self.set_phase(Phase::CopyRead);
+                return;
+            }
+            Phase::Remove => {
+                if x.inflight == 0 {
+                    self.snaps[s] = None;
+                    self.merge = None;
+                    self.epoch += 1;
+                    self.progress += 1;
+                    self.push_event(Event::MergeDone { snap: sid });
+                }
+                return;
+            }
+            Phase::Marker => self.emit(
+                ctx,
+                cow,
+                IoOp::Write { fua },
+                0,
+                header_sectors,
+                meta(MetaKind::Header),
+            ),
+            Phase::MarkerFlush | Phase::CowFlush | Phase::AreaFlush | Phase::WipeFlush => {
+                self.emit(ctx, cow, IoOp::Flush, 0, 0, IoBuffer::None)
+            }
+            Phase::ReadArea => self.emit(
+                ctx,
+                cow,
+                IoOp::Read,
+                area_sector,
+                g.chunk_sectors,
+                meta(MetaKind::Area),
+            ),
+            Phase::OriginFlush => self.emit(ctx, Device::Origin, IoOp::Flush, 0, 0, IoBuffer::None),
+            Phase::AreaWrite => {
+                // Zero the batch's records (the newest `records` of the area), then write the
+                // area. Idempotent if the emit has to be retried.
+                if let Some(x) = self.snaps[s].as_mut() {
+                    let top = x.store.committed_in_area;
+                    for i in top - m.records..top {
+                        Record {
+                            old_chunk: 0,
+                            new_chunk: 0,
+                        }
+                        .encode(&mut x.store.area, i as usize);
+                    }
+                }
+                self.emit(
+                    ctx,
+                    cow,
+                    IoOp::Write { fua },
+                    area_sector,
+                    g.chunk_sectors,
+                    meta(MetaKind::Area),
+                )
+            }
+            Phase::Wipe if m.wipe_marker => self.emit(
+                ctx,
+                cow,
+                IoOp::Write { fua },
+                0,
+                header_sectors,
+                meta(MetaKind::Header),
+            ),
+            Phase::Wipe => self.emit(
+                ctx,
+                cow,
+                IoOp::Write { fua },
+                0,
+                g.chunk_sectors,
+                IoBuffer::Zeroes,
+            ),
+        };
+        if emitted {
+            if let Some(m) = self.merge.as_mut() {
+                m.ios += 1;
+            }
+        }
+    }
+
+    /// The parallel copy phases: one read (COW) or write (origin) per run.
+    fn step_copies(&mut self, s: usize) {
+        let Some(m) = self.merge else {
+            return;
+        };
+        let ctx = IoCtx::Merge { snap: m.snap };
+        let mut k = m.emitted;
+        while k < m.nruns && !m.io_failed {
+            let r = m.runs[k];
+            let (start, end) = self.run_range(m.cs, &r);
+            let copy = IoBuffer::Copy {
+                index: m.buffers[k],
+                byte_offset: 0,
+            };
+            let ok = if m.phase == Phase::CopyRead {
+                self.emit(
+                    ctx,
+                    Device::Cow(SnapId(m.snap)),
+                    IoOp::Read,
+                    r.new * m.cs,
+                    (end - start) as u32,
+                    copy,
+                )
+            } else {
+                self.emit(
+                    ctx,
+                    Device::Origin,
+                    IoOp::Write { fua: false },
+                    start,
+                    (end - start) as u32,
+                    copy,
+                )
+            };
+            if !ok {
+                break;
+            }
+            k += 1;
+            if let Some(mm) = self.merge.as_mut() {
+                mm.ios += 1;
+                mm.emitted = k;
+            }
+        }
+        let Some(m) = self.merge else {
+            return;
+        };
+        if m.ios > 0 {
+            return;
+        }
+        if m.io_failed {
+            self.stop_merge(false);
+            return;
+        }
+        if m.emitted < m.nruns {
+            return;
+        }
+        let next = match m.phase {
+            Phase::CopyRead => Phase::CopyWrite,
+            _ if self.cfg.unsafe_merge_skip_origin_flush => Phase::CowFlush,
+            _ => Phase::OriginFlush,
+        };
+        if let Some(mm) = self.merge.as_mut() {
+            mm.emitted = 0;
+        }
+        self.set_phase(next);
+        let _ = s;
+    }
+
+    /// Picks the next batch: up to [`MAX_RUNS`] runs from the top of the current area, each
+    /// as Linux `persistent_prepare_merge()` picks one.
+    fn prepare_batch(&mut self, s: usize) {
+        let max_chunks = {
+            let Some(m) = self.merge.as_ref() else {
+                return;
+            };
+            (u64::from(self.cfg.copy_buffer_sectors) / m.cs).max(1)
+        };
+        let Some(x) = self.snaps[s].as_mut() else {
+            return;
+        };
+        let committed = x.store.committed_in_area;
+        if committed == 0 {
+            if x.store.current_area == 0 {
+                // The store is empty. A store in a region of a device that holds several
+                // leaves a free-extent marker where its header was (its binding gives the
+                // region), as a deletion does, so boot discovery still walks past it to the
+                // stores after it; otherwise chunk 0 is zeroed.
+                let marker = match Binding::decode(&x.header) {
+                    Ok(b) if b.region_sectors > 0 => Some(FreeExtent {
+                        start: b.region_start,
+                        sectors: b.region_sectors,
+                    }),
+                    _ => None,
+                };
+                if let Some(f) = marker {
+                    x.header.fill(0);
+                    f.encode(&mut x.header);
+                }
+                if let Some(m) = self.merge.as_mut() {
+                    m.wipe_marker = marker.is_some();
+                }
+                self.set_phase(Phase::Wipe);
+            } else {
+                x.store.current_area -= 1;
+                self.set_phase(Phase::ReadArea);
+            }
+            return;
+        }
+        let record = |i: u64| Record::decode(&x.store.area, i as usize);
+        let mut runs = [Run::default(); MAX_RUNS];
+        let mut nruns = 0;
+        let mut top = committed;
+        while top > 0 && nruns < MAX_RUNS {
+            let Some(last) = record(top - 1) else {
+                break;
+            };
+            if last.new_chunk == 0 || x.table.lookup(last.old_chunk) != Some(last.new_chunk) {
+                break;
+            }
+            let mut n = 1u64;
+            while n < top && n < max_chunks && n <= last.old_chunk && n < last.new_chunk {
+                let Some(r) = record(top - 1 - n) else {
+                    break;
+                };
+                if r.old_chunk != last.old_chunk - n
+                    || r.new_chunk != last.new_chunk - n
+                    || x.table.lookup(r.old_chunk) != Some(r.new_chunk)
+                {
+                    break;
+                }
+                n += 1;
+            }
+            runs[nruns] = Run {
+                old: last.old_chunk + 1 - n,
+                new: last.new_chunk + 1 - n,
+                len: n,
+            };
+            nruns += 1;
+            top -= n;
+        }
+        if nruns == 0 {
+            // The area read back does not match the table loaded from the same disk.
+            self.stop_merge(false);
+            return;
+        }
+        if let Some(m) = self.merge.as_mut() {
+            m.runs = runs;
+            m.nruns = nruns;
+            m.records = committed - top;
+        }
+        self.set_phase(Phase::Clear);
+    }
+
+    /// Completion of a merge I/O.
+    pub(super) fn on_merge_io(&mut self, sid: u16, ok: bool) {
+        let Some(m) = self.merge.as_mut() else {
+            return;
+        };
+        m.ios = m.ios.saturating_sub(1);
+        let phase = m.phase;
+        if !matches!(phase, Phase::CopyWrite | Phase::OriginFlush) {
+            self.io_done_on(sid);
+        }
+        if matches!(phase, Phase::CopyRead | Phase::CopyWrite) {
+            // The copy step moves on once every run's I/O is back.
+            if let Some(m) = self.merge.as_mut() {
+                m.io_failed |= !ok;
+            }
+            self.progress += 1;
+            return;
+        }
+        if !ok {
+            self.stop_merge(matches!(phase, Phase::AreaWrite | Phase::AreaFlush));
+            return;
+        }
+        let s = sid as usize;
+        let fua = self.snaps[s].as_ref().is_some_and(|x| x.cow_fua);
+        let next = match phase {
+            Phase::Marker if !fua => Phase::MarkerFlush,
+            Phase::Marker | Phase::MarkerFlush => {
+                self.push_event(Event::MergeStarted {
+                    snap: SnapId(sid),
+                    resumed: false,
+                });
+                Phase::Prepare
+            }
+            Phase::ReadArea => {
+                if let Some(x) = self.snaps[s].as_mut() {
+                    x.store.committed_in_area = x.store.geometry.exceptions_per_area;
+                }
+                Phase::Prepare
+            }
+            Phase::OriginFlush => {
+                if self.cfg.unsafe_merge_release_early {
+                    self.release_batch_early(s);
+                }
+                Phase::CowFlush
+            }
+            Phase::CowFlush => Phase::AreaWrite,
+            Phase::AreaWrite if !fua => Phase::AreaFlush,
+            Phase::AreaWrite | Phase::AreaFlush => {
+                self.finish_batch_merge(s);
+                return;
+            }
+            Phase::Wipe if !fua => Phase::WipeFlush,
+            Phase::Wipe | Phase::WipeFlush => Phase::Remove,
+            other => other,
+        };
+        self.set_phase(next);
+    }
+
+    /// Gives the batch's copy buffers back.
+    fn release_merge_buffers(&mut self) {
+        let Some(m) = self.merge.as_mut() else {
+            return;
+        };
+        for b in m.buffers.iter_mut() {
+            if *b != NIL {
+                self.free_buffers.push(*b);
+                *b = NIL;
+            }
+        }
+        // Requests that found no copy buffer look again.
+        self.wake_starved();
+    }
+
+    /// The batch's area write is durable: Linux `persistent_commit_merge()` +
+    /// `remove_single_exception_chunk()`.
+    fn finish_batch_merge(&mut self, s: usize) {
+        let Some(m) = self.merge else {
+            return;
+        };
+        let mut table_full = false;
+        if let Some(x) = self.snaps[s].as_mut() {
+            x.store.committed_in_area -= m.records;
+            // Newest first: these come off the end of table runs.
+            for r in &m.runs[..m.nruns] {
+                for k in (0..r.len).rev() {
+                    table_full |= x.table.remove(r.old + k).is_err();
+                }
+            }
+            // What Linux reports as allocated from now on (only usage reads it).
+            let g = x.store.geometry;
+            x.store.next_free =
+                x.store.current_area * g.exceptions_per_area + x.store.committed_in_area + 1;
+        }
+        self.release_merge_buffers();
+        if let Some(mm) = self.merge.as_mut() {
+            mm.active = false;
+        }
+        self.epoch += 1;
+        if table_full {
+            // The records are gone on disk but the table could not split a run to drop
+            // some chunks: fence the batch rather than redirect I/O to a freed COW chunk.
+            self.stop_merge(true);
+        } else {
+            self.set_phase(Phase::Prepare);
+        }
+    }
+
+    /// The negative control's broken ordering: the batch leaves the table (I/O to it goes
+    /// to the origin) before its records are zeroed on disk.
+    fn release_batch_early(&mut self, s: usize) {
+        let Some(m) = self.merge.as_mut() else {
+            return;
+        };
+        m.active = false;
+        let (runs, n) = (m.runs, m.nruns);
+        if let Some(x) = self.snaps[s].as_mut() {
+            for r in &runs[..n] {
+                for k in (0..r.len).rev() {
+                    let _ = x.table.remove(r.old + k);
+                }
+            }
+        }
+        self.epoch += 1;
+    }
+
+    /// Stops the merge on an error: I/O goes on through the store's redirection.
+    fn stop_merge(&mut self, fence: bool) {
+        let Some(m) = self.merge.as_mut() else {
+            return;
+        };
+        m.failed = true;
+        m.phase = Phase::Stopped;
+        m.fenced = fence;
+        m.active = false;
+        let snap = SnapId(m.snap);
+        self.release_merge_buffers();
+        self.epoch += 1;
+        self.progress += 1;
+        self.push_event(Event::MergeFailed { snap });
+    }
+
+    /// Whether origin sectors `[start, end)` may be overwritten now: every other snapshot
+    /// holds (durably) a copy of them. Plans the missing copies. The same rule as an origin
+    /// write (`advance_origin_write`); a waiting request (`req`) is parked on the pending
+    /// exception it waits for, as there.
+    fn merge_range_clear(&mut self, start: u64, end: u64, req: Option<u32>) -> bool {
+        let (clear, need_alloc, blocked) = self.copies_of(start, end);
+        if let Some(idx) = req {
+            if !need_alloc && blocked != NIL {
+                self.block_on(idx, blocked);
+            }
+        }
+        if need_alloc {
+            self.plan_origin_copies(start, end);
+            return false;
+        }
+        if !clear {
+            return false;
+        }
+        if self.snaps.iter().flatten().any(|x| {
+            x.header_phase != HeaderPhase::None
+                || (x.meta_inflight && !x.valid)
+                || x.state == SnapState::Deleting
+        }) {
+            return false;
+        }
+        !(self.origin_reads_redirected > 0 && self.conflicts_with_redirected_read(start, end))
+    }
+
+    /// An origin request while a merge runs (or stopped): chunks still in the merging store go
+    /// to their COW chunk, the others to the origin (writes copying into the other snapshots
+    /// first). Returns true when the request left the waiting state.
+    pub(super) fn advance_origin_merging(&mut self, idx: u32) -> bool {
+        let Some(m) = self.merge else {
+            return false;
+        };
+        if matches!(m.phase, Phase::Marker | Phase::MarkerFlush) {
+            // Until the marker is durable a crash brings back the unmerged store: a write
+            // redirected into it now would be lost from the origin then.
+            return false;
+        }
+        let r = self.reqs[idx as usize];
+        let ms = m.snap as usize;
+        let cow = Device::Cow(SnapId(m.snap));
+        let origin_ctx = IoCtx::Request {
+            req: idx,
+            origin_read: false,
+        };
+        let cow_ctx = IoCtx::MergeRedirect {
+            req: idx,
+            snap: m.snap,
+        };
+        let (fua, write) = match r.req.op {
+            VolumeOp::Flush => {
+                // Redirected writes are on the COW device: flush both.
+                if self.free_io.len() < 2 {
+                    self.io_starved = true;
+                    return false;
+                }
+                for (ctx, dev) in [(origin_ctx, Device::Origin), (cow_ctx, cow)] {
+                    if self.emit(ctx, dev, IoOp::Flush, 0, 0, IoBuffer::None) {
+                        self.reqs[idx as usize].ios += 1;
+                    }
+                }
+                self.reqs[idx as usize].phase = ReqPhase::Issued;
+                return true;
+            }
+            VolumeOp::Read => (false, false),
+            VolumeOp::Write { fua } => (fua, true),
+        };
+        if write && !r.admitted {
+            if self.quiescing {
+                return false;
+            }
+            self.reqs[idx as usize].admitted = true;
+            self.origin_writes_active += 1;
+            self.stats.origin_writes += 1;
+        }
+        let cs = m.cs;
+        let end = r.req.sector + u64::from(r.req.sectors);
+        let mut cursor = r.cursor;
+        while cursor < end {
+            let c = cursor / cs;
+            if m.fences(c) {
+                self.reqs[idx as usize].cursor = cursor;
+                self.fail_request(idx, VolumeError::Io);
+                return true;
+            }
+            if m.blocks(c) {
+                break;
+            }
+            let lookup = |e: &Engine, c: u64| e.snaps[ms].as_ref().and_then(|x| x.table.lookup(c));
+            let mapped = lookup(self, c);
+            // Extend the piece while the mapping stays contiguous and nothing blocks.
+            let mut piece_end = ((c + 1) * cs).min(end);
+            while piece_end < end {
+                let c2 = piece_end / cs;
+                if m.blocks(c2) || m.fences(c2) {
+                    break;
+                }
+                let next = lookup(self, c2);
+                let contiguous = match (mapped, next) {
+                    (Some(a), Some(b)) => b == a + (c2 - c),
+                    (None, None) => true,
+                    _ => false,
+                };
+                if !contiguous {
+                    break;
+                }
+                piece_end = ((c2 + 1) * cs).min(end);
+            }
+            let len = (piece_end - cursor) as u32;
+            let buffer = IoBuffer::Caller {
+                tag: r.req.tag,
+                byte_offset: (cursor - r.req.sector) * SECTOR_BYTES as u64,
+            };
+            let op = if write {
+                IoOp::Write { fua }
+            } else {
+                IoOp::Read
+            };
+            let emitted = match mapped {
+                Some(n) => {
+                    let target = n * cs + (cursor - c * cs);
+                    self.emit(cow_ctx, cow, op, target, len, buffer)
+                }
+                None => {
+                    if write && !self.merge_range_clear(cursor, piece_end, Some(idx)) {
+                        break;
+                    }
+                    self.emit(origin_ctx, Device::Origin, op, cursor, len, buffer)
+                }
+            };
+            if !emitted {
+                break;
+            }
+            self.reqs[idx as usize].ios += 1;
+            cursor = piece_end;
+        }
+        let slot = &mut self.reqs[idx as usize];
+        slot.cursor = cursor;
+        if cursor >= end {
+            slot.phase = ReqPhase::Issued;
+            return true;
+        }
+        false
+    }
+}

@@ -1,0 +1,850 @@
+//! Snapshot merge: crash enumeration with concurrent origin I/O and a second snapshot, resume
+//! after every crash, error handling, refusals, and a negative control.
+//!
+//! At every I/O completion point during a merge, crash images are taken (volatile writes
+//! kept in several ways, torn at sector granularity) and checked:
+//! - the merging store loads with the plain (Linux-rules) loader, still valid, with its merge
+//!   marker once `MergeStarted` was reported (or it is wiped: the merge finished);
+//! - the merged view (a chunk still in the store from its COW chunk, others from the origin)
+//!   is what the origin model allows: the snapshot's contents plus the origin writes made
+//!   during the merge (acknowledged ones once flushed);
+//! - every other snapshot still reads its own frozen contents (plus its own writes);
+//! - a fresh engine that attaches the stores resumes the merge by itself and runs it to the
+//!   end: the origin then equals the merged view exactly, the store is wiped, and the other
+//!   snapshots still read what they read in the crash image.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
+
+use common::*;
+use snapshot::sim::{Order, SimDisk, World};
+use snapshot::*;
+
+static MERGE_STATES: AtomicU64 = AtomicU64::new(0);
+thread_local! {
+    /// Crash states checked while a merge was under way (the rest are before it starts), in
+    /// this test's thread.
+    static DURING_MERGE: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+const ORDERS: [Order; 3] = [Order::InOrder, Order::Reversed, Order::Random];
+
+fn w(sector: u64, sectors: u32) -> Op {
+    Op::OriginWrite {
+        sector,
+        sectors,
+        fua: false,
+    }
+}
+
+fn create(chunk: u32, cow_chunks: u64, fua: bool) -> Op {
+    Op::Create {
+        chunk,
+        cow_chunks,
+        writable: true,
+        fua,
+    }
+}
+
+fn load(h: &Harness, s: u16, img: &[u64]) -> Result<LoadedStore, LoadError> {
+    let m = &h.snaps[&s];
+    let params = LoadParams {
+        cow_sectors: m.cow_sectors,
+        cow_block_sectors: 1,
+        origin_sectors: h.origin.sectors(),
+        origin_block_sectors: 1,
+        table_runs: m.cow_sectors as usize,
+    };
+    let contents = &h.world.contents;
+    Loader::load_with(params, |r| {
+        let a = r.sector as usize;
+        let b = (a + r.sectors as usize).min(img.len());
+        contents.image_bytes(&img[a.min(b)..b])
+    })
+}
+
+/// A snapshot's view over an origin image.
+fn view(table: &snapshot::table::ExceptionTable, cs: u64, cow: &[u64], origin: &[u64]) -> Vec<u64> {
+    (0..origin.len() as u64)
+        .map(|x| match table.lookup(x / cs) {
+            Some(n) => cow.get((n * cs + x % cs) as usize).copied().unwrap_or(0),
+            None => origin[x as usize],
+        })
+        .collect()
+}
+
+/// The crash check used while a merge runs (before it, the harness's own check).
+fn merge_check(
+    h: &Harness,
+    origin_img: &[u64],
+    cows: &BTreeMap<u16, Vec<u64>>,
+) -> Result<(), String> {
+    let Some(ms) = h.merging else {
+        return h.check_image(origin_img, cows);
+    };
+    DURING_MERGE.with(|d| d.set(d.get() + 1));
+    let mcs = u64::from(h.snaps[&ms].chunk);
+    let mimg = &cows[&ms];
+    // The merged view as a boot would see it.
+    let (merged, marker) = match load(h, ms, mimg) {
+        Ok(l) => {
+            if !l.valid {
+                return Err("merging store loads invalid".into());
+            }
+            if !l.merging && h.merge_started {
+                return Err("merge marker lost after MergeStarted".into());
+            }
+            (view(&l.table, mcs, mimg, origin_img), l.merging)
+        }
+        Err(LoadError::Unformatted) => (origin_img.to_vec(), false),
+        Err(e) => return Err(format!("merging store does not load: {e:?}")),
+    };
+    for (x, &v) in merged.iter().enumerate() {
+        if !h.origin.allowed(x as u64, v) {
+            return Err(format!(
+                "merged view sector {x} holds {v:#x}, expected {:#x}",
+                h.origin.current(x as u64)
+            ));
+        }
+    }
+    // Other snapshots: their frozen contents, over the raw origin.
+    let mut others = BTreeMap::new();
+    for (&s, m) in &h.snaps {
+        if s == ms || !m.created || m.deleted {
+            continue;
+        }
+        let Some(img) = cows.get(&s) else { continue };
+        let l = load(h, s, img).map_err(|e| format!("snapshot {s}: load failed: {e:?}"))?;
+        if !l.valid {
+            if m.invalidated {
+                continue;
+            }
+            return Err(format!("snapshot {s} loads invalid"));
+        }
+        let v = view(&l.table, u64::from(m.chunk), img, origin_img);
+        for (x, &val) in v.iter().enumerate() {
+            if !m.model.allowed(x as u64, val) {
+                return Err(format!(
+                    "snapshot {s} sector {x} reads {val:#x} during merge, expected {:#x}",
+                    m.model.current(x as u64)
+                ));
+            }
+        }
+        others.insert(s, v);
+    }
+    resume_and_check(h, origin_img, cows, &merged, marker, &others)
+}
+
+/// Boots a fresh engine on the crash images, lets it finish the merge, and checks the result.
+fn resume_and_check(
+    h: &Harness,
+    origin_img: &[u64],
+    cows: &BTreeMap<u16, Vec<u64>>,
+    merged: &[u64],
+    marker: bool,
+    others: &BTreeMap<u16, Vec<u64>>,
+) -> Result<(), String> {
+    let ms = h.merging.unwrap_or(0);
+    let mut ec = EngineConfig::new(h.origin.sectors());
+    ec.max_snapshots = 4;
+    ec.copy_buffers = 4;
+    ec.copy_buffer_sectors = h.cfg.copy_buffer_sectors;
+    let engine = Engine::new(ec).map_err(|e| format!("{e:?}"))?;
+    let origin = SimDisk::new(origin_img.len() as u64, |x| origin_img[x as usize]);
+    let mut world = World::new(engine, origin, Order::Random, h.point_seed());
+    world.contents = h.world.contents.clone();
+    let mut merging_id = None;
+    let mut ids = BTreeMap::new();
+    for (&s, img) in cows {
+        let m = &h.snaps[&s];
+        let Ok(l) = load(h, s, img) else { continue };
+        if !l.valid {
+            continue;
+        }
+        let resumes = l.merging;
+        let sc = SnapshotConfig {
+            chunk_sectors: m.chunk,
+            cow_sectors: m.cow_sectors,
+            cow_block_sectors: 1,
+            cow_fua: s % 2 == 0,
+            writable: true,
+            table_runs: m.cow_sectors as usize,
+            binding: None,
+        };
+        let id = world
+            .engine
+            .attach_snapshot(l, &sc)
+            .map_err(|e| format!("attach {s}: {e:?}"))?;
+        world.cows[id.0 as usize] = Some(SimDisk::new(m.cow_sectors, |x| img[x as usize]));
+        ids.insert(s, id);
+        if s == ms {
+            merging_id = Some(id);
+            if resumes != marker {
+                return Err("loader and check disagree on the marker".into());
+            }
+        }
+    }
+    // Every store is attached: let a resumed merge run.
+    let held = world.engine.resume_merge();
+    if held != (marker && merging_id.is_some()) {
+        return Err(format!("resume_merge said {held}, marker {marker}"));
+    }
+    if let Some(id) = merging_id {
+        if world.engine.merge_progress().is_none() {
+            // The marker never became durable: the operator starts the merge again.
+            world.engine.quiesce_origin();
+            world
+                .engine
+                .start_merge(id)
+                .map_err(|e| format!("restart merge: {e:?}"))?;
+            world.engine.resume_origin();
+        }
+    }
+    world.settle(1_000_000);
+    if world.engine.merge_progress().is_some() {
+        return Err(format!(
+            "resumed merge did not finish: {}",
+            world.engine.debug_state()
+        ));
+    }
+    if merging_id.is_some()
+        && !world
+            .events
+            .iter()
+            .any(|e| matches!(e, Event::MergeDone { .. }))
+    {
+        return Err("no MergeDone after resume".into());
+    }
+    if world.origin.current != merged {
+        let x = (0..merged.len())
+            .find(|&x| world.origin.current[x] != merged[x])
+            .unwrap_or(0);
+        return Err(format!(
+            "after resumed merge origin sector {x} = {:#x}, merged view had {:#x}",
+            world.origin.current[x], merged[x]
+        ));
+    }
+    if world.origin.durable != world.origin.current {
+        return Err("merged origin not durable when MergeDone".into());
+    }
+    if let Some(id) = merging_id {
+        let cow = world.cows[id.0 as usize]
+            .as_ref()
+            .map(|d| d.durable.clone());
+        if let Some(c) = cow {
+            let cs = h.snaps[&ms].chunk as usize;
+            if c[..2 * cs].iter().any(|&v| v != 0) {
+                return Err("store not wiped (chunk 0 / area 0) after merge".into());
+            }
+        }
+    }
+    for (&s, before) in others {
+        let Some(&id) = ids.get(&s) else {
+            continue;
+        };
+        let cs = u64::from(h.snaps[&s].chunk);
+        let now = world.origin.current.clone();
+        let mut table = snapshot::table::ExceptionTable::with_capacity(1024);
+        world.engine.for_each_exception(id, |o, n, _| {
+            let _ = table.insert(o, n);
+        });
+        let cow = world.cows[id.0 as usize]
+            .as_ref()
+            .map(|d| d.current.clone())
+            .unwrap_or_default();
+        let after = view(&table, cs, &cow, &now);
+        if &after != before {
+            return Err(format!("snapshot {s} changed by the resumed merge"));
+        }
+    }
+    Ok(())
+}
+
+trait PointSeed {
+    fn point_seed(&self) -> u64;
+}
+
+impl PointSeed for Harness {
+    fn point_seed(&self) -> u64 {
+        self.outcome.crash_states ^ self.cfg.seed.rotate_left(17)
+    }
+}
+
+fn new_harness(cfg: RunConfig) -> Harness {
+    let mut h = Harness::new(cfg);
+    h.custom_check = Some(merge_check);
+    h
+}
+
+fn run_merge(name: &str, cfg: RunConfig, ops: &[Op]) -> Harness {
+    let mut h = new_harness(cfg);
+    let during = DURING_MERGE.with(|d| d.get());
+    h.run(ops);
+    let during = DURING_MERGE.with(|d| d.get()) - during;
+    MERGE_STATES.fetch_add(h.outcome.crash_states, AtomicOrdering::Relaxed);
+    assert!(
+        h.outcome.violations.is_empty(),
+        "{name}: {} violations, first: {:#?}",
+        h.outcome.violations.len(),
+        &h.outcome.violations[..h.outcome.violations.len().min(5)]
+    );
+    assert!(
+        h.merging.is_some(),
+        "{name}: merge refused: {:?}",
+        h.merge_refused
+    );
+    assert!(
+        h.merge_done,
+        "{name}: no MergeDone: {}",
+        h.world.engine.debug_state()
+    );
+    assert!(
+        h.world.engine.is_idle(),
+        "{name}: not idle: {}",
+        h.world.engine.debug_state()
+    );
+    assert!(h.world.engine.merge_progress().is_none());
+    // The live origin is the model: the snapshot's contents plus the writes made since.
+    for x in 0..h.origin.sectors() {
+        assert_eq!(
+            h.world.origin.current[x as usize],
+            h.origin.current(x),
+            "{name}: origin sector {x} after the merge"
+        );
+    }
+    // The same line format as tests/crash.rs: `make test` sums the number before
+    // "crash states checked".
+    println!(
+        "{name} ({during} during the merge, each resumed to the end): {} crash states checked",
+        h.outcome.crash_states
+    );
+    h
+}
+
+/// Scribble over the origin after snapshot 0, take snapshot 1, merge 0 with origin I/O going on.
+fn scripted(chunk: u32, other_chunk: u32, fua: bool) -> Vec<Op> {
+    let c = chunk;
+    let mut ops = vec![create(c, 60, fua)];
+    for i in 0..10u64 {
+        ops.push(w(i * 6 % 60, 3 + (i % 3) as u32));
+    }
+    ops.push(Op::SnapWrite {
+        snap: 0,
+        sector: 20,
+        sectors: 5,
+    });
+    ops.push(create(other_chunk, 80, !fua));
+    ops.push(w(2, 6));
+    ops.push(w(40, 10));
+    ops.push(Op::StartMerge { snap: 0 });
+    // Concurrent origin I/O: writes to merged and unmerged chunks, reads, flushes.
+    ops.push(w(0, 4));
+    ops.push(Op::OriginRead {
+        sector: 0,
+        sectors: 64,
+    });
+    ops.push(w(21, 2));
+    ops.push(w(44, 9));
+    ops.push(Op::OriginFlush);
+    ops.push(w(58, 6));
+    ops.push(Op::SnapRead {
+        snap: 1,
+        sector: 0,
+        sectors: 64,
+    });
+    ops.push(Op::OriginRead {
+        sector: 10,
+        sectors: 30,
+    });
+    ops.push(w(30, 4));
+    ops.push(Op::OriginFlush);
+    ops
+}
+
+#[test]
+fn merge_scripted_with_second_snapshot() {
+    let mut total = 0;
+    for (i, order) in ORDERS.into_iter().enumerate() {
+        for (chunk, other, fua) in [(2u32, 4u32, true), (2, 2, false), (4, 2, true)] {
+            let mut cfg = RunConfig::new(64, 4, order, 500 + i as u64 + u64::from(chunk));
+            cfg.copy_buffer_sectors = 8;
+            let h = run_merge(
+                &format!("merge scripted {order:?} chunk {chunk}/{other} fua {fua}"),
+                cfg,
+                &scripted(chunk, other, fua),
+            );
+            total += h.outcome.crash_states;
+        }
+    }
+    println!("MERGE CRASH STATES CHECKED (scripted): {total}");
+}
+
+/// One-sector chunks: 32 records per area, so the merge walks back over several areas.
+#[test]
+fn merge_across_areas() {
+    let mut total = 0;
+    for (i, order) in ORDERS.into_iter().enumerate() {
+        let mut ops = vec![create(1, 120, i != 1)];
+        for s in (0..90u64).rev() {
+            // Out of order, in pairs: runs of two consecutive records and single ones.
+            ops.push(w(s * 7 % 90, 1 + (s % 2) as u32));
+        }
+        ops.push(create(2, 80, true));
+        ops.push(Op::StartMerge { snap: 0 });
+        for s in 0..12u64 {
+            ops.push(w(s * 11 % 90, 2));
+        }
+        ops.push(Op::OriginFlush);
+        let mut cfg = RunConfig::new(96, 8, order, 600 + i as u64);
+        cfg.random_crashes = 1;
+        cfg.copy_buffer_sectors = 4;
+        let h = run_merge(&format!("merge across areas {order:?}"), cfg, &ops);
+        total += h.outcome.crash_states;
+    }
+    println!("MERGE CRASH STATES CHECKED (areas): {total}");
+}
+
+/// Random workloads: a merge starts in the middle, random origin/snapshot I/O continues.
+#[test]
+fn merge_random_workloads() {
+    let mut total = 0;
+    for seed in 0..9u64 {
+        let chunk = [1u32, 2, 4][seed as usize % 3];
+        let cow = 200 / u64::from(chunk) + 8;
+        let mut ops = random_ops(700 + seed, 64, 30, chunk, cow, 2);
+        ops.push(Op::StartMerge { snap: 0 });
+        // After the merge started: origin and other-snapshot I/O only (snapshot 0's own
+        // volume is refused; the harness skips it).
+        for op in random_ops(800 + seed, 64, 25, chunk, cow, 2)
+            .into_iter()
+            .skip(1)
+        {
+            if !matches!(op, Op::Create { .. }) {
+                ops.push(op);
+            }
+        }
+        let mut cfg = RunConfig::new(
+            64,
+            [1, 4, 16][seed as usize % 3],
+            ORDERS[seed as usize % 3],
+            700 + seed,
+        );
+        cfg.random_crashes = 1;
+        cfg.copy_buffer_sectors = [4u32, 8, 16][seed as usize % 3].max(chunk * 2);
+        cfg.copy_buffers = [1, 3, 8][seed as usize % 3];
+        let h = run_merge(&format!("merge random seed {seed}"), cfg, &ops);
+        total += h.outcome.crash_states;
+    }
+    println!("MERGE CRASH STATES CHECKED (random): {total}");
+}
+
+/// Negative control: zeroing merged records before the origin copy is durable must be caught.
+#[test]
+fn merge_without_origin_flush_is_caught() {
+    let mut caught = 0;
+    for (i, order) in ORDERS.into_iter().enumerate() {
+        let mut cfg = RunConfig::new(64, 4, order, 900 + i as u64);
+        cfg.merge_skip_origin_flush = true;
+        cfg.copy_buffer_sectors = 8;
+        let mut h = new_harness(cfg);
+        h.run(&scripted(2, 4, true));
+        MERGE_STATES.fetch_add(h.outcome.crash_states, AtomicOrdering::Relaxed);
+        if !h.outcome.violations.is_empty() {
+            caught += 1;
+            println!(
+                "negative control merge ({order:?}) caught: {}",
+                h.outcome.violations[0]
+            );
+        }
+    }
+    assert_eq!(
+        caught,
+        ORDERS.len(),
+        "the missing origin flush escaped the crash enumeration"
+    );
+}
+
+/// Writes that meet the merge on the run it is copying (QD 1, FUA): they wait until the
+/// run's records are durably gone, then land on the origin.
+#[test]
+fn merge_with_writes_chasing_the_merge() {
+    let mut total = 0;
+    for (i, order) in ORDERS.into_iter().enumerate() {
+        let mut cfg = RunConfig::new(64, 1, order, 960 + i as u64);
+        cfg.copy_buffer_sectors = 8;
+        let h = run_merge(
+            &format!("merge chased by FUA writes {order:?}"),
+            cfg,
+            &chasing_ops(),
+        );
+        total += h.outcome.crash_states;
+    }
+    println!("MERGE CRASH STATES CHECKED (chasing writes): {total}");
+}
+
+fn chasing_ops() -> Vec<Op> {
+    let mut ops = vec![create(2, 60, true), create(4, 40, false)];
+    for c in 0..24u64 {
+        ops.push(w(c * 2, 2));
+    }
+    ops.push(Op::StartMerge { snap: 0 });
+    // FUA writes (durable when acknowledged) chasing the merge from the newest chunk down.
+    for c in (0..24u64).rev() {
+        ops.push(Op::OriginWrite {
+            sector: c * 2,
+            sectors: 1,
+            fua: true,
+        });
+    }
+    ops
+}
+
+/// Second negative control: letting I/O reach a run's origin chunks before its records are
+/// zeroed on disk must be caught (a crash then copies the old COW chunk over a newer write).
+#[test]
+fn merge_releasing_a_run_early_is_caught() {
+    let mut caught = 0;
+    for (i, order) in ORDERS.into_iter().enumerate() {
+        // QD 1: each write meets the merge where it is, often blocked on the run.
+        let mut cfg = RunConfig::new(64, 1, order, 950 + i as u64);
+        cfg.merge_release_early = true;
+        cfg.copy_buffer_sectors = 8;
+        let ops = chasing_ops();
+        let mut h = new_harness(cfg);
+        h.run(&ops);
+        MERGE_STATES.fetch_add(h.outcome.crash_states, AtomicOrdering::Relaxed);
+        if !h.outcome.violations.is_empty() {
+            caught += 1;
+            println!(
+                "negative control merge 2 ({order:?}) caught: {}",
+                h.outcome.violations[0]
+            );
+        }
+    }
+    assert_eq!(
+        caught,
+        ORDERS.len(),
+        "releasing a run early escaped the crash enumeration"
+    );
+}
+
+fn small_world(chunk: u32, fua: bool) -> (World, SnapId) {
+    let mut ec = EngineConfig::new(64);
+    ec.max_snapshots = 4;
+    ec.copy_buffer_sectors = 8;
+    let engine = Engine::new(ec).unwrap();
+    let origin = SimDisk::new(64, |s| stamp(0, s));
+    let mut world = World::new(engine, origin, Order::InOrder, 1);
+    world.engine.quiesce_origin();
+    let sc = SnapshotConfig {
+        chunk_sectors: chunk,
+        cow_sectors: 64 * u64::from(chunk),
+        cow_block_sectors: 1,
+        cow_fua: fua,
+        writable: true,
+        table_runs: 64,
+        binding: None,
+    };
+    let id = world.engine.create_snapshot(&sc).unwrap();
+    world.cows[id.0 as usize] = Some(SimDisk::new(sc.cow_sectors, |_| 0));
+    world.settle(1000);
+    world.engine.resume_origin();
+    for (tag, s) in [(1u64, 0u64), (2, 9), (3, 30), (4, 31)] {
+        world
+            .submit(
+                VolumeRequest {
+                    tag,
+                    volume: Volume::Origin,
+                    op: VolumeOp::Write { fua: false },
+                    sector: s,
+                    sectors: 1,
+                },
+                vec![stamp(tag, s)],
+            )
+            .unwrap();
+    }
+    world.settle(10_000);
+    (world, id)
+}
+
+#[test]
+fn merge_refusals_progress_and_snapshot_volume() {
+    let (mut world, id) = small_world(2, true);
+    assert_eq!(
+        world.engine.start_merge(SnapId(3)),
+        Err(MergeError::NoSuchSnapshot)
+    );
+    assert_eq!(world.engine.start_merge(id), Err(MergeError::NotQuiesced));
+    world.engine.quiesce_origin();
+    world.pump();
+    assert_eq!(world.engine.start_merge(id), Ok(()));
+    assert_eq!(
+        world.engine.start_merge(id),
+        Err(MergeError::AlreadyMerging)
+    );
+    let sc = SnapshotConfig {
+        chunk_sectors: 2,
+        cow_sectors: 128,
+        cow_block_sectors: 1,
+        cow_fua: true,
+        writable: false,
+        table_runs: 64,
+        binding: None,
+    };
+    assert_eq!(
+        world.engine.create_snapshot(&sc),
+        Err(EngineError::MergeRunning)
+    );
+    world.engine.resume_origin();
+    let p = world.engine.merge_progress().unwrap();
+    assert_eq!(
+        (p.snap, p.chunks_total, p.chunks_left, p.failed),
+        (id, 3, 3, false)
+    );
+    // The merging snapshot's own volume is gone.
+    world
+        .submit(
+            VolumeRequest {
+                tag: 50,
+                volume: Volume::Snapshot(id),
+                op: VolumeOp::Read,
+                sector: 0,
+                sectors: 1,
+            },
+            vec![0],
+        )
+        .unwrap();
+    world.pump();
+    assert_eq!(
+        world.take_completion(50).map(|c| c.result),
+        Some(Err(VolumeError::Merging))
+    );
+    let mut lefts = vec![];
+    while world.complete_one() {
+        if let Some(p) = world.engine.merge_progress() {
+            lefts.push(p.chunks_left);
+        }
+    }
+    // Chunks 15 (sectors 30, 31), 4 (9) and 0: three runs of one, merged as one batch (one
+    // origin flush, one area write).
+    lefts.dedup();
+    assert_eq!(lefts, vec![3, 0]);
+    assert!(world.events.contains(&Event::MergeStarted {
+        snap: id,
+        resumed: false
+    }));
+    assert!(world.events.contains(&Event::MergeDone { snap: id }));
+    assert_eq!(world.engine.status(id), None);
+    for s in 0..64u64 {
+        assert_eq!(world.origin.durable[s as usize], stamp(0, s), "sector {s}");
+    }
+    // Invalid snapshots are refused.
+    let (mut world, id) = small_world(2, false);
+    world.engine.quiesce_origin();
+    world.pump();
+    world.engine.delete_snapshot(id).unwrap();
+    assert_eq!(
+        world.engine.start_merge(id),
+        Err(MergeError::NoSuchSnapshot)
+    );
+}
+
+/// A merge I/O error stops the merge (`Merge failed`), origin I/O goes on through the store,
+/// and attaching the store again resumes and finishes the merge.
+#[test]
+fn merge_error_stops_then_resume_finishes() {
+    for fail_on in 0..4u32 {
+        let (mut world, id) = small_world(2, true);
+        world.engine.quiesce_origin();
+        world.pump();
+        world.engine.start_merge(id).unwrap();
+        world.engine.resume_origin();
+        // Fail the first merge I/O of the kind chosen.
+        let mut armed = true;
+        world.fail = Some(Box::new(move |io: &Io| {
+            let hit = match fail_on {
+                0 => io.device == Device::Origin && matches!(io.op, IoOp::Write { .. }),
+                1 => io.device == Device::Origin && io.op == IoOp::Flush,
+                2 => io.device != Device::Origin && io.op == IoOp::Read && io.sector > 0,
+                _ => {
+                    io.device != Device::Origin
+                        && matches!(io.op, IoOp::Write { .. })
+                        && io.sector == 2
+                }
+            };
+            let f = armed && hit;
+            if f {
+                armed = false;
+            }
+            f
+        }));
+        world.settle(10_000);
+        world.fail = None;
+        assert!(
+            world.events.contains(&Event::MergeFailed { snap: id }),
+            "case {fail_on}"
+        );
+        assert_eq!(world.engine.status(id), Some(Status::MergeFailed));
+        assert_eq!(world.engine.status(id).unwrap().to_string(), "Merge failed");
+        assert!(world.engine.merge_progress().unwrap().failed);
+        // Origin I/O continues: write and read back an unmerged and an untouched chunk.
+        for (tag, s) in [(60u64, 31u64), (61, 50)] {
+            world
+                .submit(
+                    VolumeRequest {
+                        tag,
+                        volume: Volume::Origin,
+                        op: VolumeOp::Write { fua: false },
+                        sector: s,
+                        sectors: 1,
+                    },
+                    vec![stamp(tag, s)],
+                )
+                .unwrap();
+        }
+        world.settle(10_000);
+        let ok = |w: &mut World, t| w.take_completion(t).map(|c| c.result);
+        if fail_on == 3 {
+            // Area write failed on the run holding sector 31: its chunks are fenced.
+            assert_eq!(ok(&mut world, 60), Some(Err(VolumeError::Io)));
+        } else {
+            assert_eq!(ok(&mut world, 60), Some(Ok(())));
+        }
+        assert_eq!(ok(&mut world, 61), Some(Ok(())));
+        world
+            .submit(
+                VolumeRequest {
+                    tag: 62,
+                    volume: Volume::Origin,
+                    op: VolumeOp::Flush,
+                    sector: 0,
+                    sectors: 0,
+                },
+                vec![],
+            )
+            .unwrap();
+        world.settle(10_000);
+        // Reattach ("reboot") from the durable images: the merge resumes and finishes.
+        let cow = world.cows[id.0 as usize].clone().unwrap();
+        let contents = world.contents.clone();
+        let params = LoadParams {
+            cow_sectors: cow.sectors(),
+            cow_block_sectors: 1,
+            origin_sectors: 64,
+            origin_block_sectors: 1,
+            table_runs: 64,
+        };
+        let loaded = Loader::load_with(params, |r| {
+            let a = r.sector as usize;
+            contents.image_bytes(&cow.durable[a..a + r.sectors as usize])
+        })
+        .unwrap();
+        assert!(loaded.merging, "case {fail_on}");
+        let mut ec = EngineConfig::new(64);
+        ec.copy_buffer_sectors = 8;
+        let origin = world.origin.durable.clone();
+        let mut w2 = World::new(
+            Engine::new(ec).unwrap(),
+            SimDisk::new(64, |x| origin[x as usize]),
+            Order::Random,
+            3,
+        );
+        w2.contents = contents.clone();
+        let sc = SnapshotConfig {
+            chunk_sectors: 2,
+            cow_sectors: cow.sectors(),
+            cow_block_sectors: 1,
+            cow_fua: true,
+            writable: true,
+            table_runs: 64,
+            binding: None,
+        };
+        let id2 = w2.engine.attach_snapshot(loaded, &sc).unwrap();
+        let durable = cow.durable.clone();
+        w2.cows[id2.0 as usize] = Some(SimDisk::new(cow.sectors(), |x| durable[x as usize]));
+        // Held until every store is attached: nothing is written yet.
+        w2.settle(10_000);
+        assert!(w2.origin.durable.iter().zip(&origin).all(|(a, b)| a == b));
+        assert!(!w2.engine.merge_progress().unwrap().failed);
+        assert!(w2.engine.resume_merge());
+        assert!(!w2.engine.resume_merge());
+        w2.settle(10_000);
+        assert!(
+            w2.events.contains(&Event::MergeDone { snap: id2 }),
+            "case {fail_on}"
+        );
+        for s in 0..64u64 {
+            let want = match s {
+                31 if fail_on != 3 => stamp(60, 31),
+                50 => stamp(61, 50),
+                _ => stamp(0, s),
+            };
+            assert_eq!(
+                w2.origin.durable[s as usize], want,
+                "case {fail_on} sector {s}"
+            );
+        }
+    }
+}
+
+/// A snapshot without exceptions merges at once: marker, wipe, gone; the origin is untouched.
+/// A store whose binding names its region leaves a free-extent marker instead of zeroes.
+#[test]
+fn merging_an_empty_snapshot_just_removes_it() {
+    for (fua, region) in [(true, false), (false, false), (true, true)] {
+        let mut ec = EngineConfig::new(64);
+        ec.copy_buffer_sectors = 8;
+        let mut world = World::new(
+            Engine::new(ec).unwrap(),
+            SimDisk::new(64, |s| stamp(0, s)),
+            Order::Random,
+            7,
+        );
+        world.engine.quiesce_origin();
+        let sc = SnapshotConfig {
+            chunk_sectors: 4,
+            cow_sectors: 64,
+            cow_block_sectors: 1,
+            cow_fua: fua,
+            writable: false,
+            table_runs: 16,
+            binding: region.then(|| Binding {
+                name: BoundedBytes::new(b"m").unwrap(),
+                origin_serial: BoundedBytes::new(b"o").unwrap(),
+                origin_sectors: 64,
+                chunk_sectors: 4,
+                created_unix_seconds: 0,
+                region_start: 2048,
+                region_sectors: 64,
+                flags: 0,
+            }),
+        };
+        let id = world.engine.create_snapshot(&sc).unwrap();
+        world.cows[id.0 as usize] = Some(SimDisk::new(64, |_| 0));
+        world.settle(1000);
+        world.engine.start_merge(id).unwrap();
+        world.engine.resume_origin();
+        world.settle(1000);
+        assert!(world.events.contains(&Event::MergeDone { snap: id }));
+        assert_eq!(world.engine.status(id), None);
+        assert!(world.engine.is_idle());
+        let cow = world.cows[id.0 as usize].as_ref().unwrap();
+        let head = world.contents.image_bytes(&cow.durable[..1]);
+        if region {
+            assert_eq!(
+                snapshot::format::FreeExtent::decode(&head),
+                Some(snapshot::format::FreeExtent {
+                    start: 2048,
+                    sectors: 64
+                })
+            );
+            assert!(cow.durable[1..8].iter().all(|&v| v == 0));
+        } else {
+            assert!(cow.durable[..8].iter().all(|&v| v == 0), "fua {fua}");
+        }
+        assert_eq!(world.origin.flushes, 1, "only the creation's flush");
+        assert!((0..64).all(|s| world.origin.durable[s as usize] == stamp(0, s)));
+    }
+}

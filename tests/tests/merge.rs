@@ -1,0 +1,314 @@
+//! Snapshot merge on real disks: `snapshot merge NAME` rolls the origin back to the snapshot
+//! while a second snapshot of the same origin keeps its own contents; the merged store is
+//! wiped and the snapshot removed. A power cut (SIGKILL) in the middle of a merge: the next
+//! boot resumes it and finishes the job.
+
+use tests::{sha256_hex, Boot, Image, Qemu, TIMEOUT};
+
+const MIB: u64 = 1 << 20;
+
+fn boot(a: &Image, b: &Image, c: &Image) -> Qemu {
+    let mut q = Boot::kernel("q35", "testing loglevel=info")
+        .virtio_disk(&a.path, "MERGE-ORIGIN")
+        .virtio_disk(&b.path, "MERGE-COW-1")
+        .virtio_disk(&c.path, "MERGE-COW-2")
+        .start();
+    q.wait_prompt();
+    // Log lines after the first prompt (a resumed merge) redraw it: start after them.
+    q.settle(std::time::Duration::from_millis(300));
+    q
+}
+
+/// The merged store is gone: no `SnAp` header (a free-extent marker, as after a deletion)
+/// and area 0 all zero.
+fn assert_wiped(cow: &Image) {
+    let head = cow.read(0, 8192);
+    assert_ne!(&head[..4], b"SnAp", "store not wiped");
+    assert!(
+        snapshot::format::FreeExtent::decode(&head[..512]).is_some(),
+        "no free-extent marker where the store was"
+    );
+    assert!(head[4096..].iter().all(|&x| x == 0), "area 0 not zero");
+}
+
+/// The line that carries the result, after any progress lines.
+fn result(out: &str) -> &str {
+    out.rsplit("\x1b[K").next().unwrap_or(out).trim()
+}
+
+fn checksum(q: &mut Qemu, volume: &str) -> String {
+    let out = q.command_timeout(&format!("checksum {volume}"), TIMEOUT * 2);
+    result(&out)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Waits until the whole transcript contains one of `patterns` (log lines may come before
+/// the prompt); returns which.
+fn wait_for_any(q: &Qemu, patterns: &[&str], timeout: std::time::Duration) -> usize {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let t = q.transcript();
+        if let Some(i) = patterns.iter().position(|p| t.contains(p)) {
+            return i;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "none of {patterns:?} within {timeout:?}\n{t}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+fn pattern(len: u64, salt: u8) -> Vec<u8> {
+    (0..len as usize)
+        .map(|i| (i / 4096 % 251) as u8 ^ (i % 13) as u8 ^ salt)
+        .collect()
+}
+
+/// Snapshot s1, scribble over the origin, snapshot s2, more scribbling, merge s1.
+fn prepare(q: &mut Qemu, before: &[u8]) -> (String, String) {
+    let out = q.command("snapshot create s1 vda vdb");
+    assert!(out.contains("created snapshot s1"), "{out}");
+    assert_eq!(checksum(q, "s1"), sha256_hex(before));
+    for line in [
+        "write vda 0 8192 --seed 7",
+        "write vda 9000 3 --byte 0x22",
+        "write vda 20000 100 --seed 8",
+    ] {
+        assert!(q.command(line).contains("wrote"), "{line}");
+    }
+    let out = q.command("snapshot create s2 vda vdc");
+    assert!(out.contains("created snapshot s2"), "{out}");
+    let s2_sum = checksum(q, "s2");
+    for line in ["write vda 4 8 --byte 0x33", "write vda 30000 16 --seed 9"] {
+        assert!(q.command(line).contains("wrote"), "{line}");
+    }
+    let origin_sum = checksum(q, "vda");
+    assert_ne!(origin_sum, sha256_hex(before));
+    (s2_sum, origin_sum)
+}
+
+#[test]
+fn merge_rolls_the_origin_back_and_keeps_the_other_snapshot() {
+    let (a, b, c) = (
+        Image::new("merge-origin", 16 * MIB),
+        Image::new("merge-cow1", 16 * MIB),
+        Image::new("merge-cow2", 16 * MIB),
+    );
+    let before = pattern(16 * MIB, 0);
+    a.write(0, &before);
+    let mut q = boot(&a, &b, &c);
+    let (s2_sum, _) = prepare(&mut q, &before);
+
+    // Refusals first.
+    for (line, expected) in [
+        ("snapshot merge", "error: which snapshot?"),
+        ("snapshot merge nosuch", "error: no snapshot 'nosuch'"),
+    ] {
+        let out = q.command(line);
+        assert!(out.contains(expected), "{line}: {out}");
+    }
+
+    let out = q.command_timeout("snapshot merge s1", TIMEOUT * 3);
+    assert!(out.contains("merged s1 into vda:"), "{out}");
+    let transcript = q.transcript();
+    assert!(
+        transcript.contains("merge of s1 finished; snapshot removed"),
+        "{transcript}"
+    );
+    // The origin is the snapshot again; the other snapshot did not move.
+    assert_eq!(checksum(&mut q, "vda"), sha256_hex(&before));
+    assert_eq!(checksum(&mut q, "s2"), s2_sum);
+    let list = q.command("snapshot list");
+    assert!(!list.contains("s1 "), "{list}");
+    assert!(list.contains("s2") && list.contains("active"), "{list}");
+    let out = q.command("snapshot merge s1");
+    assert!(out.contains("error: no snapshot 's1'"), "{out}");
+    let mem = q.command("mem --json");
+    assert!(mem.contains(r#""io_path_allocations":0"#), "{mem}");
+    q.poweroff();
+
+    // On the host: the origin holds the snapshot's contents, the merged store is wiped.
+    assert_eq!(
+        sha256_hex(&a.read(0, (16 * MIB) as usize)),
+        sha256_hex(&before)
+    );
+    assert_wiped(&b);
+
+    // After a reboot only s2 comes back, still frozen.
+    let mut q = boot(&a, &b, &c);
+    let list = q.command("snapshot list");
+    assert!(!list.contains("s1 ") && list.contains("s2"), "{list}");
+    assert_eq!(checksum(&mut q, "s2"), s2_sum);
+    q.poweroff();
+}
+
+#[test]
+fn a_merge_cut_by_a_power_loss_finishes_after_reboot() {
+    // Both stores in regions of vdb (s1 first), so the merged region must stay walkable for
+    // boot discovery to find s2 after it; vdc is not used.
+    let (a, b, c) = (
+        Image::new("mergecut-origin", 64 * MIB),
+        Image::new("mergecut-cow", 128 * MIB),
+        Image::new("mergecut-spare", MIB),
+    );
+    let before = pattern(64 * MIB, 5);
+    a.write(0, &before);
+    let mut q = boot(&a, &b, &c);
+    let out = q.command("snapshot create s1 vda vdb:0+131072");
+    assert!(out.contains("created snapshot s1"), "{out}");
+    // 32 MiB of copied chunks to merge.
+    assert!(q
+        .command_timeout("write vda 0 65536 --seed 11", TIMEOUT * 2)
+        .contains("wrote"));
+    // s2 must take a copy of every chunk the merge rewrites (32 MiB).
+    let out = q.command("snapshot create s2 vda vdb:131072+98304");
+    assert!(out.contains("created snapshot s2"), "{out}");
+    let s2_sum = checksum(&mut q, "s2");
+    q.send(b"snapshot merge s1\r");
+    // Pull the plug as soon as the merge marker is durable.
+    wait_for_any(&q, &["merge of s1 started"], TIMEOUT);
+    q.kill();
+    let cut = q.transcript();
+    assert!(
+        !cut.contains("merged s1 into vda"),
+        "the merge finished before the cut: {cut}"
+    );
+
+    // Boot: the store says "merging"; the merge resumes by itself and finishes.
+    let mut q = boot(&a, &b, &c);
+    {
+        let list = q.command("snapshot list");
+        if !q.transcript().contains("merge of s1 finished") {
+            // Still under way: the console shows it with its progress.
+            assert!(
+                list.contains("merging") && list.contains("merging s1 into vda: "),
+                "{list}"
+            );
+            assert!(list.contains("chunks left"), "{list}");
+            let status = q.command("snapshot status s1");
+            assert!(
+                status.contains(" snapshot-merge ") && status.contains("chunks left"),
+                "{status}"
+            );
+            eprintln!("during the resumed merge:\n{list}{status}");
+            let json = q.command("snapshot list --json");
+            assert!(json.contains(r#""merge_chunks_left":"#), "{json}");
+        }
+        // The origin reads as the snapshot while the merge goes on.
+        let sum = checksum(&mut q, "vda");
+        assert_eq!(sum, sha256_hex(&before), "{}", q.transcript());
+        wait_for_any(&q, &["merge of s1 finished; snapshot removed"], TIMEOUT * 3);
+        assert!(q.transcript().contains("merge of s1 resumed: "));
+        q.settle(std::time::Duration::from_millis(300));
+    }
+    let list = q.command("snapshot list");
+    assert!(!list.contains("s1 ") && list.contains("s2"), "{list}");
+    assert_eq!(checksum(&mut q, "vda"), sha256_hex(&before));
+    let sum = checksum(&mut q, "s2");
+    assert_eq!(sum, s2_sum, "{}", q.transcript());
+    q.poweroff();
+    assert_wiped(&b);
+    // Another boot walks past the merged region (its free-extent marker) and finds s2.
+    let mut q = boot(&a, &b, &c);
+    let list = q.command("snapshot list");
+    assert!(list.contains("s2") && list.contains("active"), "{list}");
+    assert_eq!(checksum(&mut q, "s2"), s2_sum);
+    q.poweroff();
+}
+
+#[test]
+fn a_merge_with_writes_and_bench_on_the_origin_and_refusals() {
+    // 64 MiB origin, all of it copied into s1 (so the merge lasts long enough to overlap);
+    // s2 on vdc; a tiny store on vdd that overflows (an invalid snapshot).
+    let (a, b, c, d) = (
+        Image::new("mergeio-origin", 64 * MIB),
+        Image::new("mergeio-cow1", 80 * MIB),
+        Image::new("mergeio-cow2", 80 * MIB),
+        Image::new("mergeio-small", MIB),
+    );
+    let before = pattern(64 * MIB, 9);
+    a.write(0, &before);
+    let mut q = Boot::kernel("q35", "testing loglevel=info")
+        .virtio_disk(&a.path, "MERGEIO-ORIGIN")
+        .virtio_disk(&b.path, "MERGEIO-COW-1")
+        .virtio_disk(&c.path, "MERGEIO-COW-2")
+        .virtio_disk(&d.path, "MERGEIO-SMALL")
+        .start();
+    q.wait_prompt();
+    for line in ["snapshot create s1 vda vdb", "snapshot create tiny vda vdd"] {
+        assert!(q.command(line).contains("created snapshot"), "{line}");
+    }
+    assert!(q
+        .command_timeout("write vda 0 131072 --seed 21", TIMEOUT * 3)
+        .contains("wrote"));
+    let list = q.command("snapshot list");
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with("tiny") && l.contains("overflow")),
+        "{list}"
+    );
+    let out = q.command("snapshot merge tiny");
+    assert!(
+        out.contains("error: snapshot tiny is invalid (overflow)")
+            && out.contains("cannot be merged"),
+        "{out}"
+    );
+    assert!(q
+        .command("snapshot delete tiny")
+        .contains("deleted snapshot tiny"));
+    assert!(q
+        .command("snapshot create s2 vda vdc")
+        .contains("created snapshot s2"));
+    let s2_sum = checksum(&mut q, "s2");
+
+    // Start the merge, take the prompt back (Ctrl-C leaves it running), and write meanwhile.
+    q.send(b"snapshot merge s1\r");
+    wait_for_any(&q, &["merge of s1 started"], TIMEOUT);
+    q.send(b"\x03");
+    q.settle(std::time::Duration::from_millis(200));
+    let out = q.command("snapshot merge s2");
+    assert!(
+        out.contains("error:") && out.contains("one merge at a time"),
+        "a second merge on the origin: {out}"
+    );
+    let out = q.command_timeout("write vda 100000 4000 --seed 22", TIMEOUT * 2);
+    assert!(out.contains("wrote 4000 blocks"), "{out}");
+    let out = q.command_timeout(
+        "bench vda --rw randwrite --qd 32 --ios 3000 --size 8m",
+        TIMEOUT * 3,
+    );
+    assert!(out.contains("3000 I/Os"), "{out}");
+    let during = q.transcript();
+    eprintln!(
+        "merge finished before the bench ended: {}",
+        during.contains("merge of s1 finished")
+    );
+    wait_for_any(&q, &["merge of s1 finished; snapshot removed"], TIMEOUT * 4);
+    q.settle(std::time::Duration::from_millis(300));
+    // s2 kept its frozen contents through the merge and the writes.
+    assert_eq!(checksum(&mut q, "s2"), s2_sum);
+    let mem = q.command("mem --json");
+    assert!(mem.contains(r#""io_path_allocations":0"#), "{mem}");
+    q.poweroff();
+
+    // The origin is the snapshot, except where it was written during the merge: the bench's
+    // first 8 MiB (random data) and the seeded range, which holds exactly what was written.
+    let origin = a.read(0, (64 * MIB) as usize);
+    let bench_end = (8 * MIB) as usize;
+    assert!(
+        origin[bench_end..100_000 * 512] == before[bench_end..100_000 * 512]
+            && origin[104_000 * 512..] == before[104_000 * 512..],
+        "the origin outside the written ranges is not the snapshot's contents\n{during}"
+    );
+    let mut seeded = vec![0u8; 4000 * 512];
+    kernel::util::pattern::fill_seeded(&mut seeded, 22, 100_000 * 512);
+    assert!(
+        origin[100_000 * 512..104_000 * 512] == seeded[..],
+        "the write made during the merge is not on the origin"
+    );
+    assert_wiped(&b);
+}
