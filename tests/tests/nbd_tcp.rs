@@ -393,11 +393,14 @@ fn real_clients_over_tcp() {
     wait_no_clients(&mut q);
 
     // Eight connections at once, each reading its own range with several requests in
-    // flight; all eight are open together (the console shows them) before any reads.
+    // flight; all eight are open together (the console shows them) before any reads. They
+    // connect one after another: a burst of simultaneous connects through slirp's hostfwd
+    // sometimes left a connection without its greeting (see the closing note of issue 8).
     let (ready_tx, ready) = mpsc::channel();
     let mut gos = Vec::new();
-    let clients: Vec<_> = (0..8u64)
-        .map(|i| {
+    let mut clients = Vec::new();
+    for i in 0..8u64 {
+        clients.push({
             let ready_tx = ready_tx.clone();
             let (go_tx, go) = mpsc::channel::<()>();
             gos.push(go_tx);
@@ -424,12 +427,11 @@ fn real_clients_over_tcp() {
                 got.sort_by_key(|(k, _)| *k);
                 (base, export, got)
             })
-        })
-        .collect();
-    for _ in 0..8 {
+        });
         if ready.recv_timeout(TIMEOUT).is_err() {
+            q.settle(Duration::from_millis(300));
             let (net, nbd) = (q.command("net"), q.command("nbd"));
-            panic!("a client could not open its session:\n{net}\n{nbd}");
+            panic!("client {i} could not open its session:\n{net}\n{nbd}");
         }
     }
     q.settle(Duration::from_millis(300));
