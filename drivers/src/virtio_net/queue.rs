@@ -207,9 +207,8 @@ impl<H: Hal> PacketQueue<H> {
             return Err(QueueError::NotOwned(buffer));
         };
         let len = data.len();
-        // SAFETY: the buffer is `'static` DMA memory owned by this queue and not posted; from
-        // here until `pop` takes its token back, `posted[b] != 0` and no accessor of this
-        // module hands it out (module docs).
+        // SAFETY: `'static` DMA memory this queue owns and has not posted; until `pop` takes its
+        // token back, `posted[b] != 0` and no accessor of this module hands it out.
         let token = each_queue!(&mut self.queue, q => unsafe { q.add(&[], &mut [&mut data[..]]) })
             .map_err(QueueError::Virtio)?;
         self.record(buffer, token, len)
