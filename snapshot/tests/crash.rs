@@ -392,14 +392,13 @@ fn crash_reload_after_torn_area_write() {
     println!("CRASH STATES CHECKED (torn area, reload, continue): {total}");
 }
 
-/// The negative control: releasing origin writes before their records are durable must be
-/// caught by the enumeration.
-#[test]
-fn broken_ordering_is_caught() {
+/// Runs a small workload with a deliberately broken engine (`breakage`) in every completion
+/// order; returns in how many orders the enumeration caught it.
+fn negative_control(label: &str, seed: u64, breakage: impl Fn(&mut RunConfig)) -> usize {
     let mut caught = 0;
     for (i, order) in ORDERS.into_iter().enumerate() {
-        let mut cfg = RunConfig::new(64, 4, order, 70 + i as u64);
-        cfg.broken_ordering = true;
+        let mut cfg = RunConfig::new(64, 4, order, seed + i as u64);
+        breakage(&mut cfg);
         let ops = vec![
             create(2, 60),
             w(0, 2),
@@ -413,12 +412,17 @@ fn broken_ordering_is_caught() {
         h.run(&ops);
         if !h.outcome.violations.is_empty() {
             caught += 1;
-            println!(
-                "negative control ({order:?}) caught: {}",
-                h.outcome.violations[0]
-            );
+            println!("{label} ({order:?}) caught: {}", h.outcome.violations[0]);
         }
     }
+    caught
+}
+
+/// The negative control: releasing origin writes before their records are durable must be
+/// caught by the enumeration.
+#[test]
+fn broken_ordering_is_caught() {
+    let caught = negative_control("negative control", 70, |c| c.broken_ordering = true);
     assert_eq!(
         caught,
         ORDERS.len(),
@@ -430,29 +434,7 @@ fn broken_ordering_is_caught() {
 /// before the area write) must be caught too.
 #[test]
 fn missing_flush_before_commit_is_caught() {
-    let mut caught = 0;
-    for (i, order) in ORDERS.into_iter().enumerate() {
-        let mut cfg = RunConfig::new(64, 4, order, 80 + i as u64);
-        cfg.skip_commit_flush = true;
-        let ops = vec![
-            create(2, 60),
-            w(0, 2),
-            w(8, 4),
-            w(20, 2),
-            Op::OriginFlush,
-            w(30, 2),
-            Op::OriginFlush,
-        ];
-        let mut h = Harness::new(cfg);
-        h.run(&ops);
-        if !h.outcome.violations.is_empty() {
-            caught += 1;
-            println!(
-                "negative control 2 ({order:?}) caught: {}",
-                h.outcome.violations[0]
-            );
-        }
-    }
+    let caught = negative_control("negative control 2", 80, |c| c.skip_commit_flush = true);
     assert_eq!(
         caught,
         ORDERS.len(),
