@@ -99,6 +99,23 @@ impl MarkerWriter {
         }
     }
 
+    /// Routes a task's completion: to `markers` while they are being written, otherwise the
+    /// buffer goes back to the pool (the task's other I/O is the engine's, not its own).
+    pub fn complete_or_release(
+        markers: Option<&mut MarkerWriter>,
+        pool: &mut BufferPool,
+        c: Completion,
+    ) {
+        match markers {
+            Some(m) if !m.done() => m.complete(pool, c),
+            _ => {
+                if let Some(b) = c.buffer {
+                    let _ = pool.release(b);
+                }
+            }
+        }
+    }
+
     /// A completion of a marker request.
     pub fn complete(&mut self, pool: &mut BufferPool, c: Completion) {
         self.in_flight = false;

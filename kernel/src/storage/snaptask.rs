@@ -177,14 +177,7 @@ impl Task for CreateTask {
     }
 
     fn complete(&mut self, pool: &mut BufferPool, c: Completion, _now: u64) {
-        match self.markers.as_mut() {
-            Some(m) if !m.done() => m.complete(pool, c),
-            _ => {
-                if let Some(b) = c.buffer {
-                    let _ = pool.release(b);
-                }
-            }
-        }
+        MarkerWriter::complete_or_release(self.markers.as_mut(), pool, c);
     }
 
     fn done(&self) -> bool {
@@ -296,14 +289,7 @@ impl Task for DeleteTask {
     }
 
     fn complete(&mut self, pool: &mut BufferPool, c: Completion, _now: u64) {
-        match self.markers.as_mut() {
-            Some(m) if !m.done() => m.complete(pool, c),
-            _ => {
-                if let Some(b) = c.buffer {
-                    let _ = pool.release(b);
-                }
-            }
-        }
+        MarkerWriter::complete_or_release(self.markers.as_mut(), pool, c);
     }
 
     fn done(&self) -> bool {
