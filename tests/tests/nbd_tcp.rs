@@ -20,19 +20,6 @@ use tests::{free_port, sha256_hex, Boot, Image, Qemu, TIMEOUT};
 const MIB: u64 = 1 << 20;
 const NBD_PORT: u16 = 10809;
 
-/// Deterministic bytes.
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 /// Waits for the DHCP lease and the NBD listener, then for the console to settle.
 fn wait_serving(q: &mut Qemu) {
     let deadline = Instant::now() + TIMEOUT;
@@ -233,7 +220,7 @@ fn real_clients_over_tcp() {
         Image::new("nbdtcp-cow", 16 * MIB),
         Image::new("nbdtcp-plain", 16 * MIB),
     );
-    let origin = pattern(32 * MIB as usize, 7);
+    let origin = tests::xorshift_bytes(32 * MIB as usize, 7);
     a.write(0, &origin);
     let mut q = Boot::kernel("q35", "testing loglevel=info")
         .virtio_disk(&a.path, "ORIGIN")
@@ -299,7 +286,7 @@ fn real_clients_over_tcp() {
     let dir = std::env::temp_dir();
     let src = dir.join(format!("snapfw-nbd-{}-src.img", std::process::id()));
     let back = dir.join(format!("snapfw-nbd-{}-back.img", std::process::id()));
-    let data = pattern(16 * MIB as usize, 11);
+    let data = tests::xorshift_bytes(16 * MIB as usize, 11);
     std::fs::write(&src, &data).expect("write source");
     run_ok(
         "nbdcopy",
@@ -495,7 +482,7 @@ fn flushed_writes_survive_a_power_cut() {
         Image::new("nbdtcp-cut-origin", 16 * MIB),
         Image::new("nbdtcp-cut-cow", 8 * MIB),
     );
-    let origin = pattern(16 * MIB as usize, 21);
+    let origin = tests::xorshift_bytes(16 * MIB as usize, 21);
     a.write(0, &origin);
     let boot = |port| {
         Boot::kernel("q35", "testing loglevel=info")

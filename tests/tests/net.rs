@@ -56,19 +56,6 @@ fn echo_round_trip(port: u16, data: &[u8]) -> Vec<u8> {
     got
 }
 
-/// Deterministic test bytes.
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 /// Heap allocations since boot, from `mem --json`.
 fn allocations(q: &mut Qemu) -> u64 {
     let mem = q.command("mem --json");
@@ -107,7 +94,7 @@ fn dhcp_address_and_tcp_echo() {
     // the packet path and the echo service allocate nothing.
     let a0 = allocations(&mut q);
     let a1 = allocations(&mut q);
-    let data = pattern(1 << 20, 1);
+    let data = tests::xorshift_bytes(1 << 20, 1);
     let got = echo_round_trip(port, &data);
     assert_eq!(got.len(), data.len(), "echo returned a short stream");
     assert!(got == data, "echoed bytes differ");
@@ -115,7 +102,7 @@ fn dhcp_address_and_tcp_echo() {
     assert_eq!(a2 - a1, a1 - a0, "the network path allocated on the heap");
 
     // A second connection is served by a slot that listens again.
-    let data2 = pattern(100_000, 2);
+    let data2 = tests::xorshift_bytes(100_000, 2);
     assert!(echo_round_trip(port, &data2) == data2);
 
     let net = q.command("net");
@@ -156,7 +143,7 @@ fn several_clients_at_once() {
     let clients: Vec<_> = (0..4u64)
         .map(|i| {
             std::thread::spawn(move || {
-                let data = pattern(300_000 + i as usize * 1000, 10 + i);
+                let data = tests::xorshift_bytes(300_000 + i as usize * 1000, 10 + i);
                 let got = echo_round_trip(port, &data);
                 got == data
             })
@@ -187,7 +174,7 @@ fn static_address_from_the_command_line() {
     );
     start_echo(&mut q);
     // The forward targets 10.0.2.20: the round trip works only if that is our address.
-    let data = pattern(200_000, 3);
+    let data = tests::xorshift_bytes(200_000, 3);
     assert!(echo_round_trip(port, &data) == data);
     q.poweroff();
 }
