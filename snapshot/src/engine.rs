@@ -52,6 +52,8 @@ struct ReqSlot {
     admitted: bool,
     /// For an origin write held for copies: the tick it was first held.
     held_since: Option<u64>,
+    /// Counted in `Engine::origin_writes_issued`.
+    counted_issue: bool,
     /// `Engine::epoch` when this request last found nothing to do.
     seen_epoch: u64,
     /// The pending exception this request waits for (NIL: waiting on something else,
@@ -82,6 +84,8 @@ struct Pending {
     /// Next entry in the same `pending_index` bucket.
     next_in_hash: u32,
     alloc_tick: u64,
+    /// Tick its copy reached the COW device.
+    copied_tick: u64,
     /// Bumped whenever the entry leaves a state a request may wait on (retired, freed,
     /// its job finished); kept across reuse of the slot, so a waiter never misses a change.
     generation: u32,
@@ -148,6 +152,8 @@ struct Batch {
     full: bool,
     inflight: bool,
     appended: bool,
+    /// Tick the commit started.
+    started: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -188,6 +194,8 @@ struct Snap {
     /// Commits in flight, oldest first: newer ones flush while the oldest writes its area.
     batches: [Option<Batch>; MAX_BATCHES],
     meta_inflight: bool,
+    /// Tick the last commit ended (the hold bound counts from here at the earliest).
+    last_commit_end: u64,
     header: Vec<u8>,
     header_phase: HeaderPhase,
     wipe: bool,
@@ -239,6 +247,20 @@ enum IoCtx {
 struct IoSlot {
     generation: u32,
     ctx: IoCtx,
+    /// Tick the I/O was emitted at, and the phase its latency counts toward.
+    emitted: u64,
+    timed: Timed,
+}
+
+/// Which [`PhaseTimes`] entry an I/O's latency goes to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Timed {
+    No,
+    CopyRead,
+    CopyWrite,
+    CommitFlush,
+    AreaWrite,
+    OriginWrite,
 }
 
 /// The snapshot engine for one origin. See the crate documentation.
@@ -267,6 +289,8 @@ pub struct Engine {
     quiescing: bool,
     quiesce_reported: bool,
     origin_writes_active: u32,
+    /// Origin writes sent to the device by `advance_origin_write` and not finished.
+    origin_writes_issued: u32,
     origin_reads_redirected: u32,
     dirty: bool,
     progress: u64,
@@ -332,6 +356,7 @@ impl Engine {
                     overwrite_chunk: None,
                     admitted: false,
                     held_since: None,
+                    counted_issue: false,
                     seen_epoch: u64::MAX,
                     blocked_on: NIL,
                     blocked_gen: 0,
@@ -350,6 +375,7 @@ impl Engine {
                     in_job: false,
                     next_in_hash: NIL,
                     alloc_tick: 0,
+                    copied_tick: 0,
                     generation: 0,
                 };
                 npend
@@ -364,7 +390,9 @@ impl Engine {
             io: vec![
                 IoSlot {
                     generation: 0,
-                    ctx: IoCtx::Free
+                    ctx: IoCtx::Free,
+                    emitted: 0,
+                    timed: Timed::No,
                 };
                 nio
             ],
@@ -376,6 +404,7 @@ impl Engine {
             quiescing: false,
             quiesce_reported: false,
             origin_writes_active: 0,
+            origin_writes_issued: 0,
             origin_reads_redirected: 0,
             dirty: false,
             progress: 0,
@@ -432,6 +461,7 @@ impl Engine {
             overwrite_chunk: None,
             admitted: false,
             held_since: None,
+            counted_issue: false,
             seen_epoch: u64::MAX,
             blocked_on: NIL,
             blocked_gen: 0,
@@ -470,6 +500,16 @@ impl Engine {
             return Err(EngineError::UnknownToken);
         }
         let ctx = slot.ctx;
+        let took = self.now.saturating_sub(slot.emitted);
+        let ph = &mut self.stats.phases;
+        match slot.timed {
+            Timed::No => {}
+            Timed::CopyRead => ph.copy_read.add(took),
+            Timed::CopyWrite => ph.copy_write.add(took),
+            Timed::CommitFlush => ph.commit_flush.add(took),
+            Timed::AreaWrite => ph.area_write.add(took),
+            Timed::OriginWrite => ph.origin_write.add(took),
+        }
         self.io[idx].ctx = IoCtx::Free;
         self.io[idx].generation = self.io[idx].generation.wrapping_add(1);
         self.free_io.push(idx as u32);
@@ -500,6 +540,11 @@ impl Engine {
             }
         }
         Ok(())
+    }
+
+    /// Whether finished volume requests wait for [`Engine::poll_completion`].
+    pub fn has_completions(&self) -> bool {
+        !self.completions.is_empty()
     }
 
     /// The next completed volume request, if any.
@@ -791,6 +836,7 @@ impl Engine {
             order: VecDeque::with_capacity(self.cfg.pending_exceptions as usize),
             batches: [None; MAX_BATCHES],
             meta_inflight: false,
+            last_commit_end: 0,
             header,
             header_phase: HeaderPhase::None,
             wipe: false,
@@ -842,6 +888,15 @@ impl Engine {
         };
         let slot = &mut self.io[idx as usize];
         slot.ctx = ctx;
+        slot.emitted = self.now;
+        slot.timed = match (ctx, op, device) {
+            (IoCtx::Request { .. }, IoOp::Write { .. }, Device::Origin) => Timed::OriginWrite,
+            (IoCtx::JobRead { .. }, _, _) => Timed::CopyRead,
+            (IoCtx::JobWrite { .. }, _, _) => Timed::CopyWrite,
+            (IoCtx::Commit { .. }, IoOp::Flush, _) => Timed::CommitFlush,
+            (IoCtx::Commit { .. }, IoOp::Write { .. }, _) => Timed::AreaWrite,
+            _ => Timed::No,
+        };
         let token = IoToken((u64::from(slot.generation) << 32) | u64::from(idx));
         if let Device::Cow(s) = device {
             if let Some(Some(x)) = self.snaps.get_mut(s.0 as usize) {
@@ -903,6 +958,10 @@ impl Engine {
             && r.admitted
         {
             self.origin_writes_active -= 1;
+        }
+        if r.counted_issue {
+            self.origin_writes_issued -= 1;
+            self.reqs[idx as usize].counted_issue = false;
         }
         self.reqs[idx as usize].phase = ReqPhase::Free;
         self.free_reqs.push(idx);
@@ -1167,7 +1226,7 @@ impl Engine {
                     if !x.valid {
                         continue;
                     }
-                    self.maybe_start_commit(s);
+                    self.maybe_start_commit(s, false);
                     self.emit_commit_steps(s);
                 }
             }
@@ -1180,7 +1239,11 @@ impl Engine {
         }
     }
 
-    fn maybe_start_commit(&mut self, s: usize) {
+    /// Starts a commit of `s`'s copied records if the policy says so. `chained`: the oldest
+    /// batch is about to emit the flush that makes its area durable; a batch formed now rides
+    /// on that flush (its copies completed before the flush is issued), so it needs no flush
+    /// of its own and writes its area as soon as the oldest batch is done.
+    fn maybe_start_commit(&mut self, s: usize, chained: bool) {
         let policy = self.cfg.commit_policy;
         let bound = self.cfg.hold_bound_ticks;
         let now = self.now;
@@ -1192,12 +1255,12 @@ impl Engine {
         // Linux commits one area write at a time; snapfw lets the next batch flush while the
         // previous one writes its area (never across an area boundary).
         let max_batches = if policy == CommitPolicy::Grouped {
-            MAX_BATCHES
+            (self.cfg.commits_in_flight as usize).clamp(1, MAX_BATCHES)
         } else {
             1
         };
         let busy = x.batches.iter().flatten().count();
-        if busy >= max_batches {
+        if busy >= if chained { MAX_BATCHES } else { max_batches } {
             return;
         }
         // A batch that fills its area moves the next batches to the next area; allow one such
@@ -1243,24 +1306,44 @@ impl Engine {
         if room == 0 {
             return;
         }
-        let idle = k == (x.order.len() - skip) as u64;
+        // Linux's "idle": no copy in flight. snapfw also waits while released origin writes
+        // are still on the device, as their submitters tend to write again at once, and the
+        // next copies then join this commit instead of waiting for another one. (The hold
+        // bound still applies, so a write waiting on something else cannot stall a commit.)
+        let no_copies = k == (x.order.len() - skip) as u64;
+        let idle = match policy {
+            CommitPolicy::Grouped => no_copies && self.origin_writes_issued == 0,
+            CommitPolicy::LinuxIdle => no_copies,
+        };
         let oldest = x
             .order
             .get(skip)
             .map(|&p| self.pending[p as usize].alloc_tick)
             .unwrap_or(now);
-        let overdue = policy == CommitPolicy::Grouped && now.saturating_sub(oldest) >= bound;
-        if !(idle || k >= room || overdue) {
+        // Waiting during a commit that could not take it does not count toward the bound.
+        let waited = now.saturating_sub(oldest.max(x.last_commit_end));
+        let overdue = policy == CommitPolicy::Grouped && waited >= bound;
+        if !(chained || idle || k >= room || overdue) {
             return;
         }
-        let n = k.min(room);
+        let mut n = k.min(room);
+        if chained && full_at.is_none() && n == room {
+            // A batch that fills its area zeroes the next one first, and that write needs a
+            // flush after it: leave the filling batch to the normal path.
+            n -= 1;
+            if n == 0 {
+                return;
+            }
+        }
         for i in skip..skip + n as usize {
             let p = x.order[i] as usize;
             self.pending[p].state = PState::Committing;
+            let waited = now.saturating_sub(self.pending[p].copied_tick);
+            self.stats.phases.batch_wait.add(waited);
         }
         let full = full_at.is_none() && n == room;
         let next_area = x.store.geometry.area_chunk(x.store.current_area + 1);
-        let flush = if self.cfg.unsafe_skip_commit_flush {
+        let flush = if self.cfg.unsafe_skip_commit_flush || chained {
             CommitPhase::WaitTurn
         } else {
             CommitPhase::Flush
@@ -1276,6 +1359,7 @@ impl Engine {
             full,
             inflight: false,
             appended: false,
+            started: now,
         };
         if busy == 0 {
             Self::append_batch(x, &self.pending, &mut batch);
@@ -1298,6 +1382,19 @@ impl Engine {
 
     fn emit_commit_steps(&mut self, s: usize) {
         for i in 0..MAX_BATCHES {
+            if i == 0
+                && self.cfg.chain_commit_flushes
+                && self.cfg.commit_policy == CommitPolicy::Grouped
+                && !self.cfg.unsafe_skip_commit_flush
+            {
+                let flushing = self.snaps[s]
+                    .as_ref()
+                    .and_then(|x| x.batches[0])
+                    .is_some_and(|b| b.phase == CommitPhase::PostFlush && !b.inflight);
+                if flushing {
+                    self.maybe_start_commit(s, true);
+                }
+            }
             let Some(x) = self.snaps[s].as_mut() else {
                 return;
             };
@@ -1426,6 +1523,13 @@ impl Engine {
             }
         }
         self.stats.commits += 1;
+        self.stats
+            .phases
+            .commit
+            .add(self.now.saturating_sub(b.started));
+        if let Some(x) = self.snaps[s].as_mut() {
+            x.last_commit_end = self.now;
+        }
         self.stats.records_committed += b.count;
         self.progress += 1;
         if table_full {
@@ -1684,6 +1788,11 @@ impl Engine {
                 let e = &mut self.pending[p as usize];
                 if e.state == PState::Copying {
                     e.state = PState::Copied;
+                    e.copied_tick = self.now;
+                    self.stats
+                        .phases
+                        .copy
+                        .add(self.now.saturating_sub(e.alloc_tick));
                 }
                 if self.cfg.unsafe_release_before_commit {
                     self.epoch += 1;
@@ -1747,6 +1856,7 @@ impl Engine {
             in_job: false,
             next_in_hash: NIL,
             alloc_tick: now,
+            copied_tick: 0,
         };
         x.order.push_back(p);
         self.hash_insert(p);
@@ -1976,6 +2086,8 @@ impl Engine {
         }
         let issued = self.issue_whole(idx, Device::Origin, IoOp::Write { fua }, true);
         if issued {
+            self.origin_writes_issued += 1;
+            self.reqs[idx as usize].counted_issue = true;
             if let Some(since) = self.reqs[idx as usize].held_since.take() {
                 self.stats.hold_ticks.record(self.now.saturating_sub(since));
             }

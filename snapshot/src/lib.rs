@@ -56,10 +56,14 @@
 //!   [`IoBuffer::Meta`] (engine-owned bytes: header or metadata area; get them with
 //!   [`Engine::meta_bytes`] when issuing the write; they do not change until it completes),
 //!   [`IoBuffer::Zeroes`] (write zeroes), [`IoBuffer::None`] (flush).
-//! - **Ticks**: [`Engine::tick`] sets the time. A group commit starts when no copy is in
-//!   flight, when the area would fill, or when the oldest uncommitted exception is
-//!   `hold_bound_ticks` old; newer commits flush while the oldest writes its area (area writes
-//!   go down one at a time, in order). [`CommitPolicy::LinuxIdle`] reproduces Linux's rule.
+//! - **Ticks**: [`Engine::tick`] sets the time. A group commit starts, while fewer than
+//!   `commits_in_flight` commits run, when the origin is quiet (no copy in flight, every
+//!   admitted origin write held), when the area would fill, or when the oldest uncommitted
+//!   exception has waited `hold_bound_ticks` (counted from the last commit's end at the
+//!   earliest). With more than one commit in flight, newer commits flush while the oldest
+//!   writes its area (area writes go down one at a time, in order).
+//!   [`CommitPolicy::LinuxIdle`] reproduces Linux's rule. [`EngineStats::phases`] times each
+//!   stage of a held write.
 //! - **Creating a snapshot** on a fresh COW device: [`Engine::quiesce_origin`], wait for
 //!   [`Event::OriginQuiesced`] (or [`Engine::is_quiesced`]), [`Engine::create_snapshot`]
 //!   (flushes the origin, zeroes chunk 0 and area 0, flushes, then writes the header with FUA),

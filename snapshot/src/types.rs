@@ -248,8 +248,10 @@ pub enum Event {
 /// When group commits start.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CommitPolicy {
-    /// snapfw: when no copy is in flight, when the area is full, or when the oldest uncommitted
-    /// exception has waited `hold_bound_ticks`.
+    /// snapfw: with fewer than `commits_in_flight` commits running, when the origin is quiet
+    /// (no copy in flight and every admitted origin write held for a commit), when the area
+    /// is full, or when the oldest uncommitted exception has waited `hold_bound_ticks` since
+    /// it was copied or since the snapshot's last commit ended, whichever is later.
     Grouped,
     /// Linux: only when no copy is in flight or the area is full.
     LinuxIdle,
@@ -275,8 +277,18 @@ pub struct EngineConfig {
     /// Size of one copy buffer = the largest sequential copy, in sectors (a power of two, at
     /// least the largest chunk size).
     pub copy_buffer_sectors: u32,
-    /// Group commit bound: start a commit once the oldest uncommitted exception is this old.
+    /// Group commit bound: start a commit once the oldest uncommitted exception has waited
+    /// this long (counted from the end of the snapshot's last commit at the earliest).
     pub hold_bound_ticks: u64,
+    /// Commits of one snapshot in flight at once (`Grouped` only; at least 1). One is best
+    /// where flushes are serialised (QEMU, most SATA): a second commit costs two more flushes
+    /// and splits the batch. Devices that run flushes in parallel may gain from more.
+    pub commits_in_flight: u32,
+    /// Devices without FUA (`Grouped` only): the flush that makes one commit's area durable
+    /// also makes the copies finished before it durable, so the records of those copies go
+    /// into the next area write without a flush of their own (one flush per commit instead of
+    /// two while commits follow each other).
+    pub chain_commit_flushes: bool,
     /// Commit policy.
     pub commit_policy: CommitPolicy,
     /// Usage percentages that raise an event.
@@ -312,7 +324,9 @@ impl EngineConfig {
             pending_exceptions: 512,
             copy_buffers: 64,
             copy_buffer_sectors: 256,
-            hold_bound_ticks: 200,
+            hold_bound_ticks: 1000,
+            commits_in_flight: 1,
+            chain_commit_flushes: true,
             commit_policy: CommitPolicy::Grouped,
             usage_thresholds: [80, 90],
             unsafe_release_before_commit: false,
@@ -441,4 +455,51 @@ pub struct EngineStats {
     pub copy_jobs: u64,
     /// Copy writes (one per snapshot and run).
     pub copy_writes: u64,
+    /// Where the time of a first write goes, in engine ticks (see [`PhaseTimes`]).
+    pub phases: PhaseTimes,
+}
+
+/// A count of events and their summed duration in engine ticks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PhaseTime {
+    /// Events timed.
+    pub count: u64,
+    /// Their total duration, in ticks.
+    pub ticks: u64,
+}
+
+impl PhaseTime {
+    /// Adds one event that took `ticks`.
+    pub fn add(&mut self, ticks: u64) {
+        self.count += 1;
+        self.ticks = self.ticks.saturating_add(ticks);
+    }
+
+    /// Mean duration in ticks (0 when nothing was timed).
+    pub fn mean(&self) -> u64 {
+        self.ticks / self.count.max(1)
+    }
+}
+
+/// The stages a held origin write goes through, each timed on its own, so that a slow
+/// snapshot path can be traced to the device (I/O latencies) or to the commit policy
+/// (batch wait). I/O latencies run from the engine emitting the I/O to its completion.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PhaseTimes {
+    /// Copy reads from the origin.
+    pub copy_read: PhaseTime,
+    /// Copy writes to a COW device.
+    pub copy_write: PhaseTime,
+    /// Flushes issued by commits.
+    pub commit_flush: PhaseTime,
+    /// Metadata area writes issued by commits.
+    pub area_write: PhaseTime,
+    /// Origin writes sent to the device.
+    pub origin_write: PhaseTime,
+    /// Pending exception: allocated until its copy is on the COW device.
+    pub copy: PhaseTime,
+    /// Pending exception: copied until a commit takes it.
+    pub batch_wait: PhaseTime,
+    /// Commit: started until its records are durable (one event per commit).
+    pub commit: PhaseTime,
 }

@@ -194,42 +194,53 @@ fn group_commit_carries_many_records() {
 
 #[test]
 fn hold_bound_starts_a_commit_while_copies_are_in_flight() {
-    // Timed device: copies keep arriving; with a small bound a commit starts before idle.
-    let run = |policy: CommitPolicy| {
+    // Timed device: copies keep arriving (a new one every 40 ticks, each taking 200), so there
+    // is always one in flight and Linux's rule waits for the stream to end; with a small
+    // bound a commit starts anyway.
+    let run = |policy: CommitPolicy, depth: u32| {
         let mut w = world(1 << 16, |c| {
             c.hold_bound_ticks = 100;
             c.commit_policy = policy;
+            c.commits_in_flight = depth;
         });
         w.order = Order::Timed;
         w.latency = snapshot::sim::Latency {
-            read: 20,
-            write: 30,
+            read: 100,
+            write: 100,
             flush: 1000,
-            parallel: 8,
+            parallel: 32,
         };
         create(&mut w, &snap_cfg(8, 4000));
         // An open-loop stream: one write every 40 ticks.
-        for tag in 1..=400u64 {
+        for tag in 1..=WRITES {
             write(&mut w, tag, (tag * 8 * 13) % (1 << 16), 8);
             let until = w.now + 40;
             while w.now < until && w.complete_one() {}
             w.now = w.now.max(until);
         }
         w.settle(1_000_000);
-        assert_eq!(w.completed.len(), 400);
+        assert_eq!(w.completed.len(), WRITES as usize);
         w.engine.stats()
     };
-    let grouped = run(CommitPolicy::Grouped);
-    let linux = run(CommitPolicy::LinuxIdle);
+    let linux = run(CommitPolicy::LinuxIdle, 1);
+    for depth in [1, 4] {
+        let grouped = run(CommitPolicy::Grouped, depth);
+        check_hold_bound(&grouped, &linux);
+    }
+}
+
+const WRITES: u64 = 100;
+
+fn check_hold_bound(grouped: &snapshot::EngineStats, linux: &snapshot::EngineStats) {
     // Linux waits until the pipeline drains or the area (512 records) fills.
     assert!(
         grouped.commits > linux.commits,
         "grouped {grouped:?} linux {linux:?}"
     );
     // Every write copied and was held; each hold spans at least a commit's flush.
-    for s in [&grouped, &linux] {
-        assert_eq!(s.held_writes, 400);
-        assert_eq!(s.hold_ticks.count(), 400);
+    for s in [grouped, linux] {
+        assert_eq!(s.held_writes, WRITES);
+        assert_eq!(s.hold_ticks.count(), WRITES);
         assert!(s.hold_ticks.percentile(990) >= 1000, "{:?}", s.hold_ticks);
     }
     // The hold bound is what keeps the tail short.

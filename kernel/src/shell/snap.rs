@@ -513,6 +513,22 @@ fn status(st: &Storage, args: &Args, out: &mut Out) -> CmdResult<()> {
         per % 100,
         e.commit_flushes
     );
+    let ph = &e.phases;
+    if ph.copy.count > 0 {
+        // Engine ticks are microseconds here (`storage::poll`).
+        let _ = writeln!(
+            out,
+            "  stages, mean us: copy {} (read {}, write {}), batch wait {}, commit {} (flush {}, area {}), origin write {}",
+            ph.copy.mean(),
+            ph.copy_read.mean(),
+            ph.copy_write.mean(),
+            ph.batch_wait.mean(),
+            ph.commit.mean(),
+            ph.commit_flush.mean(),
+            ph.area_write.mean(),
+            ph.origin_write.mean()
+        );
+    }
     // Engine ticks are microseconds (storage::poll ticks it with uptime / 1000).
     let (p99, max) = (e.hold_ticks.percentile(990), e.hold_ticks.max());
     let _ = writeln!(

@@ -146,6 +146,8 @@ pub struct RunConfig {
     pub copy_buffers: u32,
     pub copy_buffer_sectors: u32,
     pub hold_bound: u64,
+    /// Commits in flight per snapshot (odd seeds pipeline four, even seeds run one).
+    pub commits_in_flight: u32,
     pub fail_every: Option<u64>,
     /// Check every n-th completion point (1 = all).
     pub check_every: u64,
@@ -169,6 +171,7 @@ impl RunConfig {
             copy_buffers: 8,
             copy_buffer_sectors: 16,
             hold_bound: 3,
+            commits_in_flight: if seed % 2 == 1 { 4 } else { 1 },
             fail_every: None,
             check_every: 1,
             merge_skip_origin_flush: false,
@@ -236,6 +239,7 @@ impl Harness {
         ec.copy_buffers = cfg.copy_buffers;
         ec.copy_buffer_sectors = cfg.copy_buffer_sectors;
         ec.hold_bound_ticks = cfg.hold_bound;
+        ec.commits_in_flight = cfg.commits_in_flight;
         ec.unsafe_release_before_commit = cfg.broken_ordering;
         ec.unsafe_skip_commit_flush = cfg.skip_commit_flush;
         ec.unsafe_merge_skip_origin_flush = cfg.merge_skip_origin_flush;
