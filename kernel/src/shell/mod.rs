@@ -126,6 +126,7 @@ mod run_loop {
                 if let Some(r) = running.as_mut() {
                     r.task.step(st, now);
                 }
+                let more = storage::issue_volumes(st) || more;
                 (more, st.task_ios)
             });
             if more {

@@ -441,6 +441,20 @@ impl Storage {
     }
 }
 
+/// Sends the device I/O for volume requests submitted since the last [`poll`] (console tasks
+/// and NBD sessions submit after it ran; without this their I/O would wait for the next
+/// interrupt, which under interrupt coalescing can be a whole batch of completions later).
+/// Returns true when an engine has finished requests to deliver (run [`poll`] again before
+/// halting).
+pub fn issue_volumes(storage: &mut Storage) -> bool {
+    let mut more = false;
+    for (index, o) in storage.origins.iter_mut().enumerate() {
+        o.issue(index, storage.devices.as_mut_slice());
+        more |= o.engine.has_completions();
+    }
+    more
+}
+
 /// Timer work of the storage layer (called every loop iteration): NVMe command deadlines
 /// are checked every 100 ms. Returns true when a controller has work to finish.
 pub fn housekeeping(storage: &mut Storage, now: u64) -> bool {
@@ -475,6 +489,10 @@ pub fn poll(
         task_ios,
         ..
     } = storage;
+    // Completions below are stamped with this round's time.
+    for o in origins.iter_mut() {
+        o.engine.tick(now / 1000);
+    }
     let more = servicer.run(
         &REGISTRY,
         devices.as_mut_slice(),
@@ -498,7 +516,6 @@ pub fn poll(
         },
     );
     for (index, o) in origins.iter_mut().enumerate() {
-        o.engine.tick(now / 1000);
         o.issue(index, devices);
         if let Some(pool) = pools.get_mut(o.disk) {
             o.deliver(&mut |c| {
