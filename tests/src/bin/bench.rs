@@ -11,7 +11,7 @@
 //! `nbdkit` on the host, in the same run, with the ratio.
 //!
 //! `BENCH_TIME` (default `5s`) sets each row's duration; `BENCH_ONLY=nbd` runs the NBD rows
-//! alone; `ACCEL` as for the tests.
+//! alone, `BENCH_ONLY=snapshot` the snapshot rows; `ACCEL` as for the tests.
 
 use std::time::Duration;
 
@@ -122,8 +122,9 @@ fn main() {
     println!(
         "snapfw bench: 1 GiB raw images (cache=none,aio=threads), accel={accel}, {time} per row"
     );
+    let only_snapshots = std::env::var("BENCH_ONLY").is_ok_and(|v| v == "snapshot");
     // Fill each disk once so reads hit allocated blocks of the host file.
-    for disk in ["vda", "nvme0n1"] {
+    for disk in ["vda", "nvme0n1"].iter().filter(|_| !only_snapshots) {
         q.command_timeout(
             &format!("bench {disk} --rw write --bs 128k --qd 32 --ios 8192"),
             Duration::from_secs(600),
@@ -141,7 +142,7 @@ fn main() {
         "p99 us",
         "irq/IO"
     );
-    for row in ROWS {
+    for row in ROWS.iter().filter(|_| !only_snapshots) {
         let v = if row.nvme_only {
             None
         } else {
@@ -166,7 +167,9 @@ fn main() {
     snapshot_rows(&mut q, "NVMe", "nvme0n1", "nvme0n2", &time);
     q.send(b"poweroff\r");
     let _ = q.wait_exit(Duration::from_secs(30));
-    nbd_rows(&time);
+    if !only_snapshots {
+        nbd_rows(&time);
+    }
 }
 
 fn cmd(q: &mut tests::Qemu, line: &str) -> String {
