@@ -77,14 +77,22 @@ struct Held {
     task_tag: u64,
     op: Operation,
     lba: u64,
-    /// The caller's data buffer (none for a flush).
+    /// The caller's data buffer (none for a flush, and none while it is lent).
     buffer: Option<DmaBuf>,
+    /// `buffer` is lent to the device for an engine I/O that covers all of it.
+    lent: bool,
+    /// Engine I/Os in flight that copy from or into `buffer` through a bounce buffer.
+    bounced: u16,
 }
 
 struct Issued {
     token: IoToken,
     /// For reads: where the data goes.
     read_into: Option<IoBuffer>,
+    /// The request whose buffer this I/O uses (lent or through a bounce buffer).
+    caller: Option<u64>,
+    /// The device has the caller's own buffer: it goes back to the request on completion.
+    lent: bool,
 }
 
 /// An origin device with its engine and snapshots.
@@ -262,6 +270,8 @@ impl Origin {
                     op: request.op,
                     lba: request.lba,
                     buffer: request.buffer,
+                    lent: false,
+                    bounced: 0,
                 });
                 Ok(())
             }
@@ -311,14 +321,40 @@ impl Origin {
         let tag = VOLUME_TAG | ((index as u64) << 32) | u64::from(slot);
         let block_bytes = u64::from(device.geometry().block_size.max(512));
         let lba = (io.sector + offset) * 512 / block_bytes;
-        let request = match io.op {
-            IoOp::Flush => BlockRequest::flush(tag),
-            IoOp::Read | IoOp::Write { .. } => {
+        let len = io.sectors as usize * 512;
+        // An I/O on the whole of a request's buffer (most origin writes and snapshot reads)
+        // lends that buffer to the device instead of copying through a bounce buffer. While
+        // it is lent, other I/O on it waits; while bounce copies of it are in flight, it is
+        // not lent.
+        let mut caller = None;
+        let mut lent = None;
+        if let (IoBuffer::Caller { tag, byte_offset }, IoOp::Read | IoOp::Write { .. }) =
+            (io.buffer, io.op)
+        {
+            if let Some(held) = self.requests.get_mut(tag as usize).and_then(Option::as_mut) {
+                if held.lent {
+                    self.free_ios.push(slot);
+                    return Err(io);
+                }
+                caller = Some(tag);
+                let whole =
+                    byte_offset == 0 && held.buffer.as_ref().is_some_and(|b| b.len() == len);
+                if whole && held.bounced == 0 {
+                    lent = held.buffer.take();
+                    held.lent = lent.is_some();
+                }
+            }
+        }
+        let is_lent = lent.is_some();
+        let request = match (io.op, lent) {
+            (IoOp::Flush, _) => BlockRequest::flush(tag),
+            (IoOp::Write { fua }, Some(buf)) => BlockRequest::write(tag, lba, buf, fua),
+            (IoOp::Read, Some(buf)) => BlockRequest::read(tag, lba, buf),
+            (IoOp::Read | IoOp::Write { .. }, None) => {
                 let Some(mut buf) = self.bounce.acquire() else {
                     self.free_ios.push(slot);
                     return Err(io);
                 };
-                let len = io.sectors as usize * 512;
                 if buf.set_len(len).is_err() {
                     let _ = self.bounce.release(buf);
                     self.free_ios.push(slot);
@@ -337,15 +373,26 @@ impl Origin {
         match device.submit(request) {
             Ok(()) => {
                 let read_into = matches!(io.op, IoOp::Read).then_some(io.buffer);
+                if let (Some(t), false) = (caller, is_lent) {
+                    if let Some(held) = self.requests.get_mut(t as usize).and_then(Option::as_mut) {
+                        held.bounced += 1;
+                    }
+                }
                 self.ios[slot as usize] = Some(Issued {
                     token: io.token,
                     read_into,
+                    caller,
+                    lent: is_lent,
                 });
                 Ok(())
             }
             Err(rejected) => {
                 if let Some(b) = rejected.request.buffer {
-                    let _ = self.bounce.release(b);
+                    if is_lent {
+                        self.give_back(caller, b);
+                    } else {
+                        let _ = self.bounce.release(b);
+                    }
                 }
                 self.free_ios.push(slot);
                 if rejected.error == BlockError::QueueFull {
@@ -355,6 +402,21 @@ impl Origin {
                     Ok(())
                 }
             }
+        }
+    }
+
+    /// Returns a lent buffer to its request.
+    fn give_back(&mut self, caller: Option<u64>, buffer: DmaBuf) {
+        match caller
+            .and_then(|t| self.requests.get_mut(t as usize))
+            .and_then(Option::as_mut)
+        {
+            Some(held) => {
+                held.buffer = Some(buffer);
+                held.lent = false;
+            }
+            // Unreachable: a request completes only after all its I/Os did.
+            None => log::error!("snapshot engine: a lent buffer outlived its request"),
         }
     }
 
@@ -389,6 +451,23 @@ impl Origin {
             return;
         };
         self.free_ios.push(slot);
+        if issued.lent {
+            // The data (read) is already in the request's own buffer.
+            if let Some(b) = completion.buffer {
+                self.give_back(issued.caller, b);
+            }
+            let _ = self
+                .engine
+                .complete_io(issued.token, completion.result.map_err(|_| IoError));
+            return;
+        }
+        if let Some(held) = issued
+            .caller
+            .and_then(|t| self.requests.get_mut(t as usize))
+            .and_then(Option::as_mut)
+        {
+            held.bounced = held.bounced.saturating_sub(1);
+        }
         if let (Ok(()), Some(target), Some(buf)) =
             (completion.result, issued.read_into, &completion.buffer)
         {
