@@ -549,7 +549,12 @@ impl Engine {
 
     /// The next completed volume request, if any.
     pub fn poll_completion(&mut self) -> Option<VolumeCompletion> {
-        self.completions.pop_front()
+        let c = self.completions.pop_front();
+        if c.is_some() && self.completions.is_empty() {
+            // A commit may have waited for these to be taken (see `maybe_start_commit`).
+            self.dirty = true;
+        }
+        c
     }
 
     /// The next event, if any.
@@ -1226,7 +1231,7 @@ impl Engine {
                     if !x.valid {
                         continue;
                     }
-                    self.maybe_start_commit(s, false);
+                    self.maybe_start_commit(s);
                     self.emit_commit_steps(s);
                 }
             }
@@ -1239,11 +1244,8 @@ impl Engine {
         }
     }
 
-    /// Starts a commit of `s`'s copied records if the policy says so. `chained`: the oldest
-    /// batch is about to emit the flush that makes its area durable; a batch formed now rides
-    /// on that flush (its copies completed before the flush is issued), so it needs no flush
-    /// of its own and writes its area as soon as the oldest batch is done.
-    fn maybe_start_commit(&mut self, s: usize, chained: bool) {
+    /// Starts a commit of `s`'s copied records if the policy says so.
+    fn maybe_start_commit(&mut self, s: usize) {
         let policy = self.cfg.commit_policy;
         let bound = self.cfg.hold_bound_ticks;
         let now = self.now;
@@ -1260,7 +1262,7 @@ impl Engine {
             1
         };
         let busy = x.batches.iter().flatten().count();
-        if busy >= if chained { MAX_BATCHES } else { max_batches } {
+        if busy >= max_batches {
             return;
         }
         // A batch that fills its area moves the next batches to the next area; allow one such
@@ -1307,12 +1309,15 @@ impl Engine {
             return;
         }
         // Linux's "idle": no copy in flight. snapfw also waits while released origin writes
-        // are still on the device, as their submitters tend to write again at once, and the
-        // next copies then join this commit instead of waiting for another one. (The hold
-        // bound still applies, so a write waiting on something else cannot stall a commit.)
+        // are still on the device or their completions not yet taken by the caller: their
+        // submitters tend to write again at once, and the next copies then join this commit
+        // instead of waiting for another one. (The hold bound still applies, so a write
+        // waiting on something else cannot stall a commit.)
         let no_copies = k == (x.order.len() - skip) as u64;
         let idle = match policy {
-            CommitPolicy::Grouped => no_copies && self.origin_writes_issued == 0,
+            CommitPolicy::Grouped => {
+                no_copies && self.origin_writes_issued == 0 && self.completions.is_empty()
+            }
             CommitPolicy::LinuxIdle => no_copies,
         };
         let oldest = x
@@ -1323,18 +1328,10 @@ impl Engine {
         // Waiting during a commit that could not take it does not count toward the bound.
         let waited = now.saturating_sub(oldest.max(x.last_commit_end));
         let overdue = policy == CommitPolicy::Grouped && waited >= bound;
-        if !(chained || idle || k >= room || overdue) {
+        if !(idle || k >= room || overdue) {
             return;
         }
-        let mut n = k.min(room);
-        if chained && full_at.is_none() && n == room {
-            // A batch that fills its area zeroes the next one first, and that write needs a
-            // flush after it: leave the filling batch to the normal path.
-            n -= 1;
-            if n == 0 {
-                return;
-            }
-        }
+        let n = k.min(room);
         for i in skip..skip + n as usize {
             let p = x.order[i] as usize;
             self.pending[p].state = PState::Committing;
@@ -1343,7 +1340,7 @@ impl Engine {
         }
         let full = full_at.is_none() && n == room;
         let next_area = x.store.geometry.area_chunk(x.store.current_area + 1);
-        let flush = if self.cfg.unsafe_skip_commit_flush || chained {
+        let flush = if self.cfg.unsafe_skip_commit_flush {
             CommitPhase::WaitTurn
         } else {
             CommitPhase::Flush
@@ -1382,19 +1379,6 @@ impl Engine {
 
     fn emit_commit_steps(&mut self, s: usize) {
         for i in 0..MAX_BATCHES {
-            if i == 0
-                && self.cfg.chain_commit_flushes
-                && self.cfg.commit_policy == CommitPolicy::Grouped
-                && !self.cfg.unsafe_skip_commit_flush
-            {
-                let flushing = self.snaps[s]
-                    .as_ref()
-                    .and_then(|x| x.batches[0])
-                    .is_some_and(|b| b.phase == CommitPhase::PostFlush && !b.inflight);
-                if flushing {
-                    self.maybe_start_commit(s, true);
-                }
-            }
             let Some(x) = self.snaps[s].as_mut() else {
                 return;
             };

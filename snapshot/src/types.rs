@@ -249,9 +249,12 @@ pub enum Event {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CommitPolicy {
     /// snapfw: with fewer than `commits_in_flight` commits running, when the origin is quiet
-    /// (no copy in flight and every admitted origin write held for a commit), when the area
-    /// is full, or when the oldest uncommitted exception has waited `hold_bound_ticks` since
-    /// it was copied or since the snapshot's last commit ended, whichever is later.
+    /// (no copy in flight, no released origin write still on the device, every finished
+    /// request taken with [`Engine::poll_completion`](crate::Engine::poll_completion)), when
+    /// the area is full, or when the oldest uncommitted exception has waited
+    /// `hold_bound_ticks` since it was allocated or since the snapshot's last commit ended,
+    /// whichever is later. Under a closed loop (each submitter writes again when its write
+    /// completes) a commit then takes the whole queue.
     Grouped,
     /// Linux: only when no copy is in flight or the area is full.
     LinuxIdle,
@@ -284,11 +287,6 @@ pub struct EngineConfig {
     /// where flushes are serialised (QEMU, most SATA): a second commit costs two more flushes
     /// and splits the batch. Devices that run flushes in parallel may gain from more.
     pub commits_in_flight: u32,
-    /// Devices without FUA (`Grouped` only): the flush that makes one commit's area durable
-    /// also makes the copies finished before it durable, so the records of those copies go
-    /// into the next area write without a flush of their own (one flush per commit instead of
-    /// two while commits follow each other).
-    pub chain_commit_flushes: bool,
     /// Commit policy.
     pub commit_policy: CommitPolicy,
     /// Usage percentages that raise an event.
@@ -324,9 +322,8 @@ impl EngineConfig {
             pending_exceptions: 512,
             copy_buffers: 64,
             copy_buffer_sectors: 256,
-            hold_bound_ticks: 1000,
+            hold_bound_ticks: 4000,
             commits_in_flight: 1,
-            chain_commit_flushes: true,
             commit_policy: CommitPolicy::Grouped,
             usage_thresholds: [80, 90],
             unsafe_release_before_commit: false,

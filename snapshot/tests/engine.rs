@@ -231,6 +231,62 @@ fn hold_bound_starts_a_commit_while_copies_are_in_flight() {
 
 const WRITES: u64 = 100;
 
+#[test]
+fn a_closed_loop_at_qd32_commits_its_whole_queue_at_once() {
+    // Each submitter writes again as soon as its write completes, every write on a fresh
+    // chunk: the grouped rule waits for the released writes to come back as copies (their
+    // completions taken, their origin writes done), so a commit takes every write in the
+    // queue. (A simulated queue stays in step under Linux's rule too; in QEMU it split into
+    // groups of about 16.) Fails if a commit starts early: a bound that fires before the
+    // queue is back, an idle test that ignores released writes, commits in parallel.
+    let run = |policy: CommitPolicy, fua: bool, bound: u64| {
+        let mut w = world(1 << 16, |c| {
+            c.commit_policy = policy;
+            c.hold_bound_ticks = bound;
+        });
+        // Completions in random order, so the queue does not stay in step by itself.
+        w.order = Order::Random;
+        let mut cfg = snap_cfg(8, 4000);
+        cfg.cow_fua = fua;
+        create(&mut w, &cfg);
+        let before = w.engine.stats();
+        const QD: u64 = 32;
+        const TOTAL: u64 = 32 * 20;
+        let mut next = 1u64;
+        while next <= QD {
+            write(&mut w, next, next * 8, 8);
+            next += 1;
+        }
+        let mut done = 0;
+        while done < TOTAL as usize {
+            assert!(w.complete_one(), "stalled after {done} writes");
+            while let Some(c) = w.completed.pop() {
+                assert!(c.result.is_ok());
+                done += 1;
+                if next <= TOTAL {
+                    write(&mut w, next, next * 8, 8);
+                    next += 1;
+                }
+            }
+        }
+        let st = w.engine.stats();
+        (st.records_committed - before.records_committed) as f64
+            / (st.commits - before.commits) as f64
+    };
+    let bound = EngineConfig::new(1).hold_bound_ticks;
+    for fua in [true, false] {
+        // 640 writes fill 2.5 metadata areas: a full area closes a commit early twice.
+        let grouped = run(CommitPolicy::Grouped, fua, bound);
+        assert!(
+            grouped >= 28.0,
+            "fua {fua}: grouped {grouped} records/commit"
+        );
+        // The bound is what gives up waiting: far below one round trip, commits split.
+        let short = run(CommitPolicy::Grouped, fua, 10);
+        assert!(short < 24.0, "fua {fua}: bound 10: {short} records/commit");
+    }
+}
+
 fn check_hold_bound(grouped: &snapshot::EngineStats, linux: &snapshot::EngineStats) {
     // Linux waits until the pipeline drains or the area (512 records) fills.
     assert!(
