@@ -187,127 +187,150 @@ fn records_per_commit(q: &mut tests::Qemu, snap: &str) -> String {
         .to_string()
 }
 
-fn ratio(row: &str, snap: &Figures, raw: &Figures, extra: &str) {
-    let s: f64 = snap.iops.parse().unwrap_or(0.0);
-    let r: f64 = raw.iops.parse().unwrap_or(0.0);
-    println!(
-        "{:<34} {:>10} {:>10} {:>9.1}% {:>10} {}",
-        row,
-        snap.iops,
-        raw.iops,
-        if r > 0.0 { 100.0 * s / r } else { 0.0 },
-        snap.p99_us,
-        extra
-    );
+/// One snapshot row: its figures, the raw row it compares with, and a note.
+struct SnapRow {
+    name: &'static str,
+    snap: Figures,
+    raw: Raw,
+    note: String,
+}
+
+/// The raw rows of a snapshot section, each measured before and after its snapshot rows.
+#[derive(Clone, Copy)]
+enum Raw {
+    RandWrite,
+    RandRead,
+    SeqWrite,
+}
+
+const RAW_ROWS: [(Raw, &str); 3] = [
+    (Raw::RandWrite, "--rw randwrite --bs 4k --qd 32"),
+    (Raw::RandRead, "--rw randread --bs 4k --qd 32"),
+    (Raw::SeqWrite, "--rw write --bs 128k --qd 32"),
+];
+
+fn iops(f: &Figures) -> f64 {
+    f.iops.parse().unwrap_or(0.0)
 }
 
 /// Issue 6's rows: the snapshot path against the raw device, in the same run, on a 256 MiB
-/// region of a 1 GiB origin with the COW stores on a second disk of the same kind.
+/// region of a 1 GiB origin with the COW stores on a second disk of the same kind. The raw
+/// rows run before and again after the snapshot rows (the host's speed drifts by tens of
+/// per cent within a run); each ratio is to the mean of the two.
 fn snapshot_rows(q: &mut tests::Qemu, kind: &str, origin: &str, cow: &str, time: &str) {
     const REGION: &str = "--size 256m";
     const REGION_BLOCKS: u64 = 256 * 2048;
     println!();
     println!("snapshots ({kind} origin {origin}, COW on {cow}, 256 MiB region, {time} per row)");
-    println!(
-        "{:<34} {:>10} {:>10} {:>10} {:>10}",
-        "workload", "snap IOPS", "raw IOPS", "ratio", "p99 us"
-    );
     // Allocate the region in the host's image first, so raw and snapshot rows see the same disk.
     cmd(
         q,
         &format!("bench {origin} --rw write --bs 128k --qd 32 {REGION} --ios 2048"),
     );
-    let raw_rw = run(
-        q,
-        origin,
-        &format!("--rw randwrite --bs 4k --qd 32 {REGION}"),
-        time,
-    );
-    let raw_rr = run(
-        q,
-        origin,
-        &format!("--rw randread --bs 4k --qd 32 {REGION}"),
-        time,
-    );
-    let raw_sw = run(
-        q,
-        origin,
-        &format!("--rw write --bs 128k --qd 32 {REGION}"),
-        time,
-    );
+    let raw_rows = |q: &mut tests::Qemu| -> Vec<Figures> {
+        RAW_ROWS
+            .iter()
+            .map(|(_, args)| run(q, origin, &format!("{args} {REGION}"), time))
+            .collect()
+    };
+    let before = raw_rows(q);
+    let mut rows = Vec::new();
+    let randwrite = format!("--rw randwrite --bs 4k --qd 32 {REGION}");
     cmd(q, &format!("snapshot create b1 {origin} {cow}:0+1048576"));
-    let first = run(
-        q,
-        origin,
-        &format!("--rw randwrite --bs 4k --qd 32 {REGION}"),
-        time,
-    );
-    let rpc = records_per_commit(q, "b1");
-    ratio(
-        "4k randwrite QD32, first writes",
-        &first,
-        &raw_rw,
-        &format!("{rpc} records/commit"),
-    );
+    let first = run(q, origin, &randwrite, time);
+    rows.push(SnapRow {
+        name: "4k randwrite QD32, first writes",
+        snap: first,
+        raw: Raw::RandWrite,
+        note: format!("{} records/commit", records_per_commit(q, "b1")),
+    });
     // Copy every chunk of the region, then overwrite.
     cmd(q, &format!("write {origin} 0 {REGION_BLOCKS} --byte 0x42"));
-    let over = run(
-        q,
-        origin,
-        &format!("--rw randwrite --bs 4k --qd 32 {REGION}"),
-        time,
-    );
-    ratio("4k randwrite QD32, overwrites", &over, &raw_rw, "");
-    let read = run(
-        q,
-        "b1",
-        &format!("--rw randread --bs 4k --qd 32 {REGION}"),
-        time,
-    );
-    ratio("4k randread QD32 on the snapshot", &read, &raw_rr, "");
+    rows.push(SnapRow {
+        name: "4k randwrite QD32, overwrites",
+        snap: run(q, origin, &randwrite, time),
+        raw: Raw::RandWrite,
+        note: String::new(),
+    });
+    rows.push(SnapRow {
+        name: "4k randread QD32 on the snapshot",
+        snap: run(
+            q,
+            "b1",
+            &format!("--rw randread --bs 4k --qd 32 {REGION}"),
+            time,
+        ),
+        raw: Raw::RandRead,
+        note: String::new(),
+    });
     cmd(q, "snapshot delete b1");
     cmd(
         q,
         &format!("snapshot create b2 {origin} {cow}:0+1048576 --chunk 64k"),
     );
-    let seq = run(
-        q,
-        origin,
-        &format!("--rw write --bs 128k --qd 32 {REGION}"),
-        time,
-    );
-    ratio("128k write QD32, 64 KiB chunks", &seq, &raw_sw, "");
+    rows.push(SnapRow {
+        name: "128k write QD32, 64 KiB chunks",
+        snap: run(
+            q,
+            origin,
+            &format!("--rw write --bs 128k --qd 32 {REGION}"),
+            time,
+        ),
+        raw: Raw::SeqWrite,
+        note: String::new(),
+    });
     cmd(q, "snapshot delete b2");
     cmd(q, &format!("snapshot create b3 {origin} {cow}:0+1048576"));
     cmd(
         q,
         &format!("snapshot create b4 {origin} {cow}:1048576+1048576"),
     );
-    let two = run(
-        q,
-        origin,
-        &format!("--rw randwrite --bs 4k --qd 32 {REGION}"),
-        time,
-    );
-    let rpc = records_per_commit(q, "b3");
-    ratio(
-        "4k randwrite QD32, two snapshots",
-        &two,
-        &raw_rw,
-        &format!("{rpc} records/commit"),
-    );
+    let two = run(q, origin, &randwrite, time);
+    rows.push(SnapRow {
+        name: "4k randwrite QD32, two snapshots",
+        snap: two,
+        raw: Raw::RandWrite,
+        note: format!("{} records/commit", records_per_commit(q, "b3")),
+    });
     cmd(q, "snapshot delete b3");
     cmd(q, "snapshot delete b4");
-    merge_row(q, &raw_sw);
+    let after = raw_rows(q);
+    println!(
+        "{:<34} {:>10} {:>10} {:>10} {:>10}",
+        "workload", "snap IOPS", "raw IOPS", "ratio", "p99 us"
+    );
+    for r in &rows {
+        let i = r.raw as usize;
+        let raw = (iops(&before[i]) + iops(&after[i])) / 2.0;
+        println!(
+            "{:<34} {:>10} {:>10.0} {:>9.1}% {:>10} {}",
+            r.name,
+            r.snap.iops,
+            raw,
+            if raw > 0.0 {
+                100.0 * iops(&r.snap) / raw
+            } else {
+                0.0
+            },
+            r.snap.p99_us,
+            r.note
+        );
+    }
+    println!(
+        "raw rows before / after: 4k randwrite {} / {}, 4k randread {} / {}, 128k write {} / {} IOPS",
+        before[0].iops, after[0].iops, before[1].iops, after[1].iops, before[2].iops, after[2].iops
+    );
+    let raw_sw_mb_s = (before[2].mb_s + after[2].mb_s) / 2.0;
+    merge_row(q, origin, cow, raw_sw_mb_s);
 }
 
 /// Merge: every chunk of the 256 MiB region copied (4 KiB chunks), then `snapshot merge`
 /// copies them back; its MB/s against the raw device's sequential write MB/s of this run.
-fn merge_row(q: &mut tests::Qemu, raw_sw: &Figures) {
-    cmd(q, "snapshot create m1 vdb vdc:0+1048576");
-    cmd(q, "write vdb 0 524288 --byte 0x24");
+fn merge_row(q: &mut tests::Qemu, origin: &str, cow: &str, raw_sw_mb_s: f64) {
+    cmd(q, &format!("snapshot create m1 {origin} {cow}:0+1048576"));
+    cmd(q, &format!("write {origin} 0 524288 --byte 0x24"));
     let out = cmd(q, "snapshot merge m1");
-    // "merged m1 into vdb: N chunks (K KiB) in T ms, X MB/s"
+    // "merged m1 into ORIGIN: N chunks (K KiB) in T ms, X MB/s"
     let kib: f64 = field(&out, "chunks (").parse().unwrap_or(0.0);
     let ms: f64 = out
         .split(" KiB) in ")
@@ -324,9 +347,9 @@ fn merge_row(q: &mut tests::Qemu, raw_sw: &Figures) {
         "{:<34} {:>8.1} MB/s vs raw 128k write {:.1} MB/s ({:.1}%)",
         format!("merge {:.0} MiB of copied chunks", kib / 1024.0),
         mb_s,
-        raw_sw.mb_s,
-        if raw_sw.mb_s > 0.0 {
-            100.0 * mb_s / raw_sw.mb_s
+        raw_sw_mb_s,
+        if raw_sw_mb_s > 0.0 {
+            100.0 * mb_s / raw_sw_mb_s
         } else {
             0.0
         }
