@@ -513,6 +513,13 @@ fn status(st: &Storage, args: &Args, out: &mut Out) -> CmdResult<()> {
         per % 100,
         e.commit_flushes
     );
+    if o.merged_device_writes > 0 {
+        let _ = writeln!(
+            out,
+            "  {} copy writes went down merged as {} device writes (consecutive COW chunks)",
+            o.merged_copy_writes, o.merged_device_writes
+        );
+    }
     let ph = &e.phases;
     if ph.copy.count > 0 {
         // Engine ticks are microseconds here (`storage::poll`).

@@ -9,6 +9,7 @@
 //! and keeps every DMA buffer owned by exactly one request. All of it is allocated when the
 //! origin is set up; the I/O path does not allocate.
 
+use alloc::collections::VecDeque;
 use alloc::string::String;
 use alloc::vec::Vec;
 
@@ -28,6 +29,14 @@ const BOUNCE_BUFFERS: usize = 64;
 /// Copy buffers per origin, and their size in sectors (the largest sequential copy).
 const COPY_BUFFERS: u32 = 16;
 const COPY_BUFFER_SECTORS: u32 = 256;
+/// Engine I/Os taken from the engine ahead of issuing, so that copy writes to consecutive
+/// COW chunks go down as one device write (random origin chunks get consecutive COW
+/// chunks, and their copy reads finish in batches).
+const STAGED_IOS: usize = 64;
+/// Most copy writes merged into one device write.
+const MERGE_PARTS: usize = 32;
+/// No next part.
+const NO_PART: u32 = u32::MAX;
 
 /// Where a snapshot is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -93,6 +102,8 @@ struct Issued {
     caller: Option<u64>,
     /// The device has the caller's own buffer: it goes back to the request on completion.
     lent: bool,
+    /// The next engine I/O merged into the same device write (its slot), or `NO_PART`.
+    next: u32,
 }
 
 /// An origin device with its engine and snapshots.
@@ -110,7 +121,12 @@ pub struct Origin {
     ios: Vec<Option<Issued>>,
     free_ios: Vec<u32>,
     bounce: BufferPool,
-    stalled: Option<Io>,
+    /// Engine I/Os taken from the engine and not issued yet, in the engine's order.
+    staged: VecDeque<Io>,
+    /// Copy writes that went down merged with others, and the device writes they made.
+    pub merged_copy_writes: u64,
+    /// Device writes made of merged copy writes.
+    pub merged_device_writes: u64,
     /// Origin-device sectors per logical block.
     block_sectors: u64,
     /// When the running merge started (uptime ns) and how many chunks it had left then: the
@@ -187,7 +203,9 @@ impl Origin {
             ios: (0..io_slots).map(|_| None).collect(),
             free_ios: (0..io_slots as u32).rev().collect(),
             bounce,
-            stalled: None,
+            staged: VecDeque::with_capacity(STAGED_IOS + 1),
+            merged_copy_writes: 0,
+            merged_device_writes: 0,
             block_sectors,
             merge_clock: None,
         })
@@ -285,18 +303,175 @@ impl Origin {
     /// Issues the engine's I/O to the devices, as far as buffers and queues allow.
     pub fn issue(&mut self, index: usize, devices: &mut [BoxedDevice]) {
         loop {
-            let io = match self.stalled.take() {
-                Some(io) => io,
-                None => match self.engine.poll_io() {
-                    Some(io) => io,
-                    None => return,
-                },
+            while self.staged.len() < STAGED_IOS {
+                match self.engine.poll_io() {
+                    Some(io) => self.staged.push_back(io),
+                    None => break,
+                }
+            }
+            let Some(io) = self.staged.pop_front() else {
+                return;
             };
-            if let Err(io) = self.issue_one(index, devices, io) {
-                self.stalled = Some(io);
+            let mut parts = [0usize; MERGE_PARTS];
+            let n = self.mergeable(&io, devices, &mut parts);
+            let issued = if n == 0 {
+                self.issue_one(index, devices, io)
+            } else {
+                self.issue_merged(index, devices, io, &mut parts[..n])
+            };
+            if let Err(io) = issued {
+                // Must wait (no buffer, no slot, queue full): keep the engine's order.
+                self.staged.push_front(io);
                 return;
             }
         }
+    }
+
+    /// Finds staged copy writes that continue `io` on its COW device (each starting where
+    /// the run so far ends), up to one bounce buffer and the device's largest transfer.
+    /// Their positions in `staged` go into `parts`; returns how many.
+    fn mergeable(&self, io: &Io, devices: &[BoxedDevice], parts: &mut [usize]) -> usize {
+        let is_copy_write = |io: &Io| {
+            matches!(io.device, Device::Cow(_))
+                && io.op == IoOp::Write { fua: false }
+                && matches!(io.buffer, IoBuffer::Copy { .. })
+        };
+        if !is_copy_write(io) {
+            return 0;
+        }
+        let disk = match io.device {
+            Device::Cow(id) => self.snaps.iter().find(|s| s.id == id).map(|s| s.cow_disk),
+            Device::Origin => None,
+        };
+        let Some(device) = disk.and_then(|d| devices.get(d)) else {
+            return 0;
+        };
+        let limit =
+            (device.geometry().max_transfer_bytes as usize).min(self.bounce.buffer_size()) / 512;
+        let mut end = io.sector + u64::from(io.sectors);
+        let mut sectors = io.sectors as usize;
+        let mut n = 0;
+        while n < parts.len() {
+            let next = self
+                .staged
+                .iter()
+                .position(|s| is_copy_write(s) && s.device == io.device && s.sector == end);
+            let Some(at) = next else { break };
+            let more = self.staged[at].sectors as usize;
+            if sectors + more > limit {
+                break;
+            }
+            parts[n] = at;
+            n += 1;
+            sectors += more;
+            end += more as u64;
+        }
+        n
+    }
+
+    /// Issues `head` and the staged copy writes at `parts` (which continue it) as one device
+    /// write through a bounce buffer. Gives `head` back when it must wait.
+    fn issue_merged(
+        &mut self,
+        index: usize,
+        devices: &mut [BoxedDevice],
+        head: Io,
+        parts: &mut [usize],
+    ) -> Result<(), Io> {
+        let Device::Cow(id) = head.device else {
+            return self.issue_one(index, devices, head);
+        };
+        let Some((disk, offset)) = self
+            .snaps
+            .iter()
+            .find(|s| s.id == id)
+            .map(|s| (s.cow_disk, s.cow_start))
+        else {
+            return self.issue_one(index, devices, head);
+        };
+        let Some(device) = devices.get_mut(disk) else {
+            return self.issue_one(index, devices, head);
+        };
+        if self.free_ios.len() < parts.len() + 1 {
+            return Err(head);
+        }
+        let Some(mut buf) = self.bounce.acquire() else {
+            return Err(head);
+        };
+        let total: usize = head.sectors as usize * 512
+            + parts
+                .iter()
+                .map(|&at| self.staged[at].sectors as usize * 512)
+                .sum::<usize>();
+        if buf.set_len(total).is_err() {
+            let _ = self.bounce.release(buf);
+            return self.issue_one(index, devices, head);
+        }
+        let mut at = 0;
+        for io in core::iter::once(&head).chain(parts.iter().map(|&p| &self.staged[p])) {
+            let len = io.sectors as usize * 512;
+            self.fill(&io.buffer, &mut buf.as_mut_slice()[at..at + len]);
+            at += len;
+        }
+        let Some(first) = self.free_ios.pop() else {
+            let _ = self.bounce.release(buf);
+            return Err(head);
+        };
+        let tag = VOLUME_TAG | ((index as u64) << 32) | u64::from(first);
+        let block_bytes = u64::from(device.geometry().block_size.max(512));
+        let lba = (head.sector + offset) * 512 / block_bytes;
+        if let Err(rejected) = device.submit(BlockRequest::write(tag, lba, buf, false)) {
+            if let Some(b) = rejected.request.buffer {
+                let _ = self.bounce.release(b);
+            }
+            self.free_ios.push(first);
+            if rejected.error == BlockError::QueueFull {
+                return Err(head);
+            }
+            // The device refused the write: every part fails.
+            let _ = self.engine.complete_io(head.token, Err(IoError));
+            parts.sort_unstable();
+            for &p in parts.iter().rev() {
+                if let Some(io) = self.staged.remove(p) {
+                    let _ = self.engine.complete_io(io.token, Err(IoError));
+                }
+            }
+            return Ok(());
+        }
+        // Link the parts behind the head, in sector order, each in its own I/O slot.
+        let mut prev = first;
+        self.ios[first as usize] = Some(Issued {
+            token: head.token,
+            read_into: None,
+            caller: None,
+            lent: false,
+            next: NO_PART,
+        });
+        for &at in parts.iter() {
+            let token = self.staged[at].token;
+            // Checked above: enough free slots for every part.
+            let Some(slot) = self.free_ios.pop() else {
+                break;
+            };
+            self.ios[slot as usize] = Some(Issued {
+                token,
+                read_into: None,
+                caller: None,
+                lent: false,
+                next: NO_PART,
+            });
+            if let Some(Some(p)) = self.ios.get_mut(prev as usize) {
+                p.next = slot;
+            }
+            prev = slot;
+        }
+        self.merged_copy_writes += parts.len() as u64 + 1;
+        self.merged_device_writes += 1;
+        parts.sort_unstable();
+        for &p in parts.iter().rev() {
+            let _ = self.staged.remove(p);
+        }
+        Ok(())
     }
 
     /// Issues one engine I/O; gives it back when it must wait (no buffer, queue full).
@@ -383,6 +558,7 @@ impl Origin {
                     read_into,
                     caller,
                     lent: is_lent,
+                    next: NO_PART,
                 });
                 Ok(())
             }
@@ -499,6 +675,13 @@ impl Origin {
         }
         let result = completion.result.map_err(|_| IoError);
         let _ = self.engine.complete_io(issued.token, result);
+        // Copy writes merged into this device write complete with it.
+        let mut next = issued.next;
+        while let Some(part) = self.ios.get_mut(next as usize).and_then(Option::take) {
+            self.free_ios.push(next);
+            let _ = self.engine.complete_io(part.token, result);
+            next = part.next;
+        }
     }
 
     /// Hands finished volume requests to `sink` and handles engine events.
