@@ -351,6 +351,14 @@ pub trait BlockDevice {
     /// Requests submitted and not yet completed.
     fn in_flight(&self) -> usize;
 
+    /// Holds back the device notification (virtio kick, NVMe doorbell) for requests
+    /// submitted until [`BlockDevice::unplug`], so a burst costs one notification. Every
+    /// `plug` must be followed by `unplug` before the main loop halts.
+    fn plug(&mut self) {}
+
+    /// Sends the notification held back since [`BlockDevice::plug`], if a request was queued.
+    fn unplug(&mut self) {}
+
     /// Whether the device raises no interrupts, so the main loop must poll it while requests
     /// are in flight (a device without MSI-X).
     fn needs_polling(&self) -> bool {

@@ -186,6 +186,8 @@ struct QueuePair {
     requests: SlotTable<Pending>,
     lists: ListPool,
     cpu_vector: Option<u8>,
+    /// Entries pushed while the controller was plugged; the doorbell is not rung yet.
+    doorbell_pending: bool,
 }
 
 /// A namespace's share of the controller.
@@ -237,6 +239,8 @@ pub struct Controller<R> {
     /// After a failure: when to give up waiting for `CSTS.RDY` = 0 and abort requests.
     abort_at: Option<u64>,
     io_entries: u16,
+    /// Namespaces that hold back doorbells (see [`Controller::plug`]).
+    plugged: u16,
 }
 
 impl<R> fmt::Debug for Controller<R> {
@@ -326,6 +330,7 @@ pub fn attach<R: RegisterAccess, A: DmaAllocator>(
         next_check: 0,
         abort_at: None,
         io_entries: 0,
+        plugged: 0,
     };
     let result = controller.configure::<A>(params.vectors, params.first_device_index);
     match result {
@@ -589,6 +594,7 @@ impl<R: RegisterAccess> Controller<R> {
                 requests: SlotTable::new(depth as u16),
                 lists: ListPool::new::<A>(commands, per_command)?,
                 cpu_vector: Some(cpu_vector),
+                doorbell_pending: false,
             };
             let create_cq = Command::create_cq(qid, entries, pair.cq.phys(), entry);
             let create_sq = Command::create_sq(qid, entries, pair.sq.phys(), qid);
@@ -917,9 +923,33 @@ impl<R: RegisterAccess> Controller<R> {
                 error!("{}: submission queue unexpectedly full", self.name);
             }
         }
-        pair.sq.ring_doorbell(&self.regs);
+        if self.plugged > 0 {
+            pair.doorbell_pending = true;
+        } else {
+            pair.sq.ring_doorbell(&self.regs);
+        }
         ns.pending += 1;
         Ok(())
+    }
+
+    /// Holds back submission doorbells until the matching [`Controller::unplug`]: a burst
+    /// of commands then costs one doorbell write (one VM exit) per queue.
+    pub fn plug(&mut self) {
+        self.plugged = self.plugged.saturating_add(1);
+    }
+
+    /// Rings the doorbells held back since the first [`Controller::plug`] once every plug
+    /// is matched.
+    pub fn unplug(&mut self) {
+        self.plugged = self.plugged.saturating_sub(1);
+        if self.plugged > 0 {
+            return;
+        }
+        for pair in &mut self.pairs {
+            if core::mem::take(&mut pair.doorbell_pending) {
+                pair.sq.ring_doorbell(&self.regs);
+            }
+        }
     }
 
     /// Does the controller's share of a poll, at time `now`: deadline and fatal-status checks

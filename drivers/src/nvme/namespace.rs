@@ -24,6 +24,8 @@ pub struct NvmeNamespace<R> {
     index: usize,
     geometry: Geometry,
     name: DeviceName,
+    /// This namespace holds a plug on the controller (see [`BlockDevice::plug`]).
+    plugged: bool,
 }
 
 impl<R> core::fmt::Debug for NvmeNamespace<R> {
@@ -79,6 +81,7 @@ pub fn split<R: RegisterAccess>(
             index,
             geometry,
             name,
+            plugged: false,
         })
         .collect();
     (NvmeController { controller: shared }, namespaces)
@@ -136,6 +139,24 @@ impl<R: RegisterAccess> NvmeNamespace<R> {
 impl<R: RegisterAccess> BlockDevice for NvmeNamespace<R> {
     fn geometry(&self) -> Geometry {
         self.geometry
+    }
+
+    fn plug(&mut self) {
+        if !self.plugged {
+            if let Some(mut c) = self.controller.try_lock() {
+                c.plug();
+                self.plugged = true;
+            }
+        }
+    }
+
+    fn unplug(&mut self) {
+        if self.plugged {
+            if let Some(mut c) = self.controller.try_lock() {
+                c.unplug();
+                self.plugged = false;
+            }
+        }
     }
 
     fn submit(&mut self, request: BlockRequest) -> Result<(), Rejected> {

@@ -872,3 +872,24 @@ fn probe_refuses_what_it_cannot_drive() {
     assert_eq!(failure.error, NvmeError::NotNvme);
     drop(backing);
 }
+
+#[test]
+fn plugged_namespaces_ring_the_doorbell_once_unplugged() {
+    let mut rig = rig(vec![FakeNamespace::new(1, 9, 4096)]);
+    let ns = &mut rig.attached.namespaces[0];
+    let mut pool = BufferPool::new::<FakeDma>(0, 4, 4096).unwrap();
+    ns.plug();
+    for tag in 1..=2u64 {
+        let b = buffer(&mut pool, 4096, tag as u8);
+        ns.submit(BlockRequest::write(tag, tag * 8, b, false))
+            .unwrap();
+    }
+    // The fake runs commands when their doorbell is written: nothing yet.
+    assert!(poll_all(ns).is_empty(), "no doorbell while plugged");
+    ns.unplug();
+    let done = poll_all(ns);
+    assert_eq!(
+        done.iter().map(|c| (c.tag, c.result)).collect::<Vec<_>>(),
+        [(1, Ok(())), (2, Ok(()))]
+    );
+}

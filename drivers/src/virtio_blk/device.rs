@@ -535,6 +535,14 @@ impl<H: Hal, T: Transport> BlockDevice for VirtioBlk<H, T> {
         self.queue.in_flight() + self.ready.len()
     }
 
+    fn plug(&mut self) {
+        self.queue.plug();
+    }
+
+    fn unplug(&mut self) {
+        self.queue.unplug(&mut self.transport);
+    }
+
     fn needs_polling(&self) -> bool {
         self.assignment.queue_entry.is_none()
     }

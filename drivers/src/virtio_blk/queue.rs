@@ -203,6 +203,10 @@ pub struct RequestQueue<H: Hal> {
     slots: SlotTable<InFlight>,
     /// Descriptor token → slot; `NONE` when not in flight.
     token_slot: Vec<u16>,
+    /// Notifications are held back (see [`RequestQueue::plug`]).
+    plugged: bool,
+    /// A request was queued while plugged.
+    kick_pending: bool,
 }
 
 const NONE: u16 = u16::MAX;
@@ -239,7 +243,24 @@ impl<H: Hal> RequestQueue<H> {
             memory,
             slots: SlotTable::new(depth),
             token_slot,
+            plugged: false,
+            kick_pending: false,
         })
+    }
+
+    /// Holds back the device notification of requests submitted from now on, so that a
+    /// burst costs one notification (one VM exit) at [`RequestQueue::unplug`].
+    pub fn plug(&mut self) {
+        self.plugged = true;
+    }
+
+    /// Notifies the device of the requests queued since [`RequestQueue::plug`], if it wants
+    /// notifications (`should_notify` compares the whole range with its event index).
+    pub fn unplug<T: Transport>(&mut self, transport: &mut T) {
+        self.plugged = false;
+        if core::mem::take(&mut self.kick_pending) && self.queue.should_notify() {
+            transport.notify(self.index);
+        }
     }
 
     /// Requests that can be in flight.
@@ -308,7 +329,9 @@ impl<H: Hal> RequestQueue<H> {
                 if let Some(t) = self.token_slot.get_mut(usize::from(token)) {
                     *t = slot;
                 }
-                if self.queue.should_notify() {
+                if self.plugged {
+                    self.kick_pending = true;
+                } else if self.queue.should_notify() {
                     transport.notify(self.index);
                 }
                 Ok(())

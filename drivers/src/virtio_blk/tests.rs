@@ -541,3 +541,38 @@ fn random_workload_matches_model() {
     assert_eq!(blk.stats().errors, 0);
     assert!(blk.stats().queue_full > 0, "back-pressure was exercised");
 }
+
+#[test]
+fn plugged_submissions_share_one_notification() {
+    let (mut blk, fake) = make(BASIC, VirtioBlkConfig::default());
+    let mut pool = pool();
+    let before = fake.borrow().notifications;
+    blk.plug();
+    for tag in 0..3u64 {
+        let mut buf = pool.acquire().unwrap();
+        buf.set_len(512).unwrap();
+        blk.submit(BlockRequest::write(tag, tag, buf, false))
+            .unwrap();
+    }
+    assert_eq!(
+        fake.borrow().notifications,
+        before,
+        "held back while plugged"
+    );
+    blk.unplug();
+    assert_eq!(fake.borrow().notifications, before + 1, "one for the burst");
+    blk.unplug();
+    assert_eq!(
+        fake.borrow().notifications,
+        before + 1,
+        "nothing more to send"
+    );
+    fake.borrow_mut().complete_all(false);
+    let (done, _) = drain(&mut blk, 8);
+    assert_eq!(done.len(), 3);
+    // Unplugged again: each submission notifies at once.
+    let mut buf = pool.acquire().unwrap();
+    buf.set_len(512).unwrap();
+    blk.submit(BlockRequest::write(9, 9, buf, false)).unwrap();
+    assert_eq!(fake.borrow().notifications, before + 2);
+}
