@@ -119,6 +119,9 @@ mod run_loop {
                         crate::nbd::tcp::count_allocations(before);
                     },
                 );
+                // What the NBD sessions and the task submit goes out with one notification
+                // per device.
+                storage::plug(st);
                 let before = memory::allocation_count();
                 nbd::with(|server| server.step(st));
                 crate::nbd::tcp::count_allocations(before);
@@ -127,6 +130,7 @@ mod run_loop {
                     r.task.step(st, now);
                 }
                 let more = storage::issue_volumes(st) || more;
+                storage::unplug(st);
                 (more, st.task_ios)
             });
             if more {

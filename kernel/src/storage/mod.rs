@@ -455,6 +455,17 @@ pub fn issue_volumes(storage: &mut Storage) -> bool {
     more
 }
 
+/// Holds back device notifications (see `BlockDevice::plug`) until [`unplug`]: what the
+/// main loop submits in one round then costs one notification per device.
+pub fn plug(storage: &mut Storage) {
+    storage.devices.iter_mut().for_each(|d| d.plug());
+}
+
+/// Sends the notifications held back since [`plug`].
+pub fn unplug(storage: &mut Storage) {
+    storage.devices.iter_mut().for_each(|d| d.unplug());
+}
+
 /// Timer work of the storage layer (called every loop iteration): NVMe command deadlines
 /// are checked every 100 ms. Returns true when a controller has work to finish.
 pub fn housekeeping(storage: &mut Storage, now: u64) -> bool {
@@ -515,6 +526,11 @@ pub fn poll(
             }
         },
     );
+    // The engines' I/O of this round goes out with one notification per device.
+    let plugged = !origins.is_empty();
+    if plugged {
+        devices.iter_mut().for_each(|d| d.plug());
+    }
     for (index, o) in origins.iter_mut().enumerate() {
         o.issue(index, devices);
         if let Some(pool) = pools.get_mut(o.disk) {
@@ -529,6 +545,9 @@ pub fn poll(
         }
         o.issue(index, devices);
         o.sweep();
+    }
+    if plugged {
+        devices.iter_mut().for_each(|d| d.unplug());
     }
     more
 }
