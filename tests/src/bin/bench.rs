@@ -195,6 +195,17 @@ struct SnapRow {
     note: String,
 }
 
+impl SnapRow {
+    fn new(name: &'static str, snap: Figures, raw: Raw, note: String) -> Self {
+        SnapRow {
+            name,
+            snap,
+            raw,
+            note,
+        }
+    }
+}
+
 /// The raw rows of a snapshot section, each measured before and after its snapshot rows.
 #[derive(Clone, Copy)]
 enum Raw {
@@ -238,47 +249,47 @@ fn snapshot_rows(q: &mut tests::Qemu, kind: &str, origin: &str, cow: &str, time:
     let randwrite = format!("--rw randwrite --bs 4k --qd 32 {REGION}");
     cmd(q, &format!("snapshot create b1 {origin} {cow}:0+1048576"));
     let first = run(q, origin, &randwrite, time);
-    rows.push(SnapRow {
-        name: "4k randwrite QD32, first writes",
-        snap: first,
-        raw: Raw::RandWrite,
-        note: format!("{} records/commit", records_per_commit(q, "b1")),
-    });
+    rows.push(SnapRow::new(
+        "4k randwrite QD32, first writes",
+        first,
+        Raw::RandWrite,
+        format!("{} records/commit", records_per_commit(q, "b1")),
+    ));
     // Copy every chunk of the region, then overwrite.
     cmd(q, &format!("write {origin} 0 {REGION_BLOCKS} --byte 0x42"));
-    rows.push(SnapRow {
-        name: "4k randwrite QD32, overwrites",
-        snap: run(q, origin, &randwrite, time),
-        raw: Raw::RandWrite,
-        note: String::new(),
-    });
-    rows.push(SnapRow {
-        name: "4k randread QD32 on the snapshot",
-        snap: run(
+    rows.push(SnapRow::new(
+        "4k randwrite QD32, overwrites",
+        run(q, origin, &randwrite, time),
+        Raw::RandWrite,
+        String::new(),
+    ));
+    rows.push(SnapRow::new(
+        "4k randread QD32 on the snapshot",
+        run(
             q,
             "b1",
             &format!("--rw randread --bs 4k --qd 32 {REGION}"),
             time,
         ),
-        raw: Raw::RandRead,
-        note: String::new(),
-    });
+        Raw::RandRead,
+        String::new(),
+    ));
     cmd(q, "snapshot delete b1");
     cmd(
         q,
         &format!("snapshot create b2 {origin} {cow}:0+1048576 --chunk 64k"),
     );
-    rows.push(SnapRow {
-        name: "128k write QD32, 64 KiB chunks",
-        snap: run(
+    rows.push(SnapRow::new(
+        "128k write QD32, 64 KiB chunks",
+        run(
             q,
             origin,
             &format!("--rw write --bs 128k --qd 32 {REGION}"),
             time,
         ),
-        raw: Raw::SeqWrite,
-        note: String::new(),
-    });
+        Raw::SeqWrite,
+        String::new(),
+    ));
     cmd(q, "snapshot delete b2");
     cmd(q, &format!("snapshot create b3 {origin} {cow}:0+1048576"));
     cmd(
@@ -286,12 +297,12 @@ fn snapshot_rows(q: &mut tests::Qemu, kind: &str, origin: &str, cow: &str, time:
         &format!("snapshot create b4 {origin} {cow}:1048576+1048576"),
     );
     let two = run(q, origin, &randwrite, time);
-    rows.push(SnapRow {
-        name: "4k randwrite QD32, two snapshots",
-        snap: two,
-        raw: Raw::RandWrite,
-        note: format!("{} records/commit", records_per_commit(q, "b3")),
-    });
+    rows.push(SnapRow::new(
+        "4k randwrite QD32, two snapshots",
+        two,
+        Raw::RandWrite,
+        format!("{} records/commit", records_per_commit(q, "b3")),
+    ));
     cmd(q, "snapshot delete b3");
     cmd(q, "snapshot delete b4");
     let after = raw_rows(q);
