@@ -120,9 +120,10 @@
 //! Per engine: `request_slots`, `io_slots`, `pending_exceptions`, `copy_buffers` small
 //! descriptors (tens of bytes each) plus the queues. Per snapshot: one chunk for the area
 //! image, one COW block for the header, and the exception table: `table_runs * 20` bytes plus
-//! a power-of-two bucket array of `u32`. A run maps up to 32 consecutive origin chunks to 32
-//! consecutive COW chunks, so a sequential fill needs about `exceptions / 32` runs (0.75 bytes
-//! per exception) and a random fill one run per exception (24 bytes). When the table is full
+//! a power-of-two bucket array of `u32`. A run maps up to 8 consecutive origin chunks to 8
+//! consecutive COW chunks, so a sequential fill needs about `exceptions / 8` runs (3 bytes
+//! per exception) and a random fill one run per exception (24 bytes). (Runs of 8 keep a
+//! lookup's chain at 8 nodes at most when the table is filled at random.) When the table is full
 //! the snapshot overflows like a full COW device; size `table_runs` for the expected fill
 //! (the worst case is the number of COW chunks).
 //!
