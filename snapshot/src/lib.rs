@@ -122,8 +122,9 @@
 //! image, one COW block for the header, and the exception table: `table_runs * 20` bytes plus
 //! a power-of-two bucket array of `u32`. A run maps up to 8 consecutive origin chunks to 8
 //! consecutive COW chunks, so a sequential fill needs about `exceptions / 8` runs (3 bytes
-//! per exception) and a random fill one run per exception (24 bytes). (Runs of 8 keep a
-//! lookup's chain at 8 nodes at most when the table is filled at random.) When the table is full
+//! per exception) and a random fill one run per exception (24 bytes). (A run is chained
+//! under its first chunk; a lookup probes the chunk itself, then its group's first chunk,
+//! then the starts between, so runs of 8 bound a miss to 8 probes.) When the table is full
 //! the snapshot overflows like a full COW device; size `table_runs` for the expected fill
 //! (the worst case is the number of COW chunks).
 //!

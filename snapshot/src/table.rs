@@ -7,9 +7,11 @@
 //! [`TableFull`] and the engine treats the snapshot as overflowed.
 //!
 //! Layout: a power-of-two bucket array of `u32` heads, chained nodes stored as three parallel
-//! arrays (origin chunk, COW chunk + run length, next) = 20 bytes per run. Runs never cross an
-//! aligned group of [`RUN_MAX`] origin chunks, so every chunk of a run hashes to the bucket of
-//! its group and a lookup walks one short chain.
+//! arrays (origin chunk, COW chunk + run length, next) = 20 bytes per run. A run is chained in
+//! the bucket of its first chunk (one run per bucket on average). Runs never cross an aligned
+//! group of [`RUN_MAX`] origin chunks, so the run holding a chunk starts at most `RUN_MAX - 1`
+//! chunks before it: a lookup tries the chunk itself (every run of a table filled at random),
+//! then the group's first chunk (a sequential fill), then the starts in between.
 
 use alloc::vec;
 use alloc::vec::Vec;
@@ -110,9 +112,9 @@ impl ExceptionTable {
     /// Bytes of one run entry.
     pub const NODE_BYTES: usize = 20;
 
-    fn bucket(&self, old_chunk: u64) -> usize {
-        let group = old_chunk >> GROUP_BITS;
-        (group.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - self.bucket_bits)) as usize
+    /// The bucket of runs that start at `start`.
+    fn bucket(&self, start: u64) -> usize {
+        (start.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - self.bucket_bits)) as usize
     }
 
     fn node(&self, i: u32) -> Run {
@@ -130,17 +132,77 @@ impl ExceptionTable {
         self.new_len[i] = (run.new_chunk & NEW_MASK) | ((run.len - 1) << LEN_SHIFT);
     }
 
-    /// The COW chunk holding origin chunk `old_chunk`, if any.
-    pub fn lookup(&self, old_chunk: u64) -> Option<u64> {
-        let mut i = self.buckets[self.bucket(old_chunk)];
+    /// The run starting exactly at `start`: `(previous node in its chain, node)`.
+    fn find_start(&self, start: u64) -> Option<(u32, u32)> {
+        let mut prev = NIL;
+        let mut i = self.buckets[self.bucket(start)];
         while i != NIL {
-            let r = self.node(i);
-            if old_chunk >= r.old_chunk && old_chunk - r.old_chunk < r.len {
-                return Some(r.new_chunk + (old_chunk - r.old_chunk));
+            if self.old[i as usize] == start {
+                return Some((prev, i));
             }
+            prev = i;
             i = self.next[i as usize];
         }
         None
+    }
+
+    /// The run holding `chunk`: `(previous node in its chain, node)`. Runs start inside the
+    /// group of `chunk` at or before it: `chunk` itself first (every run of a table filled at
+    /// random), then the group's first chunk (runs of a sequential fill), then the rest.
+    fn find_containing(&self, chunk: u64) -> Option<(u32, u32)> {
+        let group_start = chunk & !(RUN_MAX - 1);
+        let holds = |i: u32| chunk - self.old[i as usize] < self.node(i).len;
+        if let Some(found) = self.find_start(chunk) {
+            return Some(found);
+        }
+        if chunk != group_start {
+            if let Some(found) = self.find_start(group_start) {
+                if holds(found.1) {
+                    return Some(found);
+                }
+            }
+        }
+        // Runs are disjoint: the first run found below `chunk` decides.
+        let mut start = chunk;
+        while start > group_start + 1 {
+            start -= 1;
+            if let Some(found) = self.find_start(start) {
+                return holds(found.1).then_some(found);
+            }
+        }
+        None
+    }
+
+    /// Takes node `i` (after `prev` in the chain of runs starting at `start`) off its chain.
+    fn unlink(&mut self, start: u64, prev: u32, i: u32) {
+        let next = self.next[i as usize];
+        if prev == NIL {
+            let b = self.bucket(start);
+            self.buckets[b] = next;
+        } else {
+            self.next[prev as usize] = next;
+        }
+    }
+
+    /// Puts node `i` on the chain of runs starting at its first chunk.
+    fn link(&mut self, i: u32) {
+        let b = self.bucket(self.old[i as usize]);
+        self.next[i as usize] = self.buckets[b];
+        self.buckets[b] = i;
+    }
+
+    /// Returns node `i` to the free list.
+    fn release(&mut self, i: u32) {
+        self.next[i as usize] = self.free;
+        self.free = i;
+        self.runs -= 1;
+    }
+
+    /// The COW chunk holding origin chunk `old_chunk`, if any.
+    pub fn lookup(&self, old_chunk: u64) -> Option<u64> {
+        let (_, i) = self.find_containing(old_chunk)?;
+        let r = self.node(i);
+        Some(r.new_chunk + (old_chunk - r.old_chunk))
     }
 
     /// Whether inserting one more exception is guaranteed to succeed.
@@ -151,29 +213,26 @@ impl ExceptionTable {
     /// Adds `old_chunk → new_chunk`; merges with neighbouring runs. The caller guarantees
     /// `old_chunk` is not in the table and `new_chunk < 2^56`.
     pub fn insert(&mut self, old_chunk: u64, new_chunk: u64) -> Result<(), TableFull> {
-        let b = self.bucket(old_chunk);
-        let group = old_chunk >> GROUP_BITS;
-        let mut before = NIL; // run ending right before, COW-consecutive
-        let mut after = NIL; // run starting right after, COW-consecutive
-        let mut after_prev = NIL;
-        let mut prev = NIL;
-        let mut i = self.buckets[b];
-        while i != NIL {
-            let r = self.node(i);
-            if r.old_chunk >> GROUP_BITS == group {
-                if r.old_chunk + r.len == old_chunk && r.new_chunk + r.len == new_chunk {
-                    before = i;
-                }
-                if r.old_chunk == old_chunk + 1 && r.new_chunk == new_chunk.wrapping_add(1) {
-                    after = i;
-                    after_prev = prev;
-                }
-            }
-            prev = i;
-            i = self.next[i as usize];
-        }
+        let first_in_group = old_chunk & (RUN_MAX - 1) == 0;
+        let last_in_group = (old_chunk + 1) & (RUN_MAX - 1) == 0;
+        // The run ending right before, COW-consecutive (same group).
+        let before = if first_in_group {
+            None
+        } else {
+            self.find_containing(old_chunk - 1).filter(|&(_, i)| {
+                let r = self.node(i);
+                r.old_chunk + r.len == old_chunk && r.new_chunk + r.len == new_chunk
+            })
+        };
+        // The run starting right after, COW-consecutive (same group).
+        let after = if last_in_group {
+            None
+        } else {
+            self.find_start(old_chunk + 1)
+                .filter(|&(_, i)| self.node(i).new_chunk == new_chunk.wrapping_add(1))
+        };
         match (before, after) {
-            (NIL, NIL) => {
+            (None, None) => {
                 if self.free == NIL {
                     return Err(TableFull);
                 }
@@ -187,36 +246,30 @@ impl ExceptionTable {
                         len: 1,
                     },
                 );
-                self.next[n as usize] = self.buckets[b];
-                self.buckets[b] = n;
+                self.link(n);
                 self.runs += 1;
             }
-            (a, NIL) => {
+            (Some((_, a)), None) => {
                 let mut r = self.node(a);
                 r.len += 1;
                 self.set_node(a, r);
             }
-            (NIL, c) => {
+            (None, Some((prev, c))) => {
+                // The run now starts one chunk earlier: it moves to that chunk's chain.
+                self.unlink(old_chunk + 1, prev, c);
                 let mut r = self.node(c);
                 r.old_chunk -= 1;
                 r.new_chunk -= 1;
                 r.len += 1;
                 self.set_node(c, r);
+                self.link(c);
             }
-            (a, c) => {
+            (Some((_, a)), Some((prev, c))) => {
                 let mut r = self.node(a);
                 r.len += 1 + self.node(c).len;
                 self.set_node(a, r);
-                // Unlink and free `c`.
-                let c_next = self.next[c as usize];
-                if after_prev == NIL {
-                    self.buckets[b] = c_next;
-                } else {
-                    self.next[after_prev as usize] = c_next;
-                }
-                self.next[c as usize] = self.free;
-                self.free = c;
-                self.runs -= 1;
+                self.unlink(old_chunk + 1, prev, c);
+                self.release(c);
             }
         }
         self.exceptions += 1;
@@ -229,67 +282,54 @@ impl ExceptionTable {
     /// A merge takes records newest first, and records are in allocation order, so it
     /// takes chunks off the end of runs and never needs a split on stores written in order.
     pub fn remove(&mut self, old_chunk: u64) -> Result<bool, TableFull> {
-        let b = self.bucket(old_chunk);
-        let mut prev = NIL;
-        let mut i = self.buckets[b];
-        while i != NIL {
-            let r = self.node(i);
-            if old_chunk >= r.old_chunk && old_chunk - r.old_chunk < r.len {
-                let at = old_chunk - r.old_chunk;
-                if r.len == 1 {
-                    let next = self.next[i as usize];
-                    if prev == NIL {
-                        self.buckets[b] = next;
-                    } else {
-                        self.next[prev as usize] = next;
-                    }
-                    self.next[i as usize] = self.free;
-                    self.free = i;
-                    self.runs -= 1;
-                } else if at == 0 {
-                    self.set_node(
-                        i,
-                        Run {
-                            old_chunk: r.old_chunk + 1,
-                            new_chunk: r.new_chunk + 1,
-                            len: r.len - 1,
-                        },
-                    );
-                } else if at == r.len - 1 {
-                    self.set_node(
-                        i,
-                        Run {
-                            len: r.len - 1,
-                            ..r
-                        },
-                    );
-                } else {
-                    if self.free == NIL {
-                        return Err(TableFull);
-                    }
-                    let n = self.free;
-                    self.free = self.next[n as usize];
-                    self.set_node(i, Run { len: at, ..r });
-                    self.set_node(
-                        n,
-                        Run {
-                            old_chunk: old_chunk + 1,
-                            new_chunk: r.new_chunk + at + 1,
-                            len: r.len - at - 1,
-                        },
-                    );
-                    // Same group, so the same bucket.
-                    self.next[n as usize] = self.buckets[b];
-                    self.buckets[b] = n;
-                    self.runs += 1;
-                }
-                self.exceptions -= 1;
-                return Ok(true);
+        let Some((prev, i)) = self.find_containing(old_chunk) else {
+            return Ok(false);
+        };
+        let r = self.node(i);
+        let at = old_chunk - r.old_chunk;
+        if r.len == 1 {
+            self.unlink(r.old_chunk, prev, i);
+            self.release(i);
+        } else if at == 0 {
+            // The run now starts one chunk later: it moves to that chunk's chain.
+            self.unlink(r.old_chunk, prev, i);
+            self.set_node(
+                i,
+                Run {
+                    old_chunk: r.old_chunk + 1,
+                    new_chunk: r.new_chunk + 1,
+                    len: r.len - 1,
+                },
+            );
+            self.link(i);
+        } else if at == r.len - 1 {
+            self.set_node(
+                i,
+                Run {
+                    len: r.len - 1,
+                    ..r
+                },
+            );
+        } else {
+            if self.free == NIL {
+                return Err(TableFull);
             }
-            prev = i;
-            i = self.next[i as usize];
+            let n = self.free;
+            self.free = self.next[n as usize];
+            self.set_node(i, Run { len: at, ..r });
+            self.set_node(
+                n,
+                Run {
+                    old_chunk: old_chunk + 1,
+                    new_chunk: r.new_chunk + at + 1,
+                    len: r.len - at - 1,
+                },
+            );
+            self.link(n);
+            self.runs += 1;
         }
-        Ok(false)
+        self.exceptions -= 1;
+        Ok(true)
     }
 
     /// Every run, in no particular order.
