@@ -199,6 +199,10 @@ struct Snap {
     header: Vec<u8>,
     header_phase: HeaderPhase,
     wipe: bool,
+    /// The wipe is written; a flush makes it durable (COW device without FUA).
+    wipe_flush: bool,
+    /// The wipe's write or flush failed: the store may still be found.
+    wipe_failed: bool,
     inflight: u32,
     thresholds_fired: u8,
 }
@@ -845,6 +849,8 @@ impl Engine {
             header,
             header_phase: HeaderPhase::None,
             wipe: false,
+            wipe_flush: false,
+            wipe_failed: false,
             inflight: 0,
             thresholds_fired: 0,
         });
@@ -1183,23 +1189,45 @@ impl Engine {
                 }
                 SnapState::Deleting => {
                     if x.wipe {
+                        // Zero chunk 0 (header and binding): FUA where the device has it,
+                        // else a write and a flush.
                         let cs = x.store.chunk_sectors() as u32;
+                        let fua = x.cow_fua;
                         if self.emit(
                             IoCtx::Wipe { snap: sid },
                             dev,
-                            IoOp::Write { fua: true },
+                            IoOp::Write { fua },
                             0,
                             cs,
                             IoBuffer::Zeroes,
                         ) {
                             if let Some(x) = self.snaps[s].as_mut() {
                                 x.wipe = false;
+                                x.wipe_flush = !fua;
+                                x.meta_inflight = true;
+                            }
+                        }
+                    } else if x.wipe_flush {
+                        if self.emit(
+                            IoCtx::Wipe { snap: sid },
+                            dev,
+                            IoOp::Flush,
+                            0,
+                            0,
+                            IoBuffer::None,
+                        ) {
+                            if let Some(x) = self.snaps[s].as_mut() {
+                                x.wipe_flush = false;
                                 x.meta_inflight = true;
                             }
                         }
                     } else if x.inflight == 0 {
+                        let failed = x.wipe_failed;
                         self.snaps[s] = None;
                         self.epoch += 1;
+                        if failed {
+                            self.push_event(Event::SnapshotWipeFailed { snap: SnapId(sid) });
+                        }
                         self.push_event(Event::SnapshotDeleted { snap: SnapId(sid) });
                         self.progress += 1;
                     }
@@ -1574,11 +1602,15 @@ impl Engine {
         };
     }
 
-    fn on_wipe_io(&mut self, sid: u16, _ok: bool) {
+    fn on_wipe_io(&mut self, sid: u16, ok: bool) {
         self.io_done_on(sid);
         self.epoch += 1;
         if let Some(x) = self.snaps[sid as usize].as_mut() {
             x.meta_inflight = false;
+            if !ok {
+                x.wipe_failed = true;
+                x.wipe_flush = false;
+            }
         }
     }
 

@@ -223,6 +223,13 @@ pub enum Event {
         /// Snapshot.
         snap: SnapId,
     },
+    /// Comes right before [`Event::SnapshotDeleted`] when writing zeroes over the store's
+    /// header failed: the engine forgot the snapshot, but its store (marked invalid) may
+    /// still be found on the device.
+    SnapshotWipeFailed {
+        /// Snapshot.
+        snap: SnapId,
+    },
     /// A merge is under way: its marker is durable in the store (or it was found there at
     /// attach time, `resumed`).
     MergeStarted {

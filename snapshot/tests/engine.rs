@@ -526,3 +526,53 @@ fn resume_right_after_delete_does_not_stall_origin_writes() {
     // Chunk 0 is wiped: the store is gone for Linux too.
     assert!(w.cows[0].as_ref().unwrap().durable[0] == 0);
 }
+
+#[test]
+fn deleting_an_overflowed_snapshot_wipes_its_store() {
+    // With and without FUA on the COW device (without: a write, then a flush); and a wipe
+    // that fails is reported.
+    for (fua, fail) in [(true, false), (false, false), (false, true)] {
+        delete_overflowed(fua, fail);
+    }
+}
+
+fn delete_overflowed(fua: bool, fail: bool) {
+    let mut w = world(1024, |_| {});
+    let mut cfg = snap_cfg(4, 12);
+    cfg.cow_fua = fua;
+    let id = create(&mut w, &cfg);
+    // More chunks than the store holds: it overflows and its header is marked invalid.
+    for t in 0..20u64 {
+        write(&mut w, t + 1, t * 4, 4);
+        w.settle(1000);
+    }
+    assert!(w
+        .events
+        .iter()
+        .any(|e| matches!(e, Event::Invalidated { snap, .. } if *snap == id)));
+    w.engine.quiesce_origin();
+    w.settle(100);
+    if fail {
+        w.fail = Some(Box::new(|io: &Io| {
+            matches!(io.device, Device::Cow(_)) && io.sector == 0 && io.op != IoOp::Read
+        }));
+    } else if !fua {
+        // Like virtio-blk with a write-back cache: a FUA write is refused.
+        w.fail = Some(Box::new(|io: &Io| {
+            matches!(io.device, Device::Cow(_)) && io.op == IoOp::Write { fua: true }
+        }));
+    }
+    w.engine.delete_snapshot(id).unwrap();
+    w.settle(100);
+    assert!(w.events.contains(&Event::SnapshotDeleted { snap: id }));
+    let failed = w.events.contains(&Event::SnapshotWipeFailed { snap: id });
+    assert_eq!(failed, fail, "fua {fua} fail {fail}");
+    let cow = w.cows[0].as_ref().unwrap();
+    let wiped = (0..4).all(|s| cow.durable[s] == 0);
+    assert_eq!(
+        wiped,
+        !fail,
+        "fua {fua}: chunk 0 holds {:x?}",
+        &cow.durable[..4]
+    );
+}

@@ -282,6 +282,12 @@ impl Task for DeleteTask {
             // The entry disappears once the engine reports the store wiped.
             2 if !o.snaps.iter().any(|s| s.id == self.id) => {
                 o.engine.resume_origin();
+                if o.wipe_failed.take() == Some(self.id) {
+                    self.error = Some(
+                        "deleted, but wiping its COW store failed (I/O error): it will be listed \
+                         as invalid at boot; delete it again then",
+                    );
+                }
                 self.step = 3;
             }
             _ => {}

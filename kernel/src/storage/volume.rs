@@ -127,6 +127,8 @@ pub struct Origin {
     pub merged_copy_writes: u64,
     /// Device writes made of merged copy writes.
     pub merged_device_writes: u64,
+    /// The last deleted snapshot whose store could not be wiped (the delete task reports it).
+    pub wipe_failed: Option<SnapId>,
     /// Origin-device sectors per logical block.
     block_sectors: u64,
     /// When the running merge started (uptime ns) and how many chunks it had left then: the
@@ -206,6 +208,7 @@ impl Origin {
             staged: VecDeque::with_capacity(STAGED_IOS + 1),
             merged_copy_writes: 0,
             merged_device_writes: 0,
+            wipe_failed: None,
             block_sectors,
             merge_clock: None,
         })
@@ -734,6 +737,15 @@ impl Origin {
                 if let Some(s) = self.snap_by_id(snap) {
                     s.state = SnapState::Failed;
                 }
+            }
+            Event::SnapshotWipeFailed { snap } => {
+                if let Some(s) = self.snap_by_id(snap) {
+                    log::error!(
+                        "snapshot {}: writing zeroes over its COW store's header failed",
+                        s.name
+                    );
+                }
+                self.wipe_failed = Some(snap);
             }
             Event::SnapshotDeleted { snap } => {
                 if let Some(s) = self.snap_by_id(snap) {
