@@ -222,15 +222,17 @@ fn a_merge_cut_by_a_power_loss_finishes_after_reboot() {
 
 #[test]
 fn a_merge_with_writes_and_bench_on_the_origin_and_refusals() {
-    // 64 MiB origin, all of it copied into s1 (so the merge lasts long enough to overlap);
-    // s2 on vdc; a tiny store on vdd that overflows (an invalid snapshot).
+    // 256 MiB origin, all of it copied into s1, so the merge lasts long enough (about a
+    // second under TCG; 64 MiB took 0.2 s once merges got faster, and the second merge below
+    // was no longer refused) to overlap; s2 on vdc; a tiny store on vdd that overflows (an
+    // invalid snapshot).
     let (a, b, c, d) = (
-        Image::new("mergeio-origin", 64 * MIB),
-        Image::new("mergeio-cow1", 80 * MIB),
-        Image::new("mergeio-cow2", 80 * MIB),
+        Image::new("mergeio-origin", 256 * MIB),
+        Image::new("mergeio-cow1", 280 * MIB),
+        Image::new("mergeio-cow2", 280 * MIB),
         Image::new("mergeio-small", MIB),
     );
-    let before = pattern(64 * MIB, 9);
+    let before = pattern(256 * MIB, 9);
     a.write(0, &before);
     let mut q = Boot::kernel("q35", "testing loglevel=info")
         .virtio_disk(&a.path, "MERGEIO-ORIGIN")
@@ -243,7 +245,7 @@ fn a_merge_with_writes_and_bench_on_the_origin_and_refusals() {
         assert!(q.command(line).contains("created snapshot"), "{line}");
     }
     assert!(q
-        .command_timeout("write vda 0 131072 --seed 21", TIMEOUT * 3)
+        .command_timeout("write vda 0 524288 --seed 21", TIMEOUT * 6)
         .contains("wrote"));
     let list = q.command("snapshot list");
     assert!(
@@ -297,7 +299,7 @@ fn a_merge_with_writes_and_bench_on_the_origin_and_refusals() {
 
     // The origin is the snapshot, except where it was written during the merge: the bench's
     // first 8 MiB (random data) and the seeded range, which holds exactly what was written.
-    let origin = a.read(0, (64 * MIB) as usize);
+    let origin = a.read(0, (256 * MIB) as usize);
     let bench_end = (8 * MIB) as usize;
     assert!(
         origin[bench_end..100_000 * 512] == before[bench_end..100_000 * 512]
