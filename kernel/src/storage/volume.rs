@@ -330,6 +330,19 @@ impl Origin {
         }
     }
 
+    /// The disk an engine device lives on, and its offset there in sectors (None: the
+    /// snapshot is gone).
+    fn placement(&self, device: Device) -> Option<(usize, u64)> {
+        match device {
+            Device::Origin => Some((self.disk, 0)),
+            Device::Cow(id) => self
+                .snaps
+                .iter()
+                .find(|s| s.id == id)
+                .map(|s| (s.cow_disk, s.cow_start)),
+        }
+    }
+
     /// Finds staged copy writes that continue `io` on its COW device (each starting where
     /// the run so far ends), up to one bounce buffer and the device's largest transfer.
     /// Their positions in `staged` go into `parts`; returns how many.
@@ -342,11 +355,10 @@ impl Origin {
         if !is_copy_write(io) {
             return 0;
         }
-        let disk = match io.device {
-            Device::Cow(id) => self.snaps.iter().find(|s| s.id == id).map(|s| s.cow_disk),
-            Device::Origin => None,
-        };
-        let Some(device) = disk.and_then(|d| devices.get(d)) else {
+        let Some(device) = self
+            .placement(io.device)
+            .and_then(|(disk, _)| devices.get(disk))
+        else {
             return 0;
         };
         let limit =
@@ -381,15 +393,7 @@ impl Origin {
         head: Io,
         parts: &mut [usize],
     ) -> Result<(), Io> {
-        let Device::Cow(id) = head.device else {
-            return self.issue_one(index, devices, head);
-        };
-        let Some((disk, offset)) = self
-            .snaps
-            .iter()
-            .find(|s| s.id == id)
-            .map(|s| (s.cow_disk, s.cow_start))
-        else {
+        let Some((disk, offset)) = self.placement(head.device) else {
             return self.issue_one(index, devices, head);
         };
         let Some(device) = devices.get_mut(disk) else {
@@ -398,7 +402,11 @@ impl Origin {
         if self.free_ios.len() < parts.len() + 1 {
             return Err(head);
         }
+        let Some(first) = self.free_ios.pop() else {
+            return Err(head);
+        };
         let Some(mut buf) = self.bounce.acquire() else {
+            self.free_ios.push(first);
             return Err(head);
         };
         let total: usize = head.sectors as usize * 512
@@ -408,6 +416,7 @@ impl Origin {
                 .sum::<usize>();
         if buf.set_len(total).is_err() {
             let _ = self.bounce.release(buf);
+            self.free_ios.push(first);
             return self.issue_one(index, devices, head);
         }
         let mut at = 0;
@@ -416,13 +425,8 @@ impl Origin {
             self.fill(&io.buffer, &mut buf.as_mut_slice()[at..at + len]);
             at += len;
         }
-        let Some(first) = self.free_ios.pop() else {
-            let _ = self.bounce.release(buf);
-            return Err(head);
-        };
         let tag = VOLUME_TAG | ((index as u64) << 32) | u64::from(first);
-        let block_bytes = u64::from(device.geometry().block_size.max(512));
-        let lba = (head.sector + offset) * 512 / block_bytes;
+        let lba = device_lba(device, head.sector + offset);
         if let Err(rejected) = device.submit(BlockRequest::write(tag, lba, buf, false)) {
             if let Some(b) = rejected.request.buffer {
                 let _ = self.bounce.release(b);
@@ -479,15 +483,9 @@ impl Origin {
 
     /// Issues one engine I/O; gives it back when it must wait (no buffer, queue full).
     fn issue_one(&mut self, index: usize, devices: &mut [BoxedDevice], io: Io) -> Result<(), Io> {
-        let (disk, offset) = match io.device {
-            Device::Origin => (self.disk, 0),
-            Device::Cow(id) => match self.snaps.iter().find(|s| s.id == id) {
-                Some(s) => (s.cow_disk, s.cow_start),
-                None => {
-                    let _ = self.engine.complete_io(io.token, Err(IoError));
-                    return Ok(());
-                }
-            },
+        let Some((disk, offset)) = self.placement(io.device) else {
+            let _ = self.engine.complete_io(io.token, Err(IoError));
+            return Ok(());
         };
         let Some(device) = devices.get_mut(disk) else {
             let _ = self.engine.complete_io(io.token, Err(IoError));
@@ -497,8 +495,7 @@ impl Origin {
             return Err(io);
         };
         let tag = VOLUME_TAG | ((index as u64) << 32) | u64::from(slot);
-        let block_bytes = u64::from(device.geometry().block_size.max(512));
-        let lba = (io.sector + offset) * 512 / block_bytes;
+        let lba = device_lba(device, io.sector + offset);
         let len = io.sectors as usize * 512;
         // An I/O on the whole of a request's buffer (most origin writes and snapshot reads)
         // lends that buffer to the device instead of copying through a bounce buffer. While
@@ -809,6 +806,11 @@ fn block_error(e: VolumeError) -> BlockError {
             BlockError::DeviceStatus("snapshot is being merged into its origin")
         }
     }
+}
+
+/// The device block holding 512-byte sector `sector`.
+fn device_lba(device: &BoxedDevice, sector: u64) -> u64 {
+    sector * 512 / u64::from(device.geometry().block_size.max(512))
 }
 
 fn copy_from(source: Option<&[u8]>, offset: u64, out: &mut [u8]) {
