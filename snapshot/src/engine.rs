@@ -1339,12 +1339,16 @@ impl Engine {
         // Linux's "idle": no copy in flight. snapfw also waits while released origin writes
         // are still on the device or their completions not yet taken by the caller: their
         // submitters tend to write again at once, and the next copies then join this commit
-        // instead of waiting for another one. (The hold bound still applies, so a write
-        // waiting on something else cannot stall a commit.)
+        // instead of waiting for another one. Requests submitted since the last look at the
+        // waiting list count as busy too: their copies are about to start. (The hold bound
+        // still applies, so a write waiting on something else cannot stall a commit.)
         let no_copies = k == (x.order.len() - skip) as u64;
         let idle = match policy {
             CommitPolicy::Grouped => {
-                no_copies && self.origin_writes_issued == 0 && self.completions.is_empty()
+                no_copies
+                    && self.origin_writes_issued == 0
+                    && self.completions.is_empty()
+                    && self.waiting_added == self.last_scan.2
             }
             CommitPolicy::LinuxIdle => no_copies,
         };

@@ -492,6 +492,28 @@ impl World {
     /// Completes one in-flight I/O (chosen by the order policy). False if none.
     pub fn complete_one(&mut self) -> bool {
         self.pump();
+        if !self.finish_one() {
+            return false;
+        }
+        self.pump();
+        true
+    }
+
+    /// One round of the appliance's loop: every I/O in flight completes (as after one
+    /// interrupt), and only then does the engine run and hand over its finished requests.
+    /// Returns how many I/Os completed.
+    pub fn complete_round(&mut self) -> usize {
+        self.pump();
+        let mut n = 0;
+        while self.finish_one() {
+            n += 1;
+        }
+        self.pump();
+        n
+    }
+
+    /// Completes one in-flight I/O without letting the engine run afterwards.
+    fn finish_one(&mut self) -> bool {
         if self.inflight.is_empty() {
             return false;
         }
@@ -551,7 +573,6 @@ impl World {
         self.completions += 1;
         self.engine.tick(self.now);
         let _ = self.engine.complete_io(f.io.token, result);
-        self.pump();
         true
     }
 
