@@ -281,6 +281,7 @@ fn bench(st: &Storage, args: &Args, now: u64) -> CmdResult<Box<dyn Task>> {
         limit,
         seed,
         blocks: size / block,
+        random_map: !args.flag("norandommap"),
     };
     Ok(Box::new(BenchTask::new(st, disk, spec, now)))
 }

@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 use super::{Storage, Target, VolumeName};
 use crate::util::hexdump::write_hexdump;
 use crate::util::histogram::Histogram;
-use crate::util::pattern::{fill_seeded, Rng};
+use crate::util::pattern::{fill_seeded, Rng, Shuffle};
 
 /// One unit of long console work.
 pub trait Task {
@@ -638,6 +638,9 @@ pub struct BenchSpec {
     pub blocks: u64,
     /// Seed for random offsets.
     pub seed: u64,
+    /// Random modes visit every offset once before any repeats (fio's default random map);
+    /// false draws each offset independently (fio's `norandommap`).
+    pub random_map: bool,
 }
 
 /// `bench`: fio-like load with `qd` requests in flight.
@@ -651,6 +654,7 @@ pub struct BenchTask {
     qd: usize,
     limit: BenchLimit,
     rng: Rng,
+    shuffle: Option<Shuffle>,
     next_seq: u64,
     issued: u64,
     completed: u64,
@@ -677,6 +681,7 @@ impl BenchTask {
             limit,
             seed,
             blocks,
+            random_map,
         } = spec;
         let g = st.geometry(target);
         let block_size = u64::from(g.block_size.max(1));
@@ -696,6 +701,10 @@ impl BenchTask {
             qd,
             limit,
             rng: Rng::new(seed),
+            shuffle: (random_map && mode.random()).then(|| {
+                let slots = (blocks.min(g.capacity_blocks) / (bs / block_size).max(1)).max(1);
+                Shuffle::new(slots, seed)
+            }),
             next_seq: 0,
             issued: 0,
             completed: 0,
@@ -720,7 +729,9 @@ impl BenchTask {
 
     fn next_lba(&mut self) -> u64 {
         let slots = (self.capacity / self.bs_blocks).max(1);
-        let index = if self.mode.random() {
+        let index = if let Some(shuffle) = &mut self.shuffle {
+            shuffle.next_index()
+        } else if self.mode.random() {
             self.rng.below(slots)
         } else {
             let i = self.next_seq % slots;
