@@ -312,6 +312,8 @@ pub struct Engine {
     /// request progressed in it: with neither changed, a scan would find nothing to do.
     last_scan: (u64, u64, u64),
     rescan: bool,
+    /// A commit waited for `step_requests` to look at the waiting requests first.
+    commit_deferred: bool,
     batch_seq: u32,
     io_starved: bool,
     progress_mark: u64,
@@ -418,6 +420,7 @@ impl Engine {
             waiting_added: 0,
             last_scan: (u64::MAX, 0, 0),
             rescan: true,
+            commit_deferred: false,
             batch_seq: 0,
             io_starved: false,
             progress_mark: 0,
@@ -1132,7 +1135,9 @@ impl Engine {
                 self.quiesce_reported = true;
                 self.push_event(Event::OriginQuiesced);
             }
-            if self.progress == before {
+            // A commit held back for requests not yet looked at decides again, now that
+            // `step_requests` has looked.
+            if self.progress == before && !core::mem::take(&mut self.commit_deferred) {
                 return;
             }
         }
@@ -1279,6 +1284,7 @@ impl Engine {
         let now = self.now;
         self.batch_seq = self.batch_seq.wrapping_add(1);
         let next_id = self.batch_seq;
+        let looked_at = self.requests_looked_at();
         let Some(x) = self.snaps[s].as_mut() else {
             return;
         };
@@ -1339,16 +1345,19 @@ impl Engine {
         // Linux's "idle": no copy in flight. snapfw also waits while released origin writes
         // are still on the device or their completions not yet taken by the caller: their
         // submitters tend to write again at once, and the next copies then join this commit
-        // instead of waiting for another one. Requests submitted since the last look at the
-        // waiting list count as busy too: their copies are about to start. (The hold bound
+        // instead of waiting for another one. Waiting requests that have not been looked at
+        // since they arrived or since something they may wait for changed (a copy buffer
+        // came free) count as busy too: their copies are about to start. (The hold bound
         // still applies, so a write waiting on something else cannot stall a commit.)
         let no_copies = k == (x.order.len() - skip) as u64;
         let idle = match policy {
             CommitPolicy::Grouped => {
-                no_copies
-                    && self.origin_writes_issued == 0
-                    && self.completions.is_empty()
-                    && self.waiting_added == self.last_scan.2
+                let quiet =
+                    no_copies && self.origin_writes_issued == 0 && self.completions.is_empty();
+                if quiet && !looked_at {
+                    self.commit_deferred = true;
+                }
+                quiet && looked_at
             }
             CommitPolicy::LinuxIdle => no_copies,
         };
@@ -1914,11 +1923,16 @@ impl Engine {
     // Volume requests
     // ----------------------------------------------------------------------------------------
 
+    /// Whether [`Engine::step_requests`] would find nothing new to look at.
+    fn requests_looked_at(&self) -> bool {
+        !self.rescan && (self.epoch, self.generation_bumps, self.waiting_added) == self.last_scan
+    }
+
     fn step_requests(&mut self) {
-        let key = (self.epoch, self.generation_bumps, self.waiting_added);
-        if !self.rescan && key == self.last_scan {
+        if self.requests_looked_at() {
             return;
         }
+        let key = (self.epoch, self.generation_bumps, self.waiting_added);
         self.last_scan = key;
         self.rescan = false;
         let n = self.waiting.len();

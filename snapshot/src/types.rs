@@ -258,7 +258,7 @@ pub enum CommitPolicy {
     /// snapfw: with fewer than `commits_in_flight` commits running, when the origin is quiet
     /// (no copy in flight, no released origin write still on the device, every finished
     /// request taken with [`Engine::poll_completion`](crate::Engine::poll_completion), no
-    /// request submitted that the engine has not looked at yet), when
+    /// waiting request unseen since it arrived or since a copy buffer came free), when
     /// the area is full, or when the oldest uncommitted exception has waited
     /// `hold_bound_ticks` since it was allocated or since the snapshot's last commit ended,
     /// whichever is later. Under a closed loop (each submitter writes again when its write

@@ -297,8 +297,10 @@ fn a_commit_waits_for_writes_submitted_in_the_same_round() {
     // turns. Here the queue starts split (16 writes, then 16 more some rounds later) and
     // must join up. Every write is on a fresh chunk, so every write copies.
     let mut per_commit = Vec::new();
-    for stagger in 1..=6 {
-        let mut w = world(1 << 16, |_| {});
+    // With 16 copy buffers half the queue waits for one: those writes start copying when the
+    // first half's copies are written, which is when the first half could commit.
+    for (stagger, buffers) in (1..=6).flat_map(|s| [(s, 64), (s, 16)]) {
+        let mut w = world(1 << 16, |c| c.copy_buffers = buffers);
         w.order = Order::InOrder;
         create(&mut w, &snap_cfg(8, 4000));
         let before = w.engine.stats();
