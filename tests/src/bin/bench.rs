@@ -178,28 +178,49 @@ fn cmd(q: &mut tests::Qemu, line: &str) -> String {
     out
 }
 
-/// "R records/commit, P% of writes copied" from `snapshot status`.
-fn commit_note(q: &mut tests::Qemu, snap: &str) -> String {
-    let out = cmd(q, &format!("snapshot status {snap}"));
-    let records = out
-        .split(" records per commit")
-        .next()
-        .and_then(|s| s.split_whitespace().last())
-        .unwrap_or("?");
-    // "origin vda: W writes, J copy jobs, ..."
-    let count = |label: &str| -> Option<f64> {
-        out.split(label)
-            .next()?
-            .split_whitespace()
-            .last()?
-            .parse()
-            .ok()
-    };
-    let copied = match (count(" writes,"), count(" copy jobs")) {
-        (Some(w), Some(j)) if w > 0.0 => format!("{:.0}%", 100.0 * j / w),
-        _ => "?".into(),
-    };
-    format!("{records} records/commit, {copied} of writes copied")
+/// The origin engine's counters from `snapshot status` (they count from the engine's start,
+/// across rows and snapshots).
+#[derive(Clone, Copy, Default)]
+struct Counters {
+    writes: f64,
+    copy_jobs: f64,
+    commits: f64,
+    records: f64,
+}
+
+impl Counters {
+    fn read(q: &mut tests::Qemu, snap: &str) -> Counters {
+        let out = cmd(q, &format!("snapshot status {snap}"));
+        // "origin vda: W writes, J copy jobs, C copy writes, N commits, R records per commit"
+        let count = |label: &str| -> f64 {
+            out.split(label)
+                .next()
+                .and_then(|s| s.split_whitespace().last())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0.0)
+        };
+        let commits = count(" commits,");
+        Counters {
+            writes: count(" writes,"),
+            copy_jobs: count(" copy jobs"),
+            commits,
+            records: commits * count(" records per commit"),
+        }
+    }
+
+    /// "R records/commit, P% of writes copied" for the row between `self` and `after`.
+    fn note(self, after: Counters) -> String {
+        let commits = after.commits - self.commits;
+        let writes = after.writes - self.writes;
+        if commits <= 0.0 || writes <= 0.0 {
+            return "no commits".into();
+        }
+        format!(
+            "{:.1} records/commit, {:.0}% of writes copied",
+            (after.records - self.records) / commits,
+            100.0 * (after.copy_jobs - self.copy_jobs) / writes
+        )
+    }
 }
 
 /// One snapshot row: its figures, the raw row it compares with, and a note.
@@ -266,12 +287,13 @@ fn snapshot_rows(q: &mut tests::Qemu, kind: &str, origin: &str, cow: &str, time:
     let mut rows = Vec::new();
     let randwrite = format!("--rw randwrite --bs 4k --qd 32 {REGION}");
     cmd(q, &format!("snapshot create b1 {origin} {cow}:0+1048576"));
+    let start = Counters::read(q, "b1");
     let first = run(q, origin, &randwrite, time);
     rows.push(SnapRow::new(
         "4k randwrite QD32, first writes",
         first,
         Raw::RandWrite,
-        commit_note(q, "b1"),
+        start.note(Counters::read(q, "b1")),
     ));
     // Copy every chunk of the region, then overwrite.
     cmd(q, &format!("write {origin} 0 {REGION_BLOCKS} --byte 0x42"));
@@ -314,12 +336,13 @@ fn snapshot_rows(q: &mut tests::Qemu, kind: &str, origin: &str, cow: &str, time:
         q,
         &format!("snapshot create b4 {origin} {cow}:1048576+1048576"),
     );
+    let start = Counters::read(q, "b3");
     let two = run(q, origin, &randwrite, time);
     rows.push(SnapRow::new(
         "4k randwrite QD32, two snapshots",
         two,
         Raw::RandWrite,
-        commit_note(q, "b3"),
+        start.note(Counters::read(q, "b3")),
     ));
     cmd(q, "snapshot delete b3");
     cmd(q, "snapshot delete b4");
