@@ -24,6 +24,11 @@ pub fn isa_irq(port: u8) -> u8 {
     }
 }
 
+/// Most bytes typed during boot kept when the UART is programmed.
+const TYPEAHEAD_AT_INIT: usize = 256;
+/// LSR reads without a byte that end the wait for more typed-ahead bytes.
+const QUIET_LSR_READS: u32 = 1000;
+
 const IER_RX: u8 = 0x01;
 const IER_THRE: u8 = 0x02;
 const LSR_DATA: u8 = 0x01;
@@ -52,6 +57,30 @@ pub fn init(base: u16, baud: u32) {
         let mut u = UART.lock();
         u.base = base;
         outb(base + 1, 0x00);
+        // Keep what was typed while the machine booted: switching the FIFOs on below empties
+        // the receiver, so take those bytes first (DLAB cleared so that +0 reads RBR). With
+        // the FIFO off the receiver holds one byte and the sender (QEMU's backend, or the
+        // line) delivers the next one only after it is read, so wait for a quiet spell of
+        // about a millisecond (LSR reads; each is a bus cycle or a VM exit) before going on.
+        outb(base + 3, 0x03);
+        let mut taken = 0;
+        let mut quiet = 0;
+        while taken < TYPEAHEAD_AT_INIT && quiet < QUIET_LSR_READS {
+            let lsr = inb(base + 5);
+            if lsr == 0xFF {
+                break; // no UART at this port: the bus reads all ones
+            }
+            if lsr & LSR_DATA == 0 {
+                quiet += 1;
+                continue;
+            }
+            let b = inb(base);
+            if !u.rx.push(b) {
+                u.rx_dropped += 1;
+            }
+            taken += 1;
+            quiet = 0;
+        }
         outb(base + 3, 0x80); // DLAB
         outb(base, divisor as u8);
         outb(base + 1, (divisor >> 8) as u8);

@@ -64,6 +64,22 @@ fn console_commands() {
 }
 
 #[test]
+fn keys_typed_while_booting_are_kept() {
+    // Typed at once: the first byte waits in the UART's receive register and the rest in
+    // QEMU while the firmware boots; programming the UART must not drop the first one.
+    let mut q = Boot::kernel("q35", "testing").start();
+    q.send(b"version\r");
+    q.wait_prompt();
+    let out = q.expect(PROMPT, TIMEOUT);
+    assert!(
+        out.contains("version") && out.contains("snapfw 0."),
+        "typed before the prompt: {out:?}"
+    );
+    assert!(!out.contains("unknown command"), "{out:?}");
+    q.poweroff();
+}
+
+#[test]
 fn line_editing_and_history() {
     let mut q = boot("q35");
     // Type "verzion", go left 3, delete the 'z' with backspace... fix it to "version".
