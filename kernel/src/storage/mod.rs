@@ -171,11 +171,27 @@ impl Storage {
         self.pools.get_mut(disk)
     }
 
-    /// Interrupts taken by the device behind a target.
+    /// Interrupts taken by the devices behind a target (for a volume: its origin and the
+    /// COW devices of its snapshots).
     pub fn interrupts(&self, target: Target) -> u64 {
-        self.devices
-            .get(self.disk_of(target))
-            .map_or(0, |d| d.stats().interrupts)
+        let of = |disk: usize| self.devices.get(disk).map_or(0, |d| d.stats().interrupts);
+        let Target::Volume { origin, .. } = target else {
+            return of(self.disk_of(target));
+        };
+        let Some(o) = self.origins.get(origin) else {
+            return 0;
+        };
+        // A volume's I/O goes to the origin and to its snapshots' COW devices: count each
+        // device once.
+        let mut total = of(o.disk);
+        for (i, s) in o.snaps.iter().enumerate() {
+            let seen =
+                s.cow_disk == o.disk || o.snaps[..i].iter().any(|t| t.cow_disk == s.cow_disk);
+            if !seen {
+                total += of(s.cow_disk);
+            }
+        }
+        total
     }
 
     /// Sends a console task's request to a target (counted in `task_ios`); on refusal the
