@@ -60,8 +60,7 @@
 //!   `commits_in_flight` commits run, when the origin is quiet (no copy in flight, no
 //!   released origin write on the device, every finished request taken by the caller, who
 //!   may write again at once, and no waiting request unseen since it arrived or since a
-//!   copy buffer came free), when the
-//!   area would fill, or when the oldest uncommitted
+//!   copy buffer came free), when the area would fill, or when the oldest uncommitted
 //!   exception has waited `hold_bound_ticks` (counted from the last commit's end at the
 //!   earliest). With more than one commit in flight, newer commits flush while the oldest
 //!   writes its area (area writes go down one at a time, in order).

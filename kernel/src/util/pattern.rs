@@ -50,9 +50,10 @@ impl Rng {
 }
 
 /// A random order of `0..n` that visits every value once per pass, as fio's random map
-/// does for `randread`/`randwrite`: no offset repeats until every offset has been used. Each
-/// pass is a different order. No table: a keyed bijection of `0..2^k` (the smallest power of two
-/// at least `n`), walked until it lands below `n` (cycle walking; under two steps on average).
+/// does for `randread`/`randwrite`: no offset repeats until every offset has been used.
+/// Each pass is a different order. No table: a keyed bijection of `0..2^k` (the smallest
+/// power of two at least `n`), walked until it lands below `n` (cycle walking; under two
+/// steps on average).
 #[derive(Clone, Debug)]
 pub struct Shuffle {
     n: u64,
