@@ -20,6 +20,11 @@ use crate::types::*;
 
 /// Marks a data stamp.
 pub const DATA_BIT: u64 = 1 << 63;
+
+/// What test write number `write` puts in `sector`: [`DATA_BIT`], the write, the sector.
+pub fn stamp(write: u64, sector: u64) -> u64 {
+    DATA_BIT | (write << 24) | sector
+}
 /// Marks an interned metadata sector.
 pub const META_BIT: u64 = 1 << 62;
 
@@ -364,6 +369,22 @@ impl World {
         self.engine.submit(req)?;
         self.buffers.insert(req.tag, buffer);
         Ok(())
+    }
+
+    /// Submits origin write `tag` (not FUA) of `sectors` sectors at `sector`, each holding
+    /// [`stamp`]`(tag, its sector)`.
+    pub fn write_origin(&mut self, tag: u64, sector: u64, sectors: u32) -> Result<(), SubmitError> {
+        let req = VolumeRequest {
+            tag,
+            volume: Volume::Origin,
+            op: VolumeOp::Write { fua: false },
+            sector,
+            sectors,
+        };
+        let data = (sector..sector + u64::from(sectors))
+            .map(|s| stamp(tag, s))
+            .collect();
+        self.submit(req, data)
     }
 
     fn disk(&mut self, d: Device) -> Option<&mut SimDisk> {

@@ -41,20 +41,7 @@ fn create(w: &mut World, cfg: &SnapshotConfig) -> SnapId {
 }
 
 fn write(w: &mut World, tag: u64, sector: u64, sectors: u32) {
-    let req = VolumeRequest {
-        tag,
-        volume: Volume::Origin,
-        op: VolumeOp::Write { fua: false },
-        sector,
-        sectors,
-    };
-    w.submit(
-        req,
-        (0..u64::from(sectors))
-            .map(|i| DATA_BIT | (tag << 24) | (sector + i))
-            .collect(),
-    )
-    .unwrap();
+    w.write_origin(tag, sector, sectors).unwrap();
 }
 
 /// Records every I/O the engine issues.

@@ -262,16 +262,7 @@ fn engine_store_reloads_and_appends() {
     world.engine.resume_origin();
     let mut tag = 1;
     let mut write = |world: &mut World, sector: u64| {
-        let req = VolumeRequest {
-            tag,
-            volume: Volume::Origin,
-            op: VolumeOp::Write { fua: false },
-            sector,
-            sectors: 1,
-        };
-        world
-            .submit(req, vec![(1 << 63) | (tag << 24) | sector])
-            .unwrap();
+        world.write_origin(tag, sector, 1).unwrap();
         tag += 1;
         world.settle(1000);
     };

@@ -530,18 +530,6 @@ fn merge_releasing_a_run_early_is_caught() {
     );
 }
 
-/// Submits a one-sector origin write of `stamp(tag, sector)`.
-fn write_one(world: &mut World, tag: u64, sector: u64) {
-    let req = VolumeRequest {
-        tag,
-        volume: Volume::Origin,
-        op: VolumeOp::Write { fua: false },
-        sector,
-        sectors: 1,
-    };
-    world.submit(req, vec![stamp(tag, sector)]).unwrap();
-}
-
 fn small_world(chunk: u32, fua: bool) -> (World, SnapId) {
     let mut ec = EngineConfig::new(64);
     ec.max_snapshots = 4;
@@ -564,7 +552,7 @@ fn small_world(chunk: u32, fua: bool) -> (World, SnapId) {
     world.settle(1000);
     world.engine.resume_origin();
     for (tag, s) in [(1u64, 0u64), (2, 9), (3, 30), (4, 31)] {
-        write_one(&mut world, tag, s);
+        world.write_origin(tag, s, 1).unwrap();
     }
     world.settle(10_000);
     (world, id)
@@ -692,7 +680,7 @@ fn merge_error_stops_then_resume_finishes() {
         assert!(world.engine.merge_progress().unwrap().failed);
         // Origin I/O continues: write and read back an unmerged and an untouched chunk.
         for (tag, s) in [(60u64, 31u64), (61, 50)] {
-            write_one(&mut world, tag, s);
+            world.write_origin(tag, s, 1).unwrap();
         }
         world.settle(10_000);
         let ok = |w: &mut World, t| w.take_completion(t).map(|c| c.result);

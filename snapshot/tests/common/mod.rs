@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+pub use snapshot::sim::stamp;
 use snapshot::sim::{Order, Rng, SimDisk, World, DATA_BIT};
 use snapshot::*;
 
@@ -223,10 +224,6 @@ pub struct Harness {
     pub outcome: Outcome,
     point: u64,
     crash_rng: Rng,
-}
-
-pub fn stamp(write: u64, sector: u64) -> u64 {
-    DATA_BIT | (write << 24) | sector
 }
 
 impl Harness {
