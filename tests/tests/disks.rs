@@ -185,6 +185,44 @@ fn bench_is_interrupt_driven_and_allocation_free() {
 }
 
 #[test]
+fn bench_fsync_flushes_after_every_n_writes() {
+    let (a, b) = (
+        Image::new("fsync-a", 64 * MIB),
+        Image::new("fsync-b", 32 * MIB),
+    );
+    let mut q = boot_two_disks(&a, &b);
+    let flushes = |q: &mut tests::Qemu| json_u64(&q.command("devices --json"), "flushes");
+    let before = flushes(&mut q);
+    let out = q.command("bench vda --rw randwrite --qd 8 --ios 1000 --fsync 100");
+    assert!(out.contains("1000 I/Os"), "{out}");
+    assert!(out.contains("flushes 10 (every 100 writes)"), "{out}");
+    assert!(
+        out.contains("latency avg") && !out.contains("error"),
+        "{out}"
+    );
+    // Each flush reached vda (vda is listed first).
+    assert_eq!(flushes(&mut q), before + 10);
+    // 250 writes: flushes after the 100th and 200th; the last 50 end the run unflushed.
+    let out = q.command("bench vda --rw write --bs 8k --qd 4 --ios 250 --fsync 100");
+    assert!(out.contains("flushes 2 (every 100 writes)"), "{out}");
+    assert_eq!(flushes(&mut q), before + 12);
+    for (line, expected) in [
+        (
+            "bench vda --rw randread --fsync 4",
+            "error: --fsync applies to write and randwrite only",
+        ),
+        (
+            "bench vda --rw write --fsync 0",
+            "error: --fsync must be at least 1",
+        ),
+    ] {
+        let out = q.command(line);
+        assert!(out.contains(expected), "{line:?} gave {out:?}");
+    }
+    q.poweroff();
+}
+
+#[test]
 fn disk_commands_reject_bad_input() {
     let (a, b) = (Image::new("bad-a", 64 * MIB), Image::new("bad-b", 32 * MIB));
     let mut q = boot_two_disks(&a, &b);

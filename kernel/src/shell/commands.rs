@@ -214,9 +214,9 @@ pub static COMMANDS: &[CommandInfo] = &[
     CommandInfo {
         id: CommandId::Bench,
         name: "bench",
-        usage: "bench DEV --rw read|write|randread|randwrite [--bs 4k] [--qd 32] [--time 10s | --ios N] [--size SIZE] [--seed N] [--norandommap]",
+        usage: "bench DEV --rw read|write|randread|randwrite [--bs 4k] [--qd 32] [--time 10s | --ios N] [--size SIZE] [--seed N] [--norandommap] [--fsync N]",
         summary: "fio-like benchmark: IOPS, MB/s, latency percentiles, interrupts per I/O",
-        details: "Write modes overwrite the device. Default 10 s; Ctrl-C stops early. --size limits the I/O to the first SIZE bytes (as fio's size). Random modes touch every block once before any repeats, as fio's random map; --norandommap draws each offset independently.",
+        details: "Write modes overwrite the device. Default 10 s; Ctrl-C stops early. --size limits the I/O to the first SIZE bytes (as fio's size). Random modes touch every block once before any repeats, as fio's random map; --norandommap draws each offset independently. --fsync N (write modes, as fio's fsync) waits for the writes in flight and flushes the device after every N writes; the report adds the flush count and latency.",
         spec: CommandSpec {
             options: &[
                 OptSpec::value("rw"),
@@ -227,6 +227,7 @@ pub static COMMANDS: &[CommandInfo] = &[
                 OptSpec::value("seed"),
                 OptSpec::value("size"),
                 OptSpec::flag("norandommap"),
+                OptSpec::value("fsync"),
             ],
             required: &["DEV"],
             optional: &[],

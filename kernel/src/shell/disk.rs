@@ -274,7 +274,16 @@ fn bench(st: &Storage, args: &Args, now: u64) -> CmdResult<Box<dyn Task>> {
             "--size must be a multiple of {block} bytes from --bs up to {capacity}"
         ));
     }
+    let fsync = match args.value_as("fsync", parse_u64).map_err(arg_err)? {
+        None => None,
+        Some(_) if !mode.writes() => {
+            return Err("--fsync applies to write and randwrite only".into())
+        }
+        Some(0) => return Err("--fsync must be at least 1".into()),
+        Some(n) => Some(n),
+    };
     let spec = BenchSpec {
+        fsync,
         mode,
         bs,
         qd: qd as usize,

@@ -606,7 +606,8 @@ impl BenchMode {
             BenchMode::RandWrite => "randwrite",
         }
     }
-    fn writes(self) -> bool {
+    /// Whether the mode writes.
+    pub fn writes(self) -> bool {
         matches!(self, BenchMode::Write | BenchMode::RandWrite)
     }
     fn random(self) -> bool {
@@ -641,6 +642,22 @@ pub struct BenchSpec {
     /// Random modes visit every offset once before any repeats (fio's default random map);
     /// false draws each offset independently (fio's `norandommap`).
     pub random_map: bool,
+    /// Write modes: after every this many writes, wait for those in flight and flush the
+    /// device (fio's `fsync`).
+    pub fsync: Option<u64>,
+}
+
+/// The tag of `bench --fsync`'s flush (write slots are `0..qd`).
+const BENCH_FLUSH_TAG: u64 = u32::MAX as u64;
+
+/// `bench --fsync`: when the next flush goes down, and what the flushes cost.
+struct BenchFsync {
+    every: u64,
+    /// Writes issued since the last flush was sent.
+    since: u64,
+    in_flight: bool,
+    sent_at: u64,
+    latency: Box<Histogram>,
 }
 
 /// `bench`: fio-like load with `qd` requests in flight.
@@ -669,6 +686,7 @@ pub struct BenchTask {
     stop: bool,
     interrupts_at_start: u64,
     interrupts: u64,
+    fsync: Option<BenchFsync>,
 }
 
 impl BenchTask {
@@ -682,6 +700,7 @@ impl BenchTask {
             seed,
             blocks,
             random_map,
+            fsync,
         } = spec;
         let g = st.geometry(target);
         let block_size = u64::from(g.block_size.max(1));
@@ -719,7 +738,44 @@ impl BenchTask {
             stop: false,
             interrupts_at_start: st.interrupts(target),
             interrupts: 0,
+            fsync: fsync.filter(|_| mode.writes()).map(|every| BenchFsync {
+                every,
+                since: 0,
+                in_flight: false,
+                sent_at: 0,
+                latency: Box::new(Histogram::new()),
+            }),
         }
+    }
+
+    /// `--fsync`: whether writes wait for a flush, and sends it once the writes before it
+    /// have completed.
+    fn flush_due(&mut self, st: &mut Storage) -> bool {
+        let Some(f) = self.fsync.as_mut() else {
+            return false;
+        };
+        if f.in_flight {
+            return true;
+        }
+        if f.since < f.every {
+            return false;
+        }
+        if self.in_flight > 0 {
+            return true;
+        }
+        match st.submit_to(self.target, BlockRequest::flush(BENCH_FLUSH_TAG)) {
+            Ok(()) => {
+                f.in_flight = true;
+                f.sent_at = crate::time::uptime_ns();
+            }
+            Err((BlockError::QueueFull, _)) => {}
+            Err((e, _)) => {
+                self.first_error.get_or_insert(e);
+                self.errors += 1;
+                self.stop = true;
+            }
+        }
+        true
     }
 
     /// Requests in flight at most (after clamping to the device).
@@ -749,7 +805,7 @@ impl Task for BenchTask {
             BenchLimit::Ios(n) if self.issued >= n => self.stop = true,
             _ => {}
         }
-        while !self.stop && self.in_flight < self.qd {
+        while !self.stop && self.in_flight < self.qd && !self.flush_due(st) {
             let Some(slot) = self.free_slots.pop() else {
                 break;
             };
@@ -775,6 +831,9 @@ impl Task for BenchTask {
                 Ok(()) => {
                     self.in_flight += 1;
                     self.issued += 1;
+                    if let Some(f) = self.fsync.as_mut() {
+                        f.since += 1;
+                    }
                     if let BenchLimit::Ios(n) = self.limit {
                         if self.issued >= n {
                             self.stop = true;
@@ -795,10 +854,27 @@ impl Task for BenchTask {
                 }
             }
         }
+        if self.stop && self.errors == 0 {
+            // The flush owed for the last `--fsync` writes.
+            self.flush_due(st);
+        }
         self.interrupts = st.interrupts(self.target) - self.interrupts_at_start;
     }
 
     fn complete(&mut self, pool: &mut BufferPool, c: Completion, now: u64) {
+        if let (BENCH_FLUSH_TAG, Some(f)) = (c.tag, self.fsync.as_mut()) {
+            f.in_flight = false;
+            f.since = 0;
+            f.latency.record(now.saturating_sub(f.sent_at));
+            if let Err(e) = c.result {
+                self.errors += 1;
+                self.first_error.get_or_insert(e);
+                self.stop = true;
+            }
+            give_back(pool, c.buffer);
+            self.ended = now;
+            return;
+        }
         self.in_flight = self.in_flight.saturating_sub(1);
         let slot = c.tag as usize;
         if let Some(start) = self.starts.get(slot) {
@@ -818,7 +894,12 @@ impl Task for BenchTask {
     }
 
     fn done(&self) -> bool {
-        self.stop && self.in_flight == 0
+        self.stop
+            && self.in_flight == 0
+            && !self
+                .fsync
+                .as_ref()
+                .is_some_and(|f| f.in_flight || (f.since >= f.every && self.errors == 0))
     }
 
     fn cancel(&mut self) {
@@ -881,6 +962,18 @@ impl Task for BenchTask {
             per / 100,
             per % 100
         )?;
+        if let Some(f) = &self.fsync {
+            write!(
+                out,
+                "  flushes {} (every {} writes), latency avg ",
+                f.latency.count(),
+                f.every
+            )?;
+            us(out, f.latency.mean())?;
+            write!(out, "  p99 ")?;
+            us(out, f.latency.percentile(99.0))?;
+            writeln!(out)?;
+        }
         if let Some(e) = self.first_error {
             writeln!(out, "error: {} I/O errors, first: {e}", self.errors)?;
         }
