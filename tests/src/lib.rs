@@ -390,14 +390,13 @@ impl Qemu {
     pub fn command_timeout(&mut self, line: &str, timeout: Duration) -> String {
         self.send(line.as_bytes());
         self.send(b"\r");
+        // The echo ends with the newline of Enter. A line wider than the terminal scrolls
+        // and is redrawn behind the prompt as it is typed, so the prompt is only looked for
+        // after that newline.
+        self.expect("\n", timeout);
         let text = self.expect(PROMPT, timeout);
         let text = text.replace('\r', "");
-        let body = text.strip_suffix(PROMPT).unwrap_or(&text);
-        // Drop the echoed command line.
-        match body.find('\n') {
-            Some(nl) => body[nl + 1..].to_string(),
-            None => String::new(),
-        }
+        text.strip_suffix(PROMPT).unwrap_or(&text).to_string()
     }
 
     /// Waits until the Linux guest ([`Boot::linux_guest`]) reads commands; returns its

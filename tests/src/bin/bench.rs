@@ -4,6 +4,10 @@
 //! write; IOPS, MB/s, p99 latency, interrupts per I/O. A benchmark, not a test: it asserts
 //! nothing about speed.
 //!
+//! The snapshot rows compare with raw rows on the origin, run before and after them; one of
+//! those flushes after every 32 writes (`--fsync 32`), to show what flushes cost the host, and
+//! the first-write rows are given against it too.
+//!
 //! The snapshot rows end with a merge: 256 MiB of copied chunks merged back into the origin,
 //! in MB/s against the raw sequential write MB/s of the same run.
 //!
@@ -59,6 +63,8 @@ struct Figures {
     mb_s: f64,
     p99_us: String,
     irq_per_io: String,
+    /// `--fsync` runs: the mean flush latency in µs.
+    flush_us: f64,
 }
 
 fn run(q: &mut tests::Qemu, disk: &str, args: &str, time: &str) -> Figures {
@@ -88,6 +94,13 @@ fn run(q: &mut tests::Qemu, disk: &str, args: &str, time: &str) -> Figures {
             .and_then(|s| s.split_whitespace().next())
             .unwrap_or("?")
             .to_string(),
+        // "flushes N (every K writes), latency avg X us"
+        flush_us: report
+            .split(" writes), latency avg ")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0.0),
     }
 }
 
@@ -186,12 +199,14 @@ struct Counters {
     copy_jobs: f64,
     commits: f64,
     records: f64,
+    commit_flushes: f64,
 }
 
 impl Counters {
     fn read(q: &mut tests::Qemu, snap: &str) -> Counters {
         let out = cmd(q, &format!("snapshot status {snap}"));
-        // "origin vda: W writes, J copy jobs, C copy writes, N commits, R records per commit"
+        // "origin vda: W writes, J copy jobs, C copy writes, N commits, R records per commit,
+        // F commit flushes"
         let count = |label: &str| -> f64 {
             out.split(label)
                 .next()
@@ -205,6 +220,7 @@ impl Counters {
             copy_jobs: count(" copy jobs"),
             commits,
             records: commits * count(" records per commit"),
+            commit_flushes: count(" commit flushes"),
         }
     }
 
@@ -221,14 +237,25 @@ impl Counters {
             100.0 * (after.copy_jobs - self.copy_jobs) / writes
         )
     }
+
+    /// Commit flushes per record for the row between `self` and `after`.
+    fn flushes_per_record(self, after: Counters) -> f64 {
+        let records = after.records - self.records;
+        if records <= 0.0 {
+            return 0.0;
+        }
+        (after.commit_flushes - self.commit_flushes) / records
+    }
 }
 
-/// One snapshot row: its figures, the raw row it compares with, and a note.
+/// One snapshot row: its figures, the raw row it compares with, a note, and for rows where
+/// every write copies, the commit flushes per write.
 struct SnapRow {
     name: &'static str,
     snap: Figures,
     raw: Raw,
     note: String,
+    flushes_per_write: Option<f64>,
 }
 
 impl SnapRow {
@@ -238,7 +265,14 @@ impl SnapRow {
             snap,
             raw,
             note,
+            flushes_per_write: None,
         }
+    }
+
+    fn copying(mut self, before: Counters, after: Counters) -> Self {
+        self.note = before.note(after);
+        self.flushes_per_write = Some(before.flushes_per_record(after));
+        self
     }
 }
 
@@ -248,12 +282,18 @@ enum Raw {
     RandWrite,
     RandRead,
     SeqWrite,
+    /// Random writes with a flush after every 32 (as often as a full commit at QD32).
+    RandWriteFsync,
 }
 
-const RAW_ROWS: [(Raw, &str); 3] = [
+const RAW_ROWS: [(Raw, &str); 4] = [
     (Raw::RandWrite, "--rw randwrite --bs 4k --qd 32"),
     (Raw::RandRead, "--rw randread --bs 4k --qd 32"),
     (Raw::SeqWrite, "--rw write --bs 128k --qd 32"),
+    (
+        Raw::RandWriteFsync,
+        "--rw randwrite --bs 4k --qd 32 --fsync 32",
+    ),
 ];
 
 fn iops(f: &Figures) -> f64 {
@@ -289,12 +329,15 @@ fn snapshot_rows(q: &mut tests::Qemu, kind: &str, origin: &str, cow: &str, time:
     cmd(q, &format!("snapshot create b1 {origin} {cow}:0+1048576"));
     let start = Counters::read(q, "b1");
     let first = run(q, origin, &randwrite, time);
-    rows.push(SnapRow::new(
-        "4k randwrite QD32, first writes",
-        first,
-        Raw::RandWrite,
-        start.note(Counters::read(q, "b1")),
-    ));
+    rows.push(
+        SnapRow::new(
+            "4k randwrite QD32, first writes",
+            first,
+            Raw::RandWrite,
+            String::new(),
+        )
+        .copying(start, Counters::read(q, "b1")),
+    );
     // Copy every chunk of the region, then overwrite.
     cmd(q, &format!("write {origin} 0 {REGION_BLOCKS} --byte 0x42"));
     rows.push(SnapRow::new(
@@ -372,6 +415,27 @@ fn snapshot_rows(q: &mut tests::Qemu, kind: &str, origin: &str, cow: &str, time:
         "raw rows before / after: 4k randwrite {} / {}, 4k randread {} / {}, 128k write {} / {} IOPS",
         before[0].iops, after[0].iops, before[1].iops, after[1].iops, before[2].iops, after[2].iops
     );
+    // What flushing costs this host: the raw device with a flush after every 32 writes (a
+    // first-write commit at QD32 flushes twice per 32 writes).
+    let fsync = Raw::RandWriteFsync as usize;
+    let raw_w = (iops(&before[0]) + iops(&after[0])) / 2.0;
+    let raw_f = (iops(&before[fsync]) + iops(&after[fsync])) / 2.0;
+    println!(
+        "raw 4k randwrite QD32 with a flush every 32 writes: {} / {} IOPS ({:.1}% of raw randwrite), flush avg {:.0} / {:.0} us",
+        before[fsync].iops,
+        after[fsync].iops,
+        100.0 * raw_f / raw_w.max(1.0),
+        before[fsync].flush_us,
+        after[fsync].flush_us
+    );
+    for r in rows.iter().filter(|r| r.flushes_per_write.is_some()) {
+        println!(
+            "  {}: {:.1}% of that flushing raw row ({:.3} commit flushes per write)",
+            r.name,
+            100.0 * iops(&r.snap) / raw_f.max(1.0),
+            r.flushes_per_write.unwrap_or(0.0)
+        );
+    }
     let raw_sw_mb_s = (before[2].mb_s + after[2].mb_s) / 2.0;
     merge_row(q, origin, cow, raw_sw_mb_s);
 }
