@@ -6,8 +6,9 @@
 //! capacity (in runs) is fixed by the caller; when the pool is empty an insert fails with
 //! [`TableFull`] and the engine treats the snapshot as overflowed.
 //!
-//! Layout: a power-of-two bucket array of `u32` heads, chained nodes stored as three parallel
-//! arrays (origin chunk, COW chunk + run length, next) = 20 bytes per run. A run is chained in
+//! Layout: a power-of-two bucket array of `u32` heads, chained nodes of 20 bytes each (origin
+//! chunk, COW chunk + run length, next), one node per run. A node's fields sit together, so a
+//! probe touches the bucket and one node rather than three arrays. A run is chained in
 //! the bucket of its first chunk (one run per bucket on average). Runs never cross an aligned
 //! group of [`RUN_MAX`] origin chunks, so the run holding a chunk starts at most `RUN_MAX - 1`
 //! chunks before it: a lookup tries the chunk itself (every run of a table filled at random),
@@ -39,13 +40,44 @@ pub struct Run {
     pub len: u64,
 }
 
+/// One run's entry: its first origin chunk, its first COW chunk with the run length in the
+/// top byte, and the next node of its chain (or of the free list). Stored as `u32` words so
+/// the node is 20 bytes.
+#[derive(Clone, Copy, Debug, Default)]
+struct Node {
+    old: [u32; 2],
+    new_len: [u32; 2],
+    next: u32,
+}
+
+impl Node {
+    const EMPTY: Node = Node {
+        old: [0; 2],
+        new_len: [0; 2],
+        next: NIL,
+    };
+
+    fn old(&self) -> u64 {
+        u64::from(self.old[0]) | (u64::from(self.old[1]) << 32)
+    }
+
+    fn new_len(&self) -> u64 {
+        u64::from(self.new_len[0]) | (u64::from(self.new_len[1]) << 32)
+    }
+
+    fn set(&mut self, old: u64, new_len: u64) {
+        self.old = [old as u32, (old >> 32) as u32];
+        self.new_len = [new_len as u32, (new_len >> 32) as u32];
+    }
+}
+
+const _: () = assert!(core::mem::size_of::<Node>() == ExceptionTable::NODE_BYTES);
+
 /// Fixed-capacity run-compressed exception table.
 #[derive(Clone, Debug)]
 pub struct ExceptionTable {
     buckets: Vec<u32>,
-    old: Vec<u64>,
-    new_len: Vec<u64>,
-    next: Vec<u32>,
+    nodes: Vec<Node>,
     free: u32,
     runs: usize,
     exceptions: u64,
@@ -58,15 +90,13 @@ impl ExceptionTable {
         let max_runs = max_runs.clamp(1, (u32::MAX - 1) as usize);
         let buckets = max_runs.next_power_of_two().max(16);
         let bucket_bits = buckets.trailing_zeros();
-        let mut next = vec![NIL; max_runs];
-        for (i, n) in next.iter_mut().enumerate().take(max_runs - 1) {
-            *n = (i + 1) as u32;
+        let mut nodes = vec![Node::EMPTY; max_runs];
+        for (i, n) in nodes.iter_mut().enumerate().take(max_runs - 1) {
+            n.next = (i + 1) as u32;
         }
         ExceptionTable {
             buckets: vec![NIL; buckets],
-            old: vec![0; max_runs],
-            new_len: vec![0; max_runs],
-            next,
+            nodes,
             free: 0,
             runs: 0,
             exceptions: 0,
@@ -76,7 +106,7 @@ impl ExceptionTable {
 
     /// Capacity in runs.
     pub fn capacity(&self) -> usize {
-        self.old.len()
+        self.nodes.len()
     }
 
     /// Runs stored.
@@ -118,18 +148,20 @@ impl ExceptionTable {
     }
 
     fn node(&self, i: u32) -> Run {
-        let i = i as usize;
+        let n = &self.nodes[i as usize];
+        let new_len = n.new_len();
         Run {
-            old_chunk: self.old[i],
-            new_chunk: self.new_len[i] & NEW_MASK,
-            len: (self.new_len[i] >> LEN_SHIFT) + 1,
+            old_chunk: n.old(),
+            new_chunk: new_len & NEW_MASK,
+            len: (new_len >> LEN_SHIFT) + 1,
         }
     }
 
     fn set_node(&mut self, i: u32, run: Run) {
-        let i = i as usize;
-        self.old[i] = run.old_chunk;
-        self.new_len[i] = (run.new_chunk & NEW_MASK) | ((run.len - 1) << LEN_SHIFT);
+        self.nodes[i as usize].set(
+            run.old_chunk,
+            (run.new_chunk & NEW_MASK) | ((run.len - 1) << LEN_SHIFT),
+        );
     }
 
     /// The run starting exactly at `start`: `(previous node in its chain, node)`.
@@ -137,11 +169,12 @@ impl ExceptionTable {
         let mut prev = NIL;
         let mut i = self.buckets[self.bucket(start)];
         while i != NIL {
-            if self.old[i as usize] == start {
+            let n = &self.nodes[i as usize];
+            if n.old() == start {
                 return Some((prev, i));
             }
             prev = i;
-            i = self.next[i as usize];
+            i = n.next;
         }
         None
     }
@@ -151,7 +184,10 @@ impl ExceptionTable {
     /// random), then the group's first chunk (runs of a sequential fill), then the rest.
     fn find_containing(&self, chunk: u64) -> Option<(u32, u32)> {
         let group_start = chunk & !(RUN_MAX - 1);
-        let holds = |i: u32| chunk - self.old[i as usize] < self.node(i).len;
+        let holds = |i: u32| {
+            let r = self.node(i);
+            chunk - r.old_chunk < r.len
+        };
         if let Some(found) = self.find_start(chunk) {
             return Some(found);
         }
@@ -175,25 +211,25 @@ impl ExceptionTable {
 
     /// Takes node `i` (after `prev` in the chain of runs starting at `start`) off its chain.
     fn unlink(&mut self, start: u64, prev: u32, i: u32) {
-        let next = self.next[i as usize];
+        let next = self.nodes[i as usize].next;
         if prev == NIL {
             let b = self.bucket(start);
             self.buckets[b] = next;
         } else {
-            self.next[prev as usize] = next;
+            self.nodes[prev as usize].next = next;
         }
     }
 
     /// Puts node `i` on the chain of runs starting at its first chunk.
     fn link(&mut self, i: u32) {
-        let b = self.bucket(self.old[i as usize]);
-        self.next[i as usize] = self.buckets[b];
+        let b = self.bucket(self.nodes[i as usize].old());
+        self.nodes[i as usize].next = self.buckets[b];
         self.buckets[b] = i;
     }
 
     /// Returns node `i` to the free list.
     fn release(&mut self, i: u32) {
-        self.next[i as usize] = self.free;
+        self.nodes[i as usize].next = self.free;
         self.free = i;
         self.runs -= 1;
     }
@@ -237,7 +273,7 @@ impl ExceptionTable {
                     return Err(TableFull);
                 }
                 let n = self.free;
-                self.free = self.next[n as usize];
+                self.free = self.nodes[n as usize].next;
                 self.set_node(
                     n,
                     Run {
@@ -315,7 +351,7 @@ impl ExceptionTable {
                 return Err(TableFull);
             }
             let n = self.free;
-            self.free = self.next[n as usize];
+            self.free = self.nodes[n as usize].next;
             self.set_node(i, Run { len: at, ..r });
             self.set_node(
                 n,
@@ -338,7 +374,7 @@ impl ExceptionTable {
             let mut i = head;
             while i != NIL {
                 f(self.node(i));
-                i = self.next[i as usize];
+                i = self.nodes[i as usize].next;
             }
         }
     }
