@@ -43,7 +43,7 @@ pub struct Run {
 /// One run's entry: its first origin chunk, its first COW chunk with the run length in the
 /// top byte, and the next node of its chain (or of the free list). Stored as `u32` words so
 /// the node is 20 bytes.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 struct Node {
     old: [u32; 2],
     new_len: [u32; 2],
