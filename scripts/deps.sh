@@ -1,45 +1,131 @@
 #!/usr/bin/env bash
-# Installs what building and testing snapfw needs, idempotently: QEMU, iPXE ROMs, GRUB for
-# BIOS, xorriso and mtools (grub-mkrescue), qemu-img, the NBD client tools (libnbd-bin:
-# nbdinfo, nbdcopy) and fio for the network block device tests, nbdkit for the NBD bench's
-# host baseline; and the Rust target from
-# rust-toolchain.toml. Packages already present are left alone; apt-get update runs only
-# when something is missing.
+# Installs what building and testing snapfw needs, idempotently, on the machine image as it
+# comes new: the Debian packages in `tools` below (QEMU, iPXE ROMs, GRUB for BIOS, xorriso and
+# mtools for grub-mkrescue, qemu-utils, the NBD clients libnbd-bin, fio, nbdkit) with apt-get
+# when a tool they provide is missing, and the Rust target from rust-toolchain.toml.
+#
+# QEMU's packages are asked for as one set of one version: qemu-system-x86 and qemu-utils
+# share qemu-system-common's files, so apt removes a qemu-utils of another version (the image
+# ships a 10.0 backport; Debian's qemu-system-x86 is 7.2) when only qemu-system-x86 is asked
+# for. Whatever an install removed is installed again before the final check, which names each
+# missing tool and its package.
 #
 # Then the Linux guest of the interop tests (tests/tests/linux_interop.rs): Debian's cloud
 # kernel, dmsetup with its libraries and busybox-static, fetched with `apt-get download` and
 # unpacked with `dpkg-deb -x` under build/linux-guest/ (nothing is installed on the host, so
 # no kernel hook runs), then scripts/linux-initramfs.sh packs the guest's initramfs. Done once:
 # a second run finds build/linux-guest/ complete and does nothing.
+#
+# `deps.sh --packages-only` does the Debian packages and their check, nothing else.
+# DEPS_ROOT prefixes the paths checked for files (tests/tests/deps_script.rs runs the script
+# that way against fake apt-get, apt-cache and dpkg-query on PATH).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
+root=${DEPS_ROOT:-}
+packages_only=false
+case "${1:-}" in
+    "") ;;
+    --packages-only) packages_only=true ;;
+    *) echo "usage: $0 [--packages-only]" >&2; exit 2 ;;
+esac
 
-need=()
+# What the build, the tests and the bench run, and the package that provides it: a command,
+# or an absolute path (alternatives separated by '|').
+tools=(
+    "qemu-system-x86_64 qemu-system-x86"
+    "qemu-img qemu-utils"
+    "qemu-io qemu-utils"
+    "qemu-nbd qemu-utils"
+    "/usr/lib/ipxe/qemu/efi-virtio.rom|/usr/share/qemu/efi-virtio.rom ipxe-qemu"
+    "/usr/lib/grub/i386-pc grub-pc-bin"
+    "grub-mkrescue grub-common"
+    "xorriso xorriso"
+    "mformat mtools"
+    "objcopy binutils"
+    "nbdinfo libnbd-bin"
+    "nbdcopy libnbd-bin"
+    "fio fio"
+    "nbdkit nbdkit"
+)
+qemu_set=(qemu-system-x86 qemu-utils)
+
 have_cmd() { command -v "$1" >/dev/null 2>&1; }
-have_cmd qemu-system-x86_64 || need+=(qemu-system-x86)
-[ -e /usr/lib/ipxe/qemu/efi-virtio.rom ] || [ -e /usr/share/qemu/efi-virtio.rom ] || need+=(ipxe-qemu)
-[ -d /usr/lib/grub/i386-pc ] || need+=(grub-pc-bin)
-have_cmd grub-mkrescue || need+=(grub-common)
-have_cmd xorriso || need+=(xorriso)
-have_cmd mformat || need+=(mtools)
-have_cmd qemu-img || need+=(qemu-utils)
-have_cmd objcopy || need+=(binutils)
-have_cmd nbdinfo || need+=(libnbd-bin)
-have_cmd fio || need+=(fio)
-have_cmd nbdkit || need+=(nbdkit)
+present() {
+    local alt alts
+    IFS='|' read -ra alts <<<"$1"
+    for alt in "${alts[@]}"; do
+        case "$alt" in
+            /*) [ -e "$root$alt" ] && return 0 ;;
+            *) have_cmd "$alt" && return 0 ;;
+        esac
+    done
+    return 1
+}
+# The packages whose tools are missing, each once, in the table's order.
+missing_packages() {
+    local entry seen=" "
+    for entry in "${tools[@]}"; do
+        local what=${entry% *} pkg=${entry##* }
+        if ! present "$what" && [[ $seen != *" $pkg "* ]]; then
+            seen+="$pkg "
+            echo "$pkg"
+        fi
+    done
+}
+installed_version() { dpkg-query -W -f='${Version}' "$1" 2>/dev/null || true; }
+candidate_version() { apt-cache policy "$1" 2>/dev/null | awk '$1 == "Candidate:" && $2 != "(none)" {print $2; exit}'; }
 
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+export DEBIAN_FRONTEND=noninteractive
+# Installs the packages named: one transaction first; if apt refuses (held or conflicting
+# packages), one at a time so a single problem does not block the rest. A QEMU package among
+# them brings the whole set, pinned to the version of qemu-system-x86 that is installed, or
+# else the one apt would install (--allow-downgrades: the image's newer qemu-utils steps back).
+apt_install() {
+    local want=() p qemu=false
+    for p in "$@"; do
+        if [[ " ${qemu_set[*]} " == *" $p "* ]]; then qemu=true; else want+=("$p"); fi
+    done
+    if $qemu; then
+        local v
+        v=$(installed_version qemu-system-x86)
+        [ -n "$v" ] || v=$(candidate_version qemu-system-x86)
+        for p in "${qemu_set[@]}"; do want+=("$p${v:+=$v}"); done
+    fi
+    echo "deps: installing ${want[*]}"
+    if ! $SUDO apt-get install -y -qq --no-install-recommends --allow-downgrades "${want[@]}"; then
+        for p in "${want[@]}"; do
+            $SUDO apt-get install -y -qq --no-install-recommends --allow-downgrades "$p" || true
+        done
+    fi
+}
+
+mapfile -t need < <(missing_packages)
 if [ ${#need[@]} -gt 0 ]; then
-    echo "deps: installing ${need[*]}"
-    SUDO=""
-    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-    export DEBIAN_FRONTEND=noninteractive
     $SUDO apt-get update -qq
-    # One transaction first; if apt refuses (held or conflicting packages), one at a time so
-    # a single problem does not block the rest.
-    if ! $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}"; then
-        for p in "${need[@]}"; do $SUDO apt-get install -y -qq --no-install-recommends "$p" || true; done
+    apt_install "${need[@]}"
+    # An install may remove what another package conflicts with: put back whatever is gone.
+    mapfile -t again < <(missing_packages)
+    if [ ${#again[@]} -gt 0 ]; then
+        echo "deps: missing after the install, installing again: ${again[*]}"
+        apt_install "${again[@]}"
     fi
 fi
+
+missing=()
+for entry in "${tools[@]}"; do
+    present "${entry% *}" || missing+=("${entry% *} (package ${entry##* })")
+done
+if ! $packages_only; then
+    have_cmd cargo || missing+=("cargo (the Rust toolchain: install rustup, then run this again)")
+fi
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "deps: still missing:" >&2
+    printf '  %s\n' "${missing[@]}" >&2
+    exit 1
+fi
+$packages_only && exit 0
 
 # rustup reads rust-toolchain.toml and installs the pinned toolchain, target and components.
 if have_cmd rustup; then
@@ -85,9 +171,3 @@ if [ ! -s "$guest/initramfs.gz" ] || [ "$here/scripts/linux-initramfs.sh" -nt "$
     "$here/scripts/linux-initramfs.sh" "$guest/root" "$guest/initramfs.gz"
 fi
 
-missing=()
-for c in qemu-system-x86_64 grub-mkrescue xorriso qemu-img objcopy cargo; do have_cmd "$c" || missing+=("$c"); done
-if [ ${#missing[@]} -gt 0 ]; then
-    echo "deps: still missing: ${missing[*]}" >&2
-    exit 1
-fi
