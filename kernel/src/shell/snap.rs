@@ -212,6 +212,7 @@ fn attach(st: &mut Storage, args: &Args) -> CmdResult<Box<dyn Task>> {
         region_start: 0,
         region_sectors: 0,
         flags: 0,
+        origin_id: snapshot::OriginId::Legacy,
     };
     st.unserved.retain(|u| u.disk != cow);
     Ok(Box::new(crate::storage::discover::DiscoverTask::adopt(

@@ -89,6 +89,7 @@ impl CreateTask {
                 } else {
                     0
                 },
+                origin_id: snapshot::OriginId::Legacy,
             }),
             _ => None,
         };
