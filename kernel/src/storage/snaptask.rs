@@ -89,7 +89,7 @@ impl CreateTask {
                 } else {
                     0
                 },
-                origin_id: snapshot::OriginId::Legacy,
+                origin_id: crate::identity::origin_id_of(&crate::identity::DeviceId::of(&info)),
             }),
             _ => None,
         };
