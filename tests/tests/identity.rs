@@ -148,3 +148,85 @@ fn nvme_namespaces_of_one_controller_come_back_on_their_own() {
         "nvme0n1 was written"
     );
 }
+
+/// A store as an older snapfw left it in the middle of a merge: 4 KiB chunks, origin chunks
+/// 0, 1, 2 and 100 preserved (filled with 0xE0 + i), a version-2 binding for an origin
+/// without a serial number (`serial=` unset) named `name`, and the merge marker.
+fn foreign_merging_store(name: &[u8], origin_sectors: u64) -> Vec<u8> {
+    use snapshot::format::{self, Header, Record, BINDING_MAGIC_V2, BINDING_V2_BYTES};
+    let mut cow = vec![0u8; SIZE as usize];
+    Header::new(8).encode(&mut cow[..16]);
+    for (i, old) in [0u64, 1, 2, 100].into_iter().enumerate() {
+        let new = 2 + i as u64;
+        Record {
+            old_chunk: old,
+            new_chunk: new,
+        }
+        .encode(&mut cow[4096..8192], i);
+        cow[new as usize * 4096..(new as usize + 1) * 4096].fill(0xE0 + i as u8);
+    }
+    let binding = snapshot::Binding {
+        name: snapshot::BoundedBytes::new(name).unwrap(),
+        origin_serial: snapshot::BoundedBytes::new(b"").unwrap(),
+        origin_sectors,
+        chunk_sectors: 8,
+        created_unix_seconds: 0,
+        region_start: 0,
+        region_sectors: 0,
+        flags: 0,
+        origin_id: snapshot::OriginId::Legacy,
+    };
+    // Encoded as version 2, what snapfw wrote before origin identities.
+    binding.encode(&mut cow[..512]);
+    let end = 16 + BINDING_V2_BYTES - 4;
+    cow[16..24].copy_from_slice(&BINDING_MAGIC_V2);
+    cow[end..512].fill(0);
+    let sum = format::crc32c(&cow[16..end]);
+    cow[end..end + 4].copy_from_slice(&sum.to_le_bytes());
+    format::encode_merge_marker(&mut cow[..4096]);
+    assert!(snapshot::Binding::decode(&cow[..512]).is_ok());
+    cow
+}
+
+#[test]
+fn a_foreign_store_mid_merge_merges_nowhere_until_attached() {
+    let (a, b, c) = (
+        Image::new("id-merge-a", SIZE),
+        Image::new("id-merge-b", SIZE),
+        Image::new("id-merge-c", SIZE),
+    );
+    let a_bytes = vec![0xAA; SIZE as usize];
+    let b_bytes = xorshift_bytes(SIZE as usize, 17);
+    a.write(0, &a_bytes);
+    b.write(0, &b_bytes);
+    let cow = foreign_merging_store(b"mid\x1b[2Jmerge", SIZE / 512);
+    c.write(0, &cow);
+    let mut want = b_bytes.clone();
+    for (i, old) in [0usize, 1, 2, 100].into_iter().enumerate() {
+        want[old * 4096..(old + 1) * 4096].fill(0xE0 + i as u8);
+    }
+
+    let mut q = anonymous(&a, &b, &c);
+    let list = q.command("snapshot list");
+    // The name read from the disk is shown escaped: the console gets no escape sequence.
+    assert!(
+        list.contains("store on vdc: snapshot 'mid\\x1b[2Jmerge': its origin (serial '', 32768 sectors) is ambiguous: it could be vda, vdb"),
+        "{list}"
+    );
+    assert!(!q.transcript().contains("mid\x1b[2J"), "raw escape printed");
+    let json = q.command("snapshot list --json");
+    assert!(json.contains("mid\\\\x1b[2Jmerge"), "{json}");
+    q.poweroff();
+    assert!(a.read(0, SIZE as usize) == a_bytes, "vda was merged over");
+    assert!(b.read(0, SIZE as usize) == b_bytes, "vdb was merged over");
+    assert!(c.read(0, SIZE as usize) == cow, "the store was written");
+
+    // The operator names the origin: the merge resumes there, and only there.
+    let mut q = anonymous(&a, &b, &c);
+    let out = q.command("snapshot attach m1 vdb vdc");
+    assert!(out.contains("attached snapshot m1"), "{out}");
+    q.expect("merge of m1 finished; snapshot removed", TIMEOUT);
+    q.poweroff();
+    assert!(a.read(0, SIZE as usize) == a_bytes, "vda was merged over");
+    assert!(b.read(0, SIZE as usize) == want, "vdb is not the snapshot");
+}
