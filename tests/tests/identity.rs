@@ -45,6 +45,10 @@ fn anonymous_disks_wait_for_attach_and_the_choice_survives_reboots() {
     let mut q = anonymous(&a, &b, &c);
     let out = q.command("snapshot create t1 vdb vdc");
     assert!(out.contains("created snapshot t1"), "{out}");
+    assert!(
+        out.contains("note: vdb cannot be told apart from the other disks"),
+        "{out}"
+    );
     assert!(q
         .command("write vdb 0 64 --byte 0x55")
         .contains("wrote 64 blocks"));
@@ -125,6 +129,7 @@ fn nvme_namespaces_of_one_controller_come_back_on_their_own() {
     let mut q = nvme_pair(&cow, &n1, &n2);
     let out = q.command("snapshot create t1 nvme0n2 vda");
     assert!(out.contains("created snapshot t1"), "{out}");
+    assert!(!out.contains("note:"), "{out}");
     q.poweroff();
 
     // Same arguments: the namespaces share the controller's serial and size; the store

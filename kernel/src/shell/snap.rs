@@ -153,6 +153,14 @@ fn create(st: &mut Storage, args: &Args) -> CmdResult<Box<dyn Task>> {
             3 * chunk_bytes / 1024
         ));
     }
+    let infos: alloc::vec::Vec<_> = st.devices.iter().map(|d| d.info()).collect();
+    let ids: alloc::vec::Vec<DeviceId> = infos.iter().map(DeviceId::of).collect();
+    let note = (!identity::identifies(&ids, origin, cow_disk)).then(|| {
+        alloc::format!(
+            "note: {origin_name} cannot be told apart from the other disks (no serial number, or one another disk shares): after a reboot the store waits for 'snapshot attach {name} {origin_name} {}'",
+            st.name(cow_disk)
+        )
+    });
     let origin_index = st.origin_for(origin).map_err(String::from)?;
     let spec = CreateSpec {
         name: name.to_string(),
@@ -162,6 +170,7 @@ fn create(st: &mut Storage, args: &Args) -> CmdResult<Box<dyn Task>> {
         cow_sectors,
         chunk_sectors,
         writable: args.flag("writable"),
+        note,
     };
     Ok(Box::new(CreateTask::new(spec, time::uptime_ns())))
 }
