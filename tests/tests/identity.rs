@@ -235,3 +235,73 @@ fn a_foreign_store_mid_merge_merges_nowhere_until_attached() {
     assert!(a.read(0, SIZE as usize) == a_bytes, "vda was merged over");
     assert!(b.read(0, SIZE as usize) == want, "vdb is not the snapshot");
 }
+
+/// A virtio disk without a serial, and an NVMe controller whose namespaces are given as
+/// (image, EUI-64 or 0 for none), NSID 1, 2, ….
+fn nvme_eui(cow: &Image, namespaces: &[(&Image, u64)]) -> Qemu {
+    let mut args = vec![
+        "-device".to_string(),
+        "nvme,id=nvmeu,serial=NV-EUI".to_string(),
+    ];
+    for (n, (image, eui)) in namespaces.iter().enumerate() {
+        args.push("-drive".into());
+        args.push(format!(
+            "file={},if=none,format=raw,id=eu{n},cache=none,aio=threads",
+            image.path.display()
+        ));
+        args.push("-device".into());
+        let eui = if *eui == 0 {
+            String::new()
+        } else {
+            format!(",eui64={eui:#x}")
+        };
+        args.push(format!("nvme-ns,drive=eu{n},bus=nvmeu,nsid={}{eui}", n + 1));
+    }
+    let mut q = Boot::kernel("q35", "testing loglevel=info")
+        .virtio_disk(&cow.path, "")
+        .args(args)
+        .start();
+    q.wait_prompt();
+    q
+}
+
+#[test]
+fn an_nvme_namespace_with_an_eui64_is_found_by_it_wherever_it_moves() {
+    let (cow, p, o, r) = (
+        Image::new("id-eui-cow", SIZE),
+        Image::new("id-eui-p", SIZE),
+        Image::new("id-eui-o", SIZE),
+        Image::new("id-eui-r", SIZE),
+    );
+    p.write(0, &vec![0x22; SIZE as usize]);
+    r.write(0, &vec![0x33; SIZE as usize]);
+    let origin = xorshift_bytes(SIZE as usize, 18);
+    o.write(0, &origin);
+    let want = sha256_hex(&origin);
+    const EUI_P: u64 = 0x5254_0000_0000_0001;
+    const EUI_O: u64 = 0x5254_0000_0000_0002;
+
+    let mut q = nvme_eui(&cow, &[(&p, EUI_P), (&o, EUI_O)]);
+    let devices = q.command("devices --json");
+    assert!(
+        devices.contains(
+            "\"serial\":\"NV-EUI\",\"nsid\":2,\"nguid\":null,\"eui64\":\"5254000000000002\""
+        ),
+        "QEMU reports the EUI-64 in Identify Namespace: {devices}"
+    );
+    let out = q.command("snapshot create t1 nvme0n2 vda");
+    assert!(out.contains("created snapshot t1"), "{out}");
+    q.poweroff();
+
+    // The namespace is now NSID 3, and NSID 2 is another disk of the same size and serial.
+    let mut q = nvme_eui(&cow, &[(&p, EUI_P), (&r, 0), (&o, EUI_O)]);
+    let list = q.command("snapshot list --json");
+    assert!(list.contains("\"origin\":\"nvme0n3\""), "{list}");
+    assert!(q
+        .command("write nvme0n3 0 128 --byte 0x77")
+        .contains("wrote 128 blocks"));
+    assert!(checksum(&mut q, "t1").starts_with(&want));
+    q.poweroff();
+    assert!(p.read(0, SIZE as usize) == vec![0x22; SIZE as usize]);
+    assert!(r.read(0, SIZE as usize) == vec![0x33; SIZE as usize]);
+}
