@@ -140,6 +140,42 @@ pub enum DeviceState {
     Failed(Reason),
 }
 
+/// What identifies an NVMe namespace beyond its controller's serial number (NVMe Base 2.0
+/// §4.5 "Namespace identification"): the namespace ID, and the globally unique identifiers
+/// from Identify Namespace when the device reports them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NamespaceIdentity {
+    /// `NSID`.
+    pub nsid: u32,
+    /// `NGUID`, `None` when the device reports all zeroes.
+    pub nguid: Option<[u8; 16]>,
+    /// `EUI64`, `None` when the device reports all zeroes.
+    pub eui64: Option<[u8; 8]>,
+}
+
+impl NamespaceIdentity {
+    /// From Identify Namespace's fields; all-zero identifiers mean "not reported".
+    pub fn new(nsid: u32, nguid: [u8; 16], eui64: [u8; 8]) -> Self {
+        Self {
+            nsid,
+            nguid: (nguid != [0; 16]).then_some(nguid),
+            eui64: (eui64 != [0; 8]).then_some(eui64),
+        }
+    }
+}
+
+/// Lower-case hex of `bytes`, for identifiers on the console.
+pub struct Hex<'a>(pub &'a [u8]);
+
+impl fmt::Display for Hex<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
 /// At most this many MSI-X vectors are listed per device.
 pub const MAX_LISTED_VECTORS: usize = 8;
 
@@ -154,8 +190,11 @@ pub struct DeviceInfo {
     pub pci: Option<PciAddress>,
     /// Model string (empty when the device has none).
     pub model: FixedString<40>,
-    /// Serial number (empty when unknown or not yet read).
+    /// Serial number (empty when unknown or not yet read); an NVMe namespace shows its
+    /// controller's.
     pub serial: FixedString<20>,
+    /// NVMe namespaces: the namespace's own identity (`None` for other devices).
+    pub namespace: Option<NamespaceIdentity>,
     /// Geometry; `None` when initialisation failed before it was known.
     pub geometry: Option<Geometry>,
     /// MSI-X vectors in use (the first [`MAX_LISTED_VECTORS`]).
@@ -179,6 +218,7 @@ impl DeviceInfo {
             pci: None,
             model: FixedString::new(),
             serial: FixedString::new(),
+            namespace: None,
             geometry: None,
             vectors: [0; MAX_LISTED_VECTORS],
             vector_count: 0,
@@ -248,6 +288,15 @@ impl fmt::Display for DeviceInfo {
         }
         if !self.serial.is_empty() {
             write!(f, " serial=\"{}\"", self.serial)?;
+        }
+        if let Some(ns) = &self.namespace {
+            write!(f, " nsid={}", ns.nsid)?;
+            if let Some(nguid) = &ns.nguid {
+                write!(f, " nguid={}", Hex(nguid))?;
+            }
+            if let Some(eui64) = &ns.eui64 {
+                write!(f, " eui64={}", Hex(eui64))?;
+            }
         }
         if let Some(g) = &self.geometry {
             write!(

@@ -9,6 +9,7 @@ pub mod acpi;
 pub mod cmdline;
 pub mod console;
 pub mod frames;
+pub mod identity;
 pub mod ipconfig;
 pub mod json;
 pub mod nbd;

@@ -171,14 +171,19 @@ pub const BINDING_NAME_BYTES: usize = 64;
 pub const BINDING_SERIAL_BYTES: usize = 40;
 /// Magic at the start of a version-1 binding record (no region, no flags): `"snapfwB1"`.
 pub const BINDING_MAGIC_V1: [u8; 8] = *b"snapfwB1";
-/// Magic at the start of the binding record snapfw writes: `"snapfwB2"`.
-pub const BINDING_MAGIC: [u8; 8] = *b"snapfwB2";
+/// Magic at the start of a version-2 binding record (no origin identity): `"snapfwB2"`.
+pub const BINDING_MAGIC_V2: [u8; 8] = *b"snapfwB2";
+/// Magic at the start of the binding record snapfw writes: `"snapfwB3"`.
+pub const BINDING_MAGIC: [u8; 8] = *b"snapfwB3";
 /// Bytes of a version-1 binding.
 pub const BINDING_V1_BYTES: usize =
     8 + 1 + BINDING_NAME_BYTES + 1 + BINDING_SERIAL_BYTES + 8 + 4 + 8 + 4;
-/// Bytes the binding occupies after the header (version 2 adds region start, region length
-/// and flags before the checksum).
-pub const BINDING_BYTES: usize = BINDING_V1_BYTES + 8 + 8 + 4;
+/// Bytes of a version-2 binding (version 1 plus region start, region length and flags before
+/// the checksum).
+pub const BINDING_V2_BYTES: usize = BINDING_V1_BYTES + 8 + 8 + 4;
+/// Bytes the binding occupies after the header (version 3 adds the origin's identity: a kind
+/// byte, a namespace ID and 16 identifier bytes, before the checksum).
+pub const BINDING_BYTES: usize = BINDING_V2_BYTES + 1 + 4 + 16;
 /// Binding flag: the snapshot accepts writes.
 pub const BINDING_FLAG_WRITABLE: u32 = 1;
 /// Byte offset of the binding record in chunk 0.
@@ -205,6 +210,83 @@ pub struct Binding {
     pub region_sectors: u64,
     /// `BINDING_FLAG_*` bits.
     pub flags: u32,
+    /// What identifies the origin besides `origin_serial` and `origin_sectors`.
+    pub origin_id: OriginId,
+}
+
+/// How a binding identifies its origin device (version 3). Boot discovery re-attaches a store
+/// only to the one device this identity names unambiguously (see the kernel's
+/// `storage::identity`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OriginId {
+    /// A binding from before version 3: the serial number (and size) is all there is.
+    Legacy,
+    /// The device's serial number (`origin_serial`), e.g. a virtio-blk disk's `serial=`.
+    Serial,
+    /// An NVMe namespace's NGUID.
+    Nguid([u8; 16]),
+    /// An NVMe namespace's EUI-64.
+    Eui64([u8; 8]),
+    /// An NVMe namespace without NGUID or EUI-64: its controller's serial number
+    /// (`origin_serial`) and this namespace ID.
+    NvmeNamespace(u32),
+    /// Chosen by the operator (`snapshot attach`) for an origin that has no identity of its
+    /// own: the PCI location (bus, device, function) of the origin and of the device holding
+    /// the store, and the origin's namespace ID (0 when not NVMe).
+    Location {
+        /// Origin's PCI bus, device, function.
+        origin_pci: [u8; 3],
+        /// Origin's NVMe namespace ID, 0 for other devices.
+        nsid: u32,
+        /// PCI bus, device, function of the device that holds the store.
+        cow_pci: [u8; 3],
+    },
+}
+
+impl OriginId {
+    /// (kind byte, namespace ID, identifier bytes) as stored.
+    fn to_raw(self) -> (u8, u32, [u8; 16]) {
+        let mut id = [0u8; 16];
+        match self {
+            OriginId::Legacy => (0, 0, id),
+            OriginId::Serial => (1, 0, id),
+            OriginId::Nguid(g) => (2, 0, g),
+            OriginId::Eui64(e) => {
+                id[..8].copy_from_slice(&e);
+                (3, 0, id)
+            }
+            OriginId::NvmeNamespace(nsid) => (4, nsid, id),
+            OriginId::Location {
+                origin_pci,
+                nsid,
+                cow_pci,
+            } => {
+                id[..3].copy_from_slice(&origin_pci);
+                id[3..6].copy_from_slice(&cow_pci);
+                (5, nsid, id)
+            }
+        }
+    }
+
+    /// The identity stored as `(kind, nsid, id)`; `None` for an unknown kind.
+    fn from_raw(kind: u8, nsid: u32, id: [u8; 16]) -> Option<Self> {
+        let mut eui = [0u8; 8];
+        eui.copy_from_slice(&id[..8]);
+        let pci = |at: usize| [id[at], id[at + 1], id[at + 2]];
+        Some(match kind {
+            0 => OriginId::Legacy,
+            1 => OriginId::Serial,
+            2 => OriginId::Nguid(id),
+            3 => OriginId::Eui64(eui),
+            4 => OriginId::NvmeNamespace(nsid),
+            5 => OriginId::Location {
+                origin_pci: pci(0),
+                nsid,
+                cow_pci: pci(3),
+            },
+            _ => return None,
+        })
+    }
 }
 
 /// A byte string of at most `N` bytes, stored inline.
@@ -281,6 +363,13 @@ impl Binding {
         at += 8;
         buf[at..at + 4].copy_from_slice(&self.flags.to_le_bytes());
         at += 4;
+        let (kind, nsid, id) = self.origin_id.to_raw();
+        buf[at] = kind;
+        at += 1;
+        buf[at..at + 4].copy_from_slice(&nsid.to_le_bytes());
+        at += 4;
+        buf[at..at + 16].copy_from_slice(&id);
+        at += 16;
         let sum = crc32c(&buf[..at]);
         buf[at..at + 4].copy_from_slice(&sum.to_le_bytes());
         chunk0[BINDING_OFFSET..BINDING_OFFSET + BINDING_BYTES].copy_from_slice(&buf);
@@ -296,6 +385,8 @@ impl Binding {
         }
         let len = if buf[..8] == BINDING_MAGIC {
             BINDING_BYTES
+        } else if buf[..8] == BINDING_MAGIC_V2 {
+            BINDING_V2_BYTES
         } else if buf[..8] == BINDING_MAGIC_V1 {
             BINDING_V1_BYTES
         } else {
@@ -328,7 +419,7 @@ impl Binding {
         at += 4;
         let created_unix_seconds = read_u64(buf, at).ok_or(BindingError::Corrupt)?;
         at += 8;
-        let (region_start, region_sectors, flags) = if len == BINDING_BYTES {
+        let (region_start, region_sectors, flags) = if len >= BINDING_V2_BYTES {
             (
                 read_u64(buf, at).ok_or(BindingError::Corrupt)?,
                 read_u64(buf, at + 8).ok_or(BindingError::Corrupt)?,
@@ -336,6 +427,16 @@ impl Binding {
             )
         } else {
             (0, 0, 0)
+        };
+        at += 20;
+        let origin_id = if len == BINDING_BYTES {
+            let kind = buf[at];
+            let nsid = read_u32(buf, at + 1).ok_or(BindingError::Corrupt)?;
+            let mut id = [0u8; 16];
+            id.copy_from_slice(buf.get(at + 5..at + 21).ok_or(BindingError::Corrupt)?);
+            OriginId::from_raw(kind, nsid, id).ok_or(BindingError::Corrupt)?
+        } else {
+            OriginId::Legacy
         };
         Ok(Binding {
             name,
@@ -346,6 +447,7 @@ impl Binding {
             region_start,
             region_sectors,
             flags,
+            origin_id,
         })
     }
 }
@@ -511,15 +613,69 @@ mod tests {
             region_start: 2048,
             region_sectors: 65536,
             flags: BINDING_FLAG_WRITABLE,
+            origin_id: OriginId::NvmeNamespace(2),
         }
     }
 
     #[test]
-    fn binding_v2_round_trips_and_v1_still_decodes() {
+    fn binding_v3_round_trips_every_origin_identity() {
+        let ids = [
+            OriginId::Legacy,
+            OriginId::Serial,
+            OriginId::Nguid([0x5a; 16]),
+            OriginId::Eui64([1, 2, 3, 4, 5, 6, 7, 8]),
+            OriginId::NvmeNamespace(7),
+            OriginId::Location {
+                origin_pci: [0, 4, 0],
+                nsid: 0,
+                cow_pci: [0, 5, 0],
+            },
+        ];
+        for origin_id in ids {
+            let b = Binding {
+                origin_id,
+                ..binding()
+            };
+            let mut chunk0 = [0u8; 512];
+            b.encode(&mut chunk0);
+            assert_eq!(&chunk0[16..24], b"snapfwB3");
+            assert_eq!(Binding::decode(&chunk0), Ok(b.clone()));
+            // The record stays clear of the merge marker, in bytes Linux ignores.
+            assert!(chunk0[16 + BINDING_BYTES..].iter().all(|&x| x == 0));
+        }
+        // An identity kind this version does not know is not a binding to act on.
         let mut chunk0 = [0u8; 512];
         binding().encode(&mut chunk0);
-        assert_eq!(&chunk0[16..24], b"snapfwB2");
-        assert_eq!(Binding::decode(&chunk0), Ok(binding()));
+        let kind_at = 16 + BINDING_V2_BYTES - 4;
+        chunk0[kind_at] = 9;
+        let sum = crc32c(&chunk0[16..16 + BINDING_BYTES - 4]);
+        chunk0[16 + BINDING_BYTES - 4..16 + BINDING_BYTES].copy_from_slice(&sum.to_le_bytes());
+        assert_eq!(Binding::decode(&chunk0), Err(BindingError::Corrupt));
+    }
+
+    #[test]
+    fn binding_v2_and_v1_still_decode() {
+        let mut chunk0 = [0u8; 512];
+        binding().encode(&mut chunk0);
+        // A version-2 record (what snapfw wrote before origin identities): the v3 fields up
+        // to the flags, then the checksum.
+        let mut v2 = [0u8; 512];
+        v2[16..16 + BINDING_V2_BYTES - 4].copy_from_slice(&chunk0[16..16 + BINDING_V2_BYTES - 4]);
+        v2[16..24].copy_from_slice(&BINDING_MAGIC_V2);
+        let sum = crc32c(&v2[16..16 + BINDING_V2_BYTES - 4]);
+        v2[16 + BINDING_V2_BYTES - 4..16 + BINDING_V2_BYTES].copy_from_slice(&sum.to_le_bytes());
+        assert_eq!(
+            Binding::decode(&v2),
+            Ok(Binding {
+                origin_id: OriginId::Legacy,
+                ..binding()
+            })
+        );
+        for i in 16..16 + BINDING_V2_BYTES {
+            let mut c = v2;
+            c[i] ^= 0x10;
+            assert!(Binding::decode(&c).is_err(), "v2 byte {i}");
+        }
         // A version-1 record (what snapfw 0.1 wrote): same fields, no region or flags.
         let mut v1 = [0u8; 512];
         v1[16..16 + BINDING_V1_BYTES - 4].copy_from_slice(&chunk0[16..16 + BINDING_V1_BYTES - 4]);
@@ -533,10 +689,11 @@ mod tests {
                 region_start: 0,
                 region_sectors: 0,
                 flags: 0,
+                origin_id: OriginId::Legacy,
                 ..binding()
             }
         );
-        // Any flipped bit of the v2 record is caught.
+        // Any flipped bit of the v3 record is caught.
         for i in 16..16 + BINDING_BYTES {
             let mut c = chunk0;
             c[i] ^= 0x10;
@@ -636,6 +793,7 @@ mod tests {
             region_start: 0,
             region_sectors: 0,
             flags: 0,
+            origin_id: OriginId::Serial,
         };
         let mut c0 = [0u8; 512];
         encode_chunk0(&mut c0, &Header::new(8), Some(&b));
@@ -660,6 +818,7 @@ mod tests {
             region_start: 2048,
             region_sectors: 4096,
             flags: BINDING_FLAG_WRITABLE,
+            origin_id: OriginId::Eui64([3; 8]),
         };
         let mut c0 = [0u8; 512];
         encode_chunk0(&mut c0, &Header::new(8), Some(&b));

@@ -156,6 +156,6 @@ pub mod table;
 pub mod types;
 
 pub use engine::Engine;
-pub use format::{Binding, BindingError, BoundedBytes, Header, Record};
+pub use format::{Binding, BindingError, BoundedBytes, Header, OriginId, Record};
 pub use store::{LoadError, LoadParams, LoadRead, LoadedStore, Loader, Usage};
 pub use types::*;

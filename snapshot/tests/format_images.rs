@@ -210,6 +210,7 @@ fn binding_is_found_after_the_header() {
         region_start: 0,
         region_sectors: 80 * CS as u64,
         flags: BINDING_FLAG_WRITABLE,
+        origin_id: snapshot::OriginId::Serial,
     };
     b.encode(&mut img[..512]);
     let st = load(&img, params(80)).unwrap();
@@ -244,6 +245,7 @@ fn engine_store_reloads_and_appends() {
         region_start: 0,
         region_sectors: 120,
         flags: 0,
+        origin_id: snapshot::OriginId::NvmeNamespace(1),
     };
     let sc = SnapshotConfig {
         chunk_sectors: 1,

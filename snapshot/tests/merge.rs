@@ -797,6 +797,7 @@ fn merging_an_empty_snapshot_just_removes_it() {
                 region_start: 2048,
                 region_sectors: 64,
                 flags: 0,
+                origin_id: snapshot::OriginId::Serial,
             }),
         };
         let id = world.engine.create_snapshot(&sc).unwrap();

@@ -506,7 +506,7 @@ fn a_store_made_by_linux_is_listed_and_can_be_attached() {
             .starts_with("error: vdb already holds a store"),
         "create must not overwrite a store found at boot: {out}"
     );
-    let out = q.command("snapshot attach lx vda vdb");
+    let out = q.command("snapshot attach lx vda vdb --no-write");
     assert!(out.contains("attached snapshot lx"), "{out}");
     let sum = q.command_timeout("checksum lx", TIMEOUT * 2);
     assert!(result(&sum).starts_with(&sha256_hex(&expected)), "{sum}");
@@ -538,6 +538,23 @@ fn a_store_made_by_linux_is_listed_and_can_be_attached() {
         .snapshot_view(&a.read(0, (16 * MIB) as usize))
         .expect("loads");
     assert_eq!(sha256_hex(&view), sha256_hex(&expected));
+
+    // Attached without --no-write, the binding goes into the store (where Linux does not
+    // look) and the snapshot comes back by itself at the next boot.
+    let mut q = boot(&a, &b);
+    let out = q.command("snapshot attach lx vda vdb");
+    assert!(out.contains("its binding is written to the store"), "{out}");
+    q.poweroff();
+    let after = b.read(0, (4 * MIB) as usize);
+    assert_eq!(&after[16..24], b"snapfwB3");
+    let view = CowImage { bytes: &after }
+        .snapshot_view(&a.read(0, (16 * MIB) as usize))
+        .expect("Linux's format still loads");
+    assert_eq!(sha256_hex(&view), sha256_hex(&expected));
+    let mut q = boot(&a, &b);
+    let sum = q.command_timeout("checksum lx", TIMEOUT * 2);
+    assert!(result(&sum).starts_with(&sha256_hex(&expected)), "{sum}");
+    q.poweroff();
 }
 
 #[test]

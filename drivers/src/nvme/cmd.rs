@@ -369,6 +369,11 @@ pub struct IdentifyNamespace {
     pub metadata_size: u16,
     /// `NSATTR` bit 0: the namespace is write protected.
     pub write_protected: bool,
+    /// `NGUID`: namespace globally unique identifier (bytes 104..120); all zero when the
+    /// controller does not report one.
+    pub nguid: [u8; 16],
+    /// `EUI64`: IEEE extended unique identifier (bytes 120..128); all zero when not reported.
+    pub eui64: [u8; 8],
 }
 
 impl IdentifyNamespace {
@@ -384,6 +389,8 @@ impl IdentifyNamespace {
             lba_shift: (lbaf >> 16) as u8,
             metadata_size: lbaf as u16,
             write_protected: page[99] & 1 != 0,
+            nguid: page[104..120].try_into().unwrap_or([0; 16]),
+            eui64: page[120..128].try_into().unwrap_or([0; 8]),
         }
     }
 
@@ -478,6 +485,12 @@ mod tests {
         ns[128 + 4..128 + 8].copy_from_slice(&(12u32 << 16).to_le_bytes());
         let parsed = IdentifyNamespace::parse(&ns);
         assert_eq!((parsed.size, parsed.block_size()), (1000, Some(4096)));
+        assert_eq!((parsed.nguid, parsed.eui64), ([0; 16], [0; 8]));
+        ns[104..120].copy_from_slice(&[0xab; 16]);
+        ns[120..128].copy_from_slice(&[1, 2, 3, 4, 5, 6, 7, 8]);
+        let parsed = IdentifyNamespace::parse(&ns);
+        assert_eq!(parsed.nguid, [0xab; 16]);
+        assert_eq!(parsed.eui64, [1, 2, 3, 4, 5, 6, 7, 8]);
         ns[26] = 0;
         assert_eq!(IdentifyNamespace::parse(&ns).block_size(), None);
 

@@ -32,7 +32,9 @@ use crate::block::{
     Rejected, SlotTable,
 };
 use crate::hal::{DmaAllocator, PciAddress, PAGE_SIZE};
-use crate::info::{reason, DeviceInfo, DeviceName, DeviceState, FixedString, Reason};
+use crate::info::{
+    reason, DeviceInfo, DeviceName, DeviceState, FixedString, NamespaceIdentity, Reason,
+};
 use crate::msix::{InterruptOwner, VectorRegistry};
 use alloc::collections::VecDeque;
 use alloc::vec::Vec;
@@ -194,6 +196,8 @@ struct QueuePair {
 #[derive(Debug)]
 struct Namespace {
     nsid: u32,
+    /// NSID, NGUID and EUI-64 as Identify Namespace reported them.
+    identity: NamespaceIdentity,
     device_index: u16,
     name: DeviceName,
     geometry: Geometry,
@@ -646,6 +650,7 @@ impl<R: RegisterAccess> Controller<R> {
             );
             self.namespaces.push(Namespace {
                 nsid,
+                identity: NamespaceIdentity::new(nsid, ns.nguid, ns.eui64),
                 device_index,
                 name,
                 geometry,
@@ -737,6 +742,7 @@ impl<R: RegisterAccess> Controller<R> {
         info.pci = self.pci;
         info.model = self.identity.model;
         info.serial = self.identity.serial;
+        info.namespace = Some(ns.identity);
         info.geometry = Some(ns.geometry);
         let mut vectors = [0u8; 2];
         let mut n = 0;

@@ -19,6 +19,10 @@ pub struct FakeNamespace {
     pub blocks: u64,
     pub metadata: u16,
     pub write_protected: bool,
+    /// `NGUID` and `EUI64` reported by Identify Namespace (all zero: not reported, as QEMU
+    /// 7.2's `nvme-ns` without `eui64=`).
+    pub nguid: [u8; 16],
+    pub eui64: [u8; 8],
     pub data: Vec<u8>,
 }
 
@@ -30,6 +34,8 @@ impl FakeNamespace {
             blocks,
             metadata: 0,
             write_protected: false,
+            nguid: [0; 16],
+            eui64: [0; 8],
             data: vec![0; (blocks << lba_shift) as usize],
         }
     }
@@ -366,6 +372,8 @@ impl FakeState {
                         let lbaf = u32::from(ns.lba_shift) << 16 | u32::from(ns.metadata);
                         page[128..132].copy_from_slice(&lbaf.to_le_bytes());
                         page[99] = u8::from(ns.write_protected);
+                        page[104..120].copy_from_slice(&ns.nguid);
+                        page[120..128].copy_from_slice(&ns.eui64);
                     }
                     _ => return (0, status(0, 0x02)),
                 }

@@ -10,7 +10,7 @@ use super::regs::{self, Capabilities, RegisterAccess};
 use super::{cmd, Attached, Clock, NvmeConfig, NvmeError, Status, WAKE_QUEUE};
 use crate::block::{BlockDevice, BlockError, BlockRequest, BufferPool, Completion, DmaBuf};
 use crate::hal::fake::FakeDma;
-use crate::info::{DeviceName, DeviceState};
+use crate::info::{DeviceName, DeviceState, NamespaceIdentity};
 use crate::msix::{InterruptOwner, VectorRegistry};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -330,7 +330,55 @@ fn attach_names_namespaces_and_routes_vectors() {
     );
     let ns_line = rig.attached.namespaces[0].info().to_string();
     assert!(ns_line.starts_with("nvme0n1  nvme"), "{ns_line}");
-    assert!(ns_line.contains("serial=\"FAKE0001\""), "{ns_line}");
+    assert!(ns_line.contains("serial=\"FAKE0001\" nsid=1 "), "{ns_line}");
+}
+
+#[test]
+fn namespaces_report_their_own_identity() {
+    // Namespace 1 without identifiers (QEMU 7.2's default), 2 with an EUI-64, 3 with both.
+    let mut eui = FakeNamespace::new(2, 9, 64);
+    eui.eui64 = [0x52, 0x54, 0, 0, 0, 0, 0, 2];
+    let mut both = FakeNamespace::new(3, 9, 64);
+    both.eui64 = [9; 8];
+    both.nguid = [0x11; 16];
+    let rig = rig(vec![FakeNamespace::new(1, 9, 64), eui, both]);
+    let ids: Vec<_> = rig
+        .attached
+        .namespaces
+        .iter()
+        .map(|n| n.info().namespace.unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            NamespaceIdentity {
+                nsid: 1,
+                nguid: None,
+                eui64: None
+            },
+            NamespaceIdentity {
+                nsid: 2,
+                nguid: None,
+                eui64: Some([0x52, 0x54, 0, 0, 0, 0, 0, 2])
+            },
+            NamespaceIdentity {
+                nsid: 3,
+                nguid: Some([0x11; 16]),
+                eui64: Some([9; 8])
+            },
+        ]
+    );
+    // All three share the controller's serial; only the namespace identity tells them apart.
+    for n in &rig.attached.namespaces {
+        assert_eq!(n.info().serial.as_str(), "FAKE0001");
+    }
+    let line = rig.attached.namespaces[1].info().to_string();
+    assert!(line.contains(" nsid=2 eui64=5254000000000002 "), "{line}");
+    let line = rig.attached.namespaces[2].info().to_string();
+    assert!(
+        line.contains(" nsid=3 nguid=11111111111111111111111111111111 eui64=0909090909090909 "),
+        "{line}"
+    );
 }
 
 #[test]

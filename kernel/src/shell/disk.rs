@@ -391,6 +391,17 @@ fn device_json(d: &mut json::ObjectWriter<'_>, i: &DeviceInfo) {
     };
     d.str("model", i.model.as_str());
     d.str("serial", i.serial.as_str());
+    if let Some(ns) = &i.namespace {
+        d.u64("nsid", u64::from(ns.nsid));
+        match &ns.nguid {
+            Some(g) => d.str("nguid", &alloc::format!("{}", drivers::info::Hex(g))),
+            None => d.null("nguid"),
+        };
+        match &ns.eui64 {
+            Some(e) => d.str("eui64", &alloc::format!("{}", drivers::info::Hex(e))),
+            None => d.null("eui64"),
+        };
+    }
     d.str(
         "state",
         match i.state {

@@ -8,6 +8,7 @@ use alloc::string::{String, ToString};
 
 use super::output::Out;
 use crate::console::args::{parse_size, parse_u64, Args};
+use crate::identity::{self, DeviceId};
 use crate::json;
 use crate::storage::snaptask::{CreateSpec, CreateTask, DeleteTask, MergeTask};
 use crate::storage::tasks::Task;
@@ -152,6 +153,14 @@ fn create(st: &mut Storage, args: &Args) -> CmdResult<Box<dyn Task>> {
             3 * chunk_bytes / 1024
         ));
     }
+    let infos: alloc::vec::Vec<_> = st.devices.iter().map(|d| d.info()).collect();
+    let ids: alloc::vec::Vec<DeviceId> = infos.iter().map(DeviceId::of).collect();
+    let note = (!identity::identifies(&ids, origin, cow_disk)).then(|| {
+        alloc::format!(
+            "note: {origin_name} cannot be told apart from the other disks (no serial number, or one another disk shares): after a reboot the store waits for 'snapshot attach {name} {origin_name} {}'",
+            st.name(cow_disk)
+        )
+    });
     let origin_index = st.origin_for(origin).map_err(String::from)?;
     let spec = CreateSpec {
         name: name.to_string(),
@@ -161,17 +170,22 @@ fn create(st: &mut Storage, args: &Args) -> CmdResult<Box<dyn Task>> {
         cow_sectors,
         chunk_sectors,
         writable: args.flag("writable"),
+        note,
     };
     Ok(Box::new(CreateTask::new(spec, time::uptime_ns())))
 }
 
-/// `snapshot attach NAME ORIGIN COW`: adopt a store that has no binding (e.g. made by Linux).
+/// `snapshot attach NAME ORIGIN COW [--no-write]`: adopt a store whose origin is not
+/// attached by itself (one Linux made, or one whose origin is ambiguous). Without
+/// `--no-write` the binding is written into the store, naming the origin by its own identity
+/// when that is unambiguous, else by the PCI locations of the origin and the store's device.
 fn attach(st: &mut Storage, args: &Args) -> CmdResult<Box<dyn Task>> {
     let (Some(name), Some(origin_name), Some(cow_name)) =
         (args.arg("NAME"), args.arg("ORIGIN"), args.arg("COW"))
     else {
-        return Err("usage: snapshot attach NAME ORIGIN COW".into());
+        return Err("usage: snapshot attach NAME ORIGIN COW [--no-write]".into());
     };
+    let write = !args.flag("no-write");
     check_name(st, name)?;
     let origin = st
         .find(origin_name)
@@ -195,7 +209,26 @@ fn attach(st: &mut Storage, args: &Args) -> CmdResult<Box<dyn Task>> {
             "{origin_name} holds a COW store; it cannot be an origin"
         ));
     }
-    let info = st.devices[origin].info();
+    let infos: alloc::vec::Vec<_> = st.devices.iter().map(|d| d.info()).collect();
+    let ids: alloc::vec::Vec<DeviceId> = infos.iter().map(DeviceId::of).collect();
+    let origin_id = if identity::identifies(&ids, origin, cow) {
+        identity::origin_id_of(&ids[origin])
+    } else {
+        match (ids[origin].pci, ids[cow].pci) {
+            (Some(origin_pci), Some(cow_pci)) => snapshot::OriginId::Location {
+                origin_pci,
+                nsid: ids[origin].namespace.map_or(0, |n| n.nsid),
+                cow_pci,
+            },
+            _ if !write => snapshot::OriginId::Serial,
+            _ => {
+                return Err(alloc::format!(
+                    "{origin_name} has no identity of its own and no PCI location to bind to; attach with --no-write"
+                ))
+            }
+        }
+    };
+    let info = &infos[origin];
     let g = st.devices[origin].geometry();
     let (Some(bname), Some(serial)) = (
         snapshot::BoundedBytes::new(name.as_bytes()),
@@ -212,10 +245,11 @@ fn attach(st: &mut Storage, args: &Args) -> CmdResult<Box<dyn Task>> {
         region_start: 0,
         region_sectors: 0,
         flags: 0,
+        origin_id,
     };
     st.unserved.retain(|u| u.disk != cow);
     Ok(Box::new(crate::storage::discover::DiscoverTask::adopt(
-        cow, origin, binding,
+        cow, origin, binding, write,
     )))
 }
 

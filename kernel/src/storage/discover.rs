@@ -16,6 +16,8 @@ use snapshot::{Binding, BindingError, LoadParams, LoadedStore, Loader, SnapshotC
 use super::tasks::Task;
 use super::volume::{Snap, SnapState};
 use super::{Storage, Target};
+use crate::identity::{self, escaped, DeviceId, NoMatch};
+use drivers::info::DeviceInfo;
 
 /// A store found at boot that is not served.
 #[derive(Clone, Debug)]
@@ -35,6 +37,14 @@ enum Phase {
     Head,
     /// Waiting for the first block.
     WaitHead,
+    /// `snapshot attach` without `--no-write`: chunk 0's first block with the new binding
+    /// is written, then the device flushed, before the store is loaded.
+    Bind {
+        block: Vec<u8>,
+        binding: Binding,
+        origin: usize,
+        stage: BindStage,
+    },
     /// Loading: the loader, the binding, the origin, the bytes of the current read.
     Load {
         loader: Loader,
@@ -45,6 +55,16 @@ enum Phase {
         sector: u64,
         waiting: bool,
     },
+}
+
+/// Where writing a binding for `snapshot attach` is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum BindStage {
+    Write,
+    WaitWrite,
+    Flush,
+    WaitFlush,
+    Done,
 }
 
 /// The boot-time scan, or the adoption of one store (`snapshot attach`).
@@ -63,6 +83,8 @@ pub struct DiscoverTask {
     /// `snapshot attach`: only this disk, with this origin and name (the store's own binding,
     /// if any, is ignored).
     adopt: Option<(usize, Binding)>,
+    /// `snapshot attach` writes its binding into the store (not with `--no-write`).
+    write_binding: bool,
     /// Why adoption failed.
     error: Option<String>,
 }
@@ -79,16 +101,21 @@ impl DiscoverTask {
             found: 0,
             done: false,
             adopt: None,
+            write_binding: false,
             error: None,
         }
     }
 
-    /// Adopts the store on `cow` (e.g. one Linux made) as snapshot `binding.name` of `origin`.
-    /// The store is not written: it stays as it is on disk, and the name lasts until reboot.
-    pub fn adopt(cow: usize, origin: usize, binding: Binding) -> DiscoverTask {
+    /// Adopts the store on `cow` (one Linux made, or one whose origin is ambiguous) as
+    /// snapshot `binding.name` of `origin`. With `write`, `binding` is written into the store
+    /// first (keeping the region, flags and creation time of the binding it had), so the
+    /// choice survives reboots; without, the store stays as it is on disk, read-only, and the
+    /// attachment lasts until reboot.
+    pub fn adopt(cow: usize, origin: usize, binding: Binding, write: bool) -> DiscoverTask {
         DiscoverTask {
             disk: cow,
             adopt: Some((origin, binding)),
+            write_binding: write,
             ..DiscoverTask::new()
         }
     }
@@ -158,8 +185,36 @@ impl DiscoverTask {
             }
             return;
         }
-        if let Some((origin, binding)) = self.adopt.clone() {
-            self.start_load(st, binding, origin);
+        if let Some((origin, mut binding)) = self.adopt.clone() {
+            if !self.write_binding {
+                self.start_load(st, binding, origin);
+                return;
+            }
+            if let Ok(own) = Binding::decode(&head) {
+                if own.region_start != 0 || own.region_sectors > capacity {
+                    self.error = Some(alloc::format!(
+                        "the store's binding places it at sector {} (+{}); only whole-device stores can be attached",
+                        own.region_start,
+                        own.region_sectors
+                    ));
+                    return self.next_disk();
+                }
+                binding.region_sectors = own.region_sectors;
+                binding.flags = own.flags;
+                binding.created_unix_seconds = own.created_unix_seconds;
+                if own.region_sectors > 0 {
+                    self.region = own.region_sectors;
+                }
+            }
+            binding.chunk_sectors = snapshot::Header::decode(&head).map_or(0, |h| h.chunk_sectors);
+            let mut block = head;
+            binding.encode(&mut block);
+            self.phase = Phase::Bind {
+                block,
+                binding,
+                origin,
+                stage: BindStage::Write,
+            };
             return;
         }
         let name = st.name(self.disk);
@@ -170,7 +225,8 @@ impl DiscoverTask {
                     || (binding.region_sectors == 0 && self.probe != 0) =>
             {
                 let why = alloc::format!(
-                    "a store whose binding places it at sector {} (+{}), found at sector {}; left untouched",
+                    "snapshot '{}': a store whose binding places it at sector {} (+{}), found at sector {}; left untouched",
+                    escaped(binding.name.as_bytes()),
                     binding.region_start,
                     binding.region_sectors,
                     self.probe
@@ -187,23 +243,15 @@ impl DiscoverTask {
                 if binding.region_sectors > 0 {
                     self.region = binding.region_sectors;
                 }
-                let serial = binding.origin_serial.as_bytes();
-                let origin = (0..st.devices.len()).find(|&d| {
-                    let g = st.devices[d].geometry();
-                    let sectors = g.capacity_blocks * u64::from(g.block_size / 512);
-                    d != self.disk
-                        && st.devices[d].info().serial.as_str().as_bytes() == serial
-                        && sectors == binding.origin_sectors
-                });
-                let Some(origin) = origin else {
-                    let why = alloc::format!(
-                        "snapshot '{}': its origin (serial '{}', {} sectors) is missing; store left untouched",
-                        String::from_utf8_lossy(binding.name.as_bytes()),
-                        String::from_utf8_lossy(serial),
-                        binding.origin_sectors
-                    );
-                    log::warn!("{name}: {why}");
-                    return self.unserved(st, why);
+                let infos: Vec<DeviceInfo> = st.devices.iter().map(|d| d.info()).collect();
+                let ids: Vec<DeviceId> = infos.iter().map(DeviceId::of).collect();
+                let origin = match identity::match_origin(&binding, &ids, self.disk) {
+                    Ok(origin) => origin,
+                    Err(no) => {
+                        let why = unmatched(&binding, &no, &infos);
+                        log::warn!("{name}: {why}");
+                        return self.unserved(st, why);
+                    }
                 };
                 self.start_load(st, binding, origin);
             }
@@ -248,7 +296,8 @@ impl DiscoverTask {
     }
 
     fn attach(&mut self, st: &mut Storage, loaded: LoadedStore, binding: Binding, origin: usize) {
-        let name = String::from_utf8_lossy(binding.name.as_bytes()).into_owned();
+        // A name read from a disk may hold anything: control characters are escaped.
+        let name = escaped(binding.name.as_bytes());
         let cow = st.name(self.disk);
         let origin_index = match st.origin_for(origin) {
             Ok(i) => i,
@@ -261,9 +310,10 @@ impl DiscoverTask {
         let cg = st.devices[self.disk].geometry();
         let valid = loaded.valid;
         let merging = loaded.merging;
-        // Adopted stores are read-only: their maker's view of them is not ours to change.
-        let writable =
-            self.adopt.is_none() && binding.flags & snapshot::format::BINDING_FLAG_WRITABLE != 0;
+        // Stores adopted without a binding written are read-only: their maker's view of them
+        // is not ours to change.
+        let bound = self.adopt.is_none() || self.write_binding;
+        let writable = bound && binding.flags & snapshot::format::BINDING_FLAG_WRITABLE != 0;
         let chunk_sectors = loaded.state.chunk_sectors() as u32;
         let cow_sectors = loaded.state.cow_sectors;
         let cfg = SnapshotConfig {
@@ -273,12 +323,9 @@ impl DiscoverTask {
             cow_fua: cg.fua,
             writable,
             table_runs: (cow_sectors / u64::from(chunk_sectors.max(1))).clamp(1, 1 << 22) as usize,
-            // An adopted store stays exactly as its maker wrote it: no binding is added.
-            binding: if self.adopt.is_some() {
-                None
-            } else {
-                Some(binding)
-            },
+            // A store adopted with `--no-write` stays exactly as its maker wrote it: no
+            // binding is added.
+            binding: if bound { Some(binding) } else { None },
         };
         let o = &mut st.origins[origin_index];
         match o.engine.attach_snapshot(loaded, &cfg) {
@@ -318,6 +365,35 @@ impl DiscoverTask {
                 self.error = Some(alloc::format!("the engine refused the store ({e:?})"));
             }
         }
+    }
+}
+
+/// Why the store bound by `binding` is not attached at boot, for the console and the
+/// unserved list.
+fn unmatched(binding: &Binding, no: &NoMatch, infos: &[DeviceInfo]) -> String {
+    let snap = escaped(binding.name.as_bytes());
+    let origin = identity::Describe(binding);
+    let names = |list: &[usize]| {
+        list.iter()
+            .filter_map(|&d| infos.get(d).map(|i| i.name.as_str()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match no {
+        NoMatch::Missing => alloc::format!(
+            "snapshot '{snap}': its origin ({origin}) is missing; store left untouched"
+        ),
+        NoMatch::Ambiguous(list) => alloc::format!(
+            "snapshot '{snap}': its origin ({origin}) is ambiguous: it could be {}; waiting for 'snapshot attach {snap} ORIGIN COW'",
+            names(list)
+        ),
+        NoMatch::SizeDiffers { device, sectors } => alloc::format!(
+            "snapshot '{snap}': its origin ({origin}) is {} but that has {sectors} sectors; store left untouched",
+            names(&[*device])
+        ),
+        NoMatch::Moved => alloc::format!(
+            "snapshot '{snap}': attached by PCI location ({origin}), but the store is no longer in the slot it was attached from; waiting for 'snapshot attach {snap} ORIGIN COW'"
+        ),
     }
 }
 
@@ -374,6 +450,58 @@ impl Task for DiscoverTask {
                     }
                     self.examine(st);
                 }
+                Phase::Bind { block, stage, .. } => match *stage {
+                    BindStage::WaitWrite | BindStage::WaitFlush => return,
+                    BindStage::Write => {
+                        let Some(mut buf) = st.pool(target).and_then(|p| p.acquire()) else {
+                            return;
+                        };
+                        if buf.set_len(block.len()).is_err() {
+                            let _ = st.pool(target).map(|p| p.release(buf));
+                            self.error = Some(String::from("writing the binding failed"));
+                            self.next_disk();
+                            continue;
+                        }
+                        buf.as_mut_slice().copy_from_slice(block);
+                        match st.submit_to(target, BlockRequest::write(2, 0, buf, false)) {
+                            Ok(()) => *stage = BindStage::WaitWrite,
+                            Err((e, b)) => {
+                                if let (Some(b), Some(p)) = (b, st.pool(target)) {
+                                    let _ = p.release(b);
+                                }
+                                self.error =
+                                    Some(alloc::format!("writing the binding failed ({e:?})"));
+                                self.next_disk();
+                            }
+                        }
+                    }
+                    BindStage::Flush => match st.submit_to(target, BlockRequest::flush(3)) {
+                        Ok(()) => *stage = BindStage::WaitFlush,
+                        Err((e, b)) => {
+                            if let (Some(b), Some(p)) = (b, st.pool(target)) {
+                                let _ = p.release(b);
+                            }
+                            self.error =
+                                Some(alloc::format!("flushing the binding failed ({e:?})"));
+                            self.next_disk();
+                        }
+                    },
+                    BindStage::Done => {
+                        let Phase::Bind {
+                            binding, origin, ..
+                        } = core::mem::replace(&mut self.phase, Phase::Head)
+                        else {
+                            return;
+                        };
+                        log::info!(
+                            "snapshot {}: binding written to the store on {} (origin {})",
+                            escaped(binding.name.as_bytes()),
+                            st.name(self.disk),
+                            st.name(origin)
+                        );
+                        self.start_load(st, binding, origin);
+                    }
+                },
                 Phase::Load {
                     loader,
                     read,
@@ -457,6 +585,24 @@ impl Task for DiscoverTask {
 
     fn complete(&mut self, pool: &mut BufferPool, c: Completion, _now: u64) {
         let ok = c.result.is_ok();
+        if let Phase::Bind { stage, .. } = &mut self.phase {
+            *stage = match (*stage, ok) {
+                (BindStage::WaitWrite, true) => BindStage::Flush,
+                (BindStage::WaitFlush, true) => BindStage::Done,
+                (s, true) => s,
+                (_, false) => {
+                    self.error = Some(String::from(
+                        "writing the binding failed (device error); the store is unchanged or holds the new binding",
+                    ));
+                    self.done = true;
+                    BindStage::Done
+                }
+            };
+            if let Some(b) = c.buffer {
+                let _ = pool.release(b);
+            }
+            return;
+        }
         if let Some(b) = &c.buffer {
             match &mut self.phase {
                 Phase::WaitHead => {
@@ -480,7 +626,7 @@ impl Task for DiscoverTask {
                         read.resize(*want, 0);
                     }
                 }
-                Phase::Head => {}
+                Phase::Head | Phase::Bind { .. } => {}
             }
         }
         if let Some(b) = c.buffer {
@@ -504,16 +650,20 @@ impl Task for DiscoverTask {
 
     fn report(&mut self, out: &mut dyn Write, _now: u64) -> fmt::Result {
         if let Some((_, binding)) = &self.adopt {
-            let name = String::from_utf8_lossy(binding.name.as_bytes());
+            let name = escaped(binding.name.as_bytes());
             return match (&self.error, self.found) {
                 (Some(e), _) => writeln!(out, "error: snapshot {name}: {e}"),
                 (None, 0) => writeln!(
                     out,
                     "error: snapshot {name}: the store could not be attached"
                 ),
+                (None, _) if self.write_binding => writeln!(
+                    out,
+                    "attached snapshot {name}; its binding is written to the store, so it comes back after a reboot"
+                ),
                 (None, _) => writeln!(
                     out,
-                    "attached snapshot {name} (the store on disk is unchanged)"
+                    "attached snapshot {name} (the store on disk is unchanged; until reboot)"
                 ),
             };
         }

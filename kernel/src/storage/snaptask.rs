@@ -31,6 +31,9 @@ pub struct CreateSpec {
     pub chunk_sectors: u32,
     /// Accept writes to the snapshot.
     pub writable: bool,
+    /// A line for the operator after the creation (e.g. that the origin cannot be
+    /// identified after a reboot).
+    pub note: Option<String>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -89,6 +92,7 @@ impl CreateTask {
                 } else {
                     0
                 },
+                origin_id: crate::identity::origin_id_of(&crate::identity::DeviceId::of(&info)),
             }),
             _ => None,
         };
@@ -205,7 +209,11 @@ impl Task for CreateTask {
                 self.spec.name,
                 self.spec.chunk_sectors / 2,
                 (now - self.started) / 1_000_000
-            ),
+            )
+            .and_then(|()| match &self.spec.note {
+                Some(note) => writeln!(out, "{note}"),
+                None => Ok(()),
+            }),
         }
     }
 }
