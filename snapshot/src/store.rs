@@ -76,8 +76,11 @@ pub enum LoadError {
         /// The COW chunk.
         new_chunk: u64,
     },
-    /// More runs than the table capacity given to the loader.
+    /// More runs than the table limit given to the loader.
     TableFull,
+    /// The heap could not serve the memory the store needs (its exception table, or the
+    /// check of an unsorted store).
+    OutOfMemory,
     /// The caller supplied fewer bytes than the loader asked for.
     ShortRead,
     /// `supply` was called when no read was outstanding.
@@ -95,7 +98,8 @@ pub struct LoadParams {
     pub origin_sectors: u64,
     /// Origin logical block size in sectors.
     pub origin_block_sectors: u32,
-    /// Exception table capacity, in runs.
+    /// The most runs the exception table may grow to (it is further capped at the store's
+    /// chunk count once the header is read, and grows only as records are found).
     pub table_runs: usize,
 }
 
@@ -248,7 +252,11 @@ impl Loader {
             // Linux does not read the exceptions of an invalid store.
             self.phase = LoadPhase::Done;
         } else {
-            self.table = Some(ExceptionTable::with_capacity(self.params.table_runs));
+            // Sized by what is found: the table grows record by record, up to one run per
+            // chunk of the store.
+            let chunks = self.params.cow_sectors / u64::from(h.chunk_sectors);
+            let limit = (self.params.table_runs as u64).min(chunks) as usize;
+            self.table = Some(ExceptionTable::new(limit));
             self.phase = LoadPhase::Area(0);
         }
         Ok(())
@@ -306,7 +314,12 @@ impl Loader {
                 });
             }
             if table.insert(r.old_chunk, r.new_chunk).is_err() {
-                return self.fail(LoadError::TableFull);
+                let e = if table.out_of_memory() {
+                    LoadError::OutOfMemory
+                } else {
+                    LoadError::TableFull
+                };
+                return self.fail(e);
             }
             if r.new_chunk <= self.max_new {
                 if self.monotonic {
@@ -318,6 +331,9 @@ impl Loader {
                 self.max_new = r.new_chunk;
             }
             if !self.monotonic {
+                if self.out_of_order.try_reserve(1).is_err() {
+                    return self.fail(LoadError::OutOfMemory);
+                }
                 self.out_of_order.push(r.new_chunk);
             }
             self.records += 1;
@@ -351,6 +367,10 @@ impl Loader {
         }
         // Collect every new_chunk (the monotonic prefix is implied by the table).
         let mut all: Vec<u64> = Vec::new();
+        let count = self.table.as_ref().map_or(0, |t| t.len()) as usize;
+        if all.try_reserve_exact(count).is_err() {
+            return self.fail(LoadError::OutOfMemory);
+        }
         if let Some(t) = &self.table {
             t.for_each_run(|r| {
                 for j in 0..r.len {
@@ -387,7 +407,7 @@ impl Loader {
         let table = self
             .table
             .take()
-            .unwrap_or_else(|| ExceptionTable::with_capacity(self.params.table_runs));
+            .unwrap_or_else(|| ExceptionTable::new(self.params.table_runs));
         let mut area = core::mem::take(&mut self.area_image);
         if area.len() != g.chunk_bytes() {
             area = vec![0u8; g.chunk_bytes()];

@@ -233,8 +233,9 @@ impl DiscoverTask {
             cow_block_sectors: (cg.block_size / 512).max(1),
             origin_sectors: og.capacity_blocks * u64::from(og.block_size / 512),
             origin_block_sectors: (og.block_size / 512).max(1),
-            // Up to one run per COW chunk of the smallest chunk size.
-            table_runs: (cow_sectors / 8).clamp(1, 1 << 22) as usize,
+            // The loader caps the table at the store's chunk count once it has read the
+            // header, and the table grows only with the records it finds.
+            table_runs: usize::MAX,
         };
         self.phase = Phase::Load {
             loader: Loader::new(params),
@@ -272,7 +273,7 @@ impl DiscoverTask {
             cow_block_sectors: (cg.block_size / 512).max(1),
             cow_fua: cg.fua,
             writable,
-            table_runs: (cow_sectors / u64::from(chunk_sectors.max(1))).clamp(1, 1 << 22) as usize,
+            table_runs: super::table_limit(cow_sectors, chunk_sectors),
             // An adopted store stays exactly as its maker wrote it: no binding is added.
             binding: if self.adopt.is_some() {
                 None

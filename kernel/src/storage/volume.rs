@@ -7,7 +7,8 @@
 //! every engine I/O is carried by a DMA bounce buffer from the origin's own pool, filled from
 //! (writes) or copied into (reads) what the engine named. That costs one memory copy per I/O
 //! and keeps every DMA buffer owned by exactly one request. All of it is allocated when the
-//! origin is set up; the I/O path does not allocate.
+//! origin is set up; the I/O path does not allocate (the one exception is the growth of a
+//! snapshot's exception table, fallible and inside the engine: see `snapshot::table`).
 
 use alloc::collections::VecDeque;
 use alloc::string::String;
@@ -792,6 +793,7 @@ pub fn reason_text(reason: InvalidReason) -> &'static str {
         InvalidReason::CopyError => "copying a chunk failed",
         InvalidReason::MetadataError => "writing metadata failed",
         InvalidReason::Deleted => "deleted",
+        InvalidReason::OutOfMemory => "its exception table could not grow (out of memory)",
     }
 }
 
