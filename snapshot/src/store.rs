@@ -32,6 +32,15 @@ pub enum LoadError {
     BadVersion(u32),
     /// Chunk size is zero, not a power of two or above 2^21 sectors.
     BadChunkSize(u32),
+    /// Chunk size is valid for the format but above what this loader's user can serve
+    /// ([`Loader::max_chunk_sectors`]; snapfw: its copy buffers, 512 KiB). Checked before
+    /// anything is allocated for the chunk.
+    ChunkTooLarge {
+        /// Chunk size in the header, in sectors.
+        chunk_sectors: u32,
+        /// The largest chunk size served, in sectors.
+        max_sectors: u32,
+    },
     /// Chunk size is not a multiple of the origin's or the COW device's logical block size.
     ChunkSizeMismatch {
         /// Chunk size in the header.
@@ -122,6 +131,7 @@ enum LoadPhase {
 /// [`finish`](Self::finish).
 pub struct Loader {
     params: LoadParams,
+    max_chunk_sectors: u32,
     phase: LoadPhase,
     header: Option<Header>,
     binding: Result<Binding, BindingError>,
@@ -162,6 +172,7 @@ impl Loader {
     pub fn new(params: LoadParams) -> Self {
         Loader {
             params,
+            max_chunk_sectors: crate::format::MAX_CHUNK_SECTORS,
             phase: LoadPhase::Header,
             header: None,
             binding: Err(BindingError::Absent),
@@ -177,6 +188,13 @@ impl Loader {
             records: 0,
             error: None,
         }
+    }
+
+    /// Refuses stores whose chunks are larger than `sectors` ([`LoadError::ChunkTooLarge`]),
+    /// before anything is allocated or read for a chunk.
+    pub fn max_chunk_sectors(mut self, sectors: u32) -> Self {
+        self.max_chunk_sectors = sectors;
+        self
     }
 
     /// The next read to perform, or `None` when [`finish`](Self::finish) can be called.
@@ -234,6 +252,12 @@ impl Loader {
         let Some(g) = Geometry::new(h.chunk_sectors) else {
             return self.fail(LoadError::BadChunkSize(h.chunk_sectors));
         };
+        if h.chunk_sectors > self.max_chunk_sectors {
+            return self.fail(LoadError::ChunkTooLarge {
+                chunk_sectors: h.chunk_sectors,
+                max_sectors: self.max_chunk_sectors,
+            });
+        }
         let cow_bs = self.params.cow_block_sectors.max(1);
         let origin_bs = self.params.origin_block_sectors.max(1);
         if !h.chunk_sectors.is_multiple_of(cow_bs) || !h.chunk_sectors.is_multiple_of(origin_bs) {

@@ -1,6 +1,9 @@
-//! Chunk sizes and table sizes (issue 15, finding 7): every chunk size from 4 KiB to 512 KiB
-//! on virtio-blk and on NVMe, and exception tables that cost what they hold.
+//! Chunk sizes, table sizes and what a disk may claim (issue 15, findings 2 and 7): every
+//! chunk size from 4 KiB to 512 KiB on virtio-blk and on NVMe, exception tables that cost what
+//! they hold, and stores whose headers ask for more than the appliance serves, crafted on the
+//! host with the `snapshot` crate.
 
+use snapshot::format::{Binding, BoundedBytes, Header, Record};
 use tests::cow::CowImage;
 use tests::{sha256_hex, xorshift_bytes, Boot, Image, Qemu, TIMEOUT};
 
@@ -207,5 +210,120 @@ fn two_4k_chunk_snapshots_on_16_gib_cow_disks_fit_the_heap() {
         !list.contains("invalid") && !list.contains("overflow"),
         "{list}"
     );
+    q.poweroff();
+}
+
+/// Writes a store of `chunk_sectors` chunks bound to an origin (`serial`, `origin_bytes`) at
+/// the start of `img`: header and binding in chunk 0, area 0 with `copies` (origin chunk →
+/// COW chunk 2, 3, …) and the copied data (`fill` bytes).
+fn bound_store(
+    img: &Image,
+    name: &str,
+    chunk_sectors: u32,
+    serial: &str,
+    origin_bytes: u64,
+    copies: &[(u64, u8)],
+) {
+    let mut chunk0 = vec![0u8; 4096];
+    Header::new(chunk_sectors).encode(&mut chunk0);
+    Binding {
+        name: BoundedBytes::new(name.as_bytes()).unwrap(),
+        origin_serial: BoundedBytes::new(serial.as_bytes()).unwrap(),
+        origin_sectors: origin_bytes / 512,
+        chunk_sectors,
+        created_unix_seconds: 0,
+        region_start: 0,
+        region_sectors: std::fs::metadata(&img.path).unwrap().len() / 512,
+        flags: 0,
+    }
+    .encode(&mut chunk0);
+    img.write(0, &chunk0);
+    let chunk = u64::from(chunk_sectors) * 512;
+    if copies.is_empty() {
+        return;
+    }
+    let mut area = vec![0u8; 4096];
+    for (i, &(old, fill)) in copies.iter().enumerate() {
+        let new = 2 + i as u64;
+        assert!(Record {
+            old_chunk: old,
+            new_chunk: new
+        }
+        .encode(&mut area, i));
+        img.write(new * chunk, &vec![fill; chunk as usize]);
+    }
+    img.write(chunk, &area);
+}
+
+#[test]
+fn stores_that_claim_too_much_do_not_stop_the_boot() {
+    // Two ordinary 16 GiB stores with 128 KiB chunks, each with a few copied chunks, and a
+    // third whose header claims 2^21-sector (1 GiB) chunks; all three origins are present.
+    let oa = Image::new("sizes-claim-oa", 16 * MIB);
+    let ob = Image::new("sizes-claim-ob", 16 * MIB);
+    let oc = Image::new("sizes-claim-oc", 16 * MIB);
+    let (ca, cb, cc) = (
+        Image::new("sizes-claim-ca", 16 * GIB),
+        Image::new("sizes-claim-cb", 16 * GIB),
+        Image::new("sizes-claim-cc", 16 * GIB),
+    );
+    let chunk = 128 * 1024u64;
+    let mut views = Vec::new();
+    for (o, c, name, serial, seed) in [
+        (&oa, &ca, "sa", "ORIGIN-A", 1u64),
+        (&ob, &cb, "sb", "ORIGIN-B", 2),
+    ] {
+        let data = xorshift_bytes((16 * MIB) as usize, seed);
+        o.write(0, &data);
+        let copies = [(0u64, 0x11u8), (1, 0x22), (7, 0x33), (100, 0x44)];
+        bound_store(c, name, 256, serial, 16 * MIB, &copies);
+        let mut view = data.clone();
+        for &(old, fill) in &copies {
+            let at = (old * chunk) as usize;
+            view[at..at + chunk as usize].fill(fill);
+        }
+        views.push(sha256_hex(&view));
+    }
+    oc.write(0, &xorshift_bytes((16 * MIB) as usize, 3));
+    bound_store(&cc, "huge", 1 << 21, "ORIGIN-C", 16 * MIB, &[]);
+
+    let mut q = Boot::kernel("q35", "testing loglevel=info")
+        .virtio_disk(&oa.path, "ORIGIN-A")
+        .virtio_disk(&ca.path, "COW-A")
+        .virtio_disk(&ob.path, "ORIGIN-B")
+        .virtio_disk(&cb.path, "COW-B")
+        .virtio_disk(&oc.path, "ORIGIN-C")
+        .virtio_disk(&cc.path, "COW-C")
+        .start();
+    let boot = q.try_expect(tests::PROMPT, TIMEOUT);
+    let transcript = q.transcript();
+    assert!(boot.is_ok(), "no prompt:\n{transcript}");
+    assert!(!transcript.contains("PANIC"), "{transcript}");
+    let boot_time = q.elapsed();
+    let list = q.command("snapshot list");
+    let mem = q.command("mem");
+    eprintln!("boot to prompt with two 16 GiB stores and a refused one: {boot_time:?}\n{mem}");
+    for (name, origin, cow) in [("sa", "vda", "vdb"), ("sb", "vdc", "vdd")] {
+        let line = list
+            .lines()
+            .find(|l| l.trim_start().starts_with(name))
+            .unwrap_or_else(|| panic!("{name} missing: {list}"));
+        assert!(
+            line.contains(origin) && line.contains(cow) && line.contains("active"),
+            "{line}"
+        );
+    }
+    assert!(
+        list.contains("store on vdf: a snapshot store that does not load: its chunk size (1048576 KiB) is above the largest served (512 KiB)"),
+        "{list}"
+    );
+    assert_eq!(checksum(&mut q, "sa"), views[0]);
+    assert_eq!(checksum(&mut q, "sb"), views[1]);
+    // The stores are served: writes through their origins copy.
+    let out = q.command("write vda 0 512 --byte 0x99");
+    assert!(out.contains("wrote 512 blocks"), "{out}");
+    assert_eq!(checksum(&mut q, "sa"), views[0]);
+    let heap = heap_used(&q.command("mem --json"));
+    assert!(heap < 48 * MIB, "heap used {heap}");
     q.poweroff();
 }

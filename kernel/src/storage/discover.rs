@@ -11,7 +11,7 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use drivers::block::{BlockRequest, BufferPool, Completion};
 use snapshot::format::{FreeExtent, SNAP_MAGIC};
-use snapshot::{Binding, BindingError, LoadParams, LoadedStore, Loader, SnapshotConfig};
+use snapshot::{Binding, BindingError, LoadError, LoadParams, LoadedStore, Loader, SnapshotConfig};
 
 use super::tasks::Task;
 use super::volume::{Snap, SnapState};
@@ -238,7 +238,9 @@ impl DiscoverTask {
             table_runs: usize::MAX,
         };
         self.phase = Phase::Load {
-            loader: Loader::new(params),
+            // Chunks larger than the copy buffers are refused before anything is read or
+            // allocated for them.
+            loader: Loader::new(params).max_chunk_sectors(super::volume::COPY_BUFFER_SECTORS),
             binding,
             origin,
             read: Vec::new(),
@@ -256,6 +258,7 @@ impl DiscoverTask {
             Err(e) => {
                 log::error!("snapshot {name} on {cow}: {e}");
                 self.error = Some(String::from(e));
+                self.refused(st, alloc::format!("snapshot '{name}': {e}; not served"));
                 return;
             }
         };
@@ -317,7 +320,25 @@ impl DiscoverTask {
             Err(e) => {
                 log::error!("snapshot {name} on {cow}: the engine refused the store ({e:?})");
                 self.error = Some(alloc::format!("the engine refused the store ({e:?})"));
+                self.refused(
+                    st,
+                    alloc::format!(
+                        "snapshot '{name}': the engine refused the store ({e:?}); not served"
+                    ),
+                );
             }
+        }
+    }
+
+    /// Lists a store the scan found but could not attach (at boot; `snapshot attach`
+    /// reports its own error).
+    fn refused(&self, st: &mut Storage, why: String) {
+        if self.adopt.is_none() {
+            st.unserved.push(Unserved {
+                disk: self.disk,
+                start: self.probe,
+                why,
+            });
         }
     }
 }
@@ -409,9 +430,10 @@ impl Task for DiscoverTask {
                                         self.after_store(st);
                                     }
                                     Err(e) => {
+                                        let e = load_error_text(e);
                                         self.error =
-                                            Some(alloc::format!("the store does not load: {e:?}"));
-                                        let why = alloc::format!("a snapshot store that does not load: {e:?}; left untouched");
+                                            Some(alloc::format!("the store does not load: {e}"));
+                                        let why = alloc::format!("a snapshot store that does not load: {e}; left untouched");
                                         log::error!("{}: {why}", st.name(self.disk));
                                         self.unserved(st, why);
                                     }
@@ -526,5 +548,23 @@ impl Task for DiscoverTask {
             )?;
         }
         Ok(())
+    }
+}
+
+/// Operator's words for a store that does not load (the loader's error names the rest).
+fn load_error_text(e: LoadError) -> String {
+    match e {
+        LoadError::ChunkTooLarge {
+            chunk_sectors,
+            max_sectors,
+        } => alloc::format!(
+            "its chunk size ({} KiB) is above the largest served ({} KiB)",
+            u64::from(chunk_sectors) / 2,
+            max_sectors / 2
+        ),
+        LoadError::OutOfMemory => {
+            String::from("not enough memory for its exception table (the other stores keep theirs)")
+        }
+        e => alloc::format!("{e:?}"),
     }
 }
