@@ -368,7 +368,9 @@ impl Loader {
         } else {
             // Keep the current area's image, without anything after the terminator: records a
             // torn area write left behind it must not come back when the area is rewritten.
-            let mut image = vec![0u8; g.chunk_bytes()];
+            let Some(mut image) = zeroed(g.chunk_bytes()) else {
+                return self.fail(LoadError::OutOfMemory);
+            };
             let keep = (i as usize) * crate::format::RECORD_BYTES;
             image[..keep].copy_from_slice(&data[..keep]);
             self.area_image = image;
@@ -434,7 +436,7 @@ impl Loader {
             .unwrap_or_else(|| ExceptionTable::new(self.params.table_runs));
         let mut area = core::mem::take(&mut self.area_image);
         if area.len() != g.chunk_bytes() {
-            area = vec![0u8; g.chunk_bytes()];
+            area = zeroed(g.chunk_bytes()).ok_or(LoadError::OutOfMemory)?;
         }
         let state = StoreState {
             geometry: g,
@@ -467,6 +469,15 @@ impl Loader {
         }
         loader.finish()
     }
+}
+
+/// `len` zero bytes, or `None` when the heap cannot serve them (a store must not halt the
+/// machine that reads it).
+fn zeroed(len: usize) -> Option<Vec<u8>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(len).ok()?;
+    v.resize(len, 0);
+    Some(v)
 }
 
 /// Usage as `dmsetup status` reports it, in sectors.

@@ -413,6 +413,17 @@ impl Task for DiscoverTask {
                                 *want = r.sectors as usize * 512;
                                 *sector = r.sector;
                                 read.clear();
+                                // The loader bounds reads to a chunk (512 KiB at most); a
+                                // heap that cannot hold one refuses this store, not the boot.
+                                if read.try_reserve_exact(*want).is_err() {
+                                    self.phase = Phase::Head;
+                                    let why = String::from(
+                                        "not enough memory to read its metadata; left untouched",
+                                    );
+                                    log::error!("{}: {why}", st.name(self.disk));
+                                    self.unserved(st, why);
+                                    continue;
+                                }
                             }
                             None => {
                                 let Phase::Load {
