@@ -27,6 +27,20 @@
 
 use alloc::vec;
 use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+/// Heap allocations made by table growth since start (segments, the segment list, bucket
+/// arrays), so a caller that checks its I/O path for allocations can tell them apart.
+static GROWTH_ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+/// Heap allocations every table has made to grow, since start.
+pub fn growth_allocations() -> u64 {
+    GROWTH_ALLOCATIONS.load(Ordering::Relaxed)
+}
+
+fn count_growth() {
+    GROWTH_ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+}
 
 /// log2 of the largest run, and of the group size runs stay within.
 pub const GROUP_BITS: u32 = 3;
@@ -179,7 +193,12 @@ impl ExceptionTable {
         }
         let mut seg: Vec<Node> = Vec::new();
         seg.try_reserve_exact(size).map_err(|_| Grow::NoMemory)?;
+        count_growth();
+        let list = self.segments.capacity();
         self.segments.try_reserve(1).map_err(|_| Grow::NoMemory)?;
+        if self.segments.capacity() != list {
+            count_growth();
+        }
         let first = self.allocated as u32;
         seg.resize(size, Node::EMPTY);
         // Chain the new nodes in front of the free list (lowest index first).
@@ -206,6 +225,7 @@ impl ExceptionTable {
         if buckets.try_reserve_exact(count).is_err() {
             return;
         }
+        count_growth();
         buckets.resize(count, NIL);
         let old = core::mem::replace(&mut self.buckets, buckets);
         self.bucket_bits = count.trailing_zeros();

@@ -202,6 +202,10 @@ fn two_4k_chunk_snapshots_on_16_gib_cow_disks_fit_the_heap() {
     // not two tables for 4 Mi runs (96 MiB each).
     assert!(used - idle < 16 * MIB, "{mem}");
     write_through_origin(&mut q, "vda");
+    // Random 4 KiB writes over the whole origin: more than 1024 runs per table, so both
+    // tables grow on the I/O path, which `mem` counts apart from the I/O path's allocations.
+    let out = q.command_timeout("bench vda --rw randwrite --qd 32 --ios 3000", TIMEOUT * 3);
+    assert!(out.contains("3000 I/Os"), "{out}");
     let want = sha256_hex(&before);
     assert_eq!(checksum(&mut q, "first"), want);
     assert_eq!(checksum(&mut q, "second"), want);
@@ -210,6 +214,16 @@ fn two_4k_chunk_snapshots_on_16_gib_cow_disks_fit_the_heap() {
         !list.contains("invalid") && !list.contains("overflow"),
         "{list}"
     );
+    let mem = q.command("mem --json");
+    assert!(mem.contains(r#""io_path_allocations":0"#), "{mem}");
+    let grown = mem
+        .split(r#""table_growth_allocations":"#)
+        .nth(1)
+        .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("{mem}"));
+    assert!(grown >= 4, "the tables grew: {mem}");
+    eprintln!("after the bench: {mem}");
     q.poweroff();
 }
 
