@@ -27,7 +27,12 @@
 
 use alloc::vec;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+/// Test-only fault injection: while set, every segment growth fails as if the heap were
+/// exhausted ([`Grow::NoMemory`]). Process-wide: set it only in a test binary of its own.
+#[doc(hidden)]
+pub static FAIL_GROWTH: AtomicBool = AtomicBool::new(false);
 
 /// Heap allocations made by table growth since start (segments, the segment list, bucket
 /// arrays), so a caller that checks its I/O path for allocations can tell them apart.
@@ -190,6 +195,9 @@ impl ExceptionTable {
         let size = SEGMENT_RUNS.min(self.limit - self.allocated);
         if size == 0 {
             return Err(Grow::Full);
+        }
+        if FAIL_GROWTH.load(Ordering::Relaxed) {
+            return Err(Grow::NoMemory);
         }
         let mut seg: Vec<Node> = Vec::new();
         seg.try_reserve_exact(size).map_err(|_| Grow::NoMemory)?;
