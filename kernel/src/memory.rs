@@ -137,9 +137,13 @@ pub fn stats() -> MemoryStats {
     }
 }
 
-/// Heap allocations since boot (for the I/O-path allocation guard).
+/// Heap allocations since boot (for the I/O-path allocation guard), less those the
+/// snapshot engine's exception tables made to grow: that growth is the one allocation the
+/// I/O path is designed to make (fallible, see `snapshot::table`), and `mem` counts it apart.
 pub fn allocation_count() -> u64 {
-    HEAP.allocations.load(Ordering::Relaxed)
+    HEAP.allocations
+        .load(Ordering::Relaxed)
+        .saturating_sub(snapshot::table::growth_allocations())
 }
 
 /// Reads identity-mapped physical memory for boot-info and ACPI parsing.

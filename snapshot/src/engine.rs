@@ -19,7 +19,7 @@ use alloc::vec::Vec;
 
 use crate::format::{encode_chunk0, Geometry, Header, Record, SECTOR_BYTES};
 use crate::store::{LoadedStore, StoreState};
-use crate::table::ExceptionTable;
+use crate::table::{ExceptionTable, Grow, SEGMENT_RUNS};
 use crate::types::*;
 
 // The merge state machine lives in `src/merge.rs`, as a child of this module so it can use
@@ -627,7 +627,9 @@ impl Engine {
         }
         let g = self.check_snapshot_config(cfg)?;
         let store = StoreState::fresh(g, cfg.cow_sectors, self.cfg.origin_sectors);
-        let table = ExceptionTable::with_capacity(cfg.table_runs);
+        // The table starts empty and grows as exceptions are added, up to one run per data
+        // chunk of the store (or `table_runs`, if smaller).
+        let table = ExceptionTable::new(cfg.table_runs.min(store.cow_chunks() as usize));
         let id = self.install(
             cfg,
             store,
@@ -829,6 +831,12 @@ impl Engine {
         let Some(s) = self.snaps.iter().position(|x| x.is_none()) else {
             return Err(EngineError::NoSnapshotSlot);
         };
+        // Room for one segment of runs more than it holds, allocated here rather than on
+        // the I/O path: a snapshot that stays under it never allocates after this. (A heap
+        // that cannot serve it now gets asked again on the first write that needs it.)
+        let mut table = table;
+        let headroom = SEGMENT_RUNS.min(table.free_runs());
+        let _ = table.make_room(headroom);
         let block = cfg.cow_block_sectors.max(1) as usize * SECTOR_BYTES;
         let mut header = vec![0u8; block];
         let mut h = Header::new(cfg.chunk_sectors);
@@ -1912,11 +1920,23 @@ impl Engine {
             self.invalidate(s, InvalidReason::CowFull);
             return false;
         }
-        if x.table.free_runs() < x.order.len() + n as usize {
-            self.invalidate(s, InvalidReason::TableFull);
-            return false;
+        // The table grows here, before a COW chunk is taken, so a commit never allocates.
+        // This is the only allocation on the I/O path: one fallible 20 KiB segment per 1024
+        // runs (see `table`). A heap that cannot serve it invalidates the snapshot, as
+        // dm-snapshot does when it cannot allocate an exception (`-ENOMEM`).
+        let need = x.order.len() + n as usize;
+        let grown = self.snaps[s].as_mut().map(|x| x.table.make_room(need));
+        match grown {
+            Some(Ok(())) => true,
+            Some(Err(Grow::NoMemory)) => {
+                self.invalidate(s, InvalidReason::OutOfMemory);
+                false
+            }
+            _ => {
+                self.invalidate(s, InvalidReason::TableFull);
+                false
+            }
         }
-        true
     }
 
     // ----------------------------------------------------------------------------------------

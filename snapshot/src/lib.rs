@@ -10,7 +10,7 @@
 //! - [`format`]: header, records, area geometry, snapfw's binding record (pure encode/decode).
 //! - [`store`]: the sans-I/O [`Loader`] (validates a store and rebuilds its table) and the
 //!   per-store state the engine appends to.
-//! - [`table`]: the run-compressed, fixed-capacity exception table.
+//! - [`table`]: the run-compressed exception table, growing as it fills up to a limit.
 //! - [`engine`]: the [`Engine`] state machine.
 //! - [`types`]: requests, I/Os, events, configuration.
 //! - [`sim`]: simulated disks and a driver loop, for tests and the bench (not for the kernel).
@@ -19,9 +19,12 @@
 //!
 //! One [`Engine`] per origin. Everything is deterministic: the same calls in the same order give
 //! the same I/O. All memory is allocated in [`Engine::new`] (request slots, I/O slots, pending
-//! exceptions, copy jobs, queues) and when a snapshot is created or attached (its exception
-//! table of `table_runs` entries, one area buffer and one header block); nothing allocates on
-//! the I/O path. When a pool is empty, work waits inside the engine; only
+//! exceptions, copy jobs, queues) and when a snapshot is created or attached (one area buffer,
+//! one header block, and its exception table with room for 1024 more runs). The one
+//! allocation on the I/O path is the exception table's growth: one fallible 20 KiB segment
+//! per 1024 runs past that, asked for before a COW chunk is taken; when the heap cannot serve
+//! it the snapshot is invalidated ([`InvalidReason::OutOfMemory`], dm-snapshot's `-ENOMEM`),
+//! never a panic. When a pool is empty, work waits inside the engine; only
 //! [`Engine::submit`] can say [`SubmitError::Busy`] (all request slots in use) — keep the
 //! request and submit it again after a completion.
 //!
@@ -84,7 +87,7 @@
 //! - **Merging** (roll the origin back to a snapshot): quiesce, [`Engine::start_merge`]
 //!   (typed refusals: [`MergeError`]), resume. See "Merging" below.
 //! - **Failure policy** (as dm-snapshot): COW full, table full, a copy error or a metadata
-//!   write error invalidates that snapshot (header rewritten with `valid = 0`, made durable
+//!   write error, or a table growth the heap cannot serve, invalidates that snapshot (header rewritten with `valid = 0`, made durable
 //!   before any origin write waiting on it proceeds), fails its snapshot I/O and lets origin
 //!   writes proceed. Origin I/O errors fail only the volume request.
 //!
@@ -120,14 +123,15 @@
 //! # Memory
 //! Per engine: `request_slots`, `io_slots`, `pending_exceptions`, `copy_buffers` small
 //! descriptors (tens of bytes each) plus the queues. Per snapshot: one chunk for the area
-//! image, one COW block for the header, and the exception table: `table_runs * 20` bytes plus
-//! a power-of-two bucket array of `u32`. A run maps up to 8 consecutive origin chunks to 8
+//! image, one COW block for the header, and the exception table: 20 bytes per run it holds
+//! (allocated by segments of 1024 runs as it fills, up to `table_runs`, at most one run per
+//! chunk of the store) plus a power-of-two bucket array of `u32`, one per allocated run. A run maps up to 8 consecutive origin chunks to 8
 //! consecutive COW chunks, so a sequential fill needs about `exceptions / 8` runs (3 bytes
 //! per exception) and a random fill one run per exception (24 bytes). (A run is chained
 //! under its first chunk; a lookup probes the chunk itself, then its group's first chunk,
-//! then the starts between, so runs of 8 bound a miss to 8 probes.) When the table is full
-//! the snapshot overflows like a full COW device; size `table_runs` for the expected fill
-//! (the worst case is the number of COW chunks).
+//! then the starts between, so runs of 8 bound a miss to 8 probes.) When the table reaches
+//! `table_runs` the snapshot overflows like a full COW device; nothing is reserved for the
+//! worst case, so `table_runs` can be the store's chunk count.
 //!
 //! # Origin writes and chunk sizes
 //! An origin write is checked against every chunk of every snapshot it covers (so in effect

@@ -32,6 +32,15 @@ pub enum LoadError {
     BadVersion(u32),
     /// Chunk size is zero, not a power of two or above 2^21 sectors.
     BadChunkSize(u32),
+    /// Chunk size is valid for the format but above what this loader's user can serve
+    /// ([`Loader::max_chunk_sectors`]; snapfw: its copy buffers, 512 KiB). Checked before
+    /// anything is allocated for the chunk.
+    ChunkTooLarge {
+        /// Chunk size in the header, in sectors.
+        chunk_sectors: u32,
+        /// The largest chunk size served, in sectors.
+        max_sectors: u32,
+    },
     /// Chunk size is not a multiple of the origin's or the COW device's logical block size.
     ChunkSizeMismatch {
         /// Chunk size in the header.
@@ -76,8 +85,11 @@ pub enum LoadError {
         /// The COW chunk.
         new_chunk: u64,
     },
-    /// More runs than the table capacity given to the loader.
+    /// More runs than the table limit given to the loader.
     TableFull,
+    /// The heap could not serve the memory the store needs (its exception table, or the
+    /// check of an unsorted store).
+    OutOfMemory,
     /// The caller supplied fewer bytes than the loader asked for.
     ShortRead,
     /// `supply` was called when no read was outstanding.
@@ -95,7 +107,8 @@ pub struct LoadParams {
     pub origin_sectors: u64,
     /// Origin logical block size in sectors.
     pub origin_block_sectors: u32,
-    /// Exception table capacity, in runs.
+    /// The most runs the exception table may grow to (it is further capped at the store's
+    /// chunk count once the header is read, and grows only as records are found).
     pub table_runs: usize,
 }
 
@@ -118,6 +131,7 @@ enum LoadPhase {
 /// [`finish`](Self::finish).
 pub struct Loader {
     params: LoadParams,
+    max_chunk_sectors: u32,
     phase: LoadPhase,
     header: Option<Header>,
     binding: Result<Binding, BindingError>,
@@ -158,6 +172,7 @@ impl Loader {
     pub fn new(params: LoadParams) -> Self {
         Loader {
             params,
+            max_chunk_sectors: crate::format::MAX_CHUNK_SECTORS,
             phase: LoadPhase::Header,
             header: None,
             binding: Err(BindingError::Absent),
@@ -173,6 +188,13 @@ impl Loader {
             records: 0,
             error: None,
         }
+    }
+
+    /// Refuses stores whose chunks are larger than `sectors` ([`LoadError::ChunkTooLarge`]),
+    /// before anything is allocated or read for a chunk.
+    pub fn max_chunk_sectors(mut self, sectors: u32) -> Self {
+        self.max_chunk_sectors = sectors;
+        self
     }
 
     /// The next read to perform, or `None` when [`finish`](Self::finish) can be called.
@@ -230,6 +252,12 @@ impl Loader {
         let Some(g) = Geometry::new(h.chunk_sectors) else {
             return self.fail(LoadError::BadChunkSize(h.chunk_sectors));
         };
+        if h.chunk_sectors > self.max_chunk_sectors {
+            return self.fail(LoadError::ChunkTooLarge {
+                chunk_sectors: h.chunk_sectors,
+                max_sectors: self.max_chunk_sectors,
+            });
+        }
         let cow_bs = self.params.cow_block_sectors.max(1);
         let origin_bs = self.params.origin_block_sectors.max(1);
         if !h.chunk_sectors.is_multiple_of(cow_bs) || !h.chunk_sectors.is_multiple_of(origin_bs) {
@@ -248,7 +276,11 @@ impl Loader {
             // Linux does not read the exceptions of an invalid store.
             self.phase = LoadPhase::Done;
         } else {
-            self.table = Some(ExceptionTable::with_capacity(self.params.table_runs));
+            // Sized by what is found: the table grows record by record, up to one run per
+            // chunk of the store.
+            let chunks = self.params.cow_sectors / u64::from(h.chunk_sectors);
+            let limit = (self.params.table_runs as u64).min(chunks) as usize;
+            self.table = Some(ExceptionTable::new(limit));
             self.phase = LoadPhase::Area(0);
         }
         Ok(())
@@ -306,7 +338,12 @@ impl Loader {
                 });
             }
             if table.insert(r.old_chunk, r.new_chunk).is_err() {
-                return self.fail(LoadError::TableFull);
+                let e = if table.out_of_memory() {
+                    LoadError::OutOfMemory
+                } else {
+                    LoadError::TableFull
+                };
+                return self.fail(e);
             }
             if r.new_chunk <= self.max_new {
                 if self.monotonic {
@@ -318,6 +355,9 @@ impl Loader {
                 self.max_new = r.new_chunk;
             }
             if !self.monotonic {
+                if self.out_of_order.try_reserve(1).is_err() {
+                    return self.fail(LoadError::OutOfMemory);
+                }
                 self.out_of_order.push(r.new_chunk);
             }
             self.records += 1;
@@ -328,7 +368,9 @@ impl Loader {
         } else {
             // Keep the current area's image, without anything after the terminator: records a
             // torn area write left behind it must not come back when the area is rewritten.
-            let mut image = vec![0u8; g.chunk_bytes()];
+            let Some(mut image) = zeroed(g.chunk_bytes()) else {
+                return self.fail(LoadError::OutOfMemory);
+            };
             let keep = (i as usize) * crate::format::RECORD_BYTES;
             image[..keep].copy_from_slice(&data[..keep]);
             self.area_image = image;
@@ -351,6 +393,10 @@ impl Loader {
         }
         // Collect every new_chunk (the monotonic prefix is implied by the table).
         let mut all: Vec<u64> = Vec::new();
+        let count = self.table.as_ref().map_or(0, |t| t.len()) as usize;
+        if all.try_reserve_exact(count).is_err() {
+            return self.fail(LoadError::OutOfMemory);
+        }
         if let Some(t) = &self.table {
             t.for_each_run(|r| {
                 for j in 0..r.len {
@@ -387,10 +433,10 @@ impl Loader {
         let table = self
             .table
             .take()
-            .unwrap_or_else(|| ExceptionTable::with_capacity(self.params.table_runs));
+            .unwrap_or_else(|| ExceptionTable::new(self.params.table_runs));
         let mut area = core::mem::take(&mut self.area_image);
         if area.len() != g.chunk_bytes() {
-            area = vec![0u8; g.chunk_bytes()];
+            area = zeroed(g.chunk_bytes()).ok_or(LoadError::OutOfMemory)?;
         }
         let state = StoreState {
             geometry: g,
@@ -423,6 +469,15 @@ impl Loader {
         }
         loader.finish()
     }
+}
+
+/// `len` zero bytes, or `None` when the heap cannot serve them (a store must not halt the
+/// machine that reads it).
+fn zeroed(len: usize) -> Option<Vec<u8>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(len).ok()?;
+    v.resize(len, 0);
+    Some(v)
 }
 
 /// Usage as `dmsetup status` reports it, in sectors.

@@ -2,9 +2,20 @@
 //!
 //! Like dm-snapshot's in-memory table (`dm_consecutive_chunk_count` in `dm-snap.c`), it stores
 //! *runs*: `len` consecutive origin chunks mapped to `len` consecutive COW chunks cost one entry.
-//! Unlike Linux it allocates nothing after construction: entries come from a node pool whose
-//! capacity (in runs) is fixed by the caller; when the pool is empty an insert fails with
-//! [`TableFull`] and the engine treats the snapshot as overflowed.
+//!
+//! Sizing: a table has a *limit* (the most runs it may ever hold: the store's data chunks) and
+//! grows towards it as it fills, the way dm-snapshot allocates one exception at a time.
+//! Entries come from segments of [`SEGMENT_RUNS`] nodes (20 KiB); a new segment is allocated
+//! only when the free list is empty, with a fallible reservation (`try_reserve`): when the heap
+//! cannot serve it, the growth fails with [`Grow::NoMemory`] instead of panicking, and the
+//! caller treats it as dm-snapshot treats `-ENOMEM` in `pending_complete()` (the snapshot is
+//! invalidated; a store being loaded is refused). The engine grows the table *before* it
+//! allocates a COW chunk ([`ExceptionTable::make_room`] from its `reserve`), so a commit never
+//! allocates and never finds the pool empty. Segments are never moved or copied: growth costs
+//! one 20 KiB allocation per 1024 runs, plus a rehash of the bucket array each time the node
+//! count passes a power of two (amortised O(1) per insert; a failed bucket growth only makes
+//! chains longer). Nothing is reserved for the worst case, so a store costs memory in
+//! proportion to what it holds.
 //!
 //! Layout: a power-of-two bucket array of `u32` heads, chained nodes of 20 bytes each (origin
 //! chunk, COW chunk + run length, next), one node per run. A node's fields sit together, so a
@@ -16,6 +27,25 @@
 
 use alloc::vec;
 use alloc::vec::Vec;
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+/// Test-only fault injection: while set, every segment growth fails as if the heap were
+/// exhausted ([`Grow::NoMemory`]). Process-wide: set it only in a test binary of its own.
+#[doc(hidden)]
+pub static FAIL_GROWTH: AtomicBool = AtomicBool::new(false);
+
+/// Heap allocations made by table growth since start (segments, the segment list, bucket
+/// arrays), so a caller that checks its I/O path for allocations can tell them apart.
+static GROWTH_ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+/// Heap allocations every table has made to grow, since start.
+pub fn growth_allocations() -> u64 {
+    GROWTH_ALLOCATIONS.load(Ordering::Relaxed)
+}
+
+fn count_growth() {
+    GROWTH_ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+}
 
 /// log2 of the largest run, and of the group size runs stay within.
 pub const GROUP_BITS: u32 = 3;
@@ -25,9 +55,22 @@ const NIL: u32 = u32::MAX;
 const LEN_SHIFT: u32 = 56;
 const NEW_MASK: u64 = (1 << LEN_SHIFT) - 1;
 
-/// The node pool is exhausted.
+/// The table cannot take another run: it holds its limit, or growing it failed (see
+/// [`ExceptionTable::out_of_memory`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TableFull;
+
+/// Why [`ExceptionTable::make_room`] failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Grow {
+    /// The table would pass its limit (more runs than the store has chunks).
+    Full,
+    /// The heap could not serve the next segment.
+    NoMemory,
+}
+
+/// Nodes per segment (a segment is 20 KiB).
+pub const SEGMENT_RUNS: usize = 1024;
 
 /// A run of consecutive exceptions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -73,40 +116,163 @@ impl Node {
 
 const _: () = assert!(core::mem::size_of::<Node>() == ExceptionTable::NODE_BYTES);
 
-/// Fixed-capacity run-compressed exception table.
+/// Run-compressed exception table that grows up to a limit.
 #[derive(Clone, Debug)]
 pub struct ExceptionTable {
     buckets: Vec<u32>,
-    nodes: Vec<Node>,
+    /// Node segments: every one but the last holds [`SEGMENT_RUNS`] nodes.
+    segments: Vec<Vec<Node>>,
+    /// Nodes in all segments.
+    allocated: usize,
+    /// Most runs the table may hold.
+    limit: usize,
     free: u32,
     runs: usize,
     exceptions: u64,
     bucket_bits: u32,
+    /// A growth failed for want of memory.
+    out_of_memory: bool,
 }
 
 impl ExceptionTable {
-    /// A table able to hold `max_runs` runs (at least 1; at most `u32::MAX - 1`).
-    pub fn with_capacity(max_runs: usize) -> Self {
-        let max_runs = max_runs.clamp(1, (u32::MAX - 1) as usize);
-        let buckets = max_runs.next_power_of_two().max(16);
-        let bucket_bits = buckets.trailing_zeros();
-        let mut nodes = vec![Node::EMPTY; max_runs];
-        for (i, n) in nodes.iter_mut().enumerate().take(max_runs - 1) {
-            n.next = (i + 1) as u32;
-        }
+    /// An empty table that may grow to `limit` runs (at least 1; at most `u32::MAX - 1`).
+    /// Allocates only a small bucket array: nodes come as runs are added.
+    pub fn new(limit: usize) -> Self {
+        let limit = limit.clamp(1, (u32::MAX - 1) as usize);
         ExceptionTable {
-            buckets: vec![NIL; buckets],
-            nodes,
-            free: 0,
+            buckets: vec![NIL; 16],
+            segments: Vec::new(),
+            allocated: 0,
+            limit,
+            free: NIL,
             runs: 0,
             exceptions: 0,
-            bucket_bits,
+            bucket_bits: 4,
+            out_of_memory: false,
         }
     }
 
-    /// Capacity in runs.
+    /// A table with all `max_runs` nodes allocated up front (tools and tests; the limit is
+    /// `max_runs` too). When the heap cannot serve that, the table grows later as usual.
+    pub fn with_capacity(max_runs: usize) -> Self {
+        let mut t = Self::new(max_runs);
+        let limit = t.limit;
+        let _ = t.make_room(limit);
+        t.out_of_memory = false;
+        t
+    }
+
+    /// The most runs this table may hold.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// Whether a growth failed because the heap could not serve it.
+    pub fn out_of_memory(&self) -> bool {
+        self.out_of_memory
+    }
+
+    /// Makes sure `n` more runs can be added without allocating: grows the node pool by
+    /// segments (fallibly) and the bucket array with it. `Err(Grow::Full)` when the runs would
+    /// pass the limit, `Err(Grow::NoMemory)` when the heap cannot serve a segment (the table
+    /// is unchanged but for segments already added, which stay usable).
+    pub fn make_room(&mut self, n: usize) -> Result<(), Grow> {
+        let want = self.runs.checked_add(n).ok_or(Grow::Full)?;
+        if want > self.limit {
+            return Err(Grow::Full);
+        }
+        while self.allocated < want {
+            if let Err(e) = self.add_segment() {
+                self.out_of_memory = true;
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds one segment of nodes to the free list.
+    fn add_segment(&mut self) -> Result<(), Grow> {
+        let size = SEGMENT_RUNS.min(self.limit - self.allocated);
+        if size == 0 {
+            return Err(Grow::Full);
+        }
+        if FAIL_GROWTH.load(Ordering::Relaxed) {
+            return Err(Grow::NoMemory);
+        }
+        let mut seg: Vec<Node> = Vec::new();
+        seg.try_reserve_exact(size).map_err(|_| Grow::NoMemory)?;
+        count_growth();
+        let list = self.segments.capacity();
+        self.segments.try_reserve(1).map_err(|_| Grow::NoMemory)?;
+        if self.segments.capacity() != list {
+            count_growth();
+        }
+        let first = self.allocated as u32;
+        seg.resize(size, Node::EMPTY);
+        // Chain the new nodes in front of the free list (lowest index first).
+        for (k, n) in seg.iter_mut().enumerate() {
+            n.next = if k + 1 < size {
+                first + k as u32 + 1
+            } else {
+                self.free
+            };
+        }
+        self.segments.push(seg);
+        self.free = first;
+        self.allocated += size;
+        if self.allocated > self.buckets.len() {
+            self.rehash(self.allocated.next_power_of_two());
+        }
+        Ok(())
+    }
+
+    /// Rebuilds the bucket array with `count` buckets (a power of two). A failed allocation
+    /// leaves the old array: chains get longer, lookups stay right.
+    fn rehash(&mut self, count: usize) {
+        let mut buckets: Vec<u32> = Vec::new();
+        if buckets.try_reserve_exact(count).is_err() {
+            return;
+        }
+        count_growth();
+        buckets.resize(count, NIL);
+        let old = core::mem::replace(&mut self.buckets, buckets);
+        self.bucket_bits = count.trailing_zeros();
+        for head in old {
+            let mut i = head;
+            while i != NIL {
+                let next = self.at(i).next;
+                self.link(i);
+                i = next;
+            }
+        }
+    }
+
+    fn at(&self, i: u32) -> &Node {
+        let i = i as usize;
+        &self.segments[i / SEGMENT_RUNS][i % SEGMENT_RUNS]
+    }
+
+    fn at_mut(&mut self, i: u32) -> &mut Node {
+        let i = i as usize;
+        &mut self.segments[i / SEGMENT_RUNS][i % SEGMENT_RUNS]
+    }
+
+    /// Takes a node off the free list, growing the pool if it is empty.
+    fn take_free(&mut self) -> Result<u32, TableFull> {
+        if self.free == NIL && self.make_room(1).is_err() {
+            return Err(TableFull);
+        }
+        let n = self.free;
+        if n == NIL {
+            return Err(TableFull);
+        }
+        self.free = self.at(n).next;
+        Ok(n)
+    }
+
+    /// Nodes allocated so far (runs the table holds without growing).
     pub fn capacity(&self) -> usize {
-        self.nodes.len()
+        self.allocated
     }
 
     /// Runs stored.
@@ -124,12 +290,12 @@ impl ExceptionTable {
         self.exceptions == 0
     }
 
-    /// Free run entries left.
+    /// Runs that may still be added before the limit (some may need the table to grow).
     pub fn free_runs(&self) -> usize {
-        self.capacity() - self.runs
+        self.limit - self.runs
     }
 
-    /// Bytes this table reserves (bucket array plus node pool).
+    /// Bytes this table has allocated (bucket array plus node segments).
     pub fn reserved_bytes(&self) -> usize {
         self.buckets.len() * 4 + self.capacity() * Self::NODE_BYTES
     }
@@ -148,7 +314,7 @@ impl ExceptionTable {
     }
 
     fn node(&self, i: u32) -> Run {
-        let n = &self.nodes[i as usize];
+        let n = self.at(i);
         let new_len = n.new_len();
         Run {
             old_chunk: n.old(),
@@ -158,7 +324,7 @@ impl ExceptionTable {
     }
 
     fn set_node(&mut self, i: u32, run: Run) {
-        self.nodes[i as usize].set(
+        self.at_mut(i).set(
             run.old_chunk,
             (run.new_chunk & NEW_MASK) | ((run.len - 1) << LEN_SHIFT),
         );
@@ -169,7 +335,7 @@ impl ExceptionTable {
         let mut prev = NIL;
         let mut i = self.buckets[self.bucket(start)];
         while i != NIL {
-            let n = &self.nodes[i as usize];
+            let n = self.at(i);
             if n.old() == start {
                 return Some((prev, i));
             }
@@ -211,25 +377,25 @@ impl ExceptionTable {
 
     /// Takes node `i` (after `prev` in the chain of runs starting at `start`) off its chain.
     fn unlink(&mut self, start: u64, prev: u32, i: u32) {
-        let next = self.nodes[i as usize].next;
+        let next = self.at(i).next;
         if prev == NIL {
             let b = self.bucket(start);
             self.buckets[b] = next;
         } else {
-            self.nodes[prev as usize].next = next;
+            self.at_mut(prev).next = next;
         }
     }
 
     /// Puts node `i` on the chain of runs starting at its first chunk.
     fn link(&mut self, i: u32) {
-        let b = self.bucket(self.nodes[i as usize].old());
-        self.nodes[i as usize].next = self.buckets[b];
+        let b = self.bucket(self.at(i).old());
+        self.at_mut(i).next = self.buckets[b];
         self.buckets[b] = i;
     }
 
     /// Returns node `i` to the free list.
     fn release(&mut self, i: u32) {
-        self.nodes[i as usize].next = self.free;
+        self.at_mut(i).next = self.free;
         self.free = i;
         self.runs -= 1;
     }
@@ -241,9 +407,9 @@ impl ExceptionTable {
         Some(r.new_chunk + (old_chunk - r.old_chunk))
     }
 
-    /// Whether inserting one more exception is guaranteed to succeed.
+    /// Whether inserting one more exception succeeds without allocating.
     pub fn can_insert(&self) -> bool {
-        self.runs < self.capacity()
+        self.free != NIL
     }
 
     /// Adds `old_chunk → new_chunk`; merges with neighbouring runs. The caller guarantees
@@ -269,11 +435,7 @@ impl ExceptionTable {
         };
         match (before, after) {
             (None, None) => {
-                if self.free == NIL {
-                    return Err(TableFull);
-                }
-                let n = self.free;
-                self.free = self.nodes[n as usize].next;
+                let n = self.take_free()?;
                 self.set_node(
                     n,
                     Run {
@@ -347,11 +509,7 @@ impl ExceptionTable {
                 },
             );
         } else {
-            if self.free == NIL {
-                return Err(TableFull);
-            }
-            let n = self.free;
-            self.free = self.nodes[n as usize].next;
+            let n = self.take_free()?;
             self.set_node(i, Run { len: at, ..r });
             self.set_node(
                 n,
@@ -374,14 +532,14 @@ impl ExceptionTable {
             let mut i = head;
             while i != NIL {
                 f(self.node(i));
-                i = self.nodes[i as usize].next;
+                i = self.at(i).next;
             }
         }
     }
 
-    /// Removes everything.
+    /// Removes everything (and gives the memory back).
     pub fn clear(&mut self) {
-        *self = Self::with_capacity(self.capacity());
+        *self = Self::new(self.limit);
     }
 }
 
@@ -451,6 +609,36 @@ mod tests {
         t.insert(9, 9).unwrap();
         t.insert(10, 10).unwrap();
         assert_eq!(t.runs(), 1);
+    }
+
+    #[test]
+    fn grows_by_segments_up_to_its_limit() {
+        let mut t = ExceptionTable::new(3 * SEGMENT_RUNS + 5);
+        assert_eq!(t.capacity(), 0);
+        assert!(t.reserved_bytes() <= 64);
+        // One run per insert (every other chunk of a group), so nodes run out often.
+        let mut n = 0u64;
+        let mut old = 0u64;
+        while t.runs() < t.limit() {
+            t.insert(old, 1000 + n).unwrap();
+            assert!(t.capacity() >= t.runs() && t.capacity() < t.runs() + SEGMENT_RUNS + 1);
+            n += 1;
+            old += 2;
+        }
+        assert_eq!(t.capacity(), t.limit());
+        assert_eq!(t.insert(old, 5000), Err(TableFull));
+        assert!(!t.out_of_memory());
+        assert_eq!(t.make_room(1), Err(Grow::Full));
+        // Every run survived the growths and rehashes.
+        for k in 0..n {
+            assert_eq!(t.lookup(2 * k), Some(1000 + k));
+            assert_eq!(t.lookup(2 * k + 1), None);
+        }
+        // A split (merge) can use the room a removal gave back, never more than the limit.
+        t.clear();
+        assert_eq!(t.capacity(), 0);
+        assert_eq!(t.make_room(2), Ok(()));
+        assert!(t.can_insert());
     }
 
     proptest! {

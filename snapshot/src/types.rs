@@ -187,6 +187,9 @@ pub enum InvalidReason {
     MetadataError,
     /// Deleted by the operator.
     Deleted,
+    /// The exception table had to grow and the heap could not serve it (dm-snapshot's
+    /// `-ENOMEM` invalidation).
+    OutOfMemory,
 }
 
 /// Something the console should hear about.
@@ -355,7 +358,8 @@ pub struct SnapshotConfig {
     pub cow_fua: bool,
     /// Accept writes to the snapshot.
     pub writable: bool,
-    /// Exception table capacity in runs.
+    /// The most runs the exception table may grow to (it starts empty and grows as it fills;
+    /// at most one run per data chunk of the store is ever needed).
     pub table_runs: usize,
     /// Binding record to write into chunk 0 (None: unbound, as Linux writes it).
     pub binding: Option<Binding>,

@@ -620,3 +620,50 @@ fn delete_overflowed(fua: bool, fail: bool) {
         &cow.durable[..4]
     );
 }
+
+#[test]
+fn a_table_costs_what_it_holds_not_the_worst_case() {
+    // A 16 GiB store of 4 KiB chunks: up to 4 Mi runs. The table must not reserve them up
+    // front (that was 96 MiB per snapshot); it grows as exceptions arrive.
+    let mut w = world(1 << 16, |_| {});
+    let mut cfg = snap_cfg(8, 4 << 20);
+    cfg.cow_sectors = 32 << 20; // 16 GiB
+    let id = create(&mut w, &cfg);
+    let (reserved, _, n) = w.engine.table_memory(id).unwrap();
+    assert_eq!(n, 0);
+    assert!(
+        reserved <= 64 << 10,
+        "an empty table reserves {reserved} bytes"
+    );
+    // Random single-chunk writes: one run each, so the table grows by segments.
+    let mut x = 12345u64;
+    let mut written = std::collections::BTreeSet::new();
+    for tag in 0..3000u64 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let chunk = x % (1 << 13);
+        written.insert(chunk);
+        write(&mut w, tag, chunk * 8, 8);
+        w.settle(1000);
+    }
+    w.settle(100_000);
+    let (reserved, used, n) = w.engine.table_memory(id).unwrap();
+    assert_eq!(n, written.len() as u64);
+    assert!(
+        // Used runs plus at most one segment not filled yet (1024 runs of 20 bytes) and
+        // the bucket array's slack.
+        reserved <= used + 2 * 1024 * 24 + (64 << 10),
+        "reserved {reserved} for {used} used"
+    );
+    assert!(matches!(w.engine.status(id), Some(Status::Usage(_))));
+    for &c in written.iter().take(50) {
+        let mut found = false;
+        w.engine.for_each_exception(id, |old, _, committed| {
+            if old == c && committed {
+                found = true;
+            }
+        });
+        assert!(found, "chunk {c} is not in the table");
+    }
+}

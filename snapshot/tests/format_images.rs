@@ -382,3 +382,49 @@ fn check_loader(img: &[u8], cow: u64, block: u32) {
         assert!(st.state.next_free >= 2);
     }
 }
+
+#[test]
+fn a_chunk_size_past_the_limit_is_refused_before_any_chunk_is_read() {
+    // 2^21-sector (1 GiB) chunks are valid for the format; a loader told to serve at most
+    // 512 KiB refuses them after the header, without asking for a chunk-sized read.
+    let mut img = vec![0u8; 4096];
+    img[0..4].copy_from_slice(b"SnAp");
+    put_u32(&mut img, 4, 1);
+    put_u32(&mut img, 8, 1);
+    put_u32(&mut img, 12, 1 << 21);
+    let p = LoadParams {
+        cow_sectors: 1 << 25, // 16 GiB
+        cow_block_sectors: 1,
+        origin_sectors: 1 << 20,
+        origin_block_sectors: 1,
+        table_runs: usize::MAX,
+    };
+    let mut loader = Loader::new(p).max_chunk_sectors(1024);
+    let first = loader.next_read().unwrap();
+    assert_eq!((first.sector, first.sectors), (0, 1));
+    assert_eq!(
+        loader.supply(&img[..512]),
+        Err(LoadError::ChunkTooLarge {
+            chunk_sectors: 1 << 21,
+            max_sectors: 1024
+        })
+    );
+    assert_eq!(loader.next_read(), None);
+    // 512 KiB chunks are served, and the table of an empty store costs next to nothing.
+    put_u32(&mut img, 12, 1024);
+    let st = Loader::load_with(p, |r| {
+        assert!(r.sectors <= 1024, "a read of {} sectors", r.sectors);
+        let mut v = vec![0u8; r.sectors as usize * 512];
+        if r.sector == 0 {
+            v[..512].copy_from_slice(&img[..512]);
+        }
+        v
+    })
+    .unwrap();
+    assert_eq!(st.table.limit(), (1 << 25) / 1024);
+    assert!(
+        st.table.reserved_bytes() < 4096,
+        "{}",
+        st.table.reserved_bytes()
+    );
+}

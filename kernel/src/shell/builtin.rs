@@ -161,6 +161,10 @@ fn mem(json_out: bool, out: &mut Out) {
                     crate::shell::io_allocations() + crate::nbd::tcp::io_allocations(),
                 );
                 o.u64("nbd_allocations", crate::nbd::tcp::io_allocations());
+                o.u64(
+                    "table_growth_allocations",
+                    snapshot::table::growth_allocations(),
+                );
                 o.u64("io_tasks", crate::shell::io_tasks());
             }),
         );
@@ -191,6 +195,11 @@ fn mem(json_out: bool, out: &mut Out) {
             crate::shell::io_allocations() + crate::nbd::tcp::io_allocations(),
             crate::shell::io_tasks(),
             crate::nbd::tcp::io_allocations()
+        );
+        let _ = writeln!(
+            out,
+            "exception table growth: {} allocations (counted apart from the I/O path's)",
+            snapshot::table::growth_allocations()
         );
     }
 }

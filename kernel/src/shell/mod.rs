@@ -155,7 +155,8 @@ mod run_loop {
                 // completion must not reach the next task.
                 if r.task.done() && ios_in_flight == 0 {
                     if r.task.io_path() {
-                        let allocations = memory::allocation_count() - r.allocations_at_start;
+                        let allocations =
+                            memory::allocation_count().saturating_sub(r.allocations_at_start);
                         IO_ALLOCATIONS.fetch_add(allocations, Ordering::Relaxed);
                     }
                     let mut out = Out;

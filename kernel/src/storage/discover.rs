@@ -11,7 +11,7 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use drivers::block::{BlockRequest, BufferPool, Completion};
 use snapshot::format::{FreeExtent, SNAP_MAGIC};
-use snapshot::{Binding, BindingError, LoadParams, LoadedStore, Loader, SnapshotConfig};
+use snapshot::{Binding, BindingError, LoadError, LoadParams, LoadedStore, Loader, SnapshotConfig};
 
 use super::tasks::Task;
 use super::volume::{Snap, SnapState};
@@ -281,11 +281,14 @@ impl DiscoverTask {
             cow_block_sectors: (cg.block_size / 512).max(1),
             origin_sectors: og.capacity_blocks * u64::from(og.block_size / 512),
             origin_block_sectors: (og.block_size / 512).max(1),
-            // Up to one run per COW chunk of the smallest chunk size.
-            table_runs: (cow_sectors / 8).clamp(1, 1 << 22) as usize,
+            // The loader caps the table at the store's chunk count once it has read the
+            // header, and the table grows only with the records it finds.
+            table_runs: usize::MAX,
         };
         self.phase = Phase::Load {
-            loader: Loader::new(params),
+            // Chunks larger than the copy buffers are refused before anything is read or
+            // allocated for them.
+            loader: Loader::new(params).max_chunk_sectors(super::volume::COPY_BUFFER_SECTORS),
             binding,
             origin,
             read: Vec::new(),
@@ -304,6 +307,7 @@ impl DiscoverTask {
             Err(e) => {
                 log::error!("snapshot {name} on {cow}: {e}");
                 self.error = Some(String::from(e));
+                self.refused(st, alloc::format!("snapshot '{name}': {e}; not served"));
                 return;
             }
         };
@@ -322,7 +326,7 @@ impl DiscoverTask {
             cow_block_sectors: (cg.block_size / 512).max(1),
             cow_fua: cg.fua,
             writable,
-            table_runs: (cow_sectors / u64::from(chunk_sectors.max(1))).clamp(1, 1 << 22) as usize,
+            table_runs: super::table_limit(cow_sectors, chunk_sectors),
             // A store adopted with `--no-write` stays exactly as its maker wrote it: no
             // binding is added.
             binding: if bound { Some(binding) } else { None },
@@ -363,7 +367,25 @@ impl DiscoverTask {
             Err(e) => {
                 log::error!("snapshot {name} on {cow}: the engine refused the store ({e:?})");
                 self.error = Some(alloc::format!("the engine refused the store ({e:?})"));
+                self.refused(
+                    st,
+                    alloc::format!(
+                        "snapshot '{name}': the engine refused the store ({e:?}); not served"
+                    ),
+                );
             }
+        }
+    }
+
+    /// Lists a store the scan found but could not attach (at boot; `snapshot attach`
+    /// reports its own error).
+    fn refused(&self, st: &mut Storage, why: String) {
+        if self.adopt.is_none() {
+            st.unserved.push(Unserved {
+                disk: self.disk,
+                start: self.probe,
+                why,
+            });
         }
     }
 }
@@ -519,6 +541,17 @@ impl Task for DiscoverTask {
                                 *want = r.sectors as usize * 512;
                                 *sector = r.sector;
                                 read.clear();
+                                // The loader bounds reads to a chunk (512 KiB at most); a
+                                // heap that cannot hold one refuses this store, not the boot.
+                                if read.try_reserve_exact(*want).is_err() {
+                                    self.phase = Phase::Head;
+                                    let why = String::from(
+                                        "not enough memory to read its metadata; left untouched",
+                                    );
+                                    log::error!("{}: {why}", st.name(self.disk));
+                                    self.unserved(st, why);
+                                    continue;
+                                }
                             }
                             None => {
                                 let Phase::Load {
@@ -536,9 +569,10 @@ impl Task for DiscoverTask {
                                         self.after_store(st);
                                     }
                                     Err(e) => {
+                                        let e = load_error_text(e);
                                         self.error =
-                                            Some(alloc::format!("the store does not load: {e:?}"));
-                                        let why = alloc::format!("a snapshot store that does not load: {e:?}; left untouched");
+                                            Some(alloc::format!("the store does not load: {e}"));
+                                        let why = alloc::format!("a snapshot store that does not load: {e}; left untouched");
                                         log::error!("{}: {why}", st.name(self.disk));
                                         self.unserved(st, why);
                                     }
@@ -675,5 +709,23 @@ impl Task for DiscoverTask {
             )?;
         }
         Ok(())
+    }
+}
+
+/// Operator's words for a store that does not load (the loader's error names the rest).
+fn load_error_text(e: LoadError) -> String {
+    match e {
+        LoadError::ChunkTooLarge {
+            chunk_sectors,
+            max_sectors,
+        } => alloc::format!(
+            "its chunk size ({} KiB) is above the largest served ({} KiB)",
+            u64::from(chunk_sectors) / 2,
+            max_sectors / 2
+        ),
+        LoadError::OutOfMemory => {
+            String::from("not enough memory for its exception table (the other stores keep theirs)")
+        }
+        e => alloc::format!("{e:?}"),
     }
 }

@@ -41,6 +41,13 @@ const POLL_BUDGET: usize = 64;
 /// Vector → (device, queue) table shared with the interrupt handler.
 pub static REGISTRY: VectorRegistry = VectorRegistry::new();
 
+/// The most runs a snapshot's exception table may grow to: one per chunk of its store. The
+/// same at `snapshot create` and at boot; the table starts empty and grows as it fills
+/// (`snapshot::table`), so this bounds memory, it does not reserve it.
+pub fn table_limit(cow_sectors: u64, chunk_sectors: u32) -> usize {
+    (cow_sectors / u64::from(chunk_sectors.max(1))).clamp(1, usize::MAX as u64) as usize
+}
+
 /// Every disk, its DMA buffers, and the devices that failed to initialise.
 pub struct Storage {
     /// Working devices, in PCI order; the index is the device number interrupts carry.

@@ -72,7 +72,6 @@ impl CreateTask {
         let og = st.devices[origin].geometry();
         let info = st.devices[origin].info();
         let cg = st.devices[self.spec.cow_disk].geometry();
-        let chunks = self.spec.cow_sectors / u64::from(self.spec.chunk_sectors);
         // Names are checked (at most 64 bytes) and serials are at most 20 bytes, so both fit.
         let binding = match (
             BoundedBytes::new(self.spec.name.as_bytes()),
@@ -102,7 +101,7 @@ impl CreateTask {
             cow_block_sectors: (cg.block_size / 512).max(1),
             cow_fua: cg.fua,
             writable: self.spec.writable,
-            table_runs: chunks.clamp(1, 1 << 22) as usize,
+            table_runs: super::table_limit(self.spec.cow_sectors, self.spec.chunk_sectors),
             binding,
         }
     }

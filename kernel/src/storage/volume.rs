@@ -7,7 +7,14 @@
 //! every engine I/O is carried by a DMA bounce buffer from the origin's own pool, filled from
 //! (writes) or copied into (reads) what the engine named. That costs one memory copy per I/O
 //! and keeps every DMA buffer owned by exactly one request. All of it is allocated when the
-//! origin is set up; the I/O path does not allocate.
+//! origin is set up; the I/O path does not allocate (the one exception is the growth of a
+//! snapshot's exception table, fallible and inside the engine: see `snapshot::table`).
+//!
+//! Large I/O: chunks go up to 512 KiB, so the engine's area writes, zeroing writes and copies
+//! can be larger than a device takes in one request (virtio-blk: 128 KiB) or than a bounce
+//! buffer. Such an I/O is split here into pieces of the device's transfer limit, issued in
+//! order through bounce buffers, and completed to the engine once every piece has (with an
+//! error if any piece failed). The engine keeps its one-I/O view, so its ordering rules hold.
 
 use alloc::collections::VecDeque;
 use alloc::string::String;
@@ -26,9 +33,10 @@ use crate::platform::KernelHal;
 pub const VOLUME_TAG: u64 = 1 << 63;
 /// Engine I/Os in flight per origin (bounce buffers).
 const BOUNCE_BUFFERS: usize = 64;
-/// Copy buffers per origin, and their size in sectors (the largest sequential copy).
+/// Copy buffers per origin, and their size in sectors: the largest sequential copy, and the
+/// largest chunk size served (512 KiB, as dm-snapshot and LVM allow). 8 MiB of heap per origin.
 const COPY_BUFFERS: u32 = 16;
-const COPY_BUFFER_SECTORS: u32 = 256;
+pub const COPY_BUFFER_SECTORS: u32 = 1024;
 /// Engine I/Os taken from the engine ahead of issuing, so that copy writes to consecutive
 /// COW chunks go down as one device write (random origin chunks get consecutive COW
 /// chunks, and their copy reads finish in batches).
@@ -104,6 +112,23 @@ struct Issued {
     lent: bool,
     /// The next engine I/O merged into the same device write (its slot), or `NO_PART`.
     next: u32,
+    /// The engine I/O is larger than one device request: it goes down in pieces.
+    split: Option<Split>,
+}
+
+/// An engine I/O issued in pieces of at most `piece` bytes.
+#[derive(Clone, Copy)]
+struct Split {
+    io: Io,
+    disk: usize,
+    /// The device LBA of the I/O's first byte, and the device's block size.
+    lba: u64,
+    block: u64,
+    piece: usize,
+    /// Bytes issued so far; pieces in flight; whether one failed.
+    issued: usize,
+    inflight: u16,
+    failed: bool,
 }
 
 /// An origin device with its engine and snapshots.
@@ -123,6 +148,8 @@ pub struct Origin {
     bounce: BufferPool,
     /// Engine I/Os taken from the engine and not issued yet, in the engine's order.
     staged: VecDeque<Io>,
+    /// The I/O slot of a split I/O whose pieces are not all issued yet: it goes first.
+    splitting: Option<u32>,
     /// Copy writes that went down merged with others, and the device writes they made.
     pub merged_copy_writes: u64,
     /// Device writes made of merged copy writes.
@@ -191,14 +218,21 @@ impl Origin {
         let engine =
             Engine::new(cfg).map_err(|_| "the snapshot engine refused its configuration")?;
         let copy_bytes = COPY_BUFFER_SECTORS as usize * 512;
-        let bounce_bytes = copy_bytes.max(g.max_transfer_bytes as usize);
+        // Copy buffers are heap: ask for them fallibly, so a full heap refuses the origin
+        // instead of halting.
+        let mut copy: Vec<u8> = Vec::new();
+        copy.try_reserve_exact(COPY_BUFFERS as usize * copy_bytes)
+            .map_err(|_| "no memory for the snapshot engine's copy buffers")?;
+        copy.resize(COPY_BUFFERS as usize * copy_bytes, 0);
+        // Bounce buffers carry one device request each: larger engine I/O is split.
+        let bounce_bytes = crate::storage::MAX_TRANSFER.max(g.max_transfer_bytes as usize);
         let bounce = BufferPool::new::<KernelHal>(pool_id, BOUNCE_BUFFERS, bounce_bytes)
             .map_err(|_| "no DMA memory for the snapshot engine's buffers")?;
         Ok(Origin {
             disk,
             engine,
             snaps: Vec::new(),
-            copy: alloc::vec![0; COPY_BUFFERS as usize * copy_bytes],
+            copy,
             copy_bytes,
             requests: (0..request_slots).map(|_| None).collect(),
             free_requests: (0..request_slots as u32).rev().collect(),
@@ -206,6 +240,7 @@ impl Origin {
             free_ios: (0..io_slots as u32).rev().collect(),
             bounce,
             staged: VecDeque::with_capacity(STAGED_IOS + 1),
+            splitting: None,
             merged_copy_writes: 0,
             merged_device_writes: 0,
             wipe_failed: None,
@@ -306,6 +341,12 @@ impl Origin {
     /// Issues the engine's I/O to the devices, as far as buffers and queues allow.
     pub fn issue(&mut self, index: usize, devices: &mut [BoxedDevice]) {
         loop {
+            // A split I/O's remaining pieces go before anything after it.
+            if let Some(slot) = self.splitting {
+                if !self.issue_pieces(index, devices, slot) {
+                    return;
+                }
+            }
             while self.staged.len() < STAGED_IOS {
                 match self.engine.poll_io() {
                     Some(io) => self.staged.push_back(io),
@@ -422,7 +463,7 @@ impl Origin {
         let mut at = 0;
         for io in core::iter::once(&head).chain(parts.iter().map(|&p| &self.staged[p])) {
             let len = io.sectors as usize * 512;
-            self.fill(&io.buffer, &mut buf.as_mut_slice()[at..at + len]);
+            self.fill(&io.buffer, 0, &mut buf.as_mut_slice()[at..at + len]);
             at += len;
         }
         let tag = VOLUME_TAG | ((index as u64) << 32) | u64::from(first);
@@ -453,6 +494,7 @@ impl Origin {
             caller: None,
             lent: false,
             next: NO_PART,
+            split: None,
         });
         for &at in parts.iter() {
             let token = self.staged[at].token;
@@ -466,6 +508,7 @@ impl Origin {
                 caller: None,
                 lent: false,
                 next: NO_PART,
+                split: None,
             });
             if let Some(Some(p)) = self.ios.get_mut(prev as usize) {
                 p.next = slot;
@@ -491,12 +534,15 @@ impl Origin {
             let _ = self.engine.complete_io(io.token, Err(IoError));
             return Ok(());
         };
+        let len = io.sectors as usize * 512;
+        if matches!(io.op, IoOp::Read | IoOp::Write { .. }) && len > self.piece_bytes(device) {
+            return self.start_split(index, devices, disk, offset, io);
+        }
         let Some(slot) = self.free_ios.pop() else {
             return Err(io);
         };
         let tag = VOLUME_TAG | ((index as u64) << 32) | u64::from(slot);
         let lba = device_lba(device, io.sector + offset);
-        let len = io.sectors as usize * 512;
         // An I/O on the whole of a request's buffer (most origin writes and snapshot reads)
         // lends that buffer to the device instead of copying through a bounce buffer. While
         // it is lent, other I/O on it waits; while bounce copies of it are in flight, it is
@@ -538,7 +584,7 @@ impl Origin {
                 }
                 match io.op {
                     IoOp::Write { fua } => {
-                        self.fill(&io.buffer, buf.as_mut_slice());
+                        self.fill(&io.buffer, 0, buf.as_mut_slice());
                         BlockRequest::write(tag, lba, buf, fua)
                     }
                     _ => BlockRequest::read(tag, lba, buf),
@@ -559,6 +605,7 @@ impl Origin {
                     caller,
                     lent: is_lent,
                     next: NO_PART,
+                    split: None,
                 });
                 Ok(())
             }
@@ -581,6 +628,201 @@ impl Origin {
         }
     }
 
+    /// Bytes one device request of this origin's engine I/O may carry on `device`: its
+    /// transfer limit, at most one bounce buffer, whole blocks.
+    fn piece_bytes(&self, device: &BoxedDevice) -> usize {
+        let block = (device.geometry().block_size as usize).max(512);
+        let max = (device.geometry().max_transfer_bytes as usize).min(self.bounce.buffer_size());
+        (max - max % block).max(block)
+    }
+
+    /// Starts issuing `io`, larger than one device request, in pieces.
+    fn start_split(
+        &mut self,
+        index: usize,
+        devices: &mut [BoxedDevice],
+        disk: usize,
+        offset: u64,
+        io: Io,
+    ) -> Result<(), Io> {
+        let Some(device) = devices.get(disk) else {
+            return Err(io);
+        };
+        let piece = self.piece_bytes(device);
+        let lba = device_lba(device, io.sector + offset);
+        let block = u64::from(device.geometry().block_size.max(512));
+        let caller = match io.buffer {
+            IoBuffer::Caller { tag, .. } => Some(tag),
+            _ => None,
+        };
+        if let Some(held) = caller.and_then(|t| self.requests.get_mut(t as usize)) {
+            if held.as_ref().is_some_and(|h| h.lent) {
+                return Err(io);
+            }
+        }
+        let Some(slot) = self.free_ios.pop() else {
+            return Err(io);
+        };
+        if let Some(held) = caller
+            .and_then(|t| self.requests.get_mut(t as usize))
+            .and_then(Option::as_mut)
+        {
+            // Not lent while pieces use it through bounce buffers.
+            held.bounced += 1;
+        }
+        self.ios[slot as usize] = Some(Issued {
+            token: io.token,
+            read_into: matches!(io.op, IoOp::Read).then_some(io.buffer),
+            caller,
+            lent: false,
+            next: NO_PART,
+            split: Some(Split {
+                io,
+                disk,
+                lba,
+                block,
+                piece,
+                issued: 0,
+                inflight: 0,
+                failed: false,
+            }),
+        });
+        self.splitting = Some(slot);
+        self.issue_pieces(index, devices, slot);
+        Ok(())
+    }
+
+    /// Issues the next pieces of the split I/O in `slot`; true when all are issued.
+    fn issue_pieces(&mut self, index: usize, devices: &mut [BoxedDevice], slot: u32) -> bool {
+        loop {
+            let Some(mut sp) = self
+                .ios
+                .get(slot as usize)
+                .and_then(Option::as_ref)
+                .and_then(|i| i.split)
+            else {
+                self.splitting = None;
+                return true;
+            };
+            let total = sp.io.sectors as usize * 512;
+            if sp.issued >= total {
+                self.splitting = None;
+                return true;
+            }
+            let len = (total - sp.issued).min(sp.piece);
+            let Some(device) = devices.get_mut(sp.disk) else {
+                sp.failed = true;
+                sp.issued = total;
+                self.update_split(slot, sp);
+                continue;
+            };
+            let Some(mut buf) = self.bounce.acquire() else {
+                return false;
+            };
+            if buf.set_len(len).is_err() {
+                let _ = self.bounce.release(buf);
+                sp.failed = true;
+                sp.issued = total;
+                self.update_split(slot, sp);
+                continue;
+            }
+            let tag = VOLUME_TAG | ((index as u64) << 32) | u64::from(slot);
+            let lba = sp.lba + sp.issued as u64 / sp.block;
+            let request = match sp.io.op {
+                IoOp::Write { fua } => {
+                    self.fill(&sp.io.buffer, sp.issued, buf.as_mut_slice());
+                    BlockRequest::write(tag, lba, buf, fua)
+                }
+                _ => BlockRequest::read(tag, lba, buf),
+            };
+            match device.submit(request) {
+                Ok(()) => {
+                    sp.issued += len;
+                    sp.inflight += 1;
+                    self.update_split(slot, sp);
+                }
+                Err(rejected) => {
+                    if let Some(b) = rejected.request.buffer {
+                        let _ = self.bounce.release(b);
+                    }
+                    if rejected.error == BlockError::QueueFull {
+                        return false;
+                    }
+                    // The device refused a piece: the I/O fails once the others are back.
+                    sp.failed = true;
+                    sp.issued = total;
+                    self.update_split(slot, sp);
+                }
+            }
+        }
+    }
+
+    /// Stores `sp` back in `slot`, and completes the I/O when every piece is issued and back.
+    fn update_split(&mut self, slot: u32, sp: Split) {
+        let total = sp.io.sectors as usize * 512;
+        let done = sp.issued >= total && sp.inflight == 0;
+        if !done {
+            if let Some(Some(i)) = self.ios.get_mut(slot as usize) {
+                i.split = Some(sp);
+            }
+            return;
+        }
+        if self.splitting == Some(slot) {
+            self.splitting = None;
+        }
+        let Some(issued) = self.ios.get_mut(slot as usize).and_then(Option::take) else {
+            return;
+        };
+        self.free_ios.push(slot);
+        if let Some(held) = issued
+            .caller
+            .and_then(|t| self.requests.get_mut(t as usize))
+            .and_then(Option::as_mut)
+        {
+            held.bounced = held.bounced.saturating_sub(1);
+        }
+        let result = if sp.failed { Err(IoError) } else { Ok(()) };
+        let _ = self.engine.complete_io(issued.token, result);
+    }
+
+    /// A device completion of one piece of the split I/O in `slot`.
+    fn complete_piece(&mut self, slot: u32, mut sp: Split, completion: Completion) {
+        let at = (completion.lba.saturating_sub(sp.lba) * sp.block) as usize;
+        if let (Ok(()), Some(buf)) = (completion.result, &completion.buffer) {
+            if sp.io.op == IoOp::Read {
+                let data = buf.as_slice();
+                match sp.io.buffer {
+                    IoBuffer::Caller { tag, byte_offset } => {
+                        let held = self.requests.get_mut(tag as usize).and_then(Option::as_mut);
+                        if let Some(b) = held.and_then(|h| h.buffer.as_mut()) {
+                            copy_into(b.as_mut_slice(), byte_offset + at as u64, data);
+                        }
+                    }
+                    IoBuffer::Copy { index, byte_offset } => {
+                        let start = index as usize * self.copy_bytes;
+                        if let Some(dst) = self.copy.get_mut(start..start + self.copy_bytes) {
+                            copy_into(dst, byte_offset + at as u64, data);
+                        }
+                    }
+                    IoBuffer::Meta { .. } => {
+                        if let Some(dst) = self.engine.meta_bytes_mut(&sp.io.buffer) {
+                            copy_into(dst, at as u64, data);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if completion.result.is_err() {
+            sp.failed = true;
+        }
+        if let Some(b) = completion.buffer {
+            let _ = self.bounce.release(b);
+        }
+        sp.inflight = sp.inflight.saturating_sub(1);
+        self.update_split(slot, sp);
+    }
+
     /// Returns a lent buffer to its request.
     fn give_back(&mut self, caller: Option<u64>, buffer: DmaBuf) {
         match caller
@@ -596,29 +838,38 @@ impl Origin {
         }
     }
 
-    /// Copies what an engine write names into `out`.
-    fn fill(&self, source: &IoBuffer, out: &mut [u8]) {
+    /// Copies what an engine write names, from byte `skip` of it on, into `out`.
+    fn fill(&self, source: &IoBuffer, skip: usize, out: &mut [u8]) {
+        let skip = skip as u64;
         match *source {
             IoBuffer::Caller { tag, byte_offset } => {
                 let from = self.requests.get(tag as usize).and_then(|h| h.as_ref());
                 let from = from.and_then(|h| h.buffer.as_ref()).map(DmaBuf::as_slice);
-                copy_from(from, byte_offset, out);
+                copy_from(from, byte_offset + skip, out);
             }
             IoBuffer::Copy { index, byte_offset } => {
                 let start = index as usize * self.copy_bytes;
                 copy_from(
                     self.copy.get(start..start + self.copy_bytes),
-                    byte_offset,
+                    byte_offset + skip,
                     out,
                 );
             }
-            IoBuffer::Meta { .. } => copy_from(self.engine.meta_bytes(source), 0, out),
+            IoBuffer::Meta { .. } => copy_from(self.engine.meta_bytes(source), skip, out),
             IoBuffer::Zeroes | IoBuffer::None => out.fill(0),
         }
     }
 
     /// A device completion of engine I/O `slot`.
     pub fn complete(&mut self, slot: u32, completion: Completion) {
+        if let Some(sp) = self
+            .ios
+            .get(slot as usize)
+            .and_then(Option::as_ref)
+            .and_then(|i| i.split)
+        {
+            return self.complete_piece(slot, sp, completion);
+        }
         let Some(issued) = self.ios.get_mut(slot as usize).and_then(Option::take) else {
             log::error!("snapshot engine: completion for unknown I/O slot {slot}");
             if let Some(b) = completion.buffer {
@@ -792,6 +1043,7 @@ pub fn reason_text(reason: InvalidReason) -> &'static str {
         InvalidReason::CopyError => "copying a chunk failed",
         InvalidReason::MetadataError => "writing metadata failed",
         InvalidReason::Deleted => "deleted",
+        InvalidReason::OutOfMemory => "its exception table could not grow (out of memory)",
     }
 }
 
