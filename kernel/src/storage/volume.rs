@@ -37,6 +37,9 @@ const STAGED_IOS: usize = 64;
 const MERGE_PARTS: usize = 32;
 /// No next part.
 const NO_PART: u32 = u32::MAX;
+/// After a snapshot's store could not be marked invalid, the least time between attempts at
+/// its header write (engine ticks are microseconds): 1 s.
+const INVALIDATION_RETRY_TICKS: u64 = 1_000_000;
 
 /// Where a snapshot is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -186,6 +189,7 @@ impl Origin {
         cfg.origin_block_sectors = block_sectors as u32;
         cfg.copy_buffers = COPY_BUFFERS;
         cfg.copy_buffer_sectors = COPY_BUFFER_SECTORS;
+        cfg.invalidation_retry_ticks = INVALIDATION_RETRY_TICKS;
         let request_slots = cfg.request_slots as usize;
         let io_slots = cfg.io_slots as usize;
         let engine =
@@ -724,6 +728,19 @@ impl Origin {
                     s.invalid = Some(reason);
                 }
             }
+            Event::InvalidationFailed { snap } => {
+                if let Some(s) = self.snap_by_id(snap) {
+                    log::error!("snapshot {}: {UNMARKED_ALERT}", s.name);
+                }
+            }
+            Event::InvalidationDurable { snap } => {
+                if let Some(s) = self.snap_by_id(snap) {
+                    log::warn!(
+                        "snapshot {}: its COW store is marked invalid now; origin writes go on",
+                        s.name
+                    );
+                }
+            }
             Event::OriginQuiesced => {}
             Event::SnapshotCreated { snap } => {
                 if let Some(s) = self.snap_by_id(snap) {
@@ -783,6 +800,12 @@ impl Origin {
             .retain(|s| !matches!(s.state, SnapState::Failed | SnapState::Deleted));
     }
 }
+
+/// What the console says about a snapshot that is invalid but whose store could not be marked
+/// invalid on its COW device (the engine's `invalidation_failed`).
+pub const UNMARKED_ALERT: &str = "INVALID, but its COW store could not be marked invalid \
+     (I/O error) and may still read as a valid snapshot: origin writes that would change it \
+     fail with an I/O error until it is deleted ('snapshot delete') or the device takes the write";
 
 /// Operator's words for an invalidation.
 pub fn reason_text(reason: InvalidReason) -> &'static str {
