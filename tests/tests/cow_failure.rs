@@ -1,0 +1,223 @@
+//! A COW device that fails (issue 15, finding 4): the store on `vdb` is created, then the
+//! device stops taking writes (reads and flushes still work, as an NVMe drive gone read-only
+//! at end of life; QEMU's blkdebug driver fails every write after the two flushes of
+//! `snapshot create`). The first origin write needs a copy, the copy fails, the snapshot is
+//! invalidated, and writing the header that marks the store invalid fails too: the store on
+//! the device still reads as a valid snapshot. The origin write must then fail (the NBD client
+//! sees EIO) instead of silently changing that snapshot, the console must say why (at once,
+//! and again later), `snapshot list`/`status` must show it, and `snapshot delete` gives it up.
+//! Needs qemu-utils (qemu-io) on the host.
+
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use tests::cow::CowImage;
+use tests::{free_port, Boot, Image, Qemu, TIMEOUT};
+
+const MIB: u64 = 1 << 20;
+const NBD_PORT: u16 = 10809;
+
+/// Waits for the DHCP lease and the NBD listener, then for the console to settle.
+fn wait_serving(q: &mut Qemu) {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let t = q.transcript();
+        if t.contains("net: DHCP lease") && t.contains("nbd: serving every volume on TCP port") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "NBD not serving:\n{t}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    q.settle(Duration::from_millis(300));
+}
+
+fn qemu_io(port: u16, export: &str, commands: &[&str]) -> Output {
+    let mut args = vec!["-f".to_string(), "raw".to_string()];
+    for c in commands {
+        args.push("-c".into());
+        args.push((*c).into());
+    }
+    args.push(format!("nbd://127.0.0.1:{port}/{export}"));
+    Command::new("qemu-io")
+        .args(&args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run qemu-io (make deps): {e}"))
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Waits until `pattern` occurs `n` times in the transcript.
+fn wait_count(q: &mut Qemu, pattern: &str, n: usize, timeout: Duration) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let t = q.transcript();
+        if t.matches(pattern).count() >= n {
+            return t;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "'{pattern}' not seen {n} times:\n{t}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_cow_device_that_stops_taking_writes_fails_origin_writes_not_the_snapshot() {
+    let (a, b) = (
+        Image::new("cowfail-origin", 16 * MIB),
+        Image::new("cowfail-cow", 8 * MIB),
+    );
+    let origin: Vec<u8> = (0..16 * MIB as usize)
+        .map(|i| (i / 4096 % 251) as u8 ^ (i % 13) as u8)
+        .collect();
+    a.write(0, &origin);
+    // Every write to the COW device fails after its second flush (the end of `snapshot
+    // create` on virtio-blk, which has no FUA: zero the first area, flush, header, flush).
+    let conf = b.path.with_extension("blkdebug.conf");
+    std::fs::write(
+        &conf,
+        "[set-state]\nstate = \"1\"\nevent = \"flush_to_disk\"\nnew_state = \"2\"\n\n\
+         [set-state]\nstate = \"2\"\nevent = \"flush_to_disk\"\nnew_state = \"3\"\n\n\
+         [inject-error]\nstate = \"3\"\nevent = \"pwritev\"\niotype = \"write\"\n\
+         errno = \"5\"\nonce = \"off\"\n",
+    )
+    .expect("write blkdebug config");
+    let port = free_port();
+    let mut q = Boot::kernel("q35", "testing loglevel=info")
+        .virtio_disk(&a.path, "ORIGIN")
+        .args([
+            "-drive".to_string(),
+            format!(
+                "file=blkdebug:{}:{},if=none,format=raw,id=dying,cache=none,aio=threads",
+                conf.display(),
+                b.path.display()
+            ),
+            "-device".to_string(),
+            "virtio-blk-pci,drive=dying,serial=DYING".to_string(),
+        ])
+        .net(&[(port, NBD_PORT)], None)
+        .start();
+    q.wait_prompt();
+    wait_serving(&mut q);
+    let out = q.command("snapshot create s1 vda vdb");
+    assert!(out.contains("created snapshot s1"), "{out}");
+
+    // The write needs a copy into s1; the COW device refuses it and then the header write.
+    let w = qemu_io(port, "vda", &["write -P 0x55 0 64k", "flush"]);
+    let wt = text(&w);
+    assert!(
+        wt.contains("write failed: Input/output error"),
+        "the origin write went through while the store still reads as valid: {wt}"
+    );
+    let t = wait_count(
+        &mut q,
+        "snapshot s1: INVALID, but its COW store could not be marked invalid",
+        1,
+        TIMEOUT,
+    );
+    assert!(
+        t.contains("snapshot s1 invalidated: copying a chunk failed"),
+        "{t}"
+    );
+    // The origin kept what the snapshot reads, and the store on the device, which still
+    // loads as valid, reads exactly the snapshot.
+    assert!(
+        a.read(0, 65536) == origin[..65536],
+        "the origin took the write"
+    );
+    let cow = b.read(0, 8 * MIB as usize);
+    let store = CowImage { bytes: &cow }
+        .load(16 * MIB)
+        .expect("store loads");
+    assert!(
+        store.valid,
+        "the header write failed: the store must still say valid"
+    );
+    let view = CowImage { bytes: &cow }
+        .snapshot_view(&a.read(0, 16 * MIB as usize))
+        .expect("view");
+    assert!(
+        view == origin,
+        "the store on the device no longer reads its snapshot"
+    );
+
+    // Reads go on; a console write that needs a copy fails like the NBD one.
+    let r = qemu_io(port, "vda", &["read 0 64k"]);
+    assert!(text(&r).contains("read 65536/65536 bytes"), "{}", text(&r));
+    // (Log lines of the NBD connections redraw the prompt: let them pass first.)
+    q.settle(Duration::from_millis(300));
+    let out = q.command("write vda 100 1 --byte 0x11");
+    assert!(out.contains("error"), "console write went through: {out}");
+    assert!(a.read(100 * 512, 512) == origin[100 * 512..101 * 512]);
+
+    let list = q.command("snapshot list");
+    let row = list
+        .lines()
+        .find(|l| l.starts_with("s1 "))
+        .unwrap_or_else(|| panic!("{list}"));
+    assert!(row.contains("invalid"), "{row}");
+    assert!(
+        list.contains("s1: INVALID, but its COW store could not be marked invalid"),
+        "{list}"
+    );
+    let json = q.command("snapshot list --json");
+    assert!(json.contains("\"store_marked_invalid\":false"), "{json}");
+    assert!(
+        json.contains("\"invalid_reason\":\"copying a chunk failed\""),
+        "{json}"
+    );
+    let status = q.command("snapshot status s1");
+    assert!(status.contains("0 32768 snapshot Invalid"), "{status}");
+    assert!(
+        status.contains("invalidated: copying a chunk failed"),
+        "{status}"
+    );
+    assert!(status.contains("could not be marked invalid"), "{status}");
+    let refused: u64 = status
+        .split("origin writes refused so far: ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{status}"));
+    assert!(refused >= 2, "{status}");
+
+    // The alert repeats (after 10 s) with the count.
+    let t = wait_count(
+        &mut q,
+        "ERROR snapshot s1: INVALID, but its COW store could not be marked invalid",
+        2,
+        Duration::from_secs(40),
+    );
+    let repeat = t
+        .split("ERROR snapshot s1: INVALID")
+        .nth(2)
+        .and_then(|r| r.lines().next())
+        .unwrap_or_default();
+    assert!(repeat.contains("origin writes refused so far"), "{repeat}");
+
+    q.settle(Duration::from_millis(300));
+    // The operator gives the snapshot up: the wipe fails as well, and the delete says what
+    // that means; origin writes go through again.
+    let out = q.command_timeout("snapshot delete s1", TIMEOUT);
+    assert!(
+        out.contains("could be neither marked invalid nor wiped"),
+        "{out}"
+    );
+    q.settle(Duration::from_millis(300));
+    let w = qemu_io(port, "vda", &["write -P 0x55 0 64k", "flush"]);
+    assert!(
+        w.status.success() && !text(&w).contains("failed"),
+        "{}",
+        text(&w)
+    );
+    assert!(a.read(0, 65536).iter().all(|&x| x == 0x55));
+    let _ = std::fs::remove_file(&conf);
+    q.poweroff();
+}
