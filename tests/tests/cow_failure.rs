@@ -68,27 +68,39 @@ fn wait_count(q: &mut Qemu, pattern: &str, n: usize, timeout: Duration) -> Strin
     }
 }
 
-#[test]
-fn a_cow_device_that_stops_taking_writes_fails_origin_writes_not_the_snapshot() {
+/// blkdebug rules: the COW device takes writes until its second flush (the end of `snapshot
+/// create` on virtio-blk, which has no FUA: zero the first area, flush, header, flush); then
+/// every write fails. Reads and flushes keep working.
+const DIES_AFTER_CREATE: &str = "\
+[set-state]\nstate = \"1\"\nevent = \"flush_to_disk\"\nnew_state = \"2\"\n
+[set-state]\nstate = \"2\"\nevent = \"flush_to_disk\"\nnew_state = \"3\"\n
+[inject-error]\nstate = \"3\"\nevent = \"pwritev\"\niotype = \"write\"\nerrno = \"5\"\nonce = \"off\"\n";
+
+/// As [`DIES_AFTER_CREATE`], but only the next two writes fail (the first copy and the
+/// header write that would invalidate the store); from then on the device works again. (An
+/// error rule that never matches a write replaces the active ones in the last state.)
+const FAILS_TWICE_AFTER_CREATE: &str = "\
+[set-state]\nstate = \"1\"\nevent = \"flush_to_disk\"\nnew_state = \"2\"\n
+[set-state]\nstate = \"2\"\nevent = \"flush_to_disk\"\nnew_state = \"3\"\n
+[inject-error]\nstate = \"3\"\nevent = \"pwritev\"\niotype = \"write\"\nerrno = \"5\"\nonce = \"off\"\n
+[set-state]\nstate = \"3\"\nevent = \"pwritev\"\nnew_state = \"4\"\n
+[inject-error]\nstate = \"4\"\nevent = \"pwritev\"\niotype = \"write\"\nerrno = \"5\"\nonce = \"off\"\n
+[set-state]\nstate = \"4\"\nevent = \"pwritev\"\nnew_state = \"5\"\n
+[inject-error]\nstate = \"5\"\nevent = \"pwritev\"\niotype = \"discard\"\nerrno = \"5\"\nonce = \"off\"\n";
+
+/// A 16 MiB origin `vda` with a pattern and an 8 MiB COW disk `vdb` behind blkdebug with
+/// `rules`, NBD forwarded to the returned port, snapshot `s1` of `vda` on `vdb` created.
+fn boot_with_dying_cow(tag: &str, rules: &str) -> (Qemu, u16, Image, Image, Vec<u8>) {
     let (a, b) = (
-        Image::new("cowfail-origin", 16 * MIB),
-        Image::new("cowfail-cow", 8 * MIB),
+        Image::new(&format!("{tag}-origin"), 16 * MIB),
+        Image::new(&format!("{tag}-cow"), 8 * MIB),
     );
     let origin: Vec<u8> = (0..16 * MIB as usize)
         .map(|i| (i / 4096 % 251) as u8 ^ (i % 13) as u8)
         .collect();
     a.write(0, &origin);
-    // Every write to the COW device fails after its second flush (the end of `snapshot
-    // create` on virtio-blk, which has no FUA: zero the first area, flush, header, flush).
     let conf = b.path.with_extension("blkdebug.conf");
-    std::fs::write(
-        &conf,
-        "[set-state]\nstate = \"1\"\nevent = \"flush_to_disk\"\nnew_state = \"2\"\n\n\
-         [set-state]\nstate = \"2\"\nevent = \"flush_to_disk\"\nnew_state = \"3\"\n\n\
-         [inject-error]\nstate = \"3\"\nevent = \"pwritev\"\niotype = \"write\"\n\
-         errno = \"5\"\nonce = \"off\"\n",
-    )
-    .expect("write blkdebug config");
+    std::fs::write(&conf, rules).expect("write blkdebug config");
     let port = free_port();
     let mut q = Boot::kernel("q35", "testing loglevel=info")
         .virtio_disk(&a.path, "ORIGIN")
@@ -108,6 +120,12 @@ fn a_cow_device_that_stops_taking_writes_fails_origin_writes_not_the_snapshot() 
     wait_serving(&mut q);
     let out = q.command("snapshot create s1 vda vdb");
     assert!(out.contains("created snapshot s1"), "{out}");
+    (q, port, a, b, origin)
+}
+
+#[test]
+fn a_cow_device_that_stops_taking_writes_fails_origin_writes_not_the_snapshot() {
+    let (mut q, port, a, b, origin) = boot_with_dying_cow("cowfail", DIES_AFTER_CREATE);
 
     // The write needs a copy into s1; the COW device refuses it and then the header write.
     let w = qemu_io(port, "vda", &["write -P 0x55 0 64k", "flush"]);
@@ -218,6 +236,79 @@ fn a_cow_device_that_stops_taking_writes_fails_origin_writes_not_the_snapshot() 
         text(&w)
     );
     assert!(a.read(0, 65536).iter().all(|&x| x == 0x55));
-    let _ = std::fs::remove_file(&conf);
+    let _ = std::fs::remove_file(b.path.with_extension("blkdebug.conf"));
+    q.poweroff();
+}
+
+/// The device fails the first copy and the invalidating header write, then works again: the
+/// origin write in between fails, the next one (a second later) retries the header write,
+/// which lands; the store now loads as invalid and origin writes go on.
+#[test]
+fn a_cow_device_that_comes_back_gets_the_store_invalidated_and_writes_go_on() {
+    let (mut q, port, a, b, origin) = boot_with_dying_cow("cowback", FAILS_TWICE_AFTER_CREATE);
+    let w = qemu_io(port, "vda", &["write -P 0x55 0 64k", "flush"]);
+    assert!(
+        text(&w).contains("write failed: Input/output error"),
+        "{}",
+        text(&w)
+    );
+    wait_count(
+        &mut q,
+        "snapshot s1: INVALID, but its COW store could not be marked invalid",
+        1,
+        TIMEOUT,
+    );
+    assert!(
+        a.read(0, 65536) == origin[..65536],
+        "the origin took the write"
+    );
+    assert!(
+        CowImage {
+            bytes: &b.read(0, 8 * MIB as usize)
+        }
+        .load(16 * MIB)
+        .expect("store loads")
+        .valid
+    );
+    // Retries are at most once a second.
+    std::thread::sleep(Duration::from_millis(1500));
+    let w = qemu_io(port, "vda", &["write -P 0x66 0 64k", "flush"]);
+    assert!(
+        w.status.success() && !text(&w).contains("failed"),
+        "{}",
+        text(&w)
+    );
+    wait_count(
+        &mut q,
+        "snapshot s1: its COW store is marked invalid now; origin writes go on",
+        1,
+        TIMEOUT,
+    );
+    assert!(a.read(0, 65536).iter().all(|&x| x == 0x66));
+    let store = CowImage {
+        bytes: &b.read(0, 8 * MIB as usize),
+    }
+    .load(16 * MIB)
+    .expect("store loads");
+    assert!(!store.valid, "the store still says valid after the retry");
+    q.settle(Duration::from_millis(300));
+    let list = q.command("snapshot list");
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with("s1 ") && l.contains("invalid")),
+        "{list}"
+    );
+    assert!(!list.contains("could not be marked invalid"), "{list}");
+    let json = q.command("snapshot list --json");
+    assert!(json.contains("\"store_marked_invalid\":true"), "{json}");
+    // No further alerts once the store is marked invalid.
+    std::thread::sleep(Duration::from_secs(11));
+    let t = q.transcript();
+    assert_eq!(
+        t.matches("ERROR snapshot s1: INVALID").count(),
+        1,
+        "alert repeated after recovery:\n{t}"
+    );
+    let _ = std::fs::remove_file(b.path.with_extension("blkdebug.conf"));
     q.poweroff();
 }
