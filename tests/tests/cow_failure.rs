@@ -1,8 +1,9 @@
-//! A COW device that fails (issue 15, finding 4): the store on `vdb` is created, then the
-//! device stops taking writes (reads and flushes still work, as an NVMe drive gone read-only
-//! at end of life; QEMU's blkdebug driver fails every write after the two flushes of
-//! `snapshot create`). The first origin write needs a copy, the copy fails, the snapshot is
-//! invalidated, and writing the header that marks the store invalid fails too: the store on
+//! A COW device that fails (issue 15, finding 4): the store on `vdb` (or an NVMe namespace) is
+//! created, then the device stops taking writes (reads and flushes still work, as an NVMe
+//! drive gone read-only at end of life; QEMU's blkdebug driver fails every write after the
+//! second flush the device sees). The first origin write needs a copy, the copy (or its
+//! commit) fails, the snapshot is invalidated, and writing the header that marks the store
+//! invalid fails too: the store on
 //! the device still reads as a valid snapshot. The origin write must then fail (the NBD client
 //! sees EIO) instead of silently changing that snapshot, the console must say why (at once,
 //! and again later), `snapshot list`/`status` must show it, and `snapshot delete` gives it up.
@@ -88,9 +89,10 @@ const FAILS_TWICE_AFTER_CREATE: &str = "\
 [set-state]\nstate = \"4\"\nevent = \"pwritev\"\nnew_state = \"5\"\n
 [inject-error]\nstate = \"5\"\nevent = \"pwritev\"\niotype = \"discard\"\nerrno = \"5\"\nonce = \"off\"\n";
 
-/// A 16 MiB origin `vda` with a pattern and an 8 MiB COW disk `vdb` behind blkdebug with
-/// `rules`, NBD forwarded to the returned port, snapshot `s1` of `vda` on `vdb` created.
-fn boot_with_dying_cow(tag: &str, rules: &str) -> (Qemu, u16, Image, Image, Vec<u8>) {
+/// A 16 MiB origin `vda` with a pattern and an 8 MiB COW disk behind blkdebug with `rules`
+/// (virtio-blk `vdb`, or with `nvme` an NVMe namespace `nvme0n1` with a volatile write cache),
+/// NBD forwarded to the returned port, snapshot `s1` of `vda` on the COW disk created.
+fn boot_with_dying_cow(tag: &str, rules: &str, nvme: bool) -> (Qemu, u16, Image, Image, Vec<u8>) {
     let (a, b) = (
         Image::new(&format!("{tag}-origin"), 16 * MIB),
         Image::new(&format!("{tag}-cow"), 8 * MIB),
@@ -102,30 +104,62 @@ fn boot_with_dying_cow(tag: &str, rules: &str) -> (Qemu, u16, Image, Image, Vec<
     let conf = b.path.with_extension("blkdebug.conf");
     std::fs::write(&conf, rules).expect("write blkdebug config");
     let port = free_port();
-    let mut q = Boot::kernel("q35", "testing loglevel=info")
-        .virtio_disk(&a.path, "ORIGIN")
-        .args([
+    let drive = format!(
+        "file=blkdebug:{}:{},if=none,format=raw,id=dying,cache=none,aio=threads",
+        conf.display(),
+        b.path.display()
+    );
+    let device = if nvme {
+        vec![
+            "-device".to_string(),
+            "nvme,id=nvmec,serial=DYING".to_string(),
             "-drive".to_string(),
-            format!(
-                "file=blkdebug:{}:{},if=none,format=raw,id=dying,cache=none,aio=threads",
-                conf.display(),
-                b.path.display()
-            ),
+            drive,
+            "-device".to_string(),
+            "nvme-ns,drive=dying,bus=nvmec,nsid=1,write-cache=on".to_string(),
+        ]
+    } else {
+        vec![
+            "-drive".to_string(),
+            drive,
             "-device".to_string(),
             "virtio-blk-pci,drive=dying,serial=DYING".to_string(),
-        ])
+        ]
+    };
+    let mut q = Boot::kernel("q35", "testing loglevel=info")
+        .virtio_disk(&a.path, "ORIGIN")
+        .args(device)
         .net(&[(port, NBD_PORT)], None)
         .start();
     q.wait_prompt();
     wait_serving(&mut q);
-    let out = q.command("snapshot create s1 vda vdb");
+    let cow = if nvme { "nvme0n1" } else { "vdb" };
+    let out = q.command(&format!("snapshot create s1 vda {cow}"));
     assert!(out.contains("created snapshot s1"), "{out}");
     (q, port, a, b, origin)
 }
 
 #[test]
 fn a_cow_device_that_stops_taking_writes_fails_origin_writes_not_the_snapshot() {
-    let (mut q, port, a, b, origin) = boot_with_dying_cow("cowfail", DIES_AFTER_CREATE);
+    dead_cow_after_create(false);
+}
+
+/// The same on an NVMe namespace (FUA header and area writes).
+#[test]
+fn an_nvme_cow_namespace_that_stops_taking_writes_fails_origin_writes_not_the_snapshot() {
+    dead_cow_after_create(true);
+}
+
+fn dead_cow_after_create(nvme: bool) {
+    let tag = if nvme { "cowfail-nvme" } else { "cowfail" };
+    let (mut q, port, a, b, origin) = boot_with_dying_cow(tag, DIES_AFTER_CREATE, nvme);
+    // virtio-blk: the copy write fails. NVMe: the copy is a cached write that succeeds, the
+    // commit's flush too, and its FUA area write fails.
+    let reason = if nvme {
+        "writing metadata failed"
+    } else {
+        "copying a chunk failed"
+    };
 
     // The write needs a copy into s1; the COW device refuses it and then the header write.
     let w = qemu_io(port, "vda", &["write -P 0x55 0 64k", "flush"]);
@@ -141,7 +175,7 @@ fn a_cow_device_that_stops_taking_writes_fails_origin_writes_not_the_snapshot() 
         TIMEOUT,
     );
     assert!(
-        t.contains("snapshot s1 invalidated: copying a chunk failed"),
+        t.contains(&format!("snapshot s1 invalidated: {reason}")),
         "{t}"
     );
     // The origin kept what the snapshot reads, and the store on the device, which still
@@ -188,13 +222,13 @@ fn a_cow_device_that_stops_taking_writes_fails_origin_writes_not_the_snapshot() 
     let json = q.command("snapshot list --json");
     assert!(json.contains("\"store_marked_invalid\":false"), "{json}");
     assert!(
-        json.contains("\"invalid_reason\":\"copying a chunk failed\""),
+        json.contains(&format!("\"invalid_reason\":\"{reason}\"")),
         "{json}"
     );
     let status = q.command("snapshot status s1");
     assert!(status.contains("0 32768 snapshot Invalid"), "{status}");
     assert!(
-        status.contains("invalidated: copying a chunk failed"),
+        status.contains(&format!("invalidated: {reason}")),
         "{status}"
     );
     assert!(status.contains("could not be marked invalid"), "{status}");
@@ -245,7 +279,8 @@ fn a_cow_device_that_stops_taking_writes_fails_origin_writes_not_the_snapshot() 
 /// which lands; the store now loads as invalid and origin writes go on.
 #[test]
 fn a_cow_device_that_comes_back_gets_the_store_invalidated_and_writes_go_on() {
-    let (mut q, port, a, b, origin) = boot_with_dying_cow("cowback", FAILS_TWICE_AFTER_CREATE);
+    let (mut q, port, a, b, origin) =
+        boot_with_dying_cow("cowback", FAILS_TWICE_AFTER_CREATE, false);
     let w = qemu_io(port, "vda", &["write -P 0x55 0 64k", "flush"]);
     assert!(
         text(&w).contains("write failed: Input/output error"),
