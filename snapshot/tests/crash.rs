@@ -529,7 +529,8 @@ fn failing_device_ops(fua: bool) -> Vec<Op> {
 }
 
 /// A COW device that stops taking writes (reads still work, as an NVMe drive gone read-only
-/// at end of life) at every point after the store is created: the snapshot cannot be marked
+/// at end of life) at every point after the store is created, with and without its flushes
+/// failing too, and with failed writes that land in part: the snapshot cannot be marked
 /// invalid on disk, so no origin write that would make it wrong may reach the origin. In every
 /// crash state a store that loads as valid must read exactly its snapshot.
 #[test]
@@ -539,14 +540,22 @@ fn dead_cow_device_never_leaves_a_wrong_valid_snapshot() {
     // Create takes two COW writes (zeroing, header); 2.. dies after create.
     for dead_after in 2..14u64 {
         for (i, order) in ORDERS.into_iter().enumerate() {
-            for (fua, flushes_fail) in [(true, false), (false, false), (false, true)] {
+            for (fua, flushes_fail, torn) in [
+                (true, false, false),
+                (false, false, false),
+                (false, true, false),
+                (true, false, true),
+                (false, true, true),
+            ] {
                 let seed = 5000 + dead_after * 10 + i as u64;
                 let mut cfg = RunConfig::new(64, 4, order, seed);
                 cfg.cow_writes_fail_after = Some(dead_after);
                 cfg.dead_cow_flushes_fail = flushes_fail;
+                cfg.torn_failures = torn;
                 let mut h = Harness::new(cfg);
                 h.run(&failing_device_ops(fua));
-                let name = format!("dead COW after {dead_after} writes {order:?} fua {fua}");
+                let name =
+                    format!("dead COW after {dead_after} writes {order:?} fua {fua} torn {torn}");
                 assert_clean(&name, &h);
                 total += h.outcome.crash_states;
                 if h.world.engine.invalidation_failed(SnapId(0)) {
