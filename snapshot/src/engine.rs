@@ -60,6 +60,9 @@ struct ReqSlot {
     /// which bumps the epoch), and its generation when the request looked.
     blocked_on: u32,
     blocked_gen: u32,
+    /// For an origin write that met a snapshot whose invalidation is not durable:
+    /// `Engine::invalidation_failures` then. A failure counted after it fails the write.
+    stuck_mark: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -205,6 +208,12 @@ struct Snap {
     wipe_failed: bool,
     inflight: u32,
     thresholds_fired: u8,
+    /// Invalid in memory, but the header write (or flush) that marks the store invalid
+    /// failed: the store may still load as valid. Origin writes to chunks outside `table`
+    /// fail until a retry of the header write succeeds (see [`Engine::invalidation_failed`]).
+    invalidation_stuck: bool,
+    /// Tick the last failed attempt at that header write ended.
+    invalidation_attempt_end: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -320,6 +329,8 @@ pub struct Engine {
     stats: EngineStats,
     /// The merge running on this origin, if any (one at a time).
     merge: Option<merge::Merge>,
+    /// Failed attempts at writing an invalidated snapshot's header so far.
+    invalidation_failures: u64,
 }
 
 impl Engine {
@@ -366,6 +377,7 @@ impl Engine {
                     seen_epoch: u64::MAX,
                     blocked_on: NIL,
                     blocked_gen: 0,
+                    stuck_mark: None,
                 };
                 nreq
             ],
@@ -426,6 +438,7 @@ impl Engine {
             progress_mark: 0,
             stats: EngineStats::default(),
             merge: None,
+            invalidation_failures: 0,
             cfg,
         })
     }
@@ -472,6 +485,7 @@ impl Engine {
             seen_epoch: u64::MAX,
             blocked_on: NIL,
             blocked_gen: 0,
+            stuck_mark: None,
         };
         let check = self.check_request(&req);
         if let Err(e) = check {
@@ -704,6 +718,18 @@ impl Engine {
         })
     }
 
+    /// Whether `snap` is invalid but its store could not be marked invalid on disk (the header
+    /// write failed, e.g. a COW device gone read-only): the store may still load as valid,
+    /// so origin writes to chunks it has no copy of fail with [`VolumeError::Io`] (writes to
+    /// chunks it has a copy of, and reads, go on). Ends when a retry of the header write
+    /// succeeds ([`Event::InvalidationDurable`]) or the snapshot is deleted.
+    pub fn invalidation_failed(&self, snap: SnapId) -> bool {
+        self.snaps
+            .get(snap.0 as usize)
+            .and_then(Option::as_ref)
+            .is_some_and(|x| x.invalidation_stuck && x.state == SnapState::Active)
+    }
+
     /// Every exception the engine knows for `snap`: `(old, new, committed)`.
     pub fn for_each_exception(&self, snap: SnapId, mut f: impl FnMut(u64, u64, bool)) {
         let Some(Some(s)) = self.snaps.get(snap.0 as usize) else {
@@ -864,6 +890,8 @@ impl Engine {
             wipe_failed: false,
             inflight: 0,
             thresholds_fired: 0,
+            invalidation_stuck: false,
+            invalidation_attempt_end: 0,
         });
         self.dirty = true;
         Ok(SnapId(s as u16))
@@ -1611,6 +1639,7 @@ impl Engine {
 
     fn on_header_io(&mut self, sid: u16, ok: bool) {
         self.io_done_on(sid);
+        let now = self.now;
         let Some(x) = self.snaps[sid as usize].as_mut() else {
             return;
         };
@@ -1621,6 +1650,24 @@ impl Engine {
         } else {
             HeaderPhase::None
         };
+        // The header write (or its flush) marks the store invalid on disk. If it failed, the
+        // store may still load as valid, with the records committed so far: origin writes to
+        // chunks it has no copy of must not be released (`stuck_guard`) until a retry works.
+        let event = if !ok {
+            x.invalidation_attempt_end = now;
+            let first = !x.invalidation_stuck;
+            x.invalidation_stuck = true;
+            self.invalidation_failures += 1;
+            first.then_some(Event::InvalidationFailed { snap: SnapId(sid) })
+        } else if x.header_phase == HeaderPhase::None && x.invalidation_stuck {
+            x.invalidation_stuck = false;
+            Some(Event::InvalidationDurable { snap: SnapId(sid) })
+        } else {
+            None
+        };
+        if let Some(e) = event {
+            self.push_event(e);
+        }
     }
 
     fn on_wipe_io(&mut self, sid: u16, ok: bool) {
@@ -2112,6 +2159,15 @@ impl Engine {
         }
         let start = r.req.sector;
         let end = start + u64::from(r.req.sectors);
+        match self.stuck_guard(idx, start, end) {
+            Some(true) => return false,
+            Some(false) => {
+                self.stats.origin_writes_refused += 1;
+                self.fail_request(idx, VolumeError::Io);
+                return true;
+            }
+            None => {}
+        }
         let (clear, need_alloc, blocked) = self.copies_of(start, end);
         if !need_alloc && blocked != NIL {
             self.block_on(idx, blocked);
@@ -2147,6 +2203,75 @@ impl Engine {
             }
         }
         issued
+    }
+
+    /// The fail-safe for snapshots whose invalidation is not durable (the header write or
+    /// flush that marks the store invalid failed, so the store may still load as valid and
+    /// would then read whatever the origin holds for every chunk it has no copy of). `None`
+    /// when origin write `idx` over `[start, end)` touches no such chunk; else `Some(true)`
+    /// to wait for a retry of the header write (started here when the last attempt ended at
+    /// least `invalidation_retry_ticks` ago), `Some(false)` to fail the write with an I/O
+    /// error: an attempt failed since the write first got here, or none is due.
+    pub(super) fn stuck_guard(&mut self, idx: u32, start: u64, end: u64) -> Option<bool> {
+        let (exposed, retrying) = self.stuck_exposed(start, end);
+        if !exposed {
+            return None;
+        }
+        let failures = self.invalidation_failures;
+        let mark = *self.reqs[idx as usize].stuck_mark.get_or_insert(failures);
+        if failures > mark {
+            return Some(false);
+        }
+        if retrying {
+            return Some(true);
+        }
+        Some(self.retry_invalidation())
+    }
+
+    /// Starts another attempt at the header write of every snapshot whose invalidation is not
+    /// durable and whose last attempt ended `invalidation_retry_ticks` ago or more. Whether
+    /// one started.
+    pub(super) fn retry_invalidation(&mut self) -> bool {
+        let due = self
+            .now
+            .checked_sub(self.cfg.invalidation_retry_ticks.max(1));
+        let mut started = false;
+        for x in self.snaps.iter_mut().flatten() {
+            if x.invalidation_stuck
+                && x.state == SnapState::Active
+                && x.header_phase == HeaderPhase::None
+                && !x.meta_inflight
+                && due.is_some_and(|d| x.invalidation_attempt_end <= d)
+            {
+                x.header_phase = HeaderPhase::Write;
+                started = true;
+            }
+        }
+        if started {
+            self.dirty = true;
+            self.progress += 1;
+        }
+        started
+    }
+
+    /// Whether overwriting origin sectors `[start, end)` would change what a snapshot whose
+    /// invalidation is not durable reads (a chunk its store has no copy of), and whether a
+    /// header write of such a snapshot is in flight.
+    pub(super) fn stuck_exposed(&self, start: u64, end: u64) -> (bool, bool) {
+        let mut exposed = false;
+        let mut retrying = false;
+        for x in self.snaps.iter().flatten() {
+            if !x.invalidation_stuck || x.state != SnapState::Active {
+                continue;
+            }
+            let cs = x.store.chunk_sectors();
+            if (start / cs..=(end - 1) / cs).all(|c| x.table.lookup(c).is_some()) {
+                continue;
+            }
+            exposed = true;
+            retrying |= x.header_phase != HeaderPhase::None || x.meta_inflight;
+        }
+        (exposed, retrying)
     }
 
     fn conflicts_with_redirected_read(&self, start: u64, end: u64) -> bool {

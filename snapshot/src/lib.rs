@@ -89,7 +89,38 @@
 //! - **Failure policy** (as dm-snapshot): COW full, table full, a copy error or a metadata
 //!   write error, or a table growth the heap cannot serve, invalidates that snapshot (header rewritten with `valid = 0`, made durable
 //!   before any origin write waiting on it proceeds), fails its snapshot I/O and lets origin
-//!   writes proceed. Origin I/O errors fail only the volume request.
+//!   writes proceed. Origin I/O errors fail only the volume request. See "When the store
+//!   cannot be invalidated" for where snapfw departs from dm-snapshot.
+//!
+//! # When the store cannot be invalidated
+//! Invalidation is only safe once the header saying `valid = 0` is durable: until then a
+//! crash (or a reboot) finds a store that loads as valid and reads the origin for every chunk
+//! it has no copy of. If that header write (or its flush) fails, as on a COW device that went
+//! read-only, dm-snapshot logs `write header failed` and releases the origin writes anyway
+//! (`persistent_drop_snapshot()`, then `pending_complete()` in dm-snap.c), which leaves a
+//! valid-looking store that reads the new origin data. snapfw does not release them:
+//! - the snapshot is invalid in memory ([`Status::Invalid`], its own I/O fails) and
+//!   [`Engine::invalidation_failed`] is true; [`Event::InvalidationFailed`] says so once;
+//! - an origin write to a chunk the store has no copy of (one that would change what the store
+//!   reads) fails with [`VolumeError::Io`]; writes to chunks the store has a copy of, reads,
+//!   flushes, and every other snapshot go on. A merge of another snapshot waits before
+//!   copying over such chunks;
+//! - such a write first retries the header write when the last attempt ended at least
+//!   [`EngineConfig::invalidation_retry_ticks`] ago (at most one attempt in flight; writes
+//!   that arrive meanwhile wait for it). When an attempt succeeds (the device recovered),
+//!   [`Event::InvalidationDurable`], the state ends and origin writes proceed as after any
+//!   invalidation;
+//! - deleting the snapshot ends it too (the operator gives the snapshot up; the wipe of chunk
+//!   0 is tried, and if it fails too, [`Event::SnapshotWipeFailed`] says the store may still be
+//!   found, with stale contents, on the device).
+//!
+//! Failing writes rather than holding them keeps clients from hanging on a device that may
+//! never come back; failing only the writes that would make the store wrong keeps the origin
+//! usable for everything else. The crash tests enumerate COW devices whose writes all fail
+//! from some point (with and without their flushes, for good or for a while), failed writes
+//! that land in part, and failing flushes. A device that acknowledges a flush without making
+//! earlier writes durable is out of scope: the write ordering rests on flushes, and no engine
+//! can tell such a flush from a real one (a test shows the enumeration catching it).
 //!
 //! # Merging
 //! [`Engine::start_merge`] copies a snapshot's COW chunks back to the origin the way Linux's

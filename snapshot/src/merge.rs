@@ -752,7 +752,15 @@ impl Engine {
     /// holds (durably) a copy of them. Plans the missing copies. The same rule as an origin
     /// write (`advance_origin_write`); a waiting request (`req`) is parked on the pending
     /// exception it waits for, as there.
+    ///
+    /// A snapshot whose invalidation is not durable and has no copy of the range holds the
+    /// merge's own copies back, retrying its header write now and then, until a retry lands
+    /// or it is deleted; an origin write there fails before this is asked (`stuck_guard`).
     fn merge_range_clear(&mut self, start: u64, end: u64, req: Option<u32>) -> bool {
+        if self.stuck_exposed(start, end).0 {
+            self.retry_invalidation();
+            return false;
+        }
         let (clear, need_alloc, blocked) = self.copies_of(start, end);
         if let Some(idx) = req {
             if !need_alloc && blocked != NIL {
@@ -874,6 +882,18 @@ impl Engine {
                     self.emit(cow_ctx, cow, op, target, len, buffer)
                 }
                 None => {
+                    if write {
+                        match self.stuck_guard(idx, cursor, piece_end) {
+                            Some(true) => break,
+                            Some(false) => {
+                                self.stats.origin_writes_refused += 1;
+                                self.reqs[idx as usize].cursor = cursor;
+                                self.fail_request(idx, VolumeError::Io);
+                                return true;
+                            }
+                            None => {}
+                        }
+                    }
                     if write && !self.merge_range_clear(cursor, piece_end, Some(idx)) {
                         break;
                     }

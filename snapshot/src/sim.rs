@@ -1,5 +1,6 @@
 //! A simulated world for driving the engine on the host: disks with a volatile write cache,
-//! flush and FUA, crash images, chosen completion order, injected errors, and a latency model.
+//! flush and FUA, crash images, chosen completion order, injected errors (a failed write may
+//! land in part, a flush may be acknowledged and ignored), and a latency model.
 //!
 //! Used by the crate's tests and by the bench; it is `no_std` + `alloc` like the rest of the
 //! crate but is not meant for the appliance.
@@ -138,11 +139,27 @@ impl SimDisk {
         );
     }
 
-    fn complete_write(&mut self, id: u64, fua: bool, ok: bool) {
+    /// Completes write `id`. A failed write (`ok` false) leaves its first `landed` sectors
+    /// behind, in the cache like any write (a crash may or may not keep them; FUA gives no
+    /// guarantee for a write that failed); the rest never reaches the medium.
+    fn complete_write(&mut self, id: u64, fua: bool, ok: bool, landed: usize) {
         let Some(mut w) = self.inflight.remove(&id) else {
             return;
         };
         if !ok {
+            let n = landed.min(w.values.len());
+            if n == 0 {
+                return;
+            }
+            w.values.truncate(n);
+            for (i, v) in w.values.iter().enumerate() {
+                if let Some(v) = v {
+                    self.current[w.start as usize + i] = *v;
+                }
+            }
+            w.seq = self.next_seq;
+            self.next_seq += 1;
+            self.cache.push(w);
             return;
         }
         self.writes += 1;
@@ -291,6 +308,11 @@ struct InFlight {
 
 /// Error injection: return true to fail the I/O.
 pub type FailFn = Box<dyn FnMut(&Io) -> bool>;
+/// For a write that [`World::fail`] failed: how many of its leading sectors reach the device
+/// before the error (a failed write that partly lands). Values of `sectors` or more count as
+/// `sectors - 1`: a failed write never lands whole, so a failed one-sector write lands nothing
+/// (sector writes are atomic).
+pub type LandFn = Box<dyn FnMut(&Io) -> u32>;
 /// Observer of issued I/O: the I/O and the simulated time.
 pub type IssueFn = Box<dyn FnMut(&Io, u64)>;
 
@@ -315,6 +337,12 @@ pub struct World {
     rng: Rng,
     /// Error injection: return true to fail this I/O.
     pub fail: Option<FailFn>,
+    /// Failed writes that partly land: how many leading sectors (none when unset).
+    pub partial_fail: Option<LandFn>,
+    /// A device that ignores flushes: return true to acknowledge this flush as done without
+    /// making any earlier write durable (a cache that lies). Failure injection comes first: a
+    /// flush that [`World::fail`] fails is reported failed.
+    pub ignore_flush: Option<FailFn>,
     /// Completed volume requests not yet taken by the test.
     pub completed: Vec<VolumeCompletion>,
     /// Events not yet taken.
@@ -354,6 +382,8 @@ impl World {
             },
             rng: Rng::new(seed),
             fail: None,
+            partial_fail: None,
+            ignore_flush: None,
             completed: Vec::new(),
             events: Vec::new(),
             now: 0,
@@ -580,13 +610,26 @@ impl World {
                 }
             }
             IoOp::Write { fua } => {
+                let landed = match self.partial_fail.as_mut() {
+                    Some(g) if !ok => g(&f.io).min(f.io.sectors.saturating_sub(1)) as usize,
+                    _ => 0,
+                };
                 if let Some(d) = self.disk(f.io.device) {
-                    d.complete_write(f.id, fua, ok);
+                    d.complete_write(f.id, fua, ok, landed);
                 }
             }
             IoOp::Flush => {
+                let ignored = ok
+                    && match self.ignore_flush.as_mut() {
+                        Some(g) => g(&f.io),
+                        None => false,
+                    };
                 if let Some(d) = self.disk(f.io.device) {
-                    d.complete_flush(f.barrier, ok);
+                    if ignored {
+                        d.flushes += 1;
+                    } else {
+                        d.complete_flush(f.barrier, ok);
+                    }
                 }
             }
         }

@@ -209,6 +209,21 @@ pub enum Event {
         /// Why.
         reason: InvalidReason,
     },
+    /// Writing the header that marks an invalidated snapshot's store invalid failed: the
+    /// store may still load as valid. Until a retry succeeds, origin writes to chunks the
+    /// store has no copy of fail with [`VolumeError::Io`] (see
+    /// [`Engine::invalidation_failed`](crate::Engine::invalidation_failed)). Raised once per
+    /// episode; the caller keeps alerting while the state lasts.
+    InvalidationFailed {
+        /// Snapshot.
+        snap: SnapId,
+    },
+    /// A retried header write succeeded: the store is marked invalid on disk, origin writes
+    /// go on.
+    InvalidationDurable {
+        /// Snapshot.
+        snap: SnapId,
+    },
     /// Origin writes are quiesced (after [`Engine::quiesce_origin`](crate::Engine::quiesce_origin)).
     OriginQuiesced,
     /// A snapshot store is initialised and active.
@@ -302,6 +317,10 @@ pub struct EngineConfig {
     pub commit_policy: CommitPolicy,
     /// Usage percentages that raise an event.
     pub usage_thresholds: [u8; 2],
+    /// When a snapshot's invalidating header write failed, the least time between attempts
+    /// at it (an origin write that needs the store invalid on disk retries it when this much
+    /// has passed since the last attempt, and fails at once otherwise). At least 1.
+    pub invalidation_retry_ticks: u64,
     /// Test-only negative control: release held origin writes once the copy is written but
     /// before its record is durable. Breaks crash safety on purpose.
     #[doc(hidden)]
@@ -337,6 +356,7 @@ impl EngineConfig {
             commits_in_flight: 1,
             commit_policy: CommitPolicy::Grouped,
             usage_thresholds: [80, 90],
+            invalidation_retry_ticks: 1000,
             unsafe_release_before_commit: false,
             unsafe_skip_commit_flush: false,
             unsafe_merge_skip_origin_flush: false,
@@ -464,6 +484,9 @@ pub struct EngineStats {
     pub copy_jobs: u64,
     /// Copy writes (one per snapshot and run).
     pub copy_writes: u64,
+    /// Origin writes failed because a snapshot's store could not be marked invalid (see
+    /// [`Engine::invalidation_failed`](crate::Engine::invalidation_failed)).
+    pub origin_writes_refused: u64,
     /// Where the time of a first write goes, in engine ticks (see [`PhaseTimes`]).
     pub phases: PhaseTimes,
 }

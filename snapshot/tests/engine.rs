@@ -667,3 +667,104 @@ fn a_table_costs_what_it_holds_not_the_worst_case() {
         assert!(found, "chunk {c} is not in the table");
     }
 }
+
+/// A COW device that stops taking writes: the copy fails, the snapshot is invalidated, and
+/// the header write that would mark the store invalid fails too. The origin write that needed
+/// the copy fails with an I/O error (the origin keeps the data the store would read), writes
+/// to chunks the store has a copy of and reads go on, a write before the retry interval fails
+/// at once without touching the device, and once the device is back the next write retries
+/// the header, which now lands: the store reads invalid and origin writes go on.
+#[test]
+fn dead_cow_fails_exposed_origin_writes_until_invalidation_lands() {
+    let mut w = world(256, |ec| ec.invalidation_retry_ticks = 50);
+    let id = create(&mut w, &snap_cfg(4, 50));
+    write(&mut w, 1, 0, 4); // chunk 0 copied and committed
+    w.settle(100);
+    assert_eq!(w.take_completion(1).unwrap().result, Ok(()));
+    let dead = std::rc::Rc::new(std::cell::Cell::new(true));
+    let d = dead.clone();
+    w.fail = Some(Box::new(move |io: &Io| {
+        d.get() && io.device != Device::Origin && matches!(io.op, IoOp::Write { .. })
+    }));
+    let log = trace(&mut w);
+
+    write(&mut w, 2, 8, 4); // chunk 2: needs a copy
+    w.settle(100);
+    assert_eq!(w.take_completion(2).unwrap().result, Err(VolumeError::Io));
+    assert!(w.events.contains(&Event::Invalidated {
+        snap: id,
+        reason: InvalidReason::CopyError
+    }));
+    assert!(w.events.contains(&Event::InvalidationFailed { snap: id }));
+    assert!(w.engine.invalidation_failed(id));
+    assert_eq!(w.engine.status(id), Some(Status::Invalid));
+    assert_eq!(
+        w.origin.current[8],
+        DATA_BIT | 8,
+        "the origin took the write"
+    );
+    assert_eq!(w.engine.stats().origin_writes_refused, 1);
+
+    // Chunk 0 is in the store: the write goes on. So do reads.
+    write(&mut w, 3, 0, 4);
+    w.settle(100);
+    assert_eq!(w.take_completion(3).unwrap().result, Ok(()));
+    let read = VolumeRequest {
+        tag: 4,
+        volume: Volume::Origin,
+        op: VolumeOp::Read,
+        sector: 8,
+        sectors: 4,
+    };
+    w.submit(read, vec![0; 4]).unwrap();
+    w.settle(100);
+    assert_eq!(w.take_completion(4).unwrap().result, Ok(()));
+
+    // Within the retry interval: fails at once, no header write.
+    let headers = |log: &[Io]| {
+        log.iter()
+            .filter(|io| {
+                matches!(
+                    io.buffer,
+                    IoBuffer::Meta {
+                        kind: MetaKind::Header,
+                        ..
+                    }
+                )
+            })
+            .count()
+    };
+    let before = headers(&log.borrow());
+    write(&mut w, 5, 12, 4);
+    w.settle(100);
+    assert_eq!(w.take_completion(5).unwrap().result, Err(VolumeError::Io));
+    assert_eq!(headers(&log.borrow()), before);
+
+    // Later, still dead: the write retries the header, which fails; the write fails.
+    w.now += 100;
+    write(&mut w, 6, 12, 4);
+    w.settle(100);
+    assert_eq!(w.take_completion(6).unwrap().result, Err(VolumeError::Io));
+    assert_eq!(headers(&log.borrow()), before + 1);
+    assert!(w.engine.invalidation_failed(id));
+
+    // The device is back: the retry lands and the write goes on.
+    dead.set(false);
+    w.now += 100;
+    write(&mut w, 7, 12, 4);
+    w.settle(100);
+    assert_eq!(w.take_completion(7).unwrap().result, Ok(()));
+    assert_eq!(w.origin.current[12], snapshot::sim::stamp(7, 12));
+    assert!(w.events.contains(&Event::InvalidationDurable { snap: id }));
+    assert!(!w.engine.invalidation_failed(id));
+    assert_eq!(w.engine.status(id), Some(Status::Invalid));
+    let cow = w.cows[id.0 as usize].as_ref().unwrap();
+    let mut header = [0u8; 512];
+    w.contents.bytes(cow.durable[0], &mut header);
+    let h = Header::decode(&header).unwrap();
+    assert_eq!(
+        (h.magic, h.valid),
+        (Header::new(4).magic, 0),
+        "durably invalid"
+    );
+}

@@ -12,7 +12,7 @@ use crate::identity::{self, DeviceId};
 use crate::json;
 use crate::storage::snaptask::{CreateSpec, CreateTask, DeleteTask, MergeTask};
 use crate::storage::tasks::Task;
-use crate::storage::volume::{reason_text, Origin, SnapState};
+use crate::storage::volume::{reason_text, Origin, SnapState, UNMARKED_ALERT};
 use crate::storage::{self, Storage, Target};
 use crate::time;
 
@@ -415,6 +415,11 @@ fn list(st: &Storage, json_out: bool, out: &mut Out) {
                         e.bool("writable", s.writable);
                         e.str("state", state_name(s));
                         e.str("status", &status);
+                        if let Some(r) = s.invalid {
+                            e.str("invalid_reason", reason_text(r));
+                            // False: the store could not be marked invalid on its device.
+                            e.bool("store_marked_invalid", !o.engine.invalidation_failed(s.id));
+                        }
                         if let Some(m) = o.merge_view(s.id, time::uptime_ns()) {
                             e.u64("merge_chunks_left", m.chunks_left);
                             e.u64("merge_chunks_total", m.chunks_total);
@@ -482,6 +487,9 @@ fn list(st: &Storage, json_out: bool, out: &mut Out) {
     }
     for o in &st.origins {
         for s in &o.snaps {
+            if o.engine.invalidation_failed(s.id) {
+                let _ = writeln!(out, "{}: {UNMARKED_ALERT}", s.name);
+            }
             if let Some(m) = o.merge_view(s.id, time::uptime_ns()) {
                 let _ = writeln!(
                     out,
@@ -532,6 +540,13 @@ fn status(st: &Storage, args: &Args, out: &mut Out) -> CmdResult<()> {
     );
     if let Some(reason) = s.invalid {
         let _ = writeln!(out, "  invalidated: {}", reason_text(reason));
+    }
+    if o.engine.invalidation_failed(s.id) {
+        let _ = writeln!(
+            out,
+            "  {UNMARKED_ALERT}; origin writes refused so far: {}",
+            o.engine.stats().origin_writes_refused
+        );
     }
     let e = o.engine.stats();
     let per = e.records_committed * 100 / e.commits.max(1);

@@ -568,6 +568,7 @@ pub fn poll(
         }
         o.issue(index, devices);
         o.sweep();
+        o.alert_unmarked(now);
     }
     if plugged {
         devices.iter_mut().for_each(|d| d.unplug());

@@ -228,6 +228,9 @@ pub struct DeleteTask {
     /// The COW device, and the markers that keep later stores on it reachable at boot.
     cow_disk: Option<usize>,
     markers: Option<MarkerWriter>,
+    /// The store could not be marked invalid before the delete (a failed wipe then leaves a
+    /// store that reads as valid).
+    unmarked: bool,
 }
 
 impl DeleteTask {
@@ -241,6 +244,7 @@ impl DeleteTask {
             error: None,
             cow_disk: None,
             markers: None,
+            unmarked: false,
         }
     }
 }
@@ -257,7 +261,7 @@ impl Task for DeleteTask {
                 .get_or_insert_with(|| MarkerWriter::new(st, disk, None));
             m.step(st);
             if m.done() {
-                if m.error {
+                if m.error && self.error.is_none() {
                     self.error = Some("deleted, but writing free-extent markers failed");
                 }
                 self.step = 4;
@@ -274,6 +278,7 @@ impl Task for DeleteTask {
                 self.step = 1;
             }
             1 if o.engine.is_quiesced() => {
+                self.unmarked = o.engine.invalidation_failed(self.id);
                 if o.engine.delete_snapshot(self.id).is_err() {
                     self.error = Some("the engine does not know this snapshot");
                     o.engine.resume_origin();
@@ -289,7 +294,14 @@ impl Task for DeleteTask {
             // The entry disappears once the engine reports the store wiped.
             2 if !o.snaps.iter().any(|s| s.id == self.id) => {
                 o.engine.resume_origin();
-                if o.wipe_failed.take() == Some(self.id) {
+                let wipe_failed = o.wipe_failed.take() == Some(self.id);
+                if wipe_failed && self.unmarked {
+                    self.error = Some(
+                        "deleted, but its COW store could be neither marked invalid nor wiped \
+                         (I/O error): it still reads as a valid snapshot, with stale contents; \
+                         remove or replace the COW device before the next boot",
+                    );
+                } else if wipe_failed {
                     self.error = Some(
                         "deleted, but wiping its COW store failed (I/O error): it will be listed \
                          as invalid at boot; delete it again then",

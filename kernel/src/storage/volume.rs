@@ -45,6 +45,13 @@ const STAGED_IOS: usize = 64;
 const MERGE_PARTS: usize = 32;
 /// No next part.
 const NO_PART: u32 = u32::MAX;
+/// After a snapshot's store could not be marked invalid, the least time between attempts at
+/// its header write (engine ticks are microseconds): 1 s.
+const INVALIDATION_RETRY_TICKS: u64 = 1_000_000;
+/// The console alert for such a snapshot repeats after 10 s, then twice as long each time,
+/// up to every 10 minutes, until it is deleted or a retry works.
+const UNMARKED_ALERT_FIRST_NS: u64 = 10_000_000_000;
+const UNMARKED_ALERT_MAX_NS: u64 = 600_000_000_000;
 
 /// Where a snapshot is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -161,6 +168,9 @@ pub struct Origin {
     /// When the running merge started (uptime ns) and how many chunks it had left then: the
     /// rate and ETA the console shows.
     merge_clock: Option<(u64, u64)>,
+    /// While a snapshot's store could not be marked invalid: when the next alert is due
+    /// (uptime ns) and the gap after it.
+    unmarked_alert: Option<(u64, u64)>,
 }
 
 /// A merge's progress as the console shows it.
@@ -213,6 +223,7 @@ impl Origin {
         cfg.origin_block_sectors = block_sectors as u32;
         cfg.copy_buffers = COPY_BUFFERS;
         cfg.copy_buffer_sectors = COPY_BUFFER_SECTORS;
+        cfg.invalidation_retry_ticks = INVALIDATION_RETRY_TICKS;
         let request_slots = cfg.request_slots as usize;
         let io_slots = cfg.io_slots as usize;
         let engine =
@@ -246,6 +257,7 @@ impl Origin {
             wipe_failed: None,
             block_sectors,
             merge_clock: None,
+            unmarked_alert: None,
         })
     }
 
@@ -975,6 +987,24 @@ impl Origin {
                     s.invalid = Some(reason);
                 }
             }
+            Event::InvalidationFailed { snap } => {
+                if let Some(s) = self.snap_by_id(snap) {
+                    log::error!("snapshot {}: {UNMARKED_ALERT}", s.name);
+                }
+                let now = crate::time::uptime_ns();
+                self.unmarked_alert = Some((
+                    now.saturating_add(UNMARKED_ALERT_FIRST_NS),
+                    UNMARKED_ALERT_FIRST_NS,
+                ));
+            }
+            Event::InvalidationDurable { snap } => {
+                if let Some(s) = self.snap_by_id(snap) {
+                    log::warn!(
+                        "snapshot {}: its COW store is marked invalid now; origin writes go on",
+                        s.name
+                    );
+                }
+            }
             Event::OriginQuiesced => {}
             Event::SnapshotCreated { snap } => {
                 if let Some(s) = self.snap_by_id(snap) {
@@ -1028,12 +1058,42 @@ impl Origin {
         }
     }
 
+    /// Repeats the alert for snapshots whose store could not be marked invalid (see
+    /// [`UNMARKED_ALERT`]) while any is left: after 10 s, then at doubling gaps up to 10 min.
+    pub fn alert_unmarked(&mut self, now: u64) {
+        let Some((due, gap)) = self.unmarked_alert else {
+            return;
+        };
+        if now < due {
+            return;
+        }
+        let refused = self.engine.stats().origin_writes_refused;
+        let mut any = false;
+        for s in &self.snaps {
+            if self.engine.invalidation_failed(s.id) {
+                any = true;
+                log::error!(
+                    "snapshot {}: {UNMARKED_ALERT}; {refused} origin writes refused so far",
+                    s.name
+                );
+            }
+        }
+        let next = gap.saturating_mul(2).min(UNMARKED_ALERT_MAX_NS);
+        self.unmarked_alert = any.then(|| (now.saturating_add(next), next));
+    }
+
     /// Forgets snapshots whose creation failed or that were deleted.
     pub fn sweep(&mut self) {
         self.snaps
             .retain(|s| !matches!(s.state, SnapState::Failed | SnapState::Deleted));
     }
 }
+
+/// What the console says about a snapshot that is invalid but whose store could not be marked
+/// invalid on its COW device (the engine's `invalidation_failed`).
+pub const UNMARKED_ALERT: &str = "INVALID, but its COW store could not be marked invalid \
+     (I/O error) and may still read as a valid snapshot: origin writes that would change it \
+     fail with an I/O error until it is deleted ('snapshot delete') or the device takes the write";
 
 /// Operator's words for an invalidation.
 pub fn reason_text(reason: InvalidReason) -> &'static str {

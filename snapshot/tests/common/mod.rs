@@ -150,6 +150,25 @@ pub struct RunConfig {
     /// Commits in flight per snapshot (odd seeds pipeline four, even seeds run one).
     pub commits_in_flight: u32,
     pub fail_every: Option<u64>,
+    /// A COW device that dies: once this many writes to COW devices have completed, every
+    /// later write to a COW device fails (reads go on), as an NVMe drive that went read-only.
+    pub cow_writes_fail_after: Option<u64>,
+    /// With `cow_writes_fail_after`: flushes to the dead COW device fail too (else they
+    /// succeed, with nothing to make durable).
+    pub dead_cow_flushes_fail: bool,
+    /// With `cow_writes_fail_after`: only this snapshot slot's COW device dies (all when
+    /// `None`); writes to the others are not counted.
+    pub dead_cow_slot: Option<u16>,
+    /// With `cow_writes_fail_after`: the dead COW device comes back after this many failed
+    /// I/Os (a path that recovers).
+    pub cow_recovers_after: Option<u64>,
+    /// `EngineConfig::invalidation_retry_ticks` (the engine's default when `None`).
+    pub invalidation_retry_ticks: Option<u64>,
+    /// A failed write lands a pseudo-random prefix of its sectors before the error.
+    pub torn_failures: bool,
+    /// A device that lies: after this many flushes (any device), every flush is acknowledged
+    /// without making anything durable.
+    pub ignore_flushes_after: Option<u64>,
     /// Check every n-th completion point (1 = all).
     pub check_every: u64,
     /// Negative control for merges: zero merged records before the origin copy is durable.
@@ -174,6 +193,13 @@ impl RunConfig {
             hold_bound: 3,
             commits_in_flight: if seed % 2 == 1 { 4 } else { 1 },
             fail_every: None,
+            cow_writes_fail_after: None,
+            dead_cow_flushes_fail: false,
+            dead_cow_slot: None,
+            cow_recovers_after: None,
+            invalidation_retry_ticks: None,
+            torn_failures: false,
+            ignore_flushes_after: None,
             check_every: 1,
             merge_skip_origin_flush: false,
             merge_release_early: false,
@@ -241,15 +267,57 @@ impl Harness {
         ec.unsafe_skip_commit_flush = cfg.skip_commit_flush;
         ec.unsafe_merge_skip_origin_flush = cfg.merge_skip_origin_flush;
         ec.unsafe_merge_release_early = cfg.merge_release_early;
+        if let Some(t) = cfg.invalidation_retry_ticks {
+            ec.invalidation_retry_ticks = t;
+        }
         let engine = Engine::new(ec).expect("engine config");
         let origin = SimDisk::new(cfg.origin_sectors, |s| stamp(0, s));
         let init: Vec<u64> = origin.current.clone();
         let mut world = World::new(engine, origin, cfg.order, cfg.seed);
-        if let Some(n) = cfg.fail_every {
+        if cfg.fail_every.is_some() || cfg.cow_writes_fail_after.is_some() {
+            let (every, dead_after) = (cfg.fail_every, cfg.cow_writes_fail_after);
+            let dead_flushes = cfg.dead_cow_flushes_fail;
+            let recovers_after = cfg.cow_recovers_after;
+            let slot = cfg.dead_cow_slot;
             let mut count = 0u64;
-            world.fail = Some(Box::new(move |_io: &Io| {
+            let mut cow_writes = 0u64;
+            let mut dead_failures = 0u64;
+            world.fail = Some(Box::new(move |io: &Io| {
                 count += 1;
-                count.is_multiple_of(n)
+                if every.is_some_and(|n| count.is_multiple_of(n)) {
+                    return true;
+                }
+                let (Some(n), Device::Cow(id)) = (dead_after, io.device) else {
+                    return false;
+                };
+                if slot.is_some_and(|s| s != id.0) {
+                    return false;
+                }
+                let dead = cow_writes >= n && recovers_after.is_none_or(|k| dead_failures < k);
+                let fail = match io.op {
+                    IoOp::Write { .. } => dead,
+                    IoOp::Flush => dead_flushes && dead,
+                    IoOp::Read => false,
+                };
+                if fail {
+                    dead_failures += 1;
+                } else if matches!(io.op, IoOp::Write { .. }) {
+                    cow_writes += 1;
+                }
+                fail
+            }));
+        }
+        if cfg.torn_failures {
+            let mut rng = Rng::new(cfg.seed ^ 0x7EA2);
+            world.partial_fail = Some(Box::new(move |io: &Io| {
+                rng.below(u64::from(io.sectors)) as u32
+            }));
+        }
+        if let Some(n) = cfg.ignore_flushes_after {
+            let mut count = 0u64;
+            world.ignore_flush = Some(Box::new(move |_io: &Io| {
+                count += 1;
+                count > n
             }));
         }
         Harness {
@@ -283,6 +351,10 @@ impl Harness {
         cfg.broken_ordering = false;
         cfg.skip_commit_flush = false;
         cfg.fail_every = None;
+        cfg.cow_writes_fail_after = None;
+        cfg.cow_recovers_after = None;
+        cfg.torn_failures = false;
+        cfg.ignore_flushes_after = None;
         let mut h = Harness::new(cfg);
         let origin_img = self.world.origin.crash_image(mode, seed);
         h.world.origin = SimDisk::new(origin_img.len() as u64, |x| origin_img[x as usize]);
