@@ -552,3 +552,250 @@ fn clients_outside_the_allow_list_are_refused() {
     assert!(nbd.contains("0 connections accepted, 2 refused"), "{nbd}");
     q.poweroff();
 }
+
+// --- Sessions that outlive a volume's role ------------------------------------------------
+
+/// An interactive `qemu-io` on one export, kept open across console commands (as a
+/// hypervisor keeps its disk attached while the operator takes a snapshot).
+struct QemuIo {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    /// Everything it printed on stdout and stderr.
+    out: std::sync::Arc<std::sync::Mutex<String>>,
+    commands: usize,
+}
+
+impl QemuIo {
+    fn open(port: u16, export: &str, read_only: bool) -> QemuIo {
+        let target = uri(port, export);
+        let mut args = vec!["-f", "raw"];
+        if read_only {
+            args.push("-r");
+        }
+        args.push(&target);
+        let mut child = Command::new("qemu-io")
+            .args(&args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("cannot run qemu-io (make deps)");
+        let out = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        for pipe in [
+            Box::new(child.stdout.take().expect("stdout")) as Box<dyn Read + Send>,
+            Box::new(child.stderr.take().expect("stderr")),
+        ] {
+            let out = out.clone();
+            std::thread::spawn(move || {
+                let mut pipe = pipe;
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = pipe.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    out.lock()
+                        .unwrap()
+                        .push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            });
+        }
+        let stdin = child.stdin.take().expect("stdin");
+        let mut io = QemuIo {
+            child,
+            stdin,
+            out,
+            commands: 0,
+        };
+        // The first prompt: the connection is open and the handshake done.
+        io.wait_prompts(1);
+        io
+    }
+
+    fn wait_prompts(&mut self, n: usize) {
+        let deadline = Instant::now() + TIMEOUT;
+        while self.out.lock().unwrap().matches("qemu-io> ").count() < n {
+            assert!(
+                Instant::now() < deadline,
+                "qemu-io did not answer: {}",
+                self.out.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Its error lines (stderr) may trail the prompt (stdout).
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    /// Runs one command; returns what it printed.
+    fn run(&mut self, line: &str) -> String {
+        let before = self.out.lock().unwrap().len();
+        writeln!(self.stdin, "{line}").expect("write to qemu-io");
+        self.stdin.flush().expect("flush qemu-io");
+        self.commands += 1;
+        self.wait_prompts(self.commands + 1);
+        self.out.lock().unwrap()[before..].to_string()
+    }
+
+    fn quit(mut self) {
+        let _ = writeln!(self.stdin, "quit");
+        let _ = self.child.wait();
+    }
+}
+
+/// Whether a qemu-io command's output reports a failure.
+fn failed(out: &str) -> bool {
+    out.contains("failed") || out.contains("error")
+}
+
+/// An appliance with an origin (`vda`, random bytes), two disks for COW stores (`vdb`,
+/// `vdc`) and NBD on a forwarded port: (QEMU, port, origin bytes, images).
+fn role_appliance(tag: &str) -> (Qemu, u16, Vec<u8>, [Image; 3]) {
+    let port = free_port();
+    let images = [
+        Image::new(&format!("nbdrole-{tag}-origin"), 16 * MIB),
+        Image::new(&format!("nbdrole-{tag}-cow"), 8 * MIB),
+        Image::new(&format!("nbdrole-{tag}-cow2"), 8 * MIB),
+    ];
+    let origin = tests::xorshift_bytes(16 * MIB as usize, 15);
+    images[0].write(0, &origin);
+    let mut q = Boot::kernel("q35", "testing loglevel=info")
+        .virtio_disk(&images[0].path, "ORIGIN")
+        .virtio_disk(&images[1].path, "COW")
+        .virtio_disk(&images[2].path, "COW2")
+        .net(&[(port, NBD_PORT)], None)
+        .start();
+    q.wait_prompt();
+    wait_serving(&mut q);
+    (q, port, origin, images)
+}
+
+/// A console command after clients connected (their log lines settle first).
+fn console(q: &mut Qemu, line: &str, expect: &str) {
+    q.settle(Duration::from_millis(300));
+    let out = q.command(line);
+    assert!(
+        out.contains(expect),
+        "{line}: {out}\n--- console ---\n{}",
+        q.transcript()
+    );
+}
+
+/// Issue 15, finding 1, exactly: `qemu-io` opened on `vda`, then `snapshot create s1 vda
+/// vdb` on the console, then the open client's `write -P 0x55 0 1M` and `flush`. The
+/// session goes through copy-on-write from its next request: `s1` keeps its checksum and
+/// the engine counts the write and its copies.
+#[test]
+fn a_session_opened_before_snapshot_create_is_copied_on_write() {
+    let (mut q, port, origin, _images) = role_appliance("create");
+    let mut on_vda = QemuIo::open(port, "vda", false);
+    console(&mut q, "snapshot create s1 vda vdb", "created snapshot s1");
+    let out = on_vda.run("write -P 0x55 0 1M");
+    assert!(
+        !failed(&out) && out.contains("wrote 1048576/1048576"),
+        "{out}"
+    );
+    let out = on_vda.run("flush");
+    assert!(!failed(&out), "{out}");
+    q.settle(Duration::from_millis(200));
+    assert_eq!(
+        appliance_checksum(&mut q, "s1"),
+        sha256_hex(&origin),
+        "the snapshot changed under a session opened before it"
+    );
+    let status = q.command("snapshot status s1");
+    let number_before = |marker: &str| -> u64 {
+        status
+            .split(marker)
+            .next()
+            .and_then(|s| s.rsplit(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no{marker} in {status}"))
+    };
+    assert!(
+        number_before(" writes, ") > 0,
+        "the engine saw no origin write: {status}"
+    );
+    assert!(
+        number_before(" copy jobs") > 0,
+        "the origin write was not copied: {status}"
+    );
+    // The new data is on the origin, read back through the same session.
+    let out = on_vda.run("read -P 0x55 0 1M");
+    assert!(!failed(&out), "{out}");
+    on_vda.quit();
+    wait_no_clients(&mut q);
+    q.poweroff();
+}
+
+/// A session opened on a plain disk that then becomes a COW store: its writes get EPERM,
+/// its reads go on; once the snapshot is deleted the disk is plain again.
+#[test]
+fn a_session_on_a_disk_that_becomes_a_cow_store_cannot_write() {
+    let (mut q, port, _origin, images) = role_appliance("store");
+    let mut on_vdc = QemuIo::open(port, "vdc", false);
+    let out = on_vdc.run("write -P 0x11 1M 64k");
+    assert!(!failed(&out), "{out}");
+    console(&mut q, "snapshot create s2 vda vdc", "created snapshot s2");
+    let out = on_vdc.run("write -P 0x22 1M 64k");
+    assert!(
+        out.contains("Operation not permitted"),
+        "a write to a COW store was not refused with EPERM: {out}"
+    );
+    let out = on_vdc.run("read 1M 64k");
+    assert!(!failed(&out), "{out}");
+    console(&mut q, "snapshot delete s2", "deleted snapshot s2");
+    let out = on_vdc.run("write -P 0x33 2M 64k");
+    assert!(!failed(&out), "{out}");
+    on_vdc.quit();
+    wait_no_clients(&mut q);
+    q.poweroff();
+    // The refused write never reached the disk.
+    assert!(images[2].read(1 << 20, 65536).iter().all(|&b| b != 0x22));
+}
+
+/// A session on a snapshot that is deleted gets errors for every request, also after a new
+/// snapshot with the same name (in the same engine slot) is created; a new session on the
+/// new snapshot reads it.
+#[test]
+fn a_session_on_a_deleted_snapshot_never_reaches_a_new_one() {
+    let (mut q, port, origin, _images) = role_appliance("deleted");
+    console(&mut q, "snapshot create s1 vda vdb", "created snapshot s1");
+    let mut on_s1 = QemuIo::open(port, "s1", true);
+    let out = on_s1.run("read 1M 4k");
+    assert!(!failed(&out), "{out}");
+    // And a raw client, for a flush (qemu-io sends none on a read-only export).
+    let (mut raw, _) = Raw::go(port, "s1");
+    raw.request(CMD_FLUSH, 0, 1, 0, 0);
+    assert_eq!(raw.reply(), (0, 1));
+    // The origin changes after s1: the new s1 differs from the old one.
+    let mut on_vda = QemuIo::open(port, "vda", false);
+    let out = on_vda.run("write -P 0x55 0 1M");
+    assert!(!failed(&out), "{out}");
+    console(&mut q, "snapshot delete s1", "deleted snapshot s1");
+    let out = on_s1.run("read 0 4k");
+    assert!(
+        failed(&out),
+        "a read of a deleted snapshot succeeded: {out}"
+    );
+    console(&mut q, "snapshot create s1 vda vdb", "created snapshot s1");
+    let out = on_s1.run("read 0 4k");
+    assert!(
+        failed(&out),
+        "a session on the deleted s1 reached the new s1: {out}"
+    );
+    raw.request(CMD_FLUSH, 0, 2, 0, 0);
+    assert_eq!(raw.reply(), (5, 2), "a flush on the deleted s1: EIO");
+    raw.request(CMD_READ, 0, 3, 0, 4096);
+    assert_eq!(raw.reply(), (5, 3), "a read of the deleted s1: EIO");
+    raw.request(CMD_DISC, 0, 4, 0, 0);
+    drop(raw);
+    // A new session on the new s1 reads it.
+    let mut again = QemuIo::open(port, "s1", true);
+    let out = again.run("read -P 0x55 0 4k");
+    assert!(!failed(&out), "{out}");
+    assert_ne!(&origin[..4], &[0x55; 4]);
+    for io in [on_vda, on_s1, again] {
+        io.quit();
+    }
+    wait_no_clients(&mut q);
+    q.poweroff();
+}

@@ -8,6 +8,8 @@
 //!   replies out, completions in; fixed buffers, no allocation per request.
 //! - [`error`]: why a connection was closed, one line each.
 //! - [`allow`]: the `nbd.allow=` client address allow-list.
+//! - [`route`]: export handles as stable identities (a device, one snapshot instance) and
+//!   where each request on one goes now (looked up per request, not at the handshake).
 //! - [`session`]: a connection joined to the block layer through a [`session::Backend`]
 //!   (buffer pool + submission): requests cut into pool-buffer chunks, device tags
 //!   ([`session::NBD_TAG`]), completions, read data sent from the buffers.
@@ -25,6 +27,7 @@ pub mod connection;
 pub mod error;
 pub mod export;
 pub mod proto;
+pub mod route;
 #[cfg(target_os = "none")]
 pub mod selftest;
 pub mod selftest_spec;

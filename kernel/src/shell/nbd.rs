@@ -10,7 +10,7 @@ use super::output::Out;
 use crate::console::args::Args;
 use crate::ipconfig::Dotted;
 use crate::nbd::allow::Cidr;
-use crate::nbd::server::{self, target_of, ClientInfo, StorageBackend};
+use crate::nbd::server::{self, ClientInfo, StorageBackend};
 use crate::nbd::{ExportCatalog, ExportInfo};
 use crate::{json, net, storage};
 
@@ -47,10 +47,10 @@ pub fn run(args: &Args, out: &mut Out) {
         server::with(|srv| {
             let mut clients = Vec::new();
             srv.clients(|info| {
-                let export = info
-                    .export
-                    .and_then(target_of)
-                    .map(|t| String::from(st.target_name(t).as_str()));
+                let export = info.export.map(|h| match server::export_name(st, h) {
+                    Some(name) => String::from(name.as_str()),
+                    None => String::from("(deleted snapshot)"),
+                });
                 clients.push(Client { info, export });
             });
             (*srv.config(), exports, clients)

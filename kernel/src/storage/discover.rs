@@ -280,12 +280,14 @@ impl DiscoverTask {
                 Some(binding)
             },
         };
+        let instance = Storage::new_instance();
         let o = &mut st.origins[origin_index];
         match o.engine.attach_snapshot(loaded, &cfg) {
             Ok(id) => {
                 o.snaps.push(Snap {
                     name: name.clone(),
                     id,
+                    instance,
                     cow_disk: self.disk,
                     cow_start: self.probe,
                     cow_sectors,
