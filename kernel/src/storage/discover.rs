@@ -382,6 +382,7 @@ impl Task for DiscoverTask {
                     want,
                     sector,
                     waiting,
+                    origin,
                     ..
                 } => {
                     if *waiting {
@@ -394,6 +395,10 @@ impl Task for DiscoverTask {
                                 *sector = r.sector;
                                 read.clear();
                             }
+                            // `snapshot attach` on an origin NBD clients write: their
+                            // writes already sent straight to the device come back first
+                            // (from the attach on, its requests go through the engine).
+                            None if st.direct_nbd_in_flight(*origin) > 0 => return,
                             None => {
                                 let Phase::Load {
                                     loader,
