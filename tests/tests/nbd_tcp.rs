@@ -799,3 +799,154 @@ fn a_session_on_a_deleted_snapshot_never_reaches_a_new_one() {
     wait_no_clients(&mut q);
     q.poweroff();
 }
+
+// --- Under abuse ----------------------------------------------------------------------------
+
+/// Issue 15, finding 6: clients that connect and never send a byte hold no session past the
+/// 10 s handshake deadline: ten of them (every session and the two spare TCP slots) are
+/// reset, and a real client gets in afterwards.
+#[test]
+fn silent_clients_are_reset_after_the_handshake_deadline() {
+    let port = free_port();
+    let a = Image::new("nbdtcp-silent", 4 * MIB);
+    let mut q = Boot::kernel("q35", "testing loglevel=info")
+        .virtio_disk(&a.path, "A")
+        .net(&[(port, NBD_PORT)], None)
+        .start();
+    q.wait_prompt();
+    wait_serving(&mut q);
+    let started = Instant::now();
+    let silent: Vec<Raw> = (0..10).map(|_| Raw::connect(port)).collect();
+    // Eight sessions are taken (the greeting is sent; the clients never answer).
+    let deadline = Instant::now() + TIMEOUT;
+    while !q.transcript().contains("nbd: connection 7 from") {
+        assert!(Instant::now() < deadline, "{}", q.transcript());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Every silent client is closed by the server, none before the deadline.
+    let closers: Vec<_> = silent
+        .into_iter()
+        .map(|mut raw| {
+            std::thread::spawn(move || {
+                let mut b = [0u8; 4096];
+                loop {
+                    match raw.s.read(&mut b) {
+                        Ok(0) | Err(_) => return Instant::now(),
+                        Ok(_) => {}
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut held = 0;
+    for c in closers {
+        let at = c.join().expect("reader");
+        if at.duration_since(started) >= Duration::from_secs(9) {
+            held += 1;
+        }
+    }
+    // The two past the eight sessions were refused at once; the eight were held until the
+    // deadline.
+    assert_eq!(held, 8, "{}", q.transcript());
+    let t = q.transcript();
+    assert_eq!(
+        t.matches("no handshake within 10 s; reset").count(),
+        8,
+        "{t}"
+    );
+    // A real client gets in.
+    let info = run_ok("nbdinfo", &[&uri(port, "vda")]);
+    assert!(info.contains("export-size: 4194304"), "{info}");
+    wait_no_clients(&mut q);
+    q.poweroff();
+}
+
+/// Issue 15, finding 6: a flood of refused connections costs one console line and one
+/// summary (`nbd: refused N connections from 10.0.2.2 in the last 10 s`), not a line each.
+#[test]
+fn refused_connections_are_logged_once_and_summarised() {
+    let port = free_port();
+    let a = Image::new("nbdtcp-flood", 4 * MIB);
+    let mut q = Boot::kernel("q35", "testing loglevel=info nbd.allow=192.168.7.0/24")
+        .virtio_disk(&a.path, "A")
+        .net(&[(port, NBD_PORT)], None)
+        .start();
+    q.wait_prompt();
+    wait_serving(&mut q);
+    for _ in 0..50 {
+        let mut raw = Raw::connect(port);
+        assert!(raw.greeting().is_none(), "a greeting for a refused client");
+    }
+    // The summary comes at the end of the 10 s window.
+    let line = q.expect(" in the last 10 s", TIMEOUT);
+    let summary = line.rsplit('\n').next().unwrap_or(&line).to_string();
+    let count: u64 = summary
+        .split("nbd: refused ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count in {summary:?}"));
+    assert!(
+        summary.contains("connections from 10.0.2.2 in the last 10 s"),
+        "{summary}"
+    );
+    q.settle(Duration::from_millis(300));
+    let t = q.transcript();
+    assert_eq!(
+        t.matches("nbd: refused 10.0.2.2:").count(),
+        1,
+        "one full line for the flood: {t}"
+    );
+    let nbd = q.command("nbd");
+    assert!(
+        nbd.contains(&format!("0 connections accepted, {count} refused")),
+        "the summary counts every refusal ({count}): {nbd}"
+    );
+    assert!(count >= 50, "{summary}");
+    // No slot is left to a refused peer.
+    let net = q.command("net");
+    assert!(!net.contains("tcp :10809 <-"), "{net}");
+    q.poweroff();
+}
+
+/// `nbd.idle=SECONDS`: a session with nothing in flight that receives nothing for that long
+/// is closed; one that keeps sending requests is not.
+#[test]
+fn idle_sessions_are_closed_with_nbd_idle() {
+    let port = free_port();
+    let a = Image::new("nbdtcp-idle", 4 * MIB);
+    let mut q = Boot::kernel("q35", "testing loglevel=info nbd.idle=3")
+        .virtio_disk(&a.path, "A")
+        .net(&[(port, NBD_PORT)], None)
+        .start();
+    q.wait_prompt();
+    wait_serving(&mut q);
+    let nbd = q.command("nbd");
+    assert!(nbd.contains("idle sessions closed after 3 s"), "{nbd}");
+    let (mut idle, _) = Raw::go(port, "vda");
+    let (mut busy, _) = Raw::go(port, "vda");
+    let started = Instant::now();
+    // The busy one reads every second for 6 s.
+    for cookie in 0..6 {
+        busy.request(CMD_READ, 0, cookie, 0, 4096);
+        assert_eq!(busy.reply(), (0, cookie));
+        busy.recv(4096).expect("read data");
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    assert!(idle.closed(), "the idle session is closed");
+    assert!(started.elapsed() >= Duration::from_secs(2));
+    busy.request(CMD_READ, 0, 9, 0, 4096);
+    assert_eq!(busy.reply(), (0, 9), "the busy session stays");
+    busy.recv(4096).expect("read data");
+    q.settle(Duration::from_millis(300));
+    let t = q.transcript();
+    assert_eq!(
+        t.matches("idle for 3 s (nbd.idle); closing").count(),
+        1,
+        "{t}"
+    );
+    busy.request(CMD_DISC, 0, 10, 0, 0);
+    drop(busy);
+    wait_no_clients(&mut q);
+    q.poweroff();
+}

@@ -30,6 +30,7 @@ use super::allow::{self, AllowList};
 use super::connection::ConnectionConfig;
 use super::error::NbdError;
 use super::export::{ExportCatalog, ExportInfo, ExportName};
+use super::guard::Refusals;
 use super::proto::Errno;
 use super::route::{self, DeviceRole, ExportId, Route};
 use super::session::{
@@ -52,16 +53,21 @@ pub struct ServerConfig {
     pub port: u16,
     /// Networks allowed to connect (`None`: the NIC's own subnet; see [`super::allow::allowed`]).
     pub allow: Option<AllowList>,
+    /// `nbd.idle=` in ns: sessions idle this long are closed (`None`: never).
+    pub idle_ns: Option<u64>,
 }
 
 impl ServerConfig {
-    /// `nbd.port=` (default 10809) and `nbd.allow=`.
+    /// `nbd.port=` (default 10809), `nbd.allow=` and `nbd.idle=`.
     pub fn from_cmdline(cmdline: Option<&crate::cmdline::CmdLine>) -> ServerConfig {
         ServerConfig {
             port: cmdline
                 .and_then(|c| c.nbd_port)
                 .unwrap_or(super::DEFAULT_PORT),
             allow: cmdline.and_then(|c| c.nbd_allow),
+            idle_ns: cmdline
+                .and_then(|c| c.nbd_idle)
+                .map(|s| u64::from(s) * 1_000_000_000),
         }
     }
 }
@@ -378,10 +384,19 @@ pub struct ClientInfo {
     pub closing: bool,
 }
 
+/// The listener's screen (`net::tcp::Screen`): whether `peer` may connect, checked as soon
+/// as its SYN arrives, before it takes a connection slot; a refusal is logged (rate-limited).
+pub fn screen(peer: ([u8; 4], u16), local: Option<([u8; 4], u8)>) -> bool {
+    let now = crate::time::uptime_ns();
+    with(|s| s.screen(peer, local, now)).unwrap_or(false)
+}
+
 /// The NBD server: up to [`MAX_CONNECTIONS`] sessions.
 pub struct Server {
     config: ServerConfig,
     sessions: Vec<Option<Entry>>,
+    /// Refused connections, for rate-limited log lines.
+    refusals: Refusals,
 }
 
 struct Entry {
@@ -399,7 +414,59 @@ impl Server {
         Server {
             config,
             sessions: (0..MAX_CONNECTIONS).map(|_| None).collect(),
+            refusals: Refusals::new(),
         }
+    }
+
+    /// Whether `peer` may connect (see [`screen`]); a refusal is recorded and logged.
+    pub fn screen(&mut self, peer: ([u8; 4], u16), local: Option<([u8; 4], u8)>, now: u64) -> bool {
+        let allowed = allow::allowed(self.config.allow.as_ref(), local, peer.0);
+        if !allowed {
+            self.refused(peer, AcceptError::NotAllowed, now);
+        }
+        allowed
+    }
+
+    /// Records a refused connection: logged in full if it is its address's first in a
+    /// window, else counted for a summary ([`Server::log_refusals`]).
+    pub fn refused(&mut self, peer: ([u8; 4], u16), why: AcceptError, now: u64) {
+        if self.refusals.record(peer.0, now) {
+            log::warn!(
+                "nbd: refused {}:{}: {why}",
+                crate::ipconfig::Dotted(peer.0),
+                peer.1
+            );
+        }
+    }
+
+    /// Logs the refusal summaries due at `now`.
+    pub fn log_refusals(&mut self, now: u64) {
+        self.refusals.due(now, |summary| log::warn!("{summary}"));
+    }
+
+    /// When [`Server::log_refusals`] has a summary to log next.
+    pub fn next_refusal_summary(&self) -> Option<u64> {
+        self.refusals.next_due()
+    }
+
+    /// Connections refused since boot.
+    pub fn refused_total(&self) -> u64 {
+        self.refusals.total()
+    }
+
+    /// Connection `id` has finished its handshake.
+    pub fn serving(&self, id: u8) -> bool {
+        self.entry(id).is_some_and(|e| e.session.export().is_some())
+    }
+
+    /// Connection `id` has requests in flight.
+    pub fn busy(&self, id: u8) -> bool {
+        self.entry(id)
+            .is_some_and(|e| e.session.in_flight() > 0 || e.session.in_device() > 0)
+    }
+
+    fn entry(&self, id: u8) -> Option<&Entry> {
+        self.sessions.get(usize::from(id)).and_then(Option::as_ref)
     }
 
     /// The configuration.

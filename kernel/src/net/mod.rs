@@ -308,6 +308,7 @@ impl Net {
             let mut device = phy::Phy::new(nic, scratch, 0);
             iface.poll_egress(instant, &mut device, sockets);
         }
+        self.tcp_relisten_refused();
         self.nic.kick();
         let tx_free = self.nic.arm_tx_interrupt();
         self.polls += 1;

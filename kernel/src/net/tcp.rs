@@ -48,6 +48,10 @@ impl Default for TcpConfig {
     }
 }
 
+/// A listener's screen ([`Net::tcp_screen`]): whether `peer` may have a slot, given the
+/// NIC's address and prefix. Called once per connection, as soon as its SYN took a slot.
+pub type Screen = fn(peer: Peer, local: Option<([u8; 4], u8)>) -> bool;
+
 /// A listener, as returned by [`Net::tcp_listen`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ListenerId(pub(super) u8);
@@ -116,6 +120,8 @@ enum Phase {
     Open,
     /// Ended after being handed out; reported by `tcp_take_closed`, then listens again.
     Ended,
+    /// Refused by the listener's screen: reset, listens again once the reset is out.
+    Refused,
 }
 
 #[derive(Debug)]
@@ -131,6 +137,8 @@ pub struct Listener {
     port: u16,
     slots: Vec<Slot>,
     accepted: u64,
+    screen: Option<Screen>,
+    refused: u64,
 }
 
 impl Listener {
@@ -216,12 +224,32 @@ impl Net {
             port,
             slots,
             accepted: 0,
+            screen: None,
+            refused: 0,
         });
         Ok(ListenerId((self.listeners.len() - 1) as u8))
     }
 
-    /// Follows every slot's socket after a poll: new connections, ended ones, relistening.
+    /// Screens the peers of `listener` with `screen` as soon as their SYN takes a slot: a
+    /// refused one is reset at once and its slot listens again in the next round, before
+    /// the service ever sees it, so refused peers cannot hold the slots allowed ones need.
+    pub fn tcp_screen(&mut self, listener: ListenerId, screen: Screen) {
+        if let Some(l) = self.listeners.get_mut(usize::from(listener.0)) {
+            l.screen = Some(screen);
+        }
+    }
+
+    /// Connections of `listener` its screen refused.
+    pub fn tcp_refused(&self, listener: ListenerId) -> u64 {
+        self.listeners
+            .get(usize::from(listener.0))
+            .map_or(0, |l| l.refused)
+    }
+
+    /// Follows every slot's socket after a poll: new connections (screened), ended ones,
+    /// relistening.
     pub(super) fn tcp_maintain(&mut self) {
+        let local = self.address;
         let Net {
             listeners, sockets, ..
         } = self;
@@ -230,7 +258,23 @@ impl Net {
                 let socket = sockets.get_mut::<tcp::Socket>(slot.handle);
                 let state = socket.state();
                 let gone = matches!(state, tcp::State::Closed | tcp::State::TimeWait);
+                if slot.phase == Phase::Listening && !gone && state != tcp::State::Listen {
+                    let peer = peer_of(socket);
+                    let allowed = match (listener.screen, peer) {
+                        (Some(screen), Some(peer)) => screen(peer, local),
+                        (Some(_), None) => false,
+                        (None, _) => true,
+                    };
+                    if !allowed {
+                        // The reset goes out with this round's egress.
+                        socket.abort();
+                        slot.phase = Phase::Refused;
+                        listener.refused += 1;
+                        continue;
+                    }
+                }
                 match slot.phase {
+                    Phase::Refused => relisten(socket, slot, listener.port),
                     Phase::Listening
                         if !gone
                             && !matches!(state, tcp::State::Listen | tcp::State::SynReceived) =>
@@ -246,6 +290,24 @@ impl Net {
                     }
                     Phase::Open if gone => slot.phase = Phase::Ended,
                     _ => {}
+                }
+            }
+        }
+    }
+
+    /// After the round's egress (the resets of refused peers are out): their slots listen
+    /// again at once, so a flood of refused peers never leaves an allowed one without a
+    /// listening slot. (Should a reset not have gone out, the peer's next segment finds a
+    /// listening socket and is answered with a reset.)
+    pub(super) fn tcp_relisten_refused(&mut self) {
+        let Net {
+            listeners, sockets, ..
+        } = self;
+        for listener in listeners.iter_mut() {
+            for slot in &mut listener.slots {
+                if slot.phase == Phase::Refused {
+                    let socket = sockets.get_mut::<tcp::Socket>(slot.handle);
+                    relisten(socket, slot, listener.port);
                 }
             }
         }
