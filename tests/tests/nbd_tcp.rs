@@ -802,6 +802,14 @@ fn a_session_on_a_deleted_snapshot_never_reaches_a_new_one() {
 
 // --- Under abuse ----------------------------------------------------------------------------
 
+/// A read that ran into its timeout (the connection is still open).
+fn timed_out(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    )
+}
+
 /// Issue 15, finding 6: clients that connect and never send a byte hold no session past the
 /// 10 s handshake deadline: ten of them (every session and the two spare TCP slots) are
 /// reset, and a real client gets in afterwards.
@@ -831,8 +839,12 @@ fn silent_clients_are_reset_after_the_handshake_deadline() {
                 let mut b = [0u8; 4096];
                 loop {
                     match raw.s.read(&mut b) {
-                        Ok(0) | Err(_) => return Instant::now(),
+                        Ok(0) => return Instant::now(),
                         Ok(_) => {}
+                        Err(e) => {
+                            assert!(!timed_out(&e), "a silent client was never closed");
+                            return Instant::now();
+                        }
                     }
                 }
             })
@@ -933,7 +945,14 @@ fn idle_sessions_are_closed_with_nbd_idle() {
         busy.recv(4096).expect("read data");
         std::thread::sleep(Duration::from_secs(1));
     }
-    assert!(idle.closed(), "the idle session is closed");
+    idle.s
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    match idle.s.read(&mut [0u8; 1]) {
+        Ok(0) => {}
+        Err(e) if !timed_out(&e) => {}
+        other => panic!("the idle session was not closed: {other:?}"),
+    }
     assert!(started.elapsed() >= Duration::from_secs(2));
     busy.request(CMD_READ, 0, 9, 0, 4096);
     assert_eq!(busy.reply(), (0, 9), "the busy session stays");
