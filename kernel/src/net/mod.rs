@@ -287,7 +287,7 @@ impl Net {
             device.exhausted()
         };
         self.poll_dhcp(now);
-        self.tcp_maintain();
+        self.tcp_maintain(now);
         if let Some(mut echo) = self.echo.take() {
             echo.run(self);
             self.echo = Some(echo);
@@ -317,6 +317,9 @@ impl Net {
             None => u64::MAX,
         };
         if let Some(due) = self.nbd.as_ref().and_then(|n| n.next_deadline()) {
+            self.next_poll_ns = self.next_poll_ns.min(due);
+        }
+        if let Some(due) = self.tcp_next_deadline() {
             self.next_poll_ns = self.next_poll_ns.min(due);
         }
         // Come back at once when frames wait or smoltcp wants to send now and can.
