@@ -971,3 +971,49 @@ fn idle_sessions_are_closed_with_nbd_idle() {
     wait_no_clients(&mut q);
     q.poweroff();
 }
+
+/// Issue 15, finding 6: a disk holding a store found at boot and not served (here one Linux
+/// made, with no binding) is a read-only export: listed as such, and a write gets EPERM and
+/// leaves the store as it was.
+#[test]
+fn a_disk_holding_an_unserved_store_is_a_read_only_export() {
+    let port = free_port();
+    let (a, b) = (
+        Image::new("nbdtcp-unserved-a", 8 * MIB),
+        Image::new("nbdtcp-unserved-b", 4 * MIB),
+    );
+    // A dm-snapshot header (magic, valid, version 1, 4 KiB chunks) and an empty area 0.
+    let mut cow = vec![0u8; 8192];
+    cow[0..4].copy_from_slice(&0x7041_6E53u32.to_le_bytes());
+    cow[4..8].copy_from_slice(&1u32.to_le_bytes());
+    cow[8..12].copy_from_slice(&1u32.to_le_bytes());
+    cow[12..16].copy_from_slice(&8u32.to_le_bytes());
+    b.write(0, &cow);
+    let mut q = Boot::kernel("q35", "testing loglevel=info")
+        .virtio_disk(&a.path, "A")
+        .virtio_disk(&b.path, "B")
+        .net(&[(port, NBD_PORT)], None)
+        .start();
+    q.wait_prompt();
+    wait_serving(&mut q);
+    let list = q.command("snapshot list");
+    assert!(list.contains("store on vdb"), "{list}");
+    let info = run_ok("nbdinfo", &[&uri(port, "vdb")]);
+    assert!(info.contains("is_read_only: true"), "{info}");
+    let info = run_ok("nbdinfo", &[&uri(port, "vda")]);
+    assert!(info.contains("is_read_only: false"), "{info}");
+    // A raw client writes anyway: EPERM.
+    let (mut raw, flags) = Raw::go(port, "vdb");
+    assert!(flags & TX_READ_ONLY != 0, "flags {flags:#x}");
+    raw.request(CMD_WRITE, 0, 1, 0, 4096);
+    raw.send(&[0xAA; 4096]);
+    assert_eq!(raw.reply(), (1, 1), "a write over a store: EPERM");
+    raw.request(CMD_READ, 0, 2, 0, 4096);
+    assert_eq!(raw.reply(), (0, 2));
+    assert_eq!(raw.recv(4096).expect("read data"), cow[..4096]);
+    raw.request(CMD_DISC, 0, 3, 0, 0);
+    drop(raw);
+    wait_no_clients(&mut q);
+    q.poweroff();
+    assert!(b.read(0, 8192) == cow, "the store was written");
+}
