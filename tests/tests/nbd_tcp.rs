@@ -740,8 +740,19 @@ fn a_session_on_a_disk_that_becomes_a_cow_store_cannot_write() {
         out.contains("Operation not permitted"),
         "a write to a COW store was not refused with EPERM: {out}"
     );
+    let out = on_vdc.run("write -P 0x22 2M 4k");
+    assert!(out.contains("Operation not permitted"), "{out}");
     let out = on_vdc.run("read 1M 64k");
     assert!(!failed(&out), "{out}");
+    // The operator is told once per session, not once per refused write.
+    q.settle(Duration::from_millis(300));
+    let t = q.transcript();
+    assert_eq!(
+        t.matches("vdc now holds a COW store; its writes are refused")
+            .count(),
+        1,
+        "{t}"
+    );
     console(&mut q, "snapshot delete s2", "deleted snapshot s2");
     let out = on_vdc.run("write -P 0x33 2M 64k");
     assert!(!failed(&out), "{out}");
@@ -788,6 +799,15 @@ fn a_session_on_a_deleted_snapshot_never_reaches_a_new_one() {
     assert_eq!(raw.reply(), (5, 3), "a read of the deleted s1: EIO");
     raw.request(CMD_DISC, 0, 4, 0, 0);
     drop(raw);
+    // Each of the two sessions is reported once.
+    q.settle(Duration::from_millis(300));
+    let t = q.transcript();
+    assert_eq!(
+        t.matches("its snapshot was deleted or is being merged; its requests fail")
+            .count(),
+        2,
+        "{t}"
+    );
     // A new session on the new s1 reads it.
     let mut again = QemuIo::open(port, "s1", true);
     let out = again.run("read -P 0x55 0 4k");

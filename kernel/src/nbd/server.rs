@@ -23,6 +23,7 @@
 
 use alloc::boxed::Box;
 use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU16, Ordering};
 
 use drivers::block::{BlockError, BlockRequest, BufferPool, Completion, DmaBuf};
 
@@ -126,6 +127,34 @@ fn errno(e: BlockError) -> Errno {
         BlockError::OutOfRange { .. } | BlockError::Misaligned { .. } => Errno::Inval,
         BlockError::Unsupported | BlockError::DeviceUnsupported => Errno::NotSup,
         _ => Errno::Io,
+    }
+}
+
+/// Connections told on the console that their volume changed role (bit per connection id,
+/// cleared when the id is given to a new connection): one line per session, not one per
+/// refused request.
+static ROLE_LOGGED: AtomicU16 = AtomicU16::new(0);
+const _: () = assert!(MAX_CONNECTIONS <= 16, "one ROLE_LOGGED bit per connection");
+
+/// Logs, once per session, that requests on `export` fail because its volume changed role
+/// since the handshake (a disk that became a COW store, a snapshot deleted or merged).
+fn role_changed(st: &Storage, export: u64, tag: u64, why: Errno) {
+    let Some((conn, _, _)) = session::untag(tag) else {
+        return;
+    };
+    let bit = 1u16 << (conn % 16);
+    if ROLE_LOGGED.fetch_or(bit, Ordering::Relaxed) & bit != 0 {
+        return;
+    }
+    match (ExportId::from_handle(export), why) {
+        (Some(ExportId::Device { disk }), Errno::Perm) => log::warn!(
+            "nbd: connection {conn}: {} now holds a COW store; its writes are refused",
+            st.name(usize::from(disk))
+        ),
+        (Some(ExportId::Snapshot { .. }), _) => log::warn!(
+            "nbd: connection {conn}: its snapshot was deleted or is being merged; its requests fail"
+        ),
+        (_, e) => log::warn!("nbd: connection {conn}: its volume is gone ({e:?})"),
     }
 }
 
@@ -303,7 +332,10 @@ impl Backend for StorageBackend<'_> {
         let writes = matches!(op, BackendOp::Write { .. } | BackendOp::Discard { .. });
         let target = match self.target(export, writes) {
             Ok(t) => t,
-            Err(e) => return Err((SubmitError::Failed(e), buffer)),
+            Err(e) => {
+                role_changed(self.0, export, tag, e);
+                return Err((SubmitError::Failed(e), buffer));
+            }
         };
         let block = self.block_size(export);
         let request = match (op, buffer) {
@@ -509,6 +541,7 @@ impl Server {
         let config = ConnectionConfig {
             max_payload: MAX_PAYLOAD,
         };
+        ROLE_LOGGED.fetch_and(!(1u16 << (id % 16)), Ordering::Relaxed);
         self.sessions[id] = Some(Entry {
             session: Box::new(Session::new(id as u8, config)),
             peer,
