@@ -1037,3 +1037,43 @@ fn a_disk_holding_an_unserved_store_is_a_read_only_export() {
     q.poweroff();
     assert!(b.read(0, 8192) == cow, "the store was written");
 }
+
+/// Sessions across a merge: one opened on `vda` before the snapshot existed writes through
+/// copy-on-write, then sees the origin rolled back by `snapshot merge s1` and writes to it
+/// again afterwards; one on `s1` gets errors once s1 is merged away.
+#[test]
+fn sessions_across_a_merge_follow_the_origin() {
+    let (mut q, port, origin, images) = role_appliance("merge");
+    let mut on_vda = QemuIo::open(port, "vda", false);
+    console(&mut q, "snapshot create s1 vda vdb", "created snapshot s1");
+    let out = on_vda.run("write -P 0x55 0 1M");
+    assert!(!failed(&out), "{out}");
+    let mut on_s1 = QemuIo::open(port, "s1", true);
+    let out = on_s1.run("read 0 4k");
+    assert!(!failed(&out), "{out}");
+    q.settle(Duration::from_millis(300));
+    let out = q.command_timeout("snapshot merge s1", TIMEOUT * 3);
+    assert!(out.contains("merged s1 into vda"), "{out}");
+    // The origin is the snapshot again, as the old session reads it.
+    assert_eq!(appliance_checksum(&mut q, "vda"), sha256_hex(&origin));
+    let out = on_vda.run("read -P 0x55 0 4k");
+    assert!(out.contains("Pattern verification failed"), "{out}");
+    let out = on_s1.run("read 0 4k");
+    assert!(failed(&out), "a read of a merged snapshot succeeded: {out}");
+    // The origin is a plain disk again: the old session writes it.
+    let out = on_vda.run("write -P 0x66 0 64k");
+    assert!(!failed(&out), "{out}");
+    let out = on_vda.run("flush");
+    assert!(!failed(&out), "{out}");
+    for io in [on_vda, on_s1] {
+        io.quit();
+    }
+    wait_no_clients(&mut q);
+    q.poweroff();
+    let now = images[0].read(0, 16 * MIB as usize);
+    assert!(now[..65536].iter().all(|&b| b == 0x66));
+    assert!(
+        now[65536..] == origin[65536..],
+        "the merge left the origin wrong"
+    );
+}
