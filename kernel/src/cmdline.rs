@@ -11,6 +11,7 @@
 //! | `ip=dhcp\|off\|ADDR/PREFIX[,GW]` | IPv4 configuration of the NIC (see [`crate::ipconfig`]) |
 //! | `nbd.port=<port>`          | TCP port of the NBD server (default 10809)              |
 //! | `nbd.allow=<cidr>[,...]`   | IPv4 networks allowed to connect to the NBD server (default: the NIC's subnet) |
+//! | `nbd.idle=<seconds>`       | close NBD sessions idle this long (default, or 0: never) |
 //!
 //! Nothing here is fatal: unknown options are collected in [`CmdLine::unknown`] and malformed
 //! values in [`CmdLine::errors`]; the kernel logs both (see [`CmdLine::warnings`]) and boots with
@@ -98,6 +99,9 @@ pub struct CmdLine {
     /// `nbd.allow=`: the networks allowed to use the NBD server, if given (`None`: only the
     /// NIC's own subnet; a malformed value gives an empty list, which allows nobody).
     pub nbd_allow: Option<AllowList>,
+    /// `nbd.idle=`: seconds after which an NBD session with no request and nothing in flight
+    /// is closed (`None`, or `nbd.idle=0`: never).
+    pub nbd_idle: Option<u32>,
     /// Options nobody knows, as given (ignored).
     pub unknown: Vec<String>,
     /// Known options with malformed values (ignored).
@@ -115,6 +119,7 @@ const OPTIONS: &[(&str, Handler)] = &[
     ("ip", parse_ip_option),
     ("nbd.port", parse_nbd_port),
     ("nbd.allow", parse_nbd_allow),
+    ("nbd.idle", parse_nbd_idle),
 ];
 
 fn find_option(name: &str) -> Option<Handler> {
@@ -244,6 +249,21 @@ fn parse_nbd_port(cmdline: &mut CmdLine, value: Option<&str>) -> Result<(), Stri
         .filter(|&p| p != 0)
         .ok_or("expected a TCP port 1..65535, e.g. nbd.port=10809")?;
     cmdline.nbd_port = Some(port);
+    Ok(())
+}
+
+/// The longest `nbd.idle=`: a week.
+pub const NBD_IDLE_MAX: u32 = 7 * 24 * 3600;
+
+fn parse_nbd_idle(cmdline: &mut CmdLine, value: Option<&str>) -> Result<(), String> {
+    let seconds = value
+        .filter(|v| !v.is_empty() && v.len() <= 10 && v.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|v| v.parse::<u32>().ok())
+        .filter(|&s| s <= NBD_IDLE_MAX)
+        .ok_or_else(|| {
+            format!("expected seconds 0..{NBD_IDLE_MAX} (0: never), e.g. nbd.idle=600")
+        })?;
+    cmdline.nbd_idle = (seconds > 0).then_some(seconds);
     Ok(())
 }
 
@@ -479,6 +499,29 @@ mod tests {
         ] {
             let c = CmdLine::parse(&format!("k {bad}"));
             assert_eq!(c.nbd_port, None, "{bad}");
+            assert_eq!(c.errors.len(), 1, "{bad}");
+        }
+    }
+
+    #[test]
+    fn nbd_idle() {
+        assert_eq!(CmdLine::parse("k").nbd_idle, None);
+        assert_eq!(CmdLine::parse("k nbd.idle=600").nbd_idle, Some(600));
+        assert_eq!(CmdLine::parse("k nbd.idle=600 nbd.idle=0").nbd_idle, None);
+        assert_eq!(
+            CmdLine::parse("k nbd.idle=604800").nbd_idle,
+            Some(NBD_IDLE_MAX)
+        );
+        for bad in [
+            "nbd.idle",
+            "nbd.idle=",
+            "nbd.idle=-1",
+            "nbd.idle=10s",
+            "nbd.idle=604801",
+            "nbd.idle=99999999999999999999",
+        ] {
+            let c = CmdLine::parse(&format!("k {bad}"));
+            assert_eq!(c.nbd_idle, None, "{bad}");
             assert_eq!(c.errors.len(), 1, "{bad}");
         }
     }

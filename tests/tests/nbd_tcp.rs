@@ -552,3 +552,528 @@ fn clients_outside_the_allow_list_are_refused() {
     assert!(nbd.contains("0 connections accepted, 2 refused"), "{nbd}");
     q.poweroff();
 }
+
+// --- Sessions that outlive a volume's role ------------------------------------------------
+
+/// An interactive `qemu-io` on one export, kept open across console commands (as a
+/// hypervisor keeps its disk attached while the operator takes a snapshot).
+struct QemuIo {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    /// Everything it printed on stdout and stderr.
+    out: std::sync::Arc<std::sync::Mutex<String>>,
+    commands: usize,
+}
+
+impl QemuIo {
+    fn open(port: u16, export: &str, read_only: bool) -> QemuIo {
+        let target = uri(port, export);
+        let mut args = vec!["-f", "raw"];
+        if read_only {
+            args.push("-r");
+        }
+        args.push(&target);
+        let mut child = Command::new("qemu-io")
+            .args(&args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("cannot run qemu-io (make deps)");
+        let out = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        for pipe in [
+            Box::new(child.stdout.take().expect("stdout")) as Box<dyn Read + Send>,
+            Box::new(child.stderr.take().expect("stderr")),
+        ] {
+            let out = out.clone();
+            std::thread::spawn(move || {
+                let mut pipe = pipe;
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = pipe.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    out.lock()
+                        .unwrap()
+                        .push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            });
+        }
+        let stdin = child.stdin.take().expect("stdin");
+        let mut io = QemuIo {
+            child,
+            stdin,
+            out,
+            commands: 0,
+        };
+        // The first prompt: the connection is open and the handshake done.
+        io.wait_prompts(1);
+        io
+    }
+
+    fn wait_prompts(&mut self, n: usize) {
+        let deadline = Instant::now() + TIMEOUT;
+        while self.out.lock().unwrap().matches("qemu-io> ").count() < n {
+            assert!(
+                Instant::now() < deadline,
+                "qemu-io did not answer: {}",
+                self.out.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Its error lines (stderr) may trail the prompt (stdout).
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    /// Runs one command; returns what it printed.
+    fn run(&mut self, line: &str) -> String {
+        let before = self.out.lock().unwrap().len();
+        writeln!(self.stdin, "{line}").expect("write to qemu-io");
+        self.stdin.flush().expect("flush qemu-io");
+        self.commands += 1;
+        self.wait_prompts(self.commands + 1);
+        self.out.lock().unwrap()[before..].to_string()
+    }
+
+    fn quit(mut self) {
+        let _ = writeln!(self.stdin, "quit");
+        let _ = self.child.wait();
+    }
+}
+
+/// Whether a qemu-io command's output reports a failure.
+fn failed(out: &str) -> bool {
+    out.contains("failed") || out.contains("error")
+}
+
+/// An appliance with an origin (`vda`, random bytes), two disks for COW stores (`vdb`,
+/// `vdc`) and NBD on a forwarded port: (QEMU, port, origin bytes, images).
+fn role_appliance(tag: &str) -> (Qemu, u16, Vec<u8>, [Image; 3]) {
+    let port = free_port();
+    let images = [
+        Image::new(&format!("nbdrole-{tag}-origin"), 16 * MIB),
+        Image::new(&format!("nbdrole-{tag}-cow"), 8 * MIB),
+        Image::new(&format!("nbdrole-{tag}-cow2"), 8 * MIB),
+    ];
+    let origin = tests::xorshift_bytes(16 * MIB as usize, 15);
+    images[0].write(0, &origin);
+    let mut q = Boot::kernel("q35", "testing loglevel=info")
+        .virtio_disk(&images[0].path, "ORIGIN")
+        .virtio_disk(&images[1].path, "COW")
+        .virtio_disk(&images[2].path, "COW2")
+        .net(&[(port, NBD_PORT)], None)
+        .start();
+    q.wait_prompt();
+    wait_serving(&mut q);
+    (q, port, origin, images)
+}
+
+/// A console command after clients connected (their log lines settle first).
+fn console(q: &mut Qemu, line: &str, expect: &str) {
+    q.settle(Duration::from_millis(300));
+    let out = q.command(line);
+    assert!(
+        out.contains(expect),
+        "{line}: {out}\n--- console ---\n{}",
+        q.transcript()
+    );
+}
+
+/// Issue 15, finding 1, exactly: `qemu-io` opened on `vda`, then `snapshot create s1 vda
+/// vdb` on the console, then the open client's `write -P 0x55 0 1M` and `flush`. The
+/// session goes through copy-on-write from its next request: `s1` keeps its checksum and
+/// the engine counts the write and its copies.
+#[test]
+fn a_session_opened_before_snapshot_create_is_copied_on_write() {
+    let (mut q, port, origin, _images) = role_appliance("create");
+    let mut on_vda = QemuIo::open(port, "vda", false);
+    console(&mut q, "snapshot create s1 vda vdb", "created snapshot s1");
+    let out = on_vda.run("write -P 0x55 0 1M");
+    assert!(
+        !failed(&out) && out.contains("wrote 1048576/1048576"),
+        "{out}"
+    );
+    let out = on_vda.run("flush");
+    assert!(!failed(&out), "{out}");
+    q.settle(Duration::from_millis(200));
+    assert_eq!(
+        appliance_checksum(&mut q, "s1"),
+        sha256_hex(&origin),
+        "the snapshot changed under a session opened before it"
+    );
+    let status = q.command("snapshot status s1");
+    let number_before = |marker: &str| -> u64 {
+        status
+            .split(marker)
+            .next()
+            .and_then(|s| s.rsplit(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no{marker} in {status}"))
+    };
+    assert!(
+        number_before(" writes, ") > 0,
+        "the engine saw no origin write: {status}"
+    );
+    assert!(
+        number_before(" copy jobs") > 0,
+        "the origin write was not copied: {status}"
+    );
+    // The new data is on the origin, read back through the same session.
+    let out = on_vda.run("read -P 0x55 0 1M");
+    assert!(!failed(&out), "{out}");
+    on_vda.quit();
+    wait_no_clients(&mut q);
+    q.poweroff();
+}
+
+/// A session opened on a plain disk that then becomes a COW store: its writes get EPERM,
+/// its reads go on; once the snapshot is deleted the disk is plain again.
+#[test]
+fn a_session_on_a_disk_that_becomes_a_cow_store_cannot_write() {
+    let (mut q, port, _origin, images) = role_appliance("store");
+    let mut on_vdc = QemuIo::open(port, "vdc", false);
+    let out = on_vdc.run("write -P 0x11 1M 64k");
+    assert!(!failed(&out), "{out}");
+    console(&mut q, "snapshot create s2 vda vdc", "created snapshot s2");
+    let out = on_vdc.run("write -P 0x22 1M 64k");
+    assert!(
+        out.contains("Operation not permitted"),
+        "a write to a COW store was not refused with EPERM: {out}"
+    );
+    let out = on_vdc.run("write -P 0x22 2M 4k");
+    assert!(out.contains("Operation not permitted"), "{out}");
+    let out = on_vdc.run("read 1M 64k");
+    assert!(!failed(&out), "{out}");
+    // The operator is told once per session, not once per refused write.
+    q.settle(Duration::from_millis(300));
+    let t = q.transcript();
+    assert_eq!(
+        t.matches("vdc now holds a COW store; its writes are refused")
+            .count(),
+        1,
+        "{t}"
+    );
+    console(&mut q, "snapshot delete s2", "deleted snapshot s2");
+    let out = on_vdc.run("write -P 0x33 2M 64k");
+    assert!(!failed(&out), "{out}");
+    on_vdc.quit();
+    wait_no_clients(&mut q);
+    q.poweroff();
+    // The refused write never reached the disk.
+    assert!(images[2].read(1 << 20, 65536).iter().all(|&b| b != 0x22));
+}
+
+/// A session on a snapshot that is deleted gets errors for every request, also after a new
+/// snapshot with the same name (in the same engine slot) is created; a new session on the
+/// new snapshot reads it.
+#[test]
+fn a_session_on_a_deleted_snapshot_never_reaches_a_new_one() {
+    let (mut q, port, origin, _images) = role_appliance("deleted");
+    console(&mut q, "snapshot create s1 vda vdb", "created snapshot s1");
+    let mut on_s1 = QemuIo::open(port, "s1", true);
+    let out = on_s1.run("read 1M 4k");
+    assert!(!failed(&out), "{out}");
+    // And a raw client, for a flush (qemu-io sends none on a read-only export).
+    let (mut raw, _) = Raw::go(port, "s1");
+    raw.request(CMD_FLUSH, 0, 1, 0, 0);
+    assert_eq!(raw.reply(), (0, 1));
+    // The origin changes after s1: the new s1 differs from the old one.
+    let mut on_vda = QemuIo::open(port, "vda", false);
+    let out = on_vda.run("write -P 0x55 0 1M");
+    assert!(!failed(&out), "{out}");
+    console(&mut q, "snapshot delete s1", "deleted snapshot s1");
+    let out = on_s1.run("read 0 4k");
+    assert!(
+        failed(&out),
+        "a read of a deleted snapshot succeeded: {out}"
+    );
+    console(&mut q, "snapshot create s1 vda vdb", "created snapshot s1");
+    let out = on_s1.run("read 0 4k");
+    assert!(
+        failed(&out),
+        "a session on the deleted s1 reached the new s1: {out}"
+    );
+    raw.request(CMD_FLUSH, 0, 2, 0, 0);
+    assert_eq!(raw.reply(), (5, 2), "a flush on the deleted s1: EIO");
+    raw.request(CMD_READ, 0, 3, 0, 4096);
+    assert_eq!(raw.reply(), (5, 3), "a read of the deleted s1: EIO");
+    raw.request(CMD_DISC, 0, 4, 0, 0);
+    drop(raw);
+    // Each of the two sessions is reported once.
+    q.settle(Duration::from_millis(300));
+    let t = q.transcript();
+    assert_eq!(
+        t.matches("its snapshot was deleted or is being merged; its requests fail")
+            .count(),
+        2,
+        "{t}"
+    );
+    // A new session on the new s1 reads it.
+    let mut again = QemuIo::open(port, "s1", true);
+    let out = again.run("read -P 0x55 0 4k");
+    assert!(!failed(&out), "{out}");
+    assert_ne!(&origin[..4], &[0x55; 4]);
+    for io in [on_vda, on_s1, again] {
+        io.quit();
+    }
+    wait_no_clients(&mut q);
+    q.poweroff();
+}
+
+// --- Under abuse ----------------------------------------------------------------------------
+
+/// A read that ran into its timeout (the connection is still open).
+fn timed_out(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    )
+}
+
+/// Issue 15, finding 6: clients that connect and never send a byte hold no session past the
+/// 10 s handshake deadline: ten of them (every session and the two spare TCP slots) are
+/// reset, and a real client gets in afterwards.
+#[test]
+fn silent_clients_are_reset_after_the_handshake_deadline() {
+    let port = free_port();
+    let a = Image::new("nbdtcp-silent", 4 * MIB);
+    let mut q = Boot::kernel("q35", "testing loglevel=info")
+        .virtio_disk(&a.path, "A")
+        .net(&[(port, NBD_PORT)], None)
+        .start();
+    q.wait_prompt();
+    wait_serving(&mut q);
+    let started = Instant::now();
+    let silent: Vec<Raw> = (0..10).map(|_| Raw::connect(port)).collect();
+    // Eight sessions are taken (the greeting is sent; the clients never answer).
+    let deadline = Instant::now() + TIMEOUT;
+    while !q.transcript().contains("nbd: connection 7 from") {
+        assert!(Instant::now() < deadline, "{}", q.transcript());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Every silent client is closed by the server, none before the deadline.
+    let closers: Vec<_> = silent
+        .into_iter()
+        .map(|mut raw| {
+            std::thread::spawn(move || {
+                let mut b = [0u8; 4096];
+                loop {
+                    match raw.s.read(&mut b) {
+                        Ok(0) => return Instant::now(),
+                        Ok(_) => {}
+                        Err(e) => {
+                            assert!(!timed_out(&e), "a silent client was never closed");
+                            return Instant::now();
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut held = 0;
+    for c in closers {
+        let at = c.join().expect("reader");
+        if at.duration_since(started) >= Duration::from_secs(9) {
+            held += 1;
+        }
+    }
+    // The two past the eight sessions were refused at once; the eight were held until the
+    // deadline.
+    assert_eq!(held, 8, "{}", q.transcript());
+    let t = q.transcript();
+    assert_eq!(
+        t.matches("no handshake within 10 s; reset").count(),
+        8,
+        "{t}"
+    );
+    // A real client gets in.
+    let info = run_ok("nbdinfo", &[&uri(port, "vda")]);
+    assert!(info.contains("export-size: 4194304"), "{info}");
+    wait_no_clients(&mut q);
+    q.poweroff();
+}
+
+/// Issue 15, finding 6: a flood of refused connections costs one console line and one
+/// summary (`nbd: refused N connections from 10.0.2.2 in the last 10 s`), not a line each.
+#[test]
+fn refused_connections_are_logged_once_and_summarised() {
+    let port = free_port();
+    let a = Image::new("nbdtcp-flood", 4 * MIB);
+    let mut q = Boot::kernel("q35", "testing loglevel=info nbd.allow=192.168.7.0/24")
+        .virtio_disk(&a.path, "A")
+        .net(&[(port, NBD_PORT)], None)
+        .start();
+    q.wait_prompt();
+    wait_serving(&mut q);
+    for _ in 0..50 {
+        let mut raw = Raw::connect(port);
+        assert!(raw.greeting().is_none(), "a greeting for a refused client");
+    }
+    // The summary comes at the end of the 10 s window.
+    let line = q.expect(" in the last 10 s", TIMEOUT);
+    let summary = line.rsplit('\n').next().unwrap_or(&line).to_string();
+    let count: u64 = summary
+        .split("nbd: refused ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count in {summary:?}"));
+    assert!(
+        summary.contains("connections from 10.0.2.2 in the last 10 s"),
+        "{summary}"
+    );
+    q.settle(Duration::from_millis(300));
+    let t = q.transcript();
+    assert_eq!(
+        t.matches("nbd: refused 10.0.2.2:").count(),
+        1,
+        "one full line for the flood: {t}"
+    );
+    let nbd = q.command("nbd");
+    assert!(
+        nbd.contains(&format!("0 connections accepted, {count} refused")),
+        "the summary counts every refusal ({count}): {nbd}"
+    );
+    // One refusal per connection: each was refused by a reset the client took at once (a
+    // reset lost or not accepted makes the client retry its SYN, refused once more).
+    assert_eq!(count, 50, "{summary}");
+    // No slot is left to a refused peer.
+    let net = q.command("net");
+    assert!(!net.contains("tcp :10809 <-"), "{net}");
+    q.poweroff();
+}
+
+/// `nbd.idle=SECONDS`: a session with nothing in flight that receives nothing for that long
+/// is closed; one that keeps sending requests is not.
+#[test]
+fn idle_sessions_are_closed_with_nbd_idle() {
+    let port = free_port();
+    let a = Image::new("nbdtcp-idle", 4 * MIB);
+    let mut q = Boot::kernel("q35", "testing loglevel=info nbd.idle=3")
+        .virtio_disk(&a.path, "A")
+        .net(&[(port, NBD_PORT)], None)
+        .start();
+    q.wait_prompt();
+    wait_serving(&mut q);
+    let nbd = q.command("nbd");
+    assert!(nbd.contains("idle sessions closed after 3 s"), "{nbd}");
+    let (mut idle, _) = Raw::go(port, "vda");
+    let (mut busy, _) = Raw::go(port, "vda");
+    let started = Instant::now();
+    // The busy one reads every second for 6 s.
+    for cookie in 0..6 {
+        busy.request(CMD_READ, 0, cookie, 0, 4096);
+        assert_eq!(busy.reply(), (0, cookie));
+        busy.recv(4096).expect("read data");
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    idle.s
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    match idle.s.read(&mut [0u8; 1]) {
+        Ok(0) => {}
+        Err(e) if !timed_out(&e) => {}
+        other => panic!("the idle session was not closed: {other:?}"),
+    }
+    assert!(started.elapsed() >= Duration::from_secs(2));
+    busy.request(CMD_READ, 0, 9, 0, 4096);
+    assert_eq!(busy.reply(), (0, 9), "the busy session stays");
+    busy.recv(4096).expect("read data");
+    q.settle(Duration::from_millis(300));
+    let t = q.transcript();
+    assert_eq!(
+        t.matches("idle for 3 s (nbd.idle); closing").count(),
+        1,
+        "{t}"
+    );
+    busy.request(CMD_DISC, 0, 10, 0, 0);
+    drop(busy);
+    wait_no_clients(&mut q);
+    q.poweroff();
+}
+
+/// Issue 15, finding 6: a disk holding a store found at boot and not served (here one Linux
+/// made, with no binding) is a read-only export: listed as such, and a write gets EPERM and
+/// leaves the store as it was.
+#[test]
+fn a_disk_holding_an_unserved_store_is_a_read_only_export() {
+    let port = free_port();
+    let (a, b) = (
+        Image::new("nbdtcp-unserved-a", 8 * MIB),
+        Image::new("nbdtcp-unserved-b", 4 * MIB),
+    );
+    // A dm-snapshot header (magic, valid, version 1, 4 KiB chunks) and an empty area 0.
+    let mut cow = vec![0u8; 8192];
+    cow[0..4].copy_from_slice(&0x7041_6E53u32.to_le_bytes());
+    cow[4..8].copy_from_slice(&1u32.to_le_bytes());
+    cow[8..12].copy_from_slice(&1u32.to_le_bytes());
+    cow[12..16].copy_from_slice(&8u32.to_le_bytes());
+    b.write(0, &cow);
+    let mut q = Boot::kernel("q35", "testing loglevel=info")
+        .virtio_disk(&a.path, "A")
+        .virtio_disk(&b.path, "B")
+        .net(&[(port, NBD_PORT)], None)
+        .start();
+    q.wait_prompt();
+    wait_serving(&mut q);
+    let list = q.command("snapshot list");
+    assert!(list.contains("store on vdb"), "{list}");
+    let info = run_ok("nbdinfo", &[&uri(port, "vdb")]);
+    assert!(info.contains("is_read_only: true"), "{info}");
+    let info = run_ok("nbdinfo", &[&uri(port, "vda")]);
+    assert!(info.contains("is_read_only: false"), "{info}");
+    // A raw client writes anyway: EPERM.
+    let (mut raw, flags) = Raw::go(port, "vdb");
+    assert!(flags & TX_READ_ONLY != 0, "flags {flags:#x}");
+    raw.request(CMD_WRITE, 0, 1, 0, 4096);
+    raw.send(&[0xAA; 4096]);
+    assert_eq!(raw.reply(), (1, 1), "a write over a store: EPERM");
+    raw.request(CMD_READ, 0, 2, 0, 4096);
+    assert_eq!(raw.reply(), (0, 2));
+    assert_eq!(raw.recv(4096).expect("read data"), cow[..4096]);
+    raw.request(CMD_DISC, 0, 3, 0, 0);
+    drop(raw);
+    wait_no_clients(&mut q);
+    q.poweroff();
+    assert!(b.read(0, 8192) == cow, "the store was written");
+}
+
+/// Sessions across a merge: one opened on `vda` before the snapshot existed writes through
+/// copy-on-write, then sees the origin rolled back by `snapshot merge s1` and writes to it
+/// again afterwards; one on `s1` gets errors once s1 is merged away.
+#[test]
+fn sessions_across_a_merge_follow_the_origin() {
+    let (mut q, port, origin, images) = role_appliance("merge");
+    let mut on_vda = QemuIo::open(port, "vda", false);
+    console(&mut q, "snapshot create s1 vda vdb", "created snapshot s1");
+    let out = on_vda.run("write -P 0x55 0 1M");
+    assert!(!failed(&out), "{out}");
+    let mut on_s1 = QemuIo::open(port, "s1", true);
+    let out = on_s1.run("read 0 4k");
+    assert!(!failed(&out), "{out}");
+    q.settle(Duration::from_millis(300));
+    let out = q.command_timeout("snapshot merge s1", TIMEOUT * 3);
+    assert!(out.contains("merged s1 into vda"), "{out}");
+    // The origin is the snapshot again, as the old session reads it.
+    assert_eq!(appliance_checksum(&mut q, "vda"), sha256_hex(&origin));
+    let out = on_vda.run("read -P 0x55 0 4k");
+    assert!(out.contains("Pattern verification failed"), "{out}");
+    let out = on_s1.run("read 0 4k");
+    assert!(failed(&out), "a read of a merged snapshot succeeded: {out}");
+    // The origin is a plain disk again: the old session writes it.
+    let out = on_vda.run("write -P 0x66 0 64k");
+    assert!(!failed(&out), "{out}");
+    let out = on_vda.run("flush");
+    assert!(!failed(&out), "{out}");
+    for io in [on_vda, on_s1] {
+        io.quit();
+    }
+    wait_no_clients(&mut q);
+    q.poweroff();
+    let now = images[0].read(0, 16 * MIB as usize);
+    assert!(now[..65536].iter().all(|&b| b == 0x66));
+    assert!(
+        now[65536..] == origin[65536..],
+        "the merge left the origin wrong"
+    );
+}

@@ -8,6 +8,9 @@
 //!   replies out, completions in; fixed buffers, no allocation per request.
 //! - [`error`]: why a connection was closed, one line each.
 //! - [`allow`]: the `nbd.allow=` client address allow-list.
+//! - [`guard`]: the handshake deadline, `nbd.idle=`, and rate-limited refusal log lines.
+//! - [`route`]: export handles as stable identities (a device, one snapshot instance) and
+//!   where each request on one goes now (looked up per request, not at the handshake).
 //! - [`session`]: a connection joined to the block layer through a [`session::Backend`]
 //!   (buffer pool + submission): requests cut into pool-buffer chunks, device tags
 //!   ([`session::NBD_TAG`]), completions, read data sent from the buffers.
@@ -24,7 +27,9 @@ pub mod allow;
 pub mod connection;
 pub mod error;
 pub mod export;
+pub mod guard;
 pub mod proto;
+pub mod route;
 #[cfg(target_os = "none")]
 pub mod selftest;
 pub mod selftest_spec;

@@ -1,6 +1,13 @@
 //! The NBD server in the kernel: sessions ([`super::session::Session`]) joined to `Storage`.
 //! Every volume is an export: devices by name (`vda`, `nvme0n1`; not a device holding a COW
-//! store, which only the engine may write) and active snapshots by name.
+//! store an engine serves, which only the engine may write; a device holding a store found
+//! at boot and not served is exported read-only) and active snapshots by name.
+//!
+//! An export handle names a stable identity ([`super::route::ExportId`]: a device, or one
+//! snapshot instance); every request is routed by that identity's role at the moment it is
+//! submitted ([`super::route::route`]): a device that became an origin goes through its
+//! engine from the next request on, a device that became a COW store refuses writes with
+//! `EPERM`, a snapshot that was deleted or is being merged answers `EIO`.
 //!
 //! The TCP side ([`super::tcp`]) calls a narrow interface from the network's poll:
 //! - a connection arrives from `peer`: [`Server::accept`] (allow-list, free slot) → id;
@@ -16,6 +23,7 @@
 
 use alloc::boxed::Box;
 use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU16, Ordering};
 
 use drivers::block::{BlockError, BlockRequest, BufferPool, Completion, DmaBuf};
 
@@ -23,7 +31,9 @@ use super::allow::{self, AllowList};
 use super::connection::ConnectionConfig;
 use super::error::NbdError;
 use super::export::{ExportCatalog, ExportInfo, ExportName};
+use super::guard::Refusals;
 use super::proto::Errno;
+use super::route::{self, DeviceRole, ExportId, Route};
 use super::session::{
     self, Backend, BackendOp, IoBuffer, Session, SessionStats, SubmitError, MAX_CHUNKS,
 };
@@ -44,16 +54,21 @@ pub struct ServerConfig {
     pub port: u16,
     /// Networks allowed to connect (`None`: the NIC's own subnet; see [`super::allow::allowed`]).
     pub allow: Option<AllowList>,
+    /// `nbd.idle=` in ns: sessions idle this long are closed (`None`: never).
+    pub idle_ns: Option<u64>,
 }
 
 impl ServerConfig {
-    /// `nbd.port=` (default 10809) and `nbd.allow=`.
+    /// `nbd.port=` (default 10809), `nbd.allow=` and `nbd.idle=`.
     pub fn from_cmdline(cmdline: Option<&crate::cmdline::CmdLine>) -> ServerConfig {
         ServerConfig {
             port: cmdline
                 .and_then(|c| c.nbd_port)
                 .unwrap_or(super::DEFAULT_PORT),
             allow: cmdline.and_then(|c| c.nbd_allow),
+            idle_ns: cmdline
+                .and_then(|c| c.nbd_idle)
+                .map(|s| u64::from(s) * 1_000_000_000),
         }
     }
 }
@@ -88,36 +103,21 @@ impl IoBuffer for DmaBuf {
     }
 }
 
-/// The export handle of a target: kind in bits 48.., origin or device in bits 16..48,
-/// snapshot id in bits 0..16.
-pub fn handle_of(target: Target) -> u64 {
-    match target {
-        Target::Device(d) => (d as u64) << 16,
-        Target::Volume {
-            origin,
-            volume: snapshot::Volume::Origin,
-        } => (1 << 48) | ((origin as u64) << 16),
-        Target::Volume {
-            origin,
-            volume: snapshot::Volume::Snapshot(id),
-        } => (2 << 48) | ((origin as u64) << 16) | u64::from(id.0),
-    }
-}
-
-/// The target of an export handle.
-pub fn target_of(handle: u64) -> Option<Target> {
-    let index = ((handle >> 16) & 0xffff_ffff) as usize;
-    match handle >> 48 {
-        0 => Some(Target::Device(index)),
-        1 => Some(Target::Volume {
-            origin: index,
-            volume: snapshot::Volume::Origin,
-        }),
-        2 => Some(Target::Volume {
-            origin: index,
-            volume: snapshot::Volume::Snapshot(snapshot::SnapId(handle as u16)),
-        }),
-        _ => None,
+/// The name of the volume an export handle names now, for the console: a device's name, a
+/// snapshot's name, or `None` once the snapshot is gone.
+pub fn export_name(st: &Storage, handle: u64) -> Option<crate::storage::VolumeName> {
+    match ExportId::from_handle(handle)? {
+        ExportId::Device { disk } => {
+            let disk = usize::from(disk);
+            (disk < st.devices.len())
+                .then(|| crate::storage::VolumeName::from_str_truncated(st.name(disk).as_str()))
+        }
+        ExportId::Snapshot { instance, .. } => st
+            .origins
+            .iter()
+            .flat_map(|o| o.snaps.iter())
+            .find(|s| s.instance == instance)
+            .map(|s| crate::storage::VolumeName::from_str_truncated(&s.name)),
     }
 }
 
@@ -130,16 +130,67 @@ fn errno(e: BlockError) -> Errno {
     }
 }
 
+/// Connections told on the console that their volume changed role (bit per connection id,
+/// cleared when the id is given to a new connection): one line per session, not one per
+/// refused request.
+static ROLE_LOGGED: AtomicU16 = AtomicU16::new(0);
+const _: () = assert!(MAX_CONNECTIONS <= 16, "one ROLE_LOGGED bit per connection");
+
+/// Logs, once per session, that requests on `export` fail because its volume changed role
+/// since the handshake (a disk that became a COW store, a snapshot deleted or merged).
+fn role_changed(st: &Storage, export: u64, tag: u64, why: Errno) {
+    let Some((conn, _, _)) = session::untag(tag) else {
+        return;
+    };
+    let bit = 1u16 << (conn % 16);
+    if ROLE_LOGGED.fetch_or(bit, Ordering::Relaxed) & bit != 0 {
+        return;
+    }
+    match (ExportId::from_handle(export), why) {
+        (Some(ExportId::Device { disk }), Errno::Perm) => log::warn!(
+            "nbd: connection {conn}: {} now holds a COW store; its writes are refused",
+            st.name(usize::from(disk))
+        ),
+        (Some(ExportId::Snapshot { .. }), _) => log::warn!(
+            "nbd: connection {conn}: its snapshot was deleted or is being merged; its requests fail"
+        ),
+        (_, e) => log::warn!("nbd: connection {conn}: its volume is gone ({e:?})"),
+    }
+}
+
 /// `Storage` as the sessions' backend and export catalog.
 pub struct StorageBackend<'a>(pub &'a mut Storage);
 
 impl StorageBackend<'_> {
-    fn target(&self, export: u64) -> Target {
-        target_of(export).unwrap_or(Target::Device(usize::MAX))
+    /// Where a request on `export` goes now (see [`super::route`]): looked up for every
+    /// request, so a session follows its volume's role as it changes.
+    fn target(&self, export: u64, writes: bool) -> Result<Target, Errno> {
+        let id = ExportId::from_handle(export).ok_or(Errno::Io)?;
+        Ok(match route::route(id, writes, &*self.0)? {
+            Route::Device(d) => Target::Device(d),
+            Route::Origin(origin) => Target::Volume {
+                origin,
+                volume: snapshot::Volume::Origin,
+            },
+            Route::Snapshot { origin, slot } => Target::Volume {
+                origin,
+                volume: snapshot::Volume::Snapshot(snapshot::SnapId(slot)),
+            },
+        })
     }
 
-    fn block_size(&self, target: Target) -> u64 {
-        u64::from(self.0.geometry(target).block_size.max(512))
+    /// The device whose buffers and block size an export uses (fixed for its life).
+    fn disk(&self, export: u64) -> usize {
+        ExportId::from_handle(export).map_or(usize::MAX, ExportId::disk)
+    }
+
+    fn block_size(&self, export: u64) -> u64 {
+        u64::from(
+            self.0
+                .devices
+                .get(self.disk(export))
+                .map_or(512, |d| d.geometry().block_size.max(512)),
+        )
     }
 
     /// Names of the exports in a fixed order: devices, then snapshots.
@@ -164,26 +215,48 @@ impl ExportCatalog for StorageBackend<'_> {
             return None;
         }
         let st = &*self.0;
-        let target = st.resolve(name)?;
-        if let Target::Device(d) = target {
-            if st.cow_user(d).is_some() {
-                return None;
-            }
-        }
+        // The handle names what stays the same (the device, or this one snapshot); where
+        // its requests go is decided per request (`StorageBackend::target`).
+        let (id, target) = match st.find(name) {
+            // A COW store an engine serves is the engine's alone: not an export.
+            Some(d) if st.cow_user(d).is_some() => return None,
+            Some(d) => (
+                ExportId::Device { disk: d as u16 },
+                st.resolve(name).unwrap_or(Target::Device(d)),
+            ),
+            None => st.origins.iter().enumerate().find_map(|(origin, o)| {
+                let s = o
+                    .snap(name)
+                    .filter(|s| matches!(s.state, SnapState::Active | SnapState::Invalid))?;
+                Some((
+                    ExportId::Snapshot {
+                        disk: o.disk as u16,
+                        instance: s.instance,
+                    },
+                    Target::Volume {
+                        origin,
+                        volume: snapshot::Volume::Snapshot(s.id),
+                    },
+                ))
+            })?,
+        };
         let g = st.geometry(target);
-        let pool = st.pools.get(st.disk_of(target))?;
+        let pool = st.pools.get(id.disk())?;
         let block = g.block_size.max(512);
         let chunk = pool.buffer_size() as u64 / u64::from(block) * u64::from(block);
         let chunks = (MAX_CHUNKS as u64).min(pool.total() as u64);
         let max_payload = (chunk * chunks).min(u64::from(MAX_PAYLOAD)) as u32;
+        // A device holding a store found at boot and not served (made by Linux, origin
+        // missing) is exported read-only: nothing may write over a store.
+        let read_only = g.read_only || st.holds_store(id.disk());
         Some(ExportInfo {
-            handle: handle_of(target),
+            handle: id.handle(),
             size: g.capacity_blocks * u64::from(block),
             block_size: block,
-            read_only: g.read_only,
+            read_only,
             flush: true,
             fua: g.fua,
-            trim: g.discard && !g.read_only && matches!(target, Target::Device(_)),
+            trim: g.discard && !read_only && matches!(target, Target::Device(_)),
             max_payload,
         })
     }
@@ -193,15 +266,14 @@ impl ExportCatalog for StorageBackend<'_> {
     }
 
     fn description(&self, export: &ExportInfo) -> Option<ExportName> {
-        let target = target_of(export.handle)?;
         let st = &*self.0;
-        let text = match target {
-            Target::Device(d) => st.devices.get(d).map(|dev| dev.info().driver)?,
-            Target::Volume {
-                volume: snapshot::Volume::Origin,
-                ..
-            } => "origin of snapshots",
-            Target::Volume { .. } => "snapshot",
+        let text = match ExportId::from_handle(export.handle)? {
+            ExportId::Snapshot { .. } => "snapshot",
+            ExportId::Device { disk } => match route::Roles::device_role(st, usize::from(disk)) {
+                DeviceRole::Origin(_) => "origin of snapshots",
+                DeviceRole::Store => "holds a COW store (read-only)",
+                _ => st.devices.get(usize::from(disk)).map(|d| d.info().driver)?,
+            },
         };
         Some(ExportName::from_str_truncated(text))
     }
@@ -211,37 +283,40 @@ impl Backend for StorageBackend<'_> {
     type Buf = DmaBuf;
 
     fn chunk_bytes(&self, export: u64) -> usize {
-        let target = self.target(export);
-        let block = self.block_size(target) as usize;
+        let block = self.block_size(export) as usize;
         self.0
             .pools
-            .get(self.0.disk_of(target))
+            .get(self.disk(export))
             .map_or(block, |p| p.buffer_size() / block * block)
     }
 
     fn max_discard_bytes(&mut self, export: u64) -> u64 {
-        let target = self.target(export);
+        // Only a device of its own discards; through an engine (or on a store) a trim is a
+        // hint the session answers without discarding.
+        let Ok(target @ Target::Device(_)) = self.target(export, true) else {
+            return 0;
+        };
         let g = self.0.geometry(target);
         if g.discard {
-            u64::from(g.max_discard_blocks) * self.block_size(target)
+            u64::from(g.max_discard_blocks) * self.block_size(export)
         } else {
             0
         }
     }
 
     fn available(&mut self, export: u64) -> usize {
-        let target = self.target(export);
-        self.0.pool(target).map_or(0, |p| p.available())
+        let disk = self.disk(export);
+        self.0.pools.get(disk).map_or(0, |p| p.available())
     }
 
     fn acquire(&mut self, export: u64) -> Option<DmaBuf> {
-        let target = self.target(export);
-        self.0.pool(target)?.acquire()
+        let disk = self.disk(export);
+        self.0.pools.get_mut(disk)?.acquire()
     }
 
     fn release(&mut self, export: u64, buffer: DmaBuf) {
-        let target = self.target(export);
-        if let Some(pool) = self.0.pool(target) {
+        let disk = self.disk(export);
+        if let Some(pool) = self.0.pools.get_mut(disk) {
             // Every buffer came from this pool.
             let _ = pool.release(buffer);
         }
@@ -254,8 +329,15 @@ impl Backend for StorageBackend<'_> {
         op: BackendOp,
         buffer: Option<DmaBuf>,
     ) -> Result<(), (SubmitError, Option<DmaBuf>)> {
-        let target = self.target(export);
-        let block = self.block_size(target);
+        let writes = matches!(op, BackendOp::Write { .. } | BackendOp::Discard { .. });
+        let target = match self.target(export, writes) {
+            Ok(t) => t,
+            Err(e) => {
+                role_changed(self.0, export, tag, e);
+                return Err((SubmitError::Failed(e), buffer));
+            }
+        };
+        let block = self.block_size(export);
         let request = match (op, buffer) {
             (BackendOp::Read { offset }, Some(b)) => BlockRequest::read(tag, offset / block, b),
             (BackendOp::Write { offset, fua }, Some(b)) => {
@@ -322,7 +404,7 @@ pub struct ClientInfo {
     pub id: u8,
     /// The client's address and port.
     pub peer: ([u8; 4], u16),
-    /// The export's handle ([`target_of`]), once the handshake chose one.
+    /// The export's handle ([`ExportId`]), once the handshake chose one.
     pub export: Option<u64>,
     /// Requests and bytes.
     pub stats: SessionStats,
@@ -334,10 +416,19 @@ pub struct ClientInfo {
     pub closing: bool,
 }
 
+/// The listener's screen (`net::tcp::Screen`): whether `peer` may connect, checked as soon
+/// as its SYN arrives, before it takes a connection slot; a refusal is logged (rate-limited).
+pub fn screen(peer: ([u8; 4], u16), local: Option<([u8; 4], u8)>) -> bool {
+    let now = crate::time::uptime_ns();
+    with(|s| s.screen(peer, local, now)).unwrap_or(false)
+}
+
 /// The NBD server: up to [`MAX_CONNECTIONS`] sessions.
 pub struct Server {
     config: ServerConfig,
     sessions: Vec<Option<Entry>>,
+    /// Refused connections, for rate-limited log lines.
+    refusals: Refusals,
 }
 
 struct Entry {
@@ -355,7 +446,59 @@ impl Server {
         Server {
             config,
             sessions: (0..MAX_CONNECTIONS).map(|_| None).collect(),
+            refusals: Refusals::new(),
         }
+    }
+
+    /// Whether `peer` may connect (see [`screen`]); a refusal is recorded and logged.
+    pub fn screen(&mut self, peer: ([u8; 4], u16), local: Option<([u8; 4], u8)>, now: u64) -> bool {
+        let allowed = allow::allowed(self.config.allow.as_ref(), local, peer.0);
+        if !allowed {
+            self.refused(peer, AcceptError::NotAllowed, now);
+        }
+        allowed
+    }
+
+    /// Records a refused connection: logged in full if it is its address's first in a
+    /// window, else counted for a summary ([`Server::log_refusals`]).
+    pub fn refused(&mut self, peer: ([u8; 4], u16), why: AcceptError, now: u64) {
+        if self.refusals.record(peer.0, now) {
+            log::warn!(
+                "nbd: refused {}:{}: {why}",
+                crate::ipconfig::Dotted(peer.0),
+                peer.1
+            );
+        }
+    }
+
+    /// Logs the refusal summaries due at `now`.
+    pub fn log_refusals(&mut self, now: u64) {
+        self.refusals.due(now, |summary| log::warn!("{summary}"));
+    }
+
+    /// When [`Server::log_refusals`] has a summary to log next.
+    pub fn next_refusal_summary(&self) -> Option<u64> {
+        self.refusals.next_due()
+    }
+
+    /// Connections refused since boot.
+    pub fn refused_total(&self) -> u64 {
+        self.refusals.total()
+    }
+
+    /// Connection `id` has finished its handshake.
+    pub fn serving(&self, id: u8) -> bool {
+        self.entry(id).is_some_and(|e| e.session.export().is_some())
+    }
+
+    /// Connection `id` has requests in flight.
+    pub fn busy(&self, id: u8) -> bool {
+        self.entry(id)
+            .is_some_and(|e| e.session.in_flight() > 0 || e.session.in_device() > 0)
+    }
+
+    fn entry(&self, id: u8) -> Option<&Entry> {
+        self.sessions.get(usize::from(id)).and_then(Option::as_ref)
     }
 
     /// The configuration.
@@ -398,6 +541,7 @@ impl Server {
         let config = ConnectionConfig {
             max_payload: MAX_PAYLOAD,
         };
+        ROLE_LOGGED.fetch_and(!(1u16 << (id % 16)), Ordering::Relaxed);
         self.sessions[id] = Some(Entry {
             session: Box::new(Session::new(id as u8, config)),
             peer,

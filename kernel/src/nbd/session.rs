@@ -692,6 +692,7 @@ impl<B: IoBuffer> Session<B> {
 mod tests {
     use super::super::export::ExportName;
     use super::super::proto::*;
+    use super::super::route;
     use super::*;
     use proptest::prelude::*;
 
@@ -731,6 +732,23 @@ mod tests {
         bad_byte: Option<u64>,
         flushes: usize,
         discards: usize,
+        /// What the export's device is now (looked up by every submission, as the kernel
+        /// does), and where each submission went.
+        role: route::DeviceRole,
+        routes: Vec<route::Route>,
+    }
+
+    impl route::Roles for Fake {
+        fn device_role(&self, disk: usize) -> route::DeviceRole {
+            if disk == 0 {
+                self.role
+            } else {
+                route::DeviceRole::Missing
+            }
+        }
+        fn snapshot_role(&self, _: u32) -> Option<route::SnapRole> {
+            None
+        }
     }
 
     impl Fake {
@@ -749,6 +767,8 @@ mod tests {
                 bad_byte: None,
                 flushes: 0,
                 discards: 0,
+                role: route::DeviceRole::Plain,
+                routes: Vec::new(),
             }
         }
 
@@ -810,14 +830,21 @@ mod tests {
         }
         fn submit(
             &mut self,
-            _: u64,
+            export: u64,
             tag: u64,
             op: BackendOp,
             buffer: Option<Buf>,
         ) -> Result<(), (SubmitError, Option<Buf>)> {
+            let id = route::ExportId::from_handle(export).expect("a handle from lookup");
+            let writes = matches!(op, BackendOp::Write { .. } | BackendOp::Discard { .. });
+            let went = match route::route(id, writes, &*self) {
+                Ok(r) => r,
+                Err(e) => return Err((SubmitError::Failed(e), buffer)),
+            };
             if self.in_flight.len() >= self.queue_depth {
                 return Err((SubmitError::Busy, buffer));
             }
+            self.routes.push(went);
             assert!(
                 self.in_flight.iter().all(|(t, ..)| *t != tag),
                 "tag {tag:#x} in use twice"
@@ -830,7 +857,7 @@ mod tests {
     impl ExportCatalog for Fake {
         fn lookup(&self, name: &str) -> Option<ExportInfo> {
             (name == "d").then_some(ExportInfo {
-                handle: 5,
+                handle: route::ExportId::Device { disk: 0 }.handle(),
                 size: DISK as u64,
                 block_size: 512,
                 read_only: false,
@@ -974,6 +1001,38 @@ mod tests {
         }
         assert_eq!(untag(t | 1 << 63), None);
         assert_eq!(untag(t | 1 << 50), None);
+    }
+
+    /// A session opened on a plain device whose device becomes the origin of a snapshot,
+    /// then a COW store, then plain again: every request goes where the role says at the
+    /// moment it is submitted, not where it went at the handshake.
+    #[test]
+    fn every_request_is_routed_by_the_role_at_submission() {
+        let mut d = Driver::new(16, 8, 1000, 700, vec![0]);
+        let payload = vec![0x55u8; 8192];
+        let mut write = request(CMD_WRITE, 1, 0, payload.len() as u32);
+        write.extend_from_slice(&payload);
+        assert_eq!(d.one(&write, 0).0, 0);
+        assert!(d.fake.routes.iter().all(|r| *r == route::Route::Device(0)));
+        // `snapshot create s1 vda vdb`: the same session now writes through the engine.
+        d.fake.role = route::DeviceRole::Origin(3);
+        d.fake.routes.clear();
+        assert_eq!(d.one(&write, 0).0, 0);
+        assert_eq!(d.one(&request(CMD_FLUSH, 2, 0, 0), 0).0, 0);
+        assert_eq!(d.one(&request(CMD_READ, 3, 0, 4096), 4096).0, 0);
+        assert!(!d.fake.routes.is_empty());
+        assert!(d.fake.routes.iter().all(|r| *r == route::Route::Origin(3)));
+        // The device now holds a COW store: writes get EPERM, reads go on.
+        d.fake.role = route::DeviceRole::Store;
+        d.fake.routes.clear();
+        assert_eq!(d.one(&write, 0).0, Errno::Perm as u32);
+        assert_eq!(d.one(&request(CMD_READ, 4, 0, 4096), 4096).0, 0);
+        assert_eq!(d.fake.routes, vec![route::Route::Device(0)]);
+        // Gone: every request fails.
+        d.fake.role = route::DeviceRole::Missing;
+        assert_eq!(d.one(&request(CMD_READ, 5, 0, 4096), 0).0, Errno::Io as u32);
+        assert_eq!(d.one(&request(CMD_FLUSH, 6, 0, 0), 0).0, Errno::Io as u32);
+        d.idle_checks();
     }
 
     #[test]

@@ -2,8 +2,13 @@
 //! joined to the server's sessions ([`super::server`]). It runs inside the network's poll
 //! ([`crate::net`]), between ingress and egress, so replies leave in the same round:
 //!
+//! - a SYN from a peer not in the allow-list is reset at once by the TCP layer
+//!   ([`server::screen`], `Net::tcp_screen`), before it can hold a connection slot; refusals
+//!   are logged rate-limited ([`super::guard::Refusals`]);
 //! - a new connection → [`Server::accept`](super::server::Server::accept) with the peer and
 //!   the NIC's address (allow-list, free session); a refused one is closed with a log line;
+//! - a connection that has not finished its handshake within 10 s is reset, and with
+//!   `nbd.idle=SECONDS` one idle that long is closed ([`super::guard::expiry`]);
 //! - bytes waiting → handed to the session in place ([`Net::tcp_recv_with`]); only what the
 //!   session takes is consumed, the rest stays in the socket and TCP flow control slows the
 //!   client (back-pressure when request slots or DMA buffers are all in use);
@@ -26,6 +31,7 @@
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering};
 
+use super::guard::{self, Clock, Expiry};
 use super::server::{self, MAX_CONNECTIONS};
 use crate::ipconfig::Dotted;
 use crate::net::tcp::{ConnId, ListenError, ListenerId, Peer, TcpConfig, TcpError};
@@ -66,6 +72,8 @@ struct Link {
     id: Option<u8>,
     /// When we closed the socket (and told the server); waiting for TCP to report the end.
     closed_at: Option<u64>,
+    /// Opened, last active, handshake done: for the handshake deadline and `nbd.idle=`.
+    clock: Clock,
 }
 
 /// The NBD listener and its connections.
@@ -74,7 +82,8 @@ pub struct NbdService {
     port: u16,
     links: Vec<Option<Link>>,
     accepted: u64,
-    refused: u64,
+    /// `nbd.idle=` in ns.
+    idle_ns: Option<u64>,
 }
 
 impl NbdService {
@@ -88,12 +97,15 @@ impl NbdService {
                 tx_buffer: BUFFER,
             },
         )?;
+        // Peers outside the allow-list are reset at their SYN, before they hold a slot.
+        net.tcp_screen(listener, server::screen);
+        let idle_ns = server::with(|s| s.config().idle_ns).flatten();
         Ok(NbdService {
             listener,
             port,
             links: (0..TCP_SLOTS).map(|_| None).collect(),
             accepted: 0,
-            refused: 0,
+            idle_ns,
         })
     }
 
@@ -104,17 +116,24 @@ impl NbdService {
 
     /// Connections accepted and refused since boot.
     pub fn counters(&self) -> (u64, u64) {
-        (self.accepted, self.refused)
+        let refused = server::with(|s| s.refused_total()).unwrap_or(0);
+        (self.accepted, refused)
     }
 
-    /// When the next lingering connection is due to be reset (ns since boot), if any.
+    /// When the next timed step is due (ns since boot), if any: a lingering connection to
+    /// reset, a handshake deadline, an idle timeout, a refusal summary.
     pub fn next_deadline(&self) -> Option<u64> {
-        self.links
+        let links = self
+            .links
             .iter()
             .flatten()
-            .filter_map(|l| l.closed_at)
-            .min()
-            .map(|t| t.saturating_add(LINGER_NS + 1))
+            .filter_map(|l| match l.closed_at {
+                Some(t) => Some(t.saturating_add(LINGER_NS + 1)),
+                None if l.id.is_some() => guard::due(&l.clock, self.idle_ns),
+                None => None,
+            });
+        let summary = server::with(|s| s.next_refusal_summary()).flatten();
+        links.chain(summary).min()
     }
 
     /// One round at `now` (from the network's poll): ended connections, new ones, data
@@ -147,6 +166,8 @@ impl NbdService {
         while let Some((conn, peer)) = net.tcp_accept(self.listener) {
             self.accept(net, conn, peer, now);
         }
+        server::with(|s| s.log_refusals(now));
+        self.expire(net, now);
         for link in self.links.iter_mut().flatten() {
             if link
                 .closed_at
@@ -165,7 +186,12 @@ impl NbdService {
             server::with(|srv| {
                 for link in links.iter_mut().flatten() {
                     if let (Some(id), None) = (link.id, link.closed_at) {
-                        if pump(net, st, srv, link.conn, id, link.peer) {
+                        let (finished, active) = pump(net, st, srv, link.conn, id, link.peer);
+                        if active || srv.busy(id) {
+                            link.clock.active = now;
+                        }
+                        link.clock.serving = srv.serving(id);
+                        if finished {
                             link.closed_at = Some(now);
                         }
                     }
@@ -173,6 +199,42 @@ impl NbdService {
             })
         });
         count_allocations(before);
+    }
+
+    /// Closes the sessions whose clock ran out: no handshake within 10 s (reset at once,
+    /// so a silent client frees its slot), or idle for `nbd.idle=` (closed with a FIN).
+    fn expire(&mut self, net: &mut Net, now: u64) {
+        let idle_ns = self.idle_ns;
+        for link in self.links.iter_mut().flatten() {
+            let (Some(id), None) = (link.id, link.closed_at) else {
+                continue;
+            };
+            let busy = server::with(|s| s.busy(id)).unwrap_or(false);
+            let Some(why) = guard::expiry(&link.clock, busy, idle_ns, now) else {
+                continue;
+            };
+            let (addr, port) = link.peer;
+            match why {
+                Expiry::Handshake => {
+                    log::warn!(
+                        "nbd: connection {id} from {}:{port}: no handshake within {} s; reset",
+                        Dotted(addr),
+                        guard::HANDSHAKE_NS / 1_000_000_000
+                    );
+                    net.tcp_abort(link.conn);
+                }
+                Expiry::Idle => {
+                    log::info!(
+                        "nbd: connection {id} from {}:{port}: idle for {} s (nbd.idle); closing",
+                        Dotted(addr),
+                        idle_ns.unwrap_or(0) / 1_000_000_000
+                    );
+                    net.tcp_close(link.conn);
+                }
+            }
+            server::with(|s| s.closed(id));
+            link.closed_at = Some(now);
+        }
     }
 
     fn accept(&mut self, net: &mut Net, conn: ConnId, peer: Peer, now: u64) {
@@ -188,11 +250,15 @@ impl NbdService {
                     peer,
                     id: Some(id),
                     closed_at: None,
+                    clock: Clock {
+                        opened: now,
+                        active: now,
+                        serving: false,
+                    },
                 });
                 log::info!("nbd: connection {id} from {}:{}", Dotted(peer.0), peer.1);
             }
             (result, _) => {
-                self.refused += 1;
                 let why = match result {
                     Some(Err(e)) => e,
                     // No link free (cannot happen) or no server: give the session back
@@ -203,7 +269,7 @@ impl NbdService {
                     }
                     None => server::AcceptError::Full,
                 };
-                log::warn!("nbd: refused {}:{}: {why}", Dotted(peer.0), peer.1);
+                server::with(|s| s.refused(peer, why, now));
                 net.tcp_close(conn);
                 match free {
                     Some(free) => {
@@ -212,6 +278,11 @@ impl NbdService {
                             peer,
                             id: None,
                             closed_at: Some(now),
+                            clock: Clock {
+                                opened: now,
+                                active: now,
+                                serving: false,
+                            },
                         })
                     }
                     None => net.tcp_abort(conn),
@@ -221,7 +292,8 @@ impl NbdService {
     }
 }
 
-/// Moves bytes both ways on connection `id`; closes it when it is done (returns true then).
+/// Moves bytes both ways on connection `id`; closes it when it is done. Returns (closed,
+/// bytes were received).
 fn pump(
     net: &mut Net,
     st: &mut storage::Storage,
@@ -229,10 +301,11 @@ fn pump(
     conn: ConnId,
     id: u8,
     peer: Peer,
-) -> bool {
+) -> (bool, bool) {
     let mut finished = false;
+    let mut received = false;
     match net.tcp_recv_with(conn, |bytes| srv.receive(st, id, bytes)) {
-        Ok(Ok(_)) => {}
+        Ok(Ok(n)) => received = n > 0,
         Ok(Err(e)) => {
             log::warn!("nbd: connection {id} from {}: {e}; closing", Dotted(peer.0));
             finished = true;
@@ -251,7 +324,7 @@ fn pump(
         log::info!("nbd: connection {id} closed");
         net.tcp_close(conn);
         srv.closed(id);
-        return true;
+        return (true, received);
     }
-    false
+    (false, received)
 }

@@ -287,7 +287,7 @@ impl Net {
             device.exhausted()
         };
         self.poll_dhcp(now);
-        self.tcp_maintain();
+        self.tcp_maintain(now);
         if let Some(mut echo) = self.echo.take() {
             echo.run(self);
             self.echo = Some(echo);
@@ -308,6 +308,7 @@ impl Net {
             let mut device = phy::Phy::new(nic, scratch, 0);
             iface.poll_egress(instant, &mut device, sockets);
         }
+        self.tcp_relisten_refused();
         self.nic.kick();
         let tx_free = self.nic.arm_tx_interrupt();
         self.polls += 1;
@@ -316,6 +317,9 @@ impl Net {
             None => u64::MAX,
         };
         if let Some(due) = self.nbd.as_ref().and_then(|n| n.next_deadline()) {
+            self.next_poll_ns = self.next_poll_ns.min(due);
+        }
+        if let Some(due) = self.tcp_next_deadline() {
             self.next_poll_ns = self.next_poll_ns.min(due);
         }
         // Come back at once when frames wait or smoltcp wants to send now and can.

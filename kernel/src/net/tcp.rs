@@ -48,6 +48,10 @@ impl Default for TcpConfig {
     }
 }
 
+/// A listener's screen ([`Net::tcp_screen`]): whether `peer` may have a slot, given the
+/// NIC's address and prefix. Called once per connection, as soon as its SYN took a slot.
+pub type Screen = fn(peer: Peer, local: Option<([u8; 4], u8)>) -> bool;
+
 /// A listener, as returned by [`Net::tcp_listen`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ListenerId(pub(super) u8);
@@ -116,6 +120,9 @@ enum Phase {
     Open,
     /// Ended after being handed out; reported by `tcp_take_closed`, then listens again.
     Ended,
+    /// Refused by the listener's screen at this time (ns since boot): reset, listens again
+    /// once the reset is out (or after [`REFUSED_HOLD_NS`]).
+    Refused(u64),
 }
 
 #[derive(Debug)]
@@ -123,6 +130,8 @@ struct Slot {
     handle: SocketHandle,
     generation: u32,
     phase: Phase,
+    /// The listener's screen let this connection's peer in.
+    screened: bool,
 }
 
 /// A listening port and its connection slots.
@@ -131,6 +140,8 @@ pub struct Listener {
     port: u16,
     slots: Vec<Slot>,
     accepted: u64,
+    screen: Option<Screen>,
+    refused: u64,
 }
 
 impl Listener {
@@ -177,6 +188,10 @@ fn peer_of(socket: &tcp::Socket) -> Option<Peer> {
     })
 }
 
+/// How long a refused connection's slot waits for its reset to go out (the peer's address
+/// may still need resolving) before it listens again regardless.
+const REFUSED_HOLD_NS: u64 = 3_000_000_000;
+
 /// Idle connections are probed this often, and dropped when the peer stays silent this long.
 const KEEP_ALIVE: Duration = Duration::from_secs(30);
 const TIMEOUT: Duration = Duration::from_secs(120);
@@ -210,18 +225,46 @@ impl Net {
                 handle,
                 generation: 0,
                 phase: Phase::Listening,
+                screened: false,
             });
         }
         self.listeners.push(Listener {
             port,
             slots,
             accepted: 0,
+            screen: None,
+            refused: 0,
         });
         Ok(ListenerId((self.listeners.len() - 1) as u8))
     }
 
-    /// Follows every slot's socket after a poll: new connections, ended ones, relistening.
-    pub(super) fn tcp_maintain(&mut self) {
+    /// Screens the peers of `listener` with `screen` as soon as their SYN takes a slot: a
+    /// refused one is reset at once and its slot listens again in the next round, before
+    /// the service ever sees it, so refused peers cannot hold the slots allowed ones need.
+    /// Until the screen has let a peer in, its SYN is not answered (smoltcp's paused
+    /// SYN-ACK): a refused peer gets only a reset that acknowledges its SYN, which a client
+    /// takes as "connection refused" at once instead of retrying.
+    pub fn tcp_screen(&mut self, listener: ListenerId, screen: Screen) {
+        if let Some(l) = self.listeners.get_mut(usize::from(listener.0)) {
+            l.screen = Some(screen);
+            for slot in &l.slots {
+                let socket = self.sockets.get_mut::<tcp::Socket>(slot.handle);
+                socket.pause_synack(true);
+            }
+        }
+    }
+
+    /// Connections of `listener` its screen refused.
+    pub fn tcp_refused(&self, listener: ListenerId) -> u64 {
+        self.listeners
+            .get(usize::from(listener.0))
+            .map_or(0, |l| l.refused)
+    }
+
+    /// Follows every slot's socket after a poll: new connections (screened), ended ones,
+    /// relistening.
+    pub(super) fn tcp_maintain(&mut self, now: u64) {
+        let local = self.address;
         let Net {
             listeners, sockets, ..
         } = self;
@@ -230,7 +273,31 @@ impl Net {
                 let socket = sockets.get_mut::<tcp::Socket>(slot.handle);
                 let state = socket.state();
                 let gone = matches!(state, tcp::State::Closed | tcp::State::TimeWait);
+                let screen = listener.screen;
+                if let (Some(screen), Phase::Listening, false) = (screen, slot.phase, slot.screened)
+                {
+                    if !gone && state != tcp::State::Listen {
+                        let allowed = peer_of(socket).is_some_and(|peer| screen(peer, local));
+                        if !allowed {
+                            // The reset goes out with this round's egress.
+                            socket.abort();
+                            slot.phase = Phase::Refused(now);
+                            listener.refused += 1;
+                            continue;
+                        }
+                        // Its SYN-ACK goes out with this round's egress.
+                        slot.screened = true;
+                        socket.pause_synack(false);
+                    }
+                }
+                let paused = screen.is_some();
                 match slot.phase {
+                    Phase::Refused(at)
+                        if peer_of(socket).is_none()
+                            || now.saturating_sub(at) > REFUSED_HOLD_NS =>
+                    {
+                        relisten(socket, slot, listener.port, paused)
+                    }
                     Phase::Listening
                         if !gone
                             && !matches!(state, tcp::State::Listen | tcp::State::SynReceived) =>
@@ -238,17 +305,49 @@ impl Net {
                         slot.phase = Phase::New;
                     }
                     Phase::Listening if state == tcp::State::Closed => {
-                        let _ = socket.listen(listener.port);
+                        // A connection that ended before it was established (reset, timed
+                        // out): its next peer is screened again.
+                        relisten(socket, slot, listener.port, paused);
                     }
                     Phase::New if gone => {
                         // Ended before anyone saw it: listen again quietly.
-                        relisten(socket, slot, listener.port);
+                        relisten(socket, slot, listener.port, paused);
                     }
                     Phase::Open if gone => slot.phase = Phase::Ended,
                     _ => {}
                 }
             }
         }
+    }
+
+    /// After the round's egress: the slots of refused peers whose reset went out (smoltcp
+    /// forgets the peer once it is sent) listen again at once, so a flood of refused peers
+    /// never leaves an allowed one without a listening slot. One whose reset waits for the
+    /// peer's address to resolve keeps it until the reset is out (see [`REFUSED_HOLD_NS`]).
+    pub(super) fn tcp_relisten_refused(&mut self) {
+        let Net {
+            listeners, sockets, ..
+        } = self;
+        for listener in listeners.iter_mut() {
+            for slot in &mut listener.slots {
+                let socket = sockets.get_mut::<tcp::Socket>(slot.handle);
+                if matches!(slot.phase, Phase::Refused(_)) && peer_of(socket).is_none() {
+                    relisten(socket, slot, listener.port, listener.screen.is_some());
+                }
+            }
+        }
+    }
+
+    /// When a refused connection's slot is due to listen again regardless of its reset.
+    pub(super) fn tcp_next_deadline(&self) -> Option<u64> {
+        self.listeners
+            .iter()
+            .flat_map(|l| l.slots.iter())
+            .filter_map(|s| match s.phase {
+                Phase::Refused(at) => Some(at.saturating_add(REFUSED_HOLD_NS + 1)),
+                _ => None,
+            })
+            .min()
     }
 
     fn slot(&mut self, conn: ConnId) -> Result<&mut tcp::Socket<'static>, TcpError> {
@@ -287,6 +386,7 @@ impl Net {
     pub fn tcp_take_closed(&mut self, listener: ListenerId) -> Option<ConnId> {
         let l = self.listeners.get_mut(usize::from(listener.0))?;
         let port = l.port;
+        let paused = l.screen.is_some();
         let (index, slot) = l
             .slots
             .iter_mut()
@@ -297,7 +397,12 @@ impl Net {
             slot: index as u16,
             generation: slot.generation,
         };
-        relisten(self.sockets.get_mut::<tcp::Socket>(slot.handle), slot, port);
+        relisten(
+            self.sockets.get_mut::<tcp::Socket>(slot.handle),
+            slot,
+            port,
+            paused,
+        );
         super::wake();
         Some(conn)
     }
@@ -484,13 +589,16 @@ impl Net {
     }
 }
 
-fn relisten(socket: &mut tcp::Socket, slot: &mut Slot, port: u16) {
+/// Makes a slot listen again (`paused`: its next SYN waits for the listener's screen).
+fn relisten(socket: &mut tcp::Socket, slot: &mut Slot, port: u16, paused: bool) {
     if socket.state() != tcp::State::Closed {
         // TIME-WAIT or a connection the service gave up on: free the slot now.
         socket.abort();
     }
     slot.generation = slot.generation.wrapping_add(1);
     slot.phase = Phase::Listening;
+    slot.screened = false;
+    socket.pause_synack(paused);
     if socket.listen(port).is_err() {
         log::warn!("tcp: port {port}: a slot could not listen again");
     }

@@ -10,7 +10,7 @@ use super::output::Out;
 use crate::console::args::Args;
 use crate::ipconfig::Dotted;
 use crate::nbd::allow::Cidr;
-use crate::nbd::server::{self, target_of, ClientInfo, StorageBackend};
+use crate::nbd::server::{self, ClientInfo, StorageBackend};
 use crate::nbd::{ExportCatalog, ExportInfo};
 use crate::{json, net, storage};
 
@@ -47,10 +47,10 @@ pub fn run(args: &Args, out: &mut Out) {
         server::with(|srv| {
             let mut clients = Vec::new();
             srv.clients(|info| {
-                let export = info
-                    .export
-                    .and_then(target_of)
-                    .map(|t| String::from(st.target_name(t).as_str()));
+                let export = info.export.map(|h| match server::export_name(st, h) {
+                    Some(name) => String::from(name.as_str()),
+                    None => String::from("(deleted snapshot)"),
+                });
                 clients.push(Client { info, export });
             });
             (*srv.config(), exports, clients)
@@ -71,6 +71,8 @@ pub fn run(args: &Args, out: &mut Out) {
         ),
     };
     let (accepted, refused) = listening.map_or((0, 0), |(_, c)| c);
+    // `nbd.idle=` (0: sessions are never closed for idleness).
+    let idle_s = config.idle_ns.map_or(0, |ns| ns / 1_000_000_000);
     if json_out {
         let text = json::object_string(|o| {
             o.u64("port", u64::from(config.port));
@@ -83,6 +85,7 @@ pub fn run(args: &Args, out: &mut Out) {
             o.bool("allow_default", default);
             o.u64("accepted", accepted);
             o.u64("refused", refused);
+            o.u64("idle_s", idle_s);
             o.array("exports", |a| {
                 for e in &exports {
                     a.object(|x| {
@@ -130,7 +133,7 @@ pub fn run(args: &Args, out: &mut Out) {
     };
     let _ = writeln!(
         out,
-        "nbd: {} TCP port {}; allow {allow_text}{}; {accepted} connections accepted, {refused} refused",
+        "nbd: {} TCP port {}; allow {allow_text}{}; {accepted} connections accepted, {refused} refused{}",
         if listening.is_some() {
             "listening on"
         } else {
@@ -141,6 +144,10 @@ pub fn run(args: &Args, out: &mut Out) {
             " (default: the local subnet)"
         } else {
             ""
+        },
+        match idle_s {
+            0 => String::new(),
+            s => alloc::format!("; idle sessions closed after {s} s"),
         },
     );
     let _ = writeln!(out, "exports:");

@@ -331,12 +331,14 @@ impl DiscoverTask {
             // binding is added.
             binding: if bound { Some(binding) } else { None },
         };
+        let instance = Storage::new_instance();
         let o = &mut st.origins[origin_index];
         match o.engine.attach_snapshot(loaded, &cfg) {
             Ok(id) => {
                 o.snaps.push(Snap {
                     name: name.clone(),
                     id,
+                    instance,
                     cow_disk: self.disk,
                     cow_start: self.probe,
                     cow_sectors,
@@ -530,6 +532,7 @@ impl Task for DiscoverTask {
                     want,
                     sector,
                     waiting,
+                    origin,
                     ..
                 } => {
                     if *waiting {
@@ -553,6 +556,10 @@ impl Task for DiscoverTask {
                                     continue;
                                 }
                             }
+                            // `snapshot attach` on an origin NBD clients write: their
+                            // writes already sent straight to the device come back first
+                            // (from the attach on, its requests go through the engine).
+                            None if st.direct_nbd_in_flight(*origin) > 0 => return,
                             None => {
                                 let Phase::Load {
                                     loader,

@@ -66,6 +66,9 @@ pub struct Storage {
     /// sink of [`poll`] yet. A task is finished only when this is zero, so a late completion
     /// never reaches the next task.
     pub task_ios: usize,
+    /// Per device: NBD requests sent straight to it (not through an engine) whose completion
+    /// has not come back. `snapshot create` waits for its origin's to drain.
+    pub direct_nbd: Vec<u32>,
     servicer: Servicer,
     next_housekeeping: u64,
 }
@@ -223,7 +226,31 @@ impl Storage {
         target: Target,
         request: drivers::block::BlockRequest,
     ) -> Result<(), (drivers::block::BlockError, Option<drivers::block::DmaBuf>)> {
-        self.submit_any(target, request)
+        self.submit_any(target, request)?;
+        if let Target::Device(d) = target {
+            if let Some(n) = self.direct_nbd.get_mut(d) {
+                *n += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// A new snapshot instance number: unique since boot, never reused (one per snapshot
+    /// created or found; 2^32 of them would take far longer than any uptime).
+    pub fn new_instance() -> u32 {
+        static NEXT: core::sync::atomic::AtomicU32 = core::sync::atomic::AtomicU32::new(1);
+        NEXT.fetch_add(1, core::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// NBD requests sent straight to device `disk` and not back yet.
+    pub fn direct_nbd_in_flight(&self, disk: usize) -> u32 {
+        self.direct_nbd.get(disk).copied().unwrap_or(0)
+    }
+
+    /// Whether device `disk` holds a COW store: one an engine serves, or one found at boot
+    /// and not served. Only the engine (or nobody) writes it.
+    pub fn holds_store(&self, disk: usize) -> bool {
+        self.cow_user(disk).is_some() || self.unserved.iter().any(|u| u.disk == disk)
     }
 
     fn submit_any(
@@ -282,6 +309,44 @@ impl Storage {
     }
 }
 
+/// The roles NBD requests are routed by, as they are now (looked up per request).
+impl crate::nbd::route::Roles for Storage {
+    fn device_role(&self, disk: usize) -> crate::nbd::route::DeviceRole {
+        use crate::nbd::route::DeviceRole;
+        if disk >= self.devices.len() {
+            return DeviceRole::Missing;
+        }
+        if self.holds_store(disk) {
+            return DeviceRole::Store;
+        }
+        match self
+            .origins
+            .iter()
+            .position(|o| o.disk == disk && (o.creating || !o.snaps.is_empty()))
+        {
+            Some(origin) => DeviceRole::Origin(origin),
+            None => DeviceRole::Plain,
+        }
+    }
+
+    fn snapshot_role(&self, instance: u32) -> Option<crate::nbd::route::SnapRole> {
+        self.origins.iter().enumerate().find_map(|(origin, o)| {
+            o.snaps
+                .iter()
+                .find(|s| s.instance == instance)
+                .map(|s| crate::nbd::route::SnapRole {
+                    origin,
+                    disk: o.disk,
+                    slot: s.id.0,
+                    serving: matches!(
+                        s.state,
+                        volume::SnapState::Active | volume::SnapState::Invalid
+                    ),
+                })
+        })
+    }
+}
+
 static STORAGE: spin::Mutex<Storage> = spin::Mutex::new(Storage {
     devices: Vec::new(),
     pools: Vec::new(),
@@ -290,6 +355,7 @@ static STORAGE: spin::Mutex<Storage> = spin::Mutex::new(Storage {
     origins: Vec::new(),
     unserved: Vec::new(),
     task_ios: 0,
+    direct_nbd: Vec::new(),
     servicer: Servicer::new(),
     next_housekeeping: 0,
 });
@@ -433,6 +499,7 @@ impl Storage {
                 );
                 self.devices.push(device);
                 self.pools.push(pool);
+                self.direct_nbd.push(0);
                 true
             }
             Err(e) => {
@@ -521,6 +588,7 @@ pub fn poll(
         servicer,
         origins,
         task_ios,
+        direct_nbd,
         ..
     } = storage;
     // Completions below are stamped with this round's time.
@@ -538,6 +606,11 @@ pub fn poll(
                     o.complete(c.tag as u32, c);
                 }
             } else if crate::nbd::session::untag(c.tag).is_some() {
+                // NBD I/O sent straight to this device (engine-routed NBD I/O comes back
+                // through `deliver` below).
+                if let Some(n) = direct_nbd.get_mut(usize::from(index)) {
+                    *n = n.saturating_sub(1);
+                }
                 if let Some(pool) = pools.get_mut(usize::from(index)) {
                     nbd(pool, c);
                 }

@@ -126,6 +126,13 @@ impl Task for CreateTask {
             self.step = Step::Quiesce;
         }
         let cfg = (self.step == Step::WaitQuiesced).then(|| self.config(st));
+        // NBD writes sent straight to the origin device before it was quiesced (from the
+        // Quiesce step on they go through the engine, where they wait) must be back before
+        // the snapshot goes live, or they would land after it without being copied.
+        let direct = st
+            .origins
+            .get(self.spec.origin)
+            .map_or(0, |o| st.direct_nbd_in_flight(o.disk));
         let Some(o) = st.origins.get_mut(self.spec.origin) else {
             self.error = Some("the origin went away");
             self.step = Step::Done;
@@ -133,16 +140,19 @@ impl Task for CreateTask {
         };
         match self.step {
             Step::Quiesce => {
+                o.creating = true;
                 o.engine.quiesce_origin();
                 self.step = Step::WaitQuiesced;
             }
-            Step::WaitQuiesced if o.engine.is_quiesced() => {
+            Step::WaitQuiesced if o.engine.is_quiesced() && direct == 0 => {
                 let Some(cfg) = cfg else { return };
                 match o.engine.create_snapshot(&cfg) {
                     Ok(id) => {
+                        let instance = Storage::new_instance();
                         o.snaps.push(Snap {
                             name: self.spec.name.clone(),
                             id,
+                            instance,
                             cow_disk: self.spec.cow_disk,
                             cow_start: self.spec.cow_start,
                             cow_sectors: self.spec.cow_sectors,
@@ -156,6 +166,7 @@ impl Task for CreateTask {
                     Err(_) => {
                         self.error = Some("the engine refused the store (chunk size or COW size)");
                         o.engine.resume_origin();
+                        o.creating = false;
                         self.step = Step::Done;
                     }
                 }
@@ -166,11 +177,13 @@ impl Task for CreateTask {
                     Some(SnapState::Creating) => {}
                     Some(SnapState::Active) => {
                         o.engine.resume_origin();
+                        o.creating = false;
                         self.step = Step::Done;
                     }
                     _ => {
                         self.error = Some("initialising the COW store failed (I/O error)");
                         o.engine.resume_origin();
+                        o.creating = false;
                         self.step = Step::Done;
                     }
                 }

@@ -81,6 +81,10 @@ pub struct Snap {
     pub name: String,
     /// The engine's slot.
     pub id: SnapId,
+    /// Unique since boot and never reused (`Storage::new_instance`): what an NBD export
+    /// handle names, so a session on a deleted snapshot never reaches a later one that
+    /// reuses its name or slot.
+    pub instance: u32,
     /// The device holding its COW store.
     pub cow_disk: usize,
     /// First sector of the store on that device.
@@ -146,6 +150,9 @@ pub struct Origin {
     pub engine: Engine,
     /// Its snapshots.
     pub snaps: Vec<Snap>,
+    /// A `snapshot create` is under way: from its quiesce on, NBD requests to the device go
+    /// through the engine (where they wait), not straight to the device.
+    pub creating: bool,
     copy: Vec<u8>,
     copy_bytes: usize,
     requests: Vec<Option<Held>>,
@@ -243,6 +250,7 @@ impl Origin {
             disk,
             engine,
             snaps: Vec::new(),
+            creating: false,
             copy,
             copy_bytes,
             requests: (0..request_slots).map(|_| None).collect(),
