@@ -249,6 +249,8 @@ fn bound_store(
         region_start: 0,
         region_sectors: std::fs::metadata(&img.path).unwrap().len() / 512,
         flags: 0,
+        // Found by its serial, which the tests give each origin alone.
+        origin_id: snapshot::OriginId::Serial,
     }
     .encode(&mut chunk0);
     img.write(0, &chunk0);
