@@ -5,7 +5,13 @@ use core::fmt::Write;
 
 use log::{LevelFilter, Log, Metadata, Record};
 
+use crate::util::logdrop::{Admit, LogGate};
+
 struct ConsoleLogger;
+
+/// Log lines are dropped, not waited for, when the serial line is behind (see
+/// [`crate::util::logdrop`]).
+static GATE: spin::Mutex<LogGate> = spin::Mutex::new(LogGate::new());
 
 static LOGGER: ConsoleLogger = ConsoleLogger;
 
@@ -28,6 +34,26 @@ impl Log for ConsoleLogger {
             record.level(),
             record.args()
         );
+        let room = crate::serial::tx_room();
+        // A logger re-entered (from an interrupt while a line is decided) prints as before.
+        let admit = crate::arch::cpu::without_interrupts(|| {
+            GATE.try_lock().map(|mut g| g.admit(line.len, room))
+        })
+        .unwrap_or(Admit::Print);
+        match admit {
+            Admit::Drop => return,
+            Admit::PrintAfterSummary(n) => {
+                let mut summary = LogLine::new();
+                let _ = write!(
+                    summary,
+                    "[{:5}.{:06}] WARN  log: {n} lines dropped: the serial console is slower than the log",
+                    ns / 1_000_000_000,
+                    (ns / 1000) % 1_000_000,
+                );
+                crate::shell::print_above_prompt(summary.as_bytes());
+            }
+            Admit::Print => {}
+        }
         crate::shell::print_above_prompt(line.as_bytes());
     }
 
@@ -68,6 +94,11 @@ impl Write for LogLine {
         }
         Ok(())
     }
+}
+
+/// Log lines dropped since boot because the serial line was behind.
+pub fn dropped_lines() -> u64 {
+    crate::arch::cpu::without_interrupts(|| GATE.lock().total_dropped())
 }
 
 /// Installs the logger at `level`.

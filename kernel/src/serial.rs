@@ -169,6 +169,11 @@ pub fn write_bytes(bytes: &[u8]) {
     }
 }
 
+/// Free bytes in the transmit ring: what can be written now without waiting for the line.
+pub fn tx_room() -> usize {
+    cpu::without_interrupts(|| UART.lock().tx.space())
+}
+
 /// Takes one received byte.
 pub fn read_byte() -> Option<u8> {
     cpu::without_interrupts(|| UART.lock().rx.pop())

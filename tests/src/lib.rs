@@ -67,6 +67,10 @@ pub struct Boot {
     pub extra: Vec<String>,
     /// Pass `-no-reboot` (a reset ends QEMU).
     pub no_reboot: bool,
+    /// Read the console at most this many bytes per second, as a real serial line carries
+    /// them (QEMU's UART otherwise sends at once): once QEMU's pipe is full the guest's
+    /// transmitter waits, as on hardware. `None`: as fast as QEMU writes.
+    pub serial_bytes_per_sec: Option<u32>,
 }
 
 /// Where the image comes from.
@@ -99,6 +103,7 @@ impl Default for Boot {
             source: Source::Kernel,
             extra: Vec::new(),
             no_reboot: true,
+            serial_bytes_per_sec: None,
         }
     }
 }
@@ -139,6 +144,12 @@ impl Boot {
     /// Adds QEMU arguments.
     pub fn args<I: IntoIterator<Item = S>, S: Into<String>>(mut self, args: I) -> Boot {
         self.extra.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// A console read at the pace of a real serial line of `baud` (8N1: ten bits a byte).
+    pub fn serial_baud(mut self, baud: u32) -> Boot {
+        self.serial_bytes_per_sec = Some(baud / 10);
         self
     }
 
@@ -245,7 +256,7 @@ impl Boot {
             }
         }
         cmd.args(&self.extra);
-        Qemu::spawn(cmd)
+        Qemu::spawn(cmd, self.serial_bytes_per_sec)
     }
 }
 
@@ -265,7 +276,7 @@ pub struct Qemu {
 }
 
 impl Qemu {
-    fn spawn(mut cmd: Command) -> Qemu {
+    fn spawn(mut cmd: Command, bytes_per_sec: Option<u32>) -> Qemu {
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
@@ -283,8 +294,18 @@ impl Qemu {
         let sink = output.clone();
         std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
+            // Paced: small reads, each followed by the time the line takes to carry it.
+            let (chunk, pace) = match bytes_per_sec {
+                Some(rate) => (64, Some(rate.max(1))),
+                None => (buf.len(), None),
+            };
             loop {
-                let n = stdout.read(&mut buf).unwrap_or(0);
+                let n = stdout.read(&mut buf[..chunk]).unwrap_or(0);
+                if let Some(rate) = pace {
+                    std::thread::sleep(Duration::from_micros(
+                        n as u64 * 1_000_000 / u64::from(rate),
+                    ));
+                }
                 let (lock, cond) = &*sink;
                 let mut out = lock.lock().unwrap();
                 if n == 0 {

@@ -1077,3 +1077,50 @@ fn sessions_across_a_merge_follow_the_origin() {
         "the merge left the origin wrong"
     );
 }
+
+/// Issue 15, finding 6: the serial console never stalls the appliance. The console is read at
+/// the pace of a real 115200-baud line; a flood of connections logs far more than that line
+/// carries. Lines that do not fit the transmit ring are dropped and counted instead of waited
+/// for (the old firmware busy-waited on the UART in the main loop, so every connection waited
+/// for the line), and a summary says how many. A real client works meanwhile.
+#[test]
+fn a_log_flood_is_dropped_and_counted_not_waited_for() {
+    const FLOOD: usize = 1500;
+    let port = free_port();
+    let a = Image::new("nbdtcp-logflood", 4 * MIB);
+    let mut q = Boot::kernel("q35", "testing loglevel=info")
+        .virtio_disk(&a.path, "A")
+        .net(&[(port, NBD_PORT)], None)
+        .serial_baud(115_200)
+        .start();
+    q.wait_prompt();
+    wait_serving(&mut q);
+    // Each connection is greeted (so the server took it and logged it), then dropped: two
+    // log lines of about 60 bytes each, some 180 kB in all, while the line carries 11.5 kB/s.
+    for _ in 0..FLOOD {
+        let mut raw = Raw::connect(port);
+        let greeting = raw.recv(18).expect("every connection is greeted");
+        assert_eq!(&greeting[..8], b"NBDMAGIC");
+    }
+    let info = run_ok("nbdinfo", &[&uri(port, "vda")]);
+    assert!(info.contains("export-size: 4194304"), "{info}");
+    // What was printed drains at the line's pace; then the console is quiet.
+    q.settle(Duration::from_secs(2));
+    let level = q.command_timeout("log level", TIMEOUT * 2);
+    let dropped: u64 = level
+        .split("info (")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no dropped count in {level:?}"));
+    assert!(dropped > 0, "no log line was dropped: {level}");
+    let t = q.transcript();
+    assert!(
+        t.contains("lines dropped: the serial console is slower than the log"),
+        "{t}"
+    );
+    // The lines that reached the console and the ones dropped account for every connection.
+    let shown = t.matches("nbd: connection").count() as u64;
+    assert!(shown < 2 * FLOOD as u64, "every line was printed: {shown}");
+    q.poweroff();
+}

@@ -251,8 +251,9 @@ fn log_level(args: &Args, out: &mut Out) {
         None => {
             let _ = writeln!(
                 out,
-                "log level: {}",
-                log::max_level().as_str().to_ascii_lowercase()
+                "log level: {} ({} lines dropped since boot: the serial console was behind)",
+                log::max_level().as_str().to_ascii_lowercase(),
+                crate::logger::dropped_lines()
             );
         }
         Some(name) => match name.parse::<log::LevelFilter>() {

@@ -3,5 +3,6 @@
 
 pub mod hexdump;
 pub mod histogram;
+pub mod logdrop;
 pub mod pattern;
 pub mod stackstr;
