@@ -372,6 +372,33 @@ impl Qemu {
         }
     }
 
+    /// The SHA-256 that `checksum VOLUME` prints (64 hex digits); panics with the output
+    /// when the command printed none.
+    pub fn checksum(&mut self, volume: &str) -> String {
+        let out = self.command_timeout(&format!("checksum {volume}"), TIMEOUT * 2);
+        result_line(&out)
+            .split_whitespace()
+            .next()
+            .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+            .unwrap_or_else(|| panic!("checksum {volume}: no checksum in {out:?}"))
+            .to_string()
+    }
+
+    /// Waits for the DHCP lease and the NBD listener, then for the console to settle.
+    pub fn wait_nbd_serving(&mut self) {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let t = self.transcript();
+            if t.contains("net: DHCP lease") && t.contains("nbd: serving every volume on TCP port")
+            {
+                break;
+            }
+            assert!(Instant::now() < deadline, "NBD not serving:\n{t}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.settle(Duration::from_millis(300));
+    }
+
     /// Waits until the console has been quiet for `quiet` (at most [`TIMEOUT`]), then skips
     /// everything printed so far, so the next `expect` sees only new output.
     pub fn settle(&mut self, quiet: Duration) {
@@ -541,6 +568,12 @@ pub fn sha256_hex(data: &[u8]) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
+}
+
+/// The line of a command's output that carries its result, after the progress lines a task
+/// redraws (each starts with `ESC [K`).
+pub fn result_line(out: &str) -> &str {
+    out.rsplit("\x1b[K").next().unwrap_or(out).trim()
 }
 
 /// A TCP port on 127.0.0.1 that was free a moment ago (for QEMU's `hostfwd`).

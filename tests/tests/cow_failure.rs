@@ -18,20 +18,6 @@ use tests::{free_port, Boot, Image, Qemu, TIMEOUT};
 const MIB: u64 = 1 << 20;
 const NBD_PORT: u16 = 10809;
 
-/// Waits for the DHCP lease and the NBD listener, then for the console to settle.
-fn wait_serving(q: &mut Qemu) {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        let t = q.transcript();
-        if t.contains("net: DHCP lease") && t.contains("nbd: serving every volume on TCP port") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "NBD not serving:\n{t}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    q.settle(Duration::from_millis(300));
-}
-
 fn qemu_io(port: u16, export: &str, commands: &[&str]) -> Output {
     let mut args = vec!["-f".to_string(), "raw".to_string()];
     for c in commands {
@@ -132,7 +118,7 @@ fn boot_with_dying_cow(tag: &str, rules: &str, nvme: bool) -> (Qemu, u16, Image,
         .net(&[(port, NBD_PORT)], None)
         .start();
     q.wait_prompt();
-    wait_serving(&mut q);
+    q.wait_nbd_serving();
     let cow = if nvme { "nvme0n1" } else { "vdb" };
     let out = q.command(&format!("snapshot create s1 vda {cow}"));
     assert!(out.contains("created snapshot s1"), "{out}");

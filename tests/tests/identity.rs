@@ -9,16 +9,6 @@ use tests::{sha256_hex, xorshift_bytes, Boot, Image, Qemu, TIMEOUT};
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 16 * MIB;
 
-/// The line that carries the result, after any progress lines.
-fn result(out: &str) -> &str {
-    out.rsplit("\x1b[K").next().unwrap_or(out).trim()
-}
-
-fn checksum(q: &mut Qemu, volume: &str) -> String {
-    let out = q.command_timeout(&format!("checksum {volume}"), TIMEOUT * 2);
-    result(&out).to_string()
-}
-
 /// Three same-size virtio disks without `serial=` (the hypervisor default).
 fn anonymous(a: &Image, b: &Image, c: &Image) -> Qemu {
     let mut q = Boot::kernel("q35", "testing loglevel=info")
@@ -52,7 +42,7 @@ fn anonymous_disks_wait_for_attach_and_the_choice_survives_reboots() {
     assert!(q
         .command("write vdb 0 64 --byte 0x55")
         .contains("wrote 64 blocks"));
-    assert!(checksum(&mut q, "t1").starts_with(&want));
+    assert!(q.checksum("t1").starts_with(&want));
     q.poweroff();
 
     // Same QEMU arguments: vda and vdb are indistinguishable, so the store waits.
@@ -81,7 +71,7 @@ fn anonymous_disks_wait_for_attach_and_the_choice_survives_reboots() {
         out.contains("attached snapshot t1; its binding is written"),
         "{out}"
     );
-    assert!(checksum(&mut q, "t1").starts_with(&want));
+    assert!(q.checksum("t1").starts_with(&want));
     q.poweroff();
 
     // The binding written by attach brings it back on vdb by itself, and copy-on-write works.
@@ -91,11 +81,11 @@ fn anonymous_disks_wait_for_attach_and_the_choice_survives_reboots() {
         boot.contains("snapshot t1: store on vdc attached to vdb"),
         "{boot}"
     );
-    assert!(checksum(&mut q, "t1").starts_with(&want));
+    assert!(q.checksum("t1").starts_with(&want));
     assert!(q
         .command("write vdb 100 64 --byte 0x66")
         .contains("wrote 64 blocks"));
-    assert!(checksum(&mut q, "t1").starts_with(&want));
+    assert!(q.checksum("t1").starts_with(&want));
     q.poweroff();
     assert_eq!(
         a.read(0, SIZE as usize),
@@ -143,7 +133,7 @@ fn nvme_namespaces_of_one_controller_come_back_on_their_own() {
     assert!(q
         .command("write nvme0n2 0 128 --byte 0x77")
         .contains("wrote 128 blocks"));
-    assert!(checksum(&mut q, "t1").starts_with(&want));
+    assert!(q.checksum("t1").starts_with(&want));
     let list = q.command("snapshot list --json");
     assert!(list.contains("\"origin\":\"nvme0n2\""), "{list}");
     q.poweroff();
@@ -300,7 +290,7 @@ fn an_nvme_namespace_with_an_eui64_is_found_by_it_wherever_it_moves() {
     assert!(q
         .command("write nvme0n3 0 128 --byte 0x77")
         .contains("wrote 128 blocks"));
-    assert!(checksum(&mut q, "t1").starts_with(&want));
+    assert!(q.checksum("t1").starts_with(&want));
     q.poweroff();
     assert!(p.read(0, SIZE as usize) == vec![0x22; SIZE as usize]);
     assert!(r.read(0, SIZE as usize) == vec![0x33; SIZE as usize]);

@@ -18,19 +18,6 @@ const MIB: u64 = 1 << 20;
 /// Linux under TCG boots in 10-30 s; a loaded machine may need more.
 const LINUX_BOOT: Duration = Duration::from_secs(180);
 
-/// The appliance's result line, after any progress lines.
-fn result(out: &str) -> &str {
-    out.rsplit("\x1b[K").next().unwrap_or(out).trim()
-}
-
-/// The appliance's `checksum NAME`: the hash alone.
-fn appliance_checksum(q: &mut Qemu, name: &str) -> String {
-    let out = q.command_timeout(&format!("checksum {name}"), TIMEOUT * 2);
-    let hash = result(&out).split_whitespace().next().unwrap_or("");
-    assert_eq!(hash.len(), 64, "checksum {name}: {out}");
-    hash.to_string()
-}
-
 /// The `dmsetup status` line the appliance prints first for `snapshot status NAME`.
 fn appliance_status(q: &mut Qemu, name: &str) -> String {
     let out = q.command(&format!("snapshot status {name}"));
@@ -135,7 +122,7 @@ fn linux_reads_the_appliances_snapshots() {
     }
     let mut appliance = Vec::new();
     for name in ["s1", "r1", "r2"] {
-        let sum = appliance_checksum(&mut q, name);
+        let sum = q.checksum(name);
         let status = appliance_status(&mut q, name);
         appliance.push((name, sum, status));
     }
@@ -288,11 +275,11 @@ fn the_appliance_reads_snapshots_linux_made() {
     for (name, cow) in [("lx", "vdb"), ("lx8k", "vdc")] {
         let out = q.command(&format!("snapshot attach {name} vda {cow}"));
         assert!(out.contains(&format!("attached snapshot {name}")), "{out}");
-        let sum = appliance_checksum(&mut q, name);
+        let sum = q.checksum(name);
         let status = appliance_status(&mut q, name);
         appliance.push((sum, status));
     }
-    let origin_appliance = appliance_checksum(&mut q, "vda");
+    let origin_appliance = q.checksum("vda");
     q.poweroff();
 
     let report = format!(
@@ -355,7 +342,7 @@ fn linux_adds_to_a_store_the_appliance_made_and_it_comes_back() {
         let out = q.command(line);
         assert!(out.contains("wrote"), "{line}: {out}");
     }
-    assert_eq!(appliance_checksum(&mut q, "s1"), expected, "appliance: s1");
+    assert_eq!(q.checksum("s1"), expected, "appliance: s1");
     q.poweroff();
 
     let mut q = boot_linux(&[(&a, "ORIGIN-A"), (&b, "COW-B")]);
@@ -385,7 +372,7 @@ fn linux_adds_to_a_store_the_appliance_made_and_it_comes_back() {
         boot_log.contains("snapshot s1: store on vdb attached to vda"),
         "the binding did not survive Linux's writes:\n{boot_log}"
     );
-    let sum = appliance_checksum(&mut q, "s1");
+    let sum = q.checksum("s1");
     let status = appliance_status(&mut q, "s1");
     eprintln!("  Linux:     {linux_sum} [{linux_st}]\n  appliance: {sum} [{status}]");
     assert_eq!(
@@ -396,11 +383,7 @@ fn linux_adds_to_a_store_the_appliance_made_and_it_comes_back() {
     // The appliance goes on appending after Linux's records.
     let out = q.command("write vda 8000 64 --seed 33");
     assert!(out.contains("wrote"), "{out}");
-    assert_eq!(
-        appliance_checksum(&mut q, "s1"),
-        expected,
-        "s1 after more writes"
-    );
+    assert_eq!(q.checksum("s1"), expected, "s1 after more writes");
     q.poweroff();
     let view = CowImage {
         bytes: &b.read(0, (8 * MIB) as usize),

@@ -31,20 +31,6 @@ fn assert_wiped(cow: &Image) {
     assert!(head[4096..].iter().all(|&x| x == 0), "area 0 not zero");
 }
 
-/// The line that carries the result, after any progress lines.
-fn result(out: &str) -> &str {
-    out.rsplit("\x1b[K").next().unwrap_or(out).trim()
-}
-
-fn checksum(q: &mut Qemu, volume: &str) -> String {
-    let out = q.command_timeout(&format!("checksum {volume}"), TIMEOUT * 2);
-    result(&out)
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_string()
-}
-
 /// Waits until the whole transcript contains one of `patterns` (log lines may come before
 /// the prompt); returns which.
 fn wait_for_any(q: &Qemu, patterns: &[&str], timeout: std::time::Duration) -> usize {
@@ -72,7 +58,7 @@ fn pattern(len: u64, salt: u8) -> Vec<u8> {
 fn prepare(q: &mut Qemu, before: &[u8]) -> (String, String) {
     let out = q.command("snapshot create s1 vda vdb");
     assert!(out.contains("created snapshot s1"), "{out}");
-    assert_eq!(checksum(q, "s1"), sha256_hex(before));
+    assert_eq!(q.checksum("s1"), sha256_hex(before));
     for line in [
         "write vda 0 8192 --seed 7",
         "write vda 9000 3 --byte 0x22",
@@ -82,11 +68,11 @@ fn prepare(q: &mut Qemu, before: &[u8]) -> (String, String) {
     }
     let out = q.command("snapshot create s2 vda vdc");
     assert!(out.contains("created snapshot s2"), "{out}");
-    let s2_sum = checksum(q, "s2");
+    let s2_sum = q.checksum("s2");
     for line in ["write vda 4 8 --byte 0x33", "write vda 30000 16 --seed 9"] {
         assert!(q.command(line).contains("wrote"), "{line}");
     }
-    let origin_sum = checksum(q, "vda");
+    let origin_sum = q.checksum("vda");
     assert_ne!(origin_sum, sha256_hex(before));
     (s2_sum, origin_sum)
 }
@@ -120,8 +106,8 @@ fn merge_rolls_the_origin_back_and_keeps_the_other_snapshot() {
         "{transcript}"
     );
     // The origin is the snapshot again; the other snapshot did not move.
-    assert_eq!(checksum(&mut q, "vda"), sha256_hex(&before));
-    assert_eq!(checksum(&mut q, "s2"), s2_sum);
+    assert_eq!(q.checksum("vda"), sha256_hex(&before));
+    assert_eq!(q.checksum("s2"), s2_sum);
     let list = q.command("snapshot list");
     assert!(!list.contains("s1 "), "{list}");
     assert!(list.contains("s2") && list.contains("active"), "{list}");
@@ -142,7 +128,7 @@ fn merge_rolls_the_origin_back_and_keeps_the_other_snapshot() {
     let mut q = boot(&a, &b, &c);
     let list = q.command("snapshot list");
     assert!(!list.contains("s1 ") && list.contains("s2"), "{list}");
-    assert_eq!(checksum(&mut q, "s2"), s2_sum);
+    assert_eq!(q.checksum("s2"), s2_sum);
     q.poweroff();
 }
 
@@ -167,7 +153,7 @@ fn a_merge_cut_by_a_power_loss_finishes_after_reboot() {
     // s2 must take a copy of every chunk the merge rewrites (32 MiB).
     let out = q.command("snapshot create s2 vda vdb:131072+98304");
     assert!(out.contains("created snapshot s2"), "{out}");
-    let s2_sum = checksum(&mut q, "s2");
+    let s2_sum = q.checksum("s2");
     q.send(b"snapshot merge s1\r");
     // Pull the plug as soon as the merge marker is durable.
     wait_for_any(&q, &["merge of s1 started"], TIMEOUT);
@@ -199,7 +185,7 @@ fn a_merge_cut_by_a_power_loss_finishes_after_reboot() {
             assert!(json.contains(r#""merge_chunks_left":"#), "{json}");
         }
         // The origin reads as the snapshot while the merge goes on.
-        let sum = checksum(&mut q, "vda");
+        let sum = q.checksum("vda");
         assert_eq!(sum, sha256_hex(&before), "{}", q.transcript());
         wait_for_any(&q, &["merge of s1 finished; snapshot removed"], TIMEOUT * 3);
         assert!(q.transcript().contains("merge of s1 resumed: "));
@@ -207,8 +193,8 @@ fn a_merge_cut_by_a_power_loss_finishes_after_reboot() {
     }
     let list = q.command("snapshot list");
     assert!(!list.contains("s1 ") && list.contains("s2"), "{list}");
-    assert_eq!(checksum(&mut q, "vda"), sha256_hex(&before));
-    let sum = checksum(&mut q, "s2");
+    assert_eq!(q.checksum("vda"), sha256_hex(&before));
+    let sum = q.checksum("s2");
     assert_eq!(sum, s2_sum, "{}", q.transcript());
     q.poweroff();
     assert_wiped(&b);
@@ -216,7 +202,7 @@ fn a_merge_cut_by_a_power_loss_finishes_after_reboot() {
     let mut q = boot(&a, &b, &c);
     let list = q.command("snapshot list");
     assert!(list.contains("s2") && list.contains("active"), "{list}");
-    assert_eq!(checksum(&mut q, "s2"), s2_sum);
+    assert_eq!(q.checksum("s2"), s2_sum);
     q.poweroff();
 }
 
@@ -265,7 +251,7 @@ fn a_merge_with_writes_and_bench_on_the_origin_and_refusals() {
     assert!(q
         .command("snapshot create s2 vda vdc")
         .contains("created snapshot s2"));
-    let s2_sum = checksum(&mut q, "s2");
+    let s2_sum = q.checksum("s2");
 
     // Start the merge, take the prompt back (Ctrl-C leaves it running), and write meanwhile.
     q.send(b"snapshot merge s1\r");
@@ -292,7 +278,7 @@ fn a_merge_with_writes_and_bench_on_the_origin_and_refusals() {
     wait_for_any(&q, &["merge of s1 finished; snapshot removed"], TIMEOUT * 4);
     q.settle(std::time::Duration::from_millis(300));
     // s2 kept its frozen contents through the merge and the writes.
-    assert_eq!(checksum(&mut q, "s2"), s2_sum);
+    assert_eq!(q.checksum("s2"), s2_sum);
     let mem = q.command("mem --json");
     assert!(mem.contains(r#""io_path_allocations":0"#), "{mem}");
     q.poweroff();

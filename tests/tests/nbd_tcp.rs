@@ -20,20 +20,6 @@ use tests::{free_port, sha256_hex, Boot, Image, Qemu, TIMEOUT};
 const MIB: u64 = 1 << 20;
 const NBD_PORT: u16 = 10809;
 
-/// Waits for the DHCP lease and the NBD listener, then for the console to settle.
-fn wait_serving(q: &mut Qemu) {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        let t = q.transcript();
-        if t.contains("net: DHCP lease") && t.contains("nbd: serving every volume on TCP port") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "NBD not serving:\n{t}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    q.settle(Duration::from_millis(300));
-}
-
 fn uri(port: u16, export: &str) -> String {
     format!("nbd://127.0.0.1:{port}/{export}")
 }
@@ -54,17 +40,6 @@ fn run_ok(program: &str, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// The SHA-256 the appliance's `checksum` prints for `volume`.
-fn appliance_checksum(q: &mut Qemu, volume: &str) -> String {
-    let out = q.command_timeout(&format!("checksum {volume}"), TIMEOUT * 2);
-    let last = out.rsplit("\x1b[K").next().unwrap_or(&out).trim();
-    last.split_whitespace()
-        .next()
-        .filter(|h| h.len() == 64)
-        .unwrap_or_else(|| panic!("no checksum in {out:?}"))
-        .to_string()
 }
 
 /// Copies `export` to a host file with `qemu-img convert` and returns its bytes.
@@ -229,7 +204,7 @@ fn real_clients_over_tcp() {
         .net(&[(port, NBD_PORT)], None)
         .start();
     q.wait_prompt();
-    wait_serving(&mut q);
+    q.wait_nbd_serving();
     let out = q.command("snapshot create s1 vda vdb");
     assert!(out.contains("created snapshot s1"), "{out}");
 
@@ -249,7 +224,7 @@ fn real_clients_over_tcp() {
         "snapshot copy differs from the origin it froze"
     );
     q.settle(Duration::from_millis(200));
-    assert_eq!(appliance_checksum(&mut q, "s1"), sha256_hex(&s1));
+    assert_eq!(q.checksum("s1"), sha256_hex(&s1));
 
     // qemu-io writes the origin (through the snapshot engine); the snapshot stays.
     let io = run_ok(
@@ -492,7 +467,7 @@ fn flushed_writes_survive_a_power_cut() {
     };
     let mut q = boot(port).start();
     q.wait_prompt();
-    wait_serving(&mut q);
+    q.wait_nbd_serving();
     let out = q.command("snapshot create s1 vda vdb");
     assert!(out.contains("created snapshot s1"), "{out}");
     run_ok(
@@ -512,7 +487,7 @@ fn flushed_writes_survive_a_power_cut() {
     let port = free_port();
     let mut q = boot(port).start();
     q.wait_prompt();
-    wait_serving(&mut q);
+    q.wait_nbd_serving();
     let vda = convert_out(port, "vda", "cut-vda");
     assert!(
         vda[2 * MIB as usize..3 * MIB as usize]
@@ -536,7 +511,7 @@ fn clients_outside_the_allow_list_are_refused() {
         .net(&[(port, NBD_PORT)], None)
         .start();
     q.wait_prompt();
-    wait_serving(&mut q);
+    q.wait_nbd_serving();
     let out = run("nbdinfo", &[&uri(port, "vda")]);
     assert!(!out.status.success(), "nbdinfo got in");
     let mut raw = Raw::connect(port);
@@ -664,7 +639,7 @@ fn role_appliance(tag: &str) -> (Qemu, u16, Vec<u8>, [Image; 3]) {
         .net(&[(port, NBD_PORT)], None)
         .start();
     q.wait_prompt();
-    wait_serving(&mut q);
+    q.wait_nbd_serving();
     (q, port, origin, images)
 }
 
@@ -697,7 +672,7 @@ fn a_session_opened_before_snapshot_create_is_copied_on_write() {
     assert!(!failed(&out), "{out}");
     q.settle(Duration::from_millis(200));
     assert_eq!(
-        appliance_checksum(&mut q, "s1"),
+        q.checksum("s1"),
         sha256_hex(&origin),
         "the snapshot changed under a session opened before it"
     );
@@ -842,7 +817,7 @@ fn silent_clients_are_reset_after_the_handshake_deadline() {
         .net(&[(port, NBD_PORT)], None)
         .start();
     q.wait_prompt();
-    wait_serving(&mut q);
+    q.wait_nbd_serving();
     let started = Instant::now();
     let silent: Vec<Raw> = (0..10).map(|_| Raw::connect(port)).collect();
     // Eight sessions are taken (the greeting is sent; the clients never answer).
@@ -904,7 +879,7 @@ fn refused_connections_are_logged_once_and_summarised() {
         .net(&[(port, NBD_PORT)], None)
         .start();
     q.wait_prompt();
-    wait_serving(&mut q);
+    q.wait_nbd_serving();
     for _ in 0..50 {
         let mut raw = Raw::connect(port);
         assert!(raw.greeting().is_none(), "a greeting for a refused client");
@@ -954,7 +929,7 @@ fn idle_sessions_are_closed_with_nbd_idle() {
         .net(&[(port, NBD_PORT)], None)
         .start();
     q.wait_prompt();
-    wait_serving(&mut q);
+    q.wait_nbd_serving();
     let nbd = q.command("nbd");
     assert!(nbd.contains("idle sessions closed after 3 s"), "{nbd}");
     let (mut idle, _) = Raw::go(port, "vda");
@@ -1015,7 +990,7 @@ fn a_disk_holding_an_unserved_store_is_a_read_only_export() {
         .net(&[(port, NBD_PORT)], None)
         .start();
     q.wait_prompt();
-    wait_serving(&mut q);
+    q.wait_nbd_serving();
     let list = q.command("snapshot list");
     assert!(list.contains("store on vdb"), "{list}");
     let info = run_ok("nbdinfo", &[&uri(port, "vdb")]);
@@ -1055,7 +1030,7 @@ fn sessions_across_a_merge_follow_the_origin() {
     let out = q.command_timeout("snapshot merge s1", TIMEOUT * 3);
     assert!(out.contains("merged s1 into vda"), "{out}");
     // The origin is the snapshot again, as the old session reads it.
-    assert_eq!(appliance_checksum(&mut q, "vda"), sha256_hex(&origin));
+    assert_eq!(q.checksum("vda"), sha256_hex(&origin));
     let out = on_vda.run("read -P 0x55 0 4k");
     assert!(out.contains("Pattern verification failed"), "{out}");
     let out = on_s1.run("read 0 4k");
@@ -1094,7 +1069,7 @@ fn a_log_flood_is_dropped_and_counted_not_waited_for() {
         .serial_baud(115_200)
         .start();
     q.wait_prompt();
-    wait_serving(&mut q);
+    q.wait_nbd_serving();
     // Each connection is greeted (so the server took it and logged it), then dropped: two
     // log lines of about 60 bytes each, some 180 kB in all, while the line carries 11.5 kB/s.
     for _ in 0..FLOOD {

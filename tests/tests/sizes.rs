@@ -11,20 +11,6 @@ const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
 const CHUNKS_KIB: [u64; 8] = [4, 8, 16, 32, 64, 128, 256, 512];
 
-/// The line that carries the result, after any progress lines.
-fn result(out: &str) -> &str {
-    out.rsplit("\x1b[K").next().unwrap_or(out).trim()
-}
-
-fn checksum(q: &mut Qemu, volume: &str) -> String {
-    let out = q.command_timeout(&format!("checksum {volume}"), TIMEOUT * 2);
-    result(&out)
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_string()
-}
-
 /// The value of `"key":N` in the `"heap"` object of `mem --json`.
 fn heap_used(mem: &str) -> u64 {
     let heap = mem
@@ -81,11 +67,7 @@ fn every_chunk_size(
     write_through_origin(&mut q, origin);
     let list = q.command("snapshot list");
     for kib in CHUNKS_KIB {
-        assert_eq!(
-            checksum(&mut q, &format!("c{kib}k")),
-            want,
-            "c{kib}k: {list}"
-        );
+        assert_eq!(q.checksum(&format!("c{kib}k")), want, "c{kib}k: {list}");
     }
     assert!(
         !list.contains("invalid") && !list.contains("overflow"),
@@ -99,12 +81,12 @@ fn every_chunk_size(
     let list = q.command("snapshot list");
     for kib in CHUNKS_KIB {
         assert_eq!(
-            checksum(&mut q, &format!("c{kib}k")),
+            q.checksum(&format!("c{kib}k")),
             want,
             "c{kib}k after reboot: {list}"
         );
     }
-    assert_eq!(checksum(&mut q, origin), after);
+    assert_eq!(q.checksum(origin), after);
     q.poweroff();
     // The stores are dm-snapshot stores: the host's loader reads the same snapshots.
     let origin_now = origin_img.read(0, before.len());
@@ -207,8 +189,8 @@ fn two_4k_chunk_snapshots_on_16_gib_cow_disks_fit_the_heap() {
     let out = q.command_timeout("bench vda --rw randwrite --qd 32 --ios 3000", TIMEOUT * 3);
     assert!(out.contains("3000 I/Os"), "{out}");
     let want = sha256_hex(&before);
-    assert_eq!(checksum(&mut q, "first"), want);
-    assert_eq!(checksum(&mut q, "second"), want);
+    assert_eq!(q.checksum("first"), want);
+    assert_eq!(q.checksum("second"), want);
     let list = q.command("snapshot list");
     assert!(
         !list.contains("invalid") && !list.contains("overflow"),
@@ -333,12 +315,12 @@ fn stores_that_claim_too_much_do_not_stop_the_boot() {
         list.contains("store on vdf: a snapshot store that does not load: its chunk size (1048576 KiB) is above the largest served (512 KiB)"),
         "{list}"
     );
-    assert_eq!(checksum(&mut q, "sa"), views[0]);
-    assert_eq!(checksum(&mut q, "sb"), views[1]);
+    assert_eq!(q.checksum("sa"), views[0]);
+    assert_eq!(q.checksum("sb"), views[1]);
     // The stores are served: writes through their origins copy.
     let out = q.command("write vda 0 512 --byte 0x99");
     assert!(out.contains("wrote 512 blocks"), "{out}");
-    assert_eq!(checksum(&mut q, "sa"), views[0]);
+    assert_eq!(q.checksum("sa"), views[0]);
     let heap = heap_used(&q.command("mem --json"));
     assert!(heap < 48 * MIB, "heap used {heap}");
     q.poweroff();

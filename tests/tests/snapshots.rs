@@ -4,7 +4,7 @@
 //! crate's loader). Also the console's refusals and `list`/`status`/`delete`.
 
 use tests::cow::CowImage;
-use tests::{sha256_hex, Boot, Image, Qemu, TIMEOUT};
+use tests::{result_line, sha256_hex, Boot, Image, Qemu, TIMEOUT};
 
 const MIB: u64 = 1 << 20;
 
@@ -15,11 +15,6 @@ fn boot(a: &Image, b: &Image) -> Qemu {
         .start();
     q.wait_prompt();
     q
-}
-
-/// The line that carries the result, after any progress lines.
-fn result(out: &str) -> &str {
-    out.rsplit("\x1b[K").next().unwrap_or(out).trim()
 }
 
 #[test]
@@ -36,7 +31,7 @@ fn snapshot_keeps_the_origin_as_it_was() {
     let out = q.command("snapshot create s1 vda vdb");
     assert!(out.contains("created snapshot s1 (4 KiB chunks)"), "{out}");
     let sum = q.command_timeout("checksum s1", TIMEOUT * 2);
-    assert!(result(&sum).starts_with(&sha256_hex(&before)), "{sum}");
+    assert!(result_line(&sum).starts_with(&sha256_hex(&before)), "{sum}");
 
     // Single blocks, partial chunks, ranges across chunks, and enough chunks to fill more
     // than one metadata area (4 KiB chunks: 256 records per area).
@@ -52,7 +47,7 @@ fn snapshot_keeps_the_origin_as_it_was() {
     }
     let sum = q.command_timeout("checksum s1", TIMEOUT * 2);
     assert!(
-        result(&sum).starts_with(&sha256_hex(&before)),
+        result_line(&sum).starts_with(&sha256_hex(&before)),
         "snapshot changed: {sum}"
     );
     let list = q.command("snapshot list");
@@ -243,7 +238,10 @@ fn snapshots_come_back_after_reboot_and_a_fresh_start() {
         "{list}"
     );
     let sum = q.command_timeout("checksum keep", TIMEOUT * 2);
-    assert!(result(&sum).starts_with(&expected), "after reboot: {sum}");
+    assert!(
+        result_line(&sum).starts_with(&expected),
+        "after reboot: {sum}"
+    );
     q.poweroff();
     // A fresh QEMU on the same images.
     let mut q = boot_args(Boot::kernel("q35", "testing")).start();
@@ -251,7 +249,7 @@ fn snapshots_come_back_after_reboot_and_a_fresh_start() {
     q.wait_prompt();
     let sum = q.command_timeout("checksum keep", TIMEOUT * 2);
     assert!(
-        result(&sum).starts_with(&expected),
+        result_line(&sum).starts_with(&expected),
         "after a fresh start: {sum}"
     );
     // Writes keep copying after the reload.
@@ -260,7 +258,7 @@ fn snapshots_come_back_after_reboot_and_a_fresh_start() {
         .contains("wrote 300 blocks"));
     let sum = q.command_timeout("checksum keep", TIMEOUT * 2);
     assert!(
-        result(&sum).starts_with(&expected),
+        result_line(&sum).starts_with(&expected),
         "after more writes: {sum}"
     );
     q.poweroff();
@@ -338,9 +336,9 @@ fn writable_snapshot_and_two_snapshots_one_on_nvme() {
         .contains("wrote 500 blocks"));
     // Each keeps its own instant.
     let s1 = q.command_timeout("checksum early", TIMEOUT * 2);
-    assert!(result(&s1).starts_with(&sha256_hex(&before)), "{s1}");
+    assert!(result_line(&s1).starts_with(&sha256_hex(&before)), "{s1}");
     let s2 = q.command_timeout("checksum late", TIMEOUT * 2);
-    assert!(result(&s2).starts_with(&sha256_hex(&middle)), "{s2}");
+    assert!(result_line(&s2).starts_with(&sha256_hex(&middle)), "{s2}");
     // The writable one takes writes; the origin does not see them.
     assert!(q
         .command("write late 2048 16 --byte 0xab")
@@ -451,7 +449,7 @@ fn power_cuts_during_origin_writes() {
         );
         let sum = q.command_timeout("checksum cut", TIMEOUT * 2);
         assert!(
-            result(&sum).starts_with(&sha256_hex(&before)),
+            result_line(&sum).starts_with(&sha256_hex(&before)),
             "round {round}: snapshot changed: {sum}"
         );
         q.poweroff();
@@ -509,7 +507,10 @@ fn a_store_made_by_linux_is_listed_and_can_be_attached() {
     let out = q.command("snapshot attach lx vda vdb --no-write");
     assert!(out.contains("attached snapshot lx"), "{out}");
     let sum = q.command_timeout("checksum lx", TIMEOUT * 2);
-    assert!(result(&sum).starts_with(&sha256_hex(&expected)), "{sum}");
+    assert!(
+        result_line(&sum).starts_with(&sha256_hex(&expected)),
+        "{sum}"
+    );
     assert!(
         q.command("snapshot status lx")
             .starts_with("0 32768 snapshot 40/8192 16"),
@@ -521,7 +522,7 @@ fn a_store_made_by_linux_is_listed_and_can_be_attached() {
         .contains("wrote 2048 blocks"));
     let sum = q.command_timeout("checksum lx", TIMEOUT * 2);
     assert!(
-        result(&sum).starts_with(&sha256_hex(&expected)),
+        result_line(&sum).starts_with(&sha256_hex(&expected)),
         "after origin writes: {sum}"
     );
     assert!(q
@@ -553,7 +554,10 @@ fn a_store_made_by_linux_is_listed_and_can_be_attached() {
     assert_eq!(sha256_hex(&view), sha256_hex(&expected));
     let mut q = boot(&a, &b);
     let sum = q.command_timeout("checksum lx", TIMEOUT * 2);
-    assert!(result(&sum).starts_with(&sha256_hex(&expected)), "{sum}");
+    assert!(
+        result_line(&sum).starts_with(&sha256_hex(&expected)),
+        "{sum}"
+    );
     q.poweroff();
 }
 
@@ -580,7 +584,7 @@ fn region_stores_come_back_after_a_fresh_start_and_a_delete() {
     assert!(q
         .command("write high 100 8 --byte 0x7a")
         .contains("wrote 8 blocks"));
-    let high_sum = result(&q.command_timeout("checksum high", TIMEOUT * 2)).to_string();
+    let high_sum = result_line(&q.command_timeout("checksum high", TIMEOUT * 2)).to_string();
     q.poweroff();
     // The gap before the first store holds a free-extent marker (not a store).
     let marker = b.read(0, 28);
@@ -597,9 +601,9 @@ fn region_stores_come_back_after_a_fresh_start_and_a_delete() {
         assert!(row.contains(cow) && row.contains("active"), "{row}");
     }
     let sum = q.command_timeout("checksum low", TIMEOUT * 2);
-    assert!(result(&sum).starts_with(&expected), "low: {sum}");
+    assert!(result_line(&sum).starts_with(&expected), "low: {sum}");
     assert_eq!(
-        result(&q.command_timeout("checksum high", TIMEOUT * 2)),
+        result_line(&q.command_timeout("checksum high", TIMEOUT * 2)),
         high_sum,
         "high changed across the restart"
     );
