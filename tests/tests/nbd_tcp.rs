@@ -20,6 +20,20 @@ use tests::{free_port, sha256_hex, Boot, Image, Qemu, TIMEOUT};
 const MIB: u64 = 1 << 20;
 const NBD_PORT: u16 = 10809;
 
+/// An appliance booted by `boot` with one 4 MiB virtio disk (`vda`, serial `A`) and NBD on a
+/// forwarded port, serving: (QEMU, port, the disk's image).
+fn one_disk_appliance(tag: &str, boot: Boot) -> (Qemu, u16, Image) {
+    let port = free_port();
+    let a = Image::new(tag, 4 * MIB);
+    let mut q = boot
+        .virtio_disk(&a.path, "A")
+        .net(&[(port, NBD_PORT)], None)
+        .start();
+    q.wait_prompt();
+    q.wait_nbd_serving();
+    (q, port, a)
+}
+
 fn uri(port: u16, export: &str) -> String {
     format!("nbd://127.0.0.1:{port}/{export}")
 }
@@ -504,14 +518,10 @@ fn flushed_writes_survive_a_power_cut() {
 /// `nbd.allow=` without the client's network: the connection is refused and logged.
 #[test]
 fn clients_outside_the_allow_list_are_refused() {
-    let port = free_port();
-    let a = Image::new("nbdtcp-allow", 4 * MIB);
-    let mut q = Boot::kernel("q35", "testing loglevel=info nbd.allow=192.168.7.0/24")
-        .virtio_disk(&a.path, "A")
-        .net(&[(port, NBD_PORT)], None)
-        .start();
-    q.wait_prompt();
-    q.wait_nbd_serving();
+    let (mut q, port, _a) = one_disk_appliance(
+        "nbdtcp-allow",
+        Boot::kernel("q35", "testing loglevel=info nbd.allow=192.168.7.0/24"),
+    );
     let out = run("nbdinfo", &[&uri(port, "vda")]);
     assert!(!out.status.success(), "nbdinfo got in");
     let mut raw = Raw::connect(port);
@@ -810,14 +820,10 @@ fn timed_out(e: &std::io::Error) -> bool {
 /// reset, and a real client gets in afterwards.
 #[test]
 fn silent_clients_are_reset_after_the_handshake_deadline() {
-    let port = free_port();
-    let a = Image::new("nbdtcp-silent", 4 * MIB);
-    let mut q = Boot::kernel("q35", "testing loglevel=info")
-        .virtio_disk(&a.path, "A")
-        .net(&[(port, NBD_PORT)], None)
-        .start();
-    q.wait_prompt();
-    q.wait_nbd_serving();
+    let (mut q, port, _a) = one_disk_appliance(
+        "nbdtcp-silent",
+        Boot::kernel("q35", "testing loglevel=info"),
+    );
     let started = Instant::now();
     let silent: Vec<Raw> = (0..10).map(|_| Raw::connect(port)).collect();
     // Eight sessions are taken (the greeting is sent; the clients never answer).
@@ -872,14 +878,10 @@ fn silent_clients_are_reset_after_the_handshake_deadline() {
 /// summary (`nbd: refused N connections from 10.0.2.2 in the last 10 s`), not a line each.
 #[test]
 fn refused_connections_are_logged_once_and_summarised() {
-    let port = free_port();
-    let a = Image::new("nbdtcp-flood", 4 * MIB);
-    let mut q = Boot::kernel("q35", "testing loglevel=info nbd.allow=192.168.7.0/24")
-        .virtio_disk(&a.path, "A")
-        .net(&[(port, NBD_PORT)], None)
-        .start();
-    q.wait_prompt();
-    q.wait_nbd_serving();
+    let (mut q, port, _a) = one_disk_appliance(
+        "nbdtcp-flood",
+        Boot::kernel("q35", "testing loglevel=info nbd.allow=192.168.7.0/24"),
+    );
     for _ in 0..50 {
         let mut raw = Raw::connect(port);
         assert!(raw.greeting().is_none(), "a greeting for a refused client");
@@ -922,14 +924,10 @@ fn refused_connections_are_logged_once_and_summarised() {
 /// is closed; one that keeps sending requests is not.
 #[test]
 fn idle_sessions_are_closed_with_nbd_idle() {
-    let port = free_port();
-    let a = Image::new("nbdtcp-idle", 4 * MIB);
-    let mut q = Boot::kernel("q35", "testing loglevel=info nbd.idle=3")
-        .virtio_disk(&a.path, "A")
-        .net(&[(port, NBD_PORT)], None)
-        .start();
-    q.wait_prompt();
-    q.wait_nbd_serving();
+    let (mut q, port, _a) = one_disk_appliance(
+        "nbdtcp-idle",
+        Boot::kernel("q35", "testing loglevel=info nbd.idle=3"),
+    );
     let nbd = q.command("nbd");
     assert!(nbd.contains("idle sessions closed after 3 s"), "{nbd}");
     let (mut idle, _) = Raw::go(port, "vda");
@@ -1061,15 +1059,10 @@ fn sessions_across_a_merge_follow_the_origin() {
 #[test]
 fn a_log_flood_is_dropped_and_counted_not_waited_for() {
     const FLOOD: usize = 1500;
-    let port = free_port();
-    let a = Image::new("nbdtcp-logflood", 4 * MIB);
-    let mut q = Boot::kernel("q35", "testing loglevel=info")
-        .virtio_disk(&a.path, "A")
-        .net(&[(port, NBD_PORT)], None)
-        .serial_baud(115_200)
-        .start();
-    q.wait_prompt();
-    q.wait_nbd_serving();
+    let (mut q, port, _a) = one_disk_appliance(
+        "nbdtcp-logflood",
+        Boot::kernel("q35", "testing loglevel=info").serial_baud(115_200),
+    );
     // Each connection is greeted (so the server took it and logged it), then dropped: two
     // log lines of about 60 bytes each, some 180 kB in all, while the line carries 11.5 kB/s.
     for _ in 0..FLOOD {
