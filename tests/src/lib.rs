@@ -351,12 +351,24 @@ impl Qemu {
 
     /// As [`expect`](Self::expect) but returns an error instead of failing.
     pub fn try_expect(&mut self, pattern: &str, timeout: Duration) -> Result<String, String> {
+        self.try_expect_by(timeout, |bytes| {
+            find(bytes, pattern.as_bytes()).map(|pos| pos + pattern.len())
+        })
+    }
+
+    /// Waits until `matcher` finds what it looks for in the output not consumed yet (it
+    /// returns where the match ends), consumes the output up to there and returns it.
+    fn try_expect_by(
+        &mut self,
+        timeout: Duration,
+        matcher: impl Fn(&[u8]) -> Option<usize>,
+    ) -> Result<String, String> {
         let deadline = Instant::now() + timeout;
         let (lock, cond) = &*self.output;
         let mut out = lock.lock().unwrap();
         loop {
-            if let Some(pos) = find(&out.bytes[self.cursor..], pattern.as_bytes()) {
-                let end = self.cursor + pos + pattern.len();
+            if let Some(len) = matcher(&out.bytes[self.cursor..]) {
+                let end = self.cursor + len;
                 let text = String::from_utf8_lossy(&out.bytes[self.cursor..end]).into_owned();
                 self.cursor = end;
                 return Ok(text);
@@ -438,10 +450,22 @@ impl Qemu {
     pub fn command_timeout(&mut self, line: &str, timeout: Duration) -> String {
         self.send(line.as_bytes());
         self.send(b"\r");
-        // The echo ends with the newline of Enter. A line wider than the terminal scrolls
-        // and is redrawn behind the prompt as it is typed, so the prompt is only looked for
-        // after that newline.
-        self.expect("\n", timeout);
+        // The echo ends with the line's last characters and the newline of Enter. Log lines
+        // printed meanwhile end in newlines too, and the editor redraws the line around them
+        // (and scrolls a line wider than the terminal), so the echo is looked for in the
+        // output as the terminal shows it: without control sequences and carriage returns.
+        let tail: String = {
+            let mut t: Vec<char> = line.chars().rev().take(12).collect();
+            t.reverse();
+            t.into_iter().collect()
+        };
+        let echo = format!("{tail}\n");
+        if let Err(why) = self.try_expect_by(timeout, |bytes| find_shown(bytes, echo.as_bytes())) {
+            panic!(
+                "waiting for the echo of {line:?}: {why}\n--- console transcript ---\n{}\n--- end ---",
+                self.transcript()
+            );
+        }
         let text = self.expect(PROMPT, timeout);
         let text = text.replace('\r', "");
         text.strip_suffix(PROMPT).unwrap_or(&text).to_string()
@@ -584,6 +608,35 @@ pub fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
+/// Where `needle` ends in `raw` once CSI sequences (`ESC [` … final byte) and carriage
+/// returns are taken out, as an offset into `raw`.
+fn find_shown(raw: &[u8], needle: &[u8]) -> Option<usize> {
+    let mut shown = Vec::with_capacity(raw.len());
+    let mut ends = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        match raw[i] {
+            0x1b if raw.get(i + 1) == Some(&b'[') => {
+                i += 2;
+                while i < raw.len() && !(0x40..=0x7e).contains(&raw[i]) {
+                    i += 1;
+                }
+                i += 1;
+            }
+            b'\r' => i += 1,
+            b => {
+                shown.push(b);
+                i += 1;
+                ends.push(i);
+            }
+        }
+    }
+    shown
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .map(|p| ends[p + needle.len() - 1])
+}
+
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     if needle.is_empty() {
         return Some(0);
@@ -602,4 +655,29 @@ pub fn xorshift_bytes(len: usize, seed: u64) -> Vec<u8> {
             x as u8
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::find_shown;
+
+    /// What the line editor printed for `cmdline` + Enter with a log line arriving while it
+    /// was typed (captured from `kernel::console::editor`): the echo is found after the log
+    /// line's own newline, at the newline of Enter.
+    #[test]
+    fn the_echo_is_found_behind_a_log_line_and_redraws() {
+        let raw = b"\rsnapfw> \x1b[K\r\x1b[8Ccmd\r\x1b[K[ 1.0] INFO  net: DHCP lease\r\n\rsnapfw> cmd\x1b[K\r\x1b[11Cline\r\nout";
+        let end = find_shown(raw, b"cmdline\n").expect("echo found");
+        assert_eq!(&raw[end..], b"out");
+        // The log line alone does not pass for the echo.
+        assert_eq!(find_shown(&raw[..60], b"cmdline\n"), None);
+    }
+
+    /// A line wider than the terminal is scrolled: its end is still shown before Enter.
+    #[test]
+    fn the_echo_of_a_scrolled_line_is_its_end() {
+        let raw = b"\rsnapfw> xxxxbench snapshot --fsync 32 --time 5s\x1b[K\r\x1b[78C\r\nreport";
+        let end = find_shown(raw, b"--time 5s\n").expect("echo found");
+        assert_eq!(&raw[end..], b"report");
+    }
 }
