@@ -53,6 +53,11 @@ pub struct CreateTask {
     markers: Option<MarkerWriter>,
     error: Option<&'static str>,
     started: u64,
+    /// NBD writes sent straight to the origin before it was quiesced and not back yet (the
+    /// snapshot waits for them).
+    direct_waiting: u32,
+    /// Ctrl-C while waiting for the origin: give up before anything is created.
+    cancelled: bool,
 }
 
 impl CreateTask {
@@ -64,6 +69,8 @@ impl CreateTask {
             markers: None,
             error: None,
             started: now,
+            direct_waiting: 0,
+            cancelled: false,
         }
     }
 
@@ -133,12 +140,20 @@ impl Task for CreateTask {
             .origins
             .get(self.spec.origin)
             .map_or(0, |o| st.direct_nbd_in_flight(o.disk));
+        self.direct_waiting = direct;
         let Some(o) = st.origins.get_mut(self.spec.origin) else {
             self.error = Some("the origin went away");
             self.step = Step::Done;
             return;
         };
         match self.step {
+            Step::WaitQuiesced if self.cancelled => {
+                // Nothing is created yet: the origin goes on as before.
+                o.engine.resume_origin();
+                o.creating = false;
+                self.error = Some("cancelled while waiting for the origin's I/O in flight");
+                self.step = Step::Done;
+            }
             Step::Quiesce => {
                 o.creating = true;
                 o.engine.quiesce_origin();
@@ -201,7 +216,12 @@ impl Task for CreateTask {
     }
 
     fn cancel(&mut self) {
-        // Creation is short and must finish or fail cleanly; Ctrl-C does not interrupt it.
+        // Creation is short and must finish or fail cleanly: Ctrl-C is taken only while it
+        // waits for the origin's I/O in flight (a device that never answers would hold it
+        // forever), before anything is created.
+        if matches!(self.step, Step::Quiesce | Step::WaitQuiesced) {
+            self.cancelled = true;
+        }
     }
 
     fn io_path(&self) -> bool {
@@ -209,7 +229,15 @@ impl Task for CreateTask {
     }
 
     fn progress(&self, out: &mut dyn Write, _now: u64) -> fmt::Result {
-        write!(out, "creating snapshot {}", self.spec.name)
+        write!(out, "creating snapshot {}", self.spec.name)?;
+        if self.step == Step::WaitQuiesced && self.direct_waiting > 0 {
+            write!(
+                out,
+                ": waiting for {} NBD write(s) sent to the origin before it (Ctrl-C gives up)",
+                self.direct_waiting
+            )?;
+        }
+        Ok(())
     }
 
     fn report(&mut self, out: &mut dyn Write, now: u64) -> fmt::Result {
