@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# `make fuzz`: runs every cargo fuzz target of tests/fuzz (or those named as arguments) for
+# FUZZ_TIME seconds each under a memory limit, with the target's corpus in
+# tests/fuzz/corpus/TARGET (new inputs the fuzzer finds are added there: minimise them with
+# `make fuzz-cmin` before committing). A crash, an out-of-memory or a timeout stops that
+# target, leaves the input in tests/fuzz/artifacts/TARGET/ and fails the run at the end.
+#
+# cargo fuzz passes nightly-only flags (-Zsanitizer, -Cpasses=sancov-module); the pinned
+# toolchain is stable, so they are allowed with RUSTC_BOOTSTRAP=1. The stable toolchain ships
+# the AddressSanitizer runtime, so FUZZ_SANITIZER defaults to `address` (`none` also works,
+# and runs faster).
+#
+# First time on a machine: installs cargo-fuzz (`cargo install cargo-fuzz --locked`) and, when
+# no C++ compiler is there (libFuzzer is C++), g++ with apt-get.
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+dir=$here/tests/fuzz
+time=${FUZZ_TIME:-60}
+rss=${FUZZ_RSS_MB:-512}
+malloc=${FUZZ_MALLOC_MB:-128}
+timeout=${FUZZ_TIMEOUT:-10}
+sanitizer=${FUZZ_SANITIZER:-address}
+cargo=${CARGO:-cargo}
+export RUSTC_BOOTSTRAP=1
+
+if ! command -v cargo-fuzz >/dev/null 2>&1; then
+    echo "fuzz: installing cargo-fuzz"
+    "$cargo" install cargo-fuzz --locked
+fi
+if ! command -v c++ >/dev/null 2>&1; then
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    echo "fuzz: installing g++ (libFuzzer is C++)"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends g++
+fi
+
+if [ $# -gt 0 ]; then
+    targets=("$@")
+else
+    mapfile -t targets < <("$cargo" fuzz list --fuzz-dir "$dir")
+fi
+mkdir -p "$here/build/fuzz"
+failed=()
+for t in "${targets[@]}"; do
+    log=$here/build/fuzz/$t.log
+    mkdir -p "$dir/corpus/$t"
+    echo "fuzz: $t for ${time} s (rss ${rss} MB, malloc ${malloc} MB, timeout ${timeout} s, sanitizer $sanitizer; log $log)"
+    if "$cargo" fuzz run --fuzz-dir "$dir" --sanitizer "$sanitizer" "$t" -- \
+        -max_total_time="$time" -rss_limit_mb="$rss" -malloc_limit_mb="$malloc" \
+        -timeout="$timeout" -print_final_stats=1 >"$log" 2>&1; then
+        status=ok
+    else
+        status="FOUND SOMETHING (see $log and $dir/artifacts/$t/)"
+        failed+=("$t")
+    fi
+    runs=$(awk '/stat::number_of_executed_units/ {n = $2} END {print n + 0}' "$log")
+    echo "fuzz: $t: $runs executions, corpus $(find "$dir/corpus/$t" -type f | wc -l) files: $status"
+done
+if [ ${#failed[@]} -gt 0 ]; then
+    echo "fuzz: findings in: ${failed[*]}" >&2
+    exit 1
+fi
