@@ -11,7 +11,9 @@ use std::process::{Command, Output};
 const QEMU7: &str = "1:7.2+dfsg-7+deb12u18+b2";
 const QEMU10: &str = "1:10.0.2+ds-2+deb13u1~bpo12+1";
 /// The machine's utilities the script and the fakes use.
-const UTILS: &[&str] = &["bash", "env", "dirname", "id", "awk", "mkdir", "rm", "chmod", "cat", "touch"];
+const UTILS: &[&str] = &[
+    "bash", "env", "dirname", "id", "awk", "mkdir", "rm", "chmod", "cat", "touch",
+];
 /// Every package of the script's table.
 const ALL: &[&str] = &[
     "qemu-system-x86",
@@ -28,7 +30,10 @@ const ALL: &[&str] = &[
 ];
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 fn which(cmd: &str) -> PathBuf {
@@ -83,7 +88,11 @@ impl Machine {
     }
 
     fn path(&self) -> String {
-        format!("{}:{}", self.root.join("fake-bin").display(), self.root.join("usr/bin").display())
+        format!(
+            "{}:{}",
+            self.root.join("fake-bin").display(),
+            self.root.join("usr/bin").display()
+        )
     }
 
     fn run(&self, env: &[(&str, &str)]) -> Output {
@@ -111,11 +120,17 @@ impl Machine {
     }
 
     fn installs(&self) -> Vec<String> {
-        self.apt_log().lines().filter(|l| l.starts_with("apt-get install")).map(str::to_string).collect()
+        self.apt_log()
+            .lines()
+            .filter(|l| l.starts_with("apt-get install"))
+            .map(str::to_string)
+            .collect()
     }
 
     fn version(&self, pkg: &str) -> Option<String> {
-        fs::read_to_string(self.root.join("var/lib/fake-dpkg").join(pkg)).ok().map(|v| v.trim().to_string())
+        fs::read_to_string(self.root.join("var/lib/fake-dpkg").join(pkg))
+            .ok()
+            .map(|v| v.trim().to_string())
     }
 
     fn has(&self, file: &str) -> bool {
@@ -157,7 +172,9 @@ fn the_fake_apt_removes_the_images_qemu_utils_as_debians_does() {
     m.preinstall(&[("qemu-utils", QEMU10)]);
     let out = m.fake_apt(&["qemu-system-x86"]);
     assert!(out.status.success());
-    assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("Removing qemu-utils ({QEMU10})")));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&format!("Removing qemu-utils ({QEMU10})"))
+    );
     assert!(!m.has("usr/bin/qemu-img"));
 }
 
@@ -170,7 +187,10 @@ fn on_the_machine_image_qemu_comes_as_one_set_and_qemu_img_stays() {
     let installs = m.installs();
     assert_eq!(installs.len(), 1, "one transaction: {installs:?}");
     let first = &installs[0];
-    assert!(first.contains(&format!("qemu-system-x86={QEMU7}")), "{first}");
+    assert!(
+        first.contains(&format!("qemu-system-x86={QEMU7}")),
+        "{first}"
+    );
     assert!(first.contains(&format!("qemu-utils={QEMU7}")), "{first}");
     assert!(first.contains("--allow-downgrades"), "{first}");
     assert_eq!(m.version("qemu-utils").as_deref(), Some(QEMU7));
@@ -184,13 +204,22 @@ fn what_an_install_removed_is_installed_again() {
     let m = Machine::new("again");
     m.preinstall(&[("qemu-utils", QEMU10)]);
     let out = m.run(&[("FAKE_APT_REMOVE_ONCE", "qemu-utils nbdkit")]);
-    assert!(out.status.success(), "deps.sh did not put back what apt removed");
+    assert!(
+        out.status.success(),
+        "deps.sh did not put back what apt removed"
+    );
     let installs = m.installs();
     assert_eq!(installs.len(), 2, "{installs:?}");
     let again = &installs[1];
-    assert!(again.contains(&format!("qemu-utils={QEMU7}")), "asked for qemu-utils again, pinned: {again}");
+    assert!(
+        again.contains(&format!("qemu-utils={QEMU7}")),
+        "asked for qemu-utils again, pinned: {again}"
+    );
     assert!(again.contains("nbdkit"), "{again}");
-    assert!(!again.contains("fio"), "only what is missing is asked for again: {again}");
+    assert!(
+        !again.contains("fio"),
+        "only what is missing is asked for again: {again}"
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("installing again: qemu-utils nbdkit"));
     assert_every_tool(&m);
 }
@@ -204,14 +233,18 @@ fn a_package_apt_cannot_find_is_named_with_its_tool_and_the_rest_installs() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("fio (package fio)"), "{stderr}");
     assert!(!stderr.contains("qemu-img"), "{stderr}");
-    assert!(m.has("usr/bin/qemu-img") && m.has("usr/bin/qemu-system-x86_64") && m.has("usr/bin/nbdkit"));
+    assert!(
+        m.has("usr/bin/qemu-img") && m.has("usr/bin/qemu-system-x86_64") && m.has("usr/bin/nbdkit")
+    );
 }
 
 #[test]
 fn a_machine_with_everything_asks_apt_for_nothing() {
     let m = Machine::new("complete");
-    let all: Vec<(&str, &str)> =
-        ALL.iter().map(|p| (*p, if p.starts_with("qemu") { QEMU7 } else { "1.0" })).collect();
+    let all: Vec<(&str, &str)> = ALL
+        .iter()
+        .map(|p| (*p, if p.starts_with("qemu") { QEMU7 } else { "1.0" }))
+        .collect();
     m.preinstall(&all);
     let out = m.run(&[]);
     assert!(out.status.success());
@@ -231,6 +264,10 @@ fn qemu_utils_alone_missing_follows_the_installed_qemu_system() {
     assert!(out.status.success());
     let installs = m.installs();
     assert_eq!(installs.len(), 1, "{installs:?}");
-    assert!(installs[0].contains(&format!("qemu-utils={QEMU7}")), "{}", installs[0]);
+    assert!(
+        installs[0].contains(&format!("qemu-utils={QEMU7}")),
+        "{}",
+        installs[0]
+    );
     assert_every_tool(&m);
 }
