@@ -30,7 +30,9 @@ pub enum LoadError {
     BadMagic(u32),
     /// Header version is not 1.
     BadVersion(u32),
-    /// Chunk size is zero, not a power of two or above 2^21 sectors.
+    /// Chunk size is zero, not a power of two or above [`MAX_LOAD_CHUNK_SECTORS`] (Linux takes
+    /// up to 2^21 sectors, 1 GiB: loading such a store would need a read and an area buffer
+    /// of that size).
     BadChunkSize(u32),
     /// Chunk size is not a multiple of the origin's or the COW device's logical block size.
     ChunkSizeMismatch {
@@ -83,6 +85,12 @@ pub enum LoadError {
     /// `supply` was called when no read was outstanding.
     NotReading,
 }
+
+/// Largest chunk size the loader accepts, in sectors (512 KiB, the largest LVM creates and
+/// the largest `snapshot create --chunk` takes). The loader reads one chunk at a time and
+/// the store keeps one in memory, so a larger header is refused before anything is read or
+/// allocated for it.
+pub const MAX_LOAD_CHUNK_SECTORS: u32 = 1024;
 
 /// Devices and limits the loader checks a store against.
 #[derive(Clone, Copy, Debug)]
@@ -227,7 +235,9 @@ impl Loader {
         if h.version != SNAPSHOT_DISK_VERSION {
             return self.fail(LoadError::BadVersion(h.version));
         }
-        let Some(g) = Geometry::new(h.chunk_sectors) else {
+        let Some(g) =
+            Geometry::new(h.chunk_sectors).filter(|_| h.chunk_sectors <= MAX_LOAD_CHUNK_SECTORS)
+        else {
             return self.fail(LoadError::BadChunkSize(h.chunk_sectors));
         };
         let cow_bs = self.params.cow_block_sectors.max(1);
