@@ -24,6 +24,8 @@ pub mod allow;
 pub mod connection;
 pub mod error;
 pub mod export;
+#[cfg(any(test, feature = "fuzz"))]
+pub mod fake;
 pub mod proto;
 #[cfg(target_os = "none")]
 pub mod selftest;
