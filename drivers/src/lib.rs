@@ -99,7 +99,7 @@
 //! (mapping the table), `virtio_blk::queue` (virtqueue buffers) and
 //! `virtio_blk::common_regs` (mapping the common configuration); `scripts/unsafe-allowlist.sh`
 //! checks the file names. Every block has a `// SAFETY:` comment.
-#![cfg_attr(not(test), no_std)]
+#![cfg_attr(not(any(test, feature = "fuzz")), no_std)]
 #![deny(unsafe_code)]
 
 extern crate alloc;

@@ -116,6 +116,17 @@ impl FakeBlk {
         }
     }
 
+    /// Moves the used ring's index on by `n` without writing elements (a device that
+    /// claims completions it never wrote).
+    pub fn bump_used_idx(&mut self, n: u16) {
+        let (_, _, _, used) = self.queue();
+        // SAFETY: the device area is live DMA memory of the queue under test.
+        unsafe {
+            let idx_ptr = (used + 2) as *mut u16;
+            idx_ptr.write_volatile(idx_ptr.read_volatile().wrapping_add(n));
+        }
+    }
+
     fn descriptor(&self, index: u16) -> (u64, u32, u16, u16) {
         let (_, desc, _, _) = self.queue();
         let p = desc + 16 * u64::from(index);
