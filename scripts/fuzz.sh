@@ -22,6 +22,9 @@ timeout=${FUZZ_TIMEOUT:-10}
 sanitizer=${FUZZ_SANITIZER:-address}
 cargo=${CARGO:-cargo}
 export RUSTC_BOOTSTRAP=1
+# ASan keeps 256 MB of freed memory in quarantine by default, which alone would take half of
+# the RSS limit from targets that attach a device per input.
+export ASAN_OPTIONS=${ASAN_OPTIONS:-quarantine_size_mb=16}
 
 if ! command -v cargo-fuzz >/dev/null 2>&1; then
     echo "fuzz: installing cargo-fuzz"
