@@ -105,6 +105,8 @@
 extern crate alloc;
 
 pub mod block;
+#[cfg(any(test, feature = "fuzz"))]
+pub mod fuzz;
 #[allow(unsafe_code)]
 pub mod hal;
 pub mod info;
