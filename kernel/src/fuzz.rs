@@ -270,7 +270,7 @@ pub fn nbd_session_seeds() -> Vec<Vec<u8>> {
         (1, 0, 7, 65_535, 65_535),
         (1, 3, 0, 100, 700),
         (3, 24, 4, 3000, 5000),
-        (1, 9, 2, 0, 0),
+        (1, 9, 2, 16, 32),
     ] {
         let mut input = settings(flags, buffers, depth, chop, window);
         input.extend_from_slice(&stream);
