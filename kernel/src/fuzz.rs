@@ -321,9 +321,10 @@ pub fn cmdline_seeds() -> Vec<Vec<u8>> {
 
 #[cfg(test)]
 mod tests {
+    use std::panic;
     use std::path::PathBuf;
 
-    /// Runs `target` over every file of its corpus; a file that panics names itself.
+    /// Runs `target` over every file of its corpus; a file that fails is named.
     fn replay(target: &str, run: fn(&[u8])) {
         let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
             .join("../tests/fuzz/corpus")
@@ -336,8 +337,9 @@ mod tests {
         assert!(!files.is_empty(), "{}: empty corpus", dir.display());
         for f in &files {
             let data = std::fs::read(f).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
-            eprintln!("replaying {}", f.display());
-            run(&data);
+            if panic::catch_unwind(|| run(&data)).is_err() {
+                panic!("corpus file {} fails (message above)", f.display());
+            }
         }
         eprintln!("{target}: {} corpus files replayed", files.len());
     }

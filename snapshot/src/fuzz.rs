@@ -336,7 +336,7 @@ mod tests {
     use std::path::PathBuf;
     use std::string::String;
 
-    /// Runs `target` over every file of its corpus; a file that panics names itself.
+    /// Runs `target` over every file of its corpus; a file that fails is named.
     fn replay(target: &str, run: fn(&[u8])) {
         let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
             .join("../tests/fuzz/corpus")
@@ -349,8 +349,9 @@ mod tests {
         assert!(!files.is_empty(), "{}: empty corpus", dir.display());
         for f in &files {
             let data = std::fs::read(f).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
-            std::eprintln!("replaying {}", f.display());
-            run(&data);
+            if std::panic::catch_unwind(|| run(&data)).is_err() {
+                panic!("corpus file {} fails (message above)", f.display());
+            }
         }
         let name: String = target.into();
         std::eprintln!("{name}: {} corpus files replayed", files.len());
