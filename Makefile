@@ -89,9 +89,7 @@ fuzz:
 	FUZZ_TIME=$(FUZZ_TIME) CARGO=$(CARGO) ./scripts/fuzz.sh $(FUZZ_TARGETS)
 
 fuzz-cmin:
-	@for t in $${FUZZ_TARGETS:-$$(RUSTC_BOOTSTRAP=1 $(CARGO) fuzz list --fuzz-dir tests/fuzz)}; do \
-	    RUSTC_BOOTSTRAP=1 $(CARGO) fuzz cmin --fuzz-dir tests/fuzz $$t -- -rss_limit_mb=512 -malloc_limit_mb=128 || exit 1; \
-	done
+	CARGO=$(CARGO) ./scripts/fuzz.sh --cmin $(FUZZ_TARGETS)
 
 check:
 	$(CARGO) fmt --all -- --check

@@ -5,6 +5,11 @@
 # `make fuzz-cmin` before committing). A crash, an out-of-memory or a timeout stops that
 # target, leaves the input in tests/fuzz/artifacts/TARGET/ and fails the run at the end.
 #
+# `make fuzz-cmin` (`fuzz.sh --cmin [TARGET...]`) minimises each corpus as `cargo fuzz cmin`
+# does, with libFuzzer's -set_cover_merge=1 (a small set with the same coverage), except that
+# the seeds (`seed-*`) and the inputs that reproduced a bug (`regress-*`) always stay: the
+# other files are kept only if they add coverage to those.
+#
 # cargo fuzz passes nightly-only flags (-Zsanitizer, -Cpasses=sancov-module); the pinned
 # toolchain is stable, so they are allowed with RUSTC_BOOTSTRAP=1. The stable toolchain ships
 # the AddressSanitizer runtime, so FUZZ_SANITIZER defaults to `address` (`none` also works,
@@ -38,12 +43,42 @@ if ! command -v c++ >/dev/null 2>&1; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends g++
 fi
 
+cmin=false
+if [ "${1:-}" = --cmin ]; then
+    cmin=true
+    shift
+fi
 if [ $# -gt 0 ]; then
     targets=("$@")
 else
     mapfile -t targets < <("$cargo" fuzz list --fuzz-dir "$dir")
 fi
 mkdir -p "$here/build/fuzz"
+if $cmin; then
+    for t in "${targets[@]}"; do
+        "$cargo" fuzz build --fuzz-dir "$dir" --sanitizer "$sanitizer" "$t"
+        bin=$dir/target/x86_64-unknown-linux-gnu/release/$t
+        corpus=$dir/corpus/$t
+        work=$(mktemp -d)
+        mkdir "$work/keep" "$work/found"
+        find "$corpus" -maxdepth 1 -type f \( -name 'seed-*' -o -name 'regress-*' \) -exec cp {} "$work/keep/" \;
+        find "$corpus" -maxdepth 1 -type f ! -name 'seed-*' ! -name 'regress-*' -exec mv {} "$work/found/" \;
+        before=$(find "$work/found" -type f | wc -l)
+        if ! "$bin" -set_cover_merge=1 -rss_limit_mb="$rss" -malloc_limit_mb="$malloc" -timeout="$timeout" \
+            "$work/keep" "$work/found" >"$here/build/fuzz/$t.cmin.log" 2>&1; then
+            find "$work/found" -type f -exec mv {} "$corpus/" \;
+            rm -rf "$work"
+            echo "fuzz-cmin: $t: the merge failed, corpus left as it was (log build/fuzz/$t.cmin.log)" >&2
+            exit 1
+        fi
+        # The merge added what covers something new to keep/ (named by content hash).
+        find "$work/keep" -maxdepth 1 -type f ! -name 'seed-*' ! -name 'regress-*' -exec mv {} "$corpus/" \;
+        after=$(find "$corpus" -maxdepth 1 -type f ! -name 'seed-*' ! -name 'regress-*' | wc -l)
+        echo "fuzz-cmin: $t: $before found inputs -> $after kept ($(du -sb "$corpus" | cut -f1) bytes in the corpus)"
+        rm -rf "$work"
+    done
+    exit 0
+fi
 failed=()
 for t in "${targets[@]}"; do
     log=$here/build/fuzz/$t.log
