@@ -14,9 +14,10 @@ use alloc::vec::Vec;
 use crate::cmdline::CmdLine;
 use crate::console::args::{parse_byte, parse_duration, parse_size, parse_u32, parse_u64};
 use crate::console::editor::{EditorEvent, LineEditor, LINE_CAPACITY};
-use crate::nbd::fake::{Fake, DISK};
+use crate::nbd::fake::{Fake, CHUNK, DISK};
 use crate::nbd::proto::{IHAVEOPT, INFO_BLOCK_SIZE, OPT_GO};
 use crate::nbd::session::Session;
+use crate::nbd::session::MAX_CHUNKS;
 use crate::nbd::ConnectionConfig;
 use crate::shell::commands::{help_one, parse_line};
 
@@ -72,12 +73,22 @@ pub fn nbd_session(data: &[u8]) {
     let mut pos = 0;
     let mut dead = false;
     let mut sent = 0usize;
+    // What the session may send: the greeting, at most 1 KiB per 16 bytes of options (a
+    // list reply), a reply header per 28-byte request plus a read's data.
+    let max_out =
+        18 + 1024 * (input.len() / 16 + 1) + (input.len() / 28 + 1) * (16 + MAX_CHUNKS * CHUNK);
     // Every turn takes input, completes a device request or sends something until the
-    // session is done; a byte at a time, with a read's data a byte at a time, this bounds it.
-    let budget = 20_000 + 64 * input.len();
+    // session is done: the input a byte at a time and the output `window` bytes at a time
+    // bound it.
+    let budget = 20_000 + 64 * input.len() + 2 * max_out / window;
     let mut turn = 0;
     loop {
         assert!(turn < budget, "no progress after {turn} turns");
+        assert!(
+            sent <= max_out,
+            "{sent} bytes sent for {} bytes of input",
+            input.len()
+        );
         let mut progress = false;
         if !dead && pos < input.len() {
             let piece = &input[pos..input.len().min(pos + chop)];
