@@ -19,7 +19,7 @@ DEMO_DISKS  := $(BUILD)/disks/vda.img $(BUILD)/disks/vdb.img $(BUILD)/disks/nvme
 
 CARGO_PROFILE_FLAG := $(if $(filter release,$(PROFILE)),--release,)
 
-.PHONY: all deps build run test test-host test-qemu check fmt clippy iso pxe bench doc clean
+.PHONY: all deps build run test test-host test-qemu check fmt clippy iso pxe bench doc clean fuzz fuzz-cmin
 
 all: build
 
@@ -79,6 +79,17 @@ test: deps build iso pxe
 bench: deps build
 	SNAPFW_BUILD=$(CURDIR)/$(BUILD) ACCEL=$(ACCEL) $(CARGO) run --release -q -p tests --bin bench
 	$(CARGO) run --release -q -p snapshot --example bench
+
+# Fuzzing (not part of `make test`, which replays the corpora): every cargo fuzz target of
+# tests/fuzz for FUZZ_TIME seconds under a memory limit (scripts/fuzz.sh; FUZZ_TARGETS to
+# pick some). New inputs land in tests/fuzz/corpus/TARGET/; `make fuzz-cmin` minimises them.
+FUZZ_TIME    ?= 60
+FUZZ_TARGETS ?=
+fuzz:
+	FUZZ_TIME=$(FUZZ_TIME) CARGO=$(CARGO) ./scripts/fuzz.sh $(FUZZ_TARGETS)
+
+fuzz-cmin:
+	CARGO=$(CARGO) ./scripts/fuzz.sh --cmin $(FUZZ_TARGETS)
 
 check:
 	$(CARGO) fmt --all -- --check

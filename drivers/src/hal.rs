@@ -22,7 +22,7 @@
 
 mod config;
 mod dma;
-#[cfg(test)]
+#[cfg(any(test, feature = "fuzz"))]
 pub mod fake;
 mod mmio;
 

@@ -99,12 +99,14 @@
 //! (mapping the table), `virtio_blk::queue` (virtqueue buffers) and
 //! `virtio_blk::common_regs` (mapping the common configuration); `scripts/unsafe-allowlist.sh`
 //! checks the file names. Every block has a `// SAFETY:` comment.
-#![cfg_attr(not(test), no_std)]
+#![cfg_attr(not(any(test, feature = "fuzz")), no_std)]
 #![deny(unsafe_code)]
 
 extern crate alloc;
 
 pub mod block;
+#[cfg(any(test, feature = "fuzz"))]
+pub mod fuzz;
 #[allow(unsafe_code)]
 pub mod hal;
 pub mod info;

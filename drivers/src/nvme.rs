@@ -64,8 +64,10 @@ mod queue;
 pub mod regs;
 pub mod status;
 
-#[cfg(test)]
-mod fake;
+#[cfg(any(test, feature = "fuzz"))]
+// The fuzz targets use part of the fake.
+#[cfg_attr(not(test), allow(dead_code))]
+pub(crate) mod fake;
 #[cfg(test)]
 mod tests;
 

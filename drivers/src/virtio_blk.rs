@@ -26,9 +26,11 @@ pub mod probe;
 mod queue;
 pub mod regs;
 
-#[cfg(test)]
+#[cfg(any(test, feature = "fuzz"))]
+// The fuzz targets use part of the fake.
+#[cfg_attr(not(test), allow(dead_code))]
 #[allow(unsafe_code)]
-mod fake_queue;
+pub(crate) mod fake_queue;
 #[cfg(test)]
 mod tests;
 

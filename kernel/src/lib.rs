@@ -9,6 +9,8 @@ pub mod acpi;
 pub mod cmdline;
 pub mod console;
 pub mod frames;
+#[cfg(any(test, feature = "fuzz"))]
+pub mod fuzz;
 pub mod identity;
 pub mod ipconfig;
 pub mod json;

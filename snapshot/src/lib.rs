@@ -184,6 +184,8 @@ extern crate alloc;
 
 pub mod engine;
 pub mod format;
+#[cfg(any(test, feature = "fuzz"))]
+pub mod fuzz;
 pub mod histogram;
 pub mod sim;
 pub mod store;

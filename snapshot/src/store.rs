@@ -30,7 +30,7 @@ pub enum LoadError {
     BadMagic(u32),
     /// Header version is not 1.
     BadVersion(u32),
-    /// Chunk size is zero, not a power of two or above 2^21 sectors.
+    /// Chunk size is zero, not a power of two or above the format's 2^21 sectors.
     BadChunkSize(u32),
     /// Chunk size is valid for the format but above what this loader's user can serve
     /// ([`Loader::max_chunk_sectors`]; snapfw: its copy buffers, 512 KiB). Checked before
@@ -95,6 +95,13 @@ pub enum LoadError {
     /// `supply` was called when no read was outstanding.
     NotReading,
 }
+
+/// Largest chunk size a loader accepts unless told otherwise ([`Loader::max_chunk_sectors`]),
+/// in sectors: 512 KiB, the largest LVM creates and the largest `snapshot create --chunk`
+/// takes. The format allows 2^21 sectors (1 GiB), but the loader reads one chunk at a time and
+/// the store keeps one in memory, so a larger header is refused ([`LoadError::ChunkTooLarge`])
+/// before anything is read or allocated for it.
+pub const MAX_LOAD_CHUNK_SECTORS: u32 = 1024;
 
 /// Devices and limits the loader checks a store against.
 #[derive(Clone, Copy, Debug)]
@@ -172,7 +179,7 @@ impl Loader {
     pub fn new(params: LoadParams) -> Self {
         Loader {
             params,
-            max_chunk_sectors: crate::format::MAX_CHUNK_SECTORS,
+            max_chunk_sectors: MAX_LOAD_CHUNK_SECTORS,
             phase: LoadPhase::Header,
             header: None,
             binding: Err(BindingError::Absent),

@@ -5,10 +5,32 @@
 use super::{DmaAllocator, HalError, MmioMapper, PAGE_SIZE};
 use core::ptr::NonNull;
 use std::alloc::{alloc_zeroed, dealloc, Layout};
+use std::cell::RefCell;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Number of pages currently allocated by [`FakeDma`] / [`FakeVirtioHal`] (all tests).
 pub static FAKE_PAGES_LIVE: AtomicUsize = AtomicUsize::new(0);
+
+std::thread_local! {
+    /// Inside [`with_dma_reclaimed`]: the allocations of this thread not freed yet.
+    static RECLAIM: RefCell<Option<Vec<(usize, usize)>>> = const { RefCell::new(None) };
+}
+
+/// Runs `f`, then frees the DMA memory it allocated with [`FakeDma`] on this thread and did
+/// not free itself: the queues and rings a driver leaks by design (the appliance never
+/// detaches a device). For the fuzz targets, which attach a device per input. `f` must leave
+/// nothing behind that still points at that memory (drop the device inside it).
+pub fn with_dma_reclaimed(f: impl FnOnce()) {
+    RECLAIM.with(|r| *r.borrow_mut() = Some(Vec::new()));
+    f();
+    let live = RECLAIM.with(|r| r.borrow_mut().take()).unwrap_or_default();
+    for (ptr, pages) in live {
+        // SAFETY: allocated by `FakeDma::dma_alloc` with this layout and not freed since;
+        // whatever used it (the device `f` attached) is gone with `f`.
+        unsafe { dealloc(ptr as *mut u8, layout(pages)) };
+        FAKE_PAGES_LIVE.fetch_sub(pages, Ordering::Relaxed);
+    }
+}
 
 /// DMA allocator backed by the std allocator.
 #[derive(Debug)]
@@ -25,11 +47,21 @@ unsafe impl DmaAllocator for FakeDma {
         // SAFETY: the layout has a non-zero size (callers never ask for zero pages).
         let ptr = NonNull::new(unsafe { alloc_zeroed(layout(pages)) })?;
         FAKE_PAGES_LIVE.fetch_add(pages, Ordering::Relaxed);
+        RECLAIM.with(|r| {
+            if let Some(live) = r.borrow_mut().as_mut() {
+                live.push((ptr.as_ptr() as usize, pages));
+            }
+        });
         Some((ptr.as_ptr() as u64, ptr))
     }
 
     unsafe fn dma_dealloc(_phys: u64, virt: NonNull<u8>, pages: usize) {
         FAKE_PAGES_LIVE.fetch_sub(pages, Ordering::Relaxed);
+        RECLAIM.with(|r| {
+            if let Some(live) = r.borrow_mut().as_mut() {
+                live.retain(|&(p, _)| p != virt.as_ptr() as usize);
+            }
+        });
         // SAFETY: the caller passes back what `dma_alloc` returned, with the same layout.
         unsafe { dealloc(virt.as_ptr(), layout(pages)) };
     }

@@ -5,11 +5,59 @@
 //! (to complete them late or out of order), injecting statuses, and posting bogus entries.
 
 use super::cmd::{self, Command, CompletionEntry, IDENTIFY_SIZE, SQE_SIZE};
+use super::controller::VectorSetup;
 use super::queue::phys;
 use super::regs::{self, cc, csts, RegisterAccess};
 use super::status::StatusField;
+use super::NvmeError;
+use crate::msix::{InterruptOwner, VectorRegistry};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
+
+/// MSI-X vector routing for `attach` in tests: a table of `size` entries, CPU vectors from
+/// `registry`, every vector taken recorded (so a test can give them back).
+pub struct TestVectors {
+    pub registry: &'static VectorRegistry,
+    pub size: u16,
+    /// (MSI-X entry, CPU vector) of each routed entry.
+    pub routed: Vec<(u16, u8)>,
+    /// Software wake-up vectors.
+    pub software: Vec<u8>,
+}
+
+impl TestVectors {
+    pub fn new(registry: &'static VectorRegistry, size: u16) -> Self {
+        Self {
+            registry,
+            size,
+            routed: Vec::new(),
+            software: Vec::new(),
+        }
+    }
+
+    /// Gives every vector taken back to the registry.
+    pub fn release(&self) {
+        for &v in self.routed.iter().map(|(_, v)| v).chain(&self.software) {
+            let _ = self.registry.release(v);
+        }
+    }
+}
+
+impl VectorSetup for TestVectors {
+    fn table_size(&self) -> u16 {
+        self.size
+    }
+    fn route(&mut self, entry: u16, owner: InterruptOwner) -> Result<u8, NvmeError> {
+        let v = self.registry.allocate(owner)?;
+        self.routed.push((entry, v));
+        Ok(v)
+    }
+    fn software(&mut self, owner: InterruptOwner) -> Result<u8, NvmeError> {
+        let v = self.registry.allocate(owner)?;
+        self.software.push(v);
+        Ok(v)
+    }
+}
 
 /// A namespace of the fake.
 #[derive(Clone, Debug)]
@@ -158,6 +206,39 @@ impl FakeController {
         for (sqid, command) in held.into_iter().rev() {
             s.execute(sqid, command);
         }
+    }
+
+    /// Executes held command number `index` (modulo; none if nothing is held).
+    pub fn release_one(&self, index: usize) {
+        let mut s = self.state();
+        if s.held.is_empty() {
+            return;
+        }
+        let n = s.held.len();
+        let (sqid, command) = s.held.remove(index % n);
+        s.execute(sqid, command);
+    }
+
+    /// Posts an arbitrary entry on completion queue `cqid` (if it exists), with the phase
+    /// tag of the queue's current pass, or the other one if `stale`.
+    pub fn post_entry(&self, cqid: u16, mut entry: CompletionEntry, stale: bool) {
+        let mut s = self.state();
+        let Some(cq) = s.cqs.get_mut(&cqid) else {
+            return;
+        };
+        entry.phase = cq.phase != stale;
+        let mut bytes = [0u8; 16];
+        for (c, d) in bytes.chunks_exact_mut(4).zip(entry.to_dwords()) {
+            c.copy_from_slice(&d.to_le_bytes());
+        }
+        phys::write(cq.phys + u64::from(cq.tail) * 16, &bytes);
+        cq.tail += 1;
+        if cq.tail == cq.entries {
+            cq.tail = 0;
+            cq.phase = !cq.phase;
+        }
+        let vector = cq.vector;
+        s.interrupts.push(vector);
     }
 
     /// Posts a completion for a command ID nobody submitted.

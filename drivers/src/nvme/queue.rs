@@ -407,7 +407,7 @@ impl DataPage {
 
 /// Host tests: "physical" memory is host memory (the fake DMA allocator identity-maps), so the
 /// fake controller reaches the driver's queues and buffers through these.
-#[cfg(test)]
+#[cfg(any(test, feature = "fuzz"))]
 pub(crate) mod phys {
     /// Copies `out.len()` bytes from physical address `phys`.
     pub(crate) fn read(phys: u64, out: &mut [u8]) {

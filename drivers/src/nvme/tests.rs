@@ -3,8 +3,8 @@
 //! between namespaces that share a queue, queue wrap with out-of-order completion, and failure
 //! (command timeout, fatal status, unknown command ID).
 
-use super::controller::{attach, AttachParams, VectorSetup, WriteCache};
-use super::fake::{FakeController, FakeNamespace};
+use super::controller::{attach, AttachParams, WriteCache};
+use super::fake::{FakeController, FakeNamespace, TestVectors};
 use super::init::{AdminQueues, BringUp, State};
 use super::regs::{self, Capabilities, RegisterAccess};
 use super::{cmd, Attached, Clock, NvmeConfig, NvmeError, Status, WAKE_QUEUE};
@@ -29,26 +29,6 @@ fn registry() -> &'static VectorRegistry {
     Box::leak(Box::new(VectorRegistry::new()))
 }
 
-struct TestVectors {
-    registry: &'static VectorRegistry,
-    size: u16,
-    routed: Vec<(u16, u8)>,
-}
-
-impl VectorSetup for TestVectors {
-    fn table_size(&self) -> u16 {
-        self.size
-    }
-    fn route(&mut self, entry: u16, owner: InterruptOwner) -> Result<u8, NvmeError> {
-        let v = self.registry.allocate(owner)?;
-        self.routed.push((entry, v));
-        Ok(v)
-    }
-    fn software(&mut self, owner: InterruptOwner) -> Result<u8, NvmeError> {
-        Ok(self.registry.allocate(owner)?)
-    }
-}
-
 struct Rig {
     fake: FakeController,
     attached: Attached<FakeController>,
@@ -60,11 +40,7 @@ struct Rig {
 fn rig_with(fake: FakeController, config: NvmeConfig, table: u16) -> Result<Rig, NvmeError> {
     let (clock, now) = clock();
     let registry = registry();
-    let mut vectors = TestVectors {
-        registry,
-        size: table,
-        routed: Vec::new(),
-    };
+    let mut vectors = TestVectors::new(registry, table);
     let attached = attach::<_, FakeDma>(
         fake.clone(),
         AttachParams {

@@ -116,6 +116,17 @@ impl FakeBlk {
         }
     }
 
+    /// Moves the used ring's index on by `n` without writing elements (a device that
+    /// claims completions it never wrote).
+    pub fn bump_used_idx(&mut self, n: u16) {
+        let (_, _, _, used) = self.queue();
+        // SAFETY: the device area is live DMA memory of the queue under test.
+        unsafe {
+            let idx_ptr = (used + 2) as *mut u16;
+            idx_ptr.write_volatile(idx_ptr.read_volatile().wrapping_add(n));
+        }
+    }
+
     fn descriptor(&self, index: u16) -> (u64, u32, u16, u16) {
         let (_, desc, _, _) = self.queue();
         let p = desc + 16 * u64::from(index);
@@ -130,13 +141,20 @@ impl FakeBlk {
         }
     }
 
-    /// Serves the chain starting at `head`.
+    /// Serves the chain starting at `head`. A chain that is no longer there (the driver took
+    /// it back after the used ring lied to it: descriptors without a buffer, a loop, no
+    /// request header) is dropped; a request outside the disk fails with `S_IOERR` and one of
+    /// a type the fake does not know with `S_UNSUPP`, as a device would answer them.
     pub fn complete(&mut self, head: u16) {
+        let (size, _, _, _) = self.queue();
         let mut readable = Vec::new();
         let mut writable = Vec::new();
         let mut index = head;
-        loop {
-            let (addr, len, flags, next) = self.descriptor(index);
+        for hop in 0.. {
+            let (addr, len, flags, next) = self.descriptor(index % size as u16);
+            if addr == 0 || hop >= size {
+                return;
+            }
             if flags & 2 != 0 {
                 writable.push((addr, len as usize));
             } else {
@@ -150,6 +168,9 @@ impl FakeBlk {
             }
             index = next;
         }
+        if readable.len() < 16 || writable.is_empty() {
+            return;
+        }
         let request_type = u32::from_le_bytes(readable[0..4].try_into().unwrap());
         let sector = u64::from_le_bytes(readable[8..16].try_into().unwrap()) as usize;
         let mut out: Vec<u8> = Vec::new();
@@ -158,22 +179,40 @@ impl FakeBlk {
             .map(|w| w.1)
             .sum::<usize>()
             .saturating_sub(1);
+        let on_disk = |start: usize, len: usize| {
+            start
+                .checked_mul(512)
+                .and_then(|s| s.checked_add(len))
+                .is_some_and(|end| end <= self.disk.len())
+        };
+        let (mut failed, mut unsupported) = (false, false);
         match request_type {
-            regs::T_IN => out.extend_from_slice(&self.disk[sector * 512..sector * 512 + data_len]),
-            regs::T_OUT => {
+            regs::T_IN if on_disk(sector, data_len) => {
+                out.extend_from_slice(&self.disk[sector * 512..sector * 512 + data_len])
+            }
+            regs::T_OUT if on_disk(sector, readable.len() - 16) => {
                 let data = &readable[16..];
                 self.disk[sector * 512..sector * 512 + data.len()].copy_from_slice(data);
             }
+            regs::T_IN | regs::T_OUT => failed = true,
             regs::T_FLUSH => self.flushes += 1,
             regs::T_GET_ID => out.extend_from_slice(&self.serial),
-            regs::T_DISCARD => {
+            regs::T_DISCARD if readable.len() >= 28 => {
                 let start = u64::from_le_bytes(readable[16..24].try_into().unwrap()) as usize;
                 let count = u32::from_le_bytes(readable[24..28].try_into().unwrap()) as usize;
-                self.disk[start * 512..(start + count) * 512].fill(0);
+                if on_disk(start, count * 512) {
+                    self.disk[start * 512..(start + count) * 512].fill(0);
+                } else {
+                    failed = true;
+                }
             }
-            other => panic!("fake device: unexpected request type {other}"),
+            _ => unsupported = true,
         }
-        let status = if self.fail_status.is_empty() {
+        let status = if unsupported {
+            regs::S_UNSUPP
+        } else if failed {
+            regs::S_IOERR
+        } else if self.fail_status.is_empty() {
             regs::S_OK
         } else {
             self.fail_status.remove(0)

@@ -27,6 +27,8 @@ pub mod allow;
 pub mod connection;
 pub mod error;
 pub mod export;
+#[cfg(any(test, feature = "fuzz"))]
+pub mod fake;
 pub mod guard;
 pub mod proto;
 pub mod route;
