@@ -44,7 +44,12 @@ fn wait_count(q: &mut Qemu, pattern: &str, n: usize, timeout: Duration) -> Strin
     let deadline = Instant::now() + timeout;
     loop {
         let t = q.transcript();
-        if t.matches(pattern).count() >= n {
+        // The n-th line must have arrived whole (QEMU's output comes in pieces).
+        let whole = t
+            .match_indices(pattern)
+            .nth(n.saturating_sub(1))
+            .is_some_and(|(at, _)| t[at..].contains('\n'));
+        if whole {
             return t;
         }
         assert!(
