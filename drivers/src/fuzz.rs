@@ -1,10 +1,10 @@
 //! Bodies of the fuzz targets in `tests/fuzz/` (cargo fuzz) that exercise the drivers'
 //! completion handling against devices that lie: the NVMe completion queue and the virtio
 //! used ring take arbitrary entries next to real ones. The fuzz targets call these functions,
-//! and so do the host tests below, which replay every file of each target's corpus
-//! (`tests/fuzz/corpus/TARGET/`) on the stable toolchain: `cargo test -p drivers fuzz`.
+//! and so does `tests/tests/fuzz_corpus.rs`, which replays every file of each target's corpus
+//! (`tests/fuzz/corpus/TARGET/`) on the stable toolchain: `cargo test -p tests --test fuzz_corpus`.
 //!
-//! Built for the host tests and with the `fuzz` feature (which builds the crate with std for
+//! Built with the `fuzz` feature (the fuzz crate and the `tests` crate turn it on) (which builds the crate with std for
 //! the fakes); not part of the appliance.
 
 use std::collections::BTreeMap;
@@ -425,58 +425,4 @@ pub fn virtio_used_ring_seeds() -> Vec<Vec<u8>> {
         // Queue of 16: a discard, an index jump.
         vec![1, 0, 3, 9, 0, 2, 2, 0, 0, 5, 3, 0, 6, 8],
     ]
-}
-
-#[cfg(test)]
-mod tests {
-    use std::panic;
-    use std::path::PathBuf;
-
-    /// Runs `target` over every file of its corpus; a file that fails is named.
-    fn replay(target: &str, run: fn(&[u8])) {
-        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../tests/fuzz/corpus")
-            .join(target);
-        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-            .map(|e| e.expect("corpus entry").path())
-            .collect();
-        files.sort();
-        assert!(!files.is_empty(), "{}: empty corpus", dir.display());
-        for f in &files {
-            let data = std::fs::read(f).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
-            if panic::catch_unwind(|| run(&data)).is_err() {
-                panic!("corpus file {} fails (message above)", f.display());
-            }
-        }
-        eprintln!("{target}: {} corpus files replayed", files.len());
-    }
-
-    /// Writes the seed inputs into the corpus (`cargo test -p drivers write_fuzz_seeds --
-    /// --ignored`); the corpus in git holds them and what fuzzing added.
-    #[test]
-    #[ignore]
-    fn write_fuzz_seeds() {
-        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fuzz/corpus");
-        for (target, seeds) in [
-            ("nvme_completions", super::nvme_completions_seeds()),
-            ("virtio_used_ring", super::virtio_used_ring_seeds()),
-        ] {
-            let dir = root.join(target);
-            std::fs::create_dir_all(&dir).expect("corpus directory");
-            for (i, s) in seeds.iter().enumerate() {
-                std::fs::write(dir.join(format!("seed-{i:02}")), s).expect("seed");
-            }
-        }
-    }
-
-    #[test]
-    fn fuzz_corpus_nvme_completions() {
-        replay("nvme_completions", super::nvme_completions);
-    }
-
-    #[test]
-    fn fuzz_corpus_virtio_used_ring() {
-        replay("virtio_used_ring", super::virtio_used_ring);
-    }
 }

@@ -1,10 +1,10 @@
 //! Bodies of the fuzz targets in `tests/fuzz/` (cargo fuzz) that exercise the kernel's pure
 //! logic: the NBD session byte stream, the console (line editor, command lines, argument
-//! parsers) and the kernel command line. The fuzz targets call these functions, and so do the
-//! host tests below, which replay every file of each target's corpus
-//! (`tests/fuzz/corpus/TARGET/`) on the stable toolchain: `cargo test -p kernel fuzz`.
+//! parsers) and the kernel command line. The fuzz targets call these functions, and so does
+//! `tests/tests/fuzz_corpus.rs`, which replays every file of each target's corpus
+//! (`tests/fuzz/corpus/TARGET/`) on the stable toolchain: `cargo test -p tests --test fuzz_corpus`.
 //!
-//! Built for the host tests and with the `fuzz` feature (the fuzz crate turns it on); not part
+//! Built with the `fuzz` feature (the fuzz crate and the `tests` crate turn it on); not part
 //! of the appliance.
 
 use alloc::boxed::Box;
@@ -328,64 +328,4 @@ pub fn cmdline_seeds() -> Vec<Vec<u8>> {
     .iter()
     .map(|s| s.to_vec())
     .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use std::panic;
-    use std::path::PathBuf;
-
-    /// Runs `target` over every file of its corpus; a file that fails is named.
-    fn replay(target: &str, run: fn(&[u8])) {
-        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../tests/fuzz/corpus")
-            .join(target);
-        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-            .map(|e| e.expect("corpus entry").path())
-            .collect();
-        files.sort();
-        assert!(!files.is_empty(), "{}: empty corpus", dir.display());
-        for f in &files {
-            let data = std::fs::read(f).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
-            if panic::catch_unwind(|| run(&data)).is_err() {
-                panic!("corpus file {} fails (message above)", f.display());
-            }
-        }
-        eprintln!("{target}: {} corpus files replayed", files.len());
-    }
-
-    /// Writes the seed inputs into the corpus (`cargo test -p kernel write_fuzz_seeds --
-    /// --ignored`); the corpus in git holds them and what fuzzing added.
-    #[test]
-    #[ignore]
-    fn write_fuzz_seeds() {
-        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fuzz/corpus");
-        for (target, seeds) in [
-            ("nbd_session", super::nbd_session_seeds()),
-            ("console", super::console_seeds()),
-            ("cmdline", super::cmdline_seeds()),
-        ] {
-            let dir = root.join(target);
-            std::fs::create_dir_all(&dir).expect("corpus directory");
-            for (i, s) in seeds.iter().enumerate() {
-                std::fs::write(dir.join(format!("seed-{i:02}")), s).expect("seed");
-            }
-        }
-    }
-
-    #[test]
-    fn fuzz_corpus_nbd_session() {
-        replay("nbd_session", super::nbd_session);
-    }
-
-    #[test]
-    fn fuzz_corpus_console() {
-        replay("console", super::console);
-    }
-
-    #[test]
-    fn fuzz_corpus_cmdline() {
-        replay("cmdline", super::cmdline);
-    }
 }

@@ -1,10 +1,10 @@
 //! Bodies of the fuzz targets in `tests/fuzz/` (cargo fuzz) that exercise this crate. Each
 //! takes the fuzzer's bytes, never panics on them unless the code under test is wrong, and
 //! checks what must hold whatever the bytes are. The fuzz targets call these functions, and
-//! so do the host tests below, which replay every file of each target's corpus
-//! (`tests/fuzz/corpus/TARGET/`) on the stable toolchain: `cargo test -p snapshot fuzz`.
+//! so does `tests/tests/fuzz_corpus.rs`, which replays every file of each target's corpus
+//! (`tests/fuzz/corpus/TARGET/`) on the stable toolchain: `cargo test -p tests --test fuzz_corpus`.
 //!
-//! Built for the host tests and with the `fuzz` feature (the fuzz crate turns it on); not part
+//! Built with the `fuzz` feature (the fuzz crate and the `tests` crate turn it on) (the fuzz crate turns it on); not part
 //! of the appliance.
 
 use alloc::vec;
@@ -330,60 +330,4 @@ pub fn decoders_seeds() -> Vec<Vec<u8>> {
         .encode(&mut area, i as usize);
     }
     vec![c0, v1, free, area, vec![0u8; 40]]
-}
-
-#[cfg(test)]
-mod tests {
-    extern crate std;
-    use std::path::PathBuf;
-    use std::string::String;
-
-    /// Runs `target` over every file of its corpus; a file that fails is named.
-    fn replay(target: &str, run: fn(&[u8])) {
-        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../tests/fuzz/corpus")
-            .join(target);
-        let mut files: std::vec::Vec<PathBuf> = std::fs::read_dir(&dir)
-            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-            .map(|e| e.expect("corpus entry").path())
-            .collect();
-        files.sort();
-        assert!(!files.is_empty(), "{}: empty corpus", dir.display());
-        for f in &files {
-            let data = std::fs::read(f).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
-            if std::panic::catch_unwind(|| run(&data)).is_err() {
-                panic!("corpus file {} fails (message above)", f.display());
-            }
-        }
-        let name: String = target.into();
-        std::eprintln!("{name}: {} corpus files replayed", files.len());
-    }
-
-    /// Writes the seed inputs into the corpus (`cargo test -p snapshot write_fuzz_seeds --
-    /// --ignored`); the corpus in git holds them and what fuzzing added.
-    #[test]
-    #[ignore]
-    fn write_fuzz_seeds() {
-        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fuzz/corpus");
-        for (target, seeds) in [
-            ("store_loader", super::store_loader_seeds()),
-            ("decoders", super::decoders_seeds()),
-        ] {
-            let dir = root.join(target);
-            std::fs::create_dir_all(&dir).expect("corpus directory");
-            for (i, s) in seeds.iter().enumerate() {
-                std::fs::write(dir.join(std::format!("seed-{i:02}")), s).expect("seed");
-            }
-        }
-    }
-
-    #[test]
-    fn fuzz_corpus_store_loader() {
-        replay("store_loader", super::store_loader);
-    }
-
-    #[test]
-    fn fuzz_corpus_decoders() {
-        replay("decoders", super::decoders);
-    }
 }
