@@ -15,7 +15,7 @@ use crate::cmdline::CmdLine;
 use crate::console::args::{parse_byte, parse_duration, parse_size, parse_u32, parse_u64};
 use crate::console::editor::{EditorEvent, LineEditor, LINE_CAPACITY};
 use crate::nbd::fake::{Fake, CHUNK, DISK};
-use crate::nbd::proto::{IHAVEOPT, INFO_BLOCK_SIZE, OPT_GO};
+use crate::nbd::proto::IHAVEOPT;
 use crate::nbd::session::Session;
 use crate::nbd::session::MAX_CHUNKS;
 use crate::nbd::ConnectionConfig;
@@ -24,26 +24,12 @@ use crate::shell::commands::{help_one, parse_line};
 /// Bytes of the settings block in front of an `nbd_session` input.
 pub const NBD_SETTINGS_BYTES: usize = 17;
 
-/// The handshake `nbd_session` puts in front of the client's bytes when asked to (flags bit
-/// 0): fixed newstyle flags, then `NBD_OPT_GO` for export `d` asking for block sizes.
-pub fn nbd_handshake() -> Vec<u8> {
-    let mut m = 3u32.to_be_bytes().to_vec();
-    m.extend_from_slice(&IHAVEOPT.to_be_bytes());
-    m.extend_from_slice(&OPT_GO.to_be_bytes());
-    m.extend_from_slice(&9u32.to_be_bytes());
-    m.extend_from_slice(&1u32.to_be_bytes());
-    m.extend_from_slice(b"d");
-    m.extend_from_slice(&1u16.to_be_bytes());
-    m.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
-    m
-}
-
 /// `nbd_session`: a client's byte stream into a [`Session`] over the fake backend
 /// ([`crate::nbd::fake`]: a 256 KiB disk, export `d`), with device completions in an order,
 /// input cut in pieces and a socket window the input chooses.
 ///
 /// Input: a settings block, then the client's bytes:
-/// - byte 0: bit 0 puts [`nbd_handshake`] in front of the client's bytes, bit 1 makes writes
+/// - byte 0: bit 0 puts [`crate::nbd::fake::go_handshake`] in front of the client's bytes, bit 1 makes writes
 ///   touching byte `4 * (bytes 15..17)` of the disk fail;
 /// - byte 1: pool buffers, 16 + (b % 25); byte 2: queue depth, 1 + (b % 10);
 /// - bytes 3..5, 5..7: input piece and socket window in bytes, 1 + `u16` little-endian;
@@ -59,7 +45,7 @@ pub fn nbd_session(data: &[u8]) {
     s[..n].copy_from_slice(&data[..n]);
     let mut input = Vec::new();
     if s[0] & 1 != 0 {
-        input = nbd_handshake();
+        input = crate::nbd::fake::go_handshake();
     }
     input.extend_from_slice(&data[n..]);
     let mut fake = Fake::new(16 + usize::from(s[1] % 25), 1 + usize::from(s[2] % 10));
@@ -242,18 +228,8 @@ pub fn cmdline(data: &[u8]) {
 /// Seed inputs of `nbd_session`: reads, writes, flushes and trims after the handshake, in
 /// several buffer, queue and chopping settings, a failing write, bad requests.
 pub fn nbd_session_seeds() -> Vec<Vec<u8>> {
-    use crate::nbd::proto::{
-        CMD_DISC, CMD_FLAG_FUA, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE, REQUEST_MAGIC,
-    };
-    let request = |flags: u16, command: u16, cookie: u64, offset: u64, len: u32| {
-        let mut m = REQUEST_MAGIC.to_be_bytes().to_vec();
-        m.extend_from_slice(&flags.to_be_bytes());
-        m.extend_from_slice(&command.to_be_bytes());
-        m.extend_from_slice(&cookie.to_be_bytes());
-        m.extend_from_slice(&offset.to_be_bytes());
-        m.extend_from_slice(&len.to_be_bytes());
-        m
-    };
+    use crate::nbd::fake::request;
+    use crate::nbd::proto::{CMD_DISC, CMD_FLAG_FUA, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE};
     let settings = |flags: u8, buffers: u8, depth: u8, chop: u16, window: u16| {
         let mut s = alloc::vec![flags, buffers, depth];
         s.extend_from_slice(&chop.to_le_bytes());

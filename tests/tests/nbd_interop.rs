@@ -137,27 +137,8 @@ fn serve(disks: Disks, max_payload: u32) -> Server {
     Server { port, state }
 }
 
-/// A pool buffer of the host backend.
-struct HostBuf {
-    data: Vec<u8>,
-    len: usize,
-}
-
-impl IoBuffer for HostBuf {
-    fn bytes(&self) -> &[u8] {
-        &self.data[..self.len]
-    }
-    fn bytes_mut(&mut self) -> &mut [u8] {
-        &mut self.data[..self.len]
-    }
-    fn set_len(&mut self, len: usize) -> bool {
-        let ok = len <= self.data.len();
-        if ok {
-            self.len = len;
-        }
-        ok
-    }
-}
+/// A pool buffer of the host backend (the session tests' fake buffer, of `HOST_CHUNK` bytes).
+type HostBuf = kernel::nbd::fake::Buf;
 
 /// The glue's backend on the host: a pool of 32 KiB buffers (so large requests are cut
 /// into chunks), a queue of depth 8 whose requests complete a loop turn later, the disks.
@@ -198,7 +179,7 @@ impl Backend for HostBackend {
     }
     fn acquire(&mut self, _: u64) -> Option<HostBuf> {
         let mut b = self.free.pop()?;
-        b.len = HOST_CHUNK;
+        b.set_len(HOST_CHUNK);
         Some(b)
     }
     fn release(&mut self, _: u64, b: HostBuf) {
@@ -230,11 +211,12 @@ impl HostBackend {
             match (op, buffer.as_mut()) {
                 (BackendOp::Read { offset }, Some(b)) => {
                     let o = offset as usize;
-                    b.data[..b.len].copy_from_slice(&disk.data[o..o + b.len]);
+                    let n = b.bytes().len();
+                    b.bytes_mut().copy_from_slice(&disk.data[o..o + n]);
                 }
                 (BackendOp::Write { offset, .. }, Some(b)) => {
                     let o = offset as usize;
-                    disk.data[o..o + b.len].copy_from_slice(&b.data[..b.len]);
+                    disk.data[o..o + b.bytes().len()].copy_from_slice(b.bytes());
                 }
                 (BackendOp::Flush, _) => disk.flushes += 1,
                 _ => {}
@@ -252,12 +234,7 @@ fn connection(mut stream: TcpStream, disks: Disks, max_payload: u32, id: u8) -> 
     stream.set_nonblocking(true).map_err(|e| e.to_string())?;
     let mut backend = HostBackend {
         disks,
-        free: (0..48)
-            .map(|_| HostBuf {
-                data: vec![0; HOST_CHUNK],
-                len: HOST_CHUNK,
-            })
-            .collect(),
+        free: (0..48).map(|_| HostBuf::new(HOST_CHUNK)).collect(),
         queue: Vec::new(),
         max_payload,
     };

@@ -8,7 +8,7 @@ use alloc::vec;
 use alloc::vec::Vec;
 
 use super::export::{ExportCatalog, ExportInfo, ExportName};
-use super::proto::Errno;
+use super::proto::{Errno, IHAVEOPT, INFO_BLOCK_SIZE, OPT_GO, REQUEST_MAGIC};
 use super::route;
 use super::session::{untag, Backend, BackendOp, IoBuffer, Session, SubmitError, MAX_CHUNKS};
 
@@ -17,11 +17,47 @@ pub const CHUNK: usize = 4096;
 /// Bytes of the fake disk (export `d`).
 pub const DISK: usize = 256 * 1024;
 
-/// A pool buffer of [`CHUNK`] bytes.
+/// A client's request header (NBD "simple request"): magic, flags, command, cookie, offset,
+/// length, big-endian.
+pub fn request(flags: u16, command: u16, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
+    let mut m = REQUEST_MAGIC.to_be_bytes().to_vec();
+    m.extend_from_slice(&flags.to_be_bytes());
+    m.extend_from_slice(&command.to_be_bytes());
+    m.extend_from_slice(&cookie.to_be_bytes());
+    m.extend_from_slice(&offset.to_be_bytes());
+    m.extend_from_slice(&len.to_be_bytes());
+    m
+}
+
+/// A client's side of the handshake for export `d`: fixed newstyle flags, then `NBD_OPT_GO`
+/// asking for block sizes.
+pub fn go_handshake() -> Vec<u8> {
+    let mut m = 3u32.to_be_bytes().to_vec();
+    m.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    m.extend_from_slice(&OPT_GO.to_be_bytes());
+    m.extend_from_slice(&9u32.to_be_bytes());
+    m.extend_from_slice(&1u32.to_be_bytes());
+    m.extend_from_slice(b"d");
+    m.extend_from_slice(&1u16.to_be_bytes());
+    m.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
+    m
+}
+
+/// A pool buffer (of [`CHUNK`] bytes in [`Fake`]'s pool).
 #[derive(Debug)]
 pub struct Buf {
     data: Vec<u8>,
     len: usize,
+}
+
+impl Buf {
+    /// A zeroed buffer of `size` bytes.
+    pub fn new(size: usize) -> Buf {
+        Buf {
+            data: vec![0; size],
+            len: size,
+        }
+    }
 }
 
 impl IoBuffer for Buf {
@@ -86,12 +122,7 @@ impl Fake {
     pub fn new(buffers: usize, queue_depth: usize) -> Fake {
         Fake {
             disk: (0..DISK).map(|i| (i % 251) as u8).collect(),
-            free: (0..buffers)
-                .map(|_| Buf {
-                    data: vec![0; CHUNK],
-                    len: CHUNK,
-                })
-                .collect(),
+            free: (0..buffers).map(|_| Buf::new(CHUNK)).collect(),
             total: buffers,
             in_flight: Vec::new(),
             queue_depth,

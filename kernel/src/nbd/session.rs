@@ -697,26 +697,10 @@ mod tests {
     use proptest::prelude::*;
 
     fn request(command: u16, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
-        let mut m = REQUEST_MAGIC.to_be_bytes().to_vec();
-        m.extend_from_slice(&0u16.to_be_bytes());
-        m.extend_from_slice(&command.to_be_bytes());
-        m.extend_from_slice(&cookie.to_be_bytes());
-        m.extend_from_slice(&offset.to_be_bytes());
-        m.extend_from_slice(&len.to_be_bytes());
-        m
+        super::super::fake::request(0, command, cookie, offset, len)
     }
 
-    fn handshake() -> Vec<u8> {
-        let mut m = 3u32.to_be_bytes().to_vec();
-        m.extend_from_slice(&IHAVEOPT.to_be_bytes());
-        m.extend_from_slice(&OPT_GO.to_be_bytes());
-        m.extend_from_slice(&9u32.to_be_bytes());
-        m.extend_from_slice(&1u32.to_be_bytes());
-        m.extend_from_slice(b"d");
-        m.extend_from_slice(&1u16.to_be_bytes());
-        m.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
-        m
-    }
+    use super::super::fake::go_handshake as handshake;
 
     /// Drives a session: feeds `input` in pieces of `chop`, completes device I/O in the order
     /// `picks` gives, sends with a socket taking `window` bytes a call; until `done(out)`.

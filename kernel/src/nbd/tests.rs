@@ -302,15 +302,7 @@ fn info_data(name: &str, requests: &[u16]) -> Vec<u8> {
     d
 }
 
-fn request(flags: u16, command: u16, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
-    let mut m = REQUEST_MAGIC.to_be_bytes().to_vec();
-    m.extend_from_slice(&flags.to_be_bytes());
-    m.extend_from_slice(&command.to_be_bytes());
-    m.extend_from_slice(&cookie.to_be_bytes());
-    m.extend_from_slice(&offset.to_be_bytes());
-    m.extend_from_slice(&len.to_be_bytes());
-    m
-}
+use super::fake::request;
 
 /// (option, reply type, data) for each option reply in `bytes` (which must hold only those).
 fn parse_option_replies(mut bytes: &[u8]) -> Vec<(u32, u32, Vec<u8>)> {
