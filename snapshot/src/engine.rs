@@ -17,7 +17,10 @@ use alloc::collections::VecDeque;
 use alloc::vec;
 use alloc::vec::Vec;
 
-use crate::format::{encode_chunk0, Geometry, Header, Record, SECTOR_BYTES};
+use crate::format::{
+    encode_chunk0, BoundedBytes, Geometry, Header, OriginMarker, Record, BINDING_NAME_BYTES,
+    ORIGIN_MARKER_COW_BYTES, SECTOR_BYTES,
+};
 use crate::store::{LoadedStore, StoreState};
 use crate::table::{ExceptionTable, Grow, SEGMENT_RUNS};
 use crate::types::*;
@@ -214,6 +217,11 @@ struct Snap {
     invalidation_stuck: bool,
     /// Tick the last failed attempt at that header write ended.
     invalidation_attempt_end: u64,
+    /// What a merge writes over the origin's first block names this store by
+    /// ([`Engine::set_merge_label`]).
+    merge_label: OriginMarker,
+    /// The origin marker's block, encoded when a merge writes it (one origin logical block).
+    origin_mark: Vec<u8>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -593,6 +601,7 @@ impl Engine {
         Some(match kind {
             MetaKind::Area => &s.store.area,
             MetaKind::Header => &s.header,
+            MetaKind::OriginMark => &s.origin_mark,
         })
     }
 
@@ -607,6 +616,7 @@ impl Engine {
         Some(match kind {
             MetaKind::Area => &mut s.store.area,
             MetaKind::Header => &mut s.header,
+            MetaKind::OriginMark => &mut s.origin_mark,
         })
     }
 
@@ -670,16 +680,35 @@ impl Engine {
         }
         let valid = loaded.valid;
         let merging = loaded.merging && valid;
+        let saved = loaded.merge_saved_chunk;
         if (merging && self.merge.is_some()) || self.merge_running() {
             return Err(EngineError::MergeRunning);
         }
         let id = self.install(cfg, loaded.state, loaded.table, SnapState::Active, valid)?;
         if merging {
-            self.hold_resumed_merge(id);
+            self.hold_resumed_merge(id, saved);
         } else if valid {
             self.check_usage(id.0 as usize);
         }
         Ok(id)
+    }
+
+    /// Names the store in the [`OriginMarker`] a merge of snapshot `snap` writes over the
+    /// origin's first block: the snapshot's name and a description of its COW device and
+    /// region, which a boot that finds the origin marked but not the store shows to the
+    /// operator. Call it after create or attach (before a merge starts or resumes); values
+    /// too long are cut.
+    pub fn set_merge_label(&mut self, snap: SnapId, name: &[u8], cow: &[u8], region_start: u64) {
+        let Some(Some(x)) = self.snaps.get_mut(snap.0 as usize) else {
+            return;
+        };
+        if let Some(n) = BoundedBytes::new(&name[..name.len().min(BINDING_NAME_BYTES)]) {
+            x.merge_label.name = n;
+        }
+        if let Some(c) = BoundedBytes::new(&cow[..cow.len().min(ORIGIN_MARKER_COW_BYTES)]) {
+            x.merge_label.cow = c;
+        }
+        x.merge_label.region_start = region_start;
     }
 
     /// Deletes a snapshot of the quiesced origin: invalidate it, wipe chunk 0, forget it.
@@ -892,6 +921,8 @@ impl Engine {
             thresholds_fired: 0,
             invalidation_stuck: false,
             invalidation_attempt_end: 0,
+            merge_label: OriginMarker::default(),
+            origin_mark: vec![0u8; self.cfg.origin_block_sectors.max(1) as usize * SECTOR_BYTES],
         });
         self.dirty = true;
         Ok(SnapId(s as u16))

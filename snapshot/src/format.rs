@@ -455,15 +455,29 @@ impl Binding {
 /// Byte offset in chunk 0 of snapfw's *merge marker* (after the binding record, inside the
 /// first 512-byte sector so that setting it is one atomic sector write).
 pub const MERGE_MARKER_OFFSET: usize = 256;
-/// Magic of the merge marker: `"snapfwM1"`.
+/// Magic of the first merge marker: `"snapfwM1"` (flags only; still read).
 pub const MERGE_MARKER_MAGIC: [u8; 8] = *b"snapfwM1";
-/// Bytes of the merge marker: magic, `u32` flags (bit 0: merging), CRC-32C of the first 12.
+/// Bytes of a `snapfwM1` marker: magic, `u32` flags (bit 0: merging), CRC-32C of the first 12.
 pub const MERGE_MARKER_BYTES: usize = 16;
+/// Magic of the merge marker written now: `"snapfwM2"`.
+pub const MERGE_MARKER_MAGIC_V2: [u8; 8] = *b"snapfwM2";
+/// Bytes of a `snapfwM2` marker: magic, `u32` flags (bit 0: merging, bit 1: a saved chunk
+/// follows), `u64` saved chunk, CRC-32C of the first 20.
+pub const MERGE_MARKER_V2_BYTES: usize = 24;
 // The marker follows the binding and stays in the first sector.
 const _: () = assert!(
     BINDING_OFFSET + BINDING_BYTES <= MERGE_MARKER_OFFSET
-        && MERGE_MARKER_OFFSET + MERGE_MARKER_BYTES <= SECTOR_BYTES
+        && MERGE_MARKER_OFFSET + MERGE_MARKER_V2_BYTES <= SECTOR_BYTES
 );
+
+/// What a merge marker says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MergeMarker {
+    /// The COW chunk that holds origin chunk 0 (as the merged view shows it) while the
+    /// origin's first block carries an [`OriginMarker`]; `None` in a `snapfwM1` marker
+    /// (written before origins were marked) or when no chunk was free for it.
+    pub saved_chunk: Option<u64>,
+}
 
 /// Writes the merge marker ("this store is being merged into its origin") into chunk 0.
 ///
@@ -474,28 +488,156 @@ const _: () = assert!(
 /// every metadata area keep their Linux meaning, so Linux can still load the store at every
 /// step of a merge. Linux rewrites chunk 0 from a zeroed buffer only when it creates or
 /// invalidates a store, and an invalid store is never merged.
-pub fn encode_merge_marker(chunk0: &mut [u8]) {
-    let mut buf = [0u8; MERGE_MARKER_BYTES];
-    buf[..8].copy_from_slice(&MERGE_MARKER_MAGIC);
-    buf[8..12].copy_from_slice(&1u32.to_le_bytes());
-    let sum = crc32c(&buf[..12]);
-    buf[12..16].copy_from_slice(&sum.to_le_bytes());
-    if let Some(out) = chunk0.get_mut(MERGE_MARKER_OFFSET..MERGE_MARKER_OFFSET + MERGE_MARKER_BYTES)
+///
+/// `saved_chunk` names the COW chunk holding origin chunk 0 during the merge (see
+/// [`OriginMarker`]).
+pub fn encode_merge_marker(chunk0: &mut [u8], saved_chunk: Option<u64>) {
+    let mut buf = [0u8; MERGE_MARKER_V2_BYTES];
+    buf[..8].copy_from_slice(&MERGE_MARKER_MAGIC_V2);
+    let flags = 1u32 | if saved_chunk.is_some() { 2 } else { 0 };
+    buf[8..12].copy_from_slice(&flags.to_le_bytes());
+    buf[12..20].copy_from_slice(&saved_chunk.unwrap_or(0).to_le_bytes());
+    let sum = crc32c(&buf[..20]);
+    buf[20..24].copy_from_slice(&sum.to_le_bytes());
+    if let Some(out) =
+        chunk0.get_mut(MERGE_MARKER_OFFSET..MERGE_MARKER_OFFSET + MERGE_MARKER_V2_BYTES)
     {
         out.copy_from_slice(&buf);
     }
 }
 
-/// Whether chunk 0 (at least its first sector) carries a valid merge marker with the merging
-/// flag set. Anything else (zeroes, garbage, a bad checksum) reads as "not merging".
-pub fn decode_merge_marker(chunk0: &[u8]) -> bool {
-    let Some(buf) = chunk0.get(MERGE_MARKER_OFFSET..MERGE_MARKER_OFFSET + MERGE_MARKER_BYTES)
-    else {
-        return false;
-    };
-    buf[..8] == MERGE_MARKER_MAGIC
-        && read_u32(buf, 12) == Some(crc32c(&buf[..12]))
-        && read_u32(buf, 8).is_some_and(|f| f & 1 == 1)
+/// The merge marker in chunk 0 (at least its first sector), if a valid one with the merging
+/// flag set is there. Anything else (zeroes, garbage, a bad checksum) reads as "not merging".
+pub fn decode_merge_marker(chunk0: &[u8]) -> Option<MergeMarker> {
+    let buf = chunk0.get(MERGE_MARKER_OFFSET..MERGE_MARKER_OFFSET + MERGE_MARKER_BYTES)?;
+    if buf[..8] == MERGE_MARKER_MAGIC {
+        let ok = read_u32(buf, 12) == Some(crc32c(&buf[..12]))
+            && read_u32(buf, 8).is_some_and(|f| f & 1 == 1);
+        return ok.then_some(MergeMarker { saved_chunk: None });
+    }
+    let buf = chunk0.get(MERGE_MARKER_OFFSET..MERGE_MARKER_OFFSET + MERGE_MARKER_V2_BYTES)?;
+    if buf[..8] != MERGE_MARKER_MAGIC_V2 || read_u32(buf, 20) != Some(crc32c(&buf[..20])) {
+        return None;
+    }
+    let flags = read_u32(buf, 8)?;
+    if flags & 1 == 0 {
+        return None;
+    }
+    let saved = read_u64(buf, 12)?;
+    Some(MergeMarker {
+        saved_chunk: (flags & 2 != 0).then_some(saved),
+    })
+}
+
+/// Magic of an origin marker: `"snapfwO1"`.
+pub const ORIGIN_MARKER_MAGIC: [u8; 8] = *b"snapfwO1";
+/// Most bytes of the COW store's description in an origin marker.
+pub const ORIGIN_MARKER_COW_BYTES: usize = 64;
+/// Bytes of the encoded origin marker (at the start of the origin's first block).
+pub const ORIGIN_MARKER_BYTES: usize =
+    8 + 1 + BINDING_NAME_BYTES + 1 + ORIGIN_MARKER_COW_BYTES + 8 + 4 + 8 + 4;
+/// Where the marker's plain-text note starts (for someone who dumps the disk).
+const ORIGIN_MARKER_NOTE_OFFSET: usize = 256;
+const ORIGIN_MARKER_NOTE: &[u8] = b"snapfw: this disk is half-way through a snapshot merge. \
+Its first chunk is kept in the COW store named above (saved_chunk) until the merge ends; \
+attach that store to finish the merge.";
+const _: () = assert!(
+    ORIGIN_MARKER_BYTES <= ORIGIN_MARKER_NOTE_OFFSET
+        && ORIGIN_MARKER_NOTE_OFFSET + ORIGIN_MARKER_NOTE.len() <= SECTOR_BYTES
+);
+
+/// What snapfw writes over an origin's first logical block while a merge into it runs: the
+/// origin is then *half-merged* (some chunks hold the snapshot's data, others still the
+/// newer data), and is only right when read through its merging store. If that store's
+/// device is missing at boot, discovery finds this marker and keeps the origin read-only
+/// instead of serving the mixture; the merge resumes when the store comes back.
+///
+/// The origin's own first chunk (as the merged view shows it) is kept in COW chunk
+/// `saved_chunk` meanwhile (also named by the store's [`MergeMarker`]), and the merge writes
+/// it back last: the chunk after its first block, a flush, then the first block, so a
+/// device without the marker never holds a partly restored chunk 0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OriginMarker {
+    /// The merging snapshot's name (empty if the store is unbound).
+    pub name: BoundedBytes<BINDING_NAME_BYTES>,
+    /// Which COW store merges into this origin, as the appliance describes its device (e.g.
+    /// `vdb, serial "cow-1"`), for the operator.
+    pub cow: BoundedBytes<ORIGIN_MARKER_COW_BYTES>,
+    /// First sector of the store's region on its device.
+    pub region_start: u64,
+    /// The store's chunk size in sectors.
+    pub chunk_sectors: u32,
+    /// The COW chunk holding origin chunk 0.
+    pub saved_chunk: u64,
+}
+
+impl Default for OriginMarker {
+    fn default() -> Self {
+        OriginMarker {
+            name: BoundedBytes::new(b"").unwrap_or_else(|| unreachable!()),
+            cow: BoundedBytes::new(b"").unwrap_or_else(|| unreachable!()),
+            region_start: 0,
+            chunk_sectors: 0,
+            saved_chunk: 0,
+        }
+    }
+}
+
+impl OriginMarker {
+    /// Encodes over `block` (the origin's first logical block; the rest of it is zeroed).
+    /// Does nothing if `block` is shorter than a sector.
+    pub fn encode(&self, block: &mut [u8]) {
+        if block.len() < SECTOR_BYTES {
+            return;
+        }
+        block.fill(0);
+        let mut at = 0;
+        block[..8].copy_from_slice(&ORIGIN_MARKER_MAGIC);
+        at += 8;
+        block[at] = self.name.as_bytes().len() as u8;
+        block[at + 1..at + 1 + self.name.as_bytes().len()].copy_from_slice(self.name.as_bytes());
+        at += 1 + BINDING_NAME_BYTES;
+        block[at] = self.cow.as_bytes().len() as u8;
+        block[at + 1..at + 1 + self.cow.as_bytes().len()].copy_from_slice(self.cow.as_bytes());
+        at += 1 + ORIGIN_MARKER_COW_BYTES;
+        block[at..at + 8].copy_from_slice(&self.region_start.to_le_bytes());
+        at += 8;
+        block[at..at + 4].copy_from_slice(&self.chunk_sectors.to_le_bytes());
+        at += 4;
+        block[at..at + 8].copy_from_slice(&self.saved_chunk.to_le_bytes());
+        at += 8;
+        let sum = crc32c(&block[..at]);
+        block[at..at + 4].copy_from_slice(&sum.to_le_bytes());
+        block[ORIGIN_MARKER_NOTE_OFFSET..ORIGIN_MARKER_NOTE_OFFSET + ORIGIN_MARKER_NOTE.len()]
+            .copy_from_slice(ORIGIN_MARKER_NOTE);
+    }
+
+    /// Decodes an origin's first sector; `None` for anything else (user data, a bad
+    /// checksum, bad lengths).
+    pub fn decode(block: &[u8]) -> Option<OriginMarker> {
+        let b = block.get(..ORIGIN_MARKER_BYTES)?;
+        if b[..8] != ORIGIN_MARKER_MAGIC {
+            return None;
+        }
+        let sum_at = ORIGIN_MARKER_BYTES - 4;
+        if read_u32(b, sum_at)? != crc32c(&b[..sum_at]) {
+            return None;
+        }
+        let mut at = 8;
+        let name_len = usize::from(b[at]).min(BINDING_NAME_BYTES + 1);
+        let name = BoundedBytes::new(b.get(at + 1..at + 1 + name_len)?)?;
+        at += 1 + BINDING_NAME_BYTES;
+        let cow_len = usize::from(b[at]).min(ORIGIN_MARKER_COW_BYTES + 1);
+        let cow = BoundedBytes::new(b.get(at + 1..at + 1 + cow_len)?)?;
+        at += 1 + ORIGIN_MARKER_COW_BYTES;
+        Some(OriginMarker {
+            name,
+            cow,
+            region_start: read_u64(b, at)?,
+            chunk_sectors: read_u32(b, at + 8)?,
+            saved_chunk: read_u64(b, at + 12)?,
+        })
+    }
 }
 
 /// Magic of a free-extent marker: `"snapfwF1"`.
@@ -822,14 +964,78 @@ mod tests {
         };
         let mut c0 = [0u8; 512];
         encode_chunk0(&mut c0, &Header::new(8), Some(&b));
-        assert!(!decode_merge_marker(&c0));
-        encode_merge_marker(&mut c0);
-        assert!(decode_merge_marker(&c0));
+        assert_eq!(decode_merge_marker(&c0), None);
+        encode_merge_marker(&mut c0, Some(77));
+        assert_eq!(
+            decode_merge_marker(&c0),
+            Some(MergeMarker {
+                saved_chunk: Some(77)
+            })
+        );
         assert_eq!(Binding::decode(&c0), Ok(b));
         assert_eq!(Header::decode(&c0), Some(Header::new(8)));
+        encode_merge_marker(&mut c0, None);
+        assert_eq!(
+            decode_merge_marker(&c0),
+            Some(MergeMarker { saved_chunk: None })
+        );
         c0[MERGE_MARKER_OFFSET + 9] ^= 1;
-        assert!(!decode_merge_marker(&c0));
-        assert!(!decode_merge_marker(&c0[..200]));
+        assert_eq!(decode_merge_marker(&c0), None);
+        assert_eq!(decode_merge_marker(&c0[..200]), None);
+    }
+
+    #[test]
+    fn first_merge_marker_still_reads() {
+        // A store a merge marked before saved chunks existed: "snapfwM1", flags, CRC.
+        let mut c0 = [0u8; 512];
+        let mut m = [0u8; 16];
+        m[..8].copy_from_slice(b"snapfwM1");
+        m[8..12].copy_from_slice(&1u32.to_le_bytes());
+        let sum = crc32c(&m[..12]);
+        m[12..16].copy_from_slice(&sum.to_le_bytes());
+        c0[MERGE_MARKER_OFFSET..MERGE_MARKER_OFFSET + 16].copy_from_slice(&m);
+        assert_eq!(
+            decode_merge_marker(&c0),
+            Some(MergeMarker { saved_chunk: None })
+        );
+        c0[MERGE_MARKER_OFFSET + 8] = 0; // merging flag cleared
+        assert_eq!(decode_merge_marker(&c0), None);
+    }
+
+    #[test]
+    fn origin_marker_round_trip_and_rejects_user_data() {
+        let m = OriginMarker {
+            name: BoundedBytes::new(b"nightly").unwrap(),
+            cow: BoundedBytes::new(b"vdb, serial \"cow-1\"").unwrap(),
+            region_start: 2048,
+            chunk_sectors: 16,
+            saved_chunk: 12345,
+        };
+        for block in [512usize, 4096] {
+            let mut b = vec![0xa5u8; block];
+            m.encode(&mut b);
+            assert_eq!(OriginMarker::decode(&b), Some(m));
+            assert!(b[block - 1] == 0, "the rest of the block is zeroed");
+            // Every single-byte change of the encoded part is refused.
+            for at in 0..ORIGIN_MARKER_BYTES {
+                let mut c = b.clone();
+                c[at] ^= 0x40;
+                assert_eq!(OriginMarker::decode(&c), None, "byte {at}");
+            }
+        }
+        assert_eq!(OriginMarker::decode(&[0u8; 512]), None);
+        assert_eq!(OriginMarker::decode(&[0u8; 100]), None);
+        // A length byte past its field with a matching checksum is refused too.
+        let mut b = vec![0u8; 512];
+        m.encode(&mut b);
+        b[8] = 200;
+        let sum = crc32c(&b[..ORIGIN_MARKER_BYTES - 4]);
+        b[ORIGIN_MARKER_BYTES - 4..ORIGIN_MARKER_BYTES].copy_from_slice(&sum.to_le_bytes());
+        assert_eq!(OriginMarker::decode(&b), None);
+        // A small block (shorter than a sector) is left alone.
+        let mut small = [7u8; 100];
+        m.encode(&mut small);
+        assert_eq!(small, [7u8; 100]);
     }
 
     #[test]

@@ -173,13 +173,17 @@ pub fn decoders(data: &[u8]) {
         }
         Err(BindingError::Corrupt) => {}
     }
-    if decode_merge_marker(data) {
+    if let Some(marker) = decode_merge_marker(data) {
         let mut again = vec![0u8; SECTOR_BYTES];
-        encode_merge_marker(&mut again);
-        assert!(decode_merge_marker(&again));
-        let m = crate::format::MERGE_MARKER_OFFSET;
-        // The flags word may carry other bits; the magic and the merging bit are what count.
-        assert_eq!(data[m..m + 8], again[m..m + 8]);
+        encode_merge_marker(&mut again, marker.saved_chunk);
+        assert_eq!(decode_merge_marker(&again), Some(marker));
+    }
+    if let Some(o) = crate::format::OriginMarker::decode(data) {
+        // What decodes re-encodes to the same marker.
+        let mut again = vec![0u8; SECTOR_BYTES];
+        o.encode(&mut again);
+        assert_eq!(crate::format::OriginMarker::decode(&again), Some(o));
+        let _ = alloc::format!("{o:?}");
     }
     if let Some(f) = FreeExtent::decode(data) {
         let mut sector = [0u8; FREE_EXTENT_BYTES];
@@ -238,7 +242,7 @@ pub fn store_loader_seeds() -> Vec<Vec<u8>> {
         let b = binding(chunk);
         encode_chunk0(&mut img, &h, bound.then_some(&b));
         if merging {
-            encode_merge_marker(&mut img);
+            encode_merge_marker(&mut img, None);
         }
         let mut chunk_no = 2u64;
         for i in 0..records {
@@ -309,7 +313,7 @@ pub fn decoders_seeds() -> Vec<Vec<u8>> {
     };
     let mut c0 = vec![0u8; SECTOR_BYTES];
     encode_chunk0(&mut c0, &Header::new(8), Some(&b));
-    encode_merge_marker(&mut c0);
+    encode_merge_marker(&mut c0, Some(3));
     let mut v1 = c0.clone();
     v1[BINDING_OFFSET..BINDING_OFFSET + 8].copy_from_slice(&BINDING_MAGIC_V1);
     let end = BINDING_OFFSET + BINDING_V1_BYTES;
@@ -329,5 +333,14 @@ pub fn decoders_seeds() -> Vec<Vec<u8>> {
         }
         .encode(&mut area, i as usize);
     }
-    vec![c0, v1, free, area, vec![0u8; 40]]
+    let mut origin = vec![0u8; SECTOR_BYTES];
+    crate::format::OriginMarker {
+        name: BoundedBytes::new(b"s1").expect("short"),
+        cow: BoundedBytes::new(b"vdb, virtio-blk serial 'COW'").expect("short"),
+        region_start: 2048,
+        chunk_sectors: 8,
+        saved_chunk: 9,
+    }
+    .encode(&mut origin);
+    vec![c0, v1, free, area, vec![0u8; 40], origin]
 }

@@ -136,8 +136,9 @@
 //! [`Event::MergeFailed`] (an I/O error stopped it; I/O continues; status `Merge failed`).
 //!
 //! **Where "merging" is recorded.** Linux keeps it outside the store (LVM metadata selects the
-//! `snapshot-merge` target). snapfw writes a 16-byte *merge marker* into chunk 0 at byte 256
-//! (`"snapfwM1"`, flags, CRC-32C; [`format::encode_merge_marker`]): after the binding record,
+//! `snapshot-merge` target). snapfw writes a 24-byte *merge marker* into chunk 0 at byte 256
+//! (`"snapfwM2"`, flags, the saved chunk, CRC-32C; [`format::encode_merge_marker`]; the
+//! 16-byte `"snapfwM1"` of earlier versions still reads): after the binding record,
 //! in the first sector, in bytes Linux leaves zero and never reads, and independent of the
 //! binding so an unbound store can merge too. The 16-byte header and the areas keep their
 //! Linux meaning, so Linux's loader reads the store at every step of a merge (the snapshot it
@@ -146,6 +147,16 @@
 //! served through it at once, and the merge runs after [`Engine::resume_merge`], which the
 //! caller issues once every store of the origin is attached (boot: after discovery). The marker
 //! goes away with the wipe of chunk 0 when the merge is done.
+//!
+//! **Marking the origin.** A half-merged origin is only right through its store. So that a
+//! boot which finds the origin but not the store does not serve the mixture, the merge first
+//! keeps origin chunk 0 in the store (its exception, or a free chunk it copies it into: the
+//! *saved chunk*, named by the merge marker), then writes an [`OriginMarker`] over the
+//! origin's first block; I/O to chunk 0 goes to the saved chunk while the merge runs, and
+//! the merge writes it back last (the rest of the chunk, a flush, then the first block).
+//! Linux does not know the saved chunk: a store moved to Linux in the middle of a merge
+//! finishes there, but origin chunk 0 must then be copied back from the saved chunk by hand
+//! (the origin marker names it; README shows the `dd` line).
 //!
 //! **Reading areas back.** A merge walks the areas backwards and reads each earlier area into
 //! the snapshot's area buffer: an [`Io`] with `IoOp::Read` and [`IoBuffer::Meta`]; the caller
@@ -193,6 +204,8 @@ pub mod table;
 pub mod types;
 
 pub use engine::Engine;
-pub use format::{Binding, BindingError, BoundedBytes, Header, OriginId, Record};
+pub use format::{
+    Binding, BindingError, BoundedBytes, Header, MergeMarker, OriginId, OriginMarker, Record,
+};
 pub use store::{LoadError, LoadParams, LoadRead, LoadedStore, Loader, Usage};
 pub use types::*;

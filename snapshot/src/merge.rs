@@ -9,26 +9,40 @@
 //! # Protocol (as `snapshot_merge_next_chunks()` / `merge_callback()` in Linux `dm-snap.c`
 //! and `persistent_prepare_merge()` / `persistent_commit_merge()` in
 //! `dm-snap-persistent.c`)
-//! 0. Write the *merge marker* into the header block (FUA, or write + flush) so a reboot
-//!    resumes: see [`crate::format::encode_merge_marker`] for where it lives and why.
-//! 1. Take the newest record (highest index of the current area; when the area is used up,
+//! 0. Keep origin chunk 0 in the store: chunk 0's own exception if it has one, else copy
+//!    it into the next free chunk (read, write, flush). This *saved chunk* holds chunk 0 of
+//!    the merged view until the end; I/O to origin chunk 0 goes there.
+//! 1. Write the *merge marker*, naming the saved chunk, into the header block (FUA, or
+//!    write and flush) so a reboot resumes: see [`crate::format::encode_merge_marker`] for
+//!    where it lives and why.
+//! 2. Once every other snapshot holds origin chunk 0, write the *origin marker*
+//!    ([`crate::format::OriginMarker`]) over the origin's first block and flush the origin.
+//!    From here until chunk 0 is written back the origin is half-merged, and says so: a boot
+//!    that finds it without its store keeps it read-only instead of serving the mixture.
+//!    (A store with no free chunk for chunk 0 merges without this, and says so in
+//!    [`MergeProgress::origin_marked`].)
+//! 3. Take the newest record (highest index of the current area; when the area is used up,
 //!    read the previous area back from disk) and the records before it whose `old_chunk` *and*
 //!    `new_chunk` are both consecutive: one run, at most one copy buffer long. snapfw takes
 //!    up to [`MAX_RUNS`] such runs from the top of the area as one *batch* (one copy buffer
 //!    each, at most half of the engine's): Linux merges one run at a time, which pays an
 //!    origin flush and an area write per 128 KiB; the invariant below is the same.
-//! 2. The batch's origin chunks are about to change: every *other* snapshot of the origin
+//! 4. The batch's origin chunks are about to change: every *other* snapshot of the origin
 //!    copies them first, exactly as for an origin write (Linux `origin_write_extent()`).
-//! 3. Block I/O to the batch's chunks and wait for origin I/O already in flight on them.
-//! 4. Read each run from the COW device into its copy buffer and write it to the origin (the
-//!    runs in parallel), then flush the origin.
-//! 5. Zero the batch's records (the top of the area) in the area image; flush the COW device,
+//! 5. Block I/O to the batch's chunks and wait for origin I/O already in flight on them.
+//! 6. Read each run from the COW device into its copy buffer and write it to the origin (the
+//!    runs in parallel), then flush the origin. Chunk 0 is not copied: its record is only
+//!    dropped (the saved chunk keeps it).
+//! 7. Zero the batch's records (the top of the area) in the area image; flush the COW device,
 //!    write the area with FUA (or write + flush): Linux's `REQ_PREFLUSH | REQ_FUA`.
-//! 6. Drop the batch from the in-memory table, release the blocked I/O (it now goes to the
+//! 8. Drop the batch from the in-memory table, release the blocked I/O (it now goes to the
 //!    origin), next batch.
-//! 7. Store empty (area 0 all zero): wipe chunk 0 (the header, binding and marker; a store
-//!    whose binding names its region gets a free-extent marker there instead, as after a
-//!    deletion, so boot discovery walks past it), free the slot, [`Event::MergeDone`].
+//! 9. Store empty (area 0 all zero): write the saved chunk back over origin chunk 0, all but
+//!    its first block, flush, then the first block (which removes the origin marker), flush;
+//!    I/O to chunk 0 waits from here to the end. Then wipe chunk 0 of the store (the
+//!    header, binding and marker; a store whose binding names its region gets a free-extent
+//!    marker there instead, as after a deletion, so boot discovery walks past it), free the
+//!    slot, [`Event::MergeDone`].
 //!
 //! A crash anywhere is safe: a record still on disk means its COW chunk still holds the
 //! snapshot's data (and any origin write redirected there), and copying it again gives the
@@ -64,10 +78,27 @@ pub(super) enum Phase {
     /// [`Engine::resume_merge`] (every other store of the origin must be attached first, or
     /// the merge would overwrite origin chunks they have not copied).
     Held,
+    /// Pick the COW chunk that keeps origin chunk 0 while the origin carries the origin
+    /// marker: chunk 0's own exception if it has one, else the next free chunk (copied by
+    /// the three phases below). Waits for origin I/O in flight on chunk 0.
+    Save,
+    /// Read origin chunk 0 into a copy buffer.
+    SaveRead,
+    /// Write it to the saved chunk.
+    SaveWrite,
+    /// Flush the COW device, so the saved chunk is durable before the marker names it.
+    SaveFlush,
     /// Write the header block with the merge marker.
     Marker,
     /// Flush after the marker (COW device without FUA).
     MarkerFlush,
+    /// Every other snapshot must hold origin chunk 0 before the marker overwrites it; wait
+    /// for that and for origin I/O in flight on it.
+    MarkClear,
+    /// Write the origin marker over the origin's first block.
+    OriginMark,
+    /// Flush the origin: from here on a boot without the store finds the origin marked.
+    OriginMarkFlush,
     /// Pick the next batch of runs (or step back an area, or finish).
     Prepare,
     /// Read the previous metadata area back into the area buffer.
@@ -84,7 +115,20 @@ pub(super) enum Phase {
     CowFlush,
     AreaWrite,
     AreaFlush,
-    /// Store empty: wipe chunk 0.
+    /// Store empty: write the saved chunk back to origin chunk 0. First wait until every
+    /// other snapshot holds origin chunk 0 and no I/O to it is in flight (from here until
+    /// the merge ends, I/O to chunk 0 waits).
+    RestoreClear,
+    /// Read the saved chunk into a copy buffer.
+    RestoreRead,
+    /// Write all of origin chunk 0 but its first block (which keeps the marker)...
+    RestoreTail,
+    /// ...flush...
+    RestoreTailFlush,
+    /// ...then the first block, and flush: the marker is gone only once chunk 0 is whole.
+    RestoreHead,
+    RestoreHeadFlush,
+    /// Store empty (and origin chunk 0 back): wipe chunk 0 of the store.
     Wipe,
     WipeFlush,
     /// Free the slot once nothing is in flight on the COW device.
@@ -131,6 +175,18 @@ pub(super) struct Merge {
     fenced: bool,
     /// The wipe writes a free-extent marker (in the header buffer) instead of zeroes.
     wipe_marker: bool,
+    /// The COW chunk keeping origin chunk 0 while the origin is marked (`None`: the merge
+    /// runs without marking the origin, see [`Phase::Save`]). I/O to origin chunk 0 goes
+    /// there, and the batches leave chunk 0 alone.
+    saved: Option<u64>,
+    /// The copy buffer of the save or restore phases.
+    buffer: u32,
+    /// Origin chunk 0 is being written back (I/O to it waits until the merge ends).
+    restoring: bool,
+    /// It was written back: the store can be wiped.
+    restored: bool,
+    /// [`Event::MergeStarted`] was reported.
+    announced: bool,
 }
 
 impl Merge {
@@ -141,7 +197,31 @@ impl Merge {
     }
 
     fn blocks(&self, c: u64) -> bool {
-        self.active && self.in_batch(c)
+        (self.active && self.in_batch(c)) || (c == 0 && self.restoring)
+    }
+
+    /// Where origin chunk `c` of the merged view lives now, given the store's table lookup.
+    fn redirect(&self, c: u64, table: Option<u64>) -> Option<u64> {
+        match self.saved {
+            Some(s) if c == 0 => Some(s),
+            _ => table,
+        }
+    }
+
+    /// Whether the I/O of this phase goes to the origin (the others go to the COW device).
+    fn on_origin(phase: Phase) -> bool {
+        matches!(
+            phase,
+            Phase::SaveRead
+                | Phase::CopyWrite
+                | Phase::OriginFlush
+                | Phase::OriginMark
+                | Phase::OriginMarkFlush
+                | Phase::RestoreTail
+                | Phase::RestoreTailFlush
+                | Phase::RestoreHead
+                | Phase::RestoreHeadFlush
+        )
     }
 
     fn fences(&self, c: u64) -> bool {
@@ -186,14 +266,14 @@ impl Engine {
         if busy {
             return Err(MergeError::Busy);
         }
-        self.begin_merge(s, Phase::Marker);
+        self.begin_merge(s, Phase::Save, None);
         Ok(())
     }
 
     /// Installs the merge of a store attached with its merge marker set, held until
     /// [`resume_merge`](Self::resume_merge).
-    pub(super) fn hold_resumed_merge(&mut self, snap: SnapId) {
-        self.begin_merge(snap.0 as usize, Phase::Held);
+    pub(super) fn hold_resumed_merge(&mut self, snap: SnapId, saved: Option<u64>) {
+        self.begin_merge(snap.0 as usize, Phase::Held, saved);
     }
 
     /// Lets a merge found at attach time (its store carried the merge marker) run. Call it
@@ -208,7 +288,16 @@ impl Engine {
         if m.phase != Phase::Held {
             return false;
         }
-        m.phase = Phase::Prepare;
+        // Mark the origin again before merging anything (the marker may not have become
+        // durable before the crash, or the merge may have restored chunk 0 already: writing
+        // it again is harmless, the saved chunk still holds chunk 0). A store marked before
+        // saved chunks existed gets one now.
+        m.phase = if m.saved.is_some() {
+            Phase::MarkClear
+        } else {
+            Phase::Save
+        };
+        m.announced = true;
         let snap = SnapId(m.snap);
         self.epoch += 1;
         self.dirty = true;
@@ -225,12 +314,11 @@ impl Engine {
         self.merge.as_ref().is_some_and(|m| m.phase != Phase::Held)
     }
 
-    fn begin_merge(&mut self, s: usize, phase: Phase) {
+    fn begin_merge(&mut self, s: usize, phase: Phase, saved: Option<u64>) {
         let Some(x) = self.snaps[s].as_mut() else {
             return;
         };
         x.state = SnapState::Merging;
-        encode_merge_marker(&mut x.header);
         self.merge = Some(Merge {
             snap: s as u16,
             phase,
@@ -247,6 +335,11 @@ impl Engine {
             active: false,
             fenced: false,
             wipe_marker: false,
+            saved,
+            buffer: NIL,
+            restoring: false,
+            restored: false,
+            announced: false,
         });
         self.epoch += 1;
         self.dirty = true;
@@ -262,6 +355,7 @@ impl Engine {
             chunks_left: x.table.len(),
             chunk_sectors: x.store.geometry.chunk_sectors,
             failed: m.failed,
+            origin_marked: m.saved.is_some(),
         })
     }
 
@@ -284,11 +378,100 @@ impl Engine {
         self.progress += 1;
     }
 
-    /// Origin sectors of a run.
-    fn run_range(&self, cs: u64, r: &Run) -> (u64, u64) {
-        let start = r.old * cs;
+    /// What a run copies: origin sectors `[start, end)` from COW sector `cow`; `None` if
+    /// nothing (a run of chunk 0 alone while the saved chunk holds it: its record is only
+    /// dropped, and the saved chunk goes back to the origin when the store is empty).
+    fn copy_range(&self, m: &Merge, r: &Run) -> Option<(u64, u64, u64)> {
+        let cs = m.cs;
+        let skip = u64::from(r.old == 0 && m.saved.is_some());
+        let start = (r.old + skip) * cs;
         let end = ((r.old + r.len) * cs).min(self.cfg.origin_sectors);
-        (start, end)
+        (start < end).then_some((start, end, (r.new + skip) * cs))
+    }
+
+    /// The end of origin chunk 0 (the origin may be smaller than a chunk).
+    fn chunk0_end(&self, m: &Merge) -> u64 {
+        m.cs.min(self.cfg.origin_sectors)
+    }
+
+    /// Whether an origin request has I/O in flight on origin sectors `[start, end)`.
+    fn origin_io_on(&self, start: u64, end: u64) -> bool {
+        self.reqs.iter().any(|r| {
+            r.phase != ReqPhase::Free
+                && r.req.volume == Volume::Origin
+                && r.ios > 0
+                && r.req.sector < end
+                && start < r.req.sector + u64::from(r.req.sectors)
+        })
+    }
+
+    /// Takes a copy buffer for the save or restore phases (false: none free yet).
+    fn take_merge_buffer(&mut self) -> bool {
+        if self.merge.is_some_and(|m| m.buffer != NIL) {
+            return true;
+        }
+        let Some(b) = self.free_buffers.pop() else {
+            return false;
+        };
+        if let Some(m) = self.merge.as_mut() {
+            m.buffer = b;
+        }
+        true
+    }
+
+    /// The save phase: pick the chunk that keeps origin chunk 0 (see [`Phase::Save`]).
+    fn choose_saved_chunk(&mut self, s: usize) {
+        let Some(m) = self.merge else {
+            return;
+        };
+        let Some(x) = self.snaps[s].as_ref() else {
+            return;
+        };
+        if self.cfg.unsafe_merge_unmarked || x.table.is_empty() {
+            // (An empty store merges nothing: the origin never holds merged chunks.)
+            self.set_phase(Phase::Marker);
+            return;
+        }
+        if let Some(e) = x.table.lookup(0) {
+            // Chunk 0 is in the store already: its COW chunk keeps it. The merging store takes
+            // no new exceptions, so nothing reuses that chunk when its record is merged.
+            if let Some(mm) = self.merge.as_mut() {
+                mm.saved = Some(e);
+            }
+            self.set_phase(Phase::Marker);
+            return;
+        }
+        let next = x.store.next_free;
+        let fits = next
+            .checked_add(1)
+            .and_then(|n| n.checked_mul(m.cs))
+            .is_some_and(|end| end <= x.store.cow_sectors);
+        if !fits {
+            // No chunk is free: merge without marking the origin (as before origins were
+            // marked); the caller sees `origin_marked: false` and warns.
+            self.set_phase(Phase::Marker);
+            return;
+        }
+        let end = self.chunk0_end(&m);
+        if self.origin_io_on(0, end) || !self.take_merge_buffer() {
+            return;
+        }
+        if let Some(mm) = self.merge.as_mut() {
+            mm.saved = Some(next);
+        }
+        self.set_phase(Phase::SaveRead);
+    }
+
+    /// Gives the save/restore copy buffer back.
+    fn release_merge_buffer(&mut self) {
+        let Some(m) = self.merge.as_mut() else {
+            return;
+        };
+        if m.buffer != NIL {
+            self.free_buffers.push(m.buffer);
+            m.buffer = NIL;
+            self.wake_starved();
+        }
     }
 
     /// One step of the merge of snapshot `s` (called from the engine's step loop).
@@ -327,8 +510,9 @@ impl Engine {
                 // Every run, so that the other snapshots' copies are planned together.
                 let mut clear = true;
                 for r in &m.runs[..m.nruns] {
-                    let (start, end) = self.run_range(m.cs, r);
-                    clear &= self.merge_range_clear(start, end, None);
+                    if let Some((start, end, _)) = self.copy_range(&m, r) {
+                        clear &= self.merge_range_clear(start, end, None);
+                    }
                 }
                 if clear {
                     if let Some(m) = self.merge.as_mut() {
@@ -379,6 +563,30 @@ impl Engine {
                 self.set_phase(Phase::CopyRead);
                 return;
             }
+            Phase::Save => {
+                self.choose_saved_chunk(s);
+                return;
+            }
+            Phase::MarkClear => {
+                let bs = u64::from(self.cfg.origin_block_sectors.max(1)).min(self.chunk0_end(&m));
+                if self.merge_range_clear(0, bs, None) && !self.origin_io_on(0, bs) {
+                    self.set_phase(Phase::OriginMark);
+                }
+                return;
+            }
+            Phase::RestoreClear => {
+                if let Some(mm) = self.merge.as_mut() {
+                    mm.restoring = true;
+                }
+                let end = self.chunk0_end(&m);
+                if self.merge_range_clear(0, end, None)
+                    && !self.origin_io_on(0, end)
+                    && self.take_merge_buffer()
+                {
+                    self.set_phase(Phase::RestoreRead);
+                }
+                return;
+            }
             Phase::Remove => {
                 if x.inflight == 0 {
                     self.snaps[s] = None;
@@ -389,17 +597,76 @@ impl Engine {
                 }
                 return;
             }
-            Phase::Marker => self.emit(
-                ctx,
-                cow,
-                IoOp::Write { fua },
-                0,
-                header_sectors,
-                meta(MetaKind::Header),
-            ),
-            Phase::MarkerFlush | Phase::CowFlush | Phase::AreaFlush | Phase::WipeFlush => {
-                self.emit(ctx, cow, IoOp::Flush, 0, 0, IoBuffer::None)
+            Phase::SaveRead | Phase::SaveWrite | Phase::RestoreRead => {
+                let end = self.chunk0_end(&m) as u32;
+                let copy = IoBuffer::Copy {
+                    index: m.buffer,
+                    byte_offset: 0,
+                };
+                let saved = m.saved.unwrap_or(0) * m.cs;
+                match m.phase {
+                    Phase::SaveRead => self.emit(ctx, Device::Origin, IoOp::Read, 0, end, copy),
+                    Phase::SaveWrite => {
+                        self.emit(ctx, cow, IoOp::Write { fua: false }, saved, end, copy)
+                    }
+                    _ => self.emit(ctx, cow, IoOp::Read, saved, end, copy),
+                }
             }
+            Phase::RestoreTail | Phase::RestoreHead => {
+                let end = self.chunk0_end(&m);
+                let bs = u64::from(self.cfg.origin_block_sectors.max(1)).min(end);
+                let (start, stop) = if m.phase == Phase::RestoreTail {
+                    (bs, end)
+                } else {
+                    (0, bs)
+                };
+                let copy = IoBuffer::Copy {
+                    index: m.buffer,
+                    byte_offset: start * SECTOR_BYTES as u64,
+                };
+                let op = IoOp::Write { fua: false };
+                self.emit(ctx, Device::Origin, op, start, (stop - start) as u32, copy)
+            }
+            Phase::OriginMark => {
+                let saved = m.saved.unwrap_or(0);
+                let cs = m.cs as u32;
+                let bs = self.cfg.origin_block_sectors.max(1);
+                if let Some(x) = self.snaps[s].as_mut() {
+                    let mut label = x.merge_label;
+                    label.saved_chunk = saved;
+                    label.chunk_sectors = cs;
+                    label.encode(&mut x.origin_mark);
+                }
+                self.emit(
+                    ctx,
+                    Device::Origin,
+                    IoOp::Write { fua: false },
+                    0,
+                    bs,
+                    meta(MetaKind::OriginMark),
+                )
+            }
+            Phase::OriginMarkFlush | Phase::RestoreTailFlush | Phase::RestoreHeadFlush => {
+                self.emit(ctx, Device::Origin, IoOp::Flush, 0, 0, IoBuffer::None)
+            }
+            Phase::Marker => {
+                if let Some(x) = self.snaps[s].as_mut() {
+                    encode_merge_marker(&mut x.header, m.saved);
+                }
+                self.emit(
+                    ctx,
+                    cow,
+                    IoOp::Write { fua },
+                    0,
+                    header_sectors,
+                    meta(MetaKind::Header),
+                )
+            }
+            Phase::MarkerFlush
+            | Phase::SaveFlush
+            | Phase::CowFlush
+            | Phase::AreaFlush
+            | Phase::WipeFlush => self.emit(ctx, cow, IoOp::Flush, 0, 0, IoBuffer::None),
             Phase::ReadArea => self.emit(
                 ctx,
                 cow,
@@ -464,7 +731,14 @@ impl Engine {
         let mut k = m.emitted;
         while k < m.nruns && !m.io_failed {
             let r = m.runs[k];
-            let (start, end) = self.run_range(m.cs, &r);
+            let Some((start, end, cow_start)) = self.copy_range(&m, &r) else {
+                // Nothing to copy for this run (chunk 0, kept in the saved chunk).
+                k += 1;
+                if let Some(mm) = self.merge.as_mut() {
+                    mm.emitted = k;
+                }
+                continue;
+            };
             let copy = IoBuffer::Copy {
                 index: m.buffers[k],
                 byte_offset: 0,
@@ -474,7 +748,7 @@ impl Engine {
                     ctx,
                     Device::Cow(SnapId(m.snap)),
                     IoOp::Read,
-                    r.new * m.cs,
+                    cow_start,
                     (end - start) as u32,
                     copy,
                 )
@@ -535,8 +809,16 @@ impl Engine {
             return;
         };
         let committed = x.store.committed_in_area;
+        let restore = self
+            .merge
+            .as_ref()
+            .is_some_and(|m| m.saved.is_some() && !m.restored);
         if committed == 0 {
-            if x.store.current_area == 0 {
+            if x.store.current_area == 0 && restore {
+                // The store is empty: origin chunk 0 goes back first, the store is wiped
+                // after.
+                self.set_phase(Phase::RestoreClear);
+            } else if x.store.current_area == 0 {
                 // The store is empty. A store in a region of a device that holds several
                 // leaves a free-extent marker where its header was (its binding gives the
                 // region), as a deletion does, so boot discovery still walks past it to the
@@ -614,7 +896,7 @@ impl Engine {
         };
         m.ios = m.ios.saturating_sub(1);
         let phase = m.phase;
-        if !matches!(phase, Phase::CopyWrite | Phase::OriginFlush) {
+        if !Merge::on_origin(phase) {
             self.io_done_on(sid);
         }
         if matches!(phase, Phase::CopyRead | Phase::CopyWrite) {
@@ -626,18 +908,46 @@ impl Engine {
             return;
         }
         if !ok {
+            self.release_merge_buffer();
             self.stop_merge(matches!(phase, Phase::AreaWrite | Phase::AreaFlush));
             return;
         }
         let s = sid as usize;
         let fua = self.snaps[s].as_ref().is_some_and(|x| x.cow_fua);
+        let saved = self.merge.as_ref().is_some_and(|m| m.saved.is_some());
         let next = match phase {
+            Phase::SaveRead => Phase::SaveWrite,
+            Phase::SaveWrite => Phase::SaveFlush,
+            Phase::SaveFlush => {
+                self.release_merge_buffer();
+                Phase::Marker
+            }
             Phase::Marker if !fua => Phase::MarkerFlush,
-            Phase::Marker | Phase::MarkerFlush => {
-                self.push_event(Event::MergeStarted {
-                    snap: SnapId(sid),
-                    resumed: false,
+            Phase::Marker | Phase::MarkerFlush if saved => Phase::MarkClear,
+            Phase::Marker | Phase::MarkerFlush | Phase::OriginMarkFlush => {
+                self.announce_merge(sid);
+                Phase::Prepare
+            }
+            Phase::OriginMark => Phase::OriginMarkFlush,
+            Phase::RestoreRead => {
+                let whole = self.merge.as_ref().is_some_and(|m| {
+                    let end = self.chunk0_end(m);
+                    u64::from(self.cfg.origin_block_sectors.max(1)) >= end
                 });
+                if whole {
+                    Phase::RestoreHead
+                } else {
+                    Phase::RestoreTail
+                }
+            }
+            Phase::RestoreTail => Phase::RestoreTailFlush,
+            Phase::RestoreTailFlush => Phase::RestoreHead,
+            Phase::RestoreHead => Phase::RestoreHeadFlush,
+            Phase::RestoreHeadFlush => {
+                self.release_merge_buffer();
+                if let Some(m) = self.merge.as_mut() {
+                    m.restored = true;
+                }
                 Phase::Prepare
             }
             Phase::ReadArea => {
@@ -663,6 +973,20 @@ impl Engine {
             other => other,
         };
         self.set_phase(next);
+    }
+
+    /// Reports [`Event::MergeStarted`] once (a resumed merge reported it when resumed).
+    fn announce_merge(&mut self, sid: u16) {
+        let Some(m) = self.merge.as_mut() else {
+            return;
+        };
+        if !m.announced {
+            m.announced = true;
+            self.push_event(Event::MergeStarted {
+                snap: SnapId(sid),
+                resumed: false,
+            });
+        }
     }
 
     /// Gives the batch's copy buffers back.
@@ -741,8 +1065,11 @@ impl Engine {
         m.phase = Phase::Stopped;
         m.fenced = fence;
         m.active = false;
+        // A failed restore leaves chunk 0 where it was: in the saved chunk.
+        m.restoring = false;
         let snap = SnapId(m.snap);
         self.release_merge_buffers();
+        self.release_merge_buffer();
         self.epoch += 1;
         self.progress += 1;
         self.push_event(Event::MergeFailed { snap });
@@ -791,9 +1118,19 @@ impl Engine {
         let Some(m) = self.merge else {
             return false;
         };
-        if matches!(m.phase, Phase::Marker | Phase::MarkerFlush) {
+        if matches!(
+            m.phase,
+            Phase::Save
+                | Phase::SaveRead
+                | Phase::SaveWrite
+                | Phase::SaveFlush
+                | Phase::Marker
+                | Phase::MarkerFlush
+        ) {
             // Until the marker is durable a crash brings back the unmerged store: a write
-            // redirected into it now would be lost from the origin then.
+            // redirected into it now would be lost from the origin then (and chunk 0 is
+            // being saved). From then on chunk 0 lives in the saved chunk, so I/O goes on
+            // while the origin is marked.
             return false;
         }
         let r = self.reqs[idx as usize];
@@ -846,7 +1183,9 @@ impl Engine {
             if m.blocks(c) {
                 break;
             }
-            let lookup = |e: &Engine, c: u64| e.snaps[ms].as_ref().and_then(|x| x.table.lookup(c));
+            let lookup = |e: &Engine, c: u64| {
+                m.redirect(c, e.snaps[ms].as_ref().and_then(|x| x.table.lookup(c)))
+            };
             let mapped = lookup(self, c);
             // Extend the piece while the mapping stays contiguous and nothing blocks.
             let mut piece_end = ((c + 1) * cs).min(end);

@@ -48,6 +48,12 @@ pub enum LoadError {
     },
     /// The COW device cannot hold the header chunk and the first area.
     CowTooSmall,
+    /// snapfw's merge marker names a chunk for origin chunk 0 that is not a data chunk of
+    /// the device.
+    BadMergeMarker {
+        /// The chunk it names.
+        saved_chunk: u64,
+    },
     /// A record's `new_chunk` is past the end of the COW device.
     RecordPastCowEnd {
         /// Area index.
@@ -142,7 +148,7 @@ pub struct Loader {
     phase: LoadPhase,
     header: Option<Header>,
     binding: Result<Binding, BindingError>,
-    merging: bool,
+    merging: Option<crate::format::MergeMarker>,
     geometry: Option<Geometry>,
     table: Option<ExceptionTable>,
     max_new: u64,
@@ -172,6 +178,10 @@ pub struct LoadedStore {
     /// store resumes it ([`Engine::attach_snapshot`](crate::Engine::attach_snapshot)).
     /// Meanwhile the origin's contents are only meaningful through this store.
     pub merging: bool,
+    /// The COW chunk holding origin chunk 0 while the origin carries snapfw's
+    /// [`OriginMarker`](crate::format::OriginMarker) (the merge marker names it); `None` when
+    /// not merging, or for a marker written before origins were marked.
+    pub merge_saved_chunk: Option<u64>,
 }
 
 impl Loader {
@@ -183,7 +193,7 @@ impl Loader {
             phase: LoadPhase::Header,
             header: None,
             binding: Err(BindingError::Absent),
-            merging: false,
+            merging: None,
             geometry: None,
             table: None,
             max_new: 0,
@@ -277,6 +287,16 @@ impl Loader {
         }
         self.binding = Binding::decode(data);
         self.merging = decode_merge_marker(data);
+        if let Some(saved) = self.merging.and_then(|m| m.saved_chunk) {
+            // The chunk holding origin chunk 0 must be a data chunk inside the device.
+            let fits = saved
+                .checked_add(1)
+                .and_then(|n| n.checked_mul(u64::from(h.chunk_sectors)))
+                .is_some_and(|end| end <= self.params.cow_sectors);
+            if saved == 0 || g.is_metadata_chunk(saved) || !fits {
+                return self.fail(LoadError::BadMergeMarker { saved_chunk: saved });
+            }
+        }
         self.header = Some(h);
         self.geometry = Some(g);
         if h.valid == 0 {
@@ -460,7 +480,8 @@ impl Loader {
             valid,
             binding: self.binding.clone(),
             records: self.records,
-            merging: self.merging && valid,
+            merging: self.merging.is_some() && valid,
+            merge_saved_chunk: self.merging.and_then(|m| m.saved_chunk).filter(|_| valid),
         })
     }
 

@@ -113,6 +113,9 @@ pub enum MetaKind {
     Area,
     /// The header block (header + binding, one COW logical block).
     Header,
+    /// The origin marker a merge writes over the origin's first block (one origin logical
+    /// block; see [`OriginMarker`](crate::format::OriginMarker)).
+    OriginMark,
 }
 
 /// Where the data of an [`Io`] lives.
@@ -338,6 +341,10 @@ pub struct EngineConfig {
     /// Breaks crash safety on purpose.
     #[doc(hidden)]
     pub unsafe_merge_release_early: bool,
+    /// Test-only negative control: merge without marking the origin (a boot without the
+    /// store would serve the half-merged origin).
+    #[doc(hidden)]
+    pub unsafe_merge_unmarked: bool,
 }
 
 impl EngineConfig {
@@ -361,6 +368,7 @@ impl EngineConfig {
             unsafe_skip_commit_flush: false,
             unsafe_merge_skip_origin_flush: false,
             unsafe_merge_release_early: false,
+            unsafe_merge_unmarked: false,
         }
     }
 }
@@ -435,6 +443,10 @@ pub struct MergeProgress {
     pub chunk_sectors: u32,
     /// The merge stopped on an error (`Merge failed`).
     pub failed: bool,
+    /// The origin carries the origin marker while the merge runs (its chunk 0 is kept in
+    /// the store), so a boot without the store keeps it read-only. False only when the store
+    /// had no free chunk to keep chunk 0 in.
+    pub origin_marked: bool,
 }
 
 /// Snapshot status as `dmsetup status` prints it.

@@ -96,7 +96,14 @@ fn merge_check(
             if !l.merging && h.merge_started {
                 return Err("merge marker lost after MergeStarted".into());
             }
-            (view(&l.table, mcs, mimg, origin_img), l.merging)
+            let mut v = view(&l.table, mcs, mimg, origin_img);
+            if let Some(saved) = l.merge_saved_chunk {
+                // Origin chunk 0 lives in the saved chunk while the origin is marked.
+                for x in 0..mcs.min(v.len() as u64) {
+                    v[x as usize] = mimg.get((saved * mcs + x) as usize).copied().unwrap_or(0);
+                }
+            }
+            (v, l.merging)
         }
         Err(LoadError::Unformatted) => (origin_img.to_vec(), false),
         Err(e) => return Err(format!("merging store does not load: {e:?}")),
@@ -108,6 +115,33 @@ fn merge_check(
                 h.origin.current(x as u64)
             ));
         }
+    }
+    // The origin on its own, as a boot that does not find the store would see it: either it
+    // carries the origin marker (and the store can finish the merge: it is merging and keeps
+    // chunk 0), or it is right as it is (nothing merged yet, or all of it and chunk 0 back).
+    let block0 = h.world.contents.image_bytes(&origin_img[..1]);
+    match OriginMarker::decode(&block0) {
+        Some(o) => {
+            let saved = load(h, ms, mimg).ok().and_then(|l| l.merge_saved_chunk);
+            if saved != Some(o.saved_chunk) {
+                return Err(format!(
+                    "origin marked (saved chunk {}) but the store says {saved:?}",
+                    o.saved_chunk
+                ));
+            }
+        }
+        None if h.merge_started => {
+            if let Some(x) =
+                (0..origin_img.len()).find(|&x| !h.origin.allowed(x as u64, origin_img[x]))
+            {
+                return Err(format!(
+                    "origin not marked but half-merged: sector {x} holds {:#x}, expected {:#x}",
+                    origin_img[x],
+                    h.origin.current(x as u64)
+                ));
+            }
+        }
+        None => {}
     }
     // Other snapshots: their frozen contents, over the raw origin.
     let mut others = BTreeMap::new();
@@ -464,6 +498,70 @@ fn merge_without_origin_flush_is_caught() {
         ORDERS.len(),
         "the missing origin flush escaped the crash enumeration"
     );
+}
+
+/// Negative control for the origin marker: merging without it leaves, in some crash state,
+/// an origin that is half-merged and unmarked (a boot without the store would serve it).
+#[test]
+fn merge_without_origin_marker_is_caught() {
+    let mut caught = 0;
+    for (i, order) in ORDERS.into_iter().enumerate() {
+        let mut cfg = RunConfig::new(64, 4, order, 940 + i as u64);
+        cfg.merge_unmarked = true;
+        cfg.copy_buffer_sectors = 8;
+        let mut h = new_harness(cfg);
+        h.run(&scripted(2, 4, true));
+        MERGE_STATES.fetch_add(h.outcome.crash_states, AtomicOrdering::Relaxed);
+        if let Some(v) = h
+            .outcome
+            .violations
+            .iter()
+            .find(|v| v.contains("origin not marked but half-merged"))
+        {
+            caught += 1;
+            println!("negative control merge unmarked ({order:?}) caught: {v}");
+        }
+    }
+    assert_eq!(
+        caught,
+        ORDERS.len(),
+        "an unmarked half-merged origin escaped"
+    );
+}
+
+/// Origin chunk 0 never written after the snapshot: the merge copies it into a free chunk
+/// of the store (the saved chunk) before it marks the origin, and writes it back last. Crash
+/// states all along, with origin writes to chunk 0 during the merge (they go to the saved
+/// chunk).
+#[test]
+fn merge_saves_an_uncopied_chunk_0() {
+    let mut total = 0;
+    for (i, order) in ORDERS.into_iter().enumerate() {
+        for fua in [true, false] {
+            let mut cfg = RunConfig::new(64, 4, order, 980 + i as u64);
+            cfg.copy_buffer_sectors = 8;
+            let mut ops = vec![create(4, 40, fua)];
+            for i in 1..8u64 {
+                ops.push(w(i * 7, 5));
+            }
+            ops.push(Op::StartMerge { snap: 0 });
+            ops.push(w(1, 2));
+            ops.push(Op::OriginRead {
+                sector: 0,
+                sectors: 16,
+            });
+            ops.push(w(0, 6));
+            ops.push(Op::OriginFlush);
+            ops.push(w(30, 4));
+            let h = run_merge(
+                &format!("merge saving chunk 0 {order:?} fua {fua}"),
+                cfg,
+                &ops,
+            );
+            total += h.outcome.crash_states;
+        }
+    }
+    println!("MERGE CRASH STATES CHECKED (chunk 0 saved): {total}");
 }
 
 /// Writes that meet the merge on the run it is copying (QD 1, FUA): they wait until the

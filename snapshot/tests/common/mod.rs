@@ -175,6 +175,8 @@ pub struct RunConfig {
     pub merge_skip_origin_flush: bool,
     /// Negative control for merges: release a run's I/O before its records are zeroed.
     pub merge_release_early: bool,
+    /// Negative control: merge without marking the origin.
+    pub merge_unmarked: bool,
 }
 
 impl RunConfig {
@@ -203,6 +205,7 @@ impl RunConfig {
             check_every: 1,
             merge_skip_origin_flush: false,
             merge_release_early: false,
+            merge_unmarked: false,
         }
     }
 }
@@ -267,6 +270,7 @@ impl Harness {
         ec.unsafe_skip_commit_flush = cfg.skip_commit_flush;
         ec.unsafe_merge_skip_origin_flush = cfg.merge_skip_origin_flush;
         ec.unsafe_merge_release_early = cfg.merge_release_early;
+        ec.unsafe_merge_unmarked = cfg.merge_unmarked;
         if let Some(t) = cfg.invalidation_retry_ticks {
             ec.invalidation_retry_ticks = t;
         }
