@@ -201,6 +201,26 @@ impl fmt::Display for Describe<'_> {
     }
 }
 
+/// A device as an origin marker names a COW store: `vdb, virtio-blk serial 'X'`, with the
+/// namespace identity of an NVMe namespace.
+pub struct DescribeDevice<'a>(pub &'a DeviceInfo);
+
+impl fmt::Display for DescribeDevice<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let d = self.0;
+        write!(f, "{}, {}", d.name.as_str(), d.driver)?;
+        if !d.serial.as_str().is_empty() {
+            write!(f, " serial '{}'", Escaped(d.serial.as_str().as_bytes()))?;
+        }
+        match d.namespace {
+            Some(NamespaceIdentity { nguid: Some(g), .. }) => write!(f, " NGUID {}", Hex(&g)),
+            Some(NamespaceIdentity { eui64: Some(e), .. }) => write!(f, " EUI-64 {}", Hex(&e)),
+            Some(ns) => write!(f, " namespace {}", ns.nsid),
+            None => Ok(()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -400,5 +420,29 @@ mod tests {
         assert_eq!(escaped(b"nightly-1.a"), "nightly-1.a");
         assert_eq!(escaped(b"a\x1b[2Jb\n\\"), "a\\x1b[2Jb\\x0a\\\\");
         assert_eq!(escaped(&[0xc3, 0xa9, 0x7f]), "\\xc3\\xa9\\x7f");
+    }
+
+    #[test]
+    fn a_cow_device_is_described_with_what_identifies_it() {
+        use drivers::info::{DeviceName, FixedString};
+        let mut v = DeviceInfo::new(DeviceName::from_str_truncated("vdb"), "virtio-blk");
+        assert_eq!(alloc::format!("{}", DescribeDevice(&v)), "vdb, virtio-blk");
+        v.serial = FixedString::from_str_truncated("cow\x01x");
+        assert_eq!(
+            alloc::format!("{}", DescribeDevice(&v)),
+            "vdb, virtio-blk serial 'cow\\x01x'"
+        );
+        let mut n = DeviceInfo::new(DeviceName::from_str_truncated("nvme0n2"), "nvme");
+        n.serial = FixedString::from_str_truncated("SN1");
+        n.namespace = Some(NamespaceIdentity::new(2, [0; 16], [0xab; 8]));
+        assert_eq!(
+            alloc::format!("{}", DescribeDevice(&n)),
+            "nvme0n2, nvme serial 'SN1' EUI-64 abababababababab"
+        );
+        n.namespace = Some(NamespaceIdentity::new(2, [0; 16], [0; 8]));
+        assert_eq!(
+            alloc::format!("{}", DescribeDevice(&n)),
+            "nvme0n2, nvme serial 'SN1' namespace 2"
+        );
     }
 }

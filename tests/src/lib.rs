@@ -657,6 +657,39 @@ pub fn xorshift_bytes(len: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
+/// Runs `qemu-io` (qemu-utils) on NBD export `export` at `127.0.0.1:port` with these `-c`
+/// commands; its status and its output (stdout then stderr).
+pub fn qemu_io(port: u16, export: &str, commands: &[&str]) -> (bool, String) {
+    qemu_io_with(port, export, &[], commands)
+}
+
+/// [`qemu_io`] opening the export read-only (`-r`).
+pub fn qemu_io_read_only(port: u16, export: &str, commands: &[&str]) -> (bool, String) {
+    qemu_io_with(port, export, &["-r"], commands)
+}
+
+fn qemu_io_with(port: u16, export: &str, flags: &[&str], commands: &[&str]) -> (bool, String) {
+    let mut args: Vec<String> = flags.iter().map(|f| f.to_string()).collect();
+    args.extend(["-f".to_string(), "raw".to_string()]);
+    for c in commands {
+        args.push("-c".into());
+        args.push((*c).into());
+    }
+    args.push(format!("nbd://127.0.0.1:{port}/{export}"));
+    let o = std::process::Command::new("qemu-io")
+        .args(&args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run qemu-io (make deps): {e}"));
+    (
+        o.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::find_shown;

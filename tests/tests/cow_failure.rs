@@ -9,35 +9,13 @@
 //! and again later), `snapshot list`/`status` must show it, and `snapshot delete` gives it up.
 //! Needs qemu-utils (qemu-io) on the host.
 
-use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use tests::cow::CowImage;
-use tests::{free_port, Boot, Image, Qemu, TIMEOUT};
+use tests::{free_port, qemu_io, Boot, Image, Qemu, TIMEOUT};
 
 const MIB: u64 = 1 << 20;
 const NBD_PORT: u16 = 10809;
-
-fn qemu_io(port: u16, export: &str, commands: &[&str]) -> Output {
-    let mut args = vec!["-f".to_string(), "raw".to_string()];
-    for c in commands {
-        args.push("-c".into());
-        args.push((*c).into());
-    }
-    args.push(format!("nbd://127.0.0.1:{port}/{export}"));
-    Command::new("qemu-io")
-        .args(&args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run qemu-io (make deps): {e}"))
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 /// Waits until `pattern` occurs `n` times in the transcript.
 fn wait_count(q: &mut Qemu, pattern: &str, n: usize, timeout: Duration) -> String {
@@ -153,8 +131,7 @@ fn dead_cow_after_create(nvme: bool) {
     };
 
     // The write needs a copy into s1; the COW device refuses it and then the header write.
-    let w = qemu_io(port, "vda", &["write -P 0x55 0 64k", "flush"]);
-    let wt = text(&w);
+    let (_, wt) = qemu_io(port, "vda", &["write -P 0x55 0 64k", "flush"]);
     assert!(
         wt.contains("write failed: Input/output error"),
         "the origin write went through while the store still reads as valid: {wt}"
@@ -192,8 +169,8 @@ fn dead_cow_after_create(nvme: bool) {
     );
 
     // Reads go on; a console write that needs a copy fails like the NBD one.
-    let r = qemu_io(port, "vda", &["read 0 64k"]);
-    assert!(text(&r).contains("read 65536/65536 bytes"), "{}", text(&r));
+    let (_, r) = qemu_io(port, "vda", &["read 0 64k"]);
+    assert!(r.contains("read 65536/65536 bytes"), "{r}");
     // (Log lines of the NBD connections redraw the prompt: let them pass first.)
     q.settle(Duration::from_millis(300));
     let out = q.command("write vda 100 1 --byte 0x11");
@@ -254,12 +231,8 @@ fn dead_cow_after_create(nvme: bool) {
         "{out}"
     );
     q.settle(Duration::from_millis(300));
-    let w = qemu_io(port, "vda", &["write -P 0x55 0 64k", "flush"]);
-    assert!(
-        w.status.success() && !text(&w).contains("failed"),
-        "{}",
-        text(&w)
-    );
+    let (ok, w) = qemu_io(port, "vda", &["write -P 0x55 0 64k", "flush"]);
+    assert!(ok && !w.contains("failed"), "{w}");
     assert!(a.read(0, 65536).iter().all(|&x| x == 0x55));
     let _ = std::fs::remove_file(b.path.with_extension("blkdebug.conf"));
     q.poweroff();
@@ -272,12 +245,8 @@ fn dead_cow_after_create(nvme: bool) {
 fn a_cow_device_that_comes_back_gets_the_store_invalidated_and_writes_go_on() {
     let (mut q, port, a, b, origin) =
         boot_with_dying_cow("cowback", FAILS_TWICE_AFTER_CREATE, false);
-    let w = qemu_io(port, "vda", &["write -P 0x55 0 64k", "flush"]);
-    assert!(
-        text(&w).contains("write failed: Input/output error"),
-        "{}",
-        text(&w)
-    );
+    let (_, w) = qemu_io(port, "vda", &["write -P 0x55 0 64k", "flush"]);
+    assert!(w.contains("write failed: Input/output error"), "{}", w);
     wait_count(
         &mut q,
         "snapshot s1: INVALID, but its COW store could not be marked invalid",
@@ -298,12 +267,8 @@ fn a_cow_device_that_comes_back_gets_the_store_invalidated_and_writes_go_on() {
     );
     // Retries are at most once a second.
     std::thread::sleep(Duration::from_millis(1500));
-    let w = qemu_io(port, "vda", &["write -P 0x66 0 64k", "flush"]);
-    assert!(
-        w.status.success() && !text(&w).contains("failed"),
-        "{}",
-        text(&w)
-    );
+    let (ok, w) = qemu_io(port, "vda", &["write -P 0x66 0 64k", "flush"]);
+    assert!(ok && !w.contains("failed"), "{w}");
     wait_count(
         &mut q,
         "snapshot s1: its COW store is marked invalid now; origin writes go on",

@@ -178,7 +178,7 @@ fn foreign_merging_store(name: &[u8], origin_sectors: u64) -> Vec<u8> {
     cow[end..512].fill(0);
     let sum = format::crc32c(&cow[16..end]);
     cow[end..end + 4].copy_from_slice(&sum.to_le_bytes());
-    format::encode_merge_marker(&mut cow[..4096]);
+    format::encode_merge_marker(&mut cow[..4096], None);
     assert!(snapshot::Binding::decode(&cow[..512]).is_ok());
     cow
 }

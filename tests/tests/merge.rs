@@ -1,9 +1,11 @@
 //! Snapshot merge on real disks: `snapshot merge NAME` rolls the origin back to the snapshot
 //! while a second snapshot of the same origin keeps its own contents; the merged store is
 //! wiped and the snapshot removed. A power cut (SIGKILL) in the middle of a merge: the next
-//! boot resumes it and finishes the job.
+//! boot resumes it and finishes the job. A cut merge whose COW disk is missing at the next
+//! boot: the half-merged origin is read-only (console and NBD) until the store is back, or
+//! until the operator gives the store up (`snapshot forget-merge`).
 
-use tests::{sha256_hex, Boot, Image, Qemu, TIMEOUT};
+use tests::{free_port, qemu_io, qemu_io_read_only, sha256_hex, Boot, Image, Qemu, TIMEOUT};
 
 const MIB: u64 = 1 << 20;
 
@@ -299,4 +301,159 @@ fn a_merge_with_writes_and_bench_on_the_origin_and_refusals() {
         "the write made during the merge is not on the origin"
     );
     assert_wiped(&b);
+}
+
+const NBD_PORT: u16 = 10809;
+
+/// Creates s1 of vda on vdb, rewrites 32 MiB of vda (sequential, so the merge copies long
+/// runs) and cuts the power once `snapshot merge s1` has marked the origin. Returns what
+/// the origin held before, i.e. what it must hold when the merge is done.
+fn cut_a_merge(a: &Image, b: &Image, c: &Image) -> Vec<u8> {
+    let before = pattern(64 * MIB, 3);
+    a.write(0, &before);
+    let mut q = boot(a, b, c);
+    let out = q.command("snapshot create s1 vda vdb");
+    assert!(out.contains("created snapshot s1"), "{out}");
+    assert!(q
+        .command_timeout("write vda 0 65536 --seed 12", TIMEOUT * 2)
+        .contains("wrote"));
+    q.send(b"snapshot merge s1\r");
+    wait_for_any(&q, &["merge of s1 started"], TIMEOUT);
+    q.kill();
+    let cut = q.transcript();
+    assert!(
+        !cut.contains("merged s1 into vda"),
+        "the merge finished before the cut: {cut}"
+    );
+    // On the host: the origin's first block carries the marker, naming the store.
+    let marker = snapshot::OriginMarker::decode(&a.read(0, 512))
+        .unwrap_or_else(|| panic!("no origin marker on the half-merged origin\n{cut}"));
+    assert_eq!(marker.name.as_bytes(), b"s1");
+    assert!(
+        std::str::from_utf8(marker.cow.as_bytes())
+            .unwrap()
+            .contains("MERGE-COW-1"),
+        "{marker:?}"
+    );
+    before
+}
+
+/// Boots with the origin and the spare disk only (the COW disk is missing), NBD served.
+fn boot_without_store(a: &Image, c: &Image, port: u16) -> Qemu {
+    let mut q = Boot::kernel("q35", "testing loglevel=info")
+        .virtio_disk(&a.path, "MERGE-ORIGIN")
+        .virtio_disk(&c.path, "MERGE-COW-2")
+        .net(&[(port, NBD_PORT)], None)
+        .start();
+    q.wait_prompt();
+    q.wait_nbd_serving();
+    q
+}
+
+/// The checks on a half-merged origin whose store is missing: read-only for the console
+/// and for NBD (EPERM), reads go on, no snapshot builds on it, the console says why.
+fn assert_held(q: &mut Qemu, port: u16, a: &Image) {
+    let t = q.transcript();
+    assert!(
+        t.contains("vda: half-merged from snapshot 's1', whose COW store (vdb, virtio-blk serial 'MERGE-COW-1') was not found; read-only until that store is attached"),
+        "no warning at boot:\n{t}"
+    );
+    let head = a.read(0, 1 << 20);
+    let out = q.command("write vda 100 1 --byte 0x44");
+    assert!(
+        out.contains("error: vda is half-merged from snapshot 's1'"),
+        "{out}"
+    );
+    let out = q.command("snapshot create t vda vdb");
+    assert!(out.contains("error: vda is half-merged"), "{out}");
+    let out = q.command("snapshot create t vdb vda");
+    assert!(out.contains("error: vda is half-merged"), "{out}");
+    let list = q.command("snapshot list");
+    assert!(
+        list.contains("origin vda: half-merged from snapshot 's1'"),
+        "{list}"
+    );
+    let json = q.command("snapshot list --json");
+    assert!(
+        json.contains(r#""half_merged_origins":[{"device":"vda","snapshot":"s1""#),
+        "{json}"
+    );
+    // A read-only export: qemu-io will not open it for writing.
+    let (ok, w) = qemu_io(port, "vda", &["write -P 0x55 1M 64k", "flush"]);
+    assert!(
+        !ok && w.contains("Permission denied"),
+        "an NBD write to the half-merged origin was not refused: {w}"
+    );
+    let (ok, r) = qemu_io_read_only(port, "vda", &["read 1M 64k"]);
+    assert!(ok && r.contains("read 65536/65536 bytes"), "{r}");
+    assert!(a.read(0, 1 << 20) == head, "the half-merged origin changed");
+}
+
+#[test]
+fn a_half_merged_origin_without_its_store_stays_read_only_until_it_returns() {
+    let (a, b, c) = (
+        Image::new("halfmerge-origin", 64 * MIB),
+        Image::new("halfmerge-cow", 64 * MIB),
+        Image::new("halfmerge-spare", MIB),
+    );
+    let before = cut_a_merge(&a, &b, &c);
+    let port = free_port();
+    let mut q = boot_without_store(&a, &c, port);
+    assert_held(&mut q, port, &a);
+    q.poweroff();
+
+    // The store is back: the merge resumes, finishes and writes chunk 0 back; the origin is
+    // the snapshot and writable again.
+    let mut q = boot(&a, &b, &c);
+    wait_for_any(&q, &["merge of s1 finished; snapshot removed"], TIMEOUT * 3);
+    q.settle(std::time::Duration::from_millis(300));
+    assert!(q.transcript().contains("merge of s1 resumed: "));
+    assert!(
+        !q.transcript().contains("half-merged"),
+        "{}",
+        q.transcript()
+    );
+    assert_eq!(q.checksum("vda"), sha256_hex(&before));
+    assert!(q.command("write vda 100 1 --byte 0x44").contains("wrote"));
+    q.poweroff();
+    assert!(snapshot::OriginMarker::decode(&a.read(0, 512)).is_none());
+    assert!(
+        a.read(0, 4096) == before[..4096],
+        "origin chunk 0 not written back"
+    );
+    assert_wiped(&b);
+}
+
+#[test]
+fn forget_merge_gives_up_a_lost_store_and_makes_the_origin_writable() {
+    let (a, b, c) = (
+        Image::new("forgetmerge-origin", 64 * MIB),
+        Image::new("forgetmerge-cow", 64 * MIB),
+        Image::new("forgetmerge-spare", MIB),
+    );
+    cut_a_merge(&a, &b, &c);
+    let port = free_port();
+    let mut q = boot_without_store(&a, &c, port);
+    let out = q.command("snapshot forget-merge vdb");
+    assert!(
+        out.contains("error: vdb is not a half-merged origin waiting for its store"),
+        "{out}"
+    );
+    let out = q.command("snapshot forget-merge vda");
+    assert!(
+        out.contains("giving up the merge from snapshot 's1'"),
+        "{out}"
+    );
+    assert!(out.contains("wrote"), "{out}");
+    assert!(!q.command("snapshot list").contains("half-merged"));
+    let (ok, w) = qemu_io(port, "vda", &["write -P 0x55 1M 64k", "flush"]);
+    assert!(ok && !w.contains("failed"), "{w}");
+    q.poweroff();
+    assert!(a.read(0, 512).iter().all(|&x| x == 0), "marker not zeroed");
+    assert!(a.read(MIB, 65536).iter().all(|&x| x == 0x55));
+    // The next boot finds no marker: the origin stays writable.
+    let mut q = boot_without_store(&a, &c, port);
+    assert!(!q.transcript().contains("half-merged"));
+    assert!(q.command("write vda 100 1 --byte 0x44").contains("wrote"));
+    q.poweroff();
 }

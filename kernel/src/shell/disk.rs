@@ -42,6 +42,9 @@ fn disk_index(st: &Storage, name: &str) -> CmdResult<Target> {
 
 /// Refuses writes that would corrupt a COW store: to a device that holds one.
 fn check_writable(st: &Storage, target: Target) -> CmdResult<()> {
+    if let Some(h) = st.held(st.disk_of(target)) {
+        return Err(alloc::format!("{} is {}", st.target_name(target), h.why()));
+    }
     if st.geometry(target).read_only {
         return Err(alloc::format!("{} is read-only", st.target_name(target)));
     }

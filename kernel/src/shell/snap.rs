@@ -27,7 +27,8 @@ fn shown(s: &str) -> String {
 
 /// Runs a `snapshot` subcommand; creation and deletion come back as tasks.
 pub fn run(args: &Args, out: &mut Out) -> Option<Box<dyn Task>> {
-    let result = storage::with(|st| match args.arg("SUBCOMMAND") {
+    let result = storage::with(|st| {
+        match args.arg("SUBCOMMAND") {
         Some("create") => create(st, args).map(Some),
         Some("list") => {
             list(st, args.flag("json"), out);
@@ -37,14 +38,16 @@ pub fn run(args: &Args, out: &mut Out) -> Option<Box<dyn Task>> {
         Some("delete") => delete(st, args).map(Some),
         Some("attach") => attach(st, args).map(Some),
         Some("merge") => merge(st, args).map(Some),
+        Some("forget-merge") => forget_merge(st, args, out).map(Some),
         Some(other) => Err(alloc::format!(
-            "unknown snapshot subcommand '{}' (create, list, status, delete, attach, merge)",
+            "unknown snapshot subcommand '{}' (create, list, status, delete, attach, merge, forget-merge)",
             shown(other)
         )),
         None => Err(
-            "snapshot needs a subcommand: create, list, status, delete, attach or merge"
+            "snapshot needs a subcommand: create, list, status, delete, attach, merge or forget-merge"
                 .to_string(),
         ),
+    }
     });
     match result {
         Ok(task) => task,
@@ -103,7 +106,9 @@ fn create(st: &mut Storage, args: &Args) -> CmdResult<Box<dyn Task>> {
             "{origin_name} holds the COW store of snapshot '{user}'; it cannot be an origin"
         ));
     }
+    refuse_held(st, origin)?;
     let (cow_disk, cow_start, cow_sectors) = parse_cow(st, cow_text)?;
+    refuse_held(st, cow_disk)?;
     if cow_disk == origin {
         return Err("the COW store must be on another device than the origin".into());
     }
@@ -199,6 +204,8 @@ fn attach(st: &mut Storage, args: &Args) -> CmdResult<Box<dyn Task>> {
     if cow == origin {
         return Err("the COW store must be on another device than the origin".into());
     }
+    // (A half-merged origin may be the origin: attaching its store resumes the merge.)
+    refuse_held(st, cow)?;
     if let Some(user) = st.cow_user(cow) {
         return Err(alloc::format!(
             "{cow_name} already holds the COW store of snapshot '{user}'"
@@ -299,6 +306,55 @@ fn delete(st: &mut Storage, args: &Args) -> CmdResult<Box<dyn Task>> {
 }
 
 /// `snapshot merge NAME`: roll the origin back to the snapshot (lvconvert --merge).
+/// Refuses a half-merged origin waiting for its store as the origin of a new snapshot or as
+/// a COW device: either would build on (or destroy) an origin that is only right through
+/// the missing store.
+fn refuse_held(st: &Storage, disk: usize) -> CmdResult<()> {
+    match st.held(disk) {
+        Some(h) => Err(alloc::format!("{} is {}", st.name(disk), h.why())),
+        None => Ok(()),
+    }
+}
+
+/// `snapshot forget-merge DEV`: the store of half-merged origin DEV is lost for good; make
+/// DEV writable as it is. Its first block (the origin marker) is zeroed: the first chunk's
+/// data was kept in the lost store.
+fn forget_merge(st: &mut Storage, args: &Args, out: &mut Out) -> CmdResult<Box<dyn Task>> {
+    let Some(dev) = args.arg("NAME") else {
+        return Err("usage: snapshot forget-merge DEV".into());
+    };
+    let disk = st
+        .find(dev)
+        .ok_or_else(|| alloc::format!("no device '{}'", shown(dev)))?;
+    let Some(h) = st.held(disk).cloned() else {
+        return Err(alloc::format!(
+            "{} is not a half-merged origin waiting for its store",
+            st.name(disk)
+        ));
+    };
+    st.held.retain(|x| x.disk != disk);
+    let _ = writeln!(
+        out,
+        "{}: giving up the merge from snapshot '{}'; the device is writable again, half-merged, and its first block is zeroed",
+        st.name(disk),
+        identity::escaped(h.marker.name.as_bytes())
+    );
+    let spec = storage::tasks::WriteSpec {
+        pattern: storage::tasks::Pattern::Byte(0),
+        transfer_bytes: None,
+        fua: false,
+        flush_every: 0,
+    };
+    Ok(Box::new(storage::tasks::RangeTask::write(
+        st,
+        Target::Device(disk),
+        0,
+        1,
+        spec,
+        time::uptime_ns(),
+    )))
+}
+
 fn merge(st: &mut Storage, args: &Args) -> CmdResult<Box<dyn Task>> {
     let (origin, snap) = find_snap(st, args)?;
     match snap.state {
@@ -335,11 +391,18 @@ fn merge(st: &mut Storage, args: &Args) -> CmdResult<Box<dyn Task>> {
             other.name
         ));
     }
-    Ok(Box::new(MergeTask::new(
+    let (name, id, origin_name) = (
         snap.name.clone(),
-        origin,
-        st.name(o.disk).as_str().to_string(),
         snap.id,
+        st.name(o.disk).as_str().to_string(),
+    );
+    // What the origin marker will name, should the store go missing mid-merge.
+    st.label_merge(origin, id);
+    Ok(Box::new(MergeTask::new(
+        name,
+        origin,
+        origin_name,
+        id,
         time::uptime_ns(),
     )))
 }
@@ -399,6 +462,18 @@ fn list(st: &Storage, json_out: bool, out: &mut Out) {
                         e.str("device", st.name(u.disk).as_str());
                         e.u64("start_sector", u.start);
                         e.str("why", &u.why);
+                    });
+                }
+            });
+            j.array("half_merged_origins", |a| {
+                for h in &st.held {
+                    a.object(|e| {
+                        e.str("device", st.name(h.disk).as_str());
+                        e.str("snapshot", &identity::escaped(h.marker.name.as_bytes()));
+                        e.str("cow", &identity::escaped(h.marker.cow.as_bytes()));
+                        e.u64("cow_start_sector", h.marker.region_start);
+                        e.u64("saved_chunk", h.marker.saved_chunk);
+                        e.str("why", &h.why());
                     });
                 }
             });
@@ -499,6 +574,9 @@ fn list(st: &Storage, json_out: bool, out: &mut Out) {
                 );
             }
         }
+    }
+    for h in &st.held {
+        let _ = writeln!(out, "origin {}: {}", st.name(h.disk).as_str(), h.why());
     }
     for u in &st.unserved {
         if u.start == 0 {

@@ -11,6 +11,7 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use drivers::block::{BlockRequest, BufferPool, Completion};
 use snapshot::format::{FreeExtent, SNAP_MAGIC};
+use snapshot::OriginMarker;
 use snapshot::{Binding, BindingError, LoadError, LoadParams, LoadedStore, Loader, SnapshotConfig};
 
 use super::tasks::Task;
@@ -28,6 +29,35 @@ pub struct Unserved {
     pub start: u64,
     /// Why it is not served.
     pub why: String,
+}
+
+/// An origin found half-merged at boot (its first block holds snapfw's origin marker) whose
+/// merging store is not attached: it is read-only, for NBD and the console, until the store
+/// is attached (the merge then resumes and writes its first chunk back).
+#[derive(Clone, Debug)]
+pub struct HeldOrigin {
+    /// The origin device.
+    pub disk: usize,
+    /// What the marker says.
+    pub marker: OriginMarker,
+}
+
+impl HeldOrigin {
+    /// Why the device is read-only, for the console.
+    pub fn why(&self) -> String {
+        let m = &self.marker;
+        let name = escaped(m.name.as_bytes());
+        let cow = escaped(m.cow.as_bytes());
+        let region = if m.region_start == 0 {
+            String::new()
+        } else {
+            alloc::format!(" at sector {}", m.region_start)
+        };
+        alloc::format!(
+            "half-merged from snapshot '{name}', whose COW store ({cow}{region}) was not found; read-only until that store is attached, then the merge resumes (its first chunk is kept in the store, chunk {})",
+            m.saved_chunk
+        )
+    }
 }
 
 // Only one scan exists, at boot: the size of the loading state does not matter.
@@ -87,6 +117,8 @@ pub struct DiscoverTask {
     write_binding: bool,
     /// Why adoption failed.
     error: Option<String>,
+    /// Half-merged origins were settled once the scan ended.
+    settled: bool,
 }
 
 impl DiscoverTask {
@@ -103,6 +135,7 @@ impl DiscoverTask {
             adopt: None,
             write_binding: false,
             error: None,
+            settled: false,
         }
     }
 
@@ -175,6 +208,18 @@ impl DiscoverTask {
                     "there is no dm-snapshot store on that device (no SnAp header)",
                 ));
                 return self.next_disk();
+            }
+            if self.probe == 0 {
+                if let Some(marker) = OriginMarker::decode(&head) {
+                    // An origin a merge left half-done. Held read-only until the scan ends;
+                    // released then if its store was found and the merge resumes.
+                    st.held.retain(|h| h.disk != self.disk);
+                    st.held.push(HeldOrigin {
+                        disk: self.disk,
+                        marker,
+                    });
+                    return self.next_disk();
+                }
             }
             match FreeExtent::decode(&head) {
                 Some(free) if free.start == self.probe && free.sectors > 0 => {
@@ -354,6 +399,7 @@ impl DiscoverTask {
                     invalid: None,
                 });
                 self.found += 1;
+                st.label_merge(origin_index, id);
                 log::info!(
                     "snapshot {name}: store on {cow} attached to {}{}",
                     st.name(origin),
@@ -435,6 +481,11 @@ impl Task for DiscoverTask {
                 // first copy into every other snapshot what they overwrite).
                 for o in st.origins.iter_mut() {
                     o.engine.resume_merge();
+                }
+                if !self.settled {
+                    // Half-merged origins whose merge runs again are writable again.
+                    self.settled = true;
+                    st.settle_held(self.adopt.is_none());
                 }
                 return;
             }

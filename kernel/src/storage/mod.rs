@@ -62,6 +62,8 @@ pub struct Storage {
     pub origins: Vec<volume::Origin>,
     /// Stores found at boot that are not served (no binding, origin missing, corrupt).
     pub unserved: Vec<discover::Unserved>,
+    /// Half-merged origins whose merging store is not attached: read-only until it is.
+    pub held: Vec<discover::HeldOrigin>,
     /// Requests submitted by [`Storage::submit_to`] whose completion has not reached the
     /// sink of [`poll`] yet. A task is finished only when this is zero, so a late completion
     /// never reaches the next task.
@@ -172,7 +174,50 @@ impl Storage {
             g.read_only |= !writable;
             g.discard = false;
         }
+        // A half-merged origin waiting for its store, and the volumes on it.
+        g.read_only |= self.held(self.disk_of(target)).is_some();
         g
+    }
+
+    /// The half-merged origin on `disk` waiting for its merging store, if it is one.
+    pub fn held(&self, disk: usize) -> Option<&discover::HeldOrigin> {
+        self.held.iter().find(|h| h.disk == disk)
+    }
+
+    /// Names snapshot `id` of `origin` in the origin marker a merge of it writes (its name,
+    /// its COW device and region), so a boot that finds the origin without the store can say
+    /// which store to bring back.
+    pub fn label_merge(&mut self, origin: usize, id: snapshot::SnapId) {
+        let Some(o) = self.origins.get(origin) else {
+            return;
+        };
+        let Some(s) = o.snaps.iter().find(|s| s.id == id) else {
+            return;
+        };
+        let Some(cow) = self.devices.get(s.cow_disk).map(|d| d.info()) else {
+            return;
+        };
+        let desc = alloc::format!("{}", crate::identity::DescribeDevice(&cow));
+        let (name, start) = (s.name.clone(), s.cow_start);
+        self.origins[origin]
+            .engine
+            .set_merge_label(id, name.as_bytes(), desc.as_bytes(), start);
+    }
+
+    /// After discovery or `snapshot attach`: half-merged origins whose merge now runs are
+    /// released; the others stay read-only, with a warning when `warn` (at boot).
+    pub fn settle_held(&mut self, warn: bool) {
+        let origins = &self.origins;
+        self.held.retain(|h| {
+            !origins
+                .iter()
+                .any(|o| o.disk == h.disk && o.engine.merge_progress().is_some())
+        });
+        if warn {
+            for h in &self.held {
+                log::warn!("{}: {}", self.name(h.disk), h.why());
+            }
+        }
     }
 
     /// The buffer pool for I/O to a target.
@@ -247,10 +292,13 @@ impl Storage {
         self.direct_nbd.get(disk).copied().unwrap_or(0)
     }
 
-    /// Whether device `disk` holds a COW store: one an engine serves, or one found at boot
-    /// and not served. Only the engine (or nobody) writes it.
+    /// Whether device `disk` holds a COW store (one an engine serves, or one found at boot
+    /// and not served) or is a half-merged origin waiting for its store. Only the engine (or
+    /// nobody) writes it.
     pub fn holds_store(&self, disk: usize) -> bool {
-        self.cow_user(disk).is_some() || self.unserved.iter().any(|u| u.disk == disk)
+        self.cow_user(disk).is_some()
+            || self.unserved.iter().any(|u| u.disk == disk)
+            || self.held(disk).is_some()
     }
 
     fn submit_any(
@@ -354,6 +402,7 @@ static STORAGE: spin::Mutex<Storage> = spin::Mutex::new(Storage {
     controllers: Vec::new(),
     origins: Vec::new(),
     unserved: Vec::new(),
+    held: Vec::new(),
     task_ios: 0,
     direct_nbd: Vec::new(),
     servicer: Servicer::new(),

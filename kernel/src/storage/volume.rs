@@ -1046,6 +1046,15 @@ impl Origin {
                     let how = if resumed { "resumed" } else { "started" };
                     log::info!("merge of {} {how}: {left} chunks to go", s.name);
                 }
+                let marked = self.engine.merge_progress().is_none_or(|p| p.origin_marked);
+                if !marked {
+                    if let Some(s) = self.snap_by_id(snap) {
+                        log::warn!(
+                            "merge of {}: its store has no free chunk to keep origin chunk 0 in, so the origin is not marked as half-merged; if the COW device is missing at a boot before the merge ends, the origin is served as it is",
+                            s.name
+                        );
+                    }
+                }
             }
             Event::MergeDone { snap } => {
                 self.merge_clock = None;
