@@ -30,7 +30,7 @@ pub struct Claim<'a, C: ConfigAccess + ?Sized> {
     command: u16,
     msix: Option<(MsixCapability, MsixTable)>,
     msix_enabled: bool,
-    /// Table entries we unmasked.
+    /// Table entries we routed (masked again on rollback).
     routed: Vec<u16>,
     /// CPU vectors we allocated.
     vectors: Vec<u8>,
@@ -92,11 +92,16 @@ impl<'a, C: ConfigAccess + ?Sized> Claim<'a, C> {
         Ok(Some(size))
     }
 
+    /// Entries in the MSI-X table mapped by [`Claim::map_msix`] (`None` before, or without
+    /// MSI-X).
+    pub fn msix_entries(&self) -> Option<u16> {
+        self.msix.as_ref().map(|(_, table)| table.size())
+    }
+
     /// Allocates a CPU vector for `owner`, aims table `entry` at it (fixed delivery to the
     /// claim's APIC) and unmasks the entry. Needs [`Claim::map_msix`] first.
     pub fn route(&mut self, entry: u16, owner: InterruptOwner) -> Result<u8, MsixError> {
-        let size = self.msix.as_ref().map(|(_, table)| table.size());
-        let size = size.ok_or(MsixError::NoCapability)?;
+        let size = self.msix_entries().ok_or(MsixError::NoCapability)?;
         // Check the entry before a vector is taken for it.
         if entry >= size {
             return Err(MsixError::EntryOutOfRange {
@@ -217,7 +222,9 @@ mod tests {
             0x0407,
             "decode, master, INTx off"
         );
+        assert_eq!(claim.msix_entries(), None, "not mapped yet");
         assert_eq!(claim.map_msix(&FakeMapper).unwrap(), Some(4));
+        assert_eq!(claim.msix_entries(), Some(4));
         let owner = InterruptOwner {
             device: 7,
             queue: 1,

@@ -41,7 +41,6 @@ pub struct ProbeContext<'a, C: ConfigAccess + ?Sized, M: MmioMapper + ?Sized> {
 pub struct VirtioPci<'a, C: ConfigAccess + ?Sized> {
     cfg: &'a C,
     claim: Claim<'a, C>,
-    msix_entries: Option<u16>,
 }
 
 impl<'a, C: ConfigAccess + ?Sized> VirtioPci<'a, C> {
@@ -61,18 +60,17 @@ impl<'a, C: ConfigAccess + ?Sized> VirtioPci<'a, C> {
         for &queue in queues {
             check_capabilities(ctx.cfg, addr, claim.bars(), &common, queue)?;
         }
-        let msix_entries = claim.map_msix(ctx.mapper)?;
+        claim.map_msix(ctx.mapper)?;
         let pci = Self {
             cfg: ctx.cfg,
             claim,
-            msix_entries,
         };
         Ok((pci, common))
     }
 
     /// Entries in the MSI-X table; `None` when the function has no MSI-X capability.
     pub fn msix_entries(&self) -> Option<u16> {
-        self.msix_entries
+        self.claim.msix_entries()
     }
 
     /// Routes each `(table entry, queue)` of `routes` to a CPU vector of its own, owned by
