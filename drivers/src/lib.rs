@@ -1,4 +1,4 @@
-//! snapfw's device drivers: PCI, MSI-X, the block-device interface, virtio-blk.
+//! snapfw's device drivers: PCI, MSI-X, the block-device interface, virtio-blk, virtio-net, NVMe.
 //!
 //! The crate never depends on the kernel. The kernel implements a few HAL traits and drives
 //! everything from its boot code, its interrupt stubs and its main loop; host tests run the
@@ -8,13 +8,16 @@
 //! - [`hal`]: what the kernel supplies — [`hal::PortIo`], [`hal::MmioMapper`],
 //!   [`hal::DmaAllocator`] — plus PCI configuration mechanisms ([`hal::PortConfigAccess`],
 //!   [`hal::EcamConfigAccess`], [`hal::ConfigMechanism`]), [`hal::MmioRegion`] and [`hal::Dma`].
-//! - [`pci`]: enumeration, BAR sizing, capability lists, enabling the functions we drive.
+//! - [`pci`]: enumeration, BAR sizing, capability lists, and the [`pci::Claim`] a driver holds
+//!   on the function it brings up (enabled, MSI-X vectors owned, rolled back on failure).
 //! - [`msix`]: MSI-X capability/table/PBA programming and the [`msix::VectorRegistry`]
 //!   (CPU vector → device queue, pending flags set from interrupt context).
 //! - [`block`]: the [`block::BlockDevice`] trait, requests/completions, [`block::BufferPool`]
 //!   of DMA buffers, [`block::SlotTable`], and the [`block::RamDisk`] for tests above us.
-//! - [`virtio_blk`]: virtio-blk on virtio-drivers' `PciTransport` and `VirtQueue`, with our own
-//!   MSI-X vector programming.
+//! - [`virtio`]: what virtio-blk and virtio-net share: the virtio-pci bring-up under a
+//!   [`pci::Claim`] (capability checks, common configuration, MSI-X routing, rollback), and
+//!   the virtqueue of any supported size.
+//! - [`virtio_blk`]: virtio-blk on virtio-drivers' `PciTransport` and `VirtQueue`.
 //! - [`virtio_net`]: virtio-net on the same transport and virtqueues: one queue pair, packet
 //!   buffers allocated at start-up, MSI-X vectors for receive, transmit and link changes.
 //! - [`service`]: the main loop's interrupt servicing and virtio-blk discovery.
@@ -42,7 +45,7 @@
 //! //  or: ConfigMechanism::Ecam(EcamConfigAccess::new(
 //! //          unsafe { hal::map_region(&KernelHal, window_phys, window_len)? }, start, end))
 //! let functions = pci::enumerate(&cfg, pci::ScanMode::FollowBridges);
-//! let ctx = virtio_blk::ProbeContext {
+//! let ctx = virtio::ProbeContext {
 //!     cfg: &cfg, mapper: &KernelHal, registry: &VECTORS, apic_id: boot_cpu_apic_id,
 //! };
 //! let found = service::discover_virtio_blk::<KernelHal, _, _>(
@@ -96,9 +99,11 @@
 //!
 //! # `unsafe`
 //! The crate root denies `unsafe_code`; it is allowed only in `hal` (MMIO, DMA), `msix::table`
-//! (mapping the table), `virtio_blk::queue` (virtqueue buffers) and
-//! `virtio_blk::common_regs` (mapping the common configuration); `scripts/unsafe-allowlist.sh`
-//! checks the file names. Every block has a `// SAFETY:` comment.
+//! (mapping the table), the drivers' queue modules (`virtio::queue`, `virtio_blk::queue`,
+//! `virtio_net::queue`, `nvme::queue`: virtqueue and ring buffers), `virtio::common_regs`
+//! (mapping the common configuration) and the NVMe register modules;
+//! `scripts/unsafe-allowlist.sh` checks the file names. Every block has a `// SAFETY:`
+//! comment.
 #![cfg_attr(not(any(test, feature = "fuzz")), no_std)]
 #![deny(unsafe_code)]
 
@@ -114,5 +119,6 @@ pub mod msix;
 pub mod nvme;
 pub mod pci;
 pub mod service;
+pub mod virtio;
 pub mod virtio_blk;
 pub mod virtio_net;

@@ -1,6 +1,9 @@
 //! PCI: enumeration of functions, BAR decoding and sizing, capability lists, and enabling the
 //! functions we drive.
 //!
+//! A driver brings its function up under a [`Claim`], which enables it, owns its MSI-X vectors
+//! and undoes both when the probe fails.
+//!
 //! Everything goes through a [`ConfigAccess`] supplied by the kernel (ports or ECAM), so host
 //! tests run against hand-built configuration spaces (`pci::fake`). Enumeration happens once at
 //! boot and allocates; nothing here runs on the I/O path.
@@ -10,6 +13,7 @@
 
 mod bar;
 mod capability;
+mod claim;
 mod enumerate;
 #[cfg(test)]
 pub mod fake;
@@ -21,6 +25,7 @@ pub use capability::{
     capabilities, extended_capabilities, find_capability, Capability, CapabilityIter,
     ExtendedCapabilityIter,
 };
+pub use claim::Claim;
 pub use enumerate::{enumerate, PciFunction, ScanMode};
 
 use regs::{Command, COMMAND};

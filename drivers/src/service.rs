@@ -11,7 +11,8 @@ use crate::hal::{ConfigAccess, MmioMapper};
 use crate::info::{disk_name, DeviceInfo};
 use crate::msix::VectorRegistry;
 use crate::pci::PciFunction;
-use crate::virtio_blk::{self, probe::ProbeContext, VirtioBlkConfig};
+use crate::virtio::ProbeContext;
+use crate::virtio_blk::{self, VirtioBlkConfig};
 use alloc::boxed::Box;
 use alloc::vec::Vec;
 
@@ -277,33 +278,26 @@ mod tests {
 
     #[test]
     fn discovery_names_in_pci_order_and_keeps_failures() {
-        use crate::hal::fake::{FakeMapper, FakeVirtioHal};
+        use crate::hal::fake::FakeVirtioHal;
         use crate::hal::PciAddress;
         use crate::pci::fake::FakePci;
         use crate::pci::{enumerate, ScanMode};
-        use crate::virtio_blk::probe::tests::{virtio_blk_function, Bar, Msix};
+        use crate::virtio::fake_pci::{ctx, virtio_function, Bar, Msix};
 
         let (mut bar_a, mut bar_b, mut bar_c) = (Bar::new(), Bar::new(), Bar::new());
         let pci = FakePci::new();
-        pci.insert(
-            PciAddress::new(0, 3, 0),
-            virtio_blk_function(&mut bar_a, Msix::Good),
-        );
-        pci.insert(
-            PciAddress::new(0, 4, 0),
-            virtio_blk_function(&mut bar_b, Msix::OutsideBar),
-        ); // broken MSI-X
-        pci.insert(
-            PciAddress::new(0, 5, 0),
-            virtio_blk_function(&mut bar_c, Msix::Good),
-        );
+        for (device, bar, msix) in [
+            (3, &mut bar_a, Msix::Entries(4)),
+            (4, &mut bar_b, Msix::OutsideBar), // broken MSI-X
+            (5, &mut bar_c, Msix::Entries(4)),
+        ] {
+            pci.insert(
+                PciAddress::new(0, device, 0),
+                virtio_function(bar, 0x1042, msix),
+            );
+        }
         let registry = VectorRegistry::new();
-        let ctx = ProbeContext {
-            cfg: &pci,
-            mapper: &FakeMapper,
-            registry: &registry,
-            apic_id: 0,
-        };
+        let ctx = ctx(&pci, &registry, 0);
         let functions = enumerate(&pci, ScanMode::FollowBridges);
         let found = discover_virtio_blk::<FakeVirtioHal, _, _>(
             &ctx,

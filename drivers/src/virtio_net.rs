@@ -2,11 +2,12 @@
 //! (not its `VirtIONetRaw`, which finishes initialisation before we could assign MSI-X
 //! vectors, and not `VirtIONet`, which allocates per packet).
 //!
-//! - [`probe()`]: PCI glue — BARs, bus mastering, MSI-X entries, common configuration,
-//!   transport — and then [`VirtioNet::new`].
+//! - [`probe()`]: PCI glue — the bring-up shared with virtio-blk ([`crate::virtio`]) with
+//!   virtio-net's MSI-X layout — and then [`VirtioNet::new`].
 //! - `device`: initialisation, the receive and transmit halves ([`NetRx`], [`NetTx`]), link
 //!   status and counters.
-//! - `queue`: a virtqueue with its packet buffers and token table (the driver's `unsafe`).
+//! - `queue`: a [`crate::virtio::AnyQueue`] with its packet buffers and token table (the
+//!   driver's `unsafe`).
 //! - `regs`: feature bits, configuration layout, the packet header.
 //!
 //! Spec: virtio 1.2 §5.1 (network device), §4.1 (virtio over PCI), §2.7 (split virtqueues).
@@ -19,9 +20,9 @@
 //! packet. When no transmit buffer is free, [`NetTx::alloc`] returns `None` (back-pressure;
 //! TCP retransmits).
 //!
-//! The virtio-pci helpers shared with virtio-blk (common configuration mapping, capability
-//! checks, vector assignment) live in `virtio_blk::common_regs`; their errors arrive here as
-//! [`VirtioNetError::Pci`].
+//! The virtio-pci bring-up shared with virtio-blk (claim, capability checks, common
+//! configuration, vector assignment) lives in [`crate::virtio`]; its errors arrive here as
+//! [`VirtioNetError::Setup`].
 
 mod device;
 pub mod probe;
@@ -33,12 +34,9 @@ pub use device::{
     fallback_mac, MacDisplay, NetCounters, NetRx, NetTx, NetVectors, RxPacket, TxPacket, VirtioNet,
 };
 pub use probe::{is_virtio_net, probe, VirtioNetPci};
-pub use queue::{choose_queue_size, QueueError, MAX_QUEUE_SIZE, MIN_QUEUE_SIZE};
+pub use queue::QueueError;
 
-use crate::hal::HalError;
-use crate::msix::MsixError;
-use crate::pci::PciError;
-use crate::virtio_blk::VirtioBlkError;
+use crate::virtio::{SetupError, MAX_QUEUE_SIZE};
 
 /// Bytes per packet buffer: the 12-byte header and a 1514-byte frame, rounded to two buffers
 /// per page.
@@ -73,7 +71,7 @@ pub enum VirtioNetError {
     FeaturesRejected,
     /// The device does not offer `VIRTIO_F_VERSION_1`.
     LegacyDevice,
-    /// A queue is missing or smaller than [`MIN_QUEUE_SIZE`].
+    /// A queue is missing or smaller than [`crate::virtio::MIN_QUEUE_SIZE`].
     QueueTooSmall {
         /// The queue.
         queue: u16,
@@ -82,37 +80,13 @@ pub enum VirtioNetError {
     },
     /// Setting up a queue or its buffers failed.
     Queue(QueueError),
-    /// virtio-pci setup failed (common configuration, capabilities, vector assignment).
-    Pci(VirtioBlkError),
-    /// virtio-drivers' PCI transport could not be set up.
-    Transport(virtio_drivers::transport::pci::VirtioPciError),
-    /// MSI-X setup failed.
-    Msix(MsixError),
+    /// The virtio-pci bring-up failed (PCI, MSI-X, capabilities, vector assignment).
+    Setup(SetupError),
 }
 
-impl From<VirtioBlkError> for VirtioNetError {
-    fn from(e: VirtioBlkError) -> Self {
-        Self::Pci(e)
-    }
-}
-impl From<PciError> for VirtioNetError {
-    fn from(e: PciError) -> Self {
-        Self::Pci(VirtioBlkError::Pci(e))
-    }
-}
-impl From<HalError> for VirtioNetError {
-    fn from(e: HalError) -> Self {
-        Self::Pci(VirtioBlkError::Hal(e))
-    }
-}
-impl From<MsixError> for VirtioNetError {
-    fn from(e: MsixError) -> Self {
-        Self::Msix(e)
-    }
-}
-impl From<virtio_drivers::transport::pci::VirtioPciError> for VirtioNetError {
-    fn from(e: virtio_drivers::transport::pci::VirtioPciError) -> Self {
-        Self::Transport(e)
+impl From<SetupError> for VirtioNetError {
+    fn from(e: SetupError) -> Self {
+        Self::Setup(e)
     }
 }
 
@@ -126,9 +100,7 @@ impl core::fmt::Display for VirtioNetError {
                 write!(f, "queue {queue} too small ({max} descriptors)")
             }
             Self::Queue(e) => write!(f, "queue setup: {e:?}"),
-            Self::Pci(e) => write!(f, "{e}"),
-            Self::Transport(e) => write!(f, "virtio-pci transport: {e}"),
-            Self::Msix(e) => write!(f, "{e}"),
+            Self::Setup(e) => write!(f, "{e}"),
         }
     }
 }

@@ -3,20 +3,18 @@
 //! Order (as Linux's `nvme_pci_enable` + `nvme_setup_io_queues`): size BARs, enable memory
 //! decoding and bus mastering (INTx off), map BAR0, map the MSI-X table and enable MSI-X with
 //! the function masked, then [`attach`] (bring-up, Identify, queues; it routes table entries
-//! through [`VectorSetup`] as it creates completion queues), then unmask the function. On
-//! failure every vector is released, MSI-X is disabled and the controller is left disabled.
+//! through [`VectorSetup`] as it creates completion queues), then unmask the function. All of
+//! it happens under a [`Claim`]: on failure every vector is released, MSI-X is disabled, the
+//! function stops decoding and mastering, and the controller is left disabled.
 
 use super::controller::{attach, AttachParams, Attached, VectorSetup};
 use super::regs::MmioRegisters;
 use super::{Clock, NvmeConfig, NvmeError};
 use crate::hal::{ConfigAccess, DmaAllocator, MmioMapper};
 use crate::info::{reason, DeviceInfo, DeviceName};
-use crate::msix::{
-    InterruptOwner, MsiMessage, MsixCapability, MsixError, MsixTable, VectorRegistry,
-};
-use crate::pci::{bar_structure, enable_function, probe_bars, PciFunction};
+use crate::msix::{InterruptOwner, VectorRegistry};
+use crate::pci::{bar_structure, Claim, PciError, PciFunction};
 use alloc::boxed::Box;
-use alloc::vec::Vec;
 use core::fmt::Write;
 
 /// Mass storage class.
@@ -36,7 +34,7 @@ pub fn is_nvme(function: &PciFunction) -> bool {
         && function.prog_if == PROG_IF_NVME
 }
 
-/// What the kernel lends the probe: as virtio-blk's context, plus the clock, and a
+/// What the kernel lends the probe: as [`crate::virtio::ProbeContext`], plus the clock, and a
 /// `'static` registry (the driver posts wake-ups to it at run time).
 pub struct ProbeContext<'a, C: ConfigAccess + ?Sized, M: MmioMapper + ?Sized> {
     /// PCI configuration access.
@@ -60,32 +58,19 @@ pub struct ProbeFailure {
     pub info: DeviceInfo,
 }
 
-/// Vectors from the registry, routed through the function's MSI-X table.
-struct MsixVectors<'a> {
-    table: &'a MsixTable,
-    registry: &'static VectorRegistry,
-    apic_id: u8,
-    allocated: Vec<u8>,
-}
-
-impl VectorSetup for MsixVectors<'_> {
+/// Vectors from the registry, routed through the function's MSI-X table by its claim (which
+/// gives them back if the probe fails).
+impl<C: ConfigAccess + ?Sized> VectorSetup for Claim<'_, C> {
     fn table_size(&self) -> u16 {
-        self.table.size()
+        self.msix_entries().unwrap_or(0)
     }
 
     fn route(&mut self, entry: u16, owner: InterruptOwner) -> Result<u8, NvmeError> {
-        let vector = self.registry.allocate(owner)?;
-        self.allocated.push(vector);
-        self.table
-            .program(entry, MsiMessage::fixed(self.apic_id, vector)?)?;
-        self.table.unmask(entry)?;
-        Ok(vector)
+        Ok(Claim::route(self, entry, owner)?)
     }
 
     fn software(&mut self, owner: InterruptOwner) -> Result<u8, NvmeError> {
-        let vector = self.registry.allocate(owner)?;
-        self.allocated.push(vector);
-        Ok(vector)
+        Ok(self.allocate(owner)?)
     }
 }
 
@@ -103,25 +88,7 @@ pub fn probe<A: DmaAllocator, C: ConfigAccess + ?Sized, M: MmioMapper + ?Sized>(
 ) -> Result<NvmePci, Box<ProbeFailure>> {
     let mut name = DeviceName::new();
     let _ = write!(name, "nvme{controller_number}");
-    let mut allocated = Vec::new();
-    let mut msix = None;
-    let result = bring_up::<A, C, M>(
-        ctx,
-        function,
-        name,
-        first_device_index,
-        config,
-        &mut allocated,
-        &mut msix,
-    );
-    result.map_err(|error| {
-        for vector in allocated {
-            // Releasing a vector we allocated cannot fail.
-            let _ = ctx.registry.release(vector);
-        }
-        if let Some(cap) = msix {
-            cap.disable(ctx.cfg);
-        }
+    bring_up::<A, C, M>(ctx, function, name, first_device_index, config).map_err(|error| {
         log::error!(
             "{name}: NVMe controller at {} failed: {error}",
             function.addr
@@ -142,37 +109,24 @@ fn bring_up<A: DmaAllocator, C: ConfigAccess + ?Sized, M: MmioMapper + ?Sized>(
     name: DeviceName,
     first_device_index: u16,
     config: NvmeConfig,
-    allocated: &mut Vec<u8>,
-    msix: &mut Option<MsixCapability>,
 ) -> Result<NvmePci, NvmeError> {
     if !is_nvme(function) {
         return Err(NvmeError::NotNvme);
     }
     let addr = function.addr;
-    let bars = probe_bars(ctx.cfg, addr)?;
-    let bar0 = bars[0].ok_or(crate::pci::PciError::BarNotAssigned(0))?;
+    let mut claim = Claim::new(ctx.cfg, ctx.registry, ctx.apic_id, addr)?;
+    let bars = claim.bars();
+    let bar0 = bars[0].ok_or(PciError::BarNotAssigned(0))?;
     // Map what we can use: the properties page plus doorbells (BARs are at least 16 KiB on
     // real controllers; cap the mapping so a huge BAR does not cost page tables).
     let len = bar0.size.min(1 << 20) as usize;
-    let phys = bar_structure(&bars, 0, 0, len as u64)?;
-    enable_function(ctx.cfg, addr, true);
+    let phys = bar_structure(bars, 0, 0, len as u64)?;
     let regs = MmioRegisters::map(ctx.mapper, phys, len)?;
-
-    let cap = match MsixCapability::read(ctx.cfg, addr) {
-        Ok(cap) => cap,
-        Err(MsixError::NoCapability) => return Err(NvmeError::NoMsix),
-        Err(e) => return Err(e.into()),
-    };
-    let table = MsixTable::map(&cap, &bars, ctx.mapper)?;
-    cap.enable_masked(ctx.cfg);
-    *msix = Some(cap);
-    let mut vectors = MsixVectors {
-        table: &table,
-        registry: ctx.registry,
-        apic_id: ctx.apic_id,
-        allocated: Vec::new(),
-    };
-    let result = attach::<MmioRegisters, A>(
+    if claim.map_msix(ctx.mapper)?.is_none() {
+        return Err(NvmeError::NoMsix);
+    }
+    claim.enable_msix();
+    let attached = attach::<MmioRegisters, A>(
         regs,
         AttachParams {
             name,
@@ -181,11 +135,9 @@ fn bring_up<A: DmaAllocator, C: ConfigAccess + ?Sized, M: MmioMapper + ?Sized>(
             config,
             clock: ctx.clock,
             registry: ctx.registry,
-            vectors: &mut vectors,
+            vectors: &mut claim,
         },
-    );
-    *allocated = core::mem::take(&mut vectors.allocated);
-    let attached = result?;
-    cap.unmask_function(ctx.cfg);
+    )?;
+    claim.keep();
     Ok(attached)
 }

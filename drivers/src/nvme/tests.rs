@@ -855,7 +855,7 @@ fn splitting_counts_blocks_of_the_namespace_format() {
 fn probe_refuses_what_it_cannot_drive() {
     use super::probe::{probe, ProbeContext};
     use crate::hal::fake::FakeMapper;
-    use crate::hal::PciAddress;
+    use crate::hal::{ConfigAccess, PciAddress};
     use crate::pci::fake::{FakeFunction, FakePci};
     use crate::pci::{enumerate, ScanMode};
 
@@ -890,6 +890,11 @@ fn probe_refuses_what_it_cannot_drive() {
         .info
         .to_string()
         .ends_with("init-failed: no MSI-X capability"));
+    assert_eq!(
+        pci.read16(PciAddress::new(0, 4, 0), crate::pci::regs::COMMAND),
+        0,
+        "the refused controller is disabled again"
+    );
     let failure = probe::<FakeDma, _, _>(&ctx, &functions[1], 1, 0, NvmeConfig::default())
         .err()
         .unwrap();

@@ -1,8 +1,7 @@
 //! The virtio-blk device: initialisation (virtio 1.2 §3.1.1), geometry, and the
 //! [`BlockDevice`] implementation over one [`RequestQueue`].
 
-use super::common_regs::{assign_config, assign_queue, VectorConfig};
-use super::queue::{choose_queue_size, AnyQueue, Chain, Owner, QueueError, RequestQueue};
+use super::queue::{Chain, Owner, QueueError, RequestQueue};
 use super::regs::{self, config, BlkFeatures, SECTOR_SIZE};
 use super::{VirtioBlkConfig, VirtioBlkError};
 use crate::block::{
@@ -11,6 +10,7 @@ use crate::block::{
 };
 use crate::hal::PciAddress;
 use crate::info::{reason, DeviceInfo, DeviceName, DeviceState, FixedString};
+use crate::virtio::{assign_config, assign_queue, choose_queue_size, AnyQueue, VectorConfig};
 use alloc::collections::VecDeque;
 use log::{error, info, warn};
 use virtio_drivers::transport::{DeviceStatus, DeviceType, Transport};

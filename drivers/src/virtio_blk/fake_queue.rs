@@ -2,9 +2,9 @@
 //! that reads the rings and descriptors in host memory (physical == virtual with the fake HAL)
 //! and a RAM disk behind them. Tests choose when and in which order requests complete.
 
-use super::common_regs::VectorConfig;
-use super::regs::{self, NO_VECTOR};
-use super::VirtioBlkError;
+use super::regs;
+use crate::virtio::regs::NO_VECTOR;
+use crate::virtio::{SetupError, VectorConfig};
 use std::cell::RefCell;
 use std::rc::Rc;
 use virtio_drivers::transport::{DeviceStatus, DeviceType, InterruptStatus, Transport};
@@ -338,13 +338,13 @@ impl Transport for FakeTransport {
 pub struct FakeVectors(pub Shared);
 
 impl VectorConfig for FakeVectors {
-    fn set_config_vector(&mut self, entry: u16) -> Result<u16, VirtioBlkError> {
+    fn set_config_vector(&mut self, entry: u16) -> Result<u16, SetupError> {
         let mut s = self.0.borrow_mut();
         s.config_vector = entry;
         Ok(s.config_vector)
     }
 
-    fn set_queue_vector(&mut self, _queue: u16, entry: u16) -> Result<u16, VirtioBlkError> {
+    fn set_queue_vector(&mut self, _queue: u16, entry: u16) -> Result<u16, SetupError> {
         let mut s = self.0.borrow_mut();
         s.queue_vector = if s.refuse_queue_vector {
             NO_VECTOR

@@ -2,7 +2,8 @@
 //! DMA memory for request headers and status bytes, and the in-flight table keyed by
 //! descriptor token.
 //!
-//! This module is the driver's only `unsafe`: `VirtQueue::add` and `pop_used` require that the
+//! This module is the driver's only `unsafe`: `AnyQueue::add` and `pop_used` (virtio-drivers'
+//! `VirtQueue::add` and `pop_used`) require that the
 //! buffers of a descriptor chain stay valid and untouched from `add` until the matching
 //! `pop_used`. That holds because every buffer is `'static` DMA memory (pool buffers and this
 //! queue's own slot memory, leaked at init) owned by an in-flight entry, and nothing outside
@@ -16,109 +17,10 @@ use super::regs::{
 };
 use crate::block::{DmaBuf, SlotTable};
 use crate::hal::{Dma, DmaSlice, HalError, VirtioDma};
-use alloc::boxed::Box;
+use crate::virtio::AnyQueue;
 use alloc::vec::Vec;
-use virtio_drivers::queue::VirtQueue;
 use virtio_drivers::transport::Transport;
 use virtio_drivers::Hal;
-
-/// Largest queue we set up. `VirtQueue`'s size is a const generic, so `AnyQueue` has one
-/// variant per power of two from [`MIN_QUEUE_SIZE`] up to this.
-pub const MAX_QUEUE_SIZE: u16 = 256;
-/// Smallest queue we accept (two requests of three descriptors).
-pub const MIN_QUEUE_SIZE: u16 = 8;
-
-/// A split virtqueue of any supported size.
-#[derive(Debug)]
-pub enum AnyQueue<H: Hal> {
-    /// 256 descriptors.
-    S256(Box<VirtQueue<H, 256>>),
-    /// 128 descriptors.
-    S128(Box<VirtQueue<H, 128>>),
-    /// 64 descriptors.
-    S64(Box<VirtQueue<H, 64>>),
-    /// 32 descriptors.
-    S32(Box<VirtQueue<H, 32>>),
-    /// 16 descriptors.
-    S16(Box<VirtQueue<H, 16>>),
-    /// 8 descriptors.
-    S8(Box<VirtQueue<H, 8>>),
-}
-
-macro_rules! each_queue {
-    ($queue:expr, $q:ident => $body:expr) => {
-        match $queue {
-            AnyQueue::S256($q) => $body,
-            AnyQueue::S128($q) => $body,
-            AnyQueue::S64($q) => $body,
-            AnyQueue::S32($q) => $body,
-            AnyQueue::S16($q) => $body,
-            AnyQueue::S8($q) => $body,
-        }
-    };
-}
-
-/// The queue size to use: the largest power of two within the device's maximum and ours.
-pub fn choose_queue_size(device_max: u32, limit: u16) -> Option<u16> {
-    let cap = device_max.min(u32::from(limit.min(MAX_QUEUE_SIZE)));
-    if cap < u32::from(MIN_QUEUE_SIZE) {
-        return None;
-    }
-    // Largest power of two <= cap.
-    Some(1u16 << (31 - cap.leading_zeros()))
-}
-
-impl<H: Hal> AnyQueue<H> {
-    /// Sets up queue `index` with `size` descriptors (from [`choose_queue_size`]).
-    pub fn new<T: Transport>(
-        transport: &mut T,
-        index: u16,
-        size: u16,
-        event_idx: bool,
-    ) -> Result<Self, virtio_drivers::Error> {
-        Ok(match size {
-            256 => Self::S256(Box::new(VirtQueue::new(
-                transport, index, false, event_idx,
-            )?)),
-            128 => Self::S128(Box::new(VirtQueue::new(
-                transport, index, false, event_idx,
-            )?)),
-            64 => Self::S64(Box::new(VirtQueue::new(
-                transport, index, false, event_idx,
-            )?)),
-            32 => Self::S32(Box::new(VirtQueue::new(
-                transport, index, false, event_idx,
-            )?)),
-            16 => Self::S16(Box::new(VirtQueue::new(
-                transport, index, false, event_idx,
-            )?)),
-            8 => Self::S8(Box::new(VirtQueue::new(
-                transport, index, false, event_idx,
-            )?)),
-            _ => return Err(virtio_drivers::Error::InvalidParam),
-        })
-    }
-
-    /// Number of descriptors.
-    pub fn size(&self) -> u16 {
-        match self {
-            Self::S256(_) => 256,
-            Self::S128(_) => 128,
-            Self::S64(_) => 64,
-            Self::S32(_) => 32,
-            Self::S16(_) => 16,
-            Self::S8(_) => 8,
-        }
-    }
-
-    fn should_notify(&self) -> bool {
-        each_queue!(self, q => q.should_notify())
-    }
-
-    fn peek_used(&self) -> Option<u16> {
-        each_queue!(self, q => q.peek_used())
-    }
-}
 
 /// What a request slot is doing.
 #[derive(Debug)]
@@ -321,7 +223,7 @@ impl<H: Hal> RequestQueue<H> {
             // untouched until `pop` has taken the token back with `pop_used` (module docs).
             // SAFETY: every buffer in the chain is `'static` DMA memory owned by this slot's
             // in-flight entry, and this module touches none of it while the device owns it.
-            each_queue!(&mut self.queue, q => unsafe { q.add(inputs, outputs) })
+            unsafe { self.queue.add(inputs, outputs) }
         });
         match result {
             Ok(Ok(token)) => {
@@ -371,7 +273,7 @@ impl<H: Hal> RequestQueue<H> {
         let result = with_chain(chain, mem, &mut entry.owner, |inputs, outputs| {
             // SAFETY: these are exactly the buffers `submit` added under this token (same slot
             // memory, same owner buffer, same chain layout), still valid and untouched.
-            each_queue!(&mut self.queue, q => unsafe { q.pop_used(token, inputs, outputs) })
+            unsafe { self.queue.pop_used(token, inputs, outputs) }
         });
         match result {
             Ok(Ok(_written)) => {}
@@ -436,21 +338,4 @@ fn with_chain<R>(
         (Chain::GetId, _) => f(&[header], &mut [&mut id[..], &mut status[..]]),
         _ => return Err(virtio_drivers::Error::InvalidParam),
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn queue_size_choice() {
-        assert_eq!(choose_queue_size(1024, 256), Some(256));
-        assert_eq!(choose_queue_size(256, 1024), Some(256));
-        assert_eq!(choose_queue_size(256, 64), Some(64));
-        assert_eq!(choose_queue_size(100, 256), Some(64));
-        assert_eq!(choose_queue_size(8, 256), Some(8));
-        assert_eq!(choose_queue_size(7, 256), None);
-        assert_eq!(choose_queue_size(0, 256), None);
-        assert_eq!(choose_queue_size(u32::MAX, u16::MAX), Some(256));
-    }
 }

@@ -1,6 +1,6 @@
 //! virtio-blk wire formats: feature bits, the device configuration layout, request header,
-//! discard segment and status codes (virtio 1.2 §5.2), and the fields of the virtio-pci common
-//! configuration structure that we program ourselves (§4.1.4.3).
+//! discard segment and status codes (virtio 1.2 §5.2). The virtio-pci layouts both drivers
+//! program are in `crate::virtio::regs`.
 
 use bitflags::bitflags;
 
@@ -51,26 +51,6 @@ pub mod config {
     /// `discard_sector_alignment`: le32.
     pub const DISCARD_SECTOR_ALIGNMENT: usize = 44;
 }
-
-/// virtio-pci common configuration (`struct virtio_pci_common_cfg`) byte offsets.
-pub mod common {
-    /// `config_msix_vector`: le16, MSI-X table entry for configuration changes.
-    pub const CONFIG_MSIX_VECTOR: usize = 0x10;
-    /// `num_queues`: le16.
-    pub const NUM_QUEUES: usize = 0x12;
-    /// `queue_select`: le16, selects the queue the `queue_*` fields refer to.
-    pub const QUEUE_SELECT: usize = 0x16;
-    /// `queue_msix_vector`: le16, MSI-X table entry of the selected queue.
-    pub const QUEUE_MSIX_VECTOR: usize = 0x1a;
-    /// `queue_notify_off`: le16, notification offset (in multiplier units) of the selected
-    /// queue.
-    pub const QUEUE_NOTIFY_OFF: usize = 0x1e;
-    /// Length of the fields we use.
-    pub const LEN: usize = 0x38;
-}
-
-/// `VIRTIO_MSI_NO_VECTOR`: no interrupt; also what the device reads back on refusal.
-pub const NO_VECTOR: u16 = 0xffff;
 
 /// Sector size of the virtio-blk protocol: `sector` and `capacity` always count 512 bytes.
 pub const SECTOR_SIZE: u64 = 512;

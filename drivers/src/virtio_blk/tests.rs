@@ -6,6 +6,7 @@ use super::{VectorAssignment, VirtioBlk, VirtioBlkConfig, VirtioBlkError};
 use crate::block::{BlockDevice, BlockError, BlockRequest, BufferPool, Completion, PollOutcome};
 use crate::hal::fake::{FakeDma, FakeVirtioHal};
 use crate::info::{disk_name, DeviceState};
+use crate::virtio::SetupError;
 use virtio_drivers::transport::DeviceStatus;
 
 type Blk = VirtioBlk<FakeVirtioHal, FakeTransport>;
@@ -335,10 +336,10 @@ fn refused_vector_fails_init_and_resets() {
     });
     assert_eq!(
         blk.unwrap_err(),
-        VirtioBlkError::VectorRefused {
+        VirtioBlkError::Setup(SetupError::VectorRefused {
             queue: Some(0),
             entry: 1
-        }
+        })
     );
     assert!(fake.borrow().status.is_empty());
 }

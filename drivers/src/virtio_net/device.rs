@@ -6,12 +6,12 @@
 //! and may answer it at once. Neither half notifies the device; the owner calls
 //! [`VirtioNet::kick`] once after a round of work, so a burst costs one notification.
 
-use super::queue::{choose_queue_size, Direction, PacketQueue, QueueError};
+use super::queue::{Direction, PacketQueue, QueueError};
 use super::regs::{config, NetFeatures, HEADER_LEN, MAX_FRAME, STATUS_LINK_UP};
 use super::{VirtioNetConfig, VirtioNetError, QUEUE_RECEIVE, QUEUE_TRANSMIT};
 use crate::hal::PciAddress;
 use crate::info::{reason, DeviceState, Reason};
-use crate::virtio_blk::common_regs::{assign_config, assign_queue, VectorConfig};
+use crate::virtio::{assign_config, assign_queue, choose_queue_size, VectorConfig};
 use log::{info, warn};
 use virtio_drivers::transport::{DeviceStatus, DeviceType, Transport};
 use virtio_drivers::Hal;

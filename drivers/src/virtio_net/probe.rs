@@ -1,20 +1,18 @@
 //! PCI glue for virtio-net: from an enumerated [`PciFunction`] to a running [`VirtioNet`],
-//! in the same order as virtio-blk's probe (`crate::virtio_blk::probe`): BARs, bus mastering,
-//! MSI-X entries for receive, transmit and configuration changes, common configuration,
-//! transport, device initialisation, then the function is unmasked. On failure every vector
-//! is released and MSI-X is disabled again.
+//! through the bring-up shared with virtio-blk ([`crate::virtio::probe`]): the function is
+//! claimed and checked, MSI-X entries routed for receive, transmit and configuration changes,
+//! the device initialised, and the function unmasked; on failure the claim gives every vector
+//! back and disables MSI-X again.
 //!
 //! Without an MSI-X capability the device comes up without interrupts
 //! ([`VirtioNet::has_interrupts`] is false) and its owner polls it from the main loop.
 
 use super::device::{NetVectors, VirtioNet};
 use super::{VirtioNetConfig, VirtioNetError, QUEUE_RECEIVE, QUEUE_TRANSMIT};
-use crate::hal::{ConfigAccess, MmioMapper, VirtioConfigAccess};
-use crate::msix::{InterruptOwner, MsiMessage, MsixCapability, MsixError, MsixTable};
-use crate::pci::{enable_function, probe_bars, PciFunction};
-use crate::virtio_blk::common_regs::{check_capabilities, CommonCfgVectors};
-use crate::virtio_blk::probe::{ProbeContext, VIRTIO_VENDOR_ID};
-use virtio_drivers::transport::pci::bus::{DeviceFunction, PciRoot};
+use crate::hal::{ConfigAccess, MmioMapper};
+use crate::msix::InterruptOwner;
+use crate::pci::PciFunction;
+use crate::virtio::{is_virtio_device, ProbeContext, VirtioPci};
 use virtio_drivers::transport::pci::PciTransport;
 use virtio_drivers::Hal;
 
@@ -28,11 +26,7 @@ pub type VirtioNetPci<H> = VirtioNet<H, PciTransport>;
 
 /// Whether `function` is a virtio network device.
 pub fn is_virtio_net(function: &PciFunction) -> bool {
-    function.vendor_id == VIRTIO_VENDOR_ID
-        && matches!(
-            function.device_id,
-            DEVICE_ID_TRANSITIONAL | DEVICE_ID_MODERN
-        )
+    is_virtio_device(function, DEVICE_ID_TRANSITIONAL, DEVICE_ID_MODERN)
 }
 
 /// Brings up the virtio-net device at `function` (init time only). `device_index` is what the
@@ -46,26 +40,8 @@ pub fn probe<H: Hal, C: ConfigAccess + ?Sized, M: MmioMapper + ?Sized>(
     config: VirtioNetConfig,
     mac_seed: u64,
 ) -> Result<VirtioNetPci<H>, VirtioNetError> {
-    let mut allocated: [Option<u8>; 3] = [None; 3];
-    let mut msix: Option<MsixCapability> = None;
-    let result = bring_up::<H, C, M>(
-        ctx,
-        function,
-        device_index,
-        config,
-        mac_seed,
-        &mut allocated,
-        &mut msix,
-    );
-    result.map_err(|error| {
-        for vector in allocated.into_iter().flatten() {
-            let _ = ctx.registry.release(vector);
-        }
-        if let Some(cap) = msix {
-            cap.disable(ctx.cfg);
-        }
+    bring_up::<H, C, M>(ctx, function, device_index, config, mac_seed).inspect_err(|error| {
         log::error!("virtio-net at {} failed: {error}", function.addr);
-        error
     })
 }
 
@@ -75,86 +51,179 @@ fn bring_up<H: Hal, C: ConfigAccess + ?Sized, M: MmioMapper + ?Sized>(
     device_index: u16,
     config: VirtioNetConfig,
     mac_seed: u64,
-    allocated: &mut [Option<u8>; 3],
-    msix: &mut Option<MsixCapability>,
 ) -> Result<VirtioNetPci<H>, VirtioNetError> {
     if !is_virtio_net(function) {
         return Err(VirtioNetError::NotNetworkDevice);
     }
     let addr = function.addr;
-    let bars = probe_bars(ctx.cfg, addr)?;
-    enable_function(ctx.cfg, addr, true);
-    let vectors = CommonCfgVectors::locate(ctx.cfg, addr, &bars, ctx.mapper)?;
-    check_capabilities(ctx.cfg, addr, &bars, &vectors, QUEUE_RECEIVE)?;
-    check_capabilities(ctx.cfg, addr, &bars, &vectors, QUEUE_TRANSMIT)?;
-    let cap = match MsixCapability::read(ctx.cfg, addr) {
-        Ok(cap) => Some(cap),
-        Err(MsixError::NoCapability) => {
+    let (mut pci, common) = VirtioPci::claim(ctx, function, &[QUEUE_RECEIVE, QUEUE_TRANSMIT])?;
+    let vectors = match pci.msix_entries() {
+        Some(entries) => route(&mut pci, device_index, entries)?,
+        None => {
             log::warn!("virtio-net at {addr}: no MSI-X capability; polled");
-            None
+            NetVectors::default()
         }
-        Err(e) => return Err(e.into()),
     };
-    let assignment = match cap {
-        Some(cap) => program_msix(ctx, &cap, &bars, device_index, allocated, msix)?,
-        None => NetVectors::default(),
-    };
-    let mut root = PciRoot::new(VirtioConfigAccess(ctx.cfg));
-    let df = DeviceFunction {
-        bus: addr.bus,
-        device: addr.device,
-        function: addr.function,
-    };
-    let transport = PciTransport::new::<H, _>(&mut root, df)?;
+    let transport = pci.transport::<H>()?;
     let device = VirtioNet::new(
         Some(addr),
         transport,
-        Some(vectors),
-        assignment,
+        Some(common),
+        vectors,
         config,
         mac_seed,
     )?;
-    if let Some(cap) = cap {
-        cap.unmask_function(ctx.cfg);
-    }
+    pci.keep();
     Ok(device)
 }
 
-/// Entries: 0 = receive, 1 = transmit, 2 = configuration changes; with a smaller table the
-/// configuration interrupt is left out, then transmit shares the receive entry.
-fn program_msix<C: ConfigAccess + ?Sized, M: MmioMapper + ?Sized>(
-    ctx: &ProbeContext<'_, C, M>,
-    cap: &MsixCapability,
-    bars: &[Option<crate::pci::Bar>; 6],
+/// Routes the entries of [`msix_layout`] to CPU vectors owned by `device_index`.
+fn route<C: ConfigAccess + ?Sized>(
+    pci: &mut VirtioPci<'_, C>,
     device_index: u16,
-    allocated: &mut [Option<u8>; 3],
-    msix: &mut Option<MsixCapability>,
+    entries: u16,
 ) -> Result<NetVectors, VirtioNetError> {
-    let table = MsixTable::map(cap, bars, ctx.mapper)?;
-    let size = cap.table_size;
-    let owners = [
-        Some(QUEUE_RECEIVE),
-        (size >= 2).then_some(QUEUE_TRANSMIT),
-        (size >= 3).then_some(InterruptOwner::CONFIG_QUEUE),
-    ];
-    let mut entries: [Option<u16>; 3] = [None; 3];
-    for (entry, queue) in owners.iter().enumerate() {
-        let Some(queue) = *queue else { continue };
-        let vector = ctx.registry.allocate(InterruptOwner {
-            device: device_index,
-            queue,
-        })?;
-        allocated[entry] = Some(vector);
-        table.program(entry as u16, MsiMessage::fixed(ctx.apic_id, vector)?)?;
-        table.unmask(entry as u16)?;
-        entries[entry] = Some(entry as u16);
-    }
-    cap.enable_masked(ctx.cfg);
-    *msix = Some(*cap);
+    let routes = msix_layout(entries);
+    let cpu_vectors = pci.route(device_index, routes)?;
+    let entry = |i: usize| routes[i].map(|(entry, _)| entry);
     Ok(NetVectors {
-        rx_entry: entries[0],
-        tx_entry: entries[1].or(entries[0]),
-        config_entry: entries[2],
-        cpu_vectors: *allocated,
+        rx_entry: entry(0),
+        tx_entry: entry(1).or(entry(0)),
+        config_entry: entry(2),
+        cpu_vectors,
     })
+}
+
+/// `(table entry, queue)` of receive, transmit and configuration changes for a table of
+/// `entries`: 0 = receive, 1 = transmit, 2 = configuration changes; a smaller table leaves
+/// the configuration interrupt out, then transmit (which then shares the receive entry).
+fn msix_layout(entries: u16) -> [Option<(u16, u16)>; 3] {
+    [
+        Some((0, QUEUE_RECEIVE)),
+        (entries >= 2).then_some((1, QUEUE_TRANSMIT)),
+        (entries >= 3).then_some((2, InterruptOwner::CONFIG_QUEUE)),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    //! virtio-net's own part of the PCI path (its MSI-X layout, its failures) over
+    //! `virtio::fake_pci`; the shared claim and checks are tested in `virtio::probe`. The
+    //! fake's registers are plain memory, so every queue shares one `queue_enable` and
+    //! virtio-drivers takes the transmit queue for one already in use: a whole bring-up runs
+    //! only in QEMU (`tests/tests/net.rs`).
+
+    use super::*;
+    use crate::hal::fake::FakeVirtioHal;
+    use crate::hal::PciAddress;
+    use crate::msix::{MsixCapability, VectorRegistry, FIRST_DEVICE_VECTOR};
+    use crate::virtio::fake_pci::{ctx, fake_pci, virtio_function, Bar, Msix, COMMON, MSIX_TABLE};
+
+    const ADDR: PciAddress = PciAddress::new(0, 3, 0);
+
+    /// Claims a fake virtio-net function with `msix` and routes its vectors.
+    fn routed(bar: &mut Bar, msix: Msix, registry: &VectorRegistry) -> Option<NetVectors> {
+        let pci = fake_pci(ADDR, virtio_function(bar, DEVICE_ID_MODERN, msix));
+        let function = PciFunction::read(&pci, ADDR).unwrap();
+        assert!(is_virtio_net(&function));
+        let ctx = ctx(&pci, registry, 1);
+        let (mut pci, _common) =
+            VirtioPci::claim(&ctx, &function, &[QUEUE_RECEIVE, QUEUE_TRANSMIT]).unwrap();
+        let entries = pci.msix_entries()?;
+        let vectors = route(&mut pci, 0x4000, entries).unwrap();
+        pci.keep();
+        Some(vectors)
+    }
+
+    #[test]
+    fn receive_transmit_and_link_changes_get_an_entry_each() {
+        let mut bar = Bar::new();
+        let registry = VectorRegistry::new();
+        let vectors = routed(&mut bar, Msix::Entries(4), &registry).unwrap();
+        let v = FIRST_DEVICE_VECTOR;
+        assert_eq!(
+            vectors,
+            NetVectors {
+                rx_entry: Some(0),
+                tx_entry: Some(1),
+                config_entry: Some(2),
+                cpu_vectors: [Some(v), Some(v + 1), Some(v + 2)],
+            }
+        );
+        for (vector, queue) in [(v, 0), (v + 1, 1), (v + 2, InterruptOwner::CONFIG_QUEUE)] {
+            assert_eq!(
+                registry.owner(vector),
+                Some(InterruptOwner {
+                    device: 0x4000,
+                    queue
+                })
+            );
+        }
+        for entry in 0..3 {
+            assert_eq!(bar.u32_at(MSIX_TABLE + 16 * entry), 0xfee0_1000);
+            assert_eq!(
+                bar.u32_at(MSIX_TABLE + 16 * entry + 8),
+                u32::from(v) + entry as u32
+            );
+            assert_eq!(bar.u32_at(MSIX_TABLE + 16 * entry + 12), 0, "unmasked");
+        }
+        assert_eq!(bar.u32_at(MSIX_TABLE + 3 * 16 + 12), 1, "entry 3 unused");
+    }
+
+    #[test]
+    fn small_tables_drop_link_changes_then_share_one_entry() {
+        let mut bar = Bar::new();
+        let registry = VectorRegistry::new();
+        let v = FIRST_DEVICE_VECTOR;
+        assert_eq!(
+            routed(&mut bar, Msix::Entries(2), &registry),
+            Some(NetVectors {
+                rx_entry: Some(0),
+                tx_entry: Some(1),
+                config_entry: None,
+                cpu_vectors: [Some(v), Some(v + 1), None],
+            })
+        );
+        let mut bar = Bar::new();
+        let registry = VectorRegistry::new();
+        assert_eq!(
+            routed(&mut bar, Msix::Entries(1), &registry),
+            Some(NetVectors {
+                rx_entry: Some(0),
+                tx_entry: Some(0),
+                config_entry: None,
+                cpu_vectors: [Some(v), None, None],
+            })
+        );
+        assert_eq!(registry.owner(v + 1), None);
+        let mut bar = Bar::new();
+        assert_eq!(routed(&mut bar, Msix::Missing, &registry), None);
+    }
+
+    #[test]
+    fn failures_give_the_vectors_back() {
+        let registry = VectorRegistry::new();
+        // Queues too small for the driver: the failure comes after the vectors were routed.
+        let mut bar = Bar::new();
+        let pci = fake_pci(
+            ADDR,
+            virtio_function(&mut bar, DEVICE_ID_MODERN, Msix::Entries(4)),
+        );
+        bar.bytes()[COMMON + 0x18..COMMON + 0x1a].copy_from_slice(&4u16.to_le_bytes());
+        let mut function = PciFunction::read(&pci, ADDR).unwrap();
+        let ctx = ctx(&pci, &registry, 0);
+        let config = VirtioNetConfig::default();
+        let error = probe::<FakeVirtioHal, _, _>(&ctx, &function, 0, config, 0).unwrap_err();
+        assert_eq!(error, VirtioNetError::QueueTooSmall { queue: 0, max: 4 });
+        assert_eq!(error.to_string(), "queue 0 too small (4 descriptors)");
+        for v in FIRST_DEVICE_VECTOR..FIRST_DEVICE_VECTOR + 3 {
+            assert_eq!(registry.owner(v), None);
+        }
+        assert!(!MsixCapability::read(&pci, ADDR).unwrap().is_active(&pci));
+        assert_eq!(pci.read16(ADDR, 0x04), 0, "function disabled again");
+
+        function.device_id = 0x1042;
+        let error = probe::<FakeVirtioHal, _, _>(&ctx, &function, 0, config, 0).unwrap_err();
+        assert_eq!(error, VirtioNetError::NotNetworkDevice);
+    }
 }

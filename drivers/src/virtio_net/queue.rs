@@ -9,65 +9,18 @@
 //! with [`PacketQueue::take_free`], fills it, and posts it with [`PacketQueue::post_transmit`];
 //! [`PacketQueue::pop`] hands it back once the device has sent it.
 //!
-//! This module is the driver's only `unsafe`: `VirtQueue::add` and `pop_used` require that a
+//! This module is the driver's only `unsafe`: `AnyQueue::add` and `pop_used` (virtio-drivers'
+//! `VirtQueue::add` and `pop_used`) require that a
 //! posted buffer stays valid and untouched until the matching `pop_used`. That holds because
 //! buffers are `'static` DMA memory owned by this queue, and a posted buffer is reachable only
 //! through the queue's own table until it is popped (the accessors refuse posted buffers).
 
 use super::BUFFER_SIZE;
 use crate::hal::{Dma, HalError, VirtioDma};
-use alloc::boxed::Box;
+use crate::virtio::AnyQueue;
 use alloc::vec::Vec;
-use virtio_drivers::queue::VirtQueue;
 use virtio_drivers::transport::Transport;
 use virtio_drivers::Hal;
-
-/// Largest queue we set up.
-pub const MAX_QUEUE_SIZE: u16 = 256;
-/// Smallest queue we accept.
-pub const MIN_QUEUE_SIZE: u16 = 8;
-
-/// A split virtqueue of any supported size (`VirtQueue`'s size is a const generic).
-#[derive(Debug)]
-enum AnyQueue<H: Hal> {
-    S256(Box<VirtQueue<H, 256>>),
-    S128(Box<VirtQueue<H, 128>>),
-    S64(Box<VirtQueue<H, 64>>),
-    S32(Box<VirtQueue<H, 32>>),
-    S16(Box<VirtQueue<H, 16>>),
-    S8(Box<VirtQueue<H, 8>>),
-}
-
-macro_rules! each_queue {
-    ($queue:expr, $q:ident => $body:expr) => {
-        match $queue {
-            AnyQueue::S256($q) => $body,
-            AnyQueue::S128($q) => $body,
-            AnyQueue::S64($q) => $body,
-            AnyQueue::S32($q) => $body,
-            AnyQueue::S16($q) => $body,
-            AnyQueue::S8($q) => $body,
-        }
-    };
-}
-
-impl<H: Hal> AnyQueue<H> {
-    fn new<T: Transport>(
-        transport: &mut T,
-        index: u16,
-        size: u16,
-    ) -> Result<Self, virtio_drivers::Error> {
-        Ok(match size {
-            256 => Self::S256(Box::new(VirtQueue::new(transport, index, false, false)?)),
-            128 => Self::S128(Box::new(VirtQueue::new(transport, index, false, false)?)),
-            64 => Self::S64(Box::new(VirtQueue::new(transport, index, false, false)?)),
-            32 => Self::S32(Box::new(VirtQueue::new(transport, index, false, false)?)),
-            16 => Self::S16(Box::new(VirtQueue::new(transport, index, false, false)?)),
-            8 => Self::S8(Box::new(VirtQueue::new(transport, index, false, false)?)),
-            _ => return Err(virtio_drivers::Error::InvalidParam),
-        })
-    }
-}
 
 /// Which way a queue's buffers go.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -110,17 +63,9 @@ pub struct PacketQueue<H: Hal> {
     unnotified: bool,
 }
 
-/// The queue size to use: the largest power of two within the device's maximum and ours.
-pub fn choose_queue_size(device_max: u32, limit: u16) -> Option<u16> {
-    let cap = device_max.min(u32::from(limit.min(MAX_QUEUE_SIZE)));
-    if cap < u32::from(MIN_QUEUE_SIZE) {
-        return None;
-    }
-    Some(1u16 << (31 - cap.leading_zeros()))
-}
-
 impl<H: Hal> PacketQueue<H> {
-    /// Sets up queue `index` with `size` descriptors (from [`choose_queue_size`]) and `size`
+    /// Sets up queue `index` with `size` descriptors (from
+    /// [`crate::virtio::choose_queue_size`]) and `size`
     /// buffers of [`BUFFER_SIZE`] bytes. Receive buffers are not posted yet
     /// ([`PacketQueue::post_all_receive`] after the vector is assigned).
     pub fn new<T: Transport>(
@@ -129,7 +74,8 @@ impl<H: Hal> PacketQueue<H> {
         size: u16,
         direction: Direction,
     ) -> Result<Self, QueueError> {
-        let queue = AnyQueue::<H>::new(transport, index, size).map_err(QueueError::Virtio)?;
+        let queue =
+            AnyQueue::<H>::new(transport, index, size, false).map_err(QueueError::Virtio)?;
         let count = usize::from(size);
         let mut region = Dma::<VirtioDma<H>>::new(count * BUFFER_SIZE)
             .map_err(|e| match e {
@@ -179,12 +125,12 @@ impl<H: Hal> PacketQueue<H> {
 
     /// Whether the device has used buffers waiting to be popped.
     pub fn has_used(&self) -> bool {
-        each_queue!(&self.queue, q => q.peek_used()).is_some()
+        self.queue.peek_used().is_some()
     }
 
     /// Asks the device for (`true`) or against interrupts when it uses buffers.
     pub fn set_interrupts(&mut self, enable: bool) {
-        each_queue!(&mut self.queue, q => q.set_dev_notify(enable));
+        self.queue.set_dev_notify(enable);
     }
 
     /// Posts every receive buffer (start-up).
@@ -209,8 +155,8 @@ impl<H: Hal> PacketQueue<H> {
         let len = data.len();
         // SAFETY: `'static` DMA memory this queue owns and has not posted; until `pop` takes its
         // token back, `posted[b] != 0` and no accessor of this module hands it out.
-        let token = each_queue!(&mut self.queue, q => unsafe { q.add(&[], &mut [&mut data[..]]) })
-            .map_err(QueueError::Virtio)?;
+        let token =
+            unsafe { self.queue.add(&[], &mut [&mut data[..]]) }.map_err(QueueError::Virtio)?;
         self.record(buffer, token, len)
     }
 
@@ -243,8 +189,8 @@ impl<H: Hal> PacketQueue<H> {
         let len = len.clamp(1, data.len());
         // SAFETY: as in `post_receive`: owned, unposted `'static` DMA memory that stays
         // untouched until `pop` takes the token back.
-        let token = each_queue!(&mut self.queue, q => unsafe { q.add(&[&data[..len]], &mut []) })
-            .map_err(QueueError::Virtio)?;
+        let token =
+            unsafe { self.queue.add(&[&data[..len]], &mut []) }.map_err(QueueError::Virtio)?;
         self.record(buffer, token, len)
     }
 
@@ -263,8 +209,7 @@ impl<H: Hal> PacketQueue<H> {
 
     /// Notifies the device if buffers were added since the last call and it wants to know.
     pub fn kick<T: Transport>(&mut self, transport: &mut T) {
-        if core::mem::take(&mut self.unnotified) && each_queue!(&self.queue, q => q.should_notify())
-        {
+        if core::mem::take(&mut self.unnotified) && self.queue.should_notify() {
             transport.notify(self.index);
         }
     }
@@ -272,7 +217,7 @@ impl<H: Hal> PacketQueue<H> {
     /// Takes the next used buffer back from the device: `(buffer, bytes written)` (the byte
     /// count is 0 for transmit buffers). A transmit buffer goes back on the free list.
     pub fn pop(&mut self) -> Result<Option<(u16, usize)>, QueueError> {
-        let Some(token) = each_queue!(&self.queue, q => q.peek_used()) else {
+        let Some(token) = self.queue.peek_used() else {
             return Ok(None);
         };
         let buffer = self
@@ -291,13 +236,11 @@ impl<H: Hal> PacketQueue<H> {
         let written = match self.direction {
             Direction::Receive => {
                 // SAFETY: exactly the buffer `post_receive` added under this token.
-                each_queue!(&mut self.queue, q => unsafe {
-                    q.pop_used(token, &[], &mut [&mut data[..len]])
-                })
+                unsafe { self.queue.pop_used(token, &[], &mut [&mut data[..len]]) }
             }
             Direction::Transmit => {
                 // SAFETY: exactly the buffer (and length) `post_transmit` added under this token.
-                each_queue!(&mut self.queue, q => unsafe { q.pop_used(token, &[&data[..len]], &mut []) })
+                unsafe { self.queue.pop_used(token, &[&data[..len]], &mut []) }
             }
         }
         .map_err(QueueError::Virtio)?;
@@ -335,18 +278,5 @@ impl<H: Hal> PacketQueue<H> {
             Some(0) => self.buffers.get_mut(b).map(|d| &mut d[..]),
             _ => None,
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn queue_size_choice() {
-        assert_eq!(choose_queue_size(1024, 256), Some(256));
-        assert_eq!(choose_queue_size(256, 64), Some(64));
-        assert_eq!(choose_queue_size(100, 256), Some(64));
-        assert_eq!(choose_queue_size(7, 256), None);
     }
 }

@@ -22,7 +22,7 @@ use core::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 use drivers::hal::{ConfigAccess, MmioMapper};
 use drivers::msix::InterruptOwner;
 use drivers::pci::PciFunction;
-use drivers::virtio_blk::probe::ProbeContext;
+use drivers::virtio::ProbeContext;
 use drivers::virtio_net::{self, regs::MAX_FRAME, VirtioNetConfig, VirtioNetPci};
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::socket::dhcpv4;

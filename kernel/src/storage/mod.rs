@@ -22,7 +22,8 @@ use drivers::msix::VectorRegistry;
 use drivers::nvme::{self, MmioRegisters, NvmeConfig, NvmeController};
 use drivers::pci::{enumerate, ScanMode};
 use drivers::service::{discover_virtio_blk, BoxedDevice, Servicer};
-use drivers::virtio_blk::{probe::ProbeContext, VirtioBlkConfig};
+use drivers::virtio::ProbeContext;
+use drivers::virtio_blk::VirtioBlkConfig;
 
 use crate::arch::{apic, interrupts};
 use crate::platform::{self, KernelHal, KernelPorts};

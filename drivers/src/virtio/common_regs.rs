@@ -7,29 +7,10 @@
 //! message data (see [`crate::msix`]). The device answers [`NO_VECTOR`] on read-back when it
 //! cannot use the entry, which we turn into an error.
 
-use super::regs::{common, NO_VECTOR};
-use super::VirtioBlkError;
+use super::regs::{common, vendor_cap, NO_VECTOR};
+use super::SetupError;
 use crate::hal::{map_region, ConfigAccess, MmioMapper, MmioRegion, PciAddress};
 use crate::pci::{bar_structure, capabilities, regs::CAP_ID_VENDOR, Bar};
-
-/// `VIRTIO_PCI_CAP_COMMON_CFG`: the `cfg_type` of the common configuration capability.
-const CAP_COMMON_CFG: u8 = 1;
-/// Offset of `cfg_type` in `struct virtio_pci_cap`.
-const CAP_CFG_TYPE: u16 = 3;
-/// Offset of `bar` in `struct virtio_pci_cap`.
-const CAP_BAR: u16 = 4;
-/// Offset of `offset` in `struct virtio_pci_cap`.
-const CAP_OFFSET: u16 = 8;
-/// Offset of `length` in `struct virtio_pci_cap`.
-const CAP_LENGTH: u16 = 12;
-/// Offset of `cap_len` in `struct virtio_pci_cap`.
-const CAP_LEN: u16 = 2;
-/// `VIRTIO_PCI_CAP_NOTIFY_CFG`: the notification structure.
-const CAP_NOTIFY_CFG: u8 = 2;
-/// `VIRTIO_PCI_CAP_DEVICE_CFG`: the last structure type virtio-drivers maps.
-const CAP_DEVICE_CFG: u8 = 4;
-/// Offset of `notify_off_multiplier` in `struct virtio_pci_notify_cap`.
-const CAP_NOTIFY_OFF_MULTIPLIER: u16 = 16;
 
 /// Checks, before virtio-drivers' `PciTransport` trusts them (it indexes and adds without
 /// checks, so a bad value would panic), the device-supplied structure locations: the first
@@ -43,45 +24,46 @@ pub(crate) fn check_capabilities<C: ConfigAccess + ?Sized>(
     bars: &[Option<Bar>; 6],
     common: &CommonCfgVectors,
     queue: u16,
-) -> Result<(), VirtioBlkError> {
-    let mut seen = [false; CAP_DEVICE_CFG as usize + 1];
+) -> Result<(), SetupError> {
+    let mut seen = [false; vendor_cap::DEVICE_CFG as usize + 1];
     let mut notify = None;
     for cap in capabilities(cfg, addr) {
         let cap = cap?;
-        if cap.id != u16::from(CAP_ID_VENDOR) || cfg.read8(addr, cap.offset + CAP_LEN) < 16 {
+        if cap.id != u16::from(CAP_ID_VENDOR) || cfg.read8(addr, cap.offset + vendor_cap::LEN) < 16
+        {
             continue;
         }
-        let cfg_type = cfg.read8(addr, cap.offset + CAP_CFG_TYPE);
+        let cfg_type = cfg.read8(addr, cap.offset + vendor_cap::CFG_TYPE);
         // virtio-drivers adds field offsets (up to 16) to the 8-bit capability offset.
-        if cap.offset + CAP_NOTIFY_OFF_MULTIPLIER > 0xff {
-            return Err(VirtioBlkError::BadCapability { cfg_type });
+        if cap.offset + vendor_cap::NOTIFY_OFF_MULTIPLIER > 0xff {
+            return Err(SetupError::BadCapability { cfg_type });
         }
-        if !(1..=CAP_DEVICE_CFG).contains(&cfg_type) || seen[usize::from(cfg_type)] {
+        if !(1..=vendor_cap::DEVICE_CFG).contains(&cfg_type) || seen[usize::from(cfg_type)] {
             continue;
         }
         seen[usize::from(cfg_type)] = true;
-        let bar = cfg.read8(addr, cap.offset + CAP_BAR);
-        let offset = cfg.read32(addr, cap.offset + CAP_OFFSET);
-        let length = cfg.read32(addr, cap.offset + CAP_LENGTH);
+        let bar = cfg.read8(addr, cap.offset + vendor_cap::BAR);
+        let offset = cfg.read32(addr, cap.offset + vendor_cap::OFFSET);
+        let length = cfg.read32(addr, cap.offset + vendor_cap::LENGTH);
         if offset.checked_add(length).is_none() {
-            return Err(VirtioBlkError::BadCapability { cfg_type });
+            return Err(SetupError::BadCapability { cfg_type });
         }
         bar_structure(bars, bar, u64::from(offset), u64::from(length).max(1))
-            .map_err(|_| VirtioBlkError::BadCapability { cfg_type })?;
-        if cfg_type == CAP_NOTIFY_CFG {
-            let multiplier = cfg.read32(addr, cap.offset + CAP_NOTIFY_OFF_MULTIPLIER);
+            .map_err(|_| SetupError::BadCapability { cfg_type })?;
+        if cfg_type == vendor_cap::NOTIFY_CFG {
+            let multiplier = cfg.read32(addr, cap.offset + vendor_cap::NOTIFY_OFF_MULTIPLIER);
             notify = Some((length, multiplier));
         }
     }
     let Some((length, multiplier)) = notify else {
-        return Err(VirtioBlkError::BadCapability {
-            cfg_type: CAP_NOTIFY_CFG,
+        return Err(SetupError::BadCapability {
+            cfg_type: vendor_cap::NOTIFY_CFG,
         });
     };
     let notify_off = common.queue_notify_off(queue)?;
     let at = u64::from(notify_off) * u64::from(multiplier);
     if at + 2 > u64::from(length) {
-        return Err(VirtioBlkError::NotifyOutOfRange { queue });
+        return Err(SetupError::NotifyOutOfRange { queue });
     }
     Ok(())
 }
@@ -89,19 +71,16 @@ pub(crate) fn check_capabilities<C: ConfigAccess + ?Sized>(
 /// Programs MSI-X table entries into a virtio device's common configuration.
 pub trait VectorConfig {
     /// Writes `config_msix_vector` and returns what the device reads back.
-    fn set_config_vector(&mut self, entry: u16) -> Result<u16, VirtioBlkError>;
+    fn set_config_vector(&mut self, entry: u16) -> Result<u16, SetupError>;
     /// Selects `queue`, writes `queue_msix_vector`, and returns what the device reads back.
-    fn set_queue_vector(&mut self, queue: u16, entry: u16) -> Result<u16, VirtioBlkError>;
+    fn set_queue_vector(&mut self, queue: u16, entry: u16) -> Result<u16, SetupError>;
 }
 
 /// Assigns `entry` to configuration changes; refusal is an error.
-pub fn assign_config<V: VectorConfig + ?Sized>(
-    v: &mut V,
-    entry: u16,
-) -> Result<(), VirtioBlkError> {
+pub fn assign_config<V: VectorConfig + ?Sized>(v: &mut V, entry: u16) -> Result<(), SetupError> {
     let got = v.set_config_vector(entry)?;
     if got != entry || got == NO_VECTOR {
-        return Err(VirtioBlkError::VectorRefused { queue: None, entry });
+        return Err(SetupError::VectorRefused { queue: None, entry });
     }
     Ok(())
 }
@@ -111,10 +90,10 @@ pub fn assign_queue<V: VectorConfig + ?Sized>(
     v: &mut V,
     queue: u16,
     entry: u16,
-) -> Result<(), VirtioBlkError> {
+) -> Result<(), SetupError> {
     let got = v.set_queue_vector(queue, entry)?;
     if got != entry || got == NO_VECTOR {
-        return Err(VirtioBlkError::VectorRefused {
+        return Err(SetupError::VectorRefused {
             queue: Some(queue),
             entry,
         });
@@ -130,7 +109,7 @@ pub struct CommonCfgVectors {
 
 impl CommonCfgVectors {
     /// Wraps a mapped common configuration structure (at least [`common::LEN`] bytes).
-    pub fn new(regs: MmioRegion) -> Result<Self, VirtioBlkError> {
+    pub fn new(regs: MmioRegion) -> Result<Self, SetupError> {
         regs.read16(common::QUEUE_MSIX_VECTOR)?;
         Ok(Self { regs })
     }
@@ -142,19 +121,19 @@ impl CommonCfgVectors {
         addr: PciAddress,
         bars: &[Option<Bar>; 6],
         mapper: &M,
-    ) -> Result<Self, VirtioBlkError> {
+    ) -> Result<Self, SetupError> {
         for cap in capabilities(cfg, addr) {
             let cap = cap?;
             if cap.id != u16::from(CAP_ID_VENDOR)
-                || cfg.read8(addr, cap.offset + CAP_CFG_TYPE) != CAP_COMMON_CFG
+                || cfg.read8(addr, cap.offset + vendor_cap::CFG_TYPE) != vendor_cap::COMMON_CFG
             {
                 continue;
             }
-            let bar = cfg.read8(addr, cap.offset + CAP_BAR);
-            let offset = u64::from(cfg.read32(addr, cap.offset + CAP_OFFSET));
-            let length = u64::from(cfg.read32(addr, cap.offset + CAP_LENGTH));
+            let bar = cfg.read8(addr, cap.offset + vendor_cap::BAR);
+            let offset = u64::from(cfg.read32(addr, cap.offset + vendor_cap::OFFSET));
+            let length = u64::from(cfg.read32(addr, cap.offset + vendor_cap::LENGTH));
             if length < common::LEN as u64 {
-                return Err(VirtioBlkError::MissingCommonConfig);
+                return Err(SetupError::MissingCommonConfig);
             }
             let phys = bar_structure(bars, bar, offset, common::LEN as u64)?;
             // SAFETY: the range lies within a memory BAR of the device we are initialising
@@ -162,28 +141,28 @@ impl CommonCfgVectors {
             let regs = unsafe { map_region(mapper, phys, common::LEN) }?;
             return Self::new(regs);
         }
-        Err(VirtioBlkError::MissingCommonConfig)
+        Err(SetupError::MissingCommonConfig)
     }
 
     /// `queue_notify_off` of `queue`.
-    pub fn queue_notify_off(&self, queue: u16) -> Result<u16, VirtioBlkError> {
+    pub fn queue_notify_off(&self, queue: u16) -> Result<u16, SetupError> {
         self.regs.write16(common::QUEUE_SELECT, queue)?;
         Ok(self.regs.read16(common::QUEUE_NOTIFY_OFF)?)
     }
 
     /// `num_queues`.
-    pub fn num_queues(&self) -> Result<u16, VirtioBlkError> {
+    pub fn num_queues(&self) -> Result<u16, SetupError> {
         Ok(self.regs.read16(common::NUM_QUEUES)?)
     }
 }
 
 impl VectorConfig for CommonCfgVectors {
-    fn set_config_vector(&mut self, entry: u16) -> Result<u16, VirtioBlkError> {
+    fn set_config_vector(&mut self, entry: u16) -> Result<u16, SetupError> {
         self.regs.write16(common::CONFIG_MSIX_VECTOR, entry)?;
         Ok(self.regs.read16(common::CONFIG_MSIX_VECTOR)?)
     }
 
-    fn set_queue_vector(&mut self, queue: u16, entry: u16) -> Result<u16, VirtioBlkError> {
+    fn set_queue_vector(&mut self, queue: u16, entry: u16) -> Result<u16, SetupError> {
         // `queue_select` is shared with virtio-drivers' transport, which rewrites it before
         // every access of its own; both run on the same CPU, never interleaved.
         self.regs.write16(common::QUEUE_SELECT, queue)?;
@@ -198,12 +177,10 @@ mod tests {
     use crate::hal::fake::FakeMapper;
     use crate::pci::fake::{FakeFunction, FakePci};
     use crate::pci::probe_bars;
+    use crate::virtio::fake_pci;
 
     fn virtio_cap(cfg_type: u8, bar: u8, offset: u32, length: u32) -> Vec<u8> {
-        let mut body = vec![16, cfg_type, bar, 0, 0, 0];
-        body.extend_from_slice(&offset.to_le_bytes());
-        body.extend_from_slice(&length.to_le_bytes());
-        body
+        fake_pci::virtio_cap(cfg_type, bar, offset as usize, length as usize, None)
     }
 
     #[test]
@@ -230,10 +207,10 @@ mod tests {
 
     struct Refusing;
     impl VectorConfig for Refusing {
-        fn set_config_vector(&mut self, _entry: u16) -> Result<u16, VirtioBlkError> {
+        fn set_config_vector(&mut self, _entry: u16) -> Result<u16, SetupError> {
             Ok(NO_VECTOR)
         }
-        fn set_queue_vector(&mut self, _queue: u16, _entry: u16) -> Result<u16, VirtioBlkError> {
+        fn set_queue_vector(&mut self, _queue: u16, _entry: u16) -> Result<u16, SetupError> {
             Ok(NO_VECTOR)
         }
     }
@@ -242,14 +219,14 @@ mod tests {
     fn refusal_is_an_error() {
         assert_eq!(
             assign_config(&mut Refusing, 0),
-            Err(VirtioBlkError::VectorRefused {
+            Err(SetupError::VectorRefused {
                 queue: None,
                 entry: 0
             })
         );
         assert_eq!(
             assign_queue(&mut Refusing, 0, 1),
-            Err(VirtioBlkError::VectorRefused {
+            Err(SetupError::VectorRefused {
                 queue: Some(0),
                 entry: 1
             })
@@ -273,11 +250,8 @@ mod tests {
             pci.insert(PciAddress::new(0, 4, 0), f);
             pci
         };
-        let notify = |length: u32, multiplier: u32| {
-            let mut c = virtio_cap(2, 4, 0x800, length);
-            c[0] = 20;
-            c.extend_from_slice(&multiplier.to_le_bytes());
-            c
+        let notify = |length: usize, multiplier: u32| {
+            fake_pci::virtio_cap(2, 4, 0x800, length, Some(multiplier))
         };
         let addr = PciAddress::new(0, 4, 0);
         let check = |pci: &FakePci| {
@@ -293,11 +267,11 @@ mod tests {
         );
         assert_eq!(
             check(&build(notify(12, 4), virtio_cap(3, 4, 0x300, 4))),
-            Err(VirtioBlkError::NotifyOutOfRange { queue: 0 })
+            Err(SetupError::NotifyOutOfRange { queue: 0 })
         );
         assert_eq!(
             check(&build(notify(0x100, 4), virtio_cap(3, 77, 0x300, 4))),
-            Err(VirtioBlkError::BadCapability { cfg_type: 3 }),
+            Err(SetupError::BadCapability { cfg_type: 3 }),
             "BAR index beyond 5"
         );
         assert_eq!(
@@ -305,12 +279,12 @@ mod tests {
                 notify(0x100, 4),
                 virtio_cap(3, 4, 0xffff_fff0, 0x20)
             )),
-            Err(VirtioBlkError::BadCapability { cfg_type: 3 }),
+            Err(SetupError::BadCapability { cfg_type: 3 }),
             "offset + length overflows"
         );
         assert_eq!(
             check(&build(notify(0x100, 4), virtio_cap(3, 4, 0xff0, 0x20))),
-            Err(VirtioBlkError::BadCapability { cfg_type: 3 }),
+            Err(SetupError::BadCapability { cfg_type: 3 }),
             "outside the BAR"
         );
     }
@@ -326,7 +300,7 @@ mod tests {
         let bars = probe_bars(&pci, addr).unwrap();
         assert_eq!(
             CommonCfgVectors::locate(&pci, addr, &bars, &FakeMapper).unwrap_err(),
-            VirtioBlkError::MissingCommonConfig
+            SetupError::MissingCommonConfig
         );
     }
 }
