@@ -16,6 +16,7 @@ pub mod ipconfig;
 pub mod json;
 pub mod nbd;
 pub mod ring;
+pub mod rtc;
 pub mod shell;
 pub mod util;
 

@@ -122,6 +122,7 @@ pub fn start(magic: u32, info: u32) -> ! {
         tsc_hz / 1_000_000,
         apic::timer_hz() / 1000
     );
+    crate::rtc::init();
     cpu::enable_interrupts();
     crate::storage::init(ecam.as_ref());
     shell::run()

@@ -693,6 +693,13 @@ impl Engine {
         Ok(id)
     }
 
+    /// The binding record in snapshot `snap`'s header block, if it has one (stores adopted
+    /// without one, e.g. made by Linux, have none).
+    pub fn binding(&self, snap: SnapId) -> Option<crate::format::Binding> {
+        let x = self.snaps.get(snap.0 as usize)?.as_ref()?;
+        crate::format::Binding::decode(&x.header).ok()
+    }
+
     /// Names the store in the [`OriginMarker`] a merge of snapshot `snap` writes over the
     /// origin's first block: the snapshot's name and a description of its COW device and
     /// region, which a boot that finds the origin marked but not the store shows to the

@@ -49,6 +49,51 @@ impl CowImage<'_> {
     }
 }
 
+/// Writes a store of `chunk_sectors` chunks bound to an origin (`serial`, `origin_bytes`) at
+/// the start of `img`: header and binding in chunk 0, area 0 with `copies` (origin chunk →
+/// COW chunk 2, 3, …) and the copied data (`fill` bytes).
+pub fn bound_store(
+    img: &crate::Image,
+    name: &str,
+    chunk_sectors: u32,
+    serial: &str,
+    origin_bytes: u64,
+    copies: &[(u64, u8)],
+) {
+    use snapshot::format::{Binding, BoundedBytes, Header, Record};
+    let mut chunk0 = vec![0u8; 4096];
+    Header::new(chunk_sectors).encode(&mut chunk0);
+    Binding {
+        name: BoundedBytes::new(name.as_bytes()).unwrap(),
+        origin_serial: BoundedBytes::new(serial.as_bytes()).unwrap(),
+        origin_sectors: origin_bytes / 512,
+        chunk_sectors,
+        created_unix_seconds: 0,
+        region_start: 0,
+        region_sectors: std::fs::metadata(&img.path).unwrap().len() / 512,
+        flags: 0,
+        // Found by its serial, which the tests give each origin alone.
+        origin_id: snapshot::OriginId::Serial,
+    }
+    .encode(&mut chunk0);
+    img.write(0, &chunk0);
+    let chunk = u64::from(chunk_sectors) * 512;
+    if copies.is_empty() {
+        return;
+    }
+    let mut area = vec![0u8; 4096];
+    for (i, &(old, fill)) in copies.iter().enumerate() {
+        let new = 2 + i as u64;
+        assert!(Record {
+            old_chunk: old,
+            new_chunk: new
+        }
+        .encode(&mut area, i));
+        img.write(new * chunk, &vec![fill; chunk as usize]);
+    }
+    img.write(chunk, &area);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -48,6 +48,7 @@ pub fn run(id: CommandId, args: &Args, out: &mut Out) -> Option<Box<dyn Task>> {
         },
         CommandId::Version => version(json, out),
         CommandId::Uptime => uptime(json, out),
+        CommandId::Date => date(json, out),
         CommandId::Mem => mem(json, out),
         CommandId::Cmdline => cmdline(json, out),
         CommandId::Log => log_level(args, out),
@@ -92,6 +93,27 @@ fn version(json_out: bool, out: &mut Out) {
             build_info::GIT_COMMIT,
             build_info::PROFILE
         );
+    }
+}
+
+fn date(json_out: bool, out: &mut Out) {
+    let Some(now) = crate::rtc::now() else {
+        out.error(format_args!(
+            "no wall-clock time: the real-time clock gave no valid date at boot"
+        ));
+        return;
+    };
+    let iso = alloc::format!("{}", crate::rtc::Iso8601(now));
+    if json_out {
+        print_json(
+            out,
+            json::object_string(|o| {
+                o.str("utc", &iso);
+                o.u64("unix_seconds", now);
+            }),
+        );
+    } else {
+        let _ = writeln!(out, "{iso}");
     }
 }
 

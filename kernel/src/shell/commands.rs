@@ -17,6 +17,8 @@ pub enum CommandId {
     Version,
     /// `uptime [--json]`
     Uptime,
+    /// `date [--json]`
+    Date,
     /// `mem [--json]`
     Mem,
     /// `cmdline [--json]`
@@ -106,6 +108,19 @@ pub static COMMANDS: &[CommandInfo] = &[
         usage: "uptime [--json]",
         summary: "time since boot",
         details: "",
+        spec: CommandSpec {
+            options: JSON,
+            required: &[],
+            optional: &[],
+        },
+        test_only: false,
+    },
+    CommandInfo {
+        id: CommandId::Date,
+        name: "date",
+        usage: "date [--json]",
+        summary: "wall-clock time (UTC, ISO 8601) from the real-time clock read at boot",
+        details: "Snapshots record their creation time from it. The RTC is taken to keep UTC, as hypervisors (QEMU -rtc base=utc, the default) and servers do.",
         spec: CommandSpec {
             options: JSON,
             required: &[],

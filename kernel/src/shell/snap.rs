@@ -490,6 +490,14 @@ fn list(st: &Storage, json_out: bool, out: &mut Out) {
                         e.bool("writable", s.writable);
                         e.str("state", state_name(s));
                         e.str("status", &status);
+                        match created(o, s) {
+                            0 => {
+                                e.null("created");
+                            }
+                            t => {
+                                e.str("created", &alloc::format!("{}", crate::rtc::Iso8601(t)));
+                            }
+                        }
                         if let Some(r) = s.invalid {
                             e.str("invalid_reason", reason_text(r));
                             // False: the store could not be marked invalid on its device.
@@ -526,7 +534,7 @@ fn list(st: &Storage, json_out: bool, out: &mut Out) {
     }
     let _ = writeln!(
         out,
-        "{:<16} {:<8} {:<22} {:>6} {:<9} {:<26} {:>6}",
+        "{:<16} {:<8} {:<22} {:>6} {:<9} {:<26} {:>6}  CREATED",
         "NAME", "ORIGIN", "COW", "CHUNK", "STATE", "USAGE (dmsetup)", "USE%"
     );
     let mut any = false;
@@ -544,14 +552,15 @@ fn list(st: &Storage, json_out: bool, out: &mut Out) {
         };
         let _ = writeln!(
             out,
-            "{:<16} {:<8} {:<22} {:>4}Ki {:<9} {:<26} {:>6}",
+            "{:<16} {:<8} {:<22} {:>4}Ki {:<9} {:<26} {:>6}  {}",
             s.name,
             st.name(o.disk).as_str(),
             cow,
             s.chunk_sectors / 2,
             state_name(s),
             status,
-            percent(used)
+            percent(used),
+            crate::rtc::Created(created(o, s))
         );
     }
     if !any {
@@ -593,6 +602,11 @@ fn list(st: &Storage, json_out: bool, out: &mut Out) {
     }
 }
 
+/// When the snapshot was taken (Unix seconds; 0: not recorded), from its store's binding.
+fn created(o: &Origin, s: &crate::storage::volume::Snap) -> u64 {
+    o.engine.binding(s.id).map_or(0, |b| b.created_unix_seconds)
+}
+
 fn status(st: &Storage, args: &Args, out: &mut Out) -> CmdResult<()> {
     let (origin, s) = find_snap(st, args)?;
     let o = &st.origins[origin];
@@ -611,10 +625,11 @@ fn status(st: &Storage, args: &Args, out: &mut Out) -> CmdResult<()> {
     }
     let _ = writeln!(
         out,
-        "  state {}  used {}  chunk {} KiB",
+        "  state {}  used {}  chunk {} KiB  created {}",
         state_name(s),
         percent(used),
-        s.chunk_sectors / 2
+        s.chunk_sectors / 2,
+        crate::rtc::Created(created(o, s))
     );
     if let Some(reason) = s.invalid {
         let _ = writeln!(out, "  invalidated: {}", reason_text(reason));

@@ -89,8 +89,8 @@ impl CreateTask {
                 origin_serial,
                 origin_sectors: og.capacity_blocks * u64::from(og.block_size / 512),
                 chunk_sectors: self.spec.chunk_sectors,
-                // No wall clock yet: the appliance does not read the RTC.
-                created_unix_seconds: 0,
+                // 0 ("not recorded") when the RTC gave no date at boot.
+                created_unix_seconds: crate::rtc::now().unwrap_or(0),
                 region_start: self.spec.cow_start,
                 region_sectors: self.spec.cow_sectors,
                 flags: if self.spec.writable {
