@@ -204,6 +204,13 @@ struct Snap {
     last_commit_end: u64,
     header: Vec<u8>,
     header_phase: HeaderPhase,
+    /// Changes made to `header` (invalidation, a rewritten binding), counted; the header is
+    /// written again until what is durable is the latest.
+    header_gen: u64,
+    /// The change count and phase of the header write or flush in flight.
+    header_sent: (u64, HeaderPhase),
+    /// The change that carries a binding [`Engine::rewrite_binding`] asked for (0: none).
+    binding_gen: u64,
     wipe: bool,
     /// The wipe is written; a flush makes it durable (COW device without FUA).
     wipe_flush: bool,
@@ -693,6 +700,35 @@ impl Engine {
         Ok(id)
     }
 
+    /// Rewrites snapshot `snap`'s binding record (a rename, the writable flag, a larger
+    /// region): it is written into the header block, in the store's first sector with the
+    /// header, so a crash leaves the old binding or the new one, never a mix. I/O goes on
+    /// meanwhile. [`Event::BindingWritten`] says when it is durable (or that the write
+    /// failed). One at a time; the snapshot must be active and valid.
+    pub fn rewrite_binding(
+        &mut self,
+        snap: SnapId,
+        binding: &crate::format::Binding,
+    ) -> Result<(), EngineError> {
+        let Some(Some(x)) = self.snaps.get_mut(snap.0 as usize) else {
+            return Err(EngineError::NoSuchSnapshot);
+        };
+        if x.state != SnapState::Active || !x.valid {
+            return Err(EngineError::NoSuchSnapshot);
+        }
+        if x.binding_gen != 0 {
+            return Err(EngineError::Busy);
+        }
+        binding.encode(&mut x.header);
+        x.header_gen += 1;
+        x.binding_gen = x.header_gen;
+        if x.header_phase == HeaderPhase::None {
+            x.header_phase = HeaderPhase::Write;
+        }
+        self.dirty = true;
+        Ok(())
+    }
+
     /// The binding record in snapshot `snap`'s header block, if it has one (stores adopted
     /// without one, e.g. made by Linux, have none).
     pub fn binding(&self, snap: SnapId) -> Option<crate::format::Binding> {
@@ -730,6 +766,13 @@ impl Engine {
             _ => return Err(EngineError::NoSuchSnapshot),
         }
         self.invalidate(s, InvalidReason::Deleted);
+        let rebinding = self.snaps[s]
+            .as_mut()
+            .is_some_and(|x| core::mem::take(&mut x.binding_gen) != 0);
+        if rebinding {
+            // A binding rewrite still in the works is given up with the snapshot.
+            self.push_event(Event::BindingWritten { snap, ok: false });
+        }
         if let Some(x) = self.snaps[s].as_mut() {
             x.state = SnapState::Deleting;
             x.header_phase = HeaderPhase::None;
@@ -921,6 +964,9 @@ impl Engine {
             last_commit_end: 0,
             header,
             header_phase: HeaderPhase::None,
+            header_gen: 0,
+            header_sent: (0, HeaderPhase::None),
+            binding_gen: 0,
             wipe: false,
             wipe_flush: false,
             wipe_failed: false,
@@ -1177,6 +1223,7 @@ impl Engine {
             let mut h = Header::new(x.store.geometry.chunk_sectors);
             h.valid = 0;
             h.encode(&mut x.header);
+            x.header_gen += 1;
             x.header_phase = HeaderPhase::Write;
         }
         for &p in &order {
@@ -1331,6 +1378,13 @@ impl Engine {
                             (0, IoBuffer::None)
                         };
                         if self.emit(IoCtx::Header { snap: sid }, dev, op, 0, sectors, buffer) {
+                            if let Some(x) = self.snaps[s].as_mut() {
+                                // A flush makes durable what the write before it sent.
+                                x.header_sent = match x.header_phase {
+                                    HeaderPhase::Write => (x.header_gen, HeaderPhase::Write),
+                                    _ => (x.header_sent.0, HeaderPhase::Flush),
+                                };
+                            }
                             self.set_meta_inflight(s);
                         }
                         continue;
@@ -1683,11 +1737,30 @@ impl Engine {
         };
         x.meta_inflight = false;
         self.epoch += 1;
-        x.header_phase = if ok && x.header_phase == HeaderPhase::Write && !x.cow_fua {
+        let (sent_gen, sent_phase) = x.header_sent;
+        x.header_phase = if ok && sent_phase == HeaderPhase::Write && !x.cow_fua {
             HeaderPhase::Flush
+        } else if ok && x.header_gen > sent_gen {
+            // The header changed since this write was sent: write the latest.
+            HeaderPhase::Write
         } else {
             HeaderPhase::None
         };
+        let binding_done = x.header_phase == HeaderPhase::None && x.binding_gen != 0;
+        if x.binding_gen != 0 && (!ok || (binding_done && sent_gen >= x.binding_gen)) {
+            x.binding_gen = 0;
+            let snap = SnapId(sid);
+            self.push_event(Event::BindingWritten { snap, ok });
+        }
+        let Some(x) = self.snaps[sid as usize].as_mut() else {
+            return;
+        };
+        if !ok && x.valid {
+            // Only a binding was being written: the store is as it was, or holds the new
+            // binding (one sector). Nothing else depends on it.
+            x.header_phase = HeaderPhase::None;
+            return;
+        }
         // The header write (or its flush) marks the store invalid on disk. If it failed, the
         // store may still load as valid, with the records committed so far: origin writes to
         // chunks it has no copy of must not be released (`stuck_guard`) until a retry works.
@@ -2223,8 +2296,7 @@ impl Engine {
         // An invalidated store's header must be durable before the write it gave up on goes
         // down, or a crash could leave a valid-looking store missing that chunk's copy.
         if self.snaps.iter().flatten().any(|x| {
-            x.header_phase != HeaderPhase::None
-                || (x.meta_inflight && !x.valid)
+            (!x.valid && (x.header_phase != HeaderPhase::None || x.meta_inflight))
                 || x.state == SnapState::Deleting
         }) {
             return false;

@@ -1102,8 +1102,7 @@ impl Engine {
             return false;
         }
         if self.snaps.iter().flatten().any(|x| {
-            x.header_phase != HeaderPhase::None
-                || (x.meta_inflight && !x.valid)
+            (!x.valid && (x.header_phase != HeaderPhase::None || x.meta_inflight))
                 || x.state == SnapState::Deleting
         }) {
             return false;

@@ -227,6 +227,15 @@ pub enum Event {
         /// Snapshot.
         snap: SnapId,
     },
+    /// A binding rewritten by [`Engine::rewrite_binding`](crate::Engine::rewrite_binding) is
+    /// durable (`ok`), or its write failed (the store keeps the binding it had on disk, or
+    /// may hold either one if the failure tore nothing: a binding is one sector).
+    BindingWritten {
+        /// Snapshot.
+        snap: SnapId,
+        /// The new binding is durable.
+        ok: bool,
+    },
     /// Origin writes are quiesced (after [`Engine::quiesce_origin`](crate::Engine::quiesce_origin)).
     OriginQuiesced,
     /// A snapshot store is initialised and active.
@@ -411,6 +420,8 @@ pub enum EngineError {
     /// A merge runs on this origin: no store can be attached (the origin already holds merged
     /// chunks it never copied), nor a snapshot created; or the loaded store is merging too.
     MergeRunning,
+    /// The snapshot's binding is being rewritten already; try again when it is durable.
+    Busy,
 }
 
 /// Why [`Engine::start_merge`](crate::Engine::start_merge) refused.

@@ -1038,6 +1038,15 @@ impl Origin {
                     s.state = SnapState::Deleted;
                 }
             }
+            Event::BindingWritten { snap, ok } => {
+                if let Some(s) = self.snap_by_id(snap) {
+                    if ok {
+                        log::info!("snapshot {}: binding written", s.name);
+                    } else {
+                        log::warn!("snapshot {}: writing its binding failed", s.name);
+                    }
+                }
+            }
             Event::MergeStarted { snap, resumed } => {
                 let left = self.engine.merge_progress().map_or(0, |p| p.chunks_left);
                 self.merge_clock = Some((crate::time::uptime_ns(), left));

@@ -1,0 +1,249 @@
+//! Rewriting a snapshot's binding (rename, writable flag, region) while I/O goes on:
+//! [`Engine::rewrite_binding`] writes the header block again, and [`Event::BindingWritten`]
+//! says when the new binding is durable. At every completion a crash image of the COW
+//! device loads as a valid store whose binding is the old one or the new one, whole. A
+//! failed write leaves the snapshot valid; an invalidation or deletion meanwhile wins.
+
+use snapshot::format::{Binding, BoundedBytes, OriginId};
+use snapshot::sim::{Order, SimDisk, World, DATA_BIT};
+use snapshot::*;
+
+const ORIGIN: u64 = 512;
+
+fn binding(name: &str, flags: u32) -> Binding {
+    Binding {
+        name: BoundedBytes::new(name.as_bytes()).unwrap(),
+        origin_serial: BoundedBytes::new(b"O").unwrap(),
+        origin_sectors: ORIGIN,
+        chunk_sectors: 8,
+        created_unix_seconds: 1_893_553_445,
+        region_start: 0,
+        region_sectors: 0,
+        flags,
+        origin_id: OriginId::Serial,
+    }
+}
+
+fn world(order: Order, seed: u64, fua: bool, cow_chunks: u64) -> (World, SnapId) {
+    let mut ec = EngineConfig::new(ORIGIN);
+    ec.copy_buffer_sectors = 64;
+    let engine = Engine::new(ec).unwrap();
+    let mut w = World::new(engine, SimDisk::new(ORIGIN, |s| DATA_BIT | s), order, seed);
+    let cfg = SnapshotConfig {
+        chunk_sectors: 8,
+        cow_sectors: cow_chunks * 8,
+        cow_block_sectors: 1,
+        cow_fua: fua,
+        writable: true,
+        table_runs: cow_chunks as usize,
+        binding: Some(binding("old", 0)),
+    };
+    w.engine.quiesce_origin();
+    w.settle(1000);
+    let id = w.engine.create_snapshot(&cfg).unwrap();
+    w.cows[id.0 as usize] = Some(SimDisk::new(cfg.cow_sectors, |_| 0));
+    w.settle(1000);
+    w.engine.resume_origin();
+    w.events.clear();
+    (w, id)
+}
+
+/// Loads a COW image; its validity and binding.
+fn load(w: &World, img: &[u64]) -> (bool, Result<Binding, BindingError>) {
+    let params = LoadParams {
+        cow_sectors: img.len() as u64,
+        cow_block_sectors: 1,
+        origin_sectors: ORIGIN,
+        origin_block_sectors: 1,
+        table_runs: img.len(),
+    };
+    let l = Loader::load_with(params, |r| {
+        let a = r.sector as usize;
+        let b = (a + r.sectors as usize).min(img.len());
+        w.contents.image_bytes(&img[a.min(b)..b])
+    })
+    .expect("the store loads");
+    (l.valid, l.binding)
+}
+
+#[test]
+fn a_rewritten_binding_is_old_or_new_in_every_crash_state_while_writes_go_on() {
+    let mut states = 0;
+    for (i, order) in [Order::InOrder, Order::Reversed, Order::Random]
+        .into_iter()
+        .enumerate()
+    {
+        for fua in [true, false] {
+            let (mut w, id) = world(order, 30 + i as u64, fua, 48);
+            for t in 0..12u64 {
+                w.write_origin(100 + t, t * 24 % ORIGIN, 12).unwrap();
+            }
+            let new = binding("renamed", snapshot::format::BINDING_FLAG_WRITABLE);
+            w.engine.rewrite_binding(id, &new).unwrap();
+            assert_eq!(
+                w.engine.rewrite_binding(id, &new),
+                Err(EngineError::Busy),
+                "one rewrite at a time"
+            );
+            let old = binding("old", 0);
+            let mut seen_new = false;
+            for step in 0..400u64 {
+                let cow = w.cows[id.0 as usize].as_ref().unwrap();
+                for mode in 0..3 {
+                    let img = cow.crash_image(mode, step);
+                    let (valid, b) = load(&w, &img);
+                    assert!(valid, "{order:?} fua {fua} step {step}: store invalid");
+                    let b = b.expect("a whole binding");
+                    assert!(b == old || b == new, "a mixed binding: {b:?}");
+                    seen_new |= b == new;
+                    states += 1;
+                }
+                if !w.complete_one() {
+                    break;
+                }
+            }
+            assert!(
+                w.events
+                    .contains(&Event::BindingWritten { snap: id, ok: true }),
+                "{order:?} fua {fua}: {:?}",
+                w.events
+            );
+            assert!(seen_new);
+            let cow = w.cows[id.0 as usize].as_ref().unwrap();
+            assert_eq!(
+                load(&w, &cow.durable).1,
+                Ok(new.clone()),
+                "durable after the event"
+            );
+            assert_eq!(w.engine.binding(id), Some(new));
+            // Every origin write came back, and the snapshot is still whole and valid.
+            assert_eq!(w.completed.len(), 12);
+            assert!(w.completed.iter().all(|c| c.result.is_ok()));
+            assert!(matches!(w.engine.status(id), Some(Status::Usage(_))));
+        }
+    }
+    println!("binding rewrite crash states checked: {states}");
+}
+
+#[test]
+fn a_failed_binding_write_leaves_the_snapshot_valid() {
+    let (mut w, id) = world(Order::InOrder, 7, true, 48);
+    // Fail the next COW write (the header block).
+    let mut armed = true;
+    w.fail = Some(Box::new(move |io: &Io| {
+        let hit = armed && io.sector == 0 && matches!(io.op, IoOp::Write { .. });
+        if hit {
+            armed = false;
+        }
+        hit
+    }));
+    w.engine
+        .rewrite_binding(id, &binding("renamed", 0))
+        .unwrap();
+    w.settle(1000);
+    assert!(w.events.contains(&Event::BindingWritten {
+        snap: id,
+        ok: false
+    }));
+    assert!(!w
+        .events
+        .iter()
+        .any(|e| matches!(e, Event::Invalidated { .. })));
+    assert!(!w.engine.invalidation_failed(id));
+    // Writes go on and are copied.
+    w.write_origin(1, 0, 8).unwrap();
+    w.settle(1000);
+    assert!(w.completed.iter().all(|c| c.result.is_ok()));
+    assert!(matches!(w.engine.status(id), Some(Status::Usage(_))));
+    // Another rewrite may follow and lands.
+    w.fail = None;
+    w.events.clear();
+    w.engine.rewrite_binding(id, &binding("again", 0)).unwrap();
+    w.settle(1000);
+    assert!(w
+        .events
+        .contains(&Event::BindingWritten { snap: id, ok: true }));
+    let cow = w.cows[id.0 as usize].as_ref().unwrap();
+    assert_eq!(load(&w, &cow.durable).1, Ok(binding("again", 0)));
+}
+
+#[test]
+fn an_invalidation_during_a_rewrite_is_written_too() {
+    for fua in [true, false] {
+        // A store of 3 chunks (header, area, one data chunk): the second copy overflows it.
+        let (mut w, id) = world(Order::InOrder, 9, fua, 3);
+        w.engine
+            .rewrite_binding(id, &binding("renamed", 0))
+            .unwrap();
+        w.write_origin(1, 0, 8).unwrap();
+        w.write_origin(2, 64, 8).unwrap();
+        w.settle(10_000);
+        assert!(
+            w.events
+                .iter()
+                .any(|e| matches!(e, Event::Invalidated { snap, .. } if *snap == id)),
+            "{:?}",
+            w.events
+        );
+        assert!(w
+            .events
+            .iter()
+            .any(|e| matches!(e, Event::BindingWritten { snap, .. } if *snap == id)));
+        let cow = w.cows[id.0 as usize].as_ref().unwrap();
+        let (valid, _) = load(&w, &cow.durable);
+        assert!(!valid, "fua {fua}: the invalidation is durable");
+        assert!(!w.engine.invalidation_failed(id));
+        assert!(w.completed.iter().all(|c| c.result.is_ok()));
+    }
+}
+
+#[test]
+fn deleting_during_a_rewrite_gives_the_rewrite_up() {
+    let (mut w, id) = world(Order::InOrder, 11, false, 48);
+    w.engine
+        .rewrite_binding(id, &binding("renamed", 0))
+        .unwrap();
+    w.engine.quiesce_origin();
+    w.engine.delete_snapshot(id).unwrap();
+    w.settle(1000);
+    assert!(w.events.contains(&Event::BindingWritten {
+        snap: id,
+        ok: false
+    }));
+    assert!(w.events.contains(&Event::SnapshotDeleted { snap: id }));
+}
+
+/// The header write of a rewrite is in flight when a failed copy invalidates the snapshot:
+/// the invalidation changes the header after that write was sent, so the header is written
+/// again, and the store ends invalid on disk.
+#[test]
+fn an_invalidation_while_the_binding_write_is_in_flight_is_written_after_it() {
+    for fua in [true, false] {
+        let (mut w, id) = world(Order::Reversed, 13, fua, 48);
+        // Copies (data chunks of the store) fail; metadata writes work.
+        w.fail = Some(Box::new(|io: &Io| {
+            matches!(io.device, Device::Cow(_))
+                && matches!(io.op, IoOp::Write { .. })
+                && io.sector >= 16
+        }));
+        w.engine
+            .rewrite_binding(id, &binding("renamed", 0))
+            .unwrap();
+        w.pump();
+        assert_eq!(w.inflight(), 1, "the header write is in flight");
+        w.write_origin(1, 0, 8).unwrap();
+        w.settle(10_000);
+        assert!(w
+            .events
+            .iter()
+            .any(|e| matches!(e, Event::Invalidated { snap, .. } if *snap == id)));
+        assert!(w
+            .events
+            .contains(&Event::BindingWritten { snap: id, ok: true }));
+        let cow = w.cows[id.0 as usize].as_ref().unwrap();
+        let (valid, b) = load(&w, &cow.durable);
+        assert!(!valid, "fua {fua}: the invalidation reached the disk");
+        assert_eq!(b, Ok(binding("renamed", 0)));
+        assert!(!w.engine.invalidation_failed(id));
+    }
+}
