@@ -47,6 +47,8 @@ pub mod server;
 pub mod session;
 
 #[cfg(test)]
+mod server_tests;
+#[cfg(test)]
 mod tests;
 
 pub use allow::{AllowList, Cidr};
