@@ -27,7 +27,7 @@ use core::fmt;
 pub use log::LevelFilter;
 
 use crate::ipconfig::IpConfig;
-use crate::nbd::AllowList;
+use nbd::AllowList;
 
 /// Baud rates accepted in `console=ttyS<n>,<baud>` (the divisors of the 16550's 115200 clock
 /// that terminals commonly offer).

@@ -1,7 +1,7 @@
 //! The fuzz targets' corpora (`tests/fuzz/corpus/TARGET/`) replayed on the stable toolchain,
 //! so `make test` runs every input the fuzzers kept, the inputs that once found a bug
 //! (`regress-*`) among them, through the same functions the cargo fuzz targets call
-//! (`snapshot::fuzz`, `kernel::fuzz`, `drivers::fuzz`).
+//! (`snapshot::fuzz`, `nbd::fuzz`, `kernel::fuzz`, `drivers::fuzz`).
 
 use std::path::PathBuf;
 
@@ -42,8 +42,8 @@ const TARGETS: &[(&str, fn(&[u8]), fn() -> Vec<Vec<u8>>)] = &[
     ),
     (
         "nbd_session",
-        kernel::fuzz::nbd_session,
-        kernel::fuzz::nbd_session_seeds,
+        nbd::fuzz::nbd_session,
+        nbd::fuzz::nbd_session_seeds,
     ),
     (
         "console",

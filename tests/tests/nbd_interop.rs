@@ -1,18 +1,23 @@
-//! The NBD protocol code against real clients: a host TCP server drives the same session
-//! logic the appliance uses (`kernel::nbd::session::Session`: handshake, chunking into pool
-//! buffers, device requests, completions out of order) over in-memory disks, and `nbdinfo`
-//! (libnbd), `nbdcopy`, `qemu-img` and `qemu-io` talk to it. This checks interoperability of
-//! the handshake (GO with block sizes, LIST, structured replies refused)
-//! and of the transmission phase, byte for byte. Needs qemu-utils and libnbd-bin on the host.
+//! The NBD server against real clients: the appliance's server (`nbd::Server`: accept and
+//! allow-list, handshake, chunking into pool buffers, device requests, completions out of
+//! order, back-pressure, closing) runs on the host over std's TCP sockets (its `Sockets`)
+//! and in-memory disks (its `Backend`), and `nbdinfo` (libnbd), `nbdcopy`, `qemu-img` and
+//! `qemu-io` talk to it. This checks interoperability of the handshake (GO with block sizes,
+//! LIST, structured replies refused) and of the transmission phase, byte for byte. Needs
+//! qemu-utils and libnbd-bin on the host.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::process::{Command, Output};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 
-use kernel::nbd::session::{self, Backend, BackendOp, IoBuffer, Session, SubmitError};
-use kernel::nbd::{ConnectionConfig, ExportCatalog, ExportInfo, ExportName};
+use nbd::route::{DeviceRole, SnapRole};
+use nbd::{
+    Backend, BackendOp, ExportCatalog, ExportId, ExportInfo, ExportName, IoBuffer, NbdError, Peer,
+    RequestId, Roles, Route, Server, ServerConfig, SocketError, Sockets, SubmitError,
+};
 
 const MIB: usize = 1 << 20;
 
@@ -38,17 +43,15 @@ impl ExportCatalog for Disks {
             .map(|d| ExportName::from_str_truncated(d.name))
     }
     fn description(&self, export: &ExportInfo) -> Option<ExportName> {
-        Some(ExportName::from_str_truncated(&format!(
-            "test disk {}",
-            export.handle
-        )))
+        let disk = ExportId::from_handle(export.handle)?.disk();
+        Some(ExportName::from_str_truncated(&format!("test disk {disk}")))
     }
 }
 
 fn disks() -> Disks {
     let pattern = |n: usize| (0..n).map(|i| (i * 31 % 251) as u8).collect::<Vec<_>>();
-    let info = |handle, size: usize, block_size, read_only| ExportInfo {
-        handle,
+    let info = |disk, size: usize, block_size, read_only| ExportInfo {
+        handle: ExportId::Device { disk }.handle(),
         size: size as u64,
         block_size,
         read_only,
@@ -79,77 +82,281 @@ fn disks() -> Disks {
     ])))
 }
 
-/// A test server: its port, and what its connections report.
-struct Server {
+/// A test server: its port, and what it reports.
+struct TestServer {
     port: u16,
     state: Arc<ServerState>,
 }
 
 #[derive(Default)]
 struct ServerState {
-    active: std::sync::atomic::AtomicUsize,
+    /// Sessions open (updated every turn of the server's loop).
+    sessions: AtomicUsize,
+    /// Connections accepted.
+    accepted: AtomicUsize,
+    /// What went wrong: a warning or error the server logged, buffers not back.
     errors: Mutex<Vec<String>>,
 }
 
-impl Server {
-    /// Waits for the server's connections to end and fails on any error they had (protocol
+impl TestServer {
+    /// Waits for the server's sessions to end and fails on any error they had (protocol
     /// error, leaked buffer).
     fn check(&self) {
         let start = std::time::Instant::now();
-        while self.state.active.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+        while self.state.sessions.load(Ordering::SeqCst) > 0 {
             assert!(start.elapsed().as_secs() < 20, "connections did not end");
             thread::sleep(std::time::Duration::from_millis(5));
         }
+        assert!(self.state.accepted.load(Ordering::SeqCst) > 0);
         let errors = self.state.errors.lock().unwrap();
         assert!(errors.is_empty(), "server errors: {errors:?}");
     }
 }
 
-/// Serves connections until the listener is dropped with the test process.
-fn serve(disks: Disks, max_payload: u32) -> Server {
+/// Warnings and errors the server logs (its refusals, protocol errors, closes on error):
+/// none are expected from these clients. Shared by every server of the test process.
+static LOGGED: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+struct Logger;
+
+impl log::Log for Logger {
+    fn enabled(&self, m: &log::Metadata<'_>) -> bool {
+        m.level() <= log::Level::Warn
+    }
+    fn log(&self, record: &log::Record<'_>) {
+        if self.enabled(record.metadata()) {
+            LOGGED.lock().unwrap().push(record.args().to_string());
+        }
+    }
+    fn flush(&self) {}
+}
+
+static LOGGER: Logger = Logger;
+
+/// One TCP connection of the listener.
+struct Conn {
+    stream: TcpStream,
+    /// Bytes read and not yet taken by the server (its "socket receive buffer").
+    rx: Vec<u8>,
+    eof: bool,
+    /// We shut our side down (FIN).
+    fin: bool,
+    /// Gone: reset, failed, or both sides closed; reported by `take_closed`.
+    ended: bool,
+}
+
+/// std's TCP sockets (non-blocking) as the server's `Sockets`; a connection's handle is its
+/// index, never reused.
+struct StdSockets {
+    listener: TcpListener,
+    conns: Vec<Option<Conn>>,
+}
+
+const RX_BUFFER: usize = 256 * 1024;
+
+impl StdSockets {
+    /// Reads what arrived on every open connection (as a TCP stack fills its buffers);
+    /// true if anything did.
+    fn fill(&mut self) -> bool {
+        let mut any = false;
+        for c in self.conns.iter_mut().flatten() {
+            if c.ended || c.eof {
+                continue;
+            }
+            let have = c.rx.len();
+            if have >= RX_BUFFER {
+                continue;
+            }
+            c.rx.resize(RX_BUFFER, 0);
+            match c.stream.read(&mut c.rx[have..]) {
+                Ok(0) => {
+                    c.eof = true;
+                    c.rx.truncate(have);
+                }
+                Ok(n) => {
+                    c.rx.truncate(have + n);
+                    any = true;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => c.rx.truncate(have),
+                Err(_) => {
+                    c.rx.truncate(have);
+                    c.ended = true;
+                }
+            }
+            if c.fin && c.eof {
+                // Both sides closed.
+                c.ended = true;
+            }
+        }
+        any
+    }
+
+    fn conn(&mut self, id: usize) -> Option<&mut Conn> {
+        self.conns
+            .get_mut(id)
+            .and_then(Option::as_mut)
+            .filter(|c| !c.ended)
+    }
+}
+
+impl Sockets for StdSockets {
+    type Conn = usize;
+
+    fn accept(&mut self) -> Option<(usize, Peer)> {
+        let (stream, addr) = self.listener.accept().ok()?;
+        stream.set_nonblocking(true).unwrap();
+        stream.set_nodelay(true).unwrap();
+        let std::net::SocketAddr::V4(v4) = addr else {
+            return None;
+        };
+        let peer = (v4.ip().octets(), v4.port());
+        self.conns.push(Some(Conn {
+            stream,
+            rx: Vec::with_capacity(RX_BUFFER),
+            eof: false,
+            fin: false,
+            ended: false,
+        }));
+        Some((self.conns.len() - 1, peer))
+    }
+
+    fn take_closed(&mut self) -> Option<usize> {
+        let id = self
+            .conns
+            .iter()
+            .position(|c| c.as_ref().is_some_and(|c| c.ended))?;
+        self.conns[id] = None;
+        Some(id)
+    }
+
+    fn recv(
+        &mut self,
+        id: usize,
+        take: &mut dyn FnMut(&[u8]) -> Result<usize, NbdError>,
+    ) -> Result<Result<usize, NbdError>, SocketError> {
+        let c = self.conn(id).ok_or(SocketError::Gone)?;
+        if c.rx.is_empty() {
+            return if c.eof {
+                Err(SocketError::Finished)
+            } else {
+                Ok(Ok(0))
+            };
+        }
+        Ok(take(&c.rx).map(|n| {
+            let n = n.min(c.rx.len());
+            c.rx.drain(..n);
+            n
+        }))
+    }
+
+    fn send(&mut self, id: usize, data: &[u8]) -> usize {
+        let Some(c) = self.conn(id) else { return 0 };
+        if c.fin {
+            return 0;
+        }
+        match c.stream.write(data) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
+            Err(_) => {
+                c.ended = true;
+                0
+            }
+        }
+    }
+
+    fn close(&mut self, id: usize) {
+        if let Some(c) = self.conn(id) {
+            let _ = c.stream.shutdown(Shutdown::Write);
+            c.fin = true;
+            c.ended |= c.eof;
+        }
+    }
+
+    fn abort(&mut self, id: usize) {
+        if let Some(c) = self.conn(id) {
+            let _ = c.stream.shutdown(Shutdown::Both);
+            c.ended = true;
+        }
+    }
+
+    fn local_address(&self) -> Option<([u8; 4], u8)> {
+        Some(([127, 0, 0, 1], 8))
+    }
+}
+
+/// Serves connections until the test process ends.
+fn serve(disks: Disks, max_payload: u32) -> TestServer {
+    let _ = log::set_logger(&LOGGER);
+    log::set_max_level(log::LevelFilter::Warn);
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
     let port = listener.local_addr().unwrap().port();
     let state = Arc::new(ServerState::default());
     let shared = state.clone();
     thread::spawn(move || {
-        for (n, stream) in listener.incoming().enumerate() {
-            let Ok(stream) = stream else { return };
-            let disks = disks.clone();
-            let state = shared.clone();
-            state
-                .active
-                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            thread::spawn(move || {
-                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    connection(stream, disks, max_payload, n as u8)
-                }));
-                match result {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => state.errors.lock().unwrap().push(e),
-                    Err(_) => state.errors.lock().unwrap().push("panicked".into()),
-                }
-                state
-                    .active
-                    .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-            });
+        let mut sockets = StdSockets {
+            listener,
+            conns: Vec::new(),
+        };
+        let mut backend = HostBackend {
+            disks,
+            free: (0..BUFFERS).map(|_| HostBuf::new(HOST_CHUNK)).collect(),
+            queue: Vec::new(),
+            max_payload,
+        };
+        let mut server: Server<HostBuf, usize> = Server::new(ServerConfig {
+            port,
+            allow: None,
+            idle_ns: None,
+        });
+        let start = std::time::Instant::now();
+        loop {
+            let now = start.elapsed().as_nanos() as u64;
+            // One turn of the appliance's loop: completions, resubmission, the network.
+            let mut progressed = backend.run_queue(&mut server);
+            server.step(&mut backend);
+            progressed |= sockets.fill();
+            server.poll_connections(&mut sockets, now);
+            server.poll_io(&mut sockets, &mut backend, now);
+            let sessions = server.connections();
+            if sessions == 0 && backend.queue.is_empty() && backend.free.len() != BUFFERS {
+                shared
+                    .errors
+                    .lock()
+                    .unwrap()
+                    .push(format!("{} buffers not back", BUFFERS - backend.free.len()));
+            }
+            shared
+                .errors
+                .lock()
+                .unwrap()
+                .extend(LOGGED.lock().unwrap().drain(..));
+            shared
+                .accepted
+                .store(server.counters().0 as usize, Ordering::SeqCst);
+            shared.sessions.store(sessions, Ordering::SeqCst);
+            if !progressed {
+                thread::sleep(std::time::Duration::from_micros(200));
+            }
         }
     });
-    Server { port, state }
+    TestServer { port, state }
 }
 
 /// A pool buffer of the host backend (the session tests' fake buffer, of `HOST_CHUNK` bytes).
-type HostBuf = kernel::nbd::fake::Buf;
+type HostBuf = nbd::fake::Buf;
 
-/// The glue's backend on the host: a pool of 32 KiB buffers (so large requests are cut
-/// into chunks), a queue of depth 8 whose requests complete a loop turn later, the disks.
+/// The volumes on the host: a pool of 32 KiB buffers (so large requests are cut into
+/// chunks), a queue of depth 8 whose requests complete a loop turn later, the disks.
 struct HostBackend {
     disks: Disks,
     free: Vec<HostBuf>,
-    queue: Vec<(u64, BackendOp, Option<HostBuf>)>,
+    queue: Vec<(RequestId, u64, BackendOp, Option<HostBuf>)>,
     max_payload: u32,
 }
 
 const HOST_CHUNK: usize = 32 * 1024;
+const BUFFERS: usize = 48;
 
 impl ExportCatalog for HostBackend {
     fn lookup(&self, name: &str) -> Option<ExportInfo> {
@@ -166,12 +373,25 @@ impl ExportCatalog for HostBackend {
     }
 }
 
+impl Roles for HostBackend {
+    fn device_role(&self, disk: usize) -> DeviceRole {
+        if disk < self.disks.0.lock().unwrap().len() {
+            DeviceRole::Plain
+        } else {
+            DeviceRole::Missing
+        }
+    }
+    fn snapshot_role(&self, _: u32) -> Option<SnapRole> {
+        None
+    }
+}
+
 impl Backend for HostBackend {
     type Buf = HostBuf;
     fn chunk_bytes(&self, _: u64) -> usize {
         HOST_CHUNK
     }
-    fn max_discard_bytes(&mut self, _: u64) -> u64 {
+    fn max_discard_bytes(&mut self, _: u64, _: Route) -> u64 {
         1 << 30
     }
     fn available(&mut self, _: u64) -> usize {
@@ -187,27 +407,40 @@ impl Backend for HostBackend {
     }
     fn submit(
         &mut self,
-        _: u64,
-        tag: u64,
+        export: u64,
+        to: Route,
+        id: RequestId,
         op: BackendOp,
         buffer: Option<HostBuf>,
     ) -> Result<(), (SubmitError, Option<HostBuf>)> {
+        assert_eq!(
+            Some(to),
+            ExportId::from_handle(export).map(|e| Route::Device(e.disk()))
+        );
         if self.queue.len() >= 8 {
             return Err((SubmitError::Busy, buffer));
         }
-        self.queue.push((tag, op, buffer));
+        self.queue.push((id, export, op, buffer));
         Ok(())
+    }
+    fn volume_name(&self, export: u64) -> Option<ExportName> {
+        let disk = ExportId::from_handle(export)?.disk();
+        let disks = self.disks.0.lock().unwrap();
+        disks
+            .get(disk)
+            .map(|d| ExportName::from_str_truncated(d.name))
     }
 }
 
 impl HostBackend {
-    /// Runs the queued device requests on the disk and completes them (last in, first out,
-    /// to reorder them).
-    fn run_queue(&mut self, session: &mut Session<HostBuf>) {
-        while let Some((tag, op, mut buffer)) = self.queue.pop() {
-            let handle = session.export().unwrap().handle as usize;
+    /// Runs the queued device requests on the disks and completes them (last in, first
+    /// out, to reorder them); true if there were any.
+    fn run_queue(&mut self, server: &mut Server<HostBuf, usize>) -> bool {
+        let any = !self.queue.is_empty();
+        while let Some((id, export, op, mut buffer)) = self.queue.pop() {
+            let disk = ExportId::from_handle(export).unwrap().disk();
             let mut disks = self.disks.0.lock().unwrap();
-            let disk = &mut disks[handle];
+            let disk = &mut disks[disk];
             match (op, buffer.as_mut()) {
                 (BackendOp::Read { offset }, Some(b)) => {
                     let o = offset as usize;
@@ -222,74 +455,10 @@ impl HostBackend {
                 _ => {}
             }
             drop(disks);
-            let (_, slot, chunk) = session::untag(tag).unwrap();
             let free = &mut self.free;
-            session.on_completion(slot, chunk, Ok(()), buffer, &mut |b| free.push(b));
+            server.complete(id, Ok(()), buffer, &mut |b| free.push(b));
         }
-    }
-}
-
-/// One connection: what the kernel's glue does, with the socket in non-blocking mode.
-fn connection(mut stream: TcpStream, disks: Disks, max_payload: u32, id: u8) -> Result<(), String> {
-    stream.set_nonblocking(true).map_err(|e| e.to_string())?;
-    let mut backend = HostBackend {
-        disks,
-        free: (0..48).map(|_| HostBuf::new(HOST_CHUNK)).collect(),
-        queue: Vec::new(),
-        max_payload,
-    };
-    let mut session: Box<Session<HostBuf>> =
-        Box::new(Session::new(id, ConnectionConfig::default()));
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut have = 0;
-    let mut eof = false;
-    loop {
-        let mut progressed = false;
-        if !eof && have < buf.len() {
-            match stream.read(&mut buf[have..]) {
-                Ok(0) => eof = true,
-                Ok(n) => {
-                    have += n;
-                    progressed = true;
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e.to_string()),
-            }
-        }
-        let taken = session
-            .on_receive(&mut backend, &buf[..have])
-            .map_err(|e| format!("closed: {e}"))?;
-        buf.copy_within(taken..have, 0);
-        have -= taken;
-        progressed |= taken > 0 || !backend.queue.is_empty();
-        backend.run_queue(&mut session);
-        session.step(&mut backend);
-        let mut write_error = None;
-        session
-            .on_transmit(&mut backend, &mut |bytes| match stream.write(bytes) {
-                Ok(n) => {
-                    progressed |= n > 0;
-                    n
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
-                Err(e) => {
-                    write_error = Some(e.to_string());
-                    0
-                }
-            })
-            .map_err(|e| format!("transmit: {e}"))?;
-        if let Some(e) = write_error {
-            return Err(e);
-        }
-        if session.should_close() || (eof && have == 0 && session.in_device() == 0) {
-            session.kill();
-            session.release_all(&mut backend);
-            assert_eq!(backend.free.len(), 48, "every buffer back");
-            return Ok(());
-        }
-        if !progressed {
-            thread::sleep(std::time::Duration::from_micros(200));
-        }
+        any
     }
 }
 

@@ -14,7 +14,7 @@ use std::process::{Command, Output};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use kernel::nbd::proto::*;
+use nbd::proto::*;
 use tests::{free_port, sha256_hex, Boot, Image, Qemu, TIMEOUT};
 
 const MIB: u64 = 1 << 20;

@@ -1,55 +1,58 @@
-//! The NBD server: every volume (devices such as `vda` or `nvme0n1`, and snapshots by name)
-//! exported over TCP with the Network Block Device protocol (NetworkBlockDevice/nbd
-//! `doc/proto.md`: fixed newstyle handshake, simple replies).
+//! The kernel's side of the NBD server (the server itself is the `nbd` crate,
+//! `kernel/nbd/`): what it is generic over, supplied by the appliance.
 //!
-//! - [`proto`]: wire constants and error values.
-//! - [`export`]: the [`ExportCatalog`] the kernel implements over its volumes.
-//! - [`connection`]: one connection as a sans-I/O state machine: bytes in, requests and
-//!   replies out, completions in; fixed buffers, no allocation per request.
-//! - [`error`]: why a connection was closed, one line each.
-//! - [`allow`]: the `nbd.allow=` client address allow-list.
-//! - [`guard`]: the handshake deadline, `nbd.idle=`, and rate-limited refusal log lines.
-//! - [`route`]: export handles as stable identities (a device, one snapshot instance) and
-//!   where each request on one goes now (looked up per request, not at the handshake).
-//! - [`session`]: a connection joined to the block layer through a [`session::Backend`]
-//!   (buffer pool + submission): requests cut into pool-buffer chunks, device tags
-//!   ([`session::NBD_TAG`]), completions, read data sent from the buffers.
-//! - `server` (appliance only): sessions over `Storage`, the table of connections, the
-//!   narrow interface the TCP side calls.
-//! - `tcp` (appliance only): the listener on `nbd.port=` that joins TCP connections to the
-//!   server's sessions inside the network's poll.
+//! - `backend` (appliance only): `Storage` as the server's volumes (export catalog, roles,
+//!   buffer pools, submission); the device-tag bits that carry the server's request ids
+//!   and the completion sink of `storage::poll`.
+//! - `tcp` (appliance only): the listener on `nbd.port=` as the server's sockets, run
+//!   inside the network's poll.
+//! - `selftest` (appliance only): `nbd-selftest`, a scripted client on a loopback session.
+//! - [`selftest_spec`]: what the self-test writes, shared with the host tests.
 //!
-//! Everything but `server` is pure and tested on the host (`cargo test -p kernel nbd`).
+//! The server is one value behind a lock (`with`), set up when the main loop starts.
 
 #![deny(unsafe_code)]
 
-pub mod allow;
-pub mod connection;
-pub mod error;
-pub mod export;
-#[cfg(any(test, feature = "fuzz"))]
-pub mod fake;
-pub mod guard;
-pub mod proto;
-pub mod route;
+#[cfg(target_os = "none")]
+pub mod backend;
 #[cfg(target_os = "none")]
 pub mod selftest;
 pub mod selftest_spec;
 #[cfg(target_os = "none")]
-pub mod server;
-pub mod session;
-#[cfg(target_os = "none")]
 pub mod tcp;
 
-#[cfg(test)]
-mod tests;
+pub use nbd::ServerConfig;
 
-pub use allow::{AllowList, Cidr};
-pub use connection::{Connection, ConnectionConfig, Event, Received, Transmit, MAX_IN_FLIGHT};
-pub use error::NbdError;
-pub use export::{BlockSizes, ExportCatalog, ExportInfo, ExportName};
-pub use proto::Errno;
-pub use session::SessionStats;
+/// Settings from the kernel command line: `nbd.port=` (default 10809), `nbd.allow=` and
+/// `nbd.idle=`.
+pub fn config_from_cmdline(cmdline: Option<&crate::cmdline::CmdLine>) -> ServerConfig {
+    ServerConfig {
+        port: cmdline
+            .and_then(|c| c.nbd_port)
+            .unwrap_or(nbd::DEFAULT_PORT),
+        allow: cmdline.and_then(|c| c.nbd_allow),
+        idle_ns: cmdline
+            .and_then(|c| c.nbd_idle)
+            .map(|s| u64::from(s) * 1_000_000_000),
+    }
+}
 
-/// The IANA port of NBD, used when `nbd.port=` is not given.
-pub const DEFAULT_PORT: u16 = 10809;
+/// The server as the kernel instantiates it: DMA buffers, smoltcp connections.
+#[cfg(target_os = "none")]
+pub type Server = nbd::Server<backend::NbdBuf, crate::net::tcp::ConnId>;
+
+#[cfg(target_os = "none")]
+static SERVER: spin::Mutex<Option<Server>> = spin::Mutex::new(None);
+
+/// Sets up the server (main loop start; allocates its tables).
+#[cfg(target_os = "none")]
+pub fn init(config: ServerConfig) {
+    *SERVER.lock() = Some(Server::new(config));
+}
+
+/// Runs `f` on the server, if set up (main loop and console). Lock order: the network,
+/// then `storage`, then the server; never the other way round.
+#[cfg(target_os = "none")]
+pub fn with<R>(f: impl FnOnce(&mut Server) -> R) -> Option<R> {
+    SERVER.lock().as_mut().map(f)
+}

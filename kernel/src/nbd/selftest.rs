@@ -1,6 +1,7 @@
 //! `nbd-selftest VOLUME` (testing only): a scripted NBD client inside the appliance, talking
-//! to the real [`super::server`] over a loopback "socket" (byte buffers), so the server glue
-//! is exercised on real devices and real completions before the network stack exists.
+//! to the real server (a loopback session, [`nbd::Server::accept_loopback`], fed byte
+//! buffers), so the server and its kernel backend are exercised on real devices and real
+//! completions before the network stack exists.
 //!
 //! Script, one request at a time: GO to VOLUME with a block-size request, WRITE 768 KiB of
 //! `fill_seeded(seed 0x6e6264)` at 1 MiB (with FUA where offered), FLUSH, READ it back and compare, READ at
@@ -11,8 +12,11 @@ use core::fmt::{self, Write};
 use alloc::vec::Vec;
 use drivers::block::{BufferPool, Completion};
 
-use super::proto::*;
-use super::server;
+use nbd::proto::*;
+use nbd::NbdError;
+
+use super as server;
+use super::backend::StorageBackend;
 use crate::storage::tasks::Task;
 use crate::storage::Storage;
 use crate::util::pattern::fill_seeded;
@@ -204,14 +208,15 @@ impl Task for NbdSelfTest {
         let script = &self.script;
         let sent = &mut self.sent;
         let result = server::with(|srv| {
-            let taken = srv.receive(st, id, &script[*sent..limit])?;
+            let volumes = &mut StorageBackend(st);
+            let taken = srv.receive(volumes, id, &script[*sent..limit])?;
             *sent += taken;
-            srv.transmit(st, id, &mut |bytes| {
+            srv.transmit(volumes, id, &mut |bytes| {
                 let n = bytes.len().min(out.capacity() - out.len());
                 out.extend_from_slice(&bytes[..n]);
                 n
             })?;
-            Ok::<bool, super::NbdError>(srv.should_close(id))
+            Ok::<bool, NbdError>(srv.should_close(id))
         });
         match result {
             Some(Ok(close)) => {

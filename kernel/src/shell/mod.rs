@@ -36,7 +36,7 @@ mod run_loop {
     use super::commands::parse_line;
     use super::output::{self, with_editor, Out};
     use crate::console::editor::{EditorEvent, LineEditor, LINE_CAPACITY};
-    use crate::nbd::server as nbd;
+    use crate::nbd;
     use crate::ring::ByteRing;
     use crate::storage::tasks::Task;
     use crate::util::stackstr::StackStr;
@@ -93,7 +93,7 @@ mod run_loop {
         // The NBD server: sessions come from its TCP listener inside `net::poll`, which
         // starts once the first task (discovery) has found the snapshots, so that clients
         // see every export; completions and resubmissions run here every iteration.
-        let nbd_config = nbd::ServerConfig::from_cmdline(crate::start::cmdline());
+        let nbd_config = nbd::config_from_cmdline(crate::start::cmdline());
         nbd::init(nbd_config);
         let mut nbd_listening = false;
         let mut typeahead = ByteRing::<256>::new();
@@ -115,16 +115,16 @@ mod run_loop {
                     },
                     &mut |pool, completion| {
                         let before = memory::allocation_count();
-                        nbd::complete(pool, completion);
-                        crate::nbd::tcp::count_allocations(before);
+                        nbd::backend::complete(pool, completion);
+                        nbd::tcp::count_allocations(before);
                     },
                 );
                 // What the NBD sessions and the task submit goes out with one notification
                 // per device.
                 storage::plug(st);
                 let before = memory::allocation_count();
-                nbd::with(|server| server.step(st));
-                crate::nbd::tcp::count_allocations(before);
+                nbd::with(|server| server.step(&mut nbd::backend::StorageBackend(st)));
+                nbd::tcp::count_allocations(before);
                 let more = storage::housekeeping(st, now) || more;
                 if let Some(r) = running.as_mut() {
                     r.task.step(st, now);

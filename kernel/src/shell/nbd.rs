@@ -6,12 +6,12 @@ use core::fmt::Write;
 use alloc::string::String;
 use alloc::vec::Vec;
 
+use nbd::{Cidr, ClientInfo, ExportCatalog, ExportInfo};
+
 use super::output::Out;
 use crate::console::args::Args;
 use crate::ipconfig::Dotted;
-use crate::nbd::allow::Cidr;
-use crate::nbd::server::{self, ClientInfo, StorageBackend};
-use crate::nbd::{ExportCatalog, ExportInfo};
+use crate::nbd::backend::{self, StorageBackend};
 use crate::{json, net, storage};
 
 struct Export {
@@ -28,9 +28,9 @@ struct Client {
 pub fn run(args: &Args, out: &mut Out) {
     let json_out = args.flag("json");
     // Each lock on its own (the network's poll takes network → storage → server).
-    let listener = net::with(|n| (n.address(), n.nbd().map(|s| (s.port(), s.counters()))));
+    let listener = net::with(|n| (n.address(), n.nbd().map(|s| s.port())));
     let (local, listening) = listener.unwrap_or((None, None));
-    let Some((config, exports, clients)) = storage::with(|st| {
+    let Some((config, counters, exports, clients)) = storage::with(|st| {
         let backend = StorageBackend(st);
         let mut exports = Vec::new();
         let mut index = 0;
@@ -43,17 +43,17 @@ pub fn run(args: &Args, out: &mut Out) {
                 });
             }
         }
-        let st = &mut *backend.0;
-        server::with(|srv| {
+        let st = &*backend.0;
+        crate::nbd::with(|srv| {
             let mut clients = Vec::new();
             srv.clients(|info| {
-                let export = info.export.map(|h| match server::export_name(st, h) {
+                let export = info.export.map(|h| match backend::volume_name(st, h) {
                     Some(name) => String::from(name.as_str()),
                     None => String::from("(deleted snapshot)"),
                 });
                 clients.push(Client { info, export });
             });
-            (*srv.config(), exports, clients)
+            (*srv.config(), srv.counters(), exports, clients)
         })
     }) else {
         out.error(format_args!("the NBD server is not running"));
@@ -70,7 +70,7 @@ pub fn run(args: &Args, out: &mut Out) {
             true,
         ),
     };
-    let (accepted, refused) = listening.map_or((0, 0), |(_, c)| c);
+    let (accepted, refused) = counters;
     // `nbd.idle=` (0: sessions are never closed for idleness).
     let idle_s = config.idle_ns.map_or(0, |ns| ns / 1_000_000_000);
     if json_out {

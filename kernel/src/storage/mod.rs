@@ -264,7 +264,7 @@ impl Storage {
         submitted
     }
 
-    /// Sends an NBD request (tag with `nbd::NBD_TAG`) to a target. Not counted in
+    /// Sends an NBD request (tagged by `nbd::backend::tag`) to a target. Not counted in
     /// `task_ios`: its completion goes to the NBD sink of [`poll`], and console tasks do not
     /// wait for it.
     pub fn submit_nbd(
@@ -355,44 +355,6 @@ impl Storage {
             .get(disk)
             .map(|d| d.info().name)
             .unwrap_or_default()
-    }
-}
-
-/// The roles NBD requests are routed by, as they are now (looked up per request).
-impl crate::nbd::route::Roles for Storage {
-    fn device_role(&self, disk: usize) -> crate::nbd::route::DeviceRole {
-        use crate::nbd::route::DeviceRole;
-        if disk >= self.devices.len() {
-            return DeviceRole::Missing;
-        }
-        if self.holds_store(disk) {
-            return DeviceRole::Store;
-        }
-        match self
-            .origins
-            .iter()
-            .position(|o| o.disk == disk && (o.creating || !o.snaps.is_empty()))
-        {
-            Some(origin) => DeviceRole::Origin(origin),
-            None => DeviceRole::Plain,
-        }
-    }
-
-    fn snapshot_role(&self, instance: u32) -> Option<crate::nbd::route::SnapRole> {
-        self.origins.iter().enumerate().find_map(|(origin, o)| {
-            o.snaps
-                .iter()
-                .find(|s| s.instance == instance)
-                .map(|s| crate::nbd::route::SnapRole {
-                    origin,
-                    disk: o.disk,
-                    slot: s.id.0,
-                    serving: matches!(
-                        s.state,
-                        volume::SnapState::Active | volume::SnapState::Invalid
-                    ),
-                })
-        })
     }
 }
 
@@ -623,7 +585,7 @@ pub fn housekeeping(storage: &mut Storage, now: u64) -> bool {
 
 /// One round of the completion path: takes fired vectors, polls those devices with a budget,
 /// hands each completion to `sink` with the device's buffer pool (engine I/O goes back to its
-/// engine; NBD I/O, tagged with `nbd::NBD_TAG`, to `nbd` instead), then lets every engine
+/// engine; NBD I/O, tagged by `nbd::backend::tag`, to `nbd` instead), then lets every engine
 /// issue I/O and deliver finished volume requests. Returns true when work remains (run
 /// again before halting).
 pub fn poll(
@@ -655,7 +617,7 @@ pub fn poll(
                 if let Some(o) = origins.get_mut(origin) {
                     o.complete(c.tag as u32, c);
                 }
-            } else if crate::nbd::session::untag(c.tag).is_some() {
+            } else if crate::nbd::backend::untag(c.tag).is_some() {
                 // NBD I/O sent straight to this device (engine-routed NBD I/O comes back
                 // through `deliver` below).
                 if let Some(n) = direct_nbd.get_mut(usize::from(index)) {
@@ -681,7 +643,7 @@ pub fn poll(
         o.issue(index, devices);
         if let Some(pool) = pools.get_mut(o.disk) {
             o.deliver(&mut |c| {
-                if crate::nbd::session::untag(c.tag).is_some() {
+                if crate::nbd::backend::untag(c.tag).is_some() {
                     nbd(pool, c)
                 } else {
                     *task_ios = task_ios.saturating_sub(1);

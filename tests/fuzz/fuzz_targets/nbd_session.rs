@@ -1,4 +1,4 @@
 //! An NBD client's byte stream into a session over the fake backend: see
-//! `kernel::fuzz::nbd_session`.
+//! `nbd::fuzz::nbd_session`.
 #![no_main]
-libfuzzer_sys::fuzz_target!(|data: &[u8]| kernel::fuzz::nbd_session(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| nbd::fuzz::nbd_session(data));

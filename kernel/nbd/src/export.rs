@@ -2,8 +2,66 @@
 //! asks for names and geometry, implemented by the kernel over its volumes (devices and
 //! snapshots) so that the protocol code does not depend on the storage code.
 
-/// An export name or description as the catalog hands it out (fixed capacity, no heap).
-pub type ExportName = drivers::info::FixedString<64>;
+use core::fmt;
+
+/// An export name or description as the catalog hands it out: up to 64 bytes of UTF-8,
+/// fixed capacity, no heap.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct ExportName {
+    bytes: [u8; 64],
+    len: u8,
+}
+
+impl ExportName {
+    /// The empty name.
+    pub const fn new() -> ExportName {
+        ExportName {
+            bytes: [0; 64],
+            len: 0,
+        }
+    }
+
+    /// A copy of `s`, cut after the last whole character that fits.
+    pub fn from_str_truncated(s: &str) -> ExportName {
+        let mut take = s.len().min(64);
+        while !s.is_char_boundary(take) {
+            take -= 1;
+        }
+        let mut out = ExportName::new();
+        out.bytes[..take].copy_from_slice(&s.as_bytes()[..take]);
+        out.len = take as u8;
+        out
+    }
+
+    /// The text.
+    pub fn as_str(&self) -> &str {
+        // Only whole UTF-8 characters are stored (`from_str_truncated`).
+        core::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or("")
+    }
+
+    /// Whether the name is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Default for ExportName {
+    fn default() -> Self {
+        ExportName::new()
+    }
+}
+
+impl fmt::Display for ExportName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+impl fmt::Debug for ExportName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
 
 /// One export as the protocol needs it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,5 +136,27 @@ impl BlockSizes {
             preferred,
             maximum,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_cut_at_a_character_boundary() {
+        let long = "é".repeat(40);
+        let name = ExportName::from_str_truncated(&long);
+        assert_eq!(name.as_str(), "é".repeat(32));
+        assert_eq!(ExportName::from_str_truncated("vda").as_str(), "vda");
+        assert!(ExportName::default().is_empty());
+        assert_eq!(
+            alloc::format!(
+                "{:>5}|{:?}",
+                name.as_str().len(),
+                ExportName::from_str_truncated("s1")
+            ),
+            "   64|\"s1\""
+        );
     }
 }

@@ -6,7 +6,7 @@
 //! `STARTTLS` included, is answered `NBD_REP_ERR_UNSUP`), "Transmission" with simple replies
 //! only, "Size constraints" and "Error values".
 //!
-//! The glue drives it with three calls:
+//! The session ([`crate::session`]) drives it with three calls:
 //! - [`Connection::receive`] takes bytes from the socket and returns how many it consumed and
 //!   at most one [`Event`]: a request for the volume layer (read, write + its payload in
 //!   pieces, flush, trim), the export chosen, or the client's disconnect. Call it again with
@@ -17,7 +17,7 @@
 //!   reply's payload that the glue sends straight from its own DMA buffers.
 //!
 //! Requests are identified by a *slot* (`0..MAX_IN_FLIGHT`), an index in a fixed table
-//! that also holds the client's cookie; the glue puts the slot into its device tags. When
+//! that also holds the client's cookie; the session puts the slot into its request ids. When
 //! every slot is busy, `receive` consumes nothing more (TCP back-pressure). Requests that
 //! fail validation take a slot too and are answered here, never reaching the glue.
 //!

@@ -1,7 +1,7 @@
-//! One NBD connection joined to the block layer: a [`Connection`] plus, per request slot,
-//! the device I/O that carries it. Generic over a [`Backend`] (buffer pool + submission) so
-//! the logic is tested on the host with a fake; the kernel implements the backend over
-//! `Storage` (see `server.rs`).
+//! One NBD connection joined to the volumes: a [`Connection`] plus, per request slot, the
+//! device I/O that carries it. Generic over a [`Backend`] (export catalog, roles, buffer
+//! pool, submission) so the logic is tested on the host with a fake; the kernel implements
+//! the backend over its `Storage`.
 //!
 //! How a request becomes device I/O:
 //! - Requests are cut into *chunks* of one pool buffer each ([`Backend::chunk_bytes`]); the
@@ -14,38 +14,66 @@
 //!   back-pressure). A failed chunk makes the rest of the payload be dropped; the reply goes
 //!   out when every submitted chunk is back.
 //! - FLUSH and TRIM are one device request each (a trim larger than the device takes in one
-//!   request is answered without discarding anything: trim is a hint).
+//!   request, or one through a snapshot engine, is answered without discarding anything:
+//!   trim is a hint).
+//! - Every device request is routed by what its export's identity is *now*
+//!   ([`route::route`] over the backend's [`Roles`]): a device that became an origin goes
+//!   through its engine from the next request on, a device that became a COW store refuses
+//!   writes and trims (`EPERM`), a snapshot that is gone answers `EIO`. The first such
+//!   refusal of a session is logged once.
 //! - A device request that finds the queue full is retried by [`Session::step`].
 //! - A request's reply is released only when none of its chunks is in a device any more, so
-//!   a slot (and its tags) is never reused while the device still holds I/O for it.
+//!   a slot (and its [`RequestId`]s) is never reused while the device still holds I/O for it.
 //!
-//! Tags: [`tag`] puts [`NBD_TAG`], the connection number, the slot and the chunk into a
-//! device tag; [`untag`] takes them out of a completion.
+//! Completions come back by the [`RequestId`] the session gave the backend with the
+//! submission; how a backend carries it through its devices (the kernel puts it in device
+//! tags) is the backend's business.
 
 use alloc::boxed::Box;
 
 use super::connection::{Connection, ConnectionConfig, Event, Received, Transmit, MAX_IN_FLIGHT};
 use super::error::NbdError;
-use super::export::{ExportCatalog, ExportInfo};
+use super::export::{ExportCatalog, ExportInfo, ExportName};
 use super::proto::Errno;
+use super::route::{self, ExportId, Roles, Route};
 
-/// Device-request tags of NBD I/O carry this bit. Engine I/O uses bit 63 (`VOLUME_TAG`),
-/// console tasks use neither (their flushes use bit 62), so each owner recognises its own.
-pub const NBD_TAG: u64 = 1 << 61;
 /// Chunks per request at most (the maximum payload is this many pool buffers or less).
 pub const MAX_CHUNKS: usize = 16;
 
-/// The device tag of chunk `chunk` of request `slot` of connection `connection`.
-pub fn tag(connection: u8, slot: u16, chunk: u16) -> u64 {
-    NBD_TAG | (u64::from(connection) << 32) | (u64::from(slot) << 16) | u64::from(chunk)
+/// The server's own id of one device request: chunk `chunk` of request slot `slot` of
+/// connection `connection`. The backend gets it with [`Backend::submit`] and hands it back
+/// with the completion ([`crate::Server::complete`]); it fits in [`RequestId::BITS`] bits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RequestId {
+    /// The server's connection id.
+    pub connection: u8,
+    /// The request slot of that connection.
+    pub slot: u16,
+    /// The chunk of that request.
+    pub chunk: u16,
 }
 
-/// (connection, slot, chunk) of an NBD tag; `None` for anybody else's tag.
-pub fn untag(tag: u64) -> Option<(u8, u16, u16)> {
-    if tag & (0b111 << 61) != NBD_TAG || (tag >> 40) & 0x1f_ffff != 0 {
-        return None;
+impl RequestId {
+    /// Bits [`RequestId::to_bits`] uses (the rest of a 64-bit device tag is the backend's).
+    pub const BITS: u32 = 40;
+
+    /// The id as a number below `1 << BITS`.
+    pub fn to_bits(self) -> u64 {
+        (u64::from(self.connection) << 32) | (u64::from(self.slot) << 16) | u64::from(self.chunk)
     }
-    Some(((tag >> 32) as u8, (tag >> 16) as u16, tag as u16))
+
+    /// The id [`RequestId::to_bits`] gave `bits`; `None` if bits above [`RequestId::BITS`]
+    /// are set.
+    pub fn from_bits(bits: u64) -> Option<RequestId> {
+        if bits >> Self::BITS != 0 {
+            return None;
+        }
+        Some(RequestId {
+            connection: (bits >> 32) as u8,
+            slot: (bits >> 16) as u16,
+            chunk: bits as u16,
+        })
+    }
 }
 
 /// A pool buffer as the session uses it.
@@ -93,30 +121,37 @@ pub enum SubmitError {
     Failed(Errno),
 }
 
-/// The block layer as a session needs it. `export` is the handle from [`ExportInfo`]. The
-/// same object is the session's [`ExportCatalog`].
-pub trait Backend {
-    /// The buffer type (the kernel's `DmaBuf`).
+/// The volumes as a session needs them: the export catalog of the handshake, the roles
+/// every request is routed by, a buffer pool per export and submission. `export` is the
+/// handle from [`ExportInfo`] (an [`ExportId`]).
+pub trait Backend: ExportCatalog + Roles {
+    /// The buffer type (the kernel's DMA buffers).
     type Buf: IoBuffer;
     /// Bytes per chunk: the size of the export's pool buffers (a multiple of its block size).
     /// The session advertises at most [`MAX_CHUNKS`] chunks as the maximum payload.
     fn chunk_bytes(&self, export: u64) -> usize;
-    /// The largest discard one device request takes, in bytes (0: none).
-    fn max_discard_bytes(&mut self, export: u64) -> u64;
+    /// The largest discard one device request to `to` takes, in bytes (0: none; a trim is
+    /// then answered without discarding).
+    fn max_discard_bytes(&mut self, export: u64, to: Route) -> u64;
     /// Free buffers in the export's pool.
     fn available(&mut self, export: u64) -> usize;
     /// Takes a buffer from the export's pool (length set to the full buffer).
     fn acquire(&mut self, export: u64) -> Option<Self::Buf>;
     /// Gives a buffer back to the export's pool.
     fn release(&mut self, export: u64, buffer: Self::Buf);
-    /// Submits a device request tagged `tag`; on refusal the buffer comes back.
+    /// Submits chunk I/O of `export` to where [`route::route`] sends it now; its completion
+    /// comes back with `id` ([`crate::Server::complete`]). On refusal the buffer comes back.
     fn submit(
         &mut self,
         export: u64,
-        tag: u64,
+        to: Route,
+        id: RequestId,
         op: BackendOp,
         buffer: Option<Self::Buf>,
     ) -> Result<(), (SubmitError, Option<Self::Buf>)>;
+    /// The name of the volume `export` names now (a device's name, a snapshot's name), for
+    /// the console and log lines; `None` once a snapshot is gone.
+    fn volume_name(&self, export: u64) -> Option<ExportName>;
 }
 
 /// The backend's catalog with each export's maximum payload held to what [`MAX_CHUNKS`]
@@ -133,10 +168,10 @@ impl<K: Backend + ExportCatalog> ExportCatalog for Clamped<'_, K> {
         };
         Some(export)
     }
-    fn name(&self, index: usize) -> Option<super::export::ExportName> {
+    fn name(&self, index: usize) -> Option<ExportName> {
         self.0.name(index)
     }
-    fn description(&self, export: &ExportInfo) -> Option<super::export::ExportName> {
+    fn description(&self, export: &ExportInfo) -> Option<ExportName> {
         self.0.description(export)
     }
 }
@@ -222,10 +257,12 @@ pub struct Session<B: IoBuffer> {
     /// The connection is dead (protocol error, TCP gone): no input, no output, only device
     /// I/O still in flight to wait for.
     dead: bool,
+    /// The session was told (in the log) that its volume changed role.
+    role_logged: bool,
 }
 
 impl<B: IoBuffer> Session<B> {
-    /// A session for connection number `id` (carried in its device tags). Allocates its
+    /// A session for connection number `id` (carried in its [`RequestId`]s). Allocates its
     /// slot table (call it when the connection is accepted).
     pub fn new(id: u8, config: ConnectionConfig) -> Self {
         Session {
@@ -236,6 +273,7 @@ impl<B: IoBuffer> Session<B> {
             chunk_bytes: 0,
             slots: (0..MAX_IN_FLIGHT).map(|_| SlotIo::idle()).collect(),
             dead: false,
+            role_logged: false,
         }
     }
 
@@ -540,14 +578,11 @@ impl<B: IoBuffer> Session<B> {
         }
     }
 
-    /// Submits the chunks of `slot` that can go now.
+    /// Submits the chunks of `slot` that can go now, each to where its export's identity
+    /// is routed at this moment.
     fn submit_slot<K: Backend<Buf = B>>(&mut self, backend: &mut K, export: u64, slot: u16) {
         let chunk_bytes = self.chunk_bytes;
-        let id = self.id;
-        let max_discard = match self.slots.get(usize::from(slot)).map(|s| s.op) {
-            Some(Op::Trim) => backend.max_discard_bytes(export),
-            _ => 0,
-        };
+        let connection = self.id;
         let Some(s) = self.slots.get_mut(usize::from(slot)) else {
             return;
         };
@@ -574,9 +609,28 @@ impl<B: IoBuffer> Session<B> {
                 }
             }
         }
+        let writes = matches!(s.op, Op::Write { .. } | Op::Trim);
+        let mut refused = None;
         while s.error.is_none() && s.next < s.chunks {
             let index = usize::from(s.next);
             let chunk_offset = s.offset + (index * chunk_bytes) as u64;
+            if matches!(s.op, Op::Write { .. }) && s.buffers[index].is_none() {
+                // Not filled yet.
+                break;
+            }
+            // Where this piece goes now: the export's identity may have changed role since
+            // the handshake, or since the previous chunk.
+            let routed = ExportId::from_handle(export)
+                .ok_or(Errno::Io)
+                .and_then(|id| route::route(id, writes, &*backend));
+            let to = match routed {
+                Ok(to) => to,
+                Err(e) => {
+                    s.error = Some(e);
+                    refused = Some(e);
+                    break;
+                }
+            };
             let (op, buffer) = match s.op {
                 Op::Read => (
                     BackendOp::Read {
@@ -584,20 +638,17 @@ impl<B: IoBuffer> Session<B> {
                     },
                     s.buffers[index].take(),
                 ),
-                Op::Write { fua } => match s.buffers[index].take() {
-                    // Not filled yet.
-                    None => break,
-                    Some(b) => (
-                        BackendOp::Write {
-                            offset: chunk_offset,
-                            fua,
-                        },
-                        Some(b),
-                    ),
-                },
+                Op::Write { fua } => (
+                    BackendOp::Write {
+                        offset: chunk_offset,
+                        fua,
+                    },
+                    s.buffers[index].take(),
+                ),
                 Op::Flush => (BackendOp::Flush, None),
-                Op::Trim if u64::from(s.len) > max_discard => {
-                    // Too large for one device request: a hint we may ignore.
+                Op::Trim if u64::from(s.len) > backend.max_discard_bytes(export, to) => {
+                    // Too large for one device request, or not a device of its own: a hint
+                    // we may ignore.
                     s.next = s.chunks;
                     break;
                 }
@@ -610,7 +661,12 @@ impl<B: IoBuffer> Session<B> {
                 ),
                 Op::Idle => return,
             };
-            match backend.submit(export, tag(id, slot, s.next), op, buffer) {
+            let id = RequestId {
+                connection,
+                slot,
+                chunk: s.next,
+            };
+            match backend.submit(export, to, id, op, buffer) {
                 Ok(()) => {
                     s.next += 1;
                     s.in_device += 1;
@@ -628,6 +684,29 @@ impl<B: IoBuffer> Session<B> {
         }
         if s.error.is_some() || s.next == s.chunks {
             self.finish(slot, &mut |b| backend.release(export, b));
+        }
+        if let Some(why) = refused {
+            self.role_changed(&*backend, export, why);
+        }
+    }
+
+    /// Logs, once per session, that requests on `export` fail because its volume changed
+    /// role since the handshake (a disk that became a COW store, a snapshot deleted or
+    /// merged).
+    fn role_changed<K: Backend<Buf = B>>(&mut self, backend: &K, export: u64, why: Errno) {
+        if core::mem::replace(&mut self.role_logged, true) {
+            return;
+        }
+        let conn = self.id;
+        match (ExportId::from_handle(export), why) {
+            (Some(ExportId::Device { .. }), Errno::Perm) => log::warn!(
+                "nbd: connection {conn}: {} now holds a COW store; its writes are refused",
+                backend.volume_name(export).unwrap_or_default()
+            ),
+            (Some(ExportId::Snapshot { .. }), _) => log::warn!(
+                "nbd: connection {conn}: its snapshot was deleted or is being merged; its requests fail"
+            ),
+            (_, e) => log::warn!("nbd: connection {conn}: its volume is gone ({e:?})"),
         }
     }
 
@@ -793,22 +872,29 @@ mod tests {
     }
 
     #[test]
-    fn tags_are_recognised_and_distinct_from_other_owners() {
-        let t = tag(200, 31, 15);
-        assert_eq!(untag(t), Some((200, 31, 15)));
-        assert_eq!(untag(tag(0, 0, 0)), Some((0, 0, 0)));
-        for other in [
-            1u64 << 63,
-            (1 << 63) | (3 << 32) | 9,
-            1 << 62,
-            (1 << 62) | 1,
-            0,
-            12345,
+    fn request_ids_round_trip_in_forty_bits() {
+        for id in [
+            RequestId {
+                connection: 200,
+                slot: 31,
+                chunk: 15,
+            },
+            RequestId {
+                connection: 0,
+                slot: 0,
+                chunk: 0,
+            },
+            RequestId {
+                connection: 255,
+                slot: u16::MAX,
+                chunk: u16::MAX,
+            },
         ] {
-            assert_eq!(untag(other), None, "{other:#x}");
+            assert!(id.to_bits() < 1 << RequestId::BITS);
+            assert_eq!(RequestId::from_bits(id.to_bits()), Some(id));
         }
-        assert_eq!(untag(t | 1 << 63), None);
-        assert_eq!(untag(t | 1 << 50), None);
+        assert_eq!(RequestId::from_bits(1 << 40), None);
+        assert_eq!(RequestId::from_bits(1 << 63 | 5), None);
     }
 
     /// A session opened on a plain device whose device becomes the origin of a snapshot,
@@ -974,7 +1060,7 @@ mod tests {
         #![proptest_config(ProptestConfig { cases: 3000, failure_persistence: None, ..ProptestConfig::default() })]
 
         /// Pipelined requests, valid and not, with write payloads, all sent at once over a
-        /// small pool and a shallow queue: every request gets exactly one reply, no device tag
+        /// small pool and a shallow queue: every request gets exactly one reply, no request id
         /// is used twice at a time (the fake checks), and at the end nothing is in a device
         /// and every buffer is back.
         #[test]

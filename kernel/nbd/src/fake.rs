@@ -1,0 +1,392 @@
+//! A fake [`Backend`] for sessions and the server on the host: a RAM disk (export `d`, device
+//! 0) and snapshots of it (each with its own RAM copy) behind a small buffer pool and a
+//! device queue that can be full or fail, with completions in any order the caller picks.
+//! The roles of the device and of each snapshot are set by the test and looked up by every
+//! submission, as the kernel's are. It checks what the kernel's backend cannot: no
+//! [`RequestId`] is in use twice at a time, no buffer comes back twice, every request lies
+//! on its volume. Used by the session's and the server's tests and by the `nbd_session`
+//! fuzz target ([`crate::fuzz::nbd_session`]).
+
+use alloc::string::String;
+use alloc::vec;
+use alloc::vec::Vec;
+
+use super::export::{ExportCatalog, ExportInfo, ExportName};
+use super::proto::{Errno, IHAVEOPT, INFO_BLOCK_SIZE, OPT_GO, REQUEST_MAGIC};
+use super::route::{self, ExportId, Route};
+use super::session::{Backend, BackendOp, IoBuffer, RequestId, Session, SubmitError, MAX_CHUNKS};
+
+/// Bytes per pool buffer (one chunk of a request).
+pub const CHUNK: usize = 4096;
+/// Bytes of the fake disk (export `d`).
+pub const DISK: usize = 256 * 1024;
+
+/// A client's request header (NBD "simple request"): magic, flags, command, cookie, offset,
+/// length, big-endian.
+pub fn request(flags: u16, command: u16, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
+    let mut m = REQUEST_MAGIC.to_be_bytes().to_vec();
+    m.extend_from_slice(&flags.to_be_bytes());
+    m.extend_from_slice(&command.to_be_bytes());
+    m.extend_from_slice(&cookie.to_be_bytes());
+    m.extend_from_slice(&offset.to_be_bytes());
+    m.extend_from_slice(&len.to_be_bytes());
+    m
+}
+
+/// A client's side of the handshake for export `d`: fixed newstyle flags, then `NBD_OPT_GO`
+/// asking for block sizes.
+pub fn go_handshake() -> Vec<u8> {
+    go_handshake_for("d")
+}
+
+/// A client's side of the handshake for export `name`: fixed newstyle flags, then
+/// `NBD_OPT_GO` asking for block sizes.
+pub fn go_handshake_for(name: &str) -> Vec<u8> {
+    let mut m = 3u32.to_be_bytes().to_vec();
+    m.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    m.extend_from_slice(&OPT_GO.to_be_bytes());
+    m.extend_from_slice(&(4 + name.len() as u32 + 4).to_be_bytes());
+    m.extend_from_slice(&(name.len() as u32).to_be_bytes());
+    m.extend_from_slice(name.as_bytes());
+    m.extend_from_slice(&1u16.to_be_bytes());
+    m.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
+    m
+}
+
+/// A pool buffer (of [`CHUNK`] bytes in [`Fake`]'s pool).
+#[derive(Debug)]
+pub struct Buf {
+    data: Vec<u8>,
+    len: usize,
+}
+
+impl Buf {
+    /// A zeroed buffer of `size` bytes.
+    pub fn new(size: usize) -> Buf {
+        Buf {
+            data: vec![0; size],
+            len: size,
+        }
+    }
+}
+
+impl IoBuffer for Buf {
+    fn bytes(&self) -> &[u8] {
+        &self.data[..self.len]
+    }
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut self.data[..self.len]
+    }
+    fn set_len(&mut self, len: usize) -> bool {
+        let ok = len <= self.data.len();
+        if ok {
+            self.len = len;
+        }
+        ok
+    }
+}
+
+/// A snapshot of the fake disk: its own RAM copy, found by name at the handshake and by
+/// instance number per request.
+#[derive(Debug)]
+pub struct Snap {
+    /// The export name.
+    pub name: String,
+    /// Unique, never reused (as the kernel's).
+    pub instance: u32,
+    /// Its slot in the origin's engine (a later snapshot may reuse it).
+    pub slot: u16,
+    /// Active (not being created, merged or deleted).
+    pub serving: bool,
+    /// Its bytes.
+    pub data: Vec<u8>,
+}
+
+/// One device request in flight.
+#[derive(Debug)]
+pub struct InFlight {
+    /// The server's id, handed back with the completion.
+    pub id: RequestId,
+    /// What it does.
+    pub op: BackendOp,
+    /// Where it went.
+    pub to: Route,
+    /// Its buffer.
+    pub buffer: Option<Buf>,
+}
+
+/// A RAM disk and its snapshots behind a small pool and a queue that can be full or fail.
+pub struct Fake {
+    /// The disk's bytes.
+    pub disk: Vec<u8>,
+    /// Snapshots (deleted ones are removed; their instance numbers are never reused).
+    pub snaps: Vec<Snap>,
+    /// The last instance number given.
+    pub instances: u32,
+    /// Free pool buffers.
+    pub free: Vec<Buf>,
+    /// Pool buffers in all.
+    pub total: usize,
+    /// Device requests in flight.
+    pub in_flight: Vec<InFlight>,
+    /// Requests the queue takes at once.
+    pub queue_depth: usize,
+    /// Writes touching this byte fail.
+    pub bad_byte: Option<u64>,
+    /// Flushes completed.
+    pub flushes: usize,
+    /// Discards completed.
+    pub discards: usize,
+    /// The connection number every id must carry ([`Fake::complete_one`]).
+    pub connection: u8,
+    /// What the export's device is now (looked up by every submission, as the kernel does).
+    pub role: route::DeviceRole,
+    /// Where each submission went.
+    pub routes: Vec<Route>,
+}
+
+impl route::Roles for Fake {
+    fn device_role(&self, disk: usize) -> route::DeviceRole {
+        if disk == 0 {
+            self.role
+        } else {
+            route::DeviceRole::Missing
+        }
+    }
+    fn snapshot_role(&self, instance: u32) -> Option<route::SnapRole> {
+        self.snaps
+            .iter()
+            .find(|s| s.instance == instance)
+            .map(|s| route::SnapRole {
+                origin: 0,
+                disk: 0,
+                slot: s.slot,
+                serving: s.serving,
+            })
+    }
+}
+
+impl Fake {
+    /// A disk with a pattern, `buffers` pool buffers, a queue `queue_depth` deep; ids of
+    /// connection 7.
+    pub fn new(buffers: usize, queue_depth: usize) -> Fake {
+        Fake {
+            disk: (0..DISK).map(|i| (i % 251) as u8).collect(),
+            snaps: Vec::new(),
+            instances: 0,
+            free: (0..buffers).map(|_| Buf::new(CHUNK)).collect(),
+            total: buffers,
+            in_flight: Vec::new(),
+            queue_depth,
+            bad_byte: None,
+            flushes: 0,
+            discards: 0,
+            connection: 7,
+            role: route::DeviceRole::Plain,
+            routes: Vec::new(),
+        }
+    }
+
+    /// `snapshot create`: a snapshot `name` of the disk as it is now, in engine slot `slot`,
+    /// with a new instance number (the disk becomes an origin).
+    pub fn create_snapshot(&mut self, name: &str, slot: u16) -> u32 {
+        self.instances += 1;
+        let instance = self.instances;
+        self.snaps.push(Snap {
+            name: String::from(name),
+            instance,
+            slot,
+            serving: true,
+            data: self.disk.clone(),
+        });
+        self.role = route::DeviceRole::Origin(0);
+        instance
+    }
+
+    /// `snapshot delete`: the snapshot called `name` is gone (the disk is plain again when
+    /// it was the last).
+    pub fn delete_snapshot(&mut self, name: &str) {
+        self.snaps.retain(|s| s.name != name);
+        if self.snaps.is_empty() && matches!(self.role, route::DeviceRole::Origin(_)) {
+            self.role = route::DeviceRole::Plain;
+        }
+    }
+
+    /// The bytes of the volume a request went to.
+    fn volume(&mut self, to: Route) -> &mut [u8] {
+        match to {
+            Route::Device(_) | Route::Origin(_) => &mut self.disk,
+            Route::Snapshot { slot, .. } => {
+                let snap = self
+                    .snaps
+                    .iter_mut()
+                    .find(|s| s.slot == slot && s.serving)
+                    .expect("a request routed to a snapshot that is not served");
+                &mut snap.data
+            }
+        }
+    }
+
+    /// Runs in-flight request number `pick` (modulo) as a device would and returns its
+    /// completion: the id it was submitted with, the result and the buffer.
+    pub fn finish_one(
+        &mut self,
+        pick: usize,
+    ) -> Option<(RequestId, Result<(), Errno>, Option<Buf>)> {
+        if self.in_flight.is_empty() {
+            return None;
+        }
+        let InFlight {
+            id,
+            op,
+            to,
+            mut buffer,
+        } = self.in_flight.remove(pick % self.in_flight.len());
+        let mut result = Ok(());
+        let bad_byte = self.bad_byte;
+        match (op, buffer.as_mut()) {
+            (BackendOp::Read { offset }, Some(b)) => {
+                let o = offset as usize;
+                let n = b.len;
+                b.data[..n].copy_from_slice(&self.volume(to)[o..o + n]);
+            }
+            (BackendOp::Write { offset, .. }, Some(b)) => {
+                let o = offset as usize;
+                if bad_byte.is_some_and(|x| (o as u64..(o + b.len) as u64).contains(&x)) {
+                    result = Err(Errno::Io);
+                } else {
+                    self.volume(to)[o..o + b.len].copy_from_slice(&b.data[..b.len]);
+                }
+            }
+            (BackendOp::Flush, None) => self.flushes += 1,
+            (BackendOp::Discard { .. }, None) => self.discards += 1,
+            other => panic!("bad request {other:?}"),
+        }
+        Some((id, result, buffer))
+    }
+
+    /// Completes in-flight request number `pick` (modulo) into `session`, as a device would.
+    pub fn complete_one(&mut self, session: &mut Session<Buf>, pick: usize) -> bool {
+        let Some((id, result, buffer)) = self.finish_one(pick) else {
+            return false;
+        };
+        assert_eq!(id.connection, self.connection);
+        let free = &mut self.free;
+        session.on_completion(id.slot, id.chunk, result, buffer, &mut |b| free.push(b));
+        true
+    }
+}
+
+impl Backend for Fake {
+    type Buf = Buf;
+    fn chunk_bytes(&self, _: u64) -> usize {
+        CHUNK
+    }
+    fn max_discard_bytes(&mut self, _: u64, to: Route) -> u64 {
+        match to {
+            Route::Device(_) => 64 * 1024,
+            _ => 0,
+        }
+    }
+    fn available(&mut self, _: u64) -> usize {
+        self.free.len()
+    }
+    fn acquire(&mut self, _: u64) -> Option<Buf> {
+        let mut b = self.free.pop()?;
+        b.len = CHUNK;
+        Some(b)
+    }
+    fn release(&mut self, _: u64, b: Buf) {
+        assert!(self.free.len() < self.total, "a buffer released twice");
+        self.free.push(b);
+    }
+    fn submit(
+        &mut self,
+        export: u64,
+        to: Route,
+        id: RequestId,
+        op: BackendOp,
+        buffer: Option<Buf>,
+    ) -> Result<(), (SubmitError, Option<Buf>)> {
+        let writes = matches!(op, BackendOp::Write { .. } | BackendOp::Discard { .. });
+        let export = ExportId::from_handle(export).expect("a handle from lookup");
+        assert_eq!(
+            route::route(export, writes, &*self),
+            Ok(to),
+            "submitted where the export's role does not lead now"
+        );
+        if self.in_flight.len() >= self.queue_depth {
+            return Err((SubmitError::Busy, buffer));
+        }
+        self.routes.push(to);
+        assert!(
+            self.in_flight.iter().all(|r| r.id != id),
+            "request id {id:?} in use twice"
+        );
+        let len = match (op, &buffer) {
+            (BackendOp::Read { offset } | BackendOp::Write { offset, .. }, Some(b)) => {
+                Some((offset, b.len as u64))
+            }
+            (BackendOp::Discard { offset, len }, None) => Some((offset, len)),
+            (BackendOp::Flush, None) => None,
+            other => panic!("bad request {other:?}"),
+        };
+        if let Some((offset, len)) = len {
+            assert!(
+                offset
+                    .checked_add(len)
+                    .is_some_and(|end| end <= DISK as u64),
+                "{op:?} of {len} bytes past the end of the disk"
+            );
+        }
+        self.in_flight.push(InFlight { id, op, to, buffer });
+        Ok(())
+    }
+    fn volume_name(&self, export: u64) -> Option<ExportName> {
+        match ExportId::from_handle(export)? {
+            ExportId::Device { disk: 0 } => Some(ExportName::from_str_truncated("d")),
+            ExportId::Device { .. } => None,
+            ExportId::Snapshot { instance, .. } => self
+                .snaps
+                .iter()
+                .find(|s| s.instance == instance)
+                .map(|s| ExportName::from_str_truncated(&s.name)),
+        }
+    }
+}
+
+impl ExportCatalog for Fake {
+    fn lookup(&self, name: &str) -> Option<ExportInfo> {
+        let handle = if name == "d" {
+            ExportId::Device { disk: 0 }.handle()
+        } else {
+            let s = self.snaps.iter().find(|s| s.name == name && s.serving)?;
+            ExportId::Snapshot {
+                disk: 0,
+                instance: s.instance,
+            }
+            .handle()
+        };
+        Some(ExportInfo {
+            handle,
+            size: DISK as u64,
+            block_size: 512,
+            read_only: false,
+            flush: true,
+            fua: true,
+            trim: true,
+            max_payload: (MAX_CHUNKS * CHUNK) as u32,
+        })
+    }
+    fn name(&self, index: usize) -> Option<ExportName> {
+        match index {
+            0 => Some(ExportName::from_str_truncated("d")),
+            i => self
+                .snaps
+                .iter()
+                .filter(|s| s.serving)
+                .nth(i - 1)
+                .map(|s| ExportName::from_str_truncated(&s.name)),
+        }
+    }
+}

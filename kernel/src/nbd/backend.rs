@@ -1,0 +1,359 @@
+//! The NBD server's volumes: `Storage` as an [`nbd::Backend`]. Every volume is an export:
+//! devices by name (`vda`, `nvme0n1`; not a device holding a COW store an engine serves,
+//! which only the engine may write; a device holding a store found at boot and not served
+//! is exported read-only) and active snapshots by name.
+//!
+//! An export handle names a stable identity ([`ExportId`]: a device, or one snapshot
+//! instance); the server routes every request by that identity's role at the moment it is
+//! submitted (`nbd::route`, over the [`Roles`] of `Storage` below), and this backend sends
+//! it where the route says: a device, an origin's engine, or a snapshot of it.
+//!
+//! Device tags: the server's [`RequestId`] travels in the tag of each device request under
+//! [`NBD_TAG`] ([`tag`]); `storage::poll` hands completions carrying it to [`complete`],
+//! which gives the server its id back ([`untag`]). This file is the only place that knows
+//! the bits. NBD I/O is submitted with `Storage::submit_nbd`, which does not count in
+//! `Storage::task_ios` (console tasks and NBD clients run side by side) but counts writes
+//! sent straight to a device, which `snapshot create` waits for.
+
+use drivers::block::{BlockError, BlockRequest, BufferPool, Completion, DmaBuf};
+use nbd::route::{DeviceRole, SnapRole};
+use nbd::session::MAX_CHUNKS;
+use nbd::{
+    Backend, BackendOp, Errno, ExportCatalog, ExportId, ExportInfo, ExportName, IoBuffer,
+    RequestId, Roles, Route, SubmitError,
+};
+
+use crate::storage::{volume::SnapState, Storage, Target};
+
+/// Device-request tags of NBD I/O carry this bit. Engine I/O uses bit 63 (`VOLUME_TAG`),
+/// console tasks use neither (their flushes use bit 62), so each owner recognises its own.
+pub const NBD_TAG: u64 = 1 << 61;
+const _: () = assert!(
+    RequestId::BITS <= 40,
+    "a request id fits below the tag bits"
+);
+
+/// The device tag of the server's request `id`.
+pub fn tag(id: RequestId) -> u64 {
+    NBD_TAG | id.to_bits()
+}
+
+/// The server's request id in an NBD tag; `None` for anybody else's tag.
+pub fn untag(tag: u64) -> Option<RequestId> {
+    if tag & (0b111 << 61) != NBD_TAG {
+        return None;
+    }
+    RequestId::from_bits(tag & !NBD_TAG)
+}
+
+/// A DMA buffer as the NBD sessions hold it.
+pub struct NbdBuf(pub DmaBuf);
+
+impl IoBuffer for NbdBuf {
+    fn bytes(&self) -> &[u8] {
+        self.0.as_slice()
+    }
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        self.0.as_mut_slice()
+    }
+    fn set_len(&mut self, len: usize) -> bool {
+        self.0.set_len(len).is_ok()
+    }
+}
+
+fn errno(e: BlockError) -> Errno {
+    match e {
+        BlockError::ReadOnly => Errno::Perm,
+        BlockError::OutOfRange { .. } | BlockError::Misaligned { .. } => Errno::Inval,
+        BlockError::Unsupported | BlockError::DeviceUnsupported => Errno::NotSup,
+        _ => Errno::Io,
+    }
+}
+
+/// The NBD sink of `storage::poll`: a completion of NBD I/O goes to the server by its
+/// request id (its buffer back to `pool` if there is no server).
+pub fn complete(pool: &mut BufferPool, completion: Completion) {
+    // A reply may be ready, or buffers free for input held back: the network polls.
+    crate::net::wake();
+    let result = completion.result.map_err(errno);
+    let mut buffer = completion.buffer.map(NbdBuf);
+    let mut release = |b: NbdBuf| {
+        let _ = pool.release(b.0);
+    };
+    match untag(completion.tag) {
+        Some(id) => {
+            super::with(|server| server.complete(id, result, buffer.take(), &mut release));
+        }
+        None => log::error!("nbd: completion for unknown tag {:#x}", completion.tag),
+    }
+    if let Some(b) = buffer {
+        release(b);
+    }
+}
+
+/// The roles NBD requests are routed by, as they are now (looked up per request).
+impl Roles for Storage {
+    fn device_role(&self, disk: usize) -> DeviceRole {
+        if disk >= self.devices.len() {
+            return DeviceRole::Missing;
+        }
+        if self.holds_store(disk) {
+            return DeviceRole::Store;
+        }
+        match self
+            .origins
+            .iter()
+            .position(|o| o.disk == disk && (o.creating || !o.snaps.is_empty()))
+        {
+            Some(origin) => DeviceRole::Origin(origin),
+            None => DeviceRole::Plain,
+        }
+    }
+
+    fn snapshot_role(&self, instance: u32) -> Option<SnapRole> {
+        self.origins.iter().enumerate().find_map(|(origin, o)| {
+            o.snaps
+                .iter()
+                .find(|s| s.instance == instance)
+                .map(|s| SnapRole {
+                    origin,
+                    disk: o.disk,
+                    slot: s.id.0,
+                    serving: matches!(s.state, SnapState::Active | SnapState::Invalid),
+                })
+        })
+    }
+}
+
+/// `Storage` as the server's volumes and export catalog.
+pub struct StorageBackend<'a>(pub &'a mut Storage);
+
+/// Where a route goes in `Storage`.
+fn target(to: Route) -> Target {
+    match to {
+        Route::Device(d) => Target::Device(d),
+        Route::Origin(origin) => Target::Volume {
+            origin,
+            volume: snapshot::Volume::Origin,
+        },
+        Route::Snapshot { origin, slot } => Target::Volume {
+            origin,
+            volume: snapshot::Volume::Snapshot(snapshot::SnapId(slot)),
+        },
+    }
+}
+
+/// The name of the volume an export handle names now, for the console: a device's name, a
+/// snapshot's name, or `None` once the snapshot is gone.
+pub fn volume_name(st: &Storage, handle: u64) -> Option<ExportName> {
+    match ExportId::from_handle(handle)? {
+        ExportId::Device { disk } => {
+            let disk = usize::from(disk);
+            (disk < st.devices.len())
+                .then(|| ExportName::from_str_truncated(st.name(disk).as_str()))
+        }
+        ExportId::Snapshot { instance, .. } => st
+            .origins
+            .iter()
+            .flat_map(|o| o.snaps.iter())
+            .find(|s| s.instance == instance)
+            .map(|s| ExportName::from_str_truncated(&s.name)),
+    }
+}
+
+impl StorageBackend<'_> {
+    /// The device whose buffers and block size an export uses (fixed for its life).
+    fn disk(&self, export: u64) -> usize {
+        ExportId::from_handle(export).map_or(usize::MAX, ExportId::disk)
+    }
+
+    fn block_size(&self, export: u64) -> u64 {
+        u64::from(
+            self.0
+                .devices
+                .get(self.disk(export))
+                .map_or(512, |d| d.geometry().block_size.max(512)),
+        )
+    }
+
+    /// Names of the exports in a fixed order: devices, then snapshots.
+    fn export_names(&self) -> impl Iterator<Item = ExportName> + '_ {
+        let st = &*self.0;
+        let devices = (0..st.devices.len())
+            .filter(move |&d| st.cow_user(d).is_none())
+            .map(move |d| ExportName::from_str_truncated(st.name(d).as_str()));
+        let snaps = st
+            .origins
+            .iter()
+            .flat_map(|o| o.snaps.iter())
+            .filter(|s| matches!(s.state, SnapState::Active | SnapState::Invalid))
+            .map(|s| ExportName::from_str_truncated(&s.name));
+        devices.chain(snaps)
+    }
+}
+
+impl Roles for StorageBackend<'_> {
+    fn device_role(&self, disk: usize) -> DeviceRole {
+        self.0.device_role(disk)
+    }
+    fn snapshot_role(&self, instance: u32) -> Option<SnapRole> {
+        self.0.snapshot_role(instance)
+    }
+}
+
+impl ExportCatalog for StorageBackend<'_> {
+    fn lookup(&self, name: &str) -> Option<ExportInfo> {
+        if name.is_empty() {
+            return None;
+        }
+        let st = &*self.0;
+        // The handle names what stays the same (the device, or this one snapshot); where
+        // its requests go is decided per request (`nbd::route`).
+        let (id, target) = match st.find(name) {
+            // A COW store an engine serves is the engine's alone: not an export.
+            Some(d) if st.cow_user(d).is_some() => return None,
+            Some(d) => (
+                ExportId::Device { disk: d as u16 },
+                st.resolve(name).unwrap_or(Target::Device(d)),
+            ),
+            None => st.origins.iter().enumerate().find_map(|(origin, o)| {
+                let s = o
+                    .snap(name)
+                    .filter(|s| matches!(s.state, SnapState::Active | SnapState::Invalid))?;
+                Some((
+                    ExportId::Snapshot {
+                        disk: o.disk as u16,
+                        instance: s.instance,
+                    },
+                    Target::Volume {
+                        origin,
+                        volume: snapshot::Volume::Snapshot(s.id),
+                    },
+                ))
+            })?,
+        };
+        let g = st.geometry(target);
+        let pool = st.pools.get(id.disk())?;
+        let block = g.block_size.max(512);
+        let chunk = pool.buffer_size() as u64 / u64::from(block) * u64::from(block);
+        let chunks = (MAX_CHUNKS as u64).min(pool.total() as u64);
+        let max_payload = (chunk * chunks).min(u64::from(nbd::server::MAX_PAYLOAD)) as u32;
+        // A device holding a store found at boot and not served (made by Linux, origin
+        // missing) is exported read-only: nothing may write over a store.
+        let read_only = g.read_only || st.holds_store(id.disk());
+        Some(ExportInfo {
+            handle: id.handle(),
+            size: g.capacity_blocks * u64::from(block),
+            block_size: block,
+            read_only,
+            flush: true,
+            fua: g.fua,
+            trim: g.discard && !read_only && matches!(target, Target::Device(_)),
+            max_payload,
+        })
+    }
+
+    fn name(&self, index: usize) -> Option<ExportName> {
+        self.export_names().nth(index)
+    }
+
+    fn description(&self, export: &ExportInfo) -> Option<ExportName> {
+        let st = &*self.0;
+        let text = match ExportId::from_handle(export.handle)? {
+            ExportId::Snapshot { .. } => "snapshot",
+            ExportId::Device { disk } => match st.device_role(usize::from(disk)) {
+                DeviceRole::Origin(_) => "origin of snapshots",
+                DeviceRole::Store => "holds a COW store (read-only)",
+                _ => st.devices.get(usize::from(disk)).map(|d| d.info().driver)?,
+            },
+        };
+        Some(ExportName::from_str_truncated(text))
+    }
+}
+
+impl Backend for StorageBackend<'_> {
+    type Buf = NbdBuf;
+
+    fn chunk_bytes(&self, export: u64) -> usize {
+        let block = self.block_size(export) as usize;
+        self.0
+            .pools
+            .get(self.disk(export))
+            .map_or(block, |p| p.buffer_size() / block * block)
+    }
+
+    fn max_discard_bytes(&mut self, export: u64, to: Route) -> u64 {
+        // Only a device of its own discards; through an engine a trim is a hint the
+        // session answers without discarding.
+        let Route::Device(_) = to else {
+            return 0;
+        };
+        let g = self.0.geometry(target(to));
+        if g.discard {
+            u64::from(g.max_discard_blocks) * self.block_size(export)
+        } else {
+            0
+        }
+    }
+
+    fn available(&mut self, export: u64) -> usize {
+        let disk = self.disk(export);
+        self.0.pools.get(disk).map_or(0, |p| p.available())
+    }
+
+    fn acquire(&mut self, export: u64) -> Option<NbdBuf> {
+        let disk = self.disk(export);
+        self.0.pools.get_mut(disk)?.acquire().map(NbdBuf)
+    }
+
+    fn release(&mut self, export: u64, buffer: NbdBuf) {
+        let disk = self.disk(export);
+        if let Some(pool) = self.0.pools.get_mut(disk) {
+            // Every buffer came from this pool.
+            let _ = pool.release(buffer.0);
+        }
+    }
+
+    fn submit(
+        &mut self,
+        export: u64,
+        to: Route,
+        id: RequestId,
+        op: BackendOp,
+        buffer: Option<NbdBuf>,
+    ) -> Result<(), (SubmitError, Option<NbdBuf>)> {
+        let block = self.block_size(export);
+        let tag = tag(id);
+        let request = match (op, buffer) {
+            (BackendOp::Read { offset }, Some(b)) => BlockRequest::read(tag, offset / block, b.0),
+            (BackendOp::Write { offset, fua }, Some(b)) => {
+                BlockRequest::write(tag, offset / block, b.0, fua)
+            }
+            (BackendOp::Flush, b) => {
+                if let Some(b) = b {
+                    self.release(export, b);
+                }
+                BlockRequest::flush(tag)
+            }
+            (BackendOp::Discard { offset, len }, b) => {
+                if let Some(b) = b {
+                    self.release(export, b);
+                }
+                let blocks = u32::try_from(len / block).unwrap_or(u32::MAX);
+                BlockRequest::discard(tag, offset / block, blocks)
+            }
+            (_, None) => return Err((SubmitError::Failed(Errno::Io), None)),
+        };
+        self.0.submit_nbd(target(to), request).map_err(|(e, b)| {
+            let why = match e {
+                BlockError::QueueFull => SubmitError::Busy,
+                e => SubmitError::Failed(errno(e)),
+            };
+            (why, b.map(NbdBuf))
+        })
+    }
+
+    fn volume_name(&self, export: u64) -> Option<ExportName> {
+        volume_name(self.0, export)
+    }
+}
