@@ -729,6 +729,17 @@ impl Engine {
         Ok(())
     }
 
+    /// Lets snapshot `snap`'s volume take writes, or refuses them ([`VolumeError::ReadOnly`])
+    /// from the next request on. Requests already admitted finish. (The flag on disk is the
+    /// binding's: rewrite it with [`rewrite_binding`](Self::rewrite_binding).)
+    pub fn set_writable(&mut self, snap: SnapId, writable: bool) -> Result<(), EngineError> {
+        let Some(Some(x)) = self.snaps.get_mut(snap.0 as usize) else {
+            return Err(EngineError::NoSuchSnapshot);
+        };
+        x.writable = writable;
+        Ok(())
+    }
+
     /// The binding record in snapshot `snap`'s header block, if it has one (stores adopted
     /// without one, e.g. made by Linux, have none).
     pub fn binding(&self, snap: SnapId) -> Option<crate::format::Binding> {

@@ -1092,3 +1092,115 @@ fn a_log_flood_is_dropped_and_counted_not_waited_for() {
     assert!(shown < 2 * FLOOD as u64, "every line was printed: {shown}");
     q.poweroff();
 }
+
+/// Issue 18: `snapshot set NAME --readonly` refuses writes of a session that is already
+/// open on the snapshot (EPERM) from its next request on, and of the console; `--writable`
+/// lets them through again. `snapshot rename` moves the export: new connections find the
+/// new name, the old name is gone, an open session keeps its snapshot. Both survive a
+/// reboot (the binding in the store). Bad input: one `error:` line each.
+#[test]
+fn set_readonly_and_rename_follow_per_request_and_persist() {
+    let (mut q, port, _origin, images) = role_appliance("rebind");
+    console(
+        &mut q,
+        "snapshot create s1 vda vdb --writable",
+        "created snapshot s1",
+    );
+    for (line, expected) in [
+        ("snapshot rename", "error: usage: snapshot rename OLD NEW"),
+        (
+            "snapshot rename s1",
+            "error: usage: snapshot rename OLD NEW",
+        ),
+        ("snapshot rename nosuch x", "error: no snapshot 'nosuch'"),
+        (
+            "snapshot rename s1 bad/name",
+            "error: invalid snapshot name 'bad/name'",
+        ),
+        (
+            "snapshot rename s1 vdc",
+            "error: the name 'vdc' is already taken",
+        ),
+        (
+            "snapshot set s1",
+            "error: usage: snapshot set NAME --readonly|--writable",
+        ),
+        (
+            "snapshot set s1 --readonly --writable",
+            "error: usage: snapshot set NAME --readonly|--writable",
+        ),
+        (
+            "snapshot set s1 --writable",
+            "error: snapshot s1 is writable already",
+        ),
+        (
+            "snapshot set nosuch --readonly",
+            "error: no snapshot 'nosuch'",
+        ),
+    ] {
+        let out = q.command(line);
+        assert!(out.contains(expected), "{line}: {out}");
+        assert_eq!(out.matches("error:").count(), 1, "{line}: {out}");
+    }
+    let mut on_s1 = QemuIo::open(port, "s1", false);
+    let out = on_s1.run("write -P 0x31 0 64k");
+    assert!(!failed(&out), "{out}");
+    console(
+        &mut q,
+        "snapshot set s1 --readonly",
+        "snapshot s1 is read-only",
+    );
+    let out = on_s1.run("write -P 0x32 0 64k");
+    assert!(
+        out.contains("Operation not permitted"),
+        "a write after --readonly was not refused with EPERM: {out}"
+    );
+    let out = q.command("write s1 0 1 --byte 0x33");
+    assert!(out.contains("error: s1 is read-only"), "{out}");
+    let out = on_s1.run("read -P 0x31 0 64k");
+    assert!(!failed(&out), "reads go on: {out}");
+    console(
+        &mut q,
+        "snapshot set s1 --writable",
+        "snapshot s1 is writable",
+    );
+    let out = on_s1.run("write -P 0x34 0 64k");
+    assert!(!failed(&out), "{out}");
+
+    console(
+        &mut q,
+        "snapshot rename s1 nightly",
+        "renamed snapshot s1 to nightly",
+    );
+    let list = q.command("snapshot list");
+    assert!(list.contains("nightly ") && !list.contains("s1 "), "{list}");
+    // The open session keeps its snapshot.
+    let out = on_s1.run("read -P 0x34 0 64k");
+    assert!(!failed(&out), "{out}");
+    on_s1.quit();
+    let (ok, out) = tests::qemu_io_read_only(port, "nightly", &["read -P 0x34 0 64k"]);
+    assert!(ok && !failed(&out), "{out}");
+    let (ok, out) = tests::qemu_io_read_only(port, "s1", &["read 0 4k"]);
+    assert!(!ok, "the old name still serves: {out}");
+    console(&mut q, "snapshot set nightly --readonly", "is read-only");
+    let sum = q.checksum("nightly");
+    wait_no_clients(&mut q);
+    q.poweroff();
+
+    // After a reboot: the new name, read-only, the same contents.
+    let mut q = Boot::kernel("q35", "testing loglevel=info")
+        .virtio_disk(&images[0].path, "ORIGIN")
+        .virtio_disk(&images[1].path, "COW")
+        .virtio_disk(&images[2].path, "COW2")
+        .start();
+    q.wait_prompt();
+    let list = q.command("snapshot list --json");
+    assert!(
+        list.contains(r#""name":"nightly""#) && list.contains(r#""writable":false"#),
+        "{list}"
+    );
+    assert_eq!(q.checksum("nightly"), sum);
+    let out = q.command("write nightly 0 1 --byte 0x35");
+    assert!(out.contains("error: nightly is read-only"), "{out}");
+    q.poweroff();
+}

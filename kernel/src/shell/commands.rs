@@ -252,13 +252,14 @@ pub static COMMANDS: &[CommandInfo] = &[
     CommandInfo {
         id: CommandId::Snapshot,
         name: "snapshot",
-        usage: "snapshot create NAME ORIGIN COW[:START+LEN] [--chunk 4k] [--writable] | list [--json] | status NAME | delete NAME | attach NAME ORIGIN COW [--no-write] | merge NAME | forget-merge DEV",
+        usage: "snapshot create NAME ORIGIN COW[:START+LEN] [--chunk 4k] [--writable] | list [--json] | status NAME | delete NAME | attach NAME ORIGIN COW [--no-write] | merge NAME | rename OLD NEW | set NAME --readonly|--writable | forget-merge DEV",
         summary: "create, list, show, delete, attach and merge copy-on-write snapshots (dm-snapshot format)",
-        details: "COW is a device or a region of one in blocks (vdb:2048+65536). Chunk sizes 4k..512k (default 4k). Snapshot names work with read, write, checksum, flush and bench. merge NAME rolls the origin back to the snapshot (lvconvert --merge): the origin stays online and reads as the snapshot at once, the snapshot is removed when done, a reboot resumes it; Ctrl-C leaves it running. attach adopts a store whose origin is not found by itself (made by Linux, or an ambiguous origin) and writes its binding so it comes back after a reboot; --no-write attaches it read-only until reboot and leaves the store as it is. An origin found half-merged without its store is read-only until the store is attached; forget-merge DEV gives up on a store that is lost for good: DEV becomes writable as it is, its first block zeroed (its first chunk was in the lost store).",
+        details: "COW is a device or a region of one in blocks (vdb:2048+65536). Chunk sizes 4k..512k (default 4k). Snapshot names work with read, write, checksum, flush and bench. merge NAME rolls the origin back to the snapshot (lvconvert --merge): the origin stays online and reads as the snapshot at once, the snapshot is removed when done, a reboot resumes it; Ctrl-C leaves it running. attach adopts a store whose origin is not found by itself (made by Linux, or an ambiguous origin) and writes its binding so it comes back after a reboot; --no-write attaches it read-only until reboot and leaves the store as it is. rename and set rewrite the store's binding (one sector: a power cut leaves the old or the new one); set --readonly refuses writes from the console and NBD from the next request on. An origin found half-merged without its store is read-only until the store is attached; forget-merge DEV gives up on a store that is lost for good: DEV becomes writable as it is, its first block zeroed (its first chunk was in the lost store).",
         spec: CommandSpec {
             options: &[OptSpec::value("chunk"), OptSpec::flag("writable"),
                 OptSpec::flag("json"),
                 OptSpec::flag("no-write"),
+                OptSpec::flag("readonly"),
             ],
             required: &["SUBCOMMAND"],
             optional: &["NAME", "ORIGIN", "COW"],

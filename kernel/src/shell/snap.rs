@@ -10,13 +10,15 @@ use super::output::Out;
 use crate::console::args::{parse_size, parse_u64, Args};
 use crate::identity::{self, DeviceId};
 use crate::json;
-use crate::storage::snaptask::{CreateSpec, CreateTask, DeleteTask, MergeTask};
+use crate::storage::snaptask::{CreateSpec, CreateTask, DeleteTask, MergeTask, Rebind, RebindTask};
 use crate::storage::tasks::Task;
 use crate::storage::volume::{reason_text, Origin, SnapState, UNMARKED_ALERT};
 use crate::storage::{self, Storage, Target};
 use crate::time;
 
 type CmdResult<T> = Result<T, String>;
+
+const SUBCOMMANDS: &str = "create, list, status, delete, attach, merge, rename, set, forget-merge";
 
 fn shown(s: &str) -> String {
     s.chars()
@@ -27,8 +29,7 @@ fn shown(s: &str) -> String {
 
 /// Runs a `snapshot` subcommand; creation and deletion come back as tasks.
 pub fn run(args: &Args, out: &mut Out) -> Option<Box<dyn Task>> {
-    let result = storage::with(|st| {
-        match args.arg("SUBCOMMAND") {
+    let result = storage::with(|st| match args.arg("SUBCOMMAND") {
         Some("create") => create(st, args).map(Some),
         Some("list") => {
             list(st, args.flag("json"), out);
@@ -39,15 +40,13 @@ pub fn run(args: &Args, out: &mut Out) -> Option<Box<dyn Task>> {
         Some("attach") => attach(st, args).map(Some),
         Some("merge") => merge(st, args).map(Some),
         Some("forget-merge") => forget_merge(st, args, out).map(Some),
+        Some("rename") => rename(st, args).map(Some),
+        Some("set") => set(st, args).map(Some),
         Some(other) => Err(alloc::format!(
-            "unknown snapshot subcommand '{}' (create, list, status, delete, attach, merge, forget-merge)",
+            "unknown snapshot subcommand '{}' ({SUBCOMMANDS})",
             shown(other)
         )),
-        None => Err(
-            "snapshot needs a subcommand: create, list, status, delete, attach, merge or forget-merge"
-                .to_string(),
-        ),
-    }
+        None => Err(alloc::format!("snapshot needs a subcommand: {SUBCOMMANDS}")),
     });
     match result {
         Ok(task) => task,
@@ -305,7 +304,6 @@ fn delete(st: &mut Storage, args: &Args) -> CmdResult<Box<dyn Task>> {
     )))
 }
 
-/// `snapshot merge NAME`: roll the origin back to the snapshot (lvconvert --merge).
 /// Refuses a half-merged origin waiting for its store as the origin of a new snapshot or as
 /// a COW device: either would build on (or destroy) an origin that is only right through
 /// the missing store.
@@ -355,6 +353,74 @@ fn forget_merge(st: &mut Storage, args: &Args, out: &mut Out) -> CmdResult<Box<d
     )))
 }
 
+/// A snapshot whose binding may be rewritten: active and valid, not busy.
+fn rebindable<'a>(
+    st: &'a Storage,
+    args: &Args,
+) -> CmdResult<(usize, &'a crate::storage::volume::Snap)> {
+    let (origin, snap) = find_snap(st, args)?;
+    match snap.state {
+        SnapState::Active => Ok((origin, snap)),
+        SnapState::Invalid => Err(alloc::format!(
+            "snapshot {} is invalid ({}); delete it",
+            snap.name,
+            state_name(snap)
+        )),
+        _ => Err(alloc::format!(
+            "snapshot {} is busy (being created, deleted or merged)",
+            snap.name
+        )),
+    }
+}
+
+/// `snapshot rename OLD NEW`: the binding in the store is rewritten once; NBD exports
+/// follow the new name for new connections.
+fn rename(st: &mut Storage, args: &Args) -> CmdResult<Box<dyn Task>> {
+    let Some(new) = args.arg("ORIGIN") else {
+        return Err("usage: snapshot rename OLD NEW".into());
+    };
+    if args.arg("COW").is_some() {
+        return Err("usage: snapshot rename OLD NEW".into());
+    }
+    let (origin, snap) = rebindable(st, args)?;
+    let (old, id) = (snap.name.clone(), snap.id);
+    check_name(st, new)?;
+    Ok(Box::new(RebindTask::new(
+        old,
+        origin,
+        id,
+        Rebind::Rename(new.to_string()),
+    )))
+}
+
+/// `snapshot set NAME --readonly|--writable`: persisted in the binding; writes from the
+/// console and NBD are refused (EPERM) from the next request on.
+fn set(st: &mut Storage, args: &Args) -> CmdResult<Box<dyn Task>> {
+    let writable = match (args.flag("readonly"), args.flag("writable")) {
+        (true, false) => false,
+        (false, true) => true,
+        _ => return Err("usage: snapshot set NAME --readonly|--writable".into()),
+    };
+    if args.arg("ORIGIN").is_some() {
+        return Err("usage: snapshot set NAME --readonly|--writable".into());
+    }
+    let (origin, snap) = rebindable(st, args)?;
+    if snap.writable == writable {
+        return Err(alloc::format!(
+            "snapshot {} is {} already",
+            snap.name,
+            if writable { "writable" } else { "read-only" }
+        ));
+    }
+    Ok(Box::new(RebindTask::new(
+        snap.name.clone(),
+        origin,
+        snap.id,
+        Rebind::Writable(writable),
+    )))
+}
+
+/// `snapshot merge NAME`: roll the origin back to the snapshot (lvconvert --merge).
 fn merge(st: &mut Storage, args: &Args) -> CmdResult<Box<dyn Task>> {
     let (origin, snap) = find_snap(st, args)?;
     match snap.state {

@@ -384,6 +384,145 @@ impl Task for DeleteTask {
     }
 }
 
+/// What `snapshot rename` / `snapshot set` change in a snapshot's binding.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Rebind {
+    /// A new name (checked by the caller).
+    Rename(String),
+    /// Writable or read-only.
+    Writable(bool),
+}
+
+/// `snapshot rename` and `snapshot set`: rewrite the binding in the store (one sector, so a
+/// power cut leaves the old or the new one), then apply the change in memory.
+pub struct RebindTask {
+    name: String,
+    origin: usize,
+    id: SnapId,
+    change: Rebind,
+    /// 0 start, 1 wait for the write, 2 done.
+    step: u8,
+    error: Option<&'static str>,
+}
+
+impl RebindTask {
+    /// Applies `change` to snapshot `id` (named `name`) of `origin`.
+    pub fn new(name: String, origin: usize, id: SnapId, change: Rebind) -> RebindTask {
+        RebindTask {
+            name,
+            origin,
+            id,
+            change,
+            step: 0,
+            error: None,
+        }
+    }
+}
+
+impl Task for RebindTask {
+    fn step(&mut self, st: &mut Storage, _now: u64) {
+        let Some(o) = st.origins.get_mut(self.origin) else {
+            self.error = Some("the origin went away");
+            self.step = 2;
+            return;
+        };
+        match self.step {
+            0 => {
+                let Some(mut b) = o.engine.binding(self.id) else {
+                    self.error = Some(
+                        "its store has no snapfw binding (attached with --no-write): nothing to rewrite",
+                    );
+                    self.step = 2;
+                    return;
+                };
+                match &self.change {
+                    Rebind::Rename(new) => match BoundedBytes::new(new.as_bytes()) {
+                        Some(n) => b.name = n,
+                        None => {
+                            self.error = Some("the new name is too long");
+                            self.step = 2;
+                            return;
+                        }
+                    },
+                    Rebind::Writable(true) => {
+                        b.flags |= snapshot::format::BINDING_FLAG_WRITABLE;
+                    }
+                    Rebind::Writable(false) => {
+                        b.flags &= !snapshot::format::BINDING_FLAG_WRITABLE;
+                    }
+                }
+                o.rebound = None;
+                match o.engine.rewrite_binding(self.id, &b) {
+                    Ok(()) => self.step = 1,
+                    Err(_) => {
+                        self.error = Some("the snapshot is busy or no longer active");
+                        self.step = 2;
+                    }
+                }
+            }
+            1 => {
+                let Some((id, ok)) = o.rebound else {
+                    return;
+                };
+                if id != self.id {
+                    return;
+                }
+                o.rebound = None;
+                self.step = 2;
+                if !ok {
+                    self.error = Some("writing the binding failed (I/O error); nothing changed");
+                    return;
+                }
+                if let Rebind::Writable(w) = self.change {
+                    let _ = o.engine.set_writable(self.id, w);
+                }
+                if let Some(s) = o.snaps.iter_mut().find(|s| s.id == self.id) {
+                    match &self.change {
+                        Rebind::Rename(new) => s.name = new.clone(),
+                        Rebind::Writable(w) => s.writable = *w,
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn complete(&mut self, pool: &mut BufferPool, c: Completion, _now: u64) {
+        if let Some(b) = c.buffer {
+            let _ = pool.release(b);
+        }
+    }
+
+    fn done(&self) -> bool {
+        self.step == 2
+    }
+
+    fn cancel(&mut self) {}
+
+    fn io_path(&self) -> bool {
+        false
+    }
+
+    fn progress(&self, out: &mut dyn Write, _now: u64) -> fmt::Result {
+        write!(out, "writing the binding of snapshot {}", self.name)
+    }
+
+    fn report(&mut self, out: &mut dyn Write, _now: u64) -> fmt::Result {
+        match (self.error, &self.change) {
+            (Some(e), _) => writeln!(out, "error: snapshot {}: {e}", self.name),
+            (None, Rebind::Rename(new)) => {
+                writeln!(out, "renamed snapshot {} to {new}", self.name)
+            }
+            (None, Rebind::Writable(true)) => {
+                writeln!(out, "snapshot {} is writable", self.name)
+            }
+            (None, Rebind::Writable(false)) => {
+                writeln!(out, "snapshot {} is read-only", self.name)
+            }
+        }
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum MergeStep {
     Quiesce,

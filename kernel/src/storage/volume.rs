@@ -170,6 +170,9 @@ pub struct Origin {
     pub merged_device_writes: u64,
     /// The last deleted snapshot whose store could not be wiped (the delete task reports it).
     pub wipe_failed: Option<SnapId>,
+    /// The outcome of the last binding rewrite (`snapshot rename`, `snapshot set`), for the
+    /// task that asked for it.
+    pub rebound: Option<(SnapId, bool)>,
     /// Origin-device sectors per logical block.
     block_sectors: u64,
     /// When the running merge started (uptime ns) and how many chunks it had left then: the
@@ -263,6 +266,7 @@ impl Origin {
             merged_copy_writes: 0,
             merged_device_writes: 0,
             wipe_failed: None,
+            rebound: None,
             block_sectors,
             merge_clock: None,
             unmarked_alert: None,
@@ -1039,13 +1043,7 @@ impl Origin {
                 }
             }
             Event::BindingWritten { snap, ok } => {
-                if let Some(s) = self.snap_by_id(snap) {
-                    if ok {
-                        log::info!("snapshot {}: binding written", s.name);
-                    } else {
-                        log::warn!("snapshot {}: writing its binding failed", s.name);
-                    }
-                }
+                self.rebound = Some((snap, ok));
             }
             Event::MergeStarted { snap, resumed } => {
                 let left = self.engine.merge_progress().map_or(0, |p| p.chunks_left);
