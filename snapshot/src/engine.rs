@@ -211,6 +211,14 @@ struct Snap {
     header_sent: (u64, HeaderPhase),
     /// The change that carries a binding [`Engine::rewrite_binding`] asked for (0: none).
     binding_gen: u64,
+    /// [`Engine::extend_snapshot`] under way: the new size, applied when the binding that
+    /// records it is durable.
+    extend_to: Option<u64>,
+    /// Its binding, written once the area below is zeroed.
+    extend_binding: Option<crate::format::Binding>,
+    /// An area chunk the extension brings into the store that was never zeroed (it lay
+    /// past the old end), and where its zeroing is: 1 write, 2 flush, 0 done.
+    extend_zero: (u64, u8),
     wipe: bool,
     /// The wipe is written; a flush makes it durable (COW device without FUA).
     wipe_flush: bool,
@@ -258,6 +266,10 @@ enum IoCtx {
         snap: u16,
     },
     Wipe {
+        snap: u16,
+    },
+    /// Zeroing an area an extension brings into the store.
+    Extend {
         snap: u16,
     },
     /// An I/O of the running merge.
@@ -569,6 +581,7 @@ impl Engine {
             IoCtx::Create { snap } => self.on_create_io(snap, ok),
             IoCtx::Header { snap } => self.on_header_io(snap, ok),
             IoCtx::Wipe { snap } => self.on_wipe_io(snap, ok),
+            IoCtx::Extend { snap } => self.on_extend_io(snap, ok),
             IoCtx::Merge { snap } => self.on_merge_io(snap, ok),
             IoCtx::MergeRedirect { req, snap } => {
                 self.io_done_on(snap);
@@ -716,7 +729,7 @@ impl Engine {
         if x.state != SnapState::Active || !x.valid {
             return Err(EngineError::NoSuchSnapshot);
         }
-        if x.binding_gen != 0 {
+        if x.binding_gen != 0 || x.extend_to.is_some() {
             return Err(EngineError::Busy);
         }
         binding.encode(&mut x.header);
@@ -727,6 +740,88 @@ impl Engine {
         }
         self.dirty = true;
         Ok(())
+    }
+
+    /// Grows snapshot `snap`'s store to `cow_sectors` (its device or region grew: the
+    /// caller checked the space is free). `binding` is the store's binding with the new
+    /// region. If the extension brings an area into the store that was never zeroed (the
+    /// store had filled the area before it, up to its old end), that area is zeroed and
+    /// flushed first; then the binding is rewritten ([`rewrite_binding`](Self::rewrite_binding)),
+    /// and only once it is durable does the store allocate from the new space, so a crash
+    /// leaves the old store or the larger one. [`Event::BindingWritten`] ends it. Linux reads
+    /// the larger store as it is (dm-snapshot takes the COW device's size as it finds it).
+    pub fn extend_snapshot(
+        &mut self,
+        snap: SnapId,
+        cow_sectors: u64,
+        binding: &crate::format::Binding,
+    ) -> Result<(), EngineError> {
+        let Some(Some(x)) = self.snaps.get_mut(snap.0 as usize) else {
+            return Err(EngineError::NoSuchSnapshot);
+        };
+        if x.state != SnapState::Active || !x.valid || x.overflow {
+            return Err(EngineError::NoSuchSnapshot);
+        }
+        if x.binding_gen != 0 || x.extend_to.is_some() {
+            return Err(EngineError::Busy);
+        }
+        let cs = x.store.chunk_sectors();
+        if cow_sectors <= x.store.cow_sectors || !cow_sectors.is_multiple_of(cs) {
+            return Err(EngineError::BadSize);
+        }
+        let g = x.store.geometry;
+        let area = g.area_chunk(x.store.current_area);
+        let (old, new) = (x.store.cow_chunks(), cow_sectors / cs);
+        x.extend_to = Some(cow_sectors);
+        if area >= old && area < new {
+            x.extend_binding = Some(binding.clone());
+            x.extend_zero = (area, 1);
+            self.dirty = true;
+            return Ok(());
+        }
+        self.start_extend_binding(snap.0 as usize, binding);
+        Ok(())
+    }
+
+    fn start_extend_binding(&mut self, s: usize, binding: &crate::format::Binding) {
+        let Some(x) = self.snaps[s].as_mut() else {
+            return;
+        };
+        binding.encode(&mut x.header);
+        x.header_gen += 1;
+        x.binding_gen = x.header_gen;
+        if x.header_phase == HeaderPhase::None {
+            x.header_phase = HeaderPhase::Write;
+        }
+        self.dirty = true;
+    }
+
+    fn on_extend_io(&mut self, sid: u16, ok: bool) {
+        self.io_done_on(sid);
+        self.epoch += 1;
+        let s = sid as usize;
+        let Some(x) = self.snaps[s].as_mut() else {
+            return;
+        };
+        x.meta_inflight = false;
+        if !ok || !x.valid {
+            x.extend_zero = (0, 0);
+            x.extend_to = None;
+            x.extend_binding = None;
+            self.push_event(Event::BindingWritten {
+                snap: SnapId(sid),
+                ok: false,
+            });
+            return;
+        }
+        if x.extend_zero.1 == 1 {
+            x.extend_zero.1 = 2;
+            return;
+        }
+        x.extend_zero = (0, 0);
+        if let Some(b) = x.extend_binding.take() {
+            self.start_extend_binding(s, &b);
+        }
     }
 
     /// Lets snapshot `snap`'s volume take writes, or refuses them ([`VolumeError::ReadOnly`])
@@ -777,9 +872,12 @@ impl Engine {
             _ => return Err(EngineError::NoSuchSnapshot),
         }
         self.invalidate(s, InvalidReason::Deleted);
-        let rebinding = self.snaps[s]
-            .as_mut()
-            .is_some_and(|x| core::mem::take(&mut x.binding_gen) != 0);
+        let rebinding = self.snaps[s].as_mut().is_some_and(|x| {
+            let extending = x.extend_to.take().is_some();
+            x.extend_binding = None;
+            x.extend_zero = (0, 0);
+            core::mem::take(&mut x.binding_gen) != 0 || extending
+        });
         if rebinding {
             // A binding rewrite still in the works is given up with the snapshot.
             self.push_event(Event::BindingWritten { snap, ok: false });
@@ -978,6 +1076,9 @@ impl Engine {
             header_gen: 0,
             header_sent: (0, HeaderPhase::None),
             binding_gen: 0,
+            extend_to: None,
+            extend_binding: None,
+            extend_zero: (0, 0),
             wipe: false,
             wipe_flush: false,
             wipe_failed: false,
@@ -1371,6 +1472,22 @@ impl Engine {
                 }
                 SnapState::Merging => self.step_merge(s),
                 SnapState::Active => {
+                    if x.extend_zero.1 != 0 {
+                        let (chunk, step) = x.extend_zero;
+                        let g = x.store.geometry;
+                        let ctx = IoCtx::Extend { snap: sid };
+                        let emitted = if step == 1 {
+                            let sector = g.chunk_sector(chunk);
+                            let op = IoOp::Write { fua: false };
+                            self.emit(ctx, dev, op, sector, g.chunk_sectors, IoBuffer::Zeroes)
+                        } else {
+                            self.emit(ctx, dev, IoOp::Flush, 0, 0, IoBuffer::None)
+                        };
+                        if emitted {
+                            self.set_meta_inflight(s);
+                        }
+                        continue;
+                    }
                     if x.header_phase != HeaderPhase::None {
                         let op = if x.header_phase == HeaderPhase::Write {
                             IoOp::Write { fua: x.cow_fua }
@@ -1760,6 +1877,15 @@ impl Engine {
         let binding_done = x.header_phase == HeaderPhase::None && x.binding_gen != 0;
         if x.binding_gen != 0 && (!ok || (binding_done && sent_gen >= x.binding_gen)) {
             x.binding_gen = 0;
+            if let Some(sectors) = x.extend_to.take() {
+                if ok && x.valid {
+                    // The binding that records the larger store is durable: use it.
+                    x.store.cow_sectors = sectors;
+                    let chunks = x.store.cow_chunks();
+                    x.table.raise_limit(chunks.min(usize::MAX as u64) as usize);
+                    x.thresholds_fired = 0;
+                }
+            }
             let snap = SnapId(sid);
             self.push_event(Event::BindingWritten { snap, ok });
         }
@@ -2074,18 +2200,23 @@ impl Engine {
         let Some(x) = self.snaps[s].as_ref() else {
             return false;
         };
-        let mut next = x.store.next_free;
         let cs = x.store.chunk_sectors();
         let g = x.store.geometry;
-        let mut fits = true;
-        for _ in 0..n {
-            if (next + 1) * cs > x.store.cow_sectors {
-                fits = false;
-                break;
+        let fits_in = |sectors: u64| {
+            let mut next = x.store.next_free;
+            for _ in 0..n {
+                if (next + 1) * cs > sectors {
+                    return false;
+                }
+                next = g.next_data_chunk(next);
             }
-            next = g.next_data_chunk(next);
-        }
-        if !fits {
+            true
+        };
+        if !fits_in(x.store.cow_sectors) {
+            if x.extend_to.is_some_and(fits_in) {
+                // The store is being extended: the copy waits for the larger size.
+                return false;
+            }
             self.invalidate(s, InvalidReason::CowFull);
             return false;
         }

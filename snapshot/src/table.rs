@@ -167,6 +167,11 @@ impl ExceptionTable {
         self.limit
     }
 
+    /// Raises the most runs this table may hold (its store grew). Nothing is allocated.
+    pub fn raise_limit(&mut self, limit: usize) {
+        self.limit = self.limit.max(limit);
+    }
+
     /// Whether a growth failed because the heap could not serve it.
     pub fn out_of_memory(&self) -> bool {
         self.out_of_memory

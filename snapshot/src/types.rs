@@ -422,6 +422,8 @@ pub enum EngineError {
     MergeRunning,
     /// The snapshot's binding is being rewritten already; try again when it is durable.
     Busy,
+    /// A new store size that does not grow it by whole chunks.
+    BadSize,
 }
 
 /// Why [`Engine::start_merge`](crate::Engine::start_merge) refused.

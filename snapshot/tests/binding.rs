@@ -247,3 +247,149 @@ fn an_invalidation_while_the_binding_write_is_in_flight_is_written_after_it() {
         assert!(!w.engine.invalidation_failed(id));
     }
 }
+
+/// Loads a COW image the way boot discovery does: the binding's region, else the whole
+/// device.
+fn load_as_found(w: &World, img: &[u64]) -> LoadedStore {
+    let head = w.contents.image_bytes(&img[..1]);
+    let sectors = match Binding::decode(&head) {
+        Ok(b) if b.region_sectors > 0 => b.region_sectors as usize,
+        _ => img.len(),
+    };
+    let img = &img[..sectors.min(img.len())];
+    let params = LoadParams {
+        cow_sectors: img.len() as u64,
+        cow_block_sectors: 1,
+        origin_sectors: ORIGIN_BIG,
+        origin_block_sectors: 1,
+        table_runs: img.len(),
+    };
+    Loader::load_with(params, |r| {
+        let a = r.sector as usize;
+        let b = (a + r.sectors as usize).min(img.len());
+        w.contents.image_bytes(&img[a.min(b)..b])
+    })
+    .expect("the store loads")
+}
+
+const ORIGIN_BIG: u64 = 4096;
+
+/// A store whose first area filled up to its old end (256 records of 4 KiB chunks: the
+/// next area lay past the end, never zeroed; the COW device holds garbage there) is
+/// extended: the next area is zeroed before the larger binding is written, writes then go
+/// on into the new space. In every crash state the store loads as the binding says, valid,
+/// and reads the snapshot.
+#[test]
+fn extending_a_full_area_zeroes_the_next_one_before_the_binding_grows() {
+    let old_chunks = 2 + 256;
+    let new_chunks = old_chunks + 1 + 64;
+    let mut states = 0;
+    for (i, order) in [Order::InOrder, Order::Random].into_iter().enumerate() {
+        for fua in [true, false] {
+            let mut ec = EngineConfig::new(ORIGIN_BIG);
+            ec.copy_buffer_sectors = 64;
+            let engine = Engine::new(ec).unwrap();
+            let mut w = World::new(
+                engine,
+                SimDisk::new(ORIGIN_BIG, |s| DATA_BIT | s),
+                order,
+                50 + i as u64,
+            );
+            let region = |chunks: u64| Binding {
+                region_sectors: chunks * 8,
+                ..binding("grow", snapshot::format::BINDING_FLAG_WRITABLE)
+            };
+            let cfg = SnapshotConfig {
+                chunk_sectors: 8,
+                cow_sectors: old_chunks * 8,
+                cow_block_sectors: 1,
+                cow_fua: fua,
+                writable: true,
+                table_runs: new_chunks as usize,
+                binding: Some(region(old_chunks)),
+            };
+            w.engine.quiesce_origin();
+            w.settle(1000);
+            let id = w.engine.create_snapshot(&cfg).unwrap();
+            // The device is already the larger size; past the store it holds garbage.
+            w.cows[id.0 as usize] = Some(SimDisk::new(new_chunks * 8, |s| 0x7000_0000 | s));
+            w.settle(1000);
+            w.engine.resume_origin();
+            for c in 0..256u64 {
+                w.write_origin(1000 + c, c * 8, 8).unwrap();
+                if c % 32 == 31 {
+                    w.settle(100_000);
+                }
+            }
+            w.settle(100_000);
+            assert!(w.completed.iter().all(|c| c.result.is_ok()));
+            assert!(
+                matches!(w.engine.status(id), Some(Status::Usage(_))),
+                "still valid"
+            );
+            w.events.clear();
+            assert_eq!(
+                w.engine
+                    .extend_snapshot(id, old_chunks * 8 + 4, &region(new_chunks)),
+                Err(EngineError::BadSize)
+            );
+            assert_eq!(
+                w.engine
+                    .extend_snapshot(id, old_chunks * 8, &region(new_chunks)),
+                Err(EngineError::BadSize)
+            );
+            w.engine
+                .extend_snapshot(id, new_chunks * 8, &region(new_chunks))
+                .unwrap();
+            assert_eq!(
+                w.engine.rewrite_binding(id, &binding("x", 0)),
+                Err(EngineError::Busy)
+            );
+            // More writes into the new space while the extension runs and after.
+            for c in 256..300u64 {
+                w.write_origin(2000 + c, c * 8, 8).unwrap();
+            }
+            w.pump();
+            for step in 0..4000u64 {
+                let cow = w.cows[id.0 as usize].as_ref().unwrap();
+                for mode in 0..3 {
+                    let img = cow.crash_image(mode, step);
+                    let l = load_as_found(&w, &img);
+                    assert!(l.valid, "{order:?} fua {fua} step {step}");
+                    // The snapshot reads the origin as it was at create.
+                    for c in 0..300u64 {
+                        if let Some(n) = l.table.lookup(c) {
+                            let v = img[(n * 8) as usize];
+                            assert_eq!(v, DATA_BIT | (c * 8), "chunk {c} in a crash state");
+                        }
+                    }
+                    states += 1;
+                }
+                if !w.complete_one() {
+                    break;
+                }
+            }
+            w.settle(100_000);
+            assert!(w
+                .events
+                .contains(&Event::BindingWritten { snap: id, ok: true }));
+            assert!(
+                w.completed.iter().all(|c| c.result.is_ok()),
+                "{order:?} fua {fua}: the writes past the old end fit"
+            );
+            assert!(
+                matches!(w.engine.status(id), Some(Status::Usage(_))),
+                "still valid"
+            );
+            let cow = w.cows[id.0 as usize].as_ref().unwrap();
+            let l = load_as_found(&w, &cow.durable);
+            assert_eq!(
+                l.table.len(),
+                300,
+                "every exception found after the extension"
+            );
+            assert_eq!(l.binding, Ok(region(new_chunks)));
+        }
+    }
+    println!("extension crash states checked: {states}");
+}
