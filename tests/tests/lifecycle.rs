@@ -45,3 +45,122 @@ fn a_power_cut_during_a_rename_leaves_the_old_or_the_new_name() {
     eprintln!("after the cut the snapshot is '{name}'");
     q.poweroff();
 }
+
+/// `snapshot extend` (lvextend): a snapshot in an 8 MiB region of `vdb`, another store
+/// after it at 20 MiB. Filled past 85 %, extended by 8 MiB, written past its old size: it
+/// stays active and reads as taken; the space left before the next store keeps a
+/// free-extent marker, so after a reboot both stores are found, the first with its larger
+/// region. Bad sizes get one error line each.
+#[test]
+fn extend_grows_a_region_store_into_the_free_space_after_it() {
+    let (o, c) = (
+        Image::new("life-extend-o", 32 * MIB),
+        Image::new("life-extend-c", 64 * MIB),
+    );
+    let before = tests::xorshift_bytes(32 * MIB as usize, 9);
+    o.write(0, &before);
+    let mut q = boot(&o, &c);
+    let out = q.command("snapshot create s1 vda vdb:0+16384");
+    assert!(out.contains("created snapshot s1"), "{out}");
+    let out = q.command("snapshot create s2 vda vdb:40960+32768");
+    assert!(out.contains("created snapshot s2"), "{out}");
+    let s1 = tests::sha256_hex(&before);
+    // 7 MiB of first writes: 88 % of the 8 MiB store.
+    assert!(q
+        .command_timeout("write vda 0 14336 --seed 21", TIMEOUT * 2)
+        .contains("wrote"));
+    let list = q.command("snapshot list --json");
+    assert!(list.contains(r#""state":"active""#), "{list}");
+    for (line, expected) in [
+        (
+            "snapshot extend s1",
+            "error: usage: snapshot extend NAME +SIZE|SIZE",
+        ),
+        (
+            "snapshot extend s1 +64M",
+            "error: no room on vdb after the store of s1: 12 MiB free, 64 MiB more asked",
+        ),
+        (
+            "snapshot extend s1 1M",
+            "error: snapshot s1 has 8 MiB; a store cannot shrink",
+        ),
+        (
+            "snapshot extend s1 +1k",
+            "error: the new size must be a multiple of the chunk size (4 KiB)",
+        ),
+        ("snapshot extend s1 +1x", "error: "),
+        ("snapshot extend nosuch +1M", "error: no snapshot 'nosuch'"),
+    ] {
+        let out = q.command(line);
+        assert!(out.contains(expected), "{line}: {out}");
+        assert_eq!(out.matches("error:").count(), 1, "{line}: {out}");
+    }
+    let out = q.command("snapshot extend s1 +8M");
+    assert!(out.contains("extended snapshot s1 to 16 MiB ("), "{out}");
+    // 6 MiB more first writes: 13 MiB in all, past the old 8 MiB.
+    assert!(q
+        .command_timeout("write vda 14336 12288 --seed 22", TIMEOUT * 2)
+        .contains("wrote"));
+    let list = q.command("snapshot list");
+    assert!(
+        list.contains("vdb:0+32768") && !list.contains("overflow") && !list.contains("invalid"),
+        "{list}"
+    );
+    assert_eq!(q.checksum("s1"), s1);
+    let s2 = q.checksum("s2");
+    q.poweroff();
+
+    let mut q = boot(&o, &c);
+    let list = q.command("snapshot list");
+    assert!(
+        list.contains("vdb:0+32768"),
+        "the larger region after reboot: {list}"
+    );
+    assert!(
+        list.contains("vdb:40960+32768"),
+        "the store after it: {list}"
+    );
+    assert_eq!(q.checksum("s1"), s1);
+    assert_eq!(q.checksum("s2"), s2);
+    q.poweroff();
+}
+
+/// A power cut right after `snapshot extend`: the store comes back with its old size or its
+/// new one, active, its contents intact. (`snapshot/tests/binding.rs` enumerates the crash
+/// states of an extension.)
+#[test]
+fn a_power_cut_during_an_extend_leaves_the_old_or_the_new_size() {
+    let (o, c) = (
+        Image::new("life-extcut-o", 16 * MIB),
+        Image::new("life-extcut-c", 32 * MIB),
+    );
+    o.write(0, &tests::xorshift_bytes(16 * MIB as usize, 4));
+    let mut q = boot(&o, &c);
+    let out = q.command("snapshot create s1 vda vdb:0+16384");
+    assert!(out.contains("created snapshot s1"), "{out}");
+    assert!(q.command("write vda 0 8192 --seed 6").contains("wrote"));
+    let sum = q.checksum("s1");
+    q.send(b"snapshot extend s1 +8M\r");
+    q.expect("snapshot extend s1 +8M", TIMEOUT);
+    q.kill();
+
+    let mut q = boot(&o, &c);
+    let list = q.command("snapshot list");
+    let size = match (list.contains("vdb:0+16384"), list.contains("vdb:0+32768")) {
+        (true, false) => "old",
+        (false, true) => "new",
+        _ => panic!("neither or both sizes: {list}"),
+    };
+    assert!(list.contains("active"), "{list}");
+    assert_eq!(q.checksum("s1"), sum);
+    eprintln!("after the cut the store has its {size} size");
+    // It can be extended (again) and written past the old size.
+    if size == "old" {
+        assert!(q
+            .command("snapshot extend s1 +8M")
+            .contains("extended snapshot s1"));
+    }
+    assert!(q.command("write vda 8192 8192 --seed 7").contains("wrote"));
+    assert_eq!(q.checksum("s1"), sum);
+    q.poweroff();
+}

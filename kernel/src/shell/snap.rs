@@ -10,7 +10,9 @@ use super::output::Out;
 use crate::console::args::{parse_size, parse_u64, Args};
 use crate::identity::{self, DeviceId};
 use crate::json;
-use crate::storage::snaptask::{CreateSpec, CreateTask, DeleteTask, MergeTask, Rebind, RebindTask};
+use crate::storage::snaptask::{
+    CreateSpec, CreateTask, DeleteTask, ExtendTask, MergeTask, Rebind, RebindTask,
+};
 use crate::storage::tasks::Task;
 use crate::storage::volume::{reason_text, Origin, SnapState, UNMARKED_ALERT};
 use crate::storage::{self, Storage, Target};
@@ -18,7 +20,8 @@ use crate::time;
 
 type CmdResult<T> = Result<T, String>;
 
-const SUBCOMMANDS: &str = "create, list, status, delete, attach, merge, rename, set, forget-merge";
+const SUBCOMMANDS: &str =
+    "create, list, status, delete, attach, merge, rename, set, extend, forget-merge";
 
 fn shown(s: &str) -> String {
     s.chars()
@@ -42,6 +45,7 @@ pub fn run(args: &Args, out: &mut Out) -> Option<Box<dyn Task>> {
         Some("forget-merge") => forget_merge(st, args, out).map(Some),
         Some("rename") => rename(st, args).map(Some),
         Some("set") => set(st, args).map(Some),
+        Some("extend") => extend(st, args).map(Some),
         Some(other) => Err(alloc::format!(
             "unknown snapshot subcommand '{}' ({SUBCOMMANDS})",
             shown(other)
@@ -417,6 +421,98 @@ fn set(st: &mut Storage, args: &Args) -> CmdResult<Box<dyn Task>> {
         origin,
         snap.id,
         Rebind::Writable(writable),
+    )))
+}
+
+/// Sectors free after `[start, start + len)` on `disk`: up to the next store on the device,
+/// or its end (its capacity now: a whole-device store grows with its device).
+pub fn free_after(st: &Storage, disk: usize, start: u64, len: u64) -> u64 {
+    let g = st.geometry(Target::Device(disk));
+    let capacity = g.capacity_blocks * u64::from(g.block_size / 512);
+    let end = start + len;
+    let next = st
+        .origins
+        .iter()
+        .flat_map(|o| o.snaps.iter())
+        .filter(|s| s.cow_disk == disk && s.cow_start >= end)
+        .map(|s| s.cow_start)
+        .chain(
+            st.unserved
+                .iter()
+                .filter(|u| u.disk == disk && u.start >= end)
+                .map(|u| u.start),
+        )
+        .min()
+        .unwrap_or(capacity);
+    next.min(capacity).saturating_sub(end)
+}
+
+/// `snapshot extend NAME +SIZE|SIZE` (lvextend): grow the store into free space after it.
+fn extend(st: &mut Storage, args: &Args) -> CmdResult<Box<dyn Task>> {
+    const USAGE: &str = "usage: snapshot extend NAME +SIZE|SIZE (e.g. +64M, 1G)";
+    let Some(text) = args.arg("ORIGIN") else {
+        return Err(USAGE.into());
+    };
+    if args.arg("COW").is_some() {
+        return Err(USAGE.into());
+    }
+    let (origin, snap) = rebindable(st, args)?;
+    let (grow, size_text) = match text.strip_prefix('+') {
+        Some(rest) => (true, rest),
+        None => (false, text),
+    };
+    let bytes = parse_size(size_text, "SIZE").map_err(|e| e.to_string())?;
+    let sectors = bytes / 512;
+    if bytes % 512 != 0 {
+        return Err(alloc::format!(
+            "SIZE {text} is not a whole number of sectors"
+        ));
+    }
+    let new = if grow {
+        snap.cow_sectors
+            .checked_add(sectors)
+            .ok_or("SIZE too large")?
+    } else {
+        sectors
+    };
+    let chunk = u64::from(snap.chunk_sectors);
+    if new < snap.cow_sectors {
+        return Err(alloc::format!(
+            "snapshot {} has {} MiB; a store cannot shrink",
+            snap.name,
+            snap.cow_sectors / 2048
+        ));
+    }
+    if new == snap.cow_sectors {
+        return Err(alloc::format!(
+            "snapshot {} has {} MiB already",
+            snap.name,
+            snap.cow_sectors / 2048
+        ));
+    }
+    if !new.is_multiple_of(chunk) {
+        return Err(alloc::format!(
+            "the new size must be a multiple of the chunk size ({} KiB)",
+            chunk / 2
+        ));
+    }
+    let free = free_after(st, snap.cow_disk, snap.cow_start, snap.cow_sectors);
+    if new - snap.cow_sectors > free {
+        return Err(alloc::format!(
+            "no room on {} after the store of {}: {} MiB free, {} MiB more asked",
+            st.name(snap.cow_disk),
+            snap.name,
+            free / 2048,
+            (new - snap.cow_sectors) / 2048
+        ));
+    }
+    Ok(Box::new(ExtendTask::new(
+        snap.name.clone(),
+        origin,
+        snap.id,
+        snap.cow_disk,
+        snap.cow_start,
+        new,
     )))
 }
 

@@ -523,6 +523,158 @@ impl Task for RebindTask {
     }
 }
 
+/// `snapshot extend NAME SIZE`: grows a store into the free space after its region (or a
+/// whole-device store into the device's new capacity). Free-extent markers for the space
+/// left are written and flushed first (a boot before the binding grows still walks the old
+/// layout: the old marker covers the whole gap); then the engine zeroes what must be zeroed
+/// and rewrites the binding; the new size is used once that is durable.
+pub struct ExtendTask {
+    name: String,
+    origin: usize,
+    id: SnapId,
+    cow_disk: usize,
+    start: u64,
+    sectors: u64,
+    /// 0 markers, 1 ask the engine, 2 wait for the binding, 3 done.
+    step: u8,
+    markers: Option<MarkerWriter>,
+    error: Option<&'static str>,
+    used_percent: Option<u64>,
+}
+
+impl ExtendTask {
+    /// Grows snapshot `id` of `origin`, whose store is on `cow_disk` from `start`, to
+    /// `sectors` (checked by the caller: free, whole chunks, larger).
+    pub fn new(
+        name: String,
+        origin: usize,
+        id: SnapId,
+        cow_disk: usize,
+        start: u64,
+        sectors: u64,
+    ) -> ExtendTask {
+        ExtendTask {
+            name,
+            origin,
+            id,
+            cow_disk,
+            start,
+            sectors,
+            step: 0,
+            markers: None,
+            error: None,
+            used_percent: None,
+        }
+    }
+}
+
+impl Task for ExtendTask {
+    fn step(&mut self, st: &mut Storage, _now: u64) {
+        if self.step == 0 {
+            let (disk, region) = (self.cow_disk, (self.start, self.sectors));
+            let m = self
+                .markers
+                .get_or_insert_with(|| MarkerWriter::new(st, disk, Some(region)));
+            m.step(st);
+            if m.done() {
+                if m.error {
+                    self.error = Some(
+                        "writing free-extent markers failed (I/O error); the store is as it was",
+                    );
+                    self.step = 3;
+                } else {
+                    self.step = 1;
+                }
+            }
+            return;
+        }
+        let Some(o) = st.origins.get_mut(self.origin) else {
+            self.error = Some("the origin went away");
+            self.step = 3;
+            return;
+        };
+        match self.step {
+            1 => {
+                let Some(mut b) = o.engine.binding(self.id) else {
+                    self.error = Some(
+                        "its store has no snapfw binding (attached with --no-write): the new size could not be recorded",
+                    );
+                    self.step = 3;
+                    return;
+                };
+                b.region_start = self.start;
+                b.region_sectors = self.sectors;
+                o.rebound = None;
+                match o.engine.extend_snapshot(self.id, self.sectors, &b) {
+                    Ok(()) => self.step = 2,
+                    Err(_) => {
+                        self.error = Some("the snapshot is busy, invalid or no longer active");
+                        self.step = 3;
+                    }
+                }
+            }
+            2 => {
+                let Some((id, ok)) = o.rebound else {
+                    return;
+                };
+                if id != self.id {
+                    return;
+                }
+                o.rebound = None;
+                self.step = 3;
+                if !ok {
+                    self.error =
+                        Some("writing the larger binding failed; the store keeps its size");
+                    return;
+                }
+                if let Some(s) = o.snaps.iter_mut().find(|s| s.id == self.id) {
+                    s.cow_sectors = self.sectors;
+                }
+                if let Some(snapshot::Status::Usage(u)) = o.engine.status(self.id) {
+                    self.used_percent = Some(u.allocated_sectors * 100 / u.total_sectors.max(1));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn complete(&mut self, pool: &mut BufferPool, c: Completion, _now: u64) {
+        MarkerWriter::complete_or_release(self.markers.as_mut(), pool, c);
+    }
+
+    fn done(&self) -> bool {
+        self.step == 3
+    }
+
+    fn cancel(&mut self) {}
+
+    fn io_path(&self) -> bool {
+        false
+    }
+
+    fn progress(&self, out: &mut dyn Write, _now: u64) -> fmt::Result {
+        write!(out, "extending snapshot {}", self.name)
+    }
+
+    fn report(&mut self, out: &mut dyn Write, _now: u64) -> fmt::Result {
+        match self.error {
+            Some(e) => writeln!(out, "error: snapshot {}: {e}", self.name),
+            None => {
+                write!(
+                    out,
+                    "extended snapshot {} to {} MiB",
+                    self.name,
+                    self.sectors / 2048
+                )?;
+                match self.used_percent {
+                    Some(p) => writeln!(out, " ({p}% used)"),
+                    None => writeln!(out),
+                }
+            }
+        }
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum MergeStep {
     Quiesce,
