@@ -187,6 +187,11 @@ enum HeaderPhase {
     Flush,
 }
 
+/// [`Snap::extend_io`] steps, in the order they are written.
+const EXTEND_ZERO: u8 = 1;
+const EXTEND_MARKER: u8 = 2;
+const EXTEND_FLUSH: u8 = 4;
+
 struct Snap {
     state: SnapState,
     valid: bool,
@@ -217,8 +222,13 @@ struct Snap {
     /// Its binding, written once the area below is zeroed.
     extend_binding: Option<crate::format::Binding>,
     /// An area chunk the extension brings into the store that was never zeroed (it lay
-    /// past the old end), and where its zeroing is: 1 write, 2 flush, 0 done.
-    extend_zero: (u64, u8),
+    /// past the old end).
+    extend_area: u64,
+    /// What the extension still writes before its binding: [`EXTEND_ZERO`] that area,
+    /// [`EXTEND_MARKER`] a free-extent marker after the new end, [`EXTEND_FLUSH`].
+    extend_io: u8,
+    /// The marker's block.
+    extend_marker: Vec<u8>,
     wipe: bool,
     /// The wipe is written; a flush makes it durable (COW device without FUA).
     wipe_flush: bool,
@@ -622,6 +632,7 @@ impl Engine {
             MetaKind::Area => &s.store.area,
             MetaKind::Header => &s.header,
             MetaKind::OriginMark => &s.origin_mark,
+            MetaKind::ExtendMarker => &s.extend_marker,
         })
     }
 
@@ -637,6 +648,7 @@ impl Engine {
             MetaKind::Area => &mut s.store.area,
             MetaKind::Header => &mut s.header,
             MetaKind::OriginMark => &mut s.origin_mark,
+            MetaKind::ExtendMarker => &mut s.extend_marker,
         })
     }
 
@@ -701,10 +713,16 @@ impl Engine {
         let valid = loaded.valid;
         let merging = loaded.merging && valid;
         let saved = loaded.merge_saved_chunk;
+        let autoextend = loaded.autoextend;
         if (merging && self.merge.is_some()) || self.merge_running() {
             return Err(EngineError::MergeRunning);
         }
         let id = self.install(cfg, loaded.state, loaded.table, SnapState::Active, valid)?;
+        // The header block is rebuilt from the configuration: keep what else chunk 0 held
+        // that later header writes must not lose.
+        if let Some(Some(x)) = self.snaps.get_mut(id.0 as usize) {
+            crate::format::AutoExtend::encode(autoextend, &mut x.header);
+        }
         if merging {
             self.hold_resumed_merge(id, saved);
         } else if valid {
@@ -755,6 +773,7 @@ impl Engine {
         snap: SnapId,
         cow_sectors: u64,
         binding: &crate::format::Binding,
+        marker: Option<crate::format::FreeExtent>,
     ) -> Result<(), EngineError> {
         let Some(Some(x)) = self.snaps.get_mut(snap.0 as usize) else {
             return Err(EngineError::NoSuchSnapshot);
@@ -773,9 +792,20 @@ impl Engine {
         let area = g.area_chunk(x.store.current_area);
         let (old, new) = (x.store.cow_chunks(), cow_sectors / cs);
         x.extend_to = Some(cow_sectors);
+        x.extend_io = 0;
         if area >= old && area < new {
+            x.extend_area = area;
+            x.extend_io |= EXTEND_ZERO;
+        }
+        if let Some(m) = marker {
+            // (The block was allocated with the snapshot: an auto-extension allocates nothing.)
+            x.extend_marker.fill(0);
+            m.encode(&mut x.extend_marker);
+            x.extend_io |= EXTEND_MARKER;
+        }
+        if x.extend_io != 0 {
+            x.extend_io |= EXTEND_FLUSH;
             x.extend_binding = Some(binding.clone());
-            x.extend_zero = (area, 1);
             self.dirty = true;
             return Ok(());
         }
@@ -805,7 +835,7 @@ impl Engine {
         };
         x.meta_inflight = false;
         if !ok || !x.valid {
-            x.extend_zero = (0, 0);
+            x.extend_io = 0;
             x.extend_to = None;
             x.extend_binding = None;
             self.push_event(Event::BindingWritten {
@@ -814,14 +844,56 @@ impl Engine {
             });
             return;
         }
-        if x.extend_zero.1 == 1 {
-            x.extend_zero.1 = 2;
+        // The steps go in order: zero, marker, flush.
+        let done = x.extend_io & x.extend_io.wrapping_neg();
+        x.extend_io &= !done;
+        if x.extend_io != 0 {
             return;
         }
-        x.extend_zero = (0, 0);
         if let Some(b) = x.extend_binding.take() {
             self.start_extend_binding(s, &b);
         }
+    }
+
+    /// Records (or clears) snapshot `snap`'s auto-extend policy in its store (chunk 0, with
+    /// the binding: one sector). [`Event::BindingWritten`] when durable, as for
+    /// [`rewrite_binding`](Self::rewrite_binding).
+    pub fn set_autoextend(
+        &mut self,
+        snap: SnapId,
+        policy: Option<crate::format::AutoExtend>,
+    ) -> Result<(), EngineError> {
+        let Some(Some(x)) = self.snaps.get_mut(snap.0 as usize) else {
+            return Err(EngineError::NoSuchSnapshot);
+        };
+        if x.state != SnapState::Active || !x.valid {
+            return Err(EngineError::NoSuchSnapshot);
+        }
+        if x.binding_gen != 0 || x.extend_to.is_some() {
+            return Err(EngineError::Busy);
+        }
+        crate::format::AutoExtend::encode(policy, &mut x.header);
+        x.header_gen += 1;
+        x.binding_gen = x.header_gen;
+        if x.header_phase == HeaderPhase::None {
+            x.header_phase = HeaderPhase::Write;
+        }
+        self.dirty = true;
+        Ok(())
+    }
+
+    /// Snapshot `snap`'s auto-extend policy, as its store records it.
+    pub fn autoextend(&self, snap: SnapId) -> Option<crate::format::AutoExtend> {
+        let x = self.snaps.get(snap.0 as usize)?.as_ref()?;
+        crate::format::AutoExtend::decode(&x.header)
+    }
+
+    /// Whether an extension of snapshot `snap` is under way.
+    pub fn extending(&self, snap: SnapId) -> bool {
+        self.snaps
+            .get(snap.0 as usize)
+            .and_then(Option::as_ref)
+            .is_some_and(|x| x.extend_to.is_some())
     }
 
     /// Lets snapshot `snap`'s volume take writes, or refuses them ([`VolumeError::ReadOnly`])
@@ -875,7 +947,7 @@ impl Engine {
         let rebinding = self.snaps[s].as_mut().is_some_and(|x| {
             let extending = x.extend_to.take().is_some();
             x.extend_binding = None;
-            x.extend_zero = (0, 0);
+            x.extend_io = 0;
             core::mem::take(&mut x.binding_gen) != 0 || extending
         });
         if rebinding {
@@ -1078,7 +1150,9 @@ impl Engine {
             binding_gen: 0,
             extend_to: None,
             extend_binding: None,
-            extend_zero: (0, 0),
+            extend_area: 0,
+            extend_io: 0,
+            extend_marker: vec![0u8; block],
             wipe: false,
             wipe_flush: false,
             wipe_failed: false,
@@ -1472,14 +1546,22 @@ impl Engine {
                 }
                 SnapState::Merging => self.step_merge(s),
                 SnapState::Active => {
-                    if x.extend_zero.1 != 0 {
-                        let (chunk, step) = x.extend_zero;
+                    if x.extend_io != 0 {
                         let g = x.store.geometry;
                         let ctx = IoCtx::Extend { snap: sid };
-                        let emitted = if step == 1 {
-                            let sector = g.chunk_sector(chunk);
-                            let op = IoOp::Write { fua: false };
+                        let op = IoOp::Write { fua: false };
+                        let emitted = if x.extend_io & EXTEND_ZERO != 0 {
+                            let sector = g.chunk_sector(x.extend_area);
                             self.emit(ctx, dev, op, sector, g.chunk_sectors, IoBuffer::Zeroes)
+                        } else if x.extend_io & EXTEND_MARKER != 0 {
+                            let at = x.extend_to.unwrap_or(0);
+                            let n = x.cow_block_sectors;
+                            let kind = MetaKind::ExtendMarker;
+                            let buffer = IoBuffer::Meta {
+                                snap: SnapId(sid),
+                                kind,
+                            };
+                            self.emit(ctx, dev, op, at, n, buffer)
                         } else {
                             self.emit(ctx, dev, IoOp::Flush, 0, 0, IoBuffer::None)
                         };

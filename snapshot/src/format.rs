@@ -529,6 +529,81 @@ pub fn decode_merge_marker(chunk0: &[u8]) -> Option<MergeMarker> {
     })
 }
 
+/// Byte offset in chunk 0 of snapfw's *auto-extend policy* record (after the merge marker,
+/// in the first sector, so it is written with the binding in one sector write).
+pub const AUTOEXTEND_OFFSET: usize = 288;
+/// Magic of the auto-extend record: `"snapfwA1"`.
+pub const AUTOEXTEND_MAGIC: [u8; 8] = *b"snapfwA1";
+/// Bytes of the auto-extend record: magic, threshold (percent), kind (0: by percent of the
+/// store, 1: by sectors), two zero bytes, the amount (`u64`), CRC-32C of the first 20.
+pub const AUTOEXTEND_BYTES: usize = 24;
+const _: () = assert!(
+    MERGE_MARKER_OFFSET + MERGE_MARKER_V2_BYTES <= AUTOEXTEND_OFFSET
+        && AUTOEXTEND_OFFSET + AUTOEXTEND_BYTES <= SECTOR_BYTES
+);
+
+/// How much an auto-extension adds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExtendBy {
+    /// A percentage of the store's size at the time (1..=1000).
+    Percent(u16),
+    /// A number of sectors.
+    Sectors(u64),
+}
+
+/// A snapshot's auto-extend policy (LVM's `snapshot_autoextend_threshold` /
+/// `snapshot_autoextend_percent`): when the store is `threshold` percent used, it grows by
+/// `by`, as far as free space allows. Kept in chunk 0 where Linux does not look.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AutoExtend {
+    /// Usage (percent, 1..=99) that starts an extension.
+    pub threshold: u8,
+    /// How much each extension adds.
+    pub by: ExtendBy,
+}
+
+impl AutoExtend {
+    /// Writes the record into chunk 0 (`None` clears it).
+    pub fn encode(policy: Option<AutoExtend>, chunk0: &mut [u8]) {
+        let Some(out) = chunk0.get_mut(AUTOEXTEND_OFFSET..AUTOEXTEND_OFFSET + AUTOEXTEND_BYTES)
+        else {
+            return;
+        };
+        out.fill(0);
+        let Some(p) = policy else {
+            return;
+        };
+        out[..8].copy_from_slice(&AUTOEXTEND_MAGIC);
+        out[8] = p.threshold;
+        let (kind, amount) = match p.by {
+            ExtendBy::Percent(n) => (0u8, u64::from(n)),
+            ExtendBy::Sectors(n) => (1u8, n),
+        };
+        out[9] = kind;
+        out[12..20].copy_from_slice(&amount.to_le_bytes());
+        let sum = crc32c(&out[..20]);
+        out[20..24].copy_from_slice(&sum.to_le_bytes());
+    }
+
+    /// The policy in chunk 0, if a valid record is there.
+    pub fn decode(chunk0: &[u8]) -> Option<AutoExtend> {
+        let b = chunk0.get(AUTOEXTEND_OFFSET..AUTOEXTEND_OFFSET + AUTOEXTEND_BYTES)?;
+        if b[..8] != AUTOEXTEND_MAGIC || read_u32(b, 20)? != crc32c(&b[..20]) {
+            return None;
+        }
+        let threshold = b[8];
+        let amount = read_u64(b, 12)?;
+        let by = match b[9] {
+            0 if (1..=1000).contains(&amount) => ExtendBy::Percent(amount as u16),
+            1 if amount > 0 => ExtendBy::Sectors(amount),
+            _ => return None,
+        };
+        (1..=99)
+            .contains(&threshold)
+            .then_some(AutoExtend { threshold, by })
+    }
+}
+
 /// Magic of an origin marker: `"snapfwO1"`.
 pub const ORIGIN_MARKER_MAGIC: [u8; 8] = *b"snapfwO1";
 /// Most bytes of the COW store's description in an origin marker.
@@ -982,6 +1057,64 @@ mod tests {
         c0[MERGE_MARKER_OFFSET + 9] ^= 1;
         assert_eq!(decode_merge_marker(&c0), None);
         assert_eq!(decode_merge_marker(&c0[..200]), None);
+    }
+
+    #[test]
+    fn autoextend_round_trip_clear_and_rejects() {
+        let mut c0 = [0u8; 512];
+        encode_merge_marker(&mut c0, Some(5));
+        for p in [
+            AutoExtend {
+                threshold: 70,
+                by: ExtendBy::Percent(20),
+            },
+            AutoExtend {
+                threshold: 1,
+                by: ExtendBy::Sectors(16384),
+            },
+        ] {
+            AutoExtend::encode(Some(p), &mut c0);
+            assert_eq!(AutoExtend::decode(&c0), Some(p));
+            assert_eq!(
+                decode_merge_marker(&c0),
+                Some(MergeMarker {
+                    saved_chunk: Some(5)
+                }),
+                "independent of the merge marker"
+            );
+        }
+        for at in 0..AUTOEXTEND_BYTES {
+            let mut c = c0;
+            c[AUTOEXTEND_OFFSET + at] ^= 0x10;
+            assert_eq!(AutoExtend::decode(&c), None, "byte {at}");
+        }
+        AutoExtend::encode(None, &mut c0);
+        assert_eq!(AutoExtend::decode(&c0), None);
+        assert!(c0[AUTOEXTEND_OFFSET..AUTOEXTEND_OFFSET + AUTOEXTEND_BYTES]
+            .iter()
+            .all(|&b| b == 0));
+        // Out-of-range values with a good checksum are refused.
+        for bad in [
+            AutoExtend {
+                threshold: 0,
+                by: ExtendBy::Percent(20),
+            },
+            AutoExtend {
+                threshold: 100,
+                by: ExtendBy::Percent(20),
+            },
+            AutoExtend {
+                threshold: 50,
+                by: ExtendBy::Percent(0),
+            },
+            AutoExtend {
+                threshold: 50,
+                by: ExtendBy::Sectors(0),
+            },
+        ] {
+            AutoExtend::encode(Some(bad), &mut c0);
+            assert_eq!(AutoExtend::decode(&c0), None, "{bad:?}");
+        }
     }
 
     #[test]

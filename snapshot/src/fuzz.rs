@@ -178,6 +178,11 @@ pub fn decoders(data: &[u8]) {
         encode_merge_marker(&mut again, marker.saved_chunk);
         assert_eq!(decode_merge_marker(&again), Some(marker));
     }
+    if let Some(a) = crate::format::AutoExtend::decode(data) {
+        let mut again = vec![0u8; SECTOR_BYTES];
+        crate::format::AutoExtend::encode(Some(a), &mut again);
+        assert_eq!(crate::format::AutoExtend::decode(&again), Some(a));
+    }
     if let Some(o) = crate::format::OriginMarker::decode(data) {
         // What decodes re-encodes to the same marker.
         let mut again = vec![0u8; SECTOR_BYTES];

@@ -149,6 +149,7 @@ pub struct Loader {
     header: Option<Header>,
     binding: Result<Binding, BindingError>,
     merging: Option<crate::format::MergeMarker>,
+    autoextend: Option<crate::format::AutoExtend>,
     geometry: Option<Geometry>,
     table: Option<ExceptionTable>,
     max_new: u64,
@@ -182,6 +183,8 @@ pub struct LoadedStore {
     /// [`OriginMarker`](crate::format::OriginMarker) (the merge marker names it); `None` when
     /// not merging, or for a marker written before origins were marked.
     pub merge_saved_chunk: Option<u64>,
+    /// snapfw's auto-extend policy recorded in chunk 0, if any.
+    pub autoextend: Option<crate::format::AutoExtend>,
 }
 
 impl Loader {
@@ -194,6 +197,7 @@ impl Loader {
             header: None,
             binding: Err(BindingError::Absent),
             merging: None,
+            autoextend: None,
             geometry: None,
             table: None,
             max_new: 0,
@@ -287,6 +291,7 @@ impl Loader {
         }
         self.binding = Binding::decode(data);
         self.merging = decode_merge_marker(data);
+        self.autoextend = crate::format::AutoExtend::decode(data);
         if let Some(saved) = self.merging.and_then(|m| m.saved_chunk) {
             // The chunk holding origin chunk 0 must be a data chunk inside the device.
             let fits = saved
@@ -482,6 +487,7 @@ impl Loader {
             records: self.records,
             merging: self.merging.is_some() && valid,
             merge_saved_chunk: self.merging.and_then(|m| m.saved_chunk).filter(|_| valid),
+            autoextend: self.autoextend,
         })
     }
 

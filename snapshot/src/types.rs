@@ -116,6 +116,8 @@ pub enum MetaKind {
     /// The origin marker a merge writes over the origin's first block (one origin logical
     /// block; see [`OriginMarker`](crate::format::OriginMarker)).
     OriginMark,
+    /// The free-extent marker an extension writes after the store's new end.
+    ExtendMarker,
 }
 
 /// Where the data of an [`Io`] lives.

@@ -330,16 +330,16 @@ fn extending_a_full_area_zeroes_the_next_one_before_the_binding_grows() {
             w.events.clear();
             assert_eq!(
                 w.engine
-                    .extend_snapshot(id, old_chunks * 8 + 4, &region(new_chunks)),
+                    .extend_snapshot(id, old_chunks * 8 + 4, &region(new_chunks), None),
                 Err(EngineError::BadSize)
             );
             assert_eq!(
                 w.engine
-                    .extend_snapshot(id, old_chunks * 8, &region(new_chunks)),
+                    .extend_snapshot(id, old_chunks * 8, &region(new_chunks), None),
                 Err(EngineError::BadSize)
             );
             w.engine
-                .extend_snapshot(id, new_chunks * 8, &region(new_chunks))
+                .extend_snapshot(id, new_chunks * 8, &region(new_chunks), None)
                 .unwrap();
             assert_eq!(
                 w.engine.rewrite_binding(id, &binding("x", 0)),
@@ -392,4 +392,77 @@ fn extending_a_full_area_zeroes_the_next_one_before_the_binding_grows() {
         }
     }
     println!("extension crash states checked: {states}");
+}
+
+/// The auto-extend policy is kept in chunk 0: written with the binding, found by the
+/// loader, kept by a later binding rewrite and by an attach after a reboot.
+#[test]
+fn the_autoextend_policy_survives_rewrites_and_reattach() {
+    use snapshot::format::{AutoExtend, ExtendBy};
+    let (mut w, id) = world(Order::InOrder, 17, false, 48);
+    let p = AutoExtend {
+        threshold: 70,
+        by: ExtendBy::Percent(50),
+    };
+    w.engine.set_autoextend(id, Some(p)).unwrap();
+    w.settle(1000);
+    assert!(w
+        .events
+        .contains(&Event::BindingWritten { snap: id, ok: true }));
+    assert_eq!(w.engine.autoextend(id), Some(p));
+    w.engine
+        .rewrite_binding(id, &binding("renamed", 0))
+        .unwrap();
+    w.settle(1000);
+    let cow = w.cows[id.0 as usize].as_ref().unwrap();
+    let img = cow.durable.clone();
+    let params = LoadParams {
+        cow_sectors: img.len() as u64,
+        cow_block_sectors: 1,
+        origin_sectors: ORIGIN,
+        origin_block_sectors: 1,
+        table_runs: img.len(),
+    };
+    let load = |w: &World, img: &[u64]| {
+        Loader::load_with(params, |r| {
+            let a = r.sector as usize;
+            w.contents.image_bytes(&img[a..a + r.sectors as usize])
+        })
+        .unwrap()
+    };
+    let l = load(&w, &img);
+    assert_eq!(l.autoextend, Some(p));
+    assert_eq!(l.binding, Ok(binding("renamed", 0)));
+    // A reboot: a fresh engine attaches the store, then rewrites its binding again.
+    let mut ec = EngineConfig::new(ORIGIN);
+    ec.copy_buffer_sectors = 64;
+    let mut w2 = World::new(
+        Engine::new(ec).unwrap(),
+        SimDisk::new(ORIGIN, |s| DATA_BIT | s),
+        Order::InOrder,
+        3,
+    );
+    w2.contents = w.contents.clone();
+    let cfg = SnapshotConfig {
+        chunk_sectors: 8,
+        cow_sectors: img.len() as u64,
+        cow_block_sectors: 1,
+        cow_fua: false,
+        writable: true,
+        table_runs: img.len(),
+        binding: Some(binding("renamed", 0)),
+    };
+    let id2 = w2.engine.attach_snapshot(l, &cfg).unwrap();
+    w2.cows[id2.0 as usize] = Some(SimDisk::new(img.len() as u64, |x| img[x as usize]));
+    assert_eq!(w2.engine.autoextend(id2), Some(p));
+    w2.engine
+        .rewrite_binding(id2, &binding("again", 0))
+        .unwrap();
+    w2.settle(1000);
+    let img2 = w2.cows[id2.0 as usize].as_ref().unwrap().durable.clone();
+    assert_eq!(load(&w2, &img2).autoextend, Some(p), "kept by the rewrite");
+    w2.engine.set_autoextend(id2, None).unwrap();
+    w2.settle(1000);
+    let img3 = w2.cows[id2.0 as usize].as_ref().unwrap().durable.clone();
+    assert_eq!(load(&w2, &img3).autoextend, None, "cleared");
 }

@@ -164,3 +164,89 @@ fn a_power_cut_during_an_extend_leaves_the_old_or_the_new_size() {
     assert_eq!(q.checksum("s1"), sum);
     q.poweroff();
 }
+
+/// `snapshot autoextend` (LVM's `snapshot_autoextend_threshold`/`_percent`): s1 in an 8 MiB
+/// region with 16 MiB free before the next store, auto-extend at 70 % by 50 %. 14 MiB of
+/// first writes, which would overflow the original store, finish with s1 active; the
+/// console reported each extension; the policy survives a reboot. Then writes past all the
+/// free space: auto-extend says it cannot grow it, and the snapshot is invalidated
+/// (overflow) as without auto-extend.
+#[test]
+fn autoextend_keeps_a_filling_snapshot_alive_while_there_is_room() {
+    let (o, c) = (
+        Image::new("life-auto-o", 32 * MIB),
+        Image::new("life-auto-c", 64 * MIB),
+    );
+    let before = tests::xorshift_bytes(32 * MIB as usize, 12);
+    o.write(0, &before);
+    let mut q = boot(&o, &c);
+    assert!(q
+        .command("snapshot create s1 vda vdb:0+16384")
+        .contains("created snapshot s1"));
+    assert!(q
+        .command("snapshot create s2 vda vdb:49152+65536")
+        .contains("created snapshot s2"));
+    for (line, expected) in [
+        (
+            "snapshot autoextend s1",
+            "error: usage: snapshot autoextend NAME",
+        ),
+        (
+            "snapshot autoextend s1 --threshold 70",
+            "error: usage: snapshot autoextend NAME",
+        ),
+        (
+            "snapshot autoextend s1 --threshold 0 --by 20%",
+            "error: --threshold 0 must be 1 to 99",
+        ),
+        (
+            "snapshot autoextend s1 --threshold 70 --by 0%",
+            "error: --by 0% must be 1% to 1000%",
+        ),
+        ("snapshot autoextend s1 --threshold 70 --by 12x", "error: "),
+        (
+            "snapshot autoextend s1 --off --threshold 70",
+            "error: usage: snapshot autoextend NAME",
+        ),
+    ] {
+        let out = q.command(line);
+        assert!(out.contains(expected), "{line}: {out}");
+        assert_eq!(out.matches("error:").count(), 1, "{line}: {out}");
+    }
+    let out = q.command("snapshot autoextend s1 --threshold 70 --by 50%");
+    assert!(
+        out.contains("snapshot s1: auto-extend at 70% by 50%"),
+        "{out}"
+    );
+    assert!(q
+        .command_timeout("write vda 0 28672 --seed 31", TIMEOUT * 4)
+        .contains("wrote"));
+    let t = q.transcript();
+    assert!(t.contains("snapshot s1: auto-extended to 12 MiB"), "{t}");
+    assert!(t.contains("% used; auto-extending by"), "{t}");
+    let list = q.command("snapshot list --json");
+    assert!(
+        !list.contains("overflow") && !list.contains("invalid"),
+        "{list}"
+    );
+    assert_eq!(q.checksum("s1"), tests::sha256_hex(&before));
+    q.poweroff();
+
+    let mut q = boot(&o, &c);
+    let status = q.command("snapshot status s1");
+    assert!(status.contains("auto-extend at 70% by 50%"), "{status}");
+    // 12 MiB more first writes: past the 24 MiB the free space allows.
+    let _ = q.command_timeout("write vda 28672 24576 --seed 32", TIMEOUT * 4);
+    let t = q.transcript();
+    assert!(
+        t.contains("auto-extend cannot grow it: no free space after its store on vdb"),
+        "{t}"
+    );
+    let list = q.command("snapshot list");
+    assert!(list.contains("overflow"), "{list}");
+    assert!(
+        list.contains("vdb:0+49152"),
+        "grown to the next store: {list}"
+    );
+    q.poweroff();
+}

@@ -21,7 +21,7 @@ use crate::time;
 type CmdResult<T> = Result<T, String>;
 
 const SUBCOMMANDS: &str =
-    "create, list, status, delete, attach, merge, rename, set, extend, forget-merge";
+    "create, list, status, delete, attach, merge, rename, set, extend, autoextend, forget-merge";
 
 fn shown(s: &str) -> String {
     s.chars()
@@ -46,6 +46,7 @@ pub fn run(args: &Args, out: &mut Out) -> Option<Box<dyn Task>> {
         Some("rename") => rename(st, args).map(Some),
         Some("set") => set(st, args).map(Some),
         Some("extend") => extend(st, args).map(Some),
+        Some("autoextend") => autoextend(st, args).map(Some),
         Some(other) => Err(alloc::format!(
             "unknown snapshot subcommand '{}' ({SUBCOMMANDS})",
             shown(other)
@@ -424,27 +425,54 @@ fn set(st: &mut Storage, args: &Args) -> CmdResult<Box<dyn Task>> {
     )))
 }
 
-/// Sectors free after `[start, start + len)` on `disk`: up to the next store on the device,
-/// or its end (its capacity now: a whole-device store grows with its device).
-pub fn free_after(st: &Storage, disk: usize, start: u64, len: u64) -> u64 {
-    let g = st.geometry(Target::Device(disk));
-    let capacity = g.capacity_blocks * u64::from(g.block_size / 512);
-    let end = start + len;
-    let next = st
-        .origins
-        .iter()
-        .flat_map(|o| o.snaps.iter())
-        .filter(|s| s.cow_disk == disk && s.cow_start >= end)
-        .map(|s| s.cow_start)
-        .chain(
-            st.unserved
-                .iter()
-                .filter(|u| u.disk == disk && u.start >= end)
-                .map(|u| u.start),
-        )
-        .min()
-        .unwrap_or(capacity);
-    next.min(capacity).saturating_sub(end)
+/// `snapshot autoextend NAME --threshold PCT --by PCT|SIZE` or `--off` (LVM's
+/// `snapshot_autoextend_threshold` / `_percent`): persisted in the store.
+fn autoextend(st: &mut Storage, args: &Args) -> CmdResult<Box<dyn Task>> {
+    const USAGE: &str = "usage: snapshot autoextend NAME --threshold PCT --by PCT|SIZE | --off";
+    if args.arg("ORIGIN").is_some() {
+        return Err(USAGE.into());
+    }
+    let policy = match (args.flag("off"), args.value("threshold"), args.value("by")) {
+        (true, None, None) => None,
+        (false, Some(t), Some(by)) => {
+            let threshold = t
+                .strip_suffix('%')
+                .unwrap_or(t)
+                .parse::<u8>()
+                .ok()
+                .filter(|t| (1..=99).contains(t))
+                .ok_or_else(|| {
+                    alloc::format!("--threshold {} must be 1 to 99 (percent)", shown(t))
+                })?;
+            let by = match by.strip_suffix('%') {
+                Some(p) => snapshot::format::ExtendBy::Percent(
+                    p.parse::<u16>()
+                        .ok()
+                        .filter(|p| (1..=1000).contains(p))
+                        .ok_or_else(|| alloc::format!("--by {} must be 1% to 1000%", shown(by)))?,
+                ),
+                None => {
+                    let bytes = parse_size(by, "--by").map_err(|e| e.to_string())?;
+                    if bytes < 512 || bytes % 512 != 0 {
+                        return Err(alloc::format!(
+                            "--by {} must be a percentage (20%) or a size of whole sectors (64M)",
+                            shown(by)
+                        ));
+                    }
+                    snapshot::format::ExtendBy::Sectors(bytes / 512)
+                }
+            };
+            Some(snapshot::format::AutoExtend { threshold, by })
+        }
+        _ => return Err(USAGE.into()),
+    };
+    let (origin, snap) = rebindable(st, args)?;
+    Ok(Box::new(RebindTask::new(
+        snap.name.clone(),
+        origin,
+        snap.id,
+        Rebind::AutoExtend(policy),
+    )))
 }
 
 /// `snapshot extend NAME +SIZE|SIZE` (lvextend): grow the store into free space after it.
@@ -496,7 +524,7 @@ fn extend(st: &mut Storage, args: &Args) -> CmdResult<Box<dyn Task>> {
             chunk / 2
         ));
     }
-    let free = free_after(st, snap.cow_disk, snap.cow_start, snap.cow_sectors);
+    let free = st.free_after(snap.cow_disk, snap.cow_start, snap.cow_sectors);
     if new - snap.cow_sectors > free {
         return Err(alloc::format!(
             "no room on {} after the store of {}: {} MiB free, {} MiB more asked",
@@ -792,6 +820,11 @@ fn status(st: &Storage, args: &Args, out: &mut Out) -> CmdResult<()> {
         percent(used),
         s.chunk_sectors / 2,
         crate::rtc::Created(created(o, s))
+    );
+    let _ = writeln!(
+        out,
+        "  auto-extend {}",
+        crate::storage::snaptask::AutoText(o.engine.autoextend(s.id))
     );
     if let Some(reason) = s.invalid {
         let _ = writeln!(out, "  invalidated: {}", reason_text(reason));

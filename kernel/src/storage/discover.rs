@@ -397,6 +397,7 @@ impl DiscoverTask {
                         SnapState::Invalid
                     },
                     invalid: None,
+                    auto_blocked: false,
                 });
                 self.found += 1;
                 st.label_merge(origin_index, id);

@@ -180,6 +180,106 @@ impl Storage {
         g
     }
 
+    /// The first store on `disk` that starts at or after sector `end`, if any.
+    pub fn next_store_after(&self, disk: usize, end: u64) -> Option<u64> {
+        self.origins
+            .iter()
+            .flat_map(|o| o.snaps.iter())
+            .filter(|s| s.cow_disk == disk && s.cow_start >= end)
+            .map(|s| s.cow_start)
+            .chain(
+                self.unserved
+                    .iter()
+                    .filter(|u| u.disk == disk && u.start >= end)
+                    .map(|u| u.start),
+            )
+            .min()
+    }
+
+    /// Sectors free after `[start, start + len)` on `disk`: up to the next store on the
+    /// device, or its end (its capacity now: a whole-device store grows with its device).
+    pub fn free_after(&self, disk: usize, start: u64, len: u64) -> u64 {
+        let g = self.geometry(Target::Device(disk));
+        let capacity = g.capacity_blocks * u64::from(g.block_size / 512);
+        let end = start + len;
+        let next = self.next_store_after(disk, end).unwrap_or(capacity);
+        next.min(capacity).saturating_sub(end)
+    }
+
+    /// Auto-extend (`snapshot autoextend`): every snapshot whose policy's threshold its usage
+    /// has reached, and that is not being extended, grows by the policy's amount, as far as
+    /// free space after its store allows (a free-extent marker keeps the rest reachable when
+    /// another store follows). When there is no room, the console says so once, and the
+    /// 80/90 % warnings and, when it fills, the invalidation go on as without it.
+    pub fn autoextend(&mut self) {
+        for oi in 0..self.origins.len() {
+            for si in 0..self.origins[oi].snaps.len() {
+                let o = &self.origins[oi];
+                let s = &o.snaps[si];
+                if s.state != volume::SnapState::Active || o.auto_extending.is_some() {
+                    continue;
+                }
+                let Some(policy) = o.engine.autoextend(s.id) else {
+                    continue;
+                };
+                if o.engine.extending(s.id) {
+                    continue;
+                }
+                let Some(snapshot::Status::Usage(u)) = o.engine.status(s.id) else {
+                    continue;
+                };
+                let used = u.allocated_sectors * 100 / u.total_sectors.max(1);
+                if used < u64::from(policy.threshold) {
+                    self.origins[oi].snaps[si].auto_blocked = false;
+                    continue;
+                }
+                let chunk = u64::from(s.chunk_sectors.max(1));
+                let want = match policy.by {
+                    snapshot::format::ExtendBy::Percent(p) => s.cow_sectors * u64::from(p) / 100,
+                    snapshot::format::ExtendBy::Sectors(n) => n,
+                }
+                .div_ceil(chunk)
+                    * chunk;
+                let free = self.free_after(s.cow_disk, s.cow_start, s.cow_sectors) / chunk * chunk;
+                let grow = want.min(free);
+                let (id, disk, start, len) = (s.id, s.cow_disk, s.cow_start, s.cow_sectors);
+                if grow == 0 {
+                    if !s.auto_blocked {
+                        log::warn!(
+                            "snapshot {}: {used}% used; auto-extend cannot grow it: no free space after its store on {}",
+                            s.name,
+                            self.name(disk)
+                        );
+                        self.origins[oi].snaps[si].auto_blocked = true;
+                    }
+                    continue;
+                }
+                let new = len + grow;
+                let marker = self.next_store_after(disk, start + len).and_then(|next| {
+                    (next > start + new).then_some(snapshot::format::FreeExtent {
+                        start: start + new,
+                        sectors: next - (start + new),
+                    })
+                });
+                let o = &mut self.origins[oi];
+                let Some(mut b) = o.engine.binding(id) else {
+                    continue;
+                };
+                b.region_start = start;
+                b.region_sectors = new;
+                if o.engine.extend_snapshot(id, new, &b, marker).is_ok() {
+                    o.auto_extending = Some((id, new));
+                    log::info!(
+                        "snapshot {}: {used}% used; auto-extending by {} MiB to {} MiB",
+                        o.snaps[si].name,
+                        grow / 2048,
+                        new / 2048
+                    );
+                }
+            }
+        }
+    }
+
     /// The half-merged origin on `disk` waiting for its merging store, if it is one.
     pub fn held(&self, disk: usize) -> Option<&discover::HeldOrigin> {
         self.held.iter().find(|h| h.disk == disk)
@@ -571,6 +671,8 @@ pub fn unplug(storage: &mut Storage) {
 /// Timer work of the storage layer (called every loop iteration): NVMe command deadlines
 /// are checked every 100 ms. Returns true when a controller has work to finish.
 pub fn housekeeping(storage: &mut Storage, now: u64) -> bool {
+    // Every iteration: an extension must start before a burst of writes fills the store.
+    storage.autoextend();
     if now < storage.next_housekeeping {
         return false;
     }

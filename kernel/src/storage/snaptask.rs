@@ -175,6 +175,7 @@ impl Task for CreateTask {
                             writable: self.spec.writable,
                             state: SnapState::Creating,
                             invalid: None,
+                            auto_blocked: false,
                         });
                         self.step = Step::WaitCreated(id);
                     }
@@ -391,6 +392,27 @@ pub enum Rebind {
     Rename(String),
     /// Writable or read-only.
     Writable(bool),
+    /// The auto-extend policy (`None`: off).
+    AutoExtend(Option<snapshot::format::AutoExtend>),
+}
+
+/// An auto-extend policy as the console shows it: `at 70% by 20%`, `at 80% by 64 MiB`, `off`.
+pub struct AutoText(pub Option<snapshot::format::AutoExtend>);
+
+impl fmt::Display for AutoText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            None => f.write_str("off"),
+            Some(p) => match p.by {
+                snapshot::format::ExtendBy::Percent(n) => {
+                    write!(f, "at {}% by {n}%", p.threshold)
+                }
+                snapshot::format::ExtendBy::Sectors(n) => {
+                    write!(f, "at {}% by {} KiB", p.threshold, n / 2)
+                }
+            },
+        }
+    }
 }
 
 /// `snapshot rename` and `snapshot set`: rewrite the binding in the store (one sector, so a
@@ -450,9 +472,14 @@ impl Task for RebindTask {
                     Rebind::Writable(false) => {
                         b.flags &= !snapshot::format::BINDING_FLAG_WRITABLE;
                     }
+                    Rebind::AutoExtend(_) => {}
                 }
                 o.rebound = None;
-                match o.engine.rewrite_binding(self.id, &b) {
+                let asked = match &self.change {
+                    Rebind::AutoExtend(p) => o.engine.set_autoextend(self.id, *p),
+                    _ => o.engine.rewrite_binding(self.id, &b),
+                };
+                match asked {
                     Ok(()) => self.step = 1,
                     Err(_) => {
                         self.error = Some("the snapshot is busy or no longer active");
@@ -480,6 +507,7 @@ impl Task for RebindTask {
                     match &self.change {
                         Rebind::Rename(new) => s.name = new.clone(),
                         Rebind::Writable(w) => s.writable = *w,
+                        Rebind::AutoExtend(_) => s.auto_blocked = false,
                     }
                 }
             }
@@ -518,6 +546,9 @@ impl Task for RebindTask {
             }
             (None, Rebind::Writable(false)) => {
                 writeln!(out, "snapshot {} is read-only", self.name)
+            }
+            (None, Rebind::AutoExtend(p)) => {
+                writeln!(out, "snapshot {}: auto-extend {}", self.name, AutoText(*p))
             }
         }
     }
@@ -605,7 +636,7 @@ impl Task for ExtendTask {
                 b.region_start = self.start;
                 b.region_sectors = self.sectors;
                 o.rebound = None;
-                match o.engine.extend_snapshot(self.id, self.sectors, &b) {
+                match o.engine.extend_snapshot(self.id, self.sectors, &b, None) {
                     Ok(()) => self.step = 2,
                     Err(_) => {
                         self.error = Some("the snapshot is busy, invalid or no longer active");

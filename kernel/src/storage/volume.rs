@@ -99,6 +99,8 @@ pub struct Snap {
     pub state: SnapState,
     /// Why it was invalidated.
     pub invalid: Option<InvalidReason>,
+    /// Auto-extend found no room the last time it was due (said once until it finds some).
+    pub auto_blocked: bool,
 }
 
 struct Held {
@@ -173,6 +175,8 @@ pub struct Origin {
     /// The outcome of the last binding rewrite (`snapshot rename`, `snapshot set`), for the
     /// task that asked for it.
     pub rebound: Option<(SnapId, bool)>,
+    /// An auto-extension under way: the snapshot and its new size.
+    pub auto_extending: Option<(SnapId, u64)>,
     /// Origin-device sectors per logical block.
     block_sectors: u64,
     /// When the running merge started (uptime ns) and how many chunks it had left then: the
@@ -267,6 +271,7 @@ impl Origin {
             merged_device_writes: 0,
             wipe_failed: None,
             rebound: None,
+            auto_extending: None,
             block_sectors,
             merge_clock: None,
             unmarked_alert: None,
@@ -1042,9 +1047,33 @@ impl Origin {
                     s.state = SnapState::Deleted;
                 }
             }
-            Event::BindingWritten { snap, ok } => {
-                self.rebound = Some((snap, ok));
-            }
+            Event::BindingWritten { snap, ok } => match self.auto_extending {
+                Some((id, sectors)) if id == snap => {
+                    self.auto_extending = None;
+                    let used = match self.engine.status(snap) {
+                        Some(snapshot::Status::Usage(u)) => {
+                            u.allocated_sectors * 100 / u.total_sectors.max(1)
+                        }
+                        _ => 0,
+                    };
+                    if let Some(s) = self.snap_by_id(snap) {
+                        if ok {
+                            s.cow_sectors = sectors;
+                            log::info!(
+                                "snapshot {}: auto-extended to {} MiB ({used}% used)",
+                                s.name,
+                                sectors / 2048
+                            );
+                        } else {
+                            log::warn!(
+                                    "snapshot {}: auto-extend failed (writing its binding); it keeps its size",
+                                    s.name
+                                );
+                        }
+                    }
+                }
+                _ => self.rebound = Some((snap, ok)),
+            },
             Event::MergeStarted { snap, resumed } => {
                 let left = self.engine.merge_progress().map_or(0, |p| p.chunks_left);
                 self.merge_clock = Some((crate::time::uptime_ns(), left));
