@@ -159,6 +159,15 @@ impl Boot {
         self
     }
 
+    /// Opens a QMP socket at `path` (see [`qmp`]) for monitor commands such as
+    /// `block_resize`.
+    pub fn qmp(self, path: &std::path::Path) -> Boot {
+        self.args([
+            "-qmp".to_string(),
+            format!("unix:{},server=on,wait=off", path.display()),
+        ])
+    }
+
     /// Attaches a raw image as a virtio-blk disk (`cache=none`, so guest writes reach the
     /// file and host writes are seen by the guest).
     pub fn virtio_disk(self, image: &std::path::Path, serial: &str) -> Boot {
@@ -655,6 +664,31 @@ pub fn xorshift_bytes(len: usize, seed: u64) -> Vec<u8> {
             x as u8
         })
         .collect()
+}
+
+/// Runs one QMP command (JSON text, e.g. `{"execute":"block_resize","arguments":{...}}`)
+/// on the socket a [`Boot::qmp`] QEMU listens on; returns QEMU's answer line.
+pub fn qmp(path: &std::path::Path, command: &str) -> String {
+    use std::io::BufRead;
+    let stream = std::os::unix::net::UnixStream::connect(path)
+        .unwrap_or_else(|e| panic!("QMP socket {}: {e}", path.display()));
+    stream.set_read_timeout(Some(TIMEOUT)).expect("QMP timeout");
+    let mut reader = std::io::BufReader::new(stream.try_clone().expect("QMP stream"));
+    let mut line = String::new();
+    reader.read_line(&mut line).expect("QMP greeting");
+    let mut w = stream;
+    for cmd in [r#"{"execute":"qmp_capabilities"}"#, command] {
+        writeln!(w, "{cmd}").expect("QMP write");
+        loop {
+            line.clear();
+            reader.read_line(&mut line).expect("QMP answer");
+            // Skip asynchronous events.
+            if line.contains("\"return\"") || line.contains("\"error\"") {
+                break;
+            }
+        }
+    }
+    line
 }
 
 /// Runs `qemu-io` (qemu-utils) on NBD export `export` at `127.0.0.1:port` with these `-c`

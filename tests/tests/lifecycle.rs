@@ -250,3 +250,62 @@ fn autoextend_keeps_a_filling_snapshot_alive_while_there_is_room() {
     );
     q.poweroff();
 }
+
+/// QEMU `block_resize` on the whole-device COW disk of a filling snapshot: the appliance
+/// takes the new capacity from the configuration interrupt, `snapshot extend` grows the
+/// store into it, writes go on past the old size, and a reboot finds the larger store.
+#[test]
+fn block_resize_grows_a_whole_device_store() {
+    let (o, c) = (
+        Image::new("life-resize-o", 32 * MIB),
+        Image::new("life-resize-c", 16 * MIB),
+    );
+    let before = tests::xorshift_bytes(32 * MIB as usize, 14);
+    o.write(0, &before);
+    let sock = std::env::temp_dir().join(format!("snapfw-qmp-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&sock);
+    let mut q = Boot::kernel("q35", "testing loglevel=info")
+        .virtio_disk(&o.path, "LIFE-O")
+        .virtio_disk(&c.path, "LIFE-C")
+        .qmp(&sock)
+        .start();
+    q.wait_prompt();
+    assert!(q
+        .command("snapshot create s1 vda vdb")
+        .contains("created snapshot s1"));
+    assert!(q
+        .command_timeout("write vda 0 24576 --seed 41", TIMEOUT * 2)
+        .contains("wrote"));
+    let out = q.command("snapshot extend s1 +16M");
+    assert!(
+        out.contains("error: no room on vdb after the store of s1: 0 MiB free"),
+        "{out}"
+    );
+    // vdb is the second -drive: id d4 (each disk adds four arguments before it).
+    let answer = tests::qmp(
+        &sock,
+        r#"{"execute":"block_resize","arguments":{"device":"d4","size":33554432}}"#,
+    );
+    assert!(answer.contains("\"return\""), "{answer}");
+    q.expect("vdb: capacity grew from 32768 to 65536 blocks", TIMEOUT);
+    q.settle(std::time::Duration::from_millis(200));
+    let out = q.command("snapshot extend s1 +16M");
+    assert!(out.contains("extended snapshot s1 to 32 MiB"), "{out}");
+    assert!(q
+        .command_timeout("write vda 24576 28672 --seed 42", TIMEOUT * 2)
+        .contains("wrote"));
+    let list = q.command("snapshot list");
+    assert!(
+        !list.contains("overflow") && list.contains("active"),
+        "{list}"
+    );
+    assert_eq!(q.checksum("s1"), tests::sha256_hex(&before));
+    q.poweroff();
+    let _ = std::fs::remove_file(&sock);
+
+    let mut q = boot(&o, &c);
+    let list = q.command("snapshot list --json");
+    assert!(list.contains(r#""cow_sectors":65536"#), "{list}");
+    assert_eq!(q.checksum("s1"), tests::sha256_hex(&before));
+    q.poweroff();
+}

@@ -273,8 +273,11 @@ impl<H: Hal, T: Transport> VirtioBlk<H, T> {
     }
 
     /// After a configuration-change interrupt: a device that needs a reset has failed
-    /// (virtio 1.2 §2.1.2); a capacity change is reported (not applied: the layers above size
-    /// their metadata at attach time).
+    /// (virtio 1.2 §2.1.2). A larger capacity (QEMU `block_resize`, a grown volume) is taken
+    /// at once: new requests may use it, and a whole-device COW store can be extended into
+    /// it (`snapshot extend`); an origin's volume keeps the size its engine was set up with.
+    /// A smaller one is reported, not applied: data the layers above placed past the new end
+    /// would be lost, and requests there fail at the device anyway.
     fn check_configuration(&mut self) {
         if self
             .transport
@@ -289,9 +292,15 @@ impl<H: Hal, T: Transport> VirtioBlk<H, T> {
         if let (Ok(Some(low)), Ok(Some(high))) = (low, high) {
             let sectors = u64::from(high) << 32 | u64::from(low);
             let blocks = sectors / (u64::from(self.geometry.block_size) / SECTOR_SIZE);
-            if blocks != self.geometry.capacity_blocks {
+            if blocks > self.geometry.capacity_blocks {
+                info!(
+                    "{}: capacity grew from {} to {} blocks",
+                    self.name, self.geometry.capacity_blocks, blocks
+                );
+                self.geometry.capacity_blocks = blocks;
+            } else if blocks < self.geometry.capacity_blocks {
                 warn!(
-                    "{}: capacity changed from {} to {} blocks (not applied)",
+                    "{}: capacity shrank from {} to {} blocks (not applied)",
                     self.name, self.geometry.capacity_blocks, blocks
                 );
             } else {

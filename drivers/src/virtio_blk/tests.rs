@@ -405,6 +405,25 @@ fn device_needing_reset_fails_on_config_interrupt() {
 }
 
 #[test]
+fn a_capacity_that_grows_is_taken_and_one_that_shrinks_is_not() {
+    let (mut blk, fake) = make(BASIC, VirtioBlkConfig::default());
+    let before = blk.geometry().capacity_blocks;
+    let set = |sectors: u64| fake.borrow_mut().config[..8].copy_from_slice(&sectors.to_le_bytes());
+    set(before * 2 + 8);
+    blk.interrupt(crate::msix::InterruptOwner::CONFIG_QUEUE);
+    assert_eq!(blk.geometry().capacity_blocks, before * 2 + 8);
+    assert_eq!(blk.info().geometry.unwrap().capacity_blocks, before * 2 + 8);
+    set(before);
+    blk.interrupt(crate::msix::InterruptOwner::CONFIG_QUEUE);
+    assert_eq!(
+        blk.geometry().capacity_blocks,
+        before * 2 + 8,
+        "a shrink is not applied"
+    );
+    assert!(matches!(blk.info().state, DeviceState::Online));
+}
+
+#[test]
 fn interrupts_are_counted() {
     let (mut blk, _) = make(BASIC, VirtioBlkConfig::default());
     blk.interrupt(0);

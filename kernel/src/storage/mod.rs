@@ -177,6 +177,15 @@ impl Storage {
         }
         // A half-merged origin waiting for its store, and the volumes on it.
         g.read_only |= self.held(self.disk_of(target)).is_some();
+        // A device that grew after its engine was set up: its volumes keep the engine's size.
+        if let Target::Volume { origin, .. } = target {
+            if let Some(o) = self.origins.get(origin) {
+                let block_sectors = u64::from((g.block_size / 512).max(1));
+                g.capacity_blocks = g
+                    .capacity_blocks
+                    .min(o.engine.config().origin_sectors / block_sectors);
+            }
+        }
         g
     }
 
