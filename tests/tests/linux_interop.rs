@@ -392,3 +392,54 @@ fn linux_adds_to_a_store_the_appliance_made_and_it_comes_back() {
     .expect("the host loads the store");
     assert_eq!(sha256_hex(&view), expected, "host view");
 }
+
+/// Issue 18: a store extended on the appliance (`snapshot extend`) is read by Linux over
+/// its new region (the README's dm-linear line with the larger length), with the
+/// appliance's checksum and `dmsetup status`.
+#[test]
+fn linux_reads_a_store_the_appliance_extended() {
+    let (a, c) = (
+        Image::new("lx4-origin", 16 * MIB),
+        Image::new("lx4-regions", 24 * MIB),
+    );
+    let before = tests::xorshift_bytes(16 * MIB as usize, 44);
+    a.write(0, &before);
+    let mut q = Boot::kernel("q35", "testing")
+        .virtio_disk(&a.path, "ORIGIN-X")
+        .virtio_disk(&c.path, "REGIONS-X")
+        .start();
+    q.wait_prompt();
+    let out = q.command("snapshot create e1 vda vdb:2048+16384");
+    assert!(out.contains("created snapshot e1"), "{out}");
+    assert!(q
+        .command_timeout("write vda 0 12288 --seed 45", TIMEOUT * 2)
+        .contains("wrote"));
+    let out = q.command("snapshot extend e1 +8M");
+    assert!(out.contains("extended snapshot e1 to 16 MiB"), "{out}");
+    assert!(q
+        .command_timeout("write vda 12288 10240 --seed 46", TIMEOUT * 2)
+        .contains("wrote"));
+    let sum = q.checksum("e1");
+    assert_eq!(sum, sha256_hex(&before));
+    let status = appliance_status(&mut q, "e1");
+    q.poweroff();
+
+    let mut q = boot_linux(&[(&a, "ORIGIN-X"), (&c, "REGIONS-X")]);
+    let size = "$(blockdev --getsz /dev/vda)";
+    linux(
+        &mut q,
+        "dmsetup create cowx --table \"0 32768 linear /dev/vdb 2048\"",
+    );
+    linux(
+        &mut q,
+        &format!(
+            "dmsetup create snapx --table \"0 {size} snapshot /dev/vda /dev/mapper/cowx P 8\""
+        ),
+    );
+    let lsum = linux_sha256(&mut q, "/dev/mapper/snapx");
+    let lstatus = linux_status(&mut q, "snapx");
+    linux(&mut q, "dmsetup remove snapx && dmsetup remove cowx");
+    linux_poweroff(q);
+    assert_eq!(lsum, sum, "Linux reads the extended store differently");
+    assert_eq!(lstatus, status, "dmsetup status differs");
+}
