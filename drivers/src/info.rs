@@ -255,23 +255,63 @@ impl DeviceInfo {
     }
 }
 
-/// Binary-prefixed size, e.g. `1.0 GiB`.
-struct Size(u64);
+/// A size with a binary prefix and one decimal, cut (not rounded) so it never overstates:
+/// `512 B`, `1.0 GiB`, `1023.9 KiB`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Size(pub u64);
 
 impl fmt::Display for Size {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+        const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
         let mut unit = 0;
-        let mut scaled = self.0 as f64;
-        while scaled >= 1024.0 && unit + 1 < UNITS.len() {
-            scaled /= 1024.0;
+        let mut div = 1u64;
+        while unit + 1 < UNITS.len() && self.0 / div >= 1024 {
+            div *= 1024;
             unit += 1;
         }
         if unit == 0 {
-            write!(f, "{} B", self.0)
-        } else {
-            write!(f, "{scaled:.1} {}", UNITS[unit])
+            return write!(f, "{} B", self.0);
         }
+        let tenths = u128::from(self.0 % div) * 10 / u128::from(div);
+        write!(f, "{}.{tenths} {}", self.0 / div, UNITS[unit])
+    }
+}
+
+impl Geometry {
+    /// Capacity in bytes (`u64::MAX` for a device that claims more).
+    pub fn capacity_bytes(&self) -> u64 {
+        self.capacity_blocks
+            .saturating_mul(u64::from(self.block_size))
+    }
+
+    /// The write cache as the console names it: `write-back` (volatile: writes are durable
+    /// after a flush) or `write-through`.
+    pub fn cache_mode(&self) -> &'static str {
+        if self.volatile_write_cache {
+            "write-back"
+        } else {
+            "write-through"
+        }
+    }
+}
+
+impl fmt::Display for Geometry {
+    /// The geometry as the console shows it on one line: size, blocks × block size, queues ×
+    /// depth, write cache, then `fua`, `discard`, `ro` where they apply.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} ({} x {} B) queues={}x{} cache={}{}{}{}",
+            Size(self.capacity_bytes()),
+            self.capacity_blocks,
+            self.block_size,
+            self.queue_count,
+            self.queue_depth,
+            self.cache_mode(),
+            if self.fua { " fua" } else { "" },
+            if self.discard { " discard" } else { "" },
+            if self.read_only { " ro" } else { "" },
+        )
     }
 }
 
@@ -299,23 +339,7 @@ impl fmt::Display for DeviceInfo {
             }
         }
         if let Some(g) = &self.geometry {
-            write!(
-                f,
-                " {} ({} x {} B) queues={}x{} cache={}{}{}{}",
-                Size(g.capacity_blocks.saturating_mul(u64::from(g.block_size))),
-                g.capacity_blocks,
-                g.block_size,
-                g.queue_count,
-                g.queue_depth,
-                if g.volatile_write_cache {
-                    "write-back"
-                } else {
-                    "write-through"
-                },
-                if g.fua { " fua" } else { "" },
-                if g.discard { " discard" } else { "" },
-                if g.read_only { " ro" } else { "" },
-            )?;
+            write!(f, " {g}")?;
         }
         if self.vector_count > 0 {
             write!(f, " msix=")?;
@@ -374,6 +398,46 @@ mod tests {
             "x".repeat(200)
         ));
         assert_eq!(r.as_str().len(), 96);
+    }
+
+    #[test]
+    fn sizes_are_cut_to_one_decimal() {
+        for (bytes, text) in [
+            (0, "0 B"),
+            (1023, "1023 B"),
+            (1024, "1.0 KiB"),
+            (1024 * 1024 - 1, "1023.9 KiB"),
+            (64 << 20, "64.0 MiB"),
+            ((3 << 30) + (1 << 29), "3.5 GiB"),
+            (u64::MAX, "15.9 EiB"),
+        ] {
+            assert_eq!(Size(bytes).to_string(), text, "{bytes}");
+        }
+    }
+
+    #[test]
+    fn geometry_line_and_capacity() {
+        let mut g = Geometry {
+            block_size: 4096,
+            capacity_blocks: 16384,
+            max_transfer_bytes: 1 << 19,
+            queue_count: 2,
+            queue_depth: 128,
+            volatile_write_cache: false,
+            fua: true,
+            discard: false,
+            max_discard_blocks: 0,
+            read_only: true,
+        };
+        assert_eq!(
+            g.to_string(),
+            "64.0 MiB (16384 x 4096 B) queues=2x128 cache=write-through fua ro"
+        );
+        assert_eq!(g.capacity_bytes(), 64 << 20);
+        g.capacity_blocks = u64::MAX / 512;
+        assert_eq!(g.capacity_bytes(), u64::MAX, "saturates, does not wrap");
+        g.volatile_write_cache = true;
+        assert_eq!(g.cache_mode(), "write-back");
     }
 
     #[test]

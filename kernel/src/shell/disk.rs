@@ -338,7 +338,6 @@ fn devices(st: &Storage, json_out: bool, out: &mut Out) {
     );
     for i in infos {
         let Some(g) = i.geometry else { continue };
-        let bytes = g.capacity_blocks * u64::from(g.block_size);
         let mut vectors = crate::util::stackstr::StackStr::<32>::new();
         for (n, v) in i.vectors().iter().enumerate() {
             let _ = write!(vectors, "{}{v:#x}", if n > 0 { "," } else { "" });
@@ -354,15 +353,11 @@ fn devices(st: &Storage, json_out: bool, out: &mut Out) {
             } else {
                 i.serial.as_str()
             },
-            bytes >> 20,
+            g.capacity_bytes() >> 20,
             g.block_size,
             g.queue_count,
             g.queue_depth,
-            if g.volatile_write_cache {
-                "write-back"
-            } else {
-                "write-through"
-            },
+            g.cache_mode(),
             vectors.as_str(),
             s.reads,
             s.writes,
@@ -419,10 +414,7 @@ fn device_json(d: &mut json::ObjectWriter<'_>, i: &DeviceInfo) {
     if let Some(g) = i.geometry {
         d.u64("block_size", u64::from(g.block_size));
         d.u64("capacity_blocks", g.capacity_blocks);
-        d.u64(
-            "capacity_bytes",
-            g.capacity_blocks * u64::from(g.block_size),
-        );
+        d.u64("capacity_bytes", g.capacity_bytes());
         d.u64("max_transfer_bytes", u64::from(g.max_transfer_bytes));
         d.u64("queues", u64::from(g.queue_count));
         d.u64("queue_depth", u64::from(g.queue_depth));
