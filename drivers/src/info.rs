@@ -140,6 +140,29 @@ pub enum DeviceState {
     Failed(Reason),
 }
 
+impl DeviceState {
+    /// The state's one word: `online`, `init-failed` or `failed` (`--json`'s `state`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            DeviceState::Online => "online",
+            DeviceState::InitFailed(_) => "init-failed",
+            DeviceState::Failed(_) => "failed",
+        }
+    }
+}
+
+impl fmt::Display for DeviceState {
+    /// The name, then the reason of a failure: `failed: queue 0 refused MSI-X vector`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceState::Online => f.write_str(self.name()),
+            DeviceState::InitFailed(why) | DeviceState::Failed(why) => {
+                write!(f, "{}: {why}", self.name())
+            }
+        }
+    }
+}
+
 /// What identifies an NVMe namespace beyond its controller's serial number (NVMe Base 2.0
 /// §4.5 "Namespace identification"): the namespace ID, and the globally unique identifiers
 /// from Identify Namespace when the device reports them.
@@ -353,11 +376,7 @@ impl fmt::Display for DeviceInfo {
             " reads={} writes={} flushes={} discards={} errors={} irqs={} inflight={}",
             s.reads, s.writes, s.flushes, s.discards, s.errors, s.interrupts, self.in_flight
         )?;
-        match &self.state {
-            DeviceState::Online => write!(f, " online"),
-            DeviceState::InitFailed(why) => write!(f, " init-failed: {why}"),
-            DeviceState::Failed(why) => write!(f, " failed: {why}"),
-        }
+        write!(f, " {}", self.state)
     }
 }
 
@@ -475,5 +494,12 @@ mod tests {
         assert!(failed
             .to_string()
             .ends_with("init-failed: queue 0 refused MSI-X vector"));
+        assert_eq!(failed.state.name(), "init-failed");
+        let broken = DeviceState::Failed(reason(format_args!("device failed")));
+        assert_eq!(
+            (broken.name(), broken.to_string().as_str()),
+            ("failed", "failed: device failed")
+        );
+        assert_eq!(DeviceState::Online.to_string(), "online");
     }
 }

@@ -400,14 +400,7 @@ fn device_json(d: &mut json::ObjectWriter<'_>, i: &DeviceInfo) {
             None => d.null("eui64"),
         };
     }
-    d.str(
-        "state",
-        match i.state {
-            DeviceState::Online => "online",
-            DeviceState::Failed(_) => "failed",
-            DeviceState::InitFailed(_) => "init-failed",
-        },
-    );
+    d.str("state", i.state.name());
     if !matches!(i.state, DeviceState::Online) {
         d.str("reason", state_name(i));
     }
@@ -463,12 +456,5 @@ fn controller_json(o: &mut json::ObjectWriter<'_>, c: &drivers::nvme::Controller
     );
     o.bool("deallocate", c.deallocate);
     o.u64("namespaces", u64::from(c.namespaces));
-    o.str(
-        "state",
-        match c.state {
-            DeviceState::Online => "online",
-            DeviceState::Failed(_) => "failed",
-            DeviceState::InitFailed(_) => "init-failed",
-        },
-    );
+    o.str("state", c.state.name());
 }
