@@ -9,7 +9,8 @@ use crate::hal::PciAddress;
 use core::fmt;
 
 /// A string of at most `N` bytes stored inline; longer input is truncated at a character
-/// boundary.
+/// boundary. Also what the kernel formats console lines into where the heap must not be used
+/// (`write!` into it; text past the capacity is dropped).
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct FixedString<const N: usize> {
     bytes: [u8; N],
@@ -417,6 +418,14 @@ mod tests {
             "x".repeat(200)
         ));
         assert_eq!(r.as_str().len(), 96);
+        // Formatting into one: what does not fit is dropped, whole characters only.
+        use core::fmt::Write;
+        let mut line = FixedString::<5>::new();
+        let accent = 'é';
+        write!(line, "abcd{accent}").unwrap();
+        assert_eq!(line.as_str(), "abcd");
+        write!(line, "{}", 1).unwrap();
+        assert_eq!(line.as_str(), "abcd1");
     }
 
     #[test]

@@ -338,7 +338,7 @@ fn devices(st: &Storage, json_out: bool, out: &mut Out) {
     );
     for i in infos {
         let Some(g) = i.geometry else { continue };
-        let mut vectors = crate::util::stackstr::StackStr::<32>::new();
+        let mut vectors = drivers::info::FixedString::<32>::new();
         for (n, v) in i.vectors().iter().enumerate() {
             let _ = write!(vectors, "{}{v:#x}", if n > 0 { "," } else { "" });
         }
