@@ -18,6 +18,7 @@ use nbd::{
     Backend, BackendOp, ExportCatalog, ExportId, ExportInfo, ExportName, IoBuffer, NbdError, Peer,
     RequestId, Roles, Route, Server, ServerConfig, SocketError, Sockets, SubmitError,
 };
+use tests::json_u64;
 
 const MIB: usize = 1 << 20;
 
@@ -477,18 +478,6 @@ fn ok(program: &str, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{program} {args:?} failed:\n{text}");
     text
-}
-
-/// The value of `"key": N` in nbdinfo's JSON.
-fn json_u64(json: &str, key: &str) -> u64 {
-    let pat = format!("\"{key}\": ");
-    let at = json.find(&pat).unwrap_or_else(|| panic!("{key} in {json}")) + pat.len();
-    json[at..]
-        .chars()
-        .take_while(|c| c.is_ascii_digit())
-        .collect::<String>()
-        .parse()
-        .unwrap()
 }
 
 #[test]
