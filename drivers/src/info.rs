@@ -9,7 +9,8 @@ use crate::hal::PciAddress;
 use core::fmt;
 
 /// A string of at most `N` bytes stored inline; longer input is truncated at a character
-/// boundary.
+/// boundary. Also what the kernel formats console lines into where the heap must not be used
+/// (`write!` into it; text past the capacity is dropped).
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct FixedString<const N: usize> {
     bytes: [u8; N],
@@ -140,6 +141,29 @@ pub enum DeviceState {
     Failed(Reason),
 }
 
+impl DeviceState {
+    /// The state's one word: `online`, `init-failed` or `failed` (`--json`'s `state`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            DeviceState::Online => "online",
+            DeviceState::InitFailed(_) => "init-failed",
+            DeviceState::Failed(_) => "failed",
+        }
+    }
+}
+
+impl fmt::Display for DeviceState {
+    /// The name, then the reason of a failure: `failed: queue 0 refused MSI-X vector`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceState::Online => f.write_str(self.name()),
+            DeviceState::InitFailed(why) | DeviceState::Failed(why) => {
+                write!(f, "{}: {why}", self.name())
+            }
+        }
+    }
+}
+
 /// What identifies an NVMe namespace beyond its controller's serial number (NVMe Base 2.0
 /// §4.5 "Namespace identification"): the namespace ID, and the globally unique identifiers
 /// from Identify Namespace when the device reports them.
@@ -255,23 +279,63 @@ impl DeviceInfo {
     }
 }
 
-/// Binary-prefixed size, e.g. `1.0 GiB`.
-struct Size(u64);
+/// A size with a binary prefix and one decimal, cut (not rounded) so it never overstates:
+/// `512 B`, `1.0 GiB`, `1023.9 KiB`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Size(pub u64);
 
 impl fmt::Display for Size {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+        const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
         let mut unit = 0;
-        let mut scaled = self.0 as f64;
-        while scaled >= 1024.0 && unit + 1 < UNITS.len() {
-            scaled /= 1024.0;
+        let mut div = 1u64;
+        while unit + 1 < UNITS.len() && self.0 / div >= 1024 {
+            div *= 1024;
             unit += 1;
         }
         if unit == 0 {
-            write!(f, "{} B", self.0)
-        } else {
-            write!(f, "{scaled:.1} {}", UNITS[unit])
+            return write!(f, "{} B", self.0);
         }
+        let tenths = u128::from(self.0 % div) * 10 / u128::from(div);
+        write!(f, "{}.{tenths} {}", self.0 / div, UNITS[unit])
+    }
+}
+
+impl Geometry {
+    /// Capacity in bytes (`u64::MAX` for a device that claims more).
+    pub fn capacity_bytes(&self) -> u64 {
+        self.capacity_blocks
+            .saturating_mul(u64::from(self.block_size))
+    }
+
+    /// The write cache as the console names it: `write-back` (volatile: writes are durable
+    /// after a flush) or `write-through`.
+    pub fn cache_mode(&self) -> &'static str {
+        if self.volatile_write_cache {
+            "write-back"
+        } else {
+            "write-through"
+        }
+    }
+}
+
+impl fmt::Display for Geometry {
+    /// The geometry as the console shows it on one line: size, blocks × block size, queues ×
+    /// depth, write cache, then `fua`, `discard`, `ro` where they apply.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} ({} x {} B) queues={}x{} cache={}{}{}{}",
+            Size(self.capacity_bytes()),
+            self.capacity_blocks,
+            self.block_size,
+            self.queue_count,
+            self.queue_depth,
+            self.cache_mode(),
+            if self.fua { " fua" } else { "" },
+            if self.discard { " discard" } else { "" },
+            if self.read_only { " ro" } else { "" },
+        )
     }
 }
 
@@ -299,23 +363,7 @@ impl fmt::Display for DeviceInfo {
             }
         }
         if let Some(g) = &self.geometry {
-            write!(
-                f,
-                " {} ({} x {} B) queues={}x{} cache={}{}{}{}",
-                Size(g.capacity_blocks.saturating_mul(u64::from(g.block_size))),
-                g.capacity_blocks,
-                g.block_size,
-                g.queue_count,
-                g.queue_depth,
-                if g.volatile_write_cache {
-                    "write-back"
-                } else {
-                    "write-through"
-                },
-                if g.fua { " fua" } else { "" },
-                if g.discard { " discard" } else { "" },
-                if g.read_only { " ro" } else { "" },
-            )?;
+            write!(f, " {g}")?;
         }
         if self.vector_count > 0 {
             write!(f, " msix=")?;
@@ -329,11 +377,7 @@ impl fmt::Display for DeviceInfo {
             " reads={} writes={} flushes={} discards={} errors={} irqs={} inflight={}",
             s.reads, s.writes, s.flushes, s.discards, s.errors, s.interrupts, self.in_flight
         )?;
-        match &self.state {
-            DeviceState::Online => write!(f, " online"),
-            DeviceState::InitFailed(why) => write!(f, " init-failed: {why}"),
-            DeviceState::Failed(why) => write!(f, " failed: {why}"),
-        }
+        write!(f, " {}", self.state)
     }
 }
 
@@ -374,6 +418,54 @@ mod tests {
             "x".repeat(200)
         ));
         assert_eq!(r.as_str().len(), 96);
+        // Formatting into one: what does not fit is dropped, whole characters only.
+        use core::fmt::Write;
+        let mut line = FixedString::<5>::new();
+        let accent = 'é';
+        write!(line, "abcd{accent}").unwrap();
+        assert_eq!(line.as_str(), "abcd");
+        write!(line, "{}", 1).unwrap();
+        assert_eq!(line.as_str(), "abcd1");
+    }
+
+    #[test]
+    fn sizes_are_cut_to_one_decimal() {
+        for (bytes, text) in [
+            (0, "0 B"),
+            (1023, "1023 B"),
+            (1024, "1.0 KiB"),
+            (1024 * 1024 - 1, "1023.9 KiB"),
+            (64 << 20, "64.0 MiB"),
+            ((3 << 30) + (1 << 29), "3.5 GiB"),
+            (u64::MAX, "15.9 EiB"),
+        ] {
+            assert_eq!(Size(bytes).to_string(), text, "{bytes}");
+        }
+    }
+
+    #[test]
+    fn geometry_line_and_capacity() {
+        let mut g = Geometry {
+            block_size: 4096,
+            capacity_blocks: 16384,
+            max_transfer_bytes: 1 << 19,
+            queue_count: 2,
+            queue_depth: 128,
+            volatile_write_cache: false,
+            fua: true,
+            discard: false,
+            max_discard_blocks: 0,
+            read_only: true,
+        };
+        assert_eq!(
+            g.to_string(),
+            "64.0 MiB (16384 x 4096 B) queues=2x128 cache=write-through fua ro"
+        );
+        assert_eq!(g.capacity_bytes(), 64 << 20);
+        g.capacity_blocks = u64::MAX / 512;
+        assert_eq!(g.capacity_bytes(), u64::MAX, "saturates, does not wrap");
+        g.volatile_write_cache = true;
+        assert_eq!(g.cache_mode(), "write-back");
     }
 
     #[test]
@@ -411,5 +503,12 @@ mod tests {
         assert!(failed
             .to_string()
             .ends_with("init-failed: queue 0 refused MSI-X vector"));
+        assert_eq!(failed.state.name(), "init-failed");
+        let broken = DeviceState::Failed(reason(format_args!("device failed")));
+        assert_eq!(
+            (broken.name(), broken.to_string().as_str()),
+            ("failed", "failed: device failed")
+        );
+        assert_eq!(DeviceState::Online.to_string(), "online");
     }
 }

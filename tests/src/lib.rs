@@ -609,6 +609,21 @@ pub fn result_line(out: &str) -> &str {
     out.rsplit("\x1b[K").next().unwrap_or(out).trim()
 }
 
+/// The number after the first `"key":` in `json` (the console's compact JSON, or a client's
+/// with a space after the colon); panics, showing `json`, where there is none.
+pub fn json_u64(json: &str, key: &str) -> u64 {
+    let pat = format!("\"{key}\":");
+    json.find(&pat)
+        .map(|at| json[at + pat.len()..].trim_start())
+        .and_then(|rest| {
+            let end = rest
+                .find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(rest.len());
+            rest[..end].parse().ok()
+        })
+        .unwrap_or_else(|| panic!("no number for {key} in {json}"))
+}
+
 /// A TCP port on 127.0.0.1 that was free a moment ago (for QEMU's `hostfwd`).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -726,7 +741,20 @@ fn qemu_io_with(port: u16, export: &str, flags: &[&str], commands: &[&str]) -> (
 
 #[cfg(test)]
 mod tests {
-    use super::find_shown;
+    use super::{find_shown, json_u64};
+
+    #[test]
+    fn json_numbers_are_found_with_or_without_a_space() {
+        assert_eq!(json_u64(r#"{"a":{"used":12},"used":3}"#, "used"), 12);
+        assert_eq!(
+            json_u64(r#"{ "export-size": 4194304, "x": 1 }"#, "export-size"),
+            4194304
+        );
+        assert_eq!(json_u64(r#"{"n":7}"#, "n"), 7);
+        let missing = std::panic::catch_unwind(|| json_u64(r#"{"n":"7"}"#, "n"));
+        assert!(missing.is_err(), "a string is not a number");
+        assert!(std::panic::catch_unwind(|| json_u64("{}", "n")).is_err());
+    }
 
     /// What the line editor printed for `cmdline` + Enter with a log line arriving while it
     /// was typed (captured from `kernel::console::editor`): the echo is found after the log

@@ -2,7 +2,7 @@
 //! image files on the host, the benchmark, the interrupt-driven path, the allocation guard,
 //! and every bad-input case.
 
-use tests::{sha256_hex, Boot, Image, Qemu, TIMEOUT};
+use tests::{json_u64, sha256_hex, Boot, Image, Qemu, TIMEOUT};
 
 const MIB: u64 = 1 << 20;
 
@@ -13,21 +13,6 @@ fn boot_two_disks(a: &Image, b: &Image) -> Qemu {
         .start();
     q.wait_prompt();
     q
-}
-
-/// The value of `"key":N` in a JSON line.
-fn json_u64(json: &str, key: &str) -> u64 {
-    let pat = format!("\"{key}\":");
-    let at = json
-        .find(&pat)
-        .unwrap_or_else(|| panic!("{key} missing in {json}"))
-        + pat.len();
-    json[at..]
-        .chars()
-        .take_while(|c| c.is_ascii_digit())
-        .collect::<String>()
-        .parse()
-        .unwrap()
 }
 
 #[test]

@@ -1,8 +1,8 @@
 //! The NBD server against real clients: the appliance's server (`nbd::Server`: accept and
 //! allow-list, handshake, chunking into pool buffers, device requests, completions out of
 //! order, back-pressure, closing) runs on the host over std's TCP sockets (its `Sockets`)
-//! and in-memory disks (its `Backend`), and `nbdinfo` (libnbd), `nbdcopy`, `qemu-img` and
-//! `qemu-io` talk to it. This checks interoperability of the handshake (GO with block sizes,
+//! and the server tests' fake volumes (`nbd::fake`, with three devices, as its `Backend`),
+//! and `nbdinfo` (libnbd), `nbdcopy`, `qemu-img` and `qemu-io` talk to it. This checks interoperability of the handshake (GO with block sizes,
 //! LIST, structured replies refused) and of the transmission phase, byte for byte. Needs
 //! qemu-utils and libnbd-bin on the host.
 
@@ -10,76 +10,49 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 
-use nbd::route::{DeviceRole, SnapRole};
-use nbd::{
-    Backend, BackendOp, ExportCatalog, ExportId, ExportInfo, ExportName, IoBuffer, NbdError, Peer,
-    RequestId, Roles, Route, Server, ServerConfig, SocketError, Sockets, SubmitError,
-};
+use nbd::fake::{Buf, Fake};
+use nbd::{NbdError, Peer, Server, ServerConfig, SocketError, Sockets};
+use tests::json_u64;
 
 const MIB: usize = 1 << 20;
 
-struct Disk {
-    name: &'static str,
-    info: ExportInfo,
-    data: Vec<u8>,
-    flushes: usize,
-}
+/// The volumes' pool: 48 buffers of 32 KiB (so large requests are cut into chunks).
+const BUFFERS: usize = 48;
+const CHUNK: usize = 32 * 1024;
+/// Device requests in flight at once; they complete a loop turn later.
+const QUEUE_DEPTH: usize = 8;
 
+/// The server's volumes, shared with the test that reads what the clients did to them.
 #[derive(Clone)]
-struct Disks(Arc<Mutex<Vec<Disk>>>);
+struct Disks(Arc<Mutex<Fake>>);
 
-impl ExportCatalog for Disks {
-    fn lookup(&self, name: &str) -> Option<ExportInfo> {
-        let disks = self.0.lock().unwrap();
-        disks.iter().find(|d| d.name == name).map(|d| d.info)
-    }
-    fn name(&self, index: usize) -> Option<ExportName> {
-        let disks = self.0.lock().unwrap();
-        disks
-            .get(index)
-            .map(|d| ExportName::from_str_truncated(d.name))
-    }
-    fn description(&self, export: &ExportInfo) -> Option<ExportName> {
-        let disk = ExportId::from_handle(export.handle)?.disk();
-        Some(ExportName::from_str_truncated(&format!("test disk {disk}")))
+impl Disks {
+    fn lock(&self) -> MutexGuard<'_, Fake> {
+        // A panic in the server's thread is reported by `TestServer::check`.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
+/// `vda` (8 MiB, 512-byte blocks) and `nvme0n1` (4 MiB, 4096-byte blocks) with a pattern,
+/// and `snap1` (2 MiB of 0x5a, read-only); each described as `test disk N`.
 fn disks() -> Disks {
     let pattern = |n: usize| (0..n).map(|i| (i * 31 % 251) as u8).collect::<Vec<_>>();
-    let info = |disk, size: usize, block_size, read_only| ExportInfo {
-        handle: ExportId::Device { disk }.handle(),
-        size: size as u64,
-        block_size,
-        read_only,
-        flush: true,
-        fua: true,
-        trim: !read_only,
-        max_payload: 0,
-    };
-    Disks(Arc::new(Mutex::new(vec![
-        Disk {
-            name: "vda",
-            info: info(0, 8 * MIB, 512, false),
-            data: pattern(8 * MIB),
-            flushes: 0,
-        },
-        Disk {
-            name: "nvme0n1",
-            info: info(1, 4 * MIB, 4096, false),
-            data: pattern(4 * MIB),
-            flushes: 0,
-        },
-        Disk {
-            name: "snap1",
-            info: info(2, 2 * MIB, 512, true),
-            data: vec![0x5a; 2 * MIB],
-            flushes: 0,
-        },
-    ])))
+    let mut fake = Fake::without_devices(BUFFERS, QUEUE_DEPTH, CHUNK);
+    for (i, (name, bytes, block_size, read_only)) in [
+        ("vda", pattern(8 * MIB), 512, false),
+        ("nvme0n1", pattern(4 * MIB), 4096, false),
+        ("snap1", vec![0x5a; 2 * MIB], 512, true),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        fake.add_device(name, &bytes, block_size, read_only)
+            .description = Some(format!("test disk {i}"));
+    }
+    Disks(Arc::new(Mutex::new(fake)))
 }
 
 /// A test server: its port, and what it reports.
@@ -284,8 +257,12 @@ impl Sockets for StdSockets {
     }
 }
 
-/// Serves connections until the test process ends.
+/// Serves connections until the test process ends; every export's payload held to
+/// `max_payload` bytes.
 fn serve(disks: Disks, max_payload: u32) -> TestServer {
+    for d in &mut disks.lock().devices {
+        d.info.max_payload = max_payload;
+    }
     let _ = log::set_logger(&LOGGER);
     log::set_max_level(log::LevelFilter::Warn);
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -298,13 +275,7 @@ fn serve(disks: Disks, max_payload: u32) -> TestServer {
             listener,
             conns: Vec::new(),
         };
-        let mut backend = HostBackend {
-            disks,
-            free: (0..BUFFERS).map(|_| HostBuf::new(HOST_CHUNK)).collect(),
-            queue: Vec::new(),
-            max_payload,
-        };
-        let mut server: Server<HostBuf, usize> = Server::new(ServerConfig {
+        let mut server: Server<Buf, usize> = Server::new(ServerConfig {
             port,
             allow: None,
             idle_ns: None,
@@ -312,20 +283,27 @@ fn serve(disks: Disks, max_payload: u32) -> TestServer {
         let start = std::time::Instant::now();
         loop {
             let now = start.elapsed().as_nanos() as u64;
-            // One turn of the appliance's loop: completions, resubmission, the network.
-            let mut progressed = backend.run_queue(&mut server);
-            server.step(&mut backend);
+            // One turn of the appliance's loop: completions (the newest first, to reorder
+            // them), resubmission, the network.
+            let mut fake = disks.lock();
+            let mut progressed = !fake.in_flight.is_empty();
+            while let Some((id, result, buffer)) = fake.finish_newest() {
+                let free = &mut fake.free;
+                server.complete(id, result, buffer, &mut |b| free.push(b));
+            }
+            server.step(&mut *fake);
             progressed |= sockets.fill();
             server.poll_connections(&mut sockets, now);
-            server.poll_io(&mut sockets, &mut backend, now);
+            server.poll_io(&mut sockets, &mut *fake, now);
             let sessions = server.connections();
-            if sessions == 0 && backend.queue.is_empty() && backend.free.len() != BUFFERS {
+            if sessions == 0 && fake.in_flight.is_empty() && fake.free.len() != fake.total {
                 shared
                     .errors
                     .lock()
                     .unwrap()
-                    .push(format!("{} buffers not back", BUFFERS - backend.free.len()));
+                    .push(format!("{} buffers not back", fake.total - fake.free.len()));
             }
+            drop(fake);
             shared
                 .errors
                 .lock()
@@ -343,125 +321,6 @@ fn serve(disks: Disks, max_payload: u32) -> TestServer {
     TestServer { port, state }
 }
 
-/// A pool buffer of the host backend (the session tests' fake buffer, of `HOST_CHUNK` bytes).
-type HostBuf = nbd::fake::Buf;
-
-/// The volumes on the host: a pool of 32 KiB buffers (so large requests are cut into
-/// chunks), a queue of depth 8 whose requests complete a loop turn later, the disks.
-struct HostBackend {
-    disks: Disks,
-    free: Vec<HostBuf>,
-    queue: Vec<(RequestId, u64, BackendOp, Option<HostBuf>)>,
-    max_payload: u32,
-}
-
-const HOST_CHUNK: usize = 32 * 1024;
-const BUFFERS: usize = 48;
-
-impl ExportCatalog for HostBackend {
-    fn lookup(&self, name: &str) -> Option<ExportInfo> {
-        self.disks.lookup(name).map(|mut e| {
-            e.max_payload = self.max_payload;
-            e
-        })
-    }
-    fn name(&self, index: usize) -> Option<ExportName> {
-        self.disks.name(index)
-    }
-    fn description(&self, export: &ExportInfo) -> Option<ExportName> {
-        self.disks.description(export)
-    }
-}
-
-impl Roles for HostBackend {
-    fn device_role(&self, disk: usize) -> DeviceRole {
-        if disk < self.disks.0.lock().unwrap().len() {
-            DeviceRole::Plain
-        } else {
-            DeviceRole::Missing
-        }
-    }
-    fn snapshot_role(&self, _: u32) -> Option<SnapRole> {
-        None
-    }
-}
-
-impl Backend for HostBackend {
-    type Buf = HostBuf;
-    fn chunk_bytes(&self, _: u64) -> usize {
-        HOST_CHUNK
-    }
-    fn max_discard_bytes(&mut self, _: u64, _: Route) -> u64 {
-        1 << 30
-    }
-    fn available(&mut self, _: u64) -> usize {
-        self.free.len()
-    }
-    fn acquire(&mut self, _: u64) -> Option<HostBuf> {
-        let mut b = self.free.pop()?;
-        b.set_len(HOST_CHUNK);
-        Some(b)
-    }
-    fn release(&mut self, _: u64, b: HostBuf) {
-        self.free.push(b);
-    }
-    fn submit(
-        &mut self,
-        export: u64,
-        to: Route,
-        id: RequestId,
-        op: BackendOp,
-        buffer: Option<HostBuf>,
-    ) -> Result<(), (SubmitError, Option<HostBuf>)> {
-        assert_eq!(
-            Some(to),
-            ExportId::from_handle(export).map(|e| Route::Device(e.disk()))
-        );
-        if self.queue.len() >= 8 {
-            return Err((SubmitError::Busy, buffer));
-        }
-        self.queue.push((id, export, op, buffer));
-        Ok(())
-    }
-    fn volume_name(&self, export: u64) -> Option<ExportName> {
-        let disk = ExportId::from_handle(export)?.disk();
-        let disks = self.disks.0.lock().unwrap();
-        disks
-            .get(disk)
-            .map(|d| ExportName::from_str_truncated(d.name))
-    }
-}
-
-impl HostBackend {
-    /// Runs the queued device requests on the disks and completes them (last in, first
-    /// out, to reorder them); true if there were any.
-    fn run_queue(&mut self, server: &mut Server<HostBuf, usize>) -> bool {
-        let any = !self.queue.is_empty();
-        while let Some((id, export, op, mut buffer)) = self.queue.pop() {
-            let disk = ExportId::from_handle(export).unwrap().disk();
-            let mut disks = self.disks.0.lock().unwrap();
-            let disk = &mut disks[disk];
-            match (op, buffer.as_mut()) {
-                (BackendOp::Read { offset }, Some(b)) => {
-                    let o = offset as usize;
-                    let n = b.bytes().len();
-                    b.bytes_mut().copy_from_slice(&disk.data[o..o + n]);
-                }
-                (BackendOp::Write { offset, .. }, Some(b)) => {
-                    let o = offset as usize;
-                    disk.data[o..o + b.bytes().len()].copy_from_slice(b.bytes());
-                }
-                (BackendOp::Flush, _) => disk.flushes += 1,
-                _ => {}
-            }
-            drop(disks);
-            let free = &mut self.free;
-            server.complete(id, Ok(()), buffer, &mut |b| free.push(b));
-        }
-        any
-    }
-}
-
 fn run(program: &str, args: &[&str]) -> Output {
     Command::new(program)
         .args(args)
@@ -477,18 +336,6 @@ fn ok(program: &str, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{program} {args:?} failed:\n{text}");
     text
-}
-
-/// The value of `"key": N` in nbdinfo's JSON.
-fn json_u64(json: &str, key: &str) -> u64 {
-    let pat = format!("\"{key}\": ");
-    let at = json.find(&pat).unwrap_or_else(|| panic!("{key} in {json}")) + pat.len();
-    json[at..]
-        .chars()
-        .take_while(|c| c.is_ascii_digit())
-        .collect::<String>()
-        .parse()
-        .unwrap()
 }
 
 #[test]
@@ -565,18 +412,13 @@ fn qemu_io_writes_reads_and_flushes() {
         ],
     );
     assert!(!text.contains("Pattern verification failed"), "{text}");
-    let disks = d.0.lock().unwrap();
-    let vda = &disks[0];
-    assert!(vda.data[4096..4096 + 65536].iter().all(|&b| b == 0xab));
-    assert!(vda.data[MIB..MIB + 1536 * 1024].iter().all(|&b| b == 0xcd));
-    assert_eq!(
-        vda.data[4095],
-        (4095 * 31 % 251) as u8,
-        "bytes around untouched"
-    );
-    assert!(vda.flushes >= 1);
-    drop(disks);
     server.check();
+    let fake = d.lock();
+    let vda = fake.device_bytes("vda");
+    assert!(vda[4096..4096 + 65536].iter().all(|&b| b == 0xab));
+    assert!(vda[MIB..MIB + 1536 * 1024].iter().all(|&b| b == 0xcd));
+    assert_eq!(vda[4095], (4095 * 31 % 251) as u8, "bytes around untouched");
+    assert!(fake.flushes >= 1);
 }
 
 #[test]
@@ -612,7 +454,7 @@ fn nbdcopy_and_qemu_img_read_whole_exports() {
             copy.to_str().unwrap(),
         ],
     );
-    assert!(std::fs::read(&copy).unwrap() == d.0.lock().unwrap()[0].data);
+    assert!(std::fs::read(&copy).unwrap() == d.lock().device_bytes("vda"));
     let converted = dir.join("nvme.raw");
     ok(
         "qemu-img",
@@ -626,7 +468,7 @@ fn nbdcopy_and_qemu_img_read_whole_exports() {
             converted.to_str().unwrap(),
         ],
     );
-    assert!(std::fs::read(&converted).unwrap() == d.0.lock().unwrap()[1].data);
+    assert!(std::fs::read(&converted).unwrap() == d.lock().device_bytes("nvme0n1"));
     // And the other way: a host file written onto an export.
     let source = dir.join("src.raw");
     let bytes: Vec<u8> = (0..4 * MIB).map(|i| (i * 7 % 253) as u8).collect();
@@ -644,7 +486,7 @@ fn nbdcopy_and_qemu_img_read_whole_exports() {
             &format!("nbd://127.0.0.1:{port}/nvme0n1"),
         ],
     );
-    assert!(d.0.lock().unwrap()[1].data == bytes);
+    assert!(d.lock().device_bytes("nvme0n1") == bytes);
     std::fs::remove_dir_all(&dir).ok();
     server.check();
 }

@@ -15,7 +15,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use nbd::proto::*;
-use tests::{free_port, sha256_hex, Boot, Image, Qemu, TIMEOUT};
+use tests::{free_port, json_u64, sha256_hex, Boot, Image, Qemu, TIMEOUT};
 
 const MIB: u64 = 1 << 20;
 const NBD_PORT: u16 = 10809;
@@ -67,14 +67,6 @@ fn convert_out(port: u16, export: &str, tag: &str) -> Vec<u8> {
     let data = std::fs::read(&path).expect("read converted image");
     let _ = std::fs::remove_file(&path);
     data
-}
-
-fn json_u64(text: &str, key: &str) -> u64 {
-    text.split(&format!("\"{key}\":"))
-        .nth(1)
-        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no {key} in {text}"))
 }
 
 /// Waits until the server has no sessions left (closed connections are freed once their

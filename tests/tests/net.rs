@@ -58,12 +58,7 @@ fn echo_round_trip(port: u16, data: &[u8]) -> Vec<u8> {
 
 /// Heap allocations since boot, from `mem --json`.
 fn allocations(q: &mut Qemu) -> u64 {
-    let mem = q.command("mem --json");
-    mem.split("\"allocations\":")
-        .nth(1)
-        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no allocation count in {mem}"))
+    tests::json_u64(&q.command("mem --json"), "allocations")
 }
 
 fn start_echo(q: &mut Qemu) {

@@ -16,13 +16,7 @@ fn heap_used(mem: &str) -> u64 {
         .split(r#""heap":"#)
         .nth(1)
         .unwrap_or_else(|| panic!("{mem}"));
-    let at = heap.find(r#""used":"#).unwrap_or_else(|| panic!("{mem}")) + 7;
-    heap[at..]
-        .chars()
-        .take_while(|c| c.is_ascii_digit())
-        .collect::<String>()
-        .parse()
-        .unwrap()
+    tests::json_u64(heap, "used")
 }
 
 /// The origin's contents before any snapshot, and the writes made through it afterwards.
@@ -197,12 +191,7 @@ fn two_4k_chunk_snapshots_on_16_gib_cow_disks_fit_the_heap() {
     );
     let mem = q.command("mem --json");
     assert!(mem.contains(r#""io_path_allocations":0"#), "{mem}");
-    let grown = mem
-        .split(r#""table_growth_allocations":"#)
-        .nth(1)
-        .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next())
-        .and_then(|n| n.parse::<u64>().ok())
-        .unwrap_or_else(|| panic!("{mem}"));
+    let grown = tests::json_u64(&mem, "table_growth_allocations");
     assert!(grown >= 4, "the tables grew: {mem}");
     eprintln!("after the bench: {mem}");
     q.poweroff();

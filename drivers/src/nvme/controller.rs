@@ -147,11 +147,7 @@ impl fmt::Display for ControllerInfo {
             write!(f, " deallocate")?;
         }
         write!(f, " namespaces={}", self.namespaces)?;
-        match &self.state {
-            DeviceState::Online => write!(f, " online"),
-            DeviceState::InitFailed(why) => write!(f, " init-failed: {why}"),
-            DeviceState::Failed(why) => write!(f, " failed: {why}"),
-        }
+        write!(f, " {}", self.state)
     }
 }
 

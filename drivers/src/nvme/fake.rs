@@ -221,24 +221,8 @@ impl FakeController {
 
     /// Posts an arbitrary entry on completion queue `cqid` (if it exists), with the phase
     /// tag of the queue's current pass, or the other one if `stale`.
-    pub fn post_entry(&self, cqid: u16, mut entry: CompletionEntry, stale: bool) {
-        let mut s = self.state();
-        let Some(cq) = s.cqs.get_mut(&cqid) else {
-            return;
-        };
-        entry.phase = cq.phase != stale;
-        let mut bytes = [0u8; 16];
-        for (c, d) in bytes.chunks_exact_mut(4).zip(entry.to_dwords()) {
-            c.copy_from_slice(&d.to_le_bytes());
-        }
-        phys::write(cq.phys + u64::from(cq.tail) * 16, &bytes);
-        cq.tail += 1;
-        if cq.tail == cq.entries {
-            cq.tail = 0;
-            cq.phase = !cq.phase;
-        }
-        let vector = cq.vector;
-        s.interrupts.push(vector);
+    pub fn post_entry(&self, cqid: u16, entry: CompletionEntry, stale: bool) {
+        self.state().write_entry(cqid, entry, stale);
     }
 
     /// Posts a completion for a command ID nobody submitted.
@@ -371,17 +355,24 @@ impl FakeState {
 
     fn post(&mut self, sqid: u16, cqid: u16, cid: u16, result: u32, status: StatusField) {
         let sq_head = self.sqs.get(&sqid).map_or(0, |q| q.head);
-        let Some(cq) = self.cqs.get_mut(&cqid) else {
-            return;
-        };
         let entry = CompletionEntry {
             result,
             sq_head,
             sq_id: sqid,
             cid,
-            phase: cq.phase,
+            phase: false,
             status,
         };
+        self.write_entry(cqid, entry, false);
+    }
+
+    /// Writes `entry` at the tail of completion queue `cqid` (if it exists) with the phase
+    /// tag of the queue's current pass, or the other one if `stale`, and raises its vector.
+    fn write_entry(&mut self, cqid: u16, mut entry: CompletionEntry, stale: bool) {
+        let Some(cq) = self.cqs.get_mut(&cqid) else {
+            return;
+        };
+        entry.phase = cq.phase != stale;
         let mut bytes = [0u8; 16];
         for (c, d) in bytes.chunks_exact_mut(4).zip(entry.to_dwords()) {
             c.copy_from_slice(&d.to_le_bytes());

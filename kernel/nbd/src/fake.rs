@@ -1,11 +1,13 @@
 //! A fake [`Backend`] for sessions and the server on the host: a RAM disk (export `d`, device
-//! 0) and snapshots of it (each with its own RAM copy) behind a small buffer pool and a
-//! device queue that can be full or fail, with completions in any order the caller picks.
+//! 0; more devices can be added as regions of the same RAM) and snapshots of device 0 (each
+//! with its own RAM copy) behind a small buffer pool and a device queue that can be full or
+//! fail, with completions in any order the caller picks.
 //! The roles of the device and of each snapshot are set by the test and looked up by every
 //! submission, as the kernel's are. It checks what the kernel's backend cannot: no
 //! [`RequestId`] is in use twice at a time, no buffer comes back twice, every request lies
-//! on its volume. Used by the session's and the server's tests and by the `nbd_session`
-//! fuzz target ([`crate::fuzz::nbd_session`]).
+//! on its volume. Used by the session's and the server's tests, by the `nbd_session` fuzz
+//! target ([`crate::fuzz::nbd_session`]) and, with several devices, by the interop test
+//! against real clients (`tests/tests/nbd_interop.rs`).
 
 use alloc::string::String;
 use alloc::vec;
@@ -16,9 +18,9 @@ use super::proto::{Errno, IHAVEOPT, INFO_BLOCK_SIZE, OPT_GO, REQUEST_MAGIC};
 use super::route::{self, ExportId, Route};
 use super::session::{Backend, BackendOp, IoBuffer, RequestId, Session, SubmitError, MAX_CHUNKS};
 
-/// Bytes per pool buffer (one chunk of a request).
+/// Bytes per pool buffer (one chunk of a request) of [`Fake::new`].
 pub const CHUNK: usize = 4096;
-/// Bytes of the fake disk (export `d`).
+/// Bytes of [`Fake::new`]'s disk (export `d`).
 pub const DISK: usize = 256 * 1024;
 
 /// A client's request header (NBD "simple request"): magic, flags, command, cookie, offset,
@@ -53,7 +55,7 @@ pub fn go_handshake_for(name: &str) -> Vec<u8> {
     m
 }
 
-/// A pool buffer (of [`CHUNK`] bytes in [`Fake`]'s pool).
+/// A pool buffer (of [`Fake::chunk`] bytes in [`Fake`]'s pool).
 #[derive(Debug)]
 pub struct Buf {
     data: Vec<u8>,
@@ -115,10 +117,29 @@ pub struct InFlight {
     pub buffer: Option<Buf>,
 }
 
+/// A device: a region of [`Fake::disk`], exported under its name.
+#[derive(Clone, Debug)]
+pub struct Device {
+    /// The export name.
+    pub name: String,
+    /// Where its bytes start in [`Fake::disk`].
+    pub start: usize,
+    /// What the catalog answers (the handle is this device's).
+    pub info: ExportInfo,
+    /// What the catalog describes it as, if anything.
+    pub description: Option<String>,
+}
+
 /// A RAM disk and its snapshots behind a small pool and a queue that can be full or fail.
 pub struct Fake {
-    /// The disk's bytes.
+    /// The bytes of every device, one after the other (device 0 first).
     pub disk: Vec<u8>,
+    /// The devices, device `i` being `devices[i]`.
+    pub devices: Vec<Device>,
+    /// Bytes per pool buffer.
+    pub chunk: usize,
+    /// The largest discard one request to a device takes.
+    pub max_discard: u64,
     /// Snapshots (deleted ones are removed; their instance numbers are never reused).
     pub snaps: Vec<Snap>,
     /// The last instance number given.
@@ -139,7 +160,8 @@ pub struct Fake {
     pub discards: usize,
     /// The connection number every id must carry ([`Fake::complete_one`]).
     pub connection: u8,
-    /// What the export's device is now (looked up by every submission, as the kernel does).
+    /// What device 0 is now (looked up by every submission, as the kernel does); the other
+    /// devices are plain.
     pub role: route::DeviceRole,
     /// Where each submission went.
     pub routes: Vec<Route>,
@@ -147,10 +169,10 @@ pub struct Fake {
 
 impl route::Roles for Fake {
     fn device_role(&self, disk: usize) -> route::DeviceRole {
-        if disk == 0 {
-            self.role
-        } else {
-            route::DeviceRole::Missing
+        match disk {
+            0 => self.role,
+            d if d < self.devices.len() => route::DeviceRole::Plain,
+            _ => route::DeviceRole::Missing,
         }
     }
     fn snapshot_role(&self, instance: u32) -> Option<route::SnapRole> {
@@ -167,14 +189,27 @@ impl route::Roles for Fake {
 }
 
 impl Fake {
-    /// A disk with a pattern, `buffers` pool buffers, a queue `queue_depth` deep; ids of
-    /// connection 7.
+    /// Device `d`, a 256 KiB disk with a pattern and 512-byte blocks; `buffers` pool buffers
+    /// of 4 KiB, a queue `queue_depth` deep, 64 KiB discards; ids of connection 7.
     pub fn new(buffers: usize, queue_depth: usize) -> Fake {
+        let mut fake = Fake::without_devices(buffers, queue_depth, CHUNK);
+        let pattern: Vec<u8> = (0..DISK).map(|i| (i % 251) as u8).collect();
+        fake.add_device("d", &pattern, 512, false);
+        fake.max_discard = 64 * 1024;
+        fake
+    }
+
+    /// No devices yet ([`Fake::add_device`]): `buffers` pool buffers of `chunk` bytes, a
+    /// queue `queue_depth` deep, discards of up to 1 GiB; ids of connection 7.
+    pub fn without_devices(buffers: usize, queue_depth: usize, chunk: usize) -> Fake {
         Fake {
-            disk: (0..DISK).map(|i| (i % 251) as u8).collect(),
+            disk: Vec::new(),
+            devices: Vec::new(),
+            chunk,
+            max_discard: 1 << 30,
             snaps: Vec::new(),
             instances: 0,
-            free: (0..buffers).map(|_| Buf::new(CHUNK)).collect(),
+            free: (0..buffers).map(|_| Buf::new(chunk)).collect(),
             total: buffers,
             in_flight: Vec::new(),
             queue_depth,
@@ -187,8 +222,54 @@ impl Fake {
         }
     }
 
-    /// `snapshot create`: a snapshot `name` of the disk as it is now, in engine slot `slot`,
-    /// with a new instance number (the disk becomes an origin).
+    /// Adds the next device, exported as `name` and holding `bytes`, with flush and FUA, and
+    /// trim unless `read_only`; its maximum payload is what [`MAX_CHUNKS`] buffers hold.
+    pub fn add_device(
+        &mut self,
+        name: &str,
+        bytes: &[u8],
+        block_size: u32,
+        read_only: bool,
+    ) -> &mut Device {
+        let disk = u16::try_from(self.devices.len()).expect("a device index");
+        let start = self.disk.len();
+        self.disk.extend_from_slice(bytes);
+        self.devices.push(Device {
+            name: String::from(name),
+            start,
+            info: ExportInfo {
+                handle: ExportId::Device { disk }.handle(),
+                size: bytes.len() as u64,
+                block_size,
+                read_only,
+                flush: true,
+                fua: true,
+                trim: !read_only,
+                max_payload: (MAX_CHUNKS * self.chunk) as u32,
+            },
+            description: None,
+        });
+        self.devices.last_mut().expect("just added")
+    }
+
+    /// The bytes of device `name`.
+    pub fn device_bytes(&self, name: &str) -> &[u8] {
+        let d = self
+            .devices
+            .iter()
+            .find(|d| d.name == name)
+            .expect("a device of this name");
+        &self.disk[d.start..d.start + d.info.size as usize]
+    }
+
+    /// Device 0's region of [`Fake::disk`].
+    fn first_device(&self) -> core::ops::Range<usize> {
+        let d = &self.devices[0];
+        d.start..d.start + d.info.size as usize
+    }
+
+    /// `snapshot create`: a snapshot `name` of device 0 as it is now, in engine slot `slot`,
+    /// with a new instance number (the device becomes an origin).
     pub fn create_snapshot(&mut self, name: &str, slot: u16) -> u32 {
         self.instances += 1;
         let instance = self.instances;
@@ -197,7 +278,7 @@ impl Fake {
             instance,
             slot,
             serving: true,
-            data: self.disk.clone(),
+            data: self.disk[self.first_device()].to_vec(),
         });
         self.role = route::DeviceRole::Origin(0);
         instance
@@ -215,7 +296,14 @@ impl Fake {
     /// The bytes of the volume a request went to.
     fn volume(&mut self, to: Route) -> &mut [u8] {
         match to {
-            Route::Device(_) | Route::Origin(_) => &mut self.disk,
+            Route::Device(d) => {
+                let d = &self.devices[d];
+                &mut self.disk[d.start..d.start + d.info.size as usize]
+            }
+            Route::Origin(_) => {
+                let first = self.first_device();
+                &mut self.disk[first]
+            }
             Route::Snapshot { slot, .. } => {
                 let snap = self
                     .snaps
@@ -265,6 +353,11 @@ impl Fake {
         Some((id, result, buffer))
     }
 
+    /// Runs the request sent last of those in flight (see [`Fake::finish_one`]).
+    pub fn finish_newest(&mut self) -> Option<(RequestId, Result<(), Errno>, Option<Buf>)> {
+        self.finish_one(self.in_flight.len().checked_sub(1)?)
+    }
+
     /// Completes in-flight request number `pick` (modulo) into `session`, as a device would.
     pub fn complete_one(&mut self, session: &mut Session<Buf>, pick: usize) -> bool {
         let Some((id, result, buffer)) = self.finish_one(pick) else {
@@ -280,11 +373,11 @@ impl Fake {
 impl Backend for Fake {
     type Buf = Buf;
     fn chunk_bytes(&self, _: u64) -> usize {
-        CHUNK
+        self.chunk
     }
     fn max_discard_bytes(&mut self, _: u64, to: Route) -> u64 {
         match to {
-            Route::Device(_) => 64 * 1024,
+            Route::Device(_) => self.max_discard,
             _ => 0,
         }
     }
@@ -293,7 +386,7 @@ impl Backend for Fake {
     }
     fn acquire(&mut self, _: u64) -> Option<Buf> {
         let mut b = self.free.pop()?;
-        b.len = CHUNK;
+        b.len = self.chunk;
         Some(b)
     }
     fn release(&mut self, _: u64, b: Buf) {
@@ -331,12 +424,14 @@ impl Backend for Fake {
             (BackendOp::Flush, None) => None,
             other => panic!("bad request {other:?}"),
         };
+        let size = match to {
+            Route::Device(d) => self.devices[d].info.size,
+            Route::Origin(_) | Route::Snapshot { .. } => self.devices[0].info.size,
+        };
         if let Some((offset, len)) = len {
             assert!(
-                offset
-                    .checked_add(len)
-                    .is_some_and(|end| end <= DISK as u64),
-                "{op:?} of {len} bytes past the end of the disk"
+                offset.checked_add(len).is_some_and(|end| end <= size),
+                "{op:?} of {len} bytes past the end of the volume"
             );
         }
         self.in_flight.push(InFlight { id, op, to, buffer });
@@ -344,8 +439,10 @@ impl Backend for Fake {
     }
     fn volume_name(&self, export: u64) -> Option<ExportName> {
         match ExportId::from_handle(export)? {
-            ExportId::Device { disk: 0 } => Some(ExportName::from_str_truncated("d")),
-            ExportId::Device { .. } => None,
+            ExportId::Device { disk } => self
+                .devices
+                .get(usize::from(disk))
+                .map(|d| ExportName::from_str_truncated(&d.name)),
             ExportId::Snapshot { instance, .. } => self
                 .snaps
                 .iter()
@@ -357,36 +454,38 @@ impl Backend for Fake {
 
 impl ExportCatalog for Fake {
     fn lookup(&self, name: &str) -> Option<ExportInfo> {
-        let handle = if name == "d" {
-            ExportId::Device { disk: 0 }.handle()
-        } else {
-            let s = self.snaps.iter().find(|s| s.name == name && s.serving)?;
-            ExportId::Snapshot {
+        if let Some(d) = self.devices.iter().find(|d| d.name == name) {
+            return Some(d.info);
+        }
+        let s = self.snaps.iter().find(|s| s.name == name && s.serving)?;
+        Some(ExportInfo {
+            handle: ExportId::Snapshot {
                 disk: 0,
                 instance: s.instance,
             }
-            .handle()
-        };
-        Some(ExportInfo {
-            handle,
-            size: DISK as u64,
-            block_size: 512,
-            read_only: false,
-            flush: true,
-            fua: true,
-            trim: true,
-            max_payload: (MAX_CHUNKS * CHUNK) as u32,
+            .handle(),
+            ..self.devices[0].info
         })
     }
     fn name(&self, index: usize) -> Option<ExportName> {
-        match index {
-            0 => Some(ExportName::from_str_truncated("d")),
-            i => self
-                .snaps
-                .iter()
-                .filter(|s| s.serving)
-                .nth(i - 1)
-                .map(|s| ExportName::from_str_truncated(&s.name)),
-        }
+        let name = match self.devices.get(index) {
+            Some(d) => &d.name,
+            None => {
+                &self
+                    .snaps
+                    .iter()
+                    .filter(|s| s.serving)
+                    .nth(index - self.devices.len())?
+                    .name
+            }
+        };
+        Some(ExportName::from_str_truncated(name))
+    }
+    fn description(&self, export: &ExportInfo) -> Option<ExportName> {
+        let d = self
+            .devices
+            .iter()
+            .find(|d| d.info.handle == export.handle)?;
+        Some(ExportName::from_str_truncated(d.description.as_deref()?))
     }
 }

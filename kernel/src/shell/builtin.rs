@@ -146,16 +146,9 @@ fn uptime(json_out: bool, out: &mut Out) {
     }
 }
 
-/// `12.3 MiB` style.
+/// `12.3 MiB` style, as `devices` shows sizes.
 fn size(bytes: u64) -> String {
-    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut unit = 0;
-    let mut scaled = bytes * 10;
-    while scaled >= 10240 && unit + 1 < units.len() {
-        scaled /= 1024;
-        unit += 1;
-    }
-    alloc::format!("{}.{} {}", scaled / 10, scaled % 10, units[unit])
+    alloc::format!("{}", drivers::info::Size(bytes))
 }
 
 fn mem(json_out: bool, out: &mut Out) {

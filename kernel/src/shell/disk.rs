@@ -338,8 +338,7 @@ fn devices(st: &Storage, json_out: bool, out: &mut Out) {
     );
     for i in infos {
         let Some(g) = i.geometry else { continue };
-        let bytes = g.capacity_blocks * u64::from(g.block_size);
-        let mut vectors = crate::util::stackstr::StackStr::<32>::new();
+        let mut vectors = drivers::info::FixedString::<32>::new();
         for (n, v) in i.vectors().iter().enumerate() {
             let _ = write!(vectors, "{}{v:#x}", if n > 0 { "," } else { "" });
         }
@@ -354,15 +353,11 @@ fn devices(st: &Storage, json_out: bool, out: &mut Out) {
             } else {
                 i.serial.as_str()
             },
-            bytes >> 20,
+            g.capacity_bytes() >> 20,
             g.block_size,
             g.queue_count,
             g.queue_depth,
-            if g.volatile_write_cache {
-                "write-back"
-            } else {
-                "write-through"
-            },
+            g.cache_mode(),
             vectors.as_str(),
             s.reads,
             s.writes,
@@ -405,24 +400,14 @@ fn device_json(d: &mut json::ObjectWriter<'_>, i: &DeviceInfo) {
             None => d.null("eui64"),
         };
     }
-    d.str(
-        "state",
-        match i.state {
-            DeviceState::Online => "online",
-            DeviceState::Failed(_) => "failed",
-            DeviceState::InitFailed(_) => "init-failed",
-        },
-    );
+    d.str("state", i.state.name());
     if !matches!(i.state, DeviceState::Online) {
         d.str("reason", state_name(i));
     }
     if let Some(g) = i.geometry {
         d.u64("block_size", u64::from(g.block_size));
         d.u64("capacity_blocks", g.capacity_blocks);
-        d.u64(
-            "capacity_bytes",
-            g.capacity_blocks * u64::from(g.block_size),
-        );
+        d.u64("capacity_bytes", g.capacity_bytes());
         d.u64("max_transfer_bytes", u64::from(g.max_transfer_bytes));
         d.u64("queues", u64::from(g.queue_count));
         d.u64("queue_depth", u64::from(g.queue_depth));
@@ -471,12 +456,5 @@ fn controller_json(o: &mut json::ObjectWriter<'_>, c: &drivers::nvme::Controller
     );
     o.bool("deallocate", c.deallocate);
     o.u64("namespaces", u64::from(c.namespaces));
-    o.str(
-        "state",
-        match c.state {
-            DeviceState::Online => "online",
-            DeviceState::Failed(_) => "failed",
-            DeviceState::InitFailed(_) => "init-failed",
-        },
-    );
+    o.str("state", c.state.name());
 }

@@ -39,8 +39,8 @@ mod run_loop {
     use crate::nbd;
     use crate::ring::ByteRing;
     use crate::storage::tasks::Task;
-    use crate::util::stackstr::StackStr;
     use crate::{executor, memory, power, serial, storage, time};
+    use drivers::info::FixedString;
 
     /// The console prompt.
     pub const PROMPT: &str = "snapfw> ";
@@ -141,7 +141,7 @@ mod run_loop {
             }
             if let Some(r) = running.as_mut() {
                 // Lines a task wants kept (e.g. what is durable), before its report.
-                let mut notice = StackStr::<160>::new();
+                let mut notice = FixedString::<160>::new();
                 let _ = r.task.notice(&mut notice);
                 if !notice.as_str().is_empty() {
                     serial::write_bytes(b"\r\x1b[K");
@@ -179,7 +179,7 @@ mod run_loop {
                     }
                     with_editor(|e, out| e.redraw(out));
                 } else if now >= r.next_progress {
-                    let mut line = StackStr::<160>::new();
+                    let mut line = FixedString::<160>::new();
                     let _ = r.task.progress(&mut line, now);
                     serial::write_bytes(b"\r\x1b[K");
                     serial::write_bytes(line.as_str().as_bytes());

@@ -611,12 +611,9 @@ impl Storage {
         match pool {
             Ok((count, pool)) => {
                 log::info!(
-                    "{}: {} MiB, {}-byte blocks, queue depth {depth}, {count} buffers of {} KiB, cache {}",
+                    "{}: {geometry}, {count} DMA buffers of {} KiB",
                     info.name,
-                    (geometry.capacity_blocks * u64::from(geometry.block_size)) >> 20,
-                    geometry.block_size,
-                    size / 1024,
-                    if geometry.volatile_write_cache { "write-back" } else { "write-through" }
+                    size / 1024
                 );
                 self.devices.push(device);
                 self.pools.push(pool);

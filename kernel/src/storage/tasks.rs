@@ -16,8 +16,8 @@ use sha2::{Digest, Sha256};
 
 use super::{Storage, Target, VolumeName};
 use crate::util::hexdump::write_hexdump;
-use crate::util::histogram::Histogram;
 use crate::util::pattern::{fill_seeded, Rng, Shuffle};
+use snapshot::histogram::Histogram;
 
 /// One unit of long console work.
 pub trait Task {
@@ -948,9 +948,9 @@ impl Task for BenchTask {
         write!(out, "  latency avg ")?;
         us(out, h.mean())?;
         write!(out, "  p50 ")?;
-        us(out, h.percentile(50.0))?;
+        us(out, h.percentile(500))?;
         write!(out, "  p99 ")?;
-        us(out, h.percentile(99.0))?;
+        us(out, h.percentile(990))?;
         write!(out, "  max ")?;
         us(out, h.max())?;
         writeln!(out)?;
@@ -971,7 +971,7 @@ impl Task for BenchTask {
             )?;
             us(out, f.latency.mean())?;
             write!(out, "  p99 ")?;
-            us(out, f.latency.percentile(99.0))?;
+            us(out, f.latency.percentile(990))?;
             writeln!(out)?;
         }
         if let Some(e) = self.first_error {
