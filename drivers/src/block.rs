@@ -365,6 +365,15 @@ pub trait BlockDevice {
         false
     }
 
+    /// Checks for a device that stopped answering (called now and then with the time in
+    /// ns). A device that has had requests in flight and completed none of them for its
+    /// timeout is failed: its requests complete with [`BlockError::DeviceFailed`] at the
+    /// next polls. Returns true when it must be polled. Devices with their own deadlines
+    /// (NVMe: the controller checks them) keep the default.
+    fn check_timeouts(&mut self, _now_ns: u64) -> bool {
+        false
+    }
+
     /// Counters.
     fn stats(&self) -> BlockStats;
 

@@ -46,7 +46,15 @@ pub struct VirtioBlk<H: Hal, T: Transport> {
     stats: BlockStats,
     state: DeviceState,
     config_changed: bool,
+    /// Completions delivered so far, and when requests in flight last saw one arrive (or
+    /// the queue was empty): the stalled-device check ([`REQUEST_TIMEOUT_NS`]).
+    completed: u64,
+    watchdog: (u64, u64),
 }
+
+/// A device with requests in flight that completes none of them for this long is failed
+/// (Linux's block-layer default timeout is 30 s too).
+pub const REQUEST_TIMEOUT_NS: u64 = 30_000_000_000;
 
 /// Reads `T` at `offset` of the device configuration, `None` when the device's configuration
 /// space is too short for it.
@@ -97,6 +105,8 @@ impl<H: Hal, T: Transport> VirtioBlk<H, T> {
             stats: BlockStats::default(),
             state: DeviceState::Online,
             config_changed: false,
+            completed: 0,
+            watchdog: (0, 0),
         };
         if let Err((_, e)) = device.queue.submit(
             &mut device.transport,
@@ -499,6 +509,7 @@ impl<H: Hal, T: Transport> BlockDevice for VirtioBlk<H, T> {
         while completed < budget {
             if let Some(completion) = self.ready.pop_front() {
                 self.stats.record(&completion);
+                self.completed += 1;
                 sink(completion);
                 completed += 1;
                 continue;
@@ -508,6 +519,8 @@ impl<H: Hal, T: Transport> BlockDevice for VirtioBlk<H, T> {
             }
             match self.queue.pop() {
                 Ok(Some(popped)) => {
+                    // Any answer from the device (its own GET_ID too) is progress.
+                    self.completed += 1;
                     if let Some(completion) = self.finish(popped) {
                         self.stats.record(&completion);
                         sink(completion);
@@ -542,6 +555,27 @@ impl<H: Hal, T: Transport> BlockDevice for VirtioBlk<H, T> {
 
     fn in_flight(&self) -> usize {
         self.queue.in_flight() + self.ready.len()
+    }
+
+    fn check_timeouts(&mut self, now_ns: u64) -> bool {
+        if matches!(self.state, DeviceState::Failed(_)) || self.queue.in_flight() == 0 {
+            self.watchdog = (self.completed, now_ns);
+            return false;
+        }
+        let (seen, since) = self.watchdog;
+        if self.completed != seen {
+            self.watchdog = (self.completed, now_ns);
+            return false;
+        }
+        if now_ns.saturating_sub(since) < REQUEST_TIMEOUT_NS {
+            return false;
+        }
+        let n = self.queue.in_flight();
+        self.fail(reason(format_args!(
+            "{n} requests in flight and none completed in {} s",
+            REQUEST_TIMEOUT_NS / 1_000_000_000
+        )));
+        true
     }
 
     fn plug(&mut self) {

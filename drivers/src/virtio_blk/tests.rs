@@ -423,6 +423,47 @@ fn a_capacity_that_grows_is_taken_and_one_that_shrinks_is_not() {
     assert!(matches!(blk.info().state, DeviceState::Online));
 }
 
+/// A device that stops answering: requests in flight and no completion for the timeout
+/// fail the device, and every request comes back (`DeviceFailed`) with its buffer. A
+/// device that answers slowly but keeps answering is left alone, and an idle one too.
+#[test]
+fn a_device_that_stops_answering_fails_after_the_timeout() {
+    use super::device::REQUEST_TIMEOUT_NS as T;
+    let (mut blk, fake) = make(BASIC, VirtioBlkConfig::default());
+    let mut pool = pool();
+    assert!(!blk.check_timeouts(0), "idle");
+    assert!(!blk.check_timeouts(10 * T), "idle for long");
+    blk.submit(BlockRequest::read(1, 0, pool.acquire().unwrap()))
+        .unwrap();
+    blk.submit(BlockRequest::read(2, 8, pool.acquire().unwrap()))
+        .unwrap();
+    let t0 = 10 * T + 1;
+    assert!(!blk.check_timeouts(t0));
+    // One completes before the timeout: progress, the clock starts again.
+    {
+        let mut f = fake.borrow_mut();
+        f.fetch();
+        let head = f.pending.remove(0);
+        f.complete(head);
+    }
+    let (done, _) = drain(&mut blk, 4);
+    assert_eq!(done.len(), 1);
+    assert!(!blk.check_timeouts(t0 + T - 1));
+    assert!(
+        !blk.check_timeouts(t0 + 2 * T - 2),
+        "not yet: the last progress was later"
+    );
+    assert!(matches!(blk.info().state, DeviceState::Online));
+    // Nothing more arrives.
+    assert!(blk.check_timeouts(t0 + 2 * T));
+    assert!(matches!(blk.info().state, DeviceState::Failed(_)));
+    let (done, _) = drain(&mut blk, 4);
+    assert_eq!(done.len(), 1);
+    assert_eq!(done[0].result, Err(BlockError::DeviceFailed));
+    assert!(done[0].buffer.is_some(), "the buffer comes back");
+    assert!(!blk.check_timeouts(t0 + 5 * T), "failed once");
+}
+
 #[test]
 fn interrupts_are_counted() {
     let (mut blk, _) = make(BASIC, VirtioBlkConfig::default());

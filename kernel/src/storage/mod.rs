@@ -674,8 +674,9 @@ pub fn unplug(storage: &mut Storage) {
     storage.devices.iter_mut().for_each(|d| d.unplug());
 }
 
-/// Timer work of the storage layer (called every loop iteration): NVMe command deadlines
-/// are checked every 100 ms. Returns true when a controller has work to finish.
+/// Timer work of the storage layer (called every loop iteration): auto-extend; every
+/// 100 ms, NVMe command deadlines and virtio-blk devices that stopped answering. Returns
+/// true when a device has work to finish.
 pub fn housekeeping(storage: &mut Storage, now: u64) -> bool {
     // Every iteration: an extension must start before a burst of writes fills the store.
     storage.autoextend();
@@ -687,6 +688,10 @@ pub fn housekeeping(storage: &mut Storage, now: u64) -> bool {
     let mut more = false;
     for controller in &storage.controllers {
         more |= controller.check_timeouts();
+    }
+    // Devices without deadlines of their own (virtio-blk): one that stopped answering.
+    for device in storage.devices.iter_mut() {
+        more |= device.check_timeouts(now);
     }
     more
 }
