@@ -6,6 +6,8 @@
 
 use core::fmt;
 
+use alloc::collections::VecDeque;
+
 use crate::arch::cpu::{self, inb, outb};
 use crate::ring::ByteRing;
 
@@ -33,11 +35,18 @@ const IER_RX: u8 = 0x01;
 const IER_THRE: u8 = 0x02;
 const LSR_DATA: u8 = 0x01;
 const LSR_THRE: u8 = 0x20;
+/// Command output that does not fit the transmit ring waits in a spill queue on the heap,
+/// sent as the ring empties, instead of holding the main loop at the line's speed. Past
+/// this much, writing waits for the line again (output is never lost).
+const SPILL_MAX: usize = 1 << 20;
 
 struct Uart {
     base: u16,
     rx: ByteRing<4096>,
     tx: ByteRing<16384>,
+    /// Bytes queued after the ring filled (see [`SPILL_MAX`]); they go out before anything
+    /// written later.
+    spill: VecDeque<u8>,
     rx_dropped: u64,
     interrupts: u64,
 }
@@ -46,6 +55,7 @@ static UART: spin::Mutex<Uart> = spin::Mutex::new(Uart {
     base: COM1,
     rx: ByteRing::new(),
     tx: ByteRing::new(),
+    spill: VecDeque::new(),
     rx_dropped: 0,
     interrupts: 0,
 });
@@ -92,8 +102,19 @@ pub fn init(base: u16, baud: u32) {
 }
 
 impl Uart {
+    /// Moves spilled bytes into the ring as far as it has room.
+    fn refill(&mut self) {
+        while self.tx.space() > 0 {
+            let Some(b) = self.spill.pop_front() else {
+                break;
+            };
+            self.tx.push(b);
+        }
+    }
+
     /// Moves queued bytes into the transmit FIFO (16 bytes when THR is empty).
     fn pump(&mut self) {
+        self.refill();
         if inb(self.base + 5) & LSR_THRE != 0 {
             for _ in 0..16 {
                 match self.tx.pop() {
@@ -118,6 +139,7 @@ impl Uart {
     /// Sends up to `n` queued bytes by polling.
     fn send_polled(&mut self, n: usize) {
         for _ in 0..n {
+            self.refill();
             let Some(b) = self.tx.pop() else { break };
             let mut spins = 0u32;
             while inb(self.base + 5) & LSR_THRE == 0 && spins < 1_000_000 {
@@ -149,19 +171,27 @@ pub fn on_interrupt(_vector: u8) {
     crate::executor::wake();
 }
 
-/// Queues bytes for transmission. When the ring is full, one FIFO's worth of the oldest
-/// queued bytes is sent by polling to make room, so output is never lost or reordered and
-/// interrupts are off only for that long.
+/// Queues bytes for transmission, in order. What does not fit the ring spills into a heap
+/// queue that the transmit interrupt drains (a command's long output on a slow line does
+/// not hold the main loop); only past [`SPILL_MAX`] queued, or when the heap cannot take
+/// more, is one FIFO's worth of the oldest bytes sent by polling to make room. Output is
+/// never lost or reordered, and interrupts are off only for one chunk at a time.
 pub fn write_bytes(bytes: &[u8]) {
-    // Interrupts are off for one chunk at a time, so a long output (or a full ring drained
-    // at the line's speed) never holds off receive and device interrupts for long.
     for chunk in bytes.chunks(64) {
         cpu::without_interrupts(|| {
             let mut u = UART.lock();
             for &b in chunk {
+                if u.spill.is_empty() && u.tx.push(b) {
+                    continue;
+                }
+                if u.spill.len() < SPILL_MAX && u.spill.try_reserve(1).is_ok() {
+                    u.spill.push_back(b);
+                    continue;
+                }
+                u.send_polled(16);
+                u.refill();
                 if !u.tx.push(b) {
-                    u.send_polled(16);
-                    u.tx.push(b);
+                    u.spill.push_back(b);
                 }
             }
             u.pump();
@@ -169,9 +199,17 @@ pub fn write_bytes(bytes: &[u8]) {
     }
 }
 
-/// Free bytes in the transmit ring: what can be written now without waiting for the line.
+/// Free bytes in the transmit ring: what can be written now without waiting for the line
+/// (none while spilled output waits).
 pub fn tx_room() -> usize {
-    cpu::without_interrupts(|| UART.lock().tx.space())
+    cpu::without_interrupts(|| {
+        let u = UART.lock();
+        if u.spill.is_empty() {
+            u.tx.space()
+        } else {
+            0
+        }
+    })
 }
 
 /// Takes one received byte.

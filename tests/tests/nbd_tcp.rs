@@ -1196,3 +1196,67 @@ fn set_readonly_and_rename_follow_per_request_and_persist() {
     assert!(out.contains("error: nightly is read-only"), "{out}");
     q.poweroff();
 }
+
+/// Command output longer than the serial line carries at once (a dozen `read` hexdumps,
+/// some 240 kB typed ahead in one go, on a line paced at 115200 baud, 11.5 kB/s) spills
+/// into a heap queue that the transmit interrupt drains, instead of being sent by polling
+/// the UART from the main loop. Every byte arrives, in order (each hexdump line matches the
+/// disk), and an NBD client is served while the console is still printing.
+#[test]
+fn long_command_output_arrives_whole_while_nbd_is_served() {
+    let (mut q, port, a) = one_disk_appliance(
+        "nbdtcp-longout",
+        Boot::kernel("q35", "testing").serial_baud(115_200),
+    );
+    // Data that does not fold into `*` lines.
+    let data = tests::xorshift_bytes(4096, 77);
+    a.write(0, &data);
+    let lines = "read vda 0 8\r".repeat(12);
+    let start = q.transcript().len();
+    q.send(lines.as_bytes());
+    q.expect("read vda 0 8", TIMEOUT);
+    let (ok, out) = tests::qemu_io_read_only(port, "vda", &["read -P 0 1M 64k"]);
+    let arrived = q.transcript().len() - start;
+    assert!(ok && !out.contains("failed"), "{out}");
+    let deadline = std::time::Instant::now() + TIMEOUT * 4;
+    while q.transcript()[start..].matches("00000ff0").count() < 12 {
+        assert!(std::time::Instant::now() < deadline, "output lost");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let t = q.transcript()[start..].to_string();
+    assert!(
+        arrived < t.len() / 2,
+        "the NBD read completed only after {arrived} of {} bytes",
+        t.len()
+    );
+    // Every hexdump line, in order, twelve times: offset and bytes as on the disk.
+    let mut expected_offset = 0usize;
+    let mut seen = 0;
+    for line in t.lines() {
+        let Some((off, rest)) = line.split_once("  ") else {
+            continue;
+        };
+        if off.len() != 8 || !off.bytes().all(|b| b.is_ascii_hexdigit()) {
+            continue;
+        }
+        let off = usize::from_str_radix(off, 16).unwrap();
+        assert_eq!(off, expected_offset, "a line out of order or lost: {line}");
+        let bytes: Vec<u8> = rest
+            .split('|')
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .map(|h| u8::from_str_radix(h, 16).unwrap())
+            .collect();
+        assert_eq!(bytes, data[off..off + 16], "line {off:#x} garbled");
+        expected_offset = (off + 16) % 4096;
+        seen += 1;
+    }
+    assert_eq!(seen, 12 * 256, "every line of the twelve hexdumps");
+    eprintln!(
+        "{arrived} of {} bytes of console output had arrived when the NBD read completed",
+        t.len()
+    );
+    q.settle(Duration::from_millis(500));
+    q.poweroff();
+}
