@@ -48,7 +48,7 @@ pub fn start(magic: u32, info: u32) -> ! {
         .ok_or(acpi::AcpiError::NoRsdp)
         .and_then(|r| acpi::parse(&IdentityMemory, r));
 
-    let heap = match memory::init(boot) {
+    let memory = match memory::init(boot) {
         Ok(h) => h,
         Err(e) => fatal(format_args!("{e}")),
     };
@@ -72,8 +72,20 @@ pub fn start(magic: u32, info: u32) -> ! {
             boot.loader_name()
         },
         boot.protocol,
-        heap >> 20
+        memory.heap >> 20
     );
+    log::info!(
+        "memory: {} MiB usable in {} ranges ({} MiB above 4 GiB); the heap grows into it",
+        memory.usable >> 20,
+        memory.ranges,
+        memory.above_4g >> 20
+    );
+    if memory.unused > 0 || memory.truncated || boot.regions_truncated {
+        log::warn!(
+            "memory: the memory map was cut or not all of it could be mapped; {} MiB unused",
+            memory.unused >> 20
+        );
+    }
     for warning in cmdline.warnings() {
         log::warn!("command line: {warning}");
     }

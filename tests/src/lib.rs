@@ -16,6 +16,7 @@
 //! what snapfw writes against what Linux reads, and the other way round.
 
 pub mod cow;
+pub mod store;
 
 use std::io::{Read, Write};
 use std::path::PathBuf;

@@ -1,0 +1,111 @@
+//! Booting like a server of today (issue 17): UEFI firmware (OVMF) from the hybrid ISO and by
+//! network, and all of the memory, above 4 GiB too, for the exception tables of large stores.
+
+use tests::store::{write_scattered_store, ScatteredStore, CHUNK};
+use tests::{Boot, Image, Qemu, TIMEOUT};
+
+const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
+
+/// The value of `"key":N` in `json` after `within` (e.g. `"heap":`).
+fn json_u64(json: &str, within: &str, key: &str) -> u64 {
+    let part = json
+        .split(within)
+        .nth(1)
+        .unwrap_or_else(|| panic!("no {within} in {json}"));
+    let pattern = format!("\"{key}\":");
+    let at = part
+        .find(&pattern)
+        .unwrap_or_else(|| panic!("no {key} in {json}"))
+        + pattern.len();
+    part[at..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect::<String>()
+        .parse()
+        .unwrap()
+}
+
+/// Exceptions of the large store: their table (one run each, as for random writes) needs
+/// more than the 128 MiB the heap was capped at before.
+const LARGE_STORE_EXCEPTIONS: u64 = 6_000_000;
+/// Its origin: 64 GiB of 4 KiB chunks (sparse).
+const LARGE_ORIGIN_CHUNKS: u64 = 1 << 24;
+
+struct LargeStore {
+    origin: Image,
+    cow: Image,
+    layout: ScatteredStore,
+}
+
+fn large_store() -> LargeStore {
+    let layout = ScatteredStore::new(LARGE_STORE_EXCEPTIONS, LARGE_ORIGIN_CHUNKS);
+    let origin = Image::new("uefi-large-origin", LARGE_ORIGIN_CHUNKS * CHUNK);
+    let cow = Image::new("uefi-large-cow", layout.cow_bytes);
+    let n = LARGE_STORE_EXCEPTIONS;
+    let layout = write_scattered_store(
+        &cow,
+        "large",
+        "LARGE-ORIGIN",
+        LARGE_ORIGIN_CHUNKS,
+        n,
+        &[0, n / 2, n - 1],
+    );
+    LargeStore {
+        origin,
+        cow,
+        layout,
+    }
+}
+
+/// With 8 GiB: `mem` reports about 8 GiB (most of it above 4 GiB) and the large store is
+/// served, its table on a heap that grew past 128 MiB; a few of its chunks read as written.
+fn check_all_memory_and_the_large_store(q: &mut Qemu, store: &LargeStore) {
+    let mem = q.command("mem --json");
+    let usable = json_u64(&mem, r#""memory":"#, "usable");
+    let above = json_u64(&mem, r#""memory":"#, "above_4g");
+    assert!(
+        usable > 7 * GIB + 512 * MIB && usable <= 8 * GIB,
+        "about 8 GiB: {mem}"
+    );
+    assert!(above > 5 * GIB, "most of it above 4 GiB: {mem}");
+    let heap_used = json_u64(&mem, r#""heap":"#, "used");
+    assert!(
+        heap_used > 128 * MIB,
+        "the store's table should need more than 128 MiB (raise LARGE_STORE_EXCEPTIONS if \
+         tables got smaller): {mem}"
+    );
+    eprintln!("{}", q.command("mem"));
+    let list = q.command("snapshot list");
+    let line = list
+        .lines()
+        .find(|l| l.starts_with("large "))
+        .unwrap_or_else(|| panic!("{list}\n{}", q.transcript()));
+    assert!(line.contains("active"), "{list}");
+    let n = LARGE_STORE_EXCEPTIONS;
+    for i in [0, n / 2, n - 1, 1] {
+        let lba = store.layout.origin_chunk(i) * CHUNK / 512;
+        let out = q.command(&format!("read large {lba}"));
+        let want = if i == 1 { 0 } else { (i as u8).wrapping_add(1) };
+        let first = out.lines().next().unwrap_or("");
+        assert!(
+            first.contains(&format!(" {want:02x} {want:02x} {want:02x}")),
+            "exception {i}: {out}"
+        );
+    }
+    let _ = (&store.origin, &store.cow);
+}
+
+#[test]
+fn all_of_8_gib_and_a_table_larger_than_128_mib() {
+    let store = large_store();
+    let mut q = Boot::kernel("q35", "testing loglevel=info")
+        .memory_size("8G")
+        .virtio_disk(&store.origin.path, "LARGE-ORIGIN")
+        .virtio_disk(&store.cow.path, "LARGE-COW")
+        .start();
+    q.expect(tests::PROMPT, TIMEOUT * 3);
+    eprintln!("8 GiB, 6 M exceptions: prompt after {:?}", q.elapsed());
+    check_all_memory_and_the_large_store(&mut q, &store);
+    q.kill();
+}
