@@ -109,3 +109,34 @@ fn all_of_8_gib_and_a_table_larger_than_128_mib() {
     check_all_memory_and_the_large_store(&mut q, &store);
     q.kill();
 }
+
+#[test]
+fn the_clock_runs_true_without_a_pit() {
+    // A machine without the legacy PIT, as UEFI-only platforms may be: the timer and the TSC
+    // are calibrated on the ACPI PM timer, and uptime follows the host's clock.
+    let mut q = Boot::kernel("q35,pit=off", "testing loglevel=info").start();
+    q.wait_prompt();
+    let log = q.transcript();
+    assert!(
+        log.contains("timer: calibrated on the ACPI PM timer"),
+        "{log}"
+    );
+    let seconds = |out: &str| -> f64 {
+        out.split('(')
+            .nth(1)
+            .and_then(|s| s.split(" s").next())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no seconds in {out}"))
+    };
+    let host = std::time::Instant::now();
+    let first = seconds(&q.command("uptime"));
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    let second = seconds(&q.command("uptime"));
+    let (guest, host) = (second - first, host.elapsed().as_secs_f64());
+    // Generous: TCG on a loaded machine; a calibration on a missing PIT is off by 100 times.
+    assert!(
+        guest > host / 2.0 && guest < host * 2.0,
+        "uptime advanced {guest:.2} s while the host's clock advanced {host:.2} s"
+    );
+    q.poweroff();
+}
