@@ -1,7 +1,7 @@
 //! Booting the image the ways operators deploy it: by PXE (iPXE script over QEMU's built-in
 //! DHCP/TFTP) and from the GRUB ISO (both `multiboot` and `multiboot2` menu entries).
 
-use tests::{Boot, Source, TIMEOUT};
+use tests::{Boot, Image, Source, TIMEOUT};
 
 #[test]
 fn pxe_boot_with_ipxe_script() {
@@ -61,23 +61,32 @@ fn grub_iso_multiboot() {
 
 #[test]
 fn grub_iso_multiboot2() {
+    // The hybrid ISO under SeaBIOS: the second entry boots by multiboot2, which hands over
+    // the ACPI RSDP; the appliance finds its disk and serves it.
+    let disk = Image::new("deploy-iso-disk", 16 << 20);
+    let port = tests::free_port();
     let mut q = Boot {
         source: Source::Iso,
         machine: "q35".into(),
         ..Boot::default()
     }
+    .virtio_disk(&disk.path, "ISO-DISK")
+    .net(&[(port, 10809)], None)
     .start();
     q.expect("snapfw (multiboot2)", TIMEOUT);
     q.send(b"\x1b[B"); // down to the second entry
     std::thread::sleep(std::time::Duration::from_millis(300));
     q.send(b"\r");
     q.wait_prompt();
-    eprintln!("grub multiboot2: prompt after {:?}", q.elapsed());
+    eprintln!("grub multiboot2 (SeaBIOS): prompt after {:?}", q.elapsed());
+    let log = q.transcript();
+    assert!(log.contains("(Multiboot2)"), "{log}");
+    assert!(!log.contains("on UEFI firmware"), "{log}");
     assert!(
-        q.transcript().contains("(Multiboot2)"),
-        "{}",
-        q.transcript()
+        log.contains("RSDP at") && log.contains("from the boot loader's ACPI"),
+        "{log}"
     );
+    q.check_deployed("(Multiboot2)", &["vda"], &["vda"], port);
     assert!(q
         .command("cmdline")
         .contains("console=ttyS0,115200 loglevel=info"));

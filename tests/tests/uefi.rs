@@ -2,7 +2,7 @@
 //! network, and all of the memory, above 4 GiB too, for the exception tables of large stores.
 
 use tests::store::{write_scattered_store, ScatteredStore, CHUNK};
-use tests::{Boot, Image, Qemu, TIMEOUT};
+use tests::{Boot, Image, Qemu, Source, TIMEOUT};
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
@@ -97,17 +97,45 @@ fn check_all_memory_and_the_large_store(q: &mut Qemu, store: &LargeStore) {
 }
 
 #[test]
-fn all_of_8_gib_and_a_table_larger_than_128_mib() {
+fn iso_under_ovmf_with_8_gib_and_a_table_larger_than_128_mib() {
+    // The hybrid ISO under UEFI firmware: GRUB's EFI menu on the serial line boots its
+    // default entry, multiboot2; 8 GiB of memory, most of it above 4 GiB.
     let store = large_store();
-    let mut q = Boot::kernel("q35", "testing loglevel=info")
-        .memory_size("8G")
-        .virtio_disk(&store.origin.path, "LARGE-ORIGIN")
-        .virtio_disk(&store.cow.path, "LARGE-COW")
-        .start();
+    let port = tests::free_port();
+    let mut q = Boot {
+        source: Source::Iso,
+        ..Boot::default()
+    }
+    .uefi()
+    .memory_size("8G")
+    .virtio_disk(&store.origin.path, "LARGE-ORIGIN")
+    .virtio_disk(&store.cow.path, "LARGE-COW")
+    .net(&[(port, 10809)], None)
+    .start();
+    q.expect("snapfw (multiboot2)", TIMEOUT); // GRUB's menu, on the serial line
     q.expect(tests::PROMPT, TIMEOUT * 3);
-    eprintln!("8 GiB, 6 M exceptions: prompt after {:?}", q.elapsed());
+    let log = q.transcript();
+    eprintln!(
+        "ISO under OVMF, 8 GiB, 6 M exceptions: prompt after {:?}; boot log:\n{}",
+        q.elapsed(),
+        boot_log(&log)
+    );
+    assert!(
+        log.contains("(Multiboot2) on UEFI firmware"),
+        "the default entry under UEFI: {log}"
+    );
+    q.check_deployed("(Multiboot2)", &["vda", "vdb"], &["vda", "large"], port);
     check_all_memory_and_the_large_store(&mut q, &store);
     q.kill();
+}
+
+/// The appliance's log lines of a transcript (what the firmware and GRUB print aside).
+fn boot_log(transcript: &str) -> String {
+    transcript
+        .lines()
+        .filter(|l| l.starts_with("[ ") && l.contains("  "))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 #[test]
