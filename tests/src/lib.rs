@@ -76,6 +76,9 @@ pub struct Boot {
     pub firmware: Firmware,
     /// TCP forwards `(host port on 127.0.0.1, guest port)` on the NIC a PXE boot uses.
     pub pxe_forwards: Vec<(u16, u16)>,
+    /// PXE by the UEFI firmware's own network stack, without iPXE (the NIC's option ROM
+    /// left out): DHCP's boot file is GRUB's EFI netboot image instead of `boot.ipxe`.
+    pub pxe_without_ipxe: bool,
 }
 
 /// The firmware the machine starts.
@@ -136,6 +139,7 @@ impl Default for Boot {
             serial_bytes_per_sec: None,
             firmware: Firmware::Bios,
             pxe_forwards: Vec::new(),
+            pxe_without_ipxe: false,
         }
     }
 }
@@ -309,13 +313,19 @@ impl Boot {
             Source::Pxe => {
                 let dir = artefact("pxe");
                 cmd.args(["-boot", "n"]);
-                let mut netdev = format!("user,id=net0,tftp={},bootfile=boot.ipxe", dir.display());
+                let (bootfile, rom) = if self.pxe_without_ipxe {
+                    ("boot/grub/x86_64-efi/core.efi", ",romfile=")
+                } else {
+                    ("boot.ipxe", "")
+                };
+                let mut netdev = format!("user,id=net0,tftp={},bootfile={bootfile}", dir.display());
                 for (host, guest) in &self.pxe_forwards {
                     netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{host}-:{guest}"));
                 }
                 cmd.arg("-netdev").arg(netdev);
                 // OVMF boots by the boot order QEMU gives it, not by `-boot`.
-                cmd.args(["-device", "virtio-net-pci,netdev=net0,bootindex=1"]);
+                cmd.arg("-device")
+                    .arg(format!("virtio-net-pci,netdev=net0,bootindex=1{rom}"));
             }
             Source::Linux {
                 ref kernel,

@@ -1,15 +1,20 @@
-//! Booting the image the ways operators deploy it: by PXE (iPXE script over QEMU's built-in
-//! DHCP/TFTP) and from the GRUB ISO (both `multiboot` and `multiboot2` menu entries).
+//! Booting the image the ways operators deploy it under the BIOS (SeaBIOS): by PXE (iPXE
+//! script over QEMU's built-in DHCP/TFTP) and from the GRUB ISO (both `multiboot` and
+//! `multiboot2` menu entries). Under UEFI: `uefi.rs`.
 
 use tests::{Boot, Image, Source, TIMEOUT};
 
 #[test]
 fn pxe_boot_with_ipxe_script() {
+    let disk = Image::new("deploy-pxe-disk", 16 << 20);
+    let port = tests::free_port();
     let mut q = Boot {
         source: Source::Pxe,
         machine: "pc".into(),
+        pxe_forwards: vec![(port, 10809)],
         ..Boot::default()
     }
+    .virtio_disk(&disk.path, "PXE-DISK")
     .start();
     // (iPXE prints its own progress on the VGA console only.)
     q.wait_prompt();
@@ -38,6 +43,8 @@ fn pxe_boot_with_ipxe_script() {
     q.settle(std::time::Duration::from_millis(300));
     let net = q.command("net");
     assert!(net.contains("address 10.0.2.15/24"), "{net}");
+    // BIOS iPXE loads the image itself, by Multiboot 1.
+    q.check_deployed("(Multiboot1)", &["vda"], &["vda"], port);
     q.poweroff();
 }
 

@@ -168,3 +168,63 @@ fn the_clock_runs_true_without_a_pit() {
     );
     q.poweroff();
 }
+
+#[test]
+fn pxe_under_ovmf_chains_grubs_efi_netboot_image() {
+    // The same DHCP boot file as under the BIOS, boot.ipxe: iPXE on UEFI cannot load a
+    // Multiboot image, so the script chains GRUB's EFI netboot image, which loads it by
+    // multiboot2 over TFTP.
+    let disk = Image::new("uefi-pxe-disk", 16 * MIB);
+    let port = tests::free_port();
+    let mut q = Boot {
+        source: Source::Pxe,
+        pxe_forwards: vec![(port, 10809)],
+        ..Boot::default()
+    }
+    .uefi()
+    .virtio_disk(&disk.path, "PXE-DISK")
+    .start();
+    q.expect("snapfw: loading boot.ipxe on efi", TIMEOUT * 2); // iPXE's line on the serial console
+    q.expect("snapfw (multiboot2, network)", TIMEOUT); // GRUB's menu
+    q.expect(tests::PROMPT, TIMEOUT * 2);
+    let log = q.transcript();
+    eprintln!(
+        "PXE under OVMF: prompt after {:?}; boot log:\n{}",
+        q.elapsed(),
+        boot_log(&log)
+    );
+    assert!(log.contains("booted by GRUB"), "{log}");
+    assert!(log.contains("(Multiboot2) on UEFI firmware"), "{log}");
+    q.check_deployed("(Multiboot2)", &["vda"], &["vda"], port);
+    let cmdline = q.command("cmdline");
+    assert!(
+        cmdline.contains("console=ttyS0,115200 loglevel=info"),
+        "{cmdline}"
+    );
+    q.poweroff();
+}
+
+#[test]
+fn pxe_by_the_uefi_firmware_alone_boots_grubs_efi_netboot_image() {
+    // A UEFI NIC without iPXE: the firmware's own PXE fetches the boot file DHCP names for
+    // UEFI clients, GRUB's EFI netboot image, whose menu loads the image by multiboot2.
+    let port = tests::free_port();
+    let mut q = Boot {
+        source: Source::Pxe,
+        pxe_forwards: vec![(port, 10809)],
+        pxe_without_ipxe: true,
+        ..Boot::default()
+    }
+    .uefi()
+    .start();
+    q.expect("snapfw (multiboot2, network)", TIMEOUT * 2);
+    q.expect(tests::PROMPT, TIMEOUT * 2);
+    eprintln!("PXE by OVMF alone: prompt after {:?}", q.elapsed());
+    let log = q.transcript();
+    assert!(
+        !log.contains("snapfw: loading boot.ipxe"),
+        "iPXE ran: {log}"
+    );
+    q.check_deployed("(Multiboot2) on UEFI firmware", &[], &[], port);
+    q.poweroff();
+}
