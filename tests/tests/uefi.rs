@@ -38,10 +38,11 @@ struct LargeStore {
     layout: ScatteredStore,
 }
 
-fn large_store() -> LargeStore {
+/// The large store in images named after `test` (tests run in parallel in one process).
+fn large_store(test: &str) -> LargeStore {
     let layout = ScatteredStore::new(LARGE_STORE_EXCEPTIONS, LARGE_ORIGIN_CHUNKS);
-    let origin = Image::new("uefi-large-origin", LARGE_ORIGIN_CHUNKS * CHUNK);
-    let cow = Image::new("uefi-large-cow", layout.cow_bytes);
+    let origin = Image::new(&format!("{test}-large-origin"), LARGE_ORIGIN_CHUNKS * CHUNK);
+    let cow = Image::new(&format!("{test}-large-cow"), layout.cow_bytes);
     let n = LARGE_STORE_EXCEPTIONS;
     let layout = write_scattered_store(
         &cow,
@@ -100,7 +101,7 @@ fn check_all_memory_and_the_large_store(q: &mut Qemu, store: &LargeStore) {
 fn iso_under_ovmf_with_8_gib_and_a_table_larger_than_128_mib() {
     // The hybrid ISO under UEFI firmware: GRUB's EFI menu on the serial line boots its
     // default entry, multiboot2; 8 GiB of memory, most of it above 4 GiB.
-    let store = large_store();
+    let store = large_store("uefi-iso");
     let port = tests::free_port();
     let mut q = Boot {
         source: Source::Iso,
@@ -226,5 +227,37 @@ fn pxe_by_the_uefi_firmware_alone_boots_grubs_efi_netboot_image() {
         "iPXE ran: {log}"
     );
     q.check_deployed("(Multiboot2) on UEFI firmware", &[], &[], port);
+    q.poweroff();
+}
+
+#[test]
+fn a_store_too_large_for_the_memory_is_refused_and_the_boot_goes_on() {
+    // The same store with 192 MiB of memory: its table cannot fit even after the heap grew
+    // to all but the DMA reserve, so the store is refused (no panic) and the disks are served.
+    let store = large_store("uefi-short");
+    let mut q = Boot::kernel("q35", "testing loglevel=info")
+        .memory_size("192M")
+        .virtio_disk(&store.origin.path, "LARGE-ORIGIN")
+        .virtio_disk(&store.cow.path, "LARGE-COW")
+        .start();
+    q.expect(tests::PROMPT, TIMEOUT * 3);
+    eprintln!("192 MiB, 6 M exceptions: prompt after {:?}", q.elapsed());
+    let log = q.transcript();
+    assert!(!log.contains("PANIC"), "{log}");
+    let list = q.command("snapshot list");
+    eprintln!("{list}\n{}", q.command("mem"));
+    assert!(!list.lines().any(|l| l.starts_with("large ")), "{list}");
+    assert!(
+        list.contains("store on vdb") && list.contains("memory"),
+        "{list}"
+    );
+    let mem = q.command("mem --json");
+    assert!(
+        json_u64(&mem, r#""heap":"#, "failed_allocations") > 0,
+        "{mem}"
+    );
+    // The appliance goes on: the origin reads and writes.
+    let out = q.command("write vda 0 8 --byte 0x5a");
+    assert!(out.contains("wrote 8 blocks"), "{out}");
     q.poweroff();
 }
