@@ -58,11 +58,10 @@ run: deps build $(DEMO_DISKS)
 iso: build
 	./scripts/mkiso.sh $(IMAGE) $(ISO)
 
+# The PXE folder: snapfw.elf, boot.ipxe (BIOS iPXE boots the image, UEFI iPXE chains GRUB's
+# EFI netboot image) and that image with its menu.
 pxe: build
-	@mkdir -p $(PXE_DIR)
-	cp $(IMAGE) $(PXE_DIR)/snapfw.elf
-	cp boot/ipxe/boot.ipxe $(PXE_DIR)/boot.ipxe
-	@echo "PXE folder: $(PXE_DIR) (serve it by TFTP/HTTP; boot file boot.ipxe)"
+	./scripts/mkpxe.sh $(IMAGE) $(PXE_DIR)
 
 # Every test: host unit tests, then QEMU tests that boot the real image every way.
 # The snapshot crate's crash enumeration prints how many crash states it checked; its log

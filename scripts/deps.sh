@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what building and testing snapfw needs, idempotently, on the machine image as it
-# comes new: the Debian packages in `tools` below (QEMU, iPXE ROMs, GRUB for BIOS, xorriso and
-# mtools for grub-mkrescue, qemu-utils, the NBD clients libnbd-bin, fio, nbdkit) with apt-get
-# when a tool they provide is missing, and the Rust target from rust-toolchain.toml.
+# comes new: the Debian packages in `tools` below (QEMU, iPXE ROMs, the OVMF UEFI firmware,
+# GRUB for BIOS and for x86_64 EFI, xorriso and mtools for grub-mkrescue, qemu-utils, the NBD
+# clients libnbd-bin, fio, nbdkit) with apt-get when a tool they provide is missing, and the
+# Rust target from rust-toolchain.toml.
 #
 # QEMU's packages are asked for as one set of one version: qemu-system-x86 and qemu-utils
 # share qemu-system-common's files, so apt removes a qemu-utils of another version (the image
@@ -37,7 +38,9 @@ tools=(
     "qemu-io qemu-utils"
     "qemu-nbd qemu-utils"
     "/usr/lib/ipxe/qemu/efi-virtio.rom|/usr/share/qemu/efi-virtio.rom ipxe-qemu"
+    "/usr/share/OVMF/OVMF_CODE_4M.fd|/usr/share/OVMF/OVMF_CODE.fd ovmf"
     "/usr/lib/grub/i386-pc grub-pc-bin"
+    "/usr/lib/grub/x86_64-efi grub-efi-amd64-bin"
     "grub-mkrescue grub-common"
     "xorriso xorriso"
     "mformat mtools"

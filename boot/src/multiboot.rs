@@ -1,6 +1,8 @@
 //! Parsing of the Multiboot 1 (spec 0.6.96 §3.3) and Multiboot 2 (spec 2.0 §3.6) boot
 //! information into a [`BootInfo`] that owns copies of everything the kernel needs: the
-//! command line, the boot loader's name, the memory map and (Multiboot 2) the ACPI RSDP.
+//! command line, the boot loader's name, the memory map (Multiboot 2: the BIOS-style map, or
+//! the EFI memory map when that is all the loader passes) and (Multiboot 2) the ACPI RSDP
+//! copies of both tags, and whether the firmware is UEFI.
 //!
 //! Memory is read through [`PhysMem`], so the parser runs on the host against fake memory
 //! and, on the appliance, against identity-mapped physical memory. Nothing here allocates:
@@ -14,8 +16,9 @@ pub const MULTIBOOT2_MAGIC: u32 = 0x36D7_6289;
 
 /// Longest command line kept; longer ones are cut and flagged.
 pub const CMDLINE_MAX: usize = 1024;
-/// Most memory-map entries kept.
-pub const MAX_REGIONS: usize = 64;
+/// Most memory-map entries kept (after merging neighbours of the same kind: EFI maps list
+/// many small ranges of the same use).
+pub const MAX_REGIONS: usize = 128;
 const LOADER_NAME_MAX: usize = 64;
 /// Largest Multiboot 2 information block accepted.
 const MB2_MAX_TOTAL: u32 = 1 << 20;
@@ -123,9 +126,15 @@ pub struct BootInfo {
     region_count: usize,
     /// The memory map had more entries than [`MAX_REGIONS`]; the rest were dropped.
     pub regions_truncated: bool,
-    /// Physical address of the loader's copy of the ACPI RSDP (Multiboot 2 tags 14/15).
+    /// Physical address of the loader's copy of the ACPI 2.0+ RSDP (Multiboot 2 tag 15).
     /// It lies inside the boot information: read it before reusing that memory.
-    pub rsdp: Option<u64>,
+    pub rsdp_new: Option<u64>,
+    /// Physical address of the loader's copy of the ACPI 1.0 RSDP (Multiboot 2 tag 14).
+    pub rsdp_old: Option<u64>,
+    /// The memory map came from the EFI memory map tag (the loader passed no other).
+    pub efi_memory_map: bool,
+    /// The loader says the firmware is UEFI (Multiboot 2 EFI system table or memory map tags).
+    pub uefi: bool,
 }
 
 impl BootInfo {
@@ -144,7 +153,10 @@ impl BootInfo {
             }; MAX_REGIONS],
             region_count: 0,
             regions_truncated: false,
-            rsdp: None,
+            rsdp_new: None,
+            rsdp_old: None,
+            efi_memory_map: false,
+            uefi: false,
         }
     }
 
@@ -163,19 +175,31 @@ impl BootInfo {
         &self.regions[..self.region_count]
     }
 
+    /// The RSDP copies the loader passed, the newer first.
+    pub fn rsdp(&self) -> impl Iterator<Item = u64> + '_ {
+        self.rsdp_new.into_iter().chain(self.rsdp_old)
+    }
+
     fn push_region(&mut self, start: u64, len: u64, kind: u32) {
+        self.push(start, len, RegionKind::from_type(kind));
+    }
+
+    fn push(&mut self, start: u64, len: u64, kind: RegionKind) {
         if len == 0 {
             return;
+        }
+        // A neighbour of the same kind extends the previous entry.
+        if let Some(last) = self.regions[..self.region_count].last_mut() {
+            if last.kind == kind && last.start.checked_add(last.len) == Some(start) {
+                last.len = last.len.saturating_add(len);
+                return;
+            }
         }
         if self.region_count == MAX_REGIONS {
             self.regions_truncated = true;
             return;
         }
-        self.regions[self.region_count] = MemoryRegion {
-            start,
-            len,
-            kind: RegionKind::from_type(kind),
-        };
+        self.regions[self.region_count] = MemoryRegion { start, len, kind };
         self.region_count += 1;
     }
 }
@@ -295,6 +319,7 @@ fn parse_mb2(info: u64, mem: &impl PhysMem) -> Result<BootInfo, BootError> {
     }
     let end = info + total as u64;
     let mut at = info + 8;
+    let mut efi_map = None;
     while at + 8 <= end {
         let kind = read_u32(mem, at)?;
         let size = read_u32(mem, at + 4)? as u64;
@@ -324,17 +349,67 @@ fn parse_mb2(info: u64, mem: &impl PhysMem) -> Result<BootInfo, BootError> {
                     }
                 }
             }
-            14 | 15 if size >= 8 + 20 && (boot.rsdp.is_none() || kind == 15) => {
-                boot.rsdp = Some(at + 8);
+            14 if size >= 8 + 20 => boot.rsdp_old = Some(at + 8),
+            15 if size >= 8 + 36 => boot.rsdp_new = Some(at + 8),
+            // EFI 32/64-bit system table pointers, EFI boot services not terminated, EFI
+            // 32/64-bit image handles.
+            11 | 12 | 18 | 19 | 20 => boot.uefi = true,
+            17 => {
+                boot.uefi = true;
+                efi_map = Some((at, size));
             }
             _ => {}
         }
         at += (size + 7) & !7;
     }
     if boot.region_count == 0 {
+        if let Some((tag, size)) = efi_map {
+            parse_efi_map(mem, tag, size, &mut boot)?;
+            boot.efi_memory_map = boot.region_count > 0;
+        }
+    }
+    if boot.region_count == 0 {
         return Err(BootError::NoMemoryMap);
     }
     Ok(boot)
+}
+
+/// What an EFI memory type (UEFI 2.10 §7.2, `EFI_MEMORY_TYPE`) is to the kernel, which runs
+/// after the loader left boot services: loader and boot-services memory is free RAM.
+fn efi_kind(kind: u32) -> RegionKind {
+    match kind {
+        // LoaderCode, LoaderData, BootServicesCode, BootServicesData, ConventionalMemory.
+        1 | 2 | 3 | 4 | 7 => RegionKind::Usable,
+        8 => RegionKind::Bad,
+        9 => RegionKind::AcpiReclaimable,
+        10 => RegionKind::AcpiNvs,
+        // Reserved, runtime services, MMIO, PAL code, persistent, unaccepted, OEM/OS types.
+        _ => RegionKind::Reserved,
+    }
+}
+
+/// The EFI memory map tag (type 17): descriptor size and version, then descriptors of at
+/// least 40 bytes (type, physical start, virtual start, pages of 4 KiB, attributes).
+fn parse_efi_map(
+    mem: &impl PhysMem,
+    tag: u64,
+    size: u64,
+    boot: &mut BootInfo,
+) -> Result<(), BootError> {
+    let descriptor = read_u32(mem, tag + 8)? as u64;
+    if descriptor < 40 || size < 16 {
+        return Ok(());
+    }
+    let mut e = tag + 16;
+    while e + descriptor <= tag + size {
+        let kind = read_u32(mem, e)?;
+        let start = read_u64(mem, e + 8)?;
+        let pages = read_u64(mem, e + 24)?;
+        let len = pages.saturating_mul(4096);
+        boot.push(start, len, efi_kind(kind));
+        e += descriptor;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -510,10 +585,187 @@ mod tests {
         assert_eq!(info.loader_name(), "GRUB 2.06");
         assert_eq!(info.regions().len(), 3);
         assert_eq!(info.regions()[1].kind, RegionKind::Reserved);
-        let rsdp = info.rsdp.unwrap();
+        let rsdp = info.rsdp_new.unwrap();
         let mut sig = [0u8; 8];
         assert!(mem.read(rsdp, &mut sig));
         assert_eq!(&sig, b"RSD PTR ");
+        assert_eq!(info.rsdp_old, None);
+        assert_eq!(info.rsdp().collect::<Vec<_>>(), vec![rsdp]);
+        assert!(!info.uefi && !info.efi_memory_map);
+    }
+
+    /// A Multiboot 2 block of `tags` (type, payload), with the end tag.
+    fn mb2_tags(tags: &[(u32, Vec<u8>)]) -> FakeMem {
+        let mut b = vec![0u8; 8];
+        for (kind, payload) in tags {
+            let at = b.len();
+            b.resize(at + 8 + payload.len(), 0);
+            put32(&mut b, at, *kind);
+            put32(&mut b, at + 4, 8 + payload.len() as u32);
+            b[at + 8..].copy_from_slice(payload);
+            b.resize(b.len().next_multiple_of(8), 0);
+        }
+        b.extend_from_slice(&[0, 0, 0, 0, 8, 0, 0, 0]);
+        let total = b.len() as u32;
+        put32(&mut b, 0, total);
+        FakeMem {
+            base: BASE,
+            bytes: b,
+        }
+    }
+
+    /// An EFI memory map tag's payload: descriptors of `size` bytes.
+    fn efi_map(size: usize, entries: &[(u32, u64, u64)]) -> Vec<u8> {
+        let mut p = vec![0u8; 8 + entries.len() * size];
+        put32(&mut p, 0, size as u32);
+        put32(&mut p, 4, 1);
+        for (i, (kind, start, pages)) in entries.iter().enumerate() {
+            let e = 8 + i * size;
+            put32(&mut p, e, *kind);
+            put64(&mut p, e + 8, *start);
+            put64(&mut p, e + 16, 0xdead_0000); // virtual start: ignored
+            put64(&mut p, e + 24, *pages);
+            put64(&mut p, e + 32, 0xf);
+        }
+        p
+    }
+
+    fn rsdp_payload(revision: u8, len: usize) -> Vec<u8> {
+        let mut p = vec![0u8; len.max(16)];
+        p[..8].copy_from_slice(b"RSD PTR ");
+        p[15] = revision;
+        p.truncate(len);
+        p
+    }
+
+    #[test]
+    fn multiboot2_efi_memory_map_when_it_is_the_only_map() {
+        // As OVMF lays out a q35 with 8 GiB: boot-services and loader memory is free RAM once
+        // the loader left boot services; runtime services, MMIO and ACPI NVS are not.
+        let entries = [
+            (3u32, 0u64, 0xA0u64),         // boot services code, 0..640 KiB
+            (7, 0x10_0000, 0x700),         // conventional
+            (2, 0x80_0000, 0x100),         // loader data, adjacent: merged
+            (4, 0x90_0000, 0x100),         // boot services data, adjacent: merged
+            (10, 0xA0_0000, 0x10),         // ACPI NVS
+            (9, 0xA1_0000, 0x10),          // ACPI reclaim
+            (6, 0xA2_0000, 0x20),          // runtime services data
+            (11, 0xFFC0_0000, 0x400),      // MMIO (flash)
+            (7, 0x1_0000_0000, 0x18_0000), // 6 GiB above 4 GiB
+            (8, 0x2_8000_0000, 1),         // unusable
+        ];
+        for size in [40usize, 48] {
+            let mem = mb2_tags(&[
+                (1, b"snapfw.elf\0".to_vec()),
+                (12, vec![0u8; 8]),
+                (17, efi_map(size, &entries)),
+            ]);
+            let info = parse(MULTIBOOT2_MAGIC, BASE, &mem).unwrap();
+            assert!(info.uefi && info.efi_memory_map);
+            let got: Vec<(u64, u64, RegionKind)> = info
+                .regions()
+                .iter()
+                .map(|r| (r.start, r.len, r.kind))
+                .collect();
+            assert_eq!(
+                got,
+                vec![
+                    (0, 0xA0_000, RegionKind::Usable),
+                    (0x10_0000, 0x900_000, RegionKind::Usable),
+                    (0xA0_0000, 0x10_000, RegionKind::AcpiNvs),
+                    (0xA1_0000, 0x10_000, RegionKind::AcpiReclaimable),
+                    (0xA2_0000, 0x20_000, RegionKind::Reserved),
+                    (0xFFC0_0000, 0x40_0000, RegionKind::Reserved),
+                    (0x1_0000_0000, 6 << 30, RegionKind::Usable),
+                    (0x2_8000_0000, 0x1000, RegionKind::Bad),
+                ],
+                "descriptor size {size}"
+            );
+        }
+    }
+
+    #[test]
+    fn multiboot2_prefers_the_bios_style_map_over_the_efi_map() {
+        let mut bios = vec![0u8; 8 + 24];
+        put32(&mut bios, 0, 24);
+        put64(&mut bios, 8, 0x10_0000);
+        put64(&mut bios, 16, 0x100_0000);
+        put32(&mut bios, 24, 1);
+        let mem = mb2_tags(&[(17, efi_map(48, &[(7, 0, 0x10_0000)])), (6, bios)]);
+        let info = parse(MULTIBOOT2_MAGIC, BASE, &mem).unwrap();
+        assert!(info.uefi && !info.efi_memory_map);
+        assert_eq!(info.regions().len(), 1);
+        assert_eq!(info.regions()[0].start, 0x10_0000);
+    }
+
+    #[test]
+    fn multiboot2_efi_maps_that_lie_do_not_panic_or_loop() {
+        // Descriptor size below the spec's 40, zero, huge; pages that overflow.
+        for size in [0u32, 8, 39, 0xFFFF_FFF0] {
+            let mut payload = efi_map(40, &[(7, 0x10_0000, 0x100)]);
+            put32(&mut payload, 0, size);
+            let mem = mb2_tags(&[(17, payload)]);
+            assert_eq!(
+                parse(MULTIBOOT2_MAGIC, BASE, &mem).unwrap_err(),
+                BootError::NoMemoryMap,
+                "descriptor size {size}"
+            );
+        }
+        let mem = mb2_tags(&[(17, efi_map(40, &[(7, 0x10_0000, u64::MAX)]))]);
+        let info = parse(MULTIBOOT2_MAGIC, BASE, &mem).unwrap();
+        assert_eq!(info.regions()[0].len, u64::MAX);
+    }
+
+    #[test]
+    fn multiboot2_keeps_both_rsdp_tags_newer_first() {
+        let mut bios = vec![0u8; 8 + 24];
+        put32(&mut bios, 0, 24);
+        put64(&mut bios, 16, 0x100_0000);
+        put32(&mut bios, 24, 1);
+        // GRUB passes the old tag, then the new one.
+        let mem = mb2_tags(&[
+            (6, bios.clone()),
+            (14, rsdp_payload(0, 20)),
+            (15, rsdp_payload(2, 36)),
+        ]);
+        let info = parse(MULTIBOOT2_MAGIC, BASE, &mem).unwrap();
+        let (old, new) = (info.rsdp_old.unwrap(), info.rsdp_new.unwrap());
+        assert!(new > old);
+        assert_eq!(info.rsdp().collect::<Vec<_>>(), vec![new, old]);
+        let mut rev = [0u8; 1];
+        assert!(mem.read(new + 15, &mut rev) && rev[0] == 2);
+        // The old tag alone (an ACPI 1.0 machine).
+        let mem = mb2_tags(&[(6, bios.clone()), (14, rsdp_payload(0, 20))]);
+        let info = parse(MULTIBOOT2_MAGIC, BASE, &mem).unwrap();
+        assert_eq!(info.rsdp_new, None);
+        assert_eq!(info.rsdp().count(), 1);
+        // Tags too short for an RSDP are ignored.
+        let mem = mb2_tags(&[
+            (6, bios),
+            (14, rsdp_payload(0, 12)),
+            (15, rsdp_payload(2, 20)),
+        ]);
+        let info = parse(MULTIBOOT2_MAGIC, BASE, &mem).unwrap();
+        assert_eq!(info.rsdp().count(), 0);
+    }
+
+    #[test]
+    fn a_long_map_of_neighbours_merges_and_a_longer_one_is_cut() {
+        let entries: Vec<(u32, u64, u64)> = (0..300u64)
+            .map(|i| (if i % 2 == 0 { 7 } else { 4 }, 0x10_0000 + i * 0x1000, 1))
+            .collect();
+        let mem = mb2_tags(&[(17, efi_map(40, &entries))]);
+        let info = parse(MULTIBOOT2_MAGIC, BASE, &mem).unwrap();
+        assert_eq!(info.regions().len(), 1);
+        assert_eq!(info.regions()[0].len, 300 * 0x1000);
+        assert!(!info.regions_truncated);
+        let entries: Vec<(u32, u64, u64)> = (0..300u64)
+            .map(|i| (if i % 2 == 0 { 7 } else { 0 }, 0x10_0000 + i * 0x1000, 1))
+            .collect();
+        let mem = mb2_tags(&[(17, efi_map(40, &entries))]);
+        let info = parse(MULTIBOOT2_MAGIC, BASE, &mem).unwrap();
+        assert_eq!(info.regions().len(), MAX_REGIONS);
+        assert!(info.regions_truncated);
     }
 
     #[test]

@@ -1,6 +1,7 @@
-//! ACPI table parsing (ACPI 6.5 ch. 5): the RSDP, RSDT/XSDT, MADT (local APIC and IOAPIC
-//! addresses, ISA interrupt overrides), FADT (power-off and reset registers), the DSDT's
-//! `\_S5` sleep type, and MCFG (PCI Express ECAM windows).
+//! ACPI table parsing (ACPI 6.5 ch. 5): the RSDP (from the boot loader's copies, the BIOS
+//! areas, or the firmware's ACPI memory, see [`locate`]), RSDT/XSDT, MADT (local APIC and
+//! IOAPIC addresses, ISA interrupt overrides), FADT (power-off and reset registers, the PM
+//! timer), the DSDT's `\_S5` sleep type, and MCFG (PCI Express ECAM windows).
 //!
 //! Pure logic over [`boot::multiboot::PhysMem`], tested on the host against hand-made
 //! tables. Nothing allocates. Tables with a bad checksum are skipped and reported.
@@ -79,6 +80,118 @@ pub struct ResetRegister {
     pub value: u8,
 }
 
+/// The ACPI PM timer: a free-running counter at [`PmTimer::HZ`] (ACPI 6.5 §4.8.3.3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PmTimer {
+    /// Its I/O port.
+    pub port: u16,
+    /// 32 bits wide (FADT flag TMR_VAL_EXT); otherwise 24.
+    pub bits32: bool,
+}
+
+impl PmTimer {
+    /// The counter's rate: 3.579545 MHz.
+    pub const HZ: u64 = 3_579_545;
+
+    /// Ticks from `start` to `now`, read from the port, across one wrap of the counter.
+    pub fn elapsed(&self, start: u32, now: u32) -> u32 {
+        let mask = if self.bits32 { u32::MAX } else { 0x00FF_FFFF };
+        now.wrapping_sub(start) & mask
+    }
+
+    /// Microseconds in `ticks`.
+    pub fn micros(ticks: u32) -> u64 {
+        u64::from(ticks) * 1_000_000 / Self::HZ
+    }
+}
+
+/// Where the RSDP was found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RsdpSource {
+    /// The boot loader's copy of an ACPI 2.0+ RSDP (Multiboot 2 tag 15).
+    LoaderNew,
+    /// The boot loader's copy of an ACPI 1.0 RSDP (Multiboot 2 tag 14).
+    LoaderOld,
+    /// The BIOS areas (EBDA, 0xE0000..0xFFFFF).
+    BiosArea,
+    /// The firmware's ACPI memory of the memory map (UEFI firmware keeps the RSDP there; for
+    /// loaders that pass no copy, such as Multiboot 1 under UEFI).
+    AcpiMemory,
+}
+
+impl RsdpSource {
+    /// For the boot log.
+    pub fn describe(self) -> &'static str {
+        match self {
+            RsdpSource::LoaderNew => "the boot loader's ACPI 2.0 RSDP tag",
+            RsdpSource::LoaderOld => "the boot loader's ACPI 1.0 RSDP tag",
+            RsdpSource::BiosArea => "the BIOS area",
+            RsdpSource::AcpiMemory => "the firmware's ACPI memory",
+        }
+    }
+}
+
+/// Most bytes of each ACPI memory range searched for the RSDP.
+const ACPI_MEMORY_SCAN: u64 = 4 << 20;
+
+/// Searches `ranges` (`[start, end)`, the ACPI reclaimable and NVS ranges of the memory map)
+/// for an RSDP with a valid checksum, on 16-byte boundaries, the first 4 MiB of each.
+pub fn find_rsdp_in(mem: &impl PhysMem, ranges: &[(u64, u64)]) -> Option<u64> {
+    for &(start, end) in ranges {
+        let Some(mut at) = start.checked_next_multiple_of(16) else {
+            continue;
+        };
+        let end = end.min(start.saturating_add(ACPI_MEMORY_SCAN));
+        let mut block = [0u8; 4096];
+        while at.saturating_add(20) <= end {
+            let n = ((end - at) as usize).min(block.len());
+            if !mem.read(at, &mut block[..n]) {
+                at += n as u64;
+                continue;
+            }
+            let mut i = 0;
+            while i + 8 <= n {
+                if &block[i..i + 8] == b"RSD PTR " && checksum_ok(mem, at + i as u64, 20) {
+                    return Some(at + i as u64);
+                }
+                i += 16;
+            }
+            at += n as u64;
+        }
+    }
+    None
+}
+
+/// Finds and parses ACPI: the loader's RSDP copies (newer first), the BIOS areas, then the
+/// firmware's ACPI memory ranges; the first RSDP that parses wins. The error is the first
+/// candidate's, or [`AcpiError::NoRsdp`] when there was none.
+pub fn locate(
+    mem: &impl PhysMem,
+    loader_new: Option<u64>,
+    loader_old: Option<u64>,
+    acpi_memory: &[(u64, u64)],
+) -> Result<(AcpiInfo, RsdpSource, u64), AcpiError> {
+    let mut first_error = None;
+    let mut attempt = |addr: Option<u64>, source| -> Option<(AcpiInfo, RsdpSource, u64)> {
+        let addr = addr?;
+        match parse(mem, addr) {
+            Ok(info) => Some((info, source, addr)),
+            Err(e) => {
+                first_error.get_or_insert(e);
+                None
+            }
+        }
+    };
+    if let Some(found) = attempt(loader_new, RsdpSource::LoaderNew)
+        .or_else(|| attempt(loader_old, RsdpSource::LoaderOld))
+        .or_else(|| attempt(find_rsdp(mem), RsdpSource::BiosArea))
+        .or_else(|| attempt(find_rsdp_in(mem, acpi_memory), RsdpSource::AcpiMemory))
+    {
+        return Ok(found);
+    }
+    Err(first_error.unwrap_or(AcpiError::NoRsdp))
+}
+
 /// What the kernel uses from ACPI.
 #[derive(Clone, Debug, Default)]
 pub struct AcpiInfo {
@@ -108,6 +221,8 @@ pub struct AcpiInfo {
     pub s5_sleep_type: Option<(u8, u8)>,
     /// The FADT reset register, when the firmware says it is supported.
     pub reset: Option<ResetRegister>,
+    /// The ACPI power-management timer (FADT), when it is in I/O space.
+    pub pm_timer: Option<PmTimer>,
     /// Tables skipped for a bad checksum (signature).
     pub bad_tables: [[u8; 4]; 4],
     /// How many entries of `bad_tables` are used.
@@ -336,6 +451,27 @@ fn parse_fadt(mem: &impl PhysMem, t: &[u8], info: &mut AcpiInfo) {
             value: t[128],
         });
     }
+    // PM timer: X_PM_TMR_BLK (a generic address, ACPI 2.0+) if it is in I/O space, else
+    // PM_TMR_BLK with its length of 4.
+    let timer_32 = flags & (1 << 8) != 0;
+    let x_timer = if t.len() >= 220 && t[208] == 1 {
+        u64_at(t, 212)
+    } else {
+        0
+    };
+    let port = if x_timer != 0 {
+        x_timer
+    } else if t.get(91) == Some(&4) {
+        u64::from(u32_at(t, 76))
+    } else {
+        0
+    };
+    if let Ok(port @ 1..) = u16::try_from(port) {
+        info.pm_timer = Some(PmTimer {
+            port,
+            bits32: timer_32,
+        });
+    }
     let x_dsdt = if t.len() >= 148 { u64_at(t, 140) } else { 0 };
     let dsdt = if x_dsdt != 0 {
         x_dsdt
@@ -487,6 +623,8 @@ mod tests {
         fadt[48 - 36..52 - 36].copy_from_slice(&0xB2u32.to_le_bytes());
         fadt[52 - 36] = 0xF1;
         fadt[64 - 36..68 - 36].copy_from_slice(&0x604u32.to_le_bytes());
+        fadt[76 - 36..80 - 36].copy_from_slice(&0x608u32.to_le_bytes());
+        fadt[91 - 36] = 4;
         fadt[112 - 36..116 - 36].copy_from_slice(&(1u32 << 10).to_le_bytes());
         fadt[116 - 36] = 1;
         fadt[120 - 36..128 - 36].copy_from_slice(&0xCF9u64.to_le_bytes());
@@ -537,6 +675,13 @@ mod tests {
                 value: 6
             })
         );
+        assert_eq!(
+            info.pm_timer,
+            Some(PmTimer {
+                port: 0x608,
+                bits32: false
+            })
+        );
         assert_eq!(info.ecam().len(), 1);
         assert_eq!(info.ecam()[0].base, 0xB000_0000);
         assert_eq!(info.ecam()[0].end_bus, 255);
@@ -568,6 +713,84 @@ mod tests {
         let mem = Mem(vec![0u8; 0x100000]);
         assert_eq!(find_rsdp(&mem), None);
         assert_eq!(parse(&mem, 0xF0000).unwrap_err(), AcpiError::NoRsdp);
+    }
+
+    /// The machine as UEFI firmware lays it out: no RSDP in the BIOS areas, an ACPI 2.0
+    /// RSDP (with an XSDT) in ACPI memory at 0x7000, the RSDT's tables as before.
+    fn uefi_machine() -> Mem {
+        let mut mem = machine();
+        mem.0[0xF0000..0xF0000 + 36].fill(0);
+        let r = 0x7000;
+        mem.0[r..r + 8].copy_from_slice(b"RSD PTR ");
+        mem.0[r + 9..r + 15].copy_from_slice(b"OVMF  ");
+        mem.0[r + 15] = 2;
+        mem.0[r + 16..r + 20].copy_from_slice(&0x1000u32.to_le_bytes());
+        mem.0[r + 20..r + 24].copy_from_slice(&36u32.to_le_bytes());
+        mem.0[r + 24..r + 32].copy_from_slice(&0x6000u64.to_le_bytes());
+        fix_checksum(&mut mem.0, r, 20, r + 8);
+        fix_checksum(&mut mem.0, r, 36, r + 32);
+        let entries: Vec<u8> = [0x2000u64, 0x3000, 0x5000]
+            .iter()
+            .flat_map(|e| e.to_le_bytes())
+            .collect();
+        table(&mut mem.0, 0x6000, b"XSDT", &entries);
+        mem
+    }
+
+    #[test]
+    fn the_rsdp_is_found_where_each_firmware_and_loader_puts_it() {
+        let mem = uefi_machine();
+        assert_eq!(find_rsdp(&mem), None, "no BIOS area under UEFI");
+        // The loader's copies first, the newer before the older.
+        let (info, source, at) = locate(&mem, Some(0x7000), Some(0xF0000), &[]).unwrap();
+        assert_eq!(
+            (source, at, &info.oem),
+            (RsdpSource::LoaderNew, 0x7000, b"OVMF  ")
+        );
+        assert_eq!(info.revision, 2);
+        assert_eq!(info.local_apic, 0xFEE0_0000);
+        // A bad newer copy falls back to the older one.
+        let (_, source, _) = locate(&machine(), Some(0x7000), Some(0xF0000), &[]).unwrap();
+        assert_eq!(source, RsdpSource::LoaderOld);
+        // No copy (Multiboot 1): the BIOS area, else the firmware's ACPI memory.
+        let (_, source, at) = locate(&machine(), None, None, &[(0x7000, 0x8000)]).unwrap();
+        assert_eq!((source, at), (RsdpSource::BiosArea, 0xF0000));
+        let (info, source, at) =
+            locate(&mem, None, None, &[(0x100, 0x6800), (0x6f00, 0x8000)]).unwrap();
+        assert_eq!((source, at), (RsdpSource::AcpiMemory, 0x7000));
+        assert_eq!(info.pm_timer.map(|t| t.port), Some(0x608));
+        // Nowhere: the error of the first candidate tried, or NoRsdp.
+        assert_eq!(
+            locate(&mem, None, None, &[(0x100, 0x6800)]).unwrap_err(),
+            AcpiError::NoRsdp
+        );
+        let mut bad = mem.0.clone();
+        bad[0x7000 + 9] ^= 1;
+        assert_eq!(
+            locate(&Mem(bad), Some(0x7000), None, &[]).unwrap_err(),
+            AcpiError::BadRsdpChecksum
+        );
+        // Ranges past readable memory or absurd do not panic.
+        assert_eq!(find_rsdp_in(&mem, &[(u64::MAX - 8, u64::MAX)]), None);
+    }
+
+    #[test]
+    fn pm_timer_ticks_across_a_wrap() {
+        let t24 = PmTimer {
+            port: 0x608,
+            bits32: false,
+        };
+        assert_eq!(t24.elapsed(100, 3679), 3579);
+        assert_eq!(t24.elapsed(0x00FF_FFF0, 0x10), 0x20);
+        // The upper byte of a 24-bit timer reads as anything.
+        assert_eq!(t24.elapsed(0xAAFF_FFF0, 0x5500_0010), 0x20);
+        let t32 = PmTimer {
+            port: 0x608,
+            bits32: true,
+        };
+        assert_eq!(t32.elapsed(0xFFFF_FFF0, 0x10), 0x20);
+        assert_eq!(PmTimer::micros(35_795), 9_999);
+        assert_eq!(PmTimer::micros(3_579_545), 1_000_000);
     }
 
     #[test]

@@ -5,6 +5,7 @@ use core::fmt::Write;
 
 use boot::multiboot::{self, BootInfo};
 
+use crate::arch::refclock::RefClock;
 use crate::arch::{apic, cpu, gdt, interrupts, ioapic, pic};
 use crate::cmdline::CmdLine;
 use crate::memory::IdentityMemory;
@@ -43,12 +44,28 @@ pub fn start(magic: u32, info: u32) -> ! {
     };
 
     // ACPI before the heap: a Multiboot 2 RSDP copy lives in loader memory we may reuse.
-    let rsdp = boot.rsdp.or_else(|| acpi::find_rsdp(&IdentityMemory));
-    let acpi_result = rsdp
-        .ok_or(acpi::AcpiError::NoRsdp)
-        .and_then(|r| acpi::parse(&IdentityMemory, r));
+    // Without a copy (Multiboot 1), the BIOS areas, else the firmware's ACPI memory (UEFI).
+    let mut acpi_memory = [(0u64, 0u64); 16];
+    let mut acpi_ranges = 0;
+    for r in boot.regions().iter().filter(|r| {
+        matches!(
+            r.kind,
+            multiboot::RegionKind::AcpiReclaimable | multiboot::RegionKind::AcpiNvs
+        )
+    }) {
+        if acpi_ranges < acpi_memory.len() {
+            acpi_memory[acpi_ranges] = (r.start, r.start.saturating_add(r.len));
+            acpi_ranges += 1;
+        }
+    }
+    let acpi_result = acpi::locate(
+        &IdentityMemory,
+        boot.rsdp_new,
+        boot.rsdp_old,
+        &acpi_memory[..acpi_ranges],
+    );
 
-    let heap = match memory::init(boot) {
+    let memory = match memory::init(boot) {
         Ok(h) => h,
         Err(e) => fatal(format_args!("{e}")),
     };
@@ -63,7 +80,7 @@ pub fn start(magic: u32, info: u32) -> ! {
     crate::logger::init(cmdline.loglevel.unwrap_or(log::LevelFilter::Info));
 
     log::info!(
-        "snapfw {} ({}) booted by {} ({:?}), heap {} MiB",
+        "snapfw {} ({}) booted by {} ({:?}){}, heap {} MiB",
         env!("CARGO_PKG_VERSION"),
         crate::build_info::GIT_COMMIT,
         if boot.loader_name().is_empty() {
@@ -72,8 +89,24 @@ pub fn start(magic: u32, info: u32) -> ! {
             boot.loader_name()
         },
         boot.protocol,
-        heap >> 20
+        if boot.uefi { " on UEFI firmware" } else { "" },
+        memory.heap >> 20
     );
+    if boot.efi_memory_map {
+        log::info!("memory map: the EFI memory map (the loader passed no other)");
+    }
+    log::info!(
+        "memory: {} MiB usable in {} ranges ({} MiB above 4 GiB); the heap grows into it",
+        memory.usable >> 20,
+        memory.ranges,
+        memory.above_4g >> 20
+    );
+    if memory.unused > 0 || memory.truncated || boot.regions_truncated {
+        log::warn!(
+            "memory: the memory map was cut or not all of it could be mapped; {} MiB unused",
+            memory.unused >> 20
+        );
+    }
     for warning in cmdline.warnings() {
         log::warn!("command line: {warning}");
     }
@@ -85,7 +118,14 @@ pub fn start(magic: u32, info: u32) -> ! {
     }
 
     let acpi_info = match acpi_result {
-        Ok(info) => {
+        Ok((info, source, at)) => {
+            log::info!(
+                "ACPI {}.0: RSDP at {at:#x} from {}, OEM '{}', {} CPUs",
+                if info.revision >= 2 { 2 } else { 1 },
+                source.describe(),
+                core::str::from_utf8(&info.oem).unwrap_or("?").trim_end(),
+                info.cpus
+            );
             for bad in &info.bad_tables[..info.bad_table_count] {
                 log::warn!(
                     "ACPI table {} has a bad checksum; skipped",
@@ -113,12 +153,15 @@ pub fn start(magic: u32, info: u32) -> ! {
     interrupts::register(interrupts::UART_VECTOR, serial::on_interrupt);
     ioapic::route(gsi, interrupts::UART_VECTOR, apic::id(), active_low, level);
     let ecam = acpi_info.ecam().first().copied();
+    let pm_timer = acpi_info.pm_timer;
     power::set_acpi(acpi_info);
 
-    let tsc_hz = apic::start_timer();
+    let clock = RefClock::choose(pm_timer);
+    let tsc_hz = apic::start_timer(|| clock.wait_ms(10));
     time::set_tsc_hz(tsc_hz);
-    log::debug!(
-        "TSC {} MHz, APIC timer {} kHz",
+    log::info!(
+        "timer: calibrated on {}: TSC {} MHz, APIC timer {} kHz",
+        clock.describe(),
         tsc_hz / 1_000_000,
         apic::timer_hz() / 1000
     );

@@ -1,4 +1,5 @@
-//! Time since boot from the TSC, calibrated against the PIT at boot.
+//! Time since boot from the TSC, calibrated at boot against the ACPI PM timer or the PIT
+//! (`arch::refclock`).
 
 use core::sync::atomic::{AtomicU64, Ordering};
 

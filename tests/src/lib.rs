@@ -16,6 +16,7 @@
 //! what snapfw writes against what Linux reads, and the other way round.
 
 pub mod cow;
+pub mod store;
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -71,6 +72,38 @@ pub struct Boot {
     /// them (QEMU's UART otherwise sends at once): once QEMU's pipe is full the guest's
     /// transmitter waits, as on hardware. `None`: as fast as QEMU writes.
     pub serial_bytes_per_sec: Option<u32>,
+    /// The machine's firmware.
+    pub firmware: Firmware,
+    /// TCP forwards `(host port on 127.0.0.1, guest port)` on the NIC a PXE boot uses.
+    pub pxe_forwards: Vec<(u16, u16)>,
+    /// PXE by the UEFI firmware's own network stack, without iPXE (the NIC's option ROM
+    /// left out): DHCP's boot file is GRUB's EFI netboot image instead of `boot.ipxe`.
+    pub pxe_without_ipxe: bool,
+}
+
+/// The firmware the machine starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Firmware {
+    /// QEMU's default, SeaBIOS (legacy BIOS; iPXE's BIOS ROMs for network boot).
+    Bios,
+    /// OVMF (UEFI, package `ovmf`): its code read-only, its variable store a copy made for
+    /// this run and removed with it (the package's file is never written); iPXE's EFI ROMs
+    /// for network boot.
+    Uefi,
+}
+
+/// OVMF's code and its pristine variable store (Debian's 4 MiB build, else the 2 MiB one).
+pub fn ovmf_files() -> (PathBuf, PathBuf) {
+    for (code, vars) in [
+        ("OVMF_CODE_4M.fd", "OVMF_VARS_4M.fd"),
+        ("OVMF_CODE.fd", "OVMF_VARS.fd"),
+    ] {
+        let dir = std::path::Path::new("/usr/share/OVMF");
+        if dir.join(code).exists() && dir.join(vars).exists() {
+            return (dir.join(code), dir.join(vars));
+        }
+    }
+    panic!("OVMF is missing (/usr/share/OVMF): run `make deps` (package ovmf)");
 }
 
 /// Where the image comes from.
@@ -104,6 +137,9 @@ impl Default for Boot {
             extra: Vec::new(),
             no_reboot: true,
             serial_bytes_per_sec: None,
+            firmware: Firmware::Bios,
+            pxe_forwards: Vec::new(),
+            pxe_without_ipxe: false,
         }
     }
 }
@@ -226,11 +262,38 @@ impl Boot {
         ])
     }
 
+    /// Boots under UEFI (OVMF) instead of the BIOS.
+    pub fn uefi(mut self) -> Boot {
+        self.firmware = Firmware::Uefi;
+        self
+    }
+
     /// Starts QEMU.
     pub fn start(&self) -> Qemu {
         let accel = std::env::var("ACCEL").unwrap_or_else(|_| "tcg".into());
         let mut cmd = Command::new("qemu-system-x86_64");
         cmd.args(["-accel", &accel, "-M", &self.machine, "-m", &self.memory]);
+        let mut scratch = None;
+        if self.firmware == Firmware::Uefi {
+            let (code, vars) = ovmf_files();
+            let dir = std::env::temp_dir().join(format!(
+                "snapfw-ovmf-{}-{}",
+                std::process::id(),
+                NEXT_SCRATCH.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            ));
+            std::fs::create_dir_all(&dir).expect("OVMF scratch folder");
+            let copy = dir.join("vars.fd");
+            std::fs::copy(&vars, &copy).expect("copy OVMF's variable store");
+            cmd.arg("-drive").arg(format!(
+                "if=pflash,format=raw,unit=0,readonly=on,file={}",
+                code.display()
+            ));
+            cmd.arg("-drive").arg(format!(
+                "if=pflash,format=raw,unit=1,file={}",
+                copy.display()
+            ));
+            scratch = Some(dir);
+        }
         cmd.args(["-display", "none", "-monitor", "none", "-serial", "stdio"]);
         cmd.args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]);
         if self.no_reboot {
@@ -250,11 +313,19 @@ impl Boot {
             Source::Pxe => {
                 let dir = artefact("pxe");
                 cmd.args(["-boot", "n"]);
-                cmd.arg("-netdev").arg(format!(
-                    "user,id=net0,tftp={},bootfile=boot.ipxe",
-                    dir.display()
-                ));
-                cmd.args(["-device", "virtio-net-pci,netdev=net0"]);
+                let (bootfile, rom) = if self.pxe_without_ipxe {
+                    ("boot/grub/x86_64-efi/core.efi", ",romfile=")
+                } else {
+                    ("boot.ipxe", "")
+                };
+                let mut netdev = format!("user,id=net0,tftp={},bootfile={bootfile}", dir.display());
+                for (host, guest) in &self.pxe_forwards {
+                    netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{host}-:{guest}"));
+                }
+                cmd.arg("-netdev").arg(netdev);
+                // OVMF boots by the boot order QEMU gives it, not by `-boot`.
+                cmd.arg("-device")
+                    .arg(format!("virtio-net-pci,netdev=net0,bootindex=1{rom}"));
             }
             Source::Linux {
                 ref kernel,
@@ -265,7 +336,9 @@ impl Boot {
             }
         }
         cmd.args(&self.extra);
-        Qemu::spawn(cmd, self.serial_bytes_per_sec)
+        let mut q = Qemu::spawn(cmd, self.serial_bytes_per_sec);
+        q.scratch = scratch;
+        q
     }
 }
 
@@ -282,7 +355,11 @@ pub struct Qemu {
     /// Bytes before this offset have been consumed by `expect`.
     cursor: usize,
     started: Instant,
+    /// A folder of this run's files (OVMF's variable store), removed with it.
+    scratch: Option<PathBuf>,
 }
+
+static NEXT_SCRATCH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 impl Qemu {
     fn spawn(mut cmd: Command, bytes_per_sec: Option<u32>) -> Qemu {
@@ -333,6 +410,7 @@ impl Qemu {
             output,
             cursor: 0,
             started: Instant::now(),
+            scratch: None,
         }
     }
 
@@ -418,6 +496,41 @@ impl Qemu {
             std::thread::sleep(Duration::from_millis(50));
         }
         self.settle(Duration::from_millis(300));
+    }
+
+    /// What every deployed boot must show: `protocol` in the boot log (e.g. `(Multiboot2)`),
+    /// ACPI found, `devices` listing `disks`, and the NBD server serving `exports` to
+    /// `nbdinfo` through the forward from host port `nbd_port`.
+    pub fn check_deployed(
+        &mut self,
+        protocol: &str,
+        disks: &[&str],
+        exports: &[&str],
+        nbd_port: u16,
+    ) {
+        let boot_log = self.transcript();
+        assert!(boot_log.contains(protocol), "{protocol}:\n{boot_log}");
+        assert!(
+            boot_log.contains("INFO  ACPI ") && !boot_log.contains("no ACPI RSDP"),
+            "ACPI found:\n{boot_log}"
+        );
+        let devices = self.command("devices");
+        for disk in disks {
+            assert!(devices.contains(disk), "{disk} in devices: {devices}");
+        }
+        self.wait_nbd_serving();
+        let out = Command::new("nbdinfo")
+            .args(["--list", &format!("nbd://127.0.0.1:{nbd_port}")])
+            .output()
+            .expect("nbdinfo (run `make deps`)");
+        let listing = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "nbdinfo --list: {out:?}");
+        for export in exports {
+            assert!(
+                listing.contains(&format!("export=\"{export}\"")),
+                "{export} served: {listing}"
+            );
+        }
     }
 
     /// Waits until the console has been quiet for `quiet` (at most [`TIMEOUT`]), then skips
@@ -541,6 +654,9 @@ impl Qemu {
 impl Drop for Qemu {
     fn drop(&mut self) {
         self.kill();
+        if let Some(dir) = self.scratch.take() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 

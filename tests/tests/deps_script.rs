@@ -19,7 +19,9 @@ const ALL: &[&str] = &[
     "qemu-system-x86",
     "qemu-utils",
     "ipxe-qemu",
+    "ovmf",
     "grub-pc-bin",
+    "grub-efi-amd64-bin",
     "grub-common",
     "xorriso",
     "mtools",
@@ -151,7 +153,9 @@ fn assert_every_tool(m: &Machine) {
         "usr/bin/qemu-io",
         "usr/bin/qemu-nbd",
         "usr/lib/ipxe/qemu/efi-virtio.rom",
+        "usr/share/OVMF/OVMF_CODE_4M.fd",
         "usr/lib/grub/i386-pc",
+        "usr/lib/grub/x86_64-efi",
         "usr/bin/grub-mkrescue",
         "usr/bin/xorriso",
         "usr/bin/mformat",
@@ -267,6 +271,28 @@ fn qemu_utils_alone_missing_follows_the_installed_qemu_system() {
     assert!(
         installs[0].contains(&format!("qemu-utils={QEMU7}")),
         "{}",
+        installs[0]
+    );
+    assert_every_tool(&m);
+}
+
+#[test]
+fn a_machine_set_up_for_bios_only_gets_the_uefi_firmware_and_grub_efi() {
+    // What deps.sh installed before UEFI boot: everything but OVMF and GRUB's EFI modules.
+    let m = Machine::new("bios-only");
+    let all: Vec<(&str, &str)> = ALL
+        .iter()
+        .filter(|p| !matches!(**p, "ovmf" | "grub-efi-amd64-bin"))
+        .map(|p| (*p, if p.starts_with("qemu") { QEMU7 } else { "1.0" }))
+        .collect();
+    m.preinstall(&all);
+    let out = m.run(&[]);
+    assert!(out.status.success());
+    let installs = m.installs();
+    assert_eq!(installs.len(), 1, "{installs:?}");
+    assert!(
+        installs[0].ends_with(" ovmf grub-efi-amd64-bin"),
+        "only the two missing packages, no QEMU: {}",
         installs[0]
     );
     assert_every_tool(&m);

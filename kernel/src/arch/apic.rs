@@ -1,10 +1,11 @@
 //! Local APIC (Intel SDM vol. 3A ch. 11) in xAPIC mode: enable, end-of-interrupt, and the
 //! periodic timer that drives the kernel's tick (deadlines, hold-time bounds). The timer's
-//! rate is calibrated against the PIT at boot.
+//! rate is calibrated at boot against a known clock ([`super::refclock`]: the ACPI PM timer,
+//! else the PIT).
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use super::{cpu, interrupts, pit};
+use super::{cpu, interrupts};
 
 const IA32_APIC_BASE: u32 = 0x1B;
 const REG_ID: usize = 0x20;
@@ -68,14 +69,15 @@ fn on_tick(_vector: u8) {
     TICKS.fetch_add(1, Ordering::Relaxed);
 }
 
-/// Calibrates the timer against the PIT and starts it periodic at [`TICK_HZ`].
+/// Calibrates the timer against `wait` (waits about 10 ms on a known clock and returns the
+/// microseconds it measured) and starts it periodic at [`TICK_HZ`].
 /// Returns the measured TSC frequency (Hz) from the same window.
-pub fn start_timer() -> u64 {
+pub fn start_timer(wait: impl FnOnce() -> u64) -> u64 {
     write(REG_TIMER_DIVIDE, 0x3); // divide by 16
     write(REG_LVT_TIMER, 1 << 16); // masked, one-shot
     write(REG_TIMER_INITIAL, u32::MAX);
     let tsc0 = cpu::rdtsc();
-    let elapsed_us = pit::wait_ms(10);
+    let elapsed_us = wait();
     let tsc1 = cpu::rdtsc();
     let counted = u32::MAX - read(REG_TIMER_CURRENT);
     write(REG_TIMER_INITIAL, 0);

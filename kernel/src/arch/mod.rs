@@ -10,3 +10,4 @@ pub mod ioapic;
 pub mod paging;
 pub mod pic;
 pub mod pit;
+pub mod refclock;

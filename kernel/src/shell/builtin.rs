@@ -162,6 +162,15 @@ fn mem(json_out: bool, out: &mut Out) {
                     h.u64("total", m.heap_total);
                     h.u64("used", m.heap_used);
                     h.u64("free", m.heap_total - m.heap_used);
+                    h.u64("arenas", m.heap_arenas as u64);
+                    h.u64("failed_allocations", m.heap_failed);
+                });
+                o.object("memory", |mm| {
+                    mm.u64("usable", m.map.usable);
+                    mm.u64("above_4g", m.map.above_4g);
+                    mm.u64("ranges", m.map.ranges as u64);
+                    mm.u64("unused", m.map.unused);
+                    mm.u64("dma_reserve", m.dma_reserve);
                 });
                 o.object("frames", |f| {
                     f.u64("size", frame);
@@ -186,11 +195,32 @@ fn mem(json_out: bool, out: &mut Out) {
     } else {
         let _ = writeln!(
             out,
-            "heap:   total {:>10}  used {:>10}  free {:>10}",
+            "memory: total {:>10}  above 4 GiB {:>10}  ({} usable ranges{})",
+            size(m.map.usable),
+            size(m.map.above_4g),
+            m.map.ranges,
+            if m.map.unused > 0 {
+                alloc::format!("; {} not used", size(m.map.unused))
+            } else {
+                alloc::string::String::new()
+            }
+        );
+        let _ = writeln!(
+            out,
+            "heap:   total {:>10}  used {:>10}  free {:>10}  ({} arenas; grows into free frames but the last {} kept for DMA)",
             size(m.heap_total),
             size(m.heap_used),
-            size(m.heap_total - m.heap_used)
+            size(m.heap_total - m.heap_used),
+            m.heap_arenas,
+            size(m.dma_reserve)
         );
+        if m.heap_failed > 0 {
+            let _ = writeln!(
+                out,
+                "heap allocations refused for want of memory: {}",
+                m.heap_failed
+            );
+        }
         let _ = writeln!(
             out,
             "frames: total {:>10}  used {:>10}  free {:>10}  ({} frames of 4 KiB)",
