@@ -3,7 +3,7 @@
 //! order, back-pressure, closing) runs on the host over std's TCP sockets (its `Sockets`)
 //! and the server tests' fake volumes (`nbd::fake`, with three devices, as its `Backend`),
 //! and `nbdinfo` (libnbd), `nbdcopy`, `qemu-img` and `qemu-io` talk to it. This checks interoperability of the handshake (GO with block sizes,
-//! LIST, structured replies refused) and of the transmission phase, byte for byte. Needs
+//! LIST, structured replies) and of the transmission phase, byte for byte. Needs
 //! qemu-utils and libnbd-bin on the host.
 
 use std::io::{Read, Write};
@@ -67,6 +67,8 @@ struct ServerState {
     sessions: AtomicUsize,
     /// Connections accepted.
     accepted: AtomicUsize,
+    /// Bytes received from clients.
+    received: AtomicUsize,
     /// What went wrong: a warning or error the server logged, buffers not back.
     errors: Mutex<Vec<String>>,
 }
@@ -123,6 +125,8 @@ struct Conn {
 struct StdSockets {
     listener: TcpListener,
     conns: Vec<Option<Conn>>,
+    /// Bytes read from every connection.
+    received: usize,
 }
 
 const RX_BUFFER: usize = 256 * 1024;
@@ -148,6 +152,7 @@ impl StdSockets {
                 }
                 Ok(n) => {
                     c.rx.truncate(have + n);
+                    self.received += n;
                     any = true;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => c.rx.truncate(have),
@@ -274,6 +279,7 @@ fn serve(disks: Disks, max_payload: u32) -> TestServer {
         let mut sockets = StdSockets {
             listener,
             conns: Vec::new(),
+            received: 0,
         };
         let mut server: Server<Buf, usize> = Server::new(ServerConfig {
             port,
@@ -313,6 +319,7 @@ fn serve(disks: Disks, max_payload: u32) -> TestServer {
                 .accepted
                 .store(server.counters().0 as usize, Ordering::SeqCst);
             shared.sessions.store(sessions, Ordering::SeqCst);
+            shared.received.store(sockets.received, Ordering::SeqCst);
             if !progressed {
                 thread::sleep(std::time::Duration::from_micros(200));
             }
@@ -359,9 +366,13 @@ fn nbdinfo_sees_sizes_flags_and_block_sizes() {
     assert!(json.contains("\"can_flush\": true"), "{json}");
     assert!(json.contains("\"can_fua\": true"), "{json}");
     assert!(json.contains("\"can_trim\": true"), "{json}");
-    // libnbd asks for structured replies first; we refuse and it carries on.
+    // libnbd asks for structured replies first; they are negotiated.
     assert!(json.contains("\"protocol\": \"newstyle-fixed\""), "{json}");
-    assert!(json.contains("\"structured\": false"), "{json}");
+    assert!(json.contains("\"structured\": true"), "{json}");
+    assert!(json.contains("\"can_df\": true"), "{json}");
+    assert!(json.contains("\"can_zero\": true"), "{json}");
+    assert!(json.contains("\"can_cache\": true"), "{json}");
+    assert!(json.contains("\"can_multi_conn\": true"), "{json}");
     assert!(json.contains("\"description\": \"test disk 1\""), "{json}");
     let json = ok(
         "nbdinfo",
@@ -369,6 +380,7 @@ fn nbdinfo_sees_sizes_flags_and_block_sizes() {
     );
     assert!(json.contains("\"is_read_only\": true"), "{json}");
     assert!(json.contains("\"can_trim\": false"), "{json}");
+    assert!(json.contains("\"can_zero\": false"), "{json}");
     server.check();
 }
 
@@ -487,6 +499,86 @@ fn nbdcopy_and_qemu_img_read_whole_exports() {
         ],
     );
     assert!(d.lock().device_bytes("nvme0n1") == bytes);
+    std::fs::remove_dir_all(&dir).ok();
+    server.check();
+}
+
+#[test]
+fn qemu_io_write_zeroes_and_structured_reads() {
+    let d = disks();
+    let server = serve(d.clone(), 1 << 20);
+    let port = server.port;
+    let url = format!("nbd://127.0.0.1:{port}/vda");
+    // `write -z` is NBD_CMD_WRITE_ZEROES (3 MiB: longer than the maximum payload); reads
+    // come back as structured OFFSET_DATA chunks.
+    let text = ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -z 1m 3m",
+            "-c",
+            "write -z -f 6144 1k",
+            "-c",
+            "read -P 0 1m 3m",
+            "-c",
+            "read -P 0 6144 1k",
+            &url,
+        ],
+    );
+    assert!(!text.contains("Pattern verification failed"), "{text}");
+    // The zeroes were not sent: qemu used WRITE_ZEROES, not its fallback of writes.
+    let received = server.state.received.load(Ordering::SeqCst);
+    assert!(received < 64 * 1024, "{received} bytes received");
+    server.check();
+    let fake = d.lock();
+    let vda = fake.device_bytes("vda");
+    assert!(vda[MIB..4 * MIB].iter().all(|&b| b == 0));
+    assert!(vda[6144..7168].iter().all(|&b| b == 0));
+    let pattern = |i: usize| (i * 31 % 251) as u8;
+    for i in [MIB - 1, 4 * MIB, 6143, 7168] {
+        assert_eq!(vda[i], pattern(i), "byte {i} untouched");
+    }
+}
+
+#[test]
+fn nbdcopy_with_four_connections_both_ways() {
+    let d = disks();
+    let server = serve(d.clone(), 1 << 20);
+    let port = server.port;
+    let dir = std::env::temp_dir().join(format!("snapfw-nbd4-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let source = dir.join("src.raw");
+    let bytes: Vec<u8> = (0..8 * MIB).map(|i| (i * 13 % 241) as u8).collect();
+    std::fs::write(&source, &bytes).unwrap();
+    let url = format!("nbd://127.0.0.1:{port}/vda");
+    ok(
+        "nbdcopy",
+        &[
+            "--connections=4",
+            "--threads=4",
+            "--flush",
+            source.to_str().unwrap(),
+            &url,
+        ],
+    );
+    assert!(d.lock().device_bytes("vda") == &bytes[..]);
+    assert!(d.lock().flushes >= 1);
+    // nbdcopy opened 4 connections because the export offers multi-conn.
+    let accepted = server.state.accepted.load(Ordering::SeqCst);
+    assert!(accepted >= 4, "{accepted} connections");
+    let back = dir.join("back.raw");
+    ok(
+        "nbdcopy",
+        &[
+            "--connections=4",
+            "--threads=4",
+            &url,
+            back.to_str().unwrap(),
+        ],
+    );
+    assert!(std::fs::read(&back).unwrap() == bytes);
     std::fs::remove_dir_all(&dir).ok();
     server.check();
 }

@@ -2,9 +2,10 @@
 //! allocation after [`Connection::new`]).
 //!
 //! Spec: NetworkBlockDevice/nbd `doc/proto.md`: "Fixed newstyle negotiation", "Option types"
-//! (`EXPORT_NAME`, `ABORT`, `LIST`, `INFO`, `GO`; everything else, `STRUCTURED_REPLY` and
-//! `STARTTLS` included, is answered `NBD_REP_ERR_UNSUP`), "Transmission" with simple replies
-//! only, "Size constraints" and "Error values".
+//! (`EXPORT_NAME`, `ABORT`, `LIST`, `INFO`, `GO`, `STRUCTURED_REPLY`; everything else,
+//! `STARTTLS` included, is answered `NBD_REP_ERR_UNSUP`), "Transmission" with simple
+//! replies, or structured replies once the client asked for them, "Size constraints" and
+//! "Error values".
 //!
 //! The session ([`crate::session`]) drives it with three calls:
 //! - [`Connection::receive`] takes bytes from the socket and returns how many it consumed and
@@ -32,6 +33,18 @@
 //!   read-only export: `NBD_EPERM`; unknown command or flag, or a command the export does
 //!   not offer (flush, trim): `NBD_EINVAL`. `NBD_CMD_FLAG_FUA` is accepted on every command
 //!   when offered.
+//! - Structured replies (`NBD_OPT_STRUCTURED_REPLY`, per connection; a client that never
+//!   asks gets simple replies): every reply is one chunk with `NBD_REPLY_FLAG_DONE`. A read
+//!   is one `NBD_REPLY_TYPE_OFFSET_DATA` chunk (header and offset staged here, the data sent
+//!   from the glue's buffers as with simple replies), so `NBD_CMD_FLAG_DF` is accepted on
+//!   reads and `NBD_FLAG_SEND_DF` offered; other successes are `NBD_REPLY_TYPE_NONE`;
+//!   errors are `NBD_REPLY_TYPE_ERROR` with a short message, or `NBD_REPLY_TYPE_ERROR_OFFSET`
+//!   for a read whose failed chunk the glue named ([`Connection::complete_at`]). No
+//!   `OFFSET_HOLE` chunks: the volumes cannot tell holes cheaply.
+//! - `NBD_CMD_WRITE_ZEROES` (offered on writable exports, `NBD_CMD_FLAG_NO_HOLE` accepted:
+//!   zeroes are always written, never punched) goes to the glue like a write without
+//!   payload; `NBD_CMD_CACHE` (offered everywhere) is checked and answered here at once: a
+//!   hint, nothing is prefetched. `NBD_FLAG_CAN_MULTI_CONN` as the export says.
 //! - Option data is buffered up to [`OPTION_DATA_MAX`] bytes. Longer options are skipped
 //!   without buffering and answered `NBD_REP_ERR_TOO_BIG` (or `ERR_UNSUP` when unknown) up
 //!   to [`OPTION_SKIP_MAX`] bytes; beyond that, or for a too long `EXPORT_NAME`, the
@@ -56,6 +69,9 @@ const STAGE_CAP: usize = 2048;
 const OPTION_REPLY_MAX: usize = 1024;
 /// Longest name echoed in `NBD_INFO_NAME`.
 const INFO_NAME_MAX: usize = 256;
+/// The largest reply header staged at once (a structured error with its message and
+/// offset; see `reply`).
+const REPLY_MAX: usize = STRUCTURED_REPLY_LEN + 6 + 64 + 8;
 
 /// Settings of the server, the same for every connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -118,6 +134,18 @@ pub enum Event<'a> {
         /// The request's slot.
         slot: u16,
     },
+    /// Write `len` zero bytes at `offset` (no payload follows); complete once written
+    /// (durably if `fua`).
+    WriteZeroes {
+        /// The request's slot.
+        slot: u16,
+        /// Byte offset (aligned, in range).
+        offset: u64,
+        /// Byte count (aligned, non-zero; not bounded by the maximum payload).
+        len: u32,
+        /// `NBD_CMD_FLAG_FUA`.
+        fua: bool,
+    },
     /// Discard `len` bytes at `offset` (a hint; completing without doing anything is fine).
     Trim {
         /// The request's slot.
@@ -167,6 +195,7 @@ enum Kind {
     Write,
     Flush,
     Trim,
+    Zero,
     /// Answered here (validation error); never reaches the glue.
     Local,
 }
@@ -176,7 +205,10 @@ struct Slot {
     busy: bool,
     cookie: u64,
     kind: Kind,
+    offset: u64,
     len: u32,
+    /// Where a failed read failed (for `NBD_REPLY_TYPE_ERROR_OFFSET`).
+    error_offset: Option<u64>,
     /// A write whose payload is still arriving.
     payload_pending: bool,
     /// The result once complete: 0 or an `Errno` value.
@@ -187,7 +219,9 @@ const FREE_SLOT: Slot = Slot {
     busy: false,
     cookie: 0,
     kind: Kind::Local,
+    offset: 0,
     len: 0,
+    error_offset: None,
     payload_pending: false,
     result: None,
 };
@@ -222,6 +256,8 @@ pub struct Connection {
     config: ConnectionConfig,
     state: State,
     no_zeroes: bool,
+    /// The client negotiated structured replies.
+    structured: bool,
     export: Option<ExportInfo>,
     sizes: BlockSizes,
     /// Accumulates headers and option data split across `receive` calls.
@@ -248,6 +284,7 @@ impl Connection {
             },
             state: State::ClientFlags,
             no_zeroes: false,
+            structured: false,
             export: None,
             sizes: BlockSizes {
                 minimum: 1,
@@ -274,6 +311,11 @@ impl Connection {
     /// The export chosen by the handshake, once in transmission.
     pub fn export(&self) -> Option<&ExportInfo> {
         self.export.as_ref()
+    }
+
+    /// Whether the client negotiated structured replies.
+    pub fn structured(&self) -> bool {
+        self.structured
     }
 
     /// The size constraints in force (meaningful once an export is chosen).
@@ -483,6 +525,18 @@ impl Connection {
     /// value; a failed read sends no data). A write may be completed with an error before
     /// its payload has all arrived: the rest is then dropped here.
     pub fn complete(&mut self, slot: u16, result: Result<(), Errno>) -> Result<(), NbdError> {
+        self.complete_at(slot, result, None)
+    }
+
+    /// [`Connection::complete`] of a read that failed at byte `at` of the export (within
+    /// the request), reported as `NBD_REPLY_TYPE_ERROR_OFFSET` with structured replies. An
+    /// offset outside the read, or on another command, is not sent.
+    pub fn complete_at(
+        &mut self,
+        slot: u16,
+        result: Result<(), Errno>,
+        at: Option<u64>,
+    ) -> Result<(), NbdError> {
         let Some(s) = self.slots.get_mut(usize::from(slot)) else {
             return Err(NbdError::BadCompletion(slot));
         };
@@ -493,6 +547,9 @@ impl Connection {
             Ok(()) => 0,
             Err(e) => e as u32,
         });
+        let end = s.offset + u64::from(s.len);
+        s.error_offset = at
+            .filter(|&at| result.is_err() && s.kind == Kind::Read && (s.offset..end).contains(&at));
         if !s.payload_pending {
             self.push_ready(slot);
         }
@@ -515,7 +572,7 @@ impl Connection {
                 self.list(next, catalog);
             }
             // Reply headers, in completion order, until one carries data.
-            while self.sending.is_none() && self.stage_free() >= SIMPLE_REPLY_LEN {
+            while self.sending.is_none() && self.stage_free() >= REPLY_MAX {
                 let Some(slot) = self.pop_ready() else { break };
                 self.reply(slot);
             }
@@ -562,7 +619,7 @@ impl Connection {
                     return Err(self.close(NbdError::UnknownExport));
                 };
                 self.put(&export.size.to_be_bytes());
-                self.put(&transmission_flags(&export).to_be_bytes());
+                self.put(&transmission_flags(&export, self.structured).to_be_bytes());
                 if !self.no_zeroes {
                     self.put(&[0; EXPORT_NAME_PADDING]);
                 }
@@ -583,7 +640,12 @@ impl Connection {
             }
             OPT_INFO | OPT_GO => Ok(self.info(option, len, catalog)),
             OPT_STRUCTURED_REPLY => {
-                self.option_reply(option, REP_ERR_UNSUP, b"simple replies only");
+                if len != 0 {
+                    self.option_reply(option, REP_ERR_INVALID, b"STRUCTURED_REPLY takes no data");
+                } else {
+                    self.structured = true;
+                    self.option_reply(option, REP_ACK, &[]);
+                }
                 Ok(None)
             }
             _ => {
@@ -620,7 +682,7 @@ impl Connection {
         let mut item = [0u8; 2 + INFO_NAME_MAX];
         item[..2].copy_from_slice(&INFO_EXPORT.to_be_bytes());
         item[2..10].copy_from_slice(&export.size.to_be_bytes());
-        item[10..12].copy_from_slice(&transmission_flags(&export).to_be_bytes());
+        item[10..12].copy_from_slice(&transmission_flags(&export, self.structured).to_be_bytes());
         self.option_reply(option, REP_INFO, &item[..12]);
 
         item[..2].copy_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
@@ -710,7 +772,13 @@ impl Connection {
             return Err(self.close(NbdError::Closed));
         };
         let fua = flags & CMD_FLAG_FUA != 0;
-        let flags_ok = flags & !CMD_FLAG_FUA == 0 && (!fua || export.fua);
+        let allowed = CMD_FLAG_FUA
+            | match command {
+                CMD_READ if self.structured => CMD_FLAG_DF,
+                CMD_WRITE_ZEROES => CMD_FLAG_NO_HOLE,
+                _ => 0,
+            };
+        let flags_ok = flags & !allowed == 0 && (!fua || export.fua);
         let sizes = self.sizes;
         let aligned = len != 0
             && offset.is_multiple_of(u64::from(sizes.minimum))
@@ -759,6 +827,27 @@ impl Connection {
                     Ok(())
                 },
             ),
+            CMD_WRITE_ZEROES => (
+                Kind::Zero,
+                if !flags_ok || !aligned {
+                    Err(Errno::Inval)
+                } else if export.read_only {
+                    Err(Errno::Perm)
+                } else if !in_range {
+                    Err(Errno::NoSpc)
+                } else {
+                    Ok(())
+                },
+            ),
+            // A hint: checked, then answered here without reading anything.
+            CMD_CACHE => (
+                Kind::Local,
+                if !flags_ok || !aligned || !in_range {
+                    Err(Errno::Inval)
+                } else {
+                    Ok(())
+                },
+            ),
             _ => (Kind::Local, Err(Errno::Inval)),
         };
         let s = &mut self.slots[usize::from(slot)];
@@ -766,10 +855,17 @@ impl Connection {
             busy: true,
             cookie,
             kind,
+            offset,
             len,
+            error_offset: None,
             payload_pending: false,
             result: None,
         };
+        if kind == Kind::Local && verdict.is_ok() {
+            s.result = Some(0);
+            self.push_ready(slot);
+            return Ok(None);
+        }
         if let Err(errno) = verdict {
             s.kind = Kind::Local;
             s.result = Some(errno as u32);
@@ -797,6 +893,12 @@ impl Connection {
                 }
             }
             Kind::Flush => Event::Flush { slot },
+            Kind::Zero => Event::WriteZeroes {
+                slot,
+                offset,
+                len,
+                fua,
+            },
             Kind::Trim | Kind::Local => Event::Trim {
                 slot,
                 offset,
@@ -806,18 +908,50 @@ impl Connection {
         }))
     }
 
-    /// Stages the simple reply of `slot` (its data, if any, follows via `sending`).
+    /// Stages the reply of `slot`, simple or structured as negotiated (a read's data
+    /// follows via `sending`). At most [`REPLY_MAX`] bytes.
     fn reply(&mut self, slot: u16) {
         let s = self.slots[usize::from(slot)];
         let error = s.result.unwrap_or(Errno::Io as u32);
-        self.put(&SIMPLE_REPLY_MAGIC.to_be_bytes());
-        self.put(&error.to_be_bytes());
-        self.put(&s.cookie.to_be_bytes());
-        if s.kind == Kind::Read && error == 0 {
+        let data = s.kind == Kind::Read && error == 0;
+        if !self.structured {
+            self.put(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+            self.put(&error.to_be_bytes());
+            self.put(&s.cookie.to_be_bytes());
+        } else if data {
+            // One chunk: the offset, then the data from the glue's buffers.
+            self.chunk_header(s.cookie, REPLY_TYPE_OFFSET_DATA, 8 + s.len);
+            self.put(&s.offset.to_be_bytes());
+        } else if error == 0 {
+            self.chunk_header(s.cookie, REPLY_TYPE_NONE, 0);
+        } else {
+            let message = error_message(error).as_bytes();
+            let (kind, extra) = match s.error_offset {
+                Some(_) => (REPLY_TYPE_ERROR_OFFSET, 8),
+                None => (REPLY_TYPE_ERROR, 0),
+            };
+            self.chunk_header(s.cookie, kind, (6 + message.len() + extra) as u32);
+            self.put(&error.to_be_bytes());
+            self.put(&(message.len() as u16).to_be_bytes());
+            self.put(message);
+            if let Some(at) = s.error_offset {
+                self.put(&at.to_be_bytes());
+            }
+        }
+        if data {
             self.sending = Some((slot, 0, s.len));
         } else {
             self.free(slot);
         }
+    }
+
+    /// A structured reply chunk's header, the last of its reply.
+    fn chunk_header(&mut self, cookie: u64, kind: u16, len: u32) {
+        self.put(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+        self.put(&REPLY_FLAG_DONE.to_be_bytes());
+        self.put(&kind.to_be_bytes());
+        self.put(&cookie.to_be_bytes());
+        self.put(&len.to_be_bytes());
     }
 
     fn slot_wants_data(&self, slot: u16) -> bool {
@@ -904,11 +1038,35 @@ fn done(consumed: usize) -> Received<'static> {
     }
 }
 
-/// The transmission flags of an export.
-pub fn transmission_flags(export: &ExportInfo) -> u16 {
-    let mut flags = TX_HAS_FLAGS;
+/// The message of a structured error reply (at most 64 bytes).
+fn error_message(error: u32) -> &'static str {
+    match error {
+        e if e == Errno::Perm as u32 => "read-only export",
+        e if e == Errno::Io as u32 => "I/O error",
+        e if e == Errno::NoMem as u32 => "out of memory",
+        e if e == Errno::Inval as u32 => "invalid request",
+        e if e == Errno::NoSpc as u32 => "past the end of the export",
+        e if e == Errno::Overflow as u32 => "request too large",
+        e if e == Errno::NotSup as u32 => "not supported",
+        e if e == Errno::Shutdown as u32 => "server shutting down",
+        _ => "error",
+    }
+}
+
+/// The transmission flags of an export, for a client that did (`structured`) or did not
+/// negotiate structured replies.
+pub fn transmission_flags(export: &ExportInfo, structured: bool) -> u16 {
+    let mut flags = TX_HAS_FLAGS | TX_SEND_CACHE;
     if export.read_only {
         flags |= TX_READ_ONLY;
+    } else {
+        flags |= TX_SEND_WRITE_ZEROES;
+    }
+    if structured {
+        flags |= TX_SEND_DF;
+    }
+    if export.multi_conn {
+        flags |= TX_CAN_MULTI_CONN;
     }
     if export.flush {
         flags |= TX_SEND_FLUSH;

@@ -82,6 +82,10 @@ pub struct ExportInfo {
     pub fua: bool,
     /// `NBD_CMD_TRIM` is offered (`NBD_FLAG_SEND_TRIM`, never on a read-only export).
     pub trim: bool,
+    /// `NBD_FLAG_CAN_MULTI_CONN`: a flush on any connection to this export makes durable
+    /// every write completed on any connection to it (the backend's flush covers the whole
+    /// volume, not one client's writes).
+    pub multi_conn: bool,
     /// The largest READ/WRITE payload this export takes (what the server's buffers for it
     /// can hold); 0 = the server's limit only.
     pub max_payload: u32,

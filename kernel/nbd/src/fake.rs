@@ -152,7 +152,7 @@ pub struct Fake {
     pub in_flight: Vec<InFlight>,
     /// Requests the queue takes at once.
     pub queue_depth: usize,
-    /// Writes touching this byte fail.
+    /// Reads and writes touching this byte fail.
     pub bad_byte: Option<u64>,
     /// Flushes completed.
     pub flushes: usize,
@@ -245,6 +245,7 @@ impl Fake {
                 flush: true,
                 fua: true,
                 trim: !read_only,
+                multi_conn: true,
                 max_payload: (MAX_CHUNKS * self.chunk) as u32,
             },
             description: None,
@@ -336,7 +337,11 @@ impl Fake {
             (BackendOp::Read { offset }, Some(b)) => {
                 let o = offset as usize;
                 let n = b.len;
-                b.data[..n].copy_from_slice(&self.volume(to)[o..o + n]);
+                if bad_byte.is_some_and(|x| (o as u64..(o + n) as u64).contains(&x)) {
+                    result = Err(Errno::Io);
+                } else {
+                    b.data[..n].copy_from_slice(&self.volume(to)[o..o + n]);
+                }
             }
             (BackendOp::Write { offset, .. }, Some(b)) => {
                 let o = offset as usize;

@@ -1,6 +1,6 @@
 //! snapfw's NBD server: every volume (devices such as `vda` or `nvme0n1`, and snapshots by
 //! name) exported over TCP with the Network Block Device protocol (NetworkBlockDevice/nbd
-//! `doc/proto.md`: fixed newstyle handshake, simple replies).
+//! `doc/proto.md`: fixed newstyle handshake, simple and structured replies).
 //!
 //! `no_std`, no `unsafe`, no hardware: the server is generic over the two things the kernel
 //! supplies, so all of it runs in host tests over fakes.

@@ -1,6 +1,6 @@
 //! NBD wire constants and big-endian field helpers, as named in the protocol document
 //! (NetworkBlockDevice/nbd `doc/proto.md`, "Values"). Only what the server side of the fixed
-//! newstyle handshake and the simple-reply transmission phase need.
+//! newstyle handshake and the transmission phase (simple and structured replies) need.
 
 /// `NBDMAGIC`: first 8 bytes of the server greeting.
 pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
@@ -12,6 +12,8 @@ pub const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 /// `NBD_SIMPLE_REPLY_MAGIC`: first 4 bytes of every simple reply.
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+/// `NBD_STRUCTURED_REPLY_MAGIC`: first 4 bytes of every structured reply chunk.
+pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
 
 /// Handshake flag `NBD_FLAG_FIXED_NEWSTYLE` (bit 0).
 pub const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
@@ -32,6 +34,15 @@ pub const TX_SEND_FLUSH: u16 = 1 << 2;
 pub const TX_SEND_FUA: u16 = 1 << 3;
 /// Transmission flag `NBD_FLAG_SEND_TRIM`.
 pub const TX_SEND_TRIM: u16 = 1 << 5;
+/// Transmission flag `NBD_FLAG_SEND_WRITE_ZEROES`.
+pub const TX_SEND_WRITE_ZEROES: u16 = 1 << 6;
+/// Transmission flag `NBD_FLAG_SEND_DF` (only with structured replies).
+pub const TX_SEND_DF: u16 = 1 << 7;
+/// Transmission flag `NBD_FLAG_CAN_MULTI_CONN`: a flush on one connection covers the
+/// writes completed on every connection to the same export.
+pub const TX_CAN_MULTI_CONN: u16 = 1 << 8;
+/// Transmission flag `NBD_FLAG_SEND_CACHE`.
+pub const TX_SEND_CACHE: u16 = 1 << 10;
 
 /// `NBD_OPT_EXPORT_NAME`: choose an export and enter transmission (no error reply possible).
 pub const OPT_EXPORT_NAME: u32 = 1;
@@ -45,7 +56,7 @@ pub const OPT_STARTTLS: u32 = 5;
 pub const OPT_INFO: u32 = 6;
 /// `NBD_OPT_GO`: describe an export and enter transmission.
 pub const OPT_GO: u32 = 7;
-/// `NBD_OPT_STRUCTURED_REPLY`: refused with `NBD_REP_ERR_UNSUP` (simple replies only).
+/// `NBD_OPT_STRUCTURED_REPLY`: replies in the transmission phase become structured.
 pub const OPT_STRUCTURED_REPLY: u32 = 8;
 
 /// `NBD_REP_ACK`.
@@ -83,8 +94,28 @@ pub const CMD_FLUSH: u16 = 3;
 /// `NBD_CMD_TRIM`.
 pub const CMD_TRIM: u16 = 4;
 
+/// `NBD_CMD_CACHE`: a hint to prefetch (answered at once: nothing is cached).
+pub const CMD_CACHE: u16 = 5;
+/// `NBD_CMD_WRITE_ZEROES`.
+pub const CMD_WRITE_ZEROES: u16 = 6;
+
 /// Command flag `NBD_CMD_FLAG_FUA`.
 pub const CMD_FLAG_FUA: u16 = 1 << 0;
+/// Command flag `NBD_CMD_FLAG_NO_HOLE` (WRITE_ZEROES: do not punch a hole).
+pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
+/// Command flag `NBD_CMD_FLAG_DF` (READ: do not fragment the reply).
+pub const CMD_FLAG_DF: u16 = 1 << 2;
+
+/// Structured reply flag `NBD_REPLY_FLAG_DONE`: the last chunk of a reply.
+pub const REPLY_FLAG_DONE: u16 = 1 << 0;
+/// `NBD_REPLY_TYPE_NONE`: the reply carries nothing (success without data).
+pub const REPLY_TYPE_NONE: u16 = 0;
+/// `NBD_REPLY_TYPE_OFFSET_DATA`: offset, then data.
+pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
+/// `NBD_REPLY_TYPE_ERROR`: error, message length, message.
+pub const REPLY_TYPE_ERROR: u16 = (1 << 15) + 1;
+/// `NBD_REPLY_TYPE_ERROR_OFFSET`: error, message length, message, offset.
+pub const REPLY_TYPE_ERROR_OFFSET: u16 = (1 << 15) + 2;
 
 /// Length of the server greeting (`NBDMAGIC`, `IHAVEOPT`, handshake flags).
 pub const GREETING_LEN: usize = 18;
@@ -96,6 +127,8 @@ pub const OPTION_REPLY_HEADER_LEN: usize = 20;
 pub const REQUEST_LEN: usize = 28;
 /// Length of a simple reply header.
 pub const SIMPLE_REPLY_LEN: usize = 16;
+/// Length of a structured reply chunk header (magic, flags, type, cookie, length).
+pub const STRUCTURED_REPLY_LEN: usize = 20;
 /// Zero padding after the `NBD_OPT_EXPORT_NAME` reply unless `NO_ZEROES` was negotiated.
 pub const EXPORT_NAME_PADDING: usize = 124;
 

@@ -13,6 +13,10 @@
 //!   submitted at once. When no buffer is free the session takes no more input (TCP
 //!   back-pressure). A failed chunk makes the rest of the payload be dropped; the reply goes
 //!   out when every submitted chunk is back.
+//! - WRITE_ZEROES is a write of zeroes: pool buffers are zeroed and written chunk after
+//!   chunk through the same route as a write (so an origin's goes through its engine's
+//!   copy-on-write), at most [`ZERO_DEPTH`] of them in a device at once, each buffer back to
+//!   the pool when its chunk completes; its length is not bounded by the maximum payload.
 //! - FLUSH and TRIM are one device request each (a trim larger than the device takes in one
 //!   request, or one through a snapshot engine, is answered without discarding anything:
 //!   trim is a hint).
@@ -39,6 +43,8 @@ use super::route::{self, ExportId, Roles, Route};
 
 /// Chunks per request at most (the maximum payload is this many pool buffers or less).
 pub const MAX_CHUNKS: usize = 16;
+/// Zero-filled chunks of one WRITE_ZEROES in a device at once.
+pub const ZERO_DEPTH: u16 = 4;
 
 /// The server's own id of one device request: chunk `chunk` of request slot `slot` of
 /// connection `connection`. The backend gets it with [`Backend::submit`] and hands it back
@@ -183,6 +189,7 @@ enum Op {
     Write { fua: bool },
     Flush,
     Trim,
+    Zero { fua: bool },
 }
 
 /// The device side of one request slot.
@@ -190,12 +197,13 @@ struct SlotIo<B> {
     op: Op,
     offset: u64,
     len: u32,
-    /// Chunks in total (1 for flush and trim).
-    chunks: u16,
+    /// Chunks in total (1 for flush and trim; a WRITE_ZEROES may have more than
+    /// [`MAX_CHUNKS`], each with a buffer of its own only while it is in a device).
+    chunks: u32,
     /// Buffers per chunk: acquired and not yet submitted, or back from a read.
     buffers: [Option<B>; MAX_CHUNKS],
     /// The next chunk to submit.
-    next: u16,
+    next: u32,
     /// Chunks in a device now.
     in_device: u16,
     /// Read buffers have been taken from the pool.
@@ -206,6 +214,8 @@ struct SlotIo<B> {
     filling: Option<B>,
     /// First error; no more chunks are submitted after it.
     error: Option<Errno>,
+    /// Where a read first failed (the failed chunk's offset).
+    error_offset: Option<u64>,
     /// The connection has been told the result.
     completed: bool,
 }
@@ -224,6 +234,7 @@ impl<B> SlotIo<B> {
             received: 0,
             filling: None,
             error: None,
+            error_offset: None,
             completed: false,
         }
     }
@@ -419,6 +430,7 @@ impl<B: IoBuffer> Session<B> {
         buffer: Option<B>,
         release: &mut dyn FnMut(B),
     ) {
+        let chunk_bytes = self.chunk_bytes as u64;
         let Some(s) = self.slots.get_mut(usize::from(slot)) else {
             if let Some(b) = buffer {
                 release(b);
@@ -427,6 +439,9 @@ impl<B: IoBuffer> Session<B> {
         };
         s.in_device = s.in_device.saturating_sub(1);
         if let Err(e) = result {
+            if s.error.is_none() && s.op == Op::Read {
+                s.error_offset = Some(s.offset + u64::from(chunk) * chunk_bytes);
+            }
             s.error.get_or_insert(e);
         }
         match (s.op, buffer) {
@@ -466,7 +481,10 @@ impl<B: IoBuffer> Session<B> {
                 self.stats.requests += 1;
                 self.stats.read_bytes += u64::from(*len);
             }
-            Event::Write { .. } | Event::Flush { .. } | Event::Trim { .. } => {
+            Event::Write { .. }
+            | Event::Flush { .. }
+            | Event::Trim { .. }
+            | Event::WriteZeroes { .. } => {
                 self.stats.requests += 1;
             }
             Event::WriteData { data, .. } => self.stats.written_bytes += data.len() as u64,
@@ -489,6 +507,12 @@ impl<B: IoBuffer> Session<B> {
             Event::Trim {
                 slot, offset, len, ..
             } => self.start(slot, Op::Trim, offset, len),
+            Event::WriteZeroes {
+                slot,
+                offset,
+                len,
+                fua,
+            } => self.start(slot, Op::Zero { fua }, offset, len),
             Event::WriteData {
                 slot, data, last, ..
             } => self.write_data(backend, slot, data, last),
@@ -506,10 +530,12 @@ impl<B: IoBuffer> Session<B> {
         s.offset = offset;
         s.len = len;
         s.chunks = match op {
-            Op::Read | Op::Write { .. } => u64::from(len).div_ceil(chunk_bytes) as u16,
+            Op::Read | Op::Write { .. } | Op::Zero { .. } => {
+                u64::from(len).div_ceil(chunk_bytes) as u32
+            }
             _ => 1,
         };
-        if usize::from(s.chunks) > MAX_CHUNKS {
+        if !matches!(op, Op::Zero { .. }) && s.chunks as usize > MAX_CHUNKS {
             // The advertised maximum keeps this from happening.
             s.error = Some(Errno::Inval);
             s.chunks = 0;
@@ -590,10 +616,10 @@ impl<B: IoBuffer> Session<B> {
             return;
         }
         if s.op == Op::Read && !s.acquired && s.error.is_none() {
-            if backend.available(export) < usize::from(s.chunks) {
+            if backend.available(export) < s.chunks as usize {
                 return;
             }
-            for i in 0..usize::from(s.chunks) {
+            for i in 0..s.chunks as usize {
                 let Some(mut b) = backend.acquire(export) else {
                     s.error = Some(Errno::NoMem);
                     break;
@@ -609,13 +635,18 @@ impl<B: IoBuffer> Session<B> {
                 }
             }
         }
-        let writes = matches!(s.op, Op::Write { .. } | Op::Trim);
+        let writes = matches!(s.op, Op::Write { .. } | Op::Trim | Op::Zero { .. });
+        let zeroes = matches!(s.op, Op::Zero { .. });
         let mut refused = None;
         while s.error.is_none() && s.next < s.chunks {
-            let index = usize::from(s.next);
-            let chunk_offset = s.offset + (index * chunk_bytes) as u64;
+            let index = s.next as usize;
+            let chunk_offset = s.offset + index as u64 * chunk_bytes as u64;
             if matches!(s.op, Op::Write { .. }) && s.buffers[index].is_none() {
                 // Not filled yet.
+                break;
+            }
+            if zeroes && (s.in_device >= ZERO_DEPTH || backend.available(export) == 0) {
+                // The rest goes as chunks come back (`step`).
                 break;
             }
             // Where this piece goes now: the export's identity may have changed role since
@@ -659,12 +690,29 @@ impl<B: IoBuffer> Session<B> {
                     },
                     None,
                 ),
+                Op::Zero { fua } => {
+                    let Some(mut b) = backend.acquire(export) else {
+                        break;
+                    };
+                    let len = (s.len as usize - index * chunk_bytes).min(chunk_bytes);
+                    b.set_len(len);
+                    b.bytes_mut().fill(0);
+                    (
+                        BackendOp::Write {
+                            offset: chunk_offset,
+                            fua,
+                        },
+                        Some(b),
+                    )
+                }
                 Op::Idle => return,
             };
             let id = RequestId {
                 connection,
                 slot,
-                chunk: s.next,
+                // Distinct among the chunks in a device at once (at most MAX_CHUNKS, or
+                // ZERO_DEPTH of a WRITE_ZEROES).
+                chunk: s.next as u16,
             };
             match backend.submit(export, to, id, op, buffer) {
                 Ok(()) => {
@@ -672,8 +720,10 @@ impl<B: IoBuffer> Session<B> {
                     s.in_device += 1;
                 }
                 Err((why, buffer)) => {
-                    if let Some(b) = buffer {
-                        s.buffers[index] = Some(b);
+                    match buffer {
+                        Some(b) if zeroes => backend.release(export, b),
+                        Some(b) => s.buffers[index] = Some(b),
+                        None => {}
                     }
                     match why {
                         SubmitError::Busy => break,
@@ -732,6 +782,7 @@ impl<B: IoBuffer> Session<B> {
             Some(e) => Err(e),
             None => Ok(()),
         };
+        let error_offset = s.error_offset;
         if result.is_err() {
             self.stats.errors += 1;
         }
@@ -750,7 +801,7 @@ impl<B: IoBuffer> Session<B> {
         if self.dead {
             return;
         }
-        if self.conn.complete(slot, result).is_err() {
+        if self.conn.complete_at(slot, result, error_offset).is_err() {
             // The connection disagrees about the slot: a bug here; end the session.
             self.dead = true;
         }
@@ -962,6 +1013,89 @@ mod tests {
         assert_eq!(d.session.in_flight(), 0);
     }
 
+    /// WRITE_ZEROES: zero-filled chunks through the route of a write (the engine on an
+    /// origin), more chunks than a request has buffers, never more than ZERO_DEPTH at once,
+    /// every buffer back.
+    #[test]
+    fn write_zeroes_writes_zero_chunks_where_a_write_goes() {
+        let mut d = Driver::new(6, 16, 100_000, 100_000, vec![0]);
+        d.fake.create_snapshot("s1", 2);
+        d.fake.routes.clear();
+        let len = 100 * 1024 + 512;
+        let before = d.fake.disk.clone();
+        let msg = request(CMD_WRITE_ZEROES, 1, 4096, len);
+        d.session.on_receive(&mut d.fake, &msg).unwrap();
+        assert_eq!(d.fake.in_flight.len(), usize::from(ZERO_DEPTH));
+        assert_eq!(d.one(&[], 0).0, 0);
+        let chunks = (len as usize).div_ceil(CHUNK);
+        assert_eq!(d.fake.routes, vec![route::Route::Origin(0); chunks]);
+        assert!(d.fake.disk[4096..4096 + len as usize]
+            .iter()
+            .all(|&b| b == 0));
+        assert_eq!(d.fake.disk[..4096], before[..4096]);
+        let end = 4096 + len as usize;
+        assert_eq!(d.fake.disk[end..], before[end..]);
+        d.idle_checks();
+        // A failed chunk fails the request; the rest is not written.
+        d.fake.bad_byte = Some(200_000);
+        d.fake.disk.fill(7);
+        let msg = request(CMD_WRITE_ZEROES, 2, 0, DISK as u32);
+        assert_eq!(d.one(&msg, 0).0, Errno::Io as u32);
+        d.idle_checks();
+        assert!(d.fake.disk[DISK - 4096..].iter().all(|&b| b == 7));
+        // A snapshot that is gone: EIO, nothing submitted.
+        d.fake.bad_byte = None;
+        let mut s = Driver::new(6, 16, 100_000, 100_000, vec![0]);
+        s.fake.create_snapshot("s1", 2);
+        s.out.clear();
+        *s.session = Session::new(7, ConnectionConfig::default());
+        s.run(&super::super::fake::go_handshake_for("s1"), |out| {
+            out.len() >= 18 + 32 + 34 + 20
+        });
+        s.out.clear();
+        s.fake.delete_snapshot("s1");
+        s.fake.routes.clear();
+        assert_eq!(
+            s.one(&request(CMD_WRITE_ZEROES, 3, 0, 8192), 0).0,
+            Errno::Io as u32
+        );
+        assert!(s.fake.routes.is_empty());
+        s.idle_checks();
+    }
+
+    /// With structured replies, a read whose third chunk fails is answered with
+    /// `NBD_REPLY_TYPE_ERROR_OFFSET` naming that chunk's offset.
+    #[test]
+    fn a_failed_read_chunk_is_reported_with_its_offset() {
+        let mut d = Driver::new(16, 16, 100_000, 100_000, vec![0]);
+        *d.session = Session::new(7, ConnectionConfig::default());
+        let mut hs = super::super::fake::go_handshake();
+        let mut sr = IHAVEOPT.to_be_bytes().to_vec();
+        sr.extend(OPT_STRUCTURED_REPLY.to_be_bytes());
+        sr.extend(0u32.to_be_bytes());
+        hs.splice(4..4, sr);
+        d.out.clear();
+        d.run(&hs, |out| out.len() >= 18 + 20 + 32 + 34 + 20);
+        d.out.clear();
+        d.fake.bad_byte = Some(8192 + 2 * CHUNK as u64 + 100);
+        d.run(&request(CMD_READ, 9, 8192, 8 * CHUNK as u32), |out| {
+            out.len() >= 20
+        });
+        let message = b"I/O error";
+        let mut want = STRUCTURED_REPLY_MAGIC.to_be_bytes().to_vec();
+        want.extend(REPLY_FLAG_DONE.to_be_bytes());
+        want.extend(REPLY_TYPE_ERROR_OFFSET.to_be_bytes());
+        want.extend(9u64.to_be_bytes());
+        want.extend((6 + message.len() as u32 + 8).to_be_bytes());
+        want.extend((Errno::Io as u32).to_be_bytes());
+        want.extend((message.len() as u16).to_be_bytes());
+        want.extend(message);
+        want.extend((8192 + 2 * CHUNK as u64).to_be_bytes());
+        d.run(&[], |out| out.len() >= want.len());
+        assert_eq!(d.out, want);
+        d.idle_checks();
+    }
+
     #[test]
     fn a_read_waits_for_all_its_buffers() {
         // 16 chunks needed, 15 buffers: the read never starts (the export advertises at most
@@ -1066,7 +1200,7 @@ mod tests {
         #[test]
         fn pipelined_requests_all_answered_nothing_leaks(
             ops in proptest::collection::vec(
-                (0u16..6, prop_oneof![0u64..600, Just(u64::MAX / 512)], prop_oneof![1u32..=64, Just(0u32), Just(4097)], any::<bool>()),
+                (0u16..7, prop_oneof![0u64..600, Just(u64::MAX / 512)], prop_oneof![1u32..=64, Just(0u32), Just(4097)], any::<bool>()),
                 1..40,
             ),
             buffers in 16usize..40,
@@ -1082,7 +1216,8 @@ mod tests {
                 let (offset, len) = (block.wrapping_mul(512), blocks.wrapping_mul(512));
                 let flags = if *fua { CMD_FLAG_FUA } else { 0 };
                 let cookie = i as u64;
-                let command = if *command == 5 { 7 } else { *command }; // 7: unknown here
+                // 5: WRITE_ZEROES, 6: BLOCK_STATUS (unknown here)
+                let command = match *command { 5 => CMD_WRITE_ZEROES, 6 => 7, c => c };
                 if command == CMD_DISC {
                     continue;
                 }
@@ -1156,7 +1291,7 @@ mod tests {
         /// disk matches a model, every buffer comes back.
         #[test]
         fn session_matches_a_model(
-            ops in proptest::collection::vec((0u8..4, 0u64..400, 1u32..=32), 1..12),
+            ops in proptest::collection::vec((0u8..5, 0u64..400, 1u32..=32), 1..12),
             buffers in 16usize..24,
             depth in 1usize..6,
             chop in 1usize..9000,
@@ -1184,6 +1319,12 @@ mod tests {
                         model[offset as usize..offset as usize + len as usize].copy_from_slice(&payload);
                     }
                     2 => prop_assert_eq!(d.one(&request(CMD_FLUSH, cookie, 0, 0), 0).0, 0),
+                    3 => {
+                        // Up to 128 KiB: more chunks than one request's buffers.
+                        let len = (len * 2).min((DISK as u64 - offset) as u32);
+                        prop_assert_eq!(d.one(&request(CMD_WRITE_ZEROES, cookie, offset, len), 0).0, 0);
+                        model[offset as usize..offset as usize + len as usize].fill(0);
+                    }
                     _ => prop_assert_eq!(d.one(&request(CMD_TRIM, cookie, offset, len), 0).0, 0),
                 }
             }

@@ -32,6 +32,10 @@ impl ExportCatalog for Catalog {
 
 const MIB: u64 = 1 << 20;
 
+/// The transmission flags of every writable export of [`catalog`] but "plain", before its
+/// own (flush, FUA, trim): cache and write-zeroes offered, multi-conn.
+const WRITABLE: u16 = TX_HAS_FLAGS | TX_SEND_CACHE | TX_SEND_WRITE_ZEROES | TX_CAN_MULTI_CONN;
+
 fn info(handle: u64, size: u64, block_size: u32) -> ExportInfo {
     ExportInfo {
         handle,
@@ -41,6 +45,7 @@ fn info(handle: u64, size: u64, block_size: u32) -> ExportInfo {
         flush: true,
         fua: true,
         trim: true,
+        multi_conn: true,
         max_payload: 0,
     }
 }
@@ -64,6 +69,7 @@ fn catalog() -> Catalog {
                     flush: false,
                     fua: false,
                     trim: false,
+                    multi_conn: false,
                     ..info(4, MIB, 512)
                 },
             ),
@@ -79,6 +85,7 @@ enum Ev {
     Write(u16, u64, u32, bool, Vec<u8>),
     Flush(u16),
     Trim(u16, u64, u32, bool),
+    Zero(u16, u64, u32, bool),
     Disconnect,
 }
 
@@ -252,6 +259,17 @@ impl Harness {
                     conn.complete(slot, Ok(())).unwrap();
                 }
             }
+            Event::WriteZeroes {
+                slot,
+                offset,
+                len,
+                fua,
+            } => {
+                self.events.push(Ev::Zero(slot, offset, len, fua));
+                if self.auto {
+                    conn.complete(slot, Ok(())).unwrap();
+                }
+            }
             Event::Disconnect => self.events.push(Ev::Disconnect),
         }
     }
@@ -388,7 +406,7 @@ fn export_name_with_and_without_zeroes() {
         assert_eq!(be64(&out, 0), 16 * MIB);
         assert_eq!(
             be16(&out, 8),
-            TX_HAS_FLAGS | TX_SEND_FLUSH | TX_SEND_FUA | TX_SEND_TRIM
+            WRITABLE | TX_SEND_FLUSH | TX_SEND_FUA | TX_SEND_TRIM
         );
         assert!(out[10..].iter().all(|&b| b == 0));
         assert_eq!(h.events, [Ev::Export(2)]);
@@ -429,7 +447,7 @@ fn go_sends_export_and_block_size_then_transmits() {
     assert_eq!(be64(&r[0].2, 2), 64 * MIB);
     assert_eq!(
         be16(&r[0].2, 10),
-        TX_HAS_FLAGS | TX_SEND_FLUSH | TX_SEND_FUA | TX_SEND_TRIM
+        WRITABLE | TX_SEND_FLUSH | TX_SEND_FUA | TX_SEND_TRIM
     );
     assert_eq!((r[1].1, be16(&r[1].2, 0)), (REP_INFO, INFO_BLOCK_SIZE));
     assert_eq!(r[1].2.len(), 14);
@@ -469,12 +487,20 @@ fn go_name_and_description_when_asked_and_read_only_flags() {
     assert_eq!(r.len(), 3, "no description for this export");
     assert_eq!(
         be16(&r[0].2, 10),
-        TX_HAS_FLAGS | TX_READ_ONLY | TX_SEND_FLUSH | TX_SEND_FUA
+        TX_HAS_FLAGS
+            | TX_SEND_CACHE
+            | TX_CAN_MULTI_CONN
+            | TX_READ_ONLY
+            | TX_SEND_FLUSH
+            | TX_SEND_FUA
     );
     let mut h = Harness::negotiated(3);
     h.send(&option(OPT_INFO, &info_data("plain", &[])));
     let r = parse_option_replies(&h.take());
-    assert_eq!(be16(&r[0].2, 10), TX_HAS_FLAGS);
+    assert_eq!(
+        be16(&r[0].2, 10),
+        TX_HAS_FLAGS | TX_SEND_CACHE | TX_SEND_WRITE_ZEROES
+    );
 }
 
 #[test]
@@ -612,17 +638,7 @@ fn abort_acks_and_finishes() {
 #[test]
 fn unsupported_options_get_err_unsup() {
     let mut h = Harness::negotiated(3);
-    for opt in [
-        OPT_STRUCTURED_REPLY,
-        OPT_STARTTLS,
-        0,
-        4,
-        9,
-        10,
-        11,
-        999,
-        u32::MAX,
-    ] {
+    for opt in [OPT_STARTTLS, 0, 4, 9, 10, 11, 999, u32::MAX] {
         h.send(&option(opt, b""));
         let r = parse_option_replies(&h.take());
         assert_eq!(r.len(), 1);
@@ -812,8 +828,36 @@ fn bad_requests_get_errors_and_the_session_goes_on() {
         ("trim past end", 0, CMD_TRIM, size, 512, EINVAL),
         ("trim length 0", 0, CMD_TRIM, 0, 0, EINVAL),
         ("trim misaligned", 0, CMD_TRIM, 1, 512, EINVAL),
-        ("cache", 0, 5, 0, 512, EINVAL),
-        ("write zeroes", 0, 6, 0, 512, EINVAL),
+        ("cache past end", 0, CMD_CACHE, size, 512, EINVAL),
+        ("cache misaligned", 0, CMD_CACHE, 0, 100, EINVAL),
+        ("cache length 0", 0, CMD_CACHE, 0, 0, EINVAL),
+        ("cache with FUA and NO_HOLE", 3, CMD_CACHE, 0, 512, EINVAL),
+        (
+            "write zeroes past end",
+            0,
+            CMD_WRITE_ZEROES,
+            size,
+            512,
+            Errno::NoSpc as u32,
+        ),
+        ("write zeroes length 0", 0, CMD_WRITE_ZEROES, 0, 0, EINVAL),
+        (
+            "write zeroes misaligned",
+            0,
+            CMD_WRITE_ZEROES,
+            0,
+            513,
+            EINVAL,
+        ),
+        (
+            "write zeroes with DF",
+            1 << 2,
+            CMD_WRITE_ZEROES,
+            0,
+            512,
+            EINVAL,
+        ),
+        ("trim with NO_HOLE", 1 << 1, CMD_TRIM, 0, 512, EINVAL),
         ("block status", 0, 7, 0, 512, EINVAL),
         ("unknown command", 0, 0xffff, 0, 0, EINVAL),
     ];
@@ -1256,6 +1300,11 @@ mod fuzz {
                                         pending.push(slot);
                                     }
                                 }
+                                Some(Event::WriteZeroes { slot, offset, len, .. }) => {
+                                    prop_assert!(len > 0);
+                                    prop_assert!(offset.checked_add(u64::from(len)).is_some_and(|e| e <= size));
+                                    pending.push(slot);
+                                }
                                 Some(Event::Flush { slot }) | Some(Event::Trim { slot, .. }) => {
                                     pending.push(slot)
                                 }
@@ -1306,4 +1355,205 @@ mod fuzz {
             prop_assert!(closed || conn.in_flight() <= 1, "in flight: {}", conn.in_flight());
         }
     }
+}
+
+// --- structured replies ------------------------------------------------------------------
+
+/// A harness in transmission on `export` after `NBD_OPT_STRUCTURED_REPLY` was acknowledged.
+fn structured(export: &str) -> Harness {
+    let mut h = Harness::negotiated(3);
+    h.send(&option(OPT_STRUCTURED_REPLY, &[]));
+    // The acknowledgement, byte for byte.
+    let mut ack = OPTION_REPLY_MAGIC.to_be_bytes().to_vec();
+    ack.extend(OPT_STRUCTURED_REPLY.to_be_bytes());
+    ack.extend(REP_ACK.to_be_bytes());
+    ack.extend(0u32.to_be_bytes());
+    assert_eq!(h.take(), ack);
+    assert!(h.conn.structured());
+    h.send(&option(OPT_GO, &info_data(export, &[])));
+    let r = parse_option_replies(&h.take());
+    assert_eq!(r.last().map(|r| r.1), Some(REP_ACK));
+    assert!(be16(&r[0].2, 10) & TX_SEND_DF != 0, "DF offered");
+    h.events.clear();
+    h
+}
+
+/// A structured reply chunk header: magic, flags (DONE), type, cookie, length.
+fn chunk(kind: u16, cookie: u64, len: u32) -> Vec<u8> {
+    let mut m = STRUCTURED_REPLY_MAGIC.to_be_bytes().to_vec();
+    m.extend(REPLY_FLAG_DONE.to_be_bytes());
+    m.extend(kind.to_be_bytes());
+    m.extend(cookie.to_be_bytes());
+    m.extend(len.to_be_bytes());
+    m
+}
+
+/// A structured error chunk, byte for byte.
+fn error_chunk(cookie: u64, errno: Errno, message: &str, at: Option<u64>) -> Vec<u8> {
+    let kind = if at.is_some() {
+        REPLY_TYPE_ERROR_OFFSET
+    } else {
+        REPLY_TYPE_ERROR
+    };
+    let extra = if at.is_some() { 8 } else { 0 };
+    let mut m = chunk(kind, cookie, (6 + message.len() + extra) as u32);
+    m.extend((errno as u32).to_be_bytes());
+    m.extend((message.len() as u16).to_be_bytes());
+    m.extend(message.as_bytes());
+    if let Some(at) = at {
+        m.extend(at.to_be_bytes());
+    }
+    m
+}
+
+#[test]
+fn structured_reads_are_one_offset_data_chunk() {
+    let mut h = structured("vda");
+    h.send(&request(0, CMD_READ, 0x1122, 4096, 8192));
+    let mut want = chunk(REPLY_TYPE_OFFSET_DATA, 0x1122, 8 + 8192);
+    want.extend(4096u64.to_be_bytes());
+    want.extend((4096..4096 + 8192).map(disk_byte));
+    assert_eq!(h.take(), want);
+    // DF is accepted on reads (a read is never fragmented).
+    h.send(&request(CMD_FLAG_DF, CMD_READ, 9, 512, 512));
+    let mut want = chunk(REPLY_TYPE_OFFSET_DATA, 9, 8 + 512);
+    want.extend(512u64.to_be_bytes());
+    want.extend((512..1024).map(disk_byte));
+    assert_eq!(h.take(), want);
+    assert_eq!(h.conn.in_flight(), 0);
+}
+
+#[test]
+fn structured_successes_without_data_are_type_none() {
+    let mut h = structured("vda");
+    let mut msg = request(CMD_FLAG_FUA, CMD_WRITE, 3, 0, 512);
+    msg.extend([1; 512]);
+    h.send(&msg);
+    assert_eq!(h.take(), chunk(REPLY_TYPE_NONE, 3, 0));
+    for (command, len) in [(CMD_FLUSH, 0), (CMD_TRIM, 512), (CMD_WRITE_ZEROES, 4096)] {
+        h.send(&request(0, command, 4, 0, len));
+        assert_eq!(h.take(), chunk(REPLY_TYPE_NONE, 4, 0), "command {command}");
+    }
+    h.send(&request(0, CMD_CACHE, 5, 0, 1 << 20));
+    assert_eq!(h.take(), chunk(REPLY_TYPE_NONE, 5, 0));
+}
+
+#[test]
+fn structured_errors_carry_errno_message_and_offset() {
+    let size = 64 * MIB;
+    let mut h = structured("vda");
+    // Refused while parsing: ERROR with the errno and a message.
+    h.send(&request(0, CMD_READ, 1, size, 512));
+    assert_eq!(
+        h.take(),
+        error_chunk(1, Errno::Inval, "invalid request", None)
+    );
+    h.send(&request(0, CMD_WRITE_ZEROES, 2, size, 512));
+    assert_eq!(
+        h.take(),
+        error_chunk(2, Errno::NoSpc, "past the end of the export", None)
+    );
+    // A read the glue failed at a known byte: ERROR_OFFSET.
+    h.auto = false;
+    h.send(&request(0, CMD_READ, 3, 8192, 8192));
+    h.conn
+        .complete_at(0, Err(Errno::Io), Some(8192 + 4096))
+        .unwrap();
+    h.pump();
+    assert_eq!(
+        h.take(),
+        error_chunk(3, Errno::Io, "I/O error", Some(8192 + 4096))
+    );
+    // An offset outside the read is not sent; nor one for a write.
+    h.send(&request(0, CMD_READ, 4, 8192, 512));
+    h.conn.complete_at(0, Err(Errno::Io), Some(0)).unwrap();
+    h.pump();
+    assert_eq!(h.take(), error_chunk(4, Errno::Io, "I/O error", None));
+    let mut msg = request(0, CMD_WRITE, 5, 0, 512);
+    msg.extend([0; 512]);
+    h.send(&msg);
+    h.conn.complete_at(0, Err(Errno::Io), Some(0)).unwrap();
+    h.pump();
+    assert_eq!(h.take(), error_chunk(5, Errno::Io, "I/O error", None));
+    // A read-only export.
+    let mut h = structured("snap1");
+    h.send(&request(0, CMD_WRITE_ZEROES, 6, 0, 512));
+    assert_eq!(
+        h.take(),
+        error_chunk(6, Errno::Perm, "read-only export", None)
+    );
+}
+
+#[test]
+fn structured_reply_with_data_is_invalid_and_replies_stay_simple() {
+    let mut h = Harness::negotiated(3);
+    h.send(&option(OPT_STRUCTURED_REPLY, &[0; 4]));
+    let r = parse_option_replies(&h.take());
+    assert_eq!((r.len(), r[0].1), (1, REP_ERR_INVALID));
+    assert!(!h.conn.structured());
+    h.send(&option(OPT_GO, &info_data("vda", &[])));
+    let r = parse_option_replies(&h.take());
+    assert_eq!(
+        be16(&r[0].2, 10) & TX_SEND_DF,
+        0,
+        "no DF without structured"
+    );
+    h.send(&request(0, CMD_READ, 7, 0, 512));
+    let r = parse_simple_replies(&h.take(), &read_lengths(&[(7, 512)]));
+    assert_eq!((r[0].0, r[0].1, r[0].2.len()), (0, 7, 512));
+    // DF is a flag of structured replies only.
+    h.send(&request(CMD_FLAG_DF, CMD_READ, 8, 0, 512));
+    assert_eq!(one_reply(&mut h), (Errno::Inval as u32, 8));
+}
+
+#[test]
+fn a_client_that_never_asks_gets_simple_replies_for_every_command() {
+    let mut h = Harness::serving("vda");
+    assert!(!h.conn.structured());
+    h.send(&request(0, CMD_WRITE_ZEROES, 1, 0, 4096));
+    assert_eq!(h.events, [Ev::Zero(0, 0, 4096, false)]);
+    assert_eq!(one_reply(&mut h), (0, 1));
+    h.send(&request(
+        CMD_FLAG_NO_HOLE | CMD_FLAG_FUA,
+        CMD_WRITE_ZEROES,
+        2,
+        512,
+        512,
+    ));
+    assert_eq!(h.events[1], Ev::Zero(0, 512, 512, true));
+    assert_eq!(one_reply(&mut h), (0, 2));
+    h.send(&request(0, CMD_CACHE, 3, 0, 512));
+    assert_eq!(one_reply(&mut h), (0, 3));
+    assert_eq!(
+        h.events.len(),
+        2,
+        "cache is answered without the volume layer"
+    );
+    h.send(&request(0, CMD_READ, 4, size_of_vda() - 512, 1024));
+    let mut want = SIMPLE_REPLY_MAGIC.to_be_bytes().to_vec();
+    want.extend((Errno::Inval as u32).to_be_bytes());
+    want.extend(4u64.to_be_bytes());
+    assert_eq!(h.take(), want);
+}
+
+fn size_of_vda() -> u64 {
+    64 * MIB
+}
+
+#[test]
+fn write_zeroes_lengths_are_not_held_to_the_payload_limit() {
+    let mut h = Harness::with(ConnectionConfig { max_payload: 4096 });
+    h.take();
+    h.send(&3u32.to_be_bytes());
+    h.send(&option(OPT_GO, &info_data("vda", &[])));
+    h.take();
+    h.events.clear();
+    h.send(&request(0, CMD_WRITE_ZEROES, 1, 0, 32 * MIB as u32));
+    assert_eq!(h.events, [Ev::Zero(0, 0, 32 * MIB as u32, false)]);
+    assert_eq!(one_reply(&mut h), (0, 1));
+    // Writes are.
+    let mut msg = request(0, CMD_WRITE, 2, 0, 8192);
+    msg.extend([0; 8192]);
+    h.send(&msg);
+    assert_eq!(one_reply(&mut h), (Errno::Inval as u32, 2));
 }

@@ -249,6 +249,13 @@ impl ExportCatalog for StorageBackend<'_> {
             flush: true,
             fua: g.fua,
             trim: g.discard && !read_only && matches!(target, Target::Device(_)),
+            // Every connection to an export is routed alike, request by request, and a
+            // flush is volume-wide: on a device it flushes the device's cache; through an
+            // engine an origin's flush flushes the origin device (its writes complete only
+            // after their copies are committed to every store) and a snapshot's flushes its
+            // COW device (a write to a new chunk completes only after its exception is
+            // committed). So a flush covers the writes completed on every connection.
+            multi_conn: true,
             max_payload,
         })
     }
