@@ -1006,6 +1006,14 @@ impl Engine {
         }
     }
 
+    /// Whether origin chunk `chunk` has an exception in `snap`, committed or being copied
+    /// (the origin chunk was written since the snapshot was taken, or the snapshot's chunk
+    /// was written): one table lookup, no scan. `None` if there is no such snapshot.
+    pub fn has_exception(&self, snap: SnapId, chunk: u64) -> Option<bool> {
+        let s = self.snaps.get(snap.0 as usize)?.as_ref()?;
+        Some(s.table.lookup(chunk).is_some() || self.pending_of(snap.0 as usize, chunk).is_some())
+    }
+
     /// Bytes reserved by and used in `snap`'s exception table: `(reserved, used, exceptions)`.
     pub fn table_memory(&self, snap: SnapId) -> Option<(usize, usize, u64)> {
         let s = self.snaps.get(snap.0 as usize)?.as_ref()?;

@@ -666,6 +666,15 @@ fn a_table_costs_what_it_holds_not_the_worst_case() {
         });
         assert!(found, "chunk {c} is not in the table");
     }
+    // `has_exception` agrees with the table, chunk by chunk.
+    for c in 0..(1 << 13) {
+        assert_eq!(
+            w.engine.has_exception(id, c),
+            Some(written.contains(&c)),
+            "chunk {c}"
+        );
+    }
+    assert_eq!(w.engine.has_exception(snapshot::SnapId(7), 0), None);
 }
 
 /// A COW device that stops taking writes: the copy fails, the snapshot is invalidated, and
