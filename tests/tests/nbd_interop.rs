@@ -582,3 +582,19 @@ fn nbdcopy_with_four_connections_both_ways() {
     std::fs::remove_dir_all(&dir).ok();
     server.check();
 }
+
+#[test]
+fn nbdinfo_maps_base_allocation_as_all_data() {
+    let server = serve(disks(), 1 << 20);
+    let port = server.port;
+    let url = format!("nbd://127.0.0.1:{port}/vda");
+    let json = ok("nbdinfo", &["--json", &url]);
+    assert!(json.contains("\"base:allocation\""), "{json}");
+    let map = ok("nbdinfo", &["--map", &url]);
+    let fields: Vec<&str> = map.split_whitespace().collect();
+    assert_eq!(fields, ["0", &(8 * MIB).to_string(), "0", "data"], "{map}");
+    // A context the export does not offer: nbdinfo reports it is not there.
+    let out = run("nbdinfo", &["--map=snapfw:changed:nope", &url]);
+    assert!(!out.status.success());
+    server.check();
+}

@@ -2,7 +2,8 @@
 //! allocation after [`Connection::new`]).
 //!
 //! Spec: NetworkBlockDevice/nbd `doc/proto.md`: "Fixed newstyle negotiation", "Option types"
-//! (`EXPORT_NAME`, `ABORT`, `LIST`, `INFO`, `GO`, `STRUCTURED_REPLY`; everything else,
+//! (`EXPORT_NAME`, `ABORT`, `LIST`, `INFO`, `GO`, `STRUCTURED_REPLY`, `LIST_META_CONTEXT`,
+//! `SET_META_CONTEXT`; everything else,
 //! `STARTTLS` included, is answered `NBD_REP_ERR_UNSUP`), "Transmission" with simple
 //! replies, or structured replies once the client asked for them, "Size constraints" and
 //! "Error values".
@@ -45,10 +46,25 @@
 //!   zeroes are always written, never punched) goes to the glue like a write without
 //!   payload; `NBD_CMD_CACHE` (offered everywhere) is checked and answered here at once: a
 //!   hint, nothing is prefetched. `NBD_FLAG_CAN_MULTI_CONN` as the export says.
+//! - Block status (contexts are listed to anybody, chosen only after structured replies):
+//!   `base:allocation` on every export
+//!   (all data: neither devices nor the engine tell holes cheaply) and
+//!   `snapfw:changed:NAME` where the catalog offers it ([`ExportCatalog::changed_key`]:
+//!   on an origin, each of its snapshots; on a snapshot, itself), flag
+//!   [`STATE_CHANGED`] on the chunks with an exception in that snapshot. Up to [`MAX_META`]
+//!   contexts chosen, ids 1.. in the order chosen; chosen for another export than GO's,
+//!   they are dropped. `NBD_CMD_BLOCK_STATUS` (`REQ_ONE` accepted) is answered here when
+//!   its reply is staged: one chunk per context, at most [`MAX_EXTENTS`] extents each and
+//!   [`MAX_SCAN_CHUNKS`] snapshot chunks looked up (the reply may cover less than asked;
+//!   clients ask again), within the request; `EINVAL` without contexts, `EIO` when the
+//!   snapshot is gone.
 //! - Option data is buffered up to [`OPTION_DATA_MAX`] bytes. Longer options are skipped
 //!   without buffering and answered `NBD_REP_ERR_TOO_BIG` (or `ERR_UNSUP` when unknown) up
 //!   to [`OPTION_SKIP_MAX`] bytes; beyond that, or for a too long `EXPORT_NAME`, the
 //!   connection is closed.
+
+use alloc::boxed::Box;
+use alloc::vec;
 
 use super::error::NbdError;
 use super::export::{BlockSizes, ExportCatalog, ExportInfo};
@@ -63,15 +79,23 @@ pub const OPTION_SKIP_MAX: u32 = 1 << 20;
 /// The payload size no server may treat as denial of service (2^25, 32 MiB).
 pub const DOS_PAYLOAD: u32 = 1 << 25;
 /// Bytes staged for sending (option replies are produced only when this many are free).
-const STAGE_CAP: usize = 2048;
+const STAGE_CAP: usize = 8192;
 /// The largest reply one option produces (see `reply_info`; names longer than
 /// `INFO_NAME_MAX` are not echoed).
-const OPTION_REPLY_MAX: usize = 1024;
+const OPTION_REPLY_MAX: usize = 4096;
 /// Longest name echoed in `NBD_INFO_NAME`.
 const INFO_NAME_MAX: usize = 256;
-/// The largest reply header staged at once (a structured error with its message and
-/// offset; see `reply`).
-const REPLY_MAX: usize = STRUCTURED_REPLY_LEN + 6 + 64 + 8;
+/// Metadata contexts selected at once (`NBD_OPT_SET_META_CONTEXT`); more are not selected.
+pub const MAX_META: usize = 4;
+/// Extents per context in one `NBD_CMD_BLOCK_STATUS` reply (a reply may cover less than
+/// the request: the client asks again for the rest).
+pub const MAX_EXTENTS: usize = 32;
+/// Snapshot chunks looked up for one `snapfw:changed:` context of one request.
+pub const MAX_SCAN_CHUNKS: u64 = 16384;
+/// The largest reply staged at once: a block status reply (a chunk per context), larger
+/// than a structured error with its message and offset (see `reply`).
+const REPLY_MAX: usize = MAX_META * (STRUCTURED_REPLY_LEN + 4 + 8 * MAX_EXTENTS);
+const _: () = assert!(REPLY_MAX >= STRUCTURED_REPLY_LEN + 6 + 64 + 8);
 
 /// Settings of the server, the same for every connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -196,6 +220,8 @@ enum Kind {
     Flush,
     Trim,
     Zero,
+    /// `NBD_CMD_BLOCK_STATUS`: answered here from the catalog when its reply is staged.
+    Status,
     /// Answered here (validation error); never reaches the glue.
     Local,
 }
@@ -209,6 +235,8 @@ struct Slot {
     len: u32,
     /// Where a failed read failed (for `NBD_REPLY_TYPE_ERROR_OFFSET`).
     error_offset: Option<u64>,
+    /// `NBD_CMD_FLAG_REQ_ONE` of a block status request.
+    req_one: bool,
     /// A write whose payload is still arriving.
     payload_pending: bool,
     /// The result once complete: 0 or an `Errno` value.
@@ -222,6 +250,7 @@ const FREE_SLOT: Slot = Slot {
     offset: 0,
     len: 0,
     error_offset: None,
+    req_one: false,
     payload_pending: false,
     result: None,
 };
@@ -250,20 +279,28 @@ enum State {
     Closed,
 }
 
-/// One client connection (see the module documentation). About 7 KiB; allocate it once when
-/// the connection is accepted.
+/// One client connection (see the module documentation). About 7 KiB, and an 8 KiB stage
+/// on the heap; allocate it once when the connection is accepted.
 pub struct Connection {
     config: ConnectionConfig,
     state: State,
     no_zeroes: bool,
     /// The client negotiated structured replies.
     structured: bool,
+    /// Contexts chosen by `NBD_OPT_SET_META_CONTEXT`; context id = index + 1.
+    meta: [Option<Meta>; MAX_META],
+    /// The export they were chosen for (cleared at GO for another export).
+    meta_export: Option<u64>,
+    /// Scratch for a block status reply: (length, flags) per context.
+    extents: [[(u32, u32); MAX_EXTENTS]; MAX_META],
     export: Option<ExportInfo>,
     sizes: BlockSizes,
     /// Accumulates headers and option data split across `receive` calls.
     acc: [u8; OPTION_DATA_MAX],
     acc_len: usize,
-    stage: [u8; STAGE_CAP],
+    /// Bytes staged for sending ([`STAGE_CAP`], on the heap: kept off the kernel stack
+    /// when a connection is built).
+    stage: Box<[u8]>,
     stage_start: usize,
     stage_end: usize,
     /// The read whose data is being sent: (slot, bytes sent, length).
@@ -285,6 +322,9 @@ impl Connection {
             state: State::ClientFlags,
             no_zeroes: false,
             structured: false,
+            meta: [None; MAX_META],
+            meta_export: None,
+            extents: [[(0, 0); MAX_EXTENTS]; MAX_META],
             export: None,
             sizes: BlockSizes {
                 minimum: 1,
@@ -293,7 +333,7 @@ impl Connection {
             },
             acc: [0; OPTION_DATA_MAX],
             acc_len: 0,
-            stage: [0; STAGE_CAP],
+            stage: vec![0; STAGE_CAP].into_boxed_slice(),
             stage_start: 0,
             stage_end: 0,
             sending: None,
@@ -453,7 +493,11 @@ impl Connection {
                                 event: Some(Event::Disconnect),
                             });
                         }
-                        OPT_LIST | OPT_INFO | OPT_GO => {
+                        OPT_LIST
+                        | OPT_INFO
+                        | OPT_GO
+                        | OPT_LIST_META_CONTEXT
+                        | OPT_SET_META_CONTEXT => {
                             self.option_reply(option, REP_ERR_TOO_BIG, b"option data too long")
                         }
                         _ => self.option_reply(option, REP_ERR_UNSUP, b"option not supported"),
@@ -540,7 +584,7 @@ impl Connection {
         let Some(s) = self.slots.get_mut(usize::from(slot)) else {
             return Err(NbdError::BadCompletion(slot));
         };
-        if !s.busy || s.result.is_some() || s.kind == Kind::Local {
+        if !s.busy || s.result.is_some() || matches!(s.kind, Kind::Local | Kind::Status) {
             return Err(NbdError::BadCompletion(slot));
         }
         s.result = Some(match result {
@@ -574,7 +618,7 @@ impl Connection {
             // Reply headers, in completion order, until one carries data.
             while self.sending.is_none() && self.stage_free() >= REPLY_MAX {
                 let Some(slot) = self.pop_ready() else { break };
-                self.reply(slot);
+                self.reply(slot, catalog);
             }
         }
         if self.stage_start < self.stage_end {
@@ -639,6 +683,10 @@ impl Connection {
                 Ok(None)
             }
             OPT_INFO | OPT_GO => Ok(self.info(option, len, catalog)),
+            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                self.meta_option(option, len, catalog);
+                Ok(None)
+            }
             OPT_STRUCTURED_REPLY => {
                 if len != 0 {
                     self.option_reply(option, REP_ERR_INVALID, b"STRUCTURED_REPLY takes no data");
@@ -729,7 +777,125 @@ impl Connection {
         self.state = State::Listing { next };
     }
 
+    /// `NBD_OPT_LIST_META_CONTEXT` / `NBD_OPT_SET_META_CONTEXT` with `len` bytes in `acc`.
+    fn meta_option(&mut self, option: u32, len: usize, catalog: &dyn ExportCatalog) {
+        let set = option == OPT_SET_META_CONTEXT;
+        // Listing is harmless; choosing needs the replies block status is sent in.
+        if set && !self.structured {
+            self.option_reply(option, REP_ERR_INVALID, b"structured replies first");
+            return;
+        }
+        let Some((name_len, queries)) = parse_meta(&self.acc[..len]) else {
+            self.option_reply(option, REP_ERR_INVALID, b"malformed meta context data");
+            return;
+        };
+        let export = core::str::from_utf8(&self.acc[4..4 + name_len])
+            .ok()
+            .and_then(|name| catalog.lookup(name));
+        let Some(export) = export else {
+            self.option_reply(option, REP_ERR_UNKNOWN, b"no such export");
+            return;
+        };
+        if set {
+            self.meta = [None; MAX_META];
+            self.meta_export = Some(export.handle);
+        }
+        // Room for each META_CONTEXT reply and the final ACK.
+        const ONE: usize = OPTION_REPLY_HEADER_LEN + 4 + CONTEXT_CHANGED.len() + 64;
+        let mut at = 4 + name_len + 4;
+        let mut list_all = queries == 0 && !set;
+        for _ in 0..queries {
+            let qlen = be32(&self.acc, at) as usize;
+            let (qstart, qend) = (at + 4, at + 4 + qlen);
+            at = qend;
+            let mut query = [0u8; 64 + 15];
+            let Some(q) = self
+                .acc
+                .get(qstart..qend)
+                .filter(|q| q.len() <= query.len())
+            else {
+                continue;
+            };
+            query[..qlen].copy_from_slice(q);
+            let Ok(q) = core::str::from_utf8(&query[..qlen]) else {
+                continue;
+            };
+            if self.stage_free() < ONE + OPTION_REPLY_HEADER_LEN {
+                break;
+            }
+            match q {
+                "base:" if !set => self.meta_reply(option, None, CONTEXT_ALLOCATION, ""),
+                CONTEXT_ALLOCATION => {
+                    let id = self.select(set, Meta::Allocation);
+                    self.meta_reply(option, id, CONTEXT_ALLOCATION, "");
+                }
+                "snapfw:" | CONTEXT_CHANGED if !set => list_all = true,
+                _ => {
+                    let Some(name) = q.strip_prefix(CONTEXT_CHANGED) else {
+                        continue;
+                    };
+                    let Some(key) = catalog.changed_key(&export, name) else {
+                        continue;
+                    };
+                    let id = self.select(set, Meta::Changed(key));
+                    self.meta_reply(option, id, CONTEXT_CHANGED, name);
+                }
+            }
+        }
+        if list_all {
+            if queries == 0 {
+                self.meta_reply(option, None, CONTEXT_ALLOCATION, "");
+            }
+            let mut index = 0;
+            while self.stage_free() >= ONE + OPTION_REPLY_HEADER_LEN {
+                let Some(name) = catalog.changed_snapshot(&export, index) else {
+                    break;
+                };
+                self.meta_reply(option, None, CONTEXT_CHANGED, name.as_str());
+                index += 1;
+            }
+        }
+        self.option_reply(option, REP_ACK, &[]);
+    }
+
+    /// Selects `meta` (SET) and returns its context id; `Some(0)` for LIST; `None` when it
+    /// is already selected or no more fit (no reply then).
+    fn select(&mut self, set: bool, meta: Meta) -> Option<u32> {
+        if !set {
+            return Some(0);
+        }
+        if self.meta.contains(&Some(meta)) {
+            return None;
+        }
+        let free = self.meta.iter().position(Option::is_none)?;
+        self.meta[free] = Some(meta);
+        Some(free as u32 + 1)
+    }
+
+    /// Stages one `NBD_REP_META_CONTEXT` (for LIST, `id` is `None` or 0, sent as 0; for
+    /// SET, `None` sends nothing).
+    fn meta_reply(&mut self, option: u32, id: Option<u32>, prefix: &str, name: &str) {
+        let id = match (id, option) {
+            (Some(id), _) => id,
+            (None, OPT_LIST_META_CONTEXT) => 0,
+            (None, _) => return,
+        };
+        let mut data = [0u8; 4 + 15 + 64];
+        let n = prefix.len() + name.len();
+        if n > data.len() - 4 {
+            return;
+        }
+        data[..4].copy_from_slice(&id.to_be_bytes());
+        data[4..4 + prefix.len()].copy_from_slice(prefix.as_bytes());
+        data[4 + prefix.len()..4 + n].copy_from_slice(name.as_bytes());
+        self.option_reply(option, REP_META_CONTEXT, &data[..4 + n]);
+    }
+
     fn enter_transmission(&mut self, export: ExportInfo) -> Event<'static> {
+        if self.meta_export != Some(export.handle) {
+            // Chosen for another export (or never): none apply.
+            self.meta = [None; MAX_META];
+        }
         self.sizes = BlockSizes::of(&export, self.config.max_payload);
         self.export = Some(export);
         self.state = State::Request;
@@ -776,6 +942,7 @@ impl Connection {
             | match command {
                 CMD_READ if self.structured => CMD_FLAG_DF,
                 CMD_WRITE_ZEROES => CMD_FLAG_NO_HOLE,
+                CMD_BLOCK_STATUS => CMD_FLAG_REQ_ONE,
                 _ => 0,
             };
         let flags_ok = flags & !allowed == 0 && (!fua || export.fua);
@@ -839,6 +1006,15 @@ impl Connection {
                     Ok(())
                 },
             ),
+            // Answered here when its reply is staged (`block_status`).
+            CMD_BLOCK_STATUS => (
+                Kind::Status,
+                if !flags_ok || !aligned || !in_range || self.meta.iter().all(Option::is_none) {
+                    Err(Errno::Inval)
+                } else {
+                    Ok(())
+                },
+            ),
             // A hint: checked, then answered here without reading anything.
             CMD_CACHE => (
                 Kind::Local,
@@ -858,10 +1034,11 @@ impl Connection {
             offset,
             len,
             error_offset: None,
+            req_one: flags & CMD_FLAG_REQ_ONE != 0,
             payload_pending: false,
             result: None,
         };
-        if kind == Kind::Local && verdict.is_ok() {
+        if matches!(kind, Kind::Local | Kind::Status) && verdict.is_ok() {
             s.result = Some(0);
             self.push_ready(slot);
             return Ok(None);
@@ -899,7 +1076,7 @@ impl Connection {
                 len,
                 fua,
             },
-            Kind::Trim | Kind::Local => Event::Trim {
+            Kind::Trim | Kind::Local | Kind::Status => Event::Trim {
                 slot,
                 offset,
                 len,
@@ -910,8 +1087,17 @@ impl Connection {
 
     /// Stages the reply of `slot`, simple or structured as negotiated (a read's data
     /// follows via `sending`). At most [`REPLY_MAX`] bytes.
-    fn reply(&mut self, slot: u16) {
-        let s = self.slots[usize::from(slot)];
+    fn reply(&mut self, slot: u16, catalog: &dyn ExportCatalog) {
+        let mut s = self.slots[usize::from(slot)];
+        if s.kind == Kind::Status && s.result == Some(0) {
+            match self.block_status(&s, catalog) {
+                Ok(()) => {
+                    self.free(slot);
+                    return;
+                }
+                Err(e) => s.result = Some(e as u32),
+            }
+        }
         let error = s.result.unwrap_or(Errno::Io as u32);
         let data = s.kind == Kind::Read && error == 0;
         if !self.structured {
@@ -945,10 +1131,91 @@ impl Connection {
         }
     }
 
+    /// Stages the reply to block status request `s`: one `NBD_REPLY_TYPE_BLOCK_STATUS`
+    /// chunk per selected context, in context id order, the last one `DONE`. Every context
+    /// is computed before anything is staged, so a failure is one error reply.
+    fn block_status(&mut self, s: &Slot, catalog: &dyn ExportCatalog) -> Result<(), Errno> {
+        let export = self.export.ok_or(Errno::Io)?;
+        let mut counts = [0usize; MAX_META];
+        for (i, meta) in self.meta.into_iter().enumerate() {
+            let Some(meta) = meta else { continue };
+            counts[i] = self.extents_of(i, meta, &export, s, catalog)?;
+        }
+        let last = self.meta.iter().rposition(Option::is_some).unwrap_or(0);
+        for (i, &n) in counts.iter().enumerate() {
+            if self.meta[i].is_none() {
+                continue;
+            }
+            let flags = if i == last { REPLY_FLAG_DONE } else { 0 };
+            self.chunk_header_flags(s.cookie, flags, REPLY_TYPE_BLOCK_STATUS, 4 + 8 * n as u32);
+            self.put(&(i as u32 + 1).to_be_bytes());
+            for k in 0..n {
+                let (len, state) = self.extents[i][k];
+                self.put(&len.to_be_bytes());
+                self.put(&state.to_be_bytes());
+            }
+        }
+        Ok(())
+    }
+
+    /// Fills `extents[i]` for context `meta` over the request `s`: the number of extents
+    /// (at least one, starting at the request's offset, within its length).
+    fn extents_of(
+        &mut self,
+        i: usize,
+        meta: Meta,
+        export: &ExportInfo,
+        s: &Slot,
+        catalog: &dyn ExportCatalog,
+    ) -> Result<usize, Errno> {
+        let key = match meta {
+            Meta::Allocation => {
+                // Everything is data: neither the devices nor the engine can tell holes
+                // cheaply.
+                self.extents[i][0] = (s.len, 0);
+                return Ok(1);
+            }
+            Meta::Changed(key) => key,
+        };
+        let cs = catalog.changed_chunk_bytes(export, key)?;
+        if cs == 0 {
+            return Err(Errno::Io);
+        }
+        let end = s.offset + u64::from(s.len);
+        let first = s.offset / cs;
+        let count = ((end - 1) / cs - first + 1).min(MAX_SCAN_CHUNKS);
+        let max = if s.req_one { 1 } else { MAX_EXTENTS };
+        let extents = &mut self.extents[i];
+        let (mut n, mut pos) = (0usize, s.offset);
+        catalog.changed_chunks(export, key, first, count, &mut |changed| {
+            let piece_end = ((pos / cs + 1) * cs).min(end);
+            let piece = (piece_end - pos) as u32;
+            let state = if changed { STATE_CHANGED } else { 0 };
+            if n > 0 && extents[n - 1].1 == state {
+                extents[n - 1].0 += piece;
+            } else if n == max {
+                return false;
+            } else {
+                extents[n] = (piece, state);
+                n += 1;
+            }
+            pos = piece_end;
+            pos < end
+        })?;
+        if n == 0 {
+            return Err(Errno::Io);
+        }
+        Ok(n)
+    }
+
     /// A structured reply chunk's header, the last of its reply.
     fn chunk_header(&mut self, cookie: u64, kind: u16, len: u32) {
+        self.chunk_header_flags(cookie, REPLY_FLAG_DONE, kind, len);
+    }
+
+    fn chunk_header_flags(&mut self, cookie: u64, flags: u16, kind: u16, len: u32) {
         self.put(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
-        self.put(&REPLY_FLAG_DONE.to_be_bytes());
+        self.put(&flags.to_be_bytes());
         self.put(&kind.to_be_bytes());
         self.put(&cookie.to_be_bytes());
         self.put(&len.to_be_bytes());
@@ -1078,6 +1345,41 @@ pub fn transmission_flags(export: &ExportInfo, structured: bool) -> u16 {
         flags |= TX_SEND_TRIM;
     }
     flags
+}
+
+/// A metadata context chosen by `NBD_OPT_SET_META_CONTEXT`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Meta {
+    /// `base:allocation`.
+    Allocation,
+    /// `snapfw:changed:NAME`, by the catalog's key of snapshot NAME.
+    Changed(u32),
+}
+
+/// Checks `NBD_OPT_LIST_META_CONTEXT`/`SET_META_CONTEXT` data: export name length, name,
+/// number of queries, each query's length and bytes, nothing more. Returns (name length,
+/// number of queries).
+fn parse_meta(data: &[u8]) -> Option<(usize, usize)> {
+    if data.len() < 8 {
+        return None;
+    }
+    let name_len = be32(data, 0) as usize;
+    if name_len > data.len() - 8 {
+        return None;
+    }
+    let queries = be32(data, 4 + name_len) as usize;
+    let mut at = 4 + name_len + 4;
+    for _ in 0..queries {
+        if data.len() - at < 4 {
+            return None;
+        }
+        let len = be32(data, at) as usize;
+        if len > data.len() - at - 4 {
+            return None;
+        }
+        at += 4 + len;
+    }
+    (at == data.len()).then_some((name_len, queries))
 }
 
 /// Checks `NBD_OPT_INFO`/`NBD_OPT_GO` data: name length, name, request count, requests,

@@ -4,6 +4,8 @@
 
 use core::fmt;
 
+use super::proto::Errno;
+
 /// An export name or description as the catalog hands it out: up to 64 bytes of UTF-8,
 /// fixed capacity, no heap.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -91,7 +93,8 @@ pub struct ExportInfo {
     pub max_payload: u32,
 }
 
-/// The exports a server offers. Called during the handshake only (never per request).
+/// The exports a server offers. Called during the handshake, and for block status
+/// (`NBD_CMD_BLOCK_STATUS` on a `snapfw:changed:NAME` context, looked up per request).
 pub trait ExportCatalog {
     /// The export called `name` (the empty name is the client's "default export": return
     /// one if there is a sensible default, else `None`).
@@ -103,6 +106,38 @@ pub trait ExportCatalog {
     /// A human-readable description (`NBD_INFO_DESCRIPTION`), if the catalog has one.
     fn description(&self, _export: &ExportInfo) -> Option<ExportName> {
         None
+    }
+
+    /// The name of the `index`-th snapshot whose `snapfw:changed:NAME` context `export`
+    /// offers (an origin: each of its snapshots; a snapshot: itself), for
+    /// `NBD_OPT_LIST_META_CONTEXT`; `None` past the last.
+    fn changed_snapshot(&self, _export: &ExportInfo, _index: usize) -> Option<ExportName> {
+        None
+    }
+
+    /// The key of context `snapfw:changed:NAME` on `export` (a stable identity of snapshot
+    /// `name`, e.g. its instance number), if `export` offers it.
+    fn changed_key(&self, _export: &ExportInfo, _name: &str) -> Option<u32> {
+        None
+    }
+
+    /// The chunk size in bytes of the snapshot `key` names, if it still serves `export`'s
+    /// context (`Err(EIO)` once it is gone).
+    fn changed_chunk_bytes(&self, _export: &ExportInfo, _key: u32) -> Result<u64, Errno> {
+        Err(Errno::Io)
+    }
+
+    /// Calls `each` with whether chunk `first + i` has an exception in snapshot `key`, for
+    /// `i` in `0..count` in order, until it returns false. Bounded work: one lookup a chunk.
+    fn changed_chunks(
+        &self,
+        _export: &ExportInfo,
+        _key: u32,
+        _first: u64,
+        _count: u64,
+        _each: &mut dyn FnMut(bool) -> bool,
+    ) -> Result<(), Errno> {
+        Err(Errno::Io)
     }
 }
 

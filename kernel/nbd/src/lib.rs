@@ -6,7 +6,8 @@
 //! supplies, so all of it runs in host tests over fakes.
 //! - [`Backend`] (the volumes): the export catalog of the handshake ([`ExportCatalog`]),
 //!   the roles every request is routed by ([`route::Roles`]), a buffer pool per export, and
-//!   submission of read/write/flush/trim chunk I/O with the server's own [`RequestId`];
+//!   submission of read/write/flush/trim chunk I/O with the server's own [`RequestId`], and
+//!   (in the catalog) the `snapfw:changed:` contexts of block status;
 //!   completions come back by that id ([`Server::complete`]).
 //! - [`Sockets`] (one listening TCP socket's connections): accept, ended connections,
 //!   receive in place, send, close, reset, the NIC's address.

@@ -59,12 +59,19 @@ pub const OPT_GO: u32 = 7;
 /// `NBD_OPT_STRUCTURED_REPLY`: replies in the transmission phase become structured.
 pub const OPT_STRUCTURED_REPLY: u32 = 8;
 
+/// `NBD_OPT_LIST_META_CONTEXT`: which metadata contexts an export offers.
+pub const OPT_LIST_META_CONTEXT: u32 = 9;
+/// `NBD_OPT_SET_META_CONTEXT`: choose the contexts `NBD_CMD_BLOCK_STATUS` reports.
+pub const OPT_SET_META_CONTEXT: u32 = 10;
+
 /// `NBD_REP_ACK`.
 pub const REP_ACK: u32 = 1;
 /// `NBD_REP_SERVER`: one export in a list.
 pub const REP_SERVER: u32 = 2;
 /// `NBD_REP_INFO`: one information item about an export.
 pub const REP_INFO: u32 = 3;
+/// `NBD_REP_META_CONTEXT`: a context id and name.
+pub const REP_META_CONTEXT: u32 = 4;
 /// `NBD_REP_ERR_UNSUP`: option unknown to this server.
 pub const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
 /// `NBD_REP_ERR_INVALID`: option known but malformed.
@@ -98,6 +105,8 @@ pub const CMD_TRIM: u16 = 4;
 pub const CMD_CACHE: u16 = 5;
 /// `NBD_CMD_WRITE_ZEROES`.
 pub const CMD_WRITE_ZEROES: u16 = 6;
+/// `NBD_CMD_BLOCK_STATUS`.
+pub const CMD_BLOCK_STATUS: u16 = 7;
 
 /// Command flag `NBD_CMD_FLAG_FUA`.
 pub const CMD_FLAG_FUA: u16 = 1 << 0;
@@ -105,6 +114,8 @@ pub const CMD_FLAG_FUA: u16 = 1 << 0;
 pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
 /// Command flag `NBD_CMD_FLAG_DF` (READ: do not fragment the reply).
 pub const CMD_FLAG_DF: u16 = 1 << 2;
+/// Command flag `NBD_CMD_FLAG_REQ_ONE` (BLOCK_STATUS: one extent per context).
+pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
 
 /// Structured reply flag `NBD_REPLY_FLAG_DONE`: the last chunk of a reply.
 pub const REPLY_FLAG_DONE: u16 = 1 << 0;
@@ -112,6 +123,8 @@ pub const REPLY_FLAG_DONE: u16 = 1 << 0;
 pub const REPLY_TYPE_NONE: u16 = 0;
 /// `NBD_REPLY_TYPE_OFFSET_DATA`: offset, then data.
 pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
+/// `NBD_REPLY_TYPE_BLOCK_STATUS`: context id, then (length, flags) descriptors.
+pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
 /// `NBD_REPLY_TYPE_ERROR`: error, message length, message.
 pub const REPLY_TYPE_ERROR: u16 = (1 << 15) + 1;
 /// `NBD_REPLY_TYPE_ERROR_OFFSET`: error, message length, message, offset.
@@ -172,3 +185,12 @@ pub fn be64(bytes: &[u8], at: usize) -> u64 {
     b.copy_from_slice(&bytes[at..at + 8]);
     u64::from_be_bytes(b)
 }
+
+/// The `base:allocation` context.
+pub const CONTEXT_ALLOCATION: &str = "base:allocation";
+/// The prefix of snapfw's changed-chunks contexts: `snapfw:changed:NAME`.
+pub const CONTEXT_CHANGED: &str = "snapfw:changed:";
+/// Flag of a `snapfw:changed:` extent: the chunks have an exception in the snapshot (on an
+/// origin: written since the snapshot; on a snapshot: differ from its origin). Bit 0, as
+/// `qemu:dirty-bitmap`'s "dirty", so `x-dirty-bitmap=` clients read it the same way.
+pub const STATE_CHANGED: u32 = 1;

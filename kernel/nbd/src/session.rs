@@ -180,6 +180,25 @@ impl<K: Backend + ExportCatalog> ExportCatalog for Clamped<'_, K> {
     fn description(&self, export: &ExportInfo) -> Option<ExportName> {
         self.0.description(export)
     }
+    fn changed_snapshot(&self, export: &ExportInfo, index: usize) -> Option<ExportName> {
+        self.0.changed_snapshot(export, index)
+    }
+    fn changed_key(&self, export: &ExportInfo, name: &str) -> Option<u32> {
+        self.0.changed_key(export, name)
+    }
+    fn changed_chunk_bytes(&self, export: &ExportInfo, key: u32) -> Result<u64, Errno> {
+        self.0.changed_chunk_bytes(export, key)
+    }
+    fn changed_chunks(
+        &self,
+        export: &ExportInfo,
+        key: u32,
+        first: u64,
+        count: u64,
+        each: &mut dyn FnMut(bool) -> bool,
+    ) -> Result<(), Errno> {
+        self.0.changed_chunks(export, key, first, count, each)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

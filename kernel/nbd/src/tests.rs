@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use super::connection::{OPTION_DATA_MAX, OPTION_SKIP_MAX};
+use super::connection::{MAX_EXTENTS, MAX_SCAN_CHUNKS, OPTION_DATA_MAX, OPTION_SKIP_MAX};
 use super::proto::*;
 use super::*;
 
@@ -11,6 +11,9 @@ use super::*;
 
 struct Catalog {
     exports: Vec<(String, ExportInfo)>,
+    /// Snapshot "s1" of "vda" (key 11) and "snap1" (key 12, its own export): their changed
+    /// 4 KiB chunks; a key missing here is a snapshot that is gone.
+    changed: HashMap<u32, std::collections::BTreeSet<u64>>,
 }
 
 impl ExportCatalog for Catalog {
@@ -27,6 +30,41 @@ impl ExportCatalog for Catalog {
     }
     fn description(&self, export: &ExportInfo) -> Option<ExportName> {
         (export.handle == 1).then(|| ExportName::from_str_truncated("virtio disk"))
+    }
+    fn changed_snapshot(&self, export: &ExportInfo, index: usize) -> Option<ExportName> {
+        let names: &[&str] = match export.handle {
+            1 => &["s1", "s2"],
+            3 => &["snap1"],
+            _ => &[],
+        };
+        names.get(index).map(|n| ExportName::from_str_truncated(n))
+    }
+    fn changed_key(&self, export: &ExportInfo, name: &str) -> Option<u32> {
+        match (export.handle, name) {
+            (1, "s1") => Some(11),
+            (1, "s2") => Some(13),
+            (3, "snap1") => Some(12),
+            _ => None,
+        }
+    }
+    fn changed_chunk_bytes(&self, _: &ExportInfo, key: u32) -> Result<u64, Errno> {
+        self.changed.get(&key).map(|_| 4096).ok_or(Errno::Io)
+    }
+    fn changed_chunks(
+        &self,
+        _: &ExportInfo,
+        key: u32,
+        first: u64,
+        count: u64,
+        each: &mut dyn FnMut(bool) -> bool,
+    ) -> Result<(), Errno> {
+        let set = self.changed.get(&key).ok_or(Errno::Io)?;
+        for c in first..first + count {
+            if !each(set.contains(&c)) {
+                break;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -74,6 +112,10 @@ fn catalog() -> Catalog {
                 },
             ),
         ],
+        changed: HashMap::from([
+            (11, [1, 2, 5].into_iter().chain(1000..1100).collect()),
+            (12, (0..200).step_by(2).collect()),
+        ]),
     }
 }
 
@@ -638,7 +680,7 @@ fn abort_acks_and_finishes() {
 #[test]
 fn unsupported_options_get_err_unsup() {
     let mut h = Harness::negotiated(3);
-    for opt in [OPT_STARTTLS, 0, 4, 9, 10, 11, 999, u32::MAX] {
+    for opt in [OPT_STARTTLS, 0, 4, 11, 999, u32::MAX] {
         h.send(&option(opt, b""));
         let r = parse_option_replies(&h.take());
         assert_eq!(r.len(), 1);
@@ -1556,4 +1598,283 @@ fn write_zeroes_lengths_are_not_held_to_the_payload_limit() {
     msg.extend([0; 8192]);
     h.send(&msg);
     assert_eq!(one_reply(&mut h), (Errno::Inval as u32, 2));
+}
+
+// --- block status ------------------------------------------------------------------------
+
+/// `NBD_OPT_LIST/SET_META_CONTEXT` data: export name, queries.
+fn meta_data(export: &str, queries: &[&str]) -> Vec<u8> {
+    let mut d = (export.len() as u32).to_be_bytes().to_vec();
+    d.extend(export.as_bytes());
+    d.extend((queries.len() as u32).to_be_bytes());
+    for q in queries {
+        d.extend((q.len() as u32).to_be_bytes());
+        d.extend(q.as_bytes());
+    }
+    d
+}
+
+/// (context id, name) of each META_CONTEXT reply, and the last reply's type.
+fn meta_replies(bytes: &[u8], option: u32) -> (Vec<(u32, String)>, u32) {
+    let r = parse_option_replies(bytes);
+    assert!(r.iter().all(|x| x.0 == option));
+    let contexts = r
+        .iter()
+        .filter(|x| x.1 == REP_META_CONTEXT)
+        .map(|x| (be32(&x.2, 0), String::from_utf8(x.2[4..].to_vec()).unwrap()))
+        .collect();
+    (contexts, r.last().unwrap().1)
+}
+
+/// A structured harness past SET_META_CONTEXT with `queries`, serving `export`.
+fn with_contexts(export: &str, queries: &[&str]) -> (Harness, Vec<(u32, String)>) {
+    let mut h = Harness::negotiated(3);
+    h.send(&option(OPT_STRUCTURED_REPLY, &[]));
+    h.take();
+    h.send(&option(OPT_SET_META_CONTEXT, &meta_data(export, queries)));
+    let (contexts, last) = meta_replies(&h.take(), OPT_SET_META_CONTEXT);
+    assert_eq!(last, REP_ACK);
+    h.send(&option(OPT_GO, &info_data(export, &[])));
+    h.take();
+    h.events.clear();
+    (h, contexts)
+}
+
+/// A block status chunk, byte for byte.
+fn status_chunk(cookie: u64, done: bool, id: u32, extents: &[(u32, u32)]) -> Vec<u8> {
+    let mut m = STRUCTURED_REPLY_MAGIC.to_be_bytes().to_vec();
+    m.extend((if done { REPLY_FLAG_DONE } else { 0 }).to_be_bytes());
+    m.extend(REPLY_TYPE_BLOCK_STATUS.to_be_bytes());
+    m.extend(cookie.to_be_bytes());
+    m.extend((4 + 8 * extents.len() as u32).to_be_bytes());
+    m.extend(id.to_be_bytes());
+    for (len, flags) in extents {
+        m.extend(len.to_be_bytes());
+        m.extend(flags.to_be_bytes());
+    }
+    m
+}
+
+#[test]
+fn meta_contexts_need_structured_replies_and_a_known_export() {
+    let mut h = Harness::negotiated(3);
+    h.send(&option(
+        OPT_SET_META_CONTEXT,
+        &meta_data("vda", &["base:allocation"]),
+    ));
+    assert_eq!(
+        meta_replies(&h.take(), OPT_SET_META_CONTEXT),
+        (vec![], REP_ERR_INVALID)
+    );
+    // Listing does not choose anything: allowed before.
+    h.send(&option(
+        OPT_LIST_META_CONTEXT,
+        &meta_data("vda", &["base:"]),
+    ));
+    assert_eq!(
+        meta_replies(&h.take(), OPT_LIST_META_CONTEXT),
+        (vec![(0, "base:allocation".to_string())], REP_ACK)
+    );
+    h.send(&option(OPT_STRUCTURED_REPLY, &[]));
+    h.take();
+    h.send(&option(
+        OPT_SET_META_CONTEXT,
+        &meta_data("nope", &["base:allocation"]),
+    ));
+    assert_eq!(
+        meta_replies(&h.take(), OPT_SET_META_CONTEXT),
+        (vec![], REP_ERR_UNKNOWN)
+    );
+    // Malformed: a query longer than the data, trailing bytes, no query count.
+    let mut bad = meta_data("vda", &["base:allocation"]);
+    bad.truncate(bad.len() - 1);
+    let mut trailing = meta_data("vda", &[]);
+    trailing.push(0);
+    for data in [bad, trailing, vec![0, 0, 0, 3, b'v', b'd', b'a']] {
+        h.send(&option(OPT_SET_META_CONTEXT, &data));
+        assert_eq!(
+            meta_replies(&h.take(), OPT_SET_META_CONTEXT),
+            (vec![], REP_ERR_INVALID)
+        );
+    }
+    assert_eq!(h.error, None);
+}
+
+#[test]
+fn list_meta_context_names_every_context_of_the_export() {
+    let mut h = Harness::negotiated(3);
+    h.send(&option(OPT_STRUCTURED_REPLY, &[]));
+    h.take();
+    let list = |h: &mut Harness, export: &str, queries: &[&str]| {
+        h.send(&option(OPT_LIST_META_CONTEXT, &meta_data(export, queries)));
+        let (contexts, last) = meta_replies(&h.take(), OPT_LIST_META_CONTEXT);
+        assert_eq!(last, REP_ACK);
+        contexts
+    };
+    let named = |names: &[&str]| -> Vec<(u32, String)> {
+        names.iter().map(|n| (0, n.to_string())).collect()
+    };
+    assert_eq!(
+        list(&mut h, "vda", &[]),
+        named(&["base:allocation", "snapfw:changed:s1", "snapfw:changed:s2"])
+    );
+    assert_eq!(list(&mut h, "vda", &["base:"]), named(&["base:allocation"]));
+    assert_eq!(
+        list(&mut h, "vda", &["snapfw:"]),
+        named(&["snapfw:changed:s1", "snapfw:changed:s2"])
+    );
+    assert_eq!(
+        list(
+            &mut h,
+            "vda",
+            &[
+                "snapfw:changed:s2",
+                "qemu:dirty-bitmap:x",
+                "snapfw:changed:zz"
+            ]
+        ),
+        named(&["snapfw:changed:s2"])
+    );
+    // A snapshot offers its own name only; a plain export base:allocation only.
+    assert_eq!(
+        list(&mut h, "snap1", &[]),
+        named(&["base:allocation", "snapfw:changed:snap1"])
+    );
+    assert_eq!(list(&mut h, "snap1", &["snapfw:changed:s1"]), named(&[]));
+    assert_eq!(list(&mut h, "plain", &[]), named(&["base:allocation"]));
+    // The handshake goes on.
+    h.send(&option(OPT_GO, &info_data("vda", &[])));
+    assert!(h.conn.in_transmission());
+}
+
+#[test]
+fn set_meta_context_chooses_known_contexts_with_ids() {
+    let (_, contexts) = with_contexts(
+        "vda",
+        &[
+            "snapfw:changed:s1",
+            "base:",
+            "base:allocation",
+            "snapfw:changed:nope",
+            "snapfw:changed:s1",
+            "snapfw:",
+        ],
+    );
+    assert_eq!(
+        contexts,
+        vec![
+            (1, "snapfw:changed:s1".to_string()),
+            (2, "base:allocation".to_string())
+        ]
+    );
+    // At most MAX_META at once.
+    let (_, contexts) = with_contexts(
+        "vda",
+        &["base:allocation", "snapfw:changed:s1", "snapfw:changed:s2"],
+    );
+    assert_eq!(contexts.len(), 3);
+}
+
+#[test]
+fn block_status_reports_allocation_and_changed_chunks_byte_for_byte() {
+    let (mut h, _) = with_contexts("vda", &["base:allocation", "snapfw:changed:s1"]);
+    h.send(&request(0, CMD_BLOCK_STATUS, 0x77, 0, 32768));
+    let mut want = status_chunk(0x77, false, 1, &[(32768, 0)]);
+    want.extend(status_chunk(
+        0x77,
+        true,
+        2,
+        &[(4096, 0), (8192, 1), (8192, 0), (4096, 1), (8192, 0)],
+    ));
+    assert_eq!(h.take(), want);
+    assert!(h.events.is_empty(), "answered without the volume layer");
+    // From inside a chunk, ending inside one.
+    h.send(&request(0, CMD_BLOCK_STATUS, 2, 3584, 1024));
+    let mut want = status_chunk(2, false, 1, &[(1024, 0)]);
+    want.extend(status_chunk(2, true, 2, &[(512, 0), (512, 1)]));
+    assert_eq!(h.take(), want);
+    // REQ_ONE: one extent each.
+    h.send(&request(CMD_FLAG_REQ_ONE, CMD_BLOCK_STATUS, 3, 4096, 65536));
+    let mut want = status_chunk(3, false, 1, &[(65536, 0)]);
+    want.extend(status_chunk(3, true, 2, &[(8192, 1)]));
+    assert_eq!(h.take(), want);
+    // Refusals: past the end, misaligned, length 0, unknown flag.
+    let size = 64 * MIB;
+    for (flags, offset, len) in [
+        (0, size, 512),
+        (0, 0, 100),
+        (0, 0, 0),
+        (CMD_FLAG_DF, 0, 512),
+    ] {
+        h.send(&request(flags, CMD_BLOCK_STATUS, 4, offset, len));
+        assert_eq!(
+            h.take(),
+            error_chunk(4, Errno::Inval, "invalid request", None)
+        );
+    }
+}
+
+#[test]
+fn block_status_covers_at_most_max_extents_and_a_bounded_scan() {
+    // snap1 changed every other chunk: 200 chunks asked, MAX_EXTENTS given.
+    let (mut h, _) = with_contexts("snap1", &["snapfw:changed:snap1"]);
+    h.send(&request(0, CMD_BLOCK_STATUS, 5, 0, 200 * 4096));
+    let extents: Vec<(u32, u32)> = (0..MAX_EXTENTS)
+        .map(|i| (4096, (i % 2 == 0) as u32))
+        .collect();
+    assert_eq!(h.take(), status_chunk(5, true, 1, &extents));
+    // A range with nothing changed: one extent, held to MAX_SCAN_CHUNKS chunks.
+    let (mut h, _) = with_contexts("vda", &["snapfw:changed:s2"]);
+    h.send(&request(0, CMD_BLOCK_STATUS, 6, 0, 32 * MIB as u32));
+    // s2 is gone (the catalog has no chunks for key 13): one error, nothing else.
+    assert_eq!(h.take(), error_chunk(6, Errno::Io, "I/O error", None));
+    // A 1 TiB view of vda's handle (the same snapshot s1): 4 GiB asked from 8 MiB on,
+    // where nothing changed; the reply covers MAX_SCAN_CHUNKS chunks.
+    let mut h = Harness::negotiated(3);
+    h.catalog
+        .exports
+        .push(("big".into(), info(1, 1 << 40, 512)));
+    h.send(&option(OPT_STRUCTURED_REPLY, &[]));
+    h.send(&option(
+        OPT_SET_META_CONTEXT,
+        &meta_data("big", &["snapfw:changed:s1"]),
+    ));
+    h.send(&option(OPT_GO, &info_data("big", &[])));
+    h.take();
+    h.send(&request(0, CMD_BLOCK_STATUS, 7, 8 * MIB, u32::MAX - 511));
+    let scanned = (MAX_SCAN_CHUNKS * 4096) as u32;
+    assert_eq!(h.take(), status_chunk(7, true, 1, &[(scanned, 0)]));
+}
+
+#[test]
+fn block_status_needs_contexts_for_this_export() {
+    // Never set.
+    let mut h = structured("vda");
+    h.send(&request(0, CMD_BLOCK_STATUS, 1, 0, 512));
+    assert_eq!(
+        h.take(),
+        error_chunk(1, Errno::Inval, "invalid request", None)
+    );
+    // Set for snap1, then GO on vda: cleared.
+    let mut h = Harness::negotiated(3);
+    h.send(&option(OPT_STRUCTURED_REPLY, &[]));
+    h.send(&option(
+        OPT_SET_META_CONTEXT,
+        &meta_data("snap1", &["base:allocation"]),
+    ));
+    h.send(&option(OPT_GO, &info_data("vda", &[])));
+    h.take();
+    h.send(&request(0, CMD_BLOCK_STATUS, 2, 0, 512));
+    assert_eq!(
+        h.take(),
+        error_chunk(2, Errno::Inval, "invalid request", None)
+    );
+    // SET with no queries chooses none.
+    let (mut h, contexts) = with_contexts("vda", &[]);
+    assert!(contexts.is_empty());
+    h.send(&request(0, CMD_BLOCK_STATUS, 3, 0, 512));
+    assert_eq!(
+        h.take(),
+        error_chunk(3, Errno::Inval, "invalid request", None)
+    );
 }

@@ -176,6 +176,60 @@ impl StorageBackend<'_> {
         )
     }
 
+    /// The origin and the snapshot `key` (an instance number) names for the
+    /// `snapfw:changed:` context of `export`, looked up now: a snapshot of the device an
+    /// origin export names, or the snapshot export itself; active (an invalidated snapshot's
+    /// table no longer follows the origin, a merging one's empties). `EIO` otherwise.
+    fn changed_snap(
+        &self,
+        export: &ExportInfo,
+        key: u32,
+    ) -> Result<
+        (
+            &crate::storage::volume::Origin,
+            &crate::storage::volume::Snap,
+        ),
+        Errno,
+    > {
+        let st = &*self.0;
+        let (o, s) = st
+            .origins
+            .iter()
+            .find_map(|o| o.snaps.iter().find(|s| s.instance == key).map(|s| (o, s)))
+            .ok_or(Errno::Io)?;
+        let related = match ExportId::from_handle(export.handle) {
+            Some(ExportId::Device { disk }) => o.disk == usize::from(disk),
+            Some(ExportId::Snapshot { instance, .. }) => instance == key,
+            None => false,
+        };
+        if !related || s.state != SnapState::Active {
+            return Err(Errno::Io);
+        }
+        Ok((o, s))
+    }
+
+    /// The snapshots whose `snapfw:changed:` context `export` offers: an origin's active
+    /// snapshots, or an active snapshot itself.
+    fn changed_snaps<'s>(
+        &'s self,
+        export: &ExportInfo,
+    ) -> impl Iterator<Item = &'s crate::storage::volume::Snap> + 's {
+        let st = &*self.0;
+        let id = ExportId::from_handle(export.handle);
+        st.origins
+            .iter()
+            .flat_map(move |o| o.snaps.iter().map(move |s| (o, s)))
+            .filter(move |(o, s)| {
+                s.state == SnapState::Active
+                    && match id {
+                        Some(ExportId::Device { disk }) => o.disk == usize::from(disk),
+                        Some(ExportId::Snapshot { instance, .. }) => s.instance == instance,
+                        None => false,
+                    }
+            })
+            .map(|(_, s)| s)
+    }
+
     /// Names of the exports in a fixed order: devices, then snapshots.
     fn export_names(&self) -> impl Iterator<Item = ExportName> + '_ {
         let st = &*self.0;
@@ -275,6 +329,41 @@ impl ExportCatalog for StorageBackend<'_> {
             },
         };
         Some(ExportName::from_str_truncated(text))
+    }
+
+    fn changed_snapshot(&self, export: &ExportInfo, index: usize) -> Option<ExportName> {
+        self.changed_snaps(export)
+            .nth(index)
+            .map(|s| ExportName::from_str_truncated(&s.name))
+    }
+
+    fn changed_key(&self, export: &ExportInfo, name: &str) -> Option<u32> {
+        self.changed_snaps(export)
+            .find(|s| s.name == name)
+            .map(|s| s.instance)
+    }
+
+    fn changed_chunk_bytes(&self, export: &ExportInfo, key: u32) -> Result<u64, Errno> {
+        let (_, s) = self.changed_snap(export, key)?;
+        Ok(u64::from(s.chunk_sectors) * snapshot::format::SECTOR_BYTES as u64)
+    }
+
+    fn changed_chunks(
+        &self,
+        export: &ExportInfo,
+        key: u32,
+        first: u64,
+        count: u64,
+        each: &mut dyn FnMut(bool) -> bool,
+    ) -> Result<(), Errno> {
+        let (o, s) = self.changed_snap(export, key)?;
+        for chunk in first..first.saturating_add(count) {
+            let changed = o.engine.has_exception(s.id, chunk).ok_or(Errno::Io)?;
+            if !each(changed) {
+                break;
+            }
+        }
+        Ok(())
     }
 }
 
