@@ -741,6 +741,17 @@ impl Engine {
         snap: SnapId,
         binding: &crate::format::Binding,
     ) -> Result<(), EngineError> {
+        self.rewrite_header(snap, |header| binding.encode(header))
+    }
+
+    /// Changes snapshot `snap`'s header block with `change` and has it written (the one way
+    /// a valid store's chunk 0 is rewritten: [`rewrite_binding`](Self::rewrite_binding),
+    /// [`set_autoextend`](Self::set_autoextend)).
+    fn rewrite_header(
+        &mut self,
+        snap: SnapId,
+        change: impl FnOnce(&mut [u8]),
+    ) -> Result<(), EngineError> {
         let Some(Some(x)) = self.snaps.get_mut(snap.0 as usize) else {
             return Err(EngineError::NoSuchSnapshot);
         };
@@ -750,14 +761,20 @@ impl Engine {
         if x.binding_gen != 0 || x.extend_to.is_some() {
             return Err(EngineError::Busy);
         }
-        binding.encode(&mut x.header);
+        change(&mut x.header);
+        Self::schedule_header_write(x);
+        self.dirty = true;
+        Ok(())
+    }
+
+    /// The header block changed: count the change and write it (a write already in flight
+    /// is followed by another, see `on_header_io`).
+    fn schedule_header_write(x: &mut Snap) {
         x.header_gen += 1;
         x.binding_gen = x.header_gen;
         if x.header_phase == HeaderPhase::None {
             x.header_phase = HeaderPhase::Write;
         }
-        self.dirty = true;
-        Ok(())
     }
 
     /// Grows snapshot `snap`'s store to `cow_sectors` (its device or region grew: the
@@ -818,11 +835,7 @@ impl Engine {
             return;
         };
         binding.encode(&mut x.header);
-        x.header_gen += 1;
-        x.binding_gen = x.header_gen;
-        if x.header_phase == HeaderPhase::None {
-            x.header_phase = HeaderPhase::Write;
-        }
+        Self::schedule_header_write(x);
         self.dirty = true;
     }
 
@@ -863,23 +876,9 @@ impl Engine {
         snap: SnapId,
         policy: Option<crate::format::AutoExtend>,
     ) -> Result<(), EngineError> {
-        let Some(Some(x)) = self.snaps.get_mut(snap.0 as usize) else {
-            return Err(EngineError::NoSuchSnapshot);
-        };
-        if x.state != SnapState::Active || !x.valid {
-            return Err(EngineError::NoSuchSnapshot);
-        }
-        if x.binding_gen != 0 || x.extend_to.is_some() {
-            return Err(EngineError::Busy);
-        }
-        crate::format::AutoExtend::encode(policy, &mut x.header);
-        x.header_gen += 1;
-        x.binding_gen = x.header_gen;
-        if x.header_phase == HeaderPhase::None {
-            x.header_phase = HeaderPhase::Write;
-        }
-        self.dirty = true;
-        Ok(())
+        self.rewrite_header(snap, |header| {
+            crate::format::AutoExtend::encode(policy, header)
+        })
     }
 
     /// Snapshot `snap`'s auto-extend policy, as its store records it.

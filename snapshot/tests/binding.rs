@@ -48,21 +48,26 @@ fn world(order: Order, seed: u64, fua: bool, cow_chunks: u64) -> (World, SnapId)
     (w, id)
 }
 
-/// Loads a COW image; its validity and binding.
-fn load(w: &World, img: &[u64]) -> (bool, Result<Binding, BindingError>) {
+/// Loads a COW image (a store for an origin of `origin` sectors).
+fn load_store(w: &World, img: &[u64], origin: u64) -> LoadedStore {
     let params = LoadParams {
         cow_sectors: img.len() as u64,
         cow_block_sectors: 1,
-        origin_sectors: ORIGIN,
+        origin_sectors: origin,
         origin_block_sectors: 1,
         table_runs: img.len(),
     };
-    let l = Loader::load_with(params, |r| {
+    Loader::load_with(params, |r| {
         let a = r.sector as usize;
         let b = (a + r.sectors as usize).min(img.len());
         w.contents.image_bytes(&img[a.min(b)..b])
     })
-    .expect("the store loads");
+    .expect("the store loads")
+}
+
+/// Loads a COW image; its validity and binding.
+fn load(w: &World, img: &[u64]) -> (bool, Result<Binding, BindingError>) {
+    let l = load_store(w, img, ORIGIN);
     (l.valid, l.binding)
 }
 
@@ -256,20 +261,7 @@ fn load_as_found(w: &World, img: &[u64]) -> LoadedStore {
         Ok(b) if b.region_sectors > 0 => b.region_sectors as usize,
         _ => img.len(),
     };
-    let img = &img[..sectors.min(img.len())];
-    let params = LoadParams {
-        cow_sectors: img.len() as u64,
-        cow_block_sectors: 1,
-        origin_sectors: ORIGIN_BIG,
-        origin_block_sectors: 1,
-        table_runs: img.len(),
-    };
-    Loader::load_with(params, |r| {
-        let a = r.sector as usize;
-        let b = (a + r.sectors as usize).min(img.len());
-        w.contents.image_bytes(&img[a.min(b)..b])
-    })
-    .expect("the store loads")
+    load_store(w, &img[..sectors.min(img.len())], ORIGIN_BIG)
 }
 
 const ORIGIN_BIG: u64 = 4096;
@@ -416,20 +408,7 @@ fn the_autoextend_policy_survives_rewrites_and_reattach() {
     w.settle(1000);
     let cow = w.cows[id.0 as usize].as_ref().unwrap();
     let img = cow.durable.clone();
-    let params = LoadParams {
-        cow_sectors: img.len() as u64,
-        cow_block_sectors: 1,
-        origin_sectors: ORIGIN,
-        origin_block_sectors: 1,
-        table_runs: img.len(),
-    };
-    let load = |w: &World, img: &[u64]| {
-        Loader::load_with(params, |r| {
-            let a = r.sector as usize;
-            w.contents.image_bytes(&img[a..a + r.sectors as usize])
-        })
-        .unwrap()
-    };
+    let load = |w: &World, img: &[u64]| load_store(w, img, ORIGIN);
     let l = load(&w, &img);
     assert_eq!(l.autoextend, Some(p));
     assert_eq!(l.binding, Ok(binding("renamed", 0)));
