@@ -93,7 +93,7 @@ fuzz-cmin:
 check:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
-	$(CARGO) clippy -p kernel -p nbd -p drivers -p boot -p snapshot --target $(TARGET) -- -D warnings
+	$(CARGO) clippy -p kernel -p nbd -p volume -p drivers -p boot -p snapshot --target $(TARGET) -- -D warnings
 	./scripts/unsafe-allowlist.sh
 
 doc:

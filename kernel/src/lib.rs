@@ -11,7 +11,7 @@ pub mod console;
 pub mod frames;
 #[cfg(any(test, feature = "fuzz"))]
 pub mod fuzz;
-pub mod identity;
+pub use volume::identity;
 pub mod ipconfig;
 pub mod json;
 pub mod nbd;

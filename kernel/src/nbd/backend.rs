@@ -1,18 +1,18 @@
-//! The NBD server's volumes: `Storage` as an [`nbd::Backend`]. Every volume is an export:
+//! The NBD server's volumes: the volume layer (`volume::Volumes`) as an [`nbd::Backend`]. Every volume is an export:
 //! devices by name (`vda`, `nvme0n1`; not a device holding a COW store an engine serves,
 //! which only the engine may write; a device holding a store found at boot and not served
 //! is exported read-only) and active snapshots by name.
 //!
 //! An export handle names a stable identity ([`ExportId`]: a device, or one snapshot
 //! instance); the server routes every request by that identity's role at the moment it is
-//! submitted (`nbd::route`, over the [`Roles`] of `Storage` below), and this backend sends
+//! submitted (`nbd::route`, over the [`Roles`] of [`StorageBackend`] below), and this backend sends
 //! it where the route says: a device, an origin's engine, or a snapshot of it.
 //!
 //! Device tags: the server's [`RequestId`] travels in the tag of each device request under
 //! [`NBD_TAG`] ([`tag`]); `storage::poll` hands completions carrying it to [`complete`],
 //! which gives the server its id back ([`untag`]). This file is the only place that knows
-//! the bits. NBD I/O is submitted with `Storage::submit_nbd`, which does not count in
-//! `Storage::task_ios` (console tasks and NBD clients run side by side) but counts writes
+//! the bits. NBD I/O is submitted with `Volumes::submit_nbd`, which does not count in
+//! `Volumes::task_ios` (console tasks and NBD clients run side by side) but counts writes
 //! sent straight to a device, which `snapshot create` waits for.
 
 use drivers::block::{BlockError, BlockRequest, BufferPool, Completion, DmaBuf};
@@ -23,7 +23,7 @@ use nbd::{
     RequestId, Roles, Route, SubmitError,
 };
 
-use crate::storage::{volume::SnapState, Storage, Target};
+use crate::storage::{volume::SnapState, Target, Volumes};
 
 /// Device-request tags of NBD I/O carry this bit. Engine I/O uses bit 63 (`VOLUME_TAG`),
 /// console tasks use neither (their flushes use bit 62), so each owner recognises its own.
@@ -91,44 +91,10 @@ pub fn complete(pool: &mut BufferPool, completion: Completion) {
     }
 }
 
-/// The roles NBD requests are routed by, as they are now (looked up per request).
-impl Roles for Storage {
-    fn device_role(&self, disk: usize) -> DeviceRole {
-        if disk >= self.devices.len() {
-            return DeviceRole::Missing;
-        }
-        if self.holds_store(disk) {
-            return DeviceRole::Store;
-        }
-        match self
-            .origins
-            .iter()
-            .position(|o| o.disk == disk && (o.creating || !o.snaps.is_empty()))
-        {
-            Some(origin) => DeviceRole::Origin(origin),
-            None => DeviceRole::Plain,
-        }
-    }
+/// The volumes (`volume::Volumes`) as the server's volumes and export catalog.
+pub struct StorageBackend<'a>(pub &'a mut Volumes);
 
-    fn snapshot_role(&self, instance: u32) -> Option<SnapRole> {
-        self.origins.iter().enumerate().find_map(|(origin, o)| {
-            o.snaps
-                .iter()
-                .find(|s| s.instance == instance)
-                .map(|s| SnapRole {
-                    origin,
-                    disk: o.disk,
-                    slot: s.id.0,
-                    serving: matches!(s.state, SnapState::Active | SnapState::Invalid),
-                })
-        })
-    }
-}
-
-/// `Storage` as the server's volumes and export catalog.
-pub struct StorageBackend<'a>(pub &'a mut Storage);
-
-/// Where a route goes in `Storage`.
+/// Where a route goes in the volumes.
 fn target(to: Route) -> Target {
     match to {
         Route::Device(d) => Target::Device(d),
@@ -145,7 +111,7 @@ fn target(to: Route) -> Target {
 
 /// The name of the volume an export handle names now, for the console: a device's name, a
 /// snapshot's name, or `None` once the snapshot is gone.
-pub fn volume_name(st: &Storage, handle: u64) -> Option<ExportName> {
+pub fn volume_name(st: &Volumes, handle: u64) -> Option<ExportName> {
     match ExportId::from_handle(handle)? {
         ExportId::Device { disk } => {
             let disk = usize::from(disk);
@@ -246,12 +212,38 @@ impl StorageBackend<'_> {
     }
 }
 
+/// The roles NBD requests are routed by, as they are now (looked up per request).
 impl Roles for StorageBackend<'_> {
     fn device_role(&self, disk: usize) -> DeviceRole {
-        self.0.device_role(disk)
+        let st = &*self.0;
+        if disk >= st.devices.len() {
+            return DeviceRole::Missing;
+        }
+        if st.holds_store(disk) {
+            return DeviceRole::Store;
+        }
+        match st
+            .origins
+            .iter()
+            .position(|o| o.disk == disk && (o.creating || !o.snaps.is_empty()))
+        {
+            Some(origin) => DeviceRole::Origin(origin),
+            None => DeviceRole::Plain,
+        }
     }
+
     fn snapshot_role(&self, instance: u32) -> Option<SnapRole> {
-        self.0.snapshot_role(instance)
+        self.0.origins.iter().enumerate().find_map(|(origin, o)| {
+            o.snaps
+                .iter()
+                .find(|s| s.instance == instance)
+                .map(|s| SnapRole {
+                    origin,
+                    disk: o.disk,
+                    slot: s.id.0,
+                    serving: s.serving(),
+                })
+        })
     }
 }
 
@@ -322,7 +314,7 @@ impl ExportCatalog for StorageBackend<'_> {
         let st = &*self.0;
         let text = match ExportId::from_handle(export.handle)? {
             ExportId::Snapshot { .. } => "snapshot",
-            ExportId::Device { disk } => match st.device_role(usize::from(disk)) {
+            ExportId::Device { disk } => match self.device_role(usize::from(disk)) {
                 DeviceRole::Origin(_) => "origin of snapshots",
                 DeviceRole::Store => "holds a COW store (read-only)",
                 _ => st.devices.get(usize::from(disk)).map(|d| d.info().driver)?,

@@ -1,7 +1,7 @@
 //! The kernel's side of the NBD server (the server itself is the `nbd` crate,
 //! `kernel/nbd/`): what it is generic over, supplied by the appliance.
 //!
-//! - `backend` (appliance only): `Storage` as the server's volumes (export catalog, roles,
+//! - `backend` (appliance only): `volume::Volumes` as the server's volumes (export catalog, roles,
 //!   buffer pools, submission); the device-tag bits that carry the server's request ids
 //!   and the completion sink of `storage::poll`.
 //! - `tcp` (appliance only): the listener on `nbd.port=` as the server's sockets, run

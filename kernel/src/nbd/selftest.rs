@@ -18,7 +18,7 @@ use nbd::NbdError;
 use super as server;
 use super::backend::StorageBackend;
 use crate::storage::tasks::Task;
-use crate::storage::Storage;
+use crate::storage::Volumes;
 use crate::util::pattern::fill_seeded;
 
 pub use super::selftest_spec::{LEN, OFFSET, SEED};
@@ -201,7 +201,7 @@ fn request(script: &mut Vec<u8>, flags: u16, command: u16, cookie: u64, offset: 
 }
 
 impl Task for NbdSelfTest {
-    fn step(&mut self, st: &mut Storage, _now: u64) {
+    fn step(&mut self, st: &mut Volumes, _now: u64) {
         let Some(id) = self.id else { return };
         let limit = self.pieces[self.released.min(6) - 1];
         let out = &mut self.out;

@@ -14,15 +14,15 @@ use alloc::vec::Vec;
 use drivers::block::{BlockError, BlockRequest, BufferPool, Completion, DmaBuf, Operation};
 use sha2::{Digest, Sha256};
 
-use super::{Storage, Target, VolumeName};
-use crate::util::hexdump::write_hexdump;
-use crate::util::pattern::{fill_seeded, Rng, Shuffle};
+use crate::hexdump::write_hexdump;
+use crate::pattern::{fill_seeded, Rng, Shuffle};
+use crate::{Target, VolumeName, Volumes};
 use snapshot::histogram::Histogram;
 
 /// One unit of long console work.
 pub trait Task {
     /// Issues what it can (called every loop iteration).
-    fn step(&mut self, storage: &mut Storage, now: u64);
+    fn step(&mut self, storage: &mut Volumes, now: u64);
     /// Takes a completion of one of its requests.
     fn complete(&mut self, pool: &mut BufferPool, completion: Completion, now: u64);
     /// Whether it has finished (nothing in flight, nothing left to do).
@@ -71,7 +71,7 @@ pub enum Pattern {
     Seed(u64),
 }
 
-fn give_back_to(st: &mut Storage, target: Target, buffer: Option<DmaBuf>) {
+fn give_back_to(st: &mut Volumes, target: Target, buffer: Option<DmaBuf>) {
     if let Some(pool) = st.pool(target) {
         give_back(pool, buffer);
     }
@@ -151,7 +151,7 @@ pub struct RangeTask {
 
 impl RangeTask {
     fn new(
-        st: &Storage,
+        st: &Volumes,
         target: Target,
         start: u64,
         count: u64,
@@ -183,7 +183,7 @@ impl RangeTask {
     }
 
     /// `read DEV LBA COUNT`: one request, then a hexdump.
-    pub fn read(st: &Storage, target: Target, lba: u64, count: u64, now: u64) -> Self {
+    pub fn read(st: &Volumes, target: Target, lba: u64, count: u64, now: u64) -> Self {
         let bytes = (count * u64::from(st.geometry(target).block_size)) as usize;
         Self::new(
             st,
@@ -200,7 +200,7 @@ impl RangeTask {
 
     /// `write DEV LBA COUNT --byte/--seed`, followed by a flush.
     pub fn write(
-        st: &Storage,
+        st: &Volumes,
         target: Target,
         lba: u64,
         count: u64,
@@ -235,7 +235,7 @@ impl RangeTask {
     }
 
     /// `checksum DEV [LBA COUNT]`: SHA-256 of the range, hashed in order.
-    pub fn checksum(st: &Storage, target: Target, lba: u64, count: u64, now: u64) -> Self {
+    pub fn checksum(st: &Volumes, target: Target, lba: u64, count: u64, now: u64) -> Self {
         let depth = 16;
         let ready = (0..depth).map(|_| None).collect();
         let kind = RangeKind::Checksum {
@@ -261,7 +261,7 @@ impl RangeTask {
 }
 
 impl Task for RangeTask {
-    fn step(&mut self, st: &mut Storage, _now: u64) {
+    fn step(&mut self, st: &mut Volumes, _now: u64) {
         while !self.cancelled
             && self.error.is_none()
             && self.next < self.end
@@ -526,7 +526,7 @@ pub struct FlushTask {
 
 impl FlushTask {
     /// A flush of `disk`.
-    pub fn new(st: &Storage, target: Target, now: u64) -> Self {
+    pub fn new(st: &Volumes, target: Target, now: u64) -> Self {
         FlushTask {
             target,
             name: st.target_name(target),
@@ -539,7 +539,7 @@ impl FlushTask {
 }
 
 impl Task for FlushTask {
-    fn step(&mut self, st: &mut Storage, _now: u64) {
+    fn step(&mut self, st: &mut Volumes, _now: u64) {
         if self.state != 0 {
             return;
         }
@@ -691,7 +691,7 @@ pub struct BenchTask {
 
 impl BenchTask {
     /// A benchmark of `disk`.
-    pub fn new(st: &Storage, target: Target, spec: BenchSpec, now: u64) -> Self {
+    pub fn new(st: &Volumes, target: Target, spec: BenchSpec, now: u64) -> Self {
         let BenchSpec {
             mode,
             bs,
@@ -750,7 +750,7 @@ impl BenchTask {
 
     /// `--fsync`: whether writes wait for a flush, and sends it once the writes before it
     /// have completed.
-    fn flush_due(&mut self, st: &mut Storage) -> bool {
+    fn flush_due(&mut self, st: &mut Volumes) -> bool {
         let Some(f) = self.fsync.as_mut() else {
             return false;
         };
@@ -766,7 +766,7 @@ impl BenchTask {
         match st.submit_to(self.target, BlockRequest::flush(BENCH_FLUSH_TAG)) {
             Ok(()) => {
                 f.in_flight = true;
-                f.sent_at = crate::time::uptime_ns();
+                f.sent_at = st.now_ns();
             }
             Err((BlockError::QueueFull, _)) => {}
             Err((e, _)) => {
@@ -799,7 +799,7 @@ impl BenchTask {
 }
 
 impl Task for BenchTask {
-    fn step(&mut self, st: &mut Storage, now: u64) {
+    fn step(&mut self, st: &mut Volumes, now: u64) {
         match self.limit {
             BenchLimit::Time(ns) if now - self.started >= ns => self.stop = true,
             BenchLimit::Ios(n) if self.issued >= n => self.stop = true,
@@ -826,7 +826,7 @@ impl Task for BenchTask {
             } else {
                 BlockRequest::read(u64::from(slot), lba, buf)
             };
-            self.starts[usize::from(slot)] = crate::time::uptime_ns();
+            self.starts[usize::from(slot)] = st.now_ns();
             match st.submit_to(self.target, request) {
                 Ok(()) => {
                     self.in_flight += 1;

@@ -14,10 +14,10 @@ use snapshot::format::{FreeExtent, SNAP_MAGIC};
 use snapshot::OriginMarker;
 use snapshot::{Binding, BindingError, LoadError, LoadParams, LoadedStore, Loader, SnapshotConfig};
 
-use super::tasks::Task;
-use super::volume::{Snap, SnapState};
-use super::{Storage, Target};
 use crate::identity::{self, escaped, DeviceId, NoMatch};
+use crate::origin::{Snap, SnapState};
+use crate::tasks::Task;
+use crate::{Target, Volumes};
 use drivers::info::DeviceInfo;
 
 /// A store found at boot that is not served.
@@ -102,7 +102,7 @@ pub struct DiscoverTask {
     disk: usize,
     /// Where on `disk` the walk is: the sector of the block being examined. A device is
     /// walked from sector 0, store by store and free extent by free extent (see
-    /// `storage::extents`), until a block that is neither.
+    /// `crate::extents`), until a block that is neither.
     probe: u64,
     /// Sectors of the store being loaded (its region), so the walk can go on after it.
     region: u64,
@@ -165,7 +165,7 @@ impl DiscoverTask {
 
     /// Goes on at sector `next` of this disk, or to the next disk when `next` is not ahead
     /// of the walk or lies past the end.
-    fn walk_to(&mut self, st: &Storage, next: u64) {
+    fn walk_to(&mut self, st: &Volumes, next: u64) {
         let g = st.devices[self.disk].geometry();
         let sectors = g.capacity_blocks * u64::from(g.block_size / 512);
         let aligned = next.is_multiple_of(u64::from((g.block_size / 512).max(1)));
@@ -177,13 +177,13 @@ impl DiscoverTask {
     }
 
     /// After a store: the walk goes on behind its region.
-    fn after_store(&mut self, st: &Storage) {
+    fn after_store(&mut self, st: &Volumes) {
         let next = self.probe.saturating_add(self.region);
         self.walk_to(st, next);
     }
 
     /// Records a store found here that is not served, and goes on behind it.
-    fn unserved(&mut self, st: &mut Storage, why: String) {
+    fn unserved(&mut self, st: &mut Volumes, why: String) {
         st.unserved.push(Unserved {
             disk: self.disk,
             start: self.probe,
@@ -193,7 +193,7 @@ impl DiscoverTask {
     }
 
     /// Decides what the first block holds.
-    fn examine(&mut self, st: &mut Storage) {
+    fn examine(&mut self, st: &mut Volumes) {
         let head = core::mem::take(&mut self.head);
         let magic = head
             .get(..4)
@@ -317,7 +317,7 @@ impl DiscoverTask {
         }
     }
 
-    fn start_load(&mut self, st: &Storage, binding: Binding, origin: usize) {
+    fn start_load(&mut self, st: &Volumes, binding: Binding, origin: usize) {
         let cg = st.devices[self.disk].geometry();
         let og = st.devices[origin].geometry();
         let cow_sectors = self.region;
@@ -333,7 +333,7 @@ impl DiscoverTask {
         self.phase = Phase::Load {
             // Chunks larger than the copy buffers are refused before anything is read or
             // allocated for them.
-            loader: Loader::new(params).max_chunk_sectors(super::volume::COPY_BUFFER_SECTORS),
+            loader: Loader::new(params).max_chunk_sectors(crate::origin::COPY_BUFFER_SECTORS),
             binding,
             origin,
             read: Vec::new(),
@@ -343,7 +343,7 @@ impl DiscoverTask {
         };
     }
 
-    fn attach(&mut self, st: &mut Storage, loaded: LoadedStore, binding: Binding, origin: usize) {
+    fn attach(&mut self, st: &mut Volumes, loaded: LoadedStore, binding: Binding, origin: usize) {
         // A name read from a disk may hold anything: control characters are escaped.
         let name = escaped(binding.name.as_bytes());
         let cow = st.name(self.disk);
@@ -371,12 +371,12 @@ impl DiscoverTask {
             cow_block_sectors: (cg.block_size / 512).max(1),
             cow_fua: cg.fua,
             writable,
-            table_runs: super::table_limit(cow_sectors, chunk_sectors),
+            table_runs: crate::table_limit(cow_sectors, chunk_sectors),
             // A store adopted with `--no-write` stays exactly as its maker wrote it: no
             // binding is added.
             binding: if bound { Some(binding) } else { None },
         };
-        let instance = Storage::new_instance();
+        let instance = st.new_instance();
         let o = &mut st.origins[origin_index];
         match o.engine.attach_snapshot(loaded, &cfg) {
             Ok(id) => {
@@ -428,7 +428,7 @@ impl DiscoverTask {
 
     /// Lists a store the scan found but could not attach (at boot; `snapshot attach`
     /// reports its own error).
-    fn refused(&self, st: &mut Storage, why: String) {
+    fn refused(&self, st: &mut Volumes, why: String) {
         if self.adopt.is_none() {
             st.unserved.push(Unserved {
                 disk: self.disk,
@@ -475,7 +475,7 @@ impl Default for DiscoverTask {
 }
 
 impl Task for DiscoverTask {
-    fn step(&mut self, st: &mut Storage, _now: u64) {
+    fn step(&mut self, st: &mut Volumes, _now: u64) {
         loop {
             if self.done {
                 // Every store is attached: merges found in them may run now (they must

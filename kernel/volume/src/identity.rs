@@ -1,5 +1,5 @@
 //! Which device a store's binding names as its origin, or why none: pure and host-tested;
-//! boot discovery (`storage::discover`) and `snapshot attach` use it.
+//! boot discovery (`crate::discover`) and `snapshot attach` use it.
 //!
 //! A store re-attaches by itself only to an origin it identifies unambiguously:
 //! - an NVMe namespace by its NGUID, else its EUI-64 (Identify Namespace), else its

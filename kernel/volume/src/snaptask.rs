@@ -10,16 +10,16 @@ use alloc::string::String;
 use drivers::block::{BufferPool, Completion};
 use snapshot::{Binding, BoundedBytes, MergeError, SnapId, SnapshotConfig};
 
-use super::extents::MarkerWriter;
-use super::tasks::Task;
-use super::volume::{Snap, SnapState};
-use super::Storage;
+use crate::extents::MarkerWriter;
+use crate::origin::{Snap, SnapState};
+use crate::tasks::Task;
+use crate::Volumes;
 
 /// Where the new store goes and how it is laid out.
 pub struct CreateSpec {
     /// Snapshot name.
     pub name: String,
-    /// Index into `Storage::origins`.
+    /// Index into `Volumes::origins`.
     pub origin: usize,
     /// COW device.
     pub cow_disk: usize,
@@ -74,7 +74,7 @@ impl CreateTask {
         }
     }
 
-    fn config(&self, st: &Storage) -> SnapshotConfig {
+    fn config(&self, st: &Volumes) -> SnapshotConfig {
         let origin = st.origins[self.spec.origin].disk;
         let og = st.devices[origin].geometry();
         let info = st.devices[origin].info();
@@ -90,7 +90,7 @@ impl CreateTask {
                 origin_sectors: og.capacity_blocks * u64::from(og.block_size / 512),
                 chunk_sectors: self.spec.chunk_sectors,
                 // 0 ("not recorded") when the RTC gave no date at boot.
-                created_unix_seconds: crate::rtc::now().unwrap_or(0),
+                created_unix_seconds: (st.platform.unix_seconds)().unwrap_or(0),
                 region_start: self.spec.cow_start,
                 region_sectors: self.spec.cow_sectors,
                 flags: if self.spec.writable {
@@ -108,14 +108,14 @@ impl CreateTask {
             cow_block_sectors: (cg.block_size / 512).max(1),
             cow_fua: cg.fua,
             writable: self.spec.writable,
-            table_runs: super::table_limit(self.spec.cow_sectors, self.spec.chunk_sectors),
+            table_runs: crate::table_limit(self.spec.cow_sectors, self.spec.chunk_sectors),
             binding,
         }
     }
 }
 
 impl Task for CreateTask {
-    fn step(&mut self, st: &mut Storage, _now: u64) {
+    fn step(&mut self, st: &mut Volumes, _now: u64) {
         if self.step == Step::Markers {
             let spec = &self.spec;
             let m = self.markers.get_or_insert_with(|| {
@@ -141,7 +141,10 @@ impl Task for CreateTask {
             .get(self.spec.origin)
             .map_or(0, |o| st.direct_nbd_in_flight(o.disk));
         self.direct_waiting = direct;
-        let Some(o) = st.origins.get_mut(self.spec.origin) else {
+        let Volumes {
+            origins, instances, ..
+        } = st;
+        let Some(o) = origins.get_mut(self.spec.origin) else {
             self.error = Some("the origin went away");
             self.step = Step::Done;
             return;
@@ -163,7 +166,7 @@ impl Task for CreateTask {
                 let Some(cfg) = cfg else { return };
                 match o.engine.create_snapshot(&cfg) {
                     Ok(id) => {
-                        let instance = Storage::new_instance();
+                        let instance = instances.take();
                         o.snaps.push(Snap {
                             name: self.spec.name.clone(),
                             id,
@@ -292,7 +295,7 @@ impl DeleteTask {
 }
 
 impl Task for DeleteTask {
-    fn step(&mut self, st: &mut Storage, _now: u64) {
+    fn step(&mut self, st: &mut Volumes, _now: u64) {
         if self.step == 3 {
             let Some(disk) = self.cow_disk else {
                 self.step = 4;
@@ -442,7 +445,7 @@ impl RebindTask {
 }
 
 impl Task for RebindTask {
-    fn step(&mut self, st: &mut Storage, _now: u64) {
+    fn step(&mut self, st: &mut Volumes, _now: u64) {
         let Some(o) = st.origins.get_mut(self.origin) else {
             self.error = Some("the origin went away");
             self.step = 2;
@@ -600,7 +603,7 @@ impl ExtendTask {
 }
 
 impl Task for ExtendTask {
-    fn step(&mut self, st: &mut Storage, _now: u64) {
+    fn step(&mut self, st: &mut Volumes, _now: u64) {
         if self.step == 0 {
             let (disk, region) = (self.cow_disk, (self.start, self.sectors));
             let m = self
@@ -726,7 +729,7 @@ pub struct MergeTask {
     started: u64,
     total: u64,
     chunk_bytes: u64,
-    progress: Option<super::volume::MergeView>,
+    progress: Option<crate::origin::MergeView>,
 }
 
 impl MergeTask {
@@ -759,7 +762,7 @@ fn merge_error_text(e: MergeError) -> &'static str {
 }
 
 impl Task for MergeTask {
-    fn step(&mut self, st: &mut Storage, now: u64) {
+    fn step(&mut self, st: &mut Volumes, now: u64) {
         let Some(o) = st.origins.get_mut(self.origin) else {
             self.error = Some("the origin went away");
             self.step = MergeStep::Done;

@@ -11,7 +11,7 @@ use alloc::vec::Vec;
 use drivers::block::{BlockRequest, BufferPool, Completion};
 use snapshot::format::FreeExtent;
 
-use super::{Storage, Target};
+use crate::{Target, Volumes};
 
 /// Tag of marker writes and their flush (the completion comes back to the running task).
 const MARKER_TAG: u64 = 0x4D41_524B;
@@ -30,12 +30,12 @@ pub struct MarkerWriter {
 impl MarkerWriter {
     /// The markers `disk` needs for its stores as they are in `st` (plus `extra`, a region
     /// about to be created).
-    pub fn new(st: &Storage, disk: usize, extra: Option<(u64, u64)>) -> MarkerWriter {
+    pub fn new(st: &Volumes, disk: usize, extra: Option<(u64, u64)>) -> MarkerWriter {
         let mut regions: Vec<(u64, u64)> = st
             .origins
             .iter()
             .flat_map(|o| o.snaps.iter())
-            .filter(|s| s.cow_disk == disk && !matches!(s.state, super::volume::SnapState::Deleted))
+            .filter(|s| s.cow_disk == disk && !matches!(s.state, crate::origin::SnapState::Deleted))
             .map(|s| (s.cow_start, s.cow_sectors))
             .collect();
         regions.extend(extra);
@@ -56,7 +56,7 @@ impl MarkerWriter {
     }
 
     /// Issues the next write or the flush.
-    pub fn step(&mut self, st: &mut Storage) {
+    pub fn step(&mut self, st: &mut Volumes) {
         if self.done() || self.in_flight {
             return;
         }

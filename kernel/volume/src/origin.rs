@@ -20,14 +20,13 @@ use alloc::collections::VecDeque;
 use alloc::string::String;
 use alloc::vec::Vec;
 
+use crate::Platform;
 use drivers::block::{BlockError, BlockRequest, BufferPool, Completion, DmaBuf, Operation};
 use drivers::service::BoxedDevice;
 use snapshot::{
     Device, Engine, EngineConfig, Event, InvalidReason, Io, IoBuffer, IoError, IoOp, IoToken,
     SnapId, Volume, VolumeError, VolumeOp, VolumeRequest,
 };
-
-use crate::platform::KernelHal;
 
 /// Device-request tags of engine I/O carry this bit (console tasks never set it).
 pub const VOLUME_TAG: u64 = 1 << 63;
@@ -81,7 +80,7 @@ pub struct Snap {
     pub name: String,
     /// The engine's slot.
     pub id: SnapId,
-    /// Unique since boot and never reused (`Storage::new_instance`): what an NBD export
+    /// Unique since boot and never reused (`Volumes::new_instance`): what an NBD export
     /// handle names, so a session on a deleted snapshot never reaches a later one that
     /// reuses its name or slot.
     pub instance: u32,
@@ -101,6 +100,13 @@ pub struct Snap {
     pub invalid: Option<InvalidReason>,
     /// Auto-extend found no room the last time it was due (said once until it finds some).
     pub auto_blocked: bool,
+}
+
+impl Snap {
+    /// Whether its volume serves I/O (active, or invalid and answering with errors).
+    pub fn serving(&self) -> bool {
+        matches!(self.state, SnapState::Active | SnapState::Invalid)
+    }
 }
 
 struct Held {
@@ -229,8 +235,14 @@ impl core::fmt::Display for MergeView {
 pub type SetupError = &'static str;
 
 impl Origin {
-    /// Sets up the engine and buffers for `disk` (pool id `pool_id` for the bounce buffers).
-    pub fn new(disk: usize, device: &BoxedDevice, pool_id: u16) -> Result<Origin, SetupError> {
+    /// Sets up the engine and buffers for `disk` (pool id `pool_id` for the bounce buffers,
+    /// from `platform`'s DMA memory).
+    pub fn new(
+        disk: usize,
+        device: &BoxedDevice,
+        pool_id: u16,
+        platform: &Platform,
+    ) -> Result<Origin, SetupError> {
         let g = device.geometry();
         let block_sectors = u64::from((g.block_size / 512).max(1));
         let mut cfg = EngineConfig::new(g.capacity_blocks * block_sectors);
@@ -250,8 +262,8 @@ impl Origin {
             .map_err(|_| "no memory for the snapshot engine's copy buffers")?;
         copy.resize(COPY_BUFFERS as usize * copy_bytes, 0);
         // Bounce buffers carry one device request each: larger engine I/O is split.
-        let bounce_bytes = crate::storage::MAX_TRANSFER.max(g.max_transfer_bytes as usize);
-        let bounce = BufferPool::new::<KernelHal>(pool_id, BOUNCE_BUFFERS, bounce_bytes)
+        let bounce_bytes = crate::MAX_TRANSFER.max(g.max_transfer_bytes as usize);
+        let bounce = (platform.buffer_pool)(pool_id, BOUNCE_BUFFERS, bounce_bytes)
             .map_err(|_| "no DMA memory for the snapshot engine's buffers")?;
         Ok(Origin {
             disk,
@@ -965,7 +977,8 @@ impl Origin {
     }
 
     /// Hands finished volume requests to `sink` and handles engine events.
-    pub fn deliver(&mut self, sink: &mut dyn FnMut(Completion)) {
+    /// `now` (uptime ns) dates what the events start (a merge's rate, alerts).
+    pub fn deliver(&mut self, now: u64, sink: &mut dyn FnMut(Completion)) {
         while let Some(vc) = self.engine.poll_completion() {
             let Some(held) = self
                 .requests
@@ -984,11 +997,11 @@ impl Origin {
             });
         }
         while let Some(event) = self.engine.poll_event() {
-            self.on_event(event);
+            self.on_event(event, now);
         }
     }
 
-    fn on_event(&mut self, event: Event) {
+    fn on_event(&mut self, event: Event, now: u64) {
         match event {
             Event::UsageThreshold { snap, percent } => {
                 if let Some(s) = self.snap_by_id(snap) {
@@ -1008,7 +1021,6 @@ impl Origin {
                 if let Some(s) = self.snap_by_id(snap) {
                     log::error!("snapshot {}: {UNMARKED_ALERT}", s.name);
                 }
-                let now = crate::time::uptime_ns();
                 self.unmarked_alert = Some((
                     now.saturating_add(UNMARKED_ALERT_FIRST_NS),
                     UNMARKED_ALERT_FIRST_NS,
@@ -1076,7 +1088,7 @@ impl Origin {
             },
             Event::MergeStarted { snap, resumed } => {
                 let left = self.engine.merge_progress().map_or(0, |p| p.chunks_left);
-                self.merge_clock = Some((crate::time::uptime_ns(), left));
+                self.merge_clock = Some((now, left));
                 if let Some(s) = self.snap_by_id(snap) {
                     s.state = SnapState::Merging;
                     let how = if resumed { "resumed" } else { "started" };
