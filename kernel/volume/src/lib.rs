@@ -623,3 +623,6 @@ impl Volumes {
         more
     }
 }
+
+#[cfg(test)]
+mod tests;
