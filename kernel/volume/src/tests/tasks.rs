@@ -534,3 +534,48 @@ fn merge_of_a_snapshot_with_io_in_flight_or_invalid_is_refused() {
         "error: snapshot s: the snapshot is invalid; its contents are not whole\n"
     );
 }
+
+#[test]
+fn rename_and_set_writable_rewrite_the_binding_and_survive_a_reboot() {
+    use crate::snaptask::{Rebind, RebindTask};
+    let a = Disk::new("vda", "A", Shape::mib(1));
+    let c = Disk::new("vdb", "B", Shape::mib(1));
+    let before = pattern(MIB, 0x70);
+    a.set(&before);
+    let mut v = volumes(&[&a, &c]);
+    let s = super::harness::spec(&mut v, "s", 0, 1, 4);
+    create(&mut v, s);
+    let (origin, id, _) = snap(&v, "s").unwrap();
+    let mut t = RebindTask::new("s".into(), origin, id, Rebind::Rename("t".into()));
+    assert_eq!(run(&mut v, &mut t), "renamed snapshot s to t\n");
+    assert!(v.resolve("s").is_none());
+    let mut t = RebindTask::new("t".into(), origin, id, Rebind::Writable(true));
+    assert_eq!(run(&mut v, &mut t), "snapshot t is writable\n");
+    let tv = snap_target(&v, "t");
+    assert!(!v.geometry(tv).read_only);
+    write(&mut v, tv, 0, &pattern(4096, 1)).unwrap();
+    // A binding write that fails changes nothing.
+    c.inject(Fault {
+        op: Some(OpKind::Write),
+        lba: Some(0..1),
+        remaining: 1,
+        error: BlockError::Io,
+    });
+    let mut t = RebindTask::new("t".into(), origin, id, Rebind::Rename("u".into()));
+    assert_eq!(
+        run(&mut v, &mut t),
+        "error: snapshot t: writing the binding failed (I/O error); nothing changed\n"
+    );
+    assert!(v.resolve("t").is_some() && v.resolve("u").is_none());
+    flush(&mut v, tv).unwrap();
+    let mut v = volumes(&[&a.rebooted(a.contents()), &c.rebooted(c.contents())]);
+    discover(&mut v);
+    let s = v.origins[0].snap("t").expect("found under its new name");
+    assert!(s.writable);
+    let mut expected = before.clone();
+    expected[..4096].copy_from_slice(&pattern(4096, 1));
+    assert_eq!(
+        read_of(&mut v, |v| snap_target(v, "t"), 0, MIB).unwrap(),
+        expected
+    );
+}
