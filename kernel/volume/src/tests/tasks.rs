@@ -579,3 +579,41 @@ fn rename_and_set_writable_rewrite_the_binding_and_survive_a_reboot() {
         expected
     );
 }
+
+#[test]
+fn extend_grows_a_store_so_it_does_not_overflow_and_the_size_survives_a_reboot() {
+    use crate::snaptask::ExtendTask;
+    let a = Disk::new("vda", "A", Shape::mib(1));
+    let c = Disk::new("vdc", "C", Shape::mib(4));
+    let before = pattern(MIB, 0x71);
+    a.set(&before);
+    let mut v = volumes(&[&a, &c]);
+    let mut s = super::harness::spec(&mut v, "s", 0, 1, 4);
+    s.cow_sectors = 64 * 8; // 62 data chunks: 248 KiB of copies
+    create(&mut v, s);
+    let (origin, id, _) = snap(&v, "s").unwrap();
+    let o = origin_target(&v, 0);
+    write(&mut v, o, 0, &pattern(128 * 1024, 1)).unwrap();
+    let mut t = ExtendTask::new("s".into(), origin, id, 1, 0, 4096);
+    let report = run(&mut v, &mut t);
+    assert!(
+        report.starts_with("extended snapshot s to 2 MiB ("),
+        "{report}"
+    );
+    assert_eq!(v.origins[0].snap("s").unwrap().cow_sectors, 4096);
+    // 640 KiB more: far past the old end, within the new one.
+    write(&mut v, o, 128 * 1024, &pattern(640 * 1024, 2)).unwrap();
+    assert_eq!(snap(&v, "s").unwrap().2, SnapState::Active);
+    assert_eq!(
+        read_of(&mut v, |v| snap_target(v, "s"), 0, MIB).unwrap(),
+        before
+    );
+    flush(&mut v, o).unwrap();
+    let mut v = volumes(&[&a.rebooted(a.contents()), &c.rebooted(c.contents())]);
+    discover(&mut v);
+    assert_eq!(v.origins[0].snap("s").unwrap().cow_sectors, 4096);
+    assert_eq!(
+        read_of(&mut v, |v| snap_target(v, "s"), 0, MIB).unwrap(),
+        before
+    );
+}
