@@ -424,6 +424,8 @@ pub fn turn(
         inbox.nbd.extend(to_nbd.into_iter().map(|(_, c)| c));
     }
     v.plug();
+    // The kernel's housekeeping, every turn.
+    v.autoextend();
     if let Some(t) = task {
         t.step(v, now);
     }

@@ -617,3 +617,53 @@ fn extend_grows_a_store_so_it_does_not_overflow_and_the_size_survives_a_reboot()
         before
     );
 }
+
+#[test]
+fn autoextend_grows_a_filling_store_while_there_is_room_then_says_so() {
+    use crate::snaptask::{Rebind, RebindTask};
+    use snapshot::format::{AutoExtend, ExtendBy};
+    let a = Disk::new("vda", "A", Shape::mib(2));
+    let c = Disk::new("vdc", "C", Shape::mib(1));
+    let before = pattern(2 * MIB, 0x72);
+    a.set(&before);
+    let mut v = volumes(&[&a, &c]);
+    let mut s = super::harness::spec(&mut v, "s", 0, 1, 4);
+    s.cow_sectors = 64 * 8;
+    create(&mut v, s);
+    let (origin, id, _) = snap(&v, "s").unwrap();
+    let policy = AutoExtend {
+        threshold: 50,
+        by: ExtendBy::Percent(100),
+    };
+    let mut t = RebindTask::new("s".into(), origin, id, Rebind::AutoExtend(Some(policy)));
+    assert_eq!(
+        run(&mut v, &mut t),
+        "snapshot s: auto-extend at 50% by 100%\n"
+    );
+    let o = origin_target(&v, 0);
+    // 64 KiB at a time: the store doubles each time it passes half full.
+    for i in 0..10u64 {
+        write(&mut v, o, i * 65536, &pattern(65536, i as u8)).unwrap();
+    }
+    let s = v.origins[0].snap("s").unwrap();
+    assert_eq!(s.state, SnapState::Active);
+    // 64 → 128 → 256 chunks: the whole device; past half full again, with no room left.
+    assert_eq!(s.cow_sectors, 2048);
+    assert!(s.auto_blocked);
+    assert_eq!(
+        read_of(&mut v, |v| snap_target(v, "s"), 0, 640 * 1024).unwrap(),
+        before[..640 * 1024]
+    );
+    // The device is 1 MiB: once the store reaches its end, auto-extend has no room.
+    for i in 10..32u64 {
+        let _ = write(&mut v, o, i * 65536, &pattern(65536, i as u8));
+    }
+    let s = v.origins[0].snap("s").unwrap();
+    assert_eq!(s.cow_sectors, 2048);
+    assert!(s.auto_blocked || s.state == SnapState::Invalid);
+    assert_eq!(
+        s.state,
+        SnapState::Invalid,
+        "full: invalidated as without auto-extend"
+    );
+}
