@@ -2310,7 +2310,7 @@ impl Engine {
             return false;
         }
         // The table grows here, before a COW chunk is taken, so a commit never allocates.
-        // This is the only allocation on the I/O path: one fallible 20 KiB segment per 1024
+        // This is the only allocation on the I/O path: one fallible 16 KiB segment per 1024
         // runs (see `table`). A heap that cannot serve it invalidates the snapshot, as
         // dm-snapshot does when it cannot allocate an exception (`-ENOMEM`).
         let need = x.order.len() + n as usize;

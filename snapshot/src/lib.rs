@@ -21,7 +21,7 @@
 //! the same I/O. All memory is allocated in [`Engine::new`] (request slots, I/O slots, pending
 //! exceptions, copy jobs, queues) and when a snapshot is created or attached (one area buffer,
 //! one header block, and its exception table with room for 1024 more runs). The one
-//! allocation on the I/O path is the exception table's growth: one fallible 20 KiB segment
+//! allocation on the I/O path is the exception table's growth: one fallible 16 KiB segment
 //! per 1024 runs past that, asked for before a COW chunk is taken; when the heap cannot serve
 //! it the snapshot is invalidated ([`InvalidReason::OutOfMemory`], dm-snapshot's `-ENOMEM`),
 //! never a panic. When a pool is empty, work waits inside the engine; only
@@ -165,13 +165,14 @@
 //! # Memory
 //! Per engine: `request_slots`, `io_slots`, `pending_exceptions`, `copy_buffers` small
 //! descriptors (tens of bytes each) plus the queues. Per snapshot: one chunk for the area
-//! image, one COW block for the header, and the exception table: 20 bytes per run it holds
+//! image, one COW block for the header, and the exception table: 16 bytes per run it holds
 //! (allocated by segments of 1024 runs as it fills, up to `table_runs`, at most one run per
-//! chunk of the store) plus a power-of-two bucket array of `u32`, one per allocated run. A run maps up to 8 consecutive origin chunks to 8
-//! consecutive COW chunks, so a sequential fill needs about `exceptions / 8` runs (3 bytes
-//! per exception) and a random fill one run per exception (24 bytes). (A run is chained
-//! under its first chunk; a lookup probes the chunk itself, then its group's first chunk,
-//! then the starts between, so runs of 8 bound a miss to 8 probes.) When the table reaches
+//! chunk of the store) plus a power-of-two bucket array of `u32`, one per two allocated
+//! runs. A run maps up to 8 consecutive origin chunks to 8 consecutive COW chunks, so a
+//! sequential fill needs about `exceptions / 8` runs (under 3 bytes per exception) and a
+//! random fill one run per exception (18 to 20 bytes). (Runs stay inside aligned groups of 8
+//! origin chunks and are chained under their group, so a lookup or an insert walks one
+//! chain.) When the table reaches
 //! `table_runs` the snapshot overflows like a full COW device; nothing is reserved for the
 //! worst case, so `table_runs` can be the store's chunk count.
 //!

@@ -364,18 +364,22 @@ impl Loader {
             let Some(table) = self.table.as_mut() else {
                 return self.fail(LoadError::NotReading);
             };
-            if table.lookup(r.old_chunk).is_some() {
-                return self.fail(LoadError::DuplicateOriginChunk {
-                    old_chunk: r.old_chunk,
-                });
-            }
-            if table.insert(r.old_chunk, r.new_chunk).is_err() {
-                let e = if table.out_of_memory() {
-                    LoadError::OutOfMemory
-                } else {
-                    LoadError::TableFull
-                };
-                return self.fail(e);
+            // One walk of the table both checks and inserts.
+            match table.insert_new(r.old_chunk, r.new_chunk) {
+                Ok(true) => {}
+                Ok(false) => {
+                    return self.fail(LoadError::DuplicateOriginChunk {
+                        old_chunk: r.old_chunk,
+                    })
+                }
+                Err(_) => {
+                    let e = if table.out_of_memory() {
+                        LoadError::OutOfMemory
+                    } else {
+                        LoadError::TableFull
+                    };
+                    return self.fail(e);
+                }
             }
             if r.new_chunk <= self.max_new {
                 if self.monotonic {

@@ -5,25 +5,26 @@
 //!
 //! Sizing: a table has a *limit* (the most runs it may ever hold: the store's data chunks) and
 //! grows towards it as it fills, the way dm-snapshot allocates one exception at a time.
-//! Entries come from segments of [`SEGMENT_RUNS`] nodes (20 KiB); a new segment is allocated
+//! Entries come from segments of [`SEGMENT_RUNS`] nodes (16 KiB); a new segment is allocated
 //! only when the free list is empty, with a fallible reservation (`try_reserve`): when the heap
 //! cannot serve it, the growth fails with [`Grow::NoMemory`] instead of panicking, and the
 //! caller treats it as dm-snapshot treats `-ENOMEM` in `pending_complete()` (the snapshot is
 //! invalidated; a store being loaded is refused). The engine grows the table *before* it
 //! allocates a COW chunk ([`ExceptionTable::make_room`] from its `reserve`), so a commit never
 //! allocates and never finds the pool empty. Segments are never moved or copied: growth costs
-//! one 20 KiB allocation per 1024 runs, plus a rehash of the bucket array each time the node
-//! count passes a power of two (amortised O(1) per insert; a failed bucket growth only makes
-//! chains longer). Nothing is reserved for the worst case, so a store costs memory in
-//! proportion to what it holds.
+//! one 16 KiB allocation per 1024 runs, plus a rehash of the bucket array each time the node
+//! count passes twice the bucket count (amortised O(1) per insert; a failed bucket growth only
+//! makes chains longer). Nothing is reserved for the worst case, so a store costs memory in
+//! proportion to what it holds: 16 bytes a run plus 2 to 4 bytes of bucket array, i.e. 18 to
+//! 20 bytes per exception for a table filled at random and under 3 for a sequential fill.
 //!
-//! Layout: a power-of-two bucket array of `u32` heads, chained nodes of 20 bytes each (origin
-//! chunk, COW chunk + run length, next), one node per run. A node's fields sit together, so a
-//! probe touches the bucket and one node rather than three arrays. A run is chained in
-//! the bucket of its first chunk (one run per bucket on average). Runs never cross an aligned
-//! group of [`RUN_MAX`] origin chunks, so the run holding a chunk starts at most `RUN_MAX - 1`
-//! chunks before it: a lookup tries the chunk itself (every run of a table filled at random),
-//! then the group's first chunk (a sequential fill), then the starts in between.
+//! Layout: a power-of-two bucket array of `u32` heads (one per two nodes), chained nodes of 16
+//! bytes each (origin chunk, COW chunk and run length packed in 96 bits, next), one node per
+//! run. Runs never cross an aligned *group* of [`RUN_MAX`] origin chunks, and every run of a
+//! group is chained in the bucket of that group: a lookup, an insert (which finds the runs it
+//! extends) and a removal walk one chain, with no further probe. Chunk numbers are below
+//! [`CHUNK_LIMIT`] (2^46: 32 PiB of 512-byte chunks); a run beyond it is refused like a full
+//! table.
 
 use alloc::vec;
 use alloc::vec::Vec;
@@ -51,12 +52,16 @@ fn count_growth() {
 pub const GROUP_BITS: u32 = 3;
 /// Longest run one entry can hold.
 pub const RUN_MAX: u64 = 1 << GROUP_BITS;
+/// Origin and COW chunk numbers a table holds are below this (46 bits each in a node).
+pub const CHUNK_LIMIT: u64 = 1 << CHUNK_BITS;
+const CHUNK_BITS: u32 = 46;
+const CHUNK_MASK: u128 = (1 << CHUNK_BITS) - 1;
 const NIL: u32 = u32::MAX;
-const LEN_SHIFT: u32 = 56;
-const NEW_MASK: u64 = (1 << LEN_SHIFT) - 1;
+/// Most nodes a table may hold (node indexes are `u32`, `NIL` aside).
+const MAX_NODES: usize = (u32::MAX - 1) as usize;
 
 /// The table cannot take another run: it holds its limit, or growing it failed (see
-/// [`ExceptionTable::out_of_memory`]).
+/// [`ExceptionTable::out_of_memory`]), or a chunk number is not below [`CHUNK_LIMIT`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TableFull;
 
@@ -69,7 +74,7 @@ pub enum Grow {
     NoMemory,
 }
 
-/// Nodes per segment (a segment is 20 KiB).
+/// Nodes per segment (a segment is 16 KiB).
 pub const SEGMENT_RUNS: usize = 1024;
 
 /// A run of consecutive exceptions.
@@ -83,38 +88,61 @@ pub struct Run {
     pub len: u64,
 }
 
-/// One run's entry: its first origin chunk, its first COW chunk with the run length in the
-/// top byte, and the next node of its chain (or of the free list). Stored as `u32` words so
-/// the node is 20 bytes.
+/// One run's entry: 96 bits of payload (origin chunk in bits 0..46, COW chunk in 46..92,
+/// length - 1 in 92..95) and the next node of its chain (or of the free list): 16 bytes.
 #[derive(Clone, Copy, Debug)]
 struct Node {
-    old: [u32; 2],
-    new_len: [u32; 2],
+    lo: u64,
+    hi: u32,
     next: u32,
 }
 
 impl Node {
     const EMPTY: Node = Node {
-        old: [0; 2],
-        new_len: [0; 2],
+        lo: 0,
+        hi: 0,
         next: NIL,
     };
 
+    fn payload(&self) -> u128 {
+        u128::from(self.lo) | (u128::from(self.hi) << 64)
+    }
+
     fn old(&self) -> u64 {
-        u64::from(self.old[0]) | (u64::from(self.old[1]) << 32)
+        (self.payload() & CHUNK_MASK) as u64
     }
 
-    fn new_len(&self) -> u64 {
-        u64::from(self.new_len[0]) | (u64::from(self.new_len[1]) << 32)
+    fn run(&self) -> Run {
+        let p = self.payload();
+        Run {
+            old_chunk: (p & CHUNK_MASK) as u64,
+            new_chunk: ((p >> CHUNK_BITS) & CHUNK_MASK) as u64,
+            len: ((p >> (2 * CHUNK_BITS)) & 7) as u64 + 1,
+        }
     }
 
-    fn set(&mut self, old: u64, new_len: u64) {
-        self.old = [old as u32, (old >> 32) as u32];
-        self.new_len = [new_len as u32, (new_len >> 32) as u32];
+    /// Stores `run` (its chunks below [`CHUNK_LIMIT`], its length 1..=8).
+    fn set(&mut self, run: Run) {
+        let p = u128::from(run.old_chunk) & CHUNK_MASK
+            | (u128::from(run.new_chunk) & CHUNK_MASK) << CHUNK_BITS
+            | u128::from((run.len - 1) & 7) << (2 * CHUNK_BITS);
+        self.lo = p as u64;
+        self.hi = (p >> 64) as u32;
     }
 }
 
 const _: () = assert!(core::mem::size_of::<Node>() == ExceptionTable::NODE_BYTES);
+
+/// What one walk of a group's chain found for an origin chunk.
+#[derive(Clone, Copy)]
+struct Probe {
+    /// The run holding the chunk: (previous node in the chain, node).
+    holding: Option<(u32, u32)>,
+    /// The run ending right before the chunk.
+    before: Option<u32>,
+    /// The run starting right after the chunk: (previous node in the chain, node).
+    after: Option<(u32, u32)>,
+}
 
 /// Run-compressed exception table that grows up to a limit.
 #[derive(Clone, Debug)]
@@ -138,7 +166,7 @@ impl ExceptionTable {
     /// An empty table that may grow to `limit` runs (at least 1; at most `u32::MAX - 1`).
     /// Allocates only a small bucket array: nodes come as runs are added.
     pub fn new(limit: usize) -> Self {
-        let limit = limit.clamp(1, (u32::MAX - 1) as usize);
+        let limit = limit.clamp(1, MAX_NODES);
         ExceptionTable {
             buckets: vec![NIL; 16],
             segments: Vec::new(),
@@ -225,8 +253,9 @@ impl ExceptionTable {
         self.segments.push(seg);
         self.free = first;
         self.allocated += size;
-        if self.allocated > self.buckets.len() {
-            self.rehash(self.allocated.next_power_of_two());
+        // One bucket per two nodes: chains of one or two runs on average.
+        if self.allocated > 2 * self.buckets.len() {
+            self.rehash(self.allocated.div_ceil(2).next_power_of_two());
         }
         Ok(())
     }
@@ -305,93 +334,72 @@ impl ExceptionTable {
         self.buckets.len() * 4 + self.capacity() * Self::NODE_BYTES
     }
 
-    /// Bytes the stored runs need: `runs * 20` plus one bucket head per run slot in use.
+    /// Bytes the stored runs need: a 16-byte node each plus a 4-byte bucket head per two.
     pub fn used_bytes(&self) -> usize {
-        self.runs * (Self::NODE_BYTES + 4)
+        self.runs * (Self::NODE_BYTES + 2)
     }
 
     /// Bytes of one run entry.
-    pub const NODE_BYTES: usize = 20;
+    pub const NODE_BYTES: usize = 16;
 
-    /// The bucket of runs that start at `start`.
-    fn bucket(&self, start: u64) -> usize {
-        (start.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - self.bucket_bits)) as usize
+    /// The bucket of the runs of the group holding `chunk`.
+    fn bucket(&self, chunk: u64) -> usize {
+        ((chunk >> GROUP_BITS).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - self.bucket_bits))
+            as usize
     }
 
-    fn node(&self, i: u32) -> Run {
-        let n = self.at(i);
-        let new_len = n.new_len();
-        Run {
-            old_chunk: n.old(),
-            new_chunk: new_len & NEW_MASK,
-            len: (new_len >> LEN_SHIFT) + 1,
-        }
-    }
-
-    fn set_node(&mut self, i: u32, run: Run) {
-        self.at_mut(i).set(
-            run.old_chunk,
-            (run.new_chunk & NEW_MASK) | ((run.len - 1) << LEN_SHIFT),
-        );
-    }
-
-    /// The run starting exactly at `start`: `(previous node in its chain, node)`.
-    fn find_start(&self, start: u64) -> Option<(u32, u32)> {
+    /// Walks the chain of `chunk`'s group once: the run holding it, the run ending right
+    /// before it and the run starting right after it (both in the group).
+    fn probe(&self, chunk: u64) -> Probe {
+        let group = chunk >> GROUP_BITS;
+        let mut found = Probe {
+            holding: None,
+            before: None,
+            after: None,
+        };
         let mut prev = NIL;
-        let mut i = self.buckets[self.bucket(start)];
+        let mut i = self.buckets[self.bucket(chunk)];
         while i != NIL {
             let n = self.at(i);
-            if n.old() == start {
-                return Some((prev, i));
+            let old = n.old();
+            if old >> GROUP_BITS == group {
+                let r = n.run();
+                if chunk >= old && chunk - old < r.len {
+                    found.holding = Some((prev, i));
+                    return found;
+                }
+                if old + r.len == chunk {
+                    found.before = Some(i);
+                } else if old == chunk + 1 {
+                    found.after = Some((prev, i));
+                }
             }
             prev = i;
             i = n.next;
         }
-        None
+        found
     }
 
-    /// The run holding `chunk`: `(previous node in its chain, node)`. Runs start inside the
-    /// group of `chunk` at or before it: `chunk` itself first (every run of a table filled at
-    /// random), then the group's first chunk (runs of a sequential fill), then the rest.
-    fn find_containing(&self, chunk: u64) -> Option<(u32, u32)> {
-        let group_start = chunk & !(RUN_MAX - 1);
-        let holds = |i: u32| {
-            let r = self.node(i);
-            chunk - r.old_chunk < r.len
-        };
-        if let Some(found) = self.find_start(chunk) {
-            return Some(found);
-        }
-        if chunk != group_start {
-            if let Some(found) = self.find_start(group_start) {
-                if holds(found.1) {
-                    return Some(found);
-                }
-            }
-        }
-        // Runs are disjoint: the first run found below `chunk` decides.
-        let mut start = chunk;
-        while start > group_start + 1 {
-            start -= 1;
-            if let Some(found) = self.find_start(start) {
-                return holds(found.1).then_some(found);
-            }
-        }
-        None
+    fn node(&self, i: u32) -> Run {
+        self.at(i).run()
     }
 
-    /// Takes node `i` (after `prev` in the chain of runs starting at `start`) off its chain.
-    fn unlink(&mut self, start: u64, prev: u32, i: u32) {
+    fn set_node(&mut self, i: u32, run: Run) {
+        self.at_mut(i).set(run);
+    }
+
+    /// Takes node `i` (after `prev` in the chain of the group holding `chunk`) off its chain.
+    fn unlink(&mut self, chunk: u64, prev: u32, i: u32) {
         let next = self.at(i).next;
         if prev == NIL {
-            let b = self.bucket(start);
+            let b = self.bucket(chunk);
             self.buckets[b] = next;
         } else {
             self.at_mut(prev).next = next;
         }
     }
 
-    /// Puts node `i` on the chain of runs starting at its first chunk.
+    /// Puts node `i` on the chain of its group.
     fn link(&mut self, i: u32) {
         let b = self.bucket(self.at(i).old());
         self.at_mut(i).next = self.buckets[b];
@@ -407,7 +415,7 @@ impl ExceptionTable {
 
     /// The COW chunk holding origin chunk `old_chunk`, if any.
     pub fn lookup(&self, old_chunk: u64) -> Option<u64> {
-        let (_, i) = self.find_containing(old_chunk)?;
+        let (_, i) = self.probe(old_chunk).holding?;
         let r = self.node(i);
         Some(r.new_chunk + (old_chunk - r.old_chunk))
     }
@@ -418,26 +426,31 @@ impl ExceptionTable {
     }
 
     /// Adds `old_chunk → new_chunk`; merges with neighbouring runs. The caller guarantees
-    /// `old_chunk` is not in the table and `new_chunk < 2^56`.
+    /// `old_chunk` is not in the table (see [`insert_new`](Self::insert_new)). Chunk numbers
+    /// not below [`CHUNK_LIMIT`] are refused (`TableFull`).
     pub fn insert(&mut self, old_chunk: u64, new_chunk: u64) -> Result<(), TableFull> {
-        let first_in_group = old_chunk & (RUN_MAX - 1) == 0;
-        let last_in_group = (old_chunk + 1) & (RUN_MAX - 1) == 0;
-        // The run ending right before, COW-consecutive (same group).
-        let before = if first_in_group {
-            None
-        } else {
-            self.find_containing(old_chunk - 1).filter(|&(_, i)| {
-                let r = self.node(i);
-                r.old_chunk + r.len == old_chunk && r.new_chunk + r.len == new_chunk
-            })
-        };
-        // The run starting right after, COW-consecutive (same group).
-        let after = if last_in_group {
-            None
-        } else {
-            self.find_start(old_chunk + 1)
-                .filter(|&(_, i)| self.node(i).new_chunk == new_chunk.wrapping_add(1))
-        };
+        self.insert_new(old_chunk, new_chunk).map(|_| ())
+    }
+
+    /// Adds `old_chunk → new_chunk` unless `old_chunk` is in the table already (`Ok(false)`,
+    /// nothing changed): one walk of a chain does both (the store loader's check for records
+    /// naming one origin chunk twice).
+    pub fn insert_new(&mut self, old_chunk: u64, new_chunk: u64) -> Result<bool, TableFull> {
+        if old_chunk >= CHUNK_LIMIT || new_chunk >= CHUNK_LIMIT {
+            return Err(TableFull);
+        }
+        let found = self.probe(old_chunk);
+        if found.holding.is_some() {
+            return Ok(false);
+        }
+        // Only COW-consecutive neighbours join.
+        let before = found.before.filter(|&a| {
+            let r = self.node(a);
+            r.new_chunk + r.len == new_chunk
+        });
+        let after = found
+            .after
+            .filter(|&(_, c)| self.node(c).new_chunk == new_chunk.wrapping_add(1));
         match (before, after) {
             (None, None) => {
                 let n = self.take_free()?;
@@ -452,31 +465,30 @@ impl ExceptionTable {
                 self.link(n);
                 self.runs += 1;
             }
-            (Some((_, a)), None) => {
+            (Some(a), None) => {
                 let mut r = self.node(a);
                 r.len += 1;
                 self.set_node(a, r);
             }
-            (None, Some((prev, c))) => {
-                // The run now starts one chunk earlier: it moves to that chunk's chain.
-                self.unlink(old_chunk + 1, prev, c);
+            (None, Some((_, c))) => {
+                // The run now starts one chunk earlier, in the same group (same chain).
                 let mut r = self.node(c);
                 r.old_chunk -= 1;
                 r.new_chunk -= 1;
                 r.len += 1;
                 self.set_node(c, r);
-                self.link(c);
             }
-            (Some((_, a)), Some((prev, c))) => {
+            (Some(a), Some((prev, c))) => {
                 let mut r = self.node(a);
                 r.len += 1 + self.node(c).len;
                 self.set_node(a, r);
-                self.unlink(old_chunk + 1, prev, c);
+                // `prev` may be `a` itself: its link is untouched by the update above.
+                self.unlink(old_chunk, prev, c);
                 self.release(c);
             }
         }
         self.exceptions += 1;
-        Ok(())
+        Ok(true)
     }
 
     /// Removes the exception of `old_chunk` (a merge gives chunks back). Returns `Ok(false)`
@@ -485,17 +497,16 @@ impl ExceptionTable {
     /// A merge takes records newest first, and records are in allocation order, so it
     /// takes chunks off the end of runs and never needs a split on stores written in order.
     pub fn remove(&mut self, old_chunk: u64) -> Result<bool, TableFull> {
-        let Some((prev, i)) = self.find_containing(old_chunk) else {
+        let Some((prev, i)) = self.probe(old_chunk).holding else {
             return Ok(false);
         };
         let r = self.node(i);
         let at = old_chunk - r.old_chunk;
         if r.len == 1 {
-            self.unlink(r.old_chunk, prev, i);
+            self.unlink(old_chunk, prev, i);
             self.release(i);
         } else if at == 0 {
-            // The run now starts one chunk later: it moves to that chunk's chain.
-            self.unlink(r.old_chunk, prev, i);
+            // The run now starts one chunk later, in the same group (same chain).
             self.set_node(
                 i,
                 Run {
@@ -504,7 +515,6 @@ impl ExceptionTable {
                     len: r.len - 1,
                 },
             );
-            self.link(i);
         } else if at == r.len - 1 {
             self.set_node(
                 i,
@@ -556,7 +566,7 @@ mod tests {
 
     #[test]
     fn sequential_fill_is_compact() {
-        let mut t = ExceptionTable::with_capacity(1024);
+        let mut t = ExceptionTable::with_capacity(512);
         for c in 0..4096u64 {
             t.insert(c, c + 2).unwrap();
         }
@@ -564,8 +574,49 @@ mod tests {
         assert_eq!(t.runs(), 4096 / RUN_MAX as usize);
         assert_eq!(t.lookup(4095), Some(4097));
         assert_eq!(t.lookup(4096), None);
-        // 24 bytes per run of RUN_MAX: 3 bytes per exception (DESIGN: well under 16).
-        assert!((t.used_bytes() as f64 / 4096.0) <= 24.0 / RUN_MAX as f64);
+        // 18 bytes per run of RUN_MAX: 2.25 bytes per exception.
+        assert!((t.used_bytes() as f64 / 4096.0) <= 2.25);
+        assert!((t.reserved_bytes() as f64 / 4096.0) <= 2.5);
+    }
+
+    /// Issue 17's memory targets, at a million exceptions: at most 24 bytes per exception
+    /// for a random fill (one run each) and 4 for a sequential one, everything the table
+    /// allocated counted (nodes, free nodes of the last segment, the bucket array).
+    #[test]
+    fn a_million_exceptions_fit_the_memory_targets() {
+        const N: u64 = 1_000_000;
+        let origin_chunks = 1u64 << 29; // a 2 TiB origin of 4 KiB chunks
+        for (random, target) in [(true, 24.0), (false, 4.0)] {
+            let mut t = ExceptionTable::new(usize::MAX);
+            for i in 0..N {
+                let old = if random {
+                    // A bijection of the origin's chunks: consecutive exceptions far apart.
+                    i.wrapping_mul(0x9E37_79B9_7F4A_7C15) & (origin_chunks - 1)
+                } else {
+                    i
+                };
+                assert_eq!(t.insert_new(old, 2 + i + i / 256), Ok(true));
+            }
+            assert_eq!(t.len(), N);
+            let per = t.reserved_bytes() as f64 / N as f64;
+            assert!(
+                per <= target,
+                "random {random}: {per:.2} bytes per exception"
+            );
+            assert_eq!(t.lookup(0), Some(2));
+            assert_eq!(t.insert_new(0, 7), Ok(false), "a duplicate is refused");
+        }
+    }
+
+    #[test]
+    fn chunks_past_the_limit_are_refused_not_truncated() {
+        let mut t = ExceptionTable::new(16);
+        assert_eq!(t.insert(CHUNK_LIMIT, 2), Err(TableFull));
+        assert_eq!(t.insert(3, CHUNK_LIMIT), Err(TableFull));
+        t.insert(CHUNK_LIMIT - 1, CHUNK_LIMIT - 1).unwrap();
+        assert_eq!(t.lookup(CHUNK_LIMIT - 1), Some(CHUNK_LIMIT - 1));
+        assert_eq!(t.lookup((CHUNK_LIMIT - 1) & !(RUN_MAX - 1)), None);
+        assert_eq!(t.len(), 1);
     }
 
     #[test]
