@@ -836,6 +836,16 @@ fn status(st: &Storage, args: &Args, out: &mut Out) -> CmdResult<()> {
             o.engine.stats().origin_writes_refused
         );
     }
+    if let Some((reserved, _, exceptions)) = o.engine.table_memory(s.id) {
+        let per = reserved as u64 * 100 / exceptions.max(1);
+        let _ = writeln!(
+            out,
+            "  exception table: {exceptions} exceptions, {} KiB ({}.{:02} bytes per exception)",
+            reserved.div_ceil(1024),
+            per / 100,
+            per % 100
+        );
+    }
     let e = o.engine.stats();
     let per = e.records_committed * 100 / e.commits.max(1);
     let _ = writeln!(

@@ -7,12 +7,15 @@
 
 use core::fmt::{self, Write};
 
+use alloc::collections::VecDeque;
 use alloc::string::String;
 use alloc::vec::Vec;
 use drivers::block::{BlockRequest, BufferPool, Completion};
 use snapshot::format::{FreeExtent, SNAP_MAGIC};
 use snapshot::OriginMarker;
-use snapshot::{Binding, BindingError, LoadError, LoadParams, LoadedStore, Loader, SnapshotConfig};
+use snapshot::{
+    Binding, BindingError, LoadError, LoadParams, LoadRead, LoadedStore, Loader, SnapshotConfig,
+};
 
 use crate::identity::{self, escaped, DeviceId, NoMatch};
 use crate::origin::{Snap, SnapState};
@@ -75,17 +78,46 @@ enum Phase {
         origin: usize,
         stage: BindStage,
     },
-    /// Loading: the loader, the binding, the origin, the bytes of the current read.
+    /// Loading: the loader, the binding, the origin, and the loader's reads in flight or
+    /// waiting to be supplied, in its order (metadata areas are read ahead: they are not
+    /// contiguous, and one read at a time would make a large store's load a chain of
+    /// device round trips).
     Load {
+        /// When loading started (uptime, ns), for the attach line.
+        started: u64,
         loader: Loader,
         binding: Binding,
         origin: usize,
-        read: Vec<u8>,
-        want: usize,
-        sector: u64,
-        waiting: bool,
+        window: VecDeque<AreaRead>,
+        /// Sequence number of the next read (in its tag, so a completion finds its read).
+        next_seq: u64,
+        /// Device requests in flight.
+        in_flight: usize,
+        /// A read failed: the load stops once nothing is in flight.
+        failed: bool,
+        /// Buffers of reads already supplied, for the next ones.
+        spare: Vec<Vec<u8>>,
     },
 }
+
+/// One of the loader's reads ([`Loader::read_ahead`]), filled piece by piece (a chunk may be
+/// larger than a device request; pieces may come back in any order).
+struct AreaRead {
+    /// Sectors from the store's start.
+    read: LoadRead,
+    data: Vec<u8>,
+    /// Bytes asked of the device so far, and bytes back.
+    issued: usize,
+    back: usize,
+    seq: u64,
+}
+
+/// The most loader reads in flight or waiting at once, and the most bytes they hold.
+const LOAD_WINDOW: usize = 64;
+const LOAD_WINDOW_BYTES: usize = 4 << 20;
+/// A load read's tag: its sequence number above this shift, the piece's offset in sectors
+/// below (task tags keep bits 61..63 clear: those route engine and NBD completions).
+const LOAD_SEQ_SHIFT: u32 = 24;
 
 /// Where writing a binding for `snapshot attach` is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -331,19 +363,28 @@ impl DiscoverTask {
             table_runs: usize::MAX,
         };
         self.phase = Phase::Load {
+            started: st.now_ns(),
             // Chunks larger than the copy buffers are refused before anything is read or
             // allocated for them.
             loader: Loader::new(params).max_chunk_sectors(crate::origin::COPY_BUFFER_SECTORS),
             binding,
             origin,
-            read: Vec::new(),
-            want: 0,
-            sector: 0,
-            waiting: false,
+            window: VecDeque::new(),
+            next_seq: 0,
+            in_flight: 0,
+            failed: false,
+            spare: Vec::new(),
         };
     }
 
-    fn attach(&mut self, st: &mut Volumes, loaded: LoadedStore, binding: Binding, origin: usize) {
+    fn attach(
+        &mut self,
+        st: &mut Volumes,
+        loaded: LoadedStore,
+        binding: Binding,
+        origin: usize,
+        started: u64,
+    ) {
         // A name read from a disk may hold anything: control characters are escaped.
         let name = escaped(binding.name.as_bytes());
         let cow = st.name(self.disk);
@@ -377,6 +418,9 @@ impl DiscoverTask {
             binding: if bound { Some(binding) } else { None },
         };
         let instance = st.new_instance();
+        let exceptions = loaded.table.len();
+        let table_kib = loaded.table.reserved_bytes().div_ceil(1024);
+        let load_ms = st.now_ns().saturating_sub(started) / 1_000_000;
         let o = &mut st.origins[origin_index];
         match o.engine.attach_snapshot(loaded, &cfg) {
             Ok(id) => {
@@ -402,7 +446,7 @@ impl DiscoverTask {
                 self.found += 1;
                 st.label_merge(origin_index, id);
                 log::info!(
-                    "snapshot {name}: store on {cow} attached to {}{}",
+                    "snapshot {name}: store on {cow} attached to {} ({exceptions} exceptions, table {table_kib} KiB, loaded in {load_ms} ms){}",
                     st.name(origin),
                     if merging {
                         " (merging: resumes once every store is attached)"
@@ -580,97 +624,141 @@ impl Task for DiscoverTask {
                 },
                 Phase::Load {
                     loader,
-                    read,
-                    want,
-                    sector,
-                    waiting,
                     origin,
+                    window,
+                    next_seq,
+                    in_flight,
+                    failed,
+                    spare,
                     ..
                 } => {
-                    if *waiting {
-                        return;
+                    // Supply what came back, in the loader's order.
+                    while !*failed && window.front().is_some_and(|a| a.back >= a.data.len()) {
+                        let Some(a) = window.pop_front() else { break };
+                        // The loader records an error; `finish` reports it.
+                        let _ = loader.supply(&a.data);
+                        spare.push(a.data);
                     }
-                    if *want == 0 {
-                        match loader.next_read() {
-                            Some(r) => {
-                                *want = r.sectors as usize * 512;
-                                *sector = r.sector;
-                                read.clear();
-                                // The loader bounds reads to a chunk (512 KiB at most); a
-                                // heap that cannot hold one refuses this store, not the boot.
-                                if read.try_reserve_exact(*want).is_err() {
-                                    self.phase = Phase::Head;
-                                    let why = String::from(
-                                        "not enough memory to read its metadata; left untouched",
-                                    );
-                                    log::error!("{}: {why}", st.name(self.disk));
-                                    self.unserved(st, why);
-                                    continue;
-                                }
-                            }
-                            // `snapshot attach` on an origin NBD clients write: their
-                            // writes already sent straight to the device come back first
-                            // (from the attach on, its requests go through the engine).
-                            None if st.direct_nbd_in_flight(*origin) > 0 => return,
-                            None => {
-                                let Phase::Load {
-                                    loader,
-                                    binding,
-                                    origin,
-                                    ..
-                                } = core::mem::replace(&mut self.phase, Phase::Head)
-                                else {
-                                    return;
-                                };
-                                match loader.finish() {
-                                    Ok(loaded) => {
-                                        self.attach(st, loaded, binding, origin);
-                                        self.after_store(st);
-                                    }
-                                    Err(e) => {
-                                        let e = load_error_text(e);
-                                        self.error =
-                                            Some(alloc::format!("the store does not load: {e}"));
-                                        let why = alloc::format!("a snapshot store that does not load: {e}; left untouched");
-                                        log::error!("{}: {why}", st.name(self.disk));
-                                        self.unserved(st, why);
-                                    }
-                                }
-                                continue;
-                            }
+                    if *failed || loader.next_read().is_none() {
+                        // Reads ahead past the end of the table are dropped when back.
+                        if *in_flight > 0 {
+                            return;
                         }
-                    }
-                    if read.len() >= *want {
-                        let data = core::mem::take(read);
-                        *want = 0;
-                        if loader.supply(&data).is_err() {
-                            // The loader records the error; `finish` reports it.
+                        // `snapshot attach` on an origin NBD clients write: their writes
+                        // already sent straight to the device come back first (from the
+                        // attach on, its requests go through the engine).
+                        if !*failed && st.direct_nbd_in_flight(*origin) > 0 {
+                            return;
+                        }
+                        let Phase::Load {
+                            loader,
+                            binding,
+                            origin,
+                            started,
+                            failed,
+                            ..
+                        } = core::mem::replace(&mut self.phase, Phase::Head)
+                        else {
+                            return;
+                        };
+                        let loaded = if failed {
+                            Err(String::from("reading it failed (device error)"))
+                        } else {
+                            loader.finish().map_err(load_error_text)
+                        };
+                        match loaded {
+                            Ok(loaded) => {
+                                self.attach(st, loaded, binding, origin, started);
+                                self.after_store(st);
+                            }
+                            Err(e) => {
+                                self.error = Some(alloc::format!("the store does not load: {e}"));
+                                let why = alloc::format!(
+                                    "a snapshot store that does not load: {e}; left untouched"
+                                );
+                                log::error!("{}: {why}", st.name(self.disk));
+                                self.unserved(st, why);
+                            }
                         }
                         continue;
                     }
-                    // Read the next piece of the loader's read.
-                    let Some(mut buf) = st.pool(target).and_then(|p| p.acquire()) else {
-                        return;
-                    };
-                    let piece = (*want - read.len()).min(buf.capacity());
-                    let _ = buf.set_len(piece);
-                    let lba = ((self.probe + *sector) * 512 + read.len() as u64) / block as u64;
-                    match st.submit_to(target, BlockRequest::read(1, lba, buf)) {
-                        Ok(()) => {
-                            *waiting = true;
-                            return;
-                        }
-                        Err((_, b)) => {
-                            if let (Some(b), Some(p)) = (b, st.pool(target)) {
-                                let _ = p.release(b);
+                    // Queue the loader's next reads, as far as the window goes.
+                    let chunk = loader.next_read().map_or(1, |r| r.sectors as usize * 512);
+                    let depth = (LOAD_WINDOW_BYTES / chunk).clamp(1, LOAD_WINDOW);
+                    while window.len() < depth {
+                        let Some(r) = loader.read_ahead(window.len() as u64) else {
+                            break;
+                        };
+                        let want = r.sectors as usize * 512;
+                        let mut data = spare.pop().unwrap_or_default();
+                        data.clear();
+                        // The loader bounds reads to a chunk (512 KiB at most); a heap that
+                        // cannot hold one refuses this store, not the boot.
+                        if data.try_reserve_exact(want).is_err() {
+                            if window.is_empty() {
+                                self.phase = Phase::Head;
+                                let why = String::from(
+                                    "not enough memory to read its metadata; left untouched",
+                                );
+                                log::error!("{}: {why}", st.name(self.disk));
+                                self.unserved(st, why);
+                                break;
                             }
-                            log::error!(
-                                "{}: reading its snapshot store failed",
-                                st.name(self.disk)
-                            );
-                            self.next_disk();
+                            break;
+                        }
+                        data.resize(want, 0);
+                        window.push_back(AreaRead {
+                            read: r,
+                            data,
+                            issued: 0,
+                            back: 0,
+                            seq: *next_seq,
+                        });
+                        *next_seq += 1;
+                    }
+                    if !matches!(self.phase, Phase::Load { .. }) {
+                        continue;
+                    }
+                    let Phase::Load {
+                        window,
+                        in_flight,
+                        failed,
+                        ..
+                    } = &mut self.phase
+                    else {
+                        continue;
+                    };
+                    // Issue their pieces, in order, as far as buffers go.
+                    for a in window.iter_mut() {
+                        while a.issued < a.data.len() {
+                            let Some(mut buf) = st.pool(target).and_then(|p| p.acquire()) else {
+                                return;
+                            };
+                            let piece = (a.data.len() - a.issued).min(buf.capacity());
+                            let _ = buf.set_len(piece);
+                            let lba = ((self.probe + a.read.sector) * 512 + a.issued as u64)
+                                / block as u64;
+                            let tag = (a.seq << LOAD_SEQ_SHIFT) | (a.issued as u64 / 512);
+                            match st.submit_to(target, BlockRequest::read(tag, lba, buf)) {
+                                Ok(()) => {
+                                    a.issued += piece;
+                                    *in_flight += 1;
+                                }
+                                Err((_, b)) => {
+                                    if let (Some(b), Some(p)) = (b, st.pool(target)) {
+                                        let _ = p.release(b);
+                                    }
+                                    // Refused with reads in flight: try again when they are
+                                    // back; with none, the device refuses reads.
+                                    if *in_flight == 0 {
+                                        *failed = true;
+                                    }
+                                    return;
+                                }
+                            }
                         }
                     }
+                    return;
                 }
             }
         }
@@ -706,17 +794,24 @@ impl Task for DiscoverTask {
                     };
                 }
                 Phase::Load {
-                    read,
-                    waiting,
-                    want,
+                    window,
+                    in_flight,
+                    failed,
                     ..
                 } => {
-                    *waiting = false;
-                    if ok {
-                        read.extend_from_slice(b.as_slice());
-                    } else {
-                        // Feed zeroes: the loader then fails with a clear error.
-                        read.resize(*want, 0);
+                    *in_flight = in_flight.saturating_sub(1);
+                    // A failed read fails the load: zeroes would read as the end of the
+                    // table, and the snapshot would come back without its last exceptions.
+                    *failed |= !ok;
+                    let seq = c.tag >> LOAD_SEQ_SHIFT;
+                    let at = (c.tag & ((1 << LOAD_SEQ_SHIFT) - 1)) as usize * 512;
+                    if let Some(a) = window.iter_mut().find(|a| a.seq == seq) {
+                        let piece = b.as_slice();
+                        let n = piece.len().min(a.data.len().saturating_sub(at));
+                        if ok {
+                            a.data[at..at + n].copy_from_slice(&piece[..n]);
+                        }
+                        a.back += n;
                     }
                 }
                 Phase::Head | Phase::Bind { .. } => {}
