@@ -3,6 +3,10 @@
 //! image and the COW image, the way Linux's dm-snapshot would. Tests compare its SHA-256 with
 //! the appliance's `checksum` of the snapshot.
 
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use snapshot::format::{Binding, Geometry, Header, Record};
 use snapshot::{LoadError, LoadParams, LoadedStore, Loader};
 
 /// A COW store as found in an image, or a region of one.
@@ -92,6 +96,122 @@ pub fn bound_store(
         img.write(new * chunk, &vec![fill; chunk as usize]);
     }
     img.write(chunk, &area);
+}
+
+/// Loads the store at the start of the COW image file `path` for an origin of
+/// `origin_bytes`, reading only what the loader asks for (for sparse terabyte images).
+pub fn load_file(path: &Path, origin_bytes: u64) -> Result<LoadedStore, LoadError> {
+    let f = std::fs::File::open(path).expect("open COW image");
+    let len = f.metadata().expect("COW image size").len();
+    let params = LoadParams {
+        cow_sectors: len / 512,
+        cow_block_sectors: 1,
+        origin_sectors: origin_bytes / 512,
+        origin_block_sectors: 1,
+        table_runs: usize::MAX,
+    };
+    Loader::load_with(params, |read| {
+        let mut buf = vec![0u8; read.sectors as usize * 512];
+        match f.read_exact_at(&mut buf, read.sector * 512) {
+            Ok(()) => buf,
+            Err(_) => Vec::new(),
+        }
+    })
+}
+
+/// How a crafted store's exceptions spread over the origin.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fill {
+    /// Origin chunks 0, 1, 2, … in order: runs of eight in the table.
+    Sequential,
+    /// Origin chunks in a pseudo-random order (a bijection of the origin's chunks): one run
+    /// per exception.
+    Random,
+}
+
+/// The origin chunk of the `i`-th exception of a store filled `fill` on an origin of
+/// `origin_chunks` chunks: a permutation of `0..origin_chunks` (cycle-walking an odd
+/// multiplier on the next power of two).
+pub fn fill_chunk(fill: Fill, i: u64, origin_chunks: u64) -> u64 {
+    match fill {
+        Fill::Sequential => i,
+        Fill::Random => {
+            let mask = origin_chunks.next_power_of_two() - 1;
+            let step = |x: u64| {
+                (x.wrapping_mul(0x9E37_79B9_7F4A_7C15 | 1)
+                    .wrapping_add(0x5EED))
+                    & mask
+            };
+            let mut x = step(i);
+            while x >= origin_chunks {
+                x = step(x);
+            }
+            x
+        }
+    }
+}
+
+/// Writes a valid dm-snapshot store with `exceptions` records into the image file `path`
+/// (which must be large enough): chunk 0 (header and, if given, snapfw's `binding`), then every
+/// metadata area the records need, with COW chunks allocated in order as the engine does
+/// (2, 3, … skipping areas). Data chunks are not written (they read as zeroes in a sparse
+/// image), except those `data` returns bytes for: it is called with (origin chunk, COW chunk)
+/// and may return the chunk's contents. Returns the COW chunk of each exception, in order.
+pub fn write_store(
+    path: &Path,
+    chunk_sectors: u32,
+    binding: Option<&Binding>,
+    exceptions: u64,
+    old_of: impl Fn(u64) -> u64,
+    mut data: impl FnMut(u64, u64) -> Option<Vec<u8>>,
+) -> Vec<u64> {
+    let g = Geometry::new(chunk_sectors).expect("chunk size");
+    let chunk = g.chunk_bytes();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open COW image");
+    let mut chunk0 = vec![0u8; chunk];
+    Header::new(chunk_sectors).encode(&mut chunk0);
+    if let Some(b) = binding {
+        b.encode(&mut chunk0);
+    }
+    f.write_all_at(&chunk0, 0).expect("write chunk 0");
+    let epa = g.exceptions_per_area;
+    let mut area = vec![0u8; chunk];
+    let mut new = 2u64;
+    let mut news = Vec::with_capacity(exceptions as usize);
+    let mut k = 0u64;
+    let mut i = 0u64;
+    // The area after the last full one is written too (all zero: it ends the table).
+    loop {
+        area.fill(0);
+        let mut n = 0;
+        while n < epa && i < exceptions {
+            let old = old_of(i);
+            assert!(Record {
+                old_chunk: old,
+                new_chunk: new
+            }
+            .encode(&mut area, n as usize));
+            if let Some(bytes) = data(old, new) {
+                f.write_all_at(&bytes, new * chunk as u64)
+                    .expect("write data chunk");
+            }
+            news.push(new);
+            new = g.next_data_chunk(new);
+            n += 1;
+            i += 1;
+        }
+        f.write_all_at(&area, g.area_chunk(k) * chunk as u64)
+            .expect("write area");
+        if n < epa {
+            break;
+        }
+        k += 1;
+    }
+    f.sync_all().expect("sync COW image");
+    news
 }
 
 #[cfg(test)]
