@@ -14,8 +14,14 @@
 //! Then the NBD rows: fio's `nbd` engine against the appliance's NBD server and against
 //! `nbdkit` on the host, in the same run, with the ratio.
 //!
+//! Then the store rows: COW stores of 100 k, 1 M and 10 M exceptions (random and sequential
+//! fills), written on the host into a sparse 1 TiB image for a sparse 2 TiB origin; each is
+//! loaded by the host's loader (time, table bytes per exception) and by the appliance at boot
+//! (boot to the prompt, the discovery's own load time, heap used, table bytes per exception).
+//!
 //! `BENCH_TIME` (default `5s`) sets each row's duration; `BENCH_ONLY=nbd` runs the NBD rows
-//! alone, `BENCH_ONLY=snapshot` the snapshot rows; `ACCEL` as for the tests.
+//! alone, `BENCH_ONLY=snapshot` the snapshot rows, `BENCH_ONLY=stores` the store rows;
+//! `ACCEL` as for the tests.
 
 use std::time::Duration;
 
@@ -110,6 +116,10 @@ fn main() {
         nbd_rows(&time);
         return;
     }
+    if std::env::var("BENCH_ONLY").is_ok_and(|v| v == "stores") {
+        store_rows();
+        return;
+    }
     let virtio = Image::new("bench-virtio-1g", 1 << 30);
     let origin = Image::new("bench-origin-1g", 1 << 30);
     let cow = Image::new("bench-cow-1g", 1 << 30);
@@ -182,6 +192,7 @@ fn main() {
     let _ = q.wait_exit(Duration::from_secs(30));
     if !only_snapshots {
         nbd_rows(&time);
+        store_rows();
     }
 }
 
@@ -628,4 +639,145 @@ fn nbd_rows(time: &str) {
     }
     q.send(b"poweroff\r");
     let _ = q.wait_exit(Duration::from_secs(30));
+}
+
+/// The value after `key` up to the next non-digit, in `text`.
+fn number_after(text: &str, key: &str) -> Option<u64> {
+    let at = text.find(key)? + key.len();
+    text[at..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect::<String>()
+        .parse()
+        .ok()
+}
+
+/// Stores of 100 k, 1 M and 10 M exceptions on a 1 TiB COW image for a 2 TiB origin: load
+/// time and memory per exception, on the host and at the appliance's boot.
+fn store_rows() {
+    use snapshot::format::{Binding, BoundedBytes};
+    use tests::cow::{fill_chunk, load_file, write_store, Fill};
+    const TIB: u64 = 1 << 40;
+    const CHUNK_SECTORS: u32 = 8;
+    let origin_bytes = 2 * TIB;
+    let origin_chunks = origin_bytes / 4096;
+    let memory = std::env::var("BENCH_STORE_MEMORY").unwrap_or_else(|_| "2G".into());
+    println!();
+    println!(
+        "COW stores at boot: 2 TiB origin, 1 TiB COW store, 4 KiB chunks (sparse images), -m {memory}"
+    );
+    println!(
+        "{:<12} {:<10} | {:>9} {:>9} {:>8} | {:>9} {:>9} {:>9} {:>10} {:>8}",
+        "exceptions",
+        "fill",
+        "host s",
+        "M exc/s",
+        "B/exc",
+        "prompt s",
+        "load s",
+        "M exc/s",
+        "heap MiB",
+        "B/exc"
+    );
+    let boot = |origin: &Image, cow: &Image| {
+        Boot::kernel("q35", "loglevel=info")
+            .memory_size(&memory)
+            .virtio_disk(&origin.path, "STORE-ORIGIN")
+            .virtio_disk(&cow.path, "STORE-COW")
+            .start()
+    };
+    // The same boot without a store: what the prompt costs anyway.
+    let origin = Image::new("bench-store-origin", origin_bytes);
+    let empty = Image::new("bench-store-empty", TIB);
+    let mut q = boot(&origin, &empty);
+    q.wait_prompt();
+    let baseline = q.elapsed();
+    q.send(b"poweroff\r");
+    let _ = q.wait_exit(Duration::from_secs(30));
+    drop(empty);
+    println!(
+        "{:<12} {:<10} | {:>9} {:>9} {:>8} | {:>9.2} {:>9} {:>9} {:>10} {:>8}",
+        0,
+        "-",
+        "-",
+        "-",
+        "-",
+        baseline.as_secs_f64(),
+        "-",
+        "-",
+        "-",
+        "-"
+    );
+    for n in [100_000u64, 1_000_000, 10_000_000] {
+        for fill in [Fill::Sequential, Fill::Random] {
+            let cow = Image::new("bench-store-cow", TIB);
+            let binding = Binding {
+                name: BoundedBytes::new(b"big").unwrap(),
+                origin_serial: BoundedBytes::new(b"STORE-ORIGIN").unwrap(),
+                origin_sectors: origin_bytes / 512,
+                chunk_sectors: CHUNK_SECTORS,
+                created_unix_seconds: 0,
+                region_start: 0,
+                region_sectors: TIB / 512,
+                flags: 0,
+                origin_id: snapshot::OriginId::Serial,
+            };
+            write_store(
+                &cow.path,
+                CHUNK_SECTORS,
+                Some(&binding),
+                n,
+                |i| fill_chunk(fill, i, origin_chunks),
+                |_, _| None,
+            );
+            let started = std::time::Instant::now();
+            let host = load_file(&cow.path, origin_bytes).expect("the store loads on the host");
+            let host_s = started.elapsed().as_secs_f64();
+            assert_eq!(host.table.len(), n);
+            let host_per = host.table.reserved_bytes() as f64 / n as f64;
+            drop(host);
+            let mut q = boot(&origin, &cow);
+            let prompt = q.try_expect(tests::PROMPT, Duration::from_secs(900));
+            let prompt_s = q.elapsed().as_secs_f64();
+            let log = q.transcript();
+            let loaded_ms = log
+                .split("snapshot big: store on vdb attached to vda (")
+                .nth(1)
+                .and_then(|l| number_after(l, "loaded in "));
+            let (heap, per, load) = if prompt.is_ok() && loaded_ms.is_some() {
+                let mem = q.command("mem --json");
+                let heap = number_after(&mem, r#""used":"#).unwrap_or(0);
+                let status = q.command("snapshot status big");
+                let kib = number_after(&status, " exceptions, ").unwrap_or(0);
+                (
+                    format!("{:.1}", heap as f64 / (1 << 20) as f64),
+                    format!("{:.2}", kib as f64 * 1024.0 / n as f64),
+                    loaded_ms.unwrap_or(0) as f64 / 1000.0,
+                )
+            } else {
+                let why = log
+                    .lines()
+                    .find(|l| l.contains("vdb:") && (l.contains("ERROR") || l.contains("WARN")))
+                    .unwrap_or("no prompt")
+                    .to_string();
+                println!("  {n} {fill:?}: not loaded at boot: {why}");
+                ("-".into(), "-".into(), f64::NAN)
+            };
+            println!(
+                "{:<12} {:<10} | {:>9.2} {:>9.2} {:>8.2} | {:>9.2} {:>9.2} {:>9.2} {:>10} {:>8}",
+                n,
+                format!("{fill:?}").to_lowercase(),
+                host_s,
+                n as f64 / host_s / 1e6,
+                host_per,
+                prompt_s,
+                load,
+                n as f64 / load / 1e6,
+                heap,
+                per
+            );
+            q.send(b"poweroff\r");
+            let _ = q.wait_exit(Duration::from_secs(30));
+        }
+    }
 }
