@@ -197,7 +197,7 @@ impl ExceptionTable {
 
     /// Raises the most runs this table may hold (its store grew). Nothing is allocated.
     pub fn raise_limit(&mut self, limit: usize) {
-        self.limit = self.limit.max(limit);
+        self.limit = self.limit.max(limit.min(MAX_NODES));
     }
 
     /// Whether a growth failed because the heap could not serve it.
