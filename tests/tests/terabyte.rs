@@ -347,3 +347,75 @@ fn a_store_whose_metadata_cannot_be_read_is_not_served_short() {
         .contains("error: no device or snapshot 'short'"));
     q.poweroff();
 }
+
+/// Linux's dm-snapshot reads the 1 TiB store of a 2 TiB origin as the appliance does: the
+/// README's `dmsetup` line, the same `dmsetup status`, and the same SHA-256 of each range.
+#[test]
+fn linux_reads_the_1_tib_store_as_the_appliance_does() {
+    let origin = Image::new("tera-linux-origin", ORIGIN_BYTES);
+    let cow = Image::new("tera-linux-cow", COW_BYTES);
+    for (k, &(sector, count)) in RANGES.iter().enumerate() {
+        origin.write(
+            sector * 512,
+            &xorshift_bytes((count * 512) as usize, 200 + k as u64),
+        );
+    }
+    let mut q = Boot::kernel("q35", "testing loglevel=info")
+        .virtio_disk(&origin.path, "TERA-ORIGIN")
+        .virtio_disk(&cow.path, "TERA-COW")
+        .start();
+    q.wait_prompt();
+    let out = q.command("snapshot create big vda vdb");
+    assert!(out.contains("created snapshot big"), "{out}");
+    for (lba, count, seed) in WRITES {
+        let out = q.command(&format!("write vda {lba} {count} --seed {seed}"));
+        assert!(out.contains(&format!("wrote {count} blocks")), "{out}");
+    }
+    let appliance: Vec<String> = RANGES
+        .iter()
+        .map(|&(sector, count)| checksum_range(&mut q, "big", sector, count))
+        .collect();
+    let status = q.command("snapshot status big");
+    let status = status.lines().next().unwrap_or("").trim().to_string();
+    q.poweroff();
+
+    let mut q = Boot::linux_guest()
+        .virtio_disk(&origin.path, "TERA-ORIGIN")
+        .virtio_disk(&cow.path, "TERA-COW")
+        .start();
+    q.wait_linux(std::time::Duration::from_secs(180));
+    let (out, code) = q.shell(
+        "dmsetup create big --table \"0 $(blockdev --getsz /dev/vda) snapshot /dev/vda /dev/vdb P 8\"",
+        TIMEOUT * 2,
+    );
+    assert_eq!(code, 0, "{out}");
+    let (linux_status, code) = q.shell("dmsetup status big", TIMEOUT);
+    assert_eq!(code, 0, "{linux_status}");
+    let linux_status = linux_status
+        .lines()
+        .rfind(|l| l.contains(" snapshot "))
+        .unwrap_or("")
+        .trim()
+        .to_string();
+    for (k, &(sector, count)) in RANGES.iter().enumerate() {
+        let (out, code) = q.shell(
+            &format!(
+                "dd if=/dev/mapper/big bs=512 skip={sector} count={count} 2>/dev/null | sha256sum"
+            ),
+            TIMEOUT * 2,
+        );
+        assert_eq!(code, 0, "{out}");
+        let sum = out
+            .lines()
+            .rev()
+            .find_map(|l| l.split_whitespace().next().filter(|h| h.len() == 64))
+            .unwrap_or_else(|| panic!("range {k}: {out}"));
+        assert_eq!(sum, appliance[k], "range {k} reads differently on Linux");
+    }
+    let (out, code) = q.shell("dmsetup remove big", TIMEOUT);
+    assert_eq!(code, 0, "{out}");
+    q.send(b"sync; poweroff -f\n");
+    let exit = q.wait_exit(TIMEOUT);
+    assert_eq!(exit.code(), Some(0), "Linux power-off");
+    assert_eq!(linux_status, status, "dmsetup status differs");
+}
