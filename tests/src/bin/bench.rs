@@ -661,7 +661,7 @@ fn store_rows() {
     const CHUNK_SECTORS: u32 = 8;
     let origin_bytes = 2 * TIB;
     let origin_chunks = origin_bytes / 4096;
-    let memory = std::env::var("BENCH_STORE_MEMORY").unwrap_or_else(|_| "2G".into());
+    let memory = std::env::var("BENCH_STORE_MEMORY").unwrap_or_else(|_| "4G".into());
     println!();
     println!(
         "COW stores at boot: 2 TiB origin, 1 TiB COW store, 4 KiB chunks (sparse images), -m {memory}"
