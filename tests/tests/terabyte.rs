@@ -282,69 +282,82 @@ fn a_merge_of_known_chunks_spread_over_2_tib() {
     q.poweroff();
 }
 
-/// A store with four metadata areas whose third cannot be read: it is not served (and says
-/// why) rather than served without the exceptions of its last two areas, which would read
-/// the origin's new data where the snapshot copied the old.
-#[test]
-fn a_store_whose_metadata_cannot_be_read_is_not_served_short() {
-    const MIB: u64 = 1 << 20;
-    let origin = Image::new("tera-unreadable-origin", 64 * MIB);
-    let cow = Image::new("tera-unreadable-cow", 64 * MIB);
-    let binding = Binding {
-        name: BoundedBytes::new(b"short").unwrap(),
-        origin_serial: BoundedBytes::new(b"SHORT-ORIGIN").unwrap(),
-        origin_sectors: 64 * MIB / 512,
-        chunk_sectors: 8,
-        created_unix_seconds: 0,
-        region_start: 0,
-        region_sectors: 64 * MIB / 512,
-        flags: 0,
-        origin_id: snapshot::OriginId::Serial,
-    };
-    write_store(
-        &cow.path,
-        8,
-        Some(&binding),
-        3 * 256 + 10,
-        |i| i,
-        |_, _| None,
-    );
-    // Area 2 is chunk 1 + 2 * 257: every read of it fails with EIO.
-    let area2 = (1 + 2 * 257) * 8;
-    let conf = cow.path.with_extension("blkdebug.conf");
+/// A disk behind QEMU's blkdebug whose reads of `sector` fail with EIO (the config file is
+/// written next to the image).
+fn failing_reads(image: &Image, sector: u64, id: &str, serial: &str) -> Vec<String> {
+    let conf = image.path.with_extension("blkdebug.conf");
     std::fs::write(
         &conf,
         format!(
-            "[inject-error]\nevent = \"read_aio\"\niotype = \"read\"\nsector = \"{area2}\"\nerrno = \"5\"\nonce = \"off\"\n"
+            "[inject-error]\nevent = \"read_aio\"\niotype = \"read\"\nsector = \"{sector}\"\nerrno = \"5\"\nonce = \"off\"\n"
         ),
     )
     .unwrap();
+    vec![
+        "-drive".to_string(),
+        format!(
+            "file=blkdebug:{}:{},if=none,format=raw,id={id},cache=none,aio=threads",
+            conf.display(),
+            image.path.display()
+        ),
+        "-device".to_string(),
+        format!("virtio-blk-pci,drive={id},serial={serial}"),
+    ]
+}
+
+/// A store with four metadata areas whose third cannot be read is not served (and says why)
+/// rather than served without the exceptions of its last two areas, which would read the
+/// origin's new data where the snapshot copied the old. A store whose table ends before an
+/// unreadable area (which discovery reads ahead) is served whole.
+#[test]
+fn a_store_whose_metadata_cannot_be_read_is_not_served_short() {
+    const MIB: u64 = 1 << 20;
+    let store = |tag: &str, name: &str, serial: &str, records: u64| {
+        let origin = Image::new(&format!("tera-unreadable-{tag}-origin"), 64 * MIB);
+        let cow = Image::new(&format!("tera-unreadable-{tag}-cow"), 64 * MIB);
+        let binding = Binding {
+            name: BoundedBytes::new(name.as_bytes()).unwrap(),
+            origin_serial: BoundedBytes::new(serial.as_bytes()).unwrap(),
+            origin_sectors: 64 * MIB / 512,
+            chunk_sectors: 8,
+            created_unix_seconds: 0,
+            region_start: 0,
+            region_sectors: 64 * MIB / 512,
+            flags: 0,
+            origin_id: snapshot::OriginId::Serial,
+        };
+        write_store(&cow.path, 8, Some(&binding), records, |i| i, |_, _| None);
+        (origin, cow)
+    };
+    // Area k is chunk 1 + k * 257 (4 KiB chunks).
+    let area = |k: u64| (1 + k * 257) * 8;
+    let (short_origin, short_cow) = store("short", "short", "SHORT-ORIGIN", 3 * 256 + 10);
+    let (fine_origin, fine_cow) = store("fine", "fine", "FINE-ORIGIN", 2 * 256 + 10);
     let mut q = Boot::kernel("q35", "testing loglevel=info")
-        .virtio_disk(&origin.path, "SHORT-ORIGIN")
-        .args([
-            "-drive".to_string(),
-            format!(
-                "file=blkdebug:{}:{},if=none,format=raw,id=bad,cache=none,aio=threads",
-                conf.display(),
-                cow.path.display()
-            ),
-            "-device".to_string(),
-            "virtio-blk-pci,drive=bad,serial=SHORT-COW".to_string(),
-        ])
+        .virtio_disk(&short_origin.path, "SHORT-ORIGIN")
+        .args(failing_reads(&short_cow, area(2), "bad", "SHORT-COW"))
+        .virtio_disk(&fine_origin.path, "FINE-ORIGIN")
+        .args(failing_reads(&fine_cow, area(3), "ahead", "FINE-COW"))
         .start();
     q.wait_prompt();
     let list = q.command("snapshot list");
-    let _ = std::fs::remove_file(&conf);
+    for cow in [&short_cow, &fine_cow] {
+        let _ = std::fs::remove_file(cow.path.with_extension("blkdebug.conf"));
+    }
+    let log = q.transcript();
     assert!(
         list.contains(
             "store on vdb: a snapshot store that does not load: reading it failed (device error); left untouched"
         ),
-        "{list}\n{}",
-        q.transcript()
+        "{list}\n{log}"
     );
     assert!(q
         .command("checksum short 0 8")
         .contains("error: no device or snapshot 'short'"));
+    assert!(
+        log.contains("snapshot fine: store on vdd attached to vdc (522 exceptions"),
+        "{list}\n{log}"
+    );
     q.poweroff();
 }
 

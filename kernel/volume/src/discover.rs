@@ -93,7 +93,7 @@ enum Phase {
         next_seq: u64,
         /// Device requests in flight.
         in_flight: usize,
-        /// A read failed: the load stops once nothing is in flight.
+        /// A read the loader needs failed: the load stops once nothing is in flight.
         failed: bool,
         /// Buffers of reads already supplied, for the next ones.
         spare: Vec<Vec<u8>>,
@@ -110,6 +110,9 @@ struct AreaRead {
     issued: usize,
     back: usize,
     seq: u64,
+    /// A piece of it failed: the load fails if the loader gets to it (a read ahead past the
+    /// end of the table is never needed, and its failure does not matter).
+    failed: bool,
 }
 
 /// The most loader reads in flight or waiting at once, and the most bytes they hold.
@@ -633,8 +636,17 @@ impl Task for DiscoverTask {
                     ..
                 } => {
                     // Supply what came back, in the loader's order.
-                    while !*failed && window.front().is_some_and(|a| a.back >= a.data.len()) {
+                    while !*failed
+                        && loader.next_read().is_some()
+                        && window.front().is_some_and(|a| a.back >= a.data.len())
+                    {
                         let Some(a) = window.pop_front() else { break };
+                        if a.failed {
+                            // Zeroes would read as the end of the table, and the snapshot
+                            // would come back without its later exceptions: fail the load.
+                            *failed = true;
+                            break;
+                        }
                         // The loader records an error; `finish` reports it.
                         let _ = loader.supply(&a.data);
                         spare.push(a.data);
@@ -713,6 +725,7 @@ impl Task for DiscoverTask {
                             issued: 0,
                             back: 0,
                             seq: *next_seq,
+                            failed: false,
                         });
                         *next_seq += 1;
                     }
@@ -784,6 +797,30 @@ impl Task for DiscoverTask {
             }
             return;
         }
+        if let Phase::Load {
+            window, in_flight, ..
+        } = &mut self.phase
+        {
+            *in_flight = in_flight.saturating_sub(1);
+            let seq = c.tag >> LOAD_SEQ_SHIFT;
+            let at = (c.tag & ((1 << LOAD_SEQ_SHIFT) - 1)) as usize * 512;
+            if let Some(a) = window.iter_mut().find(|a| a.seq == seq) {
+                match c.buffer.as_ref().filter(|_| ok) {
+                    Some(b) => {
+                        let piece = b.as_slice();
+                        let n = piece.len().min(a.data.len().saturating_sub(at));
+                        a.data[at..at + n].copy_from_slice(&piece[..n]);
+                        a.back += n;
+                    }
+                    // Failed (or came back without its buffer): the read is done, and
+                    // fails the load if the loader needs it.
+                    None => {
+                        a.failed = true;
+                        a.back = a.data.len();
+                    }
+                }
+            }
+        }
         if let Some(b) = &c.buffer {
             match &mut self.phase {
                 Phase::WaitHead => {
@@ -793,28 +830,7 @@ impl Task for DiscoverTask {
                         alloc::vec![0; 4]
                     };
                 }
-                Phase::Load {
-                    window,
-                    in_flight,
-                    failed,
-                    ..
-                } => {
-                    *in_flight = in_flight.saturating_sub(1);
-                    // A failed read fails the load: zeroes would read as the end of the
-                    // table, and the snapshot would come back without its last exceptions.
-                    *failed |= !ok;
-                    let seq = c.tag >> LOAD_SEQ_SHIFT;
-                    let at = (c.tag & ((1 << LOAD_SEQ_SHIFT) - 1)) as usize * 512;
-                    if let Some(a) = window.iter_mut().find(|a| a.seq == seq) {
-                        let piece = b.as_slice();
-                        let n = piece.len().min(a.data.len().saturating_sub(at));
-                        if ok {
-                            a.data[at..at + n].copy_from_slice(&piece[..n]);
-                        }
-                        a.back += n;
-                    }
-                }
-                Phase::Head | Phase::Bind { .. } => {}
+                Phase::Head | Phase::Load { .. } | Phase::Bind { .. } => {}
             }
         }
         if let Some(b) = c.buffer {
