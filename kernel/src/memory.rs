@@ -242,9 +242,10 @@ pub fn init(boot: &BootInfo) -> Result<MemoryMap, &'static str> {
             continue;
         }
         let words = (r.len() / FRAME_SIZE).div_ceil(64) as usize;
-        // SAFETY: the range's first `bitmap` bytes are usable RAM per the memory map, just
-        // mapped, and owned by nothing else: the zone made of the rest of the range starts
-        // after them, so the allocator never hands them out.
+        // The zone made of the rest of the range starts after the bitmap's bytes, so the
+        // allocator never hands them out.
+        // SAFETY: the range's first bytes are usable RAM per the memory map, just mapped,
+        // owned by nothing else (see above).
         let bits = unsafe { core::slice::from_raw_parts_mut(r.start as *mut u64, words) };
         if frames.add_high_zone(zone, bits).is_err() {
             map.unused += r.len();

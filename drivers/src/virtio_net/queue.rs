@@ -153,8 +153,8 @@ impl<H: Hal> PacketQueue<H> {
             return Err(QueueError::NotOwned(buffer));
         };
         let len = data.len();
-        // SAFETY: `'static` DMA memory this queue owns and has not posted; until `pop` takes its
-        // token back, `posted[b] != 0` and no accessor of this module hands it out.
+        // `posted[b] != 0` until `pop` takes the token back: no accessor hands the buffer out.
+        // SAFETY: `'static` DMA memory this queue owns and has not posted (see above).
         let token =
             unsafe { self.queue.add(&[], &mut [&mut data[..]]) }.map_err(QueueError::Virtio)?;
         self.record(buffer, token, len)
@@ -187,8 +187,7 @@ impl<H: Hal> PacketQueue<H> {
             return Err(QueueError::NotOwned(buffer));
         };
         let len = len.clamp(1, data.len());
-        // SAFETY: as in `post_receive`: owned, unposted `'static` DMA memory that stays
-        // untouched until `pop` takes the token back.
+        // SAFETY: as in `post_receive`: owned, unposted `'static` DMA memory until `pop`.
         let token =
             unsafe { self.queue.add(&[&data[..len]], &mut []) }.map_err(QueueError::Virtio)?;
         self.record(buffer, token, len)
