@@ -260,8 +260,9 @@ fn memory_per_exception() {
         rnd.used_bytes() as f64 / n as f64
     );
     println!(
-        "  (a table sized for the worst case reserves {:.2} bytes per exception of capacity: 20 per run entry + 4 per bucket)",
-        rnd.reserved_bytes() as f64 / n as f64
+        "  (as allocated, with growth headroom: {:.2} bytes per exception; {} per run entry + 4 per bucket, one bucket per two runs)",
+        rnd.reserved_bytes() as f64 / n as f64,
+        snapshot::table::ExceptionTable::NODE_BYTES
     );
 }
 
