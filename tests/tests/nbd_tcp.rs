@@ -843,16 +843,19 @@ fn silent_clients_are_reset_after_the_handshake_deadline() {
             })
         })
         .collect();
-    let mut held = 0;
-    for c in closers {
-        let at = c.join().expect("reader");
-        if at.duration_since(started) >= Duration::from_secs(9) {
-            held += 1;
-        }
-    }
-    // The two past the eight sessions were refused at once; the eight were held until the
-    // deadline.
-    assert_eq!(held, 8, "{}", q.transcript());
+    let mut closed: Vec<Duration> = closers
+        .into_iter()
+        .map(|c| c.join().expect("reader").duration_since(started))
+        .collect();
+    closed.sort();
+    // The two past the eight sessions were refused (first), the eight were held until the
+    // deadline. (Only the eight are held to the clock: on a loaded host the refusals of the
+    // two may come late, but never after the deadline's resets.)
+    assert!(
+        closed[2..].iter().all(|d| *d >= Duration::from_secs(9)),
+        "a session closed before the deadline: {closed:?}\n{}",
+        q.transcript()
+    );
     let t = q.transcript();
     assert_eq!(
         t.matches("no handshake within 10 s; reset").count(),
@@ -918,15 +921,15 @@ fn refused_connections_are_logged_once_and_summarised() {
 fn idle_sessions_are_closed_with_nbd_idle() {
     let (mut q, port, _a) = one_disk_appliance(
         "nbdtcp-idle",
-        Boot::kernel("q35", "testing loglevel=info nbd.idle=3"),
+        Boot::kernel("q35", "testing loglevel=info nbd.idle=5"),
     );
     let nbd = q.command("nbd");
-    assert!(nbd.contains("idle sessions closed after 3 s"), "{nbd}");
+    assert!(nbd.contains("idle sessions closed after 5 s"), "{nbd}");
     let (mut idle, _) = Raw::go(port, "vda");
     let (mut busy, _) = Raw::go(port, "vda");
     let started = Instant::now();
-    // The busy one reads every second for 6 s.
-    for cookie in 0..6 {
+    // The busy one reads every second for 8 s (a loaded host leaves it 4 s of margin).
+    for cookie in 0..8 {
         busy.request(CMD_READ, 0, cookie, 0, 4096);
         assert_eq!(busy.reply(), (0, cookie));
         busy.recv(4096).expect("read data");
@@ -940,14 +943,14 @@ fn idle_sessions_are_closed_with_nbd_idle() {
         Err(e) if !timed_out(&e) => {}
         other => panic!("the idle session was not closed: {other:?}"),
     }
-    assert!(started.elapsed() >= Duration::from_secs(2));
+    assert!(started.elapsed() >= Duration::from_secs(4));
     busy.request(CMD_READ, 0, 9, 0, 4096);
     assert_eq!(busy.reply(), (0, 9), "the busy session stays");
     busy.recv(4096).expect("read data");
     q.settle(Duration::from_millis(300));
     let t = q.transcript();
     assert_eq!(
-        t.matches("idle for 3 s (nbd.idle); closing").count(),
+        t.matches("idle for 5 s (nbd.idle); closing").count(),
         1,
         "{t}"
     );
