@@ -474,29 +474,42 @@ fn merge_random_workloads() {
     println!("MERGE CRASH STATES CHECKED (random): {total}");
 }
 
+/// Runs a broken merge (`broken` sets the test-only flag on the config of each order) and
+/// requires a violation containing `symptom` in every order.
+fn negative_control(
+    what: &str,
+    seed: u64,
+    qd: usize,
+    ops: &[Op],
+    symptom: &str,
+    broken: fn(&mut RunConfig),
+) {
+    let mut caught = 0;
+    for (i, order) in ORDERS.into_iter().enumerate() {
+        let mut cfg = RunConfig::new(64, qd, order, seed + i as u64);
+        cfg.copy_buffer_sectors = 8;
+        broken(&mut cfg);
+        let mut h = new_harness(cfg);
+        h.run(ops);
+        MERGE_STATES.fetch_add(h.outcome.crash_states, AtomicOrdering::Relaxed);
+        if let Some(v) = h.outcome.violations.iter().find(|v| v.contains(symptom)) {
+            caught += 1;
+            println!("negative control ({what}, {order:?}) caught: {v}");
+        }
+    }
+    assert_eq!(caught, ORDERS.len(), "{what} escaped the crash enumeration");
+}
+
 /// Negative control: zeroing merged records before the origin copy is durable must be caught.
 #[test]
 fn merge_without_origin_flush_is_caught() {
-    let mut caught = 0;
-    for (i, order) in ORDERS.into_iter().enumerate() {
-        let mut cfg = RunConfig::new(64, 4, order, 900 + i as u64);
-        cfg.merge_skip_origin_flush = true;
-        cfg.copy_buffer_sectors = 8;
-        let mut h = new_harness(cfg);
-        h.run(&scripted(2, 4, true));
-        MERGE_STATES.fetch_add(h.outcome.crash_states, AtomicOrdering::Relaxed);
-        if !h.outcome.violations.is_empty() {
-            caught += 1;
-            println!(
-                "negative control merge ({order:?}) caught: {}",
-                h.outcome.violations[0]
-            );
-        }
-    }
-    assert_eq!(
-        caught,
-        ORDERS.len(),
-        "the missing origin flush escaped the crash enumeration"
+    negative_control(
+        "the missing origin flush",
+        900,
+        4,
+        &scripted(2, 4, true),
+        "",
+        |c| c.merge_skip_origin_flush = true,
     );
 }
 
@@ -504,28 +517,13 @@ fn merge_without_origin_flush_is_caught() {
 /// an origin that is half-merged and unmarked (a boot without the store would serve it).
 #[test]
 fn merge_without_origin_marker_is_caught() {
-    let mut caught = 0;
-    for (i, order) in ORDERS.into_iter().enumerate() {
-        let mut cfg = RunConfig::new(64, 4, order, 940 + i as u64);
-        cfg.merge_unmarked = true;
-        cfg.copy_buffer_sectors = 8;
-        let mut h = new_harness(cfg);
-        h.run(&scripted(2, 4, true));
-        MERGE_STATES.fetch_add(h.outcome.crash_states, AtomicOrdering::Relaxed);
-        if let Some(v) = h
-            .outcome
-            .violations
-            .iter()
-            .find(|v| v.contains("origin not marked but half-merged"))
-        {
-            caught += 1;
-            println!("negative control merge unmarked ({order:?}) caught: {v}");
-        }
-    }
-    assert_eq!(
-        caught,
-        ORDERS.len(),
-        "an unmarked half-merged origin escaped"
+    negative_control(
+        "an unmarked half-merged origin",
+        940,
+        4,
+        &scripted(2, 4, true),
+        "origin not marked but half-merged",
+        |c| c.merge_unmarked = true,
     );
 }
 
@@ -603,29 +601,10 @@ fn chasing_ops() -> Vec<Op> {
 /// zeroed on disk must be caught (a crash then copies the old COW chunk over a newer write).
 #[test]
 fn merge_releasing_a_run_early_is_caught() {
-    let mut caught = 0;
-    for (i, order) in ORDERS.into_iter().enumerate() {
-        // QD 1: each write meets the merge where it is, often blocked on the run.
-        let mut cfg = RunConfig::new(64, 1, order, 950 + i as u64);
-        cfg.merge_release_early = true;
-        cfg.copy_buffer_sectors = 8;
-        let ops = chasing_ops();
-        let mut h = new_harness(cfg);
-        h.run(&ops);
-        MERGE_STATES.fetch_add(h.outcome.crash_states, AtomicOrdering::Relaxed);
-        if !h.outcome.violations.is_empty() {
-            caught += 1;
-            println!(
-                "negative control merge 2 ({order:?}) caught: {}",
-                h.outcome.violations[0]
-            );
-        }
-    }
-    assert_eq!(
-        caught,
-        ORDERS.len(),
-        "releasing a run early escaped the crash enumeration"
-    );
+    // QD 1: each write meets the merge where it is, often blocked on the run.
+    negative_control("releasing a run early", 950, 1, &chasing_ops(), "", |c| {
+        c.merge_release_early = true
+    });
 }
 
 fn small_world(chunk: u32, fua: bool) -> (World, SnapId) {

@@ -822,6 +822,31 @@ pub fn qmp(path: &std::path::Path, command: &str) -> String {
     line
 }
 
+/// The `nbd://` URL of `export` on the appliance's forwarded port.
+pub fn nbd_uri(port: u16, export: &str) -> String {
+    format!("nbd://127.0.0.1:{port}/{export}")
+}
+
+/// Runs a host tool (qemu-utils, libnbd-bin: `make deps` installs them).
+pub fn run(program: &str, args: &[&str]) -> std::process::Output {
+    Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program} (make deps): {e}"))
+}
+
+/// [`run`], which must succeed; its standard output.
+pub fn run_ok(program: &str, args: &[&str]) -> String {
+    let out = run(program, args);
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Runs `qemu-io` (qemu-utils) on NBD export `export` at `127.0.0.1:port` with these `-c`
 /// commands; its status and its output (stdout then stderr).
 pub fn qemu_io(port: u16, export: &str, commands: &[&str]) -> (bool, String) {

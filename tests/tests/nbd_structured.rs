@@ -3,35 +3,12 @@
 //! contexts), with stock clients on the host (`nbdinfo`, `nbdcopy`, `qemu-io`, `qemu-img`)
 //! over QEMU user networking. Needs qemu-utils and libnbd-bin.
 
-use std::process::{Command, Output};
 use std::time::Duration;
 
-use tests::{free_port, qemu_io, sha256_hex, Boot, Image, Qemu};
+use tests::{free_port, nbd_uri as uri, qemu_io, run, run_ok, sha256_hex, Boot, Image, Qemu};
 
 const MIB: u64 = 1 << 20;
 const NBD_PORT: u16 = 10809;
-
-fn uri(port: u16, export: &str) -> String {
-    format!("nbd://127.0.0.1:{port}/{export}")
-}
-
-fn run(program: &str, args: &[&str]) -> Output {
-    Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program} (make deps): {e}"))
-}
-
-fn run_ok(program: &str, args: &[&str]) -> String {
-    let out = run(program, args);
-    assert!(
-        out.status.success(),
-        "{program} {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 fn temp(name: &str) -> std::path::PathBuf {
     std::env::temp_dir().join(format!("snapfw-nbdsr-{}-{name}", std::process::id()))

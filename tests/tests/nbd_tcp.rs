@@ -10,12 +10,14 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use nbd::proto::*;
-use tests::{free_port, json_u64, sha256_hex, Boot, Image, Qemu, TIMEOUT};
+use tests::{
+    free_port, json_u64, nbd_uri as uri, run, run_ok, sha256_hex, Boot, Image, Qemu, TIMEOUT,
+};
 
 const MIB: u64 = 1 << 20;
 const NBD_PORT: u16 = 10809;
@@ -32,28 +34,6 @@ fn one_disk_appliance(tag: &str, boot: Boot) -> (Qemu, u16, Image) {
     q.wait_prompt();
     q.wait_nbd_serving();
     (q, port, a)
-}
-
-fn uri(port: u16, export: &str) -> String {
-    format!("nbd://127.0.0.1:{port}/{export}")
-}
-
-fn run(program: &str, args: &[&str]) -> Output {
-    Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program} (make deps): {e}"))
-}
-
-fn run_ok(program: &str, args: &[&str]) -> String {
-    let out = run(program, args);
-    assert!(
-        out.status.success(),
-        "{program} {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Copies `export` to a host file with `qemu-img convert` and returns its bytes.
