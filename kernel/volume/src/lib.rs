@@ -318,12 +318,15 @@ impl Volumes {
                     continue;
                 }
                 let chunk = u64::from(s.chunk_sectors.max(1));
+                // The amount comes from the disk (any u64 passes the record's checks).
                 let want = match policy.by {
-                    snapshot::format::ExtendBy::Percent(p) => s.cow_sectors * u64::from(p) / 100,
+                    snapshot::format::ExtendBy::Percent(p) => {
+                        s.cow_sectors.saturating_mul(u64::from(p)) / 100
+                    }
                     snapshot::format::ExtendBy::Sectors(n) => n,
                 }
                 .div_ceil(chunk)
-                    * chunk;
+                .saturating_mul(chunk);
                 let free = self.free_after(s.cow_disk, s.cow_start, s.cow_sectors) / chunk * chunk;
                 let grow = want.min(free);
                 let (id, disk, start, len) = (s.id, s.cow_disk, s.cow_start, s.cow_sectors);
