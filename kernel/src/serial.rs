@@ -28,8 +28,11 @@ pub fn isa_irq(port: u8) -> u8 {
 
 /// Most bytes typed during boot kept when the UART is programmed.
 const TYPEAHEAD_AT_INIT: usize = 256;
-/// LSR reads without a byte that end the wait for more typed-ahead bytes.
+/// LSR reads without a byte that end the wait for typed-ahead bytes when none came.
 const QUIET_LSR_READS: u32 = 1000;
+/// The same once one came: the sender hands over the next byte only after the last one is
+/// read, and a loaded host may take milliseconds to.
+const QUIET_LSR_READS_AFTER_INPUT: u32 = 200_000;
 
 const IER_RX: u8 = 0x01;
 const IER_THRE: u8 = 0x02;
@@ -67,15 +70,27 @@ pub fn init(base: u16, baud: u32) {
         let mut u = UART.lock();
         u.base = base;
         outb(base + 1, 0x00);
-        // Keep what was typed while the machine booted: switching the FIFOs on below empties
-        // the receiver, so take those bytes first (DLAB cleared so that +0 reads RBR). With
-        // the FIFO off the receiver holds one byte and the sender (QEMU's backend, or the
-        // line) delivers the next one only after it is read, so wait for a quiet spell of
-        // about a millisecond (LSR reads; each is a bus cycle or a VM exit) before going on.
-        outb(base + 3, 0x03);
+        outb(base + 3, 0x80); // DLAB
+        outb(base, divisor as u8);
+        outb(base + 1, (divisor >> 8) as u8);
+        outb(base + 3, 0x03); // 8N1, DLAB cleared so that +0 reads RBR
+                              // Keep what was typed while the machine booted: switching the FIFOs on below empties
+                              // the receiver, so take those bytes first, right before it. With the FIFO off the
+                              // receiver holds one byte and the sender (QEMU's backend, or the line) delivers the
+                              // next one only after it is read, so wait for a quiet spell first: short when nothing
+                              // was typed (LSR reads; each is a bus cycle or a VM exit), much longer once a byte
+                              // came, as a busy host may take milliseconds to deliver the next one.
         let mut taken = 0;
         let mut quiet = 0;
-        while taken < TYPEAHEAD_AT_INIT && quiet < QUIET_LSR_READS {
+        loop {
+            let needed = if taken == 0 {
+                QUIET_LSR_READS
+            } else {
+                QUIET_LSR_READS_AFTER_INPUT
+            };
+            if taken >= TYPEAHEAD_AT_INIT || quiet >= needed {
+                break;
+            }
             let lsr = inb(base + 5);
             if lsr == 0xFF {
                 break; // no UART at this port: the bus reads all ones
@@ -91,10 +106,6 @@ pub fn init(base: u16, baud: u32) {
             taken += 1;
             quiet = 0;
         }
-        outb(base + 3, 0x80); // DLAB
-        outb(base, divisor as u8);
-        outb(base + 1, (divisor >> 8) as u8);
-        outb(base + 3, 0x03); // 8N1
         outb(base + 2, 0xC7); // FIFO on, clear, 14-byte trigger
         outb(base + 4, 0x0B); // DTR, RTS, OUT2
         outb(base + 1, IER_RX);
