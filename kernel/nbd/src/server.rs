@@ -11,15 +11,18 @@
 //!   that long is closed ([`crate::guard::expiry`]); a connection we closed whose client
 //!   does not close its side within [`LINGER_NS`] is reset (what Linux's `tcp_fin_timeout`
 //!   does), so a half-open client cannot hold a TCP slot.
-//! - [`Server::poll_io`]: on every open connection, the waiting bytes are handed to its
+//! - [`Server::poll_receive`]: on every open connection, the waiting bytes are handed to its
 //!   session in place; only what the session takes is consumed, the rest stays in the
 //!   socket and TCP flow control slows the client (back-pressure when request slots or
-//!   buffers are all in use); then replies go into the socket's send buffer, as much as it
-//!   takes now; the client finished, an error, or the session is done: our FIN.
+//!   buffers are all in use). Nothing is submitted here.
+//! - [`Server::step`]: the one place device I/O is submitted: what the sessions received
+//!   and what waited for a queue slot or buffers; sessions whose socket is gone are freed
+//!   once their device I/O is back.
+//! - [`Server::poll_send`]: replies go into each socket's send buffer, as much as it takes
+//!   now; the client finished, an error, or the session is done: our FIN.
+//!   ([`Server::poll_io`] is the three in a row, for a caller with nothing in between.)
 //! - [`Server::complete`]: a device completion, by the [`RequestId`] the session gave the
 //!   backend with the submission, goes to its session.
-//! - [`Server::step`]: what waited for a queue slot or buffers is submitted again; sessions
-//!   whose socket is gone are freed once their device I/O is back.
 //!
 //! Peers can also be screened before a TCP slot is spent on them ([`Server::screen`], at
 //! their SYN). Sessions are allocated when a connection is accepted; receiving, sending,
@@ -438,9 +441,23 @@ impl<B: IoBuffer, C: Copy + Eq + fmt::Debug> Server<B, C> {
         }
     }
 
-    /// The I/O half of a round at `now`: bytes both ways on every open connection; those
-    /// that are done are closed. Allocates nothing.
+    /// The I/O half of a round at `now`: [`Server::poll_receive`], [`Server::step`],
+    /// [`Server::poll_send`]. Allocates nothing.
     pub fn poll_io<S: Sockets<Conn = C>, V: Backend<Buf = B>>(
+        &mut self,
+        sockets: &mut S,
+        volumes: &mut V,
+        now: u64,
+    ) {
+        self.poll_receive(sockets, volumes, now);
+        self.step(volumes);
+        self.poll_send(sockets, volumes, now);
+    }
+
+    /// The receive half of the I/O at `now`: bytes received on every open connection go to
+    /// its session (requests and write payloads, submitted by the next [`Server::step`]);
+    /// a connection that failed or finished is closed. Allocates nothing.
+    pub fn poll_receive<S: Sockets<Conn = C>, V: Backend<Buf = B>>(
         &mut self,
         sockets: &mut S,
         volumes: &mut V,
@@ -453,11 +470,38 @@ impl<B: IoBuffer, C: Copy + Eq + fmt::Debug> Server<B, C> {
             let (Some(id), None) = (link.id, link.closed_at) else {
                 continue;
             };
-            let (finished, active) = self.pump(sockets, volumes, link.conn, id, link.peer);
+            let (finished, active) = self.pump_in(sockets, volumes, link.conn, id, link.peer);
+            if let Some(l) = self.links[index].as_mut() {
+                if active {
+                    l.clock.active = now;
+                }
+                if finished {
+                    l.closed_at = Some(now);
+                }
+            }
+        }
+    }
+
+    /// The send half of the I/O at `now`: replies due on every open connection go out; a
+    /// connection that is done is closed. Allocates nothing.
+    pub fn poll_send<S: Sockets<Conn = C>, V: Backend<Buf = B>>(
+        &mut self,
+        sockets: &mut S,
+        volumes: &mut V,
+        now: u64,
+    ) {
+        for index in 0..self.links.len() {
+            let Some(link) = self.links[index] else {
+                continue;
+            };
+            let (Some(id), None) = (link.id, link.closed_at) else {
+                continue;
+            };
+            let finished = self.pump_out(sockets, volumes, link.conn, id, link.peer);
             let busy = self.busy(id);
             let serving = self.serving(id);
             if let Some(l) = self.links[index].as_mut() {
-                if active || busy {
+                if busy {
                     l.clock.active = now;
                 }
                 l.clock.serving = serving;
@@ -563,9 +607,9 @@ impl<B: IoBuffer, C: Copy + Eq + fmt::Debug> Server<B, C> {
         }
     }
 
-    /// Moves bytes both ways on connection `id`; closes it when it is done. Returns (closed,
-    /// bytes were received).
-    fn pump<S: Sockets<Conn = C>, V: Backend<Buf = B>>(
+    /// Hands the bytes received on connection `id` to its session; closes it when that
+    /// failed or the peer finished. Returns (closed, bytes were received).
+    fn pump_in<S: Sockets<Conn = C>, V: Backend<Buf = B>>(
         &mut self,
         sockets: &mut S,
         volumes: &mut V,
@@ -586,19 +630,44 @@ impl<B: IoBuffer, C: Copy + Eq + fmt::Debug> Server<B, C> {
             }
             Err(_) => finished = true,
         }
-        if !finished {
-            let sent = session.on_transmit(volumes, &mut |bytes| sockets.send(conn, bytes));
-            if let Err(e) = sent {
+        if finished {
+            self.close(sockets, conn, id);
+        }
+        (finished, received)
+    }
+
+    /// Sends what connection `id` has due; closes it when that failed or the session is
+    /// done. Returns whether it closed.
+    fn pump_out<S: Sockets<Conn = C>, V: Backend<Buf = B>>(
+        &mut self,
+        sockets: &mut S,
+        volumes: &mut V,
+        conn: C,
+        id: u8,
+        peer: Peer,
+    ) -> bool {
+        let Ok(session) = self.session(id) else {
+            return true;
+        };
+        let sent = session.on_transmit(volumes, &mut |bytes| sockets.send(conn, bytes));
+        let failed = match sent {
+            Ok(()) => false,
+            Err(e) => {
                 log::warn!("nbd: connection {id} from {}: {e}; closing", Dotted(peer.0));
-                finished = true;
+                true
             }
+        };
+        if failed || session.should_close() {
+            self.close(sockets, conn, id);
+            return true;
         }
-        if finished || session.should_close() {
-            log::info!("nbd: connection {id} closed");
-            sockets.close(conn);
-            self.closed(id);
-            return (true, received);
-        }
-        (false, received)
+        false
+    }
+
+    /// Our FIN on connection `id`; its session is freed once its device I/O is back.
+    fn close<S: Sockets<Conn = C>>(&mut self, sockets: &mut S, conn: C, id: u8) {
+        log::info!("nbd: connection {id} closed");
+        sockets.close(conn);
+        self.closed(id);
     }
 }

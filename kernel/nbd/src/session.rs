@@ -10,7 +10,7 @@
 //!   never hold the pool hostage half-filled); chunks are submitted in order; the data stays
 //!   in the buffers until the connection has sent it, then the buffers go back to the pool.
 //! - WRITE: the payload is copied into a buffer as it arrives from TCP; each full chunk is
-//!   submitted at once. When no buffer is free the session takes no more input (TCP
+//!   submitted by the next [`Session::step`]. When no buffer is free the session takes no more input (TCP
 //!   back-pressure). A failed chunk makes the rest of the payload be dropped; the reply goes
 //!   out when every submitted chunk is back.
 //! - WRITE_ZEROES is a write of zeroes: pool buffers are zeroed and written chunk after
@@ -25,7 +25,8 @@
 //!   through its engine from the next request on, a device that became a COW store refuses
 //!   writes and trims (`EPERM`), a snapshot that is gone answers `EIO`. The first such
 //!   refusal of a session is logged once.
-//! - A device request that finds the queue full is retried by [`Session::step`].
+//! - [`Session::step`] is the one place device requests are submitted: what
+//!   [`Session::on_receive`] took in, and what found the queue full or waited for buffers.
 //! - A request's reply is released only when none of its chunks is in a device any more, so
 //!   a slot (and its [`RequestId`]s) is never reused while the device still holds I/O for it.
 //!
@@ -384,7 +385,6 @@ impl<B: IoBuffer> Session<B> {
                 None => break,
             }
         }
-        self.step(backend);
         Ok(pos)
     }
 
@@ -473,7 +473,8 @@ impl<B: IoBuffer> Session<B> {
         self.finish(slot, release);
     }
 
-    /// Submits what waits for a queue slot or buffers (call every loop iteration).
+    /// Submits what was received and what waits for a queue slot or buffers (call after
+    /// [`Session::on_receive`], every loop iteration): the only place requests are submitted.
     pub fn step<K: Backend<Buf = B>>(&mut self, backend: &mut K) {
         let Some(export) = self.export else { return };
         for slot in 0..MAX_IN_FLIGHT as u16 {
@@ -617,9 +618,6 @@ impl<B: IoBuffer> Session<B> {
                     }
                 }
             }
-        }
-        if chunk_done {
-            self.submit_slot(backend, export.handle, slot);
         }
     }
 
@@ -1044,6 +1042,8 @@ mod tests {
         let before = d.fake.disk.clone();
         let msg = request(CMD_WRITE_ZEROES, 1, 4096, len);
         d.session.on_receive(&mut d.fake, &msg).unwrap();
+        assert!(d.fake.in_flight.is_empty(), "nothing submitted on receive");
+        d.session.step(&mut d.fake);
         assert_eq!(d.fake.in_flight.len(), usize::from(ZERO_DEPTH));
         assert_eq!(d.one(&[], 0).0, 0);
         let chunks = (len as usize).div_ceil(CHUNK);
