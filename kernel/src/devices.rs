@@ -1,25 +1,24 @@
-//! The appliance's disks in the kernel: PCI discovery and driver bring-up at boot, the
-//! global table they live in, and the interrupt side of the completion path. The volume
+//! The appliance's devices: PCI enumeration and every probe at boot (virtio-blk, NVMe, the
+//! first virtio-net NIC), and the interrupt side of the disks' completion path. The volume
 //! logic itself (origins, snapshots, tasks, discovery) is the `volume` crate; [`Storage`]
 //! wraps its [`::volume::Volumes`] with what only the bare-metal kernel has (NVMe controllers,
-//! the interrupt servicer, devices that failed to come up).
+//! the interrupt servicer, devices that failed to come up). [`init`] returns what it found
+//! by value: the main loop owns the disks, `net` brings up the NIC.
 //!
 //! Interrupts: every device vector (0x30..=0xEF) runs [`on_device_interrupt`], which marks
 //! the vector pending in the drivers' `VectorRegistry` and wakes the main loop; the loop
 //! calls [`poll`], which acknowledges each pending queue to its driver and drains its
 //! completions with a budget. Nothing on this path allocates.
 
-pub use ::volume::origin as volume;
-pub use ::volume::{discover, extents, snaptask, tasks};
-pub use ::volume::{table_limit, Target, VolumeName, Volumes, MAX_TRANSFER};
+pub use ::volume::{Target, Volumes, MAX_TRANSFER};
 
 use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::ops::{Deref, DerefMut};
 
 use ::volume::{Platform, Ports};
-use drivers::block::{BlockDevice, BufferPool, Completion};
-use drivers::hal::{ConfigMechanism, EcamConfigAccess, PortConfigAccess};
+use drivers::block::{BlockDevice, BufferPool};
+use drivers::hal::{ConfigAccess, ConfigMechanism, EcamConfigAccess, MmioMapper, PortConfigAccess};
 use drivers::info::DeviceInfo;
 use drivers::msix::VectorRegistry;
 use drivers::nvme::{self, MmioRegisters, NvmeConfig, NvmeController};
@@ -27,6 +26,7 @@ use drivers::pci::{enumerate, ScanMode};
 use drivers::service::{discover_virtio_blk, BoxedDevice, Servicer};
 use drivers::virtio::ProbeContext;
 use drivers::virtio_blk::VirtioBlkConfig;
+use drivers::virtio_net::{self, VirtioNetConfig, VirtioNetPci};
 
 use crate::arch::{apic, interrupts};
 use crate::platform::{self, KernelHal, KernelPorts};
@@ -71,22 +71,17 @@ impl DerefMut for Storage {
 /// The volume layer's DMA memory and clocks on this machine.
 const PLATFORM: Platform = Platform::new::<KernelHal>(crate::time::uptime_ns, crate::rtc::now);
 
-static STORAGE: spin::Mutex<Storage> = spin::Mutex::new(Storage {
-    vol: Volumes::new(PLATFORM),
-    failed: Vec::new(),
-    controllers: Vec::new(),
-    servicer: Servicer::new(),
-    next_housekeeping: 0,
-});
-
 /// The clock NVMe bring-up deadlines and command timeouts use.
 static CLOCK: fn() -> u64 = crate::time::uptime_ns;
 /// How often NVMe command deadlines are checked.
 const HOUSEKEEPING_NS: u64 = 100_000_000;
 
-/// Runs `f` on the storage table (main loop only; never from an interrupt handler).
-pub fn with<R>(f: impl FnOnce(&mut Storage) -> R) -> R {
-    f(&mut STORAGE.lock())
+/// What [`init`] found.
+pub struct Devices {
+    /// The disks.
+    pub storage: Storage,
+    /// The first virtio-net NIC, probed (not when the network is off).
+    pub nic: Option<VirtioNetPci<KernelHal>>,
 }
 
 fn on_device_interrupt(vector: u8) {
@@ -94,8 +89,9 @@ fn on_device_interrupt(vector: u8) {
     executor::wake();
 }
 
-/// Finds and starts every supported disk. Failures are recorded, never fatal.
-pub fn init(ecam: Option<&crate::acpi::EcamWindow>) {
+/// Finds and starts every supported disk, and the first NIC when `want_nic` (the network is
+/// not `ip=off`). Failures are recorded, never fatal.
+pub fn init(ecam: Option<&crate::acpi::EcamWindow>, want_nic: bool) -> Devices {
     for vector in interrupts::DEVICE_VECTORS {
         interrupts::register(vector, on_device_interrupt);
     }
@@ -128,8 +124,13 @@ pub fn init(ecam: Option<&crate::acpi::EcamWindow>) {
         ..VirtioBlkConfig::default()
     };
     let found = discover_virtio_blk::<KernelHal, _, _>(&ctx, &functions, 0, config);
-    let mut storage = STORAGE.lock();
-    storage.failed = found.failed;
+    let mut storage = Storage {
+        vol: Volumes::new(PLATFORM),
+        failed: found.failed,
+        controllers: Vec::new(),
+        servicer: Servicer::new(),
+        next_housekeeping: 0,
+    };
     let mut full = false;
     for device in found.devices {
         // After a device found no memory at all, later ones cannot keep their index.
@@ -171,14 +172,41 @@ pub fn init(ecam: Option<&crate::acpi::EcamWindow>) {
             Err(failure) => storage.failed.push(failure.info),
         }
     }
-    drop(storage);
-    crate::net::init(&ctx, &functions, crate::start::cmdline().and_then(|c| c.ip));
+    let nic = probe_nic(&ctx, &functions, want_nic);
     let m = memory::stats();
     log::debug!(
         "storage up: {} disks, {} frames free",
-        STORAGE.lock().devices.len(),
+        storage.devices.len(),
         m.frames_free
     );
+    Devices { storage, nic }
+}
+
+/// Probes the first virtio-net function (later ones are listed and left alone).
+fn probe_nic<C: ConfigAccess + ?Sized, M: MmioMapper + ?Sized>(
+    ctx: &ProbeContext<'_, C, M>,
+    functions: &[drivers::pci::PciFunction],
+    want: bool,
+) -> Option<VirtioNetPci<KernelHal>> {
+    let mut nics = functions.iter().filter(|f| virtio_net::is_virtio_net(f));
+    let function = nics.next()?;
+    for other in nics {
+        log::info!("net: second NIC at {} left unused", other.addr);
+    }
+    if !want {
+        log::info!("net: ip=off, NIC at {} left down", function.addr);
+        return None;
+    }
+    let seed = crate::arch::cpu::rdtsc();
+    virtio_net::probe::<KernelHal, _, _>(
+        ctx,
+        function,
+        crate::net::NET_DEVICE_INDEX,
+        VirtioNetConfig::default(),
+        seed,
+    )
+    .map_err(|e| log::error!("net: NIC at {} unusable: {e}", function.addr))
+    .ok()
 }
 
 impl Storage {
@@ -284,24 +312,13 @@ pub fn housekeeping(storage: &mut Storage, now: u64) -> bool {
 }
 
 /// One round of the completion path (`Volumes::poll`): the `Servicer` takes fired vectors
-/// and drains those devices with a budget; engine I/O goes back to its engine, NBD I/O
-/// (tagged by `nbd::backend::tag`) to `nbd`, the running task's to `sink`. Returns true when
-/// work remains (run again before halting).
-pub fn poll(
-    storage: &mut Storage,
-    now: u64,
-    sink: &mut dyn FnMut(&mut BufferPool, Completion),
-    nbd: &mut dyn FnMut(&mut BufferPool, Completion),
-) -> bool {
+/// and drains those devices with a budget; each completion goes back to the client that
+/// issued it through `ports`. Returns true when work remains (run again before halting).
+pub fn poll(storage: &mut Storage, now: u64, ports: &mut Ports<'_>) -> bool {
     let Storage { vol, servicer, .. } = storage;
-    let mut ports = Ports {
-        task: sink,
-        nbd,
-        is_nbd: |tag| crate::nbd::backend::untag(tag).is_some(),
-    };
     vol.poll(
         now,
         &mut |devices, route| servicer.run(&REGISTRY, devices, POLL_BUDGET, route),
-        &mut ports,
+        ports,
     )
 }

@@ -25,9 +25,13 @@ pub mod arch;
 #[cfg(target_os = "none")]
 pub mod build_info;
 #[cfg(target_os = "none")]
+pub mod devices;
+#[cfg(target_os = "none")]
 pub mod executor;
 #[cfg(target_os = "none")]
 pub mod logger;
+#[cfg(target_os = "none")]
+pub mod main_loop;
 #[cfg(target_os = "none")]
 pub mod memory;
 #[cfg(target_os = "none")]
@@ -40,7 +44,5 @@ pub mod power;
 pub mod serial;
 #[cfg(target_os = "none")]
 pub mod start;
-#[cfg(target_os = "none")]
-pub mod storage;
 #[cfg(target_os = "none")]
 pub mod time;

@@ -50,11 +50,11 @@ impl Log for ConsoleLogger {
                     ns / 1_000_000_000,
                     (ns / 1000) % 1_000_000,
                 );
-                crate::shell::print_above_prompt(summary.as_bytes());
+                crate::console::output::print_above_prompt(summary.as_bytes());
             }
             Admit::Print => {}
         }
-        crate::shell::print_above_prompt(line.as_bytes());
+        crate::console::output::print_above_prompt(line.as_bytes());
     }
 
     fn flush(&self) {}

@@ -1,5 +1,7 @@
 //! Bring-up, in order: early serial, descriptor tables, boot information, ACPI, memory,
-//! command line and log, interrupt controllers and timer, then the main loop.
+//! command line and log, interrupt controllers and timer, the devices (`devices::init`),
+//! the network on the NIC they found, then the main loop, which owns what came up; the
+//! command line's settings are passed to each by value.
 
 use core::fmt::Write;
 
@@ -8,20 +10,16 @@ use boot::multiboot::{self, BootInfo};
 use crate::arch::refclock::RefClock;
 use crate::arch::{apic, cpu, gdt, interrupts, ioapic, pic};
 use crate::cmdline::CmdLine;
+use crate::ipconfig::IpConfig;
+use crate::main_loop::MainLoop;
 use crate::memory::IdentityMemory;
-use crate::{acpi, memory, power, serial, shell, time};
+use crate::{acpi, memory, power, serial, time};
 
 static BOOT_INFO: spin::Once<BootInfo> = spin::Once::new();
-static CMDLINE: spin::Once<CmdLine> = spin::Once::new();
 
 /// The boot information, once parsed.
 pub fn boot_info() -> Option<&'static BootInfo> {
     BOOT_INFO.get()
-}
-
-/// The parsed kernel command line.
-pub fn cmdline() -> Option<&'static CmdLine> {
-    CMDLINE.get()
 }
 
 fn fatal(args: core::fmt::Arguments) -> ! {
@@ -69,7 +67,7 @@ pub fn start(magic: u32, info: u32) -> ! {
         Ok(h) => h,
         Err(e) => fatal(format_args!("{e}")),
     };
-    let cmdline = CMDLINE.call_once(|| CmdLine::parse(boot.cmdline()));
+    let cmdline = CmdLine::parse(boot.cmdline());
     power::set_testing(cmdline.testing);
     if let Some(console) = &cmdline.console {
         // Re-programming the same port would clear bytes already typed.
@@ -167,8 +165,11 @@ pub fn start(magic: u32, info: u32) -> ! {
     );
     crate::rtc::init();
     cpu::enable_interrupts();
-    crate::storage::init(ecam.as_ref());
-    shell::run()
+    let ip = cmdline.ip.unwrap_or_default();
+    let devices = crate::devices::init(ecam.as_ref(), ip != IpConfig::Off);
+    let net = devices.nic.map(|nic| crate::net::init(nic, ip));
+    let nbd = crate::nbd::config_from_cmdline(Some(&cmdline));
+    MainLoop::new(devices.storage, net, cmdline, nbd).run()
 }
 
 #[panic_handler]

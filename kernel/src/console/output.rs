@@ -1,5 +1,7 @@
 //! Console output: command output with `\n` → `\r\n`, one-line errors, and log lines
-//! printed above the prompt while the operator types.
+//! printed above the prompt while the operator types. The line editor lives here, behind a
+//! lock, because the log path ([`print_above_prompt`], from `logger.rs`, and from interrupt
+//! context) must reach it; the main loop installs it and feeds it ([`with_editor`]).
 
 use core::fmt;
 
@@ -9,14 +11,13 @@ use crate::serial;
 
 static EDITOR: spin::Mutex<Option<LineEditor>> = spin::Mutex::new(None);
 
-pub(super) fn install_editor(editor: LineEditor) {
+/// Installs the line editor (main loop start).
+pub fn install_editor(editor: LineEditor) {
     *EDITOR.lock() = Some(editor);
 }
 
 /// Runs `f` on the editor with a serial writer; `None` before the console is up.
-pub(super) fn with_editor<R>(
-    f: impl FnOnce(&mut LineEditor, &mut dyn FnMut(&[u8])) -> R,
-) -> Option<R> {
+pub fn with_editor<R>(f: impl FnOnce(&mut LineEditor, &mut dyn FnMut(&[u8])) -> R) -> Option<R> {
     let mut guard = EDITOR.lock();
     let editor = guard.as_mut()?;
     Some(f(editor, &mut |bytes| serial::write_bytes(bytes)))

@@ -23,7 +23,10 @@ use nbd::{
     RequestId, Roles, Route, SubmitError,
 };
 
-use crate::storage::{volume::SnapState, Target, Volumes};
+use volume::origin::{Origin, Snap, SnapState};
+use volume::{Target, Volumes};
+
+use super::Server;
 
 /// Device-request tags of NBD I/O carry this bit. Engine I/O uses bit 63 (`VOLUME_TAG`),
 /// console tasks use neither (their flushes use bit 62), so each owner recognises its own.
@@ -44,6 +47,11 @@ pub fn untag(tag: u64) -> Option<RequestId> {
         return None;
     }
     RequestId::from_bits(tag & !NBD_TAG)
+}
+
+/// Whether a device tag is one of the server's ([`tag`]).
+pub fn is_nbd(tag: u64) -> bool {
+    untag(tag).is_some()
 }
 
 /// A DMA buffer as the NBD sessions hold it.
@@ -70,20 +78,16 @@ fn errno(e: BlockError) -> Errno {
     }
 }
 
-/// The NBD sink of `storage::poll`: a completion of NBD I/O goes to the server by its
-/// request id (its buffer back to `pool` if there is no server).
-pub fn complete(pool: &mut BufferPool, completion: Completion) {
-    // A reply may be ready, or buffers free for input held back: the network polls.
-    crate::net::wake();
+/// The NBD port of the completion path: a completion of NBD I/O goes to `server` by its
+/// request id.
+pub fn complete(server: &mut Server, pool: &mut BufferPool, completion: Completion) {
     let result = completion.result.map_err(errno);
     let mut buffer = completion.buffer.map(NbdBuf);
     let mut release = |b: NbdBuf| {
         let _ = pool.release(b.0);
     };
     match untag(completion.tag) {
-        Some(id) => {
-            super::with(|server| server.complete(id, result, buffer.take(), &mut release));
-        }
+        Some(id) => server.complete(id, result, buffer.take(), &mut release),
         None => log::error!("nbd: completion for unknown tag {:#x}", completion.tag),
     }
     if let Some(b) = buffer {
@@ -146,17 +150,7 @@ impl StorageBackend<'_> {
     /// `snapfw:changed:` context of `export`, looked up now: a snapshot of the device an
     /// origin export names, or the snapshot export itself; active (an invalidated snapshot's
     /// table no longer follows the origin, a merging one's empties). `EIO` otherwise.
-    fn changed_snap(
-        &self,
-        export: &ExportInfo,
-        key: u32,
-    ) -> Result<
-        (
-            &crate::storage::volume::Origin,
-            &crate::storage::volume::Snap,
-        ),
-        Errno,
-    > {
+    fn changed_snap(&self, export: &ExportInfo, key: u32) -> Result<(&Origin, &Snap), Errno> {
         let st = &*self.0;
         let (o, s) = st
             .origins
@@ -176,10 +170,7 @@ impl StorageBackend<'_> {
 
     /// The snapshots whose `snapfw:changed:` context `export` offers: an origin's active
     /// snapshots, or an active snapshot itself.
-    fn changed_snaps<'s>(
-        &'s self,
-        export: &ExportInfo,
-    ) -> impl Iterator<Item = &'s crate::storage::volume::Snap> + 's {
+    fn changed_snaps<'s>(&'s self, export: &ExportInfo) -> impl Iterator<Item = &'s Snap> + 's {
         let st = &*self.0;
         let id = ExportId::from_handle(export.handle);
         st.origins

@@ -3,13 +3,15 @@
 //!
 //! - `backend` (appliance only): `volume::Volumes` as the server's volumes (export catalog, roles,
 //!   buffer pools, submission); the device-tag bits that carry the server's request ids
-//!   and the completion sink of `storage::poll`.
-//! - `tcp` (appliance only): the listener on `nbd.port=` as the server's sockets, run
-//!   inside the network's poll.
+//!   and the NBD port of the volumes' completion path.
+//! - `tcp` (appliance only): the listener on `nbd.port=` and its connections as the server's
+//!   sockets.
 //! - `selftest` (appliance only): `nbd-selftest`, a scripted client on a loopback session.
 //! - [`selftest_spec`]: what the self-test writes, shared with the host tests.
 //!
-//! The server is one value behind a lock (`with`), set up when the main loop starts.
+//! The server is a value the main loop owns (`main_loop.rs`): it runs the server's round
+//! between the network's receive and send, and lends it to the console's `nbd` command and
+//! to `nbd-selftest`.
 
 #![deny(unsafe_code)]
 
@@ -41,18 +43,12 @@ pub fn config_from_cmdline(cmdline: Option<&crate::cmdline::CmdLine>) -> ServerC
 #[cfg(target_os = "none")]
 pub type Server = nbd::Server<backend::NbdBuf, crate::net::tcp::ConnId>;
 
+/// The NBD service the main loop owns: the server and, once discovery has found every
+/// export and there is a network, its TCP listener.
 #[cfg(target_os = "none")]
-static SERVER: spin::Mutex<Option<Server>> = spin::Mutex::new(None);
-
-/// Sets up the server (main loop start; allocates its tables).
-#[cfg(target_os = "none")]
-pub fn init(config: ServerConfig) {
-    *SERVER.lock() = Some(Server::new(config));
-}
-
-/// Runs `f` on the server, if set up (main loop and console). Lock order: the network,
-/// then `storage`, then the server; never the other way round.
-#[cfg(target_os = "none")]
-pub fn with<R>(f: impl FnOnce(&mut Server) -> R) -> Option<R> {
-    SERVER.lock().as_mut().map(f)
+pub struct Nbd {
+    /// The server (sessions, connections, refusals).
+    pub server: Server,
+    /// The listener on `nbd.port=`, when serving.
+    pub listener: Option<tcp::NbdService>,
 }

@@ -15,11 +15,11 @@ use drivers::block::{BufferPool, Completion};
 use nbd::proto::*;
 use nbd::NbdError;
 
-use super as server;
 use super::backend::StorageBackend;
-use crate::storage::tasks::Task;
-use crate::storage::Volumes;
+use super::Server;
 use crate::util::pattern::fill_seeded;
+use volume::tasks::Task;
+use volume::Volumes;
 
 pub use super::selftest_spec::{LEN, OFFSET, SEED};
 
@@ -41,14 +41,16 @@ pub struct NbdSelfTest {
     lines: Lines,
     failed: bool,
     finished: bool,
+    /// Ctrl-C: the connection is closed on the next [`NbdSelfTest::drive`].
+    cancelled: bool,
     data: Vec<u8>,
 }
 
 impl NbdSelfTest {
     /// A self-test on `volume` (the connection is accepted now: allocation happens here).
-    pub fn new(volume: &str) -> Result<Self, &'static str> {
-        let id = server::with(|s| s.accept_loopback())
-            .ok_or("the NBD server is not running")?
+    pub fn new(server: &mut Server, volume: &str) -> Result<Self, &'static str> {
+        let id = server
+            .accept_loopback()
             .map_err(|_| "no free NBD connection")?;
         let mut data = alloc::vec![0u8; LEN as usize];
         fill_seeded(&mut data, SEED, OFFSET);
@@ -86,6 +88,7 @@ impl NbdSelfTest {
             lines: Lines(Vec::with_capacity(1024)),
             failed: false,
             finished: false,
+            cancelled: false,
             data,
         })
     }
@@ -200,14 +203,22 @@ fn request(script: &mut Vec<u8>, flags: u16, command: u16, cookie: u64, offset: 
     script.extend_from_slice(&len.to_be_bytes());
 }
 
-impl Task for NbdSelfTest {
-    fn step(&mut self, st: &mut Volumes, _now: u64) {
+impl NbdSelfTest {
+    /// One step of the script on the main loop's server (in place of [`Task::step`], which
+    /// has no server to give).
+    pub fn drive(&mut self, srv: &mut Server, st: &mut Volumes) {
         let Some(id) = self.id else { return };
+        if self.cancelled {
+            srv.closed(id);
+            self.id = None;
+            self.finished = true;
+            return;
+        }
         let limit = self.pieces[self.released.min(6) - 1];
         let out = &mut self.out;
         let script = &self.script;
         let sent = &mut self.sent;
-        let result = server::with(|srv| {
+        let result = (|| {
             let volumes = &mut StorageBackend(st);
             let taken = srv.receive(volumes, id, &script[*sent..limit])?;
             *sent += taken;
@@ -217,26 +228,30 @@ impl Task for NbdSelfTest {
                 n
             })?;
             Ok::<bool, NbdError>(srv.should_close(id))
-        });
+        })();
         match result {
-            Some(Ok(close)) => {
+            Ok(close) => {
                 self.parse();
                 if close || self.finished {
-                    server::with(|srv| srv.closed(id));
+                    srv.closed(id);
                     self.id = None;
                     self.finished = true;
                 }
             }
-            Some(Err(e)) => {
+            Err(e) => {
                 let _ = writeln!(self.lines, "connection closed: {e}");
-                server::with(|srv| srv.closed(id));
+                srv.closed(id);
                 self.id = None;
                 self.failed = true;
                 self.finished = true;
             }
-            None => self.finished = true,
         }
     }
+}
+
+impl Task for NbdSelfTest {
+    /// Nothing: the main loop calls [`NbdSelfTest::drive`] with its server instead.
+    fn step(&mut self, _st: &mut Volumes, _now: u64) {}
     fn complete(&mut self, pool: &mut BufferPool, c: Completion, _now: u64) {
         // NBD I/O completes through the server; nothing of ours comes here.
         if let Some(b) = c.buffer {
@@ -247,12 +262,12 @@ impl Task for NbdSelfTest {
         self.finished
     }
     fn cancel(&mut self) {
-        if let Some(id) = self.id.take() {
-            server::with(|srv| srv.closed(id));
-        }
         let _ = writeln!(self.lines, "cancelled");
         self.failed = true;
-        self.finished = true;
+        self.cancelled = true;
+        if self.id.is_none() {
+            self.finished = true;
+        }
     }
     fn progress(&self, out: &mut dyn Write, _now: u64) -> fmt::Result {
         write!(

@@ -1,62 +1,33 @@
 //! The NBD server on TCP: a listener on `nbd.port=` (default 10809) whose connections are
-//! the server's [`nbd::Sockets`]. It runs inside the network's poll ([`crate::net`]),
-//! between ingress and egress, so replies leave in the same round:
+//! the server's [`nbd::Sockets`]. The main loop runs the server over them between the
+//! network's receive and send, so replies leave in the same round:
 //!
-//! - a SYN from a peer not in the allow-list is reset at once by the TCP layer
-//!   ([`screen`], `Net::tcp_screen`), before it can hold a connection slot;
-//! - then the server's round ([`nbd::Server::poll_connections`], [`nbd::Server::poll_io`]):
-//!   accept or refuse, deadlines, linger, bytes both ways (see the `nbd` crate's `server`).
-//!
-//! Lock order: the network (held by the caller), then `storage`, then the NBD server.
-//! Device completions of NBD I/O wake the network ([`crate::net::wake`]) so that replies and
-//! resumed input are handled in the same loop iteration.
+//! - a SYN from a peer not in the allow-list is reset at once by the TCP layer, before it
+//!   can hold a connection slot: the listener is screened (`Net::tcp_screen`) and the main
+//!   loop gives `Net::receive` the server's [`nbd::Server::screen`];
+//! - then the server's round ([`nbd::Server::poll_connections`], then receive, submission
+//!   and send; see the `nbd` crate's `server`).
 //!
 //! Allocation: the sessions are allocated when a connection is accepted; everything after
-//! that (receive, transmit, completions, resubmission) is counted by [`io_allocations`],
-//! which `mem` reports with the I/O path's allocations and tests expect to stay 0.
-
-use core::sync::atomic::{AtomicU64, Ordering};
+//! that (receive, transmit, completions, resubmission) is counted by the main loop, which
+//! `mem` reports with the I/O path's allocations and tests expect to stay 0.
 
 use nbd::server::TCP_SLOTS;
 use nbd::{NbdError, Peer, SocketError, Sockets};
 
-use super::backend::StorageBackend;
 use crate::net::tcp::{ConnId, ListenError, ListenerId, TcpConfig, TcpError};
 use crate::net::Net;
-use crate::{memory, storage};
 
 /// Socket buffers per connection: 256 KiB each way keeps a 1 MiB-request pipeline moving
 /// over a LAN (the receive buffer is also the window).
 const BUFFER: usize = 256 * 1024;
 
-static IO_ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
-
-/// Heap allocations made by NBD request handling once connections were accepted (should
-/// stay 0).
-pub fn io_allocations() -> u64 {
-    IO_ALLOCATIONS.load(Ordering::Relaxed)
-}
-
-/// Adds the allocations made since `count_before` (a [`memory::allocation_count`]) to
-/// [`io_allocations`]: for the main loop's NBD steps.
-pub fn count_allocations(count_before: u64) {
-    let made = memory::allocation_count().saturating_sub(count_before);
-    if made > 0 {
-        IO_ALLOCATIONS.fetch_add(made, Ordering::Relaxed);
-    }
-}
-
-/// The listener's screen (`net::tcp::Screen`): whether `peer` may connect, checked as soon
-/// as its SYN arrives, before it takes a connection slot; a refusal is logged (rate-limited).
-pub fn screen(peer: Peer, local: Option<([u8; 4], u8)>) -> bool {
-    let now = crate::time::uptime_ns();
-    super::with(|s| s.screen(peer, local, now)).unwrap_or(false)
-}
-
 /// One listener's connections as the server's sockets.
-struct NetSockets<'a> {
-    net: &'a mut Net,
-    listener: ListenerId,
+pub struct NetSockets<'a> {
+    /// The network.
+    pub net: &'a mut Net,
+    /// The NBD listener.
+    pub listener: ListenerId,
 }
 
 impl Sockets for NetSockets<'_> {
@@ -99,6 +70,7 @@ impl Sockets for NetSockets<'_> {
 }
 
 /// The NBD listener.
+#[derive(Clone, Copy, Debug)]
 pub struct NbdService {
     listener: ListenerId,
     port: u16,
@@ -116,7 +88,7 @@ impl NbdService {
             },
         )?;
         // Peers outside the allow-list are reset at their SYN, before they hold a slot.
-        net.tcp_screen(listener, screen);
+        net.tcp_screen(listener);
         Ok(NbdService { listener, port })
     }
 
@@ -125,25 +97,16 @@ impl NbdService {
         self.port
     }
 
-    /// When the server's next timed step is due (ns since boot), if any.
-    pub fn next_deadline(&self) -> Option<u64> {
-        super::with(|s| s.next_deadline()).flatten()
+    /// The listener.
+    pub fn listener(&self) -> ListenerId {
+        self.listener
     }
 
-    /// One round at `now` (from the network's poll): the server's connection half, then
-    /// bytes both ways on every connection.
-    pub fn run(&mut self, net: &mut Net, now: u64) {
-        let mut sockets = NetSockets {
+    /// The listener's connections on `net` as the server's sockets.
+    pub fn sockets<'a>(&self, net: &'a mut Net) -> NetSockets<'a> {
+        NetSockets {
             net,
             listener: self.listener,
-        };
-        storage::with(|st| {
-            super::with(|srv| {
-                srv.poll_connections(&mut sockets, now);
-                let before = memory::allocation_count();
-                srv.poll_io(&mut sockets, &mut StorageBackend(st), now);
-                count_allocations(before);
-            })
-        });
+        }
     }
 }

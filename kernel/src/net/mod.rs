@@ -1,15 +1,16 @@
-//! The appliance's network: the first virtio-net NIC, smoltcp's interface over it (Ethernet,
-//! ARP, IPv4, ICMP echo, TCP, DHCP), the address configuration from `ip=` (DHCP by default),
-//! TCP listeners for services ([`tcp`]), the NBD server's listener ([`crate::nbd::tcp`]),
-//! and the test echo service ([`echo`]).
+//! The appliance's network: smoltcp over the first virtio-net NIC (Ethernet, ARP, IPv4, ICMP
+//! echo, TCP, DHCP), the address configuration from `ip=` (DHCP by default), TCP listeners
+//! for services ([`tcp`]) and the test echo service ([`echo`]). It knows nothing of NBD: the
+//! main loop owns the [`Net`] and runs the NBD server over its listener between
+//! [`Net::receive`] and [`Net::send`].
 //!
 //! Interrupts: the NIC's MSI-X vectors (receive, transmit, link) run [`on_interrupt`], which
-//! records which fired and wakes the main loop; the loop calls [`poll`], which polls the
-//! interface when a vector fired, a service queued data, smoltcp's own deadline (retransmit,
-//! delayed ACK, DHCP renew) has come, or the last round ran out of budget. The 100 Hz APIC
-//! tick ends every `hlt`, so deadlines are met within 10 ms. Packet buffers, socket buffers
-//! and the socket set are allocated at start-up (or when a listener is made); nothing is
-//! allocated per packet.
+//! records which fired and wakes the main loop; the loop calls [`Net::receive`], which polls
+//! the interface when a vector fired, a service queued data, smoltcp's own deadline
+//! (retransmit, delayed ACK, DHCP renew) has come, or the last round ran out of budget. The
+//! 100 Hz APIC tick ends every `hlt`, so deadlines are met within 10 ms. Packet buffers,
+//! socket buffers and the socket set are allocated at start-up (or when a listener is made);
+//! nothing is allocated per packet.
 
 pub mod echo;
 pub mod phy;
@@ -19,11 +20,8 @@ use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 
-use drivers::hal::{ConfigAccess, MmioMapper};
 use drivers::msix::InterruptOwner;
-use drivers::pci::PciFunction;
-use drivers::virtio::ProbeContext;
-use drivers::virtio_net::{self, regs::MAX_FRAME, VirtioNetConfig, VirtioNetPci};
+use drivers::virtio_net::{regs::MAX_FRAME, VirtioNetPci};
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::socket::dhcpv4;
 use smoltcp::time::Instant;
@@ -72,17 +70,20 @@ pub struct Net {
     scratch: Box<[u8]>,
     /// Poll at once on the next round (budget ran out, a service queued data).
     again: bool,
+    /// The round begun by [`Net::receive`] still has its egress to run.
+    in_round: bool,
+    /// Frames were left for the next round (the receive budget ran out).
+    exhausted: bool,
     /// smoltcp's next deadline (ns since boot).
     next_poll_ns: u64,
     polls: u64,
     echo: Option<echo::Echo>,
-    nbd: Option<crate::nbd::tcp::NbdService>,
 }
 
-static NET: spin::Mutex<Option<Net>> = spin::Mutex::new(None);
 /// Bits of fired sources: 1 receive, 2 transmit, 4 configuration.
 static FIRED: AtomicU32 = AtomicU32::new(0);
-/// Set when a service queued work for the stack (from the TCP calls).
+/// Set when a service queued work for the stack (from the TCP calls): a work-pending flag
+/// like the interrupts' (`executor::wake`), read by the next [`Net::receive`].
 static DIRTY: AtomicU32 = AtomicU32::new(0);
 /// CPU vectors of receive, transmit, configuration (0 = none).
 static VECTORS: [AtomicU8; 3] = [const { AtomicU8::new(0) }; 3];
@@ -106,44 +107,11 @@ fn now_instant(ns: u64) -> Instant {
     Instant::from_micros((ns / 1000) as i64)
 }
 
-/// Runs `f` on the network, if there is one (main loop and console only).
-pub fn with<R>(f: impl FnOnce(&mut Net) -> R) -> Option<R> {
-    NET.lock().as_mut().map(f)
-}
-
-/// Brings up the first virtio-net function (later ones are listed and left alone) and
-/// configures its address from `ip` (DHCP when `None`). Called once at boot after the disks.
-pub fn init<C: ConfigAccess + ?Sized, M: MmioMapper + ?Sized>(
-    ctx: &ProbeContext<'_, C, M>,
-    functions: &[PciFunction],
-    ip: Option<IpConfig>,
-) {
-    let mut nics = functions.iter().filter(|f| virtio_net::is_virtio_net(f));
-    let Some(function) = nics.next() else {
-        return;
-    };
-    for other in nics {
-        log::info!("net: second NIC at {} left unused", other.addr);
-    }
-    let ip = ip.unwrap_or_default();
-    if ip == IpConfig::Off {
-        log::info!("net: ip=off, NIC at {} left down", function.addr);
-        return;
-    }
+/// Brings up the network on `nic` (probed by `devices`) and configures its address from
+/// `ip` (DHCP unless static; `devices` leaves the NIC down for `ip=off`). Called once at
+/// boot after the disks; the caller owns the result.
+pub fn init(mut nic: VirtioNetPci<KernelHal>, ip: IpConfig) -> Net {
     let seed = crate::arch::cpu::rdtsc();
-    let mut nic = match virtio_net::probe::<KernelHal, _, _>(
-        ctx,
-        function,
-        NET_DEVICE_INDEX,
-        VirtioNetConfig::default(),
-        seed,
-    ) {
-        Ok(nic) => nic,
-        Err(e) => {
-            log::error!("net: NIC at {} unusable: {e}", function.addr);
-            return;
-        }
-    };
     let assigned = nic.vectors().cpu_vectors;
     for (slot, vector) in VECTORS.iter().zip(assigned) {
         if let Some(v) = vector {
@@ -171,10 +139,11 @@ pub fn init<C: ConfigAccess + ?Sized, M: MmioMapper + ?Sized>(
         gateway: None,
         scratch,
         again: true,
+        in_round: false,
+        exhausted: false,
         next_poll_ns: 0,
         polls: 0,
         echo: None,
-        nbd: None,
     };
     match ip {
         IpConfig::Static(s) => {
@@ -196,8 +165,8 @@ pub fn init<C: ConfigAccess + ?Sized, M: MmioMapper + ?Sized>(
             net.state = AddressState::DhcpRequesting;
         }
     }
-    *NET.lock() = Some(net);
     executor::wake();
+    net
 }
 
 impl Net {
@@ -271,10 +240,34 @@ impl Net {
         }
     }
 
-    /// One round: interface ingress and egress, DHCP, listeners, the echo service.
-    fn round(&mut self, now: u64) -> bool {
+    /// The first half of a round at `now`, when one is due (a vector fired, a service
+    /// queued data, `more` (the owner's services have output waiting), smoltcp's deadline,
+    /// the last round's budget ran out): interface ingress, DHCP, the listeners (a new
+    /// peer of a screened listener is let in only if `screen` says so), the echo service.
+    /// Returns whether a round began: the owner runs its services over the TCP calls, then
+    /// [`Net::send`].
+    pub fn receive(&mut self, now: u64, more: bool, screen: &mut tcp::Screen<'_>) -> bool {
+        let fired = FIRED.swap(0, Ordering::AcqRel);
+        let dirty = DIRTY.swap(0, Ordering::AcqRel) != 0;
+        if fired & 4 != 0 {
+            if let Some(why) = self.nic.interrupt(InterruptOwner::CONFIG_QUEUE) {
+                log::error!("net: NIC failed: {why}");
+            }
+        }
+        if fired & 3 != 0 {
+            self.nic.interrupt(0);
+        }
+        let due = fired != 0
+            || dirty
+            || more
+            || self.again
+            || now >= self.next_poll_ns
+            || !self.nic.has_interrupts();
+        if !due {
+            return false;
+        }
         let instant = now_instant(now);
-        let exhausted = {
+        self.exhausted = {
             let Net {
                 nic,
                 iface,
@@ -287,16 +280,23 @@ impl Net {
             device.exhausted()
         };
         self.poll_dhcp(now);
-        self.tcp_maintain(now);
+        self.tcp_maintain(now, screen);
         if let Some(mut echo) = self.echo.take() {
             echo.run(self);
             self.echo = Some(echo);
         }
-        if let Some(mut nbd) = self.nbd.take() {
-            nbd.run(self, now);
-            self.nbd = Some(nbd);
+        self.in_round = true;
+        true
+    }
+
+    /// The second half of the round [`Net::receive`] began (nothing otherwise): what the
+    /// services queued goes out now. `deadline` is the owner's next timed step (ns since
+    /// boot), if any. Returns true when the loop should run again before halting.
+    pub fn send(&mut self, now: u64, deadline: Option<u64>) -> bool {
+        if !core::mem::take(&mut self.in_round) {
+            return false;
         }
-        // What the services queued goes out in this round.
+        let instant = now_instant(now);
         {
             let Net {
                 nic,
@@ -316,14 +316,15 @@ impl Net {
             Some(d) => now.saturating_add(d.total_micros().saturating_mul(1000)),
             None => u64::MAX,
         };
-        if let Some(due) = self.nbd.as_ref().and_then(|n| n.next_deadline()) {
+        if let Some(due) = deadline {
             self.next_poll_ns = self.next_poll_ns.min(due);
         }
         if let Some(due) = self.tcp_next_deadline() {
             self.next_poll_ns = self.next_poll_ns.min(due);
         }
         // Come back at once when frames wait or smoltcp wants to send now and can.
-        exhausted || (self.next_poll_ns <= now && tx_free)
+        self.again = self.exhausted || (self.next_poll_ns <= now && tx_free);
+        self.again
     }
 
     /// The MAC address.
@@ -361,21 +362,6 @@ impl Net {
         self.echo.as_ref()
     }
 
-    /// The NBD listener, if serving.
-    pub fn nbd(&self) -> Option<&crate::nbd::tcp::NbdService> {
-        self.nbd.as_ref()
-    }
-
-    /// Starts serving NBD on `port` (once, at start-up: allocates its sockets now).
-    pub fn start_nbd(&mut self, port: u16) -> Result<(), tcp::ListenError> {
-        if let Some(n) = &self.nbd {
-            return Err(tcp::ListenError::PortInUse(n.port()));
-        }
-        self.nbd = Some(crate::nbd::tcp::NbdService::listen(self, port)?);
-        wake();
-        Ok(())
-    }
-
     /// Starts the echo service on `port` (test builds; allocates its listener now).
     pub fn start_echo(&mut self, port: u16) -> Result<(), tcp::ListenError> {
         if let Some(e) = &self.echo {
@@ -386,29 +372,4 @@ impl Net {
         wake();
         Ok(())
     }
-}
-
-/// The main loop's network step. Returns true when the loop should run again before halting.
-pub fn poll(now: u64) -> bool {
-    let fired = FIRED.swap(0, Ordering::AcqRel);
-    let dirty = DIRTY.swap(0, Ordering::AcqRel) != 0;
-    let mut guard = NET.lock();
-    let Some(net) = guard.as_mut() else {
-        return false;
-    };
-    if fired & 4 != 0 {
-        if let Some(why) = net.nic.interrupt(InterruptOwner::CONFIG_QUEUE) {
-            log::error!("net: NIC failed: {why}");
-        }
-    }
-    if fired & 3 != 0 {
-        net.nic.interrupt(0);
-    }
-    let due =
-        fired != 0 || dirty || net.again || now >= net.next_poll_ns || !net.nic.has_interrupts();
-    if !due {
-        return false;
-    }
-    net.again = net.round(now);
-    net.again
 }

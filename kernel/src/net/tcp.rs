@@ -48,9 +48,10 @@ impl Default for TcpConfig {
     }
 }
 
-/// A listener's screen ([`Net::tcp_screen`]): whether `peer` may have a slot, given the
-/// NIC's address and prefix. Called once per connection, as soon as its SYN took a slot.
-pub type Screen = fn(peer: Peer, local: Option<([u8; 4], u8)>) -> bool;
+/// The screen of listeners marked by [`Net::tcp_screen`], given by the network's owner to
+/// each [`Net::receive`]: whether `peer` may have a slot of `listener`, given the NIC's
+/// address and prefix. Called once per connection, as soon as its SYN took a slot.
+pub type Screen<'a> = dyn FnMut(ListenerId, Peer, Option<([u8; 4], u8)>) -> bool + 'a;
 
 /// A listener, as returned by [`Net::tcp_listen`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -140,7 +141,8 @@ pub struct Listener {
     port: u16,
     slots: Vec<Slot>,
     accepted: u64,
-    screen: Option<Screen>,
+    /// Peers are screened (see [`Net::tcp_screen`]).
+    screen: bool,
     refused: u64,
 }
 
@@ -232,21 +234,22 @@ impl Net {
             port,
             slots,
             accepted: 0,
-            screen: None,
+            screen: false,
             refused: 0,
         });
         Ok(ListenerId((self.listeners.len() - 1) as u8))
     }
 
-    /// Screens the peers of `listener` with `screen` as soon as their SYN takes a slot: a
+    /// Screens the peers of `listener` (with the screen the owner gives [`Net::receive`]) as
+    /// soon as their SYN takes a slot: a
     /// refused one is reset at once and its slot listens again in the next round, before
     /// the service ever sees it, so refused peers cannot hold the slots allowed ones need.
     /// Until the screen has let a peer in, its SYN is not answered (smoltcp's paused
     /// SYN-ACK): a refused peer gets only a reset that acknowledges its SYN, which a client
     /// takes as "connection refused" at once instead of retrying.
-    pub fn tcp_screen(&mut self, listener: ListenerId, screen: Screen) {
+    pub fn tcp_screen(&mut self, listener: ListenerId) {
         if let Some(l) = self.listeners.get_mut(usize::from(listener.0)) {
-            l.screen = Some(screen);
+            l.screen = true;
             for slot in &l.slots {
                 let socket = self.sockets.get_mut::<tcp::Socket>(slot.handle);
                 socket.pause_synack(true);
@@ -263,21 +266,21 @@ impl Net {
 
     /// Follows every slot's socket after a poll: new connections (screened), ended ones,
     /// relistening.
-    pub(super) fn tcp_maintain(&mut self, now: u64) {
+    pub(super) fn tcp_maintain(&mut self, now: u64, screen: &mut Screen<'_>) {
         let local = self.address;
         let Net {
             listeners, sockets, ..
         } = self;
-        for listener in listeners.iter_mut() {
+        for (index, listener) in listeners.iter_mut().enumerate() {
             for slot in &mut listener.slots {
                 let socket = sockets.get_mut::<tcp::Socket>(slot.handle);
                 let state = socket.state();
                 let gone = matches!(state, tcp::State::Closed | tcp::State::TimeWait);
-                let screen = listener.screen;
-                if let (Some(screen), Phase::Listening, false) = (screen, slot.phase, slot.screened)
-                {
+                let screened = listener.screen;
+                if let (true, Phase::Listening, false) = (screened, slot.phase, slot.screened) {
                     if !gone && state != tcp::State::Listen {
-                        let allowed = peer_of(socket).is_some_and(|peer| screen(peer, local));
+                        let id = ListenerId(index as u8);
+                        let allowed = peer_of(socket).is_some_and(|peer| screen(id, peer, local));
                         if !allowed {
                             // The reset goes out with this round's egress.
                             socket.abort();
@@ -290,7 +293,7 @@ impl Net {
                         socket.pause_synack(false);
                     }
                 }
-                let paused = screen.is_some();
+                let paused = screened;
                 match slot.phase {
                     Phase::Refused(at)
                         if peer_of(socket).is_none()
@@ -332,7 +335,7 @@ impl Net {
             for slot in &mut listener.slots {
                 let socket = sockets.get_mut::<tcp::Socket>(slot.handle);
                 if matches!(slot.phase, Phase::Refused(_)) && peer_of(socket).is_none() {
-                    relisten(socket, slot, listener.port, listener.screen.is_some());
+                    relisten(socket, slot, listener.port, listener.screen);
                 }
             }
         }
@@ -386,7 +389,7 @@ impl Net {
     pub fn tcp_take_closed(&mut self, listener: ListenerId) -> Option<ConnId> {
         let l = self.listeners.get_mut(usize::from(listener.0))?;
         let port = l.port;
-        let paused = l.screen.is_some();
+        let paused = l.screen;
         let (index, slot) = l
             .slots
             .iter_mut()

@@ -7,13 +7,15 @@ use alloc::boxed::Box;
 use alloc::string::String;
 
 use super::commands::{help_all, help_one, CommandId};
-use super::output::Out;
+use super::{Ctx, IoCounters, Job};
+use crate::cmdline::CmdLine;
 use crate::console::args::Args;
-use crate::storage::tasks::Task;
-use crate::{build_info, json, memory, power, start, time};
+use crate::console::output::Out;
+use crate::{build_info, json, memory, power, time};
 
-/// Runs a checked command; long disk work comes back as a task for the main loop.
-pub fn run(id: CommandId, args: &Args, out: &mut Out) -> Option<Box<dyn Task>> {
+/// Runs a checked command with the parts of the appliance it needs; long disk work comes
+/// back as a job for the main loop.
+pub fn run(id: CommandId, args: &Args, out: &mut Out, ctx: &mut Ctx<'_>) -> Option<Job> {
     let json = args.flag("json");
     match id {
         CommandId::Devices
@@ -21,14 +23,14 @@ pub fn run(id: CommandId, args: &Args, out: &mut Out) -> Option<Box<dyn Task>> {
         | CommandId::Write
         | CommandId::Checksum
         | CommandId::Flush
-        | CommandId::Bench => return super::disk::run(id, args, out),
-        CommandId::Snapshot => return super::snap::run(args, out),
-        CommandId::Net => super::net::run(args, out),
-        CommandId::Nbd => super::nbd::run(args, out),
+        | CommandId::Bench => return super::disk::run(id, args, out, ctx.storage).map(Job::Task),
+        CommandId::Snapshot => return super::snap::run(args, out, ctx.storage).map(Job::Task),
+        CommandId::Net => super::net::run(args, out, ctx.net.as_deref_mut()),
+        CommandId::Nbd => super::nbd::run(args, out, ctx.storage, ctx.nbd, ctx.net.as_deref()),
         CommandId::NbdSelfTest => {
             let volume = args.arg("VOLUME").unwrap_or("");
-            return match crate::nbd::selftest::NbdSelfTest::new(volume) {
-                Ok(task) => Some(Box::new(task)),
+            return match crate::nbd::selftest::NbdSelfTest::new(&mut ctx.nbd.server, volume) {
+                Ok(task) => Some(Job::NbdSelfTest(Box::new(task))),
                 Err(e) => {
                     out.error(format_args!("nbd-selftest: {e}"));
                     None
@@ -49,8 +51,8 @@ pub fn run(id: CommandId, args: &Args, out: &mut Out) -> Option<Box<dyn Task>> {
         CommandId::Version => version(json, out),
         CommandId::Uptime => uptime(json, out),
         CommandId::Date => date(json, out),
-        CommandId::Mem => mem(json, out),
-        CommandId::Cmdline => cmdline(json, out),
+        CommandId::Mem => mem(json, out, ctx.counters),
+        CommandId::Cmdline => cmdline(json, out, ctx.cmdline),
         CommandId::Log => log_level(args, out),
         CommandId::Reboot => {
             let _ = writeln!(out, "rebooting");
@@ -151,7 +153,7 @@ fn size(bytes: u64) -> String {
     alloc::format!("{}", drivers::info::Size(bytes))
 }
 
-fn mem(json_out: bool, out: &mut Out) {
+fn mem(json_out: bool, out: &mut Out, counters: &IoCounters) {
     let m = memory::stats();
     let frame = crate::frames::FRAME_SIZE;
     if json_out {
@@ -182,14 +184,14 @@ fn mem(json_out: bool, out: &mut Out) {
                 o.u64("frees", m.frees);
                 o.u64(
                     "io_path_allocations",
-                    crate::shell::io_allocations() + crate::nbd::tcp::io_allocations(),
+                    counters.task_allocations + counters.nbd_allocations,
                 );
-                o.u64("nbd_allocations", crate::nbd::tcp::io_allocations());
+                o.u64("nbd_allocations", counters.nbd_allocations);
                 o.u64(
                     "table_growth_allocations",
                     snapshot::table::growth_allocations(),
                 );
-                o.u64("io_tasks", crate::shell::io_tasks());
+                o.u64("io_tasks", counters.io_tasks);
             }),
         );
     } else {
@@ -237,9 +239,9 @@ fn mem(json_out: bool, out: &mut Out) {
         let _ = writeln!(
             out,
             "heap allocations on the I/O path: {} (during {} disk tasks; {} serving NBD)",
-            crate::shell::io_allocations() + crate::nbd::tcp::io_allocations(),
-            crate::shell::io_tasks(),
-            crate::nbd::tcp::io_allocations()
+            counters.task_allocations + counters.nbd_allocations,
+            counters.io_tasks,
+            counters.nbd_allocations
         );
         let _ = writeln!(
             out,
@@ -249,11 +251,7 @@ fn mem(json_out: bool, out: &mut Out) {
     }
 }
 
-fn cmdline(json_out: bool, out: &mut Out) {
-    let Some(c) = start::cmdline() else {
-        out.error(format_args!("no command line was parsed"));
-        return;
-    };
+fn cmdline(json_out: bool, out: &mut Out, c: &CmdLine) {
     let level = log::max_level();
     if json_out {
         print_json(

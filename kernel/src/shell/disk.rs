@@ -6,14 +6,14 @@ use core::fmt::Write;
 use alloc::boxed::Box;
 use drivers::info::{DeviceInfo, DeviceState};
 
-use super::output::Out;
 use crate::console::args::{parse_byte, parse_duration, parse_size, parse_u64, ArgError, Args};
+use crate::console::output::Out;
+use crate::devices::{Storage, Target};
 use crate::json;
-use crate::storage::tasks::{
+use crate::time;
+use volume::tasks::{
     BenchLimit, BenchMode, BenchSpec, BenchTask, FlushTask, Pattern, RangeTask, Task, WriteSpec,
 };
-use crate::storage::{self, Storage, Target};
-use crate::time;
 
 /// Most blocks `read` prints.
 const READ_MAX_BLOCKS: u64 = 8;
@@ -82,10 +82,15 @@ fn check_range(st: &Storage, disk: Target, lba: u64, count: u64) -> CmdResult<()
 }
 
 /// Runs a disk command; returns the task to start, if any.
-pub fn run(id: super::commands::CommandId, args: &Args, out: &mut Out) -> Option<Box<dyn Task>> {
+pub fn run(
+    id: super::commands::CommandId,
+    args: &Args,
+    out: &mut Out,
+    st: &mut Storage,
+) -> Option<Box<dyn Task>> {
     use super::commands::CommandId;
     let now = time::uptime_ns();
-    let result: CmdResult<Option<Box<dyn Task>>> = storage::with(|st| match id {
+    let result: CmdResult<Option<Box<dyn Task>>> = (|| match id {
         CommandId::Devices => {
             devices(st, args.flag("json"), out);
             Ok(None)
@@ -195,7 +200,7 @@ pub fn run(id: super::commands::CommandId, args: &Args, out: &mut Out) -> Option
         }
         CommandId::Bench => bench(st, args, now).map(Some),
         _ => Ok(None),
-    });
+    })();
     match result {
         Ok(task) => task,
         Err(message) => {

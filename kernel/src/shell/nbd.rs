@@ -8,11 +8,14 @@ use alloc::vec::Vec;
 
 use nbd::{Cidr, ClientInfo, ExportCatalog, ExportInfo};
 
-use super::output::Out;
 use crate::console::args::Args;
+use crate::console::output::Out;
+use crate::devices::Storage;
 use crate::ipconfig::Dotted;
+use crate::json;
 use crate::nbd::backend::{self, StorageBackend};
-use crate::{json, net, storage};
+use crate::nbd::Nbd;
+use crate::net::Net;
 
 struct Export {
     name: String,
@@ -25,12 +28,11 @@ struct Client {
 }
 
 /// Runs `nbd [--json]`.
-pub fn run(args: &Args, out: &mut Out) {
+pub fn run(args: &Args, out: &mut Out, st: &mut Storage, nbd: &Nbd, net: Option<&Net>) {
     let json_out = args.flag("json");
-    // Each lock on its own (the network's poll takes network → storage → server).
-    let listener = net::with(|n| (n.address(), n.nbd().map(|s| s.port())));
-    let (local, listening) = listener.unwrap_or((None, None));
-    let Some((config, counters, exports, clients)) = storage::with(|st| {
+    let local = net.and_then(Net::address);
+    let listening = nbd.listener.map(|l| l.port());
+    let (config, counters, exports, clients) = {
         let backend = StorageBackend(st);
         let mut exports = Vec::new();
         let mut index = 0;
@@ -44,20 +46,16 @@ pub fn run(args: &Args, out: &mut Out) {
             }
         }
         let st = &*backend.0;
-        crate::nbd::with(|srv| {
-            let mut clients = Vec::new();
-            srv.clients(|info| {
-                let export = info.export.map(|h| match backend::volume_name(st, h) {
-                    Some(name) => String::from(name.as_str()),
-                    None => String::from("(deleted snapshot)"),
-                });
-                clients.push(Client { info, export });
+        let srv = &nbd.server;
+        let mut clients = Vec::new();
+        srv.clients(|info| {
+            let export = info.export.map(|h| match backend::volume_name(st, h) {
+                Some(name) => String::from(name.as_str()),
+                None => String::from("(deleted snapshot)"),
             });
-            (*srv.config(), srv.counters(), exports, clients)
-        })
-    }) else {
-        out.error(format_args!("the NBD server is not running"));
-        return;
+            clients.push(Client { info, export });
+        });
+        (*srv.config(), srv.counters(), exports, clients)
     };
     // Who may connect: the list, or the NIC's subnet.
     let (allow, default): (Vec<Cidr>, bool) = match &config.allow {

@@ -5,17 +5,17 @@ use core::fmt::Write;
 
 use drivers::virtio_net::MacDisplay;
 
-use super::output::Out;
 use crate::console::args::Args;
+use crate::console::output::Out;
 use crate::ipconfig::Dotted;
-use crate::net::{self, AddressState, Net};
+use crate::net::{AddressState, Net};
 use crate::{power, time};
 
 /// Runs `net …`.
-pub fn run(args: &Args, out: &mut Out) {
+pub fn run(args: &Args, out: &mut Out, net: Option<&mut Net>) {
     match args.arg("SUBCOMMAND") {
         None => {
-            if net::with(|n| show(n, out)).is_none() {
+            if net.map(|n| show(n, out)).is_none() {
                 let _ = writeln!(
                     out,
                     "no network (no virtio-net NIC, ip=off, or the NIC failed; see the boot log)"
@@ -31,7 +31,7 @@ pub fn run(args: &Args, out: &mut Out) {
                 out.error(format_args!("net echo needs a port 1..65535"));
                 return;
             };
-            match net::with(|n| n.start_echo(port)) {
+            match net.map(|n| n.start_echo(port)) {
                 None => out.error(format_args!("no network")),
                 Some(Err(e)) => out.error(format_args!("echo: {e}")),
                 Some(Ok(())) => {

@@ -6,17 +6,17 @@ use core::fmt::Write;
 use alloc::boxed::Box;
 use alloc::string::{String, ToString};
 
-use super::output::Out;
 use crate::console::args::{parse_size, parse_u64, Args};
+use crate::console::output::Out;
+use crate::devices::{Storage, Target};
 use crate::identity::{self, DeviceId};
 use crate::json;
-use crate::storage::snaptask::{
+use crate::time;
+use volume::origin::{reason_text, Origin, Snap, SnapState, UNMARKED_ALERT};
+use volume::snaptask::{
     CreateSpec, CreateTask, DeleteTask, ExtendTask, MergeTask, Rebind, RebindTask,
 };
-use crate::storage::tasks::Task;
-use crate::storage::volume::{reason_text, Origin, SnapState, UNMARKED_ALERT};
-use crate::storage::{self, Storage, Target};
-use crate::time;
+use volume::tasks::{self, Task};
 
 type CmdResult<T> = Result<T, String>;
 
@@ -31,8 +31,8 @@ fn shown(s: &str) -> String {
 }
 
 /// Runs a `snapshot` subcommand; creation and deletion come back as tasks.
-pub fn run(args: &Args, out: &mut Out) -> Option<Box<dyn Task>> {
-    let result = storage::with(|st| match args.arg("SUBCOMMAND") {
+pub fn run(args: &Args, out: &mut Out, st: &mut Storage) -> Option<Box<dyn Task>> {
+    let result = match args.arg("SUBCOMMAND") {
         Some("create") => create(st, args).map(Some),
         Some("list") => {
             list(st, args.flag("json"), out);
@@ -52,7 +52,7 @@ pub fn run(args: &Args, out: &mut Out) -> Option<Box<dyn Task>> {
             shown(other)
         )),
         None => Err(alloc::format!("snapshot needs a subcommand: {SUBCOMMANDS}")),
-    });
+    };
     match result {
         Ok(task) => task,
         Err(message) => {
@@ -259,7 +259,7 @@ fn attach(st: &mut Storage, args: &Args) -> CmdResult<Box<dyn Task>> {
         origin_id,
     };
     st.unserved.retain(|u| u.disk != cow);
-    Ok(Box::new(crate::storage::discover::DiscoverTask::adopt(
+    Ok(Box::new(volume::discover::DiscoverTask::adopt(
         cow, origin, binding, write,
     )))
 }
@@ -282,10 +282,7 @@ fn check_name(st: &Storage, name: &str) -> CmdResult<()> {
     Ok(())
 }
 
-fn find_snap<'a>(
-    st: &'a Storage,
-    args: &Args,
-) -> CmdResult<(usize, &'a crate::storage::volume::Snap)> {
+fn find_snap<'a>(st: &'a Storage, args: &Args) -> CmdResult<(usize, &'a Snap)> {
     let name = args.arg("NAME").ok_or("which snapshot? (give its NAME)")?;
     st.origins
         .iter()
@@ -342,13 +339,13 @@ fn forget_merge(st: &mut Storage, args: &Args, out: &mut Out) -> CmdResult<Box<d
         st.name(disk),
         identity::escaped(h.marker.name.as_bytes())
     );
-    let spec = storage::tasks::WriteSpec {
-        pattern: storage::tasks::Pattern::Byte(0),
+    let spec = tasks::WriteSpec {
+        pattern: tasks::Pattern::Byte(0),
         transfer_bytes: None,
         fua: false,
         flush_every: 0,
     };
-    Ok(Box::new(storage::tasks::RangeTask::write(
+    Ok(Box::new(tasks::RangeTask::write(
         st,
         Target::Device(disk),
         0,
@@ -359,10 +356,7 @@ fn forget_merge(st: &mut Storage, args: &Args, out: &mut Out) -> CmdResult<Box<d
 }
 
 /// A snapshot whose binding may be rewritten: active and valid, not busy.
-fn rebindable<'a>(
-    st: &'a Storage,
-    args: &Args,
-) -> CmdResult<(usize, &'a crate::storage::volume::Snap)> {
+fn rebindable<'a>(st: &'a Storage, args: &Args) -> CmdResult<(usize, &'a Snap)> {
     let (origin, snap) = find_snap(st, args)?;
     match snap.state {
         SnapState::Active => Ok((origin, snap)),
@@ -597,7 +591,7 @@ fn merge(st: &mut Storage, args: &Args) -> CmdResult<Box<dyn Task>> {
     )))
 }
 
-fn state_name(s: &crate::storage::volume::Snap) -> &'static str {
+fn state_name(s: &Snap) -> &'static str {
     match s.state {
         SnapState::Creating => "creating",
         SnapState::Active => "active",
@@ -618,7 +612,7 @@ fn state_name(s: &crate::storage::volume::Snap) -> &'static str {
 }
 
 /// Usage as dmsetup prints it, and the percentage of the store in use.
-fn usage(o: &Origin, s: &crate::storage::volume::Snap) -> (String, Option<(u64, u64)>) {
+fn usage(o: &Origin, s: &Snap) -> (String, Option<(u64, u64)>) {
     match o.engine.status(s.id) {
         Some(snapshot::Status::Usage(u)) => (
             alloc::format!("{}", snapshot::Status::Usage(u)),
@@ -793,7 +787,7 @@ fn list(st: &Storage, json_out: bool, out: &mut Out) {
 }
 
 /// When the snapshot was taken (Unix seconds; 0: not recorded), from its store's binding.
-fn created(o: &Origin, s: &crate::storage::volume::Snap) -> u64 {
+fn created(o: &Origin, s: &Snap) -> u64 {
     o.engine.binding(s.id).map_or(0, |b| b.created_unix_seconds)
 }
 
@@ -824,7 +818,7 @@ fn status(st: &Storage, args: &Args, out: &mut Out) -> CmdResult<()> {
     let _ = writeln!(
         out,
         "  auto-extend {}",
-        crate::storage::snaptask::AutoText(o.engine.autoextend(s.id))
+        volume::snaptask::AutoText(o.engine.autoextend(s.id))
     );
     if let Some(reason) = s.invalid {
         let _ = writeln!(out, "  invalidated: {}", reason_text(reason));
@@ -869,7 +863,7 @@ fn status(st: &Storage, args: &Args, out: &mut Out) -> CmdResult<()> {
     }
     let ph = &e.phases;
     if ph.copy.count > 0 {
-        // Engine ticks are microseconds here (`storage::poll`).
+        // Engine ticks are microseconds here (`Volumes::poll`).
         let _ = writeln!(
             out,
             "  stages, mean us: copy {} (read {}, write {}), batch wait {}, commit {} (flush {}, area {}), origin write {}",
@@ -883,7 +877,7 @@ fn status(st: &Storage, args: &Args, out: &mut Out) -> CmdResult<()> {
             ph.origin_write.mean()
         );
     }
-    // Engine ticks are microseconds (storage::poll ticks it with uptime / 1000).
+    // Engine ticks are microseconds (`Volumes::poll` ticks it with uptime / 1000).
     let (p99, max) = (e.hold_ticks.percentile(990), e.hold_ticks.max());
     let _ = writeln!(
         out,
