@@ -4,8 +4,8 @@
 //!
 //! 1. completions → engines: the disks' completion path (`devices::poll`, which is
 //!    `Volumes::poll`): each completion goes back through the port of the client that
-//!    issued it (an engine, the NBD server, the running job), then the engines issue and
-//!    deliver;
+//!    issued it (`volume::port`: an engine, the NBD server, the running job), then the
+//!    engines issue and deliver;
 //! 2. from here to 4 every device is plugged: what is submitted goes out with one
 //!    notification per device;
 //! 3. NBD receive: the network's ingress (`Net::receive`, peers screened by the server's
@@ -168,7 +168,6 @@ impl MainLoop {
             let mut ports = Ports {
                 task: &mut to_job,
                 nbd: &mut to_nbd,
-                is_nbd: nbd_backend::is_nbd,
             };
             devices::poll(storage, now, &mut ports)
         };

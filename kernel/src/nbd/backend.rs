@@ -8,10 +8,11 @@
 //! submitted (`nbd::route`, over the [`Roles`] of [`StorageBackend`] below), and this backend sends
 //! it where the route says: a device, an origin's engine, or a snapshot of it.
 //!
-//! Device tags: the server's [`RequestId`] travels in the tag of each device request under
-//! [`NBD_TAG`] ([`tag`]); `storage::poll` hands completions carrying it to [`complete`],
-//! which gives the server its id back ([`untag`]). This file is the only place that knows
-//! the bits. NBD I/O is submitted with `Volumes::submit_nbd`, which does not count in
+//! Device tags: the server's [`RequestId`] travels in the tag of each device request as the
+//! payload of the NBD completion port (`volume::port::Port::Nbd`, [`tag`]); the volume
+//! layer's completion path hands those completions to the main loop's NBD port, which calls
+//! [`complete`], which gives the server its id back ([`untag`]). Which bits name the port
+//! is `volume::port`'s alone. NBD I/O is submitted with `Volumes::submit_nbd`, which does not count in
 //! `Volumes::task_ios` (console tasks and NBD clients run side by side) but counts writes
 //! sent straight to a device, which `snapshot create` waits for.
 
@@ -24,34 +25,27 @@ use nbd::{
 };
 
 use volume::origin::{Origin, Snap, SnapState};
+use volume::port::{Port, PAYLOAD_BITS};
 use volume::{Target, Volumes};
 
 use super::Server;
 
-/// Device-request tags of NBD I/O carry this bit. Engine I/O uses bit 63 (`VOLUME_TAG`),
-/// console tasks use neither (their flushes use bit 62), so each owner recognises its own.
-pub const NBD_TAG: u64 = 1 << 61;
 const _: () = assert!(
-    RequestId::BITS <= 40,
-    "a request id fits below the tag bits"
+    RequestId::BITS <= PAYLOAD_BITS,
+    "a request id fits in the NBD port's payload"
 );
 
 /// The device tag of the server's request `id`.
 pub fn tag(id: RequestId) -> u64 {
-    NBD_TAG | id.to_bits()
+    Port::Nbd(id.to_bits()).tag()
 }
 
 /// The server's request id in an NBD tag; `None` for anybody else's tag.
 pub fn untag(tag: u64) -> Option<RequestId> {
-    if tag & (0b111 << 61) != NBD_TAG {
-        return None;
+    match Port::of(tag) {
+        Some(Port::Nbd(bits)) => RequestId::from_bits(bits),
+        _ => None,
     }
-    RequestId::from_bits(tag & !NBD_TAG)
-}
-
-/// Whether a device tag is one of the server's ([`tag`]).
-pub fn is_nbd(tag: u64) -> bool {
-    untag(tag).is_some()
 }
 
 /// A DMA buffer as the NBD sessions hold it.

@@ -119,7 +119,7 @@ struct AreaRead {
 const LOAD_WINDOW: usize = 64;
 const LOAD_WINDOW_BYTES: usize = 4 << 20;
 /// A load read's tag: its sequence number above this shift, the piece's offset in sectors
-/// below (task tags keep bits 61..63 clear: those route engine and NBD completions).
+/// below (inside the task's port: `crate::port`).
 const LOAD_SEQ_SHIFT: u32 = 24;
 
 /// Where writing a binding for `snapshot attach` is.

@@ -22,6 +22,7 @@ pub mod hexdump;
 pub mod identity;
 pub mod origin;
 pub mod pattern;
+pub mod port;
 pub mod snaptask;
 pub mod tasks;
 
@@ -31,6 +32,8 @@ use drivers::block::{BlockError, BlockRequest, BufferPool, Completion, DmaBuf};
 use drivers::hal::{DmaAllocator, HalError};
 use drivers::info::DeviceName;
 use drivers::service::BoxedDevice;
+
+use port::Port;
 
 /// Largest transfer the console tools, pools and bounce buffers use for virtio-blk (the
 /// kernel sets its virtio-blk devices up with it).
@@ -114,15 +117,14 @@ pub enum Target {
 /// A volume name for messages (snapshot names may be longer than device names).
 pub type VolumeName = drivers::info::FixedString<64>;
 
-/// Where [`Volumes::poll`] hands finished requests that are not the engines' own: to the
-/// running console task, or to the NBD server (requests whose tag `is_nbd` says are its).
+/// Where [`Volumes::poll`] hands finished requests that are not the engines' own, by the
+/// [`Port`] in their tag: the running console task's ([`Port::Task`]), or the NBD
+/// server's ([`Port::Nbd`]).
 pub struct Ports<'a> {
     /// The running console task (with the pool its buffer came from).
     pub task: &'a mut dyn FnMut(&mut BufferPool, Completion),
     /// The NBD server.
     pub nbd: &'a mut dyn FnMut(&mut BufferPool, Completion),
-    /// Whether a request tag is one the NBD server gave.
-    pub is_nbd: fn(u64) -> bool,
 }
 
 /// Snapshot instance numbers: what an NBD export handle of a snapshot names. Unique since
@@ -447,7 +449,7 @@ impl Volumes {
         submitted
     }
 
-    /// Sends an NBD request (its tag one [`Ports::is_nbd`] knows) to a target. Not counted
+    /// Sends an NBD request (its tag a [`Port::Nbd`]) to a target. Not counted
     /// in `task_ios`: its completion goes to the NBD port of [`Volumes::poll`], and console
     /// tasks do not wait for it.
     pub fn submit_nbd(&mut self, target: Target, request: BlockRequest) -> Result<(), Refused> {
@@ -559,8 +561,9 @@ impl Volumes {
 
     /// One round of the completion path: `drain` takes the completions the devices have
     /// (the kernel's interrupt servicer; host tests poll every device) and hands each to the
-    /// router with its device's index; engine I/O goes back to its engine, NBD I/O to
-    /// `ports.nbd`, the rest to `ports.task`, each with the device's buffer pool. Then every
+    /// router with its device's index; each goes back by the [`Port`] in its tag: engine
+    /// I/O to its engine, NBD I/O to `ports.nbd`, the task's (and a tag no port makes) to
+    /// `ports.task`, each with the device's buffer pool. Then every
     /// engine issues I/O and delivers finished volume requests the same way. Returns true
     /// when work remains (`drain` said so, or an engine has more: run again before halting).
     pub fn poll(&mut self, now: u64, drain: &mut Drain<'_>, ports: &mut Ports<'_>) -> bool {
@@ -572,30 +575,32 @@ impl Volumes {
             direct_nbd,
             ..
         } = self;
-        let is_nbd = ports.is_nbd;
         // Completions below are stamped with this round's time.
         for o in origins.iter_mut() {
             o.engine.tick(now / 1000);
         }
         let more = drain(devices.as_mut_slice(), &mut |index, c| {
-            if c.tag & origin::VOLUME_TAG != 0 {
-                let origin = ((c.tag & !origin::VOLUME_TAG) >> 32) as usize;
-                if let Some(o) = origins.get_mut(origin) {
-                    o.complete(c.tag as u32, c);
+            match Port::of(c.tag) {
+                Some(Port::Engine { origin, slot }) => {
+                    if let Some(o) = origins.get_mut(origin as usize) {
+                        o.complete(slot, c);
+                    }
                 }
-            } else if is_nbd(c.tag) {
-                // NBD I/O sent straight to this device (engine-routed NBD I/O comes back
-                // through `deliver` below).
-                if let Some(n) = direct_nbd.get_mut(usize::from(index)) {
-                    *n = n.saturating_sub(1);
+                Some(Port::Nbd(_)) => {
+                    // NBD I/O sent straight to this device (engine-routed NBD I/O comes
+                    // back through `deliver` below).
+                    if let Some(n) = direct_nbd.get_mut(usize::from(index)) {
+                        *n = n.saturating_sub(1);
+                    }
+                    if let Some(pool) = pools.get_mut(usize::from(index)) {
+                        (ports.nbd)(pool, c);
+                    }
                 }
-                if let Some(pool) = pools.get_mut(usize::from(index)) {
-                    (ports.nbd)(pool, c);
-                }
-            } else {
-                *task_ios = task_ios.saturating_sub(1);
-                if let Some(pool) = pools.get_mut(usize::from(index)) {
-                    (ports.task)(pool, c);
+                Some(Port::Task(_)) | None => {
+                    *task_ios = task_ios.saturating_sub(1);
+                    if let Some(pool) = pools.get_mut(usize::from(index)) {
+                        (ports.task)(pool, c);
+                    }
                 }
             }
         });
@@ -607,10 +612,9 @@ impl Volumes {
         for (index, o) in origins.iter_mut().enumerate() {
             o.issue(index, devices);
             if let Some(pool) = pools.get_mut(o.disk) {
-                o.deliver(now, &mut |c| {
-                    if is_nbd(c.tag) {
-                        (ports.nbd)(pool, c)
-                    } else {
+                o.deliver(now, &mut |c| match Port::of(c.tag) {
+                    Some(Port::Nbd(_)) => (ports.nbd)(pool, c),
+                    _ => {
                         *task_ios = task_ios.saturating_sub(1);
                         (ports.task)(pool, c)
                     }

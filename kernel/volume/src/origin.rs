@@ -28,8 +28,15 @@ use snapshot::{
     SnapId, Volume, VolumeError, VolumeOp, VolumeRequest,
 };
 
-/// Device-request tags of engine I/O carry this bit (console tasks never set it).
-pub const VOLUME_TAG: u64 = 1 << 63;
+/// The device tag of engine I/O `slot` of origin `index`: its completion comes back here.
+fn engine_tag(index: usize, slot: u32) -> u64 {
+    crate::port::Port::Engine {
+        origin: index as u32,
+        slot,
+    }
+    .tag()
+}
+
 /// Engine I/Os in flight per origin (bounce buffers).
 const BOUNCE_BUFFERS: usize = 64;
 /// Copy buffers per origin, and their size in sectors: the largest sequential copy, and the
@@ -507,7 +514,7 @@ impl Origin {
             self.fill(&io.buffer, 0, &mut buf.as_mut_slice()[at..at + len]);
             at += len;
         }
-        let tag = VOLUME_TAG | ((index as u64) << 32) | u64::from(first);
+        let tag = engine_tag(index, first);
         let lba = device_lba(device, head.sector + offset);
         if let Err(rejected) = device.submit(BlockRequest::write(tag, lba, buf, false)) {
             if let Some(b) = rejected.request.buffer {
@@ -582,7 +589,7 @@ impl Origin {
         let Some(slot) = self.free_ios.pop() else {
             return Err(io);
         };
-        let tag = VOLUME_TAG | ((index as u64) << 32) | u64::from(slot);
+        let tag = engine_tag(index, slot);
         let lba = device_lba(device, io.sector + offset);
         // An I/O on the whole of a request's buffer (most origin writes and snapshot reads)
         // lends that buffer to the device instead of copying through a bounce buffer. While
@@ -767,7 +774,7 @@ impl Origin {
                 self.update_split(slot, sp);
                 continue;
             }
-            let tag = VOLUME_TAG | ((index as u64) << 32) | u64::from(slot);
+            let tag = engine_tag(index, slot);
             let lba = sp.lba + sp.issued as u64 / sp.block;
             let request = match sp.io.op {
                 IoOp::Write { fua } => {

@@ -16,6 +16,7 @@ use sha2::{Digest, Sha256};
 
 use crate::hexdump::write_hexdump;
 use crate::pattern::{fill_seeded, Rng, Shuffle};
+use crate::port::Port;
 use crate::{Target, VolumeName, Volumes};
 use snapshot::histogram::Histogram;
 
@@ -44,10 +45,10 @@ pub trait Task {
     }
 }
 
-/// Tag of a write task's closing flush (task tags never use bit 63, which marks engine I/O).
-const FLUSH_TAG: u64 = 1 << 62;
+/// Tag of a write task's closing flush (above its write tags, in the task's port).
+const FLUSH_TAG: u64 = Port::Task(1 << 60).tag();
 /// Tag of a write task's intermediate (`--flush-every`) flushes.
-const CHECKPOINT_TAG: u64 = (1 << 62) | 1;
+const CHECKPOINT_TAG: u64 = Port::Task((1 << 60) | 1).tag();
 
 /// What `write` does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

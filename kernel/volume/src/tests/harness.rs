@@ -45,8 +45,10 @@ pub fn platform() -> Platform {
     Platform::new::<FakeDma>(now, || Some(UNIX_NOW))
 }
 
-/// Tags with this bit play an NBD client's requests.
-pub const NBD_BIT: u64 = 1 << 61;
+/// The tag of an NBD client's request `id` (its completion comes back through the NBD port).
+pub fn nbd_tag(id: u64) -> u64 {
+    crate::port::Port::Nbd(id).tag()
+}
 
 struct Cached {
     seq: u64,
@@ -412,7 +414,6 @@ pub fn turn(
         let mut ports = Ports {
             task: &mut task_port,
             nbd: &mut nbd_port,
-            is_nbd: |tag| tag & NBD_BIT != 0,
         };
         v.poll(now, &mut drain, &mut ports);
         for (pool, c) in to_task {
@@ -551,7 +552,7 @@ pub fn write_as(
         buf.set_len(piece.len()).unwrap();
         buf.as_mut_slice().copy_from_slice(piece);
         let lba = (offset + (i * 64 * 1024) as u64) / block;
-        let tag = if nbd { NBD_BIT | 9 } else { 9 };
+        let tag = if nbd { nbd_tag(9) } else { 9 };
         let c = request(v, target, BlockRequest::write(tag, lba, buf, false), nbd);
         if let Some(b) = c.buffer {
             v.pools[disk].release(b).unwrap();

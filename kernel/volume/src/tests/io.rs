@@ -308,7 +308,7 @@ fn nbd_writes_straight_to_a_device_are_counted_until_they_come_back() {
     buf.set_len(4096).unwrap();
     v.submit_nbd(
         Target::Device(0),
-        BlockRequest::write(NBD_BIT | 1, 0, buf, false),
+        BlockRequest::write(nbd_tag(1), 0, buf, false),
     )
     .unwrap();
     assert_eq!(v.direct_nbd_in_flight(0), 1);

@@ -349,7 +349,7 @@ fn create_waits_for_nbd_writes_sent_straight_to_the_origin() {
     buf.as_mut_slice().fill(0x99);
     v.submit_nbd(
         Target::Device(0),
-        drivers::block::BlockRequest::write(NBD_BIT | 1, 0, buf, false),
+        drivers::block::BlockRequest::write(nbd_tag(1), 0, buf, false),
     )
     .unwrap();
     task.step(&mut v, now());
