@@ -18,6 +18,7 @@ mod nbd;
 mod net;
 #[cfg(target_os = "none")]
 mod snap;
+pub mod snapcmd;
 
 #[cfg(target_os = "none")]
 pub use appliance::{execute, Ctx, IoCounters, Job};
