@@ -246,13 +246,7 @@ impl Storage {
             }
             Err(e) => {
                 log::error!("{}: no memory for its buffer pool: {e}", info.name);
-                let why = drivers::info::reason(format_args!("no DMA memory for buffers: {e}"));
-                self.failed.push(DeviceInfo::init_failed(
-                    info.name,
-                    info.driver,
-                    info.pci,
-                    why,
-                ));
+                self.fail(info, format_args!("no DMA memory for buffers: {e}"));
                 false
             }
         }
@@ -263,7 +257,15 @@ impl Storage {
     /// Records a device left out because memory ran out before it.
     fn skip(&mut self, info: DeviceInfo) {
         log::error!("{}: left out: no DMA memory for its buffers", info.name);
-        let why = drivers::info::reason(format_args!("left out: no DMA memory for its buffers"));
+        self.fail(
+            info,
+            format_args!("left out: no DMA memory for its buffers"),
+        );
+    }
+
+    /// Records device `info` as failed, for `why`.
+    fn fail(&mut self, info: DeviceInfo, why: core::fmt::Arguments<'_>) {
+        let why = drivers::info::reason(why);
         self.failed.push(DeviceInfo::init_failed(
             info.name,
             info.driver,

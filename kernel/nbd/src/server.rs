@@ -463,23 +463,9 @@ impl<B: IoBuffer, C: Copy + Eq + fmt::Debug> Server<B, C> {
         volumes: &mut V,
         now: u64,
     ) {
-        for index in 0..self.links.len() {
-            let Some(link) = self.links[index] else {
-                continue;
-            };
-            let (Some(id), None) = (link.id, link.closed_at) else {
-                continue;
-            };
-            let (finished, active) = self.pump_in(sockets, volumes, link.conn, id, link.peer);
-            if let Some(l) = self.links[index].as_mut() {
-                if active {
-                    l.clock.active = now;
-                }
-                if finished {
-                    l.closed_at = Some(now);
-                }
-            }
-        }
+        self.each_open_link(now, |server, link, id| {
+            server.pump_in(sockets, volumes, link.conn, id, link.peer)
+        });
     }
 
     /// The send half of the I/O at `now`: replies due on every open connection go out; a
@@ -490,6 +476,19 @@ impl<B: IoBuffer, C: Copy + Eq + fmt::Debug> Server<B, C> {
         volumes: &mut V,
         now: u64,
     ) {
+        self.each_open_link(now, |server, link, id| {
+            let finished = server.pump_out(sockets, volumes, link.conn, id, link.peer);
+            (finished, server.busy(id))
+        });
+    }
+
+    /// Runs `io` on every open connection (with its session `id`); `io` says whether the
+    /// connection closed and whether it was active. Their clocks follow at `now`.
+    fn each_open_link(
+        &mut self,
+        now: u64,
+        mut io: impl FnMut(&mut Self, Link<C>, u8) -> (bool, bool),
+    ) {
         for index in 0..self.links.len() {
             let Some(link) = self.links[index] else {
                 continue;
@@ -497,11 +496,10 @@ impl<B: IoBuffer, C: Copy + Eq + fmt::Debug> Server<B, C> {
             let (Some(id), None) = (link.id, link.closed_at) else {
                 continue;
             };
-            let finished = self.pump_out(sockets, volumes, link.conn, id, link.peer);
-            let busy = self.busy(id);
+            let (finished, active) = io(self, link, id);
             let serving = self.serving(id);
             if let Some(l) = self.links[index].as_mut() {
-                if busy {
+                if active {
                     l.clock.active = now;
                 }
                 l.clock.serving = serving;

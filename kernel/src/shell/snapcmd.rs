@@ -420,12 +420,7 @@ fn set(st: &mut Volumes, args: &Args) -> CmdResult<Box<dyn Task>> {
             if writable { "writable" } else { "read-only" }
         ));
     }
-    Ok(Box::new(RebindTask::new(
-        snap.name.clone(),
-        origin,
-        snap.id,
-        Rebind::Writable(writable),
-    )))
+    rebind(origin, snap, Rebind::Writable(writable))
 }
 
 /// `snapshot autoextend NAME --threshold PCT --by PCT|SIZE` or `--off` (LVM's
@@ -470,11 +465,16 @@ fn autoextend(st: &mut Volumes, args: &Args) -> CmdResult<Box<dyn Task>> {
         _ => return Err(USAGE.into()),
     };
     let (origin, snap) = rebindable(st, args)?;
+    rebind(origin, snap, Rebind::AutoExtend(policy))
+}
+
+/// The task that rewrites the binding of `snap` (of origin `origin`) with `change`.
+fn rebind(origin: usize, snap: &Snap, change: Rebind) -> CmdResult<Box<dyn Task>> {
     Ok(Box::new(RebindTask::new(
         snap.name.clone(),
         origin,
         snap.id,
-        Rebind::AutoExtend(policy),
+        change,
     )))
 }
 

@@ -69,6 +69,14 @@ fn refused(v: &mut Volumes, line: &str) -> String {
     }
 }
 
+/// Checks that each line is refused with its reason.
+fn refusals(v: &mut Volumes, cases: &[(&str, &str)]) {
+    for &(line, reason) in cases {
+        let e = refused(v, line);
+        assert!(e.contains(reason), "'{line}': {e}");
+    }
+}
+
 fn progress(task: &dyn Task) -> String {
     let mut text = FixedString::<160>::new();
     task.progress(&mut text, now()).unwrap();
@@ -117,19 +125,34 @@ fn finish(v: &mut Volumes, mut task: Box<dyn Task>) -> String {
 #[test]
 fn create_refuses_bad_requests_with_their_reason() {
     let mut v = volumes();
-    for (line, reason) in [
-        ("snapshot create s1 vda", "usage: snapshot create"),
-        ("snapshot create bad/name vda vdb", "invalid snapshot name"),
-        ("snapshot create vdb vda vdc", "already taken"),
-        ("snapshot create s1 nope vdb", "no device 'nope' for the origin"),
-        ("snapshot create s1 vda vda", "another device than the origin"),
-        ("snapshot create s1 vda vdb --chunk 3k", "--chunk must be a power of two"),
-        ("snapshot create s1 vda vdb --chunk 1m", "--chunk must be a power of two"),
-        ("snapshot create s1 vda vdc --chunk 128k", "needs at least 3 chunks"),
-    ] {
-        let e = refused(&mut v, line);
-        assert!(e.contains(reason), "'{line}': {e}");
-    }
+    refusals(
+        &mut v,
+        &[
+            ("snapshot create s1 vda", "usage: snapshot create"),
+            ("snapshot create bad/name vda vdb", "invalid snapshot name"),
+            ("snapshot create vdb vda vdc", "already taken"),
+            (
+                "snapshot create s1 nope vdb",
+                "no device 'nope' for the origin",
+            ),
+            (
+                "snapshot create s1 vda vda",
+                "another device than the origin",
+            ),
+            (
+                "snapshot create s1 vda vdb --chunk 3k",
+                "--chunk must be a power of two",
+            ),
+            (
+                "snapshot create s1 vda vdb --chunk 1m",
+                "--chunk must be a power of two",
+            ),
+            (
+                "snapshot create s1 vda vdc --chunk 128k",
+                "needs at least 3 chunks",
+            ),
+        ],
+    );
     // Nothing was set up for a refused request.
     assert!(v.origins.iter().all(|o| o.snaps.is_empty()));
 }
@@ -161,20 +184,26 @@ fn create_then_the_decisions_that_depend_on_the_snapshot() {
     let snap = v.origins[0].snap("s1").expect("s1 exists");
     assert_eq!(snap.state, SnapState::Active);
 
-    for (line, reason) in [
-        ("snapshot create s1 vda vdc", "already taken"),
-        // vdb holds s1's store: not an origin, and its region is taken.
-        ("snapshot create s2 vdb vdc", "holds the COW store of snapshot 's1'"),
-        ("snapshot create s2 vda vdb", "overlaps another snapshot's store"),
-        // vda is an origin now: it cannot hold a store.
-        ("snapshot create s2 vdc vda", "is the origin of snapshots"),
-        ("snapshot delete nope", "no snapshot 'nope'"),
-        ("snapshot merge nope", "no snapshot 'nope'"),
-        ("snapshot forget-merge vda", "is not a half-merged origin"),
-    ] {
-        let e = refused(&mut v, line);
-        assert!(e.contains(reason), "'{line}': {e}");
-    }
+    refusals(
+        &mut v,
+        &[
+            ("snapshot create s1 vda vdc", "already taken"),
+            // vdb holds s1's store: not an origin, and its region is taken.
+            (
+                "snapshot create s2 vdb vdc",
+                "holds the COW store of snapshot 's1'",
+            ),
+            (
+                "snapshot create s2 vda vdb",
+                "overlaps another snapshot's store",
+            ),
+            // vda is an origin now: it cannot hold a store.
+            ("snapshot create s2 vdc vda", "is the origin of snapshots"),
+            ("snapshot delete nope", "no snapshot 'nope'"),
+            ("snapshot merge nope", "no snapshot 'nope'"),
+            ("snapshot forget-merge vda", "is not a half-merged origin"),
+        ],
+    );
 
     // Which task each accepted request starts.
     let Some(Ok(rename)) = run_line(&mut v, &[], "snapshot rename s1 s9") else {
