@@ -11,9 +11,76 @@ use drivers::block::{BufferPool, Completion};
 use snapshot::{Binding, BoundedBytes, MergeError, SnapId, SnapshotConfig};
 
 use crate::extents::MarkerWriter;
-use crate::origin::{Snap, SnapState};
+use crate::origin::{Origin, Snap, SnapState};
 use crate::tasks::Task;
 use crate::Volumes;
+
+/// The [`Task`] methods of a snapshot control task (`$task`: its progress line says it is
+/// `$doing` the snapshot; it is done at step `$end`; `$markers`: the free-extent markers it
+/// writes, whose I/O completes there): it steps with its `run`, ends early with its `fail`,
+/// reports `error: snapshot NAME: ...` or its `report_ok`, cannot be cancelled and is not
+/// I/O-path work.
+macro_rules! control_task {
+    (@markers $task:ident) => {
+        None
+    };
+    (@markers $task:ident, $markers:ident) => {
+        $task.$markers.as_mut()
+    };
+    ($task:ty, $doing:literal, $end:expr $(, $markers:ident)?) => {
+        impl $task {
+            /// Ends the task with `why`.
+            fn fail(&mut self, why: &'static str) {
+                self.error = Some(why);
+                self.step = $end;
+            }
+        }
+
+        impl Task for $task {
+            fn step(&mut self, st: &mut Volumes, _now: u64) {
+                self.run(st);
+            }
+
+            fn complete(&mut self, pool: &mut BufferPool, c: Completion, _now: u64) {
+                let markers = control_task!(@markers self $(, $markers)?);
+                MarkerWriter::complete_or_release(markers, pool, c);
+            }
+
+            fn done(&self) -> bool {
+                self.step == $end
+            }
+
+            fn cancel(&mut self) {}
+
+            fn io_path(&self) -> bool {
+                false
+            }
+
+            fn progress(&self, out: &mut dyn Write, _now: u64) -> fmt::Result {
+                write!(out, concat!($doing, " snapshot {}"), self.name)
+            }
+
+            fn report(&mut self, out: &mut dyn Write, _now: u64) -> fmt::Result {
+                match self.error {
+                    Some(e) => writeln!(out, "error: snapshot {}: {e}", self.name),
+                    None => self.report_ok(out),
+                }
+            }
+        }
+    };
+}
+
+/// Whether the binding write of snapshot `id` has finished (and it then succeeded), taken
+/// from its origin; `None` while it is in flight.
+fn take_rebound(o: &mut Origin, id: SnapId) -> Option<bool> {
+    match o.rebound {
+        Some((done, ok)) if done == id => {
+            o.rebound = None;
+            Some(ok)
+        }
+        _ => None,
+    }
+}
 
 /// Where the new store goes and how it is laid out.
 pub struct CreateSpec {
@@ -294,8 +361,8 @@ impl DeleteTask {
     }
 }
 
-impl Task for DeleteTask {
-    fn step(&mut self, st: &mut Volumes, _now: u64) {
+impl DeleteTask {
+    fn run(&mut self, st: &mut Volumes) {
         if self.step == 3 {
             let Some(disk) = self.cow_disk else {
                 self.step = 4;
@@ -325,9 +392,8 @@ impl Task for DeleteTask {
             1 if o.engine.is_quiesced() => {
                 self.unmarked = o.engine.invalidation_failed(self.id);
                 if o.engine.delete_snapshot(self.id).is_err() {
-                    self.error = Some("the engine does not know this snapshot");
                     o.engine.resume_origin();
-                    self.step = 4;
+                    self.fail("the engine does not know this snapshot");
                     return;
                 }
                 if let Some(s) = o.snaps.iter_mut().find(|s| s.id == self.id) {
@@ -358,35 +424,16 @@ impl Task for DeleteTask {
         }
     }
 
-    fn complete(&mut self, pool: &mut BufferPool, c: Completion, _now: u64) {
-        MarkerWriter::complete_or_release(self.markers.as_mut(), pool, c);
-    }
-
-    fn done(&self) -> bool {
-        self.step == 4
-    }
-
-    fn cancel(&mut self) {}
-
-    fn io_path(&self) -> bool {
-        false
-    }
-
-    fn progress(&self, out: &mut dyn Write, _now: u64) -> fmt::Result {
-        write!(out, "deleting snapshot {}", self.name)
-    }
-
-    fn report(&mut self, out: &mut dyn Write, _now: u64) -> fmt::Result {
-        match self.error {
-            Some(e) => writeln!(out, "error: snapshot {}: {e}", self.name),
-            None => writeln!(
-                out,
-                "deleted snapshot {} (its COW store is invalidated and wiped)",
-                self.name
-            ),
-        }
+    fn report_ok(&self, out: &mut dyn Write) -> fmt::Result {
+        writeln!(
+            out,
+            "deleted snapshot {} (its COW store is invalidated and wiped)",
+            self.name
+        )
     }
 }
+
+control_task!(DeleteTask, "deleting", 4, markers);
 
 /// What `snapshot rename` / `snapshot set` change in a snapshot's binding.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -444,28 +491,23 @@ impl RebindTask {
     }
 }
 
-impl Task for RebindTask {
-    fn step(&mut self, st: &mut Volumes, _now: u64) {
+impl RebindTask {
+    fn run(&mut self, st: &mut Volumes) {
         let Some(o) = st.origins.get_mut(self.origin) else {
-            self.error = Some("the origin went away");
-            self.step = 2;
+            self.fail("the origin went away");
             return;
         };
         match self.step {
             0 => {
                 let Some(mut b) = o.engine.binding(self.id) else {
-                    self.error = Some(
-                        "its store has no snapfw binding (attached with --no-write): nothing to rewrite",
-                    );
-                    self.step = 2;
+                    self.fail("its store has no snapfw binding (attached with --no-write): nothing to rewrite");
                     return;
                 };
                 match &self.change {
                     Rebind::Rename(new) => match BoundedBytes::new(new.as_bytes()) {
                         Some(n) => b.name = n,
                         None => {
-                            self.error = Some("the new name is too long");
-                            self.step = 2;
+                            self.fail("the new name is too long");
                             return;
                         }
                     },
@@ -484,25 +526,17 @@ impl Task for RebindTask {
                 };
                 match asked {
                     Ok(()) => self.step = 1,
-                    Err(_) => {
-                        self.error = Some("the snapshot is busy or no longer active");
-                        self.step = 2;
-                    }
+                    Err(_) => self.fail("the snapshot is busy or no longer active"),
                 }
             }
             1 => {
-                let Some((id, ok)) = o.rebound else {
+                let Some(ok) = take_rebound(o, self.id) else {
                     return;
                 };
-                if id != self.id {
-                    return;
-                }
-                o.rebound = None;
-                self.step = 2;
                 if !ok {
-                    self.error = Some("writing the binding failed (I/O error); nothing changed");
-                    return;
+                    return self.fail("writing the binding failed (I/O error); nothing changed");
                 }
+                self.step = 2;
                 if let Rebind::Writable(w) = self.change {
                     let _ = o.engine.set_writable(self.id, w);
                 }
@@ -518,44 +552,25 @@ impl Task for RebindTask {
         }
     }
 
-    fn complete(&mut self, pool: &mut BufferPool, c: Completion, _now: u64) {
-        if let Some(b) = c.buffer {
-            let _ = pool.release(b);
-        }
-    }
-
-    fn done(&self) -> bool {
-        self.step == 2
-    }
-
-    fn cancel(&mut self) {}
-
-    fn io_path(&self) -> bool {
-        false
-    }
-
-    fn progress(&self, out: &mut dyn Write, _now: u64) -> fmt::Result {
-        write!(out, "writing the binding of snapshot {}", self.name)
-    }
-
-    fn report(&mut self, out: &mut dyn Write, _now: u64) -> fmt::Result {
-        match (self.error, &self.change) {
-            (Some(e), _) => writeln!(out, "error: snapshot {}: {e}", self.name),
-            (None, Rebind::Rename(new)) => {
+    fn report_ok(&self, out: &mut dyn Write) -> fmt::Result {
+        match &self.change {
+            Rebind::Rename(new) => {
                 writeln!(out, "renamed snapshot {} to {new}", self.name)
             }
-            (None, Rebind::Writable(true)) => {
+            Rebind::Writable(true) => {
                 writeln!(out, "snapshot {} is writable", self.name)
             }
-            (None, Rebind::Writable(false)) => {
+            Rebind::Writable(false) => {
                 writeln!(out, "snapshot {} is read-only", self.name)
             }
-            (None, Rebind::AutoExtend(p)) => {
+            Rebind::AutoExtend(p) => {
                 writeln!(out, "snapshot {}: auto-extend {}", self.name, AutoText(*p))
             }
         }
     }
 }
+
+control_task!(RebindTask, "writing the binding of", 2);
 
 /// `snapshot extend NAME SIZE`: grows a store into the free space after its region (or a
 /// whole-device store into the device's new capacity). Free-extent markers for the space
@@ -602,8 +617,8 @@ impl ExtendTask {
     }
 }
 
-impl Task for ExtendTask {
-    fn step(&mut self, st: &mut Volumes, _now: u64) {
+impl ExtendTask {
+    fn run(&mut self, st: &mut Volumes) {
         if self.step == 0 {
             let (disk, region) = (self.cow_disk, (self.start, self.sectors));
             let m = self
@@ -612,10 +627,9 @@ impl Task for ExtendTask {
             m.step(st);
             if m.done() {
                 if m.error {
-                    self.error = Some(
+                    self.fail(
                         "writing free-extent markers failed (I/O error); the store is as it was",
                     );
-                    self.step = 3;
                 } else {
                     self.step = 1;
                 }
@@ -623,17 +637,13 @@ impl Task for ExtendTask {
             return;
         }
         let Some(o) = st.origins.get_mut(self.origin) else {
-            self.error = Some("the origin went away");
-            self.step = 3;
+            self.fail("the origin went away");
             return;
         };
         match self.step {
             1 => {
                 let Some(mut b) = o.engine.binding(self.id) else {
-                    self.error = Some(
-                        "its store has no snapfw binding (attached with --no-write): the new size could not be recorded",
-                    );
-                    self.step = 3;
+                    self.fail("its store has no snapfw binding (attached with --no-write): the new size could not be recorded");
                     return;
                 };
                 b.region_start = self.start;
@@ -641,26 +651,18 @@ impl Task for ExtendTask {
                 o.rebound = None;
                 match o.engine.extend_snapshot(self.id, self.sectors, &b, None) {
                     Ok(()) => self.step = 2,
-                    Err(_) => {
-                        self.error = Some("the snapshot is busy, invalid or no longer active");
-                        self.step = 3;
-                    }
+                    Err(_) => self.fail("the snapshot is busy, invalid or no longer active"),
                 }
             }
             2 => {
-                let Some((id, ok)) = o.rebound else {
+                let Some(ok) = take_rebound(o, self.id) else {
                     return;
                 };
-                if id != self.id {
-                    return;
-                }
-                o.rebound = None;
-                self.step = 3;
                 if !ok {
-                    self.error =
-                        Some("writing the larger binding failed; the store keeps its size");
-                    return;
+                    return self
+                        .fail("writing the larger binding failed; the store keeps its size");
                 }
+                self.step = 3;
                 if let Some(s) = o.snaps.iter_mut().find(|s| s.id == self.id) {
                     s.cow_sectors = self.sectors;
                 }
@@ -672,42 +674,23 @@ impl Task for ExtendTask {
         }
     }
 
-    fn complete(&mut self, pool: &mut BufferPool, c: Completion, _now: u64) {
-        MarkerWriter::complete_or_release(self.markers.as_mut(), pool, c);
-    }
-
-    fn done(&self) -> bool {
-        self.step == 3
-    }
-
-    fn cancel(&mut self) {}
-
-    fn io_path(&self) -> bool {
-        false
-    }
-
-    fn progress(&self, out: &mut dyn Write, _now: u64) -> fmt::Result {
-        write!(out, "extending snapshot {}", self.name)
-    }
-
-    fn report(&mut self, out: &mut dyn Write, _now: u64) -> fmt::Result {
-        match self.error {
-            Some(e) => writeln!(out, "error: snapshot {}: {e}", self.name),
-            None => {
-                write!(
-                    out,
-                    "extended snapshot {} to {} MiB",
-                    self.name,
-                    self.sectors / 2048
-                )?;
-                match self.used_percent {
-                    Some(p) => writeln!(out, " ({p}% used)"),
-                    None => writeln!(out),
-                }
+    fn report_ok(&self, out: &mut dyn Write) -> fmt::Result {
+        {
+            write!(
+                out,
+                "extended snapshot {} to {} MiB",
+                self.name,
+                self.sectors / 2048
+            )?;
+            match self.used_percent {
+                Some(p) => writeln!(out, " ({p}% used)"),
+                None => writeln!(out),
             }
         }
     }
 }
+
+control_task!(ExtendTask, "extending", 3, markers);
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum MergeStep {
