@@ -953,76 +953,56 @@ impl Connection {
         let in_range = offset
             .checked_add(u64::from(len))
             .is_some_and(|end| end <= export.size);
+        // Each command's checks in order: the first that refuses names the error.
+        let malformed = !flags_ok || !aligned;
         let (kind, verdict) = match command {
             CMD_READ => (
                 Kind::Read,
-                if !flags_ok || !aligned || len > sizes.maximum || !in_range {
-                    Err(Errno::Inval)
-                } else {
-                    Ok(())
-                },
+                refusal(&[(malformed || len > sizes.maximum || !in_range, Errno::Inval)]),
             ),
             CMD_WRITE => (
                 Kind::Write,
-                if !flags_ok || !aligned || len > sizes.maximum {
-                    Err(Errno::Inval)
-                } else if export.read_only {
-                    Err(Errno::Perm)
-                } else if !in_range {
-                    Err(Errno::NoSpc)
-                } else {
-                    Ok(())
-                },
+                refusal(&[
+                    (malformed || len > sizes.maximum, Errno::Inval),
+                    (export.read_only, Errno::Perm),
+                    (!in_range, Errno::NoSpc),
+                ]),
             ),
             CMD_FLUSH => (
                 Kind::Flush,
-                if !flags_ok || !export.flush || offset != 0 || len != 0 {
-                    Err(Errno::Inval)
-                } else {
-                    Ok(())
-                },
+                refusal(&[(
+                    !flags_ok || !export.flush || offset != 0 || len != 0,
+                    Errno::Inval,
+                )]),
             ),
             CMD_TRIM => (
                 Kind::Trim,
-                if !flags_ok || !aligned || !in_range {
-                    Err(Errno::Inval)
-                } else if export.read_only {
-                    Err(Errno::Perm)
-                } else if !export.trim {
-                    Err(Errno::Inval)
-                } else {
-                    Ok(())
-                },
+                refusal(&[
+                    (malformed || !in_range, Errno::Inval),
+                    (export.read_only, Errno::Perm),
+                    (!export.trim, Errno::Inval),
+                ]),
             ),
             CMD_WRITE_ZEROES => (
                 Kind::Zero,
-                if !flags_ok || !aligned {
-                    Err(Errno::Inval)
-                } else if export.read_only {
-                    Err(Errno::Perm)
-                } else if !in_range {
-                    Err(Errno::NoSpc)
-                } else {
-                    Ok(())
-                },
+                refusal(&[
+                    (malformed, Errno::Inval),
+                    (export.read_only, Errno::Perm),
+                    (!in_range, Errno::NoSpc),
+                ]),
             ),
             // Answered here when its reply is staged (`block_status`).
             CMD_BLOCK_STATUS => (
                 Kind::Status,
-                if !flags_ok || !aligned || !in_range || self.meta.iter().all(Option::is_none) {
-                    Err(Errno::Inval)
-                } else {
-                    Ok(())
-                },
+                refusal(&[(
+                    malformed || !in_range || self.meta.iter().all(Option::is_none),
+                    Errno::Inval,
+                )]),
             ),
             // A hint: checked, then answered here without reading anything.
             CMD_CACHE => (
                 Kind::Local,
-                if !flags_ok || !aligned || !in_range {
-                    Err(Errno::Inval)
-                } else {
-                    Ok(())
-                },
+                refusal(&[(malformed || !in_range, Errno::Inval)]),
             ),
             _ => (Kind::Local, Err(Errno::Inval)),
         };
@@ -1394,4 +1374,12 @@ fn parse_info(data: &[u8]) -> Option<(usize, usize)> {
     }
     let requests = usize::from(be16(data, 4 + name_len));
     (data.len() == 4 + name_len + 2 + 2 * requests).then_some((name_len, requests))
+}
+
+/// The error of the first check that refuses (`(true, errno)`), if any.
+fn refusal(checks: &[(bool, Errno)]) -> Result<(), Errno> {
+    match checks.iter().find(|(refused, _)| *refused) {
+        Some(&(_, errno)) => Err(errno),
+        None => Ok(()),
+    }
 }
