@@ -246,6 +246,11 @@ impl fmt::Write for SerialWriter {
     }
 }
 
+/// Writes `text` with an [`EmergencyWriter`] (the exception report's output).
+pub fn emergency_write(text: &str) {
+    let _ = fmt::Write::write_str(&mut EmergencyWriter::new(), text);
+}
+
 /// A writer for exception and panic reports: flushes the ring, then polls the UART
 /// directly, and works even if the UART lock is held by the interrupted code.
 pub struct EmergencyWriter {

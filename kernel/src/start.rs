@@ -34,7 +34,7 @@ pub fn start(magic: u32, info: u32) -> ! {
     serial::init(serial::COM1, 115_200);
     gdt::init();
     interrupts::init();
-    interrupts::set_exception_hook(power::fail_stop);
+    interrupts::set_exception_hook(serial::emergency_write, power::fail_stop);
 
     let boot = match multiboot::parse(magic, info as u64, &IdentityMemory) {
         Ok(b) => BOOT_INFO.call_once(|| b),

@@ -190,9 +190,26 @@ pub fn count(vector: u8) -> u64 {
     COUNTS[vector as usize].load(Ordering::Relaxed)
 }
 
-/// Installs the function that ends the machine after an exception report.
-pub fn set_exception_hook(hook: fn() -> !) {
-    EXCEPTION_HOOK.store(hook as usize, Ordering::Release);
+/// Installs where an exception report is written (`out`, e.g. the serial console's
+/// emergency writer) and the function that ends the machine after it (`stop`).
+pub fn set_exception_hook(out: fn(&str), stop: fn() -> !) {
+    EXCEPTION_OUT.call_once(|| out);
+    EXCEPTION_HOOK.store(stop as usize, Ordering::Release);
+}
+
+/// Where exception reports go (set once at boot; nothing before that).
+static EXCEPTION_OUT: spin::Once<fn(&str)> = spin::Once::new();
+
+/// The exception report's writer: [`EXCEPTION_OUT`].
+struct ReportOut;
+
+impl core::fmt::Write for ReportOut {
+    fn write_str(&mut self, s: &str) -> core::fmt::Result {
+        if let Some(out) = EXCEPTION_OUT.get() {
+            out(s);
+        }
+        Ok(())
+    }
 }
 
 const EXCEPTION_NAMES: [&str; 32] = [
@@ -253,7 +270,7 @@ extern "C" fn interrupt_dispatch(frame: &mut InterruptFrame) {
 
 fn report_exception(frame: &InterruptFrame) -> ! {
     use core::fmt::Write;
-    let mut out = crate::serial::EmergencyWriter::new();
+    let mut out = ReportOut;
     let vector = frame.vector as usize;
     let _ = write!(
         out,

@@ -4,8 +4,6 @@
 //! (uncached) when a driver maps them. Both extend the same page-table tree (PML4 → PDPT →
 //! PD, 2 MiB pages). Intel SDM vol. 3A §4.5.
 
-use crate::memory;
-
 const PRESENT: u64 = 1;
 const WRITABLE: u64 = 1 << 1;
 const WRITE_THROUGH: u64 = 1 << 3;
@@ -82,9 +80,14 @@ fn map_range(
     Ok(())
 }
 
-/// Identity-maps `[phys, phys+len)` (rounded out to 2 MiB) as uncached device memory.
-/// Ranges already mapped (the first 4 GiB, RAM) are left as they are.
-pub fn map_identity(phys: u64, len: u64) -> Result<(), MapError> {
+/// Identity-maps `[phys, phys+len)` (rounded out to 2 MiB) as uncached device memory, with
+/// page tables from `frame` (zeroed, identity-mapped frames). Ranges already mapped (the
+/// first 4 GiB, RAM) are left as they are.
+pub fn map_identity(
+    phys: u64,
+    len: u64,
+    frame: &mut dyn FnMut() -> Option<u64>,
+) -> Result<(), MapError> {
     let start = phys & !(TWO_MIB - 1);
     let end = phys
         .checked_add(len)
@@ -94,7 +97,7 @@ pub fn map_identity(phys: u64, len: u64) -> Result<(), MapError> {
         start,
         end,
         PRESENT | WRITABLE | WRITE_THROUGH | CACHE_DISABLE,
-        &mut || memory::allocate_frames(1, 1),
+        frame,
     )
 }
 

@@ -32,7 +32,8 @@ pub struct KernelHal;
 impl MmioMapper for KernelHal {
     fn map_mmio(&self, phys: u64, len: usize) -> Result<NonNull<u8>, HalError> {
         let failed = HalError::MapFailed { phys, len };
-        paging::map_identity(phys, len as u64).map_err(|_| failed)?;
+        paging::map_identity(phys, len as u64, &mut || memory::allocate_frames(1, 1))
+            .map_err(|_| failed)?;
         NonNull::new(phys as *mut u8).ok_or(failed)
     }
 }
@@ -76,7 +77,7 @@ unsafe impl virtio_drivers::Hal for KernelHal {
     }
 
     unsafe fn mmio_phys_to_virt(paddr: PhysAddr, size: usize) -> NonNull<u8> {
-        match paging::map_identity(paddr, size as u64) {
+        match paging::map_identity(paddr, size as u64, &mut || memory::allocate_frames(1, 1)) {
             Ok(()) => NonNull::new(paddr as *mut u8).unwrap_or(NonNull::dangling()),
             Err(e) => {
                 log::error!("cannot map virtio MMIO at {paddr:#x}+{size:#x}: {e:?}");
