@@ -14,18 +14,22 @@ const SIZE: usize = 512 * 1024;
 /// Crash modes per cut: nothing volatile kept, everything kept, two random subsets.
 const MODES: [(u32, u64); 4] = [(0, 0), (1, 0), (2, 1), (2, 2)];
 
+/// The origin `vda` of SIZE bytes and the COW device `vdb` of 1 MiB.
+fn disks() -> (Disk, Disk) {
+    let origin = Shape {
+        blocks: (SIZE / 512) as u64,
+        ..Shape::mib(1)
+    };
+    (
+        Disk::new("vda", "ORIGIN", origin),
+        Disk::new("vdb", "COW", Shape::mib(1)),
+    )
+}
+
 /// An origin whose chunks 3..62 were overwritten in part after snapshot `s` was taken, shut down
 /// cleanly: (origin, COW, the snapshot's contents, the origin's).
 fn merged_world() -> (Disk, Disk, Vec<u8>, Vec<u8>) {
-    let a = Disk::new(
-        "vda",
-        "ORIGIN",
-        Shape {
-            blocks: (SIZE / 512) as u64,
-            ..Shape::mib(1)
-        },
-    );
-    let c = Disk::new("vdb", "COW", Shape::mib(1));
+    let (a, c) = disks();
     let before = pattern(SIZE, 0x10);
     a.set(&before);
     let mut after = before.clone();
@@ -137,15 +141,7 @@ fn a_merge_cut_at_any_device_completion_finishes_after_reboot() {
 fn a_power_cut_during_origin_writes_never_changes_the_snapshot() {
     let mut total = 0;
     let setup = || {
-        let a = Disk::new(
-            "vda",
-            "ORIGIN",
-            Shape {
-                blocks: (SIZE / 512) as u64,
-                ..Shape::mib(1)
-            },
-        );
-        let c = Disk::new("vdb", "COW", Shape::mib(1));
+        let (a, c) = disks();
         let before = pattern(SIZE, 0x20);
         a.set(&before);
         let mut v = volumes(&[&a, &c]);

@@ -10,7 +10,7 @@ use snapshot::{Binding, BoundedBytes, OriginId, OriginMarker};
 use super::harness::*;
 use crate::discover::DiscoverTask;
 use crate::origin::SnapState;
-use crate::Target;
+use crate::{Target, Volumes};
 
 const MIB: usize = 1024 * 1024;
 
@@ -43,6 +43,29 @@ fn unserved_why(v: &crate::Volumes) -> String {
         .map(|u| u.why.clone())
         .collect::<Vec<_>>()
         .join(" | ")
+}
+
+/// `disks` booted (discovery), and why the store found is not served.
+fn boot_unserved(disks: &[&Disk]) -> (Volumes, String) {
+    let mut v = volumes(disks);
+    discover(&mut v);
+    let why = unserved_why(&v);
+    (v, why)
+}
+
+/// The binding `snapshot attach NAME` writes for a 1 MiB origin named by `serial`.
+fn attach_binding(name: &[u8], serial: &[u8]) -> Binding {
+    Binding {
+        name: BoundedBytes::new(name).unwrap(),
+        origin_serial: BoundedBytes::new(serial).unwrap(),
+        origin_sectors: 2048,
+        chunk_sectors: 0,
+        created_unix_seconds: 0,
+        region_start: 0,
+        region_sectors: 0,
+        flags: 0,
+        origin_id: OriginId::Serial,
+    }
 }
 
 #[test]
@@ -160,9 +183,7 @@ fn stores_with_chunks_too_large_are_refused_before_anything_is_read() {
         let (a, c, _, _) = one_snapshot(false);
         // The header's chunk size (bytes 12..16).
         c.poke(12, &chunk_sectors.to_le_bytes());
-        let mut v = volumes(&[&a, &c]);
-        discover(&mut v);
-        let why = unserved_why(&v);
+        let (v, why) = boot_unserved(&[&a, &c]);
         assert!(
             why.starts_with("a snapshot store that does not load: "),
             "{why}"
@@ -200,9 +221,7 @@ fn stores_without_or_with_a_broken_binding_are_listed_not_served() {
         .position(|w| w == BINDING_MAGIC)
         .expect("binding");
     c.poke(at + 12, &[0xFF; 40]);
-    let mut v = volumes(&[&a, &c]);
-    discover(&mut v);
-    let why = unserved_why(&v);
+    let (_, why) = boot_unserved(&[&a, &c]);
     assert!(
         why.starts_with("a dm-snapshot store whose binding record is unreadable"),
         "{why}"
@@ -215,9 +234,7 @@ fn a_store_whose_metadata_does_not_load_is_left_untouched() {
     // The first metadata area (chunk 1): exceptions pointing far outside the store.
     c.poke(4096, &[0xEE; 64]);
     let image = c.contents();
-    let mut v = volumes(&[&a, &c]);
-    discover(&mut v);
-    let why = unserved_why(&v);
+    let (_, why) = boot_unserved(&[&a, &c]);
     assert!(
         why.starts_with("a snapshot store that does not load: "),
         "{why}"
@@ -230,18 +247,14 @@ fn a_store_whose_metadata_does_not_load_is_left_untouched() {
 fn a_missing_or_resized_origin_leaves_the_store_untouched() {
     let (_, c, _, _) = one_snapshot(false);
     let other = Disk::new("vda", "SOMEONE-ELSE", Shape::mib(1));
-    let mut v = volumes(&[&other, &c]);
-    discover(&mut v);
-    let why = unserved_why(&v);
+    let (_, why) = boot_unserved(&[&other, &c]);
     assert!(
         why.starts_with("snapshot 's': its origin (")
             && why.ends_with("is missing; store left untouched"),
         "{why}"
     );
     let resized = Disk::new("vda", "ORIGIN", Shape::mib(2));
-    let mut v = volumes(&[&resized, &c]);
-    discover(&mut v);
-    let why = unserved_why(&v);
+    let (_, why) = boot_unserved(&[&resized, &c]);
     assert!(why.contains("(serial 'ORIGIN', 2048 sectors) is vda but that has 4096 sectors; store left untouched"), "{why}");
 }
 
@@ -249,9 +262,7 @@ fn a_missing_or_resized_origin_leaves_the_store_untouched() {
 fn an_ambiguous_origin_waits_for_attach() {
     let (a, c, before, _) = one_snapshot(false);
     let twin = Disk::new("vdc", "ORIGIN", Shape::mib(1));
-    let mut v = volumes(&[&a, &c, &twin]);
-    discover(&mut v);
-    let why = unserved_why(&v);
+    let (mut v, why) = boot_unserved(&[&a, &c, &twin]);
     assert!(
         why.contains(
             "is ambiguous: it could be vda, vdc; waiting for 'snapshot attach s ORIGIN COW'"
@@ -261,17 +272,7 @@ fn an_ambiguous_origin_waits_for_attach() {
     assert!(snap(&v, "s").is_none());
     // `snapshot attach s vda vdb --no-write`: read-only, until reboot; the disk unchanged.
     let image = c.contents();
-    let binding = Binding {
-        name: BoundedBytes::new(b"mine").unwrap(),
-        origin_serial: BoundedBytes::new(b"ORIGIN").unwrap(),
-        origin_sectors: 2048,
-        chunk_sectors: 0,
-        created_unix_seconds: 0,
-        region_start: 0,
-        region_sectors: 0,
-        flags: 0,
-        origin_id: OriginId::Serial,
-    };
+    let binding = attach_binding(b"mine", b"ORIGIN");
     v.unserved.retain(|u| u.disk != 1);
     let mut t = DiscoverTask::adopt(1, 0, binding.clone(), false);
     let report = run(&mut v, &mut t);
@@ -308,17 +309,7 @@ fn attach_refuses_a_device_without_a_store() {
     let a = Disk::new("vda", "A", Shape::mib(1));
     let b = Disk::new("vdb", "B", Shape::mib(1));
     let mut v = volumes(&[&a, &b]);
-    let binding = Binding {
-        name: BoundedBytes::new(b"x").unwrap(),
-        origin_serial: BoundedBytes::new(b"A").unwrap(),
-        origin_sectors: 2048,
-        chunk_sectors: 0,
-        created_unix_seconds: 0,
-        region_start: 0,
-        region_sectors: 0,
-        flags: 0,
-        origin_id: OriginId::Serial,
-    };
+    let binding = attach_binding(b"x", b"A");
     let mut t = DiscoverTask::adopt(1, 0, binding, true);
     let report = run(&mut v, &mut t);
     assert_eq!(
@@ -340,9 +331,7 @@ fn a_store_found_away_from_where_its_binding_places_it_is_left_alone() {
     let chunk0 = c.bytes(1024 * 512, 4096);
     let c2 = c.rebooted(c.contents());
     c2.poke(0, &chunk0);
-    let mut v = volumes(&[&a.rebooted(a.contents()), &c2]);
-    discover(&mut v);
-    let why = unserved_why(&v);
+    let (_, why) = boot_unserved(&[&a.rebooted(a.contents()), &c2]);
     assert!(why.contains("a store whose binding places it at sector 1024 (+1024), found at sector 0; left untouched"), "{why}");
 }
 
