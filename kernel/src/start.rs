@@ -15,12 +15,9 @@ use crate::main_loop::MainLoop;
 use crate::memory::IdentityMemory;
 use crate::{acpi, memory, power, serial, time};
 
+/// Where the parsed boot information lives: it is large and is parsed before there is a heap
+/// (only [`start`] uses it).
 static BOOT_INFO: spin::Once<BootInfo> = spin::Once::new();
-
-/// The boot information, once parsed.
-pub fn boot_info() -> Option<&'static BootInfo> {
-    BOOT_INFO.get()
-}
 
 fn fatal(args: core::fmt::Arguments) -> ! {
     let mut out = serial::EmergencyWriter::new();
