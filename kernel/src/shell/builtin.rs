@@ -23,9 +23,11 @@ pub fn run(id: CommandId, args: &Args, out: &mut Out, ctx: &mut Ctx<'_>) -> Opti
         | CommandId::Write
         | CommandId::Checksum
         | CommandId::Flush
-        | CommandId::Bench => return super::disk::run(id, args, out, ctx.storage).map(Job::Task),
+        | CommandId::Bench => {
+            return super::disk::run(id, args, out, ctx.storage, ctx.cmdline.testing).map(Job::Task)
+        }
         CommandId::Snapshot => return super::snap::run(args, out, ctx.storage).map(Job::Task),
-        CommandId::Net => super::net::run(args, out, ctx.net.as_deref_mut()),
+        CommandId::Net => super::net::run(args, out, ctx.net.as_deref_mut(), ctx.cmdline.testing),
         CommandId::Nbd => super::nbd::run(args, out, ctx.storage, ctx.nbd, ctx.net.as_deref()),
         CommandId::NbdSelfTest => {
             let volume = args.arg("VOLUME").unwrap_or("");
@@ -39,9 +41,9 @@ pub fn run(id: CommandId, args: &Args, out: &mut Out, ctx: &mut Ctx<'_>) -> Opti
         }
         CommandId::Help => match args.arg("COMMAND") {
             None => {
-                let _ = out.write_str(&help_all(power::testing()));
+                let _ = out.write_str(&help_all(ctx.cmdline.testing));
             }
-            Some(name) => match help_one(name, power::testing()) {
+            Some(name) => match help_one(name, ctx.cmdline.testing) {
                 Ok(text) => {
                     let _ = out.write_str(&text);
                 }

@@ -87,6 +87,7 @@ pub fn run(
     args: &Args,
     out: &mut Out,
     st: &mut Storage,
+    testing: bool,
 ) -> Option<Box<dyn Task>> {
     use super::commands::CommandId;
     let now = time::uptime_ns();
@@ -112,7 +113,7 @@ pub fn run(
             }
             if args.flag("unchecked") {
                 // Test builds only: let the device judge the range (NVMe names its answer).
-                if !crate::power::testing() {
+                if !testing {
                     return Err(
                         "--unchecked is only available with 'testing' on the command line".into(),
                     );

@@ -38,7 +38,6 @@ mod appliance {
     use crate::nbd::selftest::NbdSelfTest;
     use crate::nbd::{Nbd, Server};
     use crate::net::Net;
-    use crate::power;
 
     /// Counters of the I/O path's allocations, kept by the main loop and shown by `mem`.
     #[derive(Clone, Copy, Debug, Default)]
@@ -136,7 +135,7 @@ mod appliance {
     /// Runs one console line with the parts in `ctx`; returns the job it started, if any.
     pub fn execute(line: &str, ctx: &mut Ctx<'_>) -> Option<Job> {
         let mut out = Out;
-        match parse_line(line, power::testing()) {
+        match parse_line(line, ctx.cmdline.testing) {
             Ok(None) => None,
             Ok(Some(parsed)) => match parsed.args() {
                 Ok(args) => super::builtin::run(parsed.info.id, &args, &mut out, ctx),

@@ -9,10 +9,10 @@ use crate::console::args::Args;
 use crate::console::output::Out;
 use crate::ipconfig::Dotted;
 use crate::net::{AddressState, Net};
-use crate::{power, time};
+use crate::time;
 
 /// Runs `net …`.
-pub fn run(args: &Args, out: &mut Out, net: Option<&mut Net>) {
+pub fn run(args: &Args, out: &mut Out, net: Option<&mut Net>, testing: bool) {
     match args.arg("SUBCOMMAND") {
         None => {
             if net.map(|n| show(n, out)).is_none() {
@@ -22,7 +22,7 @@ pub fn run(args: &Args, out: &mut Out, net: Option<&mut Net>) {
                 );
             }
         }
-        Some("echo") if power::testing() => {
+        Some("echo") if testing => {
             let Some(port) = args
                 .arg("PORT")
                 .and_then(|p| p.parse::<u16>().ok())
