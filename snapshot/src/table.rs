@@ -595,6 +595,22 @@ pub struct TableBuilder {
     table: ExceptionTable,
     /// Nodes appended so far: they are nodes `0..appended`, in the order pushed.
     appended: u32,
+    /// Nodes appended per part of the bucket array (`part`).
+    parts: [u32; PARTS],
+}
+
+/// log2 of the parts of the bucket array a large built table's nodes are sorted by before
+/// they are linked ([`TableBuilder::finish`]).
+const PART_BITS: u32 = 6;
+const PARTS: usize = 1 << PART_BITS;
+/// Fewer nodes than this are linked in the order pushed: they fit a cache, sorting gains
+/// nothing.
+const PART_MIN_NODES: u32 = 1 << 16;
+
+/// The part of the bucket array holding the chain of `chunk`'s group, for a bucket array of
+/// at least [`PARTS`] buckets: the top bits of [`ExceptionTable::bucket`] (the same hash).
+fn part(chunk: u64) -> usize {
+    ((chunk >> GROUP_BITS).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - PART_BITS)) as usize
 }
 
 impl TableBuilder {
@@ -603,6 +619,7 @@ impl TableBuilder {
         TableBuilder {
             table: ExceptionTable::new(limit),
             appended: 0,
+            parts: [0; PARTS],
         }
     }
 
@@ -682,13 +699,24 @@ impl TableBuilder {
         t.runs += 1;
         t.exceptions += 1;
         self.appended += 1;
+        // A run joined on push stays in its group: same hash, same part.
+        self.parts[part(old_chunk)] += 1;
         Ok(())
     }
 
-    /// Links every run pushed and returns the table, or the first run (in push order) that
-    /// overlaps one pushed before it. The bucket array is allocated once, fallibly: when the
-    /// heap cannot serve it, a smaller one is tried (chains get longer; lookups stay right).
-    pub fn finish(self) -> Result<ExceptionTable, DuplicateChunk> {
+    /// Links every run pushed and returns the table, or a chunk two runs hold. The bucket
+    /// array is allocated once, fallibly: when the heap cannot serve it, a smaller one is
+    /// tried (chains get longer; lookups stay right).
+    ///
+    /// A large table's nodes are first sorted in place by the part of the bucket array their
+    /// chain is in (64 parts; each run is moved once, along its cycle), then linked
+    /// part by part: the chain and bucket a run is linked into are then within one part of
+    /// the nodes and of the bucket array, not anywhere in them, so linking ten million runs
+    /// touches a few MB at a time instead of 190 MB at random (measured under TCG, where each
+    /// page missed costs a software TLB fill: 64 parts cut the load's CPU time by a quarter,
+    /// 16 parts did not pay for their sort, 128 gained nothing more).
+    pub fn finish(mut self) -> Result<ExceptionTable, DuplicateChunk> {
+        let n = self.appended;
         let mut t = self.table;
         let mut count = t.allocated.div_ceil(2).next_power_of_two();
         while count > t.buckets.len() {
@@ -699,7 +727,10 @@ impl TableBuilder {
             }
             count /= 2;
         }
-        for i in 0..self.appended {
+        if n >= PART_MIN_NODES && t.buckets.len() >= PARTS {
+            t.sort_by_part(n, &mut self.parts);
+        }
+        for i in 0..n {
             t.link_appended(i)?;
         }
         Ok(t)
@@ -707,6 +738,41 @@ impl TableBuilder {
 }
 
 impl ExceptionTable {
+    /// Sorts nodes `0..n` (unlinked: only their runs matter) by [`part`], given how many
+    /// of them each part has: an in-place distribution (American flag sort), each run read
+    /// and written once.
+    fn sort_by_part(&mut self, n: u32, counts: &mut [u32; PARTS]) {
+        // `counts` becomes each part's next place, `ends` its end.
+        let mut ends = [0u32; PARTS];
+        let mut at = 0u32;
+        for (c, end) in counts.iter_mut().zip(ends.iter_mut()) {
+            let len = *c;
+            *c = at;
+            at += len;
+            *end = at;
+        }
+        debug_assert_eq!(at, n);
+        for p in 0..PARTS {
+            while counts[p] < ends[p] {
+                // Carry the run found at part `p`'s next place along its cycle until one
+                // that belongs there comes back.
+                let home = counts[p];
+                let mut carried = self.node(home);
+                let mut q = part(carried.old_chunk);
+                while q != p {
+                    let to = counts[q];
+                    counts[q] += 1;
+                    let there = self.node(to);
+                    self.set_node(to, carried);
+                    carried = there;
+                    q = part(carried.old_chunk);
+                }
+                self.set_node(home, carried);
+                counts[p] += 1;
+            }
+        }
+    }
+
     /// Links node `i`, which holds a run and is on no chain (see [`TableBuilder`]): joins it to
     /// the runs it continues, or puts it on its group's chain.
     fn link_appended(&mut self, i: u32) -> Result<(), DuplicateChunk> {
@@ -1007,6 +1073,64 @@ mod tests {
         assert!(t.is_empty());
         t.insert(5, 5).unwrap();
         assert_eq!(t.lookup(5), Some(5));
+    }
+
+    /// The parts a built table is sorted by are the top bits of the bucket of every size
+    /// that has that many buckets.
+    #[test]
+    fn parts_are_the_top_bits_of_buckets() {
+        let mut t = ExceptionTable::new(16);
+        for bits in PART_BITS..=30 {
+            t.bucket_bits = bits;
+            for c in (0..5000u64).map(|i| i.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 18) {
+                assert_eq!(
+                    part(c),
+                    t.bucket(c) >> (bits - PART_BITS),
+                    "bits {bits} chunk {c}"
+                );
+            }
+        }
+    }
+
+    /// A table large enough to be sorted by parts before it is linked is still the table
+    /// inserting gives, joins (records of a run pushed apart, out of COW order) and
+    /// duplicates included.
+    #[test]
+    fn a_large_built_table_is_sorted_then_linked_like_inserts() {
+        let n = 3 * PART_MIN_NODES as u64;
+        let mut records: Vec<(u64, u64)> = (0..n)
+            .map(|i| {
+                (
+                    (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 20) & !1,
+                    2 + 2 * i,
+                )
+            })
+            .collect();
+        // Every 64th record's run gets its neighbour (old + 1, new + 1) far later.
+        for i in (0..n as usize).step_by(64) {
+            let (old, new) = records[i];
+            records.push((old + 1, new + 1));
+        }
+        let origin: std::collections::BTreeSet<u64> = records.iter().map(|r| r.0).collect();
+        assert_eq!(
+            origin.len(),
+            records.len(),
+            "test records name distinct chunks"
+        );
+        let a = inserted(&records, records.len()).unwrap();
+        let b = built(&records, records.len()).unwrap();
+        assert_eq!(b.runs(), n as usize);
+        assert_eq!(runs_of(&a), runs_of(&b));
+        for &(old, new) in records.iter().step_by(97) {
+            assert_eq!(b.lookup(old), Some(new));
+        }
+        // One chunk named again, inside a joined run.
+        let (old, _) = records[64 * 100];
+        records.push((old + 1, 2 * n + 1000));
+        assert_eq!(
+            built(&records, records.len()).unwrap_err(),
+            DuplicateChunk { old_chunk: old + 1 }
+        );
     }
 
     proptest! {
