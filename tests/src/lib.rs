@@ -16,7 +16,6 @@
 //! what snapfw writes against what Linux reads, and the other way round.
 
 pub mod cow;
-pub mod store;
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
