@@ -413,6 +413,11 @@ impl Qemu {
         }
     }
 
+    /// The QEMU process's id (for `/proc` figures such as its threads' CPU time).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Everything the console printed so far.
     pub fn transcript(&self) -> String {
         String::from_utf8_lossy(&self.output.0.lock().unwrap().bytes).into_owned()
