@@ -154,7 +154,6 @@ pub struct Loader {
     table: Option<TableBuilder>,
     max_new: u64,
     monotonic: bool,
-    out_of_order: Vec<u64>,
     area_image: Vec<u8>,
     current_area: u64,
     committed: u64,
@@ -202,7 +201,6 @@ impl Loader {
             table: None,
             max_new: 0,
             monotonic: true,
-            out_of_order: Vec::new(),
             area_image: Vec::new(),
             current_area: 0,
             committed: 0,
@@ -400,19 +398,11 @@ impl Loader {
                 Err(Grow::Full) => return self.fail(LoadError::TableFull),
             }
             if r.new_chunk <= self.max_new {
-                if self.monotonic {
-                    // Stores written before Linux fixed commit order are not sorted; check
-                    // them for duplicates the slow way at the end.
-                    self.monotonic = false;
-                }
+                // Stores written before Linux fixed commit order are not sorted; they are
+                // checked for COW chunks named twice the slow way at the end, from the table.
+                self.monotonic = false;
             } else {
                 self.max_new = r.new_chunk;
-            }
-            if !self.monotonic {
-                if self.out_of_order.try_reserve(1).is_err() {
-                    return self.fail(LoadError::OutOfMemory);
-                }
-                self.out_of_order.push(r.new_chunk);
             }
             self.records += 1;
             i += 1;
