@@ -19,7 +19,7 @@ use crate::format::{
     decode_merge_marker, Binding, BindingError, Geometry, Header, Record, SECTOR_BYTES,
     SNAPSHOT_DISK_VERSION, SNAP_MAGIC,
 };
-use crate::table::ExceptionTable;
+use crate::table::{ExceptionTable, Grow, TableBuilder};
 
 /// Why a store could not be loaded. Every variant names what on disk is wrong.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -151,10 +151,9 @@ pub struct Loader {
     merging: Option<crate::format::MergeMarker>,
     autoextend: Option<crate::format::AutoExtend>,
     geometry: Option<Geometry>,
-    table: Option<ExceptionTable>,
+    table: Option<TableBuilder>,
     max_new: u64,
     monotonic: bool,
-    out_of_order: Vec<u64>,
     area_image: Vec<u8>,
     current_area: u64,
     committed: u64,
@@ -202,7 +201,6 @@ impl Loader {
             table: None,
             max_new: 0,
             monotonic: true,
-            out_of_order: Vec::new(),
             area_image: Vec::new(),
             current_area: 0,
             committed: 0,
@@ -335,11 +333,12 @@ impl Loader {
             // Linux does not read the exceptions of an invalid store.
             self.phase = LoadPhase::Done;
         } else {
-            // Sized by what is found: the table grows record by record, up to one run per
-            // chunk of the store.
+            // Sized by what is found: the table's nodes grow record by record, up to one run
+            // per chunk of the store, and its bucket array is sized once, when every record
+            // is in (`TableBuilder`).
             let chunks = self.params.cow_sectors / u64::from(h.chunk_sectors);
             let limit = (self.params.table_runs as u64).min(chunks) as usize;
-            self.table = Some(ExceptionTable::new(limit));
+            self.table = Some(TableBuilder::new(limit));
             self.phase = LoadPhase::Area(0);
         }
         Ok(())
@@ -391,37 +390,19 @@ impl Loader {
             let Some(table) = self.table.as_mut() else {
                 return self.fail(LoadError::NotReading);
             };
-            // One walk of the table both checks and inserts.
-            match table.insert_new(r.old_chunk, r.new_chunk) {
-                Ok(true) => {}
-                Ok(false) => {
-                    return self.fail(LoadError::DuplicateOriginChunk {
-                        old_chunk: r.old_chunk,
-                    })
-                }
-                Err(_) => {
-                    let e = if table.out_of_memory() {
-                        LoadError::OutOfMemory
-                    } else {
-                        LoadError::TableFull
-                    };
-                    return self.fail(e);
-                }
+            // Appended in order; origin chunks named twice are found when the table is linked
+            // (`finish`).
+            match table.push(r.old_chunk, r.new_chunk) {
+                Ok(()) => {}
+                Err(Grow::NoMemory) => return self.fail(LoadError::OutOfMemory),
+                Err(Grow::Full) => return self.fail(LoadError::TableFull),
             }
             if r.new_chunk <= self.max_new {
-                if self.monotonic {
-                    // Stores written before Linux fixed commit order are not sorted; check
-                    // them for duplicates the slow way at the end.
-                    self.monotonic = false;
-                }
+                // Stores written before Linux fixed commit order are not sorted; they are
+                // checked for COW chunks named twice the slow way at the end, from the table.
+                self.monotonic = false;
             } else {
                 self.max_new = r.new_chunk;
-            }
-            if !self.monotonic {
-                if self.out_of_order.try_reserve(1).is_err() {
-                    return self.fail(LoadError::OutOfMemory);
-                }
-                self.out_of_order.push(r.new_chunk);
             }
             self.records += 1;
             i += 1;
@@ -450,27 +431,25 @@ impl Loader {
         Ok(())
     }
 
-    fn check_duplicates(&mut self) -> Result<(), LoadError> {
+    fn check_duplicates(&self, table: &ExceptionTable) -> Result<(), LoadError> {
         if self.monotonic {
             return Ok(());
         }
         // Collect every new_chunk (the monotonic prefix is implied by the table).
         let mut all: Vec<u64> = Vec::new();
-        let count = self.table.as_ref().map_or(0, |t| t.len()) as usize;
+        let count = table.len() as usize;
         if all.try_reserve_exact(count).is_err() {
-            return self.fail(LoadError::OutOfMemory);
+            return Err(LoadError::OutOfMemory);
         }
-        if let Some(t) = &self.table {
-            t.for_each_run(|r| {
-                for j in 0..r.len {
-                    all.push(r.new_chunk + j);
-                }
-            });
-        }
+        table.for_each_run(|r| {
+            for j in 0..r.len {
+                all.push(r.new_chunk + j);
+            }
+        });
         all.sort_unstable();
         for w in all.windows(2) {
             if w[0] == w[1] {
-                return self.fail(LoadError::DuplicateCowChunk { new_chunk: w[0] });
+                return Err(LoadError::DuplicateCowChunk { new_chunk: w[0] });
             }
         }
         Ok(())
@@ -487,16 +466,18 @@ impl Loader {
         if !matches!(self.phase, LoadPhase::Done) {
             return Err(LoadError::ShortRead);
         }
-        self.check_duplicates()?;
+        let table = match self.table.take() {
+            Some(b) => b.finish().map_err(|d| LoadError::DuplicateOriginChunk {
+                old_chunk: d.old_chunk,
+            })?,
+            None => ExceptionTable::new(self.params.table_runs),
+        };
+        self.check_duplicates(&table)?;
         let valid = h.valid != 0;
         let mut next_free = 2u64.max(self.max_new + 1);
         if next_free % g.stride() == 1 {
             next_free += 1;
         }
-        let table = self
-            .table
-            .take()
-            .unwrap_or_else(|| ExceptionTable::new(self.params.table_runs));
         let mut area = core::mem::take(&mut self.area_image);
         if area.len() != g.chunk_bytes() {
             area = zeroed(g.chunk_bytes()).ok_or(LoadError::OutOfMemory)?;

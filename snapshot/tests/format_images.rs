@@ -189,6 +189,45 @@ fn loader_errors_name_the_problem() {
     assert_eq!(load(&base, q).unwrap_err(), LoadError::TableFull);
 }
 
+/// Records of one run may come in any order (commits finish out of order), and an origin
+/// chunk named again inside a run that its neighbours' records already made is still found.
+#[test]
+fn runs_join_whatever_the_record_order_and_duplicates_inside_runs_are_found() {
+    let mut img = linux_image(80, 0);
+    for (i, (old, new)) in [(12u64, 37u64), (10, 35), (11, 36), (9, 40)]
+        .iter()
+        .enumerate()
+    {
+        put_u64(&mut img, 34 * 512 + i * 16, *old);
+        put_u64(&mut img, 34 * 512 + i * 16 + 8, *new);
+    }
+    let st = load(&img, params(80)).unwrap();
+    assert_eq!(st.records, 36);
+    assert_eq!(st.table.lookup(10), Some(35));
+    assert_eq!(st.table.lookup(12), Some(37));
+    assert_eq!(st.table.lookup(9), Some(40));
+    // 100..=131 in 5 runs (groups of 8 from 96), 10..=12 in one, 9 alone.
+    assert_eq!(st.table.runs(), 5 + 1 + 1);
+    // Origin chunk 11 again, after its run formed (10, 11, 12 → 35, 36, 37).
+    put_u64(&mut img, 34 * 512 + 4 * 16, 11);
+    put_u64(&mut img, 34 * 512 + 4 * 16 + 8, 41);
+    assert_eq!(
+        load(&img, params(80)).unwrap_err(),
+        LoadError::DuplicateOriginChunk { old_chunk: 11 }
+    );
+    // And inside a run of area 0 (100..=131 → 2..=33), named by a record that would extend
+    // the run before it.
+    let mut img = linux_image(80, 2);
+    put_u64(&mut img, 34 * 512 + 2 * 16, 12);
+    put_u64(&mut img, 34 * 512 + 2 * 16 + 8, 37);
+    put_u64(&mut img, 34 * 512 + 3 * 16, 105);
+    put_u64(&mut img, 34 * 512 + 3 * 16 + 8, 38);
+    assert_eq!(
+        load(&img, params(80)).unwrap_err(),
+        LoadError::DuplicateOriginChunk { old_chunk: 105 }
+    );
+}
+
 #[test]
 fn invalid_store_loads_as_invalid() {
     let mut img = linux_image(80, 3);

@@ -151,12 +151,24 @@ pub fn fill_chunk(fill: Fill, i: u64, origin_chunks: u64) -> u64 {
     }
 }
 
+/// Bytes of COW device a store written by [`write_store`] with `exceptions` records of
+/// `chunk_sectors` chunks uses: chunk 0, every full area with its data chunks, then the area
+/// that ends the table with the data chunks of its records.
+pub fn store_bytes(chunk_sectors: u32, exceptions: u64) -> u64 {
+    let g = Geometry::new(chunk_sectors).expect("chunk size");
+    let epa = g.exceptions_per_area;
+    let last = g.area_chunk(exceptions / epa);
+    (last + 1 + exceptions % epa) * g.chunk_bytes() as u64
+}
+
 /// Writes a valid dm-snapshot store with `exceptions` records into the image file `path`
 /// (which must be large enough): chunk 0 (header and, if given, snapfw's `binding`), then every
 /// metadata area the records need, with COW chunks allocated in order as the engine does
 /// (2, 3, … skipping areas). Data chunks are not written (they read as zeroes in a sparse
 /// image), except those `data` returns bytes for: it is called with (origin chunk, COW chunk)
 /// and may return the chunk's contents. Returns the COW chunk of each exception, in order.
+/// The image needs [`store_bytes`] bytes. The one writer of crafted stores: sequential,
+/// random ([`fill_chunk`]) or any other order of origin chunks.
 pub fn write_store(
     path: &Path,
     chunk_sectors: u32,
@@ -254,6 +266,57 @@ mod tests {
             };
             assert!(piece.iter().all(|b| *b == expected), "chunk {chunk}");
         }
+    }
+
+    /// A store of scattered exceptions written on the host loads with every exception, fits
+    /// the bytes `store_bytes` gives, and reads as its copies where written.
+    #[test]
+    fn a_written_store_loads_with_every_exception() {
+        let origin_chunks = 5000; // not a power of two: the fill walks cycles
+        let n = 3 * 256 + 7;
+        let len = store_bytes(8, n);
+        let img = crate::Image::new("cow-unit", len);
+        let old = |i: u64| fill_chunk(Fill::Random, i, origin_chunks);
+        let mut seen = std::collections::BTreeSet::new();
+        for i in 0..n {
+            assert!(
+                old(i) < origin_chunks && seen.insert(old(i)),
+                "chunk {i} repeats"
+            );
+        }
+        let news = write_store(&img.path, 8, None, n, old, |o, _| {
+            (o == old(0) || o == old(n - 1)).then(|| vec![0xA5; 4096])
+        });
+        assert_eq!(news[..3], [2, 3, 4]);
+        assert_eq!(
+            news[256],
+            2 + 256 + 1,
+            "the area of the next 256 records is skipped"
+        );
+        assert_eq!(
+            (news[n as usize - 1] + 1) * 4096,
+            len,
+            "the last data chunk ends it"
+        );
+        assert_eq!(std::fs::metadata(&img.path).unwrap().len(), len);
+        let bytes = std::fs::read(&img.path).unwrap();
+        let store = CowImage { bytes: &bytes }
+            .load(origin_chunks * 4096)
+            .unwrap();
+        assert_eq!(store.table.len(), n);
+        for i in [0, 1, 255, 256, n - 1] {
+            assert_eq!(store.table.lookup(old(i)), Some(news[i as usize]));
+        }
+        let view = CowImage { bytes: &bytes }
+            .snapshot_view(&vec![0xEE; (origin_chunks * 4096) as usize])
+            .unwrap();
+        let at = |c: u64| (c * 4096) as usize;
+        assert!(view[at(old(0))..at(old(0)) + 4096]
+            .iter()
+            .all(|b| *b == 0xA5));
+        assert!(view[at(old(5))..at(old(5)) + 4096].iter().all(|b| *b == 0));
+        let unmapped = (0..origin_chunks).find(|c| !seen.contains(c)).unwrap();
+        assert_eq!(view[at(unmapped)], 0xEE);
     }
 
     #[test]

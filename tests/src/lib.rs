@@ -16,7 +16,6 @@
 //! what snapfw writes against what Linux reads, and the other way round.
 
 pub mod cow;
-pub mod store;
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -412,6 +411,11 @@ impl Qemu {
             started: Instant::now(),
             scratch: None,
         }
+    }
+
+    /// The QEMU process's id (for `/proc` figures such as its threads' CPU time).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Everything the console printed so far.

@@ -1,7 +1,8 @@
 //! Booting like a server of today (issue 17): UEFI firmware (OVMF) from the hybrid ISO and by
 //! network, and all of the memory, above 4 GiB too, for the exception tables of large stores.
 
-use tests::store::{write_scattered_store, ScatteredStore, CHUNK};
+use snapshot::format::{Binding, BoundedBytes};
+use tests::cow::{fill_chunk, store_bytes, write_store, Fill};
 use tests::{json_u64, Boot, Image, Qemu, Source, TIMEOUT};
 
 const MIB: u64 = 1 << 20;
@@ -12,32 +13,57 @@ const GIB: u64 = 1 << 30;
 const LARGE_STORE_EXCEPTIONS: u64 = 8_000_000;
 /// Its origin: 64 GiB of 4 KiB chunks (sparse).
 const LARGE_ORIGIN_CHUNKS: u64 = 1 << 24;
+/// Its chunks: 4 KiB.
+const CHUNK: u64 = 4096;
 
 struct LargeStore {
     origin: Image,
     cow: Image,
-    layout: ScatteredStore,
 }
 
-/// The large store in images named after `test` (tests run in parallel in one process).
+/// The origin chunk of the large store's exception `i`: scattered over the origin, so the
+/// table holds one run per exception.
+fn large_old(i: u64) -> u64 {
+    fill_chunk(Fill::Random, i, LARGE_ORIGIN_CHUNKS)
+}
+
+/// The large store in images named after `test` (tests run in parallel in one process);
+/// the copies of exceptions 0, n/2 and n-1 hold their index's low byte plus one, the
+/// others are zeros (the image is sparse).
 fn large_store(test: &str) -> LargeStore {
-    let layout = ScatteredStore::new(LARGE_STORE_EXCEPTIONS, LARGE_ORIGIN_CHUNKS);
-    let origin = Image::new(&format!("{test}-large-origin"), LARGE_ORIGIN_CHUNKS * CHUNK);
-    let cow = Image::new(&format!("{test}-large-cow"), layout.cow_bytes);
     let n = LARGE_STORE_EXCEPTIONS;
-    let layout = write_scattered_store(
-        &cow,
-        "large",
-        "LARGE-ORIGIN",
-        LARGE_ORIGIN_CHUNKS,
+    let cow_bytes = store_bytes((CHUNK / 512) as u32, n);
+    let origin = Image::new(&format!("{test}-large-origin"), LARGE_ORIGIN_CHUNKS * CHUNK);
+    let cow = Image::new(&format!("{test}-large-cow"), cow_bytes);
+    let binding = Binding {
+        name: BoundedBytes::new(b"large").unwrap(),
+        origin_serial: BoundedBytes::new(b"LARGE-ORIGIN").unwrap(),
+        origin_sectors: LARGE_ORIGIN_CHUNKS * CHUNK / 512,
+        chunk_sectors: (CHUNK / 512) as u32,
+        created_unix_seconds: 0,
+        region_start: 0,
+        region_sectors: cow_bytes / 512,
+        flags: 0,
+        origin_id: snapshot::OriginId::Serial,
+    };
+    let filled: Vec<(u64, u8)> = [0, n / 2, n - 1]
+        .iter()
+        .map(|&i| (large_old(i), (i as u8).wrapping_add(1)))
+        .collect();
+    write_store(
+        &cow.path,
+        (CHUNK / 512) as u32,
+        Some(&binding),
         n,
-        &[0, n / 2, n - 1],
+        large_old,
+        |old, _| {
+            filled
+                .iter()
+                .find(|f| f.0 == old)
+                .map(|f| vec![f.1; CHUNK as usize])
+        },
     );
-    LargeStore {
-        origin,
-        cow,
-        layout,
-    }
+    LargeStore { origin, cow }
 }
 
 /// With 8 GiB: `mem` reports about 8 GiB (most of it above 4 GiB) and the large store is
@@ -66,7 +92,7 @@ fn check_all_memory_and_the_large_store(q: &mut Qemu, store: &LargeStore) {
     assert!(line.contains("active"), "{list}");
     let n = LARGE_STORE_EXCEPTIONS;
     for i in [0, n / 2, n - 1, 1] {
-        let lba = store.layout.origin_chunk(i) * CHUNK / 512;
+        let lba = large_old(i) * CHUNK / 512;
         let out = q.command(&format!("read large {lba}"));
         let want = if i == 1 { 0 } else { (i as u8).wrapping_add(1) };
         let first = out.lines().next().unwrap_or("");
