@@ -24,7 +24,7 @@ use drivers::msix::InterruptOwner;
 use drivers::pci::PciFunction;
 use drivers::virtio::ProbeContext;
 use drivers::virtio_net::{self, regs::MAX_FRAME, VirtioNetConfig, VirtioNetPci};
-use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::iface::{Config, Interface, PollResult, SocketHandle, SocketSet};
 use smoltcp::socket::dhcpv4;
 use smoltcp::time::Instant;
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, Ipv4Address, Ipv4Cidr};
@@ -296,7 +296,11 @@ impl Net {
             nbd.run(self, now);
             self.nbd = Some(nbd);
         }
-        // What the services queued goes out in this round.
+        // What the services queued goes out in this round: `poll_egress` sends at most one
+        // segment per socket a call, so it is called until nothing more goes (the peer's
+        // window, the send buffers or the transmit buffers are used up), as
+        // `Interface::poll` does. One call left a reply's first segment out now and the
+        // rest for the next round.
         {
             let Net {
                 nic,
@@ -306,7 +310,7 @@ impl Net {
                 ..
             } = self;
             let mut device = phy::Phy::new(nic, scratch, 0);
-            iface.poll_egress(instant, &mut device, sockets);
+            while iface.poll_egress(instant, &mut device, sockets) != PollResult::None {}
         }
         self.tcp_relisten_refused();
         self.nic.kick();
