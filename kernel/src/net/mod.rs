@@ -6,7 +6,9 @@
 //! Interrupts: the NIC's MSI-X vectors (receive, transmit, link) run [`on_interrupt`], which
 //! records which fired and wakes the main loop; the loop calls [`poll`], which polls the
 //! interface when a vector fired, a service queued data, smoltcp's own deadline (retransmit,
-//! delayed ACK, DHCP renew) has come, or the last round ran out of budget. The 100 Hz APIC
+//! delayed ACK, DHCP renew) has come, or the last round ran out of budget or left frames on
+//! the ring. Receive interrupts are off while rounds follow each other (frames are found by
+//! polling the ring) and on again when a round ends with nothing left to do. The 100 Hz APIC
 //! tick ends every `hlt`, so deadlines are met within 10 ms. Packet buffers, socket buffers
 //! and the socket set are allocated at start-up (or when a listener is made); nothing is
 //! allocated per packet.
@@ -413,6 +415,15 @@ pub fn poll(now: u64) -> bool {
     if !due {
         return false;
     }
+    // Receive interrupts are off while the loop keeps coming back (`again`): the next round
+    // finds the frames on the ring anyway, and each interrupt costs an exit (under QEMU's
+    // TCG, one that waits for the device model's lock). On before the loop may sleep.
+    net.nic.rx().set_interrupts(false);
     net.again = net.round(now);
+    if !net.again {
+        net.nic.rx().set_interrupts(true);
+        // A frame that came in while they were off raised none: poll again for it.
+        net.again = net.nic.rx().has_pending();
+    }
     net.again
 }
