@@ -135,6 +135,14 @@ impl<H: Hal> NetRx<H> {
         self.failed.is_none() && self.queue.has_used()
     }
 
+    /// Asks the device for (`true`) or against an interrupt for frames it receives. An owner
+    /// that polls the ring while it is busy anyway turns them off, and on again before it
+    /// sleeps; then it must look at the ring once more ([`NetRx::has_pending`]): a frame that
+    /// came in while they were off raised none.
+    pub fn set_interrupts(&mut self, enable: bool) {
+        self.queue.set_interrupts(enable);
+    }
+
     /// Counters.
     pub fn counters(&self) -> NetCounters {
         self.counters

@@ -1151,7 +1151,9 @@ impl Connection {
         let key = match meta {
             Meta::Allocation => {
                 // Everything is data: neither the devices nor the engine can tell holes
-                // cheaply.
+                // cheaply (virtio-blk cannot say which blocks are deallocated; the engine
+                // knows which chunks changed since a snapshot, not which were never
+                // written before it). See README's block status table.
                 self.extents[i][0] = (s.len, 0);
                 return Ok(1);
             }

@@ -7,7 +7,9 @@
 //! Interrupts: the NIC's MSI-X vectors (receive, transmit, link) run [`on_interrupt`], which
 //! records which fired and wakes the main loop; the loop calls [`Net::receive`], which polls
 //! the interface when a vector fired, a service queued data, smoltcp's own deadline
-//! (retransmit, delayed ACK, DHCP renew) has come, or the last round ran out of budget. The
+//! (retransmit, delayed ACK, DHCP renew) has come, or the last round ran out of budget or
+//! left frames on the ring. Receive interrupts are off while rounds follow each other (frames
+//! are found by polling the ring) and on again when a round ends with nothing left to do. The
 //! 100 Hz APIC tick ends every `hlt`, so deadlines are met within 10 ms. Packet buffers,
 //! socket buffers and the socket set are allocated at start-up (or when a listener is made);
 //! nothing is allocated per packet.
@@ -22,7 +24,7 @@ use core::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 
 use drivers::msix::InterruptOwner;
 use drivers::virtio_net::{regs::MAX_FRAME, VirtioNetPci};
-use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::iface::{Config, Interface, PollResult, SocketHandle, SocketSet};
 use smoltcp::socket::dhcpv4;
 use smoltcp::time::Instant;
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, Ipv4Address, Ipv4Cidr};
@@ -266,6 +268,11 @@ impl Net {
         if !due {
             return false;
         }
+        // Receive interrupts are off while the loop keeps coming back (`again`): the next round
+        // finds the frames on the ring anyway, and each interrupt costs an exit (under QEMU's
+        // TCG, one that waits for the device model's lock). On again in `send` before the loop
+        // may sleep.
+        self.nic.rx().set_interrupts(false);
         let instant = now_instant(now);
         self.exhausted = {
             let Net {
@@ -297,6 +304,11 @@ impl Net {
             return false;
         }
         let instant = now_instant(now);
+        // What the services queued goes out in this round: `poll_egress` sends at most one
+        // segment per socket a call, so it is called until nothing more goes (the peer's
+        // window, the send buffers or the transmit buffers are used up), as
+        // `Interface::poll` does. One call left a reply's first segment out now and the
+        // rest for the next round.
         {
             let Net {
                 nic,
@@ -306,7 +318,7 @@ impl Net {
                 ..
             } = self;
             let mut device = phy::Phy::new(nic, scratch, 0);
-            iface.poll_egress(instant, &mut device, sockets);
+            while iface.poll_egress(instant, &mut device, sockets) != PollResult::None {}
         }
         self.tcp_relisten_refused();
         self.nic.kick();
@@ -324,6 +336,11 @@ impl Net {
         }
         // Come back at once when frames wait or smoltcp wants to send now and can.
         self.again = self.exhausted || (self.next_poll_ns <= now && tx_free);
+        if !self.again {
+            self.nic.rx().set_interrupts(true);
+            // A frame that came in while they were off raised none: poll again for it.
+            self.again = self.nic.rx().has_pending();
+        }
         self.again
     }
 

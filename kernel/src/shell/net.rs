@@ -136,6 +136,12 @@ fn show(n: &Net, out: &mut Out) {
                 alloc::format!("failed: {}", r.as_str()),
         }
     );
+    let _ = writeln!(
+        out,
+        "  main loop: halted {} ms of {} ms since boot",
+        crate::executor::halted_ns() / 1_000_000,
+        now / 1_000_000
+    );
     for (port, slots, accepted) in n.tcp_listeners() {
         let _ = writeln!(
             out,

@@ -12,7 +12,9 @@
 //! in MB/s against the raw sequential write MB/s of the same run.
 //!
 //! Then the NBD rows: fio's `nbd` engine against the appliance's NBD server and against
-//! `nbdkit` on the host, in the same run, with the ratio.
+//! `nbdkit` on the host, in the same run, with the ratio; under each, the appliance's NIC
+//! frames and interrupts, main-loop polls and how much of the row its CPU was halted (from
+//! `net`), which tells an appliance that waits from one that is busy.
 //!
 //! Then the store rows: COW stores of 100 k, 1 M and 10 M exceptions (random and sequential
 //! fills), written on the host into a sparse 1 TiB image for a sparse 2 TiB origin; each is
@@ -617,7 +619,9 @@ fn nbd_rows(time: &str) {
         "workload", "snapfw IOPS", "MB/s", "p99 us", "nbdkit IOPS", "MB/s", "p99 us", "ratio"
     );
     for (name, args, write) in ROWS {
+        let before = nic_figures(&mut q);
         let a = fio(&appliance, args, *write, runtime);
+        let after = nic_figures(&mut q);
         let k = if nbdkit.is_some() {
             fio(&host, args, *write, runtime)
         } else {
@@ -632,6 +636,16 @@ fn nbd_rows(time: &str) {
             _ => "-".to_string(),
         };
         println!("{:<20} {} | {} | {:>8}", name, show(&a), show(&k), ratio);
+        let d = |i: usize| after[i].saturating_sub(before[i]);
+        println!(
+            "{:<20} snapfw: {} frames in, {} out, {} NIC interrupts, {} polls, CPU halted {:.0}%",
+            "",
+            d(0),
+            d(1),
+            d(2),
+            d(3),
+            100.0 * d(4) as f64 / d(5).max(1) as f64
+        );
     }
     if let Some(child) = nbdkit.as_mut() {
         let _ = child.kill();
@@ -639,6 +653,27 @@ fn nbd_rows(time: &str) {
     }
     q.send(b"poweroff\r");
     let _ = q.wait_exit(Duration::from_secs(30));
+}
+
+/// The NIC's counters from `net`: frames in, frames out, queue interrupts, polls, ms halted,
+/// ms of uptime.
+fn nic_figures(q: &mut tests::Qemu) -> [u64; 6] {
+    let out = q.command_timeout("net", Duration::from_secs(60));
+    let after = |key: &str| number_after(&out, key).unwrap_or(0);
+    let polls = out
+        .split(" polls")
+        .next()
+        .and_then(|s| s.split_whitespace().last())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    [
+        after("rx: "),
+        after("tx: "),
+        after("interrupts: "),
+        polls,
+        after("halted "),
+        number_after(&out, " ms of ").unwrap_or(0),
+    ]
 }
 
 /// The value after `key` up to the next non-digit, in `text`.
