@@ -527,12 +527,65 @@ impl Engine {
         let check = self.check_request(&req);
         if let Err(e) = check {
             self.fail_request(idx, e);
+        } else if self.fast_path(idx) {
+            // Issued at once: nothing for the engine's passes to do.
+            self.stats.fast_requests += 1;
+            return Ok(());
         } else {
             self.waiting.push_back(idx);
             self.waiting_added += 1;
         }
         self.dirty = true;
         Ok(())
+    }
+
+    /// Issues request `idx` at once, without a pass over the waiting requests, when it needs
+    /// nothing but the table to decide: an origin write to chunks every tracking snapshot
+    /// has copied (one table lookup per snapshot and chunk), an origin read, or a snapshot
+    /// read, while no merge, quiesce or invalidation is under way. Whether it went out;
+    /// anything else waits in `waiting` as before.
+    fn fast_path(&mut self, idx: u32) -> bool {
+        if self.merge.is_some() || self.quiescing {
+            return false;
+        }
+        let r = self.reqs[idx as usize].req;
+        match (r.volume, r.op) {
+            (Volume::Origin, VolumeOp::Read) => {
+                self.issue_whole(idx, Device::Origin, IoOp::Read, true)
+            }
+            (Volume::Snapshot(id), VolumeOp::Read) if self.tracking(id.0 as usize) => {
+                self.advance_snapshot_read(idx, id.0 as usize)
+            }
+            (Volume::Origin, VolumeOp::Write { fua }) => {
+                // What `advance_origin_write` waits for besides copies: a store whose
+                // invalidation is not durable, a delete, a snapshot read sent to the origin.
+                if self.origin_reads_redirected > 0
+                    || self
+                        .snaps
+                        .iter()
+                        .flatten()
+                        .any(|x| x.invalidation_stuck || !x.valid || x.state != SnapState::Active)
+                {
+                    return false;
+                }
+                let start = r.sector;
+                let end = start + u64::from(r.sectors);
+                if !self.copies_of(start, end).0 {
+                    return false;
+                }
+                self.reqs[idx as usize].admitted = true;
+                self.origin_writes_active += 1;
+                self.stats.origin_writes += 1;
+                if !self.issue_whole(idx, Device::Origin, IoOp::Write { fua }, true) {
+                    // No I/O slot: it waits, admitted, like any other.
+                    return false;
+                }
+                self.origin_writes_issued += 1;
+                self.reqs[idx as usize].counted_issue = true;
+                true
+            }
+            _ => false,
+        }
     }
 
     /// The next I/O to issue, if any. Drives the engine's internal state machines.
@@ -2362,6 +2415,7 @@ impl Engine {
             }
             let epoch = self.epoch;
             self.progress_mark = self.progress;
+            self.stats.requests_examined += 1;
             if !self.advance_request(idx) {
                 let r = &mut self.reqs[idx as usize];
                 // Only park it if it made no progress; otherwise look again next pass.

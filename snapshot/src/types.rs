@@ -516,6 +516,11 @@ pub struct EngineStats {
     pub origin_writes_refused: u64,
     /// Where the time of a first write goes, in engine ticks (see [`PhaseTimes`]).
     pub phases: PhaseTimes,
+    /// Requests issued when they were submitted, without a pass over the waiting ones: origin
+    /// writes to chunks every snapshot has copied, origin and snapshot reads.
+    pub fast_requests: u64,
+    /// Times a waiting request was looked at again by a pass (what the fast path saves).
+    pub requests_examined: u64,
 }
 
 /// A count of events and their summed duration in engine ticks.

@@ -777,3 +777,56 @@ fn dead_cow_fails_exposed_origin_writes_until_invalidation_lands() {
         "durably invalid"
     );
 }
+
+/// Issue 20: a write to a chunk every snapshot has copied goes out when it is submitted, with
+/// no pass over the requests waiting for copies; reads of the snapshot and of the origin too.
+#[test]
+fn writes_to_copied_chunks_and_reads_go_out_at_submit_without_a_pass() {
+    let mut w = world(1024, |_| {});
+    let id = create(&mut w, &snap_cfg(4, 200));
+    write(&mut w, 1, 0, 4);
+    w.settle(1000);
+    assert!(w.take_completion(1).is_some_and(|c| c.result.is_ok()));
+    // Writes to chunks not copied yet wait for their copies (nothing completes meanwhile).
+    for i in 0..8u64 {
+        write(&mut w, 10 + i, 40 + 8 * i, 4);
+    }
+    let before = w.engine.stats();
+    // The overwrite of chunk 0, a snapshot read of it and an origin read.
+    write(&mut w, 2, 0, 4);
+    w.submit(
+        VolumeRequest {
+            tag: 3,
+            volume: Volume::Snapshot(id),
+            op: VolumeOp::Read,
+            sector: 0,
+            sectors: 4,
+        },
+        vec![0; 4],
+    )
+    .unwrap();
+    w.submit(
+        VolumeRequest {
+            tag: 4,
+            volume: Volume::Origin,
+            op: VolumeOp::Read,
+            sector: 500,
+            sectors: 4,
+        },
+        vec![0; 4],
+    )
+    .unwrap();
+    let after = w.engine.stats();
+    assert_eq!(after.fast_requests - before.fast_requests, 3);
+    assert_eq!(after.requests_examined, before.requests_examined);
+    assert_eq!(after.held_writes, before.held_writes);
+    // Everything completes, the overwrite without a copy or a commit of its own.
+    w.settle(10_000);
+    for tag in [2, 3, 4, 10, 17] {
+        assert!(
+            w.take_completion(tag).is_some_and(|c| c.result.is_ok()),
+            "{tag}"
+        );
+    }
+    assert_eq!(w.engine.stats().copy_jobs, before.copy_jobs + 8);
+}
