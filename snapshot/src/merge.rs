@@ -36,10 +36,11 @@
 //!    runs in parallel), then flush the origin. Chunk 0 is not copied: its record is only
 //!    dropped (the saved chunk keeps it).
 //! 7. Zero the batch's records (the top of the area) in the area image; flush the COW device,
-//!    zero each area the batch used up, newest first, each with FUA (or write + flush), then
-//!    write the area with FUA (or write + flush): Linux's `REQ_PREFLUSH | REQ_FUA`. A crash
-//!    between them leaves areas that end at a zeroed one: the loader stops there, and every
-//!    record it no longer sees belongs to the batch, whose copies were durable first.
+//!    zero every area the batch used up (the writes together) and flush, then write the area
+//!    with FUA (or write + flush): Linux's `REQ_PREFLUSH | REQ_FUA`. A crash among them
+//!    leaves areas that end at a zeroed one (any of them): the loader stops there, and every
+//!    record it no longer sees belongs to the batch, whose copies were durable first; the
+//!    area below is rewritten only once the areas above it are durably zero.
 //! 8. Drop the batch from the in-memory table, release the blocked I/O (it now goes to the
 //!    origin), next batch.
 //! 9. Store empty (area 0 all zero): write the saved chunk back over origin chunk 0, all but
@@ -118,8 +119,8 @@ pub(super) enum Phase {
     CopyWrite,
     OriginFlush,
     CowFlush,
-    /// A batch that used up newer areas: zero each of them, newest first, each durable before
-    /// the next (FUA, or write and flush) and before the area below is rewritten.
+    /// A batch that used up newer areas: zero all of them (together), then flush, so they
+    /// are durably zero before the area below is rewritten.
     ZeroArea,
     ZeroFlush,
     AreaWrite,
@@ -685,15 +686,24 @@ impl Engine {
             | Phase::AreaFlush
             | Phase::WipeFlush => self.emit(ctx, cow, IoOp::Flush, 0, 0, IoBuffer::None),
             Phase::ZeroArea => {
-                let area = x.store.current_area + m.zero_areas;
-                self.emit(
-                    ctx,
-                    cow,
-                    IoOp::Write { fua },
-                    g.chunk_sector(g.area_chunk(area)),
-                    g.chunk_sectors,
-                    IoBuffer::Zeroes,
-                )
+                // Every used-up area at once (plain writes; `ZeroFlush` makes them durable
+                // together, before the area below is written).
+                let first = x.store.current_area + 1;
+                let mut k = m.emitted as u64;
+                while k < m.zero_areas {
+                    let sector = g.chunk_sector(g.area_chunk(first + k));
+                    let op = IoOp::Write { fua: false };
+                    if !self.emit(ctx, cow, op, sector, g.chunk_sectors, IoBuffer::Zeroes) {
+                        break;
+                    }
+                    k += 1;
+                    if let Some(mm) = self.merge.as_mut() {
+                        mm.ios += 1;
+                        mm.emitted = k as usize;
+                    }
+                }
+                // Waits for them in `on_merge_io`.
+                return;
             }
             Phase::ReadArea => self.emit(
                 ctx,
@@ -815,6 +825,7 @@ impl Engine {
         let next = match m.phase {
             Phase::CopyRead => Phase::CopyWrite,
             _ if self.cfg.unsafe_merge_zero_areas_early && m.zero_areas > 0 => Phase::ZeroArea,
+            // (`emitted` is reset below.)
             _ if self.cfg.unsafe_merge_skip_origin_flush => Phase::CowFlush,
             _ => Phase::OriginFlush,
         };
@@ -1019,27 +1030,29 @@ impl Engine {
                 }
                 Phase::CowFlush
             }
-            Phase::CowFlush | Phase::ZeroArea | Phase::ZeroFlush => {
-                let zeroed = matches!(phase, Phase::ZeroArea if fua) || phase == Phase::ZeroFlush;
-                let left = match self.merge.as_mut() {
-                    Some(m) if zeroed => {
-                        m.zero_areas = m.zero_areas.saturating_sub(1);
-                        self.stats.merge_areas_zeroed += 1;
-                        m.zero_areas
-                    }
-                    Some(m) => m.zero_areas,
-                    None => 0,
-                };
-                match phase {
-                    Phase::ZeroArea if !fua => Phase::ZeroFlush,
-                    _ if left > 0 => Phase::ZeroArea,
+            Phase::CowFlush => match self.merge.as_mut() {
+                Some(m) if m.zero_areas > 0 => {
+                    m.emitted = 0;
+                    Phase::ZeroArea
+                }
+                _ => Phase::AreaWrite,
+            },
+            // The zeroing writes go down together; once all are back, one flush.
+            Phase::ZeroArea => match self.merge.as_ref() {
+                Some(m) if m.ios > 0 || (m.emitted as u64) < m.zero_areas => return,
+                _ => Phase::ZeroFlush,
+            },
+            Phase::ZeroFlush => {
+                if let Some(m) = self.merge.as_mut() {
+                    self.stats.merge_areas_zeroed += m.zero_areas;
+                    m.zero_areas = 0;
+                    m.emitted = 0;
+                }
+                if self.cfg.unsafe_merge_zero_areas_early {
                     // (The negative control zeroed them before the origin flush.)
-                    Phase::ZeroArea | Phase::ZeroFlush
-                        if self.cfg.unsafe_merge_zero_areas_early =>
-                    {
-                        Phase::OriginFlush
-                    }
-                    _ => Phase::AreaWrite,
+                    Phase::OriginFlush
+                } else {
+                    Phase::AreaWrite
                 }
             }
             Phase::AreaWrite if !fua => Phase::AreaFlush,

@@ -442,7 +442,7 @@ fn merge_across_areas() {
 
 /// Issue 20: stored in order, one-sector chunks make 32 records per area and four runs of
 /// eight; with eight runs a batch, batches use up an area and go on into the one below
-/// (zeroed newest first at the commit). Every crash state of those multi-area batches is
+/// (zeroed together and flushed at the commit). Every crash state of those multi-area batches is
 /// checked.
 fn spanning_ops(fua: bool) -> Vec<Op> {
     let mut ops = vec![create(1, 140, fua)];
