@@ -33,6 +33,9 @@ mod merge;
 const NIL: u32 = u32::MAX;
 /// Most group commits in flight per snapshot (area writes are still issued one at a time).
 const MAX_BATCHES: usize = 4;
+/// Most copy jobs whose writes wait for the reads in flight (see `defer_job_writes`): about
+/// what one device write of consecutive COW chunks carries.
+const DEFERRED_JOBS_MAX: usize = 32;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum ReqPhase {
@@ -366,6 +369,11 @@ pub struct Engine {
     stats: EngineStats,
     /// The merge running on this origin, if any (one at a time).
     merge: Option<merge::Merge>,
+    /// Copy jobs whose origin read is in flight.
+    jobs_reading: u32,
+    /// Copy jobs whose writes wait for the reads in flight (see `defer_job_writes`), in
+    /// (snapshot, COW chunk) order; capacity for every job.
+    deferred_jobs: Vec<u32>,
     /// Failed attempts at writing an invalidated snapshot's header so far.
     invalidation_failures: u64,
 }
@@ -475,6 +483,8 @@ impl Engine {
             progress_mark: 0,
             stats: EngineStats::default(),
             merge: None,
+            jobs_reading: 0,
+            deferred_jobs: Vec::with_capacity(njobs),
             invalidation_failures: 0,
             cfg,
         })
@@ -527,12 +537,65 @@ impl Engine {
         let check = self.check_request(&req);
         if let Err(e) = check {
             self.fail_request(idx, e);
+        } else if self.fast_path(idx) {
+            // Issued at once: nothing for the engine's passes to do.
+            self.stats.fast_requests += 1;
+            return Ok(());
         } else {
             self.waiting.push_back(idx);
             self.waiting_added += 1;
         }
         self.dirty = true;
         Ok(())
+    }
+
+    /// Issues request `idx` at once, without a pass over the waiting requests, when it needs
+    /// nothing but the table to decide: an origin write to chunks every tracking snapshot
+    /// has copied (one table lookup per snapshot and chunk), an origin read, or a snapshot
+    /// read, while no merge, quiesce or invalidation is under way. Whether it went out;
+    /// anything else waits in `waiting` as before.
+    fn fast_path(&mut self, idx: u32) -> bool {
+        if self.merge.is_some() || self.quiescing {
+            return false;
+        }
+        let r = self.reqs[idx as usize].req;
+        match (r.volume, r.op) {
+            (Volume::Origin, VolumeOp::Read) => {
+                self.issue_whole(idx, Device::Origin, IoOp::Read, true)
+            }
+            (Volume::Snapshot(id), VolumeOp::Read) if self.tracking(id.0 as usize) => {
+                self.advance_snapshot_read(idx, id.0 as usize)
+            }
+            (Volume::Origin, VolumeOp::Write { fua }) => {
+                // What `advance_origin_write` waits for besides copies: a store whose
+                // invalidation is not durable, a delete, a snapshot read sent to the origin.
+                if self.origin_reads_redirected > 0
+                    || self
+                        .snaps
+                        .iter()
+                        .flatten()
+                        .any(|x| x.invalidation_stuck || !x.valid || x.state != SnapState::Active)
+                {
+                    return false;
+                }
+                let start = r.sector;
+                let end = start + u64::from(r.sectors);
+                if !self.copies_of(start, end).0 {
+                    return false;
+                }
+                self.reqs[idx as usize].admitted = true;
+                self.origin_writes_active += 1;
+                self.stats.origin_writes += 1;
+                if !self.issue_whole(idx, Device::Origin, IoOp::Write { fua }, true) {
+                    // No I/O slot: it waits, admitted, like any other.
+                    return false;
+                }
+                self.origin_writes_issued += 1;
+                self.reqs[idx as usize].counted_issue = true;
+                true
+            }
+            _ => false,
+        }
     }
 
     /// The next I/O to issue, if any. Drives the engine's internal state machines.
@@ -2052,6 +2115,7 @@ impl Engine {
                         },
                     ) {
                         self.jobs[j as usize].phase = JobPhase::Reading;
+                        self.jobs_reading += 1;
                     } else {
                         self.queue_job(j);
                     }
@@ -2180,11 +2244,54 @@ impl Engine {
             self.jobs[j as usize].emit = NIL;
         }
         self.jobs[j as usize].phase = JobPhase::Writing;
+        self.jobs_reading = self.jobs_reading.saturating_sub(1);
         if ok {
-            self.emit_job_writes(j);
+            self.defer_job_writes(j);
         } else {
             self.maybe_finish_job(j);
         }
+        if self.jobs_reading == 0 || self.deferred_jobs.len() >= DEFERRED_JOBS_MAX {
+            self.emit_deferred_writes();
+        }
+    }
+
+    /// Keeps job `j`'s copy writes back until the copy reads in flight are back, in the order
+    /// of their COW chunks: random origin chunks get consecutive COW chunks, so the writes of
+    /// one burst of copies then reach the device side by side and go down as one large write
+    /// (`volume`'s origin merges consecutive copy writes), instead of one at a time as each
+    /// read comes back. Commits wait for every copy anyway, so this delays no commit by more
+    /// than the last read of its burst.
+    fn defer_job_writes(&mut self, j: u32) {
+        let key = |e: &Self, j: u32| {
+            let p = e.jobs[j as usize].emit;
+            if p == NIL {
+                (u16::MAX, 0)
+            } else {
+                (e.pending[p as usize].snap, e.pending[p as usize].new)
+            }
+        };
+        let k = key(self, j);
+        let at = self
+            .deferred_jobs
+            .iter()
+            .rposition(|&d| key(self, d) <= k)
+            .map_or(0, |i| i + 1);
+        if self.deferred_jobs.len() < self.deferred_jobs.capacity() {
+            // Never reallocates: capacity is the number of jobs.
+            self.deferred_jobs.insert(at, j);
+        } else {
+            self.emit_job_writes(j);
+        }
+    }
+
+    /// Emits the copy writes held back by [`Engine::defer_job_writes`], in COW order.
+    fn emit_deferred_writes(&mut self) {
+        let n = self.deferred_jobs.len();
+        for i in 0..n {
+            let j = self.deferred_jobs[i];
+            self.emit_job_writes(j);
+        }
+        self.deferred_jobs.clear();
     }
 
     fn on_job_write(&mut self, j: u32, sid: u16, first: u32, count: u32, ok: bool) {
@@ -2362,6 +2469,7 @@ impl Engine {
             }
             let epoch = self.epoch;
             self.progress_mark = self.progress;
+            self.stats.requests_examined += 1;
             if !self.advance_request(idx) {
                 let r = &mut self.reqs[idx as usize];
                 // Only park it if it made no progress; otherwise look again next pass.

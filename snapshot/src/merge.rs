@@ -26,7 +26,9 @@
 //!    `new_chunk` are both consecutive: one run, at most one copy buffer long. snapfw takes
 //!    up to [`MAX_RUNS`] such runs from the top of the area as one *batch* (one copy buffer
 //!    each, at most half of the engine's): Linux merges one run at a time, which pays an
-//!    origin flush and an area write per 128 KiB; the invariant below is the same.
+//!    origin flush and an area write per 128 KiB; the invariant below is the same. A batch
+//!    that uses up its area and has room for more runs goes on into the area below (read
+//!    back into the area buffer): the used-up areas are zeroed at the commit (step 7).
 //! 4. The batch's origin chunks are about to change: every *other* snapshot of the origin
 //!    copies them first, exactly as for an origin write (Linux `origin_write_extent()`).
 //! 5. Block I/O to the batch's chunks and wait for origin I/O already in flight on them.
@@ -34,7 +36,11 @@
 //!    runs in parallel), then flush the origin. Chunk 0 is not copied: its record is only
 //!    dropped (the saved chunk keeps it).
 //! 7. Zero the batch's records (the top of the area) in the area image; flush the COW device,
-//!    write the area with FUA (or write + flush): Linux's `REQ_PREFLUSH | REQ_FUA`.
+//!    zero every area the batch used up (the writes together) and flush, then write the area
+//!    with FUA (or write + flush): Linux's `REQ_PREFLUSH | REQ_FUA`. A crash among them
+//!    leaves areas that end at a zeroed one (any of them): the loader stops there, and every
+//!    record it no longer sees belongs to the batch, whose copies were durable first; the
+//!    area below is rewritten only once the areas above it are durably zero.
 //! 8. Drop the batch from the in-memory table, release the blocked I/O (it now goes to the
 //!    origin), next batch.
 //! 9. Store empty (area 0 all zero): write the saved chunk back over origin chunk 0, all but
@@ -113,6 +119,10 @@ pub(super) enum Phase {
     CopyWrite,
     OriginFlush,
     CowFlush,
+    /// A batch that used up newer areas: zero all of them (together), then flush, so they
+    /// are durably zero before the area below is rewritten.
+    ZeroArea,
+    ZeroFlush,
     AreaWrite,
     AreaFlush,
     /// Store empty: write the saved chunk back to origin chunk 0. First wait until every
@@ -167,6 +177,9 @@ pub(super) struct Merge {
     nruns: usize,
     /// Records the batch zeroes (the top of the current area).
     records: u64,
+    /// Areas above the current one the batch used up: zeroed (newest first) before the
+    /// current area is written. The batch's runs came from them first.
+    zero_areas: u64,
     buffers: [u32; MAX_RUNS],
     /// I/O to the batch's chunks waits.
     active: bool,
@@ -331,6 +344,7 @@ impl Engine {
             runs: [Run::default(); MAX_RUNS],
             nruns: 0,
             records: 0,
+            zero_areas: 0,
             buffers: [NIL; MAX_RUNS],
             active: false,
             fenced: false,
@@ -549,7 +563,10 @@ impl Engine {
                     buffers[got] = b;
                     got += 1;
                 }
-                if got == 0 {
+                // A batch that used up newer areas is merged whole (its runs from those areas
+                // are no longer in the area buffer): wait for a buffer per run.
+                if got == 0 || (m.zero_areas > 0 && got < m.nruns) {
+                    self.free_buffers.extend(buffers[..got].iter().copied());
                     return;
                 }
                 if let Some(m) = self.merge.as_mut() {
@@ -665,8 +682,29 @@ impl Engine {
             Phase::MarkerFlush
             | Phase::SaveFlush
             | Phase::CowFlush
+            | Phase::ZeroFlush
             | Phase::AreaFlush
             | Phase::WipeFlush => self.emit(ctx, cow, IoOp::Flush, 0, 0, IoBuffer::None),
+            Phase::ZeroArea => {
+                // Every used-up area at once (plain writes; `ZeroFlush` makes them durable
+                // together, before the area below is written).
+                let first = x.store.current_area + 1;
+                let mut k = m.emitted as u64;
+                while k < m.zero_areas {
+                    let sector = g.chunk_sector(g.area_chunk(first + k));
+                    let op = IoOp::Write { fua: false };
+                    if !self.emit(ctx, cow, op, sector, g.chunk_sectors, IoBuffer::Zeroes) {
+                        break;
+                    }
+                    k += 1;
+                    if let Some(mm) = self.merge.as_mut() {
+                        mm.ios += 1;
+                        mm.emitted = k as usize;
+                    }
+                }
+                // Waits for them in `on_merge_io`.
+                return;
+            }
             Phase::ReadArea => self.emit(
                 ctx,
                 cow,
@@ -786,6 +824,8 @@ impl Engine {
         }
         let next = match m.phase {
             Phase::CopyRead => Phase::CopyWrite,
+            _ if self.cfg.unsafe_merge_zero_areas_early && m.zero_areas > 0 => Phase::ZeroArea,
+            // (`emitted` is reset below.)
             _ if self.cfg.unsafe_merge_skip_origin_flush => Phase::CowFlush,
             _ => Phase::OriginFlush,
         };
@@ -799,12 +839,21 @@ impl Engine {
     /// Picks the next batch: up to [`MAX_RUNS`] runs from the top of the current area, each
     /// as Linux `persistent_prepare_merge()` picks one.
     fn prepare_batch(&mut self, s: usize) {
-        let max_chunks = {
+        // One copy buffer per run, at most half of the engine's (see `Phase::Drain`).
+        let max_runs = MAX_RUNS.min((self.cfg.copy_buffers as usize / 2).max(1));
+        let (max_chunks, mut runs, mut nruns) = {
             let Some(m) = self.merge.as_ref() else {
                 return;
             };
-            (u64::from(self.cfg.copy_buffer_sectors) / m.cs).max(1)
+            let max_chunks = (u64::from(self.cfg.copy_buffer_sectors) / m.cs).max(1);
+            if m.zero_areas > 0 {
+                // Going on from the area above, which this batch used up.
+                (max_chunks, m.runs, m.nruns)
+            } else {
+                (max_chunks, [Run::default(); MAX_RUNS], 0)
+            }
         };
+        let spanning = nruns > 0;
         let Some(x) = self.snaps[s].as_mut() else {
             return;
         };
@@ -813,7 +862,7 @@ impl Engine {
             .merge
             .as_ref()
             .is_some_and(|m| m.saved.is_some() && !m.restored);
-        if committed == 0 {
+        if committed == 0 && !spanning {
             if x.store.current_area == 0 && restore {
                 // The store is empty: origin chunk 0 goes back first, the store is wiped
                 // after.
@@ -845,10 +894,8 @@ impl Engine {
             return;
         }
         let record = |i: u64| Record::decode(&x.store.area, i as usize);
-        let mut runs = [Run::default(); MAX_RUNS];
-        let mut nruns = 0;
         let mut top = committed;
-        while top > 0 && nruns < MAX_RUNS {
+        while top > 0 && nruns < max_runs {
             let Some(last) = record(top - 1) else {
                 break;
             };
@@ -881,11 +928,27 @@ impl Engine {
             self.stop_merge(false);
             return;
         }
+        // The batch used the whole area and has room for more runs: it goes on with the area
+        // below (read back into the area buffer), and this one is zeroed at the commit, before
+        // the area below is written (Linux merges one area at a time: an origin flush, a COW
+        // flush and an area write per area).
+        if top == 0 && nruns < max_runs && x.store.current_area > 0 {
+            x.store.current_area -= 1;
+            if let Some(m) = self.merge.as_mut() {
+                m.runs = runs;
+                m.nruns = nruns;
+                m.records = 0;
+                m.zero_areas += 1;
+            }
+            self.set_phase(Phase::ReadArea);
+            return;
+        }
         if let Some(m) = self.merge.as_mut() {
             m.runs = runs;
             m.nruns = nruns;
             m.records = committed - top;
         }
+        self.stats.merge_batches += 1;
         self.set_phase(Phase::Clear);
     }
 
@@ -909,7 +972,12 @@ impl Engine {
         }
         if !ok {
             self.release_merge_buffer();
-            self.stop_merge(matches!(phase, Phase::AreaWrite | Phase::AreaFlush));
+            // After a failed write of the batch's metadata, what is on disk for its records
+            // is unknown: fence the batch.
+            self.stop_merge(matches!(
+                phase,
+                Phase::ZeroArea | Phase::ZeroFlush | Phase::AreaWrite | Phase::AreaFlush
+            ));
             return;
         }
         let s = sid as usize;
@@ -962,7 +1030,31 @@ impl Engine {
                 }
                 Phase::CowFlush
             }
-            Phase::CowFlush => Phase::AreaWrite,
+            Phase::CowFlush => match self.merge.as_mut() {
+                Some(m) if m.zero_areas > 0 => {
+                    m.emitted = 0;
+                    Phase::ZeroArea
+                }
+                _ => Phase::AreaWrite,
+            },
+            // The zeroing writes go down together; once all are back, one flush.
+            Phase::ZeroArea => match self.merge.as_ref() {
+                Some(m) if m.ios > 0 || (m.emitted as u64) < m.zero_areas => return,
+                _ => Phase::ZeroFlush,
+            },
+            Phase::ZeroFlush => {
+                if let Some(m) = self.merge.as_mut() {
+                    self.stats.merge_areas_zeroed += m.zero_areas;
+                    m.zero_areas = 0;
+                    m.emitted = 0;
+                }
+                if self.cfg.unsafe_merge_zero_areas_early {
+                    // (The negative control zeroed them before the origin flush.)
+                    Phase::OriginFlush
+                } else {
+                    Phase::AreaWrite
+                }
+            }
             Phase::AreaWrite if !fua => Phase::AreaFlush,
             Phase::AreaWrite | Phase::AreaFlush => {
                 self.finish_batch_merge(s);

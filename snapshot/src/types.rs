@@ -356,6 +356,11 @@ pub struct EngineConfig {
     /// store would serve the half-merged origin).
     #[doc(hidden)]
     pub unsafe_merge_unmarked: bool,
+    /// Test-only negative control: a merge batch that used up newer areas zeroes them
+    /// before the origin flush (their records are gone before the copies are durable).
+    /// Breaks crash safety on purpose.
+    #[doc(hidden)]
+    pub unsafe_merge_zero_areas_early: bool,
 }
 
 impl EngineConfig {
@@ -380,6 +385,7 @@ impl EngineConfig {
             unsafe_merge_skip_origin_flush: false,
             unsafe_merge_release_early: false,
             unsafe_merge_unmarked: false,
+            unsafe_merge_zero_areas_early: false,
         }
     }
 }
@@ -516,6 +522,15 @@ pub struct EngineStats {
     pub origin_writes_refused: u64,
     /// Where the time of a first write goes, in engine ticks (see [`PhaseTimes`]).
     pub phases: PhaseTimes,
+    /// Requests issued when they were submitted, without a pass over the waiting ones: origin
+    /// writes to chunks every snapshot has copied, origin and snapshot reads.
+    pub fast_requests: u64,
+    /// Times a waiting request was looked at again by a pass (what the fast path saves).
+    pub requests_examined: u64,
+    /// Merge batches (each: one origin flush, one COW flush, one area write).
+    pub merge_batches: u64,
+    /// Metadata areas a merge batch used up and zeroed before writing the area below it.
+    pub merge_areas_zeroed: u64,
 }
 
 /// A count of events and their summed duration in engine ticks.

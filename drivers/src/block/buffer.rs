@@ -12,6 +12,8 @@ use alloc::vec::Vec;
 pub struct DmaBuf {
     data: &'static mut [u8],
     phys: u64,
+    /// The first byte a request uses (see [`DmaBuf::set_window`]); 0 unless a window is set.
+    start: usize,
     len: usize,
     pool: u16,
     index: u32,
@@ -33,31 +35,41 @@ impl DmaBuf {
         self.len == 0
     }
 
-    /// Sets the transfer length (at most the capacity).
+    /// Sets the transfer length (from the window's start, within the capacity).
     pub fn set_len(&mut self, len: usize) -> Result<(), BlockError> {
-        if len > self.data.len() {
-            return Err(BlockError::TooLarge {
-                bytes: len,
+        self.set_window(self.start, len)
+    }
+
+    /// Makes bytes `start..start + len` of the buffer what a request transfers: its slices
+    /// and physical address begin at `start` (a large buffer lent to a device for part of
+    /// it, with no copy). [`DmaBuf::set_window`]`(0, capacity)` gives the whole buffer back.
+    pub fn set_window(&mut self, start: usize, len: usize) -> Result<(), BlockError> {
+        match start.checked_add(len) {
+            Some(end) if end <= self.data.len() => {
+                self.start = start;
+                self.len = len;
+                Ok(())
+            }
+            _ => Err(BlockError::TooLarge {
+                bytes: start.saturating_add(len),
                 max: self.data.len() as u32,
-            });
+            }),
         }
-        self.len = len;
-        Ok(())
     }
 
     /// The bytes in use.
     pub fn as_slice(&self) -> &[u8] {
-        &self.data[..self.len]
+        &self.data[self.start..self.start + self.len]
     }
 
     /// The bytes in use, mutably.
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        &mut self.data[..self.len]
+        &mut self.data[self.start..self.start + self.len]
     }
 
-    /// Physical address of the first byte, for devices.
+    /// Physical address of the first byte in use, for devices.
     pub fn phys(&self) -> u64 {
-        self.phys
+        self.phys + self.start as u64
     }
 
     /// The pool this buffer belongs to.
@@ -105,6 +117,7 @@ impl BufferPool {
                 free.push(DmaBuf {
                     data: piece.data,
                     phys: piece.phys,
+                    start: 0,
                     len: buffer_size,
                     pool: id,
                     index: free.len() as u32,
@@ -122,6 +135,7 @@ impl BufferPool {
     /// Takes a buffer (length set to the full buffer size), or `None` when all are in use.
     pub fn acquire(&mut self) -> Option<DmaBuf> {
         let mut buf = self.free.pop()?;
+        buf.start = 0;
         buf.len = buf.data.len();
         Some(buf)
     }
@@ -204,6 +218,34 @@ mod tests {
             pool.release(b).unwrap();
         }
         assert_eq!(pool.available(), 5);
+    }
+
+    #[test]
+    fn a_window_lends_part_of_a_buffer() {
+        let mut pool = BufferPool::new::<FakeDma>(1, 1, 8192).unwrap();
+        let mut b = pool.acquire().unwrap();
+        b.as_mut_slice()
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, x)| *x = (i / 512) as u8);
+        let base = b.phys();
+        b.set_window(1024, 2048).unwrap();
+        assert_eq!((b.len(), b.phys()), (2048, base + 1024));
+        assert_eq!(b.as_slice()[0], 2);
+        assert_eq!(b.as_slice().as_ptr() as u64, b.phys());
+        // set_len keeps the start.
+        b.set_len(512).unwrap();
+        assert_eq!((b.len(), b.phys()), (512, base + 1024));
+        assert!(b.set_len(8192 - 1024 + 1).is_err());
+        assert!(b.set_window(8192, 1).is_err());
+        assert!(b.set_window(usize::MAX, 2).is_err());
+        pool.release(b).unwrap();
+        let b = pool.acquire().unwrap();
+        assert_eq!(
+            (b.len(), b.phys()),
+            (8192, base),
+            "acquire gives the whole buffer"
+        );
     }
 
     #[test]

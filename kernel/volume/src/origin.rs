@@ -3,12 +3,16 @@
 //! crate); volume requests go in, the engine's I/O goes to the origin and COW devices, and
 //! device completions go back to the engine.
 //!
-//! Buffers: the engine names the caller's buffer, its copy buffers, its metadata or zeroes;
-//! every engine I/O is carried by a DMA bounce buffer from the origin's own pool, filled from
-//! (writes) or copied into (reads) what the engine named. That costs one memory copy per I/O
-//! and keeps every DMA buffer owned by exactly one request. All of it is allocated when the
-//! origin is set up; the I/O path does not allocate (the one exception is the growth of a
-//! snapshot's exception table, fallible and inside the engine: see `snapshot::table`).
+//! Buffers: the engine names the caller's buffer, its copy buffers, its metadata or zeroes.
+//! The caller's buffer and the copy buffers are DMA buffers: an I/O on the whole of a
+//! caller's buffer, or on part of a copy buffer (windowed), lends that buffer to the device,
+//! so a copy is read into its copy buffer and written from it with no CPU copy. Everything
+//! else (metadata, zeroes, merged copy writes, part of a caller's buffer, a buffer another
+//! staged I/O still needs) is carried by a DMA bounce buffer from the origin's own pool,
+//! filled from (writes) or copied into (reads) what the engine named. Every DMA buffer is
+//! owned by exactly one request at a time. All of it is allocated when the origin is set up;
+//! the I/O path does not allocate (the one exception is the growth of a snapshot's exception
+//! table, fallible and inside the engine: see `snapshot::table`).
 //!
 //! Large I/O: chunks go up to 512 KiB, so the engine's area writes, zeroing writes and copies
 //! can be larger than a device takes in one request (virtio-blk: 128 KiB) or than a bounce
@@ -40,7 +44,8 @@ fn engine_tag(index: usize, slot: u32) -> u64 {
 /// Engine I/Os in flight per origin (bounce buffers).
 const BOUNCE_BUFFERS: usize = 64;
 /// Copy buffers per origin, and their size in sectors: the largest sequential copy, and the
-/// largest chunk size served (512 KiB, as dm-snapshot and LVM allow). 8 MiB of heap per origin.
+/// largest chunk size served (512 KiB, as dm-snapshot and LVM allow). 8 MiB of DMA memory per
+/// origin.
 const COPY_BUFFERS: u32 = 16;
 pub const COPY_BUFFER_SECTORS: u32 = 1024;
 /// Engine I/Os taken from the engine ahead of issuing, so that copy writes to consecutive
@@ -51,6 +56,8 @@ const STAGED_IOS: usize = 64;
 const MERGE_PARTS: usize = 32;
 /// No next part.
 const NO_PART: u32 = u32::MAX;
+/// The copy buffers' pool ID: the bounce pool's with this bit flipped.
+const COPY_POOL_BIT: u16 = 0x4000;
 /// After a snapshot's store could not be marked invalid, the least time between attempts at
 /// its header write (engine ticks are microseconds): 1 s.
 const INVALIDATION_RETRY_TICKS: u64 = 1_000_000;
@@ -136,6 +143,8 @@ struct Issued {
     caller: Option<u64>,
     /// The device has the caller's own buffer: it goes back to the request on completion.
     lent: bool,
+    /// The device has this copy buffer (windowed to the I/O): it goes home on completion.
+    lent_copy: Option<u32>,
     /// The next engine I/O merged into the same device write (its slot), or `NO_PART`.
     next: u32,
     /// The engine I/O is larger than one device request: it goes down in pieces.
@@ -168,8 +177,8 @@ pub struct Origin {
     /// A `snapshot create` is under way: from its quiesce on, NBD requests to the device go
     /// through the engine (where they wait), not straight to the device.
     pub creating: bool,
-    copy: Vec<u8>,
-    copy_bytes: usize,
+    /// The engine's copy buffers, one DMA buffer each (`None` while lent to a device).
+    copy: Vec<Option<DmaBuf>>,
     requests: Vec<Option<Held>>,
     free_requests: Vec<u32>,
     ios: Vec<Option<Issued>>,
@@ -183,6 +192,8 @@ pub struct Origin {
     pub merged_copy_writes: u64,
     /// Device writes made of merged copy writes.
     pub merged_device_writes: u64,
+    /// Engine I/Os that went to the device in a copy buffer itself (no CPU copy).
+    pub lent_copy_ios: u64,
     /// The last deleted snapshot whose store could not be wiped (the delete task reports it).
     pub wipe_failed: Option<SnapId>,
     /// The outcome of the last binding rewrite (`snapshot rename`, `snapshot set`), for the
@@ -262,12 +273,16 @@ impl Origin {
         let engine =
             Engine::new(cfg).map_err(|_| "the snapshot engine refused its configuration")?;
         let copy_bytes = COPY_BUFFER_SECTORS as usize * 512;
-        // Copy buffers are heap: ask for them fallibly, so a full heap refuses the origin
-        // instead of halting.
-        let mut copy: Vec<u8> = Vec::new();
-        copy.try_reserve_exact(COPY_BUFFERS as usize * copy_bytes)
-            .map_err(|_| "no memory for the snapshot engine's copy buffers")?;
-        copy.resize(COPY_BUFFERS as usize * copy_bytes, 0);
+        // Copy buffers are DMA buffers, lent to the devices: a copy is read into one and
+        // written from it with no CPU copy (see `issue_one`). Their pool only hands them out
+        // here; they stay with the origin.
+        let mut copy_pool =
+            (platform.buffer_pool)(pool_id ^ COPY_POOL_BIT, COPY_BUFFERS as usize, copy_bytes)
+                .map_err(|_| "no DMA memory for the snapshot engine's copy buffers")?;
+        let mut copy = Vec::with_capacity(COPY_BUFFERS as usize);
+        while let Some(b) = copy_pool.acquire() {
+            copy.push(Some(b));
+        }
         // Bounce buffers carry one device request each: larger engine I/O is split.
         let bounce_bytes = crate::MAX_TRANSFER.max(g.max_transfer_bytes as usize);
         let bounce = (platform.buffer_pool)(pool_id, BOUNCE_BUFFERS, bounce_bytes)
@@ -278,7 +293,6 @@ impl Origin {
             snaps: Vec::new(),
             creating: false,
             copy,
-            copy_bytes,
             requests: (0..request_slots).map(|_| None).collect(),
             free_requests: (0..request_slots as u32).rev().collect(),
             ios: (0..io_slots).map(|_| None).collect(),
@@ -288,6 +302,7 @@ impl Origin {
             splitting: None,
             merged_copy_writes: 0,
             merged_device_writes: 0,
+            lent_copy_ios: 0,
             wipe_failed: None,
             rebound: None,
             auto_extending: None,
@@ -404,6 +419,11 @@ impl Origin {
             let Some(io) = self.staged.pop_front() else {
                 return;
             };
+            if !self.buffer_home(&io) {
+                // Its copy buffer is with the device for another I/O: wait for it, in order.
+                self.staged.push_front(io);
+                return;
+            }
             let mut parts = [0usize; MERGE_PARTS];
             let n = self.mergeable(&io, devices, &mut parts);
             let issued = if n == 0 {
@@ -456,10 +476,9 @@ impl Origin {
         let mut sectors = io.sectors as usize;
         let mut n = 0;
         while n < parts.len() {
-            let next = self
-                .staged
-                .iter()
-                .position(|s| is_copy_write(s) && s.device == io.device && s.sector == end);
+            let next = self.staged.iter().position(|s| {
+                is_copy_write(s) && s.device == io.device && s.sector == end && self.buffer_home(s)
+            });
             let Some(at) = next else { break };
             let more = self.staged[at].sectors as usize;
             if sectors + more > limit {
@@ -541,6 +560,7 @@ impl Origin {
             read_into: None,
             caller: None,
             lent: false,
+            lent_copy: None,
             next: NO_PART,
             split: None,
         });
@@ -555,6 +575,7 @@ impl Origin {
                 read_into: None,
                 caller: None,
                 lent: false,
+                lent_copy: None,
                 next: NO_PART,
                 split: None,
             });
@@ -614,6 +635,66 @@ impl Origin {
                 }
             }
         }
+        // A copy buffer goes to the device itself (windowed to the I/O): a copy is read into
+        // it and written from it with no CPU copy. A write whose buffer another staged I/O
+        // still needs goes through a bounce buffer instead, so that one need not wait.
+        if let (IoBuffer::Copy { index, byte_offset }, IoOp::Read | IoOp::Write { .. }) =
+            (io.buffer, io.op)
+        {
+            let shared = matches!(io.op, IoOp::Write { .. })
+                && self
+                    .staged
+                    .iter()
+                    .any(|s| matches!(s.buffer, IoBuffer::Copy { index: i, .. } if i == index));
+            if !shared {
+                let Some(mut buf) = self.copy.get_mut(index as usize).and_then(Option::take) else {
+                    self.free_ios.push(slot);
+                    return Err(io);
+                };
+                if buf.set_window(byte_offset as usize, len).is_err() {
+                    self.copy_home(index, buf);
+                    self.free_ios.push(slot);
+                    let _ = self.engine.complete_io(io.token, Err(IoError));
+                    return Ok(());
+                }
+                let request = match io.op {
+                    IoOp::Read => BlockRequest::read(tag, lba, buf),
+                    _ => BlockRequest::write(
+                        tag,
+                        lba,
+                        buf,
+                        matches!(io.op, IoOp::Write { fua: true }),
+                    ),
+                };
+                return match device.submit(request) {
+                    Ok(()) => {
+                        self.lent_copy_ios += 1;
+                        self.ios[slot as usize] = Some(Issued {
+                            token: io.token,
+                            read_into: None,
+                            caller: None,
+                            lent: false,
+                            lent_copy: Some(index),
+                            next: NO_PART,
+                            split: None,
+                        });
+                        Ok(())
+                    }
+                    Err(rejected) => {
+                        if let Some(b) = rejected.request.buffer {
+                            self.copy_home(index, b);
+                        }
+                        self.free_ios.push(slot);
+                        if rejected.error == BlockError::QueueFull {
+                            Err(io)
+                        } else {
+                            let _ = self.engine.complete_io(io.token, Err(IoError));
+                            Ok(())
+                        }
+                    }
+                };
+            }
+        }
         let is_lent = lent.is_some();
         let request = match (io.op, lent) {
             (IoOp::Flush, _) => BlockRequest::flush(tag),
@@ -652,6 +733,7 @@ impl Origin {
                     read_into,
                     caller,
                     lent: is_lent,
+                    lent_copy: None,
                     next: NO_PART,
                     split: None,
                 });
@@ -723,6 +805,7 @@ impl Origin {
             read_into: matches!(io.op, IoOp::Read).then_some(io.buffer),
             caller,
             lent: false,
+            lent_copy: None,
             next: NO_PART,
             split: Some(Split {
                 io,
@@ -846,12 +929,11 @@ impl Origin {
                             copy_into(b.as_mut_slice(), byte_offset + at as u64, data);
                         }
                     }
-                    IoBuffer::Copy { index, byte_offset } => {
-                        let start = index as usize * self.copy_bytes;
-                        if let Some(dst) = self.copy.get_mut(start..start + self.copy_bytes) {
-                            copy_into(dst, byte_offset + at as u64, data);
-                        }
-                    }
+                    IoBuffer::Copy { index, byte_offset } => match self.copy_mut(index) {
+                        Some(dst) => copy_into(dst, byte_offset + at as u64, data),
+                        // Unreachable: a copy buffer is lent only while nothing else uses it.
+                        None => sp.failed = true,
+                    },
                     IoBuffer::Meta { .. } => {
                         if let Some(dst) = self.engine.meta_bytes_mut(&sp.io.buffer) {
                             copy_into(dst, at as u64, data);
@@ -869,6 +951,42 @@ impl Origin {
         }
         sp.inflight = sp.inflight.saturating_sub(1);
         self.update_split(slot, sp);
+    }
+
+    /// Copy buffer `index`, whole, while it is home.
+    fn copy_ref(&self, index: u32) -> Option<&[u8]> {
+        self.copy
+            .get(index as usize)?
+            .as_ref()
+            .map(DmaBuf::as_slice)
+    }
+
+    /// Copy buffer `index`, whole and writable, while it is home.
+    fn copy_mut(&mut self, index: u32) -> Option<&mut [u8]> {
+        self.copy
+            .get_mut(index as usize)?
+            .as_mut()
+            .map(DmaBuf::as_mut_slice)
+    }
+
+    /// Whether what `io` names can be used now: not a copy buffer lent to a device.
+    fn buffer_home(&self, io: &Io) -> bool {
+        match io.buffer {
+            IoBuffer::Copy { index, .. } => {
+                self.copy.get(index as usize).is_some_and(Option::is_some)
+            }
+            _ => true,
+        }
+    }
+
+    /// A lent copy buffer comes home, whole again.
+    fn copy_home(&mut self, index: u32, mut buffer: DmaBuf) {
+        let whole = buffer.capacity();
+        let _ = buffer.set_window(0, whole);
+        match self.copy.get_mut(index as usize) {
+            Some(slot) if slot.is_none() => *slot = Some(buffer),
+            _ => log::error!("snapshot engine: copy buffer {index} came back twice"),
+        }
     }
 
     /// Returns a lent buffer to its request.
@@ -896,12 +1014,7 @@ impl Origin {
                 copy_from(from, byte_offset + skip, out);
             }
             IoBuffer::Copy { index, byte_offset } => {
-                let start = index as usize * self.copy_bytes;
-                copy_from(
-                    self.copy.get(start..start + self.copy_bytes),
-                    byte_offset + skip,
-                    out,
-                );
+                copy_from(self.copy_ref(index), byte_offset + skip, out);
             }
             IoBuffer::Meta { .. } => copy_from(self.engine.meta_bytes(source), skip, out),
             IoBuffer::Zeroes | IoBuffer::None => out.fill(0),
@@ -926,6 +1039,17 @@ impl Origin {
             return;
         };
         self.free_ios.push(slot);
+        if let Some(index) = issued.lent_copy {
+            // The data (read) is already in the copy buffer.
+            match completion.buffer {
+                Some(b) => self.copy_home(index, b),
+                None => log::error!("snapshot engine: copy buffer {index} did not come back"),
+            }
+            let _ = self
+                .engine
+                .complete_io(issued.token, completion.result.map_err(|_| IoError));
+            return;
+        }
         if issued.lent {
             // The data (read) is already in the request's own buffer.
             if let Some(b) = completion.buffer {
@@ -955,8 +1079,7 @@ impl Origin {
                     }
                 }
                 IoBuffer::Copy { index, byte_offset } => {
-                    let start = index as usize * self.copy_bytes;
-                    if let Some(dst) = self.copy.get_mut(start..start + self.copy_bytes) {
+                    if let Some(dst) = self.copy_mut(index) {
                         copy_into(dst, byte_offset, data);
                     }
                 }

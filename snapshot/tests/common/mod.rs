@@ -177,6 +177,9 @@ pub struct RunConfig {
     pub merge_release_early: bool,
     /// Negative control: merge without marking the origin.
     pub merge_unmarked: bool,
+    /// Negative control: a merge batch spanning areas zeroes the used-up areas before the
+    /// origin flush.
+    pub merge_zero_areas_early: bool,
 }
 
 impl RunConfig {
@@ -206,6 +209,7 @@ impl RunConfig {
             merge_skip_origin_flush: false,
             merge_release_early: false,
             merge_unmarked: false,
+            merge_zero_areas_early: false,
         }
     }
 }
@@ -271,6 +275,7 @@ impl Harness {
         ec.unsafe_merge_skip_origin_flush = cfg.merge_skip_origin_flush;
         ec.unsafe_merge_release_early = cfg.merge_release_early;
         ec.unsafe_merge_unmarked = cfg.merge_unmarked;
+        ec.unsafe_merge_zero_areas_early = cfg.merge_zero_areas_early;
         if let Some(t) = cfg.invalidation_retry_ticks {
             ec.invalidation_retry_ticks = t;
         }

@@ -6,7 +6,11 @@
 //!
 //! The snapshot rows compare with raw rows on the origin, run before and after them; one of
 //! those flushes after every 32 writes (`--fsync 32`), to show what flushes cost the host, and
-//! the first-write rows are given against it too.
+//! the first-write rows are given against it too. Then the bound those raw rows allow for the
+//! rows whose writes copy: each write's device operations (the copy's read and write, the
+//! origin write, its share of the commits' flushes and area writes, counted by the engine)
+//! priced from the raw rows of the run, and the row as a share of it, so a reader sees whether
+//! the engine or the host is the limit.
 //!
 //! The snapshot rows end with a merge: 256 MiB of copied chunks merged back into the origin,
 //! in MB/s against the raw sequential write MB/s of the same run.
@@ -213,6 +217,11 @@ struct Counters {
     commits: f64,
     records: f64,
     commit_flushes: f64,
+    /// Copy writes issued by the engine, those the origin merged with others, and the device
+    /// writes the merged ones made.
+    copy_writes: f64,
+    merged_copy_writes: f64,
+    merged_device_writes: f64,
 }
 
 impl Counters {
@@ -228,12 +237,24 @@ impl Counters {
                 .unwrap_or(0.0)
         };
         let commits = count(" commits,");
+        // "  M copy writes went down merged as D device writes (consecutive COW chunks)"
+        let merged = |i: usize| -> f64 {
+            out.split(" device writes (consecutive COW chunks)")
+                .next()
+                .filter(|s| s.contains(" copy writes went down merged as "))
+                .and_then(|s| s.split_whitespace().rev().nth(i))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0.0)
+        };
         Counters {
             writes: count(" writes,"),
             copy_jobs: count(" copy jobs"),
             commits,
             records: commits * count(" records per commit"),
             commit_flushes: count(" commit flushes"),
+            copy_writes: count(" copy writes,"),
+            merged_copy_writes: merged(7),
+            merged_device_writes: merged(0),
         }
     }
 
@@ -259,6 +280,72 @@ impl Counters {
         }
         (after.commit_flushes - self.commit_flushes) / records
     }
+
+    /// What one origin write of the row between `self` and `after` cost the devices, in
+    /// device operations per write: copy reads, copy writes (as the device got them: those
+    /// merged with others count as the device writes they made), commit flushes and area
+    /// writes (commits).
+    fn per_write(self, after: Counters) -> Option<PerWrite> {
+        let writes = after.writes - self.writes;
+        if writes <= 0.0 {
+            return None;
+        }
+        let d = |a: f64, b: f64| a - b;
+        let device_copy_writes = d(after.copy_writes, self.copy_writes)
+            - d(after.merged_copy_writes, self.merged_copy_writes)
+            + d(after.merged_device_writes, self.merged_device_writes);
+        Some(PerWrite {
+            reads: (after.copy_jobs - self.copy_jobs) / writes,
+            copy_writes: device_copy_writes / writes,
+            flushes: (after.commit_flushes - self.commit_flushes) / writes,
+            area_writes: (after.commits - self.commits) / writes,
+        })
+    }
+}
+
+/// Device operations per origin write in a first-write row (see [`Counters::per_write`]).
+#[derive(Clone, Copy)]
+struct PerWrite {
+    reads: f64,
+    copy_writes: f64,
+    flushes: f64,
+    area_writes: f64,
+}
+
+/// What this run's raw rows say one device operation costs at QD32, in µs of device time:
+/// a 4 KiB random read and write (one over the raw row's IOPS), and a flush (the time the
+/// flushing raw row takes over the plain one, per flush: its drain of the queue included).
+/// A merged copy write carries several chunks but is priced as one 4 KiB write: the bound
+/// errs on the generous side.
+struct Prices {
+    read_us: f64,
+    write_us: f64,
+    flush_us: f64,
+}
+
+impl Prices {
+    fn new(raw_read_iops: f64, raw_write_iops: f64, raw_fsync_iops: f64, every: f64) -> Prices {
+        let us = |iops: f64| if iops > 0.0 { 1e6 / iops } else { 0.0 };
+        Prices {
+            read_us: us(raw_read_iops),
+            write_us: us(raw_write_iops),
+            flush_us: (every * (us(raw_fsync_iops) - us(raw_write_iops))).max(0.0),
+        }
+    }
+
+    /// The IOPS a first-write row could reach if the engine cost nothing: the origin write,
+    /// and its share of copy reads, copy writes, commit flushes and area writes, each at its
+    /// raw price.
+    fn bound(&self, w: PerWrite) -> f64 {
+        let us = self.write_us * (1.0 + w.copy_writes + w.area_writes)
+            + self.read_us * w.reads
+            + self.flush_us * w.flushes;
+        if us > 0.0 {
+            1e6 / us
+        } else {
+            0.0
+        }
+    }
 }
 
 /// One snapshot row: its figures, the raw row it compares with, a note, and for rows where
@@ -269,6 +356,8 @@ struct SnapRow {
     raw: Raw,
     note: String,
     flushes_per_write: Option<f64>,
+    /// For rows whose writes copy: the device operations one write cost.
+    per_write: Option<PerWrite>,
 }
 
 impl SnapRow {
@@ -279,12 +368,20 @@ impl SnapRow {
             raw,
             note,
             flushes_per_write: None,
+            per_write: None,
         }
     }
 
     fn copying(mut self, before: Counters, after: Counters) -> Self {
         self.note = before.note(after);
         self.flushes_per_write = Some(before.flushes_per_record(after));
+        self.per_write = before.per_write(after);
+        self
+    }
+
+    /// A row where writes copy into more than one snapshot: only its cost per write.
+    fn costed(mut self, before: Counters, after: Counters) -> Self {
+        self.per_write = before.per_write(after);
         self
     }
 }
@@ -394,14 +491,26 @@ fn snapshot_rows(q: &mut tests::Qemu, kind: &str, origin: &str, cow: &str, time:
     );
     let start = Counters::read(q, "b3");
     let two = run(q, origin, &randwrite, time);
-    rows.push(SnapRow::new(
-        "4k randwrite QD32, two snapshots",
-        two,
-        Raw::RandWrite,
-        start.note(Counters::read(q, "b3")),
-    ));
+    let end = Counters::read(q, "b3");
+    rows.push(
+        SnapRow::new(
+            "4k randwrite QD32, two snapshots",
+            two,
+            Raw::RandWrite,
+            start.note(end),
+        )
+        .costed(start, end),
+    );
     cmd(q, "snapshot delete b3");
     cmd(q, "snapshot delete b4");
+    // Issue 20: the snapshot rows allocate nothing on the I/O path.
+    let mem = cmd(q, "mem");
+    if let Some(line) = mem
+        .lines()
+        .find(|l| l.contains("heap allocations on the I/O path"))
+    {
+        println!("after the snapshot rows: {}", line.trim());
+    }
     let after = raw_rows(q);
     println!(
         "{:<34} {:>10} {:>10} {:>10} {:>10}",
@@ -448,6 +557,29 @@ fn snapshot_rows(q: &mut tests::Qemu, kind: &str, origin: &str, cow: &str, time:
             r.name,
             100.0 * iops(&r.snap) / raw_f.max(1.0),
             r.flushes_per_write.unwrap_or(0.0)
+        );
+    }
+    // The bound this run's own raw costs allow for first writes: the engine's device
+    // operations per write, each priced from the raw rows above.
+    let raw_r = (iops(&before[1]) + iops(&after[1])) / 2.0;
+    let prices = Prices::new(raw_r, raw_w, raw_f, 32.0);
+    println!(
+        "raw prices at QD32: 4k read {:.1} us, 4k write {:.1} us, flush {:.0} us (device time per operation)",
+        prices.read_us, prices.write_us, prices.flush_us
+    );
+    for r in &rows {
+        let Some(w) = r.per_write else { continue };
+        let bound = prices.bound(w);
+        println!(
+            "  {}: bound {:.0} IOPS ({:.2} reads + {:.2} device copy writes + 1 write + {:.3} flushes + {:.3} area writes per write), {:.1}% of raw; the row is {:.1}% of its bound",
+            r.name,
+            bound,
+            w.reads,
+            w.copy_writes,
+            w.flushes,
+            w.area_writes,
+            100.0 * bound / raw_w.max(1.0),
+            100.0 * iops(&r.snap) / bound.max(1.0)
         );
     }
     let raw_sw_mb_s = (before[2].mb_s + after[2].mb_s) / 2.0;
