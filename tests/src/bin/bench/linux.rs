@@ -131,7 +131,9 @@ fn fio(g: &mut Guest, dev: &str, args: &str, time: &str) -> Option<f64> {
     iops
 }
 
-fn boot(q: Boot) -> Guest {
+fn boot(mut q: Boot) -> Guest {
+    // Kernel warnings too (an NVMe command timing out is one), for a stall's report.
+    q.append = q.append.replace("loglevel=4", "loglevel=5");
     let mut q = q.memory_size("2G").start();
     let ready = q.wait_linux(BOOT);
     println!(
@@ -282,10 +284,12 @@ fn snapshot_section(g: &mut Guest, origin: &str, cow: &str, time: &str) -> Vec<F
     rows
 }
 
-/// Prints `name | snapfw | Linux | ratio` cells for one device.
-fn cells(snapfw: Option<f64>, linux: Option<f64>) -> String {
+/// Prints `name | snapfw | Linux | ratio` cells for one device; no ratio from a guest that
+/// stalled (its figures before the stall may be slowed by what led to it).
+fn cells(snapfw: Option<f64>, linux: Option<f64>, stalled: bool) -> String {
     let show = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0}"));
     let ratio = match (snapfw, linux) {
+        (Some(_), Some(_)) if stalled => "stalled".to_string(),
         (Some(s), Some(l)) if l > 0.0 => format!("{:.2}x", s / l),
         _ => "-".to_string(),
     };
@@ -336,9 +340,11 @@ pub fn snapshot_rows(time: &str, virtio: &[Figure], nvme: &[Figure]) {
     };
     let mut g = machine();
     let lv = snapshot_section(&mut g, "/dev/vdb", "/dev/vdc", time);
+    let v_stalled = g.stalled;
     poweroff(g);
     let mut g = machine();
     let ln = snapshot_section(&mut g, "/dev/nvme0n1", "/dev/nvme0n2", time);
+    let n_stalled = g.stalled;
     poweroff(g);
     println!(
         "Linux dm-snapshot side by side: in-guest fio --ioengine=libaio --direct=1 on the same \
@@ -352,8 +358,8 @@ pub fn snapshot_rows(time: &str, virtio: &[Figure], nvme: &[Figure]) {
         println!(
             "{:<34} {} | {}",
             name,
-            cells(lookup(virtio, name), lookup(&lv, name)),
-            cells(lookup(nvme, name), lookup(&ln, name))
+            cells(lookup(virtio, name), lookup(&lv, name), v_stalled),
+            cells(lookup(nvme, name), lookup(&ln, name), n_stalled)
         );
     }
 }
@@ -453,6 +459,7 @@ pub fn nbd_rows(time: &str, rows: &[(&'static str, &[&str], bool)], snapfw: &[Fi
             }),
         ));
     }
+    let g_stalled = g.stalled;
     poweroff(g);
     println!(
         "NBD side by side: fio --ioengine=nbd from the host, 256 MiB region, {time} per row; \
@@ -468,7 +475,7 @@ pub fn nbd_rows(time: &str, rows: &[(&'static str, &[&str], bool)], snapfw: &[Fi
         println!(
             "{:<42} {}",
             name,
-            cells(lookup(snapfw, name), lookup(&linux, name))
+            cells(lookup(snapfw, name), lookup(&linux, name), g_stalled)
         );
     }
 }
