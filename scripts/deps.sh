@@ -11,11 +11,14 @@
 # for. Whatever an install removed is installed again before the final check, which names each
 # missing tool and its package.
 #
-# Then the Linux guest of the interop tests (tests/tests/linux_interop.rs): Debian's cloud
-# kernel, dmsetup with its libraries and busybox-static, fetched with `apt-get download` and
-# unpacked with `dpkg-deb -x` under build/linux-guest/ (nothing is installed on the host, so
-# no kernel hook runs), then scripts/linux-initramfs.sh packs the guest's initramfs. Done once:
-# a second run finds build/linux-guest/ complete and does nothing.
+# Then the Linux guest of the interop tests (tests/tests/linux_interop.rs) and of the bench's
+# Linux rows (tests/src/bin/bench/linux.rs): Debian's cloud kernel, busybox-static, dmsetup,
+# fio and nbd-server with the library packages they depend on (followed through Depends and
+# Pre-Depends, library packages only), fetched with `apt-get download` and unpacked with
+# `dpkg-deb -x` under build/linux-guest/ (nothing is installed on the host, so no kernel hook
+# runs), then scripts/linux-initramfs.sh packs the guest's initramfs. Done once: a second run
+# finds build/linux-guest/ complete (every package of `guest_pkgs` in its packages.txt) and
+# does nothing.
 #
 # `deps.sh --packages-only` does the Debian packages and their check, nothing else.
 # DEPS_ROOT prefixes the paths checked for files (tests/tests/deps_script.rs runs the script
@@ -138,8 +141,27 @@ fi
 
 # --- The Linux guest -------------------------------------------------------------------------
 guest=$here/build/linux-guest
-guest_pkgs=(dmsetup libdevmapper1.02.1 libselinux1 libudev1 libpcre2-8-0 libc6 busybox-static)
-if [ ! -s "$guest/vmlinuz" ] || [ ! -s "$guest/packages.txt" ]; then
+guest_pkgs=(busybox-static dmsetup fio nbd-server)
+# The packages named and the library packages they depend on (Depends and Pre-Depends whose
+# names start with lib or zlib; the rest, such as nbd-server's debconf and adduser or fio's
+# python3, is for scripts the guest never runs), one apt-cache call per level.
+lib_closure() {
+    local seen=" " level=("$@") next p
+    while [ ${#level[@]} -gt 0 ]; do
+        for p in "${level[@]}"; do seen+="$p "; done
+        printf '%s\n' "${level[@]}"
+        mapfile -t next < <(apt-cache depends --important "${level[@]}" 2>/dev/null |
+            awk '$1 ~ /^(Pre)?Depends:$/ && $2 ~ /^(lib|zlib)/ {print $2}' | sort -u)
+        level=()
+        for p in "${next[@]}"; do [[ $seen == *" $p "* ]] || level+=("$p"); done
+    done
+}
+guest_complete() {
+    local p
+    [ -s "$guest/vmlinuz" ] && [ -s "$guest/packages.txt" ] || return 1
+    for p in "${guest_pkgs[@]}"; do grep -q "^$p " "$guest/packages.txt" || return 1; done
+}
+if ! guest_complete; then
     SUDO=""
     [ "$(id -u)" -eq 0 ] || SUDO="sudo"
     # The kernel package the metapackage points at (e.g. linux-image-6.1.0-56-cloud-amd64);
@@ -154,13 +176,14 @@ if [ ! -s "$guest/vmlinuz" ] || [ ! -s "$guest/packages.txt" ]; then
         $SUDO apt-get update -qq
         kpkg=$(kernel_pkg) || { echo "deps: apt knows no linux-image-cloud-amd64 or linux-image-amd64" >&2; exit 1; }
     fi
-    echo "deps: fetching the Linux guest for the interop tests ($kpkg ${guest_pkgs[*]})"
+    mapfile -t fetch < <(lib_closure "${guest_pkgs[@]}")
+    echo "deps: fetching the Linux guest for the interop tests and the bench ($kpkg ${fetch[*]})"
     rm -rf "$guest"
     mkdir -p "$guest/debs" "$guest/root"
     # As root, apt's download sandbox user cannot write here: download as ourselves.
     sandbox=()
     [ "$(id -u)" -ne 0 ] || sandbox=(-o APT::Sandbox::User=root)
-    (cd "$guest/debs" && apt-get -qq "${sandbox[@]}" download "$kpkg" "${guest_pkgs[@]}")
+    (cd "$guest/debs" && apt-get -qq "${sandbox[@]}" download "$kpkg" "${fetch[@]}")
     for deb in "$guest"/debs/*.deb; do
         dpkg-deb -x "$deb" "$guest/root"
         dpkg-deb -W --showformat='${Package} ${Version}\n' "$deb" >>"$guest/packages.tmp"

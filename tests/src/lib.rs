@@ -11,7 +11,8 @@
 //! filled by `make build iso pxe`; `make test` does that first.
 //!
 //! The same harness boots a Linux guest ([`Boot::linux_guest`]: Debian's kernel and an
-//! initramfs with busybox and dmsetup, made under `build/linux-guest` by `make deps`) whose
+//! initramfs with busybox, dmsetup, fio and nbd-server, made under `build/linux-guest` by
+//! `make deps`; the bench's Linux rows use it too) whose
 //! console runs each line typed as a shell command ([`Qemu::shell`]), for tests that check
 //! what snapfw writes against what Linux reads, and the other way round.
 
@@ -155,7 +156,8 @@ impl Boot {
 
     /// The Linux guest of the interop tests: `build/linux-guest/vmlinuz` and `initramfs.gz`
     /// (made by `make deps`: scripts/deps.sh and scripts/linux-initramfs.sh), console on
-    /// ttyS0. Its `/init` loads the virtio-blk and dm-snapshot modules, prints
+    /// ttyS0. Its `/init` loads the virtio-blk, virtio-net and dm-snapshot modules, gives a
+    /// NIC ([`Boot::net`]) the address QEMU user networking forwards to (10.0.2.15), prints
     /// [`LINUX_READY`], then runs each line read from the console as a shell command; drive it
     /// with [`Qemu::wait_linux`] and [`Qemu::shell`].
     pub fn linux_guest() -> Boot {

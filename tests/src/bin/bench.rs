@@ -25,9 +25,20 @@
 //! loaded by the host's loader (time, table bytes per exception) and by the appliance at boot
 //! (boot to the prompt, the discovery's own load time, heap used, table bytes per exception).
 //!
+//! Linux side by side (`bench/linux.rs`): after the snapshot rows, the interop tests' Linux
+//! guest runs the same rows with in-guest fio through dm-snapshot on the same QEMU devices;
+//! after the NBD rows (which end with two snapshot-path rows: first writes on an origin with
+//! a fresh snapshot, reads of the snapshot), it serves the same disk and a dm-snapshot origin
+//! and snapshot with `nbd-server` for the same fio jobs. Each prints the ratio of absolute IOPS
+//! (snapfw / Linux). Without the guest (`make deps` makes it) those rows are skipped.
+//!
 //! `BENCH_TIME` (default `5s`) sets each row's duration; `BENCH_ONLY=nbd` runs the NBD rows
-//! alone, `BENCH_ONLY=snapshot` the snapshot rows, `BENCH_ONLY=stores` the store rows;
-//! `ACCEL` as for the tests.
+//! alone (the appliance's and Linux's), `BENCH_ONLY=snapshot` the snapshot rows (the
+//! appliance's and Linux's), `BENCH_ONLY=stores` the store rows, `BENCH_ONLY=linux` Linux's
+//! rows alone (no ratios); `ACCEL` as for the tests.
+
+#[path = "bench/linux.rs"]
+mod linux;
 
 use std::time::Duration;
 
@@ -119,7 +130,12 @@ fn run(q: &mut tests::Qemu, disk: &str, args: &str, time: &str) -> Figures {
 fn main() {
     let time = std::env::var("BENCH_TIME").unwrap_or_else(|_| "5s".into());
     if std::env::var("BENCH_ONLY").is_ok_and(|v| v == "nbd") {
-        nbd_rows(&time);
+        linux::nbd_rows(&time, NBD_ROWS, &nbd_rows(&time));
+        return;
+    }
+    if std::env::var("BENCH_ONLY").is_ok_and(|v| v == "linux") {
+        linux::snapshot_rows(&time, &[], &[]);
+        linux::nbd_rows(&time, NBD_ROWS, &[]);
         return;
     }
     if std::env::var("BENCH_ONLY").is_ok_and(|v| v == "stores") {
@@ -192,12 +208,13 @@ fn main() {
             row.name, vi, vm, vp, vq, n.iops, n.mb_s, n.p99_us, n.irq_per_io
         );
     }
-    snapshot_rows(&mut q, "virtio-blk", "vdb", "vdc", &time);
-    snapshot_rows(&mut q, "NVMe", "nvme0n1", "nvme0n2", &time);
+    let virtio_snap = snapshot_rows(&mut q, "virtio-blk", "vdb", "vdc", &time);
+    let nvme_snap = snapshot_rows(&mut q, "NVMe", "nvme0n1", "nvme0n2", &time);
     q.send(b"poweroff\r");
     let _ = q.wait_exit(Duration::from_secs(30));
+    linux::snapshot_rows(&time, &virtio_snap, &nvme_snap);
     if !only_snapshots {
-        nbd_rows(&time);
+        linux::nbd_rows(&time, NBD_ROWS, &nbd_rows(&time));
         store_rows();
     }
 }
@@ -416,8 +433,15 @@ fn iops(f: &Figures) -> f64 {
 /// per cent within a run); each ratio is to the mean of the two. `bench`'s random map (every
 /// block once per pass, as fio) makes every first write copy: a 5 s row at about 10K IOPS
 /// stays within one pass of the region's 65,536 chunks, and the row's note says how many
-/// writes copied.
-fn snapshot_rows(q: &mut tests::Qemu, kind: &str, origin: &str, cow: &str, time: &str) {
+/// writes copied. Returns the rows' IOPS by name (the raw randwrite row's the mean of its two
+/// runs) for Linux's side by side.
+fn snapshot_rows(
+    q: &mut tests::Qemu,
+    kind: &str,
+    origin: &str,
+    cow: &str,
+    time: &str,
+) -> Vec<linux::Figure> {
     const REGION: &str = "--size 256m";
     const REGION_BLOCKS: u64 = 256 * 2048;
     println!();
@@ -584,6 +608,9 @@ fn snapshot_rows(q: &mut tests::Qemu, kind: &str, origin: &str, cow: &str, time:
     }
     let raw_sw_mb_s = (before[2].mb_s + after[2].mb_s) / 2.0;
     merge_row(q, origin, cow, raw_sw_mb_s);
+    std::iter::once((linux::RAW_RANDWRITE, Some(raw_w)))
+        .chain(rows.iter().map(|r| (r.name, Some(iops(&r.snap)))))
+        .collect()
 }
 
 /// Merge: every chunk of the 256 MiB region copied (4 KiB chunks), then `snapshot merge`
@@ -671,43 +698,52 @@ fn fio(uri: &str, args: &[&str], write: bool, time: &str) -> Option<FioFigures> 
     })
 }
 
+/// The NBD rows' fio jobs: name, fio arguments, whether the job writes.
+const NBD_ROWS: &[(&str, &[&str], bool)] = &[
+    (
+        "4k randread QD32",
+        &["--rw=randread", "--bs=4k", "--iodepth=32"],
+        false,
+    ),
+    (
+        "4k randwrite QD32",
+        &["--rw=randwrite", "--bs=4k", "--iodepth=32"],
+        true,
+    ),
+    (
+        "128k read QD32",
+        &["--rw=read", "--bs=128k", "--iodepth=32"],
+        false,
+    ),
+    (
+        "128k write QD32",
+        &["--rw=write", "--bs=128k", "--iodepth=32"],
+        true,
+    ),
+];
+
 /// Issue 8's rows: fio's `nbd` engine against the appliance's NBD server (a 1 GiB raw
 /// virtio-blk disk, `cache=none`, over QEMU user networking and `hostfwd`) next to the same
 /// fio run against `nbdkit` serving a 256 MiB file on the host (through the host's page
-/// cache, no VM), in the same run; both on a 256 MiB region written once before.
-fn nbd_rows(time: &str) {
-    const ROWS: &[(&str, &[&str], bool)] = &[
-        (
-            "4k randread QD32",
-            &["--rw=randread", "--bs=4k", "--iodepth=32"],
-            false,
-        ),
-        (
-            "4k randwrite QD32",
-            &["--rw=randwrite", "--bs=4k", "--iodepth=32"],
-            true,
-        ),
-        (
-            "128k read QD32",
-            &["--rw=read", "--bs=128k", "--iodepth=32"],
-            false,
-        ),
-        (
-            "128k write QD32",
-            &["--rw=write", "--bs=128k", "--iodepth=32"],
-            true,
-        ),
-    ];
+/// cache, no VM), in the same run; both on a 256 MiB region written once before. Then the
+/// snapshot path over NBD (issue 19): 4k random first writes on `vda` with a fresh snapshot
+/// (store on a second disk, 4 KiB chunks), and 4k random reads of the snapshot once every
+/// chunk of the region is copied. Returns the appliance's IOPS by row name.
+fn nbd_rows(time: &str) -> Vec<linux::Figure> {
+    const ROWS: &[(&str, &[&str], bool)] = NBD_ROWS;
     // fio takes the same suffixes as BENCH_TIME (5s, 500ms, 1m).
     let runtime = time;
     println!();
     let disk = Image::new("bench-nbd-1g", 1 << 30);
+    let cow = Image::new("bench-nbd-cow-1g", 1 << 30);
+    cow.write(0, &vec![0u8; 64 << 20]);
     let file = Image::new("bench-nbdkit-256m", 256 << 20);
     file.write(0, &vec![0u8; 256 << 20]);
     let port = tests::free_port();
     let mut q = Boot::kernel("q35", "loglevel=warn")
         .memory_size("2G")
         .virtio_disk(&disk.path, "BENCH-NBD")
+        .virtio_disk(&cow.path, "BENCH-NBD-COW")
         .net(&[(port, 10809)], None)
         .start();
     q.wait_prompt();
@@ -750,10 +786,12 @@ fn nbd_rows(time: &str) {
         "{:<20} {:>12} {:>9} {:>9} | {:>12} {:>9} {:>9} | {:>8}",
         "workload", "snapfw IOPS", "MB/s", "p99 us", "nbdkit IOPS", "MB/s", "p99 us", "ratio"
     );
+    let mut figures = Vec::new();
     for (name, args, write) in ROWS {
         let before = nic_figures(&mut q);
         let a = fio(&appliance, args, *write, runtime);
         let after = nic_figures(&mut q);
+        figures.push((*name, a.as_ref().map(|f| f.iops)));
         let k = if nbdkit.is_some() {
             fio(&host, args, *write, runtime)
         } else {
@@ -783,8 +821,34 @@ fn nbd_rows(time: &str) {
         let _ = child.kill();
         let _ = child.wait();
     }
+    // The snapshot path (nbdkit has none).
+    cmd(&mut q, "snapshot create n1 vda vdb:0+1048576");
+    let first = fio(
+        &appliance,
+        &["--rw=randwrite", "--bs=4k", "--iodepth=32"],
+        true,
+        runtime,
+    );
+    cmd(&mut q, "write vda 0 524288 --byte 0x42");
+    let reads = fio(
+        &format!("nbd://127.0.0.1:{port}/n1"),
+        &["--rw=randread", "--bs=4k", "--iodepth=32"],
+        false,
+        runtime,
+    );
+    for (name, f) in [(linux::NBD_FIRST, &first), (linux::NBD_SNAP_READS, &reads)] {
+        match f {
+            Some(f) => println!(
+                "{name:<42} {:>12.0} {:>9.1} {:>9.0}",
+                f.iops, f.mb_s, f.p99_us
+            ),
+            None => println!("{name:<42} {:>12}", "-"),
+        }
+        figures.push((name, f.as_ref().map(|f| f.iops)));
+    }
     q.send(b"poweroff\r");
     let _ = q.wait_exit(Duration::from_secs(30));
+    figures
 }
 
 /// The NIC's counters from `net`: frames in, frames out, queue interrupts, polls, ms halted,
