@@ -594,6 +594,18 @@ impl Origin {
     }
 
     /// Issues one engine I/O; gives it back when it must wait (no buffer, queue full).
+    /// A device refused `io` (its buffer already given back): the slot is free again; a full
+    /// queue hands the I/O back to be issued later, any other error fails it in the engine.
+    fn rejected(&mut self, slot: u32, io: Io, error: BlockError) -> Result<(), Io> {
+        self.free_ios.push(slot);
+        if error == BlockError::QueueFull {
+            Err(io)
+        } else {
+            let _ = self.engine.complete_io(io.token, Err(IoError));
+            Ok(())
+        }
+    }
+
     fn issue_one(&mut self, index: usize, devices: &mut [BoxedDevice], io: Io) -> Result<(), Io> {
         let Some((disk, offset)) = self.placement(io.device) else {
             let _ = self.engine.complete_io(io.token, Err(IoError));
@@ -684,13 +696,7 @@ impl Origin {
                         if let Some(b) = rejected.request.buffer {
                             self.copy_home(index, b);
                         }
-                        self.free_ios.push(slot);
-                        if rejected.error == BlockError::QueueFull {
-                            Err(io)
-                        } else {
-                            let _ = self.engine.complete_io(io.token, Err(IoError));
-                            Ok(())
-                        }
+                        self.rejected(slot, io, rejected.error)
                     }
                 };
             }
@@ -747,13 +753,7 @@ impl Origin {
                         let _ = self.bounce.release(b);
                     }
                 }
-                self.free_ios.push(slot);
-                if rejected.error == BlockError::QueueFull {
-                    Err(io)
-                } else {
-                    let _ = self.engine.complete_io(io.token, Err(IoError));
-                    Ok(())
-                }
+                self.rejected(slot, io, rejected.error)
             }
         }
     }
