@@ -594,6 +594,21 @@ fn merge_without_origin_flush_is_caught() {
     );
 }
 
+/// Negative control for the copy phase, where each run's write follows its own read and the
+/// flushes follow every write: flushing the origin (and the COW device, together) once the
+/// last write is issued, not once every write is back, must be caught.
+#[test]
+fn merge_flushing_before_the_copies_are_back_is_caught() {
+    negative_control(
+        "flushing before the copies are back",
+        960,
+        4,
+        &scripted(2, 4, true),
+        "",
+        |c| c.merge_flush_early = true,
+    );
+}
+
 /// Negative control for the origin marker: merging without it leaves, in some crash state,
 /// an origin that is half-merged and unmarked (a boot without the store would serve it).
 #[test]
