@@ -38,8 +38,8 @@
 //!    (the saved chunk keeps it).
 //! 7. Zero the batch's records (the top of the area) in the area image; flush the COW device
 //!    (together with the origin flush of step 6), zero every area the batch used up (the
-//!    writes together) and flush, then write the area with FUA (or write + flush): Linux's
-//!    `REQ_PREFLUSH | REQ_FUA`. A crash among them
+//!    writes together: FUA, or plain and then a flush), then write the area with FUA (or
+//!    write + flush): Linux's `REQ_PREFLUSH | REQ_FUA`. A crash among them
 //!    leaves areas that end at a zeroed one (any of them): the loader stops there, and every
 //!    record it no longer sees belongs to the batch, whose copies were durable first; the
 //!    area below is rewritten only once the areas above it are durably zero.
@@ -122,8 +122,8 @@ pub(super) enum Phase {
     OriginFlush,
     /// Flush the COW device alone (only the negative control that skips the origin flush).
     CowFlush,
-    /// A batch that used up newer areas: zero all of them (together), then flush, so they
-    /// are durably zero before the area below is rewritten.
+    /// A batch that used up newer areas: zero all of them (together; FUA, or plain writes
+    /// and then a flush), so they are durably zero before the area below is rewritten.
     ZeroArea,
     ZeroFlush,
     AreaWrite,
@@ -691,13 +691,14 @@ impl Engine {
             | Phase::AreaFlush
             | Phase::WipeFlush => self.emit_merge(0, cow, IoOp::Flush, 0, 0, IoBuffer::None),
             Phase::ZeroArea => {
-                // Every used-up area at once (plain writes; `ZeroFlush` makes them durable
-                // together, before the area below is written).
+                // Every used-up area at once (FUA writes on a COW device with FUA; else plain
+                // writes that `ZeroFlush` makes durable together), durable before the area
+                // below is written.
                 let first = x.store.current_area + 1;
                 let mut k = m.emitted as u64;
                 while k < m.zero_areas {
                     let sector = g.chunk_sector(g.area_chunk(first + k));
-                    let op = IoOp::Write { fua: false };
+                    let op = IoOp::Write { fua };
                     if !self.emit_merge(0, cow, op, sector, g.chunk_sectors, IoBuffer::Zeroes) {
                         break;
                     }
@@ -1093,10 +1094,12 @@ impl Engine {
                     _ => Phase::AreaWrite,
                 }
             }
-            // The zeroing writes go down together; once all are back, one flush.
+            // The zeroing writes go down together; once all are back, one flush (none after
+            // FUA writes).
             Phase::ZeroArea => match self.merge.as_ref() {
                 Some(m) if m.ios > 0 || (m.emitted as u64) < m.zero_areas => return,
-                _ => Phase::ZeroFlush,
+                _ if !fua => Phase::ZeroFlush,
+                _ => self.areas_zeroed(),
             },
             Phase::ZeroFlush => self.areas_zeroed(),
             Phase::AreaWrite if !fua => Phase::AreaFlush,
