@@ -25,9 +25,9 @@
 //!    read the previous area back from disk) and the records before it whose `old_chunk` *and*
 //!    `new_chunk` are both consecutive: one run, at most one copy buffer long. snapfw takes
 //!    up to [`MAX_RUNS`] such runs from the top of the area as one *batch* (one copy buffer
-//!    each, at most half of the engine's): Linux merges one run at a time, which pays an
-//!    origin flush and an area write per 128 KiB; the invariant below is the same. A batch
-//!    that uses up its area and has room for more runs goes on into the area below (read
+//!    each, at most three quarters of the engine's): Linux merges one run at a time, which
+//!    pays an origin flush and an area write per 128 KiB; the invariant below is the same. A
+//!    batch that uses up its area and has room for more runs goes on into the area below (read
 //!    back into the area buffer): the used-up areas are zeroed at the commit (step 7).
 //! 4. The batch's origin chunks are about to change: every *other* snapshot of the origin
 //!    copies them first, exactly as for an origin write (Linux `origin_write_extent()`).
@@ -151,7 +151,7 @@ pub(super) enum Phase {
 }
 
 /// Most runs merged under one origin flush and one area write.
-const MAX_RUNS: usize = 8;
+const MAX_RUNS: usize = 16;
 
 /// Where a run's copy is.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -554,9 +554,10 @@ impl Engine {
                 if busy {
                     return;
                 }
-                // One copy buffer per run; leave half of them to origin writes' copies. With
-                // fewer buffers, merge fewer runs (the newest ones: the area stays a prefix).
-                let spare = (self.cfg.copy_buffers as usize / 2).max(1);
+                // One copy buffer per run; leave a quarter of them to origin writes' copies.
+                // With fewer buffers, merge fewer runs (the newest ones: the area stays a
+                // prefix).
+                let spare = self.merge_buffers();
                 let want = m.nruns.min(spare);
                 let mut got = 0;
                 let mut buffers = [NIL; MAX_RUNS];
@@ -880,11 +881,18 @@ impl Engine {
         let _ = s;
     }
 
+    /// The most copy buffers a batch takes: three quarters of the engine's (at least one
+    /// left to origin writes' copies, when there are two).
+    fn merge_buffers(&self) -> usize {
+        let n = self.cfg.copy_buffers as usize;
+        (n - (n / 4).max(1)).max(1)
+    }
+
     /// Picks the next batch: up to [`MAX_RUNS`] runs from the top of the current area, each
     /// as Linux `persistent_prepare_merge()` picks one.
     fn prepare_batch(&mut self, s: usize) {
-        // One copy buffer per run, at most half of the engine's (see `Phase::Drain`).
-        let max_runs = MAX_RUNS.min((self.cfg.copy_buffers as usize / 2).max(1));
+        // One copy buffer per run (see `Phase::Drain`).
+        let max_runs = MAX_RUNS.min(self.merge_buffers());
         let (max_chunks, mut runs, mut nruns) = {
             let Some(m) = self.merge.as_ref() else {
                 return;
