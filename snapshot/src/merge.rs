@@ -166,6 +166,10 @@ enum Copying {
     Done,
 }
 
+/// Most copy reads of a batch in flight: the later runs are read as earlier ones are
+/// written, so reads and writes overlap instead of running as two waves.
+const READS_IN_FLIGHT: usize = 4;
+
 /// Runs of consecutive chunks (on the origin and on the COW device).
 #[derive(Clone, Copy, Debug, Default)]
 struct Run {
@@ -810,12 +814,18 @@ impl Engine {
         let Some(m) = self.merge else {
             return;
         };
+        let mut reading = m.copying[..m.nruns]
+            .iter()
+            .filter(|c| **c == Copying::Reading)
+            .count();
         for k in 0..m.nruns {
             if self.merge.is_none_or(|m| m.io_failed) {
                 break;
             }
             let state = m.copying[k];
-            if !matches!(state, Copying::Read | Copying::Write) {
+            if !matches!(state, Copying::Read | Copying::Write)
+                || (state == Copying::Read && reading >= READS_IN_FLIGHT)
+            {
                 continue;
             }
             let r = m.runs[k];
@@ -834,6 +844,7 @@ impl Engine {
             let (ok, next) = if state == Copying::Read {
                 let cow = Device::Cow(SnapId(m.snap));
                 let ok = self.emit_merge(k, cow, IoOp::Read, cow_start, sectors, copy);
+                reading += usize::from(ok);
                 (ok, Copying::Reading)
             } else {
                 let op = IoOp::Write { fua: false };
