@@ -662,6 +662,14 @@ fn merge_rows(q: &mut tests::Qemu, kind: &str, origin: &str, cow: &str, time: &s
             100.0 * mb_s / raw_mb_s.max(1.0)
         );
     }
+    // The merges allocate nothing on the I/O path.
+    let mem = cmd(q, "mem");
+    if let Some(line) = mem
+        .lines()
+        .find(|l| l.contains("heap allocations on the I/O path"))
+    {
+        println!("after the merges on {origin}: {}", line.trim());
+    }
 }
 
 /// Merge: every chunk of the 256 MiB region copied (4 KiB chunks), then `snapshot merge`
