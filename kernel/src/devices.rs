@@ -35,6 +35,11 @@ use crate::{executor, memory};
 /// Largest transfer for NVMe namespaces (QEMU's MDTS; larger ones are split by the driver),
 /// so a single request exercises PRP lists.
 pub const NVME_MAX_TRANSFER: usize = 512 * 1024;
+/// Largest request a virtio-blk device is set up to take (QEMU offers no `size_max`): one
+/// descriptor of a lent DMA buffer, so a snapshot engine's 512 KiB copy goes down in one
+/// request from its copy buffer. Its pool buffers (the console tools, NBD, bounce buffers)
+/// stay at [`MAX_TRANSFER`].
+pub const VIRTIO_MAX_TRANSFER: usize = 512 * 1024;
 /// Requests in flight per NVMe namespace.
 pub const NVME_DEPTH: u16 = 128;
 /// Completions drained per device per loop iteration.
@@ -120,7 +125,7 @@ pub fn init(ecam: Option<&crate::acpi::EcamWindow>, want_nic: bool) -> Devices {
         apic_id: apic::id(),
     };
     let config = VirtioBlkConfig {
-        max_transfer_bytes: MAX_TRANSFER as u32,
+        max_transfer_bytes: VIRTIO_MAX_TRANSFER as u32,
         ..VirtioBlkConfig::default()
     };
     let found = discover_virtio_blk::<KernelHal, _, _>(&ctx, &functions, 0, config);
@@ -136,7 +141,7 @@ pub fn init(ecam: Option<&crate::acpi::EcamWindow>, want_nic: bool) -> Devices {
         // After a device found no memory at all, later ones cannot keep their index.
         if full {
             storage.skip(device.info());
-        } else if !storage.add(device) {
+        } else if !storage.add(device, MAX_TRANSFER) {
             full = true;
         }
     }
@@ -162,7 +167,7 @@ pub fn init(ecam: Option<&crate::acpi::EcamWindow>, want_nic: bool) -> Devices {
                 for namespace in attached.namespaces {
                     if full {
                         storage.skip(namespace.info());
-                    } else if !storage.add(Box::new(namespace)) {
+                    } else if !storage.add(Box::new(namespace), NVME_MAX_TRANSFER) {
                         full = true;
                     }
                 }
@@ -211,14 +216,15 @@ fn probe_nic<C: ConfigAccess + ?Sized, M: MmioMapper + ?Sized>(
 
 impl Storage {
     /// Adds a working device with a buffer pool of `queue_depth` buffers of its largest
-    /// transfer. Returns false (and records the device as failed) when there is no memory for
+    /// transfer, at most `largest` bytes each (virtio-blk: [`MAX_TRANSFER`], its larger limit
+    /// is for the engine's lent copy buffers; NVMe: its transfer limit). Returns false (and records the device as failed) when there is no memory for
     /// the pool: devices after it would carry the wrong index, so discovery stops there.
-    fn add(&mut self, device: BoxedDevice) -> bool {
+    fn add(&mut self, device: BoxedDevice, largest: usize) -> bool {
         let geometry = device.geometry();
         let info = device.info();
         let depth = usize::from(geometry.queue_depth).max(1);
         let index = self.devices.len() as u16;
-        let size = (geometry.max_transfer_bytes as usize).clamp(4096, NVME_MAX_TRANSFER);
+        let size = (geometry.max_transfer_bytes as usize).clamp(4096, largest);
         // One buffer per queue slot, but no device's pool takes more than an eighth of the
         // free frames (at least 8 buffers): a small appliance still brings up every disk.
         let budget = (memory::stats().frames_free * crate::frames::FRAME_SIZE / 8) as usize;

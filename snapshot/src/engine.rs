@@ -285,9 +285,12 @@ enum IoCtx {
     Extend {
         snap: u16,
     },
-    /// An I/O of the running merge.
+    /// An I/O of the running merge: of run `run` of its batch (copies), on the COW device
+    /// or the origin.
     Merge {
         snap: u16,
+        run: u16,
+        cow: bool,
     },
     /// An origin request's I/O sent to the merging snapshot's COW device.
     MergeRedirect {
@@ -655,7 +658,7 @@ impl Engine {
             IoCtx::Header { snap } => self.on_header_io(snap, ok),
             IoCtx::Wipe { snap } => self.on_wipe_io(snap, ok),
             IoCtx::Extend { snap } => self.on_extend_io(snap, ok),
-            IoCtx::Merge { snap } => self.on_merge_io(snap, ok),
+            IoCtx::Merge { snap, run, cow } => self.on_merge_io(snap, run, cow, ok),
             IoCtx::MergeRedirect { req, snap } => {
                 self.io_done_on(snap);
                 self.on_request_io(req, false, ok);

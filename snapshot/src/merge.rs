@@ -25,19 +25,21 @@
 //!    read the previous area back from disk) and the records before it whose `old_chunk` *and*
 //!    `new_chunk` are both consecutive: one run, at most one copy buffer long. snapfw takes
 //!    up to [`MAX_RUNS`] such runs from the top of the area as one *batch* (one copy buffer
-//!    each, at most half of the engine's): Linux merges one run at a time, which pays an
-//!    origin flush and an area write per 128 KiB; the invariant below is the same. A batch
-//!    that uses up its area and has room for more runs goes on into the area below (read
+//!    each, at most three quarters of the engine's): Linux merges one run at a time, which
+//!    pays an origin flush and an area write per 128 KiB; the invariant below is the same. A
+//!    batch that uses up its area and has room for more runs goes on into the area below (read
 //!    back into the area buffer): the used-up areas are zeroed at the commit (step 7).
 //! 4. The batch's origin chunks are about to change: every *other* snapshot of the origin
 //!    copies them first, exactly as for an origin write (Linux `origin_write_extent()`).
 //! 5. Block I/O to the batch's chunks and wait for origin I/O already in flight on them.
-//! 6. Read each run from the COW device into its copy buffer and write it to the origin (the
-//!    runs in parallel), then flush the origin. Chunk 0 is not copied: its record is only
-//!    dropped (the saved chunk keeps it).
-//! 7. Zero the batch's records (the top of the area) in the area image; flush the COW device,
-//!    zero every area the batch used up (the writes together) and flush, then write the area
-//!    with FUA (or write + flush): Linux's `REQ_PREFLUSH | REQ_FUA`. A crash among them
+//! 6. Read each run from the COW device into its copy buffer and, as soon as that read is
+//!    back, write it to the origin (every run of the batch in flight at once); once every
+//!    write is back, flush the origin. Chunk 0 is not copied: its record is only dropped
+//!    (the saved chunk keeps it).
+//! 7. Zero the batch's records (the top of the area) in the area image; flush the COW device
+//!    (together with the origin flush of step 6), zero every area the batch used up (the
+//!    writes together: FUA, or plain and then a flush), then write the area with FUA (or
+//!    write + flush): Linux's `REQ_PREFLUSH | REQ_FUA`. A crash among them
 //!    leaves areas that end at a zeroed one (any of them): the loader stops there, and every
 //!    record it no longer sees belongs to the batch, whose copies were durable first; the
 //!    area below is rewritten only once the areas above it are durably zero.
@@ -113,14 +115,15 @@ pub(super) enum Phase {
     Clear,
     /// The batch is blocked; wait for origin I/O in flight on it, and for copy buffers.
     Drain,
-    /// Read each run from the COW device (in parallel).
-    CopyRead,
-    /// Write each run to the origin (in parallel).
-    CopyWrite,
+    /// Read each run from the COW device into its copy buffer and, as soon as that read is
+    /// back, write it to the origin: every run's copy in flight at once.
+    Copy,
+    /// Flush the origin and the COW device (together).
     OriginFlush,
+    /// Flush the COW device alone (only the negative control that skips the origin flush).
     CowFlush,
-    /// A batch that used up newer areas: zero all of them (together), then flush, so they
-    /// are durably zero before the area below is rewritten.
+    /// A batch that used up newer areas: zero all of them (together; FUA, or plain writes
+    /// and then a flush), so they are durably zero before the area below is rewritten.
     ZeroArea,
     ZeroFlush,
     AreaWrite,
@@ -148,7 +151,24 @@ pub(super) enum Phase {
 }
 
 /// Most runs merged under one origin flush and one area write.
-const MAX_RUNS: usize = 8;
+const MAX_RUNS: usize = 16;
+
+/// Where a run's copy is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum Copying {
+    /// Its read is to be emitted.
+    #[default]
+    Read,
+    Reading,
+    /// Read: its write is to be emitted.
+    Write,
+    Writing,
+    Done,
+}
+
+/// Most copy reads of a batch in flight: the later runs are read as earlier ones are
+/// written, so reads and writes overlap instead of running as two waves.
+const READS_IN_FLIGHT: usize = 4;
 
 /// Runs of consecutive chunks (on the origin and on the COW device).
 #[derive(Clone, Copy, Debug, Default)]
@@ -181,6 +201,8 @@ pub(super) struct Merge {
     /// current area is written. The batch's runs came from them first.
     zero_areas: u64,
     buffers: [u32; MAX_RUNS],
+    /// Each run's copy (phase `Copy`).
+    copying: [Copying; MAX_RUNS],
     /// I/O to the batch's chunks waits.
     active: bool,
     /// I/O to the batch's chunks fails: their state on disk is unknown after a failed area
@@ -219,22 +241,6 @@ impl Merge {
             Some(s) if c == 0 => Some(s),
             _ => table,
         }
-    }
-
-    /// Whether the I/O of this phase goes to the origin (the others go to the COW device).
-    fn on_origin(phase: Phase) -> bool {
-        matches!(
-            phase,
-            Phase::SaveRead
-                | Phase::CopyWrite
-                | Phase::OriginFlush
-                | Phase::OriginMark
-                | Phase::OriginMarkFlush
-                | Phase::RestoreTail
-                | Phase::RestoreTailFlush
-                | Phase::RestoreHead
-                | Phase::RestoreHeadFlush
-        )
     }
 
     fn fences(&self, c: u64) -> bool {
@@ -346,6 +352,7 @@ impl Engine {
             records: 0,
             zero_areas: 0,
             buffers: [NIL; MAX_RUNS],
+            copying: [Copying::Read; MAX_RUNS],
             active: false,
             fenced: false,
             wipe_marker: false,
@@ -496,11 +503,13 @@ impl Engine {
         if m.snap as usize != s {
             return;
         }
-        if matches!(m.phase, Phase::CopyRead | Phase::CopyWrite) {
+        if m.phase == Phase::Copy {
             self.step_copies(s);
             return;
         }
-        if m.ios > 0 {
+        // (The negative control issues the batch's flushes while its writes are in flight.)
+        let flush_early = self.cfg.unsafe_merge_flush_early && m.phase == Phase::OriginFlush;
+        if m.ios > 0 && !flush_early {
             return;
         }
         let Some(x) = self.snaps[s].as_ref() else {
@@ -508,14 +517,13 @@ impl Engine {
         };
         let sid = SnapId(m.snap);
         let cow = Device::Cow(sid);
-        let ctx = IoCtx::Merge { snap: m.snap };
         let fua = x.cow_fua;
         let g = x.store.geometry;
         let area_sector = x.store.area_sector();
         let header_sectors = x.cow_block_sectors;
         let meta = |kind| IoBuffer::Meta { snap: sid, kind };
         let emitted = match m.phase {
-            Phase::Stopped | Phase::Held | Phase::CopyRead | Phase::CopyWrite => return,
+            Phase::Stopped | Phase::Held | Phase::Copy => return,
             Phase::Prepare => {
                 self.prepare_batch(s);
                 return;
@@ -550,9 +558,10 @@ impl Engine {
                 if busy {
                     return;
                 }
-                // One copy buffer per run; leave half of them to origin writes' copies. With
-                // fewer buffers, merge fewer runs (the newest ones: the area stays a prefix).
-                let spare = (self.cfg.copy_buffers as usize / 2).max(1);
+                // One copy buffer per run; leave a quarter of them to origin writes' copies.
+                // With fewer buffers, merge fewer runs (the newest ones: the area stays a
+                // prefix).
+                let spare = self.merge_buffers();
                 let want = m.nruns.min(spare);
                 let mut got = 0;
                 let mut buffers = [NIL; MAX_RUNS];
@@ -576,8 +585,9 @@ impl Engine {
                         m.records = m.runs[..got].iter().map(|r| r.len).sum();
                     }
                     m.emitted = 0;
+                    m.copying = [Copying::Read; MAX_RUNS];
                 }
-                self.set_phase(Phase::CopyRead);
+                self.set_phase(Phase::Copy);
                 return;
             }
             Phase::Save => {
@@ -622,11 +632,11 @@ impl Engine {
                 };
                 let saved = m.saved.unwrap_or(0) * m.cs;
                 match m.phase {
-                    Phase::SaveRead => self.emit(ctx, Device::Origin, IoOp::Read, 0, end, copy),
+                    Phase::SaveRead => self.emit_merge(0, Device::Origin, IoOp::Read, 0, end, copy),
                     Phase::SaveWrite => {
-                        self.emit(ctx, cow, IoOp::Write { fua: false }, saved, end, copy)
+                        self.emit_merge(0, cow, IoOp::Write { fua: false }, saved, end, copy)
                     }
-                    _ => self.emit(ctx, cow, IoOp::Read, saved, end, copy),
+                    _ => self.emit_merge(0, cow, IoOp::Read, saved, end, copy),
                 }
             }
             Phase::RestoreTail | Phase::RestoreHead => {
@@ -642,7 +652,7 @@ impl Engine {
                     byte_offset: start * SECTOR_BYTES as u64,
                 };
                 let op = IoOp::Write { fua: false };
-                self.emit(ctx, Device::Origin, op, start, (stop - start) as u32, copy)
+                self.emit_merge(0, Device::Origin, op, start, (stop - start) as u32, copy)
             }
             Phase::OriginMark => {
                 let saved = m.saved.unwrap_or(0);
@@ -654,8 +664,8 @@ impl Engine {
                     label.chunk_sectors = cs;
                     label.encode(&mut x.origin_mark);
                 }
-                self.emit(
-                    ctx,
+                self.emit_merge(
+                    0,
                     Device::Origin,
                     IoOp::Write { fua: false },
                     0,
@@ -664,14 +674,14 @@ impl Engine {
                 )
             }
             Phase::OriginMarkFlush | Phase::RestoreTailFlush | Phase::RestoreHeadFlush => {
-                self.emit(ctx, Device::Origin, IoOp::Flush, 0, 0, IoBuffer::None)
+                self.emit_merge(0, Device::Origin, IoOp::Flush, 0, 0, IoBuffer::None)
             }
             Phase::Marker => {
                 if let Some(x) = self.snaps[s].as_mut() {
                     encode_merge_marker(&mut x.header, m.saved);
                 }
-                self.emit(
-                    ctx,
+                self.emit_merge(
+                    0,
                     cow,
                     IoOp::Write { fua },
                     0,
@@ -684,16 +694,17 @@ impl Engine {
             | Phase::CowFlush
             | Phase::ZeroFlush
             | Phase::AreaFlush
-            | Phase::WipeFlush => self.emit(ctx, cow, IoOp::Flush, 0, 0, IoBuffer::None),
+            | Phase::WipeFlush => self.emit_merge(0, cow, IoOp::Flush, 0, 0, IoBuffer::None),
             Phase::ZeroArea => {
-                // Every used-up area at once (plain writes; `ZeroFlush` makes them durable
-                // together, before the area below is written).
+                // Every used-up area at once (FUA writes on a COW device with FUA; else plain
+                // writes that `ZeroFlush` makes durable together), durable before the area
+                // below is written.
                 let first = x.store.current_area + 1;
                 let mut k = m.emitted as u64;
                 while k < m.zero_areas {
                     let sector = g.chunk_sector(g.area_chunk(first + k));
-                    let op = IoOp::Write { fua: false };
-                    if !self.emit(ctx, cow, op, sector, g.chunk_sectors, IoBuffer::Zeroes) {
+                    let op = IoOp::Write { fua };
+                    if !self.emit_merge(0, cow, op, sector, g.chunk_sectors, IoBuffer::Zeroes) {
                         break;
                     }
                     k += 1;
@@ -705,15 +716,30 @@ impl Engine {
                 // Waits for them in `on_merge_io`.
                 return;
             }
-            Phase::ReadArea => self.emit(
-                ctx,
+            Phase::ReadArea => self.emit_merge(
+                0,
                 cow,
                 IoOp::Read,
                 area_sector,
                 g.chunk_sectors,
                 meta(MetaKind::Area),
             ),
-            Phase::OriginFlush => self.emit(ctx, Device::Origin, IoOp::Flush, 0, 0, IoBuffer::None),
+            Phase::OriginFlush => {
+                // The origin and the COW device together: the area write waits for both.
+                let mut k = m.emitted;
+                while k < 2 {
+                    let dev = if k == 0 { Device::Origin } else { cow };
+                    if !self.emit_merge(0, dev, IoOp::Flush, 0, 0, IoBuffer::None) {
+                        break;
+                    }
+                    k += 1;
+                    if let Some(mm) = self.merge.as_mut() {
+                        mm.ios += 1;
+                        mm.emitted = k;
+                    }
+                }
+                return;
+            }
             Phase::AreaWrite => {
                 // Zero the batch's records (the newest `records` of the area), then write the
                 // area. Idempotent if the emit has to be retried.
@@ -727,8 +753,8 @@ impl Engine {
                         .encode(&mut x.store.area, i as usize);
                     }
                 }
-                self.emit(
-                    ctx,
+                self.emit_merge(
+                    0,
                     cow,
                     IoOp::Write { fua },
                     area_sector,
@@ -736,16 +762,16 @@ impl Engine {
                     meta(MetaKind::Area),
                 )
             }
-            Phase::Wipe if m.wipe_marker => self.emit(
-                ctx,
+            Phase::Wipe if m.wipe_marker => self.emit_merge(
+                0,
                 cow,
                 IoOp::Write { fua },
                 0,
                 header_sectors,
                 meta(MetaKind::Header),
             ),
-            Phase::Wipe => self.emit(
-                ctx,
+            Phase::Wipe => self.emit_merge(
+                0,
                 cow,
                 IoOp::Write { fua },
                 0,
@@ -760,20 +786,53 @@ impl Engine {
         }
     }
 
-    /// The parallel copy phases: one read (COW) or write (origin) per run.
+    /// Emits a merge I/O of run `run` (copies; 0 otherwise).
+    fn emit_merge(
+        &mut self,
+        run: usize,
+        device: Device,
+        op: IoOp,
+        sector: u64,
+        sectors: u32,
+        buffer: IoBuffer,
+    ) -> bool {
+        let Some(m) = self.merge else {
+            return false;
+        };
+        let ctx = IoCtx::Merge {
+            snap: m.snap,
+            run: run as u16,
+            cow: matches!(device, Device::Cow(_)),
+        };
+        self.emit(ctx, device, op, sector, sectors, buffer)
+    }
+
+    /// The copy phase: each run is read (COW device) into its copy buffer and written
+    /// (origin) as soon as its read is back, every run at once. The origin flush follows
+    /// once every write is back.
     fn step_copies(&mut self, s: usize) {
         let Some(m) = self.merge else {
             return;
         };
-        let ctx = IoCtx::Merge { snap: m.snap };
-        let mut k = m.emitted;
-        while k < m.nruns && !m.io_failed {
+        let mut reading = m.copying[..m.nruns]
+            .iter()
+            .filter(|c| **c == Copying::Reading)
+            .count();
+        for k in 0..m.nruns {
+            if self.merge.is_none_or(|m| m.io_failed) {
+                break;
+            }
+            let state = m.copying[k];
+            if !matches!(state, Copying::Read | Copying::Write)
+                || (state == Copying::Read && reading >= READS_IN_FLIGHT)
+            {
+                continue;
+            }
             let r = m.runs[k];
             let Some((start, end, cow_start)) = self.copy_range(&m, &r) else {
                 // Nothing to copy for this run (chunk 0, kept in the saved chunk).
-                k += 1;
                 if let Some(mm) = self.merge.as_mut() {
-                    mm.emitted = k;
+                    mm.copying[k] = Copying::Done;
                 }
                 continue;
             };
@@ -781,53 +840,50 @@ impl Engine {
                 index: m.buffers[k],
                 byte_offset: 0,
             };
-            let ok = if m.phase == Phase::CopyRead {
-                self.emit(
-                    ctx,
-                    Device::Cow(SnapId(m.snap)),
-                    IoOp::Read,
-                    cow_start,
-                    (end - start) as u32,
-                    copy,
-                )
+            let sectors = (end - start) as u32;
+            let (ok, next) = if state == Copying::Read {
+                let cow = Device::Cow(SnapId(m.snap));
+                let ok = self.emit_merge(k, cow, IoOp::Read, cow_start, sectors, copy);
+                reading += usize::from(ok);
+                (ok, Copying::Reading)
             } else {
-                self.emit(
-                    ctx,
-                    Device::Origin,
-                    IoOp::Write { fua: false },
-                    start,
-                    (end - start) as u32,
-                    copy,
-                )
+                let op = IoOp::Write { fua: false };
+                let ok = self.emit_merge(k, Device::Origin, op, start, sectors, copy);
+                (ok, Copying::Writing)
             };
             if !ok {
                 break;
             }
-            k += 1;
             if let Some(mm) = self.merge.as_mut() {
                 mm.ios += 1;
-                mm.emitted = k;
+                mm.copying[k] = next;
             }
         }
         let Some(m) = self.merge else {
             return;
         };
-        if m.ios > 0 {
+        // (The negative control flushes once the last write is issued.)
+        let flush_early = self.cfg.unsafe_merge_flush_early
+            && !m.io_failed
+            && m.copying[..m.nruns]
+                .iter()
+                .all(|c| matches!(c, Copying::Writing | Copying::Done));
+        if m.ios > 0 && !flush_early {
             return;
         }
         if m.io_failed {
             self.stop_merge(false);
             return;
         }
-        if m.emitted < m.nruns {
+        if !flush_early && m.copying[..m.nruns].iter().any(|c| *c != Copying::Done) {
             return;
         }
-        let next = match m.phase {
-            Phase::CopyRead => Phase::CopyWrite,
-            _ if self.cfg.unsafe_merge_zero_areas_early && m.zero_areas > 0 => Phase::ZeroArea,
-            // (`emitted` is reset below.)
-            _ if self.cfg.unsafe_merge_skip_origin_flush => Phase::CowFlush,
-            _ => Phase::OriginFlush,
+        let next = if self.cfg.unsafe_merge_zero_areas_early && m.zero_areas > 0 {
+            Phase::ZeroArea
+        } else if self.cfg.unsafe_merge_skip_origin_flush {
+            Phase::CowFlush
+        } else {
+            Phase::OriginFlush
         };
         if let Some(mm) = self.merge.as_mut() {
             mm.emitted = 0;
@@ -836,11 +892,18 @@ impl Engine {
         let _ = s;
     }
 
+    /// The most copy buffers a batch takes: three quarters of the engine's (at least one
+    /// left to origin writes' copies, when there are two).
+    fn merge_buffers(&self) -> usize {
+        let n = self.cfg.copy_buffers as usize;
+        (n - (n / 4).max(1)).max(1)
+    }
+
     /// Picks the next batch: up to [`MAX_RUNS`] runs from the top of the current area, each
     /// as Linux `persistent_prepare_merge()` picks one.
     fn prepare_batch(&mut self, s: usize) {
-        // One copy buffer per run, at most half of the engine's (see `Phase::Drain`).
-        let max_runs = MAX_RUNS.min((self.cfg.copy_buffers as usize / 2).max(1));
+        // One copy buffer per run (see `Phase::Drain`).
+        let max_runs = MAX_RUNS.min(self.merge_buffers());
         let (max_chunks, mut runs, mut nruns) = {
             let Some(m) = self.merge.as_ref() else {
                 return;
@@ -952,21 +1015,27 @@ impl Engine {
         self.set_phase(Phase::Clear);
     }
 
-    /// Completion of a merge I/O.
-    pub(super) fn on_merge_io(&mut self, sid: u16, ok: bool) {
+    /// Completion of a merge I/O (of run `run` of the batch, on the COW device or not).
+    pub(super) fn on_merge_io(&mut self, sid: u16, run: u16, cow: bool, ok: bool) {
         let Some(m) = self.merge.as_mut() else {
             return;
         };
         m.ios = m.ios.saturating_sub(1);
         let phase = m.phase;
-        if !Merge::on_origin(phase) {
+        if phase == Phase::Copy {
+            // The copy step emits the run's write, or moves on once every run is back.
+            if let Some(c) = m.copying.get_mut(run as usize) {
+                *c = match *c {
+                    Copying::Reading => Copying::Write,
+                    _ => Copying::Done,
+                };
+            }
+            m.io_failed |= !ok;
+        }
+        if cow {
             self.io_done_on(sid);
         }
-        if matches!(phase, Phase::CopyRead | Phase::CopyWrite) {
-            // The copy step moves on once every run's I/O is back.
-            if let Some(m) = self.merge.as_mut() {
-                m.io_failed |= !ok;
-            }
+        if phase == Phase::Copy {
             self.progress += 1;
             return;
         }
@@ -1024,37 +1093,34 @@ impl Engine {
                 }
                 Phase::Prepare
             }
-            Phase::OriginFlush => {
-                if self.cfg.unsafe_merge_release_early {
+            // Both flushes (the origin's and the COW device's) must be back. (The negative
+            // control releases the batch as soon as the origin's is.)
+            Phase::OriginFlush if self.merge.is_some_and(|m| m.ios > 0 || m.emitted < 2) => {
+                if !cow && self.cfg.unsafe_merge_release_early {
                     self.release_batch_early(s);
                 }
-                Phase::CowFlush
+                return;
             }
-            Phase::CowFlush => match self.merge.as_mut() {
-                Some(m) if m.zero_areas > 0 => {
-                    m.emitted = 0;
-                    Phase::ZeroArea
+            Phase::OriginFlush | Phase::CowFlush => {
+                if phase == Phase::OriginFlush && !cow && self.cfg.unsafe_merge_release_early {
+                    self.release_batch_early(s);
                 }
-                _ => Phase::AreaWrite,
-            },
-            // The zeroing writes go down together; once all are back, one flush.
+                match self.merge.as_mut() {
+                    Some(m) if m.zero_areas > 0 => {
+                        m.emitted = 0;
+                        Phase::ZeroArea
+                    }
+                    _ => Phase::AreaWrite,
+                }
+            }
+            // The zeroing writes go down together; once all are back, one flush (none after
+            // FUA writes).
             Phase::ZeroArea => match self.merge.as_ref() {
                 Some(m) if m.ios > 0 || (m.emitted as u64) < m.zero_areas => return,
-                _ => Phase::ZeroFlush,
+                _ if !fua => Phase::ZeroFlush,
+                _ => self.areas_zeroed(),
             },
-            Phase::ZeroFlush => {
-                if let Some(m) = self.merge.as_mut() {
-                    self.stats.merge_areas_zeroed += m.zero_areas;
-                    m.zero_areas = 0;
-                    m.emitted = 0;
-                }
-                if self.cfg.unsafe_merge_zero_areas_early {
-                    // (The negative control zeroed them before the origin flush.)
-                    Phase::OriginFlush
-                } else {
-                    Phase::AreaWrite
-                }
-            }
+            Phase::ZeroFlush => self.areas_zeroed(),
             Phase::AreaWrite if !fua => Phase::AreaFlush,
             Phase::AreaWrite | Phase::AreaFlush => {
                 self.finish_batch_merge(s);
@@ -1065,6 +1131,21 @@ impl Engine {
             other => other,
         };
         self.set_phase(next);
+    }
+
+    /// The used-up areas are durably zero: the area below is written next.
+    fn areas_zeroed(&mut self) -> Phase {
+        if let Some(m) = self.merge.as_mut() {
+            self.stats.merge_areas_zeroed += m.zero_areas;
+            m.zero_areas = 0;
+            m.emitted = 0;
+        }
+        if self.cfg.unsafe_merge_zero_areas_early {
+            // (The negative control zeroed them before the origin flush.)
+            Phase::OriginFlush
+        } else {
+            Phase::AreaWrite
+        }
     }
 
     /// Reports [`Event::MergeStarted`] once (a resumed merge reported it when resumed).

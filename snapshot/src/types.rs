@@ -361,6 +361,11 @@ pub struct EngineConfig {
     /// Breaks crash safety on purpose.
     #[doc(hidden)]
     pub unsafe_merge_zero_areas_early: bool,
+    /// Test-only negative control: a merge batch flushes the origin once its last copy
+    /// write is issued rather than once every copy write is back (the flush need not cover
+    /// the writes still in flight). Breaks crash safety on purpose.
+    #[doc(hidden)]
+    pub unsafe_merge_flush_early: bool,
 }
 
 impl EngineConfig {
@@ -386,6 +391,7 @@ impl EngineConfig {
             unsafe_merge_release_early: false,
             unsafe_merge_unmarked: false,
             unsafe_merge_zero_areas_early: false,
+            unsafe_merge_flush_early: false,
         }
     }
 }

@@ -441,8 +441,8 @@ fn merge_across_areas() {
 }
 
 /// Issue 20: stored in order, one-sector chunks make 32 records per area and four runs of
-/// eight; with eight runs a batch, batches use up an area and go on into the one below
-/// (zeroed together and flushed at the commit). Every crash state of those multi-area batches is
+/// eight; with twelve runs a batch, batches use up an area and go on into the ones below
+/// (zeroed together at the commit: FUA writes, or plain writes and a flush). Every crash state of those multi-area batches is
 /// checked.
 fn spanning_ops(fua: bool) -> Vec<Op> {
     let mut ops = vec![create(1, 140, fua)];
@@ -470,7 +470,7 @@ fn spanning_ops(fua: bool) -> Vec<Op> {
 fn spanning_cfg(order: Order, seed: u64) -> RunConfig {
     let mut cfg = RunConfig::new(120, 4, order, seed);
     cfg.copy_buffer_sectors = 8;
-    // Eight runs a batch (half the copy buffers): two areas' worth.
+    // Twelve runs a batch (three quarters of the copy buffers): three areas' worth.
     cfg.copy_buffers = 16;
     cfg
 }
@@ -591,6 +591,21 @@ fn merge_without_origin_flush_is_caught() {
         &scripted(2, 4, true),
         "",
         |c| c.merge_skip_origin_flush = true,
+    );
+}
+
+/// Negative control for the copy phase, where each run's write follows its own read and the
+/// flushes follow every write: flushing the origin (and the COW device, together) once the
+/// last write is issued, not once every write is back, must be caught.
+#[test]
+fn merge_flushing_before_the_copies_are_back_is_caught() {
+    negative_control(
+        "flushing before the copies are back",
+        960,
+        4,
+        &scripted(2, 4, true),
+        "",
+        |c| c.merge_flush_early = true,
     );
 }
 

@@ -503,9 +503,18 @@ impl Volumes {
             return Ok(i);
         }
         let device = self.devices.get(disk).ok_or("no such device")?;
+        let pool_bytes = self
+            .pools
+            .get(disk)
+            .map_or(MAX_TRANSFER, BufferPool::buffer_size);
         let pool_id = 0x8000 + self.origins.len() as u16;
-        self.origins
-            .push(origin::Origin::new(disk, device, pool_id, &self.platform)?);
+        self.origins.push(origin::Origin::new(
+            disk,
+            device,
+            pool_id,
+            pool_bytes,
+            &self.platform,
+        )?);
         Ok(self.origins.len() - 1)
     }
 

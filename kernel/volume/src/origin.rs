@@ -254,11 +254,13 @@ pub type SetupError = &'static str;
 
 impl Origin {
     /// Sets up the engine and buffers for `disk` (pool id `pool_id` for the bounce buffers,
-    /// from `platform`'s DMA memory).
+    /// from `platform`'s DMA memory; `pool_bytes`: the size of the disk's own pool buffers,
+    /// which bounce buffers need not exceed).
     pub fn new(
         disk: usize,
         device: &BoxedDevice,
         pool_id: u16,
+        pool_bytes: usize,
         platform: &Platform,
     ) -> Result<Origin, SetupError> {
         let g = device.geometry();
@@ -283,8 +285,10 @@ impl Origin {
         while let Some(b) = copy_pool.acquire() {
             copy.push(Some(b));
         }
-        // Bounce buffers carry one device request each: larger engine I/O is split.
-        let bounce_bytes = crate::MAX_TRANSFER.max(g.max_transfer_bytes as usize);
+        // Bounce buffers carry one device request each: larger engine I/O is split. A device
+        // whose limit is above its pool buffers' (virtio-blk) takes that much only from lent
+        // copy buffers.
+        let bounce_bytes = crate::MAX_TRANSFER.max(pool_bytes.min(g.max_transfer_bytes as usize));
         let bounce = (platform.buffer_pool)(pool_id, BOUNCE_BUFFERS, bounce_bytes)
             .map_err(|_| "no DMA memory for the snapshot engine's buffers")?;
         Ok(Origin {
@@ -616,7 +620,15 @@ impl Origin {
             return Ok(());
         };
         let len = io.sectors as usize * 512;
-        if matches!(io.op, IoOp::Read | IoOp::Write { .. }) && len > self.piece_bytes(device) {
+        // A copy buffer lent to the device goes down whole up to the device's own limit
+        // (virtio-blk's is above its bounce buffers': a 512 KiB copy is one request).
+        let lends_copy = self.lends_copy(&io);
+        let limit = if lends_copy {
+            device.geometry().max_transfer_bytes as usize
+        } else {
+            self.piece_bytes(device)
+        };
+        if matches!(io.op, IoOp::Read | IoOp::Write { .. }) && len > limit {
             return self.start_split(index, devices, disk, offset, io);
         }
         let Some(slot) = self.free_ios.pop() else {
@@ -650,15 +662,8 @@ impl Origin {
         // A copy buffer goes to the device itself (windowed to the I/O): a copy is read into
         // it and written from it with no CPU copy. A write whose buffer another staged I/O
         // still needs goes through a bounce buffer instead, so that one need not wait.
-        if let (IoBuffer::Copy { index, byte_offset }, IoOp::Read | IoOp::Write { .. }) =
-            (io.buffer, io.op)
-        {
-            let shared = matches!(io.op, IoOp::Write { .. })
-                && self
-                    .staged
-                    .iter()
-                    .any(|s| matches!(s.buffer, IoBuffer::Copy { index: i, .. } if i == index));
-            if !shared {
+        if let (IoBuffer::Copy { index, byte_offset }, true) = (io.buffer, lends_copy) {
+            {
                 let Some(mut buf) = self.copy.get_mut(index as usize).and_then(Option::take) else {
                     self.free_ios.push(slot);
                     return Err(io);
@@ -755,6 +760,23 @@ impl Origin {
                 }
                 self.rejected(slot, io, rejected.error)
             }
+        }
+    }
+
+    /// Whether `io` is carried by its copy buffer itself, lent to the device: a read or write
+    /// of a copy buffer, unless it is a write whose buffer another staged I/O still needs
+    /// (that one goes through a bounce buffer, so the other need not wait).
+    fn lends_copy(&self, io: &Io) -> bool {
+        let IoBuffer::Copy { index, .. } = io.buffer else {
+            return false;
+        };
+        match io.op {
+            IoOp::Read => true,
+            IoOp::Write { .. } => !self
+                .staged
+                .iter()
+                .any(|s| matches!(s.buffer, IoBuffer::Copy { index: i, .. } if i == index)),
+            IoOp::Flush => false,
         }
     }
 

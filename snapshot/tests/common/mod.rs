@@ -180,6 +180,8 @@ pub struct RunConfig {
     /// Negative control: a merge batch spanning areas zeroes the used-up areas before the
     /// origin flush.
     pub merge_zero_areas_early: bool,
+    /// Negative control: a merge batch flushes the origin before its copy writes are back.
+    pub merge_flush_early: bool,
 }
 
 impl RunConfig {
@@ -210,6 +212,7 @@ impl RunConfig {
             merge_release_early: false,
             merge_unmarked: false,
             merge_zero_areas_early: false,
+            merge_flush_early: false,
         }
     }
 }
@@ -276,6 +279,7 @@ impl Harness {
         ec.unsafe_merge_release_early = cfg.merge_release_early;
         ec.unsafe_merge_unmarked = cfg.merge_unmarked;
         ec.unsafe_merge_zero_areas_early = cfg.merge_zero_areas_early;
+        ec.unsafe_merge_flush_early = cfg.merge_flush_early;
         if let Some(t) = cfg.invalidation_retry_ticks {
             ec.invalidation_retry_ticks = t;
         }

@@ -35,7 +35,9 @@
 //! `BENCH_TIME` (default `5s`) sets each row's duration; `BENCH_ONLY=nbd` runs the NBD rows
 //! alone (the appliance's and Linux's), `BENCH_ONLY=snapshot` the snapshot rows (the
 //! appliance's and Linux's), `BENCH_ONLY=stores` the store rows, `BENCH_ONLY=linux` Linux's
-//! rows alone (no ratios); `ACCEL` as for the tests.
+//! rows alone (no ratios), `BENCH_ONLY=merge` the merge row alone on each device, between
+//! two raw 128k write rows of its origin (`BENCH_MERGES` times, default once); `ACCEL` as for
+//! the tests.
 
 #[path = "bench/linux.rs"]
 mod linux;
@@ -173,6 +175,14 @@ fn main() {
     println!(
         "snapfw bench: 1 GiB raw images (cache=none,aio=threads), accel={accel}, {time} per row"
     );
+    if std::env::var("BENCH_ONLY").is_ok_and(|v| v == "merge") {
+        for (kind, origin, cow) in [("virtio-blk", "vdb", "vdc"), ("NVMe", "nvme0n1", "nvme0n2")] {
+            merge_rows(&mut q, kind, origin, cow, &time);
+        }
+        q.send(b"poweroff\r");
+        let _ = q.wait_exit(Duration::from_secs(30));
+        return;
+    }
     let only_snapshots = std::env::var("BENCH_ONLY").is_ok_and(|v| v == "snapshot");
     // Fill each disk once so reads hit allocated blocks of the host file.
     for disk in ["vda", "nvme0n1"].iter().filter(|_| !only_snapshots) {
@@ -624,9 +634,47 @@ fn snapshot_rows(
         .collect()
 }
 
+/// `BENCH_ONLY=merge`: the merge row alone on one origin, between two raw 128k write rows
+/// of the same region (the raw figure is their mean), `BENCH_MERGES` times (default 1).
+fn merge_rows(q: &mut tests::Qemu, kind: &str, origin: &str, cow: &str, time: &str) {
+    const REGION: &str = "--size 256m";
+    println!();
+    println!("merge ({kind} origin {origin}, COW on {cow}, 256 MiB region, {time} per raw row)");
+    cmd(
+        q,
+        &format!("bench {origin} --rw write --bs 128k --qd 32 {REGION} --ios 2048"),
+    );
+    let times: usize = std::env::var("BENCH_MERGES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let raw = format!("--rw write --bs 128k --qd 32 {REGION}");
+    for _ in 0..times {
+        let before = run(q, origin, &raw, time);
+        let mb_s = merge_row(q, origin, cow, before.mb_s);
+        let after = run(q, origin, &raw, time);
+        let raw_mb_s = (before.mb_s + after.mb_s) / 2.0;
+        println!(
+            "  raw 128k write before / after: {:.1} / {:.1} MB/s; merge {:.1} MB/s = {:.1}% of their mean",
+            before.mb_s,
+            after.mb_s,
+            mb_s,
+            100.0 * mb_s / raw_mb_s.max(1.0)
+        );
+    }
+    // The merges allocate nothing on the I/O path.
+    let mem = cmd(q, "mem");
+    if let Some(line) = mem
+        .lines()
+        .find(|l| l.contains("heap allocations on the I/O path"))
+    {
+        println!("after the merges on {origin}: {}", line.trim());
+    }
+}
+
 /// Merge: every chunk of the 256 MiB region copied (4 KiB chunks), then `snapshot merge`
 /// copies them back; its MB/s against the raw device's sequential write MB/s of this run.
-fn merge_row(q: &mut tests::Qemu, origin: &str, cow: &str, raw_sw_mb_s: f64) {
+fn merge_row(q: &mut tests::Qemu, origin: &str, cow: &str, raw_sw_mb_s: f64) -> f64 {
     cmd(q, &format!("snapshot create m1 {origin} {cow}:0+1048576"));
     cmd(q, &format!("write {origin} 0 524288 --byte 0x24"));
     let out = cmd(q, "snapshot merge m1");
@@ -654,6 +702,7 @@ fn merge_row(q: &mut tests::Qemu, origin: &str, cow: &str, raw_sw_mb_s: f64) {
             0.0
         }
     );
+    mb_s
 }
 
 /// fio's figures for one run: IOPS, MB/s, p99 completion latency in µs.
