@@ -259,7 +259,7 @@ impl Counters {
     fn read(q: &mut tests::Qemu, snap: &str) -> Counters {
         let out = cmd(q, &format!("snapshot status {snap}"));
         // "origin vda: W writes, J copy jobs, C copy writes, N commits, R records per commit,
-        // F commit flushes"
+        // F commit flushes (S commits relied on an earlier commit's flush)"
         let count = |label: &str| -> f64 {
             out.split(label)
                 .next()
