@@ -10,7 +10,9 @@
 //!   consecutive chunks (dm-snap.c copies chunk by chunk with kcopyd);
 //! - per-snapshot commit state machine: [zero next area] → flush → area write (FUA) [→ flush]
 //!   (`persistent_commit_exception()` in dm-snap-persistent.c does the same with
-//!   REQ_PREFLUSH|REQ_FUA, but only when the pipeline is idle or the area full);
+//!   REQ_PREFLUSH|REQ_FUA, but only when the pipeline is idle or the area full); the first
+//!   flush is left out when a completed commit flush was sent after every copy of the batch
+//!   had completed (commit flushes are numbered; each copy notes how many had been sent);
 //! - I/O slots: every emitted [`Io`] has a slot that says what to do when it completes.
 
 use alloc::collections::VecDeque;
@@ -95,6 +97,9 @@ struct Pending {
     alloc_tick: u64,
     /// Tick its copy reached the COW device.
     copied_tick: u64,
+    /// Commit flushes its snapshot had sent when its copy completed: a commit flush sent
+    /// after it (a higher number) makes the copy durable.
+    copied_flush: u64,
     /// Bumped whenever the entry leaves a state a request may wait on (retired, freed,
     /// its job finished); kept across reuse of the slot, so a waiter never misses a change.
     generation: u32,
@@ -163,6 +168,8 @@ struct Batch {
     appended: bool,
     /// Tick the commit started.
     started: u64,
+    /// Number of its flush in flight (see `Snap::flushes_sent`).
+    flush_seq: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -210,6 +217,11 @@ struct Snap {
     meta_inflight: bool,
     /// Tick the last commit ended (the hold bound counts from here at the earliest).
     last_commit_end: u64,
+    /// Commit flushes sent to the COW device, numbered from 1 in the order sent.
+    flushes_sent: u64,
+    /// The highest-numbered commit flush that completed: every copy that had completed
+    /// before it was sent is durable.
+    flushes_done: u64,
     header: Vec<u8>,
     header_phase: HeaderPhase,
     /// Changes made to `header` (invalidation, a rewritten binding), counted; the header is
@@ -442,6 +454,7 @@ impl Engine {
                     next_in_hash: NIL,
                     alloc_tick: 0,
                     copied_tick: 0,
+                    copied_flush: 0,
                     generation: 0,
                 };
                 npend
@@ -1216,6 +1229,8 @@ impl Engine {
             batches: [None; MAX_BATCHES],
             meta_inflight: false,
             last_commit_end: 0,
+            flushes_sent: 0,
+            flushes_done: 0,
             header,
             header_phase: HeaderPhase::None,
             header_gen: 0,
@@ -1792,7 +1807,16 @@ impl Engine {
         }
         let full = full_at.is_none() && n == room;
         let next_area = x.store.geometry.area_chunk(x.store.current_area + 1);
-        let flush = if self.cfg.unsafe_skip_commit_flush {
+        // A commit flush sent after every copy of the batch had completed (the previous
+        // batch's flush after its area write, on a device without FUA) already made them
+        // durable: no flush of its own.
+        let early = u64::from(self.cfg.unsafe_flush_covers_earlier_copies);
+        let flushed = (skip..skip + n as usize)
+            .all(|i| self.pending[x.order[i] as usize].copied_flush < x.flushes_done + early);
+        let flush = if self.cfg.unsafe_skip_commit_flush || flushed {
+            if flushed && !(full && next_area < x.store.cow_chunks()) {
+                self.stats.commit_flushes_saved += 1;
+            }
             CommitPhase::WaitTurn
         } else {
             CommitPhase::Flush
@@ -1809,6 +1833,7 @@ impl Engine {
             inflight: false,
             appended: false,
             started: now,
+            flush_seq: 0,
         };
         if busy == 0 {
             Self::append_batch(x, &self.pending, &mut batch);
@@ -1873,6 +1898,11 @@ impl Engine {
                     let ok = self.emit(ctx, dev, IoOp::Flush, 0, 0, IoBuffer::None);
                     if ok {
                         self.stats.commit_flushes += 1;
+                        if let Some(x) = self.snaps[s].as_mut() {
+                            x.flushes_sent += 1;
+                            b.flush_seq = x.flushes_sent;
+                            x.batches[i] = Some(b);
+                        }
                     }
                     ok
                 }
@@ -1918,6 +1948,9 @@ impl Engine {
         if !ok {
             self.invalidate(s, InvalidReason::MetadataError);
             return;
+        }
+        if matches!(b.phase, CommitPhase::Flush | CommitPhase::PostFlush) {
+            x.flushes_done = x.flushes_done.max(b.flush_seq);
         }
         b.phase = match b.phase {
             CommitPhase::ZeroNext if self.cfg.unsafe_skip_commit_flush => CommitPhase::WaitTurn,
@@ -2311,6 +2344,9 @@ impl Engine {
         if !ok {
             self.invalidate(sid as usize, InvalidReason::CopyError);
         } else {
+            let flushes_sent = self.snaps[sid as usize]
+                .as_ref()
+                .map_or(u64::MAX, |x| x.flushes_sent);
             let mut p = first;
             for _ in 0..count {
                 if p == NIL {
@@ -2320,6 +2356,7 @@ impl Engine {
                 if e.state == PState::Copying {
                     e.state = PState::Copied;
                     e.copied_tick = self.now;
+                    e.copied_flush = flushes_sent;
                     self.stats
                         .phases
                         .copy
@@ -2388,6 +2425,7 @@ impl Engine {
             next_in_hash: NIL,
             alloc_tick: now,
             copied_tick: 0,
+            copied_flush: 0,
         };
         x.order.push_back(p);
         self.hash_insert(p);

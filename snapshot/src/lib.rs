@@ -186,7 +186,9 @@
 //! per snapshot; read the origin range once, write it to every snapshot (one write per run of
 //! consecutive chunks); when the copies have completed, flush the COW device, then write the
 //! area with FUA (zeroing the next area first when this one fills); only then issue the held
-//! origin write. Snapshot reads of a chunk whose copy is not complete go to the origin, and an
+//! origin write. A commit whose copies had all completed before an earlier commit flush of
+//! its snapshot was sent (on a device without FUA: the previous commit's flush after its area
+//! write), and that flush has completed, relies on it and sends no flush of its own. Snapshot reads of a chunk whose copy is not complete go to the origin, and an
 //! origin write waits for such reads to finish. Records are committed in allocation order.
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_code)]

@@ -343,6 +343,11 @@ pub struct EngineConfig {
     /// Breaks crash safety on purpose.
     #[doc(hidden)]
     pub unsafe_skip_commit_flush: bool,
+    /// Test-only negative control: a commit skips its flush when a commit flush *sent before*
+    /// its last copy completed has completed (that flush need not cover the copy). Breaks
+    /// crash safety on purpose.
+    #[doc(hidden)]
+    pub unsafe_flush_covers_earlier_copies: bool,
     /// Test-only negative control: zero merged records without flushing the origin first.
     /// Breaks crash safety on purpose.
     #[doc(hidden)]
@@ -387,6 +392,7 @@ impl EngineConfig {
             invalidation_retry_ticks: 1000,
             unsafe_release_before_commit: false,
             unsafe_skip_commit_flush: false,
+            unsafe_flush_covers_earlier_copies: false,
             unsafe_merge_skip_origin_flush: false,
             unsafe_merge_release_early: false,
             unsafe_merge_unmarked: false,
@@ -519,6 +525,10 @@ pub struct EngineStats {
     pub records_committed: u64,
     /// Flushes issued to COW devices by commits.
     pub commit_flushes: u64,
+    /// Commits that sent no flush before their area write: a commit flush sent after all
+    /// their copies had completed (the previous commit's, after its area write) had made
+    /// them durable already.
+    pub commit_flushes_saved: u64,
     /// Copy jobs (one origin read each).
     pub copy_jobs: u64,
     /// Copy writes (one per snapshot and run).

@@ -278,7 +278,7 @@ fn status(st: &Storage, args: &Args, out: &mut Out) -> CmdResult<()> {
     let per = e.records_committed * 100 / e.commits.max(1);
     let _ = writeln!(
         out,
-        "  origin {}: {} writes, {} copy jobs, {} copy writes, {} commits, {}.{:02} records per commit, {} commit flushes",
+        "  origin {}: {} writes, {} copy jobs, {} copy writes, {} commits, {}.{:02} records per commit, {} commit flushes ({} commits relied on an earlier commit's flush)",
         st.name(o.disk).as_str(),
         e.origin_writes,
         e.copy_jobs,
@@ -286,7 +286,8 @@ fn status(st: &Storage, args: &Args, out: &mut Out) -> CmdResult<()> {
         e.commits,
         per / 100,
         per % 100,
-        e.commit_flushes
+        e.commit_flushes,
+        e.commit_flushes_saved
     );
     if o.merged_device_writes > 0 {
         let _ = writeln!(

@@ -44,9 +44,12 @@ fn engine_tag(index: usize, slot: u32) -> u64 {
 /// Engine I/Os in flight per origin (bounce buffers).
 const BOUNCE_BUFFERS: usize = 64;
 /// Copy buffers per origin, and their size in sectors: the largest sequential copy, and the
-/// largest chunk size served (512 KiB, as dm-snapshot and LVM allow). 8 MiB of DMA memory per
-/// origin.
-const COPY_BUFFERS: u32 = 16;
+/// largest chunk size served (512 KiB, as dm-snapshot and LVM allow). 16 MiB of DMA memory
+/// per origin. A copy holds its buffer from its read until its write is back, so this is how
+/// many copies run at once: one per write of a QD32 client, whose first writes then copy in
+/// one burst of reads and one (merged) copy write; with 16 they went in two rounds, each
+/// waiting for the other's write.
+const COPY_BUFFERS: u32 = 32;
 pub const COPY_BUFFER_SECTORS: u32 = 1024;
 /// Engine I/Os taken from the engine ahead of issuing, so that copy writes to consecutive
 /// COW chunks go down as one device write (random origin chunks get consecutive COW

@@ -143,6 +143,8 @@ pub struct RunConfig {
     pub random_crashes: u32,
     pub broken_ordering: bool,
     pub skip_commit_flush: bool,
+    /// Negative control: a commit flush sent before a copy completed counts as covering it.
+    pub flush_covers_earlier_copies: bool,
     pub pending_exceptions: u32,
     pub copy_buffers: u32,
     pub copy_buffer_sectors: u32,
@@ -194,6 +196,7 @@ impl RunConfig {
             random_crashes: 2,
             broken_ordering: false,
             skip_commit_flush: false,
+            flush_covers_earlier_copies: false,
             pending_exceptions: 64,
             copy_buffers: 8,
             copy_buffer_sectors: 16,
@@ -275,6 +278,7 @@ impl Harness {
         ec.commits_in_flight = cfg.commits_in_flight;
         ec.unsafe_release_before_commit = cfg.broken_ordering;
         ec.unsafe_skip_commit_flush = cfg.skip_commit_flush;
+        ec.unsafe_flush_covers_earlier_copies = cfg.flush_covers_earlier_copies;
         ec.unsafe_merge_skip_origin_flush = cfg.merge_skip_origin_flush;
         ec.unsafe_merge_release_early = cfg.merge_release_early;
         ec.unsafe_merge_unmarked = cfg.merge_unmarked;
@@ -363,6 +367,7 @@ impl Harness {
         cfg.seed = seed;
         cfg.broken_ordering = false;
         cfg.skip_commit_flush = false;
+        cfg.flush_covers_earlier_copies = false;
         cfg.fail_every = None;
         cfg.cow_writes_fail_after = None;
         cfg.cow_recovers_after = None;

@@ -36,8 +36,11 @@
 //! alone (the appliance's and Linux's), `BENCH_ONLY=snapshot` the snapshot rows (the
 //! appliance's and Linux's), `BENCH_ONLY=stores` the store rows, `BENCH_ONLY=linux` Linux's
 //! rows alone (no ratios), `BENCH_ONLY=merge` the merge row alone on each device, between
-//! two raw 128k write rows of its origin (`BENCH_MERGES` times, default once); `ACCEL` as for
-//! the tests.
+//! two raw 128k write rows of its origin (`BENCH_MERGES` times, default once);
+//! `BENCH_ONLY=firstwrites` the first-write rows alone on both devices (the raw rows around
+//! them, the flushing raw row, the bound and the engine's phase times; no Linux guest, no
+//! other snapshot row, no merge: a few minutes instead of a quarter of an hour); `ACCEL` as
+//! for the tests.
 
 #[path = "bench/linux.rs"]
 mod linux;
@@ -183,7 +186,9 @@ fn main() {
         let _ = q.wait_exit(Duration::from_secs(30));
         return;
     }
-    let only_snapshots = std::env::var("BENCH_ONLY").is_ok_and(|v| v == "snapshot");
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let first_writes = only == "firstwrites";
+    let only_snapshots = only == "snapshot" || first_writes;
     // Fill each disk once so reads hit allocated blocks of the host file.
     for disk in ["vda", "nvme0n1"].iter().filter(|_| !only_snapshots) {
         q.command_timeout(
@@ -224,10 +229,13 @@ fn main() {
             row.name, vi, vm, vp, vq, n.iops, n.mb_s, n.p99_us, n.irq_per_io
         );
     }
-    let virtio_snap = snapshot_rows(&mut q, "virtio-blk", "vdb", "vdc", &time);
-    let nvme_snap = snapshot_rows(&mut q, "NVMe", "nvme0n1", "nvme0n2", &time);
+    let virtio_snap = snapshot_rows(&mut q, "virtio-blk", "vdb", "vdc", &time, first_writes);
+    let nvme_snap = snapshot_rows(&mut q, "NVMe", "nvme0n1", "nvme0n2", &time, first_writes);
     q.send(b"poweroff\r");
     let _ = q.wait_exit(Duration::from_secs(30));
+    if first_writes {
+        return;
+    }
     linux::snapshot_rows(&time, &virtio_snap, &nvme_snap);
     if !only_snapshots {
         linux::nbd_rows(&time, NBD_ROWS, &nbd_rows(&time));
@@ -261,7 +269,7 @@ impl Counters {
     fn read(q: &mut tests::Qemu, snap: &str) -> Counters {
         let out = cmd(q, &format!("snapshot status {snap}"));
         // "origin vda: W writes, J copy jobs, C copy writes, N commits, R records per commit,
-        // F commit flushes"
+        // F commit flushes (S commits relied on an earlier commit's flush)"
         let count = |label: &str| -> f64 {
             out.split(label)
                 .next()
@@ -457,6 +465,7 @@ fn snapshot_rows(
     origin: &str,
     cow: &str,
     time: &str,
+    first_only: bool,
 ) -> Vec<linux::Figure> {
     const REGION: &str = "--size 256m";
     const REGION_BLOCKS: u64 = 256 * 2048;
@@ -490,6 +499,41 @@ fn snapshot_rows(
         )
         .copying(start, Counters::read(q, "b1")),
     );
+    if !first_only {
+        other_snapshot_rows(q, origin, cow, time, &mut rows);
+    } else {
+        // The engine's phase times and counters for the row.
+        let status = cmd(q, "snapshot status b1");
+        for line in status.lines().filter(|l| !l.contains("snapshot status")) {
+            println!("  {}", line.trim_end());
+        }
+        cmd(q, "snapshot delete b1");
+    }
+    // Issue 20: the snapshot rows allocate nothing on the I/O path.
+    let mem = cmd(q, "mem");
+    if let Some(line) = mem
+        .lines()
+        .find(|l| l.contains("heap allocations on the I/O path"))
+    {
+        println!("after the snapshot rows: {}", line.trim());
+    }
+    let after = raw_rows(q);
+    snapshot_table(q, origin, cow, &rows, &before, &after, first_only)
+}
+
+/// The snapshot rows after the first writes (snapshot `b1` still there): overwrites, reads
+/// of the snapshot, 64 KiB chunks, two snapshots.
+fn other_snapshot_rows(
+    q: &mut tests::Qemu,
+    origin: &str,
+    cow: &str,
+    time: &str,
+    rows: &mut Vec<SnapRow>,
+) {
+    const REGION: &str = "--size 256m";
+    const REGION_BLOCKS: u64 = 256 * 2048;
+    let randwrite = format!("--rw randwrite --bs 4k --qd 32 {REGION}");
+    let one_pass = format!("{randwrite} --ios {}", REGION_BLOCKS / 8);
     // Copy every chunk of the region, then overwrite.
     cmd(q, &format!("write {origin} 0 {REGION_BLOCKS} --byte 0x42"));
     rows.push(SnapRow::new(
@@ -548,20 +592,24 @@ fn snapshot_rows(
     );
     cmd(q, "snapshot delete b3");
     cmd(q, "snapshot delete b4");
-    // Issue 20: the snapshot rows allocate nothing on the I/O path.
-    let mem = cmd(q, "mem");
-    if let Some(line) = mem
-        .lines()
-        .find(|l| l.contains("heap allocations on the I/O path"))
-    {
-        println!("after the snapshot rows: {}", line.trim());
-    }
-    let after = raw_rows(q);
+}
+
+/// Prints the snapshot rows against the raw rows run `before` and `after` them, the flushing
+/// raw row, the first-write bound, and (unless `first_only`) the merge row.
+fn snapshot_table(
+    q: &mut tests::Qemu,
+    origin: &str,
+    cow: &str,
+    rows: &[SnapRow],
+    before: &[Figures],
+    after: &[Figures],
+    first_only: bool,
+) -> Vec<linux::Figure> {
     println!(
         "{:<34} {:>10} {:>10} {:>10} {:>10}",
         "workload", "snap IOPS", "raw IOPS", "ratio", "p99 us"
     );
-    for r in &rows {
+    for r in rows {
         let i = r.raw as usize;
         let raw = (iops(&before[i]) + iops(&after[i])) / 2.0;
         println!(
@@ -612,7 +660,7 @@ fn snapshot_rows(
         "raw prices at QD32: 4k read {:.1} us, 4k write {:.1} us, flush {:.0} us (device time per operation)",
         prices.read_us, prices.write_us, prices.flush_us
     );
-    for r in &rows {
+    for r in rows {
         let Some(w) = r.per_write else { continue };
         let bound = prices.bound(w);
         println!(
@@ -628,7 +676,9 @@ fn snapshot_rows(
         );
     }
     let raw_sw_mb_s = (before[2].mb_s + after[2].mb_s) / 2.0;
-    merge_row(q, origin, cow, raw_sw_mb_s);
+    if !first_only {
+        merge_row(q, origin, cow, raw_sw_mb_s);
+    }
     std::iter::once((linux::RAW_RANDWRITE, Some(raw_w)))
         .chain(rows.iter().map(|r| (r.name, Some(iops(&r.snap)))))
         .collect()
