@@ -115,10 +115,12 @@ impl<H: Hal> NetRx<H> {
                         continue;
                     }
                     let len = written - HEADER_LEN;
-                    if let (Some(link_mss), Some(b)) =
-                        (self.raise_mss_from, self.queue.buffer_mut(buffer))
-                    {
-                        if let Some(frame) = b.get_mut(HEADER_LEN..HEADER_LEN + len) {
+                    if let Some(link_mss) = self.raise_mss_from {
+                        if let Some(frame) = self
+                            .queue
+                            .buffer_mut(buffer)
+                            .and_then(|b| b.get_mut(HEADER_LEN..HEADER_LEN + len))
+                        {
                             offload::raise_syn_mss(frame, link_mss, TSO_MSS);
                         }
                     }
