@@ -258,7 +258,10 @@ impl<H: Hal> NetTx<H> {
         if let Some(buffer) = self.queue.buffer_mut(packet.buffer) {
             let (header, frame) = buffer.split_at_mut(HEADER_LEN);
             let offload = match (self.offload_mtu, frame.get_mut(..len)) {
-                (Some(mtu), Some(frame)) => offload::prepare_tcp(frame, mtu),
+                (Some(mtu), Some(frame)) => {
+                    offload::lower_syn_mss(frame, mtu - 40);
+                    offload::prepare_tcp(frame, mtu)
+                }
                 _ => None,
             };
             if offload.is_some_and(|o| o.gso.is_some()) {

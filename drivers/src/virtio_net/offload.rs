@@ -3,13 +3,16 @@
 //! With `VIRTIO_NET_F_CSUM` and `VIRTIO_NET_F_HOST_TSO4` the device takes one IPv4 TCP
 //! segment of up to 64 KiB and cuts it into segments of the link's size itself, with their
 //! checksums. The stack above (smoltcp) only cuts segments of the smaller of its own and the
-//! peer's MSS, so two rewrites on the frames make it produce large ones, and stay correct:
+//! peer's MSS, so rewrites on the frames make it produce large ones, and stay correct:
 //!
 //! - receive: a SYN whose MSS option is at least what the link carries ([`raise_syn_mss`])
 //!   gets the MSS the interface's large frames allow: the device cuts every segment to the
 //!   link's MSS, which is no larger than what the peer said it takes. A peer with a smaller MSS
 //!   is left alone, and segments to it never need cutting. The TCP checksum is updated for
 //!   the change (RFC 1624).
+//! - transmit: our own SYN's MSS option, which the stack fills from its large frames, is
+//!   lowered to the link's ([`lower_syn_mss`]): the peer still sends us frames a receive
+//!   buffer holds, even when its own MTU is larger;
 //! - transmit: every IPv4 TCP frame leaves with its checksum done by the device
 //!   ([`prepare_tcp`]: the pseudo-header sum in the checksum field, `NEEDS_CSUM`); one whose
 //!   payload is larger than the link's MSS is also marked for segmentation (`GSO_TCPV4`,
@@ -136,47 +139,69 @@ pub fn prepare_tcp(frame: &mut [u8], link_mtu: u16) -> Option<TxOffload> {
     })
 }
 
-/// In a received IPv4 SYN whose MSS option is at least `link_mss`, sets the option to
-/// `raised` and updates the TCP checksum for it. Returns whether the frame changed.
-pub fn raise_syn_mss(frame: &mut [u8], link_mss: u16, raised: u16) -> bool {
-    let Some((_, _, tcp, doff, _)) = ipv4_tcp(frame) else {
-        return false;
-    };
+/// Where the MSS option's value sits in the IPv4 SYN in `frame` (and the TCP header's offset).
+fn syn_mss_at(frame: &[u8]) -> Option<(usize, usize)> {
+    let (_, _, tcp, doff, _) = ipv4_tcp(frame)?;
     if frame[tcp + 13] & TCP_FLAG_SYN == 0 {
-        return false;
+        return None;
     }
     let mut at = tcp + 20;
     let options_end = tcp + doff;
     while at < options_end {
         match frame[at] {
-            TCP_OPT_END => return false,
+            TCP_OPT_END => return None,
             TCP_OPT_NOP => at += 1,
             kind => {
-                let Some(&len) = frame.get(at + 1) else {
-                    return false;
-                };
-                let len = usize::from(len);
+                let len = usize::from(*frame.get(at + 1)?);
                 if len < 2 || at + len > options_end {
-                    return false;
+                    return None;
                 }
                 if kind == TCP_OPT_MSS && len == 4 {
-                    let old = u16::from_be_bytes([frame[at + 2], frame[at + 3]]);
-                    if old < link_mss || old >= raised {
-                        return false;
-                    }
-                    frame[at + 2..at + 4].copy_from_slice(&raised.to_be_bytes());
-                    // RFC 1624 eqn. 3: HC' = ~(~HC + ~m + m').
-                    let check = u16::from_be_bytes([frame[tcp + 16], frame[tcp + 17]]);
-                    let sum = u32::from(!check) + u32::from(!old) + u32::from(raised);
-                    let new = !fold(sum);
-                    frame[tcp + 16..tcp + 18].copy_from_slice(&new.to_be_bytes());
-                    return true;
+                    return Some((at + 2, tcp));
                 }
                 at += len;
             }
         }
     }
-    false
+    None
+}
+
+/// Sets the MSS option at `at` of the segment at `tcp` to `new` and updates the TCP checksum
+/// for it (RFC 1624 eqn. 3: HC' = ~(~HC + ~m + m')).
+fn set_mss(frame: &mut [u8], at: usize, tcp: usize, new: u16) {
+    let old = u16::from_be_bytes([frame[at], frame[at + 1]]);
+    frame[at..at + 2].copy_from_slice(&new.to_be_bytes());
+    let check = u16::from_be_bytes([frame[tcp + 16], frame[tcp + 17]]);
+    let sum = u32::from(!check) + u32::from(!old) + u32::from(new);
+    frame[tcp + 16..tcp + 18].copy_from_slice(&(!fold(sum)).to_be_bytes());
+}
+
+/// In a received IPv4 SYN whose MSS option is at least `link_mss`, sets the option to
+/// `raised` and updates the TCP checksum for it. Returns whether the frame changed.
+pub fn raise_syn_mss(frame: &mut [u8], link_mss: u16, raised: u16) -> bool {
+    let Some((at, tcp)) = syn_mss_at(frame) else {
+        return false;
+    };
+    let old = u16::from_be_bytes([frame[at], frame[at + 1]]);
+    if old < link_mss || old >= raised {
+        return false;
+    }
+    set_mss(frame, at, tcp, raised);
+    true
+}
+
+/// In an IPv4 SYN we send whose MSS option is larger than `link_mss` (the stack offers what
+/// its large frames hold), sets the option to `link_mss`: what we receive still comes in
+/// frames of the link's size, whatever the peer's own MTU. Returns whether the frame changed.
+pub fn lower_syn_mss(frame: &mut [u8], link_mss: u16) -> bool {
+    let Some((at, tcp)) = syn_mss_at(frame) else {
+        return false;
+    };
+    if u16::from_be_bytes([frame[at], frame[at + 1]]) <= link_mss {
+        return false;
+    }
+    set_mss(frame, at, tcp, link_mss);
+    true
 }
 
 #[cfg(test)]
@@ -257,6 +282,25 @@ mod tests {
         arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
         assert!(!raise_syn_mss(&mut arp, 1460, 65495));
         assert!(!raise_syn_mss(&mut ack[..40], 1460, 65495));
+    }
+
+    #[test]
+    fn our_syn_offers_no_more_than_the_link_carries() {
+        // SYN-ACK with MSS 65495, SACK permitted.
+        let mut f = frame(&[2, 4, 0xff, 0xd7, 4, 2, 0, 0], 0x12, &[]);
+        assert!(lower_syn_mss(&mut f, 1460));
+        assert_eq!(&f[54..58], &[2, 4, 0x05, 0xb4]);
+        assert_eq!(u16::from_be_bytes([f[50], f[51]]), tcp_checksum(&f));
+        assert!(!lower_syn_mss(&mut f, 1460));
+        // Smaller already, or no SYN: untouched.
+        let mut small = frame(&[2, 4, 0x02, 0x18], 0x12, &[]);
+        let before = small.clone();
+        assert!(!lower_syn_mss(&mut small, 1460));
+        assert_eq!(small, before);
+        let mut data = frame(&[2, 4, 0xff, 0xd7], 0x10, b"x");
+        let before = data.clone();
+        assert!(!lower_syn_mss(&mut data, 1460));
+        assert_eq!(data, before);
     }
 
     #[test]
