@@ -12,19 +12,24 @@
 //!
 //! Spec: virtio 1.2 §5.1 (network device), §4.1 (virtio over PCI), §2.7 (split virtqueues).
 //!
-//! What we negotiate: `VERSION_1`, `MAC`, `STATUS`, `MTU` — no checksum or segmentation
-//! offloads, no mergeable receive buffers, no control queue, one queue pair. Every packet is
-//! one descriptor holding the 12-byte header and the frame, in a buffer of [`BUFFER_SIZE`]
-//! bytes. All buffers (one per descriptor of each queue) are allocated at start-up; receive
-//! buffers stay posted, transmit buffers come back to a free list; nothing is allocated per
-//! packet. When no transmit buffer is free, [`NetTx::alloc`] returns `None` (back-pressure;
-//! TCP retransmits).
+//! What we negotiate: `VERSION_1`, `MAC`, `STATUS`, `MTU`, and `CSUM` with `HOST_TSO4` when
+//! the device offers both (a tap backend does, QEMU's user networking does not): then the
+//! device completes our TCP checksums and cuts TCP segments of up to 64 KiB to the link's
+//! size (`offload`: what the frames need for that, host-tested). No receive offloads, no
+//! mergeable receive buffers, no control queue, one queue pair. Every packet is one
+//! descriptor holding the 12-byte header and the frame, in a buffer of [`BUFFER_SIZE`] bytes
+//! (transmit buffers with segmentation offload: [`TSO_TX_BUFFERS`] of [`TSO_BUFFER_SIZE`]).
+//! All buffers (one per descriptor of each queue, fewer for large transmit frames) are
+//! allocated at start-up; receive buffers stay posted, transmit buffers come back to a free
+//! list; nothing is allocated per packet. When no transmit buffer is free, [`NetTx::alloc`]
+//! returns `None` (back-pressure; TCP retransmits).
 //!
 //! The virtio-pci bring-up shared with virtio-blk (claim, capability checks, common
 //! configuration, vector assignment) lives in [`crate::virtio`]; its errors arrive here as
 //! [`VirtioNetError::Setup`].
 
 mod device;
+pub mod offload;
 pub mod probe;
 #[allow(unsafe_code)]
 mod queue;
@@ -32,6 +37,7 @@ pub mod regs;
 
 pub use device::{
     fallback_mac, MacDisplay, NetCounters, NetRx, NetTx, NetVectors, RxPacket, TxPacket, VirtioNet,
+    TSO_BUFFER_SIZE, TSO_TX_BUFFERS,
 };
 pub use probe::{is_virtio_net, probe, VirtioNetPci};
 pub use queue::QueueError;

@@ -79,6 +79,8 @@ pub struct Boot {
     /// PXE by the UEFI firmware's own network stack, without iPXE (the NIC's option ROM
     /// left out): DHCP's boot file is GRUB's EFI netboot image instead of `boot.ipxe`.
     pub pxe_without_ipxe: bool,
+    /// QEMU runs in a network namespace of its own with a tap device (see [`Boot::tap_net`]).
+    pub tap: bool,
 }
 
 /// The firmware the machine starts.
@@ -124,6 +126,11 @@ pub enum Source {
     },
 }
 
+/// The host's address on a [`Boot::tap_net`] link.
+pub const TAP_HOST: &str = "10.9.0.1";
+/// The address a [`Boot::tap_net`] appliance is given (`ip=10.9.0.2/24`).
+pub const TAP_GUEST: &str = "10.9.0.2";
+
 /// What the Linux guest's `/init` prints once its modules are loaded and it reads commands.
 pub const LINUX_READY: &str = "linux-guest: ready";
 
@@ -140,6 +147,7 @@ impl Default for Boot {
             firmware: Firmware::Bios,
             pxe_forwards: Vec::new(),
             pxe_without_ipxe: false,
+            tap: false,
         }
     }
 }
@@ -263,6 +271,22 @@ impl Boot {
         ])
     }
 
+    /// Adds a virtio-net NIC on a tap backend (`vnet_hdr`, so the device offers checksum
+    /// and segmentation offload, which user networking does not): QEMU runs in a network
+    /// namespace of its own (`unshare --user --map-root-user --net`), where the tap device
+    /// `tap0` has [`TAP_HOST`]/24; the appliance should be given `ip=` [`TAP_GUEST`]/24.
+    /// Clients reach it through [`Qemu::in_netns`]. Nothing on the host's own network
+    /// changes, and no privileges are needed where user namespaces are allowed.
+    pub fn tap_net(mut self) -> Boot {
+        self.tap = true;
+        self.args([
+            "-netdev".to_string(),
+            "tap,id=n0,ifname=tap0,script=no,downscript=no".to_string(),
+            "-device".to_string(),
+            "virtio-net-pci,netdev=n0".to_string(),
+        ])
+    }
+
     /// Boots under UEFI (OVMF) instead of the BIOS.
     pub fn uefi(mut self) -> Boot {
         self.firmware = Firmware::Uefi;
@@ -337,6 +361,21 @@ impl Boot {
             }
         }
         cmd.args(&self.extra);
+        if self.tap {
+            // The same QEMU, started by a shell in a new network namespace once its tap
+            // device is up (`exec` keeps the process id: `/proc/PID/ns/net` is the namespace).
+            let mut wrapped = Command::new("unshare");
+            wrapped.args(["--user", "--map-root-user", "--net", "--", "sh", "-c"]);
+            wrapped.arg(format!(
+                "ip link set lo up && ip tuntap add dev tap0 mode tap && \
+                 ip addr add {TAP_HOST}/24 dev tap0 && ip link set tap0 up && exec \"$@\""
+            ));
+            wrapped
+                .arg("sh")
+                .arg(cmd.get_program())
+                .args(cmd.get_args());
+            cmd = wrapped;
+        }
         let mut q = Qemu::spawn(cmd, self.serial_bytes_per_sec);
         q.scratch = scratch;
         q
@@ -413,6 +452,16 @@ impl Qemu {
             started: Instant::now(),
             scratch: None,
         }
+    }
+
+    /// A command that runs `program` with `args` in QEMU's network namespace (a
+    /// [`Boot::tap_net`] boot), as the same user.
+    pub fn in_netns(&self, program: &str, args: &[&str]) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.args(["--target", &self.child.id().to_string()]);
+        cmd.args(["--user", "--net", "--preserve-credentials", "--"]);
+        cmd.arg(program).args(args);
+        cmd
     }
 
     /// The QEMU process's id (for `/proc` figures such as its threads' CPU time).

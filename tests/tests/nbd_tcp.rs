@@ -6,7 +6,9 @@
 //!
 //! Forwarded connections come from slirp's 10.0.2.2, inside the appliance's 10.0.2.0/24, so
 //! the default allow-list (the NIC's subnet) lets them in; `nbd.allow=192.168.7.0/24` keeps
-//! them out.
+//! them out. One test runs the NIC on a tap backend instead (`Boot::tap_net`: QEMU in a
+//! network namespace of its own, the clients entering it), the one where the device offers
+//! TCP segmentation offload.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -16,7 +18,8 @@ use std::time::{Duration, Instant};
 
 use nbd::proto::*;
 use tests::{
-    free_port, json_u64, nbd_uri as uri, run, run_ok, sha256_hex, Boot, Image, Qemu, TIMEOUT,
+    free_port, json_u64, nbd_uri as uri, run, run_ok, sha256_hex, Boot, Image, Qemu, TAP_GUEST,
+    TIMEOUT,
 };
 
 const MIB: u64 = 1 << 20;
@@ -1242,4 +1245,77 @@ fn long_command_output_arrives_whole_while_nbd_is_served() {
     );
     q.settle(Duration::from_millis(500));
     q.poweroff();
+}
+
+/// With a device that segments TCP (a tap backend, which user networking is not), replies
+/// leave as TCP segments of up to 64 KiB that the device cuts to the link's size: what
+/// `nbdcopy` reads back over four connections is what it wrote and what the disk holds, and
+/// `net` counts the large frames the device was given.
+#[test]
+fn reads_over_a_tap_leave_as_segments_the_device_cuts() {
+    let disk = Image::new("nbd-tap", 64 * MIB);
+    let mut q = Boot::kernel("q35", &format!("testing loglevel=info ip={TAP_GUEST}/24"))
+        .virtio_disk(&disk.path, "A")
+        .tap_net()
+        .start();
+    q.wait_prompt();
+    // A static address: no DHCP lease to wait for.
+    let deadline = Instant::now() + TIMEOUT;
+    while !q.transcript().contains("nbd: serving every volume") {
+        assert!(
+            Instant::now() < deadline,
+            "NBD not serving:\n{}",
+            q.transcript()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    q.settle(Duration::from_millis(300));
+    let net = q.command("net");
+    assert!(
+        net.contains("offload: TCP checksum and segmentation by the device"),
+        "{net}"
+    );
+    let segmented = |net: &str| -> u64 {
+        let at = net.find("by the device (").expect("offload line") + "by the device (".len();
+        net[at..]
+            .split(' ')
+            .next()
+            .and_then(|n| n.parse().ok())
+            .expect("a count of large frames")
+    };
+    let before = segmented(&net);
+    let data = tests::xorshift_bytes((48 * MIB) as usize, 19);
+    let dir = std::env::temp_dir();
+    let (input, output) = (
+        dir.join(format!("snapfw-nbd-tap-{}-in.img", std::process::id())),
+        dir.join(format!("snapfw-nbd-tap-{}-out.img", std::process::id())),
+    );
+    std::fs::write(&input, &data).expect("write the input");
+    let uri = format!("nbd://{TAP_GUEST}/vda");
+    for (what, args) in [
+        ("write", vec![input.to_str().unwrap(), uri.as_str()]),
+        (
+            "read",
+            vec!["--connections=4", uri.as_str(), output.to_str().unwrap()],
+        ),
+    ] {
+        let out = q.in_netns("nbdcopy", &args).output().expect("run nbdcopy");
+        assert!(
+            out.status.success(),
+            "nbdcopy {what}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let back = std::fs::read(&output).expect("read the copy");
+    let _ = std::fs::remove_file(&input);
+    let _ = std::fs::remove_file(&output);
+    assert_eq!(back.len() as u64, 64 * MIB);
+    assert!(back[..data.len()] == data[..], "the data read back differs");
+    assert!(
+        back == disk.read(0, (64 * MIB) as usize),
+        "what was read differs from the disk"
+    );
+    let net = q.command("net");
+    // 48 MiB out in frames of up to 64 KiB: hundreds at least.
+    assert!(segmented(&net) > before + 300, "{net}");
 }

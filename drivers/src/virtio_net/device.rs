@@ -6,6 +6,7 @@
 //! and may answer it at once. Neither half notifies the device; the owner calls
 //! [`VirtioNet::kick`] once after a round of work, so a burst costs one notification.
 
+use super::offload::{self, MAX_IP_PACKET, MAX_TSO_FRAME};
 use super::queue::{Direction, PacketQueue, QueueError};
 use super::regs::{config, NetFeatures, HEADER_LEN, MAX_FRAME, STATUS_LINK_UP};
 use super::{VirtioNetConfig, VirtioNetError, QUEUE_RECEIVE, QUEUE_TRANSMIT};
@@ -15,6 +16,19 @@ use crate::virtio::{assign_config, assign_queue, choose_queue_size, VectorConfig
 use log::{info, warn};
 use virtio_drivers::transport::{DeviceStatus, DeviceType, Transport};
 use virtio_drivers::Hal;
+
+/// Transmit buffers with segmentation offload: each takes a 64 KiB frame.
+pub const TSO_TX_BUFFERS: u16 = 32;
+/// Bytes per transmit buffer with segmentation offload: the header and the largest frame,
+/// in whole pages.
+pub const TSO_BUFFER_SIZE: usize = (HEADER_LEN + MAX_TSO_FRAME).div_ceil(4096) * 4096;
+/// The MSS a peer's SYN is raised to with segmentation offload: the largest IPv4 packet's
+/// (no IP or TCP options).
+const TSO_MSS: u16 = (MAX_IP_PACKET - 40) as u16;
+/// The link MTU a receive buffer holds (and the default without `VIRTIO_NET_F_MTU`).
+const LINK_MTU: u16 = (MAX_FRAME - 14) as u16;
+/// The smallest link MTU taken from the device (IPv4's minimum).
+const MIN_LINK_MTU: u16 = 576;
 
 /// MSI-X table entries to program into the device (`None`: no interrupt for that source).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -76,6 +90,9 @@ pub struct NetRx<H: Hal> {
     queue: PacketQueue<H>,
     counters: NetCounters,
     failed: Option<QueueError>,
+    /// With segmentation offload: the link's MSS, at or above which a peer's SYN gets the
+    /// MSS of large frames ([`offload::raise_syn_mss`]).
+    raise_mss_from: Option<u16>,
 }
 
 impl<H: Hal> NetRx<H> {
@@ -98,6 +115,15 @@ impl<H: Hal> NetRx<H> {
                         continue;
                     }
                     let len = written - HEADER_LEN;
+                    if let Some(link_mss) = self.raise_mss_from {
+                        if let Some(frame) = self
+                            .queue
+                            .buffer_mut(buffer)
+                            .and_then(|b| b.get_mut(HEADER_LEN..HEADER_LEN + len))
+                        {
+                            offload::raise_syn_mss(frame, link_mss, TSO_MSS);
+                        }
+                    }
                     self.counters.packets += 1;
                     self.counters.bytes += len as u64;
                     return Some(RxPacket { buffer, len });
@@ -163,6 +189,12 @@ pub struct NetTx<H: Hal> {
     queue: PacketQueue<H>,
     counters: NetCounters,
     failed: Option<QueueError>,
+    /// Largest frame a buffer takes.
+    max_frame: usize,
+    /// With checksum and segmentation offload: the link's MTU, segments are cut to.
+    offload_mtu: Option<u16>,
+    /// Frames sent for the device to segment.
+    segmented: u64,
 }
 
 impl<H: Hal> NetTx<H> {
@@ -202,9 +234,10 @@ impl<H: Hal> NetTx<H> {
         self.failed.is_none() && self.queue.free_count() > 0
     }
 
-    /// The first `len` bytes of the packet's frame (at most [`MAX_FRAME`]; `None` if longer).
+    /// The first `len` bytes of the packet's frame (at most [`NetTx::max_frame`]; `None` if
+    /// longer).
     pub fn frame_mut(&mut self, packet: &TxPacket, len: usize) -> Option<&mut [u8]> {
-        if len > MAX_FRAME {
+        if len > self.max_frame {
             return None;
         }
         self.queue
@@ -214,18 +247,28 @@ impl<H: Hal> NetTx<H> {
 
     /// Queues the packet's first `len` frame bytes for the device (sent after the next
     /// [`VirtioNet::kick`]).
+    /// With offloads, an IPv4 TCP frame leaves with its checksum (and, when larger than the
+    /// link carries, its segmentation) left to the device ([`offload::prepare_tcp`]).
     pub fn send(&mut self, packet: TxPacket, len: usize) {
-        if len == 0 || len > MAX_FRAME {
+        if len == 0 || len > self.max_frame {
             self.counters.drops += 1;
             self.queue.give_back(packet.buffer);
             return;
         }
         if let Some(buffer) = self.queue.buffer_mut(packet.buffer) {
-            if let Some(header) = buffer
-                .get_mut(..HEADER_LEN)
-                .and_then(|h| <&mut [u8; HEADER_LEN]>::try_from(h).ok())
-            {
-                super::regs::encode_tx_header(header);
+            let (header, frame) = buffer.split_at_mut(HEADER_LEN);
+            let offload = match (self.offload_mtu, frame.get_mut(..len)) {
+                (Some(mtu), Some(frame)) => {
+                    offload::lower_syn_mss(frame, mtu - 40);
+                    offload::prepare_tcp(frame, mtu)
+                }
+                _ => None,
+            };
+            if offload.is_some_and(|o| o.gso.is_some()) {
+                self.segmented += 1;
+            }
+            if let Ok(header) = <&mut [u8; HEADER_LEN]>::try_from(header) {
+                super::regs::encode_tx_header(header, offload.as_ref());
             }
         }
         match self.queue.post_transmit(packet.buffer, HEADER_LEN + len) {
@@ -253,6 +296,22 @@ impl<H: Hal> NetTx<H> {
     /// Counters.
     pub fn counters(&self) -> NetCounters {
         self.counters
+    }
+
+    /// Largest frame it sends: [`MAX_FRAME`], or [`offload::MAX_TSO_FRAME`] with
+    /// segmentation offload.
+    pub fn max_frame(&self) -> usize {
+        self.max_frame
+    }
+
+    /// Whether the device completes TCP checksums (and segments large frames).
+    pub fn offloads_tcp(&self) -> bool {
+        self.offload_mtu.is_some()
+    }
+
+    /// Frames the device was asked to segment.
+    pub fn segmented(&self) -> u64 {
+        self.segmented
     }
 
     /// Buffers in the device's hands.
@@ -339,12 +398,27 @@ impl<H: Hal, T: Transport> VirtioNet<H, T> {
                     queue_interrupts: 0,
                 };
                 device.link_up = device.read_link();
+                if features.contains(NetFeatures::CSUM | NetFeatures::HOST_TSO4) {
+                    // Segments are cut to the link's MTU (what the device reports, at most
+                    // what a receive buffer holds).
+                    let link_mtu = mtu
+                        .filter(|&m| m >= MIN_LINK_MTU)
+                        .unwrap_or(LINK_MTU)
+                        .min(LINK_MTU);
+                    device.tx.offload_mtu = Some(link_mtu);
+                    device.rx.raise_mss_from = Some(link_mtu - 40);
+                }
                 info!(
-                    "virtio-net: MAC {}, rx/tx queues {}/{}, link {}",
+                    "virtio-net: MAC {}, rx/tx queues {}/{}, link {}{}",
                     MacDisplay(device.mac),
                     device.rx.queue.size(),
                     device.tx.queue.size(),
-                    if device.link_up { "up" } else { "down" }
+                    if device.link_up { "up" } else { "down" },
+                    if device.tx.offload_mtu.is_some() {
+                        ", TCP segmentation offload"
+                    } else {
+                        ""
+                    }
                 );
                 Ok(device)
             }
@@ -363,8 +437,20 @@ impl<H: Hal, T: Transport> VirtioNet<H, T> {
         vectors: NetVectors,
         config: VirtioNetConfig,
     ) -> Result<(NetFeatures, NetRx<H>, NetTx<H>), VirtioNetError> {
-        let supported =
-            NetFeatures::VERSION_1 | NetFeatures::MAC | NetFeatures::STATUS | NetFeatures::MTU;
+        let supported = NetFeatures::VERSION_1
+            | NetFeatures::MAC
+            | NetFeatures::STATUS
+            | NetFeatures::MTU
+            | NetFeatures::CSUM
+            | NetFeatures::HOST_TSO4;
+        let offered = NetFeatures::from_bits_truncate(transport.read_device_features());
+        // Segmentation needs the checksum offload; either alone is of no use to us.
+        let tso = NetFeatures::CSUM | NetFeatures::HOST_TSO4;
+        let supported = if offered.contains(tso) {
+            supported
+        } else {
+            supported - tso
+        };
         let features = transport.begin_init(supported);
         if !transport.get_status().contains(DeviceStatus::FEATURES_OK) {
             return Err(VirtioNetError::FeaturesRejected);
@@ -383,7 +469,19 @@ impl<H: Hal, T: Transport> VirtioNet<H, T> {
             let max = transport.max_queue_size(index);
             let size = choose_queue_size(max, config.max_queue_size)
                 .ok_or(VirtioNetError::QueueTooSmall { queue: index, max })?;
-            let queue = PacketQueue::<H>::new(transport, index, size, direction)?;
+            let queue = if direction == Direction::Transmit && features.contains(tso) {
+                // Frames of up to 64 KiB: fewer buffers, each large enough for one.
+                PacketQueue::<H>::with_buffers(
+                    transport,
+                    index,
+                    size,
+                    direction,
+                    TSO_TX_BUFFERS,
+                    TSO_BUFFER_SIZE,
+                )?
+            } else {
+                PacketQueue::<H>::new(transport, index, size, direction)?
+            };
             // The vector is set after the queue's addresses and before DRIVER_OK.
             if let (Some(v), Some(entry)) = (vector_config.as_mut(), entry) {
                 assign_queue(&mut **v, index, entry)?;
@@ -405,11 +503,19 @@ impl<H: Hal, T: Transport> VirtioNet<H, T> {
             queue: rx,
             counters: NetCounters::default(),
             failed: None,
+            raise_mss_from: None,
         };
         let tx = NetTx {
+            max_frame: if features.contains(tso) {
+                MAX_TSO_FRAME
+            } else {
+                MAX_FRAME
+            },
             queue: tx,
             counters: NetCounters::default(),
             failed: None,
+            offload_mtu: None,
+            segmented: 0,
         };
         Ok((features, rx, tx))
     }
@@ -447,6 +553,11 @@ impl<H: Hal, T: Transport> VirtioNet<H, T> {
     /// The transmit half.
     pub fn tx(&mut self) -> &mut NetTx<H> {
         &mut self.tx
+    }
+
+    /// The transmit half, to look at.
+    pub fn tx_ref(&self) -> &NetTx<H> {
+        &self.tx
     }
 
     /// Notifies the device of buffers posted since the last call (receive and transmit).

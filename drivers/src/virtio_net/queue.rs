@@ -54,7 +54,7 @@ pub struct PacketQueue<H: Hal> {
     direction: Direction,
     buffers: Vec<&'static mut [u8]>,
     /// Buffer → posted length (0 = not posted).
-    posted: Vec<u16>,
+    posted: Vec<u32>,
     /// Descriptor token → buffer; `NONE` when not in flight.
     token_buffer: Vec<u16>,
     /// Free transmit buffers (a stack); unused for receive queues.
@@ -74,10 +74,24 @@ impl<H: Hal> PacketQueue<H> {
         size: u16,
         direction: Direction,
     ) -> Result<Self, QueueError> {
+        Self::with_buffers(transport, index, size, direction, size, BUFFER_SIZE)
+    }
+
+    /// As [`PacketQueue::new`], with `count` buffers (at most `size`) of `buffer_size` bytes
+    /// each (a multiple of 8): a transmit queue of large frames needs fewer, larger ones.
+    pub fn with_buffers<T: Transport>(
+        transport: &mut T,
+        index: u16,
+        size: u16,
+        direction: Direction,
+        count: u16,
+        buffer_size: usize,
+    ) -> Result<Self, QueueError> {
         let queue =
             AnyQueue::<H>::new(transport, index, size, false).map_err(QueueError::Virtio)?;
-        let count = usize::from(size);
-        let mut region = Dma::<VirtioDma<H>>::new(count * BUFFER_SIZE)
+        let descriptors = usize::from(size);
+        let count = usize::from(count.min(size));
+        let mut region = Dma::<VirtioDma<H>>::new(count * buffer_size)
             .map_err(|e| match e {
                 HalError::DmaExhausted { .. } => {
                     QueueError::Virtio(virtio_drivers::Error::DmaError)
@@ -88,13 +102,13 @@ impl<H: Hal> PacketQueue<H> {
         let mut buffers = Vec::with_capacity(count);
         for _ in 0..count {
             let piece = region
-                .split_off_front(BUFFER_SIZE)
+                .split_off_front(buffer_size)
                 .ok_or(QueueError::Virtio(virtio_drivers::Error::InvalidParam))?;
             buffers.push(piece.data);
         }
         let free = match direction {
             Direction::Receive => Vec::new(),
-            Direction::Transmit => (0..size).rev().collect(),
+            Direction::Transmit => (0..count as u16).rev().collect(),
         };
         Ok(Self {
             queue,
@@ -102,14 +116,19 @@ impl<H: Hal> PacketQueue<H> {
             direction,
             buffers,
             posted: alloc::vec![0; count],
-            token_buffer: alloc::vec![NONE; count],
+            token_buffer: alloc::vec![NONE; descriptors],
             free,
             unnotified: false,
         })
     }
 
-    /// Number of descriptors (and buffers).
+    /// Number of descriptors.
     pub fn size(&self) -> u16 {
+        self.token_buffer.len() as u16
+    }
+
+    /// Number of buffers (at most one per descriptor).
+    pub fn buffers(&self) -> u16 {
         self.buffers.len() as u16
     }
 
@@ -135,7 +154,7 @@ impl<H: Hal> PacketQueue<H> {
 
     /// Posts every receive buffer (start-up).
     pub fn post_all_receive(&mut self) -> Result<(), QueueError> {
-        for buffer in 0..self.size() {
+        for buffer in 0..self.buffers() {
             self.post_receive(buffer)?;
         }
         Ok(())
@@ -200,7 +219,7 @@ impl<H: Hal> PacketQueue<H> {
             .ok_or(QueueError::UnknownToken(token))?;
         *slot = buffer;
         if let Some(p) = self.posted.get_mut(usize::from(buffer)) {
-            *p = len as u16;
+            *p = len as u32;
         }
         self.unnotified = true;
         Ok(())
@@ -231,7 +250,7 @@ impl<H: Hal> PacketQueue<H> {
         if len == 0 {
             return Err(QueueError::UnknownToken(token));
         }
-        let len = usize::from(len);
+        let len = len as usize;
         let written = match self.direction {
             Direction::Receive => {
                 // SAFETY: exactly the buffer `post_receive` added under this token.

@@ -23,7 +23,7 @@ use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 
 use drivers::msix::InterruptOwner;
-use drivers::virtio_net::{regs::MAX_FRAME, VirtioNetPci};
+use drivers::virtio_net::VirtioNetPci;
 use smoltcp::iface::{Config, Interface, PollResult, SocketHandle, SocketSet};
 use smoltcp::socket::dhcpv4;
 use smoltcp::time::Instant;
@@ -122,7 +122,7 @@ pub fn init(mut nic: VirtioNetPci<KernelHal>, ip: IpConfig) -> Net {
             interrupts::register(v, on_interrupt);
         }
     }
-    let mut scratch = alloc::vec![0u8; MAX_FRAME].into_boxed_slice();
+    let mut scratch = alloc::vec![0u8; nic.tx().max_frame()].into_boxed_slice();
     let now = time::uptime_ns();
     let mut config = Config::new(HardwareAddress::Ethernet(EthernetAddress(nic.mac())));
     config.random_seed = seed ^ crate::arch::cpu::rdtsc().rotate_left(17);

@@ -5,8 +5,8 @@
 //! Each [`Phy`] lends at most `budget` received frames, so one poll of the interface cannot
 //! starve the rest of the main loop; [`Phy::exhausted`] tells the loop to come back at once.
 
-use drivers::virtio_net::{regs::MAX_FRAME, NetRx, NetTx, RxPacket, VirtioNetPci};
-use smoltcp::phy::{Device, DeviceCapabilities, Medium, RxToken, TxToken};
+use drivers::virtio_net::{NetRx, NetTx, RxPacket, VirtioNetPci};
+use smoltcp::phy::{Checksum, Device, DeviceCapabilities, Medium, RxToken, TxToken};
 use smoltcp::time::Instant;
 
 use crate::platform::KernelHal;
@@ -139,7 +139,13 @@ impl Device for Phy<'_> {
     fn capabilities(&self) -> DeviceCapabilities {
         let mut caps = DeviceCapabilities::default();
         caps.medium = Medium::Ethernet;
-        caps.max_transmission_unit = MAX_FRAME;
+        let tx = self.nic.tx_ref();
+        // With the device's segmentation offload, TCP segments of up to 64 KiB (the driver
+        // raises peers' MSS in their SYN to match, and leaves the checksum to the device).
+        caps.max_transmission_unit = tx.max_frame();
+        if tx.offloads_tcp() {
+            caps.checksum.tcp = Checksum::Rx;
+        }
         caps
     }
 }

@@ -114,6 +114,19 @@ fn show(n: &Net, out: &mut Out) {
         "  tx: {} packets, {} bytes, {} drops, {} errors",
         tx.packets, tx.bytes, tx.drops, tx.errors
     );
+    let t = nic.tx_ref();
+    let _ = if t.offloads_tcp() {
+        writeln!(
+            out,
+            "  offload: TCP checksum and segmentation by the device ({} large frames segmented)",
+            t.segmented()
+        )
+    } else {
+        writeln!(
+            out,
+            "  offload: none (the device offers no TCP segmentation)"
+        )
+    };
     let vectors: alloc::vec::Vec<alloc::string::String> = nic
         .vectors()
         .cpu_vectors
