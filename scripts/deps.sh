@@ -2,7 +2,8 @@
 # Installs what building and testing snapfw needs, idempotently, on the machine image as it
 # comes new: the Debian packages in `tools` below (QEMU, iPXE ROMs, the OVMF UEFI firmware,
 # GRUB for BIOS and for x86_64 EFI, xorriso and mtools for grub-mkrescue, qemu-utils, the NBD
-# clients libnbd-bin, fio, nbdkit) with apt-get when a tool they provide is missing, and the
+# clients libnbd-bin, fio, nbdkit, and ip, unshare and nsenter for the tap test's network
+# namespace) with apt-get when a tool they provide is missing, and the
 # Rust target from rust-toolchain.toml.
 #
 # QEMU's packages are asked for as one set of one version: qemu-system-x86 and qemu-utils
@@ -52,6 +53,9 @@ tools=(
     "nbdcopy libnbd-bin"
     "fio fio"
     "nbdkit nbdkit"
+    "ip iproute2"
+    "unshare util-linux"
+    "nsenter util-linux"
 )
 qemu_set=(qemu-system-x86 qemu-utils)
 

@@ -29,6 +29,8 @@ const ALL: &[&str] = &[
     "libnbd-bin",
     "fio",
     "nbdkit",
+    "iproute2",
+    "util-linux",
 ];
 
 fn repo() -> PathBuf {
@@ -164,6 +166,9 @@ fn assert_every_tool(m: &Machine) {
         "usr/bin/nbdcopy",
         "usr/bin/fio",
         "usr/bin/nbdkit",
+        "usr/bin/ip",
+        "usr/bin/unshare",
+        "usr/bin/nsenter",
     ] {
         assert!(m.has(tool), "{tool} is missing after deps.sh");
     }
