@@ -829,6 +829,16 @@ impl Network {
         }
     }
 
+    /// A `fio` client command (see [`Network::client`]) that is killed, with its job
+    /// processes, if it runs [`FIO_GRACE`] past `time`: a guest whose network stops answering
+    /// mid-row would otherwise leave fio waiting for its replies for ever.
+    pub fn fio(&self, q: &tests::Qemu, time: &str) -> std::process::Command {
+        let limit = fio_seconds(time) + FIO_GRACE.as_secs();
+        let mut cmd = self.client(q, "timeout");
+        cmd.args(["-s", "KILL", &limit.to_string(), "fio"]);
+        cmd
+    }
+
     /// What a section header says about the network.
     pub fn describe(&self) -> String {
         match self {
@@ -845,8 +855,23 @@ impl Network {
     }
 }
 
-/// Runs fio's `nbd` engine against `uri` for `time` with `args`; `None` if fio fails.
-/// `client`: the `fio` command to run (see [`Network::client`]).
+/// How long past its runtime a fio row may take before it is killed (see [`Network::fio`]).
+const FIO_GRACE: Duration = Duration::from_secs(120);
+
+/// A fio duration (`5s`, `500ms`, `2m`, `1h`, or seconds) in whole seconds, rounded up.
+fn fio_seconds(time: &str) -> u64 {
+    let digits: String = time.chars().take_while(|c| c.is_ascii_digit()).collect();
+    let n: u64 = digits.parse().unwrap_or(0);
+    match &time[digits.len()..] {
+        "ms" => n.div_ceil(1000),
+        "m" => n * 60,
+        "h" => n * 3600,
+        _ => n,
+    }
+}
+
+/// Runs fio's `nbd` engine against `uri` for `time` with `args`; `None` if fio fails or is
+/// killed. `client`: the `fio` command to run (see [`Network::fio`]).
 fn fio(
     mut client: std::process::Command,
     uri: &str,
@@ -869,10 +894,18 @@ fn fio(
         .ok()?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     if !out.status.success() {
-        eprintln!(
-            "fio {uri} {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        // `timeout -s KILL`: 137 once the limit has passed.
+        if out.status.code() == Some(137) {
+            println!(
+                "  fio {uri} {args:?}: did not finish within {} s of its {time}; killed",
+                FIO_GRACE.as_secs()
+            );
+        } else {
+            eprintln!(
+                "fio {uri} {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
         return None;
     }
     let section = text.find(if write {
@@ -988,11 +1021,11 @@ fn nbd_rows(time: &str, net: &Network) -> Vec<linux::Figure> {
     let mut figures = Vec::new();
     for (name, args, write) in ROWS {
         let before = nic_figures(&mut q);
-        let a = fio(net.client(&q, "fio"), &appliance, args, *write, runtime);
+        let a = fio(net.fio(&q, runtime), &appliance, args, *write, runtime);
         let after = nic_figures(&mut q);
         figures.push((*name, a.as_ref().map(|f| f.iops)));
         let k = if nbdkit.is_some() {
-            fio(net.client(&q, "fio"), &host, args, *write, runtime)
+            fio(net.fio(&q, runtime), &host, args, *write, runtime)
         } else {
             None
         };
@@ -1023,7 +1056,7 @@ fn nbd_rows(time: &str, net: &Network) -> Vec<linux::Figure> {
     // The snapshot path (nbdkit has none).
     cmd(&mut q, "snapshot create n1 vda vdb:0+1048576");
     let first = fio(
-        net.client(&q, "fio"),
+        net.fio(&q, runtime),
         &appliance,
         &["--rw=randwrite", "--bs=4k", "--iodepth=32"],
         true,
@@ -1031,7 +1064,7 @@ fn nbd_rows(time: &str, net: &Network) -> Vec<linux::Figure> {
     );
     cmd(&mut q, "write vda 0 524288 --byte 0x42");
     let reads = fio(
-        net.client(&q, "fio"),
+        net.fio(&q, runtime),
         &net.uri(port, "n1"),
         &["--rw=randread", "--bs=4k", "--iodepth=32"],
         false,
