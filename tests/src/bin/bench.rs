@@ -16,7 +16,9 @@
 //! in MB/s against the raw sequential write MB/s of the same run.
 //!
 //! Then the NBD rows: fio's `nbd` engine against the appliance's NBD server and against
-//! `nbdkit` on the host, in the same run, with the ratio; under each, the appliance's NIC
+//! `nbdkit` on the host, in the same run, with the ratio; the NIC is on a tap in a network
+//! namespace of QEMU's own (offloads as on a real link, fio and nbdkit in the namespace), or on
+//! user networking where namespaces are not allowed (the header says which); under each, the appliance's NIC
 //! frames and interrupts, main-loop polls and how much of the row its CPU was halted (from
 //! `net`), which tells an appliance that waits from one that is busy.
 //!
@@ -141,12 +143,13 @@ fn run(q: &mut tests::Qemu, disk: &str, args: &str, time: &str) -> Figures {
 fn main() {
     let time = std::env::var("BENCH_TIME").unwrap_or_else(|_| "5s".into());
     if std::env::var("BENCH_ONLY").is_ok_and(|v| v == "nbd") {
-        linux::nbd_rows(&time, NBD_ROWS, &nbd_rows(&time));
+        let net = Network::choose();
+        linux::nbd_rows(&time, NBD_ROWS, &nbd_rows(&time, &net), &net);
         return;
     }
     if std::env::var("BENCH_ONLY").is_ok_and(|v| v == "linux") {
         linux::snapshot_rows(&time, &[], &[]);
-        linux::nbd_rows(&time, NBD_ROWS, &[]);
+        linux::nbd_rows(&time, NBD_ROWS, &[], &Network::choose());
         return;
     }
     if std::env::var("BENCH_ONLY").is_ok_and(|v| v == "stores") {
@@ -238,7 +241,8 @@ fn main() {
     }
     linux::snapshot_rows(&time, &virtio_snap, &nvme_snap);
     if !only_snapshots {
-        linux::nbd_rows(&time, NBD_ROWS, &nbd_rows(&time));
+        let net = Network::choose();
+        linux::nbd_rows(&time, NBD_ROWS, &nbd_rows(&time, &net), &net);
         store_rows();
     }
 }
@@ -772,9 +776,110 @@ fn fio_number(text: &str, from: usize, key: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// Runs fio's `nbd` engine against `uri` for `time` with `args`; `None` if fio fails.
-fn fio(uri: &str, args: &[&str], write: bool, time: &str) -> Option<FioFigures> {
-    let out = std::process::Command::new("fio")
+/// The network the NBD sections run on, the same for the appliance and the Linux guest.
+#[derive(Clone, Debug)]
+pub enum Network {
+    /// A tap device in a network namespace of QEMU's own (`Boot::tap_net`): the guest is
+    /// [`tests::TAP_GUEST`], and fio and nbdkit run in the namespace (`Qemu::in_netns`).
+    Tap,
+    /// QEMU user networking (slirp) with `hostfwd` from `127.0.0.1:PORT`, the clients on the
+    /// host; the reason the tap could not be used.
+    User(String),
+}
+
+impl Network {
+    /// The tap when this host allows unprivileged user and network namespaces and a tap
+    /// device in them (the same commands `Boot::tap_net` runs), else user networking.
+    pub fn choose() -> Network {
+        let probe = std::process::Command::new("unshare")
+            .args(["--user", "--map-root-user", "--net", "--", "sh", "-c"])
+            .arg("ip link set lo up && ip tuntap add dev tap0 mode tap && ip link set tap0 up")
+            .output();
+        match probe {
+            Ok(o) if o.status.success() => Network::Tap,
+            Ok(o) => Network::User(format!(
+                "no tap in a network namespace: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            )),
+            Err(e) => Network::User(format!("no unshare: {e}")),
+        }
+    }
+
+    /// Adds the NIC on this network; `port`: the host port forwarded to NBD on user networking.
+    pub fn nic(&self, boot: Boot, port: u16) -> Boot {
+        match self {
+            Network::Tap => boot.tap_net(),
+            Network::User(_) => boot.net(&[(port, 10809)], None),
+        }
+    }
+
+    /// The NBD URI of `export` on the guest, as the clients reach it.
+    pub fn uri(&self, port: u16, export: &str) -> String {
+        match self {
+            Network::Tap => format!("nbd://{}:10809/{export}", tests::TAP_GUEST),
+            Network::User(_) => format!("nbd://127.0.0.1:{port}/{export}"),
+        }
+    }
+
+    /// A client command: in QEMU's namespace on the tap, on the host otherwise.
+    pub fn client(&self, q: &tests::Qemu, program: &str) -> std::process::Command {
+        match self {
+            Network::Tap => q.in_netns(program, &[]),
+            Network::User(_) => std::process::Command::new(program),
+        }
+    }
+
+    /// A `fio` client command (see [`Network::client`]) that is killed, with its job
+    /// processes, if it runs [`FIO_GRACE`] past `time`: a guest whose network stops answering
+    /// mid-row would otherwise leave fio waiting for its replies for ever.
+    pub fn fio(&self, q: &tests::Qemu, time: &str) -> std::process::Command {
+        let limit = fio_seconds(time) + FIO_GRACE.as_secs();
+        let mut cmd = self.client(q, "timeout");
+        cmd.args(["-s", "KILL", &limit.to_string(), "fio"]);
+        cmd
+    }
+
+    /// What a section header says about the network.
+    pub fn describe(&self) -> String {
+        match self {
+            Network::Tap => format!(
+                "virtio-net on a tap (vnet_hdr: checksum and segmentation offload) in a network \
+                 namespace, guest {}, clients in the namespace",
+                tests::TAP_GUEST
+            ),
+            Network::User(why) => format!(
+                "virtio-net on QEMU user networking (slirp, hostfwd; no offload, 64 KiB window: \
+                 large transfers measure slirp) because {why}"
+            ),
+        }
+    }
+}
+
+/// How long past its runtime a fio row may take before it is killed (see [`Network::fio`]).
+const FIO_GRACE: Duration = Duration::from_secs(120);
+
+/// A fio duration (`5s`, `500ms`, `2m`, `1h`, or seconds) in whole seconds, rounded up.
+fn fio_seconds(time: &str) -> u64 {
+    let digits: String = time.chars().take_while(|c| c.is_ascii_digit()).collect();
+    let n: u64 = digits.parse().unwrap_or(0);
+    match &time[digits.len()..] {
+        "ms" => n.div_ceil(1000),
+        "m" => n * 60,
+        "h" => n * 3600,
+        _ => n,
+    }
+}
+
+/// Runs fio's `nbd` engine against `uri` for `time` with `args`; `None` if fio fails or is
+/// killed. `client`: the `fio` command to run (see [`Network::fio`]).
+fn fio(
+    mut client: std::process::Command,
+    uri: &str,
+    args: &[&str],
+    write: bool,
+    time: &str,
+) -> Option<FioFigures> {
+    let out = client
         .args([
             "--name=nbd",
             "--ioengine=nbd",
@@ -789,10 +894,18 @@ fn fio(uri: &str, args: &[&str], write: bool, time: &str) -> Option<FioFigures> 
         .ok()?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     if !out.status.success() {
-        eprintln!(
-            "fio {uri} {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        // `timeout -s KILL`: 137 once the limit has passed.
+        if out.status.code() == Some(137) {
+            println!(
+                "  fio {uri} {args:?}: did not finish within {} s of its {time}; killed",
+                FIO_GRACE.as_secs()
+            );
+        } else {
+            eprintln!(
+                "fio {uri} {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
         return None;
     }
     let section = text.find(if write {
@@ -833,13 +946,14 @@ const NBD_ROWS: &[(&str, &[&str], bool)] = &[
 ];
 
 /// Issue 8's rows: fio's `nbd` engine against the appliance's NBD server (a 1 GiB raw
-/// virtio-blk disk, `cache=none`, over QEMU user networking and `hostfwd`) next to the same
-/// fio run against `nbdkit` serving a 256 MiB file on the host (through the host's page
-/// cache, no VM), in the same run; both on a 256 MiB region written once before. Then the
+/// virtio-blk disk, `cache=none`, on `net`: a tap with fio in QEMU's network namespace, or
+/// user networking with `hostfwd`) next to the same fio run against `nbdkit` serving a 256 MiB
+/// file on the host (through the host's page cache, no VM; on the tap it listens in the
+/// namespace), in the same run; both on a 256 MiB region written once before. Then the
 /// snapshot path over NBD (issue 19): 4k random first writes on `vda` with a fresh snapshot
 /// (store on a second disk, 4 KiB chunks), and 4k random reads of the snapshot once every
 /// chunk of the region is copied. Returns the appliance's IOPS by row name.
-fn nbd_rows(time: &str) -> Vec<linux::Figure> {
+fn nbd_rows(time: &str, net: &Network) -> Vec<linux::Figure> {
     const ROWS: &[(&str, &[&str], bool)] = NBD_ROWS;
     // fio takes the same suffixes as BENCH_TIME (5s, 500ms, 1m).
     let runtime = time;
@@ -850,12 +964,15 @@ fn nbd_rows(time: &str) -> Vec<linux::Figure> {
     let file = Image::new("bench-nbdkit-256m", 256 << 20);
     file.write(0, &vec![0u8; 256 << 20]);
     let port = tests::free_port();
-    let mut q = Boot::kernel("q35", "loglevel=warn")
+    let append = match net {
+        Network::Tap => format!("loglevel=warn ip={}/24", tests::TAP_GUEST),
+        Network::User(_) => "loglevel=warn".to_string(),
+    };
+    let boot = Boot::kernel("q35", &append)
         .memory_size("2G")
         .virtio_disk(&disk.path, "BENCH-NBD")
-        .virtio_disk(&cow.path, "BENCH-NBD-COW")
-        .net(&[(port, 10809)], None)
-        .start();
+        .virtio_disk(&cow.path, "BENCH-NBD-COW");
+    let mut q = net.nic(boot, port).start();
     q.wait_prompt();
     // Allocate the region in the host's image first (as the snapshot rows do).
     cmd(
@@ -863,7 +980,9 @@ fn nbd_rows(time: &str) -> Vec<linux::Figure> {
         "bench vda --rw write --bs 128k --qd 32 --size 256m --ios 2048",
     );
     let kit_port = tests::free_port();
-    let nbdkit = std::process::Command::new("nbdkit")
+    // On the tap nbdkit listens in QEMU's namespace, where fio runs.
+    let nbdkit = net
+        .client(&q, "nbdkit")
         .args(["-f", "-i", "127.0.0.1", "-p", &kit_port.to_string(), "file"])
         .arg(&file.path)
         .spawn();
@@ -874,12 +993,14 @@ fn nbd_rows(time: &str) -> Vec<linux::Figure> {
             None
         }
     };
-    let appliance = format!("nbd://127.0.0.1:{port}/vda");
+    let appliance = net.uri(port, "vda");
     let host = format!("nbd://127.0.0.1:{kit_port}/");
-    // Wait for the DHCP lease (the NBD listener is up once the prompt shows) and nbdkit.
+    // Wait for the address (a DHCP lease on user networking; the NBD listener is up once the
+    // prompt shows) and nbdkit.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while std::time::Instant::now() < deadline
-        && !std::process::Command::new("nbdinfo")
+        && !net
+            .client(&q, "nbdinfo")
             .arg(&appliance)
             .output()
             .is_ok_and(|o| o.status.success())
@@ -890,7 +1011,8 @@ fn nbd_rows(time: &str) -> Vec<linux::Figure> {
     let accel = std::env::var("ACCEL").unwrap_or_else(|_| "tcg".into());
     println!(
         "NBD (fio --ioengine=nbd, 256 MiB region, {time} per row): appliance = QEMU accel={accel} \
-         virtio-blk cache=none over user networking; nbdkit = file plugin on the host"
+         virtio-blk cache=none; nbdkit = file plugin on the host\nnetwork: {}",
+        net.describe()
     );
     println!(
         "{:<20} {:>12} {:>9} {:>9} | {:>12} {:>9} {:>9} | {:>8}",
@@ -899,11 +1021,11 @@ fn nbd_rows(time: &str) -> Vec<linux::Figure> {
     let mut figures = Vec::new();
     for (name, args, write) in ROWS {
         let before = nic_figures(&mut q);
-        let a = fio(&appliance, args, *write, runtime);
+        let a = fio(net.fio(&q, runtime), &appliance, args, *write, runtime);
         let after = nic_figures(&mut q);
         figures.push((*name, a.as_ref().map(|f| f.iops)));
         let k = if nbdkit.is_some() {
-            fio(&host, args, *write, runtime)
+            fio(net.fio(&q, runtime), &host, args, *write, runtime)
         } else {
             None
         };
@@ -934,6 +1056,7 @@ fn nbd_rows(time: &str) -> Vec<linux::Figure> {
     // The snapshot path (nbdkit has none).
     cmd(&mut q, "snapshot create n1 vda vdb:0+1048576");
     let first = fio(
+        net.fio(&q, runtime),
         &appliance,
         &["--rw=randwrite", "--bs=4k", "--iodepth=32"],
         true,
@@ -941,7 +1064,8 @@ fn nbd_rows(time: &str) -> Vec<linux::Figure> {
     );
     cmd(&mut q, "write vda 0 524288 --byte 0x42");
     let reads = fio(
-        &format!("nbd://127.0.0.1:{port}/n1"),
+        net.fio(&q, runtime),
+        &net.uri(port, "n1"),
         &["--rw=randread", "--bs=4k", "--iodepth=32"],
         false,
         runtime,

@@ -9,8 +9,10 @@
 //!   writes with a fresh snapshot at 4 KiB chunks, overwrites, reads of the snapshot, 128k
 //!   writes with 64 KiB chunks, two snapshots.
 //! - [`nbd_rows`] (issue 19): the guest serves `/dev/vda`, a dm-snapshot origin and its
-//!   snapshot with Debian's `nbd-server` over virtio-net on QEMU user networking (`hostfwd`),
-//!   and the host runs the same fio `nbd` jobs as the appliance's NBD rows.
+//!   snapshot with Debian's `nbd-server` over virtio-net on the same network as the
+//!   appliance's NBD rows (a tap in QEMU's network namespace, the guest's address set from
+//!   its shell, fio in the namespace; or user networking with `hostfwd`), and the same fio
+//!   `nbd` jobs run against it.
 //!
 //! Without the guest (no `make deps` yet, or a cache from before fio and nbd-server joined
 //! it) both say so and return no figures; the rest of the bench goes on.
@@ -387,7 +389,12 @@ pub const NBD_SNAP_READS: &str = "4k randread QD32, the snapshot";
 /// `snapfw`: the appliance's figures of this run by row name. Each row starts with the guest's
 /// page cache dropped (nbd-server reads and writes through it: writes are acknowledged from
 /// it, as Debian's nbd-server does by default).
-pub fn nbd_rows(time: &str, rows: &[(&'static str, &[&str], bool)], snapfw: &[Figure]) {
+pub fn nbd_rows(
+    time: &str,
+    rows: &[(&'static str, &[&str], bool)],
+    snapfw: &[Figure],
+    net: &super::Network,
+) {
     println!();
     if !available("Linux nbd-server rows") {
         return;
@@ -397,11 +404,25 @@ pub fn nbd_rows(time: &str, rows: &[(&'static str, &[&str], bool)], snapfw: &[Fi
     cow.write(0, &vec![0u8; 64 << 20]);
     let port = tests::free_port();
     let mut g = boot(
-        Boot::linux_guest()
-            .virtio_disk(&disk.path, "BENCH-NBD")
-            .virtio_disk(&cow.path, "BENCH-NBD-COW")
-            .net(&[(port, 10809)], None),
+        net.nic(
+            Boot::linux_guest()
+                .virtio_disk(&disk.path, "BENCH-NBD")
+                .virtio_disk(&cow.path, "BENCH-NBD-COW"),
+            port,
+        ),
     );
+    // The guest's /init gives eth0 user networking's address; the tap's is another.
+    let addressed = match net {
+        super::Network::Tap => sh(
+            &mut g,
+            &format!(
+                "ip addr flush dev eth0 && ip addr add {}/24 dev eth0 && ip link set eth0 up",
+                tests::TAP_GUEST
+            ),
+        )
+        .is_some(),
+        super::Network::User(_) => true,
+    };
     let conf = "[generic]\\n[vda]\\nexportname = /dev/vda\\n[origin]\\nexportname = \
                 /dev/mapper/origin\\n[snap]\\nexportname = /dev/mapper/snap1\\n";
     let served = sh(
@@ -412,14 +433,16 @@ pub fn nbd_rows(time: &str, rows: &[(&'static str, &[&str], bool)], snapfw: &[Fi
             REGION >> 20
         ),
     )
-    .is_some();
-    let uri = |export: &str| format!("nbd://127.0.0.1:{port}/{export}");
+    .is_some()
+        && addressed;
+    let uri = |export: &str| net.uri(port, export);
     let mut linux: Vec<Figure> = Vec::new();
     if served {
         // The listener is up once nbd-server returns; wait for the forward to reach it.
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         while std::time::Instant::now() < deadline
-            && !std::process::Command::new("nbdinfo")
+            && !net
+                .client(&g.q, "nbdinfo")
                 .arg(uri("vda"))
                 .output()
                 .is_ok_and(|o| o.status.success())
@@ -431,17 +454,18 @@ pub fn nbd_rows(time: &str, rows: &[(&'static str, &[&str], bool)], snapfw: &[Fi
             drop_caches(&mut g);
             linux.push((
                 name,
-                super::fio(&uri("vda"), args, *write, time).map(|f| f.iops),
+                super::fio(net.fio(&g.q, time), &uri("vda"), args, *write, time).map(|f| f.iops),
             ));
         }
         let ok = new_store(&mut g, "cow1", "/dev/vdb", 0, STORE_SECTORS)
             .and_then(|_| snapshots(&mut g, "/dev/vda", &[("snap1", "cow1")], 8))
             .and_then(|_| drop_caches(&mut g));
-        let fio_row = |uri: String, args: &[&str], write: bool| {
-            super::fio(&uri, args, write, time).map(|f| f.iops)
+        let fio_row = |g: &Guest, uri: String, args: &[&str], write: bool| {
+            super::fio(net.fio(&g.q, time), &uri, args, write, time).map(|f| f.iops)
         };
         let first = ok.as_ref().and_then(|_| {
             fio_row(
+                &g,
                 uri("origin"),
                 &["--rw=randwrite", "--bs=4k", "--iodepth=32"],
                 true,
@@ -462,6 +486,7 @@ pub fn nbd_rows(time: &str, rows: &[(&'static str, &[&str], bool)], snapfw: &[Fi
             NBD_SNAP_READS,
             copied.and_then(|_| {
                 fio_row(
+                    &g,
                     uri("snap"),
                     &["--rw=randread", "--bs=4k", "--iodepth=32"],
                     false,
@@ -469,12 +494,24 @@ pub fn nbd_rows(time: &str, rows: &[(&'static str, &[&str], bool)], snapfw: &[Fi
             }),
         ));
     }
+    if linux.iter().any(|(_, f)| f.is_none()) && !g.stalled {
+        // A row without figures: the kernel's own words about its NIC, if it said any.
+        let log = g.q.transcript();
+        let nic: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("eth0") || l.contains("virtio_net") || l.contains("NETDEV"))
+            .collect();
+        for l in &nic[nic.len().saturating_sub(6)..] {
+            println!("    {}", l.trim());
+        }
+    }
     let g_stalled = g.stalled;
     poweroff(g);
     println!(
-        "NBD side by side: fio --ioengine=nbd from the host, 256 MiB region, {time} per row; \
-         Linux = nbd-server in the guest on the same QEMU disk and network options; IOPS, \
-         snapfw / Linux"
+        "NBD side by side: fio --ioengine=nbd, 256 MiB region, {time} per row; Linux = \
+         nbd-server in the guest on the same QEMU disk and network options; IOPS, snapfw / \
+         Linux\nnetwork: {}",
+        net.describe()
     );
     println!(
         "{:<42} {:>10} {:>10} {:>9}",
