@@ -10,8 +10,32 @@ use tests::{free_port, qemu_io, qemu_io_read_only, sha256_hex, Boot, Image, Qemu
 const MIB: u64 = 1 << 20;
 
 fn boot(a: &Image, b: &Image, c: &Image) -> Qemu {
-    let mut q = Boot::kernel("q35", "testing loglevel=info")
-        .virtio_disk(&a.path, "MERGE-ORIGIN")
+    boot_with(
+        Boot::kernel("q35", "testing loglevel=info").virtio_disk(&a.path, "MERGE-ORIGIN"),
+        b,
+        c,
+    )
+}
+
+/// As [`boot`], the origin throttled by QEMU to 8 MiB/s, so that a merge of 32 MiB runs for
+/// seconds and a power cut lands in the middle of it however fast the engine merges (at
+/// 1 GB/s a merge of 32 MiB ends within the milliseconds a kill takes).
+fn boot_throttled(a: &Image, b: &Image, c: &Image) -> Qemu {
+    let origin = Boot::kernel("q35", "testing loglevel=info").args([
+        "-drive".to_string(),
+        format!(
+            "file={},if=none,format=raw,id=d0,cache=none,aio=threads,throttling.bps-total={}",
+            a.path.display(),
+            8 * MIB
+        ),
+        "-device".to_string(),
+        "virtio-blk-pci,drive=d0,serial=MERGE-ORIGIN".to_string(),
+    ]);
+    boot_with(origin, b, c)
+}
+
+fn boot_with(origin: Boot, b: &Image, c: &Image) -> Qemu {
+    let mut q = origin
         .virtio_disk(&b.path, "MERGE-COW-1")
         .virtio_disk(&c.path, "MERGE-COW-2")
         .start();
@@ -311,7 +335,7 @@ const NBD_PORT: u16 = 10809;
 fn cut_a_merge(a: &Image, b: &Image, c: &Image) -> Vec<u8> {
     let before = pattern(64 * MIB, 3);
     a.write(0, &before);
-    let mut q = boot(a, b, c);
+    let mut q = boot_throttled(a, b, c);
     let out = q.command("snapshot create s1 vda vdb");
     assert!(out.contains("created snapshot s1"), "{out}");
     assert!(q
