@@ -1205,7 +1205,14 @@ fn long_command_output_arrives_whole_while_nbd_is_served() {
     let arrived = q.transcript().len() - start;
     assert!(ok && !out.contains("failed"), "{out}");
     let deadline = std::time::Instant::now() + TIMEOUT * 4;
-    while q.transcript()[start..].matches("00000ff0").count() < 12 {
+    // Twelve last lines, the twelfth one whole (its offset may arrive before its bytes).
+    let done = |t: &str| {
+        t.matches("00000ff0").count() >= 12
+            && t.rsplit("00000ff0")
+                .next()
+                .is_some_and(|tail| tail.contains('\n'))
+    };
+    while !done(&q.transcript()[start..]) {
         assert!(std::time::Instant::now() < deadline, "output lost");
         std::thread::sleep(Duration::from_millis(200));
     }
