@@ -15,10 +15,14 @@
 //! What we negotiate: `VERSION_1`, `MAC`, `STATUS`, `MTU`, and `CSUM` with `HOST_TSO4` when
 //! the device offers both (a tap backend does, QEMU's user networking does not): then the
 //! device completes our TCP checksums and cuts TCP segments of up to 64 KiB to the link's
-//! size (`offload`: what the frames need for that, host-tested). No receive offloads, no
-//! mergeable receive buffers, no control queue, one queue pair. Every packet is one
-//! descriptor holding the 12-byte header and the frame, in a buffer of [`BUFFER_SIZE`] bytes
-//! (transmit buffers with segmentation offload: [`TSO_TX_BUFFERS`] of [`TSO_BUFFER_SIZE`]).
+//! size (`offload`: what the frames need for that, host-tested). And `GUEST_CSUM` with
+//! `GUEST_TSO4` when offered (tap again): the device hands us the host's TCP segments of up
+//! to 64 KiB whole, their checksum partial (`NEEDS_CSUM`), checked (`DATA_VALID`) or
+//! unchecked, which the receive half acts on before the stack sees the frame. No mergeable
+//! receive buffers, no control queue, one queue pair. Every packet is one descriptor holding
+//! the 12-byte header and the frame, in a buffer of [`BUFFER_SIZE`] bytes (transmit buffers
+//! with segmentation offload: [`TSO_TX_BUFFERS`] of [`TSO_BUFFER_SIZE`]; receive buffers with
+//! receive offload: [`LARGE_RX_BUFFERS`] of [`TSO_BUFFER_SIZE`]).
 //! All buffers (one per descriptor of each queue, fewer for large transmit frames) are
 //! allocated at start-up; receive buffers stay posted, transmit buffers come back to a free
 //! list; nothing is allocated per packet. When no transmit buffer is free, [`NetTx::alloc`]
@@ -37,7 +41,7 @@ pub mod regs;
 
 pub use device::{
     fallback_mac, MacDisplay, NetCounters, NetRx, NetTx, NetVectors, RxPacket, TxPacket, VirtioNet,
-    TSO_BUFFER_SIZE, TSO_TX_BUFFERS,
+    LARGE_RX_BUFFERS, TSO_BUFFER_SIZE, TSO_TX_BUFFERS,
 };
 pub use probe::{is_virtio_net, probe, VirtioNetPci};
 pub use queue::QueueError;

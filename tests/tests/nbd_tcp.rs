@@ -1255,9 +1255,10 @@ fn long_command_output_arrives_whole_while_nbd_is_served() {
 }
 
 /// With a device that segments TCP (a tap backend, which user networking is not), replies
-/// leave as TCP segments of up to 64 KiB that the device cuts to the link's size: what
-/// `nbdcopy` reads back over four connections is what it wrote and what the disk holds, and
-/// `net` counts the large frames the device was given.
+/// leave as TCP segments of up to 64 KiB that the device cuts to the link's size, and writes
+/// arrive as the host's segments of up to 64 KiB whole (receive offload): what `nbdcopy`
+/// writes and reads back over four connections is what the disk holds, and `net` counts the
+/// large frames the device was given and the large frames it handed in.
 #[test]
 fn reads_over_a_tap_leave_as_segments_the_device_cuts() {
     let disk = Image::new("nbd-tap", 64 * MIB);
@@ -1290,7 +1291,21 @@ fn reads_over_a_tap_leave_as_segments_the_device_cuts() {
             .and_then(|n| n.parse().ok())
             .expect("a count of large frames")
     };
+    assert!(
+        net.contains("receive offload: TCP segments of up to 64 KiB from the device"),
+        "{net}"
+    );
+    let received = |net: &str| -> u64 {
+        let at = net.find("from the device (").expect("receive offload line")
+            + "from the device (".len();
+        net[at..]
+            .split(' ')
+            .next()
+            .and_then(|n| n.parse().ok())
+            .expect("a count of large frames received")
+    };
     let before = segmented(&net);
+    let received_before = received(&net);
     let data = tests::xorshift_bytes((48 * MIB) as usize, 19);
     let dir = std::env::temp_dir();
     let (input, output) = (
@@ -1300,7 +1315,10 @@ fn reads_over_a_tap_leave_as_segments_the_device_cuts() {
     std::fs::write(&input, &data).expect("write the input");
     let uri = format!("nbd://{TAP_GUEST}/vda");
     for (what, args) in [
-        ("write", vec![input.to_str().unwrap(), uri.as_str()]),
+        (
+            "write",
+            vec!["--connections=4", input.to_str().unwrap(), uri.as_str()],
+        ),
         (
             "read",
             vec!["--connections=4", uri.as_str(), output.to_str().unwrap()],
@@ -1323,6 +1341,7 @@ fn reads_over_a_tap_leave_as_segments_the_device_cuts() {
         "what was read differs from the disk"
     );
     let net = q.command("net");
-    // 48 MiB out in frames of up to 64 KiB: hundreds at least.
+    // 48 MiB out in frames of up to 64 KiB: hundreds at least; and in as well.
     assert!(segmented(&net) > before + 300, "{net}");
+    assert!(received(&net) > received_before + 300, "{net}");
 }

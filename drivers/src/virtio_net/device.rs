@@ -6,7 +6,7 @@
 //! and may answer it at once. Neither half notifies the device; the owner calls
 //! [`VirtioNet::kick`] once after a round of work, so a burst costs one notification.
 
-use super::offload::{self, MAX_IP_PACKET, MAX_TSO_FRAME};
+use super::offload::{self, RxChecksum, MAX_IP_PACKET, MAX_TSO_FRAME};
 use super::queue::{Direction, PacketQueue, QueueError};
 use super::regs::{config, NetFeatures, HEADER_LEN, MAX_FRAME, STATUS_LINK_UP};
 use super::{VirtioNetConfig, VirtioNetError, QUEUE_RECEIVE, QUEUE_TRANSMIT};
@@ -19,8 +19,11 @@ use virtio_drivers::Hal;
 
 /// Transmit buffers with segmentation offload: each takes a 64 KiB frame.
 pub const TSO_TX_BUFFERS: u16 = 32;
-/// Bytes per transmit buffer with segmentation offload: the header and the largest frame,
-/// in whole pages.
+/// Receive buffers with receive offload: each takes a 64 KiB frame (virtio 1.2 §5.1.6.3,
+/// "big packets": without mergeable buffers one buffer holds a whole packet).
+pub const LARGE_RX_BUFFERS: u16 = 64;
+/// Bytes per transmit buffer with segmentation offload (and receive buffer with receive
+/// offload): the header and the largest frame, in whole pages.
 pub const TSO_BUFFER_SIZE: usize = (HEADER_LEN + MAX_TSO_FRAME).div_ceil(4096) * 4096;
 /// The MSS a peer's SYN is raised to with segmentation offload: the largest IPv4 packet's
 /// (no IP or TCP options).
@@ -50,7 +53,7 @@ pub struct NetCounters {
     pub packets: u64,
     /// Bytes of Ethernet frames (without the virtio header).
     pub bytes: u64,
-    /// Packets dropped: receive — too short or unread; transmit — no free buffer or too long.
+    /// Packets dropped: receive — too short, a bad TCP checksum, or unread; transmit — no free buffer or too long.
     pub drops: u64,
     /// Device or ring errors.
     pub errors: u64,
@@ -93,6 +96,11 @@ pub struct NetRx<H: Hal> {
     /// With segmentation offload: the link's MSS, at or above which a peer's SYN gets the
     /// MSS of large frames ([`offload::raise_syn_mss`]).
     raise_mss_from: Option<u16>,
+    /// With receive offload: the header's checksum state is acted on, and frames of up to
+    /// 64 KiB arrive.
+    large: bool,
+    /// Frames received larger than the link's largest.
+    large_frames: u64,
 }
 
 impl<H: Hal> NetRx<H> {
@@ -115,6 +123,17 @@ impl<H: Hal> NetRx<H> {
                         continue;
                     }
                     let len = written - HEADER_LEN;
+                    if self.large && !self.check_offloaded(buffer, len) {
+                        self.counters.drops += 1;
+                        if let Err(e) = self.queue.post_receive(buffer) {
+                            self.fail(e);
+                            return None;
+                        }
+                        continue;
+                    }
+                    if len > MAX_FRAME {
+                        self.large_frames += 1;
+                    }
                     if let Some(link_mss) = self.raise_mss_from {
                         if let Some(frame) = self
                             .queue
@@ -134,6 +153,42 @@ impl<H: Hal> NetRx<H> {
                 }
             }
         }
+    }
+
+    /// With receive offload, before the stack sees a frame: a partial checksum of anything
+    /// but TCP is completed (the stack checks UDP's and ICMP's itself), a partial TCP one is
+    /// left to the stack, which then does not check TCP checksums ([`NetRx::offloads_tcp`]):
+    /// the segment came from the host's own stack, not a wire. A TCP checksum nobody checked
+    /// is checked here. `false`: drop the frame.
+    fn check_offloaded(&mut self, buffer: u16, len: usize) -> bool {
+        let Some((header, frame)) = self
+            .queue
+            .buffer_mut(buffer)
+            .and_then(|b| b.get_mut(..HEADER_LEN + len))
+            .map(|b| b.split_at_mut(HEADER_LEN))
+        else {
+            return false;
+        };
+        match offload::rx_checksum(header) {
+            RxChecksum::Valid => true,
+            RxChecksum::Partial { .. } if offload::is_ipv4_tcp(frame) => true,
+            RxChecksum::Partial {
+                csum_start,
+                csum_offset,
+            } => offload::complete_checksum(frame, csum_start, csum_offset),
+            RxChecksum::Unchecked => offload::tcp_checksum_ok(frame),
+        }
+    }
+
+    /// Whether TCP frames come with their checksum state from the device (receive offload):
+    /// the stack must not check TCP checksums itself.
+    pub fn offloads_tcp(&self) -> bool {
+        self.large
+    }
+
+    /// Frames received larger than the link's largest (with receive offload).
+    pub fn large_frames(&self) -> u64 {
+        self.large_frames
     }
 
     /// The frame of a packet from [`NetRx::receive`].
@@ -409,13 +464,18 @@ impl<H: Hal, T: Transport> VirtioNet<H, T> {
                     device.rx.raise_mss_from = Some(link_mtu - 40);
                 }
                 info!(
-                    "virtio-net: MAC {}, rx/tx queues {}/{}, link {}{}",
+                    "virtio-net: MAC {}, rx/tx queues {}/{}, link {}{}{}",
                     MacDisplay(device.mac),
                     device.rx.queue.size(),
                     device.tx.queue.size(),
                     if device.link_up { "up" } else { "down" },
                     if device.tx.offload_mtu.is_some() {
                         ", TCP segmentation offload"
+                    } else {
+                        ""
+                    },
+                    if device.rx.large {
+                        ", receive offload"
                     } else {
                         ""
                     }
@@ -442,15 +502,20 @@ impl<H: Hal, T: Transport> VirtioNet<H, T> {
             | NetFeatures::STATUS
             | NetFeatures::MTU
             | NetFeatures::CSUM
-            | NetFeatures::HOST_TSO4;
+            | NetFeatures::HOST_TSO4
+            | NetFeatures::GUEST_CSUM
+            | NetFeatures::GUEST_TSO4;
         let offered = NetFeatures::from_bits_truncate(transport.read_device_features());
-        // Segmentation needs the checksum offload; either alone is of no use to us.
+        // Segmentation needs the checksum offload; either alone is of no use to us. The same
+        // holds for receive (and the spec forbids GUEST_TSO4 without GUEST_CSUM).
         let tso = NetFeatures::CSUM | NetFeatures::HOST_TSO4;
-        let supported = if offered.contains(tso) {
-            supported
-        } else {
-            supported - tso
-        };
+        let rx_tso = NetFeatures::GUEST_CSUM | NetFeatures::GUEST_TSO4;
+        let mut supported = supported;
+        for pair in [tso, rx_tso] {
+            if !offered.contains(pair) {
+                supported -= pair;
+            }
+        }
         let features = transport.begin_init(supported);
         if !transport.get_status().contains(DeviceStatus::FEATURES_OK) {
             return Err(VirtioNetError::FeaturesRejected);
@@ -479,6 +544,16 @@ impl<H: Hal, T: Transport> VirtioNet<H, T> {
                     TSO_TX_BUFFERS,
                     TSO_BUFFER_SIZE,
                 )?
+            } else if direction == Direction::Receive && features.contains(rx_tso) {
+                // Packets of up to 64 KiB, each in one buffer.
+                PacketQueue::<H>::with_buffers(
+                    transport,
+                    index,
+                    size,
+                    direction,
+                    LARGE_RX_BUFFERS,
+                    TSO_BUFFER_SIZE,
+                )?
             } else {
                 PacketQueue::<H>::new(transport, index, size, direction)?
             };
@@ -504,6 +579,8 @@ impl<H: Hal, T: Transport> VirtioNet<H, T> {
             counters: NetCounters::default(),
             failed: None,
             raise_mss_from: None,
+            large: features.contains(rx_tso),
+            large_frames: 0,
         };
         let tx = NetTx {
             max_frame: if features.contains(tso) {
@@ -553,6 +630,11 @@ impl<H: Hal, T: Transport> VirtioNet<H, T> {
     /// The transmit half.
     pub fn tx(&mut self) -> &mut NetTx<H> {
         &mut self.tx
+    }
+
+    /// The receive half, to look at.
+    pub fn rx_ref(&self) -> &NetRx<H> {
+        &self.rx
     }
 
     /// The transmit half, to look at.

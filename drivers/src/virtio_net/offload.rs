@@ -204,6 +204,80 @@ pub fn lower_syn_mss(frame: &mut [u8], link_mss: u16) -> bool {
     true
 }
 
+/// `VIRTIO_NET_HDR_F_DATA_VALID`: the device (the host) has checked the packet's checksums.
+pub const HDR_F_DATA_VALID: u8 = 2;
+
+/// What a received frame's header says of its checksum (with `VIRTIO_NET_F_GUEST_CSUM`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RxChecksum {
+    /// `NEEDS_CSUM`: the checksum at `csum_start + csum_offset` holds only the partial sum
+    /// the sender's stack left for a device to complete (the packet never crossed a wire).
+    Partial {
+        /// Where the checksum covers from.
+        csum_start: u16,
+        /// Where the checksum goes, from `csum_start`.
+        csum_offset: u16,
+    },
+    /// `DATA_VALID`: the host has checked it.
+    Valid,
+    /// Neither: nobody has checked it.
+    Unchecked,
+}
+
+/// The checksum state in a received packet's header bytes.
+pub fn rx_checksum(header: &[u8]) -> RxChecksum {
+    let flags = header.first().copied().unwrap_or(0);
+    let le = |at: usize| {
+        u16::from_le_bytes([
+            header.get(at).copied().unwrap_or(0),
+            header.get(at + 1).copied().unwrap_or(0),
+        ])
+    };
+    if flags & HDR_F_NEEDS_CSUM != 0 {
+        RxChecksum::Partial {
+            csum_start: le(6),
+            csum_offset: le(8),
+        }
+    } else if flags & HDR_F_DATA_VALID != 0 {
+        RxChecksum::Valid
+    } else {
+        RxChecksum::Unchecked
+    }
+}
+
+/// Whether `frame` is a whole IPv4 TCP segment (what a stack that trusts the device's
+/// checksum state may take without looking at the TCP checksum).
+pub fn is_ipv4_tcp(frame: &[u8]) -> bool {
+    ipv4_tcp(frame).is_some()
+}
+
+/// Completes a partial checksum the way a device would (virtio 1.2 §5.1.6.2): the one's
+/// complement of the sum from `csum_start` to the end of the frame, written at
+/// `csum_start + csum_offset`. `false` (frame untouched) when the offsets do not fit.
+pub fn complete_checksum(frame: &mut [u8], csum_start: u16, csum_offset: u16) -> bool {
+    let start = usize::from(csum_start);
+    let at = start + usize::from(csum_offset);
+    if start >= frame.len() || at + 2 > frame.len() {
+        return false;
+    }
+    // The field holds the pseudo-header sum: it is summed along with the rest.
+    let sum = sum_words(0, &frame[start..]);
+    frame[at..at + 2].copy_from_slice(&(!fold(sum)).to_be_bytes());
+    true
+}
+
+/// Whether the TCP checksum of the IPv4 TCP segment in `frame` is right. `true` for any
+/// other frame (the stack checks those itself).
+pub fn tcp_checksum_ok(frame: &[u8]) -> bool {
+    let Some((ip, _, tcp, _, end)) = ipv4_tcp(frame) else {
+        return true;
+    };
+    let mut sum = sum_words(0, &frame[ip + 12..ip + 20]);
+    sum += u32::from(PROTO_TCP);
+    sum += (end - tcp) as u32;
+    fold(sum_words(sum, &frame[tcp..end])) == 0xffff
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -345,5 +419,58 @@ mod tests {
         let mut short = frame(&[], 0x18, b"xyz");
         let n = short.len();
         assert_eq!(prepare_tcp(&mut short[..n - 1], 1500), None);
+    }
+
+    #[test]
+    fn received_headers_say_partial_valid_or_unchecked() {
+        assert_eq!(
+            rx_checksum(&[1, 1, 54, 0, 0xb4, 0x05, 34, 0, 16, 0, 0, 0]),
+            RxChecksum::Partial {
+                csum_start: 34,
+                csum_offset: 16
+            }
+        );
+        assert_eq!(
+            rx_checksum(&[2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
+            RxChecksum::Valid
+        );
+        assert_eq!(rx_checksum(&[0; 12]), RxChecksum::Unchecked);
+        assert_eq!(rx_checksum(&[]), RxChecksum::Unchecked);
+    }
+
+    #[test]
+    fn a_partial_checksum_is_completed_to_the_whole_one() {
+        // A 64 KiB superframe (and an odd-length one) as the host's stack leaves it: the
+        // pseudo-header sum in the field, as `prepare_tcp` writes it.
+        for len in [65495usize, 1001] {
+            let payload: Vec<u8> = (0..len).map(|i| (i * 7 + i / 251) as u8).collect();
+            let good = frame(&[], 0x18, &payload);
+            let mut f = good.clone();
+            let o = prepare_tcp(&mut f, 1500).expect("a TCP frame");
+            assert_ne!(f, good);
+            assert!(!tcp_checksum_ok(&f));
+            assert!(complete_checksum(&mut f, o.csum_start, o.csum_offset));
+            assert_eq!(f, good);
+            assert!(tcp_checksum_ok(&f));
+        }
+        let mut short = frame(&[], 0x10, &[]);
+        let copy = short.clone();
+        assert!(!complete_checksum(&mut short, 53, 1));
+        assert!(!complete_checksum(&mut short, 54, 0));
+        assert_eq!(short, copy);
+    }
+
+    #[test]
+    fn tcp_checksums_are_checked_and_other_frames_pass() {
+        let mut f = frame(&[], 0x18, b"some payload bytes");
+        assert!(tcp_checksum_ok(&f));
+        let last = f.len() - 1;
+        f[last] ^= 0x40;
+        assert!(!tcp_checksum_ok(&f));
+        let mut arp = vec![0u8; 42];
+        arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+        assert!(tcp_checksum_ok(&arp));
+        assert!(!is_ipv4_tcp(&arp));
+        assert!(is_ipv4_tcp(&f));
     }
 }

@@ -6,18 +6,25 @@ use bitflags::bitflags;
 use super::offload::{TxOffload, HDR_F_NEEDS_CSUM, HDR_GSO_TCPV4};
 
 bitflags! {
-    /// Feature bits we may negotiate (virtio 1.2 §5.1.3 and §6). No receive offloads, no
-    /// mergeable receive buffers, no control queue: every received packet fits one buffer
-    /// of [`super::BUFFER_SIZE`] bytes. Transmit checksum and TCPv4 segmentation offload
-    /// when the device offers both (see [`super::offload`]).
+    /// Feature bits we may negotiate (virtio 1.2 §5.1.3 and §6). No mergeable receive
+    /// buffers, no control queue: every received packet fits one buffer (of
+    /// [`super::BUFFER_SIZE`] bytes, or of [`super::TSO_BUFFER_SIZE`] with receive offload).
+    /// Transmit checksum and TCPv4 segmentation offload when the device offers both, and
+    /// the same for receive (see [`super::offload`]).
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub struct NetFeatures: u64 {
         /// `VIRTIO_NET_F_CSUM`: the device completes checksums of packets we send.
         const CSUM = 1 << 0;
+        /// `VIRTIO_NET_F_GUEST_CSUM`: we take packets whose checksum is partial or unchecked
+        /// (the header says which).
+        const GUEST_CSUM = 1 << 1;
         /// `VIRTIO_NET_F_MTU`: `mtu` in the configuration (read only for the console).
         const MTU = 1 << 3;
         /// `VIRTIO_NET_F_MAC`: the device has a MAC address in its configuration.
         const MAC = 1 << 5;
+        /// `VIRTIO_NET_F_GUEST_TSO4`: we take TCPv4 packets of up to 64 KiB (needs
+        /// `GUEST_CSUM`); every receive buffer must then hold one.
+        const GUEST_TSO4 = 1 << 7;
         /// `VIRTIO_NET_F_HOST_TSO4`: the device segments TCPv4 packets we send (needs `CSUM`).
         const HOST_TSO4 = 1 << 11;
         /// `VIRTIO_NET_F_STATUS`: `status` reports the link state.

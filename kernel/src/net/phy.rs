@@ -143,9 +143,16 @@ impl Device for Phy<'_> {
         // With the device's segmentation offload, TCP segments of up to 64 KiB (the driver
         // raises peers' MSS in their SYN to match, and leaves the checksum to the device).
         caps.max_transmission_unit = tx.max_frame();
-        if tx.offloads_tcp() {
-            caps.checksum.tcp = Checksum::Rx;
-        }
+        // With receive offload the driver has acted on the device's checksum state (a TCP
+        // segment from the host's own stack carries only a partial checksum): the stack
+        // must not check TCP checksums. Large received frames need nothing more: smoltcp
+        // does not hold them to the MTU, and its TCP takes any segment inside its window.
+        caps.checksum.tcp = match (self.nic.rx_ref().offloads_tcp(), tx.offloads_tcp()) {
+            (false, false) => Checksum::Both,
+            (false, true) => Checksum::Rx,
+            (true, false) => Checksum::Tx,
+            (true, true) => Checksum::None,
+        };
         caps
     }
 }

@@ -127,6 +127,19 @@ fn show(n: &Net, out: &mut Out) {
             "  offload: none (the device offers no TCP segmentation)"
         )
     };
+    let r = nic.rx_ref();
+    let _ = if r.offloads_tcp() {
+        writeln!(
+            out,
+            "  receive offload: TCP segments of up to 64 KiB from the device ({} large frames received)",
+            r.large_frames()
+        )
+    } else {
+        writeln!(
+            out,
+            "  receive offload: none (the device offers no large receive)"
+        )
+    };
     let vectors: alloc::vec::Vec<alloc::string::String> = nic
         .vectors()
         .cpu_vectors
