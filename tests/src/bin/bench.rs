@@ -41,8 +41,10 @@
 //! two raw 128k write rows of its origin (`BENCH_MERGES` times, default once);
 //! `BENCH_ONLY=firstwrites` the first-write rows alone on both devices (the raw rows around
 //! them, the flushing raw row, the bound and the engine's phase times; no Linux guest, no
-//! other snapshot row, no merge: a few minutes instead of a quarter of an hour); `ACCEL` as
-//! for the tests.
+//! other snapshot row, no merge: a few minutes instead of a quarter of an hour);
+//! `BENCH_ONLY=fastpath` the overwrite and snapshot-read rows alone, each between raw rows of
+//! its kind run just before and after it, `BENCH_REPEATS` times (default 3); `ACCEL` as for
+//! the tests.
 
 #[path = "bench/linux.rs"]
 mod linux;
@@ -190,6 +192,14 @@ fn main() {
         return;
     }
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    if only == "fastpath" {
+        for (kind, origin, cow) in [("virtio-blk", "vdb", "vdc"), ("NVMe", "nvme0n1", "nvme0n2")] {
+            fast_path_rows(&mut q, kind, origin, cow, &time);
+        }
+        q.send(b"poweroff\r");
+        let _ = q.wait_exit(Duration::from_secs(30));
+        return;
+    }
     let first_writes = only == "firstwrites";
     let only_snapshots = only == "snapshot" || first_writes;
     // Fill each disk once so reads hit allocated blocks of the host file.
@@ -686,6 +696,56 @@ fn snapshot_table(
     std::iter::once((linux::RAW_RANDWRITE, Some(raw_w)))
         .chain(rows.iter().map(|r| (r.name, Some(iops(&r.snap)))))
         .collect()
+}
+
+/// `BENCH_ONLY=fastpath`: the rows whose writes and reads every snapshot already covers
+/// (overwrites of copied chunks, reads of the snapshot), each between raw rows of the same
+/// kind run just before and just after it, `BENCH_REPEATS` times (default 3): the engine's
+/// fast path against the raw device with as little of the host's drift between them as a
+/// run allows.
+fn fast_path_rows(q: &mut tests::Qemu, kind: &str, origin: &str, cow: &str, time: &str) {
+    const REGION: &str = "--size 256m";
+    const REGION_BLOCKS: u64 = 256 * 2048;
+    println!();
+    println!("fast path ({kind} origin {origin}, COW on {cow}, 256 MiB region, {time} per row)");
+    cmd(
+        q,
+        &format!("bench {origin} --rw write --bs 128k --qd 32 {REGION} --ios 2048"),
+    );
+    let times: usize = std::env::var("BENCH_REPEATS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let write = format!("--rw randwrite --bs 4k --qd 32 {REGION}");
+    let read = format!("--rw randread --bs 4k --qd 32 {REGION}");
+    println!(
+        "{:<34} {:>10} {:>16} {:>8}",
+        "workload", "snap IOPS", "raw before/after", "ratio"
+    );
+    let show = |name: &str, snap: &Figures, before: &Figures, after: &Figures| {
+        let raw = (iops(before) + iops(after)) / 2.0;
+        println!(
+            "{:<34} {:>10} {:>16} {:>7.1}%",
+            name,
+            snap.iops,
+            format!("{}/{}", before.iops, after.iops),
+            100.0 * iops(snap) / raw.max(1.0)
+        );
+    };
+    for _ in 0..times {
+        let w0 = run(q, origin, &write, time);
+        let r0 = run(q, origin, &read, time);
+        cmd(q, &format!("snapshot create f1 {origin} {cow}:0+1048576"));
+        // Copy every chunk of the region, so every write below is an overwrite.
+        cmd(q, &format!("write {origin} 0 {REGION_BLOCKS} --byte 0x42"));
+        let over = run(q, origin, &write, time);
+        let snap_read = run(q, "f1", &read, time);
+        cmd(q, "snapshot delete f1");
+        let r1 = run(q, origin, &read, time);
+        let w1 = run(q, origin, &write, time);
+        show("4k randwrite QD32, overwrites", &over, &w0, &w1);
+        show("4k randread QD32 on the snapshot", &snap_read, &r0, &r1);
+    }
 }
 
 /// `BENCH_ONLY=merge`: the merge row alone on one origin, between two raw 128k write rows
