@@ -277,6 +277,9 @@ struct Counters {
     copy_writes: f64,
     merged_copy_writes: f64,
     merged_device_writes: f64,
+    /// The engine's mean copy-write and commit times in µs (since the engine started).
+    copy_write_us: f64,
+    commit_us: f64,
 }
 
 impl Counters {
@@ -301,7 +304,18 @@ impl Counters {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0.0)
         };
+        // "stages, mean us: copy C (read R, write W), batch wait B, commit M (flush F, ..."
+        let stage = |label: &str| -> f64 {
+            out.split("stages, mean us:")
+                .nth(1)
+                .and_then(|s| s.split(label).nth(1))
+                .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0.0)
+        };
         Counters {
+            copy_write_us: stage(", write "),
+            commit_us: stage("commit "),
             writes: count(" writes,"),
             copy_jobs: count(" copy jobs"),
             commits,
@@ -413,6 +427,8 @@ struct SnapRow {
     flushes_per_write: Option<f64>,
     /// For rows whose writes copy: the device operations one write cost.
     per_write: Option<PerWrite>,
+    /// For the first row of a fresh engine: the mean copy write and commit, in µs.
+    chain: Option<(f64, f64)>,
 }
 
 impl SnapRow {
@@ -424,10 +440,14 @@ impl SnapRow {
             note,
             flushes_per_write: None,
             per_write: None,
+            chain: None,
         }
     }
 
     fn copying(mut self, before: Counters, after: Counters) -> Self {
+        if before.writes == 0.0 && after.commit_us > 0.0 {
+            self.chain = Some((after.copy_write_us, after.commit_us));
+        }
         self.note = before.note(after);
         self.flushes_per_write = Some(before.flushes_per_record(after));
         self.per_write = before.per_write(after);
@@ -688,6 +708,19 @@ fn snapshot_table(
             100.0 * bound / raw_w.max(1.0),
             100.0 * iops(&r.snap) / bound.max(1.0)
         );
+        // What the bound cannot see: a commit's copy write, flushes and area write go one
+        // after another, one I/O in flight, while every write of the queue waits for them.
+        if let Some((copy_write, commit)) = r.chain {
+            let cycle = 32.0 * 1e6 / iops(&r.snap).max(1.0);
+            println!(
+                "  {}: each commit's chain, one I/O at a time (copy write {:.0} us, then commit {:.0} us), is {:.0}% of the {:.0} us a QD32 round takes (32 / IOPS)",
+                r.name,
+                copy_write,
+                commit,
+                100.0 * (copy_write + commit) / cycle,
+                cycle
+            );
+        }
     }
     let raw_sw_mb_s = (before[2].mb_s + after[2].mb_s) / 2.0;
     if !first_only {
