@@ -384,6 +384,9 @@ pub struct Engine {
     stats: EngineStats,
     /// The merge running on this origin, if any (one at a time).
     merge: Option<merge::Merge>,
+    /// The running merge's read-ahead of metadata areas: its slots, one chunk each, end to
+    /// end (allocated when the merge starts; empty: the merge reads one area at a time).
+    merge_ahead: Vec<u8>,
     /// Copy jobs whose origin read is in flight.
     jobs_reading: u32,
     /// Copy jobs whose writes wait for the reads in flight (see `defer_job_writes`), in
@@ -499,6 +502,7 @@ impl Engine {
             progress_mark: 0,
             stats: EngineStats::default(),
             merge: None,
+            merge_ahead: Vec::new(),
             jobs_reading: 0,
             deferred_jobs: Vec::with_capacity(njobs),
             invalidation_failures: 0,
@@ -712,6 +716,7 @@ impl Engine {
             MetaKind::Header => &s.header,
             MetaKind::OriginMark => &s.origin_mark,
             MetaKind::ExtendMarker => &s.extend_marker,
+            MetaKind::MergeArea(slot) => return self.merge_ahead_bytes(*snap, *slot),
         })
     }
 
@@ -722,12 +727,16 @@ impl Engine {
         let IoBuffer::Meta { snap, kind } = buffer else {
             return None;
         };
+        if let MetaKind::MergeArea(slot) = kind {
+            return self.merge_ahead_bytes_mut(*snap, *slot);
+        }
         let s = self.snaps.get_mut(snap.0 as usize)?.as_mut()?;
         Some(match kind {
             MetaKind::Area => &mut s.store.area,
             MetaKind::Header => &mut s.header,
             MetaKind::OriginMark => &mut s.origin_mark,
             MetaKind::ExtendMarker => &mut s.extend_marker,
+            MetaKind::MergeArea(_) => return None,
         })
     }
 

@@ -22,7 +22,7 @@
 //!    (A store with no free chunk for chunk 0 merges without this, and says so in
 //!    [`MergeProgress::origin_marked`].)
 //! 3. Take the newest record (highest index of the current area; when the area is used up,
-//!    read the previous area back from disk) and the records before it whose `old_chunk` *and*
+//!    the previous area, read back from disk ahead of time: see *Read-ahead*) and the records before it whose `old_chunk` *and*
 //!    `new_chunk` are both consecutive: one run, at most one copy buffer long. snapfw takes
 //!    up to [`MAX_RUNS`] such runs from the top of the area as one *batch* (one copy buffer
 //!    each, at most three quarters of the engine's): Linux merges one run at a time, which
@@ -58,6 +58,16 @@
 //! Writes to a batch's chunks wait until its area write is durable, so a repeated copy never
 //! overwrites them. (The crash tests check this, and catch the two broken orderings.)
 //!
+//! # Read-ahead
+//! The areas below the current one are read into read-ahead slots while the batches above
+//! them are copied and committed, newest first, as slots come free: enough slots for two
+//! batches of the longest runs (4 KiB chunks: 16 areas of 256 records; one from 64 KiB
+//! chunks on). A batch that steps down to an area takes it from its slot instead of reading
+//! it then (which left the devices idle for a round trip per area: with 4 KiB chunks a
+//! quarter of the merge's time). The areas below the current one are never written during a
+//! merge, so what was read ahead is what is on disk. A read-ahead that fails stops the merge
+//! when a batch needs that area, as a failed area read did.
+//!
 //! # I/O while merging
 //! The origin volume shows the snapshot's contents plus new writes (the merged view):
 //! a chunk still in the store is read from and written to its COW chunk; other chunks go to
@@ -74,8 +84,11 @@
 //! again.
 //!
 //! # Memory
-//! Nothing is allocated: the merge borrows the engine's copy buffers (one per run), reads
-//! areas back into the snapshot's area buffer, and its state is a small inline struct.
+//! Nothing is allocated on the I/O path: the merge borrows the engine's copy buffers (one
+//! per run), its state is a small inline struct, and its read-ahead slots (at most
+//! [`MAX_AHEAD`] chunks, 64 KiB with 4 KiB chunks, one chunk from 64 KiB chunks on) are
+//! allocated when it starts or is found at attach; a heap that cannot serve them leaves it
+//! reading each area into the snapshot's area buffer when it gets there.
 
 use super::*;
 use crate::format::{encode_merge_marker, Binding, FreeExtent};
@@ -109,7 +122,8 @@ pub(super) enum Phase {
     OriginMarkFlush,
     /// Pick the next batch of runs (or step back an area, or finish).
     Prepare,
-    /// Read the previous metadata area back into the area buffer.
+    /// The previous metadata area into the area buffer: from its read-ahead slot (waiting
+    /// for its read), or read now without read-ahead.
     ReadArea,
     /// Wait until every other snapshot holds the batch's origin chunks.
     Clear,
@@ -170,6 +184,23 @@ enum Copying {
 /// written, so reads and writes overlap instead of running as two waves.
 const READS_IN_FLIGHT: usize = 4;
 
+/// Most metadata areas read ahead of the one a batch is taken from.
+const MAX_AHEAD: usize = 16;
+
+/// The `run` of a read-ahead's I/O context: this bit and the slot.
+const AHEAD_RUN: u16 = 0x8000;
+
+/// A read-ahead slot: the area it holds (or is reading), or free.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum Ahead {
+    #[default]
+    Free,
+    Reading(u64),
+    Ready(u64),
+    /// Its read failed: the merge stops when it needs that area.
+    Failed(u64),
+}
+
 /// Runs of consecutive chunks (on the origin and on the COW device).
 #[derive(Clone, Copy, Debug, Default)]
 struct Run {
@@ -222,6 +253,14 @@ pub(super) struct Merge {
     restored: bool,
     /// [`Event::MergeStarted`] was reported.
     announced: bool,
+    /// The read-ahead of the areas below the current one, in the engine's `merge_ahead`
+    /// (`ahead_slots` chunks; none: each area is read when the batch reaches it). Slots are
+    /// used in ring order from `ahead_head`, which holds the next area down.
+    ahead: [Ahead; MAX_AHEAD],
+    ahead_slots: usize,
+    ahead_head: usize,
+    /// The next area to read ahead.
+    ahead_next: Option<u64>,
 }
 
 impl Merge {
@@ -337,6 +376,23 @@ impl Engine {
         let Some(x) = self.snaps[s].as_mut() else {
             return;
         };
+        // Read the areas below ahead: enough of them for two batches of the longest runs,
+        // at most MAX_AHEAD chunks (4 KiB chunks: 16 areas of 256 records, 64 KiB; from 64
+        // KiB chunks on, one). Allocated now, never on the I/O path; without the memory the
+        // merge reads each area when it gets there.
+        let g = x.store.geometry;
+        let max_chunks =
+            (u64::from(self.cfg.copy_buffer_sectors) / u64::from(g.chunk_sectors)).max(1);
+        let want = (2 * MAX_RUNS as u64 * max_chunks).div_ceil(g.exceptions_per_area);
+        let mut ahead_slots = want.clamp(1, MAX_AHEAD as u64).min(x.store.current_area) as usize;
+        self.merge_ahead = Vec::new();
+        let bytes = ahead_slots * g.chunk_bytes();
+        if self.merge_ahead.try_reserve_exact(bytes).is_ok() {
+            self.merge_ahead.resize(bytes, 0);
+        } else {
+            ahead_slots = 0;
+        }
+        let ahead_next = x.store.current_area.checked_sub(1);
         x.state = SnapState::Merging;
         self.merge = Some(Merge {
             snap: s as u16,
@@ -361,6 +417,10 @@ impl Engine {
             restoring: false,
             restored: false,
             announced: false,
+            ahead: [Ahead::Free; MAX_AHEAD],
+            ahead_slots,
+            ahead_head: 0,
+            ahead_next,
         });
         self.epoch += 1;
         self.dirty = true;
@@ -503,6 +563,7 @@ impl Engine {
         if m.snap as usize != s {
             return;
         }
+        self.read_ahead(s);
         if m.phase == Phase::Copy {
             self.step_copies(s);
             return;
@@ -618,6 +679,7 @@ impl Engine {
                 if x.inflight == 0 {
                     self.snaps[s] = None;
                     self.merge = None;
+                    self.merge_ahead = Vec::new();
                     self.epoch += 1;
                     self.progress += 1;
                     self.push_event(Event::MergeDone { snap: sid });
@@ -716,6 +778,7 @@ impl Engine {
                 // Waits for them in `on_merge_io`.
                 return;
             }
+            Phase::ReadArea if self.take_ahead(s) => return,
             Phase::ReadArea => self.emit_merge(
                 0,
                 cow,
@@ -1015,8 +1078,166 @@ impl Engine {
         self.set_phase(Phase::Clear);
     }
 
+    /// Reads ahead the areas below the current one into free slots (while batches are
+    /// taken: the areas are read during the copies and commits of the batches above).
+    fn read_ahead(&mut self, s: usize) {
+        let Some(m) = self.merge else {
+            return;
+        };
+        let batching = matches!(
+            m.phase,
+            Phase::Prepare
+                | Phase::ReadArea
+                | Phase::Clear
+                | Phase::Drain
+                | Phase::Copy
+                | Phase::OriginFlush
+                | Phase::CowFlush
+                | Phase::ZeroArea
+                | Phase::ZeroFlush
+                | Phase::AreaWrite
+                | Phase::AreaFlush
+        );
+        if !batching || m.failed || m.ahead_slots == 0 {
+            return;
+        }
+        let Some(x) = self.snaps[s].as_ref() else {
+            return;
+        };
+        let g = x.store.geometry;
+        let sid = SnapId(m.snap);
+        let n = m.ahead_slots;
+        let mut used = m.ahead[..n].iter().filter(|a| **a != Ahead::Free).count();
+        let mut next = m.ahead_next;
+        while used < n {
+            let Some(area) = next else {
+                break;
+            };
+            let slot = (m.ahead_head + used) % n;
+            let buffer = IoBuffer::Meta {
+                snap: sid,
+                kind: MetaKind::MergeArea(slot as u8),
+            };
+            let sector = g.chunk_sector(g.area_chunk(area));
+            let ctx = IoCtx::Merge {
+                snap: m.snap,
+                run: AHEAD_RUN | slot as u16,
+                cow: true,
+            };
+            if !self.emit(
+                ctx,
+                Device::Cow(sid),
+                IoOp::Read,
+                sector,
+                g.chunk_sectors,
+                buffer,
+            ) {
+                break;
+            }
+            if let Some(mm) = self.merge.as_mut() {
+                mm.ahead[slot] = Ahead::Reading(area);
+            }
+            used += 1;
+            next = area.checked_sub(1);
+        }
+        if let Some(mm) = self.merge.as_mut() {
+            mm.ahead_next = next;
+        }
+    }
+
+    /// Phase `ReadArea` with the read-ahead: the current area (the batch just stepped down
+    /// to it) from its slot into the area buffer. False: not read ahead, read it now.
+    fn take_ahead(&mut self, s: usize) -> bool {
+        let Some(m) = self.merge else {
+            return false;
+        };
+        if m.ahead_slots == 0 {
+            return false;
+        }
+        let Some(x) = self.snaps[s].as_mut() else {
+            return false;
+        };
+        let area = x.store.current_area;
+        let head = m.ahead_head;
+        match m.ahead[head] {
+            Ahead::Reading(a) if a == area => true,
+            Ahead::Failed(a) if a == area => {
+                self.stop_merge(false);
+                true
+            }
+            Ahead::Ready(a) if a == area => {
+                let g = x.store.geometry;
+                let cb = g.chunk_bytes();
+                x.store
+                    .area
+                    .copy_from_slice(&self.merge_ahead[head * cb..(head + 1) * cb]);
+                x.store.committed_in_area = g.exceptions_per_area;
+                self.stats.merge_areas_read_ahead += 1;
+                if let Some(mm) = self.merge.as_mut() {
+                    mm.ahead[head] = Ahead::Free;
+                    mm.ahead_head = (head + 1) % mm.ahead_slots;
+                }
+                self.set_phase(Phase::Prepare);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Completion of a read-ahead of slot `slot`.
+    fn on_ahead_io(&mut self, sid: u16, slot: usize, ok: bool) {
+        if let Some(m) = self.merge.as_mut() {
+            if let Some(a) = m.ahead.get_mut(slot) {
+                *a = match *a {
+                    Ahead::Reading(area) if ok => Ahead::Ready(area),
+                    Ahead::Reading(area) => Ahead::Failed(area),
+                    other => other,
+                };
+            }
+        }
+        self.io_done_on(sid);
+        self.progress += 1;
+    }
+
+    /// The bytes of read-ahead slot `slot` of the merge of `snap`.
+    pub(super) fn merge_ahead_bytes(&self, snap: SnapId, slot: u8) -> Option<&[u8]> {
+        let m = self.merge.as_ref().filter(|m| m.snap == snap.0)?;
+        let cb = self
+            .snaps
+            .get(snap.0 as usize)?
+            .as_ref()?
+            .store
+            .geometry
+            .chunk_bytes();
+        let slot = usize::from(slot);
+        if slot >= m.ahead_slots {
+            return None;
+        }
+        self.merge_ahead.get(slot * cb..(slot + 1) * cb)
+    }
+
+    pub(super) fn merge_ahead_bytes_mut(&mut self, snap: SnapId, slot: u8) -> Option<&mut [u8]> {
+        let m = self.merge.as_ref().filter(|m| m.snap == snap.0)?;
+        let cb = self
+            .snaps
+            .get(snap.0 as usize)?
+            .as_ref()?
+            .store
+            .geometry
+            .chunk_bytes();
+        let slot = usize::from(slot);
+        if slot >= m.ahead_slots {
+            return None;
+        }
+        self.merge_ahead.get_mut(slot * cb..(slot + 1) * cb)
+    }
+
     /// Completion of a merge I/O (of run `run` of the batch, on the COW device or not).
     pub(super) fn on_merge_io(&mut self, sid: u16, run: u16, cow: bool, ok: bool) {
+        if run & AHEAD_RUN != 0 {
+            self.on_ahead_io(sid, usize::from(run & !AHEAD_RUN), ok);
+            return;
+        }
         let Some(m) = self.merge.as_mut() else {
             return;
         };

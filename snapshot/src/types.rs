@@ -118,6 +118,9 @@ pub enum MetaKind {
     OriginMark,
     /// The free-extent marker an extension writes after the store's new end.
     ExtendMarker,
+    /// Slot `0` of a merge's read-ahead of the metadata areas below the one it merges from
+    /// (reads only; one chunk each).
+    MergeArea(u8),
 }
 
 /// Where the data of an [`Io`] lives.
@@ -547,6 +550,8 @@ pub struct EngineStats {
     pub merge_batches: u64,
     /// Metadata areas a merge batch used up and zeroed before writing the area below it.
     pub merge_areas_zeroed: u64,
+    /// Metadata areas a merge read ahead (while the batches above them were merged).
+    pub merge_areas_read_ahead: u64,
 }
 
 /// A count of events and their summed duration in engine ticks.

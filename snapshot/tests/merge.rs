@@ -487,6 +487,8 @@ fn merge_batches_span_areas() {
         let st = h.world.engine.stats();
         // 110 records in four areas: batches that used up areas, fewer batches than areas.
         assert!(st.merge_areas_zeroed >= 2, "no batch spanned areas: {st:?}");
+        // Every area below the newest came from the read-ahead.
+        assert_eq!(st.merge_areas_read_ahead, 3, "{st:?}");
         assert!(
             st.merge_batches < 4,
             "{} batches for four areas",
@@ -936,6 +938,145 @@ fn merge_error_stops_then_resume_finishes() {
                 w2.origin.durable[s as usize], want,
                 "case {fail_on} sector {s}"
             );
+        }
+    }
+}
+
+/// Issue 20: the areas below the current one are read ahead, while the batches above them are
+/// copied and committed (not one at a time when a batch gets there); a read ahead that fails
+/// stops the merge when it needs that area (`MergeFailed`, I/O goes on), and the next attach
+/// resumes it to the end.
+#[test]
+fn merge_reads_areas_ahead_and_a_failed_one_stops_it() {
+    use std::cell::RefCell;
+    use std::rc::Rc;
+    for fail in [false, true] {
+        let mut ec = EngineConfig::new(64);
+        ec.copy_buffer_sectors = 4;
+        // Three runs of four chunks a batch: the first batch does not use up area 1.
+        ec.copy_buffers = 4;
+        let mut world = World::new(
+            Engine::new(ec).unwrap(),
+            SimDisk::new(64, |s| stamp(0, s)),
+            Order::InOrder,
+            7,
+        );
+        world.engine.quiesce_origin();
+        let sc = SnapshotConfig {
+            chunk_sectors: 1,
+            cow_sectors: 128,
+            cow_block_sectors: 1,
+            cow_fua: true,
+            writable: true,
+            table_runs: 128,
+            binding: None,
+        };
+        let id = world.engine.create_snapshot(&sc).unwrap();
+        world.cows[id.0 as usize] = Some(SimDisk::new(128, |_| 0));
+        world.settle(1000);
+        world.engine.resume_origin();
+        // 48 one-sector chunks in order: area 0 full (32 records), area 1 with 16.
+        for s in 0..48u64 {
+            world.write_origin(100 + s, s, 1).unwrap();
+            world.settle(10_000);
+        }
+        let g = snapshot::format::Geometry::new(1).unwrap();
+        let area0 = g.chunk_sector(g.area_chunk(0));
+        let area1 = g.chunk_sector(g.area_chunk(1));
+        // Completion order of the COW I/Os that matter: area 0 read, area 1 written.
+        let seen: Rc<RefCell<Vec<&'static str>>> = Rc::default();
+        let log = seen.clone();
+        world.fail = Some(Box::new(move |io: &Io| {
+            if io.device == Device::Origin {
+                return false;
+            }
+            match io.op {
+                IoOp::Read if io.sector == area0 => {
+                    log.borrow_mut().push("read area 0");
+                    fail
+                }
+                IoOp::Write { .. } if io.sector == area1 => {
+                    log.borrow_mut().push("write area 1");
+                    false
+                }
+                _ => false,
+            }
+        }));
+        world.engine.quiesce_origin();
+        world.pump();
+        world.engine.start_merge(id).unwrap();
+        world.engine.resume_origin();
+        world.settle(100_000);
+        world.fail = None;
+        let seen = seen.borrow().clone();
+        assert_eq!(
+            seen.first(),
+            Some(&"read area 0"),
+            "area 0 read before area 1's first commit (fail {fail}): {seen:?}"
+        );
+        assert!(seen.contains(&"write area 1"), "{seen:?}");
+        if !fail {
+            assert!(world.events.contains(&Event::MergeDone { snap: id }));
+            assert_eq!(world.engine.stats().merge_areas_read_ahead, 1);
+            for s in 0..64u64 {
+                assert_eq!(world.origin.durable[s as usize], stamp(0, s), "sector {s}");
+            }
+            continue;
+        }
+        // The batches of area 1 were merged; the one that needed area 0 stopped the merge.
+        assert!(world.events.contains(&Event::MergeFailed { snap: id }));
+        assert_eq!(world.engine.stats().merge_areas_read_ahead, 0);
+        assert!(world.engine.merge_progress().unwrap().chunks_left >= 32);
+        // Origin I/O goes on through the store.
+        world.write_origin(200, 5, 1).unwrap();
+        world.settle(10_000);
+        assert_eq!(world.take_completion(200).map(|c| c.result), Some(Ok(())));
+        let flush = VolumeRequest {
+            tag: 201,
+            volume: Volume::Origin,
+            op: VolumeOp::Flush,
+            sector: 0,
+            sectors: 0,
+        };
+        world.submit(flush, vec![]).unwrap();
+        world.settle(10_000);
+        // Reattach ("reboot") from the durable images: the merge resumes and finishes.
+        let cow = world.cows[id.0 as usize].clone().unwrap();
+        let contents = world.contents.clone();
+        let params = LoadParams {
+            cow_sectors: 128,
+            cow_block_sectors: 1,
+            origin_sectors: 64,
+            origin_block_sectors: 1,
+            table_runs: 128,
+        };
+        let loaded = Loader::load_with(params, |r| {
+            let a = r.sector as usize;
+            contents.image_bytes(&cow.durable[a..a + r.sectors as usize])
+        })
+        .unwrap();
+        assert!(loaded.merging);
+        let mut ec = EngineConfig::new(64);
+        ec.copy_buffer_sectors = 4;
+        let origin = world.origin.durable.clone();
+        let mut w2 = World::new(
+            Engine::new(ec).unwrap(),
+            SimDisk::new(64, |x| origin[x as usize]),
+            Order::Random,
+            3,
+        );
+        w2.contents = contents.clone();
+        let id2 = w2.engine.attach_snapshot(loaded, &sc).unwrap();
+        let durable = cow.durable.clone();
+        w2.cows[id2.0 as usize] = Some(SimDisk::new(128, |x| durable[x as usize]));
+        assert!(w2.engine.resume_merge());
+        w2.settle(100_000);
+        assert!(w2.events.contains(&Event::MergeDone { snap: id2 }));
+        for s in 0..64u64 {
+            // The write made while the merge was stopped went to the store (chunk 5 was not
+            // merged yet), and the resumed merge brought it to the origin.
+            let want = if s == 5 { stamp(200, 5) } else { stamp(0, s) };
+            assert_eq!(w2.origin.durable[s as usize], want, "sector {s}");
         }
     }
 }
