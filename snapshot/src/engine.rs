@@ -384,9 +384,11 @@ pub struct Engine {
     stats: EngineStats,
     /// The merge running on this origin, if any (one at a time).
     merge: Option<merge::Merge>,
-    /// The running merge's read-ahead of metadata areas: its slots, one chunk each, end to
-    /// end (allocated when the merge starts; empty: the merge reads one area at a time).
-    merge_ahead: Vec<u8>,
+    /// The running merge's metadata areas (the one runs are taken from and the ones read
+    /// ahead below it), one chunk each, allocated when the merge starts.
+    merge_ahead: Vec<Vec<u8>>,
+    /// The running merge's runs in the pipeline.
+    merge_q: merge::Queue,
     /// Copy jobs whose origin read is in flight.
     jobs_reading: u32,
     /// Copy jobs whose writes wait for the reads in flight (see `defer_job_writes`), in
@@ -503,6 +505,7 @@ impl Engine {
             stats: EngineStats::default(),
             merge: None,
             merge_ahead: Vec::new(),
+            merge_q: merge::Queue::default(),
             jobs_reading: 0,
             deferred_jobs: Vec::with_capacity(njobs),
             invalidation_failures: 0,

@@ -374,6 +374,12 @@ pub struct EngineConfig {
     /// the writes still in flight). Breaks crash safety on purpose.
     #[doc(hidden)]
     pub unsafe_merge_flush_early: bool,
+    /// Test-only negative control: start a merge's next commit while the previous one's
+    /// area write (FUA) is in flight, and release each commit's runs when its own area
+    /// write is back, so a later commit's area write can land before an earlier one's.
+    /// Breaks crash safety on purpose.
+    #[doc(hidden)]
+    pub unsafe_merge_commits_unordered: bool,
 }
 
 impl EngineConfig {
@@ -401,6 +407,7 @@ impl EngineConfig {
             unsafe_merge_unmarked: false,
             unsafe_merge_zero_areas_early: false,
             unsafe_merge_flush_early: false,
+            unsafe_merge_commits_unordered: false,
         }
     }
 }

@@ -489,9 +489,10 @@ fn merge_batches_span_areas() {
         assert!(st.merge_areas_zeroed >= 2, "no batch spanned areas: {st:?}");
         // Every area below the newest came from the read-ahead.
         assert_eq!(st.merge_areas_read_ahead, 3, "{st:?}");
+        // Commits take several runs each (the store holds about twenty).
         assert!(
-            st.merge_batches < 4,
-            "{} batches for four areas",
+            st.merge_batches <= 6,
+            "{} commits for four areas",
             st.merge_batches
         );
         total += h.outcome.crash_states;
@@ -697,12 +698,101 @@ fn chasing_ops() -> Vec<Op> {
 
 /// Second negative control: letting I/O reach a run's origin chunks before its records are
 /// zeroed on disk must be caught (a crash then copies the old COW chunk over a newer write).
+/// A released run is caught only if a chasing write lands between its release and its area
+/// write: in order and reversed that always happens; at random it depends on the order (a
+/// commit takes several runs, so there are few commits), so six random orders run and most
+/// of them must catch it.
 #[test]
 fn merge_releasing_a_run_early_is_caught() {
-    // QD 1: each write meets the merge where it is, often blocked on the run.
-    negative_control("releasing a run early", 950, 1, &chasing_ops(), "", |c| {
-        c.merge_release_early = true
-    });
+    let mut caught = 0;
+    let orders = [(Order::InOrder, 950), (Order::Reversed, 951)]
+        .into_iter()
+        .chain((0..6).map(|k| (Order::Random, 1950 + k)));
+    for (order, seed) in orders {
+        // QD 1: each write meets the merge where it is, often blocked on the run.
+        let mut cfg = RunConfig::new(64, 1, order, seed);
+        cfg.copy_buffer_sectors = 8;
+        cfg.merge_release_early = true;
+        let mut h = new_harness(cfg);
+        h.run(&chasing_ops());
+        MERGE_STATES.fetch_add(h.outcome.crash_states, AtomicOrdering::Relaxed);
+        match h.outcome.violations.first() {
+            Some(v) => {
+                caught += 1;
+                println!(
+                    "negative control (releasing a run early, {order:?} seed {seed}) caught: {v}"
+                );
+            }
+            None => {
+                assert_eq!(
+                    order,
+                    Order::Random,
+                    "releasing a run early escaped {order:?}"
+                );
+            }
+        }
+    }
+    assert!(
+        caught >= 6,
+        "releasing a run early escaped {} of 8 orders",
+        8 - caught
+    );
+}
+
+/// Negative control for the pipeline's commits: they go one at a time, in order, so an
+/// area is never rewritten with an older image after a newer one. Starting the next commit
+/// while the previous one's area write is in flight (and releasing each commit's runs when
+/// its own area write is back) must be caught: the older image can land last, bringing back
+/// records of runs already released to a write. The writes chase the merge over all the
+/// chunks in a scattered order, so they meet the later commit's runs. Completed in issue
+/// order, the area writes land in order and nothing can be caught; reversed and at random
+/// (six orders) it is.
+#[test]
+fn merge_overlapping_commits_is_caught() {
+    let mut ops = vec![create(2, 60, true), create(2, 40, false)];
+    for c in 0..24u64 {
+        ops.push(w(c * 2, 2));
+    }
+    ops.push(Op::StartMerge { snap: 0 });
+    // Every chunk but 0 (which lives in the saved chunk while the merge runs), in a
+    // scattered order, twice.
+    for k in 0..46u64 {
+        ops.push(Op::OriginWrite {
+            sector: (k * 7 % 23 + 1) * 2,
+            sectors: 1,
+            fua: true,
+        });
+    }
+    let mut caught = 0;
+    let orders = [(Order::Reversed, 931)]
+        .into_iter()
+        .chain((0..6).map(|k| (Order::Random, 1930 + k)));
+    for (order, seed) in orders {
+        // One chunk a run: many small commits.
+        let mut cfg = RunConfig::new(64, 8, order, seed);
+        cfg.copy_buffer_sectors = 2;
+        cfg.merge_commits_unordered = true;
+        let mut h = new_harness(cfg);
+        h.run(&ops);
+        MERGE_STATES.fetch_add(h.outcome.crash_states, AtomicOrdering::Relaxed);
+        match h.outcome.violations.first() {
+            Some(v) => {
+                caught += 1;
+                println!(
+                    "negative control (overlapping commits, {order:?} seed {seed}) caught: {v}"
+                );
+            }
+            None => assert_eq!(
+                order,
+                Order::Random,
+                "overlapping commits escaped {order:?}"
+            ),
+        }
+    }
+    assert_eq!(
+        caught, 7,
+        "overlapping commits escaped the crash enumeration"
+    );
 }
 
 fn small_world(chunk: u32, fua: bool) -> (World, SnapId) {
@@ -1014,8 +1104,8 @@ fn merge_reads_areas_ahead_and_a_failed_one_stops_it() {
             Some(&"read area 0"),
             "area 0 read before area 1's first commit (fail {fail}): {seen:?}"
         );
-        assert!(seen.contains(&"write area 1"), "{seen:?}");
         if !fail {
+            assert!(seen.contains(&"write area 1"), "{seen:?}");
             assert!(world.events.contains(&Event::MergeDone { snap: id }));
             assert_eq!(world.engine.stats().merge_areas_read_ahead, 1);
             for s in 0..64u64 {
@@ -1023,7 +1113,8 @@ fn merge_reads_areas_ahead_and_a_failed_one_stops_it() {
             }
             continue;
         }
-        // The batches of area 1 were merged; the one that needed area 0 stopped the merge.
+        // The merge stopped when it needed area 0 (area 1's runs may or may not have been
+        // committed by then).
         assert!(world.events.contains(&Event::MergeFailed { snap: id }));
         assert_eq!(world.engine.stats().merge_areas_read_ahead, 0);
         assert!(world.engine.merge_progress().unwrap().chunks_left >= 32);
