@@ -384,6 +384,11 @@ pub struct Engine {
     stats: EngineStats,
     /// The merge running on this origin, if any (one at a time).
     merge: Option<merge::Merge>,
+    /// The running merge's metadata areas (the one runs are taken from and the ones read
+    /// ahead below it), one chunk each, allocated when the merge starts.
+    merge_ahead: Vec<Vec<u8>>,
+    /// The running merge's runs in the pipeline.
+    merge_q: merge::Queue,
     /// Copy jobs whose origin read is in flight.
     jobs_reading: u32,
     /// Copy jobs whose writes wait for the reads in flight (see `defer_job_writes`), in
@@ -499,6 +504,8 @@ impl Engine {
             progress_mark: 0,
             stats: EngineStats::default(),
             merge: None,
+            merge_ahead: Vec::new(),
+            merge_q: merge::Queue::default(),
             jobs_reading: 0,
             deferred_jobs: Vec::with_capacity(njobs),
             invalidation_failures: 0,
@@ -712,6 +719,7 @@ impl Engine {
             MetaKind::Header => &s.header,
             MetaKind::OriginMark => &s.origin_mark,
             MetaKind::ExtendMarker => &s.extend_marker,
+            MetaKind::MergeArea(slot) => return self.merge_ahead_bytes(*snap, *slot),
         })
     }
 
@@ -722,12 +730,16 @@ impl Engine {
         let IoBuffer::Meta { snap, kind } = buffer else {
             return None;
         };
+        if let MetaKind::MergeArea(slot) = kind {
+            return self.merge_ahead_bytes_mut(*snap, *slot);
+        }
         let s = self.snaps.get_mut(snap.0 as usize)?.as_mut()?;
         Some(match kind {
             MetaKind::Area => &mut s.store.area,
             MetaKind::Header => &mut s.header,
             MetaKind::OriginMark => &mut s.origin_mark,
             MetaKind::ExtendMarker => &mut s.extend_marker,
+            MetaKind::MergeArea(_) => return None,
         })
     }
 

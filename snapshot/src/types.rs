@@ -118,6 +118,9 @@ pub enum MetaKind {
     OriginMark,
     /// The free-extent marker an extension writes after the store's new end.
     ExtendMarker,
+    /// Slot `0` of a merge's read-ahead of the metadata areas below the one it merges from
+    /// (reads only; one chunk each).
+    MergeArea(u8),
 }
 
 /// Where the data of an [`Io`] lives.
@@ -371,6 +374,12 @@ pub struct EngineConfig {
     /// the writes still in flight). Breaks crash safety on purpose.
     #[doc(hidden)]
     pub unsafe_merge_flush_early: bool,
+    /// Test-only negative control: start a merge's next commit while the previous one's
+    /// area write (FUA) is in flight, and release each commit's runs when its own area
+    /// write is back, so a later commit's area write can land before an earlier one's.
+    /// Breaks crash safety on purpose.
+    #[doc(hidden)]
+    pub unsafe_merge_commits_unordered: bool,
 }
 
 impl EngineConfig {
@@ -398,6 +407,7 @@ impl EngineConfig {
             unsafe_merge_unmarked: false,
             unsafe_merge_zero_areas_early: false,
             unsafe_merge_flush_early: false,
+            unsafe_merge_commits_unordered: false,
         }
     }
 }
@@ -547,6 +557,8 @@ pub struct EngineStats {
     pub merge_batches: u64,
     /// Metadata areas a merge batch used up and zeroed before writing the area below it.
     pub merge_areas_zeroed: u64,
+    /// Metadata areas a merge read ahead (while the batches above them were merged).
+    pub merge_areas_read_ahead: u64,
 }
 
 /// A count of events and their summed duration in engine ticks.

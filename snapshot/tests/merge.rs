@@ -487,9 +487,12 @@ fn merge_batches_span_areas() {
         let st = h.world.engine.stats();
         // 110 records in four areas: batches that used up areas, fewer batches than areas.
         assert!(st.merge_areas_zeroed >= 2, "no batch spanned areas: {st:?}");
+        // Every area below the newest came from the read-ahead.
+        assert_eq!(st.merge_areas_read_ahead, 3, "{st:?}");
+        // Commits take several runs each (the store holds about twenty).
         assert!(
-            st.merge_batches < 4,
-            "{} batches for four areas",
+            st.merge_batches <= 6,
+            "{} commits for four areas",
             st.merge_batches
         );
         total += h.outcome.crash_states;
@@ -695,12 +698,101 @@ fn chasing_ops() -> Vec<Op> {
 
 /// Second negative control: letting I/O reach a run's origin chunks before its records are
 /// zeroed on disk must be caught (a crash then copies the old COW chunk over a newer write).
+/// A released run is caught only if a chasing write lands between its release and its area
+/// write: in order and reversed that always happens; at random it depends on the order (a
+/// commit takes several runs, so there are few commits), so six random orders run and most
+/// of them must catch it.
 #[test]
 fn merge_releasing_a_run_early_is_caught() {
-    // QD 1: each write meets the merge where it is, often blocked on the run.
-    negative_control("releasing a run early", 950, 1, &chasing_ops(), "", |c| {
-        c.merge_release_early = true
-    });
+    let mut caught = 0;
+    let orders = [(Order::InOrder, 950), (Order::Reversed, 951)]
+        .into_iter()
+        .chain((0..6).map(|k| (Order::Random, 1950 + k)));
+    for (order, seed) in orders {
+        // QD 1: each write meets the merge where it is, often blocked on the run.
+        let mut cfg = RunConfig::new(64, 1, order, seed);
+        cfg.copy_buffer_sectors = 8;
+        cfg.merge_release_early = true;
+        let mut h = new_harness(cfg);
+        h.run(&chasing_ops());
+        MERGE_STATES.fetch_add(h.outcome.crash_states, AtomicOrdering::Relaxed);
+        match h.outcome.violations.first() {
+            Some(v) => {
+                caught += 1;
+                println!(
+                    "negative control (releasing a run early, {order:?} seed {seed}) caught: {v}"
+                );
+            }
+            None => {
+                assert_eq!(
+                    order,
+                    Order::Random,
+                    "releasing a run early escaped {order:?}"
+                );
+            }
+        }
+    }
+    assert!(
+        caught >= 6,
+        "releasing a run early escaped {} of 8 orders",
+        8 - caught
+    );
+}
+
+/// Negative control for the pipeline's commits: they go one at a time, in order, so an
+/// area is never rewritten with an older image after a newer one. Starting the next commit
+/// while the previous one's area write is in flight (and releasing each commit's runs when
+/// its own area write is back) must be caught: the older image can land last, bringing back
+/// records of runs already released to a write. The writes chase the merge over all the
+/// chunks in a scattered order, so they meet the later commit's runs. Completed in issue
+/// order, the area writes land in order and nothing can be caught; reversed and at random
+/// (six orders) it is.
+#[test]
+fn merge_overlapping_commits_is_caught() {
+    let mut ops = vec![create(2, 60, true), create(2, 40, false)];
+    for c in 0..24u64 {
+        ops.push(w(c * 2, 2));
+    }
+    ops.push(Op::StartMerge { snap: 0 });
+    // Every chunk but 0 (which lives in the saved chunk while the merge runs), in a
+    // scattered order, twice.
+    for k in 0..46u64 {
+        ops.push(Op::OriginWrite {
+            sector: (k * 7 % 23 + 1) * 2,
+            sectors: 1,
+            fua: true,
+        });
+    }
+    let mut caught = 0;
+    let orders = [(Order::Reversed, 931)]
+        .into_iter()
+        .chain((0..6).map(|k| (Order::Random, 1930 + k)));
+    for (order, seed) in orders {
+        // One chunk a run: many small commits.
+        let mut cfg = RunConfig::new(64, 8, order, seed);
+        cfg.copy_buffer_sectors = 2;
+        cfg.merge_commits_unordered = true;
+        let mut h = new_harness(cfg);
+        h.run(&ops);
+        MERGE_STATES.fetch_add(h.outcome.crash_states, AtomicOrdering::Relaxed);
+        match h.outcome.violations.first() {
+            Some(v) => {
+                caught += 1;
+                println!(
+                    "negative control (overlapping commits, {order:?} seed {seed}) caught: {v}"
+                );
+            }
+            None => assert_eq!(
+                order,
+                Order::Random,
+                "overlapping commits escaped {order:?}"
+            ),
+        }
+    }
+    assert_eq!(
+        caught, 7,
+        "overlapping commits escaped the crash enumeration"
+    );
 }
 
 fn small_world(chunk: u32, fua: bool) -> (World, SnapId) {
@@ -936,6 +1028,146 @@ fn merge_error_stops_then_resume_finishes() {
                 w2.origin.durable[s as usize], want,
                 "case {fail_on} sector {s}"
             );
+        }
+    }
+}
+
+/// Issue 20: the areas below the current one are read ahead, while the batches above them are
+/// copied and committed (not one at a time when a batch gets there); a read ahead that fails
+/// stops the merge when it needs that area (`MergeFailed`, I/O goes on), and the next attach
+/// resumes it to the end.
+#[test]
+fn merge_reads_areas_ahead_and_a_failed_one_stops_it() {
+    use std::cell::RefCell;
+    use std::rc::Rc;
+    for fail in [false, true] {
+        let mut ec = EngineConfig::new(64);
+        ec.copy_buffer_sectors = 4;
+        // Three runs of four chunks a batch: the first batch does not use up area 1.
+        ec.copy_buffers = 4;
+        let mut world = World::new(
+            Engine::new(ec).unwrap(),
+            SimDisk::new(64, |s| stamp(0, s)),
+            Order::InOrder,
+            7,
+        );
+        world.engine.quiesce_origin();
+        let sc = SnapshotConfig {
+            chunk_sectors: 1,
+            cow_sectors: 128,
+            cow_block_sectors: 1,
+            cow_fua: true,
+            writable: true,
+            table_runs: 128,
+            binding: None,
+        };
+        let id = world.engine.create_snapshot(&sc).unwrap();
+        world.cows[id.0 as usize] = Some(SimDisk::new(128, |_| 0));
+        world.settle(1000);
+        world.engine.resume_origin();
+        // 48 one-sector chunks in order: area 0 full (32 records), area 1 with 16.
+        for s in 0..48u64 {
+            world.write_origin(100 + s, s, 1).unwrap();
+            world.settle(10_000);
+        }
+        let g = snapshot::format::Geometry::new(1).unwrap();
+        let area0 = g.chunk_sector(g.area_chunk(0));
+        let area1 = g.chunk_sector(g.area_chunk(1));
+        // Completion order of the COW I/Os that matter: area 0 read, area 1 written.
+        let seen: Rc<RefCell<Vec<&'static str>>> = Rc::default();
+        let log = seen.clone();
+        world.fail = Some(Box::new(move |io: &Io| {
+            if io.device == Device::Origin {
+                return false;
+            }
+            match io.op {
+                IoOp::Read if io.sector == area0 => {
+                    log.borrow_mut().push("read area 0");
+                    fail
+                }
+                IoOp::Write { .. } if io.sector == area1 => {
+                    log.borrow_mut().push("write area 1");
+                    false
+                }
+                _ => false,
+            }
+        }));
+        world.engine.quiesce_origin();
+        world.pump();
+        world.engine.start_merge(id).unwrap();
+        world.engine.resume_origin();
+        world.settle(100_000);
+        world.fail = None;
+        let seen = seen.borrow().clone();
+        assert_eq!(
+            seen.first(),
+            Some(&"read area 0"),
+            "area 0 read before area 1's first commit (fail {fail}): {seen:?}"
+        );
+        if !fail {
+            assert!(seen.contains(&"write area 1"), "{seen:?}");
+            assert!(world.events.contains(&Event::MergeDone { snap: id }));
+            assert_eq!(world.engine.stats().merge_areas_read_ahead, 1);
+            for s in 0..64u64 {
+                assert_eq!(world.origin.durable[s as usize], stamp(0, s), "sector {s}");
+            }
+            continue;
+        }
+        // The merge stopped when it needed area 0 (area 1's runs may or may not have been
+        // committed by then).
+        assert!(world.events.contains(&Event::MergeFailed { snap: id }));
+        assert_eq!(world.engine.stats().merge_areas_read_ahead, 0);
+        assert!(world.engine.merge_progress().unwrap().chunks_left >= 32);
+        // Origin I/O goes on through the store.
+        world.write_origin(200, 5, 1).unwrap();
+        world.settle(10_000);
+        assert_eq!(world.take_completion(200).map(|c| c.result), Some(Ok(())));
+        let flush = VolumeRequest {
+            tag: 201,
+            volume: Volume::Origin,
+            op: VolumeOp::Flush,
+            sector: 0,
+            sectors: 0,
+        };
+        world.submit(flush, vec![]).unwrap();
+        world.settle(10_000);
+        // Reattach ("reboot") from the durable images: the merge resumes and finishes.
+        let cow = world.cows[id.0 as usize].clone().unwrap();
+        let contents = world.contents.clone();
+        let params = LoadParams {
+            cow_sectors: 128,
+            cow_block_sectors: 1,
+            origin_sectors: 64,
+            origin_block_sectors: 1,
+            table_runs: 128,
+        };
+        let loaded = Loader::load_with(params, |r| {
+            let a = r.sector as usize;
+            contents.image_bytes(&cow.durable[a..a + r.sectors as usize])
+        })
+        .unwrap();
+        assert!(loaded.merging);
+        let mut ec = EngineConfig::new(64);
+        ec.copy_buffer_sectors = 4;
+        let origin = world.origin.durable.clone();
+        let mut w2 = World::new(
+            Engine::new(ec).unwrap(),
+            SimDisk::new(64, |x| origin[x as usize]),
+            Order::Random,
+            3,
+        );
+        w2.contents = contents.clone();
+        let id2 = w2.engine.attach_snapshot(loaded, &sc).unwrap();
+        let durable = cow.durable.clone();
+        w2.cows[id2.0 as usize] = Some(SimDisk::new(128, |x| durable[x as usize]));
+        assert!(w2.engine.resume_merge());
+        w2.settle(100_000);
+        assert!(w2.events.contains(&Event::MergeDone { snap: id2 }));
+        for s in 0..64u64 {
+            // The write made while the merge was stopped went to the store (chunk 5 was not
+            // merged yet), and the resumed merge brought it to the origin.
+            let want = if s == 5 { stamp(200, 5) } else { stamp(0, s) };
+            assert_eq!(w2.origin.durable[s as usize], want, "sector {s}");
         }
     }
 }

@@ -591,6 +591,9 @@ fn merge(st: &mut Volumes, args: &Args, now: u64) -> CmdResult<Box<dyn Task>> {
     );
     // What the origin marker will name, should the store go missing mid-merge.
     st.label_merge(origin, id);
+    // The merge's metadata area slots are allocated here, by the command: the merge job
+    // (I/O path) allocates nothing.
+    st.origins[origin].engine.reserve_merge(id);
     Ok(Box::new(MergeTask::new(name, origin, origin_name, id, now)))
 }
 

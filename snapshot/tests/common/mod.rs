@@ -184,6 +184,8 @@ pub struct RunConfig {
     pub merge_zero_areas_early: bool,
     /// Negative control: a merge batch flushes the origin before its copy writes are back.
     pub merge_flush_early: bool,
+    /// Negative control: a merge's commits overlap (a later area write may land first).
+    pub merge_commits_unordered: bool,
 }
 
 impl RunConfig {
@@ -216,6 +218,7 @@ impl RunConfig {
             merge_unmarked: false,
             merge_zero_areas_early: false,
             merge_flush_early: false,
+            merge_commits_unordered: false,
         }
     }
 }
@@ -284,6 +287,7 @@ impl Harness {
         ec.unsafe_merge_unmarked = cfg.merge_unmarked;
         ec.unsafe_merge_zero_areas_early = cfg.merge_zero_areas_early;
         ec.unsafe_merge_flush_early = cfg.merge_flush_early;
+        ec.unsafe_merge_commits_unordered = cfg.merge_commits_unordered;
         if let Some(t) = cfg.invalidation_retry_ticks {
             ec.invalidation_retry_ticks = t;
         }

@@ -38,7 +38,9 @@
 //! alone (the appliance's and Linux's), `BENCH_ONLY=snapshot` the snapshot rows (the
 //! appliance's and Linux's), `BENCH_ONLY=stores` the store rows, `BENCH_ONLY=linux` Linux's
 //! rows alone (no ratios), `BENCH_ONLY=merge` the merge row alone on each device, between
-//! two raw 128k write rows of its origin (`BENCH_MERGES` times, default once);
+//! two raw 128k write rows of its origin (`BENCH_MERGES` times, default once), with a raw
+//! 128k read row of the same region and the bounds those rates put on a merge (which reads
+//! every byte it writes: read then write, or both at once);
 //! `BENCH_ONLY=firstwrites` the first-write rows alone on both devices (the raw rows around
 //! them, the flushing raw row, the bound and the engine's phase times; no Linux guest, no
 //! other snapshot row, no merge: a few minutes instead of a quarter of an hour);
@@ -796,8 +798,11 @@ fn merge_rows(q: &mut tests::Qemu, kind: &str, origin: &str, cow: &str, time: &s
         .and_then(|v| v.parse().ok())
         .unwrap_or(1);
     let raw = format!("--rw write --bs 128k --qd 32 {REGION}");
+    let raw_read = format!("--rw read --bs 128k --qd 32 {REGION}");
     for _ in 0..times {
         let before = run(q, origin, &raw, time);
+        // Reads of the region the write row just wrote (allocated in the host file).
+        let read = run(q, origin, &raw_read, time);
         let mb_s = merge_row(q, origin, cow, before.mb_s);
         let after = run(q, origin, &raw, time);
         let raw_mb_s = (before.mb_s + after.mb_s) / 2.0;
@@ -807,6 +812,19 @@ fn merge_rows(q: &mut tests::Qemu, kind: &str, origin: &str, cow: &str, time: &s
             after.mb_s,
             mb_s,
             100.0 * mb_s / raw_mb_s.max(1.0)
+        );
+        // A merge reads every byte it writes. Priced at this run's raw rates, reading it all
+        // and writing it all one after the other bounds a host that does not overlap its
+        // reads with its writes; doing both at once, the slower of the two.
+        let serial = 1.0 / (1.0 / read.mb_s.max(1.0) + 1.0 / raw_mb_s.max(1.0));
+        let overlapped = read.mb_s.min(raw_mb_s);
+        println!(
+            "  raw 128k read {:.1} MB/s; merge bound, read then write: {:.1} MB/s ({:.1}% of the write; the merge is {:.1}% of it), both at once: {:.1} MB/s",
+            read.mb_s,
+            serial,
+            100.0 * serial / raw_mb_s.max(1.0),
+            100.0 * mb_s / serial.max(1.0),
+            overlapped
         );
     }
     // The merges allocate nothing on the I/O path.
