@@ -118,8 +118,8 @@ pub enum MetaKind {
     OriginMark,
     /// The free-extent marker an extension writes after the store's new end.
     ExtendMarker,
-    /// Slot `0` of a merge's read-ahead of the metadata areas below the one it merges from
-    /// (reads only; one chunk each).
+    /// Slot `N` of a merge's metadata area images, one chunk each: the area it takes runs
+    /// from, or one below it, read ahead; a merge commit writes its area from its slot.
     MergeArea(u8),
 }
 
