@@ -31,7 +31,9 @@ pub fn idle() {
         crate::arch::cpu::enable_interrupts();
     } else {
         let before = crate::time::uptime_ns();
+        crate::arch::prof::set_idle(true);
         crate::arch::cpu::enable_interrupts_and_halt();
+        crate::arch::prof::set_idle(false);
         let halted = crate::time::uptime_ns().saturating_sub(before);
         HALTED_NS.fetch_add(halted, Ordering::Relaxed);
     }

@@ -70,3 +70,73 @@ fn date_and_snapshot_creation_times_come_from_the_rtc() {
     assert!(status.contains("created -"), "{status}");
     q.poweroff();
 }
+
+/// `prof`: samples where the CPU is while the timer runs faster, and the kernel's tick (the
+/// `uptime` timer ticks) keeps its rate meanwhile and after; bad input gets one error.
+#[test]
+fn the_profiler_samples_the_cpu_and_the_kernel_tick_keeps_its_rate() {
+    let d = Image::new("prof-disk", 16 * MIB);
+    let mut q = boot("2030-01-02T03:04:05", &[(&d, "PROF-D")]);
+    let out = q.command("prof start --hz 50");
+    assert!(
+        out.contains("error: prof: --hz 50 is out of range"),
+        "{out}"
+    );
+    let out = q.command("prof sideways");
+    assert!(
+        out.contains("error: unknown prof action 'sideways'"),
+        "{out}"
+    );
+    let ticks = |q: &mut Qemu| -> (u64, u64) {
+        let json = q.command("uptime --json");
+        let field = |name: &str| -> u64 {
+            json.split(&format!("\"{name}\":"))
+                .nth(1)
+                .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("{name} in {json}"))
+        };
+        (field("uptime_ns"), field("timer_ticks"))
+    };
+    let (ns0, t0) = ticks(&mut q);
+    let out = q.command("prof start --hz 5000");
+    assert!(out.contains("profiling at 5000 samples/s"), "{out}");
+    q.command("bench vda --rw randread --bs 4k --qd 32 --time 2s");
+    let out = q.command("prof stop");
+    // "prof: stopped, 5000 samples/s, S.MMM s: B busy, H halted (P% halted)"
+    let count = |label: &str| -> u64 {
+        out.split(label)
+            .next()
+            .and_then(|s| s.split_whitespace().last())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{label} in {out}"))
+    };
+    let (busy, halted) = (count(" busy,"), count(" halted ("));
+    assert!(busy > 0, "{out}");
+    assert!(busy + halted > 2_000, "two seconds at 5000/s: {out}");
+    let (ns1, t1) = ticks(&mut q);
+    // The kernel tick stays at 100 Hz while the timer runs 50 times faster (TCG may lose
+    // timer interrupts, never add them).
+    let expected = (ns1 - ns0) as f64 / 1e7;
+    let got = (t1 - t0) as f64;
+    assert!(
+        got <= expected * 1.5 && got >= expected * 0.3,
+        "{got} ticks, expected {expected}"
+    );
+    let out = q.command("prof show --top 5");
+    let lines = out
+        .lines()
+        .filter(|l| l.trim_start().starts_with("0x"))
+        .count();
+    assert!((1..=5).contains(&lines), "{out}");
+    // Back at the tick rate: a second later, about 100 more ticks.
+    let (ns2, t2) = ticks(&mut q);
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let (ns3, t3) = ticks(&mut q);
+    let expected = (ns3 - ns2) as f64 / 1e7;
+    let got = (t3 - t2) as f64;
+    assert!(
+        got <= expected * 1.5 && got >= expected * 0.3,
+        "{got} ticks, expected {expected}"
+    );
+}

@@ -22,6 +22,10 @@ pub const TICK_HZ: u64 = 100;
 static BASE: AtomicU64 = AtomicU64::new(0xFEE0_0000);
 static TICKS: AtomicU64 = AtomicU64::new(0);
 static TIMER_HZ: AtomicU64 = AtomicU64::new(0);
+/// Timer interrupts per kernel tick (more than one while `prof` samples) and the count
+/// towards the next tick.
+static PER_TICK: AtomicU64 = AtomicU64::new(1);
+static SUBTICKS: AtomicU64 = AtomicU64::new(0);
 
 fn read(reg: usize) -> u32 {
     let base = BASE.load(Ordering::Relaxed) as usize;
@@ -66,7 +70,25 @@ pub fn end_of_interrupt() {
 }
 
 fn on_tick(_vector: u8) {
-    TICKS.fetch_add(1, Ordering::Relaxed);
+    let per = PER_TICK.load(Ordering::Relaxed).max(1);
+    if SUBTICKS.fetch_add(1, Ordering::Relaxed) + 1 >= per {
+        SUBTICKS.store(0, Ordering::Relaxed);
+        TICKS.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Runs the periodic timer at `hz` interrupts a second (a multiple of [`TICK_HZ`], at
+/// least that), keeping [`ticks`] at the kernel's tick rate: the profiler's sampling rate.
+pub fn set_timer_rate(hz: u64) {
+    let per = (hz / TICK_HZ).max(1);
+    let apic_hz = TIMER_HZ.load(Ordering::Relaxed);
+    if apic_hz == 0 {
+        return;
+    }
+    PER_TICK.store(per, Ordering::Relaxed);
+    SUBTICKS.store(0, Ordering::Relaxed);
+    let initial = (apic_hz / (TICK_HZ * per)).clamp(1, u32::MAX as u64) as u32;
+    write(REG_TIMER_INITIAL, initial);
 }
 
 /// Calibrates the timer against `wait` (waits about 10 ms on a known clock and returns the

@@ -251,6 +251,9 @@ const EXCEPTION_NAMES: [&str; 32] = [
 extern "C" fn interrupt_dispatch(frame: &mut InterruptFrame) {
     let vector = frame.vector as u8;
     COUNTS[vector as usize].fetch_add(1, Ordering::Relaxed);
+    if vector == TIMER_VECTOR {
+        super::prof::sample(frame.rip);
+    }
     if vector < 32 {
         report_exception(frame);
     }

@@ -10,4 +10,5 @@ pub mod ioapic;
 pub mod paging;
 pub mod pic;
 pub mod pit;
+pub mod prof;
 pub mod refclock;

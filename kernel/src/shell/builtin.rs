@@ -54,6 +54,7 @@ pub fn run(id: CommandId, args: &Args, out: &mut Out, ctx: &mut Ctx<'_>) -> Opti
         CommandId::Uptime => uptime(json, out),
         CommandId::Date => date(json, out),
         CommandId::Mem => mem(json, out, ctx.counters),
+        CommandId::Prof => prof(args, out),
         CommandId::Cmdline => cmdline(json, out, ctx.cmdline),
         CommandId::Log => log_level(args, out),
         CommandId::Reboot => {
@@ -283,6 +284,89 @@ fn cmdline(json_out: bool, out: &mut Out, c: &CmdLine) {
             let _ = writeln!(out, "  warning: {warning}");
         }
     }
+}
+
+fn prof(args: &Args, out: &mut Out) {
+    use crate::arch::prof;
+    use crate::console::args::parse_u64;
+    let action = args.arg("ACTION").unwrap_or("");
+    let number = |name: &str, default: u64, range: core::ops::RangeInclusive<u64>| match args
+        .value_as(name, parse_u64)
+    {
+        Ok(None) => Ok(default),
+        Ok(Some(v)) if range.contains(&v) => Ok(v),
+        Ok(Some(v)) => Err(alloc::format!(
+            "--{name} {v} is out of range ({} to {})",
+            range.start(),
+            range.end()
+        )),
+        Err(e) => Err(alloc::format!("{e}")),
+    };
+    let now = time::uptime_ns();
+    match action {
+        "start" => match number("hz", 4000, crate::arch::apic::TICK_HZ..=prof::MAX_HZ) {
+            Ok(hz) => {
+                prof::start(hz, now);
+                let _ = writeln!(
+                    out,
+                    "profiling at {hz} samples/s (up to {} kept); 'prof stop' ends it",
+                    prof::CAPACITY
+                );
+            }
+            Err(e) => out.error(format_args!("prof: {e}")),
+        },
+        "stop" => {
+            prof::stop(now);
+            prof_status(out, &prof::status(now));
+        }
+        "show" => match number("top", 40, 1..=1000) {
+            Ok(top) => {
+                let st = prof::status(now);
+                prof_status(out, &st);
+                if st.running {
+                    let _ = writeln!(
+                        out,
+                        "(still running: 'prof stop' first for a steady report)"
+                    );
+                }
+                let mut samples = prof::samples();
+                let total = samples.len().max(1) as u64;
+                let _ = writeln!(out, "  address             samples  share of busy");
+                for (rip, n) in crate::util::profile::hottest(&mut samples, top as usize) {
+                    let _ = writeln!(
+                        out,
+                        "  {rip:#018x} {n:>8}  {:>5.1}%",
+                        100.0 * f64::from(n) / total as f64
+                    );
+                }
+            }
+            Err(e) => out.error(format_args!("prof: {e}")),
+        },
+        other => out.error(format_args!(
+            "unknown prof action '{}' (usage: prof start [--hz N] | stop | show [--top N])",
+            other.chars().take(32).collect::<String>()
+        )),
+    }
+}
+
+fn prof_status(out: &mut Out, st: &crate::arch::prof::Status) {
+    let all = (st.busy + st.halted).max(1);
+    let _ = writeln!(
+        out,
+        "prof: {}, {} samples/s, {}.{:03} s: {} busy, {} halted ({:.1}% halted){}",
+        if st.running { "running" } else { "stopped" },
+        st.hz,
+        st.ns / 1_000_000_000,
+        st.ns / 1_000_000 % 1000,
+        st.busy,
+        st.halted,
+        100.0 * st.halted as f64 / all as f64,
+        if st.dropped > 0 {
+            alloc::format!(", {} busy samples not kept (buffer full)", st.dropped)
+        } else {
+            String::new()
+        }
+    );
 }
 
 fn log_level(args: &Args, out: &mut Out) {

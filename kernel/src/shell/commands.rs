@@ -21,6 +21,8 @@ pub enum CommandId {
     Date,
     /// `mem [--json]`
     Mem,
+    /// `prof start [--hz N] | stop | show [--top N]`
+    Prof,
     /// `cmdline [--json]`
     Cmdline,
     /// `log level [LEVEL]`
@@ -137,6 +139,21 @@ pub static COMMANDS: &[CommandInfo] = &[
         spec: CommandSpec {
             options: JSON,
             required: &[],
+            optional: &[],
+        },
+        test_only: false,
+    },
+    CommandInfo {
+        id: CommandId::Prof,
+        name: "prof",
+        usage: "prof start [--hz N] | stop | show [--top N]",
+        summary: "sample where the CPU spends its time (timer-driven profiler)",
+        details: "start samples the interrupted instruction N times a second (default 4000, \
+                  100 to 20000; the timer runs that fast until stop); show prints the run's \
+                  counts and its most frequent addresses (default 40) for scripts/prof-symbols.",
+        spec: CommandSpec {
+            options: &[OptSpec::value("hz"), OptSpec::value("top")],
+            required: &["ACTION"],
             optional: &[],
         },
         test_only: false,
