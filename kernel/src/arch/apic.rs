@@ -77,18 +77,20 @@ fn on_tick(_vector: u8) {
     }
 }
 
-/// Runs the periodic timer at `hz` interrupts a second (a multiple of [`TICK_HZ`], at
+/// Runs the periodic timer at about `hz` interrupts a second (a multiple of [`TICK_HZ`], at
 /// least that), keeping [`ticks`] at the kernel's tick rate: the profiler's sampling rate.
-pub fn set_timer_rate(hz: u64) {
+/// Returns the rate set, or `None` before the timer is calibrated.
+pub fn set_timer_rate(hz: u64) -> Option<u64> {
     let per = (hz / TICK_HZ).max(1);
     let apic_hz = TIMER_HZ.load(Ordering::Relaxed);
     if apic_hz == 0 {
-        return;
+        return None;
     }
     PER_TICK.store(per, Ordering::Relaxed);
     SUBTICKS.store(0, Ordering::Relaxed);
     let initial = (apic_hz / (TICK_HZ * per)).clamp(1, u32::MAX as u64) as u32;
     write(REG_TIMER_INITIAL, initial);
+    Some(TICK_HZ * per)
 }
 
 /// Calibrates the timer against `wait` (waits about 10 ms on a known clock and returns the

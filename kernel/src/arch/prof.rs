@@ -55,16 +55,25 @@ pub fn set_idle(idle: bool) {
     IDLE.store(idle, Ordering::Relaxed);
 }
 
-/// Starts a run at `hz` samples a second (clears the last one's samples).
-pub fn start(hz: u64, now_ns: u64) {
-    BUFFER.call_once(|| (0..CAPACITY).map(|_| AtomicU64::new(0)).collect());
+/// Starts a run at about `hz` samples a second (clears the last one's samples); returns the
+/// rate the timer runs at. The first run allocates the sample buffer, and refuses to start
+/// if the heap cannot give it.
+pub fn start(hz: u64, now_ns: u64) -> Result<u64, &'static str> {
+    BUFFER.try_call_once(|| {
+        let mut v = Vec::new();
+        v.try_reserve_exact(CAPACITY)
+            .map_err(|_| "no heap for the sample buffer (1 MiB)")?;
+        v.extend((0..CAPACITY).map(|_| AtomicU64::new(0)));
+        Ok::<_, &'static str>(v.into_boxed_slice())
+    })?;
     RUNNING.store(false, Ordering::Relaxed);
+    let rate = super::apic::set_timer_rate(hz).ok_or("the timer is not running")?;
     NEXT.store(0, Ordering::Relaxed);
     HALTED.store(0, Ordering::Relaxed);
-    HZ.store(hz, Ordering::Relaxed);
+    HZ.store(rate, Ordering::Relaxed);
     STARTED_NS.store(now_ns, Ordering::Relaxed);
-    super::apic::set_timer_rate(hz);
     RUNNING.store(true, Ordering::Relaxed);
+    Ok(rate)
 }
 
 /// Ends the run; the timer goes back to the kernel's tick rate.
@@ -94,11 +103,14 @@ pub fn status(now_ns: u64) -> Status {
     }
 }
 
-/// A copy of the samples kept (call after `stop`, or they may still be changing).
-pub fn samples() -> Vec<u64> {
+/// A copy of the samples kept (call after `stop`, or they may still be changing); `None`
+/// when the heap cannot hold the copy.
+pub fn samples() -> Option<Vec<u64>> {
     let n = NEXT.load(Ordering::Relaxed).min(CAPACITY);
-    BUFFER
-        .get()
-        .map(|b| b[..n].iter().map(|s| s.load(Ordering::Relaxed)).collect())
-        .unwrap_or_default()
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).ok()?;
+    if let Some(b) = BUFFER.get() {
+        v.extend(b[..n].iter().map(|s| s.load(Ordering::Relaxed)));
+    }
+    Some(v)
 }

@@ -305,14 +305,16 @@ fn prof(args: &Args, out: &mut Out) {
     let now = time::uptime_ns();
     match action {
         "start" => match number("hz", 4000, crate::arch::apic::TICK_HZ..=prof::MAX_HZ) {
-            Ok(hz) => {
-                prof::start(hz, now);
-                let _ = writeln!(
-                    out,
-                    "profiling at {hz} samples/s (up to {} kept); 'prof stop' ends it",
-                    prof::CAPACITY
-                );
-            }
+            Ok(hz) => match prof::start(hz, now) {
+                Ok(rate) => {
+                    let _ = writeln!(
+                        out,
+                        "profiling at {rate} samples/s (up to {} kept); 'prof stop' ends it",
+                        prof::CAPACITY
+                    );
+                }
+                Err(e) => out.error(format_args!("prof: {e}")),
+            },
             Err(e) => out.error(format_args!("prof: {e}")),
         },
         "stop" => {
@@ -329,10 +331,17 @@ fn prof(args: &Args, out: &mut Out) {
                         "(still running: 'prof stop' first for a steady report)"
                     );
                 }
-                let mut samples = prof::samples();
+                let Some(mut samples) = prof::samples() else {
+                    out.error(format_args!("prof: no heap to sort the samples"));
+                    return;
+                };
                 let total = samples.len().max(1) as u64;
+                let Some(hot) = crate::util::profile::hottest(&mut samples, top as usize) else {
+                    out.error(format_args!("prof: no heap to count the samples"));
+                    return;
+                };
                 let _ = writeln!(out, "  address             samples  share of busy");
-                for (rip, n) in crate::util::profile::hottest(&mut samples, top as usize) {
+                for (rip, n) in hot {
                     let _ = writeln!(
                         out,
                         "  {rip:#018x} {n:>8}  {:>5.1}%",

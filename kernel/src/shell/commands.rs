@@ -149,7 +149,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         usage: "prof start [--hz N] | stop | show [--top N]",
         summary: "sample where the CPU spends its time (timer-driven profiler)",
         details: "start samples the interrupted instruction N times a second (default 4000, \
-                  100 to 20000; the timer runs that fast until stop); show prints the run's \
+                  100 to 20000, a multiple of 100; the timer runs that fast until stop); show prints the run's \
                   counts and its most frequent addresses (default 40) for scripts/prof-symbols.",
         spec: CommandSpec {
             options: &[OptSpec::value("hz"), OptSpec::value("top")],
