@@ -71,7 +71,17 @@ struct ReqSlot {
     /// For an origin write that met a snapshot whose invalidation is not durable:
     /// `Engine::invalidation_failures` then. A failure counted after it fails the write.
     stuck_mark: Option<u64>,
+    /// Bumped at each submit into this slot: a direct I/O's token names the request it was
+    /// given for (see [`Engine::submit_direct`]).
+    generation: u32,
+    /// This request's direct I/O, while it is out: the tick it was given and whether it
+    /// reads a snapshot's chunk from the origin.
+    direct: Option<(u64, bool)>,
 }
+
+/// Marks the low word of an [`IoToken`] that names a request's direct I/O (the request slot
+/// in the bits below it) rather than an engine I/O slot.
+const DIRECT_TOKEN: u32 = 1 << 31;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum PState {
@@ -351,6 +361,10 @@ pub struct Engine {
     io: Vec<IoSlot>,
     free_io: Vec<u32>,
     outbox: VecDeque<Io>,
+    /// Set by `submit_direct` while it runs: the request's first I/O, if the fast path
+    /// issues it at once, goes to `direct_out` for the caller instead of the outbox.
+    direct_wanted: bool,
+    direct_out: Option<Io>,
     completions: VecDeque<VolumeCompletion>,
     events: VecDeque<Event>,
     events_dropped: u64,
@@ -403,6 +417,8 @@ impl Engine {
     pub fn new(cfg: EngineConfig) -> Result<Self, EngineError> {
         if cfg.request_slots == 0
             || cfg.io_slots < 4
+            || cfg.io_slots >= DIRECT_TOKEN
+            || cfg.request_slots >= DIRECT_TOKEN
             || cfg.pending_exceptions == 0
             || cfg.copy_buffers == 0
             || cfg.max_snapshots == 0
@@ -443,6 +459,8 @@ impl Engine {
                     blocked_on: NIL,
                     blocked_gen: 0,
                     stuck_mark: None,
+                    generation: 0,
+                    direct: None,
                 };
                 nreq
             ],
@@ -482,6 +500,8 @@ impl Engine {
             ],
             free_io: (0..nio as u32).rev().collect(),
             outbox: VecDeque::with_capacity(nio),
+            direct_wanted: false,
+            direct_out: None,
             completions: VecDeque::with_capacity(nreq),
             events: VecDeque::with_capacity(64 + 8 * cfg.max_snapshots as usize),
             events_dropped: 0,
@@ -541,6 +561,7 @@ impl Engine {
         let Some(idx) = self.free_reqs.pop() else {
             return Err(SubmitError::Busy);
         };
+        let generation = self.reqs[idx as usize].generation.wrapping_add(1);
         self.reqs[idx as usize] = ReqSlot {
             req,
             phase: ReqPhase::Waiting,
@@ -556,6 +577,8 @@ impl Engine {
             blocked_on: NIL,
             blocked_gen: 0,
             stuck_mark: None,
+            generation,
+            direct: None,
         };
         let check = self.check_request(&req);
         if let Err(e) = check {
@@ -570,6 +593,19 @@ impl Engine {
         }
         self.dirty = true;
         Ok(())
+    }
+
+    /// Like [`submit`](Self::submit), but a request the fast path issues at once (an origin
+    /// read, an origin write to chunks every snapshot has copied, a snapshot read) comes back
+    /// as its I/O for the caller to issue now, without an engine I/O slot or the outbox;
+    /// its completion goes to [`complete_io`](Self::complete_io) like any other. A snapshot
+    /// read that spans pieces on different devices gives its first piece here and the rest
+    /// through [`poll_io`](Self::poll_io). `Ok(None)`: the request waits in the engine.
+    pub fn submit_direct(&mut self, req: VolumeRequest) -> Result<Option<Io>, SubmitError> {
+        self.direct_wanted = true;
+        let submitted = self.submit(req);
+        self.direct_wanted = false;
+        submitted.map(|()| self.direct_out.take())
     }
 
     /// Issues request `idx` at once, without a pass over the waiting requests, when it needs
@@ -637,6 +673,9 @@ impl Engine {
     ) -> Result<(), EngineError> {
         let idx = (token.0 & 0xFFFF_FFFF) as usize;
         let generation = (token.0 >> 32) as u32;
+        if idx as u32 & DIRECT_TOKEN != 0 {
+            return self.complete_direct(idx as u32 & !DIRECT_TOKEN, generation, result);
+        }
         let Some(slot) = self.io.get(idx) else {
             return Err(EngineError::UnknownToken);
         };
@@ -684,6 +723,31 @@ impl Engine {
                 self.on_request_io(req, false, ok);
             }
         }
+        Ok(())
+    }
+
+    /// A request's direct I/O is back (see [`submit_direct`](Self::submit_direct)).
+    fn complete_direct(
+        &mut self,
+        idx: u32,
+        generation: u32,
+        result: Result<(), IoError>,
+    ) -> Result<(), EngineError> {
+        let Some(slot) = self.reqs.get_mut(idx as usize) else {
+            return Err(EngineError::UnknownToken);
+        };
+        if slot.generation != generation || slot.phase == ReqPhase::Free {
+            return Err(EngineError::UnknownToken);
+        }
+        let Some((given, origin_read)) = slot.direct.take() else {
+            return Err(EngineError::UnknownToken);
+        };
+        if slot.req.volume == Volume::Origin && matches!(slot.req.op, VolumeOp::Write { .. }) {
+            let took = self.now.saturating_sub(given);
+            self.stats.phases.origin_write.add(took);
+        }
+        self.dirty = true;
+        self.on_request_io(idx, origin_read, result.is_ok());
         Ok(())
     }
 
@@ -1302,6 +1366,28 @@ impl Engine {
         sectors: u32,
         buffer: IoBuffer,
     ) -> bool {
+        if let (true, IoCtx::Request { req, origin_read }) = (self.direct_wanted, ctx) {
+            // `submit_direct`'s request: its first I/O goes to the caller.
+            self.direct_wanted = false;
+            let slot = &mut self.reqs[req as usize];
+            slot.direct = Some((self.now, origin_read));
+            let token = IoToken((u64::from(slot.generation) << 32) | u64::from(DIRECT_TOKEN | req));
+            if let Device::Cow(s) = device {
+                if let Some(Some(x)) = self.snaps.get_mut(s.0 as usize) {
+                    x.inflight += 1;
+                }
+            }
+            self.direct_out = Some(Io {
+                token,
+                device,
+                op,
+                sector,
+                sectors,
+                buffer,
+            });
+            self.progress += 1;
+            return true;
+        }
         let Some(idx) = self.free_io.pop() else {
             self.io_starved = true;
             return false;

@@ -11,7 +11,7 @@
 //! around unchanged, so a test can tell exactly which write a sector came from.
 
 use alloc::boxed::Box;
-use alloc::collections::BTreeMap;
+use alloc::collections::{BTreeMap, VecDeque};
 use alloc::vec;
 use alloc::vec::Vec;
 
@@ -330,6 +330,8 @@ pub struct World {
     pub buffers: BTreeMap<u64, Vec<u64>>,
     copy_buffers: Vec<Vec<u64>>,
     inflight: Vec<InFlight>,
+    /// I/Os `Engine::submit_direct` handed back, issued first by the next [`World::pump`].
+    direct: VecDeque<Io>,
     /// Completion order.
     pub order: Order,
     /// Latency model for [`Order::Timed`].
@@ -373,6 +375,7 @@ impl World {
             buffers: BTreeMap::new(),
             copy_buffers,
             inflight: Vec::new(),
+            direct: VecDeque::new(),
             order,
             latency: Latency {
                 read: 20,
@@ -396,7 +399,11 @@ impl World {
 
     /// Submits a volume request with its buffer (data for writes; zeros for reads).
     pub fn submit(&mut self, req: VolumeRequest, buffer: Vec<u64>) -> Result<(), SubmitError> {
-        self.engine.submit(req)?;
+        // As the appliance does: a request the fast path issues at once comes back as its
+        // I/O, issued by the caller (here: the next pump) without the engine's outbox.
+        if let Some(io) = self.engine.submit_direct(req)? {
+            self.direct.push_back(io);
+        }
         self.buffers.insert(req.tag, buffer);
         Ok(())
     }
@@ -469,7 +476,7 @@ impl World {
     /// Moves every I/O the engine wants issued into the simulated devices.
     pub fn pump(&mut self) {
         self.engine.tick(self.now);
-        while let Some(io) = self.engine.poll_io() {
+        while let Some(io) = self.direct.pop_front().or_else(|| self.engine.poll_io()) {
             let id = self.next_id;
             self.next_id += 1;
             let mut barrier = 0;

@@ -882,3 +882,100 @@ fn copy_writes_of_a_burst_go_out_together_in_cow_order() {
         );
     }
 }
+
+/// Issue 20: `submit_direct` hands a fast-path request back as its one I/O, for the caller to
+/// issue at once (no engine I/O slot, nothing in the outbox); its completion goes through
+/// `complete_io` as any other, once. A request that must wait gives no I/O; a snapshot read
+/// that spans the origin and the store gives its first piece and the rest through `poll_io`;
+/// a quiesce waits for a direct origin write, and a failed one fails its request.
+#[test]
+fn fast_path_requests_come_back_as_direct_ios() {
+    let mut w = world(1024, |_| {});
+    let id = create(&mut w, &snap_cfg(4, 200));
+    write(&mut w, 1, 0, 8);
+    w.settle(1000);
+    assert!(w.take_completion(1).is_some_and(|c| c.result.is_ok()));
+    let mut e = std::mem::replace(&mut w.engine, Engine::new(EngineConfig::new(8)).unwrap());
+    let req = |tag, volume, op, sector, sectors| VolumeRequest {
+        tag,
+        volume,
+        op,
+        sector,
+        sectors,
+    };
+    let write = VolumeOp::Write { fua: false };
+    // An overwrite of copied chunk 0: the caller's buffer, to the origin.
+    let over = e
+        .submit_direct(req(2, Volume::Origin, write, 0, 4))
+        .unwrap()
+        .expect("an overwrite goes direct");
+    assert_eq!(
+        (over.device, over.op, over.sector, over.sectors, over.buffer),
+        (
+            Device::Origin,
+            IoOp::Write { fua: false },
+            0,
+            4,
+            IoBuffer::Caller {
+                tag: 2,
+                byte_offset: 0
+            }
+        )
+    );
+    assert_eq!(e.poll_io(), None, "nothing goes through the outbox");
+    // A quiesce waits for it.
+    e.quiesce_origin();
+    assert!(!e.is_quiesced());
+    e.complete_io(over.token, Ok(())).unwrap();
+    assert!(e.is_quiesced());
+    assert_eq!(
+        e.complete_io(over.token, Ok(())),
+        Err(EngineError::UnknownToken),
+        "a direct I/O completes once"
+    );
+    while e.poll_io().is_some() {}
+    assert_eq!(
+        e.poll_completion().map(|c| (c.tag, c.result)),
+        Some((2, Ok(())))
+    );
+    e.resume_origin();
+    // A read of the snapshot's copied chunk 1 goes to the store.
+    let read = e
+        .submit_direct(req(3, Volume::Snapshot(id), VolumeOp::Read, 4, 4))
+        .unwrap()
+        .expect("a snapshot read goes direct");
+    assert_eq!(read.device, Device::Cow(id));
+    assert_eq!(e.poll_io(), None);
+    // One over chunks 1 (store) and 2 (origin): the first piece direct, the second queued.
+    let span = e
+        .submit_direct(req(4, Volume::Snapshot(id), VolumeOp::Read, 4, 8))
+        .unwrap()
+        .expect("its first piece goes direct");
+    assert_eq!(
+        (span.device, span.sector, span.sectors),
+        (Device::Cow(id), read.sector, 4)
+    );
+    let rest = e.poll_io().expect("the second piece is queued");
+    assert_eq!(
+        (rest.device, rest.sector, rest.sectors),
+        (Device::Origin, 8, 4)
+    );
+    // A first write (chunk 5 not copied) waits in the engine.
+    assert_eq!(
+        e.submit_direct(req(5, Volume::Origin, write, 20, 4)),
+        Ok(None)
+    );
+    e.complete_io(read.token, Ok(())).unwrap();
+    e.complete_io(rest.token, Ok(())).unwrap();
+    e.complete_io(span.token, Err(IoError)).unwrap();
+    let mut done = Vec::new();
+    while let Some(c) = e.poll_completion() {
+        done.push((c.tag, c.result));
+    }
+    assert!(done.contains(&(3, Ok(()))), "{done:?}");
+    assert!(done.contains(&(4, Err(VolumeError::Io))), "{done:?}");
+    assert!(
+        !done.iter().any(|&(t, _)| t == 5),
+        "the first write waits for its copy"
+    );
+}
