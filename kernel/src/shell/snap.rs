@@ -289,6 +289,13 @@ fn status(st: &Storage, args: &Args, out: &mut Out) -> CmdResult<()> {
         e.commit_flushes,
         e.commit_flushes_saved
     );
+    if o.direct_ios > 0 {
+        let _ = writeln!(
+            out,
+            "  {} requests went to the device at submission (fast path: copied chunks, reads)",
+            o.direct_ios
+        );
+    }
     if o.merged_device_writes > 0 {
         let _ = writeln!(
             out,

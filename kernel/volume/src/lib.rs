@@ -491,7 +491,7 @@ impl Volumes {
                 None => Err((BlockError::DeviceFailed, request.buffer)),
             },
             Target::Volume { origin, volume } => match self.origins.get_mut(origin) {
-                Some(o) => o.submit(volume, request),
+                Some(o) => o.submit(origin, &mut self.devices, volume, request),
                 None => Err((BlockError::DeviceFailed, request.buffer)),
             },
         }

@@ -41,6 +41,10 @@ fn engine_tag(index: usize, slot: u32) -> u64 {
     .tag()
 }
 
+/// Marks an engine-port slot that names a request slot whose own buffer the device has for
+/// the request's direct I/O (`Origin::issue_direct`), not an I/O slot.
+const DIRECT_SLOT: u32 = 1 << 31;
+
 /// Engine I/Os in flight per origin (bounce buffers).
 const BOUNCE_BUFFERS: usize = 64;
 /// Copy buffers per origin, and their size in sectors: the largest sequential copy, and the
@@ -136,6 +140,9 @@ struct Held {
     lent: bool,
     /// Engine I/Os in flight that copy from or into `buffer` through a bounce buffer.
     bounced: u16,
+    /// The engine's token of this request's direct I/O while the device has `buffer` for it
+    /// under the request's own slot (see `Origin::issue_direct`).
+    direct: Option<IoToken>,
 }
 
 struct Issued {
@@ -197,6 +204,9 @@ pub struct Origin {
     pub merged_device_writes: u64,
     /// Engine I/Os that went to the device in a copy buffer itself (no CPU copy).
     pub lent_copy_ios: u64,
+    /// Requests the engine's fast path handed straight back to be issued at submission
+    /// (`Engine::submit_direct`): no engine I/O slot, no pass through `staged`.
+    pub direct_ios: u64,
     /// The last deleted snapshot whose store could not be wiped (the delete task reports it).
     pub wipe_failed: Option<SnapId>,
     /// The outcome of the last binding rewrite (`snapshot rename`, `snapshot set`), for the
@@ -310,6 +320,7 @@ impl Origin {
             merged_copy_writes: 0,
             merged_device_writes: 0,
             lent_copy_ios: 0,
+            direct_ios: 0,
             wipe_failed: None,
             rebound: None,
             auto_extending: None,
@@ -354,9 +365,14 @@ impl Origin {
         self.snaps.iter_mut().find(|s| s.id == id)
     }
 
-    /// Takes a volume request; on refusal the request comes back with the reason.
+    /// Takes a volume request (this is origin `index` of `devices`); on refusal the request
+    /// comes back with the reason. A request the engine's fast path issues at once (an
+    /// overwrite of copied chunks, an origin or snapshot read) goes to its device here, with
+    /// no pass through the engine's outbox or `staged`.
     pub fn submit(
         &mut self,
+        index: usize,
+        devices: &mut [BoxedDevice],
         volume: Volume,
         request: BlockRequest,
     ) -> Result<(), (BlockError, Option<DmaBuf>)> {
@@ -389,8 +405,8 @@ impl Origin {
             sector: request.lba * self.block_sectors,
             sectors: sectors as u32,
         };
-        match self.engine.submit(vr) {
-            Ok(()) => {
+        match self.engine.submit_direct(vr) {
+            Ok(direct) => {
                 self.requests[slot as usize] = Some(Held {
                     task_tag: request.tag,
                     op: request.op,
@@ -398,7 +414,15 @@ impl Origin {
                     buffer: request.buffer,
                     lent: false,
                     bounced: 0,
+                    direct: None,
                 });
+                if let Some(io) = direct {
+                    self.direct_ios += 1;
+                    if let Err(io) = self.issue_direct(index, devices, io) {
+                        // Must wait (no slot, queue full): `issue` sends it later.
+                        self.staged.push_back(io);
+                    }
+                }
                 Ok(())
             }
             Err(_) => {
@@ -444,6 +468,101 @@ impl Origin {
                 return;
             }
         }
+    }
+
+    /// Issues a request's direct I/O (from `Engine::submit_direct`). On the whole of the
+    /// request's buffer, within one device request, the buffer goes to the device under the
+    /// request's own slot (`DIRECT_SLOT`), with no I/O slot; anything else (a piece of a
+    /// snapshot read, a transfer over the device's limit) goes the general way. Gives `io`
+    /// back when it must wait (a split under way, a full queue).
+    fn issue_direct(
+        &mut self,
+        index: usize,
+        devices: &mut [BoxedDevice],
+        io: Io,
+    ) -> Result<(), Io> {
+        if self.splitting.is_some() {
+            // Its pieces go first (see `issue`).
+            return Err(io);
+        }
+        let (
+            IoBuffer::Caller {
+                tag,
+                byte_offset: 0,
+            },
+            IoOp::Read | IoOp::Write { .. },
+        ) = (io.buffer, io.op)
+        else {
+            return self.issue_one(index, devices, io);
+        };
+        let Some((disk, offset)) = self.placement(io.device) else {
+            return self.issue_one(index, devices, io);
+        };
+        let Some(device) = devices.get_mut(disk) else {
+            return self.issue_one(index, devices, io);
+        };
+        let len = io.sectors as usize * 512;
+        let geometry = device.geometry();
+        let Some(held) = self.requests.get_mut(tag as usize).and_then(Option::as_mut) else {
+            return self.issue_one(index, devices, io);
+        };
+        let whole = held.buffer.as_ref().is_some_and(|b| b.len() == len);
+        if !whole || held.lent || held.bounced > 0 || len > geometry.max_transfer_bytes as usize {
+            return self.issue_one(index, devices, io);
+        }
+        let Some(buffer) = held.buffer.take() else {
+            return self.issue_one(index, devices, io);
+        };
+        let device_tag = engine_tag(index, DIRECT_SLOT | tag as u32);
+        let lba = (io.sector + offset) * 512 / u64::from(geometry.block_size.max(512));
+        let request = match io.op {
+            IoOp::Write { fua } => BlockRequest::write(device_tag, lba, buffer, fua),
+            _ => BlockRequest::read(device_tag, lba, buffer),
+        };
+        match device.submit(request) {
+            Ok(()) => {
+                held.lent = true;
+                held.direct = Some(io.token);
+                Ok(())
+            }
+            Err(rejected) => {
+                held.buffer = rejected.request.buffer;
+                if rejected.error == BlockError::QueueFull {
+                    Err(io)
+                } else {
+                    let _ = self.engine.complete_io(io.token, Err(IoError));
+                    Ok(())
+                }
+            }
+        }
+    }
+
+    /// A direct I/O is back (see `issue_direct`): the buffer (with a read's data) goes
+    /// back to request `slot`, the result to the engine.
+    fn complete_direct(&mut self, slot: u32, completion: Completion) {
+        let Some(held) = self
+            .requests
+            .get_mut(slot as usize)
+            .and_then(Option::as_mut)
+        else {
+            // Unreachable: a request completes only after its I/O did.
+            log::error!("snapshot engine: completion for request slot {slot}, which is free");
+            return;
+        };
+        let Some(token) = held.direct.take() else {
+            log::error!(
+                "snapshot engine: completion for request slot {slot}, which has no direct I/O"
+            );
+            return;
+        };
+        match completion.buffer {
+            Some(b) => held.buffer = Some(b),
+            None => log::error!("snapshot engine: request slot {slot}'s buffer did not come back"),
+        }
+        held.lent = false;
+        let _ = self
+            .engine
+            .complete_io(token, completion.result.map_err(|_| IoError));
     }
 
     /// The disk an engine device lives on, and its offset there in sectors (None: the
@@ -1048,6 +1167,9 @@ impl Origin {
 
     /// A device completion of engine I/O `slot`.
     pub fn complete(&mut self, slot: u32, completion: Completion) {
+        if slot & DIRECT_SLOT != 0 {
+            return self.complete_direct(slot & !DIRECT_SLOT, completion);
+        }
         if let Some(sp) = self
             .ios
             .get(slot as usize)

@@ -362,3 +362,74 @@ fn copies_go_to_the_devices_in_the_copy_buffers_themselves() {
     }
     assert!(read(&mut v, origin, 0, 2 * MIB).unwrap() == now);
 }
+
+/// Issue 20: requests the engine's fast path takes (overwrites of copied chunks, reads of
+/// the snapshot and of the origin) go to their device at submission, on the request's own
+/// buffer; those a full device queue refuses wait and go later; each completes once, with
+/// the right data.
+#[test]
+fn fast_path_requests_go_to_the_device_at_submission() {
+    let a = Disk::new(
+        "vda",
+        "ORIGIN-A",
+        Shape {
+            depth: 4,
+            ..Shape::mib(2)
+        },
+    );
+    let c = Disk::new("vdb", "COW-B", Shape::mib(2));
+    let before = pattern(2 * MIB, 0x11);
+    a.set(&before);
+    let mut v = volumes(&[&a, &c]);
+    let s = spec(&mut v, "s", 0, 1, 4);
+    create(&mut v, s);
+    let origin = origin_target(&v, 0);
+    let mut now = before.clone();
+    // Copy the first 64 KiB (16 chunks) into the snapshot.
+    let first = pattern(64 * 1024, 0x22);
+    write(&mut v, origin, 0, &first).unwrap();
+    overlay(&mut now, 0, &first);
+    let direct = |v: &crate::Volumes| v.origins[0].direct_ios;
+    let at = direct(&v);
+    // Twelve 4 KiB overwrites of those chunks at once, on a queue four deep (buffers from
+    // the COW disk's pool: the origin's holds four).
+    let mut sent = Vec::new();
+    for i in 0..12u64 {
+        let data = pattern(4096, 0x30 + i as u8);
+        let mut buf = v.pools[1].acquire().unwrap();
+        buf.set_len(4096).unwrap();
+        buf.as_mut_slice().copy_from_slice(&data);
+        let lba = i * 8 + (i % 2) * 32;
+        v.submit_to(origin, BlockRequest::write(100 + i, lba, buf, false))
+            .unwrap();
+        overlay(&mut now, lba as usize * 512, &data);
+        sent.push(100 + i);
+    }
+    assert_eq!(direct(&v) - at, 12, "every overwrite went direct");
+    let mut inbox = Inbox::default();
+    for _ in 0..10_000 {
+        turn(&mut v, None, &mut inbox, &mut None);
+        if inbox.task.len() == sent.len() {
+            break;
+        }
+    }
+    let mut done: Vec<u64> = inbox.task.iter().map(|c| c.tag).collect();
+    done.sort_unstable();
+    assert_eq!(done, sent, "each completes once");
+    assert!(inbox.task.iter().all(|c| c.result.is_ok()));
+    v.task_ios = 0;
+    assert!(
+        v.devices[0].stats().queue_full > 0,
+        "some waited for the queue"
+    );
+    // Reads of the snapshot's copied chunks and of the origin go direct too.
+    let at = direct(&v);
+    let snapshot = snap_target(&v, "s");
+    let got = read(&mut v, snapshot, 8192, 4096).unwrap();
+    assert!(got[..] == before[8192..8192 + 4096]);
+    assert!(read(&mut v, origin, 0, 64 * 1024).unwrap() == now[..64 * 1024]);
+    assert!(direct(&v) - at >= 2);
+    let got = read_of(&mut v, |v| snap_target(v, "s"), 0, 2 * MIB).unwrap();
+    assert!(got == before, "the snapshot keeps what the origin held");
+    assert!(read(&mut v, origin, 0, 2 * MIB).unwrap() == now);
+}
