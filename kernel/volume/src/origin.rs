@@ -61,6 +61,12 @@ pub const COPY_BUFFER_SECTORS: u32 = 1024;
 const STAGED_IOS: usize = 64;
 /// Most copy writes merged into one device write.
 const MERGE_PARTS: usize = 32;
+/// Largest copy write merged with others. Merging costs a CPU copy into a bounce buffer
+/// (about 0.4 us per KiB under TCG) to save a device request (10-20 us): worth it for small
+/// chunks, not for large ones, which go down in their own copy buffers. With 64 KiB chunks
+/// on NVMe (512 KiB transfers) merging four copies a write spent 78 % of the CPU in memcpy
+/// and ran 128 KiB writes at 4.5 k IOPS, against 7.0 k unmerged.
+const MERGE_PART_MAX_SECTORS: u32 = 64;
 /// No next part.
 const NO_PART: u32 = u32::MAX;
 /// The copy buffers' pool ID: the bounce pool's with this bit flipped.
@@ -587,7 +593,7 @@ impl Origin {
                 && io.op == IoOp::Write { fua: false }
                 && matches!(io.buffer, IoBuffer::Copy { .. })
         };
-        if !is_copy_write(io) {
+        if !is_copy_write(io) || io.sectors > MERGE_PART_MAX_SECTORS {
             return 0;
         }
         let Some(device) = self
@@ -603,7 +609,11 @@ impl Origin {
         let mut n = 0;
         while n < parts.len() {
             let next = self.staged.iter().position(|s| {
-                is_copy_write(s) && s.device == io.device && s.sector == end && self.buffer_home(s)
+                is_copy_write(s)
+                    && s.device == io.device
+                    && s.sector == end
+                    && s.sectors <= MERGE_PART_MAX_SECTORS
+                    && self.buffer_home(s)
             });
             let Some(at) = next else { break };
             let more = self.staged[at].sectors as usize;

@@ -217,6 +217,61 @@ fn copy_writes_to_consecutive_cow_chunks_go_down_merged() {
     assert_eq!(read(&mut v, origin, 0, 2 * MIB).unwrap(), now);
 }
 
+/// Issue 20: copies of large chunks are not merged through a bounce buffer (a CPU copy of
+/// every byte) but go down in their own copy buffers, even where the device takes a merged
+/// write (here 512 KiB transfers).
+#[test]
+fn copy_writes_of_large_chunks_go_down_in_their_own_buffers() {
+    let a = Disk::new("vda", "ORIGIN-A", Shape::mib(2));
+    let c = Disk::new(
+        "vdb",
+        "COW-B",
+        Shape {
+            max_transfer: 512 * 1024,
+            ..Shape::mib(2)
+        },
+    );
+    let before = pattern(2 * MIB, 0x11);
+    a.set(&before);
+    let mut v = volumes(&[&a, &c]);
+    let s = spec(&mut v, "s", 0, 1, 64);
+    create(&mut v, s);
+    let origin = origin_target(&v, 0);
+    let lent_before = v.origins[0].lent_copy_ios;
+    // Eight 64 KiB writes to consecutive chunks, in flight together: their copies go to
+    // consecutive COW chunks.
+    let mut now = before.clone();
+    let mut tags = Vec::new();
+    for i in 0..8u64 {
+        let mut buf = v.pools[0].acquire().unwrap();
+        buf.set_len(64 * 1024).unwrap();
+        let data = pattern(64 * 1024, 0x40 + i as u8);
+        buf.as_mut_slice().copy_from_slice(&data);
+        overlay(&mut now, (i * 65_536) as usize, &data);
+        v.submit_to(origin, BlockRequest::write(200 + i, i * 128, buf, false))
+            .unwrap();
+        tags.push(200 + i);
+    }
+    let mut inbox = Inbox::default();
+    while inbox.task.len() < tags.len() {
+        turn(&mut v, None, &mut inbox, &mut None);
+    }
+    for c in inbox.task.drain(..) {
+        assert_eq!(c.result, Ok(()));
+        v.pools[0].release(c.buffer.unwrap()).unwrap();
+    }
+    assert_eq!(v.origins[0].merged_device_writes, 0, "no merged copy write");
+    assert!(
+        v.origins[0].lent_copy_ios - lent_before >= 16,
+        "each copy read and written in its copy buffer"
+    );
+    assert_eq!(
+        read_of(&mut v, |v| snap_target(v, "s"), 0, 2 * MIB).unwrap(),
+        before
+    );
+    assert_eq!(read(&mut v, origin, 0, 2 * MIB).unwrap(), now);
+}
+
 #[test]
 fn a_full_store_invalidates_the_snapshot_and_the_origin_goes_on() {
     let (a, _, before) = world();
