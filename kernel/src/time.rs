@@ -4,9 +4,12 @@
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use crate::arch::cpu;
+use crate::util::tickscale::TickScale;
 
 static TSC_START: AtomicU64 = AtomicU64::new(0);
 static TSC_HZ: AtomicU64 = AtomicU64::new(0);
+/// `TickScale::mult` of `TSC_HZ` (0 before calibration).
+static TSC_SCALE: AtomicU64 = AtomicU64::new(0);
 
 /// Records the boot TSC value; call first thing.
 pub fn mark_boot() {
@@ -16,6 +19,8 @@ pub fn mark_boot() {
 /// Sets the calibrated TSC frequency.
 pub fn set_tsc_hz(hz: u64) {
     TSC_HZ.store(hz, Ordering::Relaxed);
+    let mult = TickScale::new(hz).map_or(0, TickScale::mult);
+    TSC_SCALE.store(mult, Ordering::Relaxed);
 }
 
 /// The TSC frequency in Hz (0 before calibration).
@@ -25,10 +30,8 @@ pub fn tsc_hz() -> u64 {
 
 /// Nanoseconds since the image started (0 before calibration).
 pub fn uptime_ns() -> u64 {
-    let hz = TSC_HZ.load(Ordering::Relaxed);
-    if hz == 0 {
+    let Some(scale) = TickScale::from_mult(TSC_SCALE.load(Ordering::Relaxed)) else {
         return 0;
-    }
-    let delta = cpu::rdtsc().wrapping_sub(TSC_START.load(Ordering::Relaxed));
-    (delta as u128 * 1_000_000_000 / hz as u128) as u64
+    };
+    scale.ns(cpu::rdtsc().wrapping_sub(TSC_START.load(Ordering::Relaxed)))
 }

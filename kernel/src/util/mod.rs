@@ -5,5 +5,6 @@
 
 pub mod logdrop;
 pub mod profile;
+pub mod tickscale;
 
 pub use volume::{hexdump, pattern};
