@@ -1173,6 +1173,12 @@ fn nbd_rows(time: &str, net: &Network) -> Vec<linux::Figure> {
         true,
         runtime,
     );
+    // How the engine grouped the row's commits, for comparison with the local row.
+    let status = cmd(&mut q, "snapshot status n1");
+    let engine_lines: Vec<&str> = status
+        .lines()
+        .filter(|l| l.contains("records per commit") || l.contains("stages, mean"))
+        .collect();
     cmd(&mut q, "write vda 0 524288 --byte 0x42");
     let reads = fio(
         net.fio(&q, runtime),
@@ -1190,6 +1196,11 @@ fn nbd_rows(time: &str, net: &Network) -> Vec<linux::Figure> {
             None => println!("{name:<42} {:>12}", "-"),
         }
         figures.push((name, f.as_ref().map(|f| f.iops)));
+        if name == linux::NBD_FIRST {
+            for line in &engine_lines {
+                println!("  {}", line.trim());
+            }
+        }
     }
     q.send(b"poweroff\r");
     let _ = q.wait_exit(Duration::from_secs(30));
