@@ -321,7 +321,9 @@ impl Origin {
             ios: (0..io_slots).map(|_| None).collect(),
             free_ios: (0..io_slots as u32).rev().collect(),
             bounce,
-            staged: VecDeque::with_capacity(STAGED_IOS + 1),
+            // The engine's I/Os `issue` takes ahead (and one it puts back), and a direct I/O
+            // per request slot that a full device queue sent here: it never grows.
+            staged: VecDeque::with_capacity(STAGED_IOS + 1 + request_slots),
             splitting: None,
             merged_copy_writes: 0,
             merged_device_writes: 0,
@@ -426,6 +428,8 @@ impl Origin {
                     self.direct_ios += 1;
                     if let Err(io) = self.issue_direct(index, devices, io) {
                         // Must wait (no slot, queue full): `issue` sends it later.
+                        // Within its capacity: one direct I/O per request slot at most.
+                        debug_assert!(self.staged.len() < self.staged.capacity());
                         self.staged.push_back(io);
                     }
                 }
