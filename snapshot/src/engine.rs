@@ -1366,57 +1366,53 @@ impl Engine {
         sectors: u32,
         buffer: IoBuffer,
     ) -> bool {
-        if let (true, IoCtx::Request { req, origin_read }) = (self.direct_wanted, ctx) {
-            // `submit_direct`'s request: its first I/O goes to the caller.
+        // `submit_direct`'s request: its first I/O goes to the caller, under a token that
+        // names the request, not an I/O slot.
+        let direct = match (self.direct_wanted, ctx) {
+            (true, IoCtx::Request { req, origin_read }) => Some((req, origin_read)),
+            _ => None,
+        };
+        let token = if let Some((req, origin_read)) = direct {
             self.direct_wanted = false;
             let slot = &mut self.reqs[req as usize];
             slot.direct = Some((self.now, origin_read));
-            let token = IoToken((u64::from(slot.generation) << 32) | u64::from(DIRECT_TOKEN | req));
-            if let Device::Cow(s) = device {
-                if let Some(Some(x)) = self.snaps.get_mut(s.0 as usize) {
-                    x.inflight += 1;
-                }
-            }
-            self.direct_out = Some(Io {
-                token,
-                device,
-                op,
-                sector,
-                sectors,
-                buffer,
-            });
-            self.progress += 1;
-            return true;
-        }
-        let Some(idx) = self.free_io.pop() else {
-            self.io_starved = true;
-            return false;
+            IoToken((u64::from(slot.generation) << 32) | u64::from(DIRECT_TOKEN | req))
+        } else {
+            let Some(idx) = self.free_io.pop() else {
+                self.io_starved = true;
+                return false;
+            };
+            let slot = &mut self.io[idx as usize];
+            slot.ctx = ctx;
+            slot.emitted = self.now;
+            slot.timed = match (ctx, op, device) {
+                (IoCtx::Request { .. }, IoOp::Write { .. }, Device::Origin) => Timed::OriginWrite,
+                (IoCtx::JobRead { .. }, _, _) => Timed::CopyRead,
+                (IoCtx::JobWrite { .. }, _, _) => Timed::CopyWrite,
+                (IoCtx::Commit { .. }, IoOp::Flush, _) => Timed::CommitFlush,
+                (IoCtx::Commit { .. }, IoOp::Write { .. }, _) => Timed::AreaWrite,
+                _ => Timed::No,
+            };
+            IoToken((u64::from(slot.generation) << 32) | u64::from(idx))
         };
-        let slot = &mut self.io[idx as usize];
-        slot.ctx = ctx;
-        slot.emitted = self.now;
-        slot.timed = match (ctx, op, device) {
-            (IoCtx::Request { .. }, IoOp::Write { .. }, Device::Origin) => Timed::OriginWrite,
-            (IoCtx::JobRead { .. }, _, _) => Timed::CopyRead,
-            (IoCtx::JobWrite { .. }, _, _) => Timed::CopyWrite,
-            (IoCtx::Commit { .. }, IoOp::Flush, _) => Timed::CommitFlush,
-            (IoCtx::Commit { .. }, IoOp::Write { .. }, _) => Timed::AreaWrite,
-            _ => Timed::No,
-        };
-        let token = IoToken((u64::from(slot.generation) << 32) | u64::from(idx));
         if let Device::Cow(s) = device {
             if let Some(Some(x)) = self.snaps.get_mut(s.0 as usize) {
                 x.inflight += 1;
             }
         }
-        self.outbox.push_back(Io {
+        let io = Io {
             token,
             device,
             op,
             sector,
             sectors,
             buffer,
-        });
+        };
+        if direct.is_some() {
+            self.direct_out = Some(io);
+        } else {
+            self.outbox.push_back(io);
+        }
         self.progress += 1;
         true
     }
