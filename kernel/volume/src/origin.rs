@@ -25,7 +25,9 @@ use alloc::string::String;
 use alloc::vec::Vec;
 
 use crate::Platform;
-use drivers::block::{BlockError, BlockRequest, BufferPool, Completion, DmaBuf, Operation};
+use drivers::block::{
+    BlockError, BlockRequest, BufferPool, Completion, DmaBuf, Geometry, Operation,
+};
 use drivers::service::BoxedDevice;
 use snapshot::{
     Device, Engine, EngineConfig, Event, InvalidReason, Io, IoBuffer, IoError, IoOp, IoToken,
@@ -524,7 +526,7 @@ impl Origin {
             return self.issue_one(index, devices, io);
         };
         let device_tag = engine_tag(index, DIRECT_SLOT | tag as u32);
-        let lba = (io.sector + offset) * 512 / u64::from(geometry.block_size.max(512));
+        let lba = geometry_lba(&geometry, io.sector + offset);
         let request = match io.op {
             IoOp::Write { fua } => BlockRequest::write(device_tag, lba, buffer, fua),
             _ => BlockRequest::read(device_tag, lba, buffer),
@@ -1478,7 +1480,12 @@ fn block_error(e: VolumeError) -> BlockError {
 
 /// The device block holding 512-byte sector `sector`.
 fn device_lba(device: &BoxedDevice, sector: u64) -> u64 {
-    sector * 512 / u64::from(device.geometry().block_size.max(512))
+    geometry_lba(&device.geometry(), sector)
+}
+
+/// The block of a device with `geometry` that 512-byte `sector` falls in.
+fn geometry_lba(geometry: &Geometry, sector: u64) -> u64 {
+    sector * 512 / u64::from(geometry.block_size.max(512))
 }
 
 fn copy_from(source: Option<&[u8]>, offset: u64, out: &mut [u8]) {
